@@ -1,0 +1,17 @@
+"""based_kernels: BASED's sequence-mixing ops (Taylor linear attention, sliding-window attention, short
+convolutions) as functional PyTorch APIs, with Triton kernels on CUDA and plain-PyTorch paths on CPU.
+
+Installed as the import package ``based_kernels`` (this folder is ``kernels/`` in the repository).
+"""
+from .short_conv import base_conv, short_conv, short_conv_step
+from .sliding_window import sliding_window_attention
+from .taylor_attention import taylor_linear_attention, taylor_linear_attention_step
+
+__all__ = [
+    "taylor_linear_attention",
+    "taylor_linear_attention_step",
+    "sliding_window_attention",
+    "short_conv",
+    "short_conv_step",
+    "base_conv",
+]

@@ -1,0 +1,203 @@
+"""Plain-PyTorch Taylor linear attention: the oracles every kernel is tested against.
+
+Layout follows flash-linear-attention: q, k ``[B, T, H, f]``, v ``[B, T, H, d_v]``. The recurrent state lives
+in the feature space of the 273-feature map ``phi`` (see ``README.md``):
+
+    state = (S, z),  S = sum_j phi(k_j) v_j^T  ``[B, H, D, d_v]`` fp32,  z = sum_j phi(k_j)  ``[B, H, D]`` fp32
+
+``z`` is the column that a ones column appended to ``v`` would produce: it carries the normalizer.
+Computation happens in float64 when the inputs are float64 (the oracle) and in float32 otherwise; outputs
+come back in ``v.dtype``; states are always float32 or float64, never half precision (they grow with T).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "feature_dim",
+    "feature_map",
+    "symmetric_feature_map",
+    "taylor_attention_quadratic",
+    "taylor_attention_chunked",
+    "taylor_attention_step",
+    "split_varlen",
+]
+
+
+def feature_dim(f: int) -> int:
+    """Number of Taylor features for head dim ``f``: 1 + f + f^2 (273 for f = 16)."""
+    return 1 + f + f * f
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def feature_map(u: torch.Tensor) -> torch.Tensor:
+    """``phi(u) = [1, u / f^(1/4), vec(u u^T) / (sqrt(2) sqrt(f))]`` over the last dim ``f``.
+
+    Gives ``phi(q) . phi(k) = 1 + s + s^2 / 2`` with ``s = q . k / sqrt(f)``. Output ``[..., 1 + f + f^2]``.
+    """
+    f = u.shape[-1]
+    ones = torch.ones_like(u[..., :1])
+    quad = (u.unsqueeze(-1) * u.unsqueeze(-2)).flatten(-2)
+    return torch.cat([ones, u / f**0.25, quad / (math.sqrt(2.0) * math.sqrt(f))], dim=-1)
+
+
+def symmetric_feature_map(u: torch.Tensor) -> torch.Tensor:
+    """The 1 + f + f(f+1)/2 feature map (153 for f = 16) with the same kernel as :func:`feature_map`."""
+    f = u.shape[-1]
+    i, j = torch.triu_indices(f, f, offset=1, device=u.device)
+    ones = torch.ones_like(u[..., :1])
+    diag = u * u / (math.sqrt(2.0) * math.sqrt(f))
+    off = u[..., i] * u[..., j] / math.sqrt(f)
+    return torch.cat([ones, u / f**0.25, diag, off], dim=-1)
+
+
+def _taylor_kernel(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``1 + s + s^2/2`` for every (query, key) pair: q ``[..., T, f]``, k ``[..., S, f]`` -> ``[..., T, S]``."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return 1.0 + s + 0.5 * s * s
+
+
+def _check(q, k, v, initial_state):
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"expected q, k [B, T, H, f] and v [B, T, H, d_v] with equal B, T, H; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if initial_state is not None:
+        B, _, H, f = q.shape
+        S, z = initial_state
+        want = (B, H, feature_dim(f), v.shape[-1])
+        if tuple(S.shape) != want or tuple(z.shape) != want[:3]:
+            raise ValueError(
+                f"initial_state must be (S {want}, z {want[:3]}); got S {tuple(S.shape)}, z {tuple(z.shape)}"
+            )
+
+
+def split_varlen(fn, cu_seqlens: torch.Tensor, tensors, initial_state, output_final_state: bool):
+    """Run ``fn(*tensors_of_one_doc, initial_state=state_i)`` per document of a ``cu_seqlens`` batch (B = 1).
+
+    ``tensors`` are ``[1, T, ...]``; ``initial_state`` is a tuple of tensors with a leading document dimension
+    (or None). Returns the concatenated output and, if asked, the per-document final states stacked.
+    """
+    if tensors[0].shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (documents packed along T); got B={tensors[0].shape[0]}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != tensors[0].shape[1] or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T={tensors[0].shape[1]}; got {bounds}")
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        state = None if initial_state is None else tuple(s[i : i + 1] for s in initial_state)
+        o, fin = fn(*(t[:, a:b] for t in tensors), initial_state=state, output_final_state=output_final_state)
+        outs.append(o)
+        finals.append(fin)
+    out = torch.cat(outs, dim=1)
+    if not output_final_state:
+        return out, None
+    return out, tuple(torch.cat(parts, dim=0) for parts in zip(*finals))
+
+
+def taylor_attention_quadratic(q, k, v, *, eps=1e-12, initial_state=None, output_final_state=False,
+                               cu_seqlens=None):
+    """O(T^2) causal Taylor linear attention, diagonal included; the fp64-capable oracle.
+
+    ``y_t = (sum_{j<=t} K(q_t, k_j) v_j + phi(q_t) S0) / (sum_{j<=t} K(q_t, k_j) + phi(q_t) z0 + eps)``.
+    Returns ``(y [B, T, H, d_v], final_state or None)``.
+    """
+    if cu_seqlens is not None:
+        fn = lambda *t, **kw: taylor_attention_quadratic(*t, eps=eps, **kw)  # noqa: E731
+        return split_varlen(fn, cu_seqlens, (q, k, v), initial_state, output_final_state)
+    _check(q, k, v, initial_state)
+    dt = _compute_dtype(q)
+    qh, kh, vh = (t.to(dt).transpose(1, 2) for t in (q, k, v))  # [B, H, T, .]
+    T = q.shape[1]
+    a = _taylor_kernel(qh, kh)
+    a = a * torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    num = a @ vh
+    den = a.sum(-1)
+    if initial_state is not None:
+        S0, z0 = (s.to(dt) for s in initial_state)
+        pq = feature_map(qh)
+        num = num + pq @ S0
+        den = den + (pq @ z0.unsqueeze(-1)).squeeze(-1)
+    y = (num / (den + eps).unsqueeze(-1)).transpose(1, 2).to(v.dtype)
+    final = None
+    if output_final_state:
+        pk = feature_map(kh)
+        S = pk.transpose(-1, -2) @ vh
+        z = pk.sum(-2)
+        if initial_state is not None:
+            S, z = S + S0, z + z0
+        final = (S, z)
+    return y, final
+
+
+def taylor_attention_chunked(q, k, v, *, eps=1e-12, chunk_size=64, initial_state=None,
+                             output_final_state=False, cu_seqlens=None):
+    """O(T) chunked Taylor linear attention (fp32 states): the CPU training path.
+
+    Intra-chunk terms use the masked ``1 + s + s^2/2`` kernel; inter-chunk terms read the exclusive prefix sum
+    of per-chunk states ``phi(K_c)^T [V_c | 1]``. Any T (the last chunk is masked, not assumed full).
+    Returns ``(y [B, T, H, d_v], final_state or None)``.
+    """
+    if cu_seqlens is not None:
+        fn = lambda *t, **kw: taylor_attention_chunked(*t, eps=eps, chunk_size=chunk_size, **kw)  # noqa: E731
+        return split_varlen(fn, cu_seqlens, (q, k, v), initial_state, output_final_state)
+    _check(q, k, v, initial_state)
+    B, T, H, f = q.shape
+    dv = v.shape[-1]
+    dt = _compute_dtype(q)
+    C = chunk_size
+    n = max(1, -(-T // C))
+    pad = n * C - T
+
+    def chunks(t):  # [B, T, H, x] -> [B, H, n, C, x]
+        t = t.to(dt).transpose(1, 2)
+        if pad:
+            t = torch.nn.functional.pad(t, (0, 0, 0, pad))
+        return t.reshape(B, H, n, C, t.shape[-1])
+
+    valid = torch.arange(n * C, device=q.device).reshape(n, C, 1) < T  # padded keys contribute nothing
+    qc, kc = chunks(q), chunks(k)
+    ve = torch.cat([chunks(v), valid.to(dt).expand(B, H, n, C, 1)], dim=-1)  # [V | 1]; padded rows zero
+    ve = ve * valid
+    a = _taylor_kernel(qc, kc) * torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    out = a @ ve  # intra-chunk [num | den]
+    pk = feature_map(kc)
+    states = pk.transpose(-1, -2) @ ve  # [B, H, n, D, dv + 1]
+    prefix = states.cumsum(2) - states  # exclusive: states of earlier chunks
+    if initial_state is not None:
+        S0, z0 = initial_state
+        prefix = prefix + torch.cat([S0.to(dt), z0.to(dt).unsqueeze(-1)], dim=-1).unsqueeze(2)
+    out = out + feature_map(qc) @ prefix
+    y = out[..., :dv] / (out[..., dv:] + eps)
+    y = y.reshape(B, H, n * C, dv)[:, :, :T].transpose(1, 2).to(v.dtype)
+    final = None
+    if output_final_state:
+        total = prefix[:, :, -1] + states[:, :, -1]
+        final = (total[..., :dv], total[..., dv])
+    return y, final
+
+
+def taylor_attention_step(q, k, v, state, *, eps=1e-12):
+    """One decode step, state update before read: q, k ``[B, H, f]``, v ``[B, H, d_v]``.
+
+    ``S += phi(k) v^T; z += phi(k); y = phi(q) S / (phi(q) . z + eps)``. ``state`` may be None (empty).
+    Returns ``(y [B, H, d_v] in v.dtype, new_state)``; the input state is not modified.
+    """
+    B, H, f = q.shape
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if state is None:
+        D = feature_dim(f)
+        state = (q.new_zeros(B, H, D, v.shape[-1], dtype=dt), q.new_zeros(B, H, D, dtype=dt))
+    S, z = state
+    pk, pq = feature_map(k.to(S.dtype)), feature_map(q.to(S.dtype))
+    S = S + pk.unsqueeze(-1) * v.to(S.dtype).unsqueeze(-2)
+    z = z + pk
+    num = (pq.unsqueeze(-2) @ S).squeeze(-2)
+    den = (pq * z).sum(-1, keepdim=True)
+    return (num / (den + eps)).to(v.dtype), (S, z)

@@ -1,0 +1,1 @@
+"""megatron-based: BASED layers for Megatron-Core."""

@@ -1,0 +1,1 @@
+"""BASED mixers as Megatron-Core modules."""
