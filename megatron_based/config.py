@@ -1,0 +1,150 @@
+"""``BasedConfig``: Megatron's ``TransformerConfig`` plus the BASED mixers' settings, validated up front.
+
+The defaults are the BASED reference (based-spec.md): pre-norm RMSNorm (eps 1e-5), SwiGLU MLP without biases,
+dropout 0, N(0, 0.02) init with output projections scaled by 1/sqrt(2 * num_layers).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+MIXERS = {
+    "L": "Taylor linear attention",
+    "S": "sliding-window softmax attention",
+    "C": "BaseConv (gated short convolution)",
+    "A": "full causal softmax attention (hybrids)",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says what to change."""
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int = 1) -> int:
+    """Vocabulary padded to a multiple of ``divisible_by * tp`` (BASED: 50257 -> 50264 with 8 and TP=1)."""
+    if vocab_size < 1 or divisible_by < 1:
+        raise ConfigError(f"vocab_size ({vocab_size}) and make_vocab_size_divisible_by ({divisible_by}) must be >= 1")
+    return round_up(vocab_size, divisible_by * tensor_model_parallel_size)
+
+
+def default_ffn_hidden_size(hidden_size: int) -> int:
+    """BASED's ``n_inner``: 2 * d rounded up to a multiple of 256."""
+    return round_up(2 * hidden_size, 256)
+
+
+def validate_layer_pattern(pattern: str, num_layers: int | None = None) -> str:
+    """One symbol per layer from :data:`MIXERS`; returns the pattern unchanged or raises :class:`ConfigError`."""
+    if not pattern:
+        raise ConfigError("layer_pattern is empty: give one symbol per layer, e.g. 'CLSC' (L, S, C or A)")
+    for i, sym in enumerate(pattern):
+        if sym not in MIXERS:
+            known = ", ".join(f"{s} ({d})" for s, d in MIXERS.items())
+            raise ConfigError(f"layer_pattern has unknown symbol {sym!r} at layer {i}; use one of: {known}")
+    if num_layers and len(pattern) != num_layers:
+        raise ConfigError(
+            f"layer_pattern has {len(pattern)} symbols but num_layers is {num_layers}: give one symbol per layer "
+            f"(or leave num_layers unset to take it from the pattern)"
+        )
+    return pattern
+
+
+@dataclass
+class BasedConfig(TransformerConfig):
+    """Megatron ``TransformerConfig`` with BASED defaults and the mixers' settings.
+
+    BASED fields:
+        layer_pattern: one symbol per layer: ``L`` Taylor linear attention, ``S`` sliding-window attention,
+            ``C`` BaseConv, ``A`` softmax attention. ``num_layers`` defaults to its length.
+        feature_dim: Taylor feature dimension f of q and k per head (16); the state has 1 + f + f^2 features.
+        linear_attention_heads: heads of the L mixer (default ``num_attention_heads``); value head dim
+            ``hidden_size / linear_attention_heads``.
+        linear_attention_eps: added to the L mixer's denominator (inert: the denominator is >= (t+1)/2).
+        swa_window: left window of the S mixer: query t attends keys t - window ... t (128).
+        conv_kernel_size: BaseConv's depthwise kernel (3; tap k-1 multiplies the current token).
+        rope_base: RoPE base of the S and A mixers (full head dim, rotate-half).
+    """
+
+    layer_pattern: str = ""
+    feature_dim: int = 16
+    linear_attention_heads: int | None = None
+    linear_attention_eps: float = 1e-12
+    swa_window: int = 128
+    conv_kernel_size: int = 3
+    rope_base: float = 10000.0
+
+    # BASED defaults for Megatron fields.
+    num_layers: int = 0
+    normalization: str = "RMSNorm"
+    layernorm_epsilon: float = 1e-5
+    gated_linear_unit: bool = True
+    activation_func: Callable[[torch.Tensor], torch.Tensor] = F.silu
+    add_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    bias_activation_fusion: bool = False
+    bias_dropout_fusion: bool = False
+    apply_rope_fusion: bool = False
+    masked_softmax_fusion: bool = False
+    persist_layer_norm: bool = False
+    gradient_accumulation_fusion: bool = False
+
+    def __post_init__(self):
+        validate_layer_pattern(self.layer_pattern, self.num_layers)
+        self.num_layers = len(self.layer_pattern)
+        tp = self.tensor_model_parallel_size
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.num_attention_heads % tp:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"tensor_model_parallel_size ({tp})"
+            )
+        if self.linear_attention_heads is None:
+            self.linear_attention_heads = self.num_attention_heads
+        if "L" in self.layer_pattern:
+            if self.hidden_size % self.linear_attention_heads:
+                raise ConfigError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by linear_attention_heads "
+                    f"({self.linear_attention_heads})"
+                )
+            if self.linear_attention_heads % tp:
+                raise ConfigError(
+                    f"linear_attention_heads ({self.linear_attention_heads}) must be divisible by "
+                    f"tensor_model_parallel_size ({tp})"
+                )
+            if not 1 <= self.feature_dim <= 64:
+                raise ConfigError(f"feature_dim ({self.feature_dim}) must be in 1..64 (BASED uses 16)")
+        if "S" in self.layer_pattern and self.swa_window < 1:
+            raise ConfigError(f"swa_window ({self.swa_window}) must be >= 1 (BASED uses 128)")
+        if "C" in self.layer_pattern:
+            if not 2 <= self.conv_kernel_size <= 4:
+                raise ConfigError(f"conv_kernel_size ({self.conv_kernel_size}) must be in 2..4 (BASED uses 3)")
+            if (2 * self.hidden_size) % tp:
+                raise ConfigError(
+                    f"BaseConv channels 2 * hidden_size ({2 * self.hidden_size}) must be divisible by "
+                    f"tensor_model_parallel_size ({tp})"
+                )
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size)
+        if self.ffn_hidden_size % tp:
+            raise ConfigError(
+                f"ffn_hidden_size ({self.ffn_hidden_size}) must be divisible by tensor_model_parallel_size ({tp})"
+            )
+        super().__post_init__()
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}

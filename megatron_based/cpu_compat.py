@@ -1,0 +1,41 @@
+"""Run Megatron-Core's tensor-parallel layers on machines without CUDA (gloo process groups).
+
+Megatron-Core assumes CUDA in two places our CPU runs reach (see docs/architecture.md):
+1. ``torch.cuda.current_device()`` picks the device of buffers (e.g. the sequence-parallel all-gather); on a
+   CPU-only machine it is redirected to the CPU device.
+2. The model-parallel RNG tracker stores and swaps CUDA generator states; here it uses the CPU generator.
+(The third, Megatron's torch norm refusing sequence parallel, is handled for every device by
+``megatron_based.norm.RMSNorm``.) Nothing is patched when CUDA is available.
+"""
+from __future__ import annotations
+
+import torch
+
+_applied = False
+
+
+def apply_cpu_shims() -> bool:
+    """Patch the two CUDA assumptions if CUDA is absent. Idempotent; returns True if the shims are active."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+    def add(self, name, seed):
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    mrandom.CudaRNGStatesTracker.add = add
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    torch.cuda.manual_seed = torch.cuda.manual_seed_all = lambda seed: None  # the CPU seed is set by the caller
+    _applied = True
+    return True

@@ -1,0 +1,80 @@
+"""BASED "C" mixer: BaseConv, a gated causal short convolution."""
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+import based_kernels
+
+from ..config import BasedConfig
+from .common import Mixer, cu_seqlens_of, to_bshd
+
+
+class BaseConv(Mixer):
+    """``u = W_in x + b_in`` (d -> 4d), ``u1, u2 = u[:2d], u[2d:]``, ``c = causal depthwise conv_k(u1)``,
+    ``y = W_out(SiLU(c) * u2) + b_out`` (2d -> d) (based-spec.md, mixer 3).
+
+    ``linear_in`` is column-parallel with stride 2 (like Megatron's SwiGLU fc1): TP rank r holds matching channel
+    slices ``[u1_r | u2_r]``, so the gate multiplies the right channels. The conv weight is split by channel.
+    """
+
+    def __init__(self, config: BasedConfig, layer_number: int = 1, pg_collection=None, **injected):
+        super().__init__(config, layer_number, pg_collection, **injected)
+        d = config.hidden_size
+        self.channels = 2 * d // self.tp_size
+        self.kernel_size = config.conv_kernel_size
+        self.linear_in = self.column_parallel(d, 4 * d, bias=True, stride=2)
+        self.linear_out = self.row_parallel(2 * d, d, bias=True)
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        self.conv_weight = torch.nn.Parameter(
+            torch.empty(self.channels, self.kernel_size, dtype=config.params_dtype, device=device))
+        # PyTorch's Conv1d default for a depthwise kernel: U(-1/sqrt(k), 1/sqrt(k)).
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        init = lambda w: torch.nn.init.uniform_(w, -bound, bound)  # noqa: E731
+        if config.perform_initialization:
+            if config.use_cpu_initialization:  # the full weight, then this rank's channels (TP-invariant)
+                _initialize_affine_weight_cpu(self.conv_weight, 2 * d, self.kernel_size, self.channels, 0, init,
+                                              params_dtype=config.params_dtype, rank=self.tp_group.rank(),
+                                              world_size=self.tp_size)
+            else:
+                from megatron.core.tensor_parallel.layers import _initialize_affine_weight_gpu
+
+                _initialize_affine_weight_gpu(self.conv_weight, init, partition_dim=0)
+        else:
+            setattr(self.conv_weight, "tensor_model_parallel", True)
+            setattr(self.conv_weight, "partition_dim", 0)
+            setattr(self.conv_weight, "partition_stride", 1)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **_):
+        """hidden_states ``[s, b, d]`` (``[s/tp, b, d]`` under sequence parallel) -> ``(out, b_out)``."""
+        u, _ = self.linear_in(hidden_states)
+        u1, u2 = u.chunk(2, dim=-1)
+        y = self.mix(to_bshd(u1), to_bshd(u2), cu_seqlens_of(packed_seq_params))
+        return self.linear_out(to_bshd(y))
+
+    def mix(self, u1, u2, cu_seqlens):
+        if self.cp_size > 1:
+            from ..context_parallel import base_conv_cp
+
+            return base_conv_cp(u1, u2, self.conv_weight, cp_group=self.cp_group)
+        y, _ = based_kernels.base_conv(u1, u2, self.conv_weight, cu_seqlens=cu_seqlens)
+        return y
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Checkpoint with global shapes: ``linear_in`` as two TP-split halves, ``conv_weight`` split by channel,
+        so a checkpoint loads at any TP size."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        own = make_sharded_tensors_for_checkpoint({"conv_weight": self.conv_weight}, prefix, {"conv_weight": 0},
+                                                  sharded_offsets, tp_group=self.tp_group,
+                                                  dp_cp_group=metadata["dp_cp_group"])
+        sd.update(own)
+        singleton = metadata.get("singleton_local_shards", False)
+        for key in (f"{prefix}linear_in.weight", f"{prefix}linear_in.bias"):
+            sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets, singleton, tp_group=self.tp_group,
+                                                   dp_group=metadata["dp_cp_group"])
+        return sd

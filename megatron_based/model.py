@@ -1,0 +1,39 @@
+"""Model builder: a Megatron-Core ``GPTModel`` whose decoder is a block of BASED layer specs.
+
+GPTModel is used for its embedding, tied LM head, loss and pipeline plumbing; everything BASED-specific is in the
+block spec (see docs/architecture.md for why, and for the path to Megatron's ``HybridModel``).
+"""
+from __future__ import annotations
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from .config import BasedConfig, padded_vocab_size
+from .spec import get_based_block_spec
+
+
+def build_model(config: BasedConfig, *, vocab_size: int, max_sequence_length: int,
+                make_vocab_size_divisible_by: int = 8, pre_process: bool | None = None,
+                post_process: bool | None = None, vp_stage: int | None = None, pg_collection=None) -> GPTModel:
+    """BASED (or hybrid) LM: word embeddings (no learned positions), the layer pattern, final RMSNorm, tied head.
+
+    ``vocab_size`` is padded to a multiple of ``make_vocab_size_divisible_by * tp`` (BASED: 50257 -> 50264).
+    Logits come back vocab-parallel ``[b, s, V / tp]``; with ``labels`` the per-token loss ``[b, s]``.
+    """
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_based_block_spec(config, vp_stage=vp_stage),
+        vocab_size=padded_vocab_size(vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size),
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="none",
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )

@@ -1,0 +1,27 @@
+"""RMSNorm that works with Megatron sequence parallelism without TransformerEngine or apex."""
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer import TransformerConfig
+
+
+class RMSNorm(torch.nn.Module):
+    """``y = x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 and returned in the input dtype.
+
+    Built like Megatron's norms (``RMSNorm(config=..., hidden_size=..., eps=...)``). Under sequence parallelism
+    each TP rank normalizes its own slice of the sequence, so the weight gradient is partial: the weight is marked
+    ``sequence_parallel`` and Megatron's ``finalize_model_grads`` all-reduces it over the TP group (Megatron's own
+    torch norm refuses sequence parallel instead).
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__()
+        self.eps = eps
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)

@@ -1,0 +1,42 @@
+"""Process-group set-up shared by training, tests and benchmarks: torch.distributed (NCCL on GPU, gloo on CPU),
+Megatron-Core's model-parallel groups, and the model-parallel RNG seeds."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from .cpu_compat import apply_cpu_shims
+
+
+def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                        context_parallel_size: int = 1, seed: int = 1234, backend: str | None = None) -> None:
+    """Initialise torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT; a single process
+    needs none of them) and Megatron's groups with rank order tp-cp-dp-pp (tp innermost)."""
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
+                                world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    apply_cpu_shims()
+    world = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"world size ({world}) must be divisible by tensor ({tensor_model_parallel_size}) x pipeline "
+            f"({pipeline_model_parallel_size}) x context ({context_parallel_size}) parallel sizes = {model_parallel}"
+        )
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
