@@ -148,3 +148,33 @@ class BasedConfig(TransformerConfig):
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class ModelSpec:
+    """A YAML ``model:`` section: the ``BasedConfig`` plus what GPTModel takes beside it."""
+
+    config: BasedConfig
+    vocab_size: int
+    make_vocab_size_divisible_by: int = 8
+    seq_length: int = 2048
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by,
+                                 self.config.tensor_model_parallel_size)
+
+
+MODEL_SECTION_EXTRAS = ("vocab_size", "make_vocab_size_divisible_by", "seq_length")
+
+
+def model_spec_from_dict(section: dict, **config_overrides) -> ModelSpec:
+    """Build a :class:`ModelSpec` from a YAML ``model:`` mapping; unknown keys are rejected by name."""
+    section = dict(section)
+    extras = {k: section.pop(k) for k in MODEL_SECTION_EXTRAS if k in section}
+    if "vocab_size" not in extras:
+        raise ConfigError("model.vocab_size is missing: set it to the tokenizer's vocabulary size")
+    unknown = sorted(set(section) - BasedConfig.field_names())
+    if unknown:
+        raise ConfigError(f"unknown model key(s) {unknown}: see docs/training.md for the model keys")
+    return ModelSpec(config=BasedConfig(**section, **config_overrides), **extras)
