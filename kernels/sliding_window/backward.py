@@ -31,8 +31,8 @@ def swa_bwd_dq_kernel(
     q, k, v, kp, vp, o, do, lse, delta, dq, doc,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
     s_kpb, s_kpt, s_kph, s_vpb, s_vpt, s_vph, s_ob, s_ot, s_oh, s_dob, s_dot, s_doh, s_dqb, s_dqt, s_dqh,
-    T, P, W, H, G, D, scale,
-    BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T, P, H, D, scale,
+    W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -60,9 +60,8 @@ def swa_bwd_dq_kernel(
     b_dq = tl.zeros([BM, BLOCK_D], dtype=tl.float32)
 
     lo = tl.maximum(i_m * BM - W, -P)
-    hi = tl.minimum(i_m * BM + BM, T)
-    for j0 in range(lo, hi, BN):
-        j = j0 + tl.arange(0, BN)
+    for i_j in range((W + BM + BN - 1) // BN):
+        j = lo + i_j * BN + tl.arange(0, BN)
         b_k = load_kv_rows(p_k, p_kp, j, o_d, m_d, T, P, s_kt, s_kpt, HAS_PREFIX)
         b_v = load_kv_rows(p_v, p_vp, j, o_d, m_d, T, P, s_vt, s_vpt, HAS_PREFIX)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
@@ -98,8 +97,8 @@ def swa_bwd_dkdv_kernel(
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
     s_kpb, s_kpt, s_kph, s_vpb, s_vpt, s_vph, s_dob, s_dot, s_doh,
     s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh, s_dkpb, s_dkpt, s_dkph, s_dvpb, s_dvpt, s_dvph,
-    T, P, W, H, G, D, scale,
-    BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T, P, H, D, scale,
+    W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)
@@ -118,13 +117,12 @@ def swa_bwd_dkdv_kernel(
     b_dv = tl.zeros([BN, BLOCK_D], dtype=tl.float32)
 
     lo = tl.maximum(i_n * BN - P, 0)
-    hi = tl.minimum(i_n * BN - P + BN + W, T)
     for g in range(G):
         i_h = (i_hk * G + g).to(tl.int64)
         p_q, p_do = q + i_b * s_qb + i_h * s_qh, do + i_b * s_dob + i_h * s_doh
         o_bh = (i_b * H + i_h) * T
-        for t0 in range(lo, hi, BM):
-            i_q = t0 + tl.arange(0, BM)
+        for i_t in range((W + BN + BM - 1) // BM):
+            i_q = lo + i_t * BM + tl.arange(0, BM)
             m_q = i_q < T
             r_q = i_q.to(tl.int64)[:, None]
             b_q = tl.load(p_q + r_q * s_qt + o_d[None, :], mask=m_q[:, None] & m_d[None, :], other=0.0)

@@ -3,7 +3,8 @@
 One program per (query block, batch x head). Keys live on a virtual axis ``j in [-P, T)``: rows ``j < 0`` come
 from the ``kv_prefix`` tensors (the context-parallel halo), rows ``j >= 0`` from k, v. The key loop starts at the
 first key of the window of the block's first query, unaligned, so a block of BM queries visits exactly
-``W + BM`` keys (3 key blocks at W = 128, BM = BN = 64) instead of every causal key block.
+``W + BM`` keys (3 key blocks at W = 128, BM = BN = 64) instead of every causal key block. W and the GQA
+group size are compile-time constants (a model has one window), so every loop has a constant trip count.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def swa_fwd_kernel(
     q, k, v, kp, vp, o, lse, doc,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
     s_kpb, s_kpt, s_kph, s_vpb, s_vpt, s_vph, s_ob, s_ot, s_oh,
-    T, P, W, H, G, D, scale,
-    BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T, P, H, D, scale,
+    W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -77,10 +78,10 @@ def swa_fwd_kernel(
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BLOCK_D], dtype=tl.float32)
 
+    # constexpr trip count (W + BM keys); blocks past the causal edge or the sequence are fully masked
     lo = tl.maximum(i_m * BM - W, -P)
-    hi = tl.minimum(i_m * BM + BM, T)
-    for j0 in range(lo, hi, BN):
-        j = j0 + tl.arange(0, BN)
+    for i_j in range((W + BM + BN - 1) // BN):
+        j = lo + i_j * BN + tl.arange(0, BN)
         b_k = load_kv_rows(p_k, p_kp, j, o_d, m_d, T, P, s_kt, s_kpt, HAS_PREFIX)
         b_v = load_kv_rows(p_v, p_vp, j, o_d, m_d, T, P, s_vt, s_vpt, HAS_PREFIX)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
@@ -92,6 +93,7 @@ def swa_fwd_kernel(
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         b_m = b_m_new
 
+    b_l = tl.where(m_q, b_l, 1.0)  # rows past T saw no key
     b_acc = b_acc / b_l[:, None]
     p_o = o + i_b * s_ob + i_h * s_oh + i_q.to(tl.int64)[:, None] * s_ot + o_d[None, :]
     tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
