@@ -1,0 +1,50 @@
+"""Small shared pieces of the Megatron-level tests."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_based.config import BasedConfig
+from megatron_based.model import build_model
+from megatron_based.parallel import initialize_parallel
+
+
+def tiny_config(pattern="CLSA", **overrides) -> BasedConfig:
+    kw = dict(layer_pattern=pattern, hidden_size=32, num_attention_heads=4, feature_dim=4, swa_window=6,
+              use_cpu_initialization=True)
+    kw.update(overrides)
+    return BasedConfig(**kw)
+
+
+def tiny_model(pattern="CLSA", *, vocab=64, seed=0, **overrides):
+    """A small BASED model; the same seed gives the same full weights at any TP size (CPU master-weight init)."""
+    torch.manual_seed(seed)
+    return build_model(tiny_config(pattern, **overrides), vocab_size=vocab, max_sequence_length=64,
+                       make_vocab_size_divisible_by=8)
+
+
+def gather_tp(t: torch.Tensor, dim: int, stride: int = 1, group=None) -> torch.Tensor:
+    """Reassemble a tensor split over the TP group along ``dim`` (with Megatron's partition stride)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    pieces = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([pieces[r][s] for s in range(stride) for r in range(world)], dim=dim)
+
+
+def full_grads(model, tp_group) -> dict[str, torch.Tensor]:
+    """Every parameter gradient at its TP=1 shape; partial gradients of sequence-parallel norms are summed."""
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        if getattr(p, "sequence_parallel", False):
+            dist.all_reduce(g, group=tp_group)
+        if getattr(p, "tensor_model_parallel", False):
+            g = gather_tp(g, p.partition_dim, getattr(p, "partition_stride", 1), tp_group)
+        out[name] = g
+    return out
+
+
+__all__ = ["tiny_config", "tiny_model", "gather_tp", "full_grads", "initialize_parallel"]
