@@ -1,18 +1,87 @@
 """Causal depthwise short convolution and the fused BaseConv core (the BASED "C" mixer)."""
 from __future__ import annotations
 
-from .reference import base_conv_reference, short_conv_reference, short_conv_step
+from .reference import base_conv_reference, base_conv_step_reference, short_conv_reference
+from .reference import short_conv_step as short_conv_step_reference
 
-__all__ = ["short_conv", "short_conv_step", "base_conv", "base_conv_reference", "short_conv_reference"]
-
-
-def short_conv(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """Causal depthwise conv, x ``[B, T, C]``, weight ``[C, k]``; returns ``(y, final_state or None)``."""
-    return short_conv_reference(x, weight, initial_state=initial_state, output_final_state=output_final_state,
-                                cu_seqlens=cu_seqlens)
+__all__ = ["short_conv", "short_conv_step", "base_conv", "base_conv_step", "base_conv_reference",
+           "base_conv_step_reference", "short_conv_reference", "short_conv_step_reference"]
 
 
-def base_conv(u1, u2, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """``SiLU(short_conv(u1)) * u2``; returns ``(y, final_state or None)``."""
-    return base_conv_reference(u1, u2, weight, initial_state=initial_state, output_final_state=output_final_state,
-                               cu_seqlens=cu_seqlens)
+def _use_triton(backend, x):
+    if backend is None:
+        return x.is_cuda
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be None, 'triton' or 'torch'; got {backend!r}")
+    return backend == "triton"
+
+
+def _check(x, g, weight, initial_state, cu_seqlens):
+    if x.dim() != 3:
+        raise ValueError(f"expected x [B, T, C]; got {tuple(x.shape)}")
+    B, T, C = x.shape
+    if g is not None and g.shape != x.shape:
+        raise ValueError(f"the gate u2 {tuple(g.shape)} must match u1 {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != C or not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"weight must be [C={C}, k] with 2 <= k <= 4 for the Triton kernel; got "
+                         f"{tuple(weight.shape)} (use backend='torch' for other k)")
+    N = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1 (documents packed along T); got B={B}")
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, weight.shape[1] - 1, C):
+        raise ValueError(f"initial_state must be [N, k-1, C] = {(N, weight.shape[1] - 1, C)} (N = batch or "
+                         f"documents); got {tuple(initial_state.shape)}")
+
+
+def _conv(x, g, weight, initial_state, output_final_state, cu_seqlens):
+    from .ops import conv_triton, final_state
+
+    _check(x, g, weight, initial_state, cu_seqlens)
+    y = conv_triton(x, g, weight, initial_state, cu_seqlens)
+    fin = final_state(x, initial_state, weight.shape[1], cu_seqlens) if output_final_state else None
+    return y, fin
+
+
+def short_conv(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None, backend=None):
+    """Causal depthwise conv ``y_t = sum_i weight[:, i] x_{t-(k-1)+i}``; x ``[B, T, C]``, weight ``[C, k]``.
+
+    initial_state ``[N, k-1, C]`` holds the inputs before each sequence (N = B, or documents with cu_seqlens).
+    backend: None (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch".
+    Returns ``(y [B, T, C], final_state [N, k-1, C] or None)``.
+    """
+    if not _use_triton(backend, x):
+        return short_conv_reference(x, weight, initial_state=initial_state, output_final_state=output_final_state,
+                                    cu_seqlens=cu_seqlens)
+    return _conv(x, None, weight, initial_state, output_final_state, cu_seqlens)
+
+
+def base_conv(u1, u2, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None, backend=None):
+    """BaseConv core ``SiLU(short_conv(u1)) * u2`` fused in one pass; u1, u2 ``[B, T, C]``, weight ``[C, k]``.
+
+    Any batch/time strides with a contiguous channel dim. Gradients flow to u1, u2, weight (deterministic)
+    and initial_state. Returns ``(y [B, T, C], final_state [N, k-1, C] or None)``.
+    """
+    if not _use_triton(backend, u1):
+        return base_conv_reference(u1, u2, weight, initial_state=initial_state,
+                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return _conv(u1, u2, weight, initial_state, output_final_state, cu_seqlens)
+
+
+def short_conv_step(x, weight, state, *, backend=None):
+    """One decode step: x ``[B, C]``, state ``[B, k-1, C]`` (None = zeros). Returns ``(y [B, C], new_state)``."""
+    if not _use_triton(backend, x):
+        return short_conv_step_reference(x, weight, state)
+    from .ops import conv_step_triton
+
+    return conv_step_triton(x, None, weight, state)
+
+
+def base_conv_step(u1, u2, weight, state, *, backend=None):
+    """One BaseConv decode step ``SiLU(conv_step(u1)) * u2``; returns ``(y [B, C], new_state [B, k-1, C])``."""
+    if not _use_triton(backend, u1):
+        return base_conv_step_reference(u1, u2, weight, state)
+    from .ops import conv_step_triton
+
+    return conv_step_triton(u1, u2, weight, state)

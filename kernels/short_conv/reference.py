@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..taylor_attention.reference import split_varlen
 
-__all__ = ["short_conv_reference", "short_conv_step", "base_conv_reference"]
+__all__ = ["short_conv_reference", "short_conv_step", "base_conv_reference", "base_conv_step_reference"]
 
 
 def short_conv_reference(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -57,3 +57,9 @@ def base_conv_reference(u1, u2, weight, *, initial_state=None, output_final_stat
     c, fin = short_conv_reference(u1, weight, initial_state=initial_state, output_final_state=output_final_state,
                                   cu_seqlens=cu_seqlens)
     return F.silu(c) * u2, fin
+
+
+def base_conv_step_reference(u1, u2, weight, state):
+    """One BaseConv decode step ``SiLU(short_conv_step(u1)) * u2``; u1, u2 ``[B, C]``. Returns ``(y, new_state)``."""
+    c, new_state = short_conv_step(u1, weight, state)
+    return F.silu(c) * u2, new_state

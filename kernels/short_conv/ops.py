@@ -1,0 +1,155 @@
+"""Launchers, ``torch.library`` custom ops and autograd for the Triton short convolution / BaseConv core.
+
+Inputs are ``[B, T, C]`` with any batch/time strides and a contiguous channel dim, so BaseConv's ``u1, u2``
+(column slices of Megatron's ``[s, b, 4d]`` in-projection, seen as ``[b, s, c]``) go in without copies; outputs
+are laid out token-major when the input is.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from ..sliding_window.ops import _doc_ids, _empty_like_layout, _lastdim_contiguous
+from .backward import CHUNK, conv_bwd_init_kernel, conv_bwd_kernel
+from .forward import conv_fwd_kernel
+from .recurrent import conv_step_kernel
+
+__all__ = ["conv_triton", "conv_step_triton", "final_state"]
+
+
+def _s2(t):
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _varlen(cu, T, device):
+    if cu is None:
+        return None, None
+    return _doc_ids(cu, T, device), cu.to(device=device, dtype=torch.int32)
+
+
+@torch.library.custom_op("based_kernels::short_conv_fwd", mutates_args=())
+def conv_fwd(x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor, init: Optional[torch.Tensor],
+             cu: Optional[torch.Tensor]) -> torch.Tensor:
+    B, T, C = x.shape
+    K = w.shape[1]
+    y = _empty_like_layout(x, x.shape)
+    doc, cu32 = _varlen(cu, T, x.device)
+    conv_fwd_kernel[lambda meta: (triton.cdiv(C, meta["BC"]), triton.cdiv(T, meta["BT"]), B)](
+        x, x if g is None else g, w, x if init is None else init, y, doc if cu is not None else x,
+        cu32 if cu is not None else x,
+        *_s2(x), *_s2(g), *_s2(y), *_s2(init), *w.stride(), T, C,
+        K=K, GATE=g is not None, HAS_INIT=init is not None, IS_VARLEN=cu is not None,
+    )
+    return y
+
+
+@conv_fwd.register_fake
+def _(x, g, w, init, cu):
+    return _empty_like_layout(x, x.shape)
+
+
+@torch.library.custom_op("based_kernels::short_conv_bwd", mutates_args=())
+def conv_bwd(dy: torch.Tensor, x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor,
+             init: Optional[torch.Tensor], cu: Optional[torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, C = x.shape
+    K = w.shape[1]
+    dy = _lastdim_contiguous(dy)
+    dx = _empty_like_layout(x, x.shape)
+    dg = _empty_like_layout(g, g.shape) if g is not None else x.new_empty(0)
+    NT = triton.cdiv(T, CHUNK)
+    dwp = torch.empty(B * NT, 4, C, dtype=torch.float32, device=x.device)
+    doc, cu32 = _varlen(cu, T, x.device)
+    g_ = x if g is None else g
+    init_ = x if init is None else init
+    flags = dict(K=K, GATE=g is not None, IS_VARLEN=cu is not None)
+    conv_bwd_kernel[lambda meta: (triton.cdiv(C, meta["BC"]), NT, B)](
+        x, g_, w, init_, dy, dx, dg if g is not None else dx, dwp, doc if cu is not None else x,
+        cu32 if cu is not None else x,
+        *_s2(x), *_s2(g), *_s2(dy), *_s2(dx), *_s2(dg if g is not None else None), *_s2(init), *w.stride(),
+        T, C, NT, HAS_INIT=init is not None, CHUNK=CHUNK, **flags,
+    )
+    # fixed-order reduction of the per-program partials: deterministic dw
+    dw = dwp[:, :K].sum(0).t().to(w.dtype)
+    if init is None:
+        dinit = x.new_empty(0)
+    else:
+        dinit = torch.empty(init.shape, dtype=init.dtype, device=x.device)
+        N = init.shape[0]
+        BC = 32 if triton.cdiv(C, 128) * N < 64 else 128
+        conv_bwd_init_kernel[(triton.cdiv(C, BC), N)](
+            x, g_, w, init_, dy, dinit, cu32 if cu is not None else x,
+            *_s2(x), *_s2(g), *_s2(dy), *_s2(init), *w.stride(), T, C, BC=BC, **flags,
+        )
+    return dx, dg, dw, dinit
+
+
+@conv_bwd.register_fake
+def _(dy, x, g, w, init, cu):
+    dg = _empty_like_layout(g, g.shape) if g is not None else x.new_empty(0)
+    dinit = torch.empty_like(init) if init is not None else x.new_empty(0)
+    return _empty_like_layout(x, x.shape), dg, torch.empty_like(w), dinit
+
+
+def _setup_context(ctx, inputs, output):
+    x, g, w, init, cu = inputs
+    ctx.save_for_backward(x, g, w, init, cu)
+
+
+def _backward(ctx, dy):
+    x, g, w, init, cu = ctx.saved_tensors
+    dx, dg, dw, dinit = conv_bwd(dy, x, g, w, init, cu)
+    return dx, (dg if g is not None else None), dw, (dinit if init is not None else None), None
+
+
+torch.library.register_autograd("based_kernels::short_conv_fwd", _backward, setup_context=_setup_context)
+
+
+def final_state(x, initial_state, K, cu_seqlens=None):
+    """The last K - 1 inputs of each sequence (initial-state rows where it is shorter), differentiable.
+
+    Plain gathers: a few small ops on ``[N, K-1, C]``, no host sync.
+    """
+    B, T, C = x.shape
+    if cu_seqlens is None:
+        pad = initial_state if initial_state is not None else x.new_zeros(B, K - 1, C)
+        return torch.cat([pad.to(x.dtype), x[:, max(T - (K - 1), 0):]], dim=1)[:, -(K - 1):]
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    N = cu.numel() - 1
+    idx = cu[1:, None] - (K - 1) + torch.arange(K - 1, device=x.device)  # [N, K-1] absolute rows
+    rel = idx - cu[:-1, None]
+    from_x = x[0][idx.clamp(min=0)]  # [N, K-1, C]
+    if initial_state is None:
+        from_init = torch.zeros_like(from_x)
+    else:
+        from_init = initial_state.to(x.dtype).gather(
+            1, (K - 1 + rel).clamp(0, K - 2)[..., None].expand(N, K - 1, C))
+    return torch.where((rel >= 0)[..., None], from_x, from_init)
+
+
+def conv_triton(x, g, weight, initial_state, cu_seqlens):
+    x = _lastdim_contiguous(x)
+    g = _lastdim_contiguous(g)
+    init = None if initial_state is None else initial_state.contiguous()
+    return conv_fwd(x, g, weight, init, cu_seqlens)
+
+
+def conv_step_triton(x, g, weight, state):
+    B, C = x.shape
+    K = weight.shape[1]
+    x = _lastdim_contiguous(x)
+    g = _lastdim_contiguous(g)
+    state = None if state is None else _lastdim_contiguous(state)
+    st_dtype = x.dtype if state is None else torch.promote_types(state.dtype, x.dtype)
+    y = torch.empty(B, C, dtype=x.dtype, device=x.device)
+    new_state = torch.empty(B, K - 1, C, dtype=st_dtype, device=x.device)
+    BC = 256
+    conv_step_kernel[(triton.cdiv(C, BC), B)](
+        x, x if g is None else g, weight, x if state is None else state, y, new_state,
+        x.stride(0), 0 if g is None else g.stride(0), y.stride(0), *((0, 0) if state is None else _s2(state)),
+        *_s2(new_state), *weight.stride(), C,
+        K=K, GATE=g is not None, HAS_STATE=state is not None, BC=BC,
+    )
+    return y, new_state
