@@ -1,7 +1,9 @@
 """Taylor (2nd-order) linear attention, the BASED "L" mixer's core.
 
 Public API: :func:`taylor_linear_attention` (parallel form) and :func:`taylor_linear_attention_step`
-(one-token decode). On CUDA tensors they run Triton kernels once those exist; on CPU the chunked PyTorch path.
+(one-token decode). ``backend=None`` runs the Triton kernels on CUDA tensors and the chunked PyTorch path on CPU
+tensors; ``backend="triton"`` forces the kernels (CPU tests run them under ``TRITON_INTERPRET=1``);
+``backend="torch"`` forces PyTorch. See ``README.md`` for the math, the kernel design and the state layout.
 """
 from __future__ import annotations
 
@@ -25,24 +27,46 @@ __all__ = [
     "taylor_attention_step",
 ]
 
+_BACKENDS = (None, "triton", "torch")
+
+
+def _use_triton(backend, x, f):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
+    if backend is None:
+        from .ops import MAX_F
+        return x.is_cuda and f <= MAX_F  # larger f: the quadratic state does not fit on chip; PyTorch path
+    return backend == "triton"
+
 
 def taylor_linear_attention(q, k, v, *, eps=1e-12, initial_state=None, output_final_state=False,
-                            cu_seqlens=None):
+                            cu_seqlens=None, backend=None):
     """Causal Taylor linear attention ``y_t = sum_{j<=t} K(q_t,k_j) v_j / (sum_{j<=t} K(q_t,k_j) + eps)``.
 
     Args:
-        q, k: ``[B, T, H, f]``; v: ``[B, T, H, d_v]``. Any strides.
+        q, k: ``[B, T, H, f]``; v: ``[B, T, H, d_v]``. Any strides (the Triton path needs the last dim
+            contiguous and copies otherwise). fp16/bf16/fp32; states and accumulation in fp32.
         eps: added to the denominator (which is >= (t+1)/2, so eps is inert).
-        initial_state: ``(S [B, H, D, d_v], z [B, H, D])`` fp32, D = 1 + f + f^2; per document with cu_seqlens.
-        output_final_state: also return the state after the last token.
+        initial_state: ``(S [N, H, D, d_v], z [N, H, D])`` fp32, D = 1 + f + f^2, N = B (or the number of
+            documents with cu_seqlens); differentiable.
+        output_final_state: also return the state after the last token (per document with cu_seqlens).
         cu_seqlens: ``[N + 1]`` int document offsets (FlashAttention convention, B = 1); state resets per doc.
+        backend: None (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
     Returns:
-        ``(y [B, T, H, d_v] in v.dtype, final_state or None)``.
+        ``(y [B, T, H, d_v] in v.dtype, (S, z) or None)``.
     """
+    if _use_triton(backend, q, q.shape[-1]):
+        from .ops import taylor_attention_triton
+        return taylor_attention_triton(q, k, v, eps=eps, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     return taylor_attention_chunked(q, k, v, eps=eps, initial_state=initial_state,
                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12):
-    """One decode step (update before read). q, k ``[B, H, f]``, v ``[B, H, d_v]``; returns ``(y, new_state)``."""
+def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12, backend=None):
+    """One decode step (update before read). q, k ``[B, H, f]``, v ``[B, H, d_v]``, state ``(S, z)`` or None;
+    returns ``(y [B, H, d_v], new_state)``; the input state is not modified."""
+    if _use_triton(backend, q, q.shape[-1]):
+        from .ops import taylor_attention_step_triton
+        return taylor_attention_step_triton(q, k, v, state, eps=eps)
     return taylor_attention_step(q, k, v, state, eps=eps)

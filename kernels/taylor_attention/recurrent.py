@@ -1,0 +1,76 @@
+"""Triton one-token decode kernel of Taylor linear attention (state update before read).
+
+``S += phi(k) v^T; z += phi(k); y = phi(q) S / (phi(q) . z + eps)`` for one token of every (batch, head).
+Memory-bound: it reads the old state once and writes the new one once (out of place, so the caller's state is
+never modified); each program owns BV value columns of one (batch, head), and block 0 also owns z.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .forward import RSQRT2, _state_rows
+
+
+@triton.jit
+def taylor_step_kernel(
+    q, k, v, y, s_in, z_in, s_out, z_out,
+    s_qb, s_qh, s_kb, s_kh, s_vb, s_vh,
+    H, scale, eps,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
+):
+    D: tl.constexpr = 1 + F + F * F
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    i_st = i_bh.to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    r_1, m_1, r_2, m_2 = _state_rows(F, BK)
+    o_f = tl.arange(0, BK * BK)
+    o_1 = tl.arange(0, 1)
+
+    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_1, other=0.).to(tl.float32) * scale
+    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_k, mask=m_1, other=0.).to(tl.float32) * scale
+    b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.).to(tl.float32)
+    # x (x) x / sqrt(2) as a flat [BK*BK] vector: element a*BK + b is x_a x_b
+    b_qq = tl.reshape(b_q[:, None] * b_q[None, :], (BK * BK,)) * RSQRT2
+    b_kk = tl.reshape(b_k[:, None] * b_k[None, :], (BK * BK,)) * RSQRT2
+
+    p_si = s_in + i_st * D * DV
+    p_zi = z_in + i_st * D
+    m_s1 = m_1[:, None] & m_v[None, :]
+    m_s2 = m_2[:, None] & m_v[None, :]
+    if HAS_STATE:
+        b_h0 = tl.load(p_si + o_v, mask=m_v, other=0.)
+        b_h1 = tl.load(p_si + r_1[:, None] * DV + o_v[None, :], mask=m_s1, other=0.)
+        b_h2 = tl.load(p_si + r_2[:, None] * DV + o_v[None, :], mask=m_s2, other=0.)
+        b_z0 = tl.load(p_zi + o_1)
+        b_z1 = tl.load(p_zi + r_1, mask=m_1, other=0.)
+        b_z2 = tl.load(p_zi + r_2, mask=m_2, other=0.)
+    else:
+        b_h0 = tl.zeros([BV], dtype=tl.float32)
+        b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
+        b_h2 = tl.zeros([BK * BK, BV], dtype=tl.float32)
+        b_z0 = tl.zeros([1], dtype=tl.float32)
+        b_z1 = tl.zeros([BK], dtype=tl.float32)
+        b_z2 = tl.zeros([BK * BK], dtype=tl.float32)
+    b_h0 += b_v
+    b_h1 += b_k[:, None] * b_v[None, :]
+    b_h2 += b_kk[:, None] * b_v[None, :]
+    b_z0 += 1.
+    b_z1 += b_k
+    b_z2 += b_kk
+    b_num = b_h0 + tl.sum(b_q[:, None] * b_h1, 0) + tl.sum(b_qq[:, None] * b_h2, 0)
+    b_den = tl.sum(b_z0, 0) + tl.sum(b_q * b_z1, 0) + tl.sum(b_qq * b_z2, 0)
+    tl.store(y + i_st * DV + o_v, (b_num / (b_den + eps)).to(y.dtype.element_ty), mask=m_v)
+
+    p_so = s_out + i_st * D * DV
+    p_zo = z_out + i_st * D
+    tl.store(p_so + o_v, b_h0, mask=m_v)
+    tl.store(p_so + r_1[:, None] * DV + o_v[None, :], b_h1, mask=m_s1)
+    tl.store(p_so + r_2[:, None] * DV + o_v[None, :], b_h2, mask=m_s2)
+    tl.store(p_zo + o_1, b_z0, mask=(o_1 < 1) & (i_v == 0))
+    tl.store(p_zo + r_1, b_z1, mask=m_1 & (i_v == 0))
+    tl.store(p_zo + r_2, b_z2, mask=m_2 & (i_v == 0))

@@ -1,0 +1,268 @@
+"""Triton Taylor linear attention vs the fp64 oracles of based_kernels.taylor_attention.reference.
+
+CPU: the kernels run under TRITON_INTERPRET=1 (set by conftest) in fp32/fp16 (bf16 tl.dot is wrong in the
+interpreter). GPU (marked ``gpu``): bf16 up to T = 32k against an fp64 reference.
+"""
+import pytest
+import torch
+
+from based_kernels.taylor_attention import (
+    feature_dim,
+    taylor_attention_chunked,
+    taylor_attention_quadratic,
+    taylor_attention_step,
+    taylor_linear_attention,
+    taylor_linear_attention_step,
+)
+from based_kernels.taylor_attention import ops
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(B, T, H, F, DV, dtype=torch.float32, state=False, n_states=None, device=DEV, scale=1.0):
+    g = torch.Generator(device="cpu").manual_seed(1000 * T + 10 * H + DV)
+    q = (torch.randn(B, T, H, F, generator=g) * scale).to(device, dtype)
+    k = (torch.randn(B, T, H, F, generator=g) * scale).to(device, dtype)
+    v = torch.randn(B, T, H, DV, generator=g).to(device, dtype)
+    h0 = None
+    if state:
+        n = n_states or B
+        D = feature_dim(F)
+        # a plausible state: that of 20 random earlier tokens, plus noise so that it is not symmetric
+        kk = torch.randn(n, 20, H, F, generator=g)
+        vv = torch.randn(n, 20, H, DV, generator=g)
+        _, (S, z) = taylor_attention_quadratic(kk, kk, vv, output_final_state=True)
+        S = S + 0.1 * torch.randn(n, H, D, DV, generator=g)
+        h0 = (S.to(device), z.to(device))
+    return q, k, v, h0
+
+
+def run_with_grads(fn, q, k, v, h0, want_final=True, **kw):
+    """Forward + backward of a loss touching y and the final state; returns outputs and every gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    st = None if h0 is None else tuple(t.detach().clone().requires_grad_() for t in h0)
+    y, fin = fn(*leaves, initial_state=st, output_final_state=want_final, **kw)
+    g = torch.Generator(device="cpu").manual_seed(7)
+    wy = torch.randn(y.shape, generator=g).to(y.device, torch.float64)
+    loss = (y.double() * wy).sum()
+    if want_final:
+        ws = torch.randn(fin[0].shape, generator=g).to(y.device, torch.float64)
+        wz = torch.randn(fin[1].shape, generator=g).to(y.device, torch.float64)
+        loss = loss + 1e-2 * ((fin[0].double() * ws).sum() + (fin[1].double() * wz).sum())
+    loss.backward()
+    grads = [t.grad for t in leaves] + ([] if st is None else [t.grad for t in st])
+    return y.detach(), fin, grads
+
+
+def oracle(q, k, v, h0, want_final=True, **kw):
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    h64 = None if h0 is None else tuple(t.double() for t in h0)
+    return run_with_grads(taylor_attention_quadratic, q64, k64, v64, h64, want_final, **kw)
+
+
+def triton_fn(*a, **kw):
+    return taylor_linear_attention(*a, backend="triton", **kw)
+
+
+def check_all(got, want, tol, tol_grad=None):
+    (y, fin, grads), (y_r, fin_r, grads_r) = got, want
+    tol_grad = tol_grad or tol
+    assert rel(y, y_r) < tol, rel(y, y_r)
+    if fin_r is not None:
+        assert rel(fin[0], fin_r[0]) < tol and rel(fin[1], fin_r[1]) < tol, (rel(fin[0], fin_r[0]),
+                                                                              rel(fin[1], fin_r[1]))
+    names = ["dq", "dk", "dv", "dS0", "dz0"]
+    for name, a, b in zip(names, grads, grads_r):
+        assert a is not None and torch.isfinite(a).all(), name
+        assert rel(a, b) < tol_grad, (name, rel(a, b))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU (interpreter) and GPU
+
+
+@pytest.mark.parametrize("T", [1, 63, 65, 127])
+def test_forward_state_and_grads_fp32(T):
+    q, k, v, h0 = make(2, T, 2, 16, 32, state=True)
+    got = run_with_grads(triton_fn, q, k, v, h0)
+    check_all(got, oracle(q, k, v, h0), 2e-5 if DEV == "cpu" else 2e-3)
+
+
+def test_no_state_and_other_shapes():
+    """f = 8 (padded to 16), d_v = 48 (not a power of two, two value blocks), no initial state."""
+    q, k, v, _ = make(1, 70, 3, 8, 48)
+    got = run_with_grads(triton_fn, q, k, v, None)
+    check_all(got, oracle(q, k, v, None), 2e-5 if DEV == "cpu" else 2e-3)
+
+
+def test_fp16():
+    q, k, v, h0 = make(1, 100, 2, 16, 32, dtype=torch.float16, state=True)
+    got = run_with_grads(triton_fn, q, k, v, h0)
+    check_all(got, oracle(q, k, v, h0), 3e-3, 5e-3)
+
+
+def test_segmented_sequence(monkeypatch):
+    """A sequence split across programs (segment states + prefix sums) equals the oracle, gradients too."""
+    monkeypatch.setattr(ops, "FORCE_NUM_SEGMENTS", 3)
+    q, k, v, h0 = make(2, 150, 2, 16, 32, state=True)
+    got = run_with_grads(triton_fn, q, k, v, h0)
+    check_all(got, oracle(q, k, v, h0), 2e-5 if DEV == "cpu" else 2e-3)
+
+
+def test_varlen():
+    """Documents of length 1, ones crossing chunk boundaries, per-document initial and final states."""
+    cu = torch.tensor([0, 1, 60, 130, 131, 200], dtype=torch.int32, device=DEV)
+    q, k, v, h0 = make(1, 200, 2, 16, 32, state=True, n_states=5)
+    got = run_with_grads(triton_fn, q, k, v, h0, cu_seqlens=cu)
+    want = oracle(q, k, v, h0, cu_seqlens=cu)
+    check_all(got, want, 2e-5 if DEV == "cpu" else 2e-3)
+    # documents really are independent: perturbing document 2 leaves the others unchanged
+    k2 = k.clone()
+    k2[:, 60:130] += 1.0
+    y2, _ = triton_fn(q, k2, v, cu_seqlens=cu)
+    y1, _ = triton_fn(q, k, v, cu_seqlens=cu)
+    assert torch.equal(y1[:, :60], y2[:, :60]) and torch.equal(y1[:, 130:], y2[:, 130:])
+    assert not torch.equal(y1[:, 60:130], y2[:, 60:130])
+
+
+@pytest.mark.parametrize("t", [1, 64, 77])
+def test_initial_state_continuation(t):
+    """[0, T) in one call equals [0, t) then [t, T) with the carried state."""
+    q, k, v, _ = make(2, 130, 2, 16, 32)
+    y, (S, z) = triton_fn(q, k, v, output_final_state=True)
+    ya, st = triton_fn(q[:, :t], k[:, :t], v[:, :t], output_final_state=True)
+    yb, (S2, z2) = triton_fn(q[:, t:], k[:, t:], v[:, t:], initial_state=st, output_final_state=True)
+    assert rel(torch.cat([ya, yb], 1), y) < 1e-5
+    assert rel(S2, S) < 1e-5 and rel(z2, z) < 1e-5
+
+
+def test_strided_views_are_not_copied():
+    """The mixer's layout: [s, b, h*f] activations viewed as [b, s, h, f]."""
+    T, B, H, F, DV = 70, 2, 2, 16, 32
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(T, B, H * (2 * F + DV), generator=g).to(DEV)
+    q = qkv[..., : H * F].view(T, B, H, F).transpose(0, 1)
+    k = qkv[..., H * F: 2 * H * F].view(T, B, H, F).transpose(0, 1)
+    v = qkv[..., 2 * H * F:].view(T, B, H, DV).transpose(0, 1)
+    assert not q.is_contiguous()
+    assert ops._last_dim_contiguous(q).data_ptr() == q.data_ptr()
+    y, _ = triton_fn(q, k, v)
+    y_c, _ = triton_fn(q.contiguous(), k.contiguous(), v.contiguous())
+    assert torch.equal(y, y_c)
+    assert rel(y, taylor_attention_quadratic(q.double(), k.double(), v.double())[0]) < 2e-5
+
+
+def test_step_kernel_and_prefill_then_decode():
+    B, T, H, F, DV, P = 2, 70, 2, 16, 40, 65
+    q, k, v, _ = make(B, T, H, F, DV)
+    y_full, _ = taylor_attention_quadratic(q.double(), k.double(), v.double())
+    _, st = triton_fn(q[:, :P], k[:, :P], v[:, :P], output_final_state=True)
+    st_in = tuple(s.clone() for s in st)
+    ys = []
+    for t in range(P, T):
+        y_t, st_new = taylor_linear_attention_step(q[:, t], k[:, t], v[:, t], st, backend="triton")
+        y_r, st_r = taylor_attention_step(q[:, t], k[:, t], v[:, t], st)
+        assert rel(y_t, y_r) < 1e-5 and rel(st_new[0], st_r[0]) < 1e-6 and rel(st_new[1], st_r[1]) < 1e-6
+        ys.append(y_t)
+        st = st_new
+    assert rel(torch.stack(ys, 1), y_full[:, P:]) < 2e-5
+    # the caller's state is not modified, and an empty state works
+    _, st0 = triton_fn(q[:, :P], k[:, :P], v[:, :P], output_final_state=True)
+    assert torch.equal(st0[0], st_in[0])
+    y0, _ = taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], None, backend="triton")
+    assert rel(y0, taylor_attention_step(q[:, 0], k[:, 0], v[:, 0], None)[0]) < 1e-5
+
+
+def test_deterministic_backward(monkeypatch):
+    monkeypatch.setattr(ops, "FORCE_NUM_SEGMENTS", 2)
+    q, k, v, h0 = make(1, 90, 2, 16, 64, state=True)
+    a = run_with_grads(triton_fn, q, k, v, h0)[2]
+    b = run_with_grads(triton_fn, q, k, v, h0)[2]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_dispatch_and_errors():
+    q, k, v, _ = make(1, 20, 1, 16, 32, device="cpu")
+    y, _ = taylor_linear_attention(q, k, v)  # CPU tensors: the chunked PyTorch path
+    assert torch.equal(y, taylor_attention_chunked(q, k, v)[0])
+    with pytest.raises(ValueError, match="backend"):
+        taylor_linear_attention(q, k, v, backend="cuda")
+    qb = torch.randn(1, 20, 1, 64)
+    with pytest.raises(ValueError, match="f <= 32"):
+        taylor_linear_attention(qb, qb, v, backend="triton")
+
+
+def test_custom_op_registration():
+    """Fake impls and autograd registration agree with the real op (what torch.compile relies on)."""
+    q, k, v, h0 = make(1, 20, 2, 16, 32, state=True)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), h0[0].float(), h0[1].float(), None,
+            1e-12, True)
+    torch.library.opcheck(ops.taylor_attention_fwd, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+    def f(q, k, v):
+        return taylor_linear_attention(q, k, v, backend="triton")[0].float().square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert rel(compiled(q, k, v), f(q, k, v)) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU only: long sequences in bf16
+
+
+def long_case(T, dtype=torch.bfloat16, scale=1.0, H=2, DV=64):
+    B = 1
+    q, k, v, _ = make(B, T, H, 16, DV, dtype=dtype, scale=scale)
+    y, fin, grads = run_with_grads(triton_fn, q, k, v, None)
+    # fp64 oracle: the chunked form (equal to the quadratic one to 1e-14, and O(T) in memory)
+    ref = lambda *a, **kw: taylor_attention_chunked(*a, **kw)  # noqa: E731
+    y_r, fin_r, grads_r = run_with_grads(ref, *(t.double() for t in (q, k, v)), None)
+    return ([rel(y, y_r), rel(fin[0], fin_r[0])] + [rel(a, b) for a, b in zip(grads, grads_r)],
+            [y] + grads)
+
+
+@pytest.mark.gpu
+def test_long_context_bf16_error_bounded_and_flat():
+    errs = {T: long_case(T)[0] for T in (1024, 4096, 16384, 32768)}
+    for T, (ey, es, edq, edk, edv) in errs.items():
+        assert ey <= 2e-3, (T, ey)
+        assert es <= 1e-3, (T, es)
+        assert max(edq, edk, edv) <= 4e-3, (T, edq, edk, edv)
+    for i in range(5):
+        assert errs[32768][i] <= 1.5 * errs[1024][i] + 2e-4, ("error grows with T", i, errs)
+
+
+@pytest.mark.gpu
+def test_large_norm_inputs_stay_finite():
+    errs, outs = long_case(8192, scale=8.0)
+    assert all(torch.isfinite(t).all() for t in outs)
+    assert errs[0] <= 4e-3 and max(errs[2:]) <= 1e-2, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("DV", [32, 128, 256])
+def test_value_dims_bf16(DV):
+    errs, _ = long_case(2048, DV=DV)
+    assert errs[0] <= 2e-3 and max(errs[2:]) <= 4e-3, errs
+
+
+@pytest.mark.gpu
+def test_varlen_and_segments_bf16(monkeypatch):
+    monkeypatch.setattr(ops, "FORCE_NUM_SEGMENTS", 5)
+    cu = torch.tensor([0, 1, 3000, 3001, 9000], dtype=torch.int32, device=DEV)
+    q, k, v, h0 = make(1, 9000, 2, 16, 64, dtype=torch.bfloat16, state=True, n_states=4)
+    got = run_with_grads(triton_fn, q, k, v, h0, cu_seqlens=cu)
+    ref = lambda *a, **kw: taylor_attention_chunked(*a, **kw)  # noqa: E731
+    want = run_with_grads(ref, *(t.double() for t in (q, k, v)), tuple(t.double() for t in h0), cu_seqlens=cu)
+    check_all(got, want, 2e-3, 4e-3)
+    q, k, v, h0 = make(2, 5000, 2, 16, 64, dtype=torch.bfloat16, state=True)
+    got = run_with_grads(triton_fn, q, k, v, h0)
+    want = run_with_grads(ref, *(t.double() for t in (q, k, v)), tuple(t.double() for t in h0))
+    check_all(got, want, 2e-3, 4e-3)
+
