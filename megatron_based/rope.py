@@ -11,7 +11,12 @@ import torch
 def rope_freqs(seq_len: int, dim: int, base: float, offset: int = 0, device=None) -> torch.Tensor:
     """Angles for positions ``offset ... offset + seq_len - 1``: ``[seq_len, 1, 1, dim]`` fp32 in Megatron's
     non-interleaved (rotate-half) layout, ready for ``apply_rotary_pos_emb``."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-    pos = torch.arange(offset, offset + seq_len, dtype=torch.float32, device=device)
-    freqs = torch.outer(pos, inv_freq)
-    return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+    return rope_freqs_at(torch.arange(offset, offset + seq_len, device=device)[:, None], dim, base)
+
+
+def rope_freqs_at(positions: torch.Tensor, dim: int, base: float) -> torch.Tensor:
+    """Angles for arbitrary positions ``[s, b]`` (e.g. per-sequence decode positions): ``[s, b, 1, dim]`` fp32,
+    bitwise equal to :func:`rope_freqs` at the same positions."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    return torch.cat([freqs, freqs], dim=-1).unsqueeze(-2)

@@ -64,6 +64,29 @@ class BaseConv(Mixer):
         y, _ = based_kernels.base_conv(u1, u2, self.conv_weight, cu_seqlens=cu_seqlens)
         return y
 
+    # Generation (megatron_based.generation): the conv state is the last k - 1 inputs u1 of each sequence.
+    def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
+        """``conv [b, k - 1, channels]`` in the activation dtype."""
+        return {"conv": torch.zeros(batch, self.kernel_size - 1, self.channels, dtype=dtype, device=device)}
+
+    def prefill(self, hidden_states, cache: dict, prompts):
+        """Packed prompts ``[T, 1, d]`` (documents at ``prompts.cu_seqlens``): the parallel form, keeping each
+        prompt's last k - 1 inputs in ``cache``. Returns ``(out, bias)`` like forward."""
+        u, _ = self.linear_in(hidden_states)
+        u1, u2 = u.chunk(2, dim=-1)
+        y, final = based_kernels.base_conv(to_bshd(u1), to_bshd(u2), self.conv_weight, cu_seqlens=prompts.cu_seqlens,
+                                           output_final_state=True)
+        cache["conv"].copy_(final)
+        return self.linear_out(to_bshd(y))
+
+    def step(self, hidden_states, cache: dict, positions=None, **_):
+        """One token per sequence ``[1, b, d]``, updating ``cache`` in place."""
+        u, _ = self.linear_in(hidden_states)
+        u1, u2 = u[0].chunk(2, dim=-1)
+        c, state = based_kernels.short_conv_step(u1, self.conv_weight, cache["conv"])
+        cache["conv"].copy_(state)
+        return self.linear_out((torch.nn.functional.silu(c) * u2).unsqueeze(0))
+
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Checkpoint with global shapes: ``linear_in`` as two TP-split halves, ``conv_weight`` split by channel,
         so a checkpoint loads at any TP size."""

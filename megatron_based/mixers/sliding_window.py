@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
 import based_kernels
 
 from ..config import BasedConfig
-from ..rope import rope_freqs
+from ..rope import rope_freqs, rope_freqs_at
 from .common import Mixer, cu_seqlens_of, to_bshd
 
 
@@ -43,3 +44,46 @@ class SlidingWindowAttention(Mixer):
 
             return sliding_window_attention_cp(q, k, v, window=self.window, cp_group=self.cp_group)
         return based_kernels.sliding_window_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens)
+
+    # Generation (megatron_based.generation): a ring buffer of the last window + 1 post-RoPE K/V rows; position p
+    # lives in slot p % (window + 1).
+    def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
+        """``k, v [b, window + 1, heads, d_h]`` in the activation dtype."""
+        shape = (batch, self.window + 1, self.heads, self.head_dim)
+        return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
+
+    def _qkv_at(self, hidden_states, positions):
+        """q, k (RoPE at ``positions [s, b]``), v: ``[s, b, heads, d_h]``."""
+        qkv, _ = self.linear_qkv(hidden_states)
+        s, b = qkv.shape[:2]
+        q, k, v = qkv.view(s, b, self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
+        freqs = rope_freqs_at(positions, self.head_dim, self.config.rope_base)
+        return (apply_rotary_pos_emb(q, freqs, self.config, cp_group=self.cp_group),
+                apply_rotary_pos_emb(k, freqs, self.config, cp_group=self.cp_group), v)
+
+    def prefill(self, hidden_states, cache: dict, prompts):
+        """Packed prompts ``[T, 1, d]``: ``prompts.cu_seqlens`` document offsets, ``prompts.positions [T]`` position
+        of each token in its prompt, ``prompts.doc_ids [T]``, ``prompts.lengths [b]``. Attends within each prompt
+        and writes each prompt's last window + 1 K/V rows into ``cache``. Returns ``(out, bias)``."""
+        q, k, v = self._qkv_at(hidden_states, prompts.positions[:, None])
+        o = based_kernels.sliding_window_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=self.window,
+                                                   cu_seqlens=prompts.cu_seqlens)
+        keep = prompts.positions >= prompts.lengths[prompts.doc_ids] - (self.window + 1)
+        slots = prompts.positions[keep] % (self.window + 1)
+        cache["k"][prompts.doc_ids[keep], slots] = k[keep, 0]
+        cache["v"][prompts.doc_ids[keep], slots] = v[keep, 0]
+        return self.linear_proj(to_bshd(o).reshape(q.shape[0], 1, self.heads * self.head_dim))
+
+    def step(self, hidden_states, cache: dict, positions, **_):
+        """One token per sequence ``[1, b, d]`` at ``positions [b]``: write its K/V into the ring, attend over the
+        slots holding positions ``max(0, p - window) ... p``. In place, no host sync (CUDA-graph capturable)."""
+        q, k, v = (t[0] for t in self._qkv_at(hidden_states, positions[None]))
+        b, ring = q.shape[0], self.window + 1
+        rows = torch.arange(b, device=q.device)
+        cache["k"][rows, positions % ring] = k
+        cache["v"][rows, positions % ring] = v
+        age = (positions[:, None] - torch.arange(ring, device=q.device)) % ring  # steps since slot was written
+        visible = (age <= positions[:, None])[:, None, None, :]  # slot holds a position >= 0
+        o = F.scaled_dot_product_attention(q[:, :, None], cache["k"].transpose(1, 2), cache["v"].transpose(1, 2),
+                                           attn_mask=visible)
+        return self.linear_proj(o.reshape(1, b, self.heads * self.head_dim))

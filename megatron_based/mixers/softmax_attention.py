@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
-from ..rope import rope_freqs
+from ..rope import rope_freqs, rope_freqs_at
 
 
 class SDPACoreAttention(MegatronModule):
@@ -50,3 +51,48 @@ class SoftmaxAttention(SelfAttention):
         dim = self.config.kv_channels
         freqs = rope_freqs(s, dim, self.config.rope_base, cp_rank * s, device=hidden_states.device)
         return super().forward(hidden_states, attention_mask, rotary_pos_emb=freqs, **kwargs)
+
+    # Generation (megatron_based.generation): a KV cache of max_length rows per sequence (grows with the
+    # sequence, unlike the BASED mixers' states: this is the baseline they are compared with).
+    def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
+        """``k, v [b, max_length, query groups, d_h]`` in the activation dtype."""
+        if not max_length:
+            raise ValueError("softmax attention ('A') layers need a KV cache: pass max_length to the generator")
+        shape = (batch, max_length, self.num_query_groups_per_partition, self.hidden_size_per_attention_head)
+        return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
+
+    def _qkv_at(self, hidden_states, positions):
+        q, k, v = self.get_query_key_value_tensors(hidden_states)
+        freqs = rope_freqs_at(positions, q.shape[-1], self.config.rope_base)
+        cp_group = self.pg_collection.cp
+        return (apply_rotary_pos_emb(q, freqs, self.config, cp_group=cp_group),
+                apply_rotary_pos_emb(k, freqs, self.config, cp_group=cp_group), v)
+
+    def _attend(self, q, k, v, mask):  # q [b, n, sq, hn], k/v [b, sk, ng, hn]
+        o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           scale=self.core_attention.softmax_scale,
+                                           enable_gqa=k.shape[2] != q.shape[1])
+        return self.linear_proj(o.permute(2, 0, 1, 3).flatten(2))
+
+    def prefill(self, hidden_states, cache: dict, prompts):
+        """Packed prompts ``[T, 1, d]`` (see ``SlidingWindowAttention.prefill``): causal attention within each
+        prompt (a block-diagonal mask), K/V written to ``cache`` at their positions."""
+        q, k, v = self._qkv_at(hidden_states, prompts.positions[:, None])
+        cache["k"][prompts.doc_ids, prompts.positions] = k[:, 0]
+        cache["v"][prompts.doc_ids, prompts.positions] = v[:, 0]
+        t = torch.arange(q.shape[0], device=q.device)
+        mask = (prompts.doc_ids[:, None] == prompts.doc_ids[None, :]) & (t[:, None] >= t[None, :])
+        return self._attend(q.permute(1, 2, 0, 3), k.transpose(0, 1), v.transpose(0, 1), mask)
+
+    def step(self, hidden_states, cache: dict, positions, kv_length: int | None = None, **_):
+        """One token per sequence at ``positions [b]``. ``kv_length`` (given when every sequence is at position
+        ``kv_length - 1``) attends over that many rows without a mask, so SDPA can use FlashAttention; without it,
+        over the whole cache with a mask (no host sync, CUDA-graph capturable)."""
+        q, k, v = (t[0] for t in self._qkv_at(hidden_states, positions[None]))
+        rows = torch.arange(q.shape[0], device=q.device)
+        cache["k"][rows, positions] = k
+        cache["v"][rows, positions] = v
+        if kv_length is not None:
+            return self._attend(q[:, :, None], cache["k"][:, :kv_length], cache["v"][:, :kv_length], None)
+        mask = (torch.arange(cache["k"].shape[1], device=q.device) <= positions[:, None])[:, None, None, :]
+        return self._attend(q[:, :, None], cache["k"], cache["v"], mask)

@@ -30,12 +30,17 @@ class TaylorLinearAttention(Mixer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **_):
         """hidden_states ``[s, b, d]`` (``[s/tp, b, d]`` under sequence parallel) -> ``(out [s, b, d], None)``."""
+        q, k, v = self.project_qkv(hidden_states)
+        s, b = q.shape[:2]
+        y = self.attend(to_bshd(q), to_bshd(k), to_bshd(v), cu_seqlens_of(packed_seq_params))
+        return self.linear_proj(to_bshd(y).reshape(s, b, self.heads * self.head_dim))
+
+    def project_qkv(self, hidden_states):
+        """``[s, b, d]`` -> q, k ``[s, b, heads, f]``, v ``[s, b, heads, d_h]`` (this rank's heads)."""
         qkv, _ = self.linear_qkv(hidden_states)
         s, b = qkv.shape[:2]
         f = self.feature_dim
-        q, k, v = qkv.view(s, b, self.heads, 2 * f + self.head_dim).split([f, f, self.head_dim], dim=-1)
-        y = self.attend(to_bshd(q), to_bshd(k), to_bshd(v), cu_seqlens_of(packed_seq_params))
-        return self.linear_proj(to_bshd(y).reshape(s, b, self.heads * self.head_dim))
+        return qkv.view(s, b, self.heads, 2 * f + self.head_dim).split([f, f, self.head_dim], dim=-1)
 
     def attend(self, q, k, v, cu_seqlens):
         """Causal Taylor attention on ``[b, s, heads, *]``; context parallelism passes states between ranks."""
@@ -46,3 +51,30 @@ class TaylorLinearAttention(Mixer):
         y, _ = based_kernels.taylor_linear_attention(q, k, v, eps=self.config.linear_attention_eps,
                                                      cu_seqlens=cu_seqlens)
         return y
+
+    # Generation (megatron_based.generation): a constant-size state per sequence, filled by the parallel form.
+    def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
+        """``S [b, heads, D, d_h]`` and ``z [b, heads, D]``, D = 1 + f + f^2, fp32 (they grow ~linearly in t)."""
+        D = based_kernels.taylor_attention.feature_dim(self.feature_dim)
+        return {"S": torch.zeros(batch, self.heads, D, self.head_dim, dtype=torch.float32, device=device),
+                "z": torch.zeros(batch, self.heads, D, dtype=torch.float32, device=device)}
+
+    def prefill(self, hidden_states, cache: dict, prompts):
+        """Packed prompts ``[T, 1, d]`` (documents at ``prompts.cu_seqlens``): the parallel form, keeping each
+        prompt's final state in ``cache``. Returns ``(out, bias)`` like forward."""
+        q, k, v = self.project_qkv(hidden_states)
+        y, (S, z) = based_kernels.taylor_linear_attention(
+            to_bshd(q), to_bshd(k), to_bshd(v), eps=self.config.linear_attention_eps,
+            cu_seqlens=prompts.cu_seqlens, output_final_state=True)
+        cache["S"].copy_(S)
+        cache["z"].copy_(z)
+        return self.linear_proj(to_bshd(y).reshape(q.shape[0], 1, self.heads * self.head_dim))
+
+    def step(self, hidden_states, cache: dict, positions=None, **_):
+        """One token per sequence ``[1, b, d]``: the recurrent form, updating ``cache`` in place."""
+        q, k, v = (t[0] for t in self.project_qkv(hidden_states))
+        y, (S, z) = based_kernels.taylor_linear_attention_step(q, k, v, (cache["S"], cache["z"]),
+                                                               eps=self.config.linear_attention_eps)
+        cache["S"].copy_(S)
+        cache["z"].copy_(z)
+        return self.linear_proj(y.reshape(1, y.shape[0], self.heads * self.head_dim))

@@ -1,0 +1,347 @@
+"""Constant-memory generation for BASED models: prefill with the parallel forms, then one token per step.
+
+Every layer keeps a fixed-size cache per sequence (docs/generation.md):
+
+- L (Taylor linear attention): the state ``S [heads, D, d_h]`` and ``z [heads, D]`` in fp32, D = 1 + f + f^2;
+- S (sliding-window attention): a ring buffer of the last ``window + 1`` post-RoPE K/V rows;
+- C (BaseConv): the last ``k - 1`` inputs of the convolution;
+- A (softmax attention, hybrids and the GPT baseline only): a KV cache of ``max_length`` rows.
+
+Prompts of different lengths are packed into one sequence with document offsets (``cu_seqlens``) for the prefill,
+so padding never reaches a state; decoding then runs every sequence at its own position. The model's own
+Megatron modules (embedding, parallel linears, norms, MLPs, tied output layer) are driven layer by layer, so
+tensor parallelism works as in training: each rank holds its heads' caches and samples the same tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+__all__ = ["PackedPrompts", "pack_prompts", "sample", "Generator", "load_model", "main"]
+
+
+@dataclass
+class PackedPrompts:
+    """Prompts laid end to end: ``tokens [1, T]``, document offsets ``cu_seqlens [b + 1]`` (int32), each token's
+    position in its prompt ``positions [T]`` and prompt index ``doc_ids [T]``, prompt ``lengths [b]``."""
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    positions: torch.Tensor
+    doc_ids: torch.Tensor
+    lengths: torch.Tensor
+
+
+def pack_prompts(prompts, lengths: Sequence[int] | None = None, padding_side: str = "right",
+                 device=None) -> PackedPrompts:
+    """Pack prompts given as a list of token lists / 1-D tensors, or as a padded ``[b, s]`` tensor with
+    ``lengths`` and ``padding_side`` ("right": tokens first, "left": padding first)."""
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        if lengths is None:
+            raise ValueError("a padded [b, s] prompt tensor needs lengths= (the number of real tokens per row)")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if len(lengths) != prompts.shape[0]:
+            raise ValueError(f"lengths has {len(lengths)} entries for {prompts.shape[0]} prompt rows")
+        s = prompts.shape[1]
+        prompts = [row[:n] if padding_side == "right" else row[s - n:] for row, n in zip(prompts, lengths)]
+    prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if p.numel() == 0:
+            raise ValueError(f"prompt {i} is empty: give every prompt at least one token (e.g. BOS)")
+    lens = torch.tensor([p.numel() for p in prompts])
+    cu = torch.zeros(len(prompts) + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    doc_ids = torch.repeat_interleave(torch.arange(len(prompts)), lens)
+    positions = torch.arange(int(cu[-1])) - cu[:-1].long()[doc_ids]
+    return PackedPrompts(*(t.to(device) for t in (torch.cat(prompts)[None], cu, positions, doc_ids, lens)))
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens ``[b]`` from logits ``[b, V]``: greedy when ``temperature == 0``, else softmax(logits / T)
+    restricted to the ``top_k`` most likely tokens (0: all) and to the smallest set whose probability reaches
+    ``top_p`` (nucleus; 1.0: all)."""
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _add(residual: torch.Tensor, out_bias) -> torch.Tensor:
+    """Megatron's bias-dropout-add at inference: ``residual + (out + bias)``."""
+    out, bias = out_bias
+    return residual + (out if bias is None else out + bias)
+
+
+class Generator:
+    """Prefill + decode with per-layer caches on a BASED ``GPTModel`` (``megatron_based.model.build_model``).
+
+    ``vocab_size``: the tokenizer's vocabulary (padded logits beyond it are dropped). ``max_length``: prompt plus
+    generated tokens, needed only by softmax ("A") layers. ``cuda_graph``: capture the decode step in a CUDA
+    graph (CUDA only; not with "A" layers, whose attention length changes every step).
+    """
+
+    def __init__(self, model, *, vocab_size: int | None = None, max_length: int | None = None,
+                 cuda_graph: bool = False):
+        config = model.config
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("generation runs with pipeline_model_parallel_size 1 (use tensor parallelism instead)")
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError("generation runs with context_parallel_size 1: decode is one token per step")
+        if config.sequence_parallel:
+            raise ValueError("build the model with sequence_parallel=False for generation (the weights are the same)")
+        self.model = model.eval()
+        self.layers = list(model.decoder.layers)
+        self.vocab_size = vocab_size or model.vocab_size
+        self.max_length = max_length
+        self.dtype = config.params_dtype
+        self.device = model.embedding.word_embeddings.weight.device
+        if cuda_graph and not torch.cuda.is_available():
+            raise ValueError("cuda_graph=True needs CUDA; leave it off on CPU")
+        if cuda_graph and "A" in config.layer_pattern:
+            raise ValueError("cuda_graph=True is not supported with softmax ('A') layers; leave it off")
+        self.cuda_graph = cuda_graph
+        self.caches: list[dict] = []
+        self.positions: torch.Tensor | None = None  # next position of each sequence, on the device
+        self._host_positions: list[int] = []
+        self._graph = None
+
+    # -- caches ------------------------------------------------------------------------------------------------
+    def allocate(self, batch: int) -> None:
+        """Fresh zeroed caches for ``batch`` sequences (their size never changes while decoding)."""
+        self.caches = [layer.self_attention.inference_cache(batch, self.dtype, self.device, self.max_length)
+                       for layer in self.layers]
+        self._graph = None
+
+    def cache_bytes(self) -> int:
+        """Bytes held by all layers' caches on this rank (for every sequence of the batch)."""
+        return sum(t.numel() * t.element_size() for cache in self.caches for t in cache.values())
+
+    # -- forward pieces ---------------------------------------------------------------------------------------
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + tied output layer on ``[s, b, d]`` -> full-vocabulary fp32 logits ``[s, b, vocab_size]``."""
+        hidden = self.model.decoder.final_layernorm(hidden)
+        logits, _ = self.model.output_layer(hidden, weight=self.model.shared_embedding_or_output_weight(),
+                                            runtime_gather_output=True)
+        return logits[..., : self.vocab_size].float()
+
+    def _run(self, tokens, positions, mixer_call) -> torch.Tensor:
+        hidden = self.model.embedding(input_ids=tokens, position_ids=positions)
+        for layer, cache in zip(self.layers, self.caches):
+            hidden = _add(hidden, mixer_call(layer.self_attention, layer.input_layernorm(hidden), cache))
+            hidden = _add(hidden, layer.mlp(layer.pre_mlp_layernorm(hidden)))
+        return hidden
+
+    @torch.inference_mode()
+    def prefill(self, prompts, lengths: Sequence[int] | None = None, padding_side: str = "right") -> torch.Tensor:
+        """Run the prompts (see :func:`pack_prompts`) through the parallel forms, fill fresh caches; returns the
+        logits of each prompt's last token ``[b, vocab_size]`` (fp32)."""
+        packed = pack_prompts(prompts, lengths, padding_side, device=self.device)
+        self.allocate(len(packed.lengths))
+        hidden = self._run(packed.tokens, packed.positions[None],
+                           lambda mixer, x, cache: mixer.prefill(x, cache, packed))
+        self.positions = packed.lengths.clone()
+        self._host_positions = packed.lengths.tolist()
+        return self._logits(hidden[packed.cu_seqlens[1:].long() - 1])[:, 0]
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_length: int | None) -> torch.Tensor:
+        hidden = self._run(tokens[:, None], positions[:, None],
+                           lambda mixer, x, cache: mixer.step(x, cache, positions, kv_length=kv_length))
+        return self._logits(hidden)[0]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence ``[b]`` at its next position; returns the next logits ``[b, vocab_size]``."""
+        if self.positions is None:
+            raise RuntimeError("call prefill(prompts) before step(tokens)")
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
+        if tokens.numel() != len(self._host_positions):
+            raise ValueError(f"step got {tokens.numel()} tokens for a batch of {len(self._host_positions)} sequences")
+        if self.max_length and max(self._host_positions) >= self.max_length:
+            raise ValueError(f"sequence longer than max_length ({self.max_length}): raise max_length")
+        if self.cuda_graph:
+            logits = self._graph_step(tokens)
+        else:
+            uniform = len(set(self._host_positions)) == 1
+            logits = self._decode(tokens, self.positions, self._host_positions[0] + 1 if uniform else None)
+        self.positions += 1
+        self._host_positions = [p + 1 for p in self._host_positions]
+        return logits
+
+    def _graph_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Replay a CUDA graph of the decode step; captured on first use for this batch. The caches are updated
+        in place by the mixers' ``step`` methods, so the graph reads and writes the same buffers every step."""
+        if self._graph is None:
+            self._static_tokens = tokens.clone()
+            self._static_positions = self.positions.clone()
+            saved = [{k: t.clone() for k, t in cache.items()} for cache in self.caches]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up (allocator, lazy init) outside the graph
+                for _ in range(2):
+                    self._decode(self._static_tokens, self._static_positions, None)
+            torch.cuda.current_stream().wait_stream(stream)
+            for cache, old in zip(self.caches, saved):  # undo the warm-up's cache updates
+                for k, t in cache.items():
+                    t.copy_(old[k])
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._static_logits = self._decode(self._static_tokens, self._static_positions, None)
+        self._static_tokens.copy_(tokens)
+        self._static_positions.copy_(self.positions)
+        self._graph.replay()
+        return self._static_logits.clone()
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def _sample(self, logits, generator, **sampling) -> torch.Tensor:
+        tokens = sample(logits, generator=generator, **sampling)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        if tp_group.size() > 1:  # every TP rank must feed the same token
+            torch.distributed.broadcast(tokens, parallel_state.get_tensor_model_parallel_src_rank(), group=tp_group)
+        return tokens
+
+    def generate(self, prompts, max_new_tokens: int, *, lengths: Sequence[int] | None = None,
+                 padding_side: str = "right", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 stop_tokens: Sequence[int] = (), seed: int = 0,
+                 on_token: Callable[[int, list[int], list[bool]], None] | None = None) -> list[list[int]]:
+        """Generate up to ``max_new_tokens`` per prompt; a sequence ends after emitting one of ``stop_tokens``
+        (included in its output). ``on_token(step, tokens, finished)`` streams each step's tokens (a finished
+        sequence's entry is meaningless). Returns the new tokens of each prompt."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        logits = self.prefill(prompts, lengths, padding_side)
+        stop = set(stop_tokens)
+        outputs = [[] for _ in range(logits.shape[0])]
+        finished = [False] * len(outputs)
+        for t in range(max_new_tokens):
+            tokens = self._sample(logits, generator, **sampling)
+            host = tokens.tolist()
+            for i, tok in enumerate(host):
+                if not finished[i]:
+                    outputs[i].append(tok)
+                    finished[i] = tok in stop
+            if on_token is not None:
+                on_token(t, host, list(finished))
+            if all(finished) or t == max_new_tokens - 1:
+                break
+            logits = self.step(tokens)
+        return outputs
+
+
+# -- loading a model for inference (shared by the generate / eval / mqar commands) ------------------------------
+def load_model(config_path: str, checkpoint: str | None, *, tensor_model_parallel_size: int = 1,
+               dtype: str = "fp32", **overrides):
+    """Build the model of a YAML config's ``model:`` section and load weights from ``checkpoint``: a Megatron
+    distributed checkpoint directory, a torch state dict file (loaded with ``weights_only=True``), or a released
+    BASED checkpoint (``.safetensors`` / torch file in the released layout, converted on the fly).
+    Returns ``(model, ModelSpec)``."""
+    import yaml
+
+    from .config import model_spec_from_dict
+    from .model import build_model
+
+    with open(config_path) as fh:
+        section = yaml.safe_load(fh).get("model")
+    if section is None:
+        raise ValueError(f"{config_path} has no 'model:' section")
+    params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    spec = model_spec_from_dict(section, tensor_model_parallel_size=tensor_model_parallel_size,
+                                params_dtype=params_dtype, bf16=dtype == "bf16", fp16=dtype == "fp16",
+                                use_cpu_initialization=not torch.cuda.is_available(), **overrides)
+    model = build_model(spec.config, vocab_size=spec.vocab_size, max_sequence_length=spec.seq_length,
+                        make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
+    if torch.cuda.is_available():
+        model.cuda()
+    if checkpoint:
+        from .convert import load_into_model
+
+        load_into_model(model, checkpoint, spec)
+    return model.eval(), spec
+
+
+def load_tokenizer(path: str):
+    """A sentencepiece model file -> ``(encode(str) -> list[int], decode(list[int]) -> str, eos_id or None)``;
+    ``bytes`` -> raw UTF-8 bytes (vocabulary 256, for tiny demos)."""
+    if path == "bytes":
+        return (lambda s: list(s.encode()), lambda ids: bytes(i for i in ids if i < 256).decode(errors="replace"),
+                None)
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    eos = sp.eos_id()
+    return sp.encode, sp.decode, (eos if eos >= 0 else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``megatron-based-generate``: stream a continuation of a prompt from a checkpoint."""
+    p = argparse.ArgumentParser(prog="megatron-based-generate", description=main.__doc__)
+    p.add_argument("--config", required=True, help="YAML file with the model: section (e.g. configs/tiny.yaml)")
+    p.add_argument("--checkpoint", help="Megatron checkpoint dir, torch state dict, or released BASED weights")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file, or 'bytes'")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="launch with torchrun for TP > 1")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (GPU)")
+    args = p.parse_args(argv)
+
+    from .parallel import initialize_parallel
+
+    initialize_parallel(args.tensor_model_parallel_size)
+    model, spec = load_model(args.config, args.checkpoint, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                             dtype=args.dtype)
+    encode, decode, eos = load_tokenizer(args.tokenizer)
+    prompts = [encode(text) for text in args.prompt]
+    gen = Generator(model, vocab_size=spec.vocab_size, cuda_graph=args.cuda_graph,
+                    max_length=max(map(len, prompts)) + args.max_new_tokens)
+    printing = torch.distributed.get_rank() == 0
+    emitted, printed = [], [""]
+
+    def stream(step, tokens, finished):  # one prompt: print the text as it grows; several: print at the end
+        if printing and len(prompts) == 1 and tokens[0] != eos:
+            emitted.append(tokens[0])
+            text = decode(emitted)
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    if printing and len(prompts) == 1:
+        sys.stdout.write(args.prompt[0])
+    outputs = gen.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, stop_tokens=[eos] if eos is not None else [], seed=args.seed,
+                           on_token=stream)
+    if printing:
+        if len(prompts) == 1:
+            sys.stdout.write("\n")
+        else:
+            for text, out in zip(args.prompt, outputs):
+                print(f"{text}{decode(out)}\n---")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
