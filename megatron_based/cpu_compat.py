@@ -4,7 +4,9 @@ Megatron-Core assumes CUDA in two places our CPU runs reach (see docs/architectu
 1. ``torch.cuda.current_device()`` picks the device of buffers (e.g. the sequence-parallel all-gather); on a
    CPU-only machine it is redirected to the CPU device.
 2. The model-parallel RNG tracker stores and swaps CUDA generator states; here it uses the CPU generator.
-(The third, Megatron's torch norm refusing sequence parallel, is handled for every device by
+3. Megatron's DDP waits on ``torch.cuda.current_stream()`` before reducing gradients (for CUDA-graph replays);
+   on CPU there is nothing to wait for, so it gets a stream whose waits do nothing.
+(The other known one, Megatron's torch norm refusing sequence parallel, is handled for every device by
 ``megatron_based.norm.RMSNorm``.) Nothing is patched when CUDA is available.
 """
 from __future__ import annotations
@@ -12,6 +14,16 @@ from __future__ import annotations
 import torch
 
 _applied = False
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.current_stream()`` on CPU: work is synchronous, waits are no-ops."""
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
 
 
 def apply_cpu_shims() -> bool:
@@ -24,6 +36,7 @@ def apply_cpu_shims() -> bool:
     from megatron.core.tensor_parallel import random as mrandom
 
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.current_stream = lambda device=None: _NullStream()
 
     def add(self, name, seed):
         if seed in self.seeds_:
