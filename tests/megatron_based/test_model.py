@@ -198,3 +198,26 @@ def test_tensor_parallel_equals_single_rank(sequence_parallel):
         assert len(result) > 20  # every parameter of 4 layers + embedding + final norm
         for name, rel in result.items():
             assert rel < 1e-5, (name, rel)
+
+
+def _matmul_params(rank, world):
+    initialize_parallel(1, 1, 1)
+    model = tiny_model("CLSA", swa_window=4)
+    return {n: p.numel() for n, p in model.named_parameters()}
+
+
+def test_model_flops_count_every_matmul_once():
+    """Forward FLOPs minus the sequence-mixing terms == 2 x (weights of every matrix product) + the tied head."""
+    from megatron_based.flops import model_flops_per_token
+
+    cfg = tiny_config("CLSA", swa_window=4)
+    params = run_distributed(_matmul_params, 1)[0]
+    matmul = sum(n for name, n in params.items() if name.endswith("weight") and "norm" not in name
+                 and "conv_weight" not in name and "word_embeddings" not in name)
+    T, d, V = 10, cfg.hidden_size, 64
+    H, f, dh = cfg.linear_attention_heads, cfg.feature_dim, d // cfg.linear_attention_heads
+    mixing = (4 * H * (1 + f + f * f) * (dh + 1)               # L: state update + read
+              + 4 * d * sum(min(t + 1, 5) for t in range(T)) / T  # S: window 4 -> up to 5 keys
+              + 2 * 3 * 2 * d                                       # C: depthwise conv, k = 3, 2d channels
+              + 4 * d * (T + 1) / 2)                                # A: causal softmax
+    assert model_flops_per_token(cfg, T, V) == pytest.approx(2 * matmul + 2 * d * V + mixing, rel=1e-12)
