@@ -51,10 +51,10 @@ def conv_transpose_at(x, g, dy, init, w, rows, valid, n, start, end, o_c, m_c, s
 @triton.autotune(
     configs=configs(
         [triton.Config({"BT": bt, "BC": bc}, num_warps=nw)
-         for bt, bc, nw in [(32, 128, 4), (16, 128, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8)]],
+         for bt, bc, nw in [(32, 128, 4), (16, 256, 4), (32, 256, 8)]],
         triton.Config({"BT": 16, "BC": 32}),
     ),
-    key=["C", "K", "GATE", "HAS_INIT", "IS_VARLEN"],
+    key=["K", "GATE"],
 )
 @triton.jit
 def conv_bwd_kernel(

@@ -21,10 +21,10 @@ from .forward import load_kv_rows, visible_mask
 @triton.autotune(
     configs=configs(
         [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-         for bm, bn, w, s in [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3)]],
+         for bm, bn, w, s in [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]],
         triton.Config({"BM": 16, "BN": 32}),
     ),
-    key=["BLOCK_D", "W", "HAS_PREFIX", "IS_VARLEN", "DOT_PREC"],
+    key=["BLOCK_D"],
 )
 @triton.jit
 def swa_bwd_dq_kernel(
@@ -86,10 +86,10 @@ def store_kv_rows(p_main, p_prefix, j, o_d, m_d, T, P, s_t, s_pt, b, HAS_PREFIX:
 @triton.autotune(
     configs=configs(
         [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-         for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3)]],
+         for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)]],
         triton.Config({"BM": 16, "BN": 32}),
     ),
-    key=["BLOCK_D", "W", "HAS_PREFIX", "IS_VARLEN", "DOT_PREC"],
+    key=["BLOCK_D"],
 )
 @triton.jit
 def swa_bwd_dkdv_kernel(

@@ -1,0 +1,150 @@
+"""BaseConv core ``SiLU(causal_depthwise_conv(u1)) * u2``: based_kernels (one fused Triton pass) vs eager PyTorch
+(``F.conv1d`` in its native [B, C, T] layout, then SiLU and the gate) and fla ``causal_conv1d`` (+ eager gate),
+forward and forward+backward, bf16, median ms of ``triton.testing.do_bench``, with effective TB/s.
+
+Effective bytes: forward reads u1, u2 and writes y (6 bytes per element in bf16); forward+backward adds reading
+u1, u2, dy and writing du1, du2 (16 bytes per element in all). Correctness against the fp64 reference first.
+
+    python benchmarks/base_conv.py [--out benchmarks/results/base_conv.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from based_kernels import base_conv
+from based_kernels.short_conv import base_conv_reference
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def fla_conv():
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d
+        return causal_conv1d
+    except Exception as e:  # noqa: BLE001
+        print(f"fla unavailable: {e!r}")
+        return None
+
+
+def run_case(B, T, C, K, layout, fla_fn):
+    torch.manual_seed(0)
+    if layout == "megatron":  # u1, u2 = column halves of the [s, b, 2C] in-projection, seen as [b, s, C]
+        u = torch.randn(T, B, 2 * C, device="cuda", dtype=torch.bfloat16)
+        u1, u2 = u[..., :C].transpose(0, 1), u[..., C:].transpose(0, 1)
+    else:
+        u1, u2 = (torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    u1.requires_grad_()
+    u2.requires_grad_()
+    w = (torch.rand(C, K, device="cuda") * 2 - 1) / K**0.5
+    w.requires_grad_()
+    dy = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16)
+    n = B * T * C
+    row = dict(B=B, T=T, C=C, K=K, layout=layout)
+
+    y, _ = base_conv(u1, u2, w)
+    grads = torch.autograd.grad(y, [u1, u2, w], dy)
+    ins = [t.detach()[:1].double().requires_grad_() for t in (u1, u2)] + [w.detach().double().requires_grad_()]
+    y_ref, _ = base_conv_reference(*ins)
+    g_ref = torch.autograd.grad(y_ref, ins, dy[:1].double())
+    row["err_vs_reference"] = max(rel(y[:1], y_ref), rel(grads[0][:1], g_ref[0]), rel(grads[1][:1], g_ref[1]))
+    assert row["err_vs_reference"] < 1e-2, row
+
+    ours = lambda: base_conv(u1, u2, w)[0]  # noqa: E731
+    row["ours_fwd_ms"] = bench(ours)
+    row["ours_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(base_conv(u1, u2, w)[0], [u1, u2, w], dy))
+    row["ours_fwd_TBps"] = 6 * n / row["ours_fwd_ms"] * 1e-9
+    row["ours_fwdbwd_TBps"] = 16 * n / row["ours_fwdbwd_ms"] * 1e-9
+
+    # eager PyTorch in its own [B, C, T] layout (no transposes charged to it)
+    x_bct = u1.detach().transpose(1, 2).contiguous().requires_grad_()
+    g_bct = u2.detach().transpose(1, 2).contiguous().requires_grad_()
+    dy_bct = dy.transpose(1, 2).contiguous()
+    w_conv = w.detach().to(torch.bfloat16)[:, None].requires_grad_()
+    conv = lambda: F.conv1d(x_bct, w_conv, padding=K - 1, groups=C)[..., :T]  # noqa: E731
+    eager = lambda: F.silu(conv()) * g_bct  # noqa: E731
+    row["eager_err_vs_ours"] = rel(eager().transpose(1, 2), y)
+    assert row["eager_err_vs_ours"] < 2e-2, row
+    row["conv1d_only_fwd_ms"] = bench(conv)
+    row["eager_fwd_ms"] = bench(eager)
+    row["eager_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(eager(), [x_bct, g_bct, w_conv], dy_bct))
+    if fla_fn is not None:
+        x_c, g_c = u1.detach().contiguous().requires_grad_(), u2.detach().contiguous().requires_grad_()
+        w_f = w.detach().clone().requires_grad_()
+        fla_only = lambda: fla_fn(x_c, w_f, activation="silu")[0]  # noqa: E731
+        fla_gate = lambda: fla_only() * g_c  # noqa: E731
+        try:
+            row["fla_err_vs_ours"] = rel(fla_gate(), y)
+            assert row["fla_err_vs_ours"] < 2e-2, row
+            row["fla_conv_only_fwd_ms"] = bench(fla_only)
+            row["fla_fwd_ms"] = bench(fla_gate)
+            row["fla_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(fla_gate(), [x_c, g_c, w_f], dy))
+            row["fla_conv_only_fwd_TBps"] = 4 * n / row["fla_conv_only_fwd_ms"] * 1e-9
+        except Exception as e:  # noqa: BLE001
+            row["fla_error"] = repr(e)[:200]
+    for p in ("eager", "fla"):
+        if f"{p}_fwd_ms" in row:
+            row[f"speedup_fwd_vs_{p}"] = row[f"{p}_fwd_ms"] / row["ours_fwd_ms"]
+            row[f"speedup_fwdbwd_vs_{p}"] = row[f"{p}_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+    from based_kernels.short_conv.backward import conv_bwd_kernel
+    from based_kernels.short_conv.forward import conv_fwd_kernel
+
+    row["configs"] = {kern.fn.__name__: str(kern.best_config) for kern in (conv_fwd_kernel, conv_bwd_kernel)}
+    return row
+
+
+def fmt(x, p=3):
+    return "-" if x is None else f"{x:.{p}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/base_conv.json")
+    args = ap.parse_args()
+    fla_fn = fla_conv()
+    try:
+        import fla
+        fla_version = getattr(fla, "__version__", "?")
+    except Exception:  # noqa: BLE001
+        fla_version = None
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                fla=fla_version, python=platform.python_version(), date=datetime.date.today().isoformat(),
+                dtype="bfloat16", timing="triton.testing.do_bench median (ms)")
+    cases = [(8, 4096, 1024, 3, "contiguous"), (8, 4096, 2048, 3, "contiguous"), (8, 4096, 2048, 3, "megatron"),
+             (4, 4096, 3584, 3, "megatron"), (8, 4096, 2048, 2, "contiguous"), (8, 4096, 2048, 4, "contiguous")]
+    rows = []
+    for case in cases:
+        row = run_case(*case, fla_fn)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, fla {fla_version}, bf16, median ms")
+    print("| B | T | C | k | layout | ours fwd | TB/s | ours fwd+bwd | TB/s | conv1d only fwd | eager fwd | "
+          "eager fwd+bwd | fla conv only fwd | fla+gate fwd | fla+gate fwd+bwd | fwd speedup vs eager / fla | "
+          "fwd+bwd speedup vs eager / fla |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['B']} | {r['T']} | {r['C']} | {r['K']} | {r['layout']} | {fmt(r['ours_fwd_ms'])} | "
+              f"{fmt(r['ours_fwd_TBps'], 2)} | {fmt(r['ours_fwdbwd_ms'])} | {fmt(r['ours_fwdbwd_TBps'], 2)} | "
+              f"{fmt(r['conv1d_only_fwd_ms'])} | {fmt(r['eager_fwd_ms'])} | {fmt(r['eager_fwdbwd_ms'])} | "
+              f"{fmt(r.get('fla_conv_only_fwd_ms'))} | {fmt(r.get('fla_fwd_ms'))} | {fmt(r.get('fla_fwdbwd_ms'))} | "
+              f"{fmt(r.get('speedup_fwd_vs_eager'), 2)}x / {fmt(r.get('speedup_fwd_vs_fla'), 2)}x | "
+              f"{fmt(r.get('speedup_fwdbwd_vs_eager'), 2)}x / {fmt(r.get('speedup_fwdbwd_vs_fla'), 2)}x |")
+
+
+if __name__ == "__main__":
+    main()

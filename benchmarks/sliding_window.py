@@ -1,0 +1,162 @@
+"""Sliding-window attention: based_kernels (Triton) vs FlexAttention (compiled, sliding-window block mask) and fla
+``parallel_attn(window_size=W + 1)``, forward and forward+backward, bf16, median ms of ``triton.testing.do_bench``.
+
+Correctness first: our kernel against the fp32 dense reference on a slice (B=1) of each shape, and every peer
+against our output at the full shape, before anything is timed. Prints a table, writes JSON.
+
+    python benchmarks/sliding_window.py [--quick] [--out benchmarks/results/sliding_window.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import torch
+import triton
+
+from based_kernels import sliding_window_attention
+from based_kernels.sliding_window import sliding_window_attention_reference
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def fwd_bwd(f, inputs, do):
+    def run():
+        o = f(*inputs)
+        torch.autograd.grad(o, inputs, do)
+    return run
+
+
+def make_flex(B, H, T, W):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= W)
+
+    mask = create_block_mask(sliding_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, block_mask=mask)  # [B, H, T, D]
+
+
+def fla_attn():
+    try:
+        from fla.ops.attn.parallel import parallel_attn
+        import fla
+        return parallel_attn, getattr(fla, "__version__", "?")
+    except Exception as e:  # noqa: BLE001  (fla not installed or broken: leave the column empty)
+        print(f"fla unavailable: {e!r}")
+        return None, None
+
+
+def run_case(B, T, H, D, W, peers, fla_fn):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    ours = lambda q, k, v: sliding_window_attention(q, k, v, window=W)  # noqa: E731
+    row = dict(B=B, T=T, H=H, D=D, W=W)
+
+    # correctness: ours vs the dense fp32 reference on batch row 0 (T^2 memory), forward and gradients
+    sl = [t[:1, : min(T, 4096)].detach().requires_grad_() for t in (q, k, v)]
+    o = ours(*sl)
+    g = torch.autograd.grad(o, sl, do[:1, : sl[0].shape[1]])
+    sr = [t.detach().float().requires_grad_() for t in sl]
+    o_ref = sliding_window_attention_reference(*sr, window=W)
+    g_ref = torch.autograd.grad(o_ref, sr, do[:1, : sl[0].shape[1]].float())
+    row["err_vs_reference"] = max([rel(o, o_ref)] + [rel(a, b) for a, b in zip(g, g_ref)])
+    assert row["err_vs_reference"] < 2e-2, row
+
+    o_ours = ours(q, k, v)
+    inputs = [q, k, v]
+    row["ours_fwd_ms"] = bench(lambda: ours(q, k, v))
+    row["ours_fwdbwd_ms"] = bench(fwd_bwd(ours, inputs, do))
+    # bytes of the forward: q, k, v read once, o written once
+    row["ours_fwd_TBps"] = 4 * q.numel() * 2 / row["ours_fwd_ms"] * 1e-9
+
+    if "flex" in peers and D in (64, 128):
+        qh, kh, vh = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        doh = do.transpose(1, 2).contiguous()
+        try:
+            flex = make_flex(B, H, T, W)
+            row["flex_err_vs_ours"] = rel(flex(qh, kh, vh).transpose(1, 2), o_ours)
+            assert row["flex_err_vs_ours"] < 2e-2, row
+            row["flex_fwd_ms"] = bench(lambda: flex(qh, kh, vh))
+            row["flex_fwdbwd_ms"] = bench(fwd_bwd(flex, [qh, kh, vh], doh))
+        except Exception as e:  # noqa: BLE001
+            row["flex_error"] = repr(e)[:300]
+    if "fla" in peers and fla_fn is not None:
+        f = lambda q, k, v: fla_fn(q, k, v, window_size=W + 1)  # noqa: E731  (fla counts the diagonal in W)
+        try:
+            row["fla_err_vs_ours"] = rel(f(q, k, v), o_ours)
+            assert row["fla_err_vs_ours"] < 2e-2, row
+            row["fla_fwd_ms"] = bench(lambda: f(q, k, v))
+            row["fla_fwdbwd_ms"] = bench(fwd_bwd(f, inputs, do))
+        except Exception as e:  # noqa: BLE001
+            row["fla_error"] = repr(e)[:200]
+    for p in ("flex", "fla"):
+        if f"{p}_fwd_ms" in row:
+            row[f"speedup_fwd_vs_{p}"] = row[f"{p}_fwd_ms"] / row["ours_fwd_ms"]
+            row[f"speedup_fwdbwd_vs_{p}"] = row[f"{p}_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+    from based_kernels.sliding_window.backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
+    from based_kernels.sliding_window.forward import swa_fwd_kernel
+
+    row["configs"] = {kern.fn.__name__: str(kern.best_config) for kern in
+                      (swa_fwd_kernel, swa_bwd_dq_kernel, swa_bwd_dkdv_kernel)}
+    return row
+
+
+def fmt(x, p=3):
+    return "-" if x is None else f"{x:.{p}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/sliding_window.json")
+    ap.add_argument("--quick", action="store_true", help="only the goal shape")
+    ap.add_argument("--peers", default="flex,fla")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
+    args = ap.parse_args()
+    peers = args.peers.split(",")
+    fla_fn, fla_version = fla_attn() if "fla" in peers else (None, None)
+
+    cases = [(8, 4096, 16, 64, 128)]
+    if not args.quick:
+        cases += [(8, 4096, 16, 64, 64), (8, 4096, 16, 64, 256), (8, 4096, 16, 128, 128), (8, 4096, 16, 128, 64),
+                  (8, 4096, 16, 128, 256), (8, 4096, 16, 112, 128),
+                  (16, 2048, 16, 64, 128), (4, 8192, 16, 64, 128), (2, 16384, 16, 64, 128), (1, 32768, 16, 64, 128)]
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                fla=fla_version, python=platform.python_version(), date=datetime.date.today().isoformat(),
+                dtype="bfloat16", timing="triton.testing.do_bench median (ms)")
+    rows, t0 = [], time.time()
+    for B, T, H, D, W in cases:
+        if time.time() - t0 > args.budget_s:
+            print(f"budget reached: skipping B={B} T={T} D={D} W={W}")
+            continue
+        row = run_case(B, T, H, D, W, peers, fla_fn)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, fla {fla_version}, bf16, median ms")
+    print("| B | T | D | W | ours fwd | ours fwd+bwd | ours fwd TB/s | Flex fwd | Flex fwd+bwd | fla fwd | "
+          "fla fwd+bwd | fwd+bwd speedup vs Flex | vs fla |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['B']} | {r['T']} | {r['D']} | {r['W']} | {fmt(r['ours_fwd_ms'])} | {fmt(r['ours_fwdbwd_ms'])} | "
+              f"{fmt(r['ours_fwd_TBps'], 2)} | {fmt(r.get('flex_fwd_ms'))} | {fmt(r.get('flex_fwdbwd_ms'))} | "
+              f"{fmt(r.get('fla_fwd_ms'))} | {fmt(r.get('fla_fwdbwd_ms'))} | "
+              f"{fmt(r.get('speedup_fwdbwd_vs_flex'), 2)}x | {fmt(r.get('speedup_fwdbwd_vs_fla'), 2)}x |")
+
+
+if __name__ == "__main__":
+    main()
