@@ -6,6 +6,9 @@ Megatron-Core assumes CUDA in two places our CPU runs reach (see docs/architectu
 2. The model-parallel RNG tracker stores and swaps CUDA generator states; here it uses the CPU generator.
 3. Megatron's DDP waits on ``torch.cuda.current_stream()`` before reducing gradients (for CUDA-graph replays);
    on CPU there is nothing to wait for, so it gets a stream whose waits do nothing.
+4. Megatron's pipeline schedules create their token counter with ``device="cuda"`` and the pipeline P2P code calls
+   ``torch.cuda.synchronize()``: the schedules module sees a ``torch`` whose ``zeros`` puts "cuda" tensors on the
+   CPU, and the synchronize is a no-op (CPU work is synchronous).
 (The other known one, Megatron's torch norm refusing sequence parallel, is handled for every device by
 ``megatron_based.norm.RMSNorm``.) Nothing is patched when CUDA is available.
 """
@@ -26,6 +29,17 @@ class _NullStream:
         pass
 
 
+class _TorchOnCpu:
+    """``torch`` as Megatron's pipeline schedules see it on CPU: ``zeros(..., device="cuda")`` lands on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*size, device=None, **kwargs):
+        return torch.zeros(*size, device="cpu" if device == "cuda" else device, **kwargs)
+
+
 def apply_cpu_shims() -> bool:
     """Patch the two CUDA assumptions if CUDA is absent. Idempotent; returns True if the shims are active."""
     global _applied
@@ -37,6 +51,10 @@ def apply_cpu_shims() -> bool:
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.current_stream = lambda device=None: _NullStream()
+    torch.cuda.synchronize = lambda device=None: None
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchOnCpu()
 
     def add(self, name, seed):
         if seed in self.seeds_:

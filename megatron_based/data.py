@@ -1,0 +1,197 @@
+"""Data: a sentencepiece tokenizer, Megatron indexed datasets (``.bin/.idx``) and the GPT datasets read in training.
+
+``megatron-based-preprocess`` turns JSONL (one ``{"text": ...}`` document per line) or plain-text files (documents
+separated by blank lines) into ``PREFIX.bin/.idx``, training ``PREFIX.model`` first unless ``--tokenizer-model``
+is given. Training reads them with Megatron-Core's ``GPTDataset`` through ``BlendedMegatronDatasetBuilder``
+(train/valid/test split, document-shuffled, seeded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+from .logging_utils import progress_bar
+
+DOC_SEPARATOR = "\n\n"
+
+
+class DataError(ValueError):
+    """Missing or unreadable data / tokenizer files; the message names the file."""
+
+
+def read_documents(path: str | os.PathLike, json_key: str = "text") -> Iterator[str]:
+    """Documents of one input file: JSONL lines (``json_key`` field) or blank-line-separated plain text."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file {path} does not exist")
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)[json_key]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(f"{path}:{lineno}: expected a JSON object with a {json_key!r} string ({e})") \
+                        from None
+                if doc.strip():
+                    yield doc
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e})") from None
+    for doc in text.split(DOC_SEPARATOR):
+        if doc.strip():
+            yield doc.strip("\n")
+
+
+def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, json_key: str = "text") -> str:
+    """Train a BPE sentencepiece model on the documents; ids: 0 <unk>, 1 </s> (end of document). Returns .model."""
+    import sentencepiece as spm
+
+    docs = (d for p in inputs for d in read_documents(p, json_key))
+    spm.SentencePieceTrainer.train(sentence_iterator=docs, model_prefix=model_prefix, vocab_size=vocab_size,
+                                   model_type="bpe", character_coverage=1.0, byte_fallback=True, unk_id=0,
+                                   eos_id=1, bos_id=-1, pad_id=-1, split_digits=True, minloglevel=2,
+                                   max_sentence_length=1 << 20, num_threads=1)
+    return model_prefix + ".model"
+
+
+def load_tokenizer(model_path: str | os.PathLike):
+    """Megatron-Core's sentencepiece tokenizer (``.tokenize``, ``.detokenize``, ``.eod``, ``.vocab_size``)."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    model_path = str(model_path)
+    if not Path(model_path).is_file():
+        raise DataError(f"tokenizer model {model_path} does not exist")
+    try:
+        return MegatronTokenizer.from_pretrained(model_path, metadata_path={"library": "sentencepiece"})
+    except Exception as e:  # sentencepiece raises RuntimeError / OSError with little context
+        raise DataError(f"tokenizer model {model_path} could not be loaded as a sentencepiece model ({e})") from None
+
+
+def preprocess(inputs: list[str], output_prefix: str, *, tokenizer_model: str | None = None, vocab_size: int = 1024,
+               json_key: str = "text", show_progress: bool = True) -> dict:
+    """Tokenize documents into ``output_prefix.bin/.idx`` (each document ends with the end-of-document token)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+    if not inputs:
+        raise DataError("no input files given")
+    for p in inputs:
+        if not Path(p).is_file():
+            raise DataError(f"input file {p} does not exist")
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    if tokenizer_model is None:
+        tokenizer_model = train_tokenizer(inputs, output_prefix, vocab_size, json_key)
+    tokenizer = load_tokenizer(tokenizer_model)
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    builder = IndexedDatasetBuilder(get_bin_path(output_prefix), dtype=dtype)
+    n_docs = n_tokens = done = 0
+    total_bytes = sum(Path(p).stat().st_size for p in inputs)
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("tokenizing", total=total_bytes, stats="bytes")
+        for p in inputs:
+            for doc in read_documents(p, json_key):
+                ids = tokenizer.tokenize(doc) + [tokenizer.eod]
+                builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+                n_docs += 1
+                n_tokens += len(ids)
+                done += len(doc.encode("utf-8")) + len(DOC_SEPARATOR)
+                bar.update(task, completed=min(done, total_bytes))
+    builder.finalize(get_idx_path(output_prefix))
+    return {"documents": n_docs, "tokens": n_tokens, "tokenizer_model": tokenizer_model, "prefix": output_prefix,
+            "vocab_size": tokenizer.vocab_size}
+
+
+def open_indexed(prefix: str):
+    """Megatron's ``IndexedDataset`` with a clear error for a missing, truncated or mismatched ``.bin/.idx``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for ext in (".idx", ".bin"):
+        if not Path(prefix + ext).is_file():
+            raise DataError(f"{prefix + ext} does not exist (run megatron-based-preprocess)")
+    try:
+        ds = IndexedDataset(prefix, mmap=True)
+    except Exception as e:  # a bad header raises AssertionError, a short file ValueError
+        raise DataError(f"{prefix}.idx is not a valid Megatron index file ({type(e).__name__}: {e})") from None
+    needed = int(ds.index.sequence_pointers[-1] + ds.index.sequence_lengths[-1] * ds.index.dtype_size) \
+        if len(ds) else 0
+    actual = Path(prefix + ".bin").stat().st_size
+    if actual != needed:
+        raise DataError(f"{prefix}.bin has {actual} bytes but {prefix}.idx describes {needed}: the pair is "
+                        "truncated or mismatched; re-run megatron-based-preprocess")
+    return ds
+
+
+def unigram_entropy(prefix: str, vocab_size: int) -> float:
+    """Entropy (nats) of the token frequencies of an indexed dataset: the loss of the best context-free model."""
+    ds = open_indexed(prefix)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(len(ds)):
+        counts += np.bincount(ds[i], minlength=vocab_size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def build_datasets(cfg, seq_length: int, tokenizer, train_samples: int, valid_samples: int):
+    """Train and validation ``GPTDataset`` (blended when several prefixes are given), built on every rank."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    d = cfg.data
+    for prefix in d.path:
+        open_indexed(prefix)
+    cache = d.cache_dir or (os.path.join(cfg.train.save, "data_cache") if cfg.train.save
+                            else os.path.join(os.path.dirname(os.path.abspath(d.path[0])), "cache"))
+    config = GPTDatasetConfig(
+        random_seed=cfg.train.seed, sequence_length=seq_length, blend=(list(d.path), d.weights), split=d.split,
+        path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, create_attention_mask=False, mid_level_dataset_surplus=0.005)
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, 0], lambda: True,
+                                                    config).build()
+    if train is None:
+        raise ConfigError(f"data.split {d.split!r} leaves no training documents")
+    return train, valid
+
+
+def batches(dataset, first_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
+    """Micro-batches in global sample order: each global batch is split across data-parallel ranks, so the data
+    position is one number (samples consumed) whatever the parallel layout."""
+    step = first_sample
+    while True:
+        start = step + dp_rank * micro_batch_size
+        samples = [dataset[i % len(dataset)] for i in range(start, start + micro_batch_size)]
+        yield {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        step += micro_batch_size * dp_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-based-preprocess", description=__doc__.split("\n\n")[0])
+    ap.add_argument("inputs", nargs="+", help="JSONL (.jsonl/.json) or plain-text files")
+    ap.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx (and PREFIX.model)")
+    ap.add_argument("--tokenizer-model", help="an existing sentencepiece .model (default: train one)")
+    ap.add_argument("--vocab-size", type=int, default=1024, help="vocabulary of the trained tokenizer")
+    ap.add_argument("--json-key", default="text")
+    args = ap.parse_args(argv)
+    try:
+        info = preprocess(args.inputs, args.output_prefix, tokenizer_model=args.tokenizer_model,
+                          vocab_size=args.vocab_size, json_key=args.json_key)
+    except (DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{info['documents']} documents, {info['tokens']} tokens -> {info['prefix']}.bin/.idx "
+          f"(tokenizer {info['tokenizer_model']}, vocabulary {info['vocab_size']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Pretraining entry point: ``megatron-based-train CONFIG.yaml [section.key=value ...]``.
+
+Megatron-Core does the heavy lifting: ``GPTModel`` with the BASED block spec, ``DistributedDataParallel``
+(gradients reduced over data x context parallel ranks), Megatron's optimizer (distributed, on GPU) or torch AdamW
+(on CPU, where ``get_megatron_optimizer`` needs CUDA) with the same parameter groups, ``OptimizerParamScheduler``
+(warmup + cosine), the pipeline schedules of ``get_forward_backward_func`` (micro-batches, gradient accumulation),
+``GPTDataset`` and ``dist_checkpointing``. Launch several processes with torchrun; see docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+from .training_config import RunConfig, load_config
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (too many non-finite steps); the last good checkpoint is kept."""
+
+
+class TorchAdamW:
+    """The part of Megatron's optimizer interface the loop uses, over ``torch.optim.AdamW``, for CPU runs.
+
+    Gradients come from Megatron DDP's ``main_grad`` buffers; the norm is taken over unique parameters (no TP
+    duplicates, no PP-shared copies) and all-reduced over the model-parallel group, as Megatron's optimizer does.
+    Its ``sharded_state_dict`` uses Megatron's own mapping of optimizer state onto the model's sharded tensors.
+    """
+
+    def __init__(self, param_groups: list[dict], t):
+        self.optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        self.clip_grad = t.clip_grad
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self):
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
+
+        params = self.parameters()
+        for p in params:
+            p.grad = p.main_grad
+        norm_sq = torch.zeros((), dtype=torch.float64)
+        for p in params:
+            if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+                norm_sq += p.grad.double().pow(2).sum()
+        dist.all_reduce(norm_sq, group=parallel_state.get_model_parallel_group())
+        grad_norm = float(norm_sq.sqrt())
+        if not math.isfinite(grad_norm):
+            return False, grad_norm, None
+        if self.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, torch.tensor(grad_norm))
+        self.optimizer.step()
+        return True, grad_norm, None
+
+    def _init_state(self) -> None:
+        for p in self.parameters():
+            if not self.optimizer.state[p]:
+                self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                           "exp_avg_sq": torch.zeros_like(p)}
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
+        )
+
+        if is_loading:
+            self._init_state()
+        sd = self.optimizer.state_dict()
+        steps = {float(s["step"]) for s in sd["state"].values()}
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.parameters())
+        optim_state_to_sharding_state(sd, id_map, exclude_keys=("step",))
+        sd["common_step"] = steps.pop() if steps else 0.0  # every parameter steps together
+        return sd
+
+    def load_state_dict(self, sd) -> None:
+        step = sd.pop("common_step")
+        for state in sd["state"].values():
+            state["step"] = torch.tensor(float(step))
+        sd["param_groups"] = [{**saved, "params": [i for i, _ in enumerate(g["params"], start)]}
+                              for saved, g, start in zip(sd["param_groups"], self.param_groups,
+                                                         _group_starts(self.param_groups))]
+        self.optimizer.load_state_dict(sd)
+
+
+def _group_starts(groups) -> list[int]:
+    starts, n = [], 0
+    for g in groups:
+        starts.append(n)
+        n += len(g["params"])
+    return starts
+
+
+def build_optimizer(cfg: RunConfig, model, config):
+    """AdamW with no weight decay on biases, norms (1-D) and embeddings; Megatron's (distributed) optimizer on GPU."""
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_megatron_optimizer
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
+
+    t = cfg.train
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=config.bf16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and torch.cuda.is_available())
+    no_decay = {ParamKey(name=("*.bias", "*embedding*"),
+                         predicate=ParamPredicate(name="1d", fn=lambda p: p.dim() == 1)):
+                ParamGroupOverride(wd_mult=0.0)}
+    if torch.cuda.is_available():
+        optimizer = get_megatron_optimizer(opt_config, [model], config_overrides=no_decay)
+    else:
+        optimizer = TorchAdamW(_get_param_groups([model], opt_config, no_decay), t)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=t.lr_warmup_init, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_steps,
+        lr_decay_steps=t.lr_decay_steps or t.train_steps, lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_steps, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def context_parallel_slice(batch: dict) -> dict:
+    """The CP hook: CP rank r keeps tokens [r L, (r+1) L) with their global position ids (contiguous sharding,
+    docs/parallelism.md; never Megatron's zig-zag). The BASED mixers pass states and halos between ranks."""
+    from megatron.core import parallel_state
+
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp == 1:
+        return batch
+    r = parallel_state.get_context_parallel_rank()
+    return {k: v.chunk(cp, dim=1)[r].contiguous() for k, v in batch.items()}
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token loss summed over the micro-batch, with its token count: Megatron normalises by the global count
+    (``calculate_per_token_loss``), so every token weighs the same whatever the micro-batch / DP / CP split."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output_tensor.float().reshape(-1) * mask).sum()
+    n = mask.sum().to(torch.int)
+    return loss_sum, n, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    if torch.cuda.is_available():
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    batch = context_parallel_slice(batch)
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _global_loss(losses: list[dict], device) -> float:
+    """Token-weighted loss over the global batch, identical on every rank (so all ranks agree to skip a step)."""
+    from megatron.core import parallel_state
+
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for item in losses:
+        total += item["lm loss"].to(total)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return float(total[0] / total[1])
+
+
+class _Sigterm:
+    """Remembers a SIGTERM (slurm preemption); the loop checkpoints and exits at the end of the step."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def any_rank(self, device) -> bool:
+        flag = torch.tensor([float(self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def train(cfg: RunConfig, step_hook=None) -> dict:
+    """Run (or resume) training; returns a summary (steps, last loss, skipped steps, last checkpoint).
+
+    ``step_hook(step, loss)``, if given, is called on every rank after each step (tests, benchmarks).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from . import checkpointing
+    from .data import batches, build_datasets, load_tokenizer
+    from .flops import model_flops_per_token
+    from .logging_utils import TrainLogger, peak_tflops
+    from .model import build_model
+    from .parallel import initialize_parallel
+
+    p, t = cfg.parallel, cfg.train
+    spec = cfg.model_spec()
+    config = spec.config
+    initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
+                        seed=t.seed)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+
+    model = build_model(config, vocab_size=spec.vocab_size, max_sequence_length=spec.seq_length,
+                        make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by).to(device)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               use_distributed_optimizer=p.use_distributed_optimizer
+                                               and torch.cuda.is_available())
+    model = DistributedDataParallel(config, ddp_config, model)
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer, scheduler = build_optimizer(cfg, model, config)
+
+    state = {"step": 0, "consumed_samples": 0, "skipped_steps": 0}
+    logger = TrainLogger(total_steps=t.train_steps, start_step=0, enabled=rank == world - 1,
+                         tensorboard_dir=t.tensorboard_dir, show_progress=t.progress)
+    if t.load:
+        path = checkpointing.resolve(t.load, t.save)
+        if path is None:
+            logger.print(f"no checkpoint under {t.save} yet: starting from scratch")
+        else:
+            state.update(checkpointing.load_checkpoint(path, model, optimizer, scheduler))
+            logger.print(f"resumed from {path} at step {state['step']} ({state['consumed_samples']} samples)")
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    gbs, seq = t.global_batch_size, spec.seq_length
+    eval_batches = t.eval_iters if t.eval_interval else 0
+    train_ds, valid_ds = build_datasets(cfg, seq, tokenizer, t.train_steps * gbs, max(eval_batches * gbs, 1))
+    train_iter = batches(train_ds, state["consumed_samples"], t.micro_batch_size, dp_rank, dp_size)
+    forward_backward = get_forward_backward_func()
+    run = partial(forward_backward, forward_step_func=forward_step, model=[model],
+                  num_microbatches=cfg.num_microbatches, seq_length=seq // p.context_parallel_size,
+                  micro_batch_size=t.micro_batch_size)
+    flops_per_token = 3 * model_flops_per_token(config, seq, spec.padded_vocab_size)  # forward + backward
+    peak = peak_tflops(t.peak_tflops)
+    run_config = cfg.to_dict()
+
+    def save():
+        path = checkpointing.save_checkpoint(t.save, state["step"], model, optimizer, scheduler, state, run_config)
+        logger.print(f"saved checkpoint {path}")
+        return path
+
+    def evaluate() -> float:
+        model.eval()
+        it = batches(valid_ds, 0, t.micro_batch_size, dp_rank, dp_size)
+        total = []
+        with torch.no_grad():
+            for _ in range(eval_batches):
+                total += run(data_iterator=it, forward_only=True)
+        model.train()
+        return _global_loss(total, device)
+
+    sigterm = _Sigterm()
+    logger.progress.update(logger.task, completed=state["step"])
+    last_loss, streak, last_saved = float("nan"), 0, None
+    try:
+        while state["step"] < t.train_steps:
+            start = time.perf_counter()
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss = _global_loss(run(data_iterator=train_iter, forward_only=False), device)
+            state["step"] += 1
+            state["consumed_samples"] += gbs
+            grad_norm = None
+            if math.isfinite(loss):
+                ok, grad_norm, _ = optimizer.step()
+            else:
+                ok = False
+            if ok:
+                scheduler.step(increment=1)
+                streak, last_loss = 0, loss
+            else:
+                state["skipped_steps"] += 1
+                streak += 1
+                logger.print(f"step {state['step']}: non-finite loss {loss} / grad norm {grad_norm}: step skipped "
+                             f"({streak} in a row, {state['skipped_steps']} in all)")
+                if streak >= t.max_nonfinite_steps:
+                    raise TrainingStopped(
+                        f"{streak} non-finite steps in a row (train.max_nonfinite_steps={t.max_nonfinite_steps}): "
+                        f"stopping; the last good checkpoint is {last_saved or 'none'}")
+            dt = time.perf_counter() - start
+            if state["step"] % t.log_interval == 0 or state["step"] == t.train_steps:
+                tokens_per_s = gbs * seq / dt
+                tflops = flops_per_token * tokens_per_s / world / 1e12
+                logger.step(state["step"], {"loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                                            "grad norm": grad_norm, "tokens/s": tokens_per_s, "TFLOP/s": tflops,
+                                            "MFU": tflops / peak if peak else None})
+            if step_hook is not None:
+                step_hook(state["step"], loss)
+            if eval_batches and state["step"] % t.eval_interval == 0:
+                val = evaluate()
+                logger.print(f"validation at step {state['step']}: loss {val:.4f}, perplexity {math.exp(val):.2f}")
+                logger.scalars(state["step"], {"loss": val}, "valid")
+            stop = sigterm.any_rank(device)
+            if t.save and streak == 0 and (stop or (t.save_interval and state["step"] % t.save_interval == 0)):
+                last_saved = save()
+            if stop:
+                logger.print(f"SIGTERM: stopped at step {state['step']} after saving")
+                break
+        else:  # finished without SIGTERM: make sure the final step is saved
+            if t.save and streak == 0 and (last_saved is None
+                                           or last_saved.name != checkpointing.checkpoint_name(state["step"])):
+                last_saved = save()
+    finally:
+        sigterm.restore()
+        logger.close()
+    return {"step": state["step"], "loss": last_loss, "skipped_steps": state["skipped_steps"],
+            "checkpoint": str(last_saved) if last_saved else None}
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="megatron-based-train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", help="YAML run config (e.g. configs/tiny.yaml)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3 data.path=[runs/d/kjv]")
+    ap.add_argument("--load", help="checkpoint directory, or 'latest' (= train.load)")
+    ap.add_argument("--save", help="checkpoint directory (= train.save)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    overrides = list(args.overrides)
+    overrides += [f"train.load={args.load}"] if args.load else []
+    overrides += [f"train.save={args.save}"] if args.save else []
+    try:
+        cfg = load_config(args.config, overrides)  # every check before any process group starts
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(cfg)
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == cfg.world_size - 1:
+        print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, skipped {summary['skipped_steps']}, "
+              f"checkpoint {summary['checkpoint']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
