@@ -1,0 +1,355 @@
+"""Checkpoint conversion between the released BASED layout and this project's Megatron layout, any TP size.
+
+Released layout (based-spec.md, "Checkpoint layout"): ``transformer.embeddings.word_embeddings``,
+``transformer.layers.{i}.norm1 / norm2``, ``.mixer.{in_proj, out_proj, conv.conv}`` (C),
+``.mixer.{proj_q, proj_k, proj_v, out_proj}`` (L), ``.mixer.{Wqkv, out_proj}`` (S), ``.mlp.fc1 / fc2``,
+``transformer.ln_f``; the LM head is tied.
+
+What differs in ours (``megatron_based.model.build_model``):
+
+- L ``linear_qkv``: the three projections fused, rows grouped per head ``[q_h (f) | k_h (f) | v_h (d_h)]``;
+- S ``linear_qkv``: rows per head ``[q_h | k_h | v_h]`` where the released ``Wqkv`` is ``[all Q | all K | all V]``;
+- C ``conv_weight [2d, k]`` where the released depthwise Conv1d weight is ``[2d, 1, k]``;
+- MLP ``linear_fc1`` is Megatron's ``[gate | value]`` where the released ``fc1`` output is ``[value | gate]``;
+- TP shards: column-parallel weights split by rows (heads stay whole), row-parallel by columns, C ``linear_in``
+  and MLP ``linear_fc1`` with stride 2 (rank r holds ``[first-half_r | second-half_r]``), the embedding padded to
+  a multiple of ``make_vocab_size_divisible_by * tp`` rows.
+
+Files are read without executing code: safetensors, or torch files with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .config import BasedConfig, padded_vocab_size
+
+__all__ = ["ConversionError", "released_to_megatron", "megatron_to_released", "released_shapes", "read_tensors",
+           "write_tensors", "load_into_model", "main"]
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not match the model: names the tensor and both shapes."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One tensor of ours (full, TP=1) made from released tensors, and how TP splits it."""
+
+    ours: str
+    released: tuple[str, ...]
+    to_ours: Callable
+    to_released: Callable
+    dim: int | None = None  # TP split dimension (None: replicated)
+    stride: int = 1  # 2: each rank holds matching slices of the two halves
+
+
+def _same(t):
+    return t
+
+
+def _one(t):
+    return (t,)
+
+
+def _swap_halves(t):
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _group_heads(heads: int, parts) -> torch.Tensor:
+    """``[H * w_i, d]`` blocks -> rows grouped per head ``[p0_h | p1_h | ...]``."""
+    return torch.cat([p.reshape(heads, -1, p.shape[-1]) for p in parts], dim=1).reshape(-1, parts[0].shape[-1])
+
+
+def _ungroup_heads(heads: int, widths: Sequence[int], t: torch.Tensor) -> tuple:
+    return tuple(p.reshape(-1, t.shape[-1]) for p in t.reshape(heads, sum(widths), t.shape[-1]).split(widths, dim=1))
+
+
+def _layer_rules(config: BasedConfig, mixer: str) -> list[Rule]:
+    d, H = config.hidden_size, config.num_attention_heads
+    rules = [
+        Rule("input_layernorm.weight", ("norm1.weight",), _same, _one),
+        Rule("pre_mlp_layernorm.weight", ("norm2.weight",), _same, _one),
+        Rule("mlp.linear_fc1.weight", ("mlp.fc1.weight",), _swap_halves, lambda t: (_swap_halves(t),), 0, 2),
+        Rule("mlp.linear_fc2.weight", ("mlp.fc2.weight",), _same, _one, 1),
+    ]
+    m = "self_attention."
+    if mixer == "C":
+        rules += [
+            Rule(m + "linear_in.weight", ("mixer.in_proj.weight",), _same, _one, 0, 2),
+            Rule(m + "linear_in.bias", ("mixer.in_proj.bias",), _same, _one, 0, 2),
+            Rule(m + "conv_weight", ("mixer.conv.conv.weight",), lambda t: t.squeeze(1),
+                 lambda t: (t.unsqueeze(1),), 0),
+            Rule(m + "linear_out.weight", ("mixer.out_proj.weight",), _same, _one, 1),
+            Rule(m + "linear_out.bias", ("mixer.out_proj.bias",), _same, _one),
+        ]
+    elif mixer == "L":
+        Hl, f = config.linear_attention_heads, config.feature_dim
+        widths = (f, f, d // Hl)
+        rules += [
+            Rule(m + "linear_qkv.weight", ("mixer.proj_q.weight", "mixer.proj_k.weight", "mixer.proj_v.weight"),
+                 lambda q, k, v: _group_heads(Hl, (q, k, v)), lambda t: _ungroup_heads(Hl, widths, t), 0),
+            Rule(m + "linear_proj.weight", ("mixer.out_proj.weight",), _same, _one, 1),
+        ]
+    elif mixer == "S":
+        rules += [
+            Rule(m + "linear_qkv.weight", ("mixer.Wqkv.weight",), lambda t: _group_heads(H, t.chunk(3, dim=0)),
+                 lambda t: (torch.cat(_ungroup_heads(H, (d // H,) * 3, t), dim=0),), 0),
+            Rule(m + "linear_proj.weight", ("mixer.out_proj.weight",), _same, _one, 1),
+        ]
+    else:
+        raise ConversionError(f"layer type {mixer!r} has no released BASED layout (only C, L and S layers do)")
+    return rules
+
+
+def _rules(config: BasedConfig) -> list[Rule]:
+    rules = [Rule("embedding.word_embeddings.weight", ("transformer.embeddings.word_embeddings.weight",), _same,
+                  _one, 0),
+             Rule("decoder.final_layernorm.weight", ("transformer.ln_f.weight",), _same, _one)]
+    for i, mixer in enumerate(config.layer_pattern):
+        for r in _layer_rules(config, mixer):
+            rules.append(Rule(f"decoder.layers.{i}.{r.ours}", tuple(f"transformer.layers.{i}.{n}" for n in r.released),
+                              r.to_ours, r.to_released, r.dim, r.stride))
+    return rules
+
+
+TIED_HEAD = "lm_head.weight"
+
+
+def released_shapes(config: BasedConfig, vocab_size: int, make_vocab_size_divisible_by: int = 8) -> dict:
+    """Name -> shape of every tensor of the released layout for this config (the LM head is tied, not listed)."""
+    d, H, k = config.hidden_size, config.num_attention_heads, config.conv_kernel_size
+    n = config.ffn_hidden_size
+    shapes = {"transformer.embeddings.word_embeddings.weight": (padded_vocab_size(vocab_size,
+                                                                                   make_vocab_size_divisible_by), d),
+              "transformer.ln_f.weight": (d,)}
+    for i, mixer in enumerate(config.layer_pattern):
+        layer = {"norm1.weight": (d,), "norm2.weight": (d,), "mlp.fc1.weight": (2 * n, d), "mlp.fc2.weight": (d, n)}
+        if mixer == "C":
+            layer.update({"mixer.in_proj.weight": (4 * d, d), "mixer.in_proj.bias": (4 * d,),
+                          "mixer.conv.conv.weight": (2 * d, 1, k), "mixer.out_proj.weight": (d, 2 * d),
+                          "mixer.out_proj.bias": (d,)})
+        elif mixer == "L":
+            Hl, f = config.linear_attention_heads, config.feature_dim
+            layer.update({"mixer.proj_q.weight": (Hl * f, d), "mixer.proj_k.weight": (Hl * f, d),
+                          "mixer.proj_v.weight": (d, d), "mixer.out_proj.weight": (d, d)})
+        elif mixer == "S":
+            layer.update({"mixer.Wqkv.weight": (3 * d, d), "mixer.out_proj.weight": (d, d)})
+        else:
+            raise ConversionError(f"layer {i} is {mixer!r}: only C, L and S layers have a released BASED layout")
+        shapes.update({f"transformer.layers.{i}.{name}": s for name, s in layer.items()})
+    return shapes
+
+
+def _check_names_and_shapes(tensors: dict, expected: dict, what: str) -> None:
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ConversionError(f"{what}: tensor {name} is missing (expected shape {tuple(shape)})")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ConversionError(f"{what}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"expected {tuple(shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        listed = ", ".join(f"{n} {tuple(tensors[n].shape)}" for n in extra[:5])
+        raise ConversionError(f"{what}: {len(extra)} unexpected tensor(s): {listed} (not part of the model "
+                              f"described by the config: check layer_pattern and the sizes)")
+
+
+def _split(t: torch.Tensor, dim: int | None, stride: int, tp: int) -> list[torch.Tensor]:
+    if dim is None:
+        return [t.clone() for _ in range(tp)]
+    if stride == 1:
+        return [c.clone() for c in t.chunk(tp, dim=dim)]
+    halves = [h.chunk(tp, dim=dim) for h in t.chunk(stride, dim=dim)]
+    return [torch.cat([h[r] for h in halves], dim=dim) for r in range(tp)]
+
+
+def _merge(parts: list[torch.Tensor], dim: int | None, stride: int) -> torch.Tensor:
+    if dim is None:
+        return parts[0]
+    if stride == 1:
+        return torch.cat(parts, dim=dim)
+    per_rank = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([torch.cat([r[s] for r in per_rank], dim=dim) for s in range(stride)], dim=dim)
+
+
+def released_to_megatron(released: dict, config: BasedConfig, *, vocab_size: int,
+                         make_vocab_size_divisible_by: int = 8, tensor_model_parallel_size: int = 1) -> list[dict]:
+    """Released-layout tensors -> one Megatron model state dict per TP rank (``load_state_dict`` ready)."""
+    released = dict(released)
+    head = released.pop(TIED_HEAD, None)
+    expected = released_shapes(config, vocab_size, make_vocab_size_divisible_by)
+    _check_names_and_shapes(released, expected, "released checkpoint")
+    emb = released["transformer.embeddings.word_embeddings.weight"]
+    if head is not None and not torch.equal(head, emb):
+        raise ConversionError(f"released checkpoint: {TIED_HEAD} {tuple(head.shape)} differs from the word "
+                              f"embeddings {tuple(emb.shape)}, but BASED ties them")
+    tp = tensor_model_parallel_size
+    rows = padded_vocab_size(vocab_size, make_vocab_size_divisible_by, tp)
+    shards = [{} for _ in range(tp)]
+    for rule in _rules(config):
+        full = rule.to_ours(*(released[n] for n in rule.released))
+        if rule.ours == "embedding.word_embeddings.weight" and rows > full.shape[0]:
+            full = torch.cat([full, full.new_zeros(rows - full.shape[0], full.shape[1])])  # padding rows for TP
+        for shard, part in zip(shards, _split(full, rule.dim, rule.stride, tp)):
+            shard[rule.ours] = part.contiguous()
+    return shards
+
+
+def megatron_to_released(shards: Sequence[dict], config: BasedConfig, *, vocab_size: int,
+                         make_vocab_size_divisible_by: int = 8) -> dict:
+    """Megatron state dicts of every TP rank (in rank order) -> released-layout tensors (LM head not written:
+    it is tied)."""
+    tp = len(shards)
+    rules = _rules(config)
+    rows = padded_vocab_size(vocab_size, make_vocab_size_divisible_by, tp)
+    shapes = released_shapes(config, vocab_size, make_vocab_size_divisible_by)
+    shards = [{k: v for k, v in shard.items() if not k.endswith("_extra_state")} for shard in shards]
+    for r, shard in enumerate(shards):
+        expected = {}
+        for rule in rules:  # our shapes: the released ones through to_ours and the TP split, on the meta device
+            full = rule.to_ours(*(torch.empty(shapes[n], device="meta") for n in rule.released))
+            if rule.ours == "embedding.word_embeddings.weight":
+                full = torch.empty(rows, full.shape[1], device="meta")
+            expected[rule.ours] = _split(full, rule.dim, rule.stride, tp)[r].shape
+        _check_names_and_shapes(shard, expected, f"Megatron checkpoint (TP rank {r} of {tp})")
+    released = {}
+    for rule in rules:
+        full = _merge([s[rule.ours] for s in shards], rule.dim, rule.stride)
+        if rule.ours == "embedding.word_embeddings.weight":
+            full = full[: padded_vocab_size(vocab_size, make_vocab_size_divisible_by)]
+        for name, t in zip(rule.released, rule.to_released(full)):
+            released[name] = t.contiguous()
+    return released
+
+
+# -- files ---------------------------------------------------------------------------------------------------
+def read_tensors(path: str | Path) -> dict:
+    """A ``.safetensors`` file, or a torch file read with ``weights_only=True`` (a ``{"model": ...}`` or
+    ``{"state_dict": ...}`` wrapper is unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def write_tensors(tensors: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    else:
+        torch.save(tensors, path)
+
+
+def rank_file(directory: str | Path, rank: int) -> Path:
+    """Where the per-TP-rank Megatron state dicts of a converted checkpoint live."""
+    return Path(directory) / f"mp_rank_{rank:02d}" / "model.pt"
+
+
+def _is_released(names) -> bool:
+    return any(n.startswith("transformer.") for n in names)
+
+
+def load_into_model(model, checkpoint: str | Path, spec) -> None:
+    """Load weights into a built model: a training checkpoint (``megatron_based.checkpointing``), a directory of
+    per-rank state dicts (``mp_rank_XX/model.pt``, the TP size must match), or one file with a TP=1 Megatron
+    state dict or released BASED weights (converted here for this rank)."""
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    path = Path(checkpoint)
+    if path.is_dir() and not rank_file(path, 0).is_file():
+        from . import checkpointing
+
+        checkpointing.load_checkpoint(checkpointing.resolve(str(path), None), model)
+        return
+    if path.is_dir():
+        if not rank_file(path, tp - 1).is_file() or rank_file(path, tp).is_file():
+            raise ConversionError(f"{path} holds per-rank state dicts for another TP size than {tp}: convert it "
+                                  f"again with --tensor-model-parallel-size {tp}")
+        state = read_tensors(rank_file(path, tp_rank))
+    else:
+        state = read_tensors(path)
+        if _is_released(state):
+            state = released_to_megatron(state, spec.config, vocab_size=spec.vocab_size,
+                                         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by,
+                                         tensor_model_parallel_size=tp)[tp_rank]
+        elif tp > 1:
+            full = megatron_to_released([state], spec.config, vocab_size=spec.vocab_size,
+                                        make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
+            state = released_to_megatron(full, spec.config, vocab_size=spec.vocab_size,
+                                         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by,
+                                         tensor_model_parallel_size=tp)[tp_rank]
+    own = model.state_dict()
+    for name, t in state.items():
+        if name in own and own[name] is not None and tuple(own[name].shape) != tuple(t.shape):
+            raise ConversionError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, the model's is "
+                                  f"{tuple(own[name].shape)}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ConversionError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``megatron-based-convert``: released BASED weights <-> Megatron per-TP-rank state dicts."""
+    import yaml
+
+    from .config import model_spec_from_dict
+
+    p = argparse.ArgumentParser(prog="megatron-based-convert", description=main.__doc__)
+    p.add_argument("direction", choices=["import", "export"],
+                   help="import: released -> Megatron; export: Megatron -> released")
+    p.add_argument("--config", required=True, help="YAML file with the model: section (e.g. configs/based-360m.yaml)")
+    p.add_argument("--input", required=True, help="import: .safetensors / torch file; export: directory of "
+                                                  "mp_rank_XX/model.pt or a TP=1 state dict file")
+    p.add_argument("--output", required=True, help="import: directory for mp_rank_XX/model.pt; export: "
+                                                   ".safetensors or torch file")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="import: TP shards to write")
+    args = p.parse_args(argv)
+
+    with open(args.config) as fh:
+        spec = model_spec_from_dict(yaml.safe_load(fh)["model"])
+    kw = dict(vocab_size=spec.vocab_size, make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
+    if args.direction == "import":
+        shards = released_to_megatron(read_tensors(args.input), spec.config,
+                                      tensor_model_parallel_size=args.tensor_model_parallel_size, **kw)
+        for r, shard in enumerate(shards):
+            write_tensors(shard, rank_file(args.output, r))
+        print(f"wrote {len(shards)} TP shard(s) of {len(shards[0])} tensors under {args.output}")
+    else:
+        src = Path(args.input)
+        if src.is_dir():
+            n = sum(1 for _ in src.glob("mp_rank_*/model.pt"))
+            shards = [read_tensors(rank_file(src, r)) for r in range(n)]
+        else:
+            shards = [read_tensors(src)]
+        released = megatron_to_released(shards, spec.config, **kw)
+        write_tensors(released, args.output)
+        print(f"wrote {len(released)} tensors in the released layout to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
