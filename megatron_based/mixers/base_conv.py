@@ -60,7 +60,7 @@ class BaseConv(Mixer):
         if self.cp_size > 1:
             from ..context_parallel import base_conv_cp
 
-            return base_conv_cp(u1, u2, self.conv_weight, cp_group=self.cp_group)
+            return base_conv_cp(u1, u2, self.conv_weight, cp_group=self.cp_group, cu_seqlens=cu_seqlens, layer=self)
         y, _ = based_kernels.base_conv(u1, u2, self.conv_weight, cu_seqlens=cu_seqlens)
         return y
 

@@ -42,7 +42,8 @@ class SlidingWindowAttention(Mixer):
         if self.cp_size > 1:
             from ..context_parallel import sliding_window_attention_cp
 
-            return sliding_window_attention_cp(q, k, v, window=self.window, cp_group=self.cp_group)
+            return sliding_window_attention_cp(q, k, v, window=self.window, cp_group=self.cp_group,
+                                               cu_seqlens=cu_seqlens, layer=self)
         return based_kernels.sliding_window_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens)
 
     # Generation (megatron_based.generation): a ring buffer of the last window + 1 post-RoPE K/V rows; position p

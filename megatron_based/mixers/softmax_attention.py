@@ -23,6 +23,7 @@ class SDPACoreAttention(MegatronModule):
                  pg_collection=None, **_injected):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
+        self.layer_number = layer_number
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
@@ -34,7 +35,7 @@ class SDPACoreAttention(MegatronModule):
         if self.cp_group is not None and self.cp_group.size() > 1:
             from ..context_parallel import softmax_attention_cp
 
-            o = softmax_attention_cp(q, k, v, scale=self.softmax_scale, cp_group=self.cp_group)
+            o = softmax_attention_cp(q, k, v, scale=self.softmax_scale, cp_group=self.cp_group, layer=self)
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
                                                enable_gqa=k.shape[1] != q.shape[1])

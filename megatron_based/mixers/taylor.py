@@ -47,7 +47,8 @@ class TaylorLinearAttention(Mixer):
         if self.cp_size > 1:
             from ..context_parallel import taylor_attention_cp
 
-            return taylor_attention_cp(q, k, v, eps=self.config.linear_attention_eps, cp_group=self.cp_group)
+            return taylor_attention_cp(q, k, v, eps=self.config.linear_attention_eps, cp_group=self.cp_group,
+                                       cu_seqlens=cu_seqlens, layer=self)
         y, _ = based_kernels.taylor_linear_attention(q, k, v, eps=self.config.linear_attention_eps,
                                                      cu_seqlens=cu_seqlens)
         return y

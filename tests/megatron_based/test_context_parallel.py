@@ -24,6 +24,40 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+class _Group:
+    """Stands in for a process group in single-process checks."""
+
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def test_shard_batch_is_contiguous_with_global_positions():
+    tokens = torch.arange(12).view(2, 6)
+    batch = dict(tokens=tokens, labels=tokens + 100, loss_mask=torch.ones(2, 6), attention_mask=None)
+    out = cp.shard_batch_for_cp(batch, _Group(1, 3))
+    assert out["tokens"].tolist() == [[2, 3], [8, 9]] and out["labels"].tolist() == [[102, 103], [108, 109]]
+    assert out["position_ids"].tolist() == [[2, 3], [2, 3]] and out["loss_mask"].shape == (2, 2)
+    with pytest.raises(ValueError, match=r"sequence length 6, not divisible by context_parallel_size \(4\)"):
+        cp.shard_batch_for_cp(batch, _Group(0, 4))
+    with pytest.raises(ValueError, match="attention_mask is not supported"):
+        cp.shard_batch_for_cp(dict(batch, attention_mask=torch.ones(2, 6)), _Group(0, 2))
+
+
+def test_global_token_loss_and_packed_sequence_error():
+    losses, mask = torch.tensor([[1.0, 2.0, 4.0]]), torch.tensor([[1.0, 0.0, 1.0]])
+    loss, mean = cp.loss_over_global_tokens(losses, mask, _Group(0, 1))
+    assert loss.item() == mean.item() == 2.5
+    q = torch.zeros(1, 4, 1, 2)
+    with pytest.raises(NotImplementedError, match="packed sequences .* 'L' layers"):
+        cp.taylor_attention_cp(q, q, q, eps=1e-12, cp_group=_Group(0, 2), cu_seqlens=torch.tensor([0, 4]))
+
+
 # --------------------------------------------------------------------------------------------- mixer level
 # Each case: (name, cp function, single-rank function, global inputs [(tensor, seq_dim or None)]).
 def _cases(P: int):
