@@ -249,21 +249,29 @@ class Generator:
 
 
 # -- loading a model for inference (shared by the generate / eval / mqar commands) ------------------------------
-def load_model(config_path: str, checkpoint: str | None, *, tensor_model_parallel_size: int = 1,
+def load_model(config_path: str | None, checkpoint: str | None, *, tensor_model_parallel_size: int = 1,
                dtype: str = "fp32", **overrides):
-    """Build the model of a YAML config's ``model:`` section and load weights from ``checkpoint``: a Megatron
-    distributed checkpoint directory, a torch state dict file (loaded with ``weights_only=True``), or a released
-    BASED checkpoint (``.safetensors`` / torch file in the released layout, converted on the fly).
+    """Build the model of a YAML config's ``model:`` section (default: the run configuration saved in a training
+    checkpoint) and load weights from ``checkpoint``: a training (dist_checkpointing) directory, per-rank state
+    dicts written by ``megatron-based-convert``, a torch state dict file (read with ``weights_only=True``), or
+    released BASED weights (``.safetensors`` / torch file in the released layout, converted on the fly).
     Returns ``(model, ModelSpec)``."""
     import yaml
 
     from .config import model_spec_from_dict
     from .model import build_model
 
-    with open(config_path) as fh:
-        section = yaml.safe_load(fh).get("model")
-    if section is None:
-        raise ValueError(f"{config_path} has no 'model:' section")
+    if config_path:
+        with open(config_path) as fh:
+            section = yaml.safe_load(fh).get("model")
+        if section is None:
+            raise ValueError(f"{config_path} has no 'model:' section")
+    elif checkpoint:  # a training checkpoint records its run configuration
+        from .checkpointing import resolve, saved_run_config
+
+        section = saved_run_config(resolve(checkpoint, None))["model"]
+    else:
+        raise ValueError("give a config (YAML with a model: section) or a training checkpoint directory")
     params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     spec = model_spec_from_dict(section, tensor_model_parallel_size=tensor_model_parallel_size,
                                 params_dtype=params_dtype, bf16=dtype == "bf16", fp16=dtype == "fp16",
@@ -280,22 +288,24 @@ def load_model(config_path: str, checkpoint: str | None, *, tensor_model_paralle
 
 
 def load_tokenizer(path: str):
-    """A sentencepiece model file -> ``(encode(str) -> list[int], decode(list[int]) -> str, eos_id or None)``;
-    ``bytes`` -> raw UTF-8 bytes (vocabulary 256, for tiny demos)."""
+    """``(encode(str) -> list[int], decode(list[int]) -> str, end-of-document id or None)`` for a sentencepiece
+    model file (through Megatron's tokenizer, as training uses it), or ``bytes``: raw UTF-8 bytes (vocabulary 256,
+    for tiny demos)."""
     if path == "bytes":
         return (lambda s: list(s.encode()), lambda ids: bytes(i for i in ids if i < 256).decode(errors="replace"),
                 None)
-    import sentencepiece
+    from .data import load_tokenizer as megatron_tokenizer
 
-    sp = sentencepiece.SentencePieceProcessor(model_file=path)
-    eos = sp.eos_id()
-    return sp.encode, sp.decode, (eos if eos >= 0 else None)
+    tok = megatron_tokenizer(path)
+    eod = getattr(tok, "eod", None)
+    return tok.tokenize, tok.detokenize, (eod if isinstance(eod, int) and eod >= 0 else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``megatron-based-generate``: stream a continuation of a prompt from a checkpoint."""
     p = argparse.ArgumentParser(prog="megatron-based-generate", description=main.__doc__)
-    p.add_argument("--config", required=True, help="YAML file with the model: section (e.g. configs/tiny.yaml)")
+    p.add_argument("--config", help="YAML file with the model: section (default: the one saved in a training "
+                                     "checkpoint)")
     p.add_argument("--checkpoint", help="Megatron checkpoint dir, torch state dict, or released BASED weights")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file, or 'bytes'")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")

@@ -1,0 +1,193 @@
+"""Multi-query associative recall (MQAR), the synthetic recall task of the BASED paper (from Zoology).
+
+A sequence starts with ``num_kv_pairs`` key-value pairs ``k1 v1 k2 v2 ...`` (distinct keys from the lower half of
+the vocabulary, values from the upper half), then every key is queried once at a random place in the rest of the
+sequence, followed by its value; everything else is the noise token 0. The model must predict the value at each
+query key: ``labels`` hold the value there and ``IGNORE`` (-100) elsewhere. Chance is ``1 / (number of values)``.
+
+``megatron-based-mqar train`` trains a small model on it and reports recall; ``megatron-based-mqar eval`` scores a
+checkpoint. ``benchmarks/mqar.py`` sweeps mixers and sizes for the recall vs state-size trade-off.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+IGNORE = -100
+
+__all__ = ["MQARTask", "mqar_batch", "mqar_loss", "evaluate_mqar", "train_mqar", "state_bytes_per_sequence", "main"]
+
+
+@dataclass(frozen=True)
+class MQARTask:
+    vocab_size: int = 64
+    seq_len: int = 64
+    num_kv_pairs: int = 4
+
+    def __post_init__(self):
+        if self.seq_len < 4 * self.num_kv_pairs:
+            raise ValueError(f"seq_len ({self.seq_len}) must be >= 4 * num_kv_pairs ({4 * self.num_kv_pairs}): the "
+                             "pairs and a query + answer per key must fit")
+        if self.vocab_size // 2 - 1 < self.num_kv_pairs:
+            raise ValueError(f"vocab_size ({self.vocab_size}) too small for {self.num_kv_pairs} distinct keys: "
+                             f"use >= {2 * self.num_kv_pairs + 2}")
+
+    @property
+    def num_values(self) -> int:
+        return self.vocab_size - self.vocab_size // 2
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.num_values
+
+
+def mqar_batch(task: MQARTask, num_examples: int, generator: torch.Generator | None = None):
+    """``(inputs [N, T], labels [N, T])`` int64; see the module docstring for the layout."""
+    N, T, D = num_examples, task.seq_len, task.num_kv_pairs
+    half = task.vocab_size // 2
+    keys = torch.rand(N, half - 1, generator=generator).argsort(-1)[:, :D] + 1  # distinct keys in [1, half)
+    values = torch.randint(half, task.vocab_size, (N, D), generator=generator)
+    inputs = torch.zeros(N, T, dtype=torch.long)
+    labels = torch.full((N, T), IGNORE, dtype=torch.long)
+    inputs[:, 0: 2 * D: 2], inputs[:, 1: 2 * D: 2] = keys, values
+    # Queries: D distinct slots among the (T - 2D) // 2 two-token slots after the context, keys in random order.
+    slots = torch.rand(N, (T - 2 * D) // 2, generator=generator).argsort(-1)[:, :D]
+    pos = 2 * D + 2 * slots  # where each query key goes; its value follows
+    order = torch.rand(N, D, generator=generator).argsort(-1)
+    qkeys, qvalues = keys.gather(1, order), values.gather(1, order)
+    inputs.scatter_(1, pos, qkeys)
+    inputs.scatter_(1, pos + 1, qvalues)
+    labels.scatter_(1, pos, qvalues)
+    return inputs, labels
+
+
+def mqar_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the query positions (Megatron's per-token loss, masked)."""
+    mask = labels != IGNORE
+    b, T = inputs.shape
+    loss = model(inputs, torch.arange(T, device=inputs.device).expand(b, T), attention_mask=None,
+                 labels=labels.clamp(min=0))
+    return (loss * mask).sum() / mask.sum()
+
+
+@torch.no_grad()
+def evaluate_mqar(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> float:
+    """Recall: the fraction of queries whose arg-max prediction (over the full vocabulary) is the value."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    model.eval()
+    correct = total = 0
+    T = inputs.shape[1]
+    for i in range(0, inputs.shape[0], batch_size):
+        x, y = inputs[i: i + batch_size], labels[i: i + batch_size]
+        logits = model(x, torch.arange(T, device=x.device).expand(x.shape[0], T), attention_mask=None)
+        pred = gather_from_tensor_model_parallel_region(logits).argmax(-1)
+        mask = y != IGNORE
+        correct += int((pred[mask] == y[mask]).sum())
+        total += int(mask.sum())
+    return correct / total
+
+
+def train_mqar(model, task: MQARTask, *, steps: int, batch_size: int = 64, lr: float = 3e-3,
+               weight_decay: float = 0.1, seed: int = 0, progress: bool = True) -> list[float]:
+    """Train on fresh MQAR batches with AdamW and a linear warm-up + cosine schedule; returns the losses."""
+    from rich.progress import Progress
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    losses = []
+    model.train()
+    with Progress(disable=not progress, transient=True) as bar:
+        job = bar.add_task("MQAR training", total=steps)
+        for _ in range(steps):
+            x, y = (t.to(device) for t in mqar_batch(task, batch_size, g))
+            loss = mqar_loss(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(job, advance=1, description=f"MQAR training, loss {loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def state_bytes_per_sequence(model, max_length: int | None = None) -> int:
+    """Bytes of decode state one sequence needs (the generation caches; "A" layers at ``max_length``)."""
+    from .generation import Generator
+
+    gen = Generator(model, max_length=max_length)
+    gen.allocate(1)
+    return gen.cache_bytes()
+
+
+def build_mqar_model(pattern: str, *, hidden_size: int, num_heads: int = 4, feature_dim: int = 8,
+                     swa_window: int = 16, vocab_size: int = 64, seq_len: int = 64, **overrides):
+    """A small BASED (or single-mixer) model for MQAR on this machine's device."""
+    from .config import BasedConfig
+    from .model import build_model
+
+    config = BasedConfig(layer_pattern=pattern, hidden_size=hidden_size, num_attention_heads=num_heads,
+                         feature_dim=feature_dim, swa_window=swa_window,
+                         use_cpu_initialization=not torch.cuda.is_available(), **overrides)
+    model = build_model(config, vocab_size=vocab_size, max_sequence_length=seq_len)
+    return model.cuda() if torch.cuda.is_available() else model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``megatron-based-mqar``: train a small model on MQAR (``train``) or score a checkpoint (``eval``)."""
+    p = argparse.ArgumentParser(prog="megatron-based-mqar", description=main.__doc__)
+    p.add_argument("command", choices=["train", "eval"])
+    p.add_argument("--vocab-size", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--num-kv-pairs", type=int, default=4)
+    p.add_argument("--num-examples", type=int, default=1000, help="test examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pattern", default="CLSC", help="train: layer pattern")
+    p.add_argument("--hidden-size", type=int, default=64, help="train: model width")
+    p.add_argument("--swa-window", type=int, default=16, help="train: S layers' window")
+    p.add_argument("--steps", type=int, default=500, help="train: optimizer steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="train: peak learning rate")
+    p.add_argument("--save", help="train: write the trained weights (torch state dict) here")
+    p.add_argument("--config", help="eval: YAML with the model: section")
+    p.add_argument("--checkpoint", help="eval: checkpoint to score")
+    args = p.parse_args(argv)
+
+    from .parallel import initialize_parallel
+
+    initialize_parallel(1, seed=args.seed)
+    task = MQARTask(args.vocab_size, args.seq_len, args.num_kv_pairs)
+    if args.command == "train":
+        model = build_mqar_model(args.pattern, hidden_size=args.hidden_size, swa_window=args.swa_window,
+                                 vocab_size=args.vocab_size, seq_len=args.seq_len)
+        losses = train_mqar(model, task, steps=args.steps, lr=args.lr, seed=args.seed)
+        print(f"final training loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        if args.save:
+            torch.save(model.state_dict(), args.save)
+    else:
+        if not (args.config and args.checkpoint):
+            p.error("eval needs --config and --checkpoint")
+        from .generation import load_model
+
+        model, _ = load_model(args.config, args.checkpoint)
+    device = next(model.parameters()).device
+    inputs, labels = mqar_batch(task, args.num_examples, torch.Generator().manual_seed(args.seed + 1))
+    recall = evaluate_mqar(model, inputs.to(device), labels.to(device))
+    print(f"MQAR recall {recall:.4f} (chance {task.chance:.4f}) on {args.num_examples} sequences of {args.seq_len} "
+          f"tokens, {args.num_kv_pairs} key-value pairs; decode state {state_bytes_per_sequence(model)} bytes "
+          f"per sequence")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
