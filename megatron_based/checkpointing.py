@@ -8,8 +8,9 @@ Layout under ``train.save``::
 A checkpoint is written into ``.tmp-step_...``; once every rank has written its shards, rank 0 records each file's
 size and CRC32 in ``manifest.json``, renames the folder and then rewrites ``latest``. A crash at any point leaves
 either the previous ``latest`` or the new one, never a partial checkpoint. Loading checks every file against the
-manifest first (a truncated or corrupted file is named in the error), and the only pickled file
-(``common.pt``) is read by ``torch.load(weights_only=True)``, so loading never runs arbitrary code.
+manifest first (a truncated or corrupted file is named in the error). Nothing is unpickled freely: the common
+state is read by ``torch.load(weights_only=True)`` and torch's ``.metadata`` pickle (which torch.distributed.checkpoint
+reads with plain ``pickle.load``) is first parsed here with an unpickler that only admits its metadata classes.
 
 Tensors are saved with their global shapes, so a checkpoint loads at another TP / PP / DP layout (resharding).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import zlib
 from pathlib import Path
@@ -168,6 +170,33 @@ def verify(path: Path) -> None:
                                   "(truncated or overwritten)")
         if _crc32(f) != meta["crc32"]:
             raise CheckpointError(f"checkpoint file {f} is corrupted (CRC32 differs from {manifest})")
+    _check_metadata_pickle(path)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what torch.distributed.checkpoint writes into ``.metadata``."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata",)
+    NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+             ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        if module in self.MODULES or (module, name) in self.NAMES or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+
+
+def _check_metadata_pickle(path: Path) -> None:
+    f = path / ".metadata"
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint file {f} is missing")
+    try:
+        with f.open("rb") as fh:
+            _MetadataUnpickler(fh).load()
+    except Exception as e:  # noqa: BLE001 - any failure means we must not hand the file to pickle.load
+        raise CheckpointError(f"checkpoint file {f} holds objects other than checkpoint metadata; refusing to "
+                              f"unpickle it ({type(e).__name__}: {e})") from None
 
 
 def _verify_collective(path: Path) -> None:
@@ -221,4 +250,7 @@ def saved_run_config(path: Path) -> dict:
     f = Path(path) / RUN_CONFIG
     if not f.is_file():
         raise CheckpointError(f"{f} is missing: {path} is not a checkpoint written by megatron_based.train")
-    return yaml.safe_load(f.read_text())
+    try:
+        return yaml.safe_load(f.read_text())
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"checkpoint file {f} is not a plain YAML run config ({e})") from None

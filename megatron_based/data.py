@@ -59,10 +59,14 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, json_
     import sentencepiece as spm
 
     docs = (d for p in inputs for d in read_documents(p, json_key))
-    spm.SentencePieceTrainer.train(sentence_iterator=docs, model_prefix=model_prefix, vocab_size=vocab_size,
-                                   model_type="bpe", character_coverage=1.0, byte_fallback=True, unk_id=0,
-                                   eos_id=1, bos_id=-1, pad_id=-1, split_digits=True, minloglevel=2,
-                                   max_sentence_length=1 << 20, num_threads=1)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=docs, model_prefix=model_prefix, vocab_size=vocab_size,
+                                       model_type="bpe", character_coverage=1.0, byte_fallback=True, unk_id=0,
+                                       eos_id=1, bos_id=-1, pad_id=-1, split_digits=True, minloglevel=2,
+                                       max_sentence_length=1 << 20, num_threads=1, normalization_rule_name="identity",
+                                       remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
+    except RuntimeError as e:  # e.g. a vocabulary smaller than 256 byte pieces + the corpus's characters
+        raise DataError(f"sentencepiece training on {inputs} failed (change --vocab-size?): {e}") from None
     return model_prefix + ".model"
 
 

@@ -111,7 +111,7 @@ def _group_starts(groups) -> list[int]:
     return starts
 
 
-def build_optimizer(cfg: RunConfig, model, config):
+def build_optimizer(cfg: RunConfig, model, config, torch_optimizer: bool = False):
     """AdamW with no weight decay on biases, norms (1-D) and embeddings; Megatron's (distributed) optimizer on GPU."""
     from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
@@ -126,7 +126,7 @@ def build_optimizer(cfg: RunConfig, model, config):
     no_decay = {ParamKey(name=("*.bias", "*embedding*"),
                          predicate=ParamPredicate(name="1d", fn=lambda p: p.dim() == 1)):
                 ParamGroupOverride(wd_mult=0.0)}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not torch_optimizer:  # torch_optimizer: for the DeepSpeed engine
         optimizer = get_megatron_optimizer(opt_config, [model], config_overrides=no_decay)
     else:
         optimizer = TorchAdamW(_get_param_groups([model], opt_config, no_decay), t)
@@ -139,14 +139,15 @@ def build_optimizer(cfg: RunConfig, model, config):
 
 def context_parallel_slice(batch: dict) -> dict:
     """The CP hook: CP rank r keeps tokens [r L, (r+1) L) with their global position ids (contiguous sharding,
-    docs/parallelism.md; never Megatron's zig-zag). The BASED mixers pass states and halos between ranks."""
+    docs/parallelism.md; never Megatron's zig-zag). The BASED mixers pass states and halos between ranks; the loss
+    is normalised by the global token count through ``calculate_per_token_loss``."""
     from megatron.core import parallel_state
 
-    cp = parallel_state.get_context_parallel_world_size()
-    if cp == 1:
+    if parallel_state.get_context_parallel_world_size() == 1:
         return batch
-    r = parallel_state.get_context_parallel_rank()
-    return {k: v.chunk(cp, dim=1)[r].contiguous() for k, v in batch.items()}
+    from .context_parallel import shard_batch_for_cp
+
+    return shard_batch_for_cp(batch)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -202,7 +203,7 @@ class _Sigterm:
 def train(cfg: RunConfig, step_hook=None) -> dict:
     """Run (or resume) training; returns a summary (steps, last loss, skipped steps, last checkpoint).
 
-    ``step_hook(step, loss)``, if given, is called on every rank after each step (tests, benchmarks).
+    ``step_hook(step, loss, model)``, if given, is called on every rank after each step (tests, benchmarks).
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -215,6 +216,10 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     from .model import build_model
     from .parallel import initialize_parallel
 
+    if cfg.train.engine == "deepspeed":  # DeepSpeed ZeRO instead of Megatron DDP (launch/deepspeed.sh)
+        from .deepspeed_engine import train as train_deepspeed
+
+        return train_deepspeed(cfg, step_hook)
     p, t = cfg.parallel, cfg.train
     spec = cfg.model_spec()
     config = spec.config
@@ -310,7 +315,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
                                             "grad norm": grad_norm, "tokens/s": tokens_per_s, "TFLOP/s": tflops,
                                             "MFU": tflops / peak if peak else None})
             if step_hook is not None:
-                step_hook(state["step"], loss)
+                step_hook(state["step"], loss, model)
             if eval_batches and state["step"] % t.eval_interval == 0:
                 val = evaluate()
                 logger.print(f"validation at step {state['step']}: loss {val:.4f}, perplexity {math.exp(val):.2f}")
@@ -342,7 +347,15 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--dry-run" in argv:  # validate against the job size and print the plan, start nothing (megatron_based/plan.py)
+        from .plan import main as plan_main
+
+        return plan_main([a for a in argv if a != "--dry-run"])
+    from .launch_env import setup_distributed_env
+
+    setup_distributed_env()  # rank / world size / master from torchrun, slurm or MPI (mpi4py) before the config check
+    args = parse_args(argv)
     overrides = list(args.overrides)
     overrides += [f"train.load={args.load}"] if args.load else []
     overrides += [f"train.save={args.save}"] if args.save else []

@@ -55,6 +55,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs only
     progress: bool = True
+    engine: str = "megatron"  # or "deepspeed": DeepSpeed ZeRO instead of Megatron DDP (docs/launching.md)
+    zero_stage: int = 1  # DeepSpeed ZeRO stage (1 or 2) when engine is deepspeed
 
 
 @dataclass
@@ -72,6 +74,7 @@ CHOICES = {
     ("train", "recompute_granularity"): (None, "full", "selective"),
     ("train", "recompute_method"): ("uniform", "block"),
     ("train", "lr_decay_style"): ("cosine", "linear", "constant", "inverse-square-root"),
+    ("train", "engine"): ("megatron", "deepspeed"),
 }
 
 
@@ -133,8 +136,11 @@ def _coerce(section: str, key: str, value, annotation: str):
             raise ConfigError(f"{where} must be a list of {inner.__name__}, got {value!r}") from None
     for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if annotation.startswith(name):
-            if typ is float and isinstance(value, int) and not isinstance(value, bool):
-                return float(value)
+            if typ is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+                try:  # YAML reads 1e-3 (no dot) as a string
+                    return float(value)
+                except ValueError:
+                    raise ConfigError(f"{where} must be float, got {value!r}") from None
             if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
             if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):

@@ -1,0 +1,95 @@
+"""Preprocessing (sentencepiece + Megatron indexed datasets) and the clear errors for bad data / tokenizer files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_based import data
+from megatron_based.data import DataError
+
+CORPUS = Path(data.__file__).parent / "demo_data" / "kjv.txt"
+VOCAB = 512  # > 256 byte-fallback pieces + the characters + specials
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict:
+    """A 60 KB slice of the shipped corpus, preprocessed once for the session: ``prefix``, ``tokenizer``."""
+    root = tmp_path_factory.mktemp("corpus")
+    text = CORPUS.read_text()[:60_000]
+    src = root / "kjv_small.txt"
+    src.write_text(text[: text.rindex("\n\n")])
+    info = data.preprocess([str(src)], str(root / "kjv"), vocab_size=VOCAB, show_progress=False)
+    return {"prefix": info["prefix"], "tokenizer": info["tokenizer_model"], "info": info, "source": src}
+
+
+def test_preprocess_writes_documents_that_round_trip(corpus):
+    tok = data.load_tokenizer(corpus["tokenizer"])
+    docs = list(data.read_documents(corpus["source"]))
+    ds = data.open_indexed(corpus["prefix"])
+    assert len(ds) == len(docs) == corpus["info"]["documents"] > 10
+    assert sum(len(ds[i]) for i in range(len(ds))) == corpus["info"]["tokens"]
+    for i in (0, len(docs) // 2, len(docs) - 1):
+        ids = ds[i]
+        assert ids[-1] == tok.eod and tok.eod not in ids[:-1]
+        assert tok.detokenize(ids[:-1].tolist()) == docs[i]
+    assert ds[0].dtype == np.uint16
+
+
+def test_jsonl_input_and_existing_tokenizer(corpus, tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(json.dumps({"content": t}) for t in ["In the beginning", "And God said"]) + "\n")
+    info = data.preprocess([str(src)], str(tmp_path / "j"), tokenizer_model=corpus["tokenizer"], json_key="content",
+                           show_progress=False)
+    tok = data.load_tokenizer(corpus["tokenizer"])
+    ds = data.open_indexed(info["prefix"])
+    assert [tok.detokenize(ds[i][:-1].tolist()) for i in range(2)] == ["In the beginning", "And God said"]
+
+
+def test_unigram_entropy_matches_counts(corpus):
+    ds = data.open_indexed(corpus["prefix"])
+    ids = np.concatenate([ds[i] for i in range(len(ds))])
+    p = np.bincount(ids) / len(ids)
+    p = p[p > 0]
+    assert data.unigram_entropy(corpus["prefix"], VOCAB) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
+
+
+def test_bad_inputs_name_the_file(corpus, tmp_path):
+    with pytest.raises(DataError, match="missing.txt does not exist"):
+        data.preprocess([str(tmp_path / "missing.txt")], str(tmp_path / "x"), show_progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no text key"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected a JSON object with a 'text' string"):
+        data.preprocess([str(bad)], str(tmp_path / "b"), tokenizer_model=corpus["tokenizer"], show_progress=False)
+
+
+def test_missing_or_corrupt_tokenizer(tmp_path):
+    with pytest.raises(DataError, match="nothing.model does not exist"):
+        data.load_tokenizer(tmp_path / "nothing.model")
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(DataError, match="junk.model could not be loaded as a sentencepiece model"):
+        data.load_tokenizer(junk)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Megatron's __del__ after a bad header
+def test_missing_truncated_or_corrupt_dataset(corpus, tmp_path):
+    prefix = str(tmp_path / "copy")
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"copy{ext}").write_bytes(Path(corpus["prefix"] + ext).read_bytes())
+    with pytest.raises(DataError, match=r"nope.idx does not exist"):
+        data.open_indexed(str(tmp_path / "nope"))
+    binf = Path(prefix + ".bin")
+    binf.write_bytes(binf.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"copy.bin has \d+ bytes but .*copy.idx describes \d+"):
+        data.open_indexed(prefix)
+    Path(prefix + ".idx").write_bytes(b"garbage header")
+    with pytest.raises(DataError, match=r"copy.idx is not a valid Megatron index file"):
+        data.open_indexed(prefix)
+
+
+def test_preprocess_cli_reports_errors(tmp_path, capsys):
+    assert data.main([str(tmp_path / "absent.txt"), "--output-prefix", str(tmp_path / "o")]) == 2
+    assert "absent.txt does not exist" in capsys.readouterr().err
