@@ -39,11 +39,12 @@ class PackedPrompts:
 
 def pack_prompts(prompts, lengths: Sequence[int] | None = None, padding_side: str = "right",
                  device=None) -> PackedPrompts:
-    """Pack prompts given as a list of token lists / 1-D tensors, or as a padded ``[b, s]`` tensor with
-    ``lengths`` and ``padding_side`` ("right": tokens first, "left": padding first)."""
+    """Pack prompts given as a list of token lists / 1-D tensors, or as a ``[b, s]`` tensor: padded when
+    ``lengths`` gives each row's number of tokens, on the ``padding_side`` ("right": tokens first, "left":
+    padding first)."""
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
-        if lengths is None:
-            raise ValueError("a padded [b, s] prompt tensor needs lengths= (the number of real tokens per row)")
+        if lengths is None:  # no padding
+            lengths = [prompts.shape[1]] * prompts.shape[0]
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if len(lengths) != prompts.shape[0]:

@@ -195,5 +195,6 @@ def test_pack_prompts_and_errors():
         assert packed.doc_ids.tolist() == [0, 0, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         pack_prompts([[1], []])
-    with pytest.raises(ValueError, match="lengths="):
-        pack_prompts(padded)
+    assert pack_prompts(padded).cu_seqlens.tolist() == [0, 4, 8]  # no lengths: no padding
+    with pytest.raises(ValueError, match="padding_side"):
+        pack_prompts(padded, lengths=[2, 4], padding_side="middle")
