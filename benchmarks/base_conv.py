@@ -27,8 +27,36 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+GRAPH = {}  # name -> ms of the same call replayed from a CUDA graph (device time, host launch cost removed)
+
+
+def bench(fn, name=None):
+    """Eager median ms (``do_bench``, L2 flushed between calls); with a name, also the CUDA-graph replay median."""
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    if name is not None:
+        try:
+            GRAPH[name] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+        except Exception as e:  # noqa: BLE001
+            print(f"graph capture of {name} failed: {e!r}"[:300])
+    return ms
+
+
+def kernel_breakdown(fn, n=10):
+    """Device ms per call of each kernel that ``fn`` launches (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key[:60]] = round(t / n / 1000, 4)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
 
 
 def fla_conv():
@@ -64,8 +92,10 @@ def run_case(B, T, C, K, layout, fla_fn):
     assert row["err_vs_reference"] < 1e-2, row
 
     ours = lambda: base_conv(u1, u2, w)[0]  # noqa: E731
-    row["ours_fwd_ms"] = bench(ours)
-    row["ours_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(base_conv(u1, u2, w)[0], [u1, u2, w], dy))
+    ours_fb = lambda: torch.autograd.grad(base_conv(u1, u2, w)[0], [u1, u2, w], dy)  # noqa: E731
+    row["ours_fwd_ms"] = bench(ours, "ours_fwd")
+    row["ours_fwdbwd_ms"] = bench(ours_fb, "ours_fwdbwd")
+    row["ours_kernels_fwdbwd_ms"] = kernel_breakdown(ours_fb)
     row["ours_fwd_TBps"] = 6 * n / row["ours_fwd_ms"] * 1e-9
     row["ours_fwdbwd_TBps"] = 16 * n / row["ours_fwdbwd_ms"] * 1e-9
 
@@ -79,8 +109,9 @@ def run_case(B, T, C, K, layout, fla_fn):
     row["eager_err_vs_ours"] = rel(eager().transpose(1, 2), y)
     assert row["eager_err_vs_ours"] < 2e-2, row
     row["conv1d_only_fwd_ms"] = bench(conv)
-    row["eager_fwd_ms"] = bench(eager)
-    row["eager_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(eager(), [x_bct, g_bct, w_conv], dy_bct))
+    row["eager_fwd_ms"] = bench(eager, "eager_fwd")
+    row["eager_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(eager(), [x_bct, g_bct, w_conv], dy_bct),
+                                   "eager_fwdbwd")
     if fla_fn is not None:
         x_c, g_c = u1.detach().contiguous().requires_grad_(), u2.detach().contiguous().requires_grad_()
         w_f = w.detach().clone().requires_grad_()
@@ -90,15 +121,21 @@ def run_case(B, T, C, K, layout, fla_fn):
             row["fla_err_vs_ours"] = rel(fla_gate(), y)
             assert row["fla_err_vs_ours"] < 2e-2, row
             row["fla_conv_only_fwd_ms"] = bench(fla_only)
-            row["fla_fwd_ms"] = bench(fla_gate)
-            row["fla_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(fla_gate(), [x_c, g_c, w_f], dy))
+            row["fla_fwd_ms"] = bench(fla_gate, "fla_fwd")
+            row["fla_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(fla_gate(), [x_c, g_c, w_f], dy), "fla_fwdbwd")
             row["fla_conv_only_fwd_TBps"] = 4 * n / row["fla_conv_only_fwd_ms"] * 1e-9
         except Exception as e:  # noqa: BLE001
             row["fla_error"] = repr(e)[:200]
+    row.update({f"{k}_graph_ms": v for k, v in GRAPH.items()})
+    GRAPH.clear()
+    if "ours_fwd_graph_ms" in row:
+        row["ours_fwd_graph_TBps"] = 6 * n / row["ours_fwd_graph_ms"] * 1e-9
+        row["ours_fwdbwd_graph_TBps"] = 16 * n / row["ours_fwdbwd_graph_ms"] * 1e-9
     for p in ("eager", "fla"):
-        if f"{p}_fwd_ms" in row:
-            row[f"speedup_fwd_vs_{p}"] = row[f"{p}_fwd_ms"] / row["ours_fwd_ms"]
-            row[f"speedup_fwdbwd_vs_{p}"] = row[f"{p}_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+        for m in ("fwd", "fwdbwd"):
+            for kind in ("", "_graph"):
+                if f"{p}_{m}{kind}_ms" in row and f"ours_{m}{kind}_ms" in row:
+                    row[f"speedup_{m}{kind}_vs_{p}"] = row[f"{p}_{m}{kind}_ms"] / row[f"ours_{m}{kind}_ms"]
     from based_kernels.short_conv.backward import conv_bwd_kernel
     from based_kernels.short_conv.forward import conv_fwd_kernel
 
@@ -113,8 +150,10 @@ def fmt(x, p=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/base_conv.json")
+    ap.add_argument("--cases", default=None, help="B,T,C,K,layout;... instead of the default list")
+    ap.add_argument("--no-fla", action="store_true")
     args = ap.parse_args()
-    fla_fn = fla_conv()
+    fla_fn = None if args.no_fla else fla_conv()
     try:
         import fla
         fla_version = getattr(fla, "__version__", "?")
@@ -125,6 +164,8 @@ def main():
                 dtype="bfloat16", timing="triton.testing.do_bench median (ms)")
     cases = [(8, 4096, 1024, 3, "contiguous"), (8, 4096, 2048, 3, "contiguous"), (8, 4096, 2048, 3, "megatron"),
              (4, 4096, 3584, 3, "megatron"), (8, 4096, 2048, 2, "contiguous"), (8, 4096, 2048, 4, "contiguous")]
+    if args.cases:
+        cases = [tuple(int(x) for x in c.split(",")[:4]) + (c.split(",")[4],) for c in args.cases.split(";")]
     rows = []
     for case in cases:
         row = run_case(*case, fla_fn)
@@ -133,17 +174,20 @@ def main():
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, fla {fla_version}, bf16, median ms")
-    print("| B | T | C | k | layout | ours fwd | TB/s | ours fwd+bwd | TB/s | conv1d only fwd | eager fwd | "
-          "eager fwd+bwd | fla conv only fwd | fla+gate fwd | fla+gate fwd+bwd | fwd speedup vs eager / fla | "
-          "fwd+bwd speedup vs eager / fla |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, title in (("", "eager do_bench"), ("_graph", "CUDA-graph replay")):
+        print(f"\n{title}, ms (fwd / fwd+bwd); TB/s effective")
+        print("| B | T | C | k | layout | ours | ours TB/s | eager conv1d+SiLU+gate | fla causal_conv1d + gate | "
+              "speedup vs eager | vs fla |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            cell = lambda p: f"{fmt(r.get(f'{p}_fwd{kind}_ms'))} / {fmt(r.get(f'{p}_fwdbwd{kind}_ms'))}"  # noqa: E731
+            sp = lambda p: (f"{fmt(r.get(f'speedup_fwd{kind}_vs_{p}'), 2)}x / "  # noqa: E731
+                            f"{fmt(r.get(f'speedup_fwdbwd{kind}_vs_{p}'), 2)}x")
+            tb = f"{fmt(r.get(f'ours_fwd{kind}_TBps'), 2)} / {fmt(r.get(f'ours_fwdbwd{kind}_TBps'), 2)}"
+            print(f"| {r['B']} | {r['T']} | {r['C']} | {r['K']} | {r['layout']} | {cell('ours')} | {tb} | "
+                  f"{cell('eager')} | {cell('fla')} | {sp('eager')} | {sp('fla')} |")
     for r in rows:
-        print(f"| {r['B']} | {r['T']} | {r['C']} | {r['K']} | {r['layout']} | {fmt(r['ours_fwd_ms'])} | "
-              f"{fmt(r['ours_fwd_TBps'], 2)} | {fmt(r['ours_fwdbwd_ms'])} | {fmt(r['ours_fwdbwd_TBps'], 2)} | "
-              f"{fmt(r['conv1d_only_fwd_ms'])} | {fmt(r['eager_fwd_ms'])} | {fmt(r['eager_fwdbwd_ms'])} | "
-              f"{fmt(r.get('fla_conv_only_fwd_ms'))} | {fmt(r.get('fla_fwd_ms'))} | {fmt(r.get('fla_fwdbwd_ms'))} | "
-              f"{fmt(r.get('speedup_fwd_vs_eager'), 2)}x / {fmt(r.get('speedup_fwd_vs_fla'), 2)}x | "
-              f"{fmt(r.get('speedup_fwdbwd_vs_eager'), 2)}x / {fmt(r.get('speedup_fwdbwd_vs_fla'), 2)}x |")
+        print(r["C"], r["K"], r["layout"], "ours kernels (fwd+bwd):", r.get("ours_kernels_fwdbwd_ms"))
 
 
 if __name__ == "__main__":

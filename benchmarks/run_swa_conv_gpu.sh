@@ -15,12 +15,13 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 for s in $steps; do
   t0=$(date +%s)
   case $s in
-    tests) timeout 110 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/kernels/test_sliding_window.py \
-             tests/kernels/test_short_conv.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    conv) timeout 80 python3 benchmarks/base_conv.py --out "$OUT/base_conv.json" 2>&1 | tee "$OUT/base_conv.log" \
-            | grep -v '^{' ;;
-    swa) timeout ${SWA_TIMEOUT:-150} python3 benchmarks/sliding_window.py --budget-s ${SWA_BUDGET:-100} --out "$OUT/sliding_window.json" 2>&1 \
-           | tee "$OUT/sliding_window.log" | grep -v '^{' ;;
+    tests) timeout ${TEST_TIMEOUT:-110} python3 -m pytest -q -x -m gpu -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} \
+             tests/kernels/test_sliding_window.py tests/kernels/test_short_conv.py 2>&1 | tee "$OUT/gpu_tests.log" \
+             | tail -25 ;;
+    conv) timeout ${CONV_TIMEOUT:-80} python3 benchmarks/base_conv.py --out "$OUT/base_conv.json" $CONV_ARGS 2>&1 \
+            | tee "$OUT/base_conv.log" | grep -v '^{' ;;
+    swa) timeout ${SWA_TIMEOUT:-150} python3 benchmarks/sliding_window.py --budget-s ${SWA_BUDGET:-100} \
+           --out "$OUT/sliding_window.json" $SWA_ARGS 2>&1 | tee "$OUT/sliding_window.log" | grep -v '^{' ;;
     swa-quick) timeout 120 python3 benchmarks/sliding_window.py --quick --out "$OUT/sliding_window_quick.json" \
            2>&1 | tee "$OUT/sliding_window_quick.log" ;;
   esac

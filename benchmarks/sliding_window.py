@@ -26,8 +26,36 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+GRAPH = {}  # name -> ms of the same call replayed from a CUDA graph (device time, host launch cost removed)
+
+
+def bench(fn, name=None):
+    """Eager median ms (``do_bench``, L2 flushed between calls); with a name, also the CUDA-graph replay median."""
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    if name is not None:
+        try:
+            GRAPH[name] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+        except Exception as e:  # noqa: BLE001
+            print(f"graph capture of {name} failed: {e!r}"[:300])
+    return ms
+
+
+def kernel_breakdown(fn, n=10):
+    """Device ms per call of each kernel that ``fn`` launches (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key[:60]] = round(t / n / 1000, 4)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
 
 
 def fwd_bwd(f, inputs, do):
@@ -77,8 +105,9 @@ def run_case(B, T, H, D, W, peers, fla_fn):
 
     o_ours = ours(q, k, v)
     inputs = [q, k, v]
-    row["ours_fwd_ms"] = bench(lambda: ours(q, k, v))
-    row["ours_fwdbwd_ms"] = bench(fwd_bwd(ours, inputs, do))
+    row["ours_fwd_ms"] = bench(lambda: ours(q, k, v), "ours_fwd")
+    row["ours_fwdbwd_ms"] = bench(fwd_bwd(ours, inputs, do), "ours_fwdbwd")
+    row["ours_kernels_fwdbwd_ms"] = kernel_breakdown(fwd_bwd(ours, inputs, do))
     # bytes of the forward: q, k, v read once, o written once
     row["ours_fwd_TBps"] = 4 * q.numel() * 2 / row["ours_fwd_ms"] * 1e-9
 
@@ -89,8 +118,8 @@ def run_case(B, T, H, D, W, peers, fla_fn):
             flex = make_flex(B, H, T, W)
             row["flex_err_vs_ours"] = rel(flex(qh, kh, vh).transpose(1, 2), o_ours)
             assert row["flex_err_vs_ours"] < 2e-2, row
-            row["flex_fwd_ms"] = bench(lambda: flex(qh, kh, vh))
-            row["flex_fwdbwd_ms"] = bench(fwd_bwd(flex, [qh, kh, vh], doh))
+            row["flex_fwd_ms"] = bench(lambda: flex(qh, kh, vh), "flex_fwd")
+            row["flex_fwdbwd_ms"] = bench(fwd_bwd(flex, [qh, kh, vh], doh), "flex_fwdbwd")
         except Exception as e:  # noqa: BLE001
             row["flex_error"] = repr(e)[:300]
     if "fla" in peers and fla_fn is not None:
@@ -98,14 +127,17 @@ def run_case(B, T, H, D, W, peers, fla_fn):
         try:
             row["fla_err_vs_ours"] = rel(f(q, k, v), o_ours)
             assert row["fla_err_vs_ours"] < 2e-2, row
-            row["fla_fwd_ms"] = bench(lambda: f(q, k, v))
-            row["fla_fwdbwd_ms"] = bench(fwd_bwd(f, inputs, do))
+            row["fla_fwd_ms"] = bench(lambda: f(q, k, v), "fla_fwd")
+            row["fla_fwdbwd_ms"] = bench(fwd_bwd(f, inputs, do), "fla_fwdbwd")
         except Exception as e:  # noqa: BLE001
             row["fla_error"] = repr(e)[:200]
+    row.update({f"{k}_graph_ms": v for k, v in GRAPH.items()})
+    GRAPH.clear()
     for p in ("flex", "fla"):
-        if f"{p}_fwd_ms" in row:
-            row[f"speedup_fwd_vs_{p}"] = row[f"{p}_fwd_ms"] / row["ours_fwd_ms"]
-            row[f"speedup_fwdbwd_vs_{p}"] = row[f"{p}_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+        for m in ("fwd", "fwdbwd"):
+            for kind in ("", "_graph"):
+                if f"{p}_{m}{kind}_ms" in row and f"ours_{m}{kind}_ms" in row:
+                    row[f"speedup_{m}{kind}_vs_{p}"] = row[f"{p}_{m}{kind}_ms"] / row[f"ours_{m}{kind}_ms"]
     from based_kernels.sliding_window.backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
     from based_kernels.sliding_window.forward import swa_fwd_kernel
 
@@ -122,6 +154,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/sliding_window.json")
     ap.add_argument("--quick", action="store_true", help="only the goal shape")
+    ap.add_argument("--cases", default=None, help="B,T,H,D,W;B,T,H,D,W;... instead of the default list")
     ap.add_argument("--peers", default="flex,fla")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     args = ap.parse_args()
@@ -133,6 +166,8 @@ def main():
         cases += [(8, 4096, 16, 64, 64), (8, 4096, 16, 64, 256), (8, 4096, 16, 128, 128), (8, 4096, 16, 128, 64),
                   (8, 4096, 16, 128, 256), (8, 4096, 16, 112, 128),
                   (16, 2048, 16, 64, 128), (4, 8192, 16, 64, 128), (2, 16384, 16, 64, 128), (1, 32768, 16, 64, 128)]
+    if args.cases:
+        cases = [tuple(int(x) for x in c.split(",")) for c in args.cases.split(";")]
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 fla=fla_version, python=platform.python_version(), date=datetime.date.today().isoformat(),
                 dtype="bfloat16", timing="triton.testing.do_bench median (ms)")
@@ -148,14 +183,16 @@ def main():
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, fla {fla_version}, bf16, median ms")
-    print("| B | T | D | W | ours fwd | ours fwd+bwd | ours fwd TB/s | Flex fwd | Flex fwd+bwd | fla fwd | "
-          "fla fwd+bwd | fwd+bwd speedup vs Flex | vs fla |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, title in (("", "eager do_bench"), ("_graph", "CUDA-graph replay")):
+        print(f"\n{title}, ms (fwd / fwd+bwd)")
+        print("| B | T | D | W | ours | Flex | fla | fwd+bwd speedup vs Flex | vs fla |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            cell = lambda p: f"{fmt(r.get(f'{p}_fwd{kind}_ms'))} / {fmt(r.get(f'{p}_fwdbwd{kind}_ms'))}"  # noqa: E731
+            print(f"| {r['B']} | {r['T']} | {r['D']} | {r['W']} | {cell('ours')} | {cell('flex')} | {cell('fla')} | "
+                  f"{fmt(r.get(f'speedup_fwdbwd{kind}_vs_flex'), 2)}x | {fmt(r.get(f'speedup_fwdbwd{kind}_vs_fla'), 2)}x |")
     for r in rows:
-        print(f"| {r['B']} | {r['T']} | {r['D']} | {r['W']} | {fmt(r['ours_fwd_ms'])} | {fmt(r['ours_fwdbwd_ms'])} | "
-              f"{fmt(r['ours_fwd_TBps'], 2)} | {fmt(r.get('flex_fwd_ms'))} | {fmt(r.get('flex_fwdbwd_ms'))} | "
-              f"{fmt(r.get('fla_fwd_ms'))} | {fmt(r.get('fla_fwdbwd_ms'))} | "
-              f"{fmt(r.get('speedup_fwdbwd_vs_flex'), 2)}x | {fmt(r.get('speedup_fwdbwd_vs_fla'), 2)}x |")
+        print(r["D"], r["W"], r["T"], "ours kernels (fwd+bwd):", r.get("ours_kernels_fwdbwd_ms"))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,13 @@ def row_context(rows, i_b, T, doc, cu, IS_VARLEN: tl.constexpr):
     """(state index, start, end) of each row's sequence: the batch row, or its document under cu_seqlens."""
     if IS_VARLEN:
         n = tl.load(doc + rows, mask=rows < T, other=0)
-        return n, tl.load(cu + n), tl.load(cu + n + 1)
-    return i_b, 0, T
+        start = tl.load(cu + n)
+        end = tl.load(cu + n + 1)
+    else:
+        n = i_b
+        start = 0
+        end = T
+    return n, start, end
 
 
 @triton.jit

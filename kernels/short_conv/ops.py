@@ -20,7 +20,7 @@ __all__ = ["conv_triton", "conv_step_triton", "final_state"]
 
 
 def _s2(t):
-    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+    return t.stride()[:2] if t is not None else (0, 0)
 
 
 def _varlen(cu, T, device):
@@ -29,7 +29,6 @@ def _varlen(cu, T, device):
     return _doc_ids(cu, T, device), cu.to(device=device, dtype=torch.int32)
 
 
-@torch.library.custom_op("based_kernels::short_conv_fwd", mutates_args=())
 def conv_fwd(x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor, init: Optional[torch.Tensor],
              cu: Optional[torch.Tensor]) -> torch.Tensor:
     B, T, C = x.shape
@@ -45,12 +44,14 @@ def conv_fwd(x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor, init: 
     return y
 
 
-@conv_fwd.register_fake
+conv_fwd_op = torch.library.custom_op("based_kernels::short_conv_fwd", conv_fwd, mutates_args=())
+
+
+@conv_fwd_op.register_fake
 def _(x, g, w, init, cu):
     return _empty_like_layout(x, x.shape)
 
 
-@torch.library.custom_op("based_kernels::short_conv_bwd", mutates_args=())
 def conv_bwd(dy: torch.Tensor, x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor,
              init: Optional[torch.Tensor], cu: Optional[torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,7 +87,10 @@ def conv_bwd(dy: torch.Tensor, x: torch.Tensor, g: Optional[torch.Tensor], w: to
     return dx, dg, dw, dinit
 
 
-@conv_bwd.register_fake
+conv_bwd_op = torch.library.custom_op("based_kernels::short_conv_bwd", conv_bwd, mutates_args=())
+
+
+@conv_bwd_op.register_fake
 def _(dy, x, g, w, init, cu):
     dg = _empty_like_layout(g, g.shape) if g is not None else x.new_empty(0)
     dinit = torch.empty_like(init) if init is not None else x.new_empty(0)
@@ -98,13 +102,29 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, g, w, init, cu)
 
 
-def _backward(ctx, dy):
+def _grads(ctx, dy, bwd):
     x, g, w, init, cu = ctx.saved_tensors
-    dx, dg, dw, dinit = conv_bwd(dy, x, g, w, init, cu)
+    dx, dg, dw, dinit = bwd(dy, x, g, w, init, cu)
     return dx, (dg if g is not None else None), dw, (dinit if init is not None else None), None
 
 
-torch.library.register_autograd("based_kernels::short_conv_fwd", _backward, setup_context=_setup_context)
+# torch.compile path: opaque custom ops
+torch.library.register_autograd("based_kernels::short_conv_fwd", lambda ctx, dy: _grads(ctx, dy, conv_bwd_op),
+                                setup_context=_setup_context)
+
+
+class ShortConvFunction(torch.autograd.Function):
+    """Eager path: the same kernels without the custom-op dispatch (~0.1 ms of host time per call saved)."""
+
+    @staticmethod
+    def forward(ctx, x, g, w, init, cu):
+        y = conv_fwd(x, g, w, init, cu)
+        _setup_context(ctx, (x, g, w, init, cu), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, conv_bwd)
 
 
 def final_state(x, initial_state, K, cu_seqlens=None):
@@ -133,7 +153,8 @@ def conv_triton(x, g, weight, initial_state, cu_seqlens):
     x = _lastdim_contiguous(x)
     g = _lastdim_contiguous(g)
     init = None if initial_state is None else initial_state.contiguous()
-    return conv_fwd(x, g, weight, init, cu_seqlens)
+    args = (x, g, weight, init, cu_seqlens)
+    return conv_fwd_op(*args) if torch.compiler.is_compiling() else ShortConvFunction.apply(*args)
 
 
 def conv_step_triton(x, g, weight, state):

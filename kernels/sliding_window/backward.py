@@ -31,8 +31,8 @@ def swa_bwd_dq_kernel(
     q, k, v, kp, vp, o, do, lse, delta, dq, doc,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
     s_kpb, s_kpt, s_kph, s_vpb, s_vpt, s_vph, s_ob, s_ot, s_oh, s_dob, s_dot, s_doh, s_dqb, s_dqt, s_dqh,
-    T, P, H, D, scale,
-    W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T, P, H, scale,
+    D: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -97,8 +97,8 @@ def swa_bwd_dkdv_kernel(
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
     s_kpb, s_kpt, s_kph, s_vpb, s_vpt, s_vph, s_dob, s_dot, s_doh,
     s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh, s_dkpb, s_dkpt, s_dkph, s_dvpb, s_dvpt, s_dvph,
-    T, P, H, D, scale,
-    W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T, P, H, scale,
+    D: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)
@@ -131,7 +131,7 @@ def swa_bwd_dkdv_kernel(
             b_delta = tl.load(delta + o_bh + i_q, mask=m_q, other=0.0)
             # key-major [BN, BM] tiles: dV and dK come out without transposing the accumulators
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale
-            b_pt = tl.where(tl.trans(visible_mask(i_q, j, T, P, W, doc, IS_VARLEN)),
+            b_pt = tl.where(visible_mask(i_q, j, T, P, W, doc, IS_VARLEN, KEY_MAJOR=True),
                             tl.exp2(b_st - b_lse[None, :]), 0.0)
             b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PREC)
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)

@@ -30,13 +30,22 @@ def load_kv_rows(p_main, p_prefix, j, o_d, m_d, T, P, s_t, s_pt, HAS_PREFIX: tl.
 
 
 @triton.jit
-def visible_mask(i_q, j, T, P, W, doc, IS_VARLEN: tl.constexpr):
-    """``[len(i_q), len(j)]`` mask of (query, key) pairs inside the causal window (and the same document)."""
-    m = (j[None, :] <= i_q[:, None]) & (j[None, :] >= i_q[:, None] - W) & (j[None, :] >= -P) & (i_q[:, None] < T)
+def visible_mask(i_q, j, T, P, W, doc, IS_VARLEN: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
+    """Mask of (query, key) pairs inside the causal window (and the same document): ``[len(i_q), len(j)]``, or
+    ``[len(j), len(i_q)]`` with KEY_MAJOR (built in that orientation: transposing a register tile costs a
+    shared-memory round trip)."""
+    if KEY_MAJOR:
+        q2, k2 = i_q[None, :], j[:, None]
+    else:
+        q2, k2 = i_q[:, None], j[None, :]
+    m = (k2 <= q2) & (k2 >= q2 - W) & (k2 >= -P) & (q2 < T)
     if IS_VARLEN:
-        d_q = tl.load(doc + i_q, mask=i_q < T, other=-1)
+        d_q = tl.load(doc + i_q, mask=(i_q >= 0) & (i_q < T), other=-1)
         d_k = tl.load(doc + j, mask=(j >= 0) & (j < T), other=-2)
-        m = m & (d_q[:, None] == d_k[None, :])
+        if KEY_MAJOR:
+            m = m & (d_q[None, :] == d_k[:, None])
+        else:
+            m = m & (d_q[:, None] == d_k[None, :])
     return m
 
 
@@ -53,8 +62,8 @@ def swa_fwd_kernel(
     q, k, v, kp, vp, o, lse, doc,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
     s_kpb, s_kpt, s_kph, s_vpb, s_vpt, s_vph, s_ob, s_ot, s_oh,
-    T, P, H, D, scale,
-    W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T, P, H, scale,
+    D: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)

@@ -37,7 +37,7 @@ def _doc_ids(cu_seqlens, T, device):
 
 
 def _strides3(t):
-    return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
+    return t.stride()[:3] if t is not None else (0, 0, 0)  # one stride() call: each costs ~1-2 us of host time
 
 
 def _meta(q, k, kp):
@@ -49,7 +49,6 @@ def _meta(q, k, kp):
     return B, T, H, Hkv, D, P, block_d, prec
 
 
-@torch.library.custom_op("based_kernels::swa_fwd", mutates_args=())
 def swa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torch.Tensor],
             vp: Optional[torch.Tensor], doc: Optional[torch.Tensor], window: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,19 +60,21 @@ def swa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torc
     swa_fwd_kernel[grid](
         q, k, v, kp_, vp_, o, lse, doc if doc is not None else lse,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp), *_strides3(o),
-        T, P, H, D, scale, W=window, G=H // Hkv,
+        T, P, H, scale, D=D, W=window, G=H // Hkv,
         BLOCK_D=block_d, HAS_PREFIX=kp is not None, IS_VARLEN=doc is not None, DOT_PREC=prec,
     )
     return o, lse
 
 
-@swa_fwd.register_fake
+swa_fwd_op = torch.library.custom_op("based_kernels::swa_fwd", swa_fwd, mutates_args=())
+
+
+@swa_fwd_op.register_fake
 def _(q, k, v, kp, vp, doc, window, scale):
     B, T, H, _ = q.shape
     return _empty_like_layout(q, q.shape), q.new_empty(B, H, T, dtype=torch.float32)
 
 
-@torch.library.custom_op("based_kernels::swa_bwd", mutates_args=())
 def swa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torch.Tensor],
             vp: Optional[torch.Tensor], doc: Optional[torch.Tensor], o: torch.Tensor, lse: torch.Tensor,
             window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -96,7 +97,7 @@ def swa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, kp_, vp_, o, do, lse, delta, dq, doc_,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp), *_strides3(o),
         *_strides3(do), *_strides3(dq),
-        T, P, H, D, scale, W=window, G=H // Hkv, **flags,
+        T, P, H, scale, D=D, W=window, G=H // Hkv, **flags,
     )
     dkp_, dvp_ = (dkp, dvp) if kp is not None else (dk, dv)
     swa_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T + P, meta["BN"]), B * Hkv)](
@@ -104,12 +105,15 @@ def swa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp), *_strides3(do),
         *_strides3(dk), *_strides3(dv), *_strides3(dkp if kp is not None else None),
         *_strides3(dvp if kp is not None else None),
-        T, P, H, D, scale, W=window, G=H // Hkv, **flags,
+        T, P, H, scale, D=D, W=window, G=H // Hkv, **flags,
     )
     return dq, dk, dv, dkp, dvp
 
 
-@swa_bwd.register_fake
+swa_bwd_op = torch.library.custom_op("based_kernels::swa_bwd", swa_bwd, mutates_args=())
+
+
+@swa_bwd_op.register_fake
 def _(do, q, k, v, kp, vp, doc, o, lse, window, scale):
     dkp = q.new_empty(0) if kp is None else _empty_like_layout(kp, kp.shape)
     dvp = q.new_empty(0) if vp is None else _empty_like_layout(vp, vp.shape)
@@ -125,16 +129,31 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, do, dlse):
+def _grads(ctx, do, bwd):
     q, k, v, kp, vp, doc, o, lse = ctx.saved_tensors
-    dq, dk, dv, dkp, dvp = swa_bwd(do, q, k, v, kp, vp, doc, o, lse, ctx.window, ctx.scale)
+    dq, dk, dv, dkp, dvp = bwd(do, q, k, v, kp, vp, doc, o, lse, ctx.window, ctx.scale)
     if kp is None:
         dkp = dvp = None
     return dq, dk, dv, dkp, dvp, None, None, None
 
 
-torch.library.register_autograd("based_kernels::swa_fwd", _backward, setup_context=_setup_context)
+# torch.compile path: opaque custom ops (the backward is traced as a call of based_kernels::swa_bwd)
+torch.library.register_autograd("based_kernels::swa_fwd", lambda ctx, do, dlse: _grads(ctx, do, swa_bwd_op),
+                                setup_context=_setup_context)
 
+
+class SlidingWindowAttentionFunction(torch.autograd.Function):
+    """Eager path: the same kernels without the custom-op dispatch (~0.1 ms of host time per call saved)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kp, vp, doc, window, scale):
+        o, lse = swa_fwd(q, k, v, kp, vp, doc, window, scale)
+        _setup_context(ctx, (q, k, v, kp, vp, doc, window, scale), (o, lse))
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        return _grads(ctx, do, swa_bwd)
 
 
 def swa_triton(q, k, v, *, window, scale, kv_prefix=None, cu_seqlens=None):
@@ -146,5 +165,6 @@ def swa_triton(q, k, v, *, window, scale, kv_prefix=None, cu_seqlens=None):
     doc = None
     if cu_seqlens is not None:
         doc = _doc_ids(cu_seqlens, q.shape[1], q.device)
-    o, _ = swa_fwd(q, k, v, kp, vp, doc, int(window), float(scale))
+    args = (q, k, v, kp, vp, doc, int(window), float(scale))
+    o, _ = swa_fwd_op(*args) if torch.compiler.is_compiling() else SlidingWindowAttentionFunction.apply(*args)
     return o
