@@ -49,6 +49,9 @@ CASES = {
     # past the ring of 7 rows; with the released window 128 the prompts end around 129.
     "CLS-w6": (dict(pattern="CLS", hidden=64, heads=4, feature_dim=4, window=6), 16, [2, 3, 4, 6, 7, 8]),
     "CLS-w128": (dict(pattern="CLS", hidden=64, heads=4, feature_dim=4, window=128), 134, [2, 128, 129, 130]),
+    # Hybrids with softmax attention ("A", KV cache): ragged prompts (masked) and equal ones (unmasked SDPA).
+    "CLSA": (dict(pattern="CLSA", hidden=64, heads=4, feature_dim=4, window=6), 16, [2, 7, 9]),
+    "LA-equal": (dict(pattern="LA", hidden=64, heads=4, feature_dim=4, window=6), 12, [5, 5]),
     # configs/tiny.yaml's model (CLSC, d 128, 4 heads, f 8, window 32).
     "tiny": (dict(pattern="CLSC", hidden=128, heads=4, feature_dim=8, window=32), 37, [2, 4, 33, 34]),
 }
@@ -65,7 +68,7 @@ def _prefill_decode_worker(rank, world):
         torch.manual_seed(1)
         tokens = torch.randint(0, VOCAB, (len(Ps), T))
         full = _full_logits(model, tokens)
-        gen = Generator(model, vocab_size=VOCAB)
+        gen = Generator(model, vocab_size=VOCAB, max_length=2 * T)
         if case == "CLS-w128":  # prefill boundaries only: decode the 129-prompt rows a few steps
             tokens, Ps, full = tokens[1:], Ps[1:], full[1:]
         errors[case] = (_teacher_forced_error(gen, tokens, Ps, full), full.abs().max().item())
