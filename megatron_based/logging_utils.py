@@ -57,7 +57,8 @@ class TrainLogger:
     def __init__(self, *, total_steps: int, start_step: int, enabled: bool, tensorboard_dir: str | None,
                  show_progress: bool = True):
         self.enabled = enabled
-        self.console = Console(file=sys.stdout, force_terminal=None)
+        self.console = Console(file=sys.stdout)
+        show_progress = show_progress and self.console.is_terminal  # piped output gets plain lines instead
         self._cm = progress_bar(enabled and show_progress, self.console)
         self.progress = self._cm.__enter__()
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
