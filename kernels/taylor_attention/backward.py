@@ -11,13 +11,29 @@ With ``y_t = num_t / den_t`` the backward is that of an unnormalised linear atte
 
 Programs split d_v in blocks like the forward; dq and dk get one fp32 partial per block, summed afterwards
 (deterministic: no atomics). The ``1`` column of the values (the normaliser) is handled by block 0 only.
+The Jacobian of the quadratic features, ``d/dx' [g . x' (x) x' / sqrt(2)] = (G + G^T) x' / sqrt(2)``, is taken
+group by group as two small products with constant 0/1 matrices that sum the flat features ``a*BK + b`` over b
+(resp. a), so no 3-D tile is formed.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .forward import _mm, _quad, _quad_vjp, _state_rows, _work_item
+from .forward import (RSQRT2, _dot_ieee, _gather, _group, _load_state, _mm, _qq, _store_state, _work_item,
+                      _zero_state)
+
+
+@triton.jit
+def _quad_vjp(b_g, p_x0, o_tt, s_xt, m_t, scale, g: tl.constexpr, F: tl.constexpr, BK: tl.constexpr):
+    """Group g's part of ``(G + G^T) x' / sqrt(2)`` for g = the [BT, BK*BK/4] block of feature gradients."""
+    o_a, o_b, _, m_g = _group(g, F, BK)
+    o_k = tl.arange(0, BK)
+    b_xa = _gather(p_x0, o_tt, s_xt, m_t, o_a, m_g).to(tl.float32) * scale
+    b_xb = _gather(p_x0, o_tt, s_xt, m_t, o_b, m_g).to(tl.float32) * scale
+    b_pa = (o_a[:, None] == o_k[None, :]).to(tl.float32)
+    b_pb = (o_b[:, None] == o_k[None, :]).to(tl.float32)
+    return (tl.dot(b_g * b_xb, b_pa) + tl.dot(b_g * b_xa, b_pb)) * RSQRT2
 
 
 @triton.jit
@@ -58,21 +74,15 @@ def taylor_bwd_dq_kernel(
     m_k = o_k < F
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    r_1, m_1, r_2, m_2 = _state_rows(F, BK)
     m_c = (o_t[:, None] >= o_t[None, :])
+    c2 = scale * scale * RSQRT2
 
-    # the constant feature has no gradient w.r.t. q: only the linear and quadratic rows of (S, z) are needed
-    b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_h2 = tl.zeros([BK * BK, BV], dtype=tl.float32)
-    b_z1 = tl.zeros([BK], dtype=tl.float32)
-    b_z2 = tl.zeros([BK * BK], dtype=tl.float32)
+    # the forward state (the constant feature has no gradient w.r.t. q: h0, z0 stay unused)
     if USE_H0:
-        p_s = h0s + i_st * D * DV
-        p_z = h0z + i_st * D
-        b_h1 += tl.load(p_s + r_1[:, None] * DV + o_v[None, :], mask=m_1[:, None] & m_v[None, :], other=0.)
-        b_h2 += tl.load(p_s + r_2[:, None] * DV + o_v[None, :], mask=m_2[:, None] & m_v[None, :], other=0.)
-        b_z1 += tl.load(p_z + r_1, mask=m_1, other=0.)
-        b_z2 += tl.load(p_z + r_2, mask=m_2, other=0.)
+        b_h0, b_h1, b_h2a, b_h2b, b_h2c, b_h2d, b_z0, b_z1, b_Z2 = _load_state(
+            h0s + i_st * D * DV, h0z + i_st * D, o_v, m_v, F, DV, BK)
+    else:
+        b_h0, b_h1, b_h2a, b_h2b, b_h2c, b_h2d, b_z0, b_z1, b_Z2 = _zero_state(BV, BK)
 
     p_q0 = q + i_b * s_qb + i_h * s_qh
     p_k0 = k + i_b * s_kb + i_h * s_kh
@@ -82,12 +92,10 @@ def taylor_bwd_dq_kernel(
     for t0 in range(bos, eos, BT):
         o_tt = t0 + o_t
         m_t = o_tt < eos
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_q = tl.load(p_q0 + o_tt[:, None] * s_qt + o_k[None, :], mask=m_tk, other=0.)
-        b_k = tl.load(p_k0 + o_tt[:, None] * s_kt + o_k[None, :], mask=m_tk, other=0.)
-        b_v = tl.load(p_v0 + o_tt[:, None] * s_vt + o_v[None, :], mask=m_tv, other=0.)
-        b_dy = tl.load(p_y0 + o_tt[:, None] * s_yt + o_v[None, :], mask=m_tv, other=0.)
+        b_q = _gather(p_q0, o_tt, s_qt, m_t, o_k, m_k)
+        b_k = _gather(p_k0, o_tt, s_kt, m_t, o_k, m_k)
+        b_v = _gather(p_v0, o_tt, s_vt, m_t, o_v, m_v)
+        b_dy = _gather(p_y0, o_tt, s_yt, m_t, o_v, m_v)
         p_d = (i_b * T + o_tt) * H + i_h
         b_den = tl.load(den + p_d, mask=m_t, other=1.)
         b_ddv = tl.load(dd + p_d, mask=m_t, other=0.) * w0
@@ -99,17 +107,22 @@ def taylor_bwd_dq_kernel(
         b_dA = _mm(b_do, tl.trans(b_v), b_v, HI) + b_ddv[:, None]
         b_dS = tl.where(m_c & m_t[None, :], (1. + b_s) * b_dA, 0.)
         b_dq = _mm(b_dS, b_ks, b_v, HI)
-        # inter-chunk: g = S [do | dd], then the Jacobian of phi at q'
-        b_g1 = tl.dot(b_do, tl.trans(b_h1)) + b_ddv[:, None] * b_z1[None, :]
-        b_g2 = _mm(b_do, tl.trans(b_h2), b_v, HI) + b_ddv[:, None] * b_z2[None, :]
-        b_dq += b_g1 + _quad_vjp(b_g2, b_qs, BT, BK)
-        tl.store(p_g0 + o_tt[:, None] * s_gt + o_k[None, :], b_dq * scale, mask=m_tk)
+        # inter-chunk: d/dq' of phi(q') . (S do + z dd)
+        b_dq += tl.dot(b_do, tl.trans(b_h1))
+        b_dq += b_ddv[:, None] * (b_z1[None, :] + _dot_ieee(b_qs, b_Z2 + tl.trans(b_Z2)) * RSQRT2)
+        b_dq += _quad_vjp(_mm(b_do, tl.trans(b_h2a), b_v, HI), p_q0, o_tt, s_qt, m_t, scale, 0, F, BK)
+        b_dq += _quad_vjp(_mm(b_do, tl.trans(b_h2b), b_v, HI), p_q0, o_tt, s_qt, m_t, scale, 1, F, BK)
+        b_dq += _quad_vjp(_mm(b_do, tl.trans(b_h2c), b_v, HI), p_q0, o_tt, s_qt, m_t, scale, 2, F, BK)
+        b_dq += _quad_vjp(_mm(b_do, tl.trans(b_h2d), b_v, HI), p_q0, o_tt, s_qt, m_t, scale, 3, F, BK)
+        tl.store(p_g0 + o_tt[:, None] * s_gt + o_k[None, :], b_dq * scale, mask=m_t[:, None] & m_k[None, :])
         # the forward state, advanced past this chunk
-        b_kk = _quad(b_ks, BT, BK)
         b_h1 += tl.dot(tl.trans(b_ks), b_v.to(tl.float32))
-        b_h2 += _mm(tl.trans(b_kk), b_v, b_v, HI)
+        b_h2a += _mm(tl.trans(_qq(p_k0, o_tt, s_kt, m_t, 0, F, BK)), b_v, b_v, HI) * c2
+        b_h2b += _mm(tl.trans(_qq(p_k0, o_tt, s_kt, m_t, 1, F, BK)), b_v, b_v, HI) * c2
+        b_h2c += _mm(tl.trans(_qq(p_k0, o_tt, s_kt, m_t, 2, F, BK)), b_v, b_v, HI) * c2
+        b_h2d += _mm(tl.trans(_qq(p_k0, o_tt, s_kt, m_t, 3, F, BK)), b_v, b_v, HI) * c2
         b_z1 += tl.sum(b_ks, 0)
-        b_z2 += tl.sum(b_kk, 0)
+        b_Z2 += _dot_ieee(tl.trans(b_ks), b_ks) * RSQRT2
 
 
 @triton.jit
@@ -132,26 +145,15 @@ def taylor_bwd_dkv_kernel(
     m_k = o_k < F
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    r_1, m_1, r_2, m_2 = _state_rows(F, BK)
-    o_1 = tl.arange(0, 1)
     m_c = (o_t[:, None] >= o_t[None, :])
+    c2 = scale * scale * RSQRT2
 
-    # gradient of the state after this chunk (from later chunks and from the final state)
-    b_h0 = tl.zeros([BV], dtype=tl.float32)
-    b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_h2 = tl.zeros([BK * BK, BV], dtype=tl.float32)
-    b_z0 = tl.zeros([1], dtype=tl.float32)
-    b_z1 = tl.zeros([BK], dtype=tl.float32)
-    b_z2 = tl.zeros([BK * BK], dtype=tl.float32)
+    # gradient of the state after the current chunk (later chunks' queries + the final state's gradient)
     if USE_DHT:
-        p_s = dhts + i_st * D * DV
-        p_z = dhtz + i_st * D
-        b_h0 += tl.load(p_s + o_v, mask=m_v, other=0.)
-        b_h1 += tl.load(p_s + r_1[:, None] * DV + o_v[None, :], mask=m_1[:, None] & m_v[None, :], other=0.)
-        b_h2 += tl.load(p_s + r_2[:, None] * DV + o_v[None, :], mask=m_2[:, None] & m_v[None, :], other=0.)
-        b_z0 += tl.load(p_z + o_1)
-        b_z1 += tl.load(p_z + r_1, mask=m_1, other=0.)
-        b_z2 += tl.load(p_z + r_2, mask=m_2, other=0.)
+        b_h0, b_h1, b_h2a, b_h2b, b_h2c, b_h2d, b_z0, b_z1, b_Z2 = _load_state(
+            dhts + i_st * D * DV, dhtz + i_st * D, o_v, m_v, F, DV, BK)
+    else:
+        b_h0, b_h1, b_h2a, b_h2b, b_h2c, b_h2d, b_z0, b_z1, b_Z2 = _zero_state(BV, BK)
 
     p_q0 = q + i_b * s_qb + i_h * s_qh
     p_k0 = k + i_b * s_kb + i_h * s_kh
@@ -164,12 +166,10 @@ def taylor_bwd_dkv_kernel(
         t0 = bos + (NT - 1 - i_t) * BT
         o_tt = t0 + o_t
         m_t = o_tt < eos
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_q = tl.load(p_q0 + o_tt[:, None] * s_qt + o_k[None, :], mask=m_tk, other=0.)
-        b_k = tl.load(p_k0 + o_tt[:, None] * s_kt + o_k[None, :], mask=m_tk, other=0.)
-        b_v = tl.load(p_v0 + o_tt[:, None] * s_vt + o_v[None, :], mask=m_tv, other=0.)
-        b_dy = tl.load(p_y0 + o_tt[:, None] * s_yt + o_v[None, :], mask=m_tv, other=0.)
+        b_q = _gather(p_q0, o_tt, s_qt, m_t, o_k, m_k)
+        b_k = _gather(p_k0, o_tt, s_kt, m_t, o_k, m_k)
+        b_v = _gather(p_v0, o_tt, s_vt, m_t, o_v, m_v)
+        b_dy = _gather(p_y0, o_tt, s_yt, m_t, o_v, m_v)
         p_d = (i_b * T + o_tt) * H + i_h
         b_den = tl.load(den + p_d, mask=m_t, other=1.)
         b_dd = tl.load(dd + p_d, mask=m_t, other=0.)
@@ -185,29 +185,32 @@ def taylor_bwd_dkv_kernel(
         b_dA = _mm(b_do, tl.trans(b_v), b_v, HI) + b_ddv[:, None]
         b_dS = tl.where(m_s, (1. + b_s) * b_dA, 0.)
         b_dk = _mm(tl.trans(b_dS), b_qs, b_v, HI)
-        # inter-chunk: keys of this chunk feed every later query through the state
-        b_kk = _quad(b_ks, BT, BK)
-        b_dv += b_h0[None, :] + tl.dot(b_ks, b_h1) + _mm(b_kk, b_h2, b_v, HI)
-        b_g1 = tl.dot(b_v.to(tl.float32), tl.trans(b_h1)) + w0 * b_z1[None, :]
-        b_g2 = _mm(b_v, tl.trans(b_h2), b_v, HI) + w0 * b_z2[None, :]
-        b_dk += b_g1 + _quad_vjp(b_g2, b_ks, BT, BK)
-        tl.store(p_g0 + o_tt[:, None] * s_gt + o_k[None, :], b_dk * scale, mask=m_tk)
-        tl.store(p_e0 + o_tt[:, None] * s_et + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+        # inter-chunk: this chunk's keys reach every later query through the state
+        b_r = _mm(_qq(p_k0, o_tt, s_kt, m_t, 0, F, BK), b_h2a, b_v, HI)
+        b_r += _mm(_qq(p_k0, o_tt, s_kt, m_t, 1, F, BK), b_h2b, b_v, HI)
+        b_r += _mm(_qq(p_k0, o_tt, s_kt, m_t, 2, F, BK), b_h2c, b_v, HI)
+        b_r += _mm(_qq(p_k0, o_tt, s_kt, m_t, 3, F, BK), b_h2d, b_v, HI)
+        b_dv += b_h0[None, :] + tl.dot(b_ks, b_h1) + b_r * c2
+        b_dk += tl.dot(b_v.to(tl.float32), tl.trans(b_h1))
+        b_dk += w0 * (b_z1[None, :] + _dot_ieee(b_ks, b_Z2 + tl.trans(b_Z2)) * RSQRT2)
+        b_dk += _quad_vjp(_mm(b_v, tl.trans(b_h2a), b_v, HI), p_k0, o_tt, s_kt, m_t, scale, 0, F, BK)
+        b_dk += _quad_vjp(_mm(b_v, tl.trans(b_h2b), b_v, HI), p_k0, o_tt, s_kt, m_t, scale, 1, F, BK)
+        b_dk += _quad_vjp(_mm(b_v, tl.trans(b_h2c), b_v, HI), p_k0, o_tt, s_kt, m_t, scale, 2, F, BK)
+        b_dk += _quad_vjp(_mm(b_v, tl.trans(b_h2d), b_v, HI), p_k0, o_tt, s_kt, m_t, scale, 3, F, BK)
+        tl.store(p_g0 + o_tt[:, None] * s_gt + o_k[None, :], b_dk * scale, mask=m_t[:, None] & m_k[None, :])
+        tl.store(p_e0 + o_tt[:, None] * s_et + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
         # add this chunk's queries to the state gradient
-        b_qq = _quad(b_qs, BT, BK)
         b_h0 += tl.sum(b_do, 0)
         b_h1 += tl.dot(tl.trans(b_qs), b_do)
-        b_h2 += _mm(tl.trans(b_qq), b_do, b_v, HI)
+        b_h2a += _mm(tl.trans(_qq(p_q0, o_tt, s_qt, m_t, 0, F, BK)), b_do, b_v, HI) * c2
+        b_h2b += _mm(tl.trans(_qq(p_q0, o_tt, s_qt, m_t, 1, F, BK)), b_do, b_v, HI) * c2
+        b_h2c += _mm(tl.trans(_qq(p_q0, o_tt, s_qt, m_t, 2, F, BK)), b_do, b_v, HI) * c2
+        b_h2d += _mm(tl.trans(_qq(p_q0, o_tt, s_qt, m_t, 3, F, BK)), b_do, b_v, HI) * c2
         b_z0 += tl.sum(b_dd, 0)
         b_z1 += tl.sum(b_qs * b_dd[:, None], 0)
-        b_z2 += tl.sum(b_qq * b_dd[:, None], 0)
+        b_Z2 += _dot_ieee(tl.trans(b_qs * b_dd[:, None]), b_qs) * RSQRT2
 
     if STORE_DH0:
-        p_s = dh0s + i_st * D * DV
-        p_z = dh0z + i_st * D
-        tl.store(p_s + o_v, b_h0, mask=m_v)
-        tl.store(p_s + r_1[:, None] * DV + o_v[None, :], b_h1, mask=m_1[:, None] & m_v[None, :])
-        tl.store(p_s + r_2[:, None] * DV + o_v[None, :], b_h2, mask=m_2[:, None] & m_v[None, :])
-        tl.store(p_z + o_1, b_z0, mask=(o_1 < 1) & (i_v == 0))
-        tl.store(p_z + r_1, b_z1, mask=m_1 & (i_v == 0))
-        tl.store(p_z + r_2, b_z2, mask=m_2 & (i_v == 0))
+        _store_state(dh0s + i_st * D * DV, dh0z + i_st * D, b_h0, b_h1, b_h2a, b_h2b, b_h2c, b_h2d, b_z0, b_z1,
+                     b_Z2, i_v, o_v, m_v, F, DV, BK)

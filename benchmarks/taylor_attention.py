@@ -1,0 +1,288 @@
+"""Taylor linear attention on the GPU: correctness vs fp64, then forward and forward+backward timings against
+fla ``parallel_based`` / ``fused_chunk_based`` and FlashAttention-2 (SDPA flash backend), B*T = 32k tokens.
+
+    python benchmarks/taylor_attention.py [--sweep] [--quick] [--out benchmarks/results/taylor_attention.json]
+
+One process: (1) correctness of our kernels (bf16, fp64 reference on upcast inputs); (2) the two ceilings
+(device copy, bf16 matmul); (3) optionally a sweep of kernel configurations at the goal shape, keeping the
+fastest; (4) the table. JSON is rewritten after every row, so a run cut short still leaves its numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import traceback
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from based_kernels.taylor_attention import ops, taylor_attention_chunked, taylor_linear_attention
+
+H, F, TOKENS = 16, 16, 32768
+TS = [2048, 4096, 8192, 16384, 32768, 65536]
+DVS = [64, 128]
+CHUNK = 64
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def ms(fn, budget_ms=300):
+    return do_bench(fn, warmup=25, rep=budget_ms, return_mode="median")
+
+
+def inputs(B, T, dv, seed=0, grad=False, qk_dim=F):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(grad)  # noqa
+    return mk(B, T, H, qk_dim), mk(B, T, H, qk_dim), mk(B, T, H, dv)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def flops_bytes(B, T, dv, kind):
+    """Roofline counts per docs/performance.md (per token-head: D = 1 + f + f^2 features, chunk 64)."""
+    D, n = 1 + F + F * F, B * T * H
+    fwd_f = (4 * D * dv + 2 * CHUNK * (F + dv)) * n
+    fwd_b = (2 * 2 * F + 2 * 2 * dv + 4) * n  # q, k, v, o in bf16 + fp32 denominator
+    if kind == "fwd":
+        return fwd_f, fwd_b
+    bwd_f = (10 * D * dv + 4 * CHUNK * (F + dv)) * n
+    bwd_b = (2 * 2 * F + 3 * 2 * dv + 4 + 2 * 2 * F + 2 * dv + 4) * n  # read q,k,v,o,dy,den; write dq,dk,dv; dd
+    return fwd_f + bwd_f, fwd_b + bwd_b
+
+
+def fa_flops(B, T, d, kind):
+    f = 4 * B * H * T * T * d / 2  # causal
+    return f if kind == "fwd" else 3.5 * f
+
+
+# ----------------------------------------------------------------------------------------------- peers
+def peers():
+    out = {}
+    try:
+        from fla.ops.based import fused_chunk_based, parallel_based
+        out["fla_parallel_based"] = lambda q, k, v: parallel_based(q, k, v)
+        out["fla_fused_chunk_based"] = lambda q, k, v: fused_chunk_based(q, k, v)
+    except Exception as e:  # noqa: BLE001
+        print("fla not available:", e)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fa2(q, k, v):  # softmax attention, head dim d_v for q, k and v; [B, T, H, d] viewed as [B, H, T, d]
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return o.transpose(1, 2)
+    fa2.qk_dim_is_dv = True
+
+    out["fa2_sdpa"] = fa2
+    return out
+
+
+def ours(q, k, v):
+    return taylor_linear_attention(q, k, v)[0]
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def correctness():
+    res = {}
+    cases = [("B2 T2048 dv64", 2, 2048, 64, None), ("B1 T4096 dv128", 1, 4096, 128, None),
+             ("varlen 3 docs dv64", 1, 3000, 64, [0, 1, 1200, 3000])]
+    for name, B, T, dv, cu in cases:
+        q, k, v = inputs(B, T, dv, seed=1, grad=True)
+        cu_t = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
+        y, fin = taylor_linear_attention(q, k, v, cu_seqlens=cu_t, output_final_state=True)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        got = [y, fin[0], q.grad, k.grad, v.grad]
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        y64, fin64 = taylor_attention_chunked(q64, k64, v64, cu_seqlens=cu_t, output_final_state=True)
+        y64.backward(dy.double())
+        want = [y64, fin64[0], q64.grad, k64.grad, v64.grad]
+        errs = dict(zip(["y", "S_final", "dq", "dk", "dv"], (rel(a, b) for a, b in zip(got, want))))
+        if cu is None:
+            fla = peers().get("fla_parallel_based")
+            if fla is not None:
+                errs["fla_parallel_based_y"] = rel(fla(q.detach(), k.detach(), v.detach()), y64)
+        res[name] = errs
+        print(f"correctness {name}: " + ", ".join(f"{k_}={e:.2e}" for k_, e in errs.items()), flush=True)
+    return res
+
+
+def ceilings():
+    x = torch.randn(2 ** 28, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    t = ms(lambda: y.copy_(x), 200)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    tm = ms(lambda: a @ b, 300)
+    c = {"copy_TBps": 2 * x.numel() * 2 / t / 1e9, "bf16_matmul_TFLOPs": 2 * 8192 ** 3 / tm / 1e9}
+    print(f"ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 matmul {c['bf16_matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    del x, y, a, b
+    return c
+
+
+def time_case(fn, B, T, dv, kind, budget_ms=300):
+    qk_dim = dv if getattr(fn, "qk_dim_is_dv", False) else F
+    q, k, v = inputs(B, T, dv, grad=(kind == "fwdbwd"), qk_dim=qk_dim)
+    if kind == "fwd":
+        with torch.no_grad():
+            return ms(lambda: fn(q, k, v), budget_ms)
+    dy = torch.randn(B, T, H, dv, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(dy)
+    return ms(step, budget_ms)
+
+
+def sweep(results, save):
+    """Time kernel configurations at B8 T4096 H16 d_v 64 and keep the fastest for the rest of the run."""
+    B, T, dv = TOKENS // 4096, 4096, 64
+    out = {"fwd": {}, "bwd": {}, "segments": {}}
+    best = None
+    for cfg in [(64, 32, 8, 1), (64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 8, 1), (64, 64, 8, 1), (32, 64, 4, 1)]:
+        ops.CONFIG["fwd"] = cfg
+        try:
+            t = time_case(ours, B, T, dv, "fwd", 150)
+        except Exception as e:  # noqa: BLE001
+            print("fwd config", cfg, "failed:", repr(e)[:300])
+            continue
+        out["fwd"][str(cfg)] = t
+        print(f"sweep fwd {cfg}: {t:.3f} ms", flush=True)
+        if best is None or t < best[1]:
+            best = (cfg, t)
+    ops.CONFIG["fwd"] = ops.CONFIG["state"] = best[0]
+    best = None
+    for cfg in [(64, 32, 8, 1), (32, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 32, 4, 1)]:
+        ops.CONFIG["dq"] = ops.CONFIG["dkv"] = cfg
+        try:
+            t = time_case(ours, B, T, dv, "fwdbwd", 200)
+        except Exception as e:  # noqa: BLE001
+            print("bwd config", cfg, "failed:", repr(e)[:300])
+            continue
+        out["bwd"][str(cfg)] = t
+        print(f"sweep fwd+bwd with dq/dkv {cfg}: {t:.3f} ms", flush=True)
+        if best is None or t < best[1]:
+            best = (cfg, t)
+    ops.CONFIG["dq"] = ops.CONFIG["dkv"] = best[0]
+    # sequence split across programs at long T
+    best = None
+    for pps in [None, 1, 2, 4]:
+        ops.FORCE_NUM_SEGMENTS = 1 if pps is None else None
+        ops.PROGRAMS_PER_SM = pps or 1
+        try:
+            t = time_case(ours, 1, 32768, dv, "fwdbwd", 200)
+        except Exception as e:  # noqa: BLE001
+            print("segments", pps, "failed:", repr(e)[:300])
+            continue
+        out["segments"][str(pps)] = t
+        print(f"sweep B1 T32768 fwd+bwd, programs per SM {pps}: {t:.3f} ms", flush=True)
+        if best is None or t < best[1]:
+            best = (pps, t)
+    ops.FORCE_NUM_SEGMENTS = 1 if best[0] is None else None
+    ops.PROGRAMS_PER_SM = best[0] or 1
+    out["chosen"] = {"CONFIG": dict(ops.CONFIG), "PROGRAMS_PER_SM": best[0]}
+    print("chosen:", out["chosen"], flush=True)
+    results["sweep"] = out
+    save()
+
+
+def table(results, save, quick):
+    cl = results["ceilings"]
+    rows = results.setdefault("rows", [])
+    fns = {"ours": ours, **peers()}
+    for dv in DVS:
+        for T in (TS[:3] if quick else TS):
+            B = max(1, TOKENS // T)
+            for kind in ("fwd", "fwdbwd"):
+                row = {"dv": dv, "T": T, "B": B, "kind": kind}
+                for name, fn in fns.items():
+                    try:
+                        row[name] = time_case(fn, B, T, dv, kind, 300 if name == "ours" else 200)
+                    except Exception as e:  # noqa: BLE001
+                        row[name] = None
+                        print(f"{name} dv{dv} T{T} {kind} failed: {repr(e)[:200]}", flush=True)
+                    torch.cuda.empty_cache()
+                fl, by = flops_bytes(B, T, dv, kind)
+                t = row["ours"]
+                if t:
+                    row["ours_TFLOPs"] = fl / t / 1e9
+                    row["ours_TBps"] = by / t / 1e9
+                    floor = max(fl / (cl["bf16_matmul_TFLOPs"] * 1e9), by / (cl["copy_TBps"] * 1e9))
+                    row["floor_ms"] = floor
+                    row["pct_of_floor"] = 100 * floor / t
+                    for p in fns:
+                        if p != "ours" and row.get(p):
+                            row[f"speedup_vs_{p}"] = row[p] / t
+                if row.get("fa2_sdpa"):
+                    row["fa2_TFLOPs"] = fa_flops(B, T, dv, kind) / row["fa2_sdpa"] / 1e9
+                rows.append(row)
+                save()
+                print(fmt_row(row), flush=True)
+
+
+def fmt_row(r):
+    def f(x, p=3):
+        return "-" if x is None else f"{x:.{p}f}"
+    return (f"| {r['dv']} | {r['T']} | {r['B']} | {r['kind']} | {f(r.get('ours'))} | {f(r.get('ours_TFLOPs'), 0)} | "
+            f"{f(r.get('ours_TBps'), 2)} | {f(r.get('pct_of_floor'), 0)}% | {f(r.get('fla_parallel_based'))} | "
+            f"{f(r.get('fla_fused_chunk_based'))} | {f(r.get('fa2_sdpa'))} | "
+            f"{f(r.get('speedup_vs_fla_parallel_based'), 2)}x | {f(r.get('speedup_vs_fa2_sdpa'), 2)}x |")
+
+
+HEADER = ("| d_v | T | B | pass | ours ms | TFLOP/s | TB/s | % of floor | fla parallel ms | fla fused_chunk ms | "
+          "FA2 ms | vs parallel | vs FA2 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/taylor_attention.json")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    try:
+        import fla
+        fla_version = getattr(fla, "__version__", "?")
+    except Exception:  # noqa: BLE001
+        fla_version = None
+    results = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+               "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version,
+               "python": platform.python_version(), "shape": {"H": H, "f": F, "tokens": TOKENS}}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+
+    def save():
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+    print(results, flush=True)
+    try:
+        results["correctness"] = correctness()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    save()
+    results["ceilings"] = ceilings()
+    if args.sweep:
+        try:
+            sweep(results, save)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+    results["config"] = {"CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
+                         "PROGRAMS_PER_SM": ops.PROGRAMS_PER_SM, "FORCE_NUM_SEGMENTS": ops.FORCE_NUM_SEGMENTS,
+                         "HI_INTRA": ops.HI_INTRA, "HI_READ": ops.HI_READ, "HI_BWD": ops.HI_BWD}
+    save()
+    table(results, save, args.quick)
+    print(f"\n{results['gpu']}, torch {results['torch']}, triton {results['triton']}, fla {fla_version}, "
+          f"{results['date']}; H {H}, f {F}, B*T = {TOKENS}, bf16; median ms (triton.testing.do_bench)")
+    print(HEADER)
+    for r in results["rows"]:
+        print(fmt_row(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
