@@ -1,0 +1,49 @@
+"""Rank discovery from each launcher's environment (the MPI path runs for real in test_launchers.py)."""
+import pytest
+
+from megatron_based.launch_env import DistEnv, LaunchError, detect_launcher, discover, first_host
+
+
+@pytest.mark.parametrize("nodelist, host", [("node07", "node07"), ("gpu[007-009,012],cpu1", "gpu007"),
+                                            ("a-1,b-2", "a-1"), ("dgx[3,5]", "dgx3")])
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_detection_order():
+    assert detect_launcher({}) == "single"
+    assert detect_launcher({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}) == "torchrun"
+    # mpirun inside an allocation: SLURM_PROCID is the batch step's, MPI's rank wins
+    assert detect_launcher({"OMPI_COMM_WORLD_RANK": "1", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}) == "mpi"
+    assert detect_launcher({"PMIX_RANK": "1", "SLURM_PROCID": "1", "SLURM_STEP_ID": "3"}) == "slurm"
+    assert detect_launcher({"PMIX_RANK": "1"}) == "mpi"
+    assert detect_launcher({"SLURM_PROCID": "0"}) == "single"  # the batch script itself, not an srun task
+    assert detect_launcher({"MEGATRON_BASED_LAUNCHER": "mpi", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}) == "mpi"
+    with pytest.raises(LaunchError, match="MEGATRON_BASED_LAUNCHER='pbs'"):
+        detect_launcher({"MEGATRON_BASED_LAUNCHER": "pbs"})
+
+
+def test_slurm_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[03-04]", "SLURM_JOB_ID": "123456"}
+    assert discover(env) == DistEnv("slurm", 5, 8, 1, 4, "gpu03", 20000 + 123456 % 20000)
+    assert discover({**env, "MASTER_ADDR": "10.0.0.3", "MASTER_PORT": "6000"}).master_addr == "10.0.0.3"
+    exported = {}
+    discover(env).export(exported)
+    assert exported == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                        "MASTER_ADDR": "gpu03", "MASTER_PORT": str(20000 + 123456 % 20000)}
+
+
+def test_missing_mpi4py_is_explained(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpi(name, *args, **kwargs):
+        if name.startswith("mpi4py"):
+            raise ImportError("No module named 'mpi4py'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpi)
+    with pytest.raises(LaunchError, match=r"pip install 'megatron-based\[mpi\]'.*openmpi-bin"):
+        discover({"OMPI_COMM_WORLD_RANK": "0"})
