@@ -5,9 +5,18 @@ PYTHON ?= $(shell command -v python3.12 2>/dev/null || ls -d $$HOME/.pyenv/versi
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-gpu demo clean
+.PHONY: venv test test-gpu demo clean launch-deps
 
-$(STAMP): pyproject.toml
+# The launcher tests (tests/launch) run real mpirun and a real single-node slurm cluster: Debian packages, installed
+# here when missing and apt-get is usable (root); without them those tests skip and say why.
+LAUNCH_APT := openmpi-bin libopenmpi-dev slurm-wlm munge
+launch-deps:
+	@if command -v mpirun >/dev/null && command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(LAUNCH_APT) >/dev/null; \
+	else echo "note: $(LAUNCH_APT) missing and apt-get unusable: the mpirun/slurm launcher tests will skip"; fi
+
+$(STAMP): pyproject.toml | launch-deps
 	@if [ -z "$(PYTHON)" ]; then \
 	  echo "Python 3.12 not found. megatron-core >= 0.17 needs Python >= 3.12: install it (e.g. 'pyenv install 3.12'," \
 	       "or 'apt-get install python3.12 python3.12-venv') or run 'make PYTHON=/path/to/python3.12 ...'."; exit 1; fi
@@ -15,12 +24,13 @@ $(STAMP): pyproject.toml
 	  { echo "$(PYTHON) is not Python >= 3.12; run 'make PYTHON=/path/to/python3.12 ...'"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	# DS_BUILD_OPS=0: DeepSpeed compiles nothing at install (its engine here needs no C++ op; see docs/launching.md)
+	DS_BUILD_OPS=0 $(VENV)/bin/python -m pip install -q -e '.[test,mpi,deepspeed]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) launch-deps
 	$(VENV)/bin/python -m pytest -q -ra tests
 
 test-gpu: $(STAMP)
