@@ -27,22 +27,24 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-GRAPH = {}  # name -> ms of the same call replayed from a CUDA graph (device time, host launch cost removed)
+GRAPH = {}  # name -> extra timings of the same call: device busy ms (profiler), CUDA-graph replay ms (--graph)
+USE_GRAPH = False  # a failed capture poisons the CUDA context, so graph replay timing is opt-in
 
 
 def bench(fn, name=None):
-    """Eager median ms (``do_bench``, L2 flushed between calls); with a name, also the CUDA-graph replay median."""
+    """Eager median ms (``do_bench``, L2 flushed between calls: host launch cost included when it exceeds the
+    device time). With a name, also the device busy time (sum of kernel times, torch.profiler) and, with
+    --graph, the CUDA-graph replay median."""
     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     if name is not None:
-        try:
-            GRAPH[name] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-        except Exception as e:  # noqa: BLE001
-            print(f"graph capture of {name} failed: {e!r}"[:300])
+        GRAPH[f"{name}_device"] = kernel_breakdown(fn)[0]
+        if USE_GRAPH:
+            GRAPH[f"{name}_graph"] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     return ms
 
 
 def kernel_breakdown(fn, n=10):
-    """Device ms per call of each kernel that ``fn`` launches (torch.profiler), largest first."""
+    """(total, top kernels): device ms per call of the kernels that ``fn`` launches (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -56,7 +58,15 @@ def kernel_breakdown(fn, n=10):
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t:
             out[e.key[:60]] = round(t / n / 1000, 4)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+    return round(sum(out.values()), 4), dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+
+
+def fwd_bwd(f, inputs, dy):
+    def run():
+        # fresh leaves per call: autograd nodes are then made on the current stream (graph capture needs it)
+        ins = [t.detach().requires_grad_() for t in inputs]
+        torch.autograd.grad(f(*ins), ins, dy)
+    return run
 
 
 def fla_conv():
@@ -92,10 +102,10 @@ def run_case(B, T, C, K, layout, fla_fn):
     assert row["err_vs_reference"] < 1e-2, row
 
     ours = lambda: base_conv(u1, u2, w)[0]  # noqa: E731
-    ours_fb = lambda: torch.autograd.grad(base_conv(u1, u2, w)[0], [u1, u2, w], dy)  # noqa: E731
+    ours_fb = fwd_bwd(lambda a, b, c: base_conv(a, b, c)[0], [u1, u2, w], dy)
     row["ours_fwd_ms"] = bench(ours, "ours_fwd")
     row["ours_fwdbwd_ms"] = bench(ours_fb, "ours_fwdbwd")
-    row["ours_kernels_fwdbwd_ms"] = kernel_breakdown(ours_fb)
+    row["ours_kernels_fwdbwd_ms"] = kernel_breakdown(ours_fb)[1]
     row["ours_fwd_TBps"] = 6 * n / row["ours_fwd_ms"] * 1e-9
     row["ours_fwdbwd_TBps"] = 16 * n / row["ours_fwdbwd_ms"] * 1e-9
 
@@ -110,8 +120,8 @@ def run_case(B, T, C, K, layout, fla_fn):
     assert row["eager_err_vs_ours"] < 2e-2, row
     row["conv1d_only_fwd_ms"] = bench(conv)
     row["eager_fwd_ms"] = bench(eager, "eager_fwd")
-    row["eager_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(eager(), [x_bct, g_bct, w_conv], dy_bct),
-                                   "eager_fwdbwd")
+    eager_fn = lambda x, g, w_: F.silu(F.conv1d(x, w_, padding=K - 1, groups=C)[..., :T]) * g  # noqa: E731
+    row["eager_fwdbwd_ms"] = bench(fwd_bwd(eager_fn, [x_bct, g_bct, w_conv], dy_bct), "eager_fwdbwd")
     if fla_fn is not None:
         x_c, g_c = u1.detach().contiguous().requires_grad_(), u2.detach().contiguous().requires_grad_()
         w_f = w.detach().clone().requires_grad_()
@@ -122,18 +132,20 @@ def run_case(B, T, C, K, layout, fla_fn):
             assert row["fla_err_vs_ours"] < 2e-2, row
             row["fla_conv_only_fwd_ms"] = bench(fla_only)
             row["fla_fwd_ms"] = bench(fla_gate, "fla_fwd")
-            row["fla_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(fla_gate(), [x_c, g_c, w_f], dy), "fla_fwdbwd")
+            fla_fn2 = lambda x, g, w_: fla_fn(x, w_, activation="silu")[0] * g  # noqa: E731
+            row["fla_fwdbwd_ms"] = bench(fwd_bwd(fla_fn2, [x_c, g_c, w_f], dy), "fla_fwdbwd")
             row["fla_conv_only_fwd_TBps"] = 4 * n / row["fla_conv_only_fwd_ms"] * 1e-9
         except Exception as e:  # noqa: BLE001
             row["fla_error"] = repr(e)[:200]
-    row.update({f"{k}_graph_ms": v for k, v in GRAPH.items()})
+    row.update({f"{k}_ms": v for k, v in GRAPH.items()})
     GRAPH.clear()
-    if "ours_fwd_graph_ms" in row:
-        row["ours_fwd_graph_TBps"] = 6 * n / row["ours_fwd_graph_ms"] * 1e-9
-        row["ours_fwdbwd_graph_TBps"] = 16 * n / row["ours_fwdbwd_graph_ms"] * 1e-9
+    for kind in ("_device", "_graph"):
+        for m, nbytes in (("fwd", 6 * n), ("fwdbwd", 16 * n)):
+            if f"ours_{m}{kind}_ms" in row:
+                row[f"ours_{m}{kind}_TBps"] = nbytes / row[f"ours_{m}{kind}_ms"] * 1e-9
     for p in ("eager", "fla"):
         for m in ("fwd", "fwdbwd"):
-            for kind in ("", "_graph"):
+            for kind in ("", "_device", "_graph"):
                 if f"{p}_{m}{kind}_ms" in row and f"ours_{m}{kind}_ms" in row:
                     row[f"speedup_{m}{kind}_vs_{p}"] = row[f"{p}_{m}{kind}_ms"] / row[f"ours_{m}{kind}_ms"]
     from based_kernels.short_conv.backward import conv_bwd_kernel
@@ -152,7 +164,10 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/base_conv.json")
     ap.add_argument("--cases", default=None, help="B,T,C,K,layout;... instead of the default list")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
     args = ap.parse_args()
+    global USE_GRAPH
+    USE_GRAPH = args.graph
     fla_fn = None if args.no_fla else fla_conv()
     try:
         import fla
@@ -174,7 +189,8 @@ def main():
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, fla {fla_version}, bf16, median ms")
-    for kind, title in (("", "eager do_bench"), ("_graph", "CUDA-graph replay")):
+    kinds = [("", "eager do_bench median"), ("_device", "device busy time (sum of kernels, torch.profiler)")]
+    for kind, title in kinds + ([("_graph", "CUDA-graph replay median")] if USE_GRAPH else []):
         print(f"\n{title}, ms (fwd / fwd+bwd); TB/s effective")
         print("| B | T | C | k | layout | ours | ours TB/s | eager conv1d+SiLU+gate | fla causal_conv1d + gate | "
               "speedup vs eager | vs fla |")

@@ -26,22 +26,24 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-GRAPH = {}  # name -> ms of the same call replayed from a CUDA graph (device time, host launch cost removed)
+GRAPH = {}  # name -> extra timings of the same call: device busy ms (profiler), CUDA-graph replay ms (--graph)
+USE_GRAPH = False  # a failed capture poisons the CUDA context, so graph replay timing is opt-in
 
 
 def bench(fn, name=None):
-    """Eager median ms (``do_bench``, L2 flushed between calls); with a name, also the CUDA-graph replay median."""
+    """Eager median ms (``do_bench``, L2 flushed between calls: host launch cost included when it exceeds the
+    device time). With a name, also the device busy time (sum of kernel times, torch.profiler) and, with
+    --graph, the CUDA-graph replay median."""
     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     if name is not None:
-        try:
-            GRAPH[name] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-        except Exception as e:  # noqa: BLE001
-            print(f"graph capture of {name} failed: {e!r}"[:300])
+        GRAPH[f"{name}_device"] = kernel_breakdown(fn)[0]
+        if USE_GRAPH:
+            GRAPH[f"{name}_graph"] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     return ms
 
 
 def kernel_breakdown(fn, n=10):
-    """Device ms per call of each kernel that ``fn`` launches (torch.profiler), largest first."""
+    """(total, top kernels): device ms per call of the kernels that ``fn`` launches (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -55,13 +57,14 @@ def kernel_breakdown(fn, n=10):
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t:
             out[e.key[:60]] = round(t / n / 1000, 4)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+    return round(sum(out.values()), 4), dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
 
 
 def fwd_bwd(f, inputs, do):
     def run():
-        o = f(*inputs)
-        torch.autograd.grad(o, inputs, do)
+        # fresh leaves per call: autograd nodes are then made on the current stream (graph capture needs it)
+        ins = [t.detach().requires_grad_() for t in inputs]
+        torch.autograd.grad(f(*ins), ins, do)
     return run
 
 
@@ -107,7 +110,7 @@ def run_case(B, T, H, D, W, peers, fla_fn):
     inputs = [q, k, v]
     row["ours_fwd_ms"] = bench(lambda: ours(q, k, v), "ours_fwd")
     row["ours_fwdbwd_ms"] = bench(fwd_bwd(ours, inputs, do), "ours_fwdbwd")
-    row["ours_kernels_fwdbwd_ms"] = kernel_breakdown(fwd_bwd(ours, inputs, do))
+    row["ours_kernels_fwdbwd_ms"] = kernel_breakdown(fwd_bwd(ours, inputs, do))[1]
     # bytes of the forward: q, k, v read once, o written once
     row["ours_fwd_TBps"] = 4 * q.numel() * 2 / row["ours_fwd_ms"] * 1e-9
 
@@ -131,11 +134,11 @@ def run_case(B, T, H, D, W, peers, fla_fn):
             row["fla_fwdbwd_ms"] = bench(fwd_bwd(f, inputs, do), "fla_fwdbwd")
         except Exception as e:  # noqa: BLE001
             row["fla_error"] = repr(e)[:200]
-    row.update({f"{k}_graph_ms": v for k, v in GRAPH.items()})
+    row.update({f"{k}_ms": v for k, v in GRAPH.items()})
     GRAPH.clear()
     for p in ("flex", "fla"):
         for m in ("fwd", "fwdbwd"):
-            for kind in ("", "_graph"):
+            for kind in ("", "_device", "_graph"):
                 if f"{p}_{m}{kind}_ms" in row and f"ours_{m}{kind}_ms" in row:
                     row[f"speedup_{m}{kind}_vs_{p}"] = row[f"{p}_{m}{kind}_ms"] / row[f"ours_{m}{kind}_ms"]
     from based_kernels.sliding_window.backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
@@ -157,7 +160,10 @@ def main():
     ap.add_argument("--cases", default=None, help="B,T,H,D,W;B,T,H,D,W;... instead of the default list")
     ap.add_argument("--peers", default="flex,fla")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
+    ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
     args = ap.parse_args()
+    global USE_GRAPH
+    USE_GRAPH = args.graph
     peers = args.peers.split(",")
     fla_fn, fla_version = fla_attn() if "fla" in peers else (None, None)
 
@@ -183,7 +189,8 @@ def main():
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, fla {fla_version}, bf16, median ms")
-    for kind, title in (("", "eager do_bench"), ("_graph", "CUDA-graph replay")):
+    kinds = [("", "eager do_bench median"), ("_device", "device busy time (sum of kernels, torch.profiler)")]
+    for kind, title in kinds + ([("_graph", "CUDA-graph replay median")] if USE_GRAPH else []):
         print(f"\n{title}, ms (fwd / fwd+bwd)")
         print("| B | T | D | W | ours | Flex | fla | fwd+bwd speedup vs Flex | vs fla |")
         print("|---|---|---|---|---|---|---|---|---|")

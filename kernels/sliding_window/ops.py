@@ -149,6 +149,7 @@ class SlidingWindowAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, kp, vp, doc, window, scale):
         o, lse = swa_fwd(q, k, v, kp, vp, doc, window, scale)
         _setup_context(ctx, (q, k, v, kp, vp, doc, window, scale), (o, lse))
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused lse output
         return o, lse
 
     @staticmethod
