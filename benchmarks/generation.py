@@ -137,8 +137,9 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     base = next((r for r in results if r["model"].startswith("GPT") and "error" not in r), None)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     table = Table(title=f"generation, batch {args.batch}, prompt {args.prompt_length}, {args.new_tokens} new tokens, "
-                        f"{str(dtype).split('.')[-1]}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+                        f"{str(dtype).split('.')[-1]}, {device}")
     for col in ("model", "params", "CUDA graph", "prefill ms", "decode tok/s", "vs GPT", "cache MiB/seq",
                 "peak MiB/seq", "check"):
         table.add_column(col)

@@ -28,7 +28,8 @@ SWEEP = {
     "SWA": [("SS", 64, w) for w in (4, 16, 64)],
     "BASED (C+L+S)": [("CLS", d, 8) for d in (32, 64, 128)],
 }
-COLORS = {"BaseConv": (214, 39, 40), "Taylor LA": (31, 119, 180), "SWA": (44, 160, 44), "BASED (C+L+S)": (148, 103, 189)}
+COLORS = {"BaseConv": (214, 39, 40), "Taylor LA": (31, 119, 180), "SWA": (44, 160, 44),
+          "BASED (C+L+S)": (148, 103, 189)}
 
 
 def plot(results: list[dict], path: str, title: str) -> None:

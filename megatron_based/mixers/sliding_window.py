@@ -51,7 +51,7 @@ class SlidingWindowAttention(Mixer):
     def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
         """``k, v [b, window + 1, heads, d_h]`` in the activation dtype."""
         shape = (batch, self.window + 1, self.heads, self.head_dim)
-        return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
+        return {name: torch.zeros(shape, dtype=dtype, device=device) for name in ("k", "v")}
 
     def _qkv_at(self, hidden_states, positions):
         """q, k (RoPE at ``positions [s, b]``), v: ``[s, b, heads, d_h]``."""

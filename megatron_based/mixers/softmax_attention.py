@@ -60,7 +60,7 @@ class SoftmaxAttention(SelfAttention):
         if not max_length:
             raise ValueError("softmax attention ('A') layers need a KV cache: pass max_length to the generator")
         shape = (batch, max_length, self.num_query_groups_per_partition, self.hidden_size_per_attention_head)
-        return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
+        return {name: torch.zeros(shape, dtype=dtype, device=device) for name in ("k", "v")}
 
     def _qkv_at(self, hidden_states, positions):
         q, k, v = self.get_query_key_value_tensors(hidden_states)
