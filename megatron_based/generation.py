@@ -28,13 +28,15 @@ __all__ = ["PackedPrompts", "pack_prompts", "sample", "Generator", "load_model",
 @dataclass
 class PackedPrompts:
     """Prompts laid end to end: ``tokens [1, T]``, document offsets ``cu_seqlens [b + 1]`` (int32), each token's
-    position in its prompt ``positions [T]`` and prompt index ``doc_ids [T]``, prompt ``lengths [b]``."""
+    position in its prompt ``positions [T]`` and prompt index ``doc_ids [T]``, prompt ``lengths [b]``;
+    ``equal_length``: the common prompt length when all are equal (known on the host), else None."""
 
     tokens: torch.Tensor
     cu_seqlens: torch.Tensor
     positions: torch.Tensor
     doc_ids: torch.Tensor
     lengths: torch.Tensor
+    equal_length: int | None = None
 
 
 def pack_prompts(prompts, lengths: Sequence[int] | None = None, padding_side: str = "right",
@@ -62,7 +64,8 @@ def pack_prompts(prompts, lengths: Sequence[int] | None = None, padding_side: st
     cu[1:] = lens.cumsum(0)
     doc_ids = torch.repeat_interleave(torch.arange(len(prompts)), lens)
     positions = torch.arange(int(cu[-1])) - cu[:-1].long()[doc_ids]
-    return PackedPrompts(*(t.to(device) for t in (torch.cat(prompts)[None], cu, positions, doc_ids, lens)))
+    equal = int(lens[0]) if bool((lens == lens[0]).all()) else None
+    return PackedPrompts(*(t.to(device) for t in (torch.cat(prompts)[None], cu, positions, doc_ids, lens)), equal)
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -69,18 +69,24 @@ class SoftmaxAttention(SelfAttention):
         return (apply_rotary_pos_emb(q, freqs, self.config, cp_group=cp_group),
                 apply_rotary_pos_emb(k, freqs, self.config, cp_group=cp_group), v)
 
-    def _attend(self, q, k, v, mask):  # q [b, n, sq, hn], k/v [b, sk, ng, hn]
-        o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+    def _attend(self, q, k, v, mask, causal=False):  # q [b, n, sq, hn], k/v [b, sk, ng, hn] -> [sq, b, d]
+        o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
                                            scale=self.core_attention.softmax_scale,
                                            enable_gqa=k.shape[2] != q.shape[1])
         return self.linear_proj(o.permute(2, 0, 1, 3).flatten(2))
 
     def prefill(self, hidden_states, cache: dict, prompts):
         """Packed prompts ``[T, 1, d]`` (see ``SlidingWindowAttention.prefill``): causal attention within each
-        prompt (a block-diagonal mask), K/V written to ``cache`` at their positions."""
+        prompt, K/V written to ``cache`` at their positions. Equal-length prompts run as a batch with
+        ``is_causal`` (FlashAttention kernels); ragged ones with a block-diagonal mask."""
         q, k, v = self._qkv_at(hidden_states, prompts.positions[:, None])
         cache["k"][prompts.doc_ids, prompts.positions] = k[:, 0]
         cache["v"][prompts.doc_ids, prompts.positions] = v[:, 0]
+        if prompts.equal_length is not None:
+            b, P = len(prompts.lengths), prompts.equal_length
+            out, bias = self._attend(q.view(b, P, *q.shape[2:]).transpose(1, 2), k.view(b, P, *k.shape[2:]),
+                                     v.view(b, P, *v.shape[2:]), None, causal=True)  # out [P, b, d]
+            return out.transpose(0, 1).reshape(b * P, 1, -1), bias
         t = torch.arange(q.shape[0], device=q.device)
         mask = (prompts.doc_ids[:, None] == prompts.doc_ids[None, :]) & (t[:, None] >= t[None, :])
         return self._attend(q.permute(1, 2, 0, 3), k.transpose(0, 1), v.transpose(0, 1), mask)
