@@ -322,8 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("direction", choices=["import", "export"],
                    help="import: released -> Megatron; export: Megatron -> released")
     p.add_argument("--config", required=True, help="YAML file with the model: section (e.g. configs/based-360m.yaml)")
-    p.add_argument("--input", required=True, help="import: .safetensors / torch file; export: directory of "
-                                                  "mp_rank_XX/model.pt or a TP=1 state dict file")
+    p.add_argument("--input", required=True, help="import: .safetensors / torch file; export: a training checkpoint "
+                                                  "directory, a directory of mp_rank_XX/model.pt, or a TP=1 state "
+                                                  "dict file")
     p.add_argument("--output", required=True, help="import: directory for mp_rank_XX/model.pt; export: "
                                                    ".safetensors or torch file")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="import: TP shards to write")
@@ -340,9 +341,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {len(shards)} TP shard(s) of {len(shards[0])} tensors under {args.output}")
     else:
         src = Path(args.input)
-        if src.is_dir():
+        if src.is_dir() and rank_file(src, 0).is_file():
             n = sum(1 for _ in src.glob("mp_rank_*/model.pt"))
             shards = [read_tensors(rank_file(src, r)) for r in range(n)]
+        elif src.is_dir():  # a training checkpoint (dist_checkpointing): load it at TP=1 on this process
+            from .generation import load_model
+            from .parallel import initialize_parallel
+
+            initialize_parallel(1)
+            model, _ = load_model(args.config, str(src))
+            shards = [{k: v.cpu() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}]
         else:
             shards = [read_tensors(src)]
         released = megatron_to_released(shards, spec.config, **kw)
