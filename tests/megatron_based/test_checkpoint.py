@@ -15,7 +15,7 @@ from megatron_based.checkpointing import CheckpointError
 
 from ..distributed import run_distributed
 from .test_data import corpus  # noqa: F401 - the session fixture
-from .test_train import _train, forked, ok, tiny_config
+from .test_train import by_value, forked, from_bytes, ok, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def tp2_run(tmp_path_factory, corpus):  # noqa: F811
                                     "train.train_steps=2", "train.lr_warmup_steps=1", f"train.save={tmp}/ckpt"],
                       world_size=2)
     results = run_distributed(_tp2_worker, 2, cfg)
-    return tmp / "ckpt", results[0]
+    return tmp / "ckpt", from_bytes(results[0])
 
 
 def _batch():
@@ -47,7 +47,7 @@ def _tp2_worker(rank, world_size, cfg):
     from megatron_based.train import train
 
     train(cfg, step_hook=hook)
-    return logits["full"]
+    return by_value(logits["full"])
 
 
 def _load_tp1(path):

@@ -2,6 +2,7 @@
 loss going down, and a bitwise-exact resume after SIGKILL."""
 from __future__ import annotations
 
+import io
 import math
 import multiprocessing as mp
 import os
@@ -46,7 +47,7 @@ def _child(fn, args, q, port):
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        q.put(("ok", fn(*args)))
+        q.put(("ok", by_value(fn(*args))))
     except BaseException as e:  # noqa: BLE001 - report everything
         import traceback
 
@@ -54,6 +55,18 @@ def _child(fn, args, q, port):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def by_value(obj) -> bytes:
+    """Tensors sent through a multiprocessing queue travel as shared-memory handles that die with the sender; send
+    bytes instead (read back with :func:`from_bytes`)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def forked(fn, *args, timeout: float = 300):
@@ -79,7 +92,8 @@ def forked(fn, *args, timeout: float = 300):
     if p.is_alive():
         p.kill()
         p.join()
-    return (p.exitcode, *result)
+    status, payload = result
+    return p.exitcode, status, from_bytes(payload) if status == "ok" else payload
 
 
 def ok(run):
