@@ -146,7 +146,7 @@ def sweep(results, save):
     B, T, dv = TOKENS // 4096, 4096, 64
     out = {"fwd": {}, "bwd": {}, "segments": {}}
     best = None
-    for cfg in [(64, 32, 8, 1), (64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 8, 1), (64, 64, 8, 1), (32, 64, 4, 1)]:
+    for cfg in [(16, 32, 4, 1), (16, 16, 4, 1), (16, 64, 8, 1), (64, 64, 8, 1)]:
         ops.CONFIG["fwd"] = cfg
         try:
             t = time_case(ours, B, T, dv, "fwd", 150)
@@ -159,8 +159,8 @@ def sweep(results, save):
             best = (cfg, t)
     ops.CONFIG["fwd"] = ops.CONFIG["state"] = best[0]
     best = None
-    for cfg in [(64, 32, 8, 1), (32, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 32, 4, 1)]:
-        ops.CONFIG["dq"] = ops.CONFIG["dkv"] = cfg
+    for cfg in [((16, 16, 4, 1), (16, 16, 4, 1)), ((16, 32, 4, 1), (16, 16, 4, 1)), ((16, 32, 4, 1), (16, 32, 4, 1))]:
+        ops.CONFIG["dq"], ops.CONFIG["dkv"] = cfg
         try:
             t = time_case(ours, B, T, dv, "fwdbwd", 200)
         except Exception as e:  # noqa: BLE001
@@ -170,10 +170,10 @@ def sweep(results, save):
         print(f"sweep fwd+bwd with dq/dkv {cfg}: {t:.3f} ms", flush=True)
         if best is None or t < best[1]:
             best = (cfg, t)
-    ops.CONFIG["dq"] = ops.CONFIG["dkv"] = best[0]
+    ops.CONFIG["dq"], ops.CONFIG["dkv"] = best[0]
     # sequence split across programs at long T
     best = None
-    for pps in [None, 1, 2, 4]:
+    for pps in [2, 4, 8]:
         ops.FORCE_NUM_SEGMENTS = 1 if pps is None else None
         ops.PROGRAMS_PER_SM = pps or 1
         try:
@@ -204,7 +204,7 @@ def table(results, save, quick):
                 row = {"dv": dv, "T": T, "B": B, "kind": kind}
                 for name, fn in fns.items():
                     try:
-                        row[name] = time_case(fn, B, T, dv, kind, 300 if name == "ours" else 200)
+                        row[name] = time_case(fn, B, T, dv, kind, 200 if name == "ours" else 100)
                     except Exception as e:  # noqa: BLE001
                         row[name] = None
                         print(f"{name} dv{dv} T{T} {kind} failed: {repr(e)[:200]}", flush=True)
