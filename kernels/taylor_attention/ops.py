@@ -39,13 +39,13 @@ if INTERPRET:
         _interp._patch_lang_tensor = _patch_lang_tensor
         _interp._based_index_patch = True
 
-# Tunables, chosen by benchmarks/taylor_attention.py measurements (see README.md); overridable for experiments.
+# Tunables: the fastest of benchmarks/taylor_attention.py --sweep on an H100 (2026-11-23; docs/benchmarks.md).
 CONFIG = {
     # name: (BT chunk, BV value block, num_warps, num_stages)
-    "fwd": (16, 32, 4, 1),
-    "state": (16, 32, 4, 1),
-    "dq": (16, 16, 4, 1),
-    "dkv": (16, 16, 4, 1),
+    "fwd": (16, 64, 8, 1),
+    "state": (16, 64, 8, 1),
+    "dq": (16, 32, 4, 1),
+    "dkv": (16, 32, 4, 1),
 }
 # Operand precision of the big products (fp32 accumulation always). Forward: the intra-chunk A @ v runs on
 # fp32 operands (tf32): A = 1 + s + s^2/2 in bf16 alone adds ~0.3e-3 relative error on top of the ~1.6e-3
