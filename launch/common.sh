@@ -25,7 +25,7 @@ parse_args() {
     exit 2
   fi
   # Resume from the newest checkpoint under train.save whenever there is one (restarts, requeues).
-  if [[ ${RESUME:-1} == 1 ]] && [[ " ${ARGS[*]} " != *" --load "* ]]; then ARGS+=(--load latest); fi
+  if [[ ${RESUME:-1} == 1 ]]; then ARGS=(train.load=latest "${ARGS[@]}"); fi  # an explicit train.load= later wins
 }
 
 # dry_run NNODES NPROC_PER_NODE: validate the plan for that many processes (no process group, nothing allocated);

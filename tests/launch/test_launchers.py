@@ -62,8 +62,9 @@ def test_mpi_bootstrap_gives_ranks_and_one_address():
     if shutil.which("mpirun") is None:
         pytest.skip("no mpirun: apt-get install openmpi-bin libopenmpi-dev (the Makefile's test target does)")
     pytest.importorskip("mpi4py", reason="pip install 'megatron-based[mpi]'")
-    code = "from megatron_based.launch_env import discover; e = discover(); print('ENV', e.launcher, e.rank, " \
-           "e.world_size, e.local_rank, e.local_world_size, e.master_addr, e.master_port)"
+    code = ("import os; from megatron_based.launch_env import discover; e = discover(); os.write(1, ("
+            "f'ENV {e.launcher} {e.rank} {e.world_size} {e.local_rank} {e.local_world_size} {e.master_addr} "
+            "{e.master_port}\\n').encode())")  # one write per rank: lines stay whole
     out = subprocess.run(["mpirun", "-np", "2", sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -83,3 +84,36 @@ def test_mpirun_trains_through_the_mpi4py_bootstrap(dataset, tmp_path):
     losses = steps(out.stdout)
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     assert "done: step 4" in out.stdout
+
+
+def test_slurm_job_checkpoints_on_the_time_limit_signal_and_requeues(slurm, dataset, tmp_path):
+    config = write_config(tmp_path / "run.yaml", dataset, train={"train_steps": 300})
+    env = {**ENV, **slurm, "GPUS_PER_NODE": "2", "GRES": "", "TIME": "10", "SBATCH_ARGS": "--cpus-per-task=1"}
+    out = subprocess.run([str(REPO / "launch/submit.sh"), str(config)], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    job = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
+    log = tmp_path / "runs" / "slurm" / f"based-{job}.out"
+    run_dir = tmp_path / "runs" / "slurm" / f"based-{job}"
+    try:
+        deadline = time.time() + 240
+        while not (log.exists() and re.search(r"^step 3 ", log.read_text(), re.M)):
+            failed = log.exists() and "srun: error" in log.read_text()
+            assert time.time() < deadline and not failed, log.read_text()[-3000:] if log.exists() else "no job log"
+            time.sleep(0.5)
+        # what slurm does 3 minutes before the time limit (--signal=B:USR1@180): USR1 to the batch script
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
+        deadline = time.time() + 120
+        while "requeueing job" not in log.read_text():
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        text = log.read_text()
+        stopped = int(re.search(r"SIGTERM: stopped at step (\d+) after saving", text).group(1))
+        assert 3 <= stopped < 300
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+        assert "job " + job + " (restart 0)" in text and "2 tasks" in text
+        assert sorted(steps(text)) == list(range(1, stopped + 1))
+        restarts = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+        assert "Restarts=1" in restarts
+    finally:
+        subprocess.run(["scancel", job], env=env)
