@@ -1,7 +1,9 @@
 # Two commands on a fresh machine: `make demo` (tiny BASED pretraining) and `make test` (the test suite).
 # Both build .venv with Python 3.12 and the pinned versions in pyproject.toml.
 SHELL := /bin/bash
-PYTHON ?= $(shell command -v python3.12 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+# The first interpreter that really runs as Python >= 3.12 (a pyenv shim may exist without a global 3.12).
+PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 python3; do \
+  $$p -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { command -v $$p; break; }; done)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
