@@ -21,52 +21,8 @@ import triton
 from based_kernels import base_conv
 from based_kernels.short_conv import base_conv_reference
 
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-GRAPH = {}  # name -> extra timings of the same call: device busy ms (profiler), CUDA-graph replay ms (--graph)
-USE_GRAPH = False  # a failed capture poisons the CUDA context, so graph replay timing is opt-in
-
-
-def bench(fn, name=None):
-    """Eager median ms (``do_bench``, L2 flushed between calls: host launch cost included when it exceeds the
-    device time). With a name, also the device busy time (sum of kernel times, torch.profiler) and, with
-    --graph, the CUDA-graph replay median."""
-    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    if name is not None:
-        GRAPH[f"{name}_device"] = kernel_breakdown(fn)[0]
-        if USE_GRAPH:
-            GRAPH[f"{name}_graph"] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-    return ms
-
-
-def kernel_breakdown(fn, n=10):
-    """(total, top kernels): device ms per call of the kernels that ``fn`` launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t:
-            out[e.key[:60]] = round(t / n / 1000, 4)
-    return round(sum(out.values()), 4), dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
-
-
-def fwd_bwd(f, inputs, dy):
-    def run():
-        # fresh leaves per call: autograd nodes are then made on the current stream (graph capture needs it)
-        ins = [t.detach().requires_grad_() for t in inputs]
-        torch.autograd.grad(f(*ins), ins, dy)
-    return run
+import bench_utils
+from bench_utils import GRAPH, bench, fwd_bwd, kernel_breakdown, rel
 
 
 def fla_conv():
@@ -166,8 +122,7 @@ def main():
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
     args = ap.parse_args()
-    global USE_GRAPH
-    USE_GRAPH = args.graph
+    bench_utils.USE_GRAPH = args.graph
     fla_fn = None if args.no_fla else fla_conv()
     try:
         import fla
@@ -190,7 +145,7 @@ def main():
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, fla {fla_version}, bf16, median ms")
     kinds = [("", "eager do_bench median"), ("_device", "device busy time (sum of kernels, torch.profiler)")]
-    for kind, title in kinds + ([("_graph", "CUDA-graph replay median")] if USE_GRAPH else []):
+    for kind, title in kinds + ([("_graph", "CUDA-graph replay median")] if bench_utils.USE_GRAPH else []):
         print(f"\n{title}, ms (fwd / fwd+bwd); TB/s effective")
         print("| B | T | C | k | layout | ours | ours TB/s | eager conv1d+SiLU+gate | fla causal_conv1d + gate | "
               "speedup vs eager | vs fla |")

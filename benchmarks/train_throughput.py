@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
 
-from megatron_based.config import BasedConfig, model_spec_from_dict  # noqa: E402
+from megatron_based.config import model_spec_from_dict  # noqa: E402
 from megatron_based.flops import model_flops_per_token  # noqa: E402
 from megatron_based.model import build_model  # noqa: E402
 from megatron_based.parallel import initialize_parallel  # noqa: E402
@@ -150,7 +150,7 @@ def main(argv=None):
             if rank == 0:
                 print(json.dumps(r), flush=True)
     if rank == 0:
-        print(f"\n| model | T | tp | cp | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | loss first->last |")
+        print("\n| model | T | tp | cp | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | loss first->last |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in results:
             if r.get("oom"):
