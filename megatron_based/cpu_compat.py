@@ -40,6 +40,24 @@ class _TorchOnCpu:
         return torch.zeros(*size, device="cpu" if device == "cuda" else device, **kwargs)
 
 
+def _tie_embeddings_on_cpu():
+    """Pipeline parallelism ties the first stage's embedding to the last stage's output layer with an all-reduce
+    of ``weight.data.cuda()``; on CPU the weight stays where it is for that call."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_on_cpu(self):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *args, **kwargs: t
+        try:
+            return setup(self)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+
+
 def apply_cpu_shims() -> bool:
     """Patch the two CUDA assumptions if CUDA is absent. Idempotent; returns True if the shims are active."""
     global _applied
@@ -55,6 +73,7 @@ def apply_cpu_shims() -> bool:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _TorchOnCpu()
+    _tie_embeddings_on_cpu()
 
     def add(self, name, seed):
         if seed in self.seeds_:

@@ -206,13 +206,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"world size ({cfg.world_size} processes) must be divisible by parallel.tensor_model_parallel_size x "
             f"pipeline_model_parallel_size x context_parallel_size = {model_parallel}")
-    if p.pipeline_model_parallel_size > 1:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size} needs GPUs: Megatron's "
-                "tied-embedding set-up between the first and last stage moves the weight to CUDA; on CPU set it to 1")
     if p.context_parallel_size > 1 and importlib.util.find_spec("megatron_based.context_parallel") is None:
         raise ConfigError(f"parallel.context_parallel_size={p.context_parallel_size} needs "
                           "megatron_based.context_parallel, which this install does not have yet; set it to 1")

@@ -14,13 +14,7 @@ from .conftest import REPO, write_config
 
 
 def plan(config, world, *overrides, gpus_per_node=None, gpu_memory_gib=None):
-    pp = [o for o in overrides if o.startswith("parallel.pipeline_model_parallel_size=")]
-    if pp:  # training_config rejects PP > 1 on CPU hosts (Megatron's tied embeddings need CUDA): plan it for GPUs
-        size = int(pp[0].partition("=")[2])
-        cfg = load_config(config, [o for o in overrides if o not in pp], world_size=world // size)
-        cfg.parallel.pipeline_model_parallel_size, cfg.world_size = size, world
-    else:
-        cfg = load_config(config, list(overrides), world_size=world)
+    cfg = load_config(config, list(overrides), world_size=world)
     return make_plan(cfg, gpus_per_node=gpus_per_node, gpu_memory_gib=gpu_memory_gib)
 
 
