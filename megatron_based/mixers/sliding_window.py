@@ -8,7 +8,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 import based_kernels
 
 from ..config import BasedConfig
-from ..rope import rope_freqs, rope_freqs_at
+from ..rope import rope_freqs_at
 from .common import Mixer, cu_seqlens_of, to_bshd
 
 
@@ -28,15 +28,22 @@ class SlidingWindowAttention(Mixer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **_):
         """hidden_states ``[s, b, d]`` (``[s/tp, b, d]`` under sequence parallel) -> ``(out [s, b, d], None)``."""
+        q, k, v = self.project_qkv(hidden_states)
+        s, b = q.shape[:2]
+        o = self.attend(to_bshd(q), to_bshd(k), to_bshd(v), cu_seqlens_of(packed_seq_params))
+        return self.linear_proj(to_bshd(o).reshape(s, b, self.heads * self.head_dim))
+
+    def project_qkv(self, hidden_states, positions=None):
+        """q, k with RoPE at ``positions [s, b]`` and v, each ``[s, b, heads, d_h]``. Default positions: this CP
+        rank's contiguous shard of the sequence, global positions [rank * s, (rank + 1) * s)."""
         qkv, _ = self.linear_qkv(hidden_states)
         s, b = qkv.shape[:2]
         q, k, v = qkv.view(s, b, self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
-        # Contiguous CP shards: this rank's tokens sit at global positions [rank * s, (rank + 1) * s).
-        freqs = rope_freqs(s, self.head_dim, self.config.rope_base, self.cp_rank * s, device=q.device)
-        q = apply_rotary_pos_emb(q, freqs, self.config, cp_group=self.cp_group)
-        k = apply_rotary_pos_emb(k, freqs, self.config, cp_group=self.cp_group)
-        o = self.attend(to_bshd(q), to_bshd(k), to_bshd(v), cu_seqlens_of(packed_seq_params))
-        return self.linear_proj(to_bshd(o).reshape(s, b, self.heads * self.head_dim))
+        if positions is None:
+            positions = torch.arange(self.cp_rank * s, (self.cp_rank + 1) * s, device=q.device)[:, None]
+        freqs = rope_freqs_at(positions, self.head_dim, self.config.rope_base)
+        return (apply_rotary_pos_emb(q, freqs, self.config, cp_group=self.cp_group),
+                apply_rotary_pos_emb(k, freqs, self.config, cp_group=self.cp_group), v)
 
     def attend(self, q, k, v, cu_seqlens):
         if self.cp_size > 1:
@@ -53,20 +60,11 @@ class SlidingWindowAttention(Mixer):
         shape = (batch, self.window + 1, self.heads, self.head_dim)
         return {name: torch.zeros(shape, dtype=dtype, device=device) for name in ("k", "v")}
 
-    def _qkv_at(self, hidden_states, positions):
-        """q, k (RoPE at ``positions [s, b]``), v: ``[s, b, heads, d_h]``."""
-        qkv, _ = self.linear_qkv(hidden_states)
-        s, b = qkv.shape[:2]
-        q, k, v = qkv.view(s, b, self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
-        freqs = rope_freqs_at(positions, self.head_dim, self.config.rope_base)
-        return (apply_rotary_pos_emb(q, freqs, self.config, cp_group=self.cp_group),
-                apply_rotary_pos_emb(k, freqs, self.config, cp_group=self.cp_group), v)
-
     def prefill(self, hidden_states, cache: dict, prompts):
         """Packed prompts ``[T, 1, d]``: ``prompts.cu_seqlens`` document offsets, ``prompts.positions [T]`` position
         of each token in its prompt, ``prompts.doc_ids [T]``, ``prompts.lengths [b]``. Attends within each prompt
         and writes each prompt's last window + 1 K/V rows into ``cache``. Returns ``(out, bias)``."""
-        q, k, v = self._qkv_at(hidden_states, prompts.positions[:, None])
+        q, k, v = self.project_qkv(hidden_states, prompts.positions[:, None])
         o = based_kernels.sliding_window_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=self.window,
                                                    cu_seqlens=prompts.cu_seqlens)
         keep = prompts.positions >= prompts.lengths[prompts.doc_ids] - (self.window + 1)
@@ -78,7 +76,7 @@ class SlidingWindowAttention(Mixer):
     def step(self, hidden_states, cache: dict, positions, **_):
         """One token per sequence ``[1, b, d]`` at ``positions [b]``: write its K/V into the ring, attend over the
         slots holding positions ``max(0, p - window) ... p``. In place, no host sync (CUDA-graph capturable)."""
-        q, k, v = (t[0] for t in self._qkv_at(hidden_states, positions[None]))
+        q, k, v = (t[0] for t in self.project_qkv(hidden_states, positions[None]))
         b, ring = q.shape[0], self.window + 1
         rows = torch.arange(b, device=q.device)
         cache["k"][rows, positions % ring] = k
