@@ -113,7 +113,9 @@ def main(argv=None) -> int:
     initialize_parallel(1)
     with open(args.config) as fh:
         section = yaml.safe_load(fh)["model"]
-    tol = 0.05 if dtype == torch.bfloat16 else 1e-4
+    # fp32 on the GPU runs the Triton kernels' dots in tf32 (~1e-3 relative; measured 2.3e-4 on H100 for
+    # based-360m); on the CPU fp32 is exact to ~1e-6. bf16: see docs/generation.md (0.05 measured at 1.3B).
+    tol = 0.05 if dtype == torch.bfloat16 else (2e-3 if torch.cuda.is_available() else 1e-4)
     results = []
     variants = [("BASED", section["layer_pattern"], False)]
     if torch.cuda.is_available() and not args.no_cuda_graph:
