@@ -26,7 +26,7 @@ def bench(fn, name=None):
     return ms
 
 
-def kernel_breakdown(fn, n=10):
+def kernel_breakdown(fn, n=10, top=8):
     """(total, top kernels): device ms per call of the kernels that ``fn`` launches (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -41,7 +41,7 @@ def kernel_breakdown(fn, n=10):
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t:
             out[e.key[:60]] = round(t / n / 1000, 4)
-    return round(sum(out.values()), 4), dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+    return round(sum(out.values()), 4), dict(sorted(out.items(), key=lambda kv: -kv[1])[:top])
 
 
 def fwd_bwd(f, inputs, dy):

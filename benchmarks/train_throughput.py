@@ -31,6 +31,8 @@ from megatron_based.flops import model_flops_per_token  # noqa: E402
 from megatron_based.model import build_model  # noqa: E402
 from megatron_based.parallel import initialize_parallel  # noqa: E402
 
+from bench_utils import kernel_breakdown  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The softmax baseline of performance.md: 24 x 1024, 16 heads, SwiGLU 2816, tied 50k vocab (~360M parameters).
 BASELINES = {
@@ -89,9 +91,7 @@ def run_case(name: str, seq: int, args, device) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
+    def train_step():
         ddp.zero_grad_buffer()
         if hasattr(opt, "zero_grad"):
             opt.zero_grad()
@@ -102,6 +102,12 @@ def run_case(name: str, seq: int, args, device) -> dict:
             for prm in ddp.parameters():
                 prm.grad = prm.main_grad
         opt.step()
+        return loss
+
+    for step in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = train_step()
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -118,6 +124,9 @@ def run_case(name: str, seq: int, args, device) -> dict:
                   tflops_per_gpu=tflops, mfu=(tflops / peak) if peak else None,
                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
                   loss_first=losses[0], loss_last=losses[-1], loss_ok=finite and losses[-1] < losses[0])
+    if args.profile and device == "cuda":  # where a step's GPU time goes: one more step under torch.profiler
+        total, kernels = kernel_breakdown(train_step, n=1, top=25)
+        result.update(profile_total_ms=total, profile_kernels_ms=kernels)
     return result
 
 
@@ -132,6 +141,7 @@ def main(argv=None):
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--weak", action="store_true", help="with --cp: the sequence grows with the GPUs")
     p.add_argument("--recompute", action="store_true")
+    p.add_argument("--profile", action="store_true", help="GPU: also record the top kernels of one step")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_throughput.json"))
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
