@@ -3,10 +3,10 @@
 CP rank r of P holds tokens ``[r * L, (r + 1) * L)`` of every sequence (never Megatron's zig-zag layout). Per
 layer and direction each mixer issues one collective whose size does not depend on L:
 
-- L (Taylor linear attention): the packed fp32 local state ``phi(K_r)^T [V_r | 1]`` is all-gathered; rank r adds
-  the exclusive prefix ``S_in = sum_{j<r} S_j`` (fixed order) as the kernel's ``initial_state``, so the inter-rank
-  term lands in numerator and denominator before the division. Backward all-gathers ``G_j = dL/dS_in`` and feeds
-  ``sum_{j>r} G_j`` into the local state's gradient.
+- L (Taylor linear attention): the packed fp32 local state ``phi(K_r)^T [V_r | 1]`` is all-gathered
+  asynchronously while rank r runs its local attention with zero initial state (returning the denominator too);
+  the exclusive prefix ``S_in = sum_{j<r} S_j`` (fixed order) is then merged exactly into numerator and
+  denominator. Backward all-gathers ``G_j = dL/dS_in`` and feeds ``sum_{j>r} G_j`` into the local state's gradient.
 - S (sliding-window attention): the last ``window`` post-RoPE K/V rows go to the next rank(s) by P2P and become the
   kernel's ``kv_prefix``; their gradients come back the same way. ``window > L`` uses several hops.
 - C (BaseConv): the same halo for the last ``k - 1`` rows of u1, used as the conv's ``initial_state``.
@@ -83,16 +83,21 @@ def local_state(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 class _ExclusivePrefix(torch.autograd.Function):
     """``S_in = sum_{j<r} S_j`` over the CP group (forward all-gather); backward ``dS_r = sum_{j>r} G_j``
-    (all-gather of the incoming-state gradients). Sums run in rank order on every rank: deterministic."""
+    (all-gather of the incoming-state gradients). Sums run in rank order on every rank: deterministic.
+    ``pending``: ``(gathered, work)`` from :func:`_start_gather`, an all-gather already in flight (the forward
+    only waits on it); ``cached``: the recompute cache's S_in (no collective at all)."""
 
     @staticmethod
-    def forward(ctx, state, group, label, cached):
+    def forward(ctx, state, group, label, cached, pending=None):
         ctx.group, ctx.label = group, label
         if cached is not None:
             return cached
         r = group.rank()
-        gathered = state.new_empty((group.size(),) + state.shape)
-        comm_stats.all_gather_into_tensor(gathered, state.contiguous(), group, layer=label, direction="forward")
+        if pending is None:
+            pending = _start_gather(state, group, label, async_op=False)
+        gathered, work = pending
+        if work is not None:
+            work.wait()
         s_in = torch.zeros_like(state)
         for j in range(r):
             s_in += gathered[j]
@@ -106,24 +111,62 @@ class _ExclusivePrefix(torch.autograd.Function):
         d_state = torch.zeros_like(grad)
         for j in range(group.rank() + 1, group.size()):
             d_state += gathered[j]
-        return d_state, None, None, None
+        return d_state, None, None, None, None
+
+
+def _start_gather(state, group, label, *, async_op=True):
+    """Issue the forward all-gather of the local state (``async_op``: return without waiting)."""
+    state = state.detach().contiguous()
+    gathered = state.new_empty((group.size(),) + state.shape)
+    work = comm_stats.all_gather_into_tensor(gathered, state, group, layer=label, direction="forward",
+                                             async_op=async_op)
+    return gathered, work
+
+
+def _merge_incoming(q, y_l, den_l, s_in, eps):
+    """Exact merge of the incoming state into a zero-state local pass, in fp32 (fp64 for fp64 inputs):
+    ``y = (y_l (den_l + eps) + phi(q) S_in) / (den_l + phi(q) . z_in + eps)``; ``s_in`` is ``[B, H, D, d_v + 1]``
+    (last column z_in). phi(q) is formed ``STATE_CHUNK`` tokens at a time."""
+    dt = s_in.dtype
+    dv = y_l.shape[-1]
+    outs = []
+    for a in range(0, q.shape[1], STATE_CHUNK):
+        b = a + STATE_CHUNK
+        inc = torch.einsum("bthd,bhde->bthe", feature_map(q[:, a:b].to(dt)), s_in)  # [B, t, H, d_v + 1]
+        den = den_l[:, a:b].to(dt)
+        num = y_l[:, a:b].to(dt) * (den + eps).unsqueeze(-1) + inc[..., :dv]
+        outs.append(num / (den + inc[..., dv] + eps).unsqueeze(-1))
+    return torch.cat(outs, dim=1).to(y_l.dtype)
 
 
 def taylor_attention_cp(q, k, v, *, eps, cp_group, cu_seqlens=None, layer=None):
     """Causal Taylor linear attention over a contiguous CP shard: q, k ``[B, L, H, f]``, v ``[B, L, H, d_v]`` ->
     ``y [B, L, H, d_v]``, equal to the single-rank result on the full sequence. ``layer`` (the calling module)
-    names the layer for comm_stats and holds the recompute cache."""
+    names the layer for comm_stats and holds the recompute cache.
+
+    The forward all-gather of the local state runs asynchronously while the local (zero initial state) attention
+    is computed; the incoming state is then merged exactly into numerator and denominator
+    (:func:`_merge_incoming`)."""
     _check_unpacked(cu_seqlens, "L")
     if cp_group.size() == 1:
         return based_kernels.taylor_linear_attention(q, k, v, eps=eps)[0]
+    label = _label(layer, "L")
     state = local_state(k, v)
-    s_in = _exchange(layer, lambda cached: _ExclusivePrefix.apply(state, cp_group, _label(layer, "L"), cached))
-    dv = v.shape[-1]
-    initial = (s_in[..., :dv].contiguous(), s_in[..., dv].contiguous())
-    return based_kernels.taylor_linear_attention(q, k, v, eps=eps, initial_state=initial)[0]
+    recompute = (layer is not None and layer.training
+                 and getattr(layer.config, "recompute_granularity", None) == "full")
+    cache = layer.__dict__.setdefault("_cp_received", deque()) if recompute else None
+    cached = None
+    if recompute and torch.is_grad_enabled():  # the recompute: reuse what the first forward received
+        cached = cache.popleft() if cache else None
+    pending = _start_gather(state, cp_group, label) if cached is None else None
+    # local attention while the gather is in flight
+    y_l, _, den_l = based_kernels.taylor_linear_attention(q, k, v, eps=eps, output_normalizer=True)
+    s_in = _ExclusivePrefix.apply(state, cp_group, label, cached, pending)
+    if recompute and not torch.is_grad_enabled():
+        cache.append(s_in)
+    return _merge_incoming(q, y_l, den_l, s_in, eps)
 
 
-# ------------------------------------------------------------------------------------------- S and C: halos
 def _hop_rows(rows: int, local_len: int, hops: int) -> list[int]:
     """Rows that rank r + h needs from rank r, h = 1..hops: the last ``rows - (h-1) L`` rows, at most L."""
     return [min(local_len, rows - (h - 1) * local_len) for h in range(1, hops + 1)]

@@ -40,7 +40,7 @@ def _use_triton(backend, x, f):
 
 
 def taylor_linear_attention(q, k, v, *, eps=1e-12, initial_state=None, output_final_state=False,
-                            cu_seqlens=None, backend=None):
+                            cu_seqlens=None, backend=None, output_normalizer=False):
     """Causal Taylor linear attention ``y_t = sum_{j<=t} K(q_t,k_j) v_j / (sum_{j<=t} K(q_t,k_j) + eps)``.
 
     Args:
@@ -52,15 +52,21 @@ def taylor_linear_attention(q, k, v, *, eps=1e-12, initial_state=None, output_fi
         output_final_state: also return the state after the last token (per document with cu_seqlens).
         cu_seqlens: ``[N + 1]`` int document offsets (FlashAttention convention, B = 1); state resets per doc.
         backend: None (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        output_normalizer: also return the denominator ``den [B, T, H]`` (fp32; fp64 for fp64 inputs on the
+            PyTorch path), without eps, so ``y = num / (den + eps)``; differentiable (context parallelism uses it
+            to merge the incoming state after a local, zero-state pass).
     Returns:
-        ``(y [B, T, H, d_v] in v.dtype, (S, z) or None)``.
+        ``(y [B, T, H, d_v] in v.dtype, (S, z) or None)``; with ``output_normalizer``
+        ``(y, (S, z) or None, den)``.
     """
     if _use_triton(backend, q, q.shape[-1]):
         from .ops import taylor_attention_triton
         return taylor_attention_triton(q, k, v, eps=eps, initial_state=initial_state,
-                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                       output_normalizer=output_normalizer)
     return taylor_attention_chunked(q, k, v, eps=eps, initial_state=initial_state,
-                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                    output_normalizer=output_normalizer)
 
 
 def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12, backend=None):

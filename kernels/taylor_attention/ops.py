@@ -205,7 +205,7 @@ def _(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
 # backward
 
 
-def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, hseg_s, hseg_z):
+def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, hseg_s, hseg_z, dden=None):
     B, T, H, F, DV, NS, L, N = _plan(q, v, cu_seqlens)
     varlen = cu_seqlens is not None
     cu = cu_seqlens if varlen else den
@@ -220,6 +220,8 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, hseg_s, hseg_z):
     BTP = 64
     taylor_bwd_prep_kernel[(triton.cdiv(T, BTP), B * H)](
         o, dy, den, dd, *_s3(o), *_s3(dy), T, H, DV=DV, BT=BTP, BDV=triton.next_power_of_2(DV), num_warps=4)
+    if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
+        dd += dden.to(torch.float32)
 
     dq = q.new_empty(NV, B, T, H, F, dtype=torch.float32)
     if NS > 1:
@@ -269,17 +271,19 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, hseg_s, hseg_z):
 def taylor_attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, den: torch.Tensor,
                          dy: torch.Tensor, dhts: Optional[torch.Tensor], dhtz: Optional[torch.Tensor],
                          h0s: Optional[torch.Tensor], h0z: Optional[torch.Tensor],
-                         cu_seqlens: Optional[torch.Tensor], hseg_s: torch.Tensor, hseg_z: torch.Tensor
+                         cu_seqlens: Optional[torch.Tensor], hseg_s: torch.Tensor, hseg_z: torch.Tensor,
+                         dden: Optional[torch.Tensor] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dq, dk, dv, d initial S, d initial z)``; the last two are empty without an initial state."""
-    dq, dk, dv, dh0s, dh0z = _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, hseg_s, hseg_z)
+    """Returns ``(dq, dk, dv, d initial S, d initial z)``; the last two are empty without an initial state.
+    ``dden``: gradient of the ``den`` output (fp32 ``[B, T, H]``) when it reached the loss, else None."""
+    dq, dk, dv, dh0s, dh0z = _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, hseg_s, hseg_z, dden)
     if h0s is None:
         dh0s, dh0z = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dh0s, dh0z
 
 
 @taylor_attention_bwd.register_fake
-def _(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, hseg_s, hseg_z):
+def _(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, hseg_s, hseg_z, dden=None):
     f32 = dict(dtype=torch.float32)
     grads = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
     if h0s is None:
@@ -307,8 +311,14 @@ def _backward(ctx, do, dden, dhts, dhtz, dhseg_s, dhseg_z):
         dhtz = dhtz if dhtz is not None else q.new_zeros(n, H, D, dtype=torch.float32)
     if dhts is not None:
         dhts, dhtz = dhts.contiguous(), dhtz.contiguous()
+    if dden is not None and dden.numel() == 0:
+        dden = None
+    if dden is not None:
+        dden = dden.contiguous()
+    if do is None:  # only den reached the loss
+        do = torch.zeros_like(o)
     dq, dk, dv, dh0s, dh0z = taylor_attention_bwd(q, k, v, o, den, do, dhts, dhtz, h0s, h0z, cu_seqlens,
-                                                  hseg_s, hseg_z)
+                                                  hseg_s, hseg_z, dden)
     if h0s is None:
         dh0s, dh0z = None, None
     return dq, dk, dv, dh0s, dh0z, None, None, None
@@ -318,7 +328,7 @@ taylor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def taylor_attention_triton(q, k, v, *, eps=1e-12, initial_state=None, output_final_state=False,
-                            cu_seqlens=None):
+                            cu_seqlens=None, output_normalizer=False):
     """Triton path of :func:`based_kernels.taylor_linear_attention` (same arguments and returns)."""
     h0s, h0z = (None, None) if initial_state is None else initial_state
     _check_inputs(q, k, v, h0s, h0z, cu_seqlens)
@@ -333,7 +343,10 @@ def taylor_attention_triton(q, k, v, *, eps=1e-12, initial_state=None, output_fi
         h0s, h0z = h0s.float().contiguous(), h0z.float().contiguous()
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    o, _, hts, htz, _, _ = taylor_attention_fwd(q, k, v, h0s, h0z, cu_seqlens, float(eps), bool(output_final_state))
+    o, den, hts, htz, _, _ = taylor_attention_fwd(q, k, v, h0s, h0z, cu_seqlens, float(eps),
+                                                  bool(output_final_state))
+    if output_normalizer:
+        return o, ((hts, htz) if output_final_state else None), den
     return o, ((hts, htz) if output_final_state else None)
 
 

@@ -137,16 +137,31 @@ def taylor_attention_quadratic(q, k, v, *, eps=1e-12, initial_state=None, output
 
 
 def taylor_attention_chunked(q, k, v, *, eps=1e-12, chunk_size=64, initial_state=None,
-                             output_final_state=False, cu_seqlens=None):
+                             output_final_state=False, cu_seqlens=None, output_normalizer=False):
     """O(T) chunked Taylor linear attention (fp32 states): the CPU training path.
 
     Intra-chunk terms use the masked ``1 + s + s^2/2`` kernel; inter-chunk terms read the exclusive prefix sum
     of per-chunk states ``phi(K_c)^T [V_c | 1]``. Any T (the last chunk is masked, not assumed full).
-    Returns ``(y [B, T, H, d_v], final_state or None)``.
+    Returns ``(y [B, T, H, d_v], final_state or None)``; with ``output_normalizer`` also the denominator
+    ``den [B, T, H]`` (without eps; fp32, fp64 for fp64 inputs; differentiable): ``(y, final_state or None, den)``.
     """
+    if output_normalizer:
+        dv = v.shape[-1]
+        if cu_seqlens is not None:
+            def fn(q_, k_, v_, *, initial_state, output_final_state):
+                y, fin, den = _chunked(q_, k_, v_, eps, chunk_size, initial_state, output_final_state, True, True)
+                return torch.cat([y, den.unsqueeze(-1)], dim=-1), fin
+            out, final = split_varlen(fn, cu_seqlens, (q, k, v), initial_state, output_final_state)
+            return out[..., :dv].to(v.dtype), final, out[..., dv]
+        return _chunked(q, k, v, eps, chunk_size, initial_state, output_final_state, True, False)
     if cu_seqlens is not None:
         fn = lambda *t, **kw: taylor_attention_chunked(*t, eps=eps, chunk_size=chunk_size, **kw)  # noqa: E731
         return split_varlen(fn, cu_seqlens, (q, k, v), initial_state, output_final_state)
+    return _chunked(q, k, v, eps, chunk_size, initial_state, output_final_state, False, False)
+
+
+def _chunked(q, k, v, eps, chunk_size, initial_state, output_final_state, output_normalizer, raw):
+    """Body of :func:`taylor_attention_chunked` for one batch; ``raw`` keeps y in the compute dtype."""
     _check(q, k, v, initial_state)
     B, T, H, f = q.shape
     dv = v.shape[-1]
@@ -175,11 +190,16 @@ def taylor_attention_chunked(q, k, v, *, eps=1e-12, chunk_size=64, initial_state
         prefix = prefix + torch.cat([S0.to(dt), z0.to(dt).unsqueeze(-1)], dim=-1).unsqueeze(2)
     out = out + feature_map(qc) @ prefix
     y = out[..., :dv] / (out[..., dv:] + eps)
-    y = y.reshape(B, H, n * C, dv)[:, :, :T].transpose(1, 2).to(v.dtype)
+    y = y.reshape(B, H, n * C, dv)[:, :, :T].transpose(1, 2)
+    if not raw:
+        y = y.to(v.dtype)
     final = None
     if output_final_state:
         total = prefix[:, :, -1] + states[:, :, -1]
         final = (total[..., :dv], total[..., dv])
+    if output_normalizer:
+        den = out[..., dv].reshape(B, H, n * C)[:, :, :T].transpose(1, 2)  # [B, T, H], without eps
+        return y, final, den
     return y, final
 
 

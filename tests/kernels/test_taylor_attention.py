@@ -215,6 +215,63 @@ def test_custom_op_registration():
     assert rel(compiled(q, k, v), f(q, k, v)) < 1e-6
 
 
+def _quadratic_num_den(q, k, v):
+    """fp64 oracle: unnormalised numerator and denominator sum_{j<=t} (1 + s + s^2/2) [v_j | 1]."""
+    qh, kh, vh = (t.double().transpose(1, 2) for t in (q, k, v))
+    s = qh @ kh.transpose(-1, -2) / q.shape[-1] ** 0.5
+    a = (1 + s + 0.5 * s * s) * torch.ones(q.shape[1], q.shape[1], dtype=torch.bool, device=q.device).tril()
+    return (a @ vh).transpose(1, 2), a.sum(-1).transpose(1, 2)  # [B, T, H, DV], [B, T, H]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("segments", [None, 2])
+def test_output_normalizer_value_and_grads(backend, segments, monkeypatch):
+    """output_normalizer=True: den equals the fp64 denominator (no eps), and gradients through y and den match
+    the fp64 quadratic formula."""
+    if segments is not None:
+        if backend == "torch":
+            pytest.skip("segments are a Triton-path feature")
+        monkeypatch.setattr(ops, "FORCE_NUM_SEGMENTS", segments)
+    q, k, v, _ = make(2, 45, 2, 16, 24)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    y, fin, den = taylor_linear_attention(*leaves, backend=backend, output_normalizer=True)
+    assert fin is None and den.dtype == torch.float32 and den.shape == q.shape[:3]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    num_r, den_r = _quadratic_num_den(*ref_leaves)
+    y_r = num_r / (den_r + 1e-12).unsqueeze(-1)
+    assert rel(den, den_r) < TOL32 and rel(y, y_r) < TOL32
+    g = torch.Generator(device="cpu").manual_seed(3)
+    wy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(DEV)
+    wd = torch.randn(den.shape, generator=g, dtype=torch.float64).to(DEV) * 0.1
+    ((y.double() * wy).sum() + (den.double() * wd).sum()).backward()
+    ((y_r * wy).sum() + (den_r * wd).sum()).backward()
+    for a, b in zip(leaves, ref_leaves):
+        assert rel(a.grad, b.grad) < 5 * TOL32
+    # only den reaching the loss
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    _, _, den = taylor_linear_attention(*leaves, backend=backend, output_normalizer=True)
+    (den.double() * wd).sum().backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    (_quadratic_num_den(*ref_leaves)[1] * wd).sum().backward()
+    for a, b in zip(leaves[:2], ref_leaves[:2]):
+        assert rel(a.grad, b.grad) < 5 * TOL32
+    assert leaves[2].grad is None or leaves[2].grad.abs().max() == 0
+
+
+def test_output_normalizer_varlen_and_state_torch():
+    """The PyTorch path with cu_seqlens and an initial state: y unchanged, den = the full denominator."""
+    q, k, v, h0 = make(1, 40, 2, 16, 8, state=True, n_states=2, device="cpu")
+    cu = torch.tensor([0, 17, 40])
+    y0, f0 = taylor_attention_chunked(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    y1, f1, den = taylor_linear_attention(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                                          backend="torch", output_normalizer=True)
+    assert torch.equal(y0, y1) and torch.equal(f0[0], f1[0])
+    num_a, den_a = _quadratic_num_den(q[:, :17], k[:, :17], v[:, :17])
+    from based_kernels.taylor_attention import feature_map
+    den_a = den_a + torch.einsum("bthd,hd->bth", feature_map(q[:, :17].double()), h0[1][0].double())
+    assert rel(den[:, :17], den_a) < TOL32
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU only: long sequences in bf16
 
