@@ -258,7 +258,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     train_iter = batches(train_ds, state["consumed_samples"], t.micro_batch_size, dp_rank, dp_size)
     forward_backward = get_forward_backward_func()
     run = partial(forward_backward, forward_step_func=forward_step, model=[model],
-                  num_microbatches=cfg.num_microbatches, seq_length=seq // p.context_parallel_size,
+                  num_microbatches=cfg.num_microbatches, seq_length=seq,  # the schedule divides by CP itself
                   micro_batch_size=t.micro_batch_size)
     flops_per_token = 3 * model_flops_per_token(config, seq, spec.padded_vocab_size)  # forward + backward
     peak = peak_tflops(t.peak_tflops)

@@ -206,11 +206,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"world size ({cfg.world_size} processes) must be divisible by parallel.tensor_model_parallel_size x "
             f"pipeline_model_parallel_size x context_parallel_size = {model_parallel}")
-    if p.context_parallel_size > 1 and p.pipeline_model_parallel_size > 1:
-        raise ConfigError(
-            f"parallel.context_parallel_size={p.context_parallel_size} with parallel.pipeline_model_parallel_size="
-            f"{p.pipeline_model_parallel_size} is not supported yet (a collective mismatch in the pipeline schedule, "
-            "see docs/parallelism.md): use CP or PP, not both")
     if p.context_parallel_size > 1 and importlib.util.find_spec("megatron_based.context_parallel") is None:
         raise ConfigError(f"parallel.context_parallel_size={p.context_parallel_size} needs "
                           "megatron_based.context_parallel, which this install does not have yet; set it to 1")

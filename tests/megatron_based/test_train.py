@@ -132,8 +132,6 @@ def _train(cfg, kill_at=None):
     (["parallel.tensor_model_parallel_size=3"], 3, r"num_attention_heads \(4\) must be divisible by "
                                                    r"tensor_model_parallel_size \(3\)"),
     (["parallel.tensor_model_parallel_size=2"], 3, r"world size \(3 processes\) must be divisible"),
-    (["parallel.pipeline_model_parallel_size=2", "parallel.context_parallel_size=2"], 4,
-     r"parallel.context_parallel_size=2 with parallel.pipeline_model_parallel_size=2 is not supported yet"),
     (["train.precision=fp16"], 1, r"train.precision is 'fp16'; use one of"),
     (["train.lr=fast"], 1, r"train.lr must be float, got 'fast'"),
     (["model.vocab_size=100"], 1, r"model.vocab_size \(100\) is smaller than the tokenizer's vocabulary \(512"),
