@@ -22,7 +22,7 @@ from based_kernels import base_conv
 from based_kernels.short_conv import base_conv_reference
 
 import bench_utils
-from bench_utils import GRAPH, bench, fwd_bwd, kernel_breakdown, rel
+from bench_utils import GRAPH, bench, fmt, fwd_bwd, kernel_breakdown, rel
 
 
 def fla_conv():
@@ -109,10 +109,6 @@ def run_case(B, T, C, K, layout, fla_fn):
 
     row["configs"] = {kern.fn.__name__: str(kern.best_config) for kern in (conv_fwd_kernel, conv_bwd_kernel)}
     return row
-
-
-def fmt(x, p=3):
-    return "-" if x is None else f"{x:.{p}f}"
 
 
 def main():

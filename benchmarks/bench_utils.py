@@ -50,3 +50,8 @@ def fwd_bwd(f, inputs, dy):
         ins = [t.detach().requires_grad_() for t in inputs]
         torch.autograd.grad(f(*ins), ins, dy)
     return run
+
+
+def fmt(x, p=3):
+    """A table cell: ``x`` with ``p`` decimals, "-" when missing."""
+    return "-" if x is None else f"{x:.{p}f}"

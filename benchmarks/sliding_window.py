@@ -21,7 +21,7 @@ from based_kernels import sliding_window_attention
 from based_kernels.sliding_window import sliding_window_attention_reference
 
 import bench_utils
-from bench_utils import GRAPH, bench, fwd_bwd, kernel_breakdown, rel
+from bench_utils import GRAPH, bench, fmt, fwd_bwd, kernel_breakdown, rel
 
 
 def make_flex(B, H, T, W):
@@ -103,10 +103,6 @@ def run_case(B, T, H, D, W, peers, fla_fn):
     row["configs"] = {kern.fn.__name__: str(kern.best_config) for kern in
                       (swa_fwd_kernel, swa_bwd_dq_kernel, swa_bwd_dkdv_kernel)}
     return row
-
-
-def fmt(x, p=3):
-    return "-" if x is None else f"{x:.{p}f}"
 
 
 def main():

@@ -35,6 +35,14 @@ dry_run() {
   if [[ $DRY_RUN_ONLY == 1 ]]; then exit 0; fi
 }
 
+# node_layout: NNODES [1] and NPROC_PER_NODE [GPUs on this node; 1 without GPUs], unless set by the caller.
+node_layout() {
+  NNODES=${NNODES:-1}
+  local gpus
+  gpus=$(count_gpus)
+  NPROC_PER_NODE=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
+}
+
 # GPUs on this node (0 without NVIDIA GPUs).
 count_gpus() {
   if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true

@@ -14,9 +14,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
 
-NNODES=${NNODES:-1}
-GPUS=$(count_gpus)
-NPROC_PER_NODE=${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}
+node_layout
 dry_run "$NNODES" "$NPROC_PER_NODE"
 
 HOSTS=()
