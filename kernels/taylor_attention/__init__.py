@@ -30,12 +30,12 @@ __all__ = [
 _BACKENDS = (None, "triton", "torch")
 
 
-def _use_triton(backend, x, f):
+def _use_triton(backend, x, f, step=False):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
     if backend is None:
-        from .ops import MAX_F
-        return x.is_cuda and f <= MAX_F  # larger f: the quadratic state does not fit on chip; PyTorch path
+        from .ops import MAX_F, MAX_F_STEP
+        return x.is_cuda and f <= (MAX_F_STEP if step else MAX_F)  # larger f: the PyTorch path
     return backend == "triton"
 
 
@@ -72,7 +72,7 @@ def taylor_linear_attention(q, k, v, *, eps=1e-12, initial_state=None, output_fi
 def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12, backend=None):
     """One decode step (update before read). q, k ``[B, H, f]``, v ``[B, H, d_v]``, state ``(S, z)`` or None;
     returns ``(y [B, H, d_v], new_state)``; the input state is not modified."""
-    if _use_triton(backend, q, q.shape[-1]):
+    if _use_triton(backend, q, q.shape[-1], step=True):
         from .ops import taylor_attention_step_triton
         return taylor_attention_step_triton(q, k, v, state, eps=eps)
     return taylor_attention_step(q, k, v, state, eps=eps)

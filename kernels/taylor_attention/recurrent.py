@@ -9,7 +9,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import RSQRT2, _state_rows
+from .chunk import RSQRT2
+
+
+@triton.jit
+def _state_rows(F: tl.constexpr, BK: tl.constexpr):
+    """Row indices (into the D = 1 + F + F^2 feature rows) of the linear and quadratic blocks, with masks."""
+    o_k = tl.arange(0, BK)
+    o_f = tl.arange(0, BK * BK)
+    o_fa = o_f // BK
+    o_fb = o_f % BK
+    return 1 + o_k, o_k < F, 1 + F + o_fa * F + o_fb, (o_fa < F) & (o_fb < F)
 
 
 @triton.jit

@@ -108,10 +108,26 @@ def test_fp16():
     check_all(got, oracle(q, k, v, h0), 3e-3, 5e-3)
 
 
-def test_segmented_sequence(monkeypatch):
-    """A sequence split across programs (segment states + prefix sums) equals the oracle, gradients too."""
-    monkeypatch.setattr(ops, "FORCE_NUM_SEGMENTS", 3)
-    q, k, v, h0 = make(2, 150, 1, 16, 32, state=True)
+def small_tiles(monkeypatch):
+    """16-token chunks, 32-feature blocks and 16-column value blocks: many chunks, 9 feature blocks and several
+    value blocks (dq, dk summed from per-block partials)."""
+    monkeypatch.setattr(ops, "INTERPRET_TILES", (16, 32, 16))
+    monkeypatch.setattr(ops, "CHUNK", 16)
+    for name, (bf, bv, nw, ns) in list(ops.CONFIG.items()):
+        monkeypatch.setitem(ops.CONFIG, name, (32, 16, nw, ns))
+
+
+def test_small_tiles(monkeypatch):
+    small_tiles(monkeypatch)
+    q, k, v, h0 = make(2, 75, 1, 16, 40, state=True)
+    got = run_with_grads(triton_fn, q, k, v, h0)
+    check_all(got, oracle(q, k, v, h0), TOL32)
+
+
+@pytest.mark.parametrize("F", [32, 64])
+def test_large_feature_dims(F):
+    """f = 32 and 64 (D = 1057, 4161 features): only one feature block lives on chip at a time."""
+    q, k, v, h0 = make(1, 40 if F == 32 else 20, 1, F, 16, state=True)
     got = run_with_grads(triton_fn, q, k, v, h0)
     check_all(got, oracle(q, k, v, h0), TOL32)
 
@@ -182,8 +198,8 @@ def test_step_kernel_and_prefill_then_decode():
 
 
 def test_deterministic_backward(monkeypatch):
-    monkeypatch.setattr(ops, "FORCE_NUM_SEGMENTS", 2)
-    q, k, v, h0 = make(1, 90, 1, 16, 32, state=True)
+    small_tiles(monkeypatch)
+    q, k, v, h0 = make(1, 40, 1, 16, 32, state=True)
     a = run_with_grads(triton_fn, q, k, v, h0)[2]
     b = run_with_grads(triton_fn, q, k, v, h0)[2]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -195,8 +211,8 @@ def test_dispatch_and_errors():
     assert torch.equal(y, taylor_attention_chunked(q, k, v)[0])
     with pytest.raises(ValueError, match="backend"):
         taylor_linear_attention(q, k, v, backend="cuda")
-    qb = torch.randn(1, 20, 1, 64)
-    with pytest.raises(ValueError, match="f <= 32"):
+    qb = torch.randn(1, 20, 1, 65)
+    with pytest.raises(ValueError, match="f <= 64"):
         taylor_linear_attention(qb, qb, v, backend="triton")
 
 
@@ -224,14 +240,9 @@ def _quadratic_num_den(q, k, v):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("segments", [None, 2])
-def test_output_normalizer_value_and_grads(backend, segments, monkeypatch):
+def test_output_normalizer_value_and_grads(backend):
     """output_normalizer=True: den equals the fp64 denominator (no eps), and gradients through y and den match
     the fp64 quadratic formula."""
-    if segments is not None:
-        if backend == "torch":
-            pytest.skip("segments are a Triton-path feature")
-        monkeypatch.setattr(ops, "FORCE_NUM_SEGMENTS", segments)
     q, k, v, _ = make(2, 45, 2, 16, 24)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     y, fin, den = taylor_linear_attention(*leaves, backend=backend, output_normalizer=True)
@@ -314,8 +325,7 @@ def test_value_dims_bf16(DV):
 
 
 @pytest.mark.gpu
-def test_varlen_and_segments_bf16(monkeypatch):
-    monkeypatch.setattr(ops, "FORCE_NUM_SEGMENTS", 5)
+def test_varlen_and_states_bf16():
     cu = torch.tensor([0, 1, 3000, 3001, 9000], dtype=torch.int32, device=DEV)
     q, k, v, h0 = make(1, 9000, 2, 16, 64, dtype=torch.bfloat16, state=True, n_states=4)
     got = run_with_grads(triton_fn, q, k, v, h0, cu_seqlens=cu)

@@ -1,0 +1,331 @@
+"""Triton kernels of Taylor linear attention, chunk-parallel form.
+
+Notation (README.md): ``phi(x) = [1, x', x' (x) x' / sqrt(2)]`` with ``x' = x f^(-1/4)``, D = 1 + f + f^2 features;
+``K(q, k) = phi(q) . phi(k) = 1 + s + s^2/2``, ``s = q'.k'``. Feature row ``r`` of the state is the product
+``c_r x_a x_b`` of two input columns (``a`` or ``b`` = -1 stands for the constant 1): ``r = 0`` is ``(−1, −1)``,
+``r = 1 + a`` is ``(a, −1)`` with ``c = f^(-1/4)``, ``r = 1 + f + a f + b`` is ``(a, b)`` with
+``c = f^(-1/2) / sqrt(2)``. A block of BF features is formed from a ``[BT, BK]`` tile of inputs by two exact
+tensor-core products with 0/1 expansion matrices (``x_a = x E_a``, ``x_b = x E_b``) and one multiply, so no
+gather and no 3-D tile is needed, and the result is already in the layout of the next product.
+
+Forward (T tokens in chunks of BT):
+  1. ``taylor_chunk_state_kernel``, programs (feature block, value block, sequence x head): walks the chunks
+     in order, stores the state *before* each chunk (``hc [chunks, H, D, d_v]`` in the input dtype, ``zc`` in
+     fp32), then adds ``phi(K_c)^T V_c``. Only a ``[BF, BV]`` fp32 state lives on chip, so there are
+     ``ceil(D/BF) * ceil(d_v/BV) * B * H`` independent programs, each a chain of one product per chunk.
+  2. ``taylor_chunk_output_kernel``, programs (value block, chunk, head), all independent: the intra-chunk
+     ``(1 + s + s^2/2)``-masked product plus ``phi(Q_c) hc_c`` feature block by feature block, normalised.
+Backward (``do = dy / den``, ``dd = -(dy . y) / den``; an unnormalised attention with values ``[v | 1]``):
+  3. the state pass 1 again (recomputing ``hc`` costs less than keeping it between forward and backward);
+  4. ``taylor_chunk_dstate_kernel``: the same walk in reverse with ``phi(Q_c)^T do_c`` (and ``dd``), storing
+     the gradient of the state *after* each chunk (``dhc``, ``dzc``) and, at the end, d initial state;
+  5. ``taylor_chunk_grad_kernel``, programs (value block, chunk, head): dq, dk, dv of one chunk from the
+     intra-chunk terms, ``hc`` (for dq) and ``dhc`` (for dk, dv); the Jacobian of ``c x_a x_b`` is two
+     products with the transposed expansion matrices.
+Deterministic: no atomics; with several value blocks dq and dk are fp32 partials summed afterwards.
+Varlen (``cu_seqlens``): every document starts its own chunks; ``chunk_offsets`` (first chunk of each
+document) and ``chunk_meta`` (document and first token of each chunk) are computed on the host.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+RSQRT2 = tl.constexpr(0.7071067811865476)
+
+
+@triton.jit
+def _mm(b_a, b_b, b_like, HI: tl.constexpr):
+    """Product with fp32 accumulation: fp32 operands (tf32 on tensor cores) when HI, else both operands in the
+    dtype of ``b_like`` (bf16/fp16 inputs: full-rate tensor cores)."""
+    if HI:
+        return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32))
+    else:
+        return tl.dot(b_a.to(b_like.dtype), b_b.to(b_like.dtype))
+
+
+@triton.jit
+def _exact(b_x, b_e):
+    """``b_x @ b_e`` for a 0/1 matrix ``b_e``: exact (a selection) in every input dtype."""
+    if b_x.dtype == tl.float32:
+        return tl.dot(b_x, b_e.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(b_x, b_e.to(b_x.dtype))
+
+
+@triton.jit
+def _features(i_f, scale, F: tl.constexpr, BF: tl.constexpr):
+    """Rows ``r`` of feature block ``i_f``, their mask, factor columns ``a``, ``b`` (-1 = constant) and
+    coefficients ``c`` (0 on padding rows)."""
+    D: tl.constexpr = 1 + F + F * F
+    o_r = i_f * BF + tl.arange(0, BF)
+    m_r = o_r < D
+    quad = o_r > F
+    m = tl.maximum(o_r - 1 - F, 0)
+    a = tl.where(o_r == 0, -1, tl.where(quad, m // F, o_r - 1))
+    b = tl.where(quad, m % F, -1)
+    c = tl.where(o_r == 0, 1.0, tl.where(quad, scale * scale * RSQRT2, scale))
+    return o_r, m_r, a, b, tl.where(m_r, c, 0.)
+
+
+@triton.jit
+def _phi(b_x, a, b, c, BK: tl.constexpr):
+    """Features ``[BT, BF]`` (fp32) of token rows ``b_x [BT, BK]``."""
+    o_k = tl.arange(0, BK)
+    b_xa = _exact(b_x, o_k[:, None] == a[None, :]) + (a < 0).to(tl.float32)[None, :]
+    b_xb = _exact(b_x, o_k[:, None] == b[None, :]) + (b < 0).to(tl.float32)[None, :]
+    return b_xa * b_xb * c[None, :]
+
+
+@triton.jit
+def _phi_t(b_xt, a, b, c, BK: tl.constexpr):
+    """Features ``[BF, BT]`` (fp32) of token columns ``b_xt [BK, BT]`` (the transposed orientation)."""
+    o_k = tl.arange(0, BK)
+    b_xa = _exact_t(a[:, None] == o_k[None, :], b_xt) + (a < 0).to(tl.float32)[:, None]
+    b_xb = _exact_t(b[:, None] == o_k[None, :], b_xt) + (b < 0).to(tl.float32)[:, None]
+    return b_xa * b_xb * c[:, None]
+
+
+@triton.jit
+def _exact_t(b_e, b_x):
+    """``b_e @ b_x`` for a 0/1 matrix ``b_e``, exact."""
+    if b_x.dtype == tl.float32:
+        return tl.dot(b_e.to(tl.float32), b_x, input_precision="ieee")
+    else:
+        return tl.dot(b_e.to(b_x.dtype), b_x)
+
+
+@triton.jit
+def _phi_vjp(b_w, b_x, a, b, c, BK: tl.constexpr):
+    """``d/dx [w . phi(x)]`` per token: ``b_w [BT, BF]`` feature gradients, ``b_x [BT, BK]`` -> ``[BT, BK]``
+    fp32. ``d(c x_a x_b)/dx_j = c (x_b [a = j] + x_a [b = j])``."""
+    o_k = tl.arange(0, BK)
+    b_g = b_w * c[None, :]
+    b_xa = _exact(b_x, o_k[:, None] == a[None, :]) + (a < 0).to(tl.float32)[None, :]
+    b_xb = _exact(b_x, o_k[:, None] == b[None, :]) + (b < 0).to(tl.float32)[None, :]
+    return (tl.dot(b_g * b_xb, (a[:, None] == o_k[None, :]).to(tl.float32))
+            + tl.dot(b_g * b_xa, (b[:, None] == o_k[None, :]).to(tl.float32)))
+
+
+@triton.jit
+def _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN: tl.constexpr):
+    """Batch row, token range [bos, eos) and first chunk index of sequence (or document) i_n."""
+    if IS_VARLEN:
+        i_b = i_n.to(tl.int64) * 0
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        i_b = i_n.to(tl.int64)
+        bos = i_b * 0
+        eos = bos + T
+        c0 = i_b * NC
+    return i_b, bos, eos, c0
+
+
+@triton.jit
+def _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Batch row, first token and end of the sequence of chunk i_c."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_meta + 2 * i_c)
+        t0 = tl.load(chunk_meta + 2 * i_c + 1).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        return i_c.to(tl.int64) * 0, t0, eos
+    else:
+        i_b = i_c.to(tl.int64) // NC
+        return i_b, (i_c.to(tl.int64) % NC) * BT, i_b * 0 + T
+
+
+@triton.jit
+def taylor_chunk_state_kernel(
+    x, w, den, col, h0s, h0z, hc, zc, hts, htz, cu_seqlens, chunk_offsets,
+    s_xb, s_xt, s_xh, s_wb, s_wt, s_wh,
+    T, H, NC, scale,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+    BV: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Per-chunk states of one feature block.
+
+    Forward (REVERSE=False; x, w = k, v): ``hc[c]`` = state before chunk c, from ``h0`` plus
+    ``sum phi(k) v^T`` (``z``: ``sum phi(k)``); ``ht`` = the state after the last chunk.
+    Backward (REVERSE=True; x, w = q, dy, with ``den`` and ``col`` = dd): walks the chunks from the last,
+    ``hc[c]`` = gradient of the state after chunk c, from ``h0`` (= d final state) plus
+    ``sum phi(q) (dy / den)^T`` (``z``: ``sum phi(q) dd``); ``ht`` = d initial state."""
+    D: tl.constexpr = 1 + F + F * F
+    i_f, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
+    i_st = i_n.to(tl.int64) * H + i_h
+
+    o_r, m_r, a, b, c = _features(i_f, scale, F, BF)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < F
+    o_t = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    m_rv = m_r[:, None] & m_v[None, :]
+    m_z = m_r & (i_v == 0)
+
+    if USE_H0:
+        b_h = tl.load(h0s + (i_st * D + o_r[:, None]) * DV + o_v[None, :], mask=m_rv, other=0.)
+        b_z = tl.load(h0z + i_st * D + o_r, mask=m_r, other=0.)
+    else:
+        b_h = tl.zeros([BF, BV], dtype=tl.float32)
+        b_z = tl.zeros([BF], dtype=tl.float32)
+    p_x0 = x + i_b * s_xb + i_h * s_xh
+    p_w0 = w + i_b * s_wb + i_h * s_wh
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for i in range(0, n_chunks):
+        if REVERSE:
+            i_c = n_chunks - 1 - i
+        else:
+            i_c = i
+        p_st = (c0 + i_c) * H + i_h
+        tl.store(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :], b_h.to(hc.dtype.element_ty), mask=m_rv)
+        tl.store(zc + p_st * D + o_r, b_z, mask=m_z)
+        o_tt = bos + i_c * BT + o_t
+        m_t = o_tt < eos
+        b_xt = tl.load(p_x0 + o_tt[None, :] * s_xt + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        b_w = tl.load(p_w0 + o_tt[:, None] * s_wt + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_p = _phi_t(b_xt, a, b, c, BK)
+        if REVERSE:
+            p_d = (i_b * T + o_tt) * H + i_h
+            b_den = tl.load(den + p_d, mask=m_t, other=1.)
+            b_dd = tl.load(col + p_d, mask=m_t, other=0.)
+            b_w = (b_w.to(tl.float32) / b_den[:, None]).to(b_w.dtype)
+            b_z += tl.sum(b_p * b_dd[None, :], 1)
+        else:
+            b_z += tl.sum(tl.where(m_t[None, :], b_p, 0.), 1)
+        b_h += tl.dot(b_p.to(hc.dtype.element_ty), b_w.to(hc.dtype.element_ty))
+    if STORE_HT:
+        tl.store(hts + (i_st * D + o_r[:, None]) * DV + o_v[None, :], b_h, mask=m_rv)
+        tl.store(htz + i_st * D + o_r, b_z, mask=m_z)
+
+
+@triton.jit
+def taylor_chunk_output_kernel(
+    q, k, v, o, den, hc, zc, cu_seqlens, chunk_meta,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+    T, H, NC, scale, eps,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr,
+):
+    """Output of one chunk: intra-chunk ``(1 + s + s^2/2)`` part plus ``phi(Q_c) . (hc_c, zc_c)``."""
+    D: tl.constexpr = 1 + F + F * F
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
+    p_st = i_c.to(tl.int64) * H + i_h
+
+    o_t = tl.arange(0, BT)
+    o_tt = t0 + o_t
+    m_t = o_tt < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < F
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_tt[:, None] * s_qt + o_k[None, :], mask=m_tk, other=0.)
+    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_tt[:, None] * s_kt + o_k[None, :], mask=m_tk, other=0.)
+    b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_tt[:, None] * s_vt + o_v[None, :],
+                  mask=m_t[:, None] & m_v[None, :], other=0.)
+
+    b_s = tl.dot(b_q, tl.trans(b_k)) * (scale * scale)
+    b_A = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[None, :], 1. + b_s + 0.5 * b_s * b_s, 0.)
+    b_num = _mm(b_A, b_v, b_v, HI_INTRA)
+    b_den = tl.sum(b_A, 1)
+    for i_f in range(0, NF):
+        o_r, m_r, a, b, c = _features(i_f, scale, F, BF)
+        b_h = tl.load(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :], mask=m_r[:, None] & m_v[None, :],
+                      other=0.)
+        b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
+        b_p = _phi(b_q, a, b, c, BK)
+        b_num += tl.dot(b_p.to(b_h.dtype), b_h)
+        b_den += tl.sum(b_p * b_z[None, :], 1)
+    b_o = b_num / (b_den + eps)[:, None]
+    tl.store(o + i_b * s_ob + i_h * s_oh + o_tt[:, None] * s_ot + o_v[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+    tl.store(den + (i_b * T + o_tt) * H + i_h, b_den, mask=m_t & (i_v == 0))
+
+
+@triton.jit
+def taylor_prep_kernel(o, dy, den, dd, s_ob, s_ot, s_oh, s_yb, s_yt, s_yh, T, H,
+                       DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr):
+    """``dd_t = -(dy_t . y_t) / den_t`` for a block of tokens of one (batch row, head)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = tl.arange(0, BDV)
+    m = m_t[:, None] & (o_v < DV)[None, :]
+    b_o = tl.load(o + i_b * s_ob + i_h * s_oh + o_t[:, None] * s_ot + o_v[None, :], mask=m, other=0.)
+    b_dy = tl.load(dy + i_b * s_yb + i_h * s_yh + o_t[:, None] * s_yt + o_v[None, :], mask=m, other=0.)
+    p_d = (i_b * T + o_t) * H + i_h
+    b_den = tl.load(den + p_d, mask=m_t, other=1.)
+    b_dd = -tl.sum(b_o.to(tl.float32) * b_dy.to(tl.float32), 1) / b_den
+    tl.store(dd + p_d, b_dd, mask=m_t)
+
+
+@triton.jit
+def taylor_chunk_grad_kernel(
+    q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv, cu_seqlens, chunk_meta,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_yb, s_yt, s_yh,
+    s_gn, s_gb, s_gt, s_gh, s_db, s_dt, s_dh,
+    T, H, NC, scale,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr,
+):
+    """dq, dk (partials of value block i_v, raw-input space) and dv of one chunk."""
+    D: tl.constexpr = 1 + F + F * F
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
+    p_st = i_c.to(tl.int64) * H + i_h
+    w0 = (i_v == 0).to(tl.float32)  # the normaliser column [v | 1] belongs to value block 0
+
+    o_t = tl.arange(0, BT)
+    o_tt = t0 + o_t
+    m_t = o_tt < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < F
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_tt[:, None] * s_qt + o_k[None, :], mask=m_tk, other=0.)
+    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_tt[:, None] * s_kt + o_k[None, :], mask=m_tk, other=0.)
+    b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_tt[:, None] * s_vt + o_v[None, :], mask=m_tv, other=0.)
+    b_dy = tl.load(dy + i_b * s_yb + i_h * s_yh + o_tt[:, None] * s_yt + o_v[None, :], mask=m_tv, other=0.)
+    p_d = (i_b * T + o_tt) * H + i_h
+    b_den = tl.load(den + p_d, mask=m_t, other=1.)
+    b_dd = tl.load(dd + p_d, mask=m_t, other=0.) * w0
+    b_do = (b_dy.to(tl.float32) / b_den[:, None]).to(b_v.dtype)
+
+    # intra-chunk
+    m_c = (o_t[:, None] >= o_t[None, :]) & m_t[None, :] & m_t[:, None]
+    b_s = tl.dot(b_q, tl.trans(b_k)) * (scale * scale)
+    b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
+    b_dv = _mm(tl.trans(b_A), b_do, b_v, HI)
+    b_P = tl.where(m_c, tl.dot(b_do, tl.trans(b_v)) + b_dd[:, None], 0.)
+    b_dS = b_P * (1. + b_s) * (scale * scale)  # d/d(q_raw . k_raw)
+    b_dq = _mm(b_dS, b_k, b_v, HI)
+    b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI)
+    # inter-chunk: dq from the state before the chunk, dk and dv from the gradient of the state after it
+    for i_f in range(0, NF):
+        o_r, m_r, a, b, c = _features(i_f, scale, F, BF)
+        m_rv = m_r[:, None] & m_v[None, :]
+        p_h = (p_st * D + o_r[:, None]) * DV + o_v[None, :]
+        b_h = tl.load(hc + p_h, mask=m_rv, other=0.)
+        b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
+        b_wq = tl.dot(b_do.to(b_h.dtype), tl.trans(b_h)) + b_dd[:, None] * b_z[None, :]
+        b_dq += _phi_vjp(b_wq, b_q, a, b, c, BK)
+        b_dh = tl.load(dhc + p_h, mask=m_rv, other=0.)
+        b_dz = tl.load(dzc + p_st * D + o_r, mask=m_r, other=0.)
+        b_dv += tl.dot(_phi(b_k, a, b, c, BK).to(b_dh.dtype), b_dh)
+        b_wk = tl.dot(b_v.to(b_dh.dtype), tl.trans(b_dh)) + w0 * b_dz[None, :]
+        b_dk += _phi_vjp(b_wk, b_k, a, b, c, BK)
+    p_g = i_v.to(tl.int64) * s_gn + i_b * s_gb + i_h * s_gh + o_tt[:, None] * s_gt + o_k[None, :]
+    tl.store(dq + p_g, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_g, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dv + i_b * s_db + i_h * s_dh + o_tt[:, None] * s_dt + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_tv)
