@@ -9,12 +9,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 
+from ..sliding_window._common import Launcher, cdiv
 from ..sliding_window.ops import _doc_ids, _empty_like_layout, _lastdim_contiguous
 from .backward import CHUNK, conv_bwd_init_kernel, conv_bwd_kernel
 from .forward import conv_fwd_kernel
 from .recurrent import conv_step_kernel
+
+_fwd, _bwd, _bwd_init, _step = (Launcher(k) for k in (conv_fwd_kernel, conv_bwd_kernel, conv_bwd_init_kernel,
+                                                       conv_step_kernel))
 
 __all__ = ["conv_triton", "conv_step_triton", "final_state"]
 
@@ -35,10 +38,10 @@ def conv_fwd(x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor, init: 
     K = w.shape[1]
     y = _empty_like_layout(x, x.shape)
     doc, cu32 = _varlen(cu, T, x.device)
-    conv_fwd_kernel[lambda meta: (triton.cdiv(C, meta["BC"]), triton.cdiv(T, meta["BT"]), B)](
-        x, x if g is None else g, w, x if init is None else init, y, doc if cu is not None else x,
-        cu32 if cu is not None else x,
-        *_s2(x), *_s2(g), *_s2(y), *_s2(init), *w.stride(), T, C,
+    _fwd(
+        lambda meta: (cdiv(C, meta["BC"]), cdiv(T, meta["BT"]), B),
+        (x, x if g is None else g, w, x if init is None else init, y, doc if cu is not None else x,
+         cu32 if cu is not None else x, *_s2(x), *_s2(g), *_s2(y), *_s2(init), *w.stride(), T, C),
         K=K, GATE=g is not None, HAS_INIT=init is not None, IS_VARLEN=cu is not None,
     )
     return y
@@ -60,17 +63,19 @@ def conv_bwd(dy: torch.Tensor, x: torch.Tensor, g: Optional[torch.Tensor], w: to
     dy = _lastdim_contiguous(dy)
     dx = _empty_like_layout(x, x.shape)
     dg = _empty_like_layout(g, g.shape) if g is not None else x.new_empty(0)
-    NT = triton.cdiv(T, CHUNK)
+    NT = cdiv(T, CHUNK)
     dwp = torch.empty(B * NT, 4, C, dtype=torch.float32, device=x.device)
     doc, cu32 = _varlen(cu, T, x.device)
     g_ = x if g is None else g
     init_ = x if init is None else init
     flags = dict(K=K, GATE=g is not None, IS_VARLEN=cu is not None)
-    conv_bwd_kernel[lambda meta: (triton.cdiv(C, meta["BC"]), NT, B)](
-        x, g_, w, init_, dy, dx, dg if g is not None else dx, dwp, doc if cu is not None else x,
-        cu32 if cu is not None else x,
-        *_s2(x), *_s2(g), *_s2(dy), *_s2(dx), *_s2(dg if g is not None else None), *_s2(init), *w.stride(),
-        T, C, NT, HAS_INIT=init is not None, CHUNK=CHUNK, **flags,
+    _bwd(
+        lambda meta: (cdiv(C, meta["BC"]), NT, B),
+        (x, g_, w, init_, dy, dx, dg if g is not None else dx, dwp, doc if cu is not None else x,
+         cu32 if cu is not None else x,
+         *_s2(x), *_s2(g), *_s2(dy), *_s2(dx), *_s2(dg if g is not None else None), *_s2(init), *w.stride(),
+         T, C, NT),
+        HAS_INIT=init is not None, CHUNK=CHUNK, **flags,
     )
     # fixed-order reduction of the per-program partials: deterministic dw
     dw = dwp[:, :K].sum(0).t().to(w.dtype)
@@ -79,10 +84,12 @@ def conv_bwd(dy: torch.Tensor, x: torch.Tensor, g: Optional[torch.Tensor], w: to
     else:
         dinit = torch.empty(init.shape, dtype=init.dtype, device=x.device)
         N = init.shape[0]
-        BC = 32 if triton.cdiv(C, 128) * N < 64 else 128
-        conv_bwd_init_kernel[(triton.cdiv(C, BC), N)](
-            x, g_, w, init_, dy, dinit, cu32 if cu is not None else x,
-            *_s2(x), *_s2(g), *_s2(dy), *_s2(init), *w.stride(), T, C, BC=BC, **flags,
+        BC = 32 if cdiv(C, 128) * N < 64 else 128
+        _bwd_init(
+            lambda meta: (cdiv(C, BC), N),
+            (x, g_, w, init_, dy, dinit, cu32 if cu is not None else x,
+             *_s2(x), *_s2(g), *_s2(dy), *_s2(init), *w.stride(), T, C),
+            BC=BC, **flags,
         )
     return dx, dg, dw, dinit
 
@@ -167,10 +174,11 @@ def conv_step_triton(x, g, weight, state):
     y = torch.empty(B, C, dtype=x.dtype, device=x.device)
     new_state = torch.empty(B, K - 1, C, dtype=st_dtype, device=x.device)
     BC = 256
-    conv_step_kernel[(triton.cdiv(C, BC), B)](
-        x, x if g is None else g, weight, x if state is None else state, y, new_state,
-        x.stride(0), 0 if g is None else g.stride(0), y.stride(0), *((0, 0) if state is None else _s2(state)),
-        *_s2(new_state), *weight.stride(), C,
+    _step(
+        lambda meta: (cdiv(C, BC), B),
+        (x, x if g is None else g, weight, x if state is None else state, y, new_state,
+         x.stride(0), 0 if g is None else g.stride(0), y.stride(0), *((0, 0) if state is None else _s2(state)),
+         *_s2(new_state), *weight.stride(), C),
         K=K, GATE=g is not None, HAS_STATE=state is not None, BC=BC,
     )
     return y, new_state

@@ -9,10 +9,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 
+from ._common import Launcher, cdiv, next_pow2
 from .backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
 from .forward import swa_fwd_kernel
+
+_fwd = Launcher(swa_fwd_kernel)
+_bwd_dq = Launcher(swa_bwd_dq_kernel)
+_bwd_dkdv = Launcher(swa_bwd_dkdv_kernel)
 
 __all__ = ["swa_triton"]
 
@@ -44,7 +48,7 @@ def _meta(q, k, kp):
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     P = 0 if kp is None else kp.shape[1]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     return B, T, H, Hkv, D, P, block_d, prec
 
@@ -56,12 +60,13 @@ def swa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torc
     o = _empty_like_layout(q, q.shape)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     kp_, vp_ = (q, q) if kp is None else (kp, vp)
-    grid = lambda meta: (triton.cdiv(T, meta["BM"]), B * H)  # noqa: E731
-    swa_fwd_kernel[grid](
-        q, k, v, kp_, vp_, o, lse, doc if doc is not None else lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp), *_strides3(o),
-        T, P, H, scale, D=D, W=window, G=H // Hkv,
-        BLOCK_D=block_d, HAS_PREFIX=kp is not None, IS_VARLEN=doc is not None, DOT_PREC=prec,
+    _fwd(
+        lambda meta: (cdiv(T, meta["BM"]), B * H),
+        (q, k, v, kp_, vp_, o, lse, doc if doc is not None else lse,
+         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp), *_strides3(o),
+         T, P, H, scale),
+        D=D, W=window, G=H // Hkv, BLOCK_D=block_d, HAS_PREFIX=kp is not None, IS_VARLEN=doc is not None,
+        DOT_PREC=prec,
     )
     return o, lse
 
@@ -92,20 +97,21 @@ def swa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kp_, vp_ = kp, vp
     delta = torch.empty_like(lse)
     doc_ = doc if doc is not None else lse
+    s_in = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp))  # both kernels
     flags = dict(BLOCK_D=block_d, HAS_PREFIX=kp is not None, IS_VARLEN=doc is not None, DOT_PREC=prec)
-    swa_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BM"]), B * H)](
-        q, k, v, kp_, vp_, o, do, lse, delta, dq, doc_,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp), *_strides3(o),
-        *_strides3(do), *_strides3(dq),
-        T, P, H, scale, D=D, W=window, G=H // Hkv, **flags,
+    _bwd_dq(
+        lambda meta: (cdiv(T, meta["BM"]), B * H),
+        (q, k, v, kp_, vp_, o, do, lse, delta, dq, doc_,
+         *s_in, *_strides3(o), *_strides3(do), *_strides3(dq), T, P, H, scale),
+        D=D, W=window, G=H // Hkv, **flags,
     )
     dkp_, dvp_ = (dkp, dvp) if kp is not None else (dk, dv)
-    swa_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T + P, meta["BN"]), B * Hkv)](
-        q, k, v, kp_, vp_, do, lse, delta, dk, dv, dkp_, dvp_, doc_,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp), *_strides3(do),
-        *_strides3(dk), *_strides3(dv), *_strides3(dkp if kp is not None else None),
-        *_strides3(dvp if kp is not None else None),
-        T, P, H, scale, D=D, W=window, G=H // Hkv, **flags,
+    _bwd_dkdv(
+        lambda meta: (cdiv(T + P, meta["BN"]), B * Hkv),
+        (q, k, v, kp_, vp_, do, lse, delta, dk, dv, dkp_, dvp_, doc_,
+         *s_in, *_strides3(do), *_strides3(dk), *_strides3(dv), *_strides3(dkp if kp is not None else None),
+         *_strides3(dvp if kp is not None else None), T, P, H, scale),
+        D=D, W=window, G=H // Hkv, **flags,
     )
     return dq, dk, dv, dkp, dvp
 

@@ -145,6 +145,7 @@ def test_gpu_weight_gradient_is_deterministic():
     y, _ = base_conv(x, g, w)
     dy = torch.randn_like(y)
     first = torch.autograd.grad(y, [x, g, w], dy)
-    for _ in range(3):
-        again = torch.autograd.grad(base_conv(x, g, w)[0], [x, g, w], dy)
-        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    for _ in range(3):  # repeated calls launch through the cached-kernel fast path
+        y2, _ = base_conv(x, g, w)
+        again = torch.autograd.grad(y2, [x, g, w], dy)
+        assert torch.equal(y, y2) and all(torch.equal(a, b) for a, b in zip(first, again))

@@ -1,0 +1,90 @@
+"""The low-overhead launcher (`based_kernels.sliding_window._common.Launcher`) passes the kernels' C launcher
+exactly what Triton's own launch path passes it.
+
+Runs in a subprocess without TRITON_INTERPRET and with a stand-in Triton driver: the kernels really compile for
+sm_90 (ptxas ships with triton), only the C launcher is replaced by a recorder. The first call of each shape goes
+through the autotuner and JITFunction.run, the second through the cached kernel; both launch records (grid and
+every argument: tensors as dtype, shape, strides, and the storage they point into) must be identical."""
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import torch
+    import triton.runtime.jit as jit
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compiler
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+
+    calls, slow = [], []
+
+    class FakeDriver:
+        launcher_cls = None
+        def get_current_device(self): return 0
+        def get_current_stream(self, device=None): return 0
+        def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        def get_active_torch_device(self): return torch.device("cpu")
+
+    def init_handles(self):  # record launches instead of loading the cubin
+        if self.module is None:
+            name = self.name
+            self._run = lambda *a: calls.append((name, a[:3], a[9:]))
+            self.module, self.function = 1, 0
+
+    compiler.CompiledKernel._init_handles = init_handles
+    driver.set_active(FakeDriver())
+    Autotuner._bench = lambda self, *a, config, **k: [float(self.configs.index(config))]  # no benchmarking
+    run = jit.JITFunction.run
+    jit.JITFunction.run = lambda self, *a, **k: (slow.append(self.fn.__name__), run(self, *a, **k))[1]
+
+    from based_kernels import base_conv, sliding_window_attention
+    from based_kernels.short_conv import base_conv_step
+
+    def norm(a):
+        if isinstance(a, torch.Tensor):
+            return (a.dtype, tuple(a.shape), a.stride(), a.data_ptr() - a.untyped_storage().data_ptr())
+        return a
+
+    def record(fn, inputs):
+        calls.clear(); slow.clear()
+        outs = fn(*inputs)
+        grads = torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], [torch.ones_like(o) for o in outs])
+        return [(n, g, [norm(a) for a in args]) for n, g, args in calls], list(slow)
+
+    torch.manual_seed(0)
+    r = lambda *s: torch.randn(*s, dtype=torch.bfloat16, requires_grad=True)
+    q, k, v, kp, vp = r(2, 300, 4, 112), r(2, 300, 2, 112), r(2, 300, 2, 112), r(2, 40, 2, 112), r(2, 40, 2, 112)
+    swa = lambda q, k, v, kp, vp: (sliding_window_attention(q, k, v, window=64, kv_prefix=(kp, vp), backend="triton"),)
+    cu = torch.tensor([0, 100, 101, 300])
+    swa_var = lambda q, k, v: (sliding_window_attention(q, k, v, window=64, cu_seqlens=cu, backend="triton"),)
+    u = r(500, 2, 2 * 96)  # Megatron [s, b, 2c] in-projection, halves seen as [b, s, c]
+    w, init = torch.randn(96, 3, requires_grad=True), r(2, 2, 96)
+    conv = lambda u, w, init: base_conv(u[..., :96].transpose(0, 1), u[..., 96:].transpose(0, 1), w,
+                                        initial_state=init, output_final_state=True, backend="triton")
+    step = lambda x, g, st: base_conv_step(x, g, w, st, backend="triton")
+    cases = [(swa, (q, k, v, kp, vp), 3), (swa_var, (q[:1], k[:1], v[:1]), 3), (conv, (u, w, init), 3)]
+    for fn, inputs, n_kernels in cases:
+        first, slow_first = record(fn, inputs)
+        second, slow_second = record(fn, inputs)
+        assert len(first) == n_kernels and len(slow_first) == n_kernels, (first, slow_first)
+        assert slow_second == [], slow_second  # the second call never entered JITFunction.run
+        assert first == second, (first, second)
+    x, g, st = torch.randn(2, 96, dtype=torch.bfloat16), torch.randn(2, 96, dtype=torch.bfloat16), torch.randn(2, 2, 96)
+    records = []
+    for _ in range(2):  # the decode step: one kernel, no autograd
+        calls.clear(); slow.clear()
+        step(x, g, st)
+        records.append(([(n, gr, [norm(a) for a in args]) for n, gr, args in calls], list(slow)))
+    assert records[0][1] == ["conv_step_kernel"] and records[1][1] == [] and len(records[0][0]) == 1
+    assert records[0][0] == records[1][0], records
+    print("OK")
+""")
+
+
+def test_fast_launch_passes_the_same_arguments_as_triton():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
+    p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stdout[-3000:] + p.stderr[-5000:]
