@@ -1,6 +1,9 @@
 """Timing helpers shared by the kernel benchmarks: relative error, eager / device / CUDA-graph timings."""
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 import triton
 
@@ -16,14 +19,30 @@ USE_GRAPH = False  # a failed capture poisons the CUDA context, so graph replay 
 
 def bench(fn, name=None):
     """Eager median ms (``do_bench``, L2 flushed between calls: host launch cost included when it exceeds the
-    device time). With a name, also the device busy time (sum of kernel times, torch.profiler) and, with
-    --graph, the CUDA-graph replay median."""
+    device time). With a name, also the device busy time (sum of kernel times, torch.profiler), the host time
+    per call (``host_ms``) and, with --graph, the CUDA-graph replay median."""
     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     if name is not None:
         GRAPH[f"{name}_device"] = kernel_breakdown(fn)[0]
+        GRAPH[f"{name}_host"] = host_ms(fn)
         if USE_GRAPH:
             GRAPH[f"{name}_graph"] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     return ms
+
+
+def host_ms(fn, n=20, reps=5):
+    """Host (CPU) ms per call: median over ``reps`` of n calls queued without synchronizing (the GPU runs
+    behind; n calls stay far below the launch-queue depth). Eager time ~ max(device, host)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t) / n * 1e3)
+        torch.cuda.synchronize()
+    return round(statistics.median(times), 4)
 
 
 def kernel_breakdown(fn, n=10, top=8):
