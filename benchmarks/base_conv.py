@@ -1,11 +1,14 @@
 """BaseConv core ``SiLU(causal_depthwise_conv(u1)) * u2``: based_kernels (one fused Triton pass) vs eager PyTorch
 (``F.conv1d`` in its native [B, C, T] layout, then SiLU and the gate) and fla ``causal_conv1d`` (+ eager gate),
-forward and forward+backward, bf16, median ms of ``triton.testing.do_bench``, with effective TB/s.
+forward and forward+backward, bf16, median ms of ``triton.testing.do_bench`` (eager), the device busy time
+(torch.profiler: kernel time only) and the host time per call, with effective TB/s for eager and device times.
 
 Effective bytes: forward reads u1, u2 and writes y (6 bytes per element in bf16); forward+backward adds reading
 u1, u2, dy and writing du1, du2 (16 bytes per element in all). Correctness against the fp64 reference first.
 
-    python benchmarks/base_conv.py [--out benchmarks/results/base_conv.json]
+    python benchmarks/base_conv.py [--out benchmarks/results/base_conv.json] [--budget-s S]
+
+Cases in priority order (goal shape, channel sizes and k, Megatron layout, then a T sweep 2k-32k at B*T = 32k).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import datetime
 import json
 import platform
+import time
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +121,7 @@ def main():
     ap.add_argument("--cases", default=None, help="B,T,C,K,layout;... instead of the default list")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     args = ap.parse_args()
     bench_utils.USE_GRAPH = args.graph
     fla_fn = None if args.no_fla else fla_conv()
@@ -129,18 +134,24 @@ def main():
                 fla=fla_version, python=platform.python_version(), date=datetime.date.today().isoformat(),
                 dtype="bfloat16", timing="triton.testing.do_bench median (ms)")
     cases = [(8, 4096, 1024, 3, "contiguous"), (8, 4096, 2048, 3, "contiguous"), (8, 4096, 2048, 3, "megatron"),
-             (4, 4096, 3584, 3, "megatron"), (8, 4096, 2048, 2, "contiguous"), (8, 4096, 2048, 4, "contiguous")]
+             (4, 4096, 3584, 3, "megatron"), (8, 4096, 2048, 2, "contiguous"), (8, 4096, 2048, 4, "contiguous"),
+             (16, 2048, 2048, 3, "megatron"), (4, 8192, 2048, 3, "megatron"), (2, 16384, 2048, 3, "megatron"),
+             (1, 32768, 2048, 3, "megatron")]
     if args.cases:
         cases = [tuple(int(x) for x in c.split(",")[:4]) + (c.split(",")[4],) for c in args.cases.split(";")]
-    rows = []
+    rows, t0 = [], time.time()
     for case in cases:
+        if time.time() - t0 > args.budget_s:
+            print(f"budget reached: skipping {case}")
+            continue
         row = run_case(*case, fla_fn)
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, fla {fla_version}, bf16, median ms")
-    kinds = [("", "eager do_bench median"), ("_device", "device busy time (sum of kernels, torch.profiler)")]
+    kinds = [("", "eager do_bench median"), ("_device", "device busy time (sum of kernels, torch.profiler)"),
+             ("_host", "host time per call (Python + launches, no sync)")]
     for kind, title in kinds + ([("_graph", "CUDA-graph replay median")] if bench_utils.USE_GRAPH else []):
         print(f"\n{title}, ms (fwd / fwd+bwd); TB/s effective")
         print("| B | T | C | k | layout | ours | ours TB/s | eager conv1d+SiLU+gate | fla causal_conv1d + gate | "
