@@ -6,6 +6,8 @@
 # Logs and JSON go to $OUT (default /tmp/swa_conv_out). Knobs: TEST_TIMEOUT, CONV_BUDGET, SWA_BUDGET, *_ARGS.
 set -o pipefail
 source benchmarks/gpu_env.sh || echo "FAILED: gpu_env.sh (continuing with what is installed)"
+python3 -c "import based_kernels" 2>/dev/null || {  # gpu_env.sh stopped early: make the checkout importable
+  mkdir -p /tmp/site && ln -sfn "$PWD/kernels" /tmp/site/based_kernels && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH; }
 OUT=${OUT:-/tmp/swa_conv_out}
 mkdir -p "$OUT"
 steps=${*:-tests conv swa}
