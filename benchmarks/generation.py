@@ -1,13 +1,25 @@
 """Generation throughput: BASED (constant-size caches) vs a same-size Megatron GPT with softmax attention and a KV
 cache (SDPA, FlashAttention kernels on GPU), as in the BASED paper (1.3B, batch 128, 1024 new tokens: 24x).
 
-    python benchmarks/generation.py                        # GPU: based-1.3b vs GPT, bf16, batch 128, 1024 tokens
-    python benchmarks/generation.py --tiny                 # CPU check: configs/tiny.yaml, batch 4, 32 tokens
+    python benchmarks/generation.py --json "$OUT/generation.json"   # GPU: based-1.3b vs GPT, bf16 (~3 min, H100)
+    python benchmarks/generation.py --tiny                          # CPU check: configs/tiny.yaml, batch 4, 32 tokens
 
-Both models use the same width, depth, heads, MLP and vocabulary; the GPT has layer pattern "A" * num_layers.
-Before timing, each model's prefill + decode logits are checked against its full forward. Reported: decode
-tokens/s (batch * new tokens / decode time), prefill time, cache bytes per sequence and peak memory per sequence
-beyond the weights. Prints a table and writes JSON.
+Both models have the same width, depth, heads, MLP and vocabulary (random weights); the GPT has layer pattern
+"A" * num_layers. For each model:
+
+1. Guard: two ragged prompts (lengths crossing the SWA window) are prefilled and decoded teacher-forced; the
+   decode logits and the model's own full-forward logits are both compared with a full forward of the same weights
+   in higher precision (fp32 on GPU, fp64 on CPU). The guard passes when decode's relative RMS error is within 2x
+   of the full forward's own (bf16 rounding over 36 layers is expected in both; a decode bug adds O(1) errors).
+   A model that fails is not timed.
+2. Timing: prefill ``--batch`` prompts of ``--prompt-length`` random tokens, then greedy decode to
+   ``--new-tokens`` tokens (once short as a warm-up, which also captures the CUDA graph, then timed). BASED runs
+   eagerly and with the decode step in a CUDA graph; the GPT eagerly (its attention length grows every step).
+   If the GPT's KV cache does not fit at ``--batch``, the batch is halved until it does (recorded in the JSON).
+
+Reported: decode tokens/s (batch x (new tokens - 1) / decode time), prefill time, cache bytes per sequence and
+peak memory per sequence beyond the weights. Prints a table and writes JSON; one failing part does not stop the
+others (its error is in the JSON).
 """
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -23,46 +36,71 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+CUDA = torch.cuda.is_available()
+
 
 def sync():
-    if torch.cuda.is_available():
+    if CUDA:
         torch.cuda.synchronize()
 
 
-def build(section: dict, pattern: str, dtype: torch.dtype):
+def build(section: dict, pattern: str, dtype: torch.dtype, initialize: bool = True):
     from megatron_based.config import model_spec_from_dict
     from megatron_based.model import build_model
 
     section = {**section, "layer_pattern": pattern}
     spec = model_spec_from_dict(section, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-                                use_cpu_initialization=not torch.cuda.is_available())
-    model = build_model(spec.config, vocab_size=spec.vocab_size, max_sequence_length=spec.seq_length)
-    return (model.cuda() if torch.cuda.is_available() else model).eval(), spec
+                                use_cpu_initialization=not CUDA, perform_initialization=initialize)
+    model = build_model(spec.config, vocab_size=spec.vocab_size, max_sequence_length=spec.seq_length,
+                        make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
+    return (model.cuda() if CUDA else model).eval(), spec
 
 
-@torch.no_grad()
-def check(model, gen, vocab: int, prompt_len: int, steps: int = 4) -> float:
-    """Max |prefill/decode logits - full forward logits| / max |logits| on two sequences."""
-    device = gen.device
-    tokens = torch.randint(0, vocab, (2, prompt_len + steps), device=device)
+@torch.inference_mode()
+def full_logits(model, tokens, vocab: int) -> torch.Tensor:
     T = tokens.shape[1]
-    full = model(tokens, torch.arange(T, device=device).expand(2, T), attention_mask=None)[..., :vocab].float()
-    got = [gen.prefill(tokens[:, :prompt_len])]
-    for t in range(steps - 1):
-        got.append(gen.step(tokens[:, prompt_len + t]))
-    got = torch.stack(got, dim=1)
-    want = full[:, prompt_len - 1: prompt_len - 1 + steps]
-    return ((got - want).abs().max() / want.abs().max()).item()
+    return model(tokens, torch.arange(T, device=tokens.device).expand_as(tokens), attention_mask=None)[..., :vocab]
 
 
-def run(name, model, spec, args, cuda_graph: bool) -> dict:
-    from megatron_based.generation import Generator
+def guard_data(model, spec, section, pattern, dtype, args) -> dict:
+    """Guard inputs and the two full forwards: this model's, and the same weights' in higher precision."""
+    from megatron_based.generation import at_decode_positions
 
-    total = args.prompt_length + args.new_tokens
-    gen = Generator(model, vocab_size=spec.vocab_size, max_length=total, cuda_graph=cuda_graph)
-    rel_err = check(model, gen, spec.vocab_size, args.prompt_length)
-    prompts = torch.randint(0, spec.vocab_size, (args.batch, args.prompt_length), device=gen.device)
-    weights = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    Ps, steps = args.guard_prompts, args.guard_steps
+    tokens = torch.randint(0, spec.vocab_size, (len(Ps), max(Ps) + steps - 1),
+                           generator=torch.Generator().manual_seed(0)).to(model.embedding.word_embeddings.weight.device)
+    full = at_decode_positions(full_logits(model, tokens, spec.vocab_size), Ps, steps).float()
+    ref_dtype = torch.float32 if CUDA else torch.float64
+    if dtype == ref_dtype:  # no higher precision to compare with: the model is its own reference
+        return dict(tokens=tokens, full=full, reference=full, reference_dtype=str(ref_dtype))
+    if CUDA:
+        reference, _ = build(section, pattern, torch.float32, initialize=False)
+    else:
+        reference, _ = build(section, pattern, torch.float32)
+        reference = reference.double()
+    with torch.no_grad():
+        for ref_param, param in zip(reference.parameters(), model.parameters(), strict=True):
+            ref_param.copy_(param)
+    ref = at_decode_positions(full_logits(reference, tokens, spec.vocab_size), Ps, steps)
+    del reference
+    if CUDA:
+        torch.cuda.empty_cache()
+    return dict(tokens=tokens, full=full, reference=ref, reference_dtype=str(ref_dtype))
+
+
+def guard(gen, data, args, dtype) -> dict:
+    from megatron_based.generation import decode_error_report, teacher_forced_logits
+
+    decode = teacher_forced_logits(gen, data["tokens"], args.guard_prompts, args.guard_steps)
+    # Same precision as the reference (fp32): only the kernels' tf32 dots on GPU (~1e-3), summation order on CPU.
+    atol = 0.0 if dtype == torch.bfloat16 else (2e-3 if CUDA else 1e-5)
+    report = decode_error_report(decode, data["full"], data["reference"], factor=2.0, atol=atol)
+    return {**report, "reference_dtype": data["reference_dtype"], "prompt_lengths": args.guard_prompts,
+            "decode_steps": args.guard_steps}
+
+
+def timed(gen, spec, batch: int, args) -> dict:
+    prompts = torch.randint(0, spec.vocab_size, (batch, args.prompt_length), device=gen.device)
 
     def once(new_tokens: int):
         sync()
@@ -75,21 +113,84 @@ def run(name, model, spec, args, cuda_graph: bool) -> dict:
         sync()
         return t1 - t0, time.perf_counter() - t1
 
-    once(min(8, args.new_tokens))  # warm-up (and CUDA-graph capture)
-    if torch.cuda.is_available():
+    gen.release()
+    if CUDA:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if CUDA else 0
+    once(min(8, args.new_tokens))  # warm-up; allocates the caches and captures the CUDA graph (same batch: reused)
     prefill_s, decode_s = once(args.new_tokens)
-    peak = torch.cuda.max_memory_allocated() - weights if torch.cuda.is_available() else None
+    peak = torch.cuda.max_memory_allocated() - base if CUDA else None
+    return {"batch": batch, "prefill_s": prefill_s, "decode_s": decode_s,
+            "decode_tokens_per_s": batch * (args.new_tokens - 1) / decode_s,
+            "tokens_per_s_with_prefill": batch * args.new_tokens / (prefill_s + decode_s),
+            "cache_bytes_per_sequence": gen.cache_bytes() // batch,
+            "peak_bytes_per_sequence": None if peak is None else peak // batch}
+
+
+def timed_fitting(gen, spec, args) -> dict:
+    """Time at ``--batch``; on out-of-memory halve the batch until it fits (the GPT's KV cache grows with length)."""
+    batch, tried = args.batch, []
+    while batch >= 1:
+        try:
+            r = timed(gen, spec, batch, args)
+            if tried:
+                r["batch_note"] = (f"out of memory at batch {', '.join(map(str, tried))}; timed at the largest "
+                                   f"batch that fits, {batch}")
+            return r
+        except torch.cuda.OutOfMemoryError:
+            tried.append(batch)
+            gen.release()
+            torch.cuda.empty_cache()
+            batch //= 2
+    raise RuntimeError(f"out of memory even at batch 1 (tried {tried})")
+
+
+def error_text(e: BaseException) -> str:
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({where.filename}:{where.lineno})"
+
+
+def bench_model(name, section, pattern, graphs, dtype, args) -> list[dict]:
+    from megatron_based.generation import Generator
+
+    out = []
+    try:
+        t0 = time.perf_counter()
+        model, spec = build(section, pattern, dtype)
+        data = guard_data(model, spec, section, pattern, dtype, args)
+        setup_s = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - report and go on with the other model
+        return [{"model": name, "layer_pattern": pattern, "error": f"build/guard set-up: {error_text(e)}"}]
     n_params = sum(p.numel() for p in model.parameters())
-    return {
-        "model": name, "layer_pattern": spec.config.layer_pattern, "parameters": n_params,
-        "cuda_graph": cuda_graph, "batch": args.batch, "prompt_length": args.prompt_length,
-        "new_tokens": args.new_tokens, "prefill_s": prefill_s, "decode_s": decode_s,
-        "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / decode_s,
-        "cache_bytes_per_sequence": gen.cache_bytes() // args.batch,
-        "peak_bytes_per_sequence": None if peak is None else peak // args.batch,
-        "check_rel_err": rel_err,
-    }
+    max_length = max(args.prompt_length + args.new_tokens, max(args.guard_prompts) + args.guard_steps)
+    for graph in graphs:
+        r = {"model": name, "layer_pattern": pattern, "parameters": n_params, "cuda_graph": graph,
+             "batch_requested": args.batch, "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
+             "setup_s": setup_s}
+        out.append(r)
+        gen = None
+        try:
+            gen = Generator(model, vocab_size=spec.vocab_size, max_length=max_length, cuda_graph=graph)
+            r["guard"] = guard(gen, data, args, dtype)
+            if not r["guard"]["passed"]:
+                r["error"] = "guard failed: decode logits are further from the reference than 2x the full forward's"
+                continue
+            r.update(timed_fitting(gen, spec, args))
+        except Exception as e:  # noqa: BLE001
+            r["error"] = error_text(e)
+        finally:
+            if gen is not None:
+                gen.release()
+            if CUDA:
+                torch.cuda.empty_cache()
+        print(f"  {name} cuda_graph={graph}: " + (r.get("error") or f"{r['decode_tokens_per_s']:,.0f} tok/s")
+              + (f" (guard decode {r['guard']['decode_rel_rms']:.2e} vs full {r['guard']['full_forward_rel_rms']:.2e})"
+                 if "guard" in r else ""), flush=True)
+    del model, data
+    if CUDA:
+        torch.cuda.empty_cache()
+    return out
 
 
 def main(argv=None) -> int:
@@ -98,69 +199,63 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--prompt-length", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=1024)
+    p.add_argument("--guard-prompts", type=int, nargs="+", default=[136, 100],
+                   help="prompt lengths of the guard (default: crossing the 129-row SWA ring)")
+    p.add_argument("--guard-steps", type=int, default=8)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--models", nargs="+", choices=["based", "gpt"], default=["based", "gpt"])
     p.add_argument("--no-cuda-graph", action="store_true", help="skip the CUDA-graph BASED run")
     p.add_argument("--tiny", action="store_true", help="CPU check: configs/tiny.yaml, batch 4, prompt 8, 32 tokens")
     p.add_argument("--json", default="benchmarks/results/generation.json")
     args = p.parse_args(argv)
     if args.tiny:
         args.config, args.batch, args.prompt_length, args.new_tokens = "configs/tiny.yaml", 4, 8, 32
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if torch.cuda.is_available()
-                                                                          else "fp32")]
+        args.guard_prompts, args.guard_steps = [40, 20], 6
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if CUDA else "fp32")]
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     from megatron_based.parallel import initialize_parallel
 
     initialize_parallel(1)
     with open(args.config) as fh:
         section = yaml.safe_load(fh)["model"]
-    # fp32 on the GPU runs the Triton kernels' dots in tf32 (~1e-3 relative; measured 2.3e-4 on H100 for
-    # based-360m); on the CPU fp32 is exact to ~1e-6. bf16: see docs/generation.md (0.05 measured at 1.3B).
-    tol = 0.05 if dtype == torch.bfloat16 else (2e-3 if torch.cuda.is_available() else 1e-4)
+    t_start = time.perf_counter()
     results = []
-    variants = [("BASED", section["layer_pattern"], False)]
-    if torch.cuda.is_available() and not args.no_cuda_graph:
-        variants.append(("BASED", section["layer_pattern"], True))
-    variants.append(("GPT (SDPA, KV cache)", "A" * len(section["layer_pattern"]), False))
-    for name, pattern, graph in variants:
-        model, spec = build(section, pattern, dtype)
-        try:
-            r = run(name, model, spec, args, graph)
-        except torch.cuda.OutOfMemoryError as e:
-            r = {"model": name, "cuda_graph": graph, "error": f"out of memory: {e}".splitlines()[0]}
-        if "error" not in r and r["check_rel_err"] > tol:
-            raise SystemExit(f"{name}: decode logits differ from the full forward by {r['check_rel_err']:.3g} "
-                             f"(relative) > {tol}: not timing a wrong model")
-        results.append(r)
-        del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    if "based" in args.models:
+        graphs = [False] + ([True] if CUDA and not args.no_cuda_graph else [])
+        results += bench_model("BASED", section, section["layer_pattern"], graphs, dtype, args)
+    if "gpt" in args.models:
+        results += bench_model("GPT (SDPA, KV cache)", section, "A" * len(section["layer_pattern"]), [False],
+                               dtype, args)
 
     from rich.console import Console
     from rich.table import Table
 
-    base = next((r for r in results if r["model"].startswith("GPT") and "error" not in r), None)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    table = Table(title=f"generation, batch {args.batch}, prompt {args.prompt_length}, {args.new_tokens} new tokens, "
+    gpt = next((r for r in results if r["model"].startswith("GPT") and "decode_tokens_per_s" in r), None)
+    device = torch.cuda.get_device_name() if CUDA else "CPU"
+    table = Table(title=f"generation, prompt {args.prompt_length}, {args.new_tokens} new tokens, "
                         f"{str(dtype).split('.')[-1]}, {device}")
-    for col in ("model", "params", "CUDA graph", "prefill ms", "decode tok/s", "vs GPT", "cache MiB/seq",
-                "peak MiB/seq", "check"):
+    for col in ("model", "params", "CUDA graph", "batch", "prefill ms", "decode tok/s", "vs GPT", "cache MiB/seq",
+                "peak MiB/seq", "guard rms: decode / full"):
         table.add_column(col)
     mib = lambda b: "-" if b is None else f"{b / 2**20:.2f}"  # noqa: E731
     for r in results:
-        if "error" in r:
-            table.add_row(r["model"], "", str(r["cuda_graph"]), r["error"], "", "", "", "", "")
+        g = r.get("guard")
+        g_txt = f"{g['decode_rel_rms']:.1e} / {g['full_forward_rel_rms']:.1e}" if g else "-"
+        if "decode_tokens_per_s" not in r:
+            table.add_row(r["model"], "", str(r.get("cuda_graph")), "", r.get("error", "")[:60], "", "", "", "", g_txt)
             continue
-        speedup = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.1f}x" if base else "-"
-        table.add_row(r["model"], f"{r['parameters'] / 1e9:.3f}B", str(r["cuda_graph"]), f"{r['prefill_s'] * 1e3:.1f}",
-                      f"{r['decode_tokens_per_s']:,.0f}", speedup, mib(r["cache_bytes_per_sequence"]),
-                      mib(r["peak_bytes_per_sequence"]), f"{r['check_rel_err']:.1e}")
-    Console(width=150).print(table)
-    meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "date": time.strftime("%Y-%m-%d"), "config": args.config, "dtype": str(dtype)}
+        speedup = f"{r['decode_tokens_per_s'] / gpt['decode_tokens_per_s']:.1f}x" if gpt else "-"
+        table.add_row(r["model"], f"{r['parameters'] / 1e9:.3f}B", str(r["cuda_graph"]), str(r["batch"]),
+                      f"{r['prefill_s'] * 1e3:.1f}", f"{r['decode_tokens_per_s']:,.0f}", speedup,
+                      mib(r["cache_bytes_per_sequence"]), mib(r["peak_bytes_per_sequence"]), g_txt)
+    Console(width=170).print(table)
+    meta = {"torch": torch.__version__, "device": device, "date": time.strftime("%Y-%m-%d"), "config": args.config,
+            "dtype": str(dtype), "total_s": time.perf_counter() - t_start,
+            "speedup_note": "vs GPT compares decode tokens/s; check each row's batch (the GPT's may be smaller)"}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"wrote {args.json}")
-    return 0
+    print(f"wrote {args.json} ({meta['total_s']:.0f} s)")
+    return 0 if all("error" not in r for r in results) else 1
 
 
 if __name__ == "__main__":

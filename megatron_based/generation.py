@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import torch
 from megatron.core import parallel_state
 
-__all__ = ["PackedPrompts", "pack_prompts", "sample", "Generator", "load_model", "main"]
+__all__ = ["PackedPrompts", "pack_prompts", "sample", "Generator", "teacher_forced_logits", "at_decode_positions",
+           "decode_error_report", "load_model", "main"]
 
 
 @dataclass
@@ -126,14 +127,27 @@ class Generator:
         self.caches: list[dict] = []
         self.positions: torch.Tensor | None = None  # next position of each sequence, on the device
         self._host_positions: list[int] = []
+        self._batch = 0
         self._graph = None
 
     # -- caches ------------------------------------------------------------------------------------------------
     def allocate(self, batch: int) -> None:
-        """Fresh zeroed caches for ``batch`` sequences (their size never changes while decoding)."""
+        """Zeroed caches for ``batch`` sequences (their size never changes while decoding). With the batch size of
+        the previous call the same tensors are zeroed in place, so a captured decode graph stays valid."""
+        if self.caches and self._batch == batch:
+            for cache in self.caches:
+                for t in cache.values():
+                    t.zero_()
+            return
         self.caches = [layer.self_attention.inference_cache(batch, self.dtype, self.device, self.max_length)
                        for layer in self.layers]
+        self._batch = batch
         self._graph = None
+
+    def release(self) -> None:
+        """Drop the caches and any captured graph (their memory returns to PyTorch's allocator)."""
+        self.caches, self._batch, self._graph, self.positions = [], 0, None, None
+        self._static_tokens = self._static_positions = self._static_logits = None
 
     def cache_bytes(self) -> int:
         """Bytes held by all layers' caches on this rank (for every sequence of the batch)."""
@@ -191,28 +205,38 @@ class Generator:
         return logits
 
     def _graph_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Replay a CUDA graph of the decode step; captured on first use for this batch. The caches are updated
-        in place by the mixers' ``step`` methods, so the graph reads and writes the same buffers every step."""
+        """Replay a captured decode step; captured on first use for this batch. A replay re-runs the recorded
+        kernels on the recorded buffers only: the step must read its inputs from ``_static_tokens`` /
+        ``_static_positions`` (copied in before each replay), update every cache tensor in place (``copy_`` /
+        indexed writes, never rebinding a dict entry), keep positions on the device and never read a value back
+        to the host. tests/megatron_based/test_generation.py checks this on CPU by replaying a recorded step."""
         if self._graph is None:
             self._static_tokens = tokens.clone()
             self._static_positions = self.positions.clone()
             saved = [{k: t.clone() for k, t in cache.items()} for cache in self.caches]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up (allocator, lazy init) outside the graph
-                for _ in range(2):
-                    self._decode(self._static_tokens, self._static_positions, None)
-            torch.cuda.current_stream().wait_stream(stream)
-            for cache, old in zip(self.caches, saved):  # undo the warm-up's cache updates
+            self._graph, self._static_logits = self._capture(
+                lambda: self._decode(self._static_tokens, self._static_positions, None))
+            for cache, old in zip(self.caches, saved):  # undo the cache updates of the warm-up steps
                 for k, t in cache.items():
                     t.copy_(old[k])
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._static_logits = self._decode(self._static_tokens, self._static_positions, None)
         self._static_tokens.copy_(tokens)
         self._static_positions.copy_(self.positions)
         self._graph.replay()
         return self._static_logits.clone()
+
+    def _capture(self, step: Callable[[], torch.Tensor]):
+        """``(graph, outputs)``: ``step()`` captured in a CUDA graph after two warm-up calls on a side stream
+        (Triton compilation and allocator growth happen outside the capture). The caller restores the caches."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        return graph, out
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _sample(self, logits, generator, **sampling) -> torch.Tensor:
@@ -250,6 +274,53 @@ class Generator:
                 break
             logits = self.step(tokens)
         return outputs
+
+
+# -- checking decode against a full forward (tests, benchmarks/generation.py) -----------------------------------
+def teacher_forced_logits(gen: Generator, tokens: torch.Tensor, prompt_lengths: Sequence[int],
+                          steps: int) -> torch.Tensor:
+    """Prefill row i's first ``prompt_lengths[i]`` tokens of ``tokens [b, T]``, then decode ``steps - 1`` steps
+    feeding the true next tokens. Returns ``[b, steps, vocab]``: the logits predicting positions
+    ``P_i ... P_i + steps - 1``, i.e. a full forward's logits at ``P_i - 1 + j`` (see :func:`at_decode_positions`)."""
+    b, T = tokens.shape
+    if len(prompt_lengths) != b or min(prompt_lengths) < 1 or max(prompt_lengths) + steps - 1 > T or steps < 1:
+        raise ValueError(f"need {b} prompt lengths >= 1 with P + steps - 1 <= {T}; got {list(prompt_lengths)}, "
+                         f"steps {steps}")
+    out = [gen.prefill([tokens[i, :P] for i, P in enumerate(prompt_lengths)])]
+    rows = torch.arange(b, device=tokens.device)
+    start = torch.as_tensor(list(prompt_lengths), device=tokens.device)
+    for j in range(steps - 1):
+        out.append(gen.step(tokens[rows, start + j]))
+    return torch.stack(out, dim=1)
+
+
+def at_decode_positions(full: torch.Tensor, prompt_lengths: Sequence[int], steps: int) -> torch.Tensor:
+    """Full-forward logits ``[b, T, V]`` at the positions :func:`teacher_forced_logits` predicts: ``[b, steps, V]``."""
+    return torch.stack([full[i, P - 1: P - 1 + steps] for i, P in enumerate(prompt_lengths)])
+
+
+def decode_error_report(decode: torch.Tensor, full: torch.Tensor, reference: torch.Tensor,
+                        factor: float = 2.0, atol: float = 0.0) -> dict:
+    """Is low-precision (bf16) decoding as accurate as the same model's low-precision full forward?
+
+    ``decode``: its decode logits, ``full``: its full-forward logits, ``reference``: a high-precision (fp32 / fp64)
+    full forward of the same weights, all at the same positions. Errors are relative to the reference, as RMS
+    (``|a - ref|_2 / |ref|_2``, the criterion: stable over many logits) and max (``max |a - ref| / max |ref|``).
+    Passes when decode's RMS error is at most ``factor`` x the full forward's (+ ``atol``, for a reference in the
+    same precision): bf16 rounding over many layers is expected in both, a decode bug adds O(1) errors."""
+    if not decode.shape == full.shape == reference.shape:
+        raise ValueError(f"shapes differ: decode {tuple(decode.shape)}, full {tuple(full.shape)}, "
+                         f"reference {tuple(reference.shape)}")
+    ref = reference.double()
+
+    def errors(x):
+        d = x.double() - ref
+        return (d.norm() / ref.norm()).item(), (d.abs().max() / ref.abs().max()).item()
+
+    (dec_rms, dec_max), (full_rms, full_max) = errors(decode), errors(full)
+    return {"decode_rel_rms": dec_rms, "decode_rel_max": dec_max, "full_forward_rel_rms": full_rms,
+            "full_forward_rel_max": full_max, "factor": factor, "atol": atol,
+            "passed": dec_rms <= factor * full_rms + atol}
 
 
 # -- loading a model for inference (shared by the generate / eval / mqar commands) ------------------------------

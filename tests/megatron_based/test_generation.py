@@ -1,8 +1,14 @@
-"""Generation: prefill + decode equals the full forward (TP 1 and 2), constant cache size, sampling, stop tokens."""
+"""Generation: prefill + decode equals the full forward (TP 1 and 2), constant cache size, sampling, stop tokens,
+graph-replayed decode (CUDA graph on GPU, a recorded-op replay on CPU), the bf16 decode accuracy guard."""
 from __future__ import annotations
+
+import contextlib
+import socket
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from tests.distributed import run_distributed
 
@@ -203,19 +209,244 @@ def test_pack_prompts_and_errors():
         pack_prompts(padded, lengths=[2, 4], padding_side="middle")
 
 
-def _cuda_graph_worker(rank, world):
+
+# -- graph-replayed decode -------------------------------------------------------------------------------------
+# A CUDA graph replays the kernels recorded at capture on the recorded buffers: Python code of the step runs once.
+# A step that rebinds a cache entry, keeps a position in a Python int or reads a value back to the host decodes
+# correctly eagerly and wrongly (or not at all) under a graph. _RecordedStep gives the same semantics on the CPU:
+# it records every ATen op of one step call with its argument and output tensors, and a replay re-runs those ops
+# on the same tensors, writing each result into the recorded output's storage.
+
+_HOST_SYNC = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
+              "aten::equal", "aten::unique", "aten::_unique2"}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name in _HOST_SYNC or any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_flatten((args, kwargs))[0]
+                if func._schema.name in ("aten::index.Tensor", "aten::index_put_", "aten::index_put")):
+            raise RuntimeError(f"host sync inside the captured step: {func}")
+        out = func(*args, **kwargs)
+        if any(isinstance(x, (bool, int, float)) for x in tree_flatten(out)[0]):
+            raise RuntimeError(f"host sync inside the captured step: {func} returned a Python number")
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+class _RecordedStep:
+    """CPU stand-in for ``torch.cuda.CUDAGraph``: ``replay()`` re-runs the recorded ops on the recorded tensors."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            result = func(*args, **kwargs)
+            for old, new in zip(tree_flatten(out)[0], tree_flatten(result)[0]):
+                if isinstance(old, torch.Tensor) and new.data_ptr() != old.data_ptr():
+                    old.copy_(new)  # a fresh result: into the buffer the later recorded ops read
+
+
+def _recorded_generator(model, **kw):
+    """A Generator whose decode step is captured by _RecordedStep instead of a CUDA graph."""
     from megatron_based.generation import Generator
+
+    class RecordedGenerator(Generator):
+        def _capture(self, step):
+            with _Recorder() as rec:
+                out = step()
+            self.recorded_ops = len(rec.ops)
+            return _RecordedStep(rec.ops), out
+
+    gen = RecordedGenerator(model, **kw)
+    gen.cuda_graph = True
+    return gen
+
+
+def _recorded_decode_worker(rank, world):
+    from megatron_based.generation import Generator, at_decode_positions, teacher_forced_logits
     from megatron_based.parallel import initialize_parallel
 
     initialize_parallel(world)
-    model = _model(world, "CLSC", hidden=128, heads=4, feature_dim=8, window=8).cuda()
-    prompts = [list(range(1, 1 + n)) for n in (3, 12, 9)]
-    eager = Generator(model, vocab_size=VOCAB).generate(prompts, 20)
-    graphed = Generator(model, vocab_size=VOCAB, cuda_graph=True)
-    return eager, graphed.generate(prompts, 20), graphed.generate(prompts, 20)
+    results = {}
+    for case, T, Ps in (("CLS-w6", 24, [2, 3, 7, 8]), ("tiny", 72, [2, 4, 33, 34])):
+        kw = CASES[case][0]
+        model = _model(world, **kw)
+        torch.manual_seed(1)
+        tokens = torch.randint(0, VOCAB, (len(Ps), T))
+        steps = T - max(Ps) + 1
+        want = at_decode_positions(_full_logits(model, tokens), Ps, steps)
+        gen = _recorded_generator(model, vocab_size=VOCAB)
+        errs, caches_recorded = [], []
+        for _ in range(2):  # a second prefill allocates new caches and re-captures
+            got = teacher_forced_logits(gen, tokens, Ps, steps)
+            errs.append((got - want).abs().max().item())
+            # the graph writes the caches the generator holds (nothing was rebound after capture)
+            recorded = {t.data_ptr() for op in gen._graph.ops for t in tree_flatten(op[1:3])[0]
+                        if isinstance(t, torch.Tensor)}
+            caches_recorded.append(all(t.data_ptr() in recorded for c in gen.caches for t in c.values()))
+        greedy = Generator(model, vocab_size=VOCAB).generate([tokens[0, :3], tokens[1, :5]], 12)
+        recorded = gen.generate([tokens[0, :3], tokens[1, :5]], 12)
+        results[case] = (errs, want.abs().max().item(), gen.recorded_ops, greedy == recorded, steps,
+                         caches_recorded)
+    return results
+
+
+def test_recorded_graph_decode_equals_full_forward():
+    """The decode step replayed like a CUDA graph (Python runs once, at capture) equals the full forward."""
+    results = run_distributed(_recorded_decode_worker, 1)[0]
+    for case, (errs, scale, n_ops, greedy_equal, steps, caches_recorded) in results.items():
+        assert steps > 8 and n_ops > 100, case  # decoding runs well past the SWA ring / conv state
+        assert all(caches_recorded), case
+        assert scale > 0.1 and max(errs) < 2e-5 * max(1.0, scale), (case, errs)
+        assert greedy_equal, case
+
+
+def _broken_step_worker(rank, world, bug):
+    from megatron_based.generation import Generator, at_decode_positions, teacher_forced_logits
+    from megatron_based.mixers import SlidingWindowAttention, TaylorLinearAttention
+    from megatron_based.parallel import initialize_parallel
+
+    initialize_parallel(world)
+    if bug == "rebind":  # the out-of-place step's new state stored by rebinding the dict entry
+        def step(self, hidden_states, cache, positions=None, **_):
+            q, k, v = (t[0] for t in self.project_qkv(hidden_states))
+            import based_kernels
+
+            y, (cache["S"], cache["z"]) = based_kernels.taylor_linear_attention_step(q, k, v, (cache["S"], cache["z"]))
+            return self.linear_proj(y.reshape(1, y.shape[0], self.heads * self.head_dim))
+
+        TaylorLinearAttention.step = step
+    else:  # positions read back to the host: .tolist() is not an ATen op, so the replay is what notices
+        original = SlidingWindowAttention.step
+        to_host = (lambda p: p.tolist()) if bug == "host_list" else (lambda p: [int(x) for x in p])
+        SlidingWindowAttention.step = lambda self, x, cache, positions, **kw: original(
+            self, x, cache, torch.tensor(to_host(positions)), **kw)
+    kw, T, Ps = CASES["CLS-w6"]
+    model = _model(world, **kw)
+    tokens = torch.randint(0, VOCAB, (len(Ps), T))
+    steps = T - max(Ps) + 1
+    want = at_decode_positions(_full_logits(model, tokens), Ps, steps)
+    eager = (teacher_forced_logits(Generator(model, vocab_size=VOCAB), tokens, Ps, steps) - want).abs().max().item()
+    try:
+        got = teacher_forced_logits(_recorded_generator(model, vocab_size=VOCAB), tokens, Ps, steps)
+    except RuntimeError as e:
+        return eager, str(e)
+    return eager, (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("bug", ["rebind", "host_list", "host_int"])
+def test_recorded_graph_catches_graph_unsafe_steps(bug):
+    """The replay check fails on the bugs a CUDA graph suffers from, while eager decoding stays correct."""
+    eager, result = run_distributed(_broken_step_worker, 1, bug)[0]
+    assert eager < 2e-5
+    if bug == "host_int":
+        assert "host sync inside the captured step" in result
+    else:
+        assert isinstance(result, float) and result > 1e-2, result
+
+
+# -- bf16 accuracy guard (benchmarks/generation.py) ------------------------------------------------------------
+def _bf16_guard_worker(rank, world):
+    from megatron_based.config import BasedConfig
+    from megatron_based.generation import (Generator, at_decode_positions, decode_error_report,
+                                           teacher_forced_logits)
+    from megatron_based.model import build_model
+    from megatron_based.parallel import initialize_parallel
+
+    initialize_parallel(world)
+    kw = dict(layer_pattern="CLSCLS", hidden_size=64, num_attention_heads=4, feature_dim=4, swa_window=6,
+              use_cpu_initialization=True)
+    torch.manual_seed(0)
+    model = build_model(BasedConfig(**kw, params_dtype=torch.bfloat16, bf16=True), vocab_size=VOCAB,
+                        max_sequence_length=64).eval()
+    reference = build_model(BasedConfig(**kw), vocab_size=VOCAB, max_sequence_length=64).double().eval()
+    with torch.no_grad():  # the same (bf16-rounded) weights in fp64
+        for ref_param, param in zip(reference.parameters(), model.parameters(), strict=True):
+            ref_param.copy_(param)
+    tokens = torch.randint(0, VOCAB, (3, 24))
+    Ps, steps = [4, 9, 12], 12
+    full = at_decode_positions(_full_logits(model, tokens), Ps, steps)
+    with torch.no_grad():
+        ref = reference(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), attention_mask=None)[..., :VOCAB]
+    ref = at_decode_positions(ref, Ps, steps)
+    gen = Generator(model, vocab_size=VOCAB)
+    good = decode_error_report(teacher_forced_logits(gen, tokens, Ps, steps), full, ref)
+    wrong = tokens.clone()
+    wrong[:, 14] = (wrong[:, 14] + 1) % VOCAB  # a decode that is fed one wrong token: a real decode error
+    bad_logits = teacher_forced_logits(gen, wrong, Ps, steps)
+    bad = decode_error_report(bad_logits, full, ref)
+    return good, bad, full.dtype, ref.dtype
+
+
+def test_bf16_decode_guard():
+    """bf16 decode vs an fp64 full forward of the same weights is within 2x of the bf16 full forward's own error;
+    a decode that went wrong is not."""
+    good, bad, full_dtype, ref_dtype = run_distributed(_bf16_guard_worker, 1)[0]
+    assert (full_dtype, ref_dtype) == (torch.float32, torch.float64)  # logits: bf16 model's as fp32
+    assert 1e-4 < good["full_forward_rel_rms"] < 0.05  # bf16 rounding, measured against fp64
+    assert good["passed"] and good["decode_rel_rms"] <= 2 * good["full_forward_rel_rms"], good
+    assert not bad["passed"] and bad["decode_rel_rms"] > 5 * bad["full_forward_rel_rms"], bad
+
+
+# -- GPU --------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _in_process_group(monkeypatch):
+    """torch.distributed and Megatron's groups for this one process. GPU tests cannot use run_distributed: its
+    workers are forked, and a process forked after the parent queried CUDA (conftest's torch.cuda.is_available())
+    fails at its first CUDA call ("Cannot re-initialize CUDA in forked subprocess")."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_based.parallel import initialize_parallel
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    initialize_parallel(1)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 @pytest.mark.gpu
-def test_cuda_graph_decode_equals_eager():
-    eager, graphed, again = run_distributed(_cuda_graph_worker, 1)[0]
-    assert graphed == eager and again == eager  # fp32 greedy; a second batch re-captures
+@pytest.mark.parametrize("graph", ["cuda", "recorded"])
+def test_cuda_graph_decode_equals_eager(graph, monkeypatch):
+    """fp32 on the GPU (Triton kernels, tf32 dots): CUDA-graph decode equals eager decode (greedy tokens, and
+    teacher-forced logits), both match the full forward; a second batch of another size re-captures. "recorded"
+    runs the CPU replay check on the GPU's ops (Triton custom ops included) to tell a Python-level bug from a
+    CUDA-level one."""
+    from megatron_based.generation import Generator, at_decode_positions, teacher_forced_logits
+
+    with _in_process_group(monkeypatch):
+        model = _model(1, "CLSC", hidden=128, heads=4, feature_dim=8, window=8).cuda()
+        make = (lambda: Generator(model, vocab_size=VOCAB, cuda_graph=True)) if graph == "cuda" else (
+            lambda: _recorded_generator(model, vocab_size=VOCAB))
+        prompts = [list(range(1, 1 + n)) for n in (3, 12, 9)]
+        eager = Generator(model, vocab_size=VOCAB)
+        graphed = make()
+        assert graphed.generate(prompts, 20) == eager.generate(prompts, 20)
+        assert graphed.generate(prompts[:2], 20) == eager.generate(prompts[:2], 20)  # re-captured for batch 2
+
+        torch.manual_seed(1)
+        tokens = torch.randint(0, VOCAB, (3, 40), device="cuda")
+        Ps, steps = [3, 12, 9], 28
+        want = at_decode_positions(_full_logits(model, tokens), Ps, steps)
+        got_eager = teacher_forced_logits(eager, tokens, Ps, steps)
+        got_graph = teacher_forced_logits(graphed, tokens, Ps, steps)
+        scale = want.abs().max().item()
+        graph_vs_eager = (got_graph - got_eager).abs().max().item() / scale
+        graph_vs_full = (got_graph - want).abs().max().item() / scale
+        print(f"{graph}: graph vs eager {graph_vs_eager:.2e}, graph vs full forward {graph_vs_full:.2e} (relative)")
+        assert graph_vs_eager < 1e-5 and graph_vs_full < 2e-3
