@@ -1,25 +1,31 @@
 """End-to-end training throughput: based-360m (and based-1.3b) vs a same-size Megatron GPT with softmax attention.
 
 Real training steps (forward, backward, Megatron DDP + distributed optimizer step) on synthetic tokens, bf16,
-a fixed number of tokens per step at each sequence length. Reports tokens/s per GPU, model TFLOP/s, MFU and peak
-memory. Correctness guard: the loss is finite and falls over the timed steps (one batch, repeated).
+a fixed number of tokens per GPU and step at each sequence length. Reports tokens/s per GPU, model TFLOP/s, MFU
+and peak memory; with --profile also where a step's GPU time goes, per layer type and per kernel. Correctness
+guard: the loss is finite and falls over the timed steps (one batch, repeated).
 
-    python benchmarks/train_throughput.py --models based-360m gpt-360m --seq 2048 8192 32768
-    torchrun --nproc_per_node 2 benchmarks/train_throughput.py --cp 2 --seq 16384 ...   # weak scaling
-Prints a table and writes JSON (``--out``).
+    python benchmarks/train_throughput.py --models based-360m gpt-360m --seq 2048 8192 32768 --profile
+    torchrun --nproc_per_node 2 benchmarks/train_throughput.py --cp 2 --weak --seq 16384 ...   # weak scaling
+    python benchmarks/train_throughput.py --smoke          # tiny models on CPU, a few steps (tests, no GPU)
+Prints a table and writes JSON (``--out``; ``--append`` adds to an existing file). Plot and tables:
+benchmarks/plot_throughput.py.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from collections import defaultdict
 from datetime import date
 
 import torch
 import yaml
+from torch.autograd.profiler import record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,41 +37,49 @@ from megatron_based.flops import model_flops_per_token  # noqa: E402
 from megatron_based.model import build_model  # noqa: E402
 from megatron_based.parallel import initialize_parallel  # noqa: E402
 
-from bench_utils import kernel_breakdown  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The softmax baseline of performance.md: 24 x 1024, 16 heads, SwiGLU 2816, tied 50k vocab (~360M parameters).
+# The softmax baselines of performance.md: the BASED model's width, depth 24, SwiGLU, tied 50k vocab.
 BASELINES = {
-    "gpt-360m": dict(layer_pattern="A" * 24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=2816),
-    "gpt-1.3b": dict(layer_pattern="A" * 24, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632),
+    "gpt-360m": dict(layer_pattern="A" * 24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=2816,
+                     vocab_size=50257, make_vocab_size_divisible_by=8),
+    "gpt-1.3b": dict(layer_pattern="A" * 24, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                     vocab_size=50257, make_vocab_size_divisible_by=8),
+    "gpt-tiny": dict(layer_pattern="AAAA", hidden_size=128, num_attention_heads=4, vocab_size=1024,
+                     make_vocab_size_divisible_by=8),  # the size of configs/tiny.yaml, for --smoke
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 datasheet peak (SXM), for MFU
+SMOKE = dict(models=["tiny", "gpt-tiny"], seq=[64, 128], tokens_per_step=256, steps=3, warmup=1, profile=True)
+DEFAULTS = dict(models=["based-360m", "gpt-360m"], seq=[2048, 8192, 32768], tokens_per_step=32768, steps=5,
+                warmup=3, profile=False)
 
 
 def model_section(name: str) -> dict:
     if name in BASELINES:
-        return dict(BASELINES[name], vocab_size=50257, make_vocab_size_divisible_by=8)
-    with open(os.path.join(ROOT, "configs", f"{name}.yaml")) as fh:
+        return dict(BASELINES[name])
+    path = os.path.join(ROOT, "configs", f"{name}.yaml")
+    if not os.path.exists(path):
+        raise SystemExit(f"unknown model {name!r}: not a baseline ({', '.join(BASELINES)}) nor configs/{name}.yaml")
+    with open(path) as fh:
         return yaml.safe_load(fh)["model"]
 
 
-def build(name: str, seq: int, args, device):
+def build(name: str, seq: int, args, device, recompute: bool):
     section = dict(model_section(name))
     section.pop("seq_length", None)
+    cuda = device == "cuda"
     spec = model_spec_from_dict(
-        section, tensor_model_parallel_size=args.tp, context_parallel_size=args.cp,
-        sequence_parallel=args.tp > 1, bf16=device == "cuda", params_dtype=torch.bfloat16 if device == "cuda" else
-        torch.float32, pipeline_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-        recompute_granularity="full" if args.recompute else None, recompute_method="uniform" if args.recompute else
-        None, recompute_num_layers=1 if args.recompute else None, use_cpu_initialization=device != "cuda")
+        section, tensor_model_parallel_size=args.tp, context_parallel_size=args.cp, sequence_parallel=args.tp > 1,
+        bf16=cuda, params_dtype=torch.bfloat16 if cuda else torch.float32,
+        pipeline_dtype=torch.bfloat16 if cuda else torch.float32,
+        recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None, use_cpu_initialization=not cuda)
     model = build_model(spec.config, vocab_size=spec.vocab_size, max_sequence_length=seq,
                         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
-    if device == "cuda":
+    if cuda:
         model = model.cuda()
     ddp = DistributedDataParallel(
-        spec.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=device == "cuda"),
-        model)
-    if device == "cuda":
+        spec.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cuda), model)
+    if cuda:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-4, weight_decay=0.1, bf16=True,
@@ -75,12 +89,142 @@ def build(name: str, seq: int, args, device):
     return spec, ddp, opt
 
 
-def run_case(name: str, seq: int, args, device) -> dict:
+# ---------------------------------------------------------------------------------------------------------------
+# Per-layer-type profile. Forward: a profiler range "e2e::<label>" around every labelled module (hooks), so the
+# ops (and the kernels they launch) nest under it. Backward: each autograd node carries the sequence number of
+# the forward op that created it, and the profiler records it both on the forward op and on the backward
+# "evaluate_function" event, so a backward kernel gets the label of the forward range its node was created in.
+# Step-level ranges (zero-grad, grad-sync, optimizer) are always on (a few microseconds each).
+RANGE = "e2e::"
+BACKWARD = "autograd::engine::evaluate_function: "
+COMM = ("nccl", "c10d::", "gloo")  # collective kernels (GPU) or ops (CPU smoke runs): labelled comm/<where>
+STEP_LABELS = ("zero-grad", "grad-sync", "optimizer")  # ranges of train_step, outside forward and backward
+
+
+def layer_labels(model, pattern: str) -> dict:
+    """module -> label: the mixer's pattern letter (L, S, C, A), MLP, norm, embedding, head+loss, and residual for
+    a layer's own work outside its submodules (bias-dropout-add)."""
+    labels = {model.embedding: "embedding", model.output_layer: "head+loss", model.decoder.final_layernorm: "norm"}
+    for layer in model.decoder.layers:
+        labels[layer] = "residual"
+        labels[layer.self_attention] = pattern[layer.layer_number - 1]
+        labels[layer.input_layernorm] = labels[layer.pre_mlp_layernorm] = "norm"
+        labels[layer.mlp] = "MLP"
+    return {m: v for m, v in labels.items() if m is not None}
+
+
+@contextlib.contextmanager
+def layer_ranges(model, pattern: str):
+    """Forward profiler ranges around the labelled modules and the loss, while the block runs."""
+    stack, handles = [], []
+
+    def enter(label):
+        stack.append(record_function(RANGE + label))
+        stack[-1].__enter__()
+
+    for module, label in layer_labels(model, pattern).items():
+        handles.append(module.register_forward_pre_hook(lambda *_, label=label: enter(label)))
+        handles.append(module.register_forward_hook(lambda *_: stack.pop().__exit__(None, None, None)))
+    loss_fn = model.compute_language_model_loss
+
+    def loss(*a, **kw):
+        with record_function(RANGE + "head+loss"):
+            return loss_fn(*a, **kw)
+
+    model.compute_language_model_loss = loss
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        del model.compute_language_model_loss
+
+
+def attribute(events, device_time: bool, steps: int = 1, top: int = 15) -> dict:
+    """Split the profiled time by label. ``events``: ``prof.events()``. ``device_time``: weigh each CPU op by the
+    device time of the kernels it launched (GPU); else by its self CPU time (CPU smoke runs). Milliseconds per step:
+    per label (fwd / bwd / step / other phase and total), the top kernels of each label, and the ``top`` kernels
+    overall; on GPU also the device time of all kernels, attributed or not."""
+    per = defaultdict(lambda: defaultdict(float))  # label -> phase -> us
+    kernels = defaultdict(lambda: [0.0, 0, defaultdict(float)])  # name -> [us, calls, {label: us}]
+    for e, label, phase in labelled(events):
+        items = [(k.name, k.duration) for k in e.kernels] if device_time else [(e.name, e.self_cpu_time_total)]
+        for name, us in items:
+            if name.startswith(RANGE):  # the device-side copy of a profiler range, not a kernel
+                continue
+            lab = f"comm/{label}" if any(c in name.lower() for c in COMM) else label
+            per[lab][phase] += us
+            kernels[name][0] += us
+            kernels[name][1] += 1
+            kernels[name][2][lab] += us
+    ms = lambda us: round(us / steps / 1e3, 4)  # noqa: E731
+    by_label = {lab: dict({p: ms(v) for p, v in phases.items()}, total=ms(sum(phases.values())))
+                for lab, phases in sorted(per.items(), key=lambda kv: -sum(kv[1].values()))}
+    for lab in by_label:
+        mine = sorted(((v[2][lab], n) for n, v in kernels.items() if lab in v[2]), reverse=True)[:3]
+        by_label[lab]["top"] = [[n[:90], ms(us)] for us, n in mine]
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    out = dict(attributed_ms=ms(sum(sum(p.values()) for p in per.values())), by_type=by_label,
+               top_kernels=[dict(name=n[:120], ms=ms(v[0]), calls=v[1] / steps, type=max(v[2], key=v[2].get))
+                            for n, v in ranked])
+    if device_time:  # every device event, attributed or not (a kernel whose launching op was not found is "lost")
+        total = sum(e.time_range.elapsed_us() for e in events
+                    if e.device_type != torch.autograd.DeviceType.CPU and not e.name.startswith(RANGE)
+                    and not e.is_user_annotation)
+        out.update(device_total_ms=ms(total), unattributed_ms=round(ms(total) - out["attributed_ms"], 4))
+    return out
+
+
+def labelled(events):
+    """(CPU event, label, phase) for every CPU event of a profile."""
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    cpu.sort(key=lambda e: e.time_range.start)
+    seq_label = {}  # (thread, autograd sequence number) -> label of the forward range that created the node
+    for e in cpu:  # an op records the next sequence number; the last op that recorded it is the one that used it
+        if e.sequence_nr >= 0 and not e.name.startswith(BACKWARD):
+            seq_label[e.thread, e.sequence_nr] = _label(e, seq_label)[0]
+    for e in cpu:
+        yield (e, *_label(e, seq_label))
+
+
+def _label(e, seq_label):
+    """(label, phase) of a CPU event: the innermost e2e range around it (phase fwd, step, or recompute inside a
+    backward node), else the backward node it runs in (phase bwd, label of the node's forward range)."""
+    label = phase = None
+    while e is not None:
+        if label is None and e.name.startswith(RANGE):
+            label = e.name[len(RANGE):]
+            phase = "step" if label in STEP_LABELS else "fwd"
+        elif e.name.startswith(BACKWARD):
+            if label is not None:  # a forward re-run inside the backward pass (activation recompute)
+                return label, "recompute"
+            if "AccumulateGrad" in e.name:  # parameter gradient into Megatron's fp32 main_grad (DDP hook)
+                return "grad-accum", "bwd"
+            return seq_label.get((e.fwd_thread, e.sequence_nr), "other"), "bwd"
+        e = e.cpu_parent
+    return (label, phase) if label else ("other", "other")
+
+
+def profile_steps(train_step, model, pattern: str, device: str, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with layer_ranges(model, pattern), profile(activities=acts) as prof:
+        for _ in range(steps):
+            train_step()
+        if cuda:
+            torch.cuda.synchronize()
+    return dict(steps=steps, **attribute(prof.events(), device_time=cuda, steps=steps))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
     cp_rank, cp = parallel_state.get_context_parallel_rank(), args.cp
     seq_global = seq * cp if args.weak else seq
     local = seq_global // cp
-    micro = max(1, args.tokens_per_step // seq_global)
-    spec, ddp, opt = build(name, seq_global, args, device)
+    micro = max(1, args.tokens_per_step // local)  # tokens per GPU (per model replica shard) and step
+    spec, ddp, opt = build(name, seq_global, args, device, recompute)
     n_params = sum(p.numel() for p in ddp.parameters())
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, spec.vocab_size, (micro, seq_global + 1), generator=g)
@@ -91,17 +235,20 @@ def run_case(name: str, seq: int, args, device) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
     def train_step():
-        ddp.zero_grad_buffer()
-        if hasattr(opt, "zero_grad"):
+        with record_function(RANGE + "zero-grad"):
+            ddp.zero_grad_buffer()
             opt.zero_grad()
         loss = ddp(ids, pos, None, labels=labels).float().mean()
         loss.backward()
-        ddp.finish_grad_sync()
-        if device != "cuda":  # Megatron DDP keeps gradients in .main_grad; the plain optimizer reads .grad
-            for prm in ddp.parameters():
-                prm.grad = prm.main_grad
-        opt.step()
+        with record_function(RANGE + "grad-sync"):
+            ddp.finish_grad_sync()
+        with record_function(RANGE + "optimizer"):
+            if device != "cuda":  # Megatron DDP keeps gradients in .main_grad; the plain optimizer reads .grad
+                for prm in ddp.parameters():
+                    prm.grad = prm.main_grad
+            opt.step()
         return loss
 
     for step in range(args.warmup + args.steps):
@@ -120,62 +267,112 @@ def run_case(name: str, seq: int, args, device) -> dict:
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     finite = all(math.isfinite(x) for x in losses)
     result = dict(model=name, seq=seq_global, local_seq=local, micro_batch=micro, tp=args.tp, cp=cp,
-                  params=n_params * args.tp, step_ms=step_s * 1e3, tokens_per_s_per_gpu=tok_s / args.tp,
-                  tflops_per_gpu=tflops, mfu=(tflops / peak) if peak else None,
+                  recompute=recompute, tokens_per_step=micro * local, params=n_params * args.tp,
+                  step_ms=step_s * 1e3, tokens_per_s_per_gpu=tok_s / args.tp, tflops_per_gpu=tflops,
+                  mfu=(tflops / peak) if peak else None,
                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-                  loss_first=losses[0], loss_last=losses[-1], loss_ok=finite and losses[-1] < losses[0])
-    if args.profile and device == "cuda":  # where a step's GPU time goes: one more step under torch.profiler
-        total, kernels = kernel_breakdown(train_step, n=1, top=25)
-        result.update(profile_total_ms=total, profile_kernels_ms=kernels)
+                  losses=losses, loss_first=losses[0], loss_last=losses[-1], loss_ok=finite and losses[-1] < losses[0])
+    if args.profile:  # after the timed steps, so the profiler's overhead is not in the throughput
+        try:
+            result["profile"] = profile_steps(train_step, ddp.module, spec.config.layer_pattern, device,
+                                              args.profile_steps)
+        except Exception as exc:  # noqa: BLE001 - keep the throughput row
+            result["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
     return result
+
+
+def run_guarded(name: str, seq: int, args, device) -> dict:
+    """One case; an OOM (retried with full recompute under --recompute-on-oom) or any error becomes a row."""
+    row = dict(model=name, seq=seq * (args.cp if args.weak else 1), tp=args.tp, cp=args.cp)
+    attempts = [args.recompute] + ([True] if args.recompute_on_oom and not args.recompute else [])
+    for recompute in attempts:
+        err = None
+        try:
+            return dict(run_case(name, seq, args, device, recompute), **({"oom_without_recompute": True}
+                                                                          if recompute != args.recompute else {}))
+        except torch.OutOfMemoryError:
+            err = dict(row, recompute=recompute, oom=True)
+        except Exception as exc:  # noqa: BLE001 - one failing case must not stop the others
+            return dict(row, recompute=recompute, error=f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return err
+
+
+def fmt_row(r: dict) -> str:
+    head = f"| {r['model']} | {r['seq']} | {r['tp']} | {r['cp']} | {'yes' if r.get('recompute') else 'no'} |"
+    if r.get("oom") or r.get("error"):
+        return head + (" OOM |" if r.get("oom") else f" error: {r['error'][:60]} |") + " | | | |"
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+    mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
+    guard = "" if r["loss_ok"] else " GUARD FAILED"
+    return head + (f" {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.1f} | {mfu} | {mem} | "
+                   f"{r['loss_first']:.3f}->{r['loss_last']:.3f}{guard} |")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["based-360m", "gpt-360m"])
-    p.add_argument("--seq", nargs="+", type=int, default=[2048, 8192, 32768])
-    p.add_argument("--tokens-per-step", type=int, default=32768)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--models", nargs="+")
+    p.add_argument("--seq", nargs="+", type=int, help="sequence lengths (per CP rank with --weak)")
+    p.add_argument("--tokens-per-step", type=int, help="tokens per GPU (model replica shard) and step")
+    p.add_argument("--steps", type=int, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--weak", action="store_true", help="with --cp: the sequence grows with the GPUs")
-    p.add_argument("--recompute", action="store_true")
-    p.add_argument("--profile", action="store_true", help="GPU: also record the top kernels of one step")
+    p.add_argument("--recompute", action="store_true", help="full activation recompute (uniform, 1 layer)")
+    p.add_argument("--recompute-on-oom", action="store_true", help="retry a case that runs out of memory with "
+                   "--recompute (the row says so)")
+    p.add_argument("--profile", action="store_true", default=None,
+                   help="also profile --profile-steps steps: time per layer type and per kernel")
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help=f"tiny CPU-size defaults: {SMOKE}")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_throughput.json"))
+    p.add_argument("--append", action="store_true", help="add the rows to --out if it exists")
     args = p.parse_args(argv)
+    for k, v in (SMOKE if args.smoke else DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.weak and args.cp == 1:
+        p.error("--weak needs --cp > 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     initialize_parallel(args.tp, 1, args.cp, seed=1234)
     rank = torch.distributed.get_rank()
+    meta = dict(date=str(date.today()), device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                torch=torch.__version__, world_size=torch.distributed.get_world_size(), runs=[vars(args)])
+    doc = dict(meta=meta, results=[])
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as fh:
+            doc = json.load(fh)
+        doc["meta"].setdefault("runs", []).append(vars(args))
     results = []
-    for name in args.models:
-        for seq in args.seq:
-            try:
-                r = run_case(name, seq, args, device)
-            except torch.OutOfMemoryError:
-                r = dict(model=name, seq=seq * (args.cp if args.weak else 1), tp=args.tp, cp=args.cp, oom=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    for seq in args.seq:  # sequence-major: a run cut short still has every model at the first lengths
+        for name in args.models:
+            r = run_guarded(name, seq, args, device)
             results.append(r)
             if rank == 0:
-                print(json.dumps(r), flush=True)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("profile", "losses")}), flush=True)
+                if "profile" in r:
+                    print(profile_summary(r), flush=True)
+                doc["results"].append(r)  # written after every case: a run killed by a timeout keeps its rows
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as fh:
+                    json.dump(doc, fh, indent=1)
     if rank == 0:
-        print("\n| model | T | tp | cp | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | loss first->last |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| model | T | tp | cp | recompute | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | loss first->last |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
-            if r.get("oom"):
-                print(f"| {r['model']} | {r['seq']} | {r['tp']} | {r['cp']} | OOM | | | | |")
-                continue
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-            mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
-            print(f"| {r['model']} | {r['seq']} | {r['tp']} | {r['cp']} | {r['tokens_per_s_per_gpu']:,.0f} | "
-                  f"{r['tflops_per_gpu']:.1f} | {mfu} | {mem} | {r['loss_first']:.3f}->{r['loss_last']:.3f} |")
-        meta = dict(date=str(date.today()), device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                    torch=torch.__version__, world_size=torch.distributed.get_world_size(), args=vars(args))
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(dict(meta=meta, results=results), fh, indent=1)
+            print(fmt_row(r))
+        print(f"wrote {args.out}")
     torch.distributed.destroy_process_group()
+
+
+def profile_summary(r: dict) -> str:
+    prof = r["profile"]
+    total = prof.get("device_total_ms", prof["attributed_ms"])
+    parts = ", ".join(f"{lab} {v['total']:.1f}" for lab, v in prof["by_type"].items() if v["total"] >= 0.01 * total)
+    return f"  profile {r['model']} T={r['seq']}: {total:.1f} ms/step ({parts})"
 
 
 if __name__ == "__main__":
