@@ -46,7 +46,9 @@ def inputs(B, T, dv, seed=0, grad=False, qk_dim=F):
 
 # ----------------------------------------------------------------------------------------------- models
 def flops_bytes(B, T, dv, kind):
-    """Roofline counts per docs/performance.md (per token-head: D = 1 + f + f^2 features, chunk 64)."""
+    """Roofline floor counts of docs/performance.md (per token-head: D = 1 + f + f^2 features, chunk 64, phi and
+    per-chunk states never in HBM; our kernels do move the per-chunk states, so TB/s here is of the floor's
+    bytes)."""
     D, n = 1 + F + F * F, B * T * H
     fwd_f = (4 * D * dv + 2 * CHUNK * (F + dv)) * n
     fwd_b = (2 * 2 * F + 2 * 2 * dv + 4) * n  # q, k, v, o in bf16 + fp32 denominator
@@ -141,55 +143,64 @@ def time_case(fn, B, T, dv, kind, budget_ms=300):
     return ms(step, budget_ms)
 
 
+def _try(label, fn, *a):
+    try:
+        return fn(*a)
+    except Exception as e:  # noqa: BLE001
+        print(label, "failed:", repr(e)[:300], flush=True)
+        return None
+
+
 def sweep(results, save):
-    """Time kernel configurations at B8 T4096 H16 d_v 64 and keep the fastest for the rest of the run."""
+    """Time kernel configurations at B8 T4096 H16 d_v 64 (and the state pass at B1 T32768, where it has the
+    fewest programs) and keep the fastest for the rest of the run. Each pass is swept on its own."""
     B, T, dv = TOKENS // 4096, 4096, 64
-    out = {"fwd": {}, "bwd": {}, "segments": {}}
-    best = None
-    for cfg in [(16, 32, 4, 1), (16, 16, 4, 1), (16, 64, 8, 1), (64, 64, 8, 1)]:
-        ops.CONFIG["fwd"] = cfg
-        try:
-            t = time_case(ours, B, T, dv, "fwd", 150)
-        except Exception as e:  # noqa: BLE001
-            print("fwd config", cfg, "failed:", repr(e)[:300])
-            continue
-        out["fwd"][str(cfg)] = t
-        print(f"sweep fwd {cfg}: {t:.3f} ms", flush=True)
-        if best is None or t < best[1]:
-            best = (cfg, t)
-    ops.CONFIG["fwd"] = ops.CONFIG["state"] = best[0]
-    best = None
-    for cfg in [((16, 16, 4, 1), (16, 16, 4, 1)), ((16, 32, 4, 1), (16, 16, 4, 1)), ((16, 32, 4, 1), (16, 32, 4, 1))]:
-        ops.CONFIG["dq"], ops.CONFIG["dkv"] = cfg
-        try:
-            t = time_case(ours, B, T, dv, "fwdbwd", 200)
-        except Exception as e:  # noqa: BLE001
-            print("bwd config", cfg, "failed:", repr(e)[:300])
-            continue
-        out["bwd"][str(cfg)] = t
-        print(f"sweep fwd+bwd with dq/dkv {cfg}: {t:.3f} ms", flush=True)
-        if best is None or t < best[1]:
-            best = (cfg, t)
-    ops.CONFIG["dq"], ops.CONFIG["dkv"] = best[0]
-    # sequence split across programs at long T
-    best = None
-    for pps in [2, 4, 8]:
-        ops.FORCE_NUM_SEGMENTS = 1 if pps is None else None
-        ops.PROGRAMS_PER_SM = pps or 1
-        try:
-            t = time_case(ours, 1, 32768, dv, "fwdbwd", 200)
-        except Exception as e:  # noqa: BLE001
-            print("segments", pps, "failed:", repr(e)[:300])
-            continue
-        out["segments"][str(pps)] = t
-        print(f"sweep B1 T32768 fwd+bwd, programs per SM {pps}: {t:.3f} ms", flush=True)
-        if best is None or t < best[1]:
-            best = (pps, t)
-    ops.FORCE_NUM_SEGMENTS = 1 if best[0] is None else None
-    ops.PROGRAMS_PER_SM = best[0] or 1
-    out["chosen"] = {"CONFIG": dict(ops.CONFIG), "PROGRAMS_PER_SM": best[0]}
+    out = {}
+    for chunk in (64, 128):
+        ops.CHUNK = chunk
+        out[f"chunk{chunk}_fwdbwd"] = _try(f"chunk {chunk}", time_case, ours, B, T, dv, "fwdbwd", 150)
+        print(f"sweep chunk {chunk}: fwd+bwd {out[f'chunk{chunk}_fwdbwd']} ms", flush=True)
+    best_chunk = min((c for c in (64, 128) if out[f"chunk{c}_fwdbwd"]), key=lambda c: out[f"chunk{c}_fwdbwd"])
+    ops.CHUNK = best_chunk
+    cands = {"state": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+             "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 64, 4, 3)],
+             "grad": [(64, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1), (64, 64, 8, 2), (32, 64, 8, 2)]}
+    for name, cfgs in cands.items():
+        best = None
+        for cfg in cfgs:
+            ops.CONFIG[name] = cfg
+            t = _try(f"{name} {cfg}", time_case, ours, B, T, dv, "fwd" if name == "output" else "fwdbwd", 120)
+            out[f"{name} {cfg}"] = t
+            print(f"sweep {name} {cfg}: {t} ms", flush=True)
+            if t is not None and (best is None or t < best[1]):
+                best = (cfg, t)
+        ops.CONFIG[name] = best[0]
+    out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG)}
     print("chosen:", out["chosen"], flush=True)
     results["sweep"] = out
+    save()
+
+
+def breakdown(results, save):
+    """GPU time of each pass at B8 T4096 and B1 T32768 (d_v 64): where the time goes."""
+    res = {}
+    for B, T in ((TOKENS // 4096, 4096), (1, 32768)):
+        dv = 64
+        q, k, v = inputs(B, T, dv)
+        dy = torch.randn_like(v)
+        BT = ops._cfg("output", F, dv)[1]
+        n, NC, off, meta = ops._chunks(B, T, None, BT)
+        o, den, _, _ = ops._fwd(q, k, v, None, None, None, 1e-12, False)
+        dd = torch.randn_like(den)
+        r = {"state_pass": ms(lambda: ops._state_pass(k, v, None, None, None, None, None, n, NC, off, False, False)),
+             "forward_total": ms(lambda: ops._fwd(q, k, v, None, None, None, 1e-12, False)),
+             "dstate_pass": ms(lambda: ops._state_pass(q, dy, den, dd, None, None, None, n, NC, off, False, True)),
+             "backward_total": ms(lambda: ops._bwd(q, k, v, o, den, dy, None, None, None, None, None))}
+        r["output_pass"] = r["forward_total"] - r["state_pass"]
+        r["grad_pass_and_prep"] = r["backward_total"] - 2 * r["state_pass"] - r["dstate_pass"]
+        res[f"B{B} T{T}"] = r
+        print(f"breakdown B{B} T{T}: " + ", ".join(f"{k_} {t:.3f}" for k_, t in r.items()), flush=True)
+    results["breakdown_ms"] = res
     save()
 
 
@@ -271,10 +282,10 @@ def main():
             sweep(results, save)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
-    results["config"] = {"CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
-                         "PROGRAMS_PER_SM": ops.PROGRAMS_PER_SM, "FORCE_NUM_SEGMENTS": ops.FORCE_NUM_SEGMENTS,
-                         "HI_INTRA": ops.HI_INTRA, "HI_READ": ops.HI_READ, "HI_BWD": ops.HI_BWD}
+    results["config"] = {"CHUNK": ops.CHUNK, "CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
+                         "HI_INTRA": ops.HI_INTRA, "HI_BWD": ops.HI_BWD}
     save()
+    _try("breakdown", breakdown, results, save)
     table(results, save, args.quick)
     print(f"\n{results['gpu']}, torch {results['torch']}, triton {results['triton']}, fla {fla_version}, "
           f"{results['date']}; H {H}, f {F}, B*T = {TOKENS}, bf16; median ms (triton.testing.do_bench)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..sliding_window._common import INTERPRET, configs
+from .._common import INTERPRET, configs
 from .forward import conv_at, row_context
 
 # rows per program in the main backward kernel: one dw partial per CHUNK rows (fewer masked sub-blocks in the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..sliding_window._common import configs
+from .._common import configs
 
 
 @triton.jit

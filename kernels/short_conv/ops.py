@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..sliding_window._common import Launcher, cdiv
+from .._common import Launcher, cdiv
 from ..sliding_window.ops import _doc_ids, _empty_like_layout, _lastdim_contiguous
 from .backward import CHUNK, conv_bwd_init_kernel, conv_bwd_kernel
 from .forward import conv_fwd_kernel

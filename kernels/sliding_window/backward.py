@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import configs
+from .._common import configs
 from .forward import load_kv_rows, visible_mask
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, configs
+from .._common import INTERPRET, configs
 
 LOG2E = 1.4426950408889634
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ._common import Launcher, cdiv, next_pow2
+from .._common import Launcher, cdiv, next_pow2
 from .backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
 from .forward import swa_fwd_kernel
 

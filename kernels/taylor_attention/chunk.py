@@ -69,11 +69,37 @@ def _features(i_f, scale, F: tl.constexpr, BF: tl.constexpr):
 
 
 @triton.jit
-def _phi(b_x, a, b, c, BK: tl.constexpr):
-    """Features ``[BT, BF]`` (fp32) of token rows ``b_x [BT, BK]``."""
+def _expand(b_x, a, b, BK: tl.constexpr):
+    """Factors ``(x_a, x_b)`` ``[BT, BF]`` (fp32; 1 for the constant) of token rows ``b_x [BT, BK]``."""
     o_k = tl.arange(0, BK)
     b_xa = _exact(b_x, o_k[:, None] == a[None, :]) + (a < 0).to(tl.float32)[None, :]
     b_xb = _exact(b_x, o_k[:, None] == b[None, :]) + (b < 0).to(tl.float32)[None, :]
+    return b_xa, b_xb
+
+
+@triton.jit
+def _gather(p_x0, o_tt, s_xt, m_t, a, b, F: tl.constexpr, TRANS: tl.constexpr):
+    """``(x_a, x_b)`` by gathered loads of the chunk's rows (L1 hits) instead of products with 0/1 matrices:
+    ``[BT, BF]``, or ``[BF, BT]`` when TRANS."""
+    if TRANS:
+        p = p_x0 + o_tt[None, :] * s_xt
+        m_a = ((a >= 0) & (a < F))[:, None] & m_t[None, :]
+        m_b = ((b >= 0) & (b < F))[:, None] & m_t[None, :]
+        b_xa = tl.load(p + a[:, None], mask=m_a, other=0.).to(tl.float32) + (a < 0).to(tl.float32)[:, None]
+        b_xb = tl.load(p + b[:, None], mask=m_b, other=0.).to(tl.float32) + (b < 0).to(tl.float32)[:, None]
+    else:
+        p = p_x0 + o_tt[:, None] * s_xt
+        m_a = m_t[:, None] & ((a >= 0) & (a < F))[None, :]
+        m_b = m_t[:, None] & ((b >= 0) & (b < F))[None, :]
+        b_xa = tl.load(p + a[None, :], mask=m_a, other=0.).to(tl.float32) + (a < 0).to(tl.float32)[None, :]
+        b_xb = tl.load(p + b[None, :], mask=m_b, other=0.).to(tl.float32) + (b < 0).to(tl.float32)[None, :]
+    return b_xa, b_xb
+
+
+@triton.jit
+def _phi(b_x, a, b, c, BK: tl.constexpr):
+    """Features ``[BT, BF]`` (fp32) of token rows ``b_x [BT, BK]``."""
+    b_xa, b_xb = _expand(b_x, a, b, BK)
     return b_xa * b_xb * c[None, :]
 
 
@@ -96,13 +122,11 @@ def _exact_t(b_e, b_x):
 
 
 @triton.jit
-def _phi_vjp(b_w, b_x, a, b, c, BK: tl.constexpr):
-    """``d/dx [w . phi(x)]`` per token: ``b_w [BT, BF]`` feature gradients, ``b_x [BT, BK]`` -> ``[BT, BK]``
-    fp32. ``d(c x_a x_b)/dx_j = c (x_b [a = j] + x_a [b = j])``."""
+def _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK: tl.constexpr):
+    """``d/dx [w . phi(x)]`` per token from feature gradients ``b_w [BT, BF]`` and the factors of ``x``
+    (``_expand``) -> ``[BT, BK]`` fp32. ``d(c x_a x_b)/dx_j = c (x_b [a = j] + x_a [b = j])``."""
     o_k = tl.arange(0, BK)
     b_g = b_w * c[None, :]
-    b_xa = _exact(b_x, o_k[:, None] == a[None, :]) + (a < 0).to(tl.float32)[None, :]
-    b_xb = _exact(b_x, o_k[:, None] == b[None, :]) + (b < 0).to(tl.float32)[None, :]
     return (tl.dot(b_g * b_xb, (a[:, None] == o_k[None, :]).to(tl.float32))
             + tl.dot(b_g * b_xa, (b[:, None] == o_k[None, :]).to(tl.float32)))
 
@@ -143,7 +167,7 @@ def taylor_chunk_state_kernel(
     T, H, NC, scale,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, GATHER: tl.constexpr,
 ):
     """Per-chunk states of one feature block.
 
@@ -188,7 +212,11 @@ def taylor_chunk_state_kernel(
         m_t = o_tt < eos
         b_xt = tl.load(p_x0 + o_tt[None, :] * s_xt + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
         b_w = tl.load(p_w0 + o_tt[:, None] * s_wt + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_p = _phi_t(b_xt, a, b, c, BK)
+        if GATHER:
+            b_xa, b_xb = _gather(p_x0, o_tt, s_xt, m_t, a, b, F, True)
+            b_p = b_xa * b_xb * c[:, None]
+        else:
+            b_p = _phi_t(b_xt, a, b, c, BK)
         if REVERSE:
             p_d = (i_b * T + o_tt) * H + i_h
             b_den = tl.load(den + p_d, mask=m_t, other=1.)
@@ -209,7 +237,7 @@ def taylor_chunk_output_kernel(
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
     T, H, NC, scale, eps,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
-    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr, GATHER: tl.constexpr,
 ):
     """Output of one chunk: intra-chunk ``(1 + s + s^2/2)`` part plus ``phi(Q_c) . (hc_c, zc_c)``."""
     D: tl.constexpr = 1 + F + F * F
@@ -239,7 +267,11 @@ def taylor_chunk_output_kernel(
         b_h = tl.load(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :], mask=m_r[:, None] & m_v[None, :],
                       other=0.)
         b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
-        b_p = _phi(b_q, a, b, c, BK)
+        if GATHER:
+            b_xa, b_xb = _gather(q + i_b * s_qb + i_h * s_qh, o_tt, s_qt, m_t, a, b, F, False)
+            b_p = b_xa * b_xb * c[None, :]
+        else:
+            b_p = _phi(b_q, a, b, c, BK)
         b_num += tl.dot(b_p.to(b_h.dtype), b_h)
         b_den += tl.sum(b_p * b_z[None, :], 1)
     b_o = b_num / (b_den + eps)[:, None]
@@ -274,7 +306,7 @@ def taylor_chunk_grad_kernel(
     s_gn, s_gb, s_gt, s_gh, s_db, s_dt, s_dh,
     T, H, NC, scale,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
-    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr, GATHER: tl.constexpr,
 ):
     """dq, dk (partials of value block i_v, raw-input space) and dv of one chunk."""
     D: tl.constexpr = 1 + F + F * F
@@ -318,12 +350,20 @@ def taylor_chunk_grad_kernel(
         b_h = tl.load(hc + p_h, mask=m_rv, other=0.)
         b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
         b_wq = tl.dot(b_do.to(b_h.dtype), tl.trans(b_h)) + b_dd[:, None] * b_z[None, :]
-        b_dq += _phi_vjp(b_wq, b_q, a, b, c, BK)
+        if GATHER:
+            b_xa, b_xb = _gather(q + i_b * s_qb + i_h * s_qh, o_tt, s_qt, m_t, a, b, F, False)
+        else:
+            b_xa, b_xb = _expand(b_q, a, b, BK)
+        b_dq += _phi_vjp(b_wq, b_xa, b_xb, a, b, c, BK)
         b_dh = tl.load(dhc + p_h, mask=m_rv, other=0.)
         b_dz = tl.load(dzc + p_st * D + o_r, mask=m_r, other=0.)
-        b_dv += tl.dot(_phi(b_k, a, b, c, BK).to(b_dh.dtype), b_dh)
+        if GATHER:
+            b_xa, b_xb = _gather(k + i_b * s_kb + i_h * s_kh, o_tt, s_kt, m_t, a, b, F, False)
+        else:
+            b_xa, b_xb = _expand(b_k, a, b, BK)
+        b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(b_dh.dtype), b_dh)
         b_wk = tl.dot(b_v.to(b_dh.dtype), tl.trans(b_dh)) + w0 * b_dz[None, :]
-        b_dk += _phi_vjp(b_wk, b_k, a, b, c, BK)
+        b_dk += _phi_vjp(b_wk, b_xa, b_xb, a, b, c, BK)
     p_g = i_v.to(tl.int64) * s_gn + i_b * s_gb + i_h * s_gh + o_tt[:, None] * s_gt + o_k[None, :]
     tl.store(dq + p_g, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + p_g, b_dk.to(dk.dtype.element_ty), mask=m_tk)

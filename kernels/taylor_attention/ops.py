@@ -20,9 +20,17 @@ from typing import Optional
 import torch
 import triton
 
+from .._common import Launcher, cdiv, next_pow2
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
                     taylor_prep_kernel)
 from .recurrent import taylor_step_kernel
+
+# Triton's own launch path costs ~0.1 ms of Python per launch of these many-argument kernels (see _common.py)
+_state_kernel = Launcher(taylor_chunk_state_kernel)
+_output_kernel = Launcher(taylor_chunk_output_kernel)
+_grad_kernel = Launcher(taylor_chunk_grad_kernel)
+_prep_kernel = Launcher(taylor_prep_kernel)
+_step_kernel = Launcher(taylor_step_kernel)
 
 MAX_F = 64  # the chunk kernels hold one [BF, BV] feature block on chip, so f only costs D = 1 + f + f^2 work
 MAX_F_STEP = 32  # the decode kernel keeps a whole [f^2, BV] state block in registers
@@ -55,6 +63,9 @@ CONFIG = {
 # the state products on the input dtype; HI_BWD runs the backward's intra-chunk products on fp32 operands too.
 HI_INTRA = True
 HI_BWD = False
+# Feature factors x_a, x_b: gathered loads of the chunk's rows (True) or exact products with 0/1 matrices
+# (False). Both are tested; the benchmark's sweep times both.
+GATHER = {"state": False, "output": False, "grad": False}
 
 
 INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small tiles keep CPU tests fast
@@ -69,6 +80,15 @@ def _cfg(name: str, F: int, DV: int):
     BV = min(BV, max(16, triton.next_power_of_2(DV)))
     D = 1 + F + F * F
     return BK, BT, BF, BV, triton.cdiv(D, BF), nw, ns
+
+
+STATE_PROGRAMS_PER_SM = 4  # the state pass shrinks its blocks until it has this many programs per SM
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,19 +149,23 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
     D = 1 + F + F * F
     BK, BT, BF, BV, NF, nw, ns = _cfg("state", F, DV)
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    # few sequences x heads (long T, small B): smaller blocks, more (and shorter) chains of chunk products
+    while NF * triton.cdiv(DV, BV) * N * H < STATE_PROGRAMS_PER_SM * _num_sms(x.device) and (BV > 32 or BF > 16):
+        BV, BF = (BV // 2, BF) if BV > 32 else (BV, BF // 2)
+        NF = triton.cdiv(D, BF)
     hc = x.new_empty(n_chunks, H, D, DV, dtype=_state_dtype(x.dtype))
     zc = x.new_empty(n_chunks, H, D, dtype=torch.float32)
     ht = x.new_empty(N, H, D, DV, dtype=torch.float32) if want_last else zc
     hz = x.new_empty(N, H, D, dtype=torch.float32) if want_last else zc
     use_h0 = h0s is not None
-    grid = (NF, triton.cdiv(DV, BV), N * H)
-    taylor_chunk_state_kernel[grid](
+    grid = (NF, cdiv(DV, BV), N * H)
+    _state_kernel(lambda meta: grid, (
         x, w, den if den is not None else zc, dd if dd is not None else zc,
         h0s if use_h0 else zc, h0z if use_h0 else zc, hc, zc, ht, hz,
         cu_seqlens if cu_seqlens is not None else zc, offsets if offsets is not None else zc,
-        *_s3(x), *_s3(w), T, H, NC, F ** -0.25,
+        *_s3(x), *_s3(w), T, H, NC, F ** -0.25),
         F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, REVERSE=reverse, USE_H0=use_h0, STORE_HT=want_last,
-        IS_VARLEN=cu_seqlens is not None, num_warps=nw, num_stages=ns)
+        IS_VARLEN=cu_seqlens is not None, GATHER=GATHER["state"], num_warps=nw, num_stages=ns)
     return hc, zc, ht, hz
 
 
@@ -155,12 +179,13 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
     o = v.new_empty(B, T, H, DV)
     den = q.new_empty(B, T, H, dtype=torch.float32)
     if n_chunks:
-        taylor_chunk_output_kernel[(triton.cdiv(DV, BV), n_chunks, H)](
+        grid = (cdiv(DV, BV), n_chunks, H)
+        _output_kernel(lambda m: grid, (
             q, k, v, o, den, hc, zc, cu_seqlens if cu_seqlens is not None else den,
             meta if meta is not None else den,
-            *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps,
+            *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
-            num_warps=nw, num_stages=ns)
+            GATHER=GATHER["output"], num_warps=nw, num_stages=ns)
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     return o, den, hts, htz
@@ -200,8 +225,9 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
 
     dd = torch.empty_like(den)
     BTP = 64
-    taylor_prep_kernel[(triton.cdiv(T, BTP), B * H)](
-        o, dy, den, dd, *_s3(o), *_s3(dy), T, H, DV=DV, BT=BTP, BDV=triton.next_power_of_2(DV), num_warps=4)
+    grid = (cdiv(T, BTP), B * H)
+    _prep_kernel(lambda m: grid, (o, dy, den, dd, *_s3(o), *_s3(dy), T, H), DV=DV, BT=BTP, BDV=next_pow2(DV),
+                 num_warps=4)
     if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
         dd += dden.to(torch.float32)
 
@@ -213,13 +239,14 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
     dk = k.new_empty(NV, B, T, H, F, dtype=torch.float32 if NV > 1 else k.dtype)
     dv = v.new_empty(B, T, H, DV)
     if n_chunks:
-        taylor_chunk_grad_kernel[(NV, n_chunks, H)](
+        grid = (NV, n_chunks, H)
+        _grad_kernel(lambda m: grid, (
             q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv,
             cu_seqlens if cu_seqlens is not None else den, meta if meta is not None else den,
             *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
-            *_s3(dv), T, H, NC, F ** -0.25,
+            *_s3(dv), T, H, NC, F ** -0.25),
             F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
-            num_warps=nw, num_stages=ns)
+            GATHER=GATHER["grad"], num_warps=nw, num_stages=ns)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
@@ -322,10 +349,11 @@ def taylor_attention_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     s_out = q.new_empty(B, H, D, DV, dtype=torch.float32)
     z_out = q.new_empty(B, H, D, dtype=torch.float32)
     has = s is not None
-    taylor_step_kernel[(triton.cdiv(DV, BV), B * H)](
+    grid = (cdiv(DV, BV), B * H)
+    _step_kernel(lambda m: grid, (
         q, k, v, y, s if has else s_out, z if has else z_out, s_out, z_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H, F ** -0.25, eps, F=F, DV=DV, BK=BK, BV=BV, HAS_STATE=has, num_warps=4)
+        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BV=BV, HAS_STATE=has, num_warps=4)
     return y, s_out, z_out
 
 

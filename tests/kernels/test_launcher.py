@@ -1,4 +1,4 @@
-"""The low-overhead launcher (`based_kernels.sliding_window._common.Launcher`) passes the kernels' C launcher
+"""The low-overhead launcher (`based_kernels._common.Launcher`) passes the kernels' C launcher
 exactly what Triton's own launch path passes it.
 
 Runs in a subprocess without TRITON_INTERPRET and with a stand-in Triton driver: the kernels really compile for

@@ -1,0 +1,88 @@
+"""Compile the Taylor chunk kernels for sm_90a on a machine without a GPU (Triton's bundled ptxas) and report
+registers, spills and shared memory per configuration: catches compile errors and spills before a GPU run.
+
+    python benchmarks/aot_check.py [--dtype bf16] [--dv 64]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from based_kernels.taylor_attention import chunk, ops
+
+PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def compile_kernel(fn, dtype, consts, nw, ns):
+    p, f32p, s_dt = PTR[dtype], "*fp32", PTR["bf16" if dtype == "bf16" else "fp32"]
+    typed = {"den": f32p, "dd": f32p, "col": f32p, "h0s": f32p, "h0z": f32p, "zc": f32p, "hts": f32p,
+             "htz": f32p, "dzc": f32p, "hc": s_dt, "dhc": s_dt, "cu_seqlens": "*i32", "chunk_offsets": "*i32",
+             "chunk_meta": "*i32", "scale": "fp32", "eps": "fp32"}
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in typed:
+            sig[n] = typed[n]
+        elif n in ("q", "k", "v", "o", "x", "w", "dy", "dv"):
+            sig[n] = p
+        elif n in ("dq", "dk"):
+            sig[n] = p
+        else:
+            sig[n] = "i32"
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": nw, "num_stages": ns})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+        fh.write(k.asm["ptx"])
+        fh.flush()
+        ptxas = triton.backends.nvidia.compiler.get_ptxas(90).path
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", "/dev/null"], capture_output=True,
+                             text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None, k.metadata.shared
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dv", type=int, default=64)
+    ap.add_argument("--f", type=int, default=16)
+    ap.add_argument("--gather", action="store_true", help="the gathered-load variant of the feature factors")
+    args = ap.parse_args()
+    F, DV = args.f, args.dv
+    BK = max(16, triton.next_power_of_2(F))
+    D = 1 + F + F * F
+    ap_gather = args.gather
+    for BT in (64, 128):
+        for name, cfgs in {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
+                           "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
+                           "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1)]}.items():
+            for BF, BV, nw, ns in cfgs:
+                BV = min(BV, DV)
+                base = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV)
+                if name == "state":
+                    fn, c = chunk.taylor_chunk_state_kernel, dict(base, REVERSE=False, USE_H0=False,
+                                                                  STORE_HT=False, IS_VARLEN=False, GATHER=ap_gather)
+                elif name == "output":
+                    fn, c = chunk.taylor_chunk_output_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
+                                                                   HI_INTRA=ops.HI_INTRA, GATHER=ap_gather)
+                else:
+                    fn, c = chunk.taylor_chunk_grad_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
+                                                                 HI=ops.HI_BWD, GATHER=ap_gather)
+                try:
+                    regs, spill, smem = compile_kernel(fn, args.dtype, c, nw, ns)
+                    print(f"BT {BT:3d} {name:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}: regs {regs}, "
+                          f"spill {spill} B, smem {smem} B", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"BT {BT:3d} {name:6s} BF {BF} BV {BV} warps {nw} stages {ns}: FAILED {repr(e)[:400]}")
+
+
+if __name__ == "__main__":
+    main()
