@@ -69,10 +69,19 @@ def taylor_linear_attention(q, k, v, *, eps=1e-12, initial_state=None, output_fi
                                     output_normalizer=output_normalizer)
 
 
-def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12, backend=None):
+def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12, backend=None, inplace=False):
     """One decode step (update before read). q, k ``[B, H, f]``, v ``[B, H, d_v]``, state ``(S, z)`` or None;
-    returns ``(y [B, H, d_v], new_state)``; the input state is not modified."""
+    returns ``(y [B, H, d_v], new_state)``. The input state is not modified unless ``inplace=True``, which
+    updates ``(S, z)`` (contiguous fp32) in place and returns them (decode loops and CUDA graphs: fixed buffers,
+    half the memory traffic)."""
+    if inplace and state is None:
+        raise ValueError("inplace=True needs a state to update; pass zeros for the first token")
     if _use_triton(backend, q, q.shape[-1], step=True):
         from .ops import taylor_attention_step_triton
-        return taylor_attention_step_triton(q, k, v, state, eps=eps)
-    return taylor_attention_step(q, k, v, state, eps=eps)
+        return taylor_attention_step_triton(q, k, v, state, eps=eps, inplace=inplace)
+    y, new = taylor_attention_step(q, k, v, state, eps=eps)
+    if inplace:
+        state[0].copy_(new[0])
+        state[1].copy_(new[1])
+        return y, state
+    return y, new

@@ -365,12 +365,44 @@ def _(q, k, v, s, z, eps):
             q.new_empty(B, H, D, dtype=torch.float32))
 
 
-def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12):
+@torch.library.custom_op("based_kernels::taylor_attention_step_", mutates_args=("s",))
+def taylor_attention_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
+                                     z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode step updating ``s`` in place (each program reads, then writes, only its own value columns: no
+    race) and returning ``(y, new z)``: z is read by every value block, so its update goes to a new (small)
+    buffer. Halves the HBM traffic of a decode step against copying a new S into a cache."""
+    B, H, F = q.shape
+    DV = v.shape[-1]
+    BK = max(16, next_pow2(F))
+    BV = min(64, max(16, next_pow2(DV)))
+    y = v.new_empty(B, H, DV)
+    z_out = torch.empty_like(z)
+    grid = (cdiv(DV, BV), B * H)
+    _step_kernel(lambda m: grid, (
+        q, k, v, y, s, z, s, z_out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BV=BV, HAS_STATE=True, num_warps=4)
+    return y, z_out
+
+
+@taylor_attention_step_inplace_op.register_fake
+def _(q, k, v, s, z, eps):
+    return v.new_empty(q.shape[0], q.shape[1], v.shape[-1]), torch.empty_like(z)
+
+
+def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False):
     """Triton path of :func:`based_kernels.taylor_linear_attention_step`."""
     if q.shape[-1] > MAX_F_STEP:
         raise ValueError(f"the Triton decode kernel supports f <= {MAX_F_STEP} (got f={q.shape[-1]}); "
                          f"use backend='torch'")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if inplace:
+        S, z = state
+        if S.dtype != torch.float32 or z.dtype != torch.float32 or not (S.is_contiguous() and z.is_contiguous()):
+            raise ValueError("inplace=True needs the state (S, z) as contiguous fp32 tensors")
+        y, z_new = taylor_attention_step_inplace_op(q, k, v, S, z, float(eps))
+        z.copy_(z_new)
+        return y, (S, z)
     s, z = (None, None) if state is None else (state[0].float().contiguous(), state[1].float().contiguous())
     y, s, z = taylor_attention_step_op(q, k, v, s, z, float(eps))
     return y, (s, z)

@@ -74,8 +74,6 @@ class TaylorLinearAttention(Mixer):
     def step(self, hidden_states, cache: dict, positions=None, **_):
         """One token per sequence ``[1, b, d]``: the recurrent form, updating ``cache`` in place."""
         q, k, v = (t[0] for t in self.project_qkv(hidden_states))
-        y, (S, z) = based_kernels.taylor_linear_attention_step(q, k, v, (cache["S"], cache["z"]),
-                                                               eps=self.config.linear_attention_eps)
-        cache["S"].copy_(S)
-        cache["z"].copy_(z)
+        y, _ = based_kernels.taylor_linear_attention_step(q, k, v, (cache["S"], cache["z"]), inplace=True,
+                                                          eps=self.config.linear_attention_eps)
         return self.linear_proj(y.reshape(1, y.shape[0], self.heads * self.head_dim))

@@ -197,6 +197,25 @@ def test_step_kernel_and_prefill_then_decode():
     assert rel(y0, taylor_attention_step(q[:, 0], k[:, 0], v[:, 0], None)[0]) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_step_inplace(backend):
+    """inplace=True updates the caller's (S, z) buffers and equals the out-of-place step; d_v 80 has two value
+    blocks (S is updated per block in place; z, read by both, via a separate buffer)."""
+    B, H, F, DV = 2, 3, 16, 80
+    q, k, v, h0 = make(B, 6, H, F, DV, state=True)
+    S, z = (t.clone() for t in h0)
+    ptrs = (S.data_ptr(), z.data_ptr())
+    st = h0
+    for t in range(6):
+        y_ref, st = taylor_linear_attention_step(q[:, t], k[:, t], v[:, t], st, backend=backend)
+        y, (S2, z2) = taylor_linear_attention_step(q[:, t], k[:, t], v[:, t], (S, z), backend=backend,
+                                                   inplace=True)
+        assert (S2.data_ptr(), z2.data_ptr()) == ptrs
+        assert rel(y, y_ref) < 1e-6 and rel(S, st[0]) < 1e-6 and rel(z, st[1]) < 1e-6
+    with pytest.raises(ValueError, match="inplace"):
+        taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], None, backend=backend, inplace=True)
+
+
 def test_deterministic_backward(monkeypatch):
     small_tiles(monkeypatch)
     q, k, v, h0 = make(1, 40, 1, 16, 32, state=True)
