@@ -162,20 +162,22 @@ def sweep(results, save):
         print(f"sweep chunk {chunk}: fwd+bwd {out[f'chunk{chunk}_fwdbwd']} ms", flush=True)
     best_chunk = min((c for c in (64, 128) if out[f"chunk{c}_fwdbwd"]), key=lambda c: out[f"chunk{c}_fwdbwd"])
     ops.CHUNK = best_chunk
-    cands = {"state": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
-             "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 64, 4, 3)],
-             "grad": [(64, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1), (64, 64, 8, 2), (32, 64, 8, 2)]}
+    cands = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+             "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
+             "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (32, 64, 4, 1)]}
     for name, cfgs in cands.items():
+        kind = "fwdbwd" if name == "grad" else "fwd"
         best = None
-        for cfg in cfgs:
-            ops.CONFIG[name] = cfg
-            t = _try(f"{name} {cfg}", time_case, ours, B, T, dv, "fwd" if name == "output" else "fwdbwd", 120)
-            out[f"{name} {cfg}"] = t
-            print(f"sweep {name} {cfg}: {t} ms", flush=True)
+        for cfg, gather in [(c, False) for c in cfgs] + [(None, True)]:
+            cfg = cfg or best[0]
+            ops.CONFIG[name], ops.GATHER[name] = cfg, gather
+            t = _try(f"{name} {cfg} gather={gather}", time_case, ours, B, T, dv, kind, 120)
+            out[f"{name} {cfg} gather={gather}"] = t
+            print(f"sweep {name} {cfg} gather={gather} ({kind}): {t} ms", flush=True)
             if t is not None and (best is None or t < best[1]):
-                best = (cfg, t)
-        ops.CONFIG[name] = best[0]
-    out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG)}
+                best = (cfg, t, gather)
+        ops.CONFIG[name], ops.GATHER[name] = best[0], best[2]
+    out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG), "GATHER": dict(ops.GATHER)}
     print("chosen:", out["chosen"], flush=True)
     results["sweep"] = out
     save()
@@ -283,6 +285,7 @@ def main():
         except Exception:  # noqa: BLE001
             traceback.print_exc()
     results["config"] = {"CHUNK": ops.CHUNK, "CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
+                         "GATHER": dict(ops.GATHER),
                          "HI_INTRA": ops.HI_INTRA, "HI_BWD": ops.HI_BWD}
     save()
     _try("breakdown", breakdown, results, save)
