@@ -233,7 +233,9 @@ class _Recorder(TorchDispatchMode):
                 if func._schema.name in ("aten::index.Tensor", "aten::index_put_", "aten::index_put")):
             raise RuntimeError(f"host sync inside the captured step: {func}")
         out = func(*args, **kwargs)
-        if any(isinstance(x, (bool, int, float)) for x in tree_flatten(out)[0]):
+        reads_tensor = any(isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0])
+        # a Python number computed from a tensor is a read-back (ops on dtypes alone, e.g. promote_types, are not)
+        if reads_tensor and any(isinstance(x, (bool, int, float)) for x in tree_flatten(out)[0]):
             raise RuntimeError(f"host sync inside the captured step: {func} returned a Python number")
         self.ops.append((func, args, kwargs, out))
         return out
