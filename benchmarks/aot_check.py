@@ -22,7 +22,7 @@ PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 def compile_kernel(fn, dtype, consts, nw, ns):
     p, f32p, s_dt = PTR[dtype], "*fp32", PTR["bf16" if dtype == "bf16" else "fp32"]
     typed = {"den": f32p, "dd": f32p, "col": f32p, "h0s": f32p, "h0z": f32p, "zc": f32p, "hts": f32p,
-             "htz": f32p, "dzc": f32p, "hc": s_dt, "dhc": s_dt, "cu_seqlens": "*i32", "chunk_offsets": "*i32",
+             "htz": f32p, "dzc": f32p, "hl": f32p, "hc": s_dt, "dhc": s_dt, "cu_seqlens": "*i32", "chunk_offsets": "*i32",
              "chunk_meta": "*i32", "scale": "fp32", "eps": "fp32"}
     sig = {}
     for n in fn.arg_names:
@@ -69,10 +69,10 @@ def main():
                 base = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV)
                 if name == "state":
                     fn, c = chunk.taylor_chunk_state_kernel, dict(base, REVERSE=False, USE_H0=False,
-                                                                  STORE_HT=False, IS_VARLEN=False, GATHER=ap_gather)
+                                                                  STORE_HT=False, IS_VARLEN=False, GATHER=ap_gather, STORE_LOW=True)
                 elif name == "output":
                     fn, c = chunk.taylor_chunk_output_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
-                                                                   HI_INTRA=ops.HI_INTRA, GATHER=ap_gather)
+                                                                   HI_INTRA=ops.HI_INTRA, GATHER=ap_gather, BL=32)
                 else:
                     fn, c = chunk.taylor_chunk_grad_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                                                                  HI=ops.HI_BWD, GATHER=ap_gather)

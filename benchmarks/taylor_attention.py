@@ -206,11 +206,11 @@ def breakdown(results, save):
     save()
 
 
-def table(results, save, quick):
+def table(results, save, quick, dvs=DVS):
     cl = results["ceilings"]
     rows = results.setdefault("rows", [])
     fns = {"ours": ours, **peers()}
-    for dv in DVS:
+    for dv in dvs:
         for T in (TS[:3] if quick else TS):
             B = max(1, TOKENS // T)
             for kind in ("fwd", "fwdbwd"):
@@ -257,7 +257,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/taylor_attention.json")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="T 2k-8k only")
+    ap.add_argument("--dv", type=int, nargs="+", default=DVS)
     args = ap.parse_args()
     try:
         import fla
@@ -289,7 +290,7 @@ def main():
                          "HI_INTRA": ops.HI_INTRA, "HI_BWD": ops.HI_BWD}
     save()
     _try("breakdown", breakdown, results, save)
-    table(results, save, args.quick)
+    table(results, save, args.quick, args.dv)
     print(f"\n{results['gpu']}, torch {results['torch']}, triton {results['triton']}, fla {fla_version}, "
           f"{results['date']}; H {H}, f {F}, B*T = {TOKENS}, bf16; median ms (triton.testing.do_bench)")
     print(HEADER)

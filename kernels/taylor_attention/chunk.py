@@ -162,12 +162,12 @@ def _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT: tl.constexpr, IS_VARLEN: tl.c
 
 @triton.jit
 def taylor_chunk_state_kernel(
-    x, w, den, col, h0s, h0z, hc, zc, hts, htz, cu_seqlens, chunk_offsets,
+    x, w, den, col, h0s, h0z, hc, hl, zc, hts, htz, cu_seqlens, chunk_offsets,
     s_xb, s_xt, s_xh, s_wb, s_wt, s_wh,
     T, H, NC, scale,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, GATHER: tl.constexpr,
+    IS_VARLEN: tl.constexpr, GATHER: tl.constexpr, STORE_LOW: tl.constexpr,
 ):
     """Per-chunk states of one feature block.
 
@@ -207,6 +207,9 @@ def taylor_chunk_state_kernel(
             i_c = i
         p_st = (c0 + i_c) * H + i_h
         tl.store(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :], b_h.to(hc.dtype.element_ty), mask=m_rv)
+        if STORE_LOW:  # rows 0..F (constant, linear) also in fp32: the output pass reads them at full precision
+            tl.store(hl + (p_st * (F + 1) + o_r[:, None]) * DV + o_v[None, :], b_h,
+                     mask=m_rv & (o_r <= F)[:, None])
         tl.store(zc + p_st * D + o_r, b_z, mask=m_z)
         o_tt = bos + i_c * BT + o_t
         m_t = o_tt < eos
@@ -233,13 +236,16 @@ def taylor_chunk_state_kernel(
 
 @triton.jit
 def taylor_chunk_output_kernel(
-    q, k, v, o, den, hc, zc, cu_seqlens, chunk_meta,
+    q, k, v, o, den, hc, hl, zc, cu_seqlens, chunk_meta,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
     T, H, NC, scale, eps,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr, GATHER: tl.constexpr,
+    BL: tl.constexpr,
 ):
-    """Output of one chunk: intra-chunk ``(1 + s + s^2/2)`` part plus ``phi(Q_c) . (hc_c, zc_c)``."""
+    """Output of one chunk: intra-chunk ``(1 + s + s^2/2)`` part plus ``phi(Q_c) . (hc_c, zc_c)``. The constant
+    and linear rows (the largest terms: the constant row is the running sum of v) come from their fp32 copy
+    ``hl`` in a 3-pass tf32 product (~fp32); the quadratic rows from the bf16 ``hc`` on bf16 tensor cores."""
     D: tl.constexpr = 1 + F + F * F
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
@@ -262,10 +268,15 @@ def taylor_chunk_output_kernel(
     b_A = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[None, :], 1. + b_s + 0.5 * b_s * b_s, 0.)
     b_num = _mm(b_A, b_v, b_v, HI_INTRA)
     b_den = tl.sum(b_A, 1)
+    o_l, m_l, a_l, b_l, c_l = _features(0, scale, F, BL)
+    m_l = m_l & (o_l <= F)
+    b_hl = tl.load(hl + (p_st * (F + 1) + o_l[:, None]) * DV + o_v[None, :], mask=m_l[:, None] & m_v[None, :],
+                   other=0.)
+    b_num += tl.dot(_phi(b_q, a_l, b_l, tl.where(m_l, c_l, 0.), BK), b_hl, input_precision="tf32x3")
     for i_f in range(0, NF):
         o_r, m_r, a, b, c = _features(i_f, scale, F, BF)
-        b_h = tl.load(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :], mask=m_r[:, None] & m_v[None, :],
-                      other=0.)
+        b_h = tl.load(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :],
+                      mask=(m_r & (o_r > F))[:, None] & m_v[None, :], other=0.)
         b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
         if GATHER:
             b_xa, b_xb = _gather(q + i_b * s_qb + i_h * s_qh, o_tt, s_qt, m_t, a, b, F, False)

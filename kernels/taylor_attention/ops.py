@@ -32,7 +32,7 @@ _grad_kernel = Launcher(taylor_chunk_grad_kernel)
 _prep_kernel = Launcher(taylor_prep_kernel)
 _step_kernel = Launcher(taylor_step_kernel)
 
-MAX_F = 64  # the chunk kernels hold one [BF, BV] feature block on chip, so f only costs D = 1 + f + f^2 work
+MAX_F = 32  # f = 64 compiled and passed in the CPU interpreter but was not verified on a GPU (see README)
 MAX_F_STEP = 32  # the decode kernel keeps a whole [f^2, BV] state block in registers
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET:
@@ -142,9 +142,9 @@ def _check_inputs(q, k, v, h0s, h0z, cu_seqlens):
 # forward
 
 
-def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want_last, reverse):
+def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want_last, reverse, low=False):
     """Per-chunk states (forward: before each chunk; reverse: gradient after each chunk) and, if asked, the
-    state after the walk (final state, or d initial state)."""
+    state after the walk (final state, or d initial state). ``low``: also an fp32 copy of rows 0..f."""
     B, T, H, F = x.shape
     DV = w.shape[-1]
     D = 1 + F + F * F
@@ -156,18 +156,19 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
         NF = triton.cdiv(D, BF)
     hc = x.new_empty(n_chunks, H, D, DV, dtype=_state_dtype(x.dtype))
     zc = x.new_empty(n_chunks, H, D, dtype=torch.float32)
+    hl = x.new_empty(n_chunks, H, F + 1, DV, dtype=torch.float32) if low else zc
     ht = x.new_empty(N, H, D, DV, dtype=torch.float32) if want_last else zc
     hz = x.new_empty(N, H, D, dtype=torch.float32) if want_last else zc
     use_h0 = h0s is not None
     grid = (NF, cdiv(DV, BV), N * H)
     _state_kernel(lambda meta: grid, (
         x, w, den if den is not None else zc, dd if dd is not None else zc,
-        h0s if use_h0 else zc, h0z if use_h0 else zc, hc, zc, ht, hz,
+        h0s if use_h0 else zc, h0z if use_h0 else zc, hc, hl, zc, ht, hz,
         cu_seqlens if cu_seqlens is not None else zc, offsets if offsets is not None else zc,
         *_s3(x), *_s3(w), T, H, NC, F ** -0.25),
         F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, REVERSE=reverse, USE_H0=use_h0, STORE_HT=want_last,
-        IS_VARLEN=cu_seqlens is not None, GATHER=GATHER["state"], num_warps=nw, num_stages=ns)
-    return hc, zc, ht, hz
+        IS_VARLEN=cu_seqlens is not None, GATHER=GATHER["state"], STORE_LOW=low, num_warps=nw, num_stages=ns)
+    return hc, hl, zc, ht, hz
 
 
 def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
@@ -175,18 +176,18 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
     DV = v.shape[-1]
     BK, BT, BF, BV, NF, nw, ns = _cfg("output", F, DV)
     n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
-    hc, zc, hts, htz = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets,
-                                   output_final_state, reverse=False)
+    hc, hl, zc, hts, htz = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets,
+                                       output_final_state, reverse=False, low=True)
     o = v.new_empty(B, T, H, DV)
     den = q.new_empty(B, T, H, dtype=torch.float32)
     if n_chunks:
         grid = (cdiv(DV, BV), n_chunks, H)
         _output_kernel(lambda m: grid, (
-            q, k, v, o, den, hc, zc, cu_seqlens if cu_seqlens is not None else den,
+            q, k, v, o, den, hc, hl, zc, cu_seqlens if cu_seqlens is not None else den,
             meta if meta is not None else den,
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
-            GATHER=GATHER["output"], num_warps=nw, num_stages=ns)
+            GATHER=GATHER["output"], BL=max(16, next_pow2(F + 1)), num_warps=nw, num_stages=ns)
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     return o, den, hts, htz
@@ -232,8 +233,8 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
     if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
         dd += dden.to(torch.float32)
 
-    hc, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False)
-    dhc, dzc, dh0s, dh0z = _state_pass(q, dy, den, dd, dhts, dhtz, cu_seqlens, n_chunks, NC, offsets,
+    hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False)
+    dhc, _, dzc, dh0s, dh0z = _state_pass(q, dy, den, dd, dhts, dhtz, cu_seqlens, n_chunks, NC, offsets,
                                        h0s is not None, reverse=True)
     # one partial per value block for dq, dk (deterministic sum); written in place when there is one block
     dq = q.new_empty(NV, B, T, H, F, dtype=torch.float32 if NV > 1 else q.dtype)

@@ -124,10 +124,10 @@ def test_small_tiles(monkeypatch):
     check_all(got, oracle(q, k, v, h0), TOL32)
 
 
-@pytest.mark.parametrize("F", [32, 64])
+@pytest.mark.parametrize("F", [32])
 def test_large_feature_dims(F):
-    """f = 32 and 64 (D = 1057, 4161 features): only one feature block lives on chip at a time."""
-    q, k, v, h0 = make(1, 40 if F == 32 else 20, 1, F, 16, state=True)
+    """f = 32 (D = 1057 features): only one feature block lives on chip at a time."""
+    q, k, v, h0 = make(1, 40, 1, F, 16, state=True)
     got = run_with_grads(triton_fn, q, k, v, h0)
     check_all(got, oracle(q, k, v, h0), TOL32)
 
@@ -230,8 +230,8 @@ def test_dispatch_and_errors():
     assert torch.equal(y, taylor_attention_chunked(q, k, v)[0])
     with pytest.raises(ValueError, match="backend"):
         taylor_linear_attention(q, k, v, backend="cuda")
-    qb = torch.randn(1, 20, 1, 65)
-    with pytest.raises(ValueError, match="f <= 64"):
+    qb = torch.randn(1, 20, 1, 64)
+    with pytest.raises(ValueError, match="f <= 32"):
         taylor_linear_attention(qb, qb, v, backend="triton")
 
 
