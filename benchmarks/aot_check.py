@@ -54,12 +54,10 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--dv", type=int, default=64)
     ap.add_argument("--f", type=int, default=16)
-    ap.add_argument("--gather", action="store_true", help="the gathered-load variant of the feature factors")
     args = ap.parse_args()
     F, DV = args.f, args.dv
     BK = max(16, triton.next_power_of_2(F))
     D = 1 + F + F * F
-    ap_gather = args.gather
     for BT in (64, 128):
         for name, cfgs in {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
                            "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
@@ -69,13 +67,13 @@ def main():
                 base = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV)
                 if name == "state":
                     fn, c = chunk.taylor_chunk_state_kernel, dict(base, REVERSE=False, USE_H0=False,
-                                                                  STORE_HT=False, IS_VARLEN=False, GATHER=ap_gather, STORE_LOW=True)
+                                                                  STORE_HT=False, IS_VARLEN=False, STORE_LOW=True)
                 elif name == "output":
                     fn, c = chunk.taylor_chunk_output_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
-                                                                   HI_INTRA=ops.HI_INTRA, GATHER=ap_gather, BL=32)
+                                                                   HI_INTRA=ops.HI_INTRA, BL=32)
                 else:
                     fn, c = chunk.taylor_chunk_grad_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
-                                                                 HI=ops.HI_BWD, GATHER=ap_gather)
+                                                                 HI=ops.HI_BWD)
                 try:
                     regs, spill, smem = compile_kernel(fn, args.dtype, c, nw, ns)
                     print(f"BT {BT:3d} {name:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}: regs {regs}, "

@@ -168,16 +168,15 @@ def sweep(results, save):
     for name, cfgs in cands.items():
         kind = "fwdbwd" if name == "grad" else "fwd"
         best = None
-        for cfg, gather in [(c, False) for c in cfgs] + [(None, True)]:
-            cfg = cfg or best[0]
-            ops.CONFIG[name], ops.GATHER[name] = cfg, gather
-            t = _try(f"{name} {cfg} gather={gather}", time_case, ours, B, T, dv, kind, 120)
-            out[f"{name} {cfg} gather={gather}"] = t
-            print(f"sweep {name} {cfg} gather={gather} ({kind}): {t} ms", flush=True)
+        for cfg in cfgs:
+            ops.CONFIG[name] = cfg
+            t = _try(f"{name} {cfg}", time_case, ours, B, T, dv, kind, 120)
+            out[f"{name} {cfg}"] = t
+            print(f"sweep {name} {cfg} ({kind}): {t} ms", flush=True)
             if t is not None and (best is None or t < best[1]):
-                best = (cfg, t, gather)
-        ops.CONFIG[name], ops.GATHER[name] = best[0], best[2]
-    out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG), "GATHER": dict(ops.GATHER)}
+                best = (cfg, t)
+        ops.CONFIG[name] = best[0]
+    out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG)}
     print("chosen:", out["chosen"], flush=True)
     results["sweep"] = out
     save()
@@ -286,7 +285,6 @@ def main():
         except Exception:  # noqa: BLE001
             traceback.print_exc()
     results["config"] = {"CHUNK": ops.CHUNK, "CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
-                         "GATHER": dict(ops.GATHER),
                          "HI_INTRA": ops.HI_INTRA, "HI_BWD": ops.HI_BWD}
     save()
     _try("breakdown", breakdown, results, save)

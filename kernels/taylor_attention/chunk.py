@@ -78,25 +78,6 @@ def _expand(b_x, a, b, BK: tl.constexpr):
 
 
 @triton.jit
-def _gather(p_x0, o_tt, s_xt, m_t, a, b, F: tl.constexpr, TRANS: tl.constexpr):
-    """``(x_a, x_b)`` by gathered loads of the chunk's rows (L1 hits) instead of products with 0/1 matrices:
-    ``[BT, BF]``, or ``[BF, BT]`` when TRANS."""
-    if TRANS:
-        p = p_x0 + o_tt[None, :] * s_xt
-        m_a = ((a >= 0) & (a < F))[:, None] & m_t[None, :]
-        m_b = ((b >= 0) & (b < F))[:, None] & m_t[None, :]
-        b_xa = tl.load(p + a[:, None], mask=m_a, other=0.).to(tl.float32) + (a < 0).to(tl.float32)[:, None]
-        b_xb = tl.load(p + b[:, None], mask=m_b, other=0.).to(tl.float32) + (b < 0).to(tl.float32)[:, None]
-    else:
-        p = p_x0 + o_tt[:, None] * s_xt
-        m_a = m_t[:, None] & ((a >= 0) & (a < F))[None, :]
-        m_b = m_t[:, None] & ((b >= 0) & (b < F))[None, :]
-        b_xa = tl.load(p + a[None, :], mask=m_a, other=0.).to(tl.float32) + (a < 0).to(tl.float32)[None, :]
-        b_xb = tl.load(p + b[None, :], mask=m_b, other=0.).to(tl.float32) + (b < 0).to(tl.float32)[None, :]
-    return b_xa, b_xb
-
-
-@triton.jit
 def _phi(b_x, a, b, c, BK: tl.constexpr):
     """Features ``[BT, BF]`` (fp32) of token rows ``b_x [BT, BK]``."""
     b_xa, b_xb = _expand(b_x, a, b, BK)
@@ -161,13 +142,34 @@ def _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT: tl.constexpr, IS_VARLEN: tl.c
 
 
 @triton.jit
+def _load_chunk(q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                T, H, NC, F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Indices, masks and the q, k (raw) and v tiles of chunk i_c, value block i_v (output and gradient passes)."""
+    i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
+    i_h = tl.program_id(2)
+    o_t = tl.arange(0, BT)
+    o_tt = t0 + o_t
+    m_t = o_tt < eos
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    m_tk = m_t[:, None] & (o_k < F)[None, :]
+    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_tt[:, None] * s_qt + o_k[None, :], mask=m_tk, other=0.)
+    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_tt[:, None] * s_kt + o_k[None, :], mask=m_tk, other=0.)
+    b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_tt[:, None] * s_vt + o_v[None, :],
+                  mask=m_t[:, None] & m_v[None, :], other=0.)
+    return i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v
+
+
+@triton.jit
 def taylor_chunk_state_kernel(
     x, w, den, col, h0s, h0z, hc, hl, zc, hts, htz, cu_seqlens, chunk_offsets,
     s_xb, s_xt, s_xh, s_wb, s_wt, s_wh,
     T, H, NC, scale,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, GATHER: tl.constexpr, STORE_LOW: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STORE_LOW: tl.constexpr,
 ):
     """Per-chunk states of one feature block.
 
@@ -215,11 +217,7 @@ def taylor_chunk_state_kernel(
         m_t = o_tt < eos
         b_xt = tl.load(p_x0 + o_tt[None, :] * s_xt + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
         b_w = tl.load(p_w0 + o_tt[:, None] * s_wt + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        if GATHER:
-            b_xa, b_xb = _gather(p_x0, o_tt, s_xt, m_t, a, b, F, True)
-            b_p = b_xa * b_xb * c[:, None]
-        else:
-            b_p = _phi_t(b_xt, a, b, c, BK)
+        b_p = _phi_t(b_xt, a, b, c, BK)
         if REVERSE:
             p_d = (i_b * T + o_tt) * H + i_h
             b_den = tl.load(den + p_d, mask=m_t, other=1.)
@@ -240,7 +238,7 @@ def taylor_chunk_output_kernel(
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
     T, H, NC, scale, eps,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
-    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr, GATHER: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr,
     BL: tl.constexpr,
 ):
     """Output of one chunk: intra-chunk ``(1 + s + s^2/2)`` part plus ``phi(Q_c) . (hc_c, zc_c)``. The constant
@@ -248,21 +246,10 @@ def taylor_chunk_output_kernel(
     ``hl`` in a 3-pass tf32 product (~fp32); the quadratic rows from the bf16 ``hc`` on bf16 tensor cores."""
     D: tl.constexpr = 1 + F + F * F
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
     p_st = i_c.to(tl.int64) * H + i_h
-
-    o_t = tl.arange(0, BT)
-    o_tt = t0 + o_t
-    m_t = o_tt < eos
-    o_k = tl.arange(0, BK)
-    m_k = o_k < F
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
-    m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_tt[:, None] * s_qt + o_k[None, :], mask=m_tk, other=0.)
-    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_tt[:, None] * s_kt + o_k[None, :], mask=m_tk, other=0.)
-    b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_tt[:, None] * s_vt + o_v[None, :],
-                  mask=m_t[:, None] & m_v[None, :], other=0.)
+    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v = _load_chunk(
+        q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+        T, H, NC, F, DV, BK, BT, BV, IS_VARLEN)
 
     b_s = tl.dot(b_q, tl.trans(b_k)) * (scale * scale)
     b_A = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[None, :], 1. + b_s + 0.5 * b_s * b_s, 0.)
@@ -278,11 +265,7 @@ def taylor_chunk_output_kernel(
         b_h = tl.load(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :],
                       mask=(m_r & (o_r > F))[:, None] & m_v[None, :], other=0.)
         b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
-        if GATHER:
-            b_xa, b_xb = _gather(q + i_b * s_qb + i_h * s_qh, o_tt, s_qt, m_t, a, b, F, False)
-            b_p = b_xa * b_xb * c[None, :]
-        else:
-            b_p = _phi(b_q, a, b, c, BK)
+        b_p = _phi(b_q, a, b, c, BK)
         b_num += tl.dot(b_p.to(b_h.dtype), b_h)
         b_den += tl.sum(b_p * b_z[None, :], 1)
     b_o = b_num / (b_den + eps)[:, None]
@@ -317,27 +300,17 @@ def taylor_chunk_grad_kernel(
     s_gn, s_gb, s_gt, s_gh, s_db, s_dt, s_dh,
     T, H, NC, scale,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
-    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr, GATHER: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr,
 ):
     """dq, dk (partials of value block i_v, raw-input space) and dv of one chunk."""
     D: tl.constexpr = 1 + F + F * F
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
     p_st = i_c.to(tl.int64) * H + i_h
+    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v = _load_chunk(
+        q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+        T, H, NC, F, DV, BK, BT, BV, IS_VARLEN)
     w0 = (i_v == 0).to(tl.float32)  # the normaliser column [v | 1] belongs to value block 0
-
-    o_t = tl.arange(0, BT)
-    o_tt = t0 + o_t
-    m_t = o_tt < eos
-    o_k = tl.arange(0, BK)
-    m_k = o_k < F
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
-    m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
-    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_tt[:, None] * s_qt + o_k[None, :], mask=m_tk, other=0.)
-    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_tt[:, None] * s_kt + o_k[None, :], mask=m_tk, other=0.)
-    b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_tt[:, None] * s_vt + o_v[None, :], mask=m_tv, other=0.)
     b_dy = tl.load(dy + i_b * s_yb + i_h * s_yh + o_tt[:, None] * s_yt + o_v[None, :], mask=m_tv, other=0.)
     p_d = (i_b * T + o_tt) * H + i_h
     b_den = tl.load(den + p_d, mask=m_t, other=1.)
@@ -361,17 +334,11 @@ def taylor_chunk_grad_kernel(
         b_h = tl.load(hc + p_h, mask=m_rv, other=0.)
         b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
         b_wq = tl.dot(b_do.to(b_h.dtype), tl.trans(b_h)) + b_dd[:, None] * b_z[None, :]
-        if GATHER:
-            b_xa, b_xb = _gather(q + i_b * s_qb + i_h * s_qh, o_tt, s_qt, m_t, a, b, F, False)
-        else:
-            b_xa, b_xb = _expand(b_q, a, b, BK)
+        b_xa, b_xb = _expand(b_q, a, b, BK)
         b_dq += _phi_vjp(b_wq, b_xa, b_xb, a, b, c, BK)
         b_dh = tl.load(dhc + p_h, mask=m_rv, other=0.)
         b_dz = tl.load(dzc + p_st * D + o_r, mask=m_r, other=0.)
-        if GATHER:
-            b_xa, b_xb = _gather(k + i_b * s_kb + i_h * s_kh, o_tt, s_kt, m_t, a, b, F, False)
-        else:
-            b_xa, b_xb = _expand(b_k, a, b, BK)
+        b_xa, b_xb = _expand(b_k, a, b, BK)
         b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(b_dh.dtype), b_dh)
         b_wk = tl.dot(b_v.to(b_dh.dtype), tl.trans(b_dh)) + w0 * b_dz[None, :]
         b_dk += _phi_vjp(b_wk, b_xa, b_xb, a, b, c, BK)

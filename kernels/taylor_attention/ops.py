@@ -64,9 +64,6 @@ CONFIG = {
 # the state products on the input dtype; HI_BWD runs the backward's intra-chunk products on fp32 operands too.
 HI_INTRA = True
 HI_BWD = False
-# Feature factors x_a, x_b: gathered loads of the chunk's rows (True) or exact products with 0/1 matrices
-# (False). Both are tested; the benchmark's sweep times both.
-GATHER = {"state": False, "output": False, "grad": False}
 
 
 INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small tiles keep CPU tests fast
@@ -167,7 +164,7 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
         cu_seqlens if cu_seqlens is not None else zc, offsets if offsets is not None else zc,
         *_s3(x), *_s3(w), T, H, NC, F ** -0.25),
         F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, REVERSE=reverse, USE_H0=use_h0, STORE_HT=want_last,
-        IS_VARLEN=cu_seqlens is not None, GATHER=GATHER["state"], STORE_LOW=low, num_warps=nw, num_stages=ns)
+        IS_VARLEN=cu_seqlens is not None, STORE_LOW=low, num_warps=nw, num_stages=ns)
     return hc, hl, zc, ht, hz
 
 
@@ -187,7 +184,7 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
             meta if meta is not None else den,
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
-            GATHER=GATHER["output"], BL=max(16, next_pow2(F + 1)), num_warps=nw, num_stages=ns)
+            BL=max(16, next_pow2(F + 1)), num_warps=nw, num_stages=ns)
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     return o, den, hts, htz
@@ -248,7 +245,7 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
             *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
             *_s3(dv), T, H, NC, F ** -0.25),
             F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
-            GATHER=GATHER["grad"], num_warps=nw, num_stages=ns)
+            num_warps=nw, num_stages=ns)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)

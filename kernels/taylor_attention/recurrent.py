@@ -38,7 +38,6 @@ def taylor_step_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     r_1, m_1, r_2, m_2 = _state_rows(F, BK)
-    o_f = tl.arange(0, BK * BK)
     o_1 = tl.arange(0, 1)
 
     b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_1, other=0.).to(tl.float32) * scale
