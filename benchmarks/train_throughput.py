@@ -3,7 +3,9 @@
 Real training steps (forward, backward, Megatron DDP + distributed optimizer step) on synthetic tokens, bf16,
 a fixed number of tokens per GPU and step at each sequence length. Reports tokens/s per GPU, model TFLOP/s, MFU
 and peak memory; with --profile also where a step's GPU time goes, per layer type and per kernel. Correctness
-guard: the loss is finite and falls over the timed steps (one batch, repeated).
+guard: the loss is finite and falls over the timed steps (one batch, repeated; Adam's learning rate rises linearly
+over the untimed warm-up steps: without that warm-up BASED's loss oscillated on an H100 while it memorized the batch
+much faster than the GPT, on both the Triton and the PyTorch path, so the guard flagged the optimizer, not the model).
 
     python benchmarks/train_throughput.py --models based-360m gpt-360m --seq 2048 8192 32768 --profile
     torchrun --nproc_per_node 2 benchmarks/train_throughput.py --cp 2 --weak --seq 16384 ...   # weak scaling
@@ -82,10 +84,10 @@ def build(name: str, seq: int, args, device, recompute: bool):
     if cuda:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-4, weight_decay=0.1, bf16=True,
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.1, bf16=True,
                                                      use_distributed_optimizer=True, clip_grad=1.0), [ddp])
     else:  # get_megatron_optimizer hard-codes CUDA; a smoke run on CPU uses a plain AdamW.
-        opt = torch.optim.AdamW(ddp.parameters(), lr=3e-4)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
     return spec, ddp, opt
 
 
@@ -236,7 +238,10 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def train_step():
+    def train_step(step=None):
+        if step is not None:  # linear LR warm-up over the untimed steps, then constant
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         with record_function(RANGE + "zero-grad"):
             ddp.zero_grad_buffer()
             opt.zero_grad()
@@ -254,7 +259,7 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
     for step in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        loss = train_step()
+        loss = train_step(step)
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -266,7 +271,8 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     finite = all(math.isfinite(x) for x in losses)
-    result = dict(model=name, seq=seq_global, local_seq=local, micro_batch=micro, tp=args.tp, cp=cp,
+    result = dict(model=name, seq=seq_global, backend=args.backend or "default", lr=args.lr, local_seq=local,
+                  micro_batch=micro, tp=args.tp, cp=cp,
                   recompute=recompute, tokens_per_step=micro * local, params=n_params * args.tp,
                   step_ms=step_s * 1e3, tokens_per_s_per_gpu=tok_s / args.tp, tflops_per_gpu=tflops,
                   mfu=(tflops / peak) if peak else None,
@@ -318,6 +324,9 @@ def main(argv=None):
     p.add_argument("--tokens-per-step", type=int, help="tokens per GPU (model replica shard) and step")
     p.add_argument("--steps", type=int, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int)
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate, reached linearly over --warmup steps")
+    p.add_argument("--backend", choices=["triton", "torch"], help="based_kernels backend (default: Triton on GPU); "
+                   "torch runs the mixers on the PyTorch reference path, for a loss comparison")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--weak", action="store_true", help="with --cp: the sequence grows with the GPUs")
@@ -337,6 +346,10 @@ def main(argv=None):
     if args.weak and args.cp == 1:
         p.error("--weak needs --cp > 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.backend:
+        import based_kernels
+
+        based_kernels.use_backend(args.backend)
     initialize_parallel(args.tp, 1, args.cp, seed=1234)
     rank = torch.distributed.get_rank()
     meta = dict(date=str(date.today()), device=torch.cuda.get_device_name() if device == "cuda" else "cpu",

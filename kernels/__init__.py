@@ -3,6 +3,7 @@ convolutions) as functional PyTorch APIs, with Triton kernels on CUDA and plain-
 
 Installed as the import package ``based_kernels`` (this folder is ``kernels/`` in the repository).
 """
+from ._common import use_backend
 from .short_conv import base_conv, short_conv, short_conv_step
 from .sliding_window import sliding_window_attention
 from .taylor_attention import taylor_linear_attention, taylor_linear_attention_step
@@ -14,4 +15,5 @@ __all__ = [
     "short_conv",
     "short_conv_step",
     "base_conv",
+    "use_backend",
 ]

@@ -10,6 +10,38 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Process-wide default backend of the public ops when their ``backend`` argument is None: "triton", "torch", or
+# None (Triton for CUDA tensors, PyTorch otherwise). Set with based_kernels.use_backend or BASED_KERNELS_BACKEND.
+_BACKEND = [os.environ.get("BASED_KERNELS_BACKEND") or None]
+BACKENDS = (None, "triton", "torch")
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend, x) -> str:
+    """The backend an op call runs: its own argument, else the process default, else by the tensor's device."""
+    backend = check_backend(backend) or check_backend(_BACKEND[0])
+    return backend or ("triton" if x.is_cuda else "torch")
+
+
+class use_backend:
+    """``with based_kernels.use_backend("torch"): ...`` runs every op whose ``backend`` is None on that backend
+    (e.g. the whole model on the PyTorch reference path on a GPU, for parity checks); also a plain call."""
+
+    def __init__(self, backend):
+        self.prev, _BACKEND[0] = _BACKEND[0], check_backend(backend)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _BACKEND[0] = self.prev
+
+
 def configs(gpu_configs, interpreter_config):
     """The autotune list: every GPU config, or the single interpreter config under TRITON_INTERPRET=1."""
     return [interpreter_config] if INTERPRET else gpu_configs

@@ -1,6 +1,7 @@
 """Causal depthwise short convolution and the fused BaseConv core (the BASED "C" mixer)."""
 from __future__ import annotations
 
+from .._common import resolve_backend
 from .reference import base_conv_reference, base_conv_step_reference, short_conv_reference
 from .reference import short_conv_step as short_conv_step_reference
 
@@ -9,11 +10,7 @@ __all__ = ["short_conv", "short_conv_step", "base_conv", "base_conv_step", "base
 
 
 def _use_triton(backend, x):
-    if backend is None:
-        return x.is_cuda
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch'; got {backend!r}")
-    return backend == "triton"
+    return resolve_backend(backend, x) == "triton"
 
 
 def _check(x, g, weight, initial_state, cu_seqlens):

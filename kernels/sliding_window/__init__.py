@@ -1,17 +1,10 @@
 """Causal sliding-window softmax attention (the BASED "S" mixer's core)."""
 from __future__ import annotations
 
+from .._common import resolve_backend
 from .reference import sliding_window_attention_reference
 
 __all__ = ["sliding_window_attention", "sliding_window_attention_reference"]
-
-
-def _pick_backend(backend, *tensors):
-    if backend is None:
-        return "triton" if tensors[0].is_cuda else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch'; got {backend!r}")
-    return backend
 
 
 def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, kv_prefix=None, backend=None):
@@ -30,7 +23,7 @@ def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, kv
     Returns:
         o ``[B, T, H, D]`` in q's dtype (token-major in memory when q is).
     """
-    if _pick_backend(backend, q) == "torch":
+    if resolve_backend(backend, q) == "torch":
         return sliding_window_attention_reference(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens,
                                                   kv_prefix=kv_prefix)
     if window < 0:

@@ -7,6 +7,8 @@ tensors; ``backend="triton"`` forces the kernels (CPU tests run them under ``TRI
 """
 from __future__ import annotations
 
+from .. import _common
+from .._common import check_backend, resolve_backend
 from .reference import (
     feature_dim,
     feature_map,
@@ -27,16 +29,13 @@ __all__ = [
     "taylor_attention_step",
 ]
 
-_BACKENDS = (None, "triton", "torch")
-
 
 def _use_triton(backend, x, f, step=False):
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
-    if backend is None:
+    check_backend(backend)
+    if backend is None and _common._BACKEND[0] is None:
         from .ops import MAX_F, MAX_F_STEP
         return x.is_cuda and f <= (MAX_F_STEP if step else MAX_F)  # larger f: the PyTorch path
-    return backend == "triton"
+    return resolve_backend(backend, x) == "triton"
 
 
 def taylor_linear_attention(q, k, v, *, eps=1e-12, initial_state=None, output_final_state=False,

@@ -1,6 +1,9 @@
 """Small shared pieces of the Megatron-level tests."""
 from __future__ import annotations
 
+import contextlib
+import socket
+
 import torch
 import torch.distributed as dist
 
@@ -47,4 +50,28 @@ def full_grads(model, tp_group) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["tiny_config", "tiny_model", "gather_tp", "full_grads", "initialize_parallel"]
+@contextlib.contextmanager
+def in_process_group(monkeypatch):
+    """torch.distributed and Megatron's groups for this one process. GPU tests cannot use run_distributed: its
+    workers are forked, and a process forked after the parent queried CUDA (conftest's torch.cuda.is_available())
+    fails at its first CUDA call ("Cannot re-initialize CUDA in forked subprocess")."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_based.parallel import initialize_parallel
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    initialize_parallel(1)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+__all__ = ["in_process_group", "tiny_config", "tiny_model", "gather_tp", "full_grads", "initialize_parallel"]

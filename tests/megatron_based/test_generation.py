@@ -2,15 +2,13 @@
 graph-replayed decode (CUDA graph on GPU, a recorded-op replay on CPU), the bf16 decode accuracy guard."""
 from __future__ import annotations
 
-import contextlib
-import socket
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.distributed import run_distributed
+from tests.megatron_based.helpers import in_process_group
 
 VOCAB = 100
 
@@ -398,30 +396,6 @@ def test_bf16_decode_guard():
 
 
 # -- GPU --------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _in_process_group(monkeypatch):
-    """torch.distributed and Megatron's groups for this one process. GPU tests cannot use run_distributed: its
-    workers are forked, and a process forked after the parent queried CUDA (conftest's torch.cuda.is_available())
-    fails at its first CUDA call ("Cannot re-initialize CUDA in forked subprocess")."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_based.parallel import initialize_parallel
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(key, value)
-    initialize_parallel(1)
-    try:
-        yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("graph", ["cuda", "recorded"])
 def test_cuda_graph_decode_equals_eager(graph, monkeypatch):
@@ -431,7 +405,7 @@ def test_cuda_graph_decode_equals_eager(graph, monkeypatch):
     CUDA-level one."""
     from megatron_based.generation import Generator, at_decode_positions, teacher_forced_logits
 
-    with _in_process_group(monkeypatch):
+    with in_process_group(monkeypatch):
         model = _model(1, "CLSC", hidden=128, heads=4, feature_dim=8, window=8).cuda()
         make = (lambda: Generator(model, vocab_size=VOCAB, cuda_graph=True)) if graph == "cuda" else (
             lambda: _recorded_generator(model, vocab_size=VOCAB))
