@@ -38,6 +38,7 @@ from megatron_based.config import model_spec_from_dict  # noqa: E402
 from megatron_based.flops import model_flops_per_token  # noqa: E402
 from megatron_based.model import build_model  # noqa: E402
 from megatron_based.parallel import initialize_parallel  # noqa: E402
+from megatron_based.train import fuse_torch_adam  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The softmax baselines of performance.md: the BASED model's width, depth 24, SwiGLU, tied 50k vocab.
@@ -86,6 +87,8 @@ def build(name: str, seq: int, args, device, recompute: bool):
 
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.1, bf16=True,
                                                      use_distributed_optimizer=True, clip_grad=1.0), [ddp])
+        if args.fused_adam:
+            fuse_torch_adam(opt)
     else:  # get_megatron_optimizer hard-codes CUDA; a smoke run on CPU uses a plain AdamW.
         opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
     return spec, ddp, opt
@@ -327,6 +330,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate, reached linearly over --warmup steps")
     p.add_argument("--backend", choices=["triton", "torch"], help="based_kernels backend (default: Triton on GPU); "
                    "torch runs the mixers on the PyTorch reference path, for a loss comparison")
+    p.add_argument("--no-fused-adam", dest="fused_adam", action="store_false",
+                   help="keep Megatron's fallback torch AdamW (foreach) instead of torch's fused AdamW")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--weak", action="store_true", help="with --cp: the sequence grows with the GPUs")

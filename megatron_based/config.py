@@ -91,14 +91,21 @@ class BasedConfig(TransformerConfig):
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
-    bias_activation_fusion: bool = False
-    bias_dropout_fusion: bool = False
+    # Megatron's fused SwiGLU, bias-dropout-add and cross-entropy (torch.compile'd by Megatron's jit_fuser) on GPU
+    # machines; plain ops on CPU ones (no compiler needed there). The unfused SwiGLU and fp32 cross entropy were
+    # ~18% of based-360m's training step on an H100 (benchmarks/train_throughput.py --profile). The fused cross
+    # entropy returns its logits gradient in bf16, so by default it is on for bf16 runs only (None: decided here).
+    bias_activation_fusion: bool = dataclasses.field(default_factory=torch.cuda.is_available)
+    bias_dropout_fusion: bool = dataclasses.field(default_factory=torch.cuda.is_available)
+    cross_entropy_loss_fusion: bool | None = None
     apply_rope_fusion: bool = False
     masked_softmax_fusion: bool = False
     persist_layer_norm: bool = False
     gradient_accumulation_fusion: bool = False
 
     def __post_init__(self):
+        if self.cross_entropy_loss_fusion is None:
+            self.cross_entropy_loss_fusion = torch.cuda.is_available() and self.bf16
         validate_layer_pattern(self.layer_pattern, self.num_layers)
         self.num_layers = len(self.layer_pattern)
         tp = self.tensor_model_parallel_size

@@ -67,3 +67,27 @@ def test_model_is_causal_on_gpu(t0, monkeypatch):
         moved = (a - b).abs().amax(dim=(0, 2))
         first = int(moved.nonzero()[0]) if moved.any() else None
         assert first == t0, f"changing token {t0} first changed the logits at position {first}"
+
+
+def test_fusions_match_plain_ops_in_bf16(monkeypatch):
+    """The GPU defaults (fused SwiGLU, bias-dropout-add, cross entropy with its bf16 logits gradient) against the
+    plain ops, bf16 model, loss and every gradient."""
+    with in_process_group(monkeypatch):
+        ids = torch.randint(0, VOCAB, (2, 1000), generator=torch.Generator().manual_seed(3)).cuda()
+        pos = torch.arange(1000, device="cuda").expand_as(ids)
+        out = []
+        for fuse in (False, True):
+            torch.manual_seed(0)
+            cfg = BasedConfig(layer_pattern="CLSA", hidden_size=256, num_attention_heads=4, feature_dim=16,
+                              swa_window=128, params_dtype=torch.bfloat16, bf16=True, bias_activation_fusion=fuse,
+                              bias_dropout_fusion=fuse, cross_entropy_loss_fusion=fuse)
+            assert cfg.cross_entropy_loss_fusion == fuse
+            model = build_model(cfg, vocab_size=VOCAB, max_sequence_length=1000, make_vocab_size_divisible_by=8).cuda()
+            loss = model(ids, pos, None, labels=ids.roll(-1, 1)).float().mean()
+            loss.backward()
+            out.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}))
+        (l0, g0), (l1, g1) = out
+        assert abs(l1 - l0) < 1e-2 * abs(l0)
+        for name in g0:
+            err = ((g1[name] - g0[name]).norm() / g0[name].norm()).item()
+            assert err < 3e-2, f"{name}: {err:.2e}"

@@ -225,3 +225,34 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, corpus):  # noqa: F811
     assert "2 non-finite steps in a row" in message
     good = (tmp_path / "ckpt" / "latest").read_text().strip()
     assert good in message and int(good.split("_")[1]) >= 1
+
+
+def test_fuse_torch_adam_same_steps_and_moves_step_counters():
+    """torch's fused AdamW (what fuse_torch_adam switches Megatron's fallback optimizer to) takes the same steps as
+    the foreach one it replaces, here on CPU over 3 steps with weight decay; step counters saved on the CPU move
+    to the parameters' device."""
+    from megatron_based.train import fuse_torch_adam
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=1e-2,
+                            weight_decay=0.1, foreach=True)
+
+    class Wrapped:  # the shape of a Megatron optimizer: the torch optimizer under .optimizer
+        optimizer = torch.optim.AdamW([{"params": copies[:1]}, {"params": copies[1:], "weight_decay": 0.0}],
+                                      lr=1e-2, weight_decay=0.1)
+
+    chained = type("Chained", (), {"chained_optimizers": [Wrapped, object()]})()
+    for step in range(3):
+        for a, b in zip(params, copies):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ref.step()
+        if step == 0:  # after one step the state holds CPU step counters
+            assert fuse_torch_adam(chained) == 2
+            assert all(g["fused"] and not g["foreach"] for g in Wrapped.optimizer.param_groups)
+        Wrapped.optimizer.step()
+    for a, b in zip(params, copies):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert all(Wrapped.optimizer.state[p]["step"].item() == 3 for p in copies)
