@@ -108,8 +108,11 @@ def timed(gen, spec, batch: int, args) -> dict:
         logits = gen.prefill(prompts)
         sync()
         t1 = time.perf_counter()
-        for _ in range(new_tokens - 1):
+        for i in range(new_tokens - 1):
             logits = gen.step(logits.argmax(-1))
+            if (i + 1) % 256 == 0:  # progress (a sync every 256 steps costs nothing measurable)
+                sync()
+                print(f"    batch {batch}: {i + 1} tokens decoded in {time.perf_counter() - t1:.1f} s", flush=True)
         sync()
         return t1 - t0, time.perf_counter() - t1
 
@@ -158,8 +161,10 @@ def bench_model(name, section, pattern, graphs, dtype, args) -> list[dict]:
     try:
         t0 = time.perf_counter()
         model, spec = build(section, pattern, dtype)
+        print(f"  {name}: built in {time.perf_counter() - t0:.1f} s", flush=True)
         data = guard_data(model, spec, section, pattern, dtype, args)
         setup_s = time.perf_counter() - t0
+        print(f"  {name}: guard forwards done, {setup_s:.1f} s", flush=True)
     except Exception as e:  # noqa: BLE001 - report and go on with the other model
         return [{"model": name, "layer_pattern": pattern, "error": f"build/guard set-up: {error_text(e)}"}]
     n_params = sum(p.numel() for p in model.parameters())
@@ -176,6 +181,7 @@ def bench_model(name, section, pattern, graphs, dtype, args) -> list[dict]:
             if not r["guard"]["passed"]:
                 r["error"] = "guard failed: decode logits are further from the reference than 2x the full forward's"
                 continue
+            print(f"  {name} cuda_graph={graph}: guard passed, timing", flush=True)
             r.update(timed_fitting(gen, spec, args))
         except Exception as e:  # noqa: BLE001
             r["error"] = error_text(e)

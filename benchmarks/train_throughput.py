@@ -229,6 +229,9 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
     seq_global = seq * cp if args.weak else seq
     local = seq_global // cp
     micro = max(1, args.tokens_per_step // local)  # tokens per GPU (per model replica shard) and step
+    # Each case compiles Megatron's fusions afresh, as its own training run would: otherwise a shape change from
+    # the previous case recompiles them with dynamic shapes (the GPT's fused SwiGLU backward ran 6x slower so).
+    torch._dynamo.reset()
     spec, ddp, opt = build(name, seq_global, args, device, recompute)
     n_params = sum(p.numel() for p in ddp.parameters())
     g = torch.Generator().manual_seed(0)

@@ -13,14 +13,18 @@ from tests.megatron_based.helpers import in_process_group
 VOCAB = 100
 
 
-def _model(tp: int, pattern: str, *, hidden: int, heads: int, feature_dim: int, window: int, seed: int = 0):
+def _model(tp: int, pattern: str, *, hidden: int, heads: int, feature_dim: int, window: int, seed: int = 0,
+           fused: bool | None = None):
+    """``fused=False``: without Megatron's torch.compile'd fusions (GPU default), whose generated kernels the
+    recorded replay cannot see (it records ATen ops)."""
     from megatron_based.config import BasedConfig
     from megatron_based.model import build_model
 
     torch.manual_seed(seed)  # same seed on every rank: Megatron's CPU init slices one master weight
     config = BasedConfig(layer_pattern=pattern, hidden_size=hidden, num_attention_heads=heads,
                          feature_dim=feature_dim, swa_window=window, tensor_model_parallel_size=tp,
-                         use_cpu_initialization=True)
+                         use_cpu_initialization=True,
+                         **({} if fused is None else dict(bias_activation_fusion=fused, bias_dropout_fusion=fused)))
     return build_model(config, vocab_size=VOCAB, max_sequence_length=512).eval()
 
 
@@ -406,7 +410,8 @@ def test_cuda_graph_decode_equals_eager(graph, monkeypatch):
     from megatron_based.generation import Generator, at_decode_positions, teacher_forced_logits
 
     with in_process_group(monkeypatch):
-        model = _model(1, "CLSC", hidden=128, heads=4, feature_dim=8, window=8).cuda()
+        model = _model(1, "CLSC", hidden=128, heads=4, feature_dim=8, window=8,
+                       fused=None if graph == "cuda" else False).cuda()
         make = (lambda: Generator(model, vocab_size=VOCAB, cuda_graph=True)) if graph == "cuda" else (
             lambda: _recorded_generator(model, vocab_size=VOCAB))
         prompts = [list(range(1, 1 + n)) for n in (3, 12, 9)]
