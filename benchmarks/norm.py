@@ -1,4 +1,5 @@
-"""RMSNorm forward+backward on the GPU: PyTorch's fused rms_norm vs the same formula through torch.compile, at
+"""RMSNorm forward+backward on the GPU: PyTorch's fused rms_norm (what megatron_based.norm uses) vs the same formula
+through torch.compile, at
 based-360m's activation shape (32k tokens x 1024, bf16). Prints ms per call (device time, median) and writes JSON.
 
     python benchmarks/norm.py --out benchmarks/results/norm.json

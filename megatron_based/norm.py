@@ -1,24 +1,14 @@
 """RMSNorm that works with Megatron sequence parallelism without TransformerEngine or apex."""
 from __future__ import annotations
 
-import os
-
 import torch
 from megatron.core.transformer import TransformerConfig
 
-# "torch": PyTorch's fused rms_norm kernels; "compiled": the same formula through torch.compile (one generated
-# forward and backward kernel on GPU). benchmarks/norm.py times both; the default is the faster one on an H100.
-IMPL = os.environ.get("BASED_RMSNORM", "torch")
-if IMPL not in ("torch", "compiled"):
-    raise ValueError(f"BASED_RMSNORM must be 'torch' or 'compiled'; got {IMPL!r}")
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / sqrt(mean(x^2) + eps) * weight`` with fp32 statistics, in x's dtype."""
+    """``x / sqrt(mean(x^2) + eps) * weight`` with fp32 statistics, in x's dtype: PyTorch's fused kernels. The
+    same formula through torch.compile was 2.6x slower forward+backward on an H100 (benchmarks/norm.py)."""
     return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
-
-
-_compiled = torch.compile(rms_norm, dynamic=True) if IMPL == "compiled" else None
 
 
 class RMSNorm(torch.nn.Module):
@@ -40,4 +30,4 @@ class RMSNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # PyTorch's fused rms_norm (fp32 statistics, output in the input dtype): the unfused fp32 version was 31%
         # of based-360m's GPU time per training step on an H100 (benchmarks/train_throughput.py --profile)
-        return (_compiled if _compiled is not None and x.is_cuda else rms_norm)(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
