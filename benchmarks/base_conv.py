@@ -6,7 +6,13 @@ forward and forward+backward, bf16, median ms of ``triton.testing.do_bench`` (ea
 Effective bytes: forward reads u1, u2 and writes y (6 bytes per element in bf16); forward+backward adds reading
 u1, u2, dy and writing du1, du2 (16 bytes per element in all). Correctness against the fp64 reference first.
 
-    python benchmarks/base_conv.py [--out benchmarks/results/base_conv.json] [--budget-s S]
+The mixer's packed op (``base_conv_packed``: u = [u1 | u2] in one tensor, the in-projection bias added in the
+kernel, one du and dbias) is timed too (``packed_*``: same effective bytes; the bias is negligible), next to
+the unfused formulation it replaces (``unfused_bias_*``: ``(u + b).chunk(2)`` -> base_conv, whose backward adds
+the cat of du1, du2 and the bias-gradient reduction). ``--bwd-variant tile|stream`` picks the backward kernel.
+
+    python benchmarks/base_conv.py [--out benchmarks/results/base_conv.json] [--budget-s S] [--bwd-variant V]
+        [--only-ours]
 
 Cases in priority order (goal shape, channel sizes and k, Megatron layout, then a T sweep 2k-32k at B*T = 32k).
 """
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 import triton
 
 from based_kernels import base_conv
-from based_kernels.short_conv import base_conv_reference
+from based_kernels.short_conv import base_conv_packed, base_conv_reference, ops
 
 import bench_utils
 from bench_utils import GRAPH, bench, fmt, fwd_bwd, kernel_breakdown, rel
@@ -38,13 +44,15 @@ def fla_conv():
         return None
 
 
-def run_case(B, T, C, K, layout, fla_fn):
+def run_case(B, T, C, K, layout, fla_fn, only_ours=False):
     torch.manual_seed(0)
     if layout == "megatron":  # u1, u2 = column halves of the [s, b, 2C] in-projection, seen as [b, s, C]
-        u = torch.randn(T, B, 2 * C, device="cuda", dtype=torch.bfloat16)
-        u1, u2 = u[..., :C].transpose(0, 1), u[..., C:].transpose(0, 1)
+        u = torch.randn(T, B, 2 * C, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
     else:
-        u1, u2 = (torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        u = torch.randn(B, T, 2 * C, device="cuda", dtype=torch.bfloat16)
+    u1, u2 = u[..., :C], u[..., C:]  # for the u1, u2 API: strided halves (before: two tensors when contiguous)
+    if layout == "contiguous":
+        u1, u2 = u1.contiguous(), u2.contiguous()
     u1.requires_grad_()
     u2.requires_grad_()
     w = (torch.rand(C, K, device="cuda") * 2 - 1) / K**0.5
@@ -68,6 +76,31 @@ def run_case(B, T, C, K, layout, fla_fn):
     row["ours_kernels_fwdbwd_ms"] = kernel_breakdown(ours_fb)[1]
     row["ours_fwd_TBps"] = 6 * n / row["ours_fwd_ms"] * 1e-9
     row["ours_fwdbwd_TBps"] = 16 * n / row["ours_fwdbwd_ms"] * 1e-9
+
+    # the mixer's packed op (bias inside) vs the unfused formulation it replaces
+    u = u.detach().requires_grad_()
+    b = (torch.randn(2 * C, device="cuda", dtype=torch.bfloat16) * 0.1).requires_grad_()
+    yp, _ = base_conv_packed(u, w, b)
+    gp = torch.autograd.grad(yp, [u, w, b], dy)
+    ins = [u.detach()[:1].double().requires_grad_(), w.detach().double().requires_grad_(),
+           b.detach().double().requires_grad_()]
+    uu = ins[0] + ins[2]
+    y_ref, _ = base_conv_reference(uu[..., :C], uu[..., C:], ins[1])
+    g_ref = torch.autograd.grad(y_ref, ins, dy[:1].double())
+    row["packed_err_vs_reference"] = max(rel(yp[:1], y_ref), rel(gp[0][:1], g_ref[0]), rel(gp[1], g_ref[1]),
+                                         rel(gp[2], g_ref[2]))
+    assert row["packed_err_vs_reference"] < 2e-2, row
+    packed_fb = fwd_bwd(lambda a, c, d: base_conv_packed(a, c, d)[0], [u, w, b], dy)
+    unfused_fb = fwd_bwd(lambda a, c, d: base_conv(*(a + d).chunk(2, dim=-1), c)[0], [u, w, b], dy)
+    row["packed_fwd_ms"] = bench(lambda: base_conv_packed(u, w, b)[0], "packed_fwd")
+    row["packed_fwdbwd_ms"] = bench(packed_fb, "packed_fwdbwd")
+    row["packed_kernels_fwdbwd_ms"] = kernel_breakdown(packed_fb)[1]
+    row["unfused_bias_fwdbwd_ms"] = bench(unfused_fb, "unfused_bias_fwdbwd")
+    row["packed_fwd_TBps"] = 6 * n / row["packed_fwd_ms"] * 1e-9
+    row["packed_fwdbwd_TBps"] = 16 * n / row["packed_fwdbwd_ms"] * 1e-9
+    row["bwd_variant"] = ops.BWD_VARIANT
+    if only_ours:
+        return _finish(row, n)
 
     # eager PyTorch in its own [B, C, T] layout (no transposes charged to it)
     x_bct = u1.detach().transpose(1, 2).contiguous().requires_grad_()
@@ -97,21 +130,27 @@ def run_case(B, T, C, K, layout, fla_fn):
             row["fla_conv_only_fwd_TBps"] = 4 * n / row["fla_conv_only_fwd_ms"] * 1e-9
         except Exception as e:  # noqa: BLE001
             row["fla_error"] = repr(e)[:200]
+    return _finish(row, n)
+
+
+def _finish(row, n):
     row.update({f"{k}_ms": v for k, v in GRAPH.items()})
     GRAPH.clear()
     for kind in ("_device", "_graph"):
         for m, nbytes in (("fwd", 6 * n), ("fwdbwd", 16 * n)):
-            if f"ours_{m}{kind}_ms" in row:
-                row[f"ours_{m}{kind}_TBps"] = nbytes / row[f"ours_{m}{kind}_ms"] * 1e-9
+            for p in ("ours", "packed"):
+                if f"{p}_{m}{kind}_ms" in row:
+                    row[f"{p}_{m}{kind}_TBps"] = nbytes / row[f"{p}_{m}{kind}_ms"] * 1e-9
     for p in ("eager", "fla"):
         for m in ("fwd", "fwdbwd"):
             for kind in ("", "_device", "_graph"):
                 if f"{p}_{m}{kind}_ms" in row and f"ours_{m}{kind}_ms" in row:
                     row[f"speedup_{m}{kind}_vs_{p}"] = row[f"{p}_{m}{kind}_ms"] / row[f"ours_{m}{kind}_ms"]
-    from based_kernels.short_conv.backward import conv_bwd_kernel
+    from based_kernels.short_conv.backward import conv_bwd_kernel, conv_bwd_stream_kernel
     from based_kernels.short_conv.forward import conv_fwd_kernel
 
-    row["configs"] = {kern.fn.__name__: str(kern.best_config) for kern in (conv_fwd_kernel, conv_bwd_kernel)}
+    row["configs"] = {kern.fn.__name__: str(getattr(kern, "best_config", None))
+                      for kern in (conv_fwd_kernel, conv_bwd_kernel, conv_bwd_stream_kernel)}
     return row
 
 
@@ -122,7 +161,12 @@ def main():
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
+    ap.add_argument("--bwd-variant", choices=["tile", "stream"], default=None,
+                    help="backward kernel (default: BASED_CONV_BWD or the library default)")
+    ap.add_argument("--only-ours", action="store_true", help="skip the eager and fla baselines")
     args = ap.parse_args()
+    if args.bwd_variant:
+        ops.BWD_VARIANT = args.bwd_variant
     bench_utils.USE_GRAPH = args.graph
     fla_fn = None if args.no_fla else fla_conv()
     try:
@@ -132,7 +176,7 @@ def main():
         fla_version = None
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 fla=fla_version, python=platform.python_version(), date=datetime.date.today().isoformat(),
-                dtype="bfloat16", timing="triton.testing.do_bench median (ms)")
+                dtype="bfloat16", timing="triton.testing.do_bench median (ms)", bwd_variant=ops.BWD_VARIANT)
     cases = [(8, 4096, 1024, 3, "contiguous"), (8, 4096, 2048, 3, "contiguous"), (8, 4096, 2048, 3, "megatron"),
              (4, 4096, 3584, 3, "megatron"), (8, 4096, 2048, 2, "contiguous"), (8, 4096, 2048, 4, "contiguous"),
              (16, 2048, 2048, 3, "megatron"), (4, 8192, 2048, 3, "megatron"), (2, 16384, 2048, 3, "megatron"),
@@ -144,7 +188,7 @@ def main():
         if time.time() - t0 > args.budget_s:
             print(f"budget reached: skipping {case}")
             continue
-        row = run_case(*case, fla_fn)
+        row = run_case(*case, None if args.only_ours else fla_fn, args.only_ours)
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(args.out, "w") as f:
@@ -164,8 +208,18 @@ def main():
             tb = f"{fmt(r.get(f'ours_fwd{kind}_TBps'), 2)} / {fmt(r.get(f'ours_fwdbwd{kind}_TBps'), 2)}"
             print(f"| {r['B']} | {r['T']} | {r['C']} | {r['K']} | {r['layout']} | {cell('ours')} | {tb} | "
                   f"{cell('eager')} | {cell('fla')} | {sp('eager')} | {sp('fla')} |")
+    print(f"\npacked op (u = [u1 | u2] + bias inside, one du + dbias), bwd variant {ops.BWD_VARIANT}: ms fwd / "
+          "fwd+bwd (TB/s); the unfused (u + b).chunk -> base_conv fwd+bwd; device fwd+bwd")
+    print("| B | T | C | k | layout | packed | packed TB/s | unfused+bias fwd+bwd | packed device fwd+bwd (TB/s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['B']} | {r['T']} | {r['C']} | {r['K']} | {r['layout']} | {fmt(r.get('packed_fwd_ms'))} / "
+              f"{fmt(r.get('packed_fwdbwd_ms'))} | {fmt(r.get('packed_fwd_TBps'), 2)} / "
+              f"{fmt(r.get('packed_fwdbwd_TBps'), 2)} | {fmt(r.get('unfused_bias_fwdbwd_ms'))} | "
+              f"{fmt(r.get('packed_fwdbwd_device_ms'))} ({fmt(r.get('packed_fwdbwd_device_TBps'), 2)}) |")
     for r in rows:
         print(r["C"], r["K"], r["layout"], "ours kernels (fwd+bwd):", r.get("ours_kernels_fwdbwd_ms"))
+        print(r["C"], r["K"], r["layout"], "packed kernels (fwd+bwd):", r.get("packed_kernels_fwdbwd_ms"))
 
 
 if __name__ == "__main__":

@@ -6,20 +6,27 @@ are laid out token-major when the input is.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from .._common import Launcher, cdiv
 from ..sliding_window.ops import _doc_ids, _empty_like_layout, _lastdim_contiguous
-from .backward import CHUNK, conv_bwd_init_kernel, conv_bwd_kernel
+from .backward import CHUNK, conv_bwd_init_kernel, conv_bwd_kernel, conv_bwd_stream_kernel
 from .forward import conv_fwd_kernel
 from .recurrent import conv_step_kernel
 
-_fwd, _bwd, _bwd_init, _step = (Launcher(k) for k in (conv_fwd_kernel, conv_bwd_kernel, conv_bwd_init_kernel,
-                                                       conv_step_kernel))
+_fwd, _bwd_init, _step = (Launcher(k) for k in (conv_fwd_kernel, conv_bwd_init_kernel, conv_step_kernel))
+_BWD = {"tile": Launcher(conv_bwd_kernel), "stream": Launcher(conv_bwd_stream_kernel)}
 
-__all__ = ["conv_triton", "conv_step_triton", "final_state"]
+# Backward kernel variant: "tile" (each [BT, BC] tile recomputes dc at the K shifted row sets) or "stream" (one
+# program walks CHUNK rows with the window in registers). Read at import; tests and benchmarks may reassign it.
+BWD_VARIANT = os.environ.get("BASED_CONV_BWD", "tile")
+if BWD_VARIANT not in _BWD:
+    raise ValueError(f"BASED_CONV_BWD must be one of {sorted(_BWD)}; got {BWD_VARIANT!r}")
+
+__all__ = ["conv_triton", "conv_packed_triton", "conv_step_triton", "final_state", "BWD_VARIANT"]
 
 
 def _s2(t):
@@ -32,19 +39,63 @@ def _varlen(cu, T, device):
     return _doc_ids(cu, T, device), cu.to(device=device, dtype=torch.int32)
 
 
-def conv_fwd(x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor, init: Optional[torch.Tensor],
-             cu: Optional[torch.Tensor]) -> torch.Tensor:
+def _launch_fwd(x, g, w, bias, init, cu, y):
     B, T, C = x.shape
-    K = w.shape[1]
-    y = _empty_like_layout(x, x.shape)
     doc, cu32 = _varlen(cu, T, x.device)
     _fwd(
         lambda meta: (cdiv(C, meta["BC"]), cdiv(T, meta["BT"]), B),
-        (x, x if g is None else g, w, x if init is None else init, y, doc if cu is not None else x,
-         cu32 if cu is not None else x, *_s2(x), *_s2(g), *_s2(y), *_s2(init), *w.stride(), T, C),
-        K=K, GATE=g is not None, HAS_INIT=init is not None, IS_VARLEN=cu is not None,
+        (x, x if g is None else g, w, x if bias is None else bias, x if init is None else init, y,
+         doc if cu is not None else x, cu32 if cu is not None else x,
+         *_s2(x), *_s2(g), *_s2(y), *_s2(init), *w.stride(), T, C),
+        K=w.shape[1], GATE=g is not None, HAS_INIT=init is not None, HAS_BIAS=bias is not None,
+        IS_VARLEN=cu is not None,
     )
     return y
+
+
+def _launch_bwd(dy, x, g, w, bias, init, cu, dx, dg):
+    """Fills dx (and dg); returns (dw, dbias or empty, dinit or empty). dw and dbias: per-program fp32 partials
+    summed in a fixed order (deterministic, no atomics)."""
+    B, T, C = x.shape
+    K = w.shape[1]
+    dy = _lastdim_contiguous(dy)
+    NT = cdiv(T, CHUNK)
+    dwp = torch.empty(B * NT, 4, C, dtype=torch.float32, device=x.device)
+    dbp = torch.empty(B * NT, 2, C, dtype=torch.float32, device=x.device) if bias is not None else dwp
+    doc, cu32 = _varlen(cu, T, x.device)
+    g_ = x if g is None else g
+    bias_ = x if bias is None else bias
+    init_ = x if init is None else init
+    flags = dict(K=K, GATE=g is not None, HAS_BIAS=bias is not None, IS_VARLEN=cu is not None)
+    _BWD[BWD_VARIANT](
+        lambda meta: (cdiv(C, meta["BC"]), NT, B),
+        (x, g_, w, bias_, init_, dy, dx, dg if g is not None else dx, dwp, dbp, doc if cu is not None else x,
+         cu32 if cu is not None else x,
+         *_s2(x), *_s2(g), *_s2(dy), *_s2(dx), *_s2(dg if g is not None else None), *_s2(init), *w.stride(),
+         T, C, NT),
+        HAS_INIT=init is not None, CHUNK=CHUNK, **flags,
+    )
+    dw = dwp[:, :K].sum(0).t().to(w.dtype)
+    dbias = dbp.sum(0).flatten().to(bias.dtype) if bias is not None else x.new_empty(0)
+    if init is None:
+        dinit = x.new_empty(0)
+    else:
+        dinit = torch.empty(init.shape, dtype=init.dtype, device=x.device)
+        N = init.shape[0]
+        BC = 32 if cdiv(C, 128) * N < 64 else 128
+        _bwd_init(
+            lambda meta: (cdiv(C, BC), N),
+            (x, g_, w, bias_, init_, dy, dinit, cu32 if cu is not None else x,
+             *_s2(x), *_s2(g), *_s2(dy), *_s2(init), *w.stride(), T, C),
+            BC=BC, **flags,
+        )
+    return dw, dbias, dinit
+
+
+# ------------------------------------------------------------------ u1, u2 as two tensors (short_conv, base_conv)
+def conv_fwd(x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor, init: Optional[torch.Tensor],
+             cu: Optional[torch.Tensor]) -> torch.Tensor:
+    return _launch_fwd(x, g, w, None, init, cu, _empty_like_layout(x, x.shape))
 
 
 conv_fwd_op = torch.library.custom_op("based_kernels::short_conv_fwd", conv_fwd, mutates_args=())
@@ -58,39 +109,9 @@ def _(x, g, w, init, cu):
 def conv_bwd(dy: torch.Tensor, x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor,
              init: Optional[torch.Tensor], cu: Optional[torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, T, C = x.shape
-    K = w.shape[1]
-    dy = _lastdim_contiguous(dy)
     dx = _empty_like_layout(x, x.shape)
     dg = _empty_like_layout(g, g.shape) if g is not None else x.new_empty(0)
-    NT = cdiv(T, CHUNK)
-    dwp = torch.empty(B * NT, 4, C, dtype=torch.float32, device=x.device)
-    doc, cu32 = _varlen(cu, T, x.device)
-    g_ = x if g is None else g
-    init_ = x if init is None else init
-    flags = dict(K=K, GATE=g is not None, IS_VARLEN=cu is not None)
-    _bwd(
-        lambda meta: (cdiv(C, meta["BC"]), NT, B),
-        (x, g_, w, init_, dy, dx, dg if g is not None else dx, dwp, doc if cu is not None else x,
-         cu32 if cu is not None else x,
-         *_s2(x), *_s2(g), *_s2(dy), *_s2(dx), *_s2(dg if g is not None else None), *_s2(init), *w.stride(),
-         T, C, NT),
-        HAS_INIT=init is not None, CHUNK=CHUNK, **flags,
-    )
-    # fixed-order reduction of the per-program partials: deterministic dw
-    dw = dwp[:, :K].sum(0).t().to(w.dtype)
-    if init is None:
-        dinit = x.new_empty(0)
-    else:
-        dinit = torch.empty(init.shape, dtype=init.dtype, device=x.device)
-        N = init.shape[0]
-        BC = 32 if cdiv(C, 128) * N < 64 else 128
-        _bwd_init(
-            lambda meta: (cdiv(C, BC), N),
-            (x, g_, w, init_, dy, dinit, cu32 if cu is not None else x,
-             *_s2(x), *_s2(g), *_s2(dy), *_s2(init), *w.stride(), T, C),
-            BC=BC, **flags,
-        )
+    dw, _, dinit = _launch_bwd(dy, x, g, w, None, init, cu, dx, dg if g is not None else None)
     return dx, dg, dw, dinit
 
 
@@ -105,8 +126,7 @@ def _(dy, x, g, w, init, cu):
 
 
 def _setup_context(ctx, inputs, output):
-    x, g, w, init, cu = inputs
-    ctx.save_for_backward(x, g, w, init, cu)
+    ctx.save_for_backward(*inputs)
 
 
 def _grads(ctx, dy, bwd):
@@ -134,20 +154,89 @@ class ShortConvFunction(torch.autograd.Function):
         return _grads(ctx, dy, conv_bwd)
 
 
-def final_state(x, initial_state, K, cu_seqlens=None):
-    """The last K - 1 inputs of each sequence (initial-state rows where it is shorter), differentiable.
+# ------------------------------------------------- packed u = [u1 | u2] with the in-projection bias (the mixer's)
+def _halves(u):
+    C = u.shape[-1] // 2
+    return u[..., :C], u[..., C:]
 
-    Plain gathers: a few small ops on ``[N, K-1, C]``, no host sync.
+
+def packed_fwd(u: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], init: Optional[torch.Tensor],
+               cu: Optional[torch.Tensor]) -> torch.Tensor:
+    x, g = _halves(u)
+    return _launch_fwd(x, g, w, bias, init, cu, _empty_like_layout(u, x.shape))
+
+
+packed_fwd_op = torch.library.custom_op("based_kernels::base_conv_packed_fwd", packed_fwd, mutates_args=())
+
+
+@packed_fwd_op.register_fake
+def _(u, w, bias, init, cu):
+    B, T, C2 = u.shape
+    return _empty_like_layout(u, (B, T, C2 // 2))
+
+
+def packed_bwd(dy: torch.Tensor, u: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+               init: Optional[torch.Tensor], cu: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One gradient tensor ``du`` laid out like ``u`` (no cat of du1, du2), plus dw, dbias, dinit."""
+    du = _empty_like_layout(u, u.shape)
+    x, g = _halves(u)
+    dx, dg = _halves(du)
+    dw, dbias, dinit = _launch_bwd(dy, x, g, w, bias, init, cu, dx, dg)
+    return du, dw, dbias, dinit
+
+
+packed_bwd_op = torch.library.custom_op("based_kernels::base_conv_packed_bwd", packed_bwd, mutates_args=())
+
+
+@packed_bwd_op.register_fake
+def _(dy, u, w, bias, init, cu):
+    dbias = torch.empty_like(bias) if bias is not None else u.new_empty(0)
+    dinit = torch.empty_like(init) if init is not None else u.new_empty(0)
+    return _empty_like_layout(u, u.shape), torch.empty_like(w), dbias, dinit
+
+
+def _packed_grads(ctx, dy, bwd):
+    u, w, bias, init, cu = ctx.saved_tensors
+    du, dw, dbias, dinit = bwd(dy, u, w, bias, init, cu)
+    return du, dw, (dbias if bias is not None else None), (dinit if init is not None else None), None
+
+
+torch.library.register_autograd("based_kernels::base_conv_packed_fwd",
+                                lambda ctx, dy: _packed_grads(ctx, dy, packed_bwd_op), setup_context=_setup_context)
+
+
+class PackedConvFunction(torch.autograd.Function):
+    """Eager path of the packed op."""
+
+    @staticmethod
+    def forward(ctx, u, w, bias, init, cu):
+        y = packed_fwd(u, w, bias, init, cu)
+        _setup_context(ctx, (u, w, bias, init, cu), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _packed_grads(ctx, dy, packed_bwd)
+
+
+def final_state(x, initial_state, K, cu_seqlens=None, bias=None):
+    """The last K - 1 conv inputs ``x (+ bias)`` of each sequence (initial-state rows where it is shorter),
+    differentiable. Plain gathers: a few small ops on ``[N, K-1, C]``, no host sync.
     """
     B, T, C = x.shape
     if cu_seqlens is None:
         pad = initial_state if initial_state is not None else x.new_zeros(B, K - 1, C)
-        return torch.cat([pad.to(x.dtype), x[:, max(T - (K - 1), 0):]], dim=1)[:, -(K - 1):]
+        tail = x[:, max(T - (K - 1), 0):]
+        tail = tail if bias is None else tail + bias
+        return torch.cat([pad.to(x.dtype), tail.to(x.dtype)], dim=1)[:, -(K - 1):]
     cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
     N = cu.numel() - 1
     idx = cu[1:, None] - (K - 1) + torch.arange(K - 1, device=x.device)  # [N, K-1] absolute rows
     rel = idx - cu[:-1, None]
     from_x = x[0][idx.clamp(min=0)]  # [N, K-1, C]
+    if bias is not None:
+        from_x = (from_x + bias).to(x.dtype)
     if initial_state is None:
         from_init = torch.zeros_like(from_x)
     else:
@@ -164,7 +253,15 @@ def conv_triton(x, g, weight, initial_state, cu_seqlens):
     return conv_fwd_op(*args) if torch.compiler.is_compiling() else ShortConvFunction.apply(*args)
 
 
-def conv_step_triton(x, g, weight, state):
+def conv_packed_triton(u, weight, bias, initial_state, cu_seqlens):
+    u = _lastdim_contiguous(u)
+    bias = None if bias is None else bias.contiguous()
+    init = None if initial_state is None else initial_state.contiguous()
+    args = (u, weight, bias, init, cu_seqlens)
+    return packed_fwd_op(*args) if torch.compiler.is_compiling() else PackedConvFunction.apply(*args)
+
+
+def conv_step_triton(x, g, weight, state, bias=None):
     B, C = x.shape
     K = weight.shape[1]
     x = _lastdim_contiguous(x)
@@ -176,9 +273,9 @@ def conv_step_triton(x, g, weight, state):
     BC = 256
     _step(
         lambda meta: (cdiv(C, BC), B),
-        (x, x if g is None else g, weight, x if state is None else state, y, new_state,
+        (x, x if g is None else g, weight, x if bias is None else bias, x if state is None else state, y, new_state,
          x.stride(0), 0 if g is None else g.stride(0), y.stride(0), *((0, 0) if state is None else _s2(state)),
          *_s2(new_state), *weight.stride(), C),
-        K=K, GATE=g is not None, HAS_STATE=state is not None, BC=BC,
+        K=K, GATE=g is not None, HAS_STATE=state is not None, HAS_BIAS=bias is not None, BC=BC,
     )
     return y, new_state

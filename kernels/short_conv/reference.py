@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ..taylor_attention.reference import split_varlen
 
-__all__ = ["short_conv_reference", "short_conv_step", "base_conv_reference", "base_conv_step_reference"]
+__all__ = ["short_conv_reference", "short_conv_step", "base_conv_reference", "base_conv_step_reference",
+           "base_conv_packed_reference", "base_conv_packed_step_reference"]
 
 
 def short_conv_reference(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -63,3 +64,22 @@ def base_conv_step_reference(u1, u2, weight, state):
     """One BaseConv decode step ``SiLU(short_conv_step(u1)) * u2``; u1, u2 ``[B, C]``. Returns ``(y, new_state)``."""
     c, new_state = short_conv_step(u1, weight, state)
     return F.silu(c) * u2, new_state
+
+
+def _split(u, bias):
+    u = u if bias is None else u + bias
+    return u.chunk(2, dim=-1)
+
+
+def base_conv_packed_reference(u, weight, bias=None, *, initial_state=None, output_final_state=False,
+                               cu_seqlens=None):
+    """Packed BaseConv core: ``u1, u2 = (u + bias).chunk(2, -1)``, then :func:`base_conv_reference`."""
+    u1, u2 = _split(u, bias)
+    return base_conv_reference(u1, u2, weight, initial_state=initial_state, output_final_state=output_final_state,
+                               cu_seqlens=cu_seqlens)
+
+
+def base_conv_packed_step_reference(u, weight, state, bias=None):
+    """One packed decode step: u ``[B, 2C]``. Returns ``(y [B, C], new_state)``."""
+    u1, u2 = _split(u, bias)
+    return base_conv_step_reference(u1, u2, weight, state)

@@ -8,7 +8,7 @@ from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
-import based_kernels
+from based_kernels.short_conv import base_conv_packed, base_conv_packed_step
 
 from ..config import BasedConfig
 from .common import Mixer, cu_seqlens_of, to_bshd
@@ -19,7 +19,12 @@ class BaseConv(Mixer):
     ``y = W_out(SiLU(c) * u2) + b_out`` (2d -> d) (based-spec.md, mixer 3).
 
     ``linear_in`` is column-parallel with stride 2 (like Megatron's SwiGLU fc1): TP rank r holds matching channel
-    slices ``[u1_r | u2_r]``, so the gate multiplies the right channels. The conv weight is split by channel.
+    slices ``[u1_r | u2_r]``, so the gate multiplies the right channels (its bias slice is ``[b1_r | b2_r]`` too).
+    The conv weight is split by channel.
+
+    ``linear_in`` skips its bias add: the packed conv op takes ``u`` and ``b_in`` and adds the bias inside the
+    kernel, and its backward writes one ``du`` and ``d b_in`` (no separate bias add, bias-gradient reduction or
+    concatenation of du1, du2). Parameters and checkpoints are unchanged.
     """
 
     def __init__(self, config: BasedConfig, layer_number: int = 1, pg_collection=None, **injected):
@@ -28,6 +33,7 @@ class BaseConv(Mixer):
         self.channels = 2 * d // self.tp_size
         self.kernel_size = config.conv_kernel_size
         self.linear_in = self.column_parallel(d, 4 * d, bias=True, stride=2)
+        self.linear_in.skip_bias_add = True  # returns (u, b_in); the conv op adds b_in
         self.linear_out = self.row_parallel(2 * d, d, bias=True)
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.conv_weight = torch.nn.Parameter(
@@ -51,20 +57,21 @@ class BaseConv(Mixer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **_):
         """hidden_states ``[s, b, d]`` (``[s/tp, b, d]`` under sequence parallel) -> ``(out, b_out)``."""
-        u, _ = self.linear_in(hidden_states)
-        u1, u2 = u.chunk(2, dim=-1)
-        y = self.mix(to_bshd(u1), to_bshd(u2), cu_seqlens_of(packed_seq_params))
+        u, bias = self.linear_in(hidden_states)
+        y = self.mix(to_bshd(u), bias, cu_seqlens_of(packed_seq_params))
         return self.linear_out(to_bshd(y))
 
-    def mix(self, u1, u2, cu_seqlens):
-        if self.cp_size > 1:
+    def mix(self, u, bias, cu_seqlens):
+        """u ``[b, s, 2c]`` (the in-projection without its bias ``[2c]``) -> ``[b, s, c]``."""
+        if self.cp_size > 1:  # the halo exchange carries u1 + b1: add the bias first (unfused under CP)
             from ..context_parallel import base_conv_cp
 
+            u1, u2 = (u if bias is None else u + bias).chunk(2, dim=-1)
             return base_conv_cp(u1, u2, self.conv_weight, cp_group=self.cp_group, cu_seqlens=cu_seqlens, layer=self)
-        y, _ = based_kernels.base_conv(u1, u2, self.conv_weight, cu_seqlens=cu_seqlens)
+        y, _ = base_conv_packed(u, self.conv_weight, bias, cu_seqlens=cu_seqlens)
         return y
 
-    # Generation (megatron_based.generation): the conv state is the last k - 1 inputs u1 of each sequence.
+    # Generation (megatron_based.generation): the conv state is the last k - 1 conv inputs u1 + b1 of each sequence.
     def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
         """``conv [b, k - 1, channels]`` in the activation dtype."""
         return {"conv": torch.zeros(batch, self.kernel_size - 1, self.channels, dtype=dtype, device=device)}
@@ -72,20 +79,18 @@ class BaseConv(Mixer):
     def prefill(self, hidden_states, cache: dict, prompts):
         """Packed prompts ``[T, 1, d]`` (documents at ``prompts.cu_seqlens``): the parallel form, keeping each
         prompt's last k - 1 inputs in ``cache``. Returns ``(out, bias)`` like forward."""
-        u, _ = self.linear_in(hidden_states)
-        u1, u2 = u.chunk(2, dim=-1)
-        y, final = based_kernels.base_conv(to_bshd(u1), to_bshd(u2), self.conv_weight, cu_seqlens=prompts.cu_seqlens,
-                                           output_final_state=True)
+        u, bias = self.linear_in(hidden_states)
+        y, final = base_conv_packed(to_bshd(u), self.conv_weight, bias, cu_seqlens=prompts.cu_seqlens,
+                                    output_final_state=True)
         cache["conv"].copy_(final)
         return self.linear_out(to_bshd(y))
 
     def step(self, hidden_states, cache: dict, positions=None, **_):
         """One token per sequence ``[1, b, d]``, updating ``cache`` in place."""
-        u, _ = self.linear_in(hidden_states)
-        u1, u2 = u[0].chunk(2, dim=-1)
-        c, state = based_kernels.short_conv_step(u1, self.conv_weight, cache["conv"])
+        u, bias = self.linear_in(hidden_states)
+        y, state = base_conv_packed_step(u[0], self.conv_weight, cache["conv"], bias)
         cache["conv"].copy_(state)
-        return self.linear_out((torch.nn.functional.silu(c) * u2).unsqueeze(0))
+        return self.linear_out(y.unsqueeze(0))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Checkpoint with global shapes: ``linear_in`` as two TP-split halves, ``conv_weight`` split by channel,
