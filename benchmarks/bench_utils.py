@@ -30,18 +30,19 @@ def bench(fn, name=None):
     return ms
 
 
-def host_ms(fn, n=20, reps=5):
-    """Host (CPU) ms per call: median over ``reps`` of n calls queued without synchronizing (the GPU runs
-    behind; n calls stay far below the launch-queue depth). Eager time ~ max(device, host)."""
+def host_ms(fn, n=50):
+    """Host (CPU) ms per call: median over n calls of the time until ``fn`` returns, each started on an idle GPU
+    (synchronize before the call, not inside the timed span), so a full launch queue or the GPU's progress
+    cannot block it. Eager time ~ max(device, host)."""
     fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t) / n * 1e3)
+    for _ in range(n):
         torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    torch.cuda.synchronize()
     return round(statistics.median(times), 4)
 
 

@@ -98,7 +98,7 @@ def run_case(B, T, H, D, W, peers, fla_fn):
     GRAPH.clear()
     for p in ("flex", "fla"):
         for m in ("fwd", "fwdbwd"):
-            for kind in ("", "_device", "_graph"):
+            for kind in ("", "_device", "_host", "_graph"):
                 if f"{p}_{m}{kind}_ms" in row and f"ours_{m}{kind}_ms" in row:
                     row[f"speedup_{m}{kind}_vs_{p}"] = row[f"{p}_{m}{kind}_ms"] / row[f"ours_{m}{kind}_ms"]
     from based_kernels.sliding_window.backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel

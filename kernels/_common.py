@@ -63,9 +63,11 @@ class Launcher:
     The first call per key goes through them (tuning, compiling); the compiled kernel and its config are then
     kept per key and later calls with the same key go straight to the kernel's C launcher with the arguments
     ``JITFunction.run`` passes it. The key holds the device, the constexprs, every scalar argument's value and
-    every tensor's dtype and 16-byte alignment: a superset of what Triton specializes on (ints: == 1 and % 16;
-    pointers: dtype and alignment), so an equal key means the same compiled kernel. Under the interpreter every
-    call takes the normal path.
+    every tensor's dtype, and is only formed when every pointer is 16-byte aligned (torch's allocations are; a
+    call with an unaligned view always takes Triton's path): a superset of what Triton specializes on (ints:
+    == 1 and % 16; pointers: dtype and alignment), so an equal key means the same compiled kernel. While no
+    launch hook is set, the C launcher gets None hooks (no launch metadata, no empty hook-chain calls). Under the
+    interpreter every call takes the normal path.
 
     ``args``: the runtime arguments in signature order (everything before the constexprs), tensors first;
     ``consts``: the constexprs the caller sets (the autotuned ones come from the chosen config); ``grid(meta)``
@@ -81,32 +83,55 @@ class Launcher:
         if INTERPRET:
             self.kernel[grid](*args, **consts)
             return
-        if self.n_tensors is None:
-            self.n_tensors = next(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
-            if any(isinstance(a, torch.Tensor) for a in args[self.n_tensors:]):
-                raise TypeError(f"{self.kernel.fn.__name__}: tensor arguments must come before the scalars")
-        from triton import knobs
-        from triton.runtime.driver import driver
-
-        device = driver.active.get_current_device()
         nt = self.n_tensors
-        key = (device, *consts.values(), *args[nt:], *[(t.dtype, t.data_ptr() & 15 == 0) for t in args[:nt]])
+        if nt is None:
+            nt = self.n_tensors = next(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+            if any(isinstance(a, torch.Tensor) for a in args[nt:]):
+                raise TypeError(f"{self.kernel.fn.__name__}: tensor arguments must come before the scalars")
+            _triton_runtime()
+        tensors = args[:nt]
+        align = 0
+        for t in tensors:
+            align |= t.data_ptr()
+        device = _RT.driver.active.get_current_device()
+        # every pointer 16-byte aligned (torch allocations always are); otherwise always Triton's own path
+        key = (device, *consts.values(), *args[nt:], *[t.dtype for t in tensors]) if align & 15 == 0 else None
         hit = self.cache.get(key)
         if hit is None:
             compiled = self.kernel[grid](*args, **consts)
             best = getattr(self.kernel, "best_config", None)  # None: a plain (not autotuned) JITFunction
             meta = {**consts, **(best.kwargs if best is not None else {})}
             tail = tuple(meta[name] for name in self.kernel.arg_names[len(args):])
-            if compiled is not None and not hasattr(compiled, "result"):  # not an async-compile future
+            if key is not None and compiled is not None and not hasattr(compiled, "result"):  # not async-compiled
                 if len(self.cache) >= 4096:  # many distinct shapes (e.g. prefill lengths): start over
                     self.cache.clear()
                 self.cache[key] = (compiled, meta, tail)
             return
         compiled, meta, tail = hit
         g = grid(meta)
-        stream = driver.active.get_current_stream(device)
+        stream = _RT.driver.active.get_current_stream(device)
         full = (*args, *tail)
-        enter = knobs.runtime.launch_enter_hook
-        launch_metadata = None if enter is None else compiled.launch_metadata(g, stream, *full)
+        rt = _RT.knobs.runtime
+        enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+        if (enter is None or enter.__class__ is _RT.HookChain and not enter.calls) and (
+                leave is None or leave.__class__ is _RT.HookChain and not leave.calls):
+            # no launch hook set (triton 3.6's default is an empty HookChain): pass None, so that the C launcher
+            # skips building the launch metadata and calling the two empty chains (Python calls) per launch
+            enter = leave = launch_metadata = None
+        else:
+            launch_metadata = compiled.launch_metadata(g, stream, *full)
         compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, compiled.function,
-                     compiled.packed_metadata, launch_metadata, enter, knobs.runtime.launch_exit_hook, *full)
+                     compiled.packed_metadata, launch_metadata, enter, leave, *full)
+
+
+class _RT:
+    """Triton's runtime modules, imported at the first compiled launch (not at import: the interpreter tests)."""
+    driver = knobs = HookChain = None
+
+
+def _triton_runtime():
+    if _RT.driver is None:
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        _RT.driver, _RT.knobs, _RT.HookChain = driver, knobs, getattr(knobs, "HookChain", None)

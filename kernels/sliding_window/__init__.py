@@ -5,6 +5,7 @@ from .._common import resolve_backend
 from .reference import sliding_window_attention_reference
 
 __all__ = ["sliding_window_attention", "sliding_window_attention_reference"]
+_ops = [None]  # the ops module
 
 
 def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, kv_prefix=None, backend=None):
@@ -26,26 +27,9 @@ def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, kv
     if resolve_backend(backend, q) == "torch":
         return sliding_window_attention_reference(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens,
                                                   kv_prefix=kv_prefix)
-    if window < 0:
-        raise ValueError(f"window must be >= 0, got {window}")
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"expected q [B, T, H, D] and k, v [B, T, H_kv, D]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
-    if q.shape[3] > 256:
-        raise ValueError(f"head dim {q.shape[3]} > 256 is not supported by the Triton kernel; use backend='torch'")
-    if cu_seqlens is not None:
-        if kv_prefix is not None:
-            raise ValueError("kv_prefix and cu_seqlens cannot be combined")
-        if q.shape[0] != 1:
-            raise ValueError(f"cu_seqlens needs batch size 1 (documents packed along T); got B={q.shape[0]}")
-    if kv_prefix is not None:
-        kp, vp = kv_prefix
-        if kp.shape != vp.shape or kp.shape[0] != k.shape[0] or kp.shape[2:] != k.shape[2:]:
-            raise ValueError(f"kv_prefix must be two [B, P, H_kv, D] tensors matching k {tuple(k.shape)}; got "
-                             f"{tuple(kp.shape)}, {tuple(vp.shape)}")
-    from .ops import swa_triton
+    if _ops[0] is None:  # imported at the first Triton call (keeps the package importable without triton)
+        from . import ops
 
+        _ops[0] = ops
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return swa_triton(q, k, v, window=window, scale=scale, kv_prefix=kv_prefix, cu_seqlens=cu_seqlens)
+    return _ops[0].swa_triton(q, k, v, window, scale, kv_prefix, cu_seqlens)

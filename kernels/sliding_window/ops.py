@@ -25,10 +25,14 @@ def _lastdim_contiguous(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _token_major(t):
+    return t.dim() >= 2 and t.shape[0] > 1 and t.stride(0) < t.stride(1)
+
+
 def _empty_like_layout(ref, shape, dtype=None):
     """An empty ``[B, T, ...]`` tensor laid out token-major (``[T, B, ...]`` in memory) when ``ref`` is."""
     dtype = ref.dtype if dtype is None else dtype
-    if ref.dim() >= 2 and ref.shape[0] > 1 and ref.stride(0) < ref.stride(1):
+    if _token_major(ref):
         return torch.empty((shape[1], shape[0], *shape[2:]), dtype=dtype, device=ref.device).transpose(0, 1)
     return torch.empty(shape, dtype=dtype, device=ref.device)
 
@@ -149,22 +153,132 @@ torch.library.register_autograd("based_kernels::swa_fwd", lambda ctx, do, dlse: 
 
 
 class SlidingWindowAttentionFunction(torch.autograd.Function):
-    """Eager path: the same kernels without the custom-op dispatch (~0.1 ms of host time per call saved)."""
+    """Eager path, any inputs: the same kernels without the custom-op dispatch (~0.1 ms of host time per call
+    saved). Returns o only; lse is saved for the backward, not an output (no extra autograd output to track)."""
 
     @staticmethod
     def forward(ctx, q, k, v, kp, vp, doc, window, scale):
         o, lse = swa_fwd(q, k, v, kp, vp, doc, window, scale)
-        _setup_context(ctx, (q, k, v, kp, vp, doc, window, scale), (o, lse))
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused lse output
-        return o, lse
+        ctx.save_for_backward(q, k, v, kp, vp, doc, o, lse)
+        ctx.window, ctx.scale = window, scale
+        return o
 
     @staticmethod
-    def backward(ctx, do, dlse):
+    def backward(ctx, do):
         return _grads(ctx, do, swa_bwd)
 
 
-def swa_triton(q, k, v, *, window, scale, kv_prefix=None, cu_seqlens=None):
-    """Validate, normalize strides and call the custom op. Returns o ``[B, T, H, D]``."""
+class _Plan:
+    """What the eager launches of one plain call signature (no prefix, no documents; q, k, v shapes, strides and
+    dtype, window, scale) derive from it, computed once: output layouts, grids, constexprs and the scalar
+    arguments (strides, T, P, H, scale) of the three kernels. Built only after the signature passed
+    validation, so a cached plan also means "validated"."""
+
+    def __init__(self, q, k, v, window, scale):
+        B, T, H, Hkv, D, P, block_d, prec = _meta(q, k, None)
+        meta = lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")  # noqa: E731
+        self.layouts = []  # (shape to allocate, transpose(0, 1) after) of o / dq, dk, dv: _empty_like_layout's
+        strides = []
+        for t in (q, k, v):
+            tm = _token_major(t)
+            self.layouts.append(((t.shape[1], t.shape[0], *t.shape[2:]) if tm else tuple(t.shape), tm))
+            strides.append(_empty_like_layout(meta(t), t.shape).stride()[:3])
+        self.lse_shape = (B, H, T)
+        self.consts = dict(D=D, W=window, G=H // Hkv, BLOCK_D=block_d, HAS_PREFIX=False, IS_VARLEN=False,
+                           DOT_PREC=prec)
+        s_o, s_dk, s_dv = strides
+        self.s_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0, 0, 0, 0, 0)
+        self.tail = (T, P, H, scale)
+        self.fwd_scalars = (*self.s_in, *s_o, *self.tail)
+        self.s_o, self.s_dkdv = s_o, (*s_dk, *s_dv, 0, 0, 0, 0, 0, 0)
+        self.grid_q = lambda m: (cdiv(T, m["BM"]), B * H)
+        self.grid_kv = lambda m: (cdiv(T + P, m["BN"]), B * Hkv)
+        self.bwd = {}  # do.stride() -> scalar arguments of the two backward kernels
+
+    def alloc(self, ref, i):
+        shape, tm = self.layouts[i]
+        out = ref.new_empty(shape)
+        return out.transpose(0, 1) if tm else out
+
+    def bwd_scalars(self, do):
+        sd = do.stride()
+        hit = self.bwd.get(sd)
+        if hit is None:
+            s_do = sd[:3]
+            hit = self.bwd[sd] = ((*self.s_in, *self.s_o, *s_do, *self.s_o, *self.tail),
+                                  (*self.s_in, *s_do, *self.s_dkdv, *self.tail))
+        return hit
+
+
+class _PlainFunction(torch.autograd.Function):
+    """Eager path of plain calls (no prefix, no documents) with a cached ``_Plan``: q, k, v are the only tensor
+    inputs, o the only output, no per-call shape logic."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        o = plan.alloc(q, 0)
+        lse = q.new_empty(plan.lse_shape, dtype=torch.float32)
+        _fwd(plan.grid_q, (q, k, v, q, q, o, lse, lse, *plan.fwd_scalars), **plan.consts)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.plan = plan
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        plan = ctx.plan
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        s_dq, s_dkdv = plan.bwd_scalars(do)
+        dq, dk, dv = plan.alloc(q, 0), plan.alloc(k, 1), plan.alloc(v, 2)
+        delta = torch.empty_like(lse)
+        _bwd_dq(plan.grid_q, (q, k, v, q, q, o, do, lse, delta, dq, lse, *s_dq), **plan.consts)
+        _bwd_dkdv(plan.grid_kv, (q, k, v, q, q, do, lse, delta, dk, dv, dk, dv, lse, *s_dkdv), **plan.consts)
+        return dq, dk, dv, None
+
+
+_PLANS = {}  # plain call signature -> _Plan, or None (validated, but a last dim is strided: the general path)
+
+
+def validate(q, k, v, window, cu_seqlens, kv_prefix):
+    """The Triton path's input checks (clear errors for bad shapes)."""
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"expected q [B, T, H, D] and k, v [B, T, H_kv, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    if q.shape[3] > 256:
+        raise ValueError(f"head dim {q.shape[3]} > 256 is not supported by the Triton kernel; use backend='torch'")
+    if cu_seqlens is not None:
+        if kv_prefix is not None:
+            raise ValueError("kv_prefix and cu_seqlens cannot be combined")
+        if q.shape[0] != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1 (documents packed along T); got B={q.shape[0]}")
+    if kv_prefix is not None:
+        kp, vp = kv_prefix
+        if kp.shape != vp.shape or kp.shape[0] != k.shape[0] or kp.shape[2:] != k.shape[2:]:
+            raise ValueError(f"kv_prefix must be two [B, P, H_kv, D] tensors matching k {tuple(k.shape)}; got "
+                             f"{tuple(kp.shape)}, {tuple(vp.shape)}")
+
+
+def swa_triton(q, k, v, window, scale, kv_prefix=None, cu_seqlens=None):
+    """Validate, normalize strides and launch (eager: an autograd Function; under torch.compile: the custom op).
+    Returns o ``[B, T, H, D]``."""
+    if kv_prefix is None and cu_seqlens is None and not torch.compiler.is_compiling():
+        key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, window, scale)
+        plan = _PLANS.get(key, False)
+        if plan is False:  # a new signature: validate it (bad input raises and is never cached)
+            validate(q, k, v, window, None, None)
+            if len(_PLANS) >= 1024:
+                _PLANS.clear()
+            last_dim_contiguous = q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            plan = _PLANS[key] = _Plan(q, k, v, int(window), float(scale)) if last_dim_contiguous else None
+        if plan is not None:
+            return _PlainFunction.apply(q, k, v, plan)
+    else:
+        validate(q, k, v, window, cu_seqlens, kv_prefix)
     q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
     kp = vp = None
     if kv_prefix is not None:
@@ -173,5 +287,6 @@ def swa_triton(q, k, v, *, window, scale, kv_prefix=None, cu_seqlens=None):
     if cu_seqlens is not None:
         doc = _doc_ids(cu_seqlens, q.shape[1], q.device)
     args = (q, k, v, kp, vp, doc, int(window), float(scale))
-    o, _ = swa_fwd_op(*args) if torch.compiler.is_compiling() else SlidingWindowAttentionFunction.apply(*args)
-    return o
+    if torch.compiler.is_compiling():
+        return swa_fwd_op(*args)[0]
+    return SlidingWindowAttentionFunction.apply(*args)

@@ -4,7 +4,8 @@ exactly what Triton's own launch path passes it.
 Runs in a subprocess without TRITON_INTERPRET and with a stand-in Triton driver: the kernels really compile for
 sm_90 (ptxas ships with triton), only the C launcher is replaced by a recorder. The first call of each shape goes
 through the autotuner and JITFunction.run, the second through the cached kernel; both launch records (grid and
-every argument: tensors as dtype, shape, strides, and the storage they point into) must be identical."""
+every argument: tensors as dtype, shape, strides, and the storage they point into) must be identical. A call with
+a tensor that is not 16-byte aligned always takes Triton's path; launch hooks, when set, reach the C launcher."""
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
 
-    calls, slow = [], []
+    calls, slow, hooks = [], [], []
 
     class FakeDriver:
         launcher_cls = None
@@ -30,7 +31,7 @@ SCRIPT = textwrap.dedent("""
     def init_handles(self):  # record launches instead of loading the cubin
         if self.module is None:
             name = self.name
-            self._run = lambda *a: calls.append((name, a[:3], a[9:]))
+            self._run = lambda *a: (calls.append((name, a[:3], a[9:])), hooks.append(a[7]))
             self.module, self.function = 1, 0
 
     compiler.CompiledKernel._init_handles = init_handles
@@ -64,13 +65,36 @@ SCRIPT = textwrap.dedent("""
     conv = lambda u, w, init: base_conv(u[..., :96].transpose(0, 1), u[..., 96:].transpose(0, 1), w,
                                         initial_state=init, output_final_state=True, backend="triton")
     step = lambda x, g, st: base_conv_step(x, g, w, st, backend="triton")
-    cases = [(swa, (q, k, v, kp, vp), 3), (swa_var, (q[:1], k[:1], v[:1]), 3), (conv, (u, w, init), 3)]
+    # plain SWA (cached-plan path), Megatron token-major GQA inputs
+    tm = lambda *s: torch.randn(*s, dtype=torch.bfloat16).transpose(0, 1).requires_grad_()
+    qt, kt, vt = tm(300, 2, 4, 64), tm(300, 2, 2, 64), tm(300, 2, 2, 64)
+    swa_plain = lambda q, k, v: (sliding_window_attention(q, k, v, window=128, backend="triton"),)
+    # q one element past a 16-byte boundary: never cached, Triton's own path on every call
+    qm = torch.randn(2 * 300 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 300, 4, 64).requires_grad_()
+    cases = [(swa, (q, k, v, kp, vp), 3), (swa_var, (q[:1], k[:1], v[:1]), 3), (conv, (u, w, init), 3),
+             (swa_plain, (qt, kt, vt), 3), (swa_plain, (qm, kt, vt), 3)]
     for fn, inputs, n_kernels in cases:
         first, slow_first = record(fn, inputs)
         second, slow_second = record(fn, inputs)
         assert len(first) == n_kernels and len(slow_first) == n_kernels, (first, slow_first)
-        assert slow_second == [], slow_second  # the second call never entered JITFunction.run
+        if inputs[0] is qm:
+            assert slow_second == slow_first, slow_second
+        else:
+            assert slow_second == [], slow_second  # the second call never entered JITFunction.run
         assert first == second, (first, second)
+    # launch hooks: None to the C launcher while none is set; the hook chain once one is
+    from triton import knobs
+    hooks.clear()
+    record(swa_plain, (qt, kt, vt))
+    assert hooks == [None] * 3, hooks
+    seen = []
+    knobs.runtime.launch_enter_hook.add(seen.append)
+    try:
+        hooks.clear()
+        record(swa_plain, (qt, kt, vt))
+        assert slow == [] and hooks == [knobs.runtime.launch_enter_hook] * 3, (slow, hooks)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(seen.append)
     x, g, st = torch.randn(2, 96, dtype=torch.bfloat16), torch.randn(2, 96, dtype=torch.bfloat16), torch.randn(2, 2, 96)
     records = []
     for _ in range(2):  # the decode step: one kernel, no autograd

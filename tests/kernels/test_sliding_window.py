@@ -118,6 +118,51 @@ def test_backend_dispatch_and_errors():
         sliding_window_attention(q, k, v, window=-1, backend="triton")
 
 
+def test_plain_fast_path_equals_general_path():
+    """Plain calls (no prefix, no documents) take the cached-plan path (``ops._PlainFunction``); it gives
+    bitwise the general path's outputs, gradients and layouts: batch-major and Megatron token-major GQA inputs,
+    a dO with a strided last dim, twice (the second call reuses the plan)."""
+    from based_kernels.sliding_window import ops
+
+    q0, k0, v0, _ = make(2, 45, 4, 2, 16, torch.float32, seed=3)
+    tm = lambda t: t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # noqa: E731
+    for q, k, v in [(q0, k0, v0), (tm(q0), tm(k0), tm(v0))]:
+        do = torch.randn(2, 45, 4, 32, device=DEV)[..., ::2]
+        for _ in range(2):
+            o = sliding_window_attention(q, k, v, window=9, backend="triton")
+            assert type(o.grad_fn).__name__ == "_PlainFunctionBackward"
+            grads = torch.autograd.grad(o, [q, k, v], do)
+            o_g = ops.SlidingWindowAttentionFunction.apply(q, k, v, None, None, None, 9, 16 ** -0.5)
+            grads_g = torch.autograd.grad(o_g, [q, k, v], do)
+            for a, b in zip([o, *grads], [o_g, *grads_g]):
+                assert torch.equal(a, b) and a.stride() == b.stride()
+    assert rel(o, reference(q.double(), k.double(), v.double(), window=9)) < 1e-5
+
+
+def test_cached_validation_still_checks_new_shapes():
+    """A validated signature is cached (plan); any change of shapes, window or layout is validated again."""
+    q, k, v, _ = make(2, 8, 2, 1, 16, torch.float32)
+    sliding_window_attention(q, k, v, window=3, backend="triton")
+    sliding_window_attention(q, k, v, window=3, backend="triton")  # cached
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        sliding_window_attention(q, k, v, window=-1, backend="triton")
+    with pytest.raises(ValueError, match="expected q"):
+        sliding_window_attention(q, k[:, :7], v[:, :7], window=3, backend="triton")
+    with pytest.raises(ValueError, match="expected q"):
+        sliding_window_attention(q, k, v[..., :8], window=3, backend="triton")
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        sliding_window_attention(q[:, :, :1].expand(2, 8, 3, 16), k.expand(2, 8, 2, 16), v.expand(2, 8, 2, 16),
+                                 window=3, backend="triton")
+    with pytest.raises(ValueError, match="head dim"):
+        big = torch.zeros(2, 8, 2, 272, device=DEV)
+        sliding_window_attention(big, big[:, :, :1], big[:, :, :1], window=3, backend="triton")
+    # a last dim that is not contiguous: validated, then the general path (which copies it)
+    qs = torch.randn(2, 8, 2, 32, device=DEV)[..., ::2]
+    o = sliding_window_attention(qs, k, v, window=3, backend="triton")
+    assert type(o.grad_fn).__name__ == "SlidingWindowAttentionFunctionBackward"
+    assert torch.equal(o, sliding_window_attention(qs.contiguous(), k, v, window=3, backend="triton"))
+
+
 # ---------------------------------------------------------------- GPU, bf16, real sizes
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 112, 128])
