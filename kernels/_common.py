@@ -63,9 +63,9 @@ class Launcher:
     The first call per key goes through them (tuning, compiling); the compiled kernel and its config are then
     kept per key and later calls with the same key go straight to the kernel's C launcher with the arguments
     ``JITFunction.run`` passes it. The key holds the device, the constexprs, every scalar argument's value and
-    every tensor's dtype, and is only formed when every pointer is 16-byte aligned (torch's allocations are; a
-    call with an unaligned view always takes Triton's path): a superset of what Triton specializes on (ints:
-    == 1 and % 16; pointers: dtype and alignment), so an equal key means the same compiled kernel. While no
+    every tensor's dtype, plus every pointer's 16-byte alignment when one is not aligned (one OR of the pointers
+    otherwise): a superset of what Triton specializes on (ints: == 1 and % 16; pointers: dtype and alignment),
+    so an equal key means the same compiled kernel. While no
     launch hook is set, the C launcher gets None hooks (no launch metadata, no empty hook-chain calls). Under the
     interpreter every call takes the normal path.
 
@@ -94,15 +94,16 @@ class Launcher:
         for t in tensors:
             align |= t.data_ptr()
         device = _RT.driver.active.get_current_device()
-        # every pointer 16-byte aligned (torch allocations always are); otherwise always Triton's own path
-        key = (device, *consts.values(), *args[nt:], *[t.dtype for t in tensors]) if align & 15 == 0 else None
+        key = (device, *consts.values(), *args[nt:], *[t.dtype for t in tensors])
+        if align & 15:  # some pointer not 16-byte aligned (rare: torch allocations are): which ones
+            key += tuple(t.data_ptr() & 15 == 0 for t in tensors)
         hit = self.cache.get(key)
         if hit is None:
             compiled = self.kernel[grid](*args, **consts)
             best = getattr(self.kernel, "best_config", None)  # None: a plain (not autotuned) JITFunction
             meta = {**consts, **(best.kwargs if best is not None else {})}
             tail = tuple(meta[name] for name in self.kernel.arg_names[len(args):])
-            if key is not None and compiled is not None and not hasattr(compiled, "result"):  # not async-compiled
+            if compiled is not None and not hasattr(compiled, "result"):  # not an async-compile future
                 if len(self.cache) >= 4096:  # many distinct shapes (e.g. prefill lengths): start over
                     self.cache.clear()
                 self.cache[key] = (compiled, meta, tail)
