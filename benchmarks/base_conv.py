@@ -87,8 +87,8 @@ def run_case(B, T, C, K, layout, fla_fn, only_ours=False):
     uu = ins[0] + ins[2]
     y_ref, _ = base_conv_reference(uu[..., :C], uu[..., C:], ins[1])
     g_ref = torch.autograd.grad(y_ref, ins, dy[:1].double())
-    row["packed_err_vs_reference"] = max(rel(yp[:1], y_ref), rel(gp[0][:1], g_ref[0]), rel(gp[1], g_ref[1]),
-                                         rel(gp[2], g_ref[2]))
+    # batch row 0 only (dweight and dbias sum over the batch: tests/kernels/test_short_conv.py checks them)
+    row["packed_err_vs_reference"] = max(rel(yp[:1], y_ref), rel(gp[0][:1], g_ref[0]))
     assert row["packed_err_vs_reference"] < 2e-2, row
     packed_fb = fwd_bwd(lambda a, c, d: base_conv_packed(a, c, d)[0], [u, w, b], dy)
     unfused_fb = fwd_bwd(lambda a, c, d: base_conv(*(a + d).chunk(2, dim=-1), c)[0], [u, w, b], dy)

@@ -2,7 +2,7 @@
 # One GPU call: end-to-end training throughput and per-layer-type profile (issue 9), based-360m vs the same-size
 # softmax GPT at T = 2k, 8k, 32k and 64k, and based-1.3b at 8k and 32k.
 # Expected runtime on one H100: about 6 minutes (setup 0.5, 360m pairs at 2k/8k/32k 3, 64k 1.5, based-1.3b 1);
-# env SEQS (pair lengths) and PARTS (pairs 64k 1.3b) pick a subset; every part has its own timeout (TIMEOUT_1/2/3, seconds) and rows are written after each case, so a slow part
+# env SEQS (pair lengths) and PARTS (pairs 64k 1.3b) pick a subset, E2E_ARGS adds train_throughput.py arguments; every part has its own timeout (TIMEOUT_1/2/3, seconds) and rows are written after each case, so a slow part
 # loses only its own tail. Env: GEN=1 also runs the bounded generation benchmark (issue 8, +2.5 min).
 #   bash benchmarks/run_e2e_gpu.sh              # on the GPU machine, writes under $OUT
 #   bash benchmarks/run_e2e_gpu.sh --smoke      # tiny models on CPU, a few steps (PYTHON=..., OUT optional)
@@ -27,7 +27,7 @@ rm -f "$J"
 part() {  # name, timeout (s), train_throughput.py arguments...
   local name=$1 limit=$2; shift 2
   echo "== $name"
-  timeout "$limit" $PY benchmarks/train_throughput.py "$@" --out "$J" --append 2>&1 | grep -v -i "$NOISE" \
+  timeout "$limit" $PY benchmarks/train_throughput.py "$@" $E2E_ARGS --out "$J" --append 2>&1 | grep -v -i "$NOISE" \
     | tee -a "$OUT/train_throughput.log" || echo "FAILED or timed out: $name (rows so far are in $J)"
 }
 PARTS=${PARTS:-pairs 64k 1.3b}

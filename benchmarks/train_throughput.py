@@ -69,6 +69,8 @@ def model_section(name: str) -> dict:
 def build(name: str, seq: int, args, device, recompute: bool):
     section = dict(model_section(name))
     section.pop("seq_length", None)
+    if args.cross_entropy:
+        section["cross_entropy_fusion_impl"] = args.cross_entropy
     cuda = device == "cuda"
     spec = model_spec_from_dict(
         section, tensor_model_parallel_size=args.tp, context_parallel_size=args.cp, sequence_parallel=args.tp > 1,
@@ -330,11 +332,14 @@ def main(argv=None):
     p.add_argument("--tokens-per-step", type=int, help="tokens per GPU (model replica shard) and step")
     p.add_argument("--steps", type=int, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int)
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate, reached linearly over --warmup steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, reached linearly over --warmup steps "
+                   "(at 3e-4 BASED memorized the repeated batch within the warm-up, then oscillated at T = 32k)")
     p.add_argument("--backend", choices=["triton", "torch"], help="based_kernels backend (default: Triton on GPU); "
                    "torch runs the mixers on the PyTorch reference path, for a loss comparison")
     p.add_argument("--no-fused-adam", dest="fused_adam", action="store_false",
                    help="keep Megatron's fallback torch AdamW (foreach) instead of torch's fused AdamW")
+    p.add_argument("--cross-entropy", choices=["triton", "native"],
+                   help="fused cross entropy of bf16 GPU runs (default: the config's, triton)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--weak", action="store_true", help="with --cp: the sequence grows with the GPUs")

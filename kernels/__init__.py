@@ -4,6 +4,7 @@ convolutions) as functional PyTorch APIs, with Triton kernels on CUDA and plain-
 Installed as the import package ``based_kernels`` (this folder is ``kernels/`` in the repository).
 """
 from ._common import use_backend
+from .cross_entropy import vocab_parallel_cross_entropy
 from .short_conv import base_conv, short_conv, short_conv_step
 from .sliding_window import sliding_window_attention
 from .taylor_attention import taylor_linear_attention, taylor_linear_attention_step
@@ -16,4 +17,5 @@ __all__ = [
     "short_conv_step",
     "base_conv",
     "use_backend",
+    "vocab_parallel_cross_entropy",
 ]

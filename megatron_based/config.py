@@ -98,6 +98,9 @@ class BasedConfig(TransformerConfig):
     bias_activation_fusion: bool = dataclasses.field(default_factory=torch.cuda.is_available)
     bias_dropout_fusion: bool = dataclasses.field(default_factory=torch.cuda.is_available)
     cross_entropy_loss_fusion: bool | None = None
+    # The fused cross entropy: "triton" (based_kernels.cross_entropy, bf16 logits read once per pass; the PyTorch
+    # reference for CPU logits) or Megatron's "native" (torch.compile'd, fp32 copies) / "te".
+    cross_entropy_fusion_impl: str = "triton"
     apply_rope_fusion: bool = False
     masked_softmax_fusion: bool = False
     persist_layer_norm: bool = False
@@ -106,6 +109,9 @@ class BasedConfig(TransformerConfig):
     def __post_init__(self):
         if self.cross_entropy_loss_fusion is None:
             self.cross_entropy_loss_fusion = torch.cuda.is_available() and self.bf16
+        if self.cross_entropy_fusion_impl not in ("triton", "native", "te"):
+            raise ConfigError(f"cross_entropy_fusion_impl must be 'triton', 'native' or 'te'; got "
+                              f"{self.cross_entropy_fusion_impl!r}")
         validate_layer_pattern(self.layer_pattern, self.num_layers)
         self.num_layers = len(self.layer_pattern)
         tp = self.tensor_model_parallel_size

@@ -1,20 +1,41 @@
 """Model builder: a Megatron-Core ``GPTModel`` whose decoder is a block of BASED layer specs.
 
 GPTModel is used for its embedding, tied LM head, loss and pipeline plumbing; everything BASED-specific is in the
-block spec (see docs/architecture.md for why, and for the path to Megatron's ``HybridModel``).
+block spec (see docs/architecture.md for why, and for the path to Megatron's ``HybridModel``). The one override is
+the fused cross entropy (``BasedGPTModel.compute_language_model_loss``).
 """
 from __future__ import annotations
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from torch import Tensor
+
+from based_kernels.cross_entropy import vocab_parallel_cross_entropy
 
 from .config import BasedConfig, padded_vocab_size
 from .spec import get_based_block_spec
 
 
+class BasedGPTModel(GPTModel):
+    """Megatron's GPTModel; with ``cross_entropy_loss_fusion`` and ``cross_entropy_fusion_impl="triton"`` (the
+    defaults of bf16 GPU runs) its loss is ``based_kernels.cross_entropy`` instead of Megatron's fused one, which
+    makes fp32 copies of the ``[tokens, V / tp]`` logits (Triton for CUDA logits, the fp32 PyTorch reference
+    otherwise)."""
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        """labels ``[b, s]``, vocab-parallel logits ``[s, b, V / tp]`` -> per-token loss ``[b, s]`` (fp32)."""
+        if not (self.config.cross_entropy_loss_fusion and self.config.cross_entropy_fusion_impl == "triton"):
+            return super().compute_language_model_loss(labels, logits)
+        labels = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], as Megatron's
+        # The gradient overwrites the logits in place: they come straight from the output layer, whose backward
+        # needs its input and weight only, and nothing reads them after the loss's backward.
+        loss = vocab_parallel_cross_entropy(logits, labels, self.tp_group, inplace_backward=True)
+        return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
+
+
 def build_model(config: BasedConfig, *, vocab_size: int, max_sequence_length: int,
                 make_vocab_size_divisible_by: int = 8, pre_process: bool | None = None,
-                post_process: bool | None = None, vp_stage: int | None = None, pg_collection=None) -> GPTModel:
+                post_process: bool | None = None, vp_stage: int | None = None, pg_collection=None) -> BasedGPTModel:
     """BASED (or hybrid) LM: word embeddings (no learned positions), the layer pattern, final RMSNorm, tied head.
 
     ``vocab_size`` is padded to a multiple of ``make_vocab_size_divisible_by * tp`` (BASED: 50257 -> 50264).
@@ -24,7 +45,7 @@ def build_model(config: BasedConfig, *, vocab_size: int, max_sequence_length: in
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    return BasedGPTModel(
         config=config,
         transformer_layer_spec=get_based_block_spec(config, vp_stage=vp_stage),
         vocab_size=padded_vocab_size(vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size),

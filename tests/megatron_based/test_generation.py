@@ -405,11 +405,14 @@ def test_bf16_decode_guard():
 def test_cuda_graph_decode_equals_eager(graph, monkeypatch):
     """fp32 on the GPU (Triton kernels, tf32 dots): CUDA-graph decode equals eager decode (greedy tokens, and
     teacher-forced logits), both match the full forward; a second batch of another size re-captures. "recorded"
-    runs the CPU replay check on the GPU's ops (Triton custom ops included) to tell a Python-level bug from a
+    runs the CPU replay check on the GPU, on the PyTorch path of the mixers (the replay re-runs recorded ATen ops;
+    Triton kernels launched outside a custom op are invisible to it), to tell a Python-level bug from a
     CUDA-level one."""
+    import based_kernels
     from megatron_based.generation import Generator, at_decode_positions, teacher_forced_logits
 
-    with in_process_group(monkeypatch):
+    backend = based_kernels.use_backend("torch" if graph == "recorded" else None)
+    with backend, in_process_group(monkeypatch):
         model = _model(1, "CLSC", hidden=128, heads=4, feature_dim=8, window=8,
                        fused=None if graph == "cuda" else False).cuda()
         make = (lambda: Generator(model, vocab_size=VOCAB, cuda_graph=True)) if graph == "cuda" else (
