@@ -8,6 +8,20 @@ import torch
 # The Triton interpreter (CPU tests) cannot autotune over 2+ configs ("0 active drivers"): use one fixed,
 # small config there. Read once at import, like Triton itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:
+    # Triton 3.6's interpreter holds scalars as 1-element arrays and converts them with int(array), which
+    # numpy >= 2.5 refuses: loops with run-time bounds (range(bos, eos, BT)) then fail on CPU. Convert via item().
+    import triton.runtime.interpreter as _interp
+
+    if not getattr(_interp, "_based_index_patch", False):
+        _orig_patch_lang_tensor = _interp._patch_lang_tensor
+
+        def _patch_lang_tensor(tensor, scope):
+            _orig_patch_lang_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        _interp._patch_lang_tensor = _patch_lang_tensor
+        _interp._based_index_patch = True
 
 
 # Process-wide default backend of the public ops when their ``backend`` argument is None: "triton", "torch", or

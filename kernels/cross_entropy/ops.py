@@ -15,24 +15,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .._common import INTERPRET, Launcher, cdiv
+from .._common import Launcher, cdiv
 from .kernels import BWD_BLOCK_V, BWD_WARPS, ce_bwd_kernel, ce_fwd_kernel, row_align
 
-if INTERPRET:
-    # Triton 3.6's interpreter holds scalars as 1-element arrays and converts them with int(array), which numpy
-    # >= 2.5 refuses, so the forward's V loop fails on CPU. The same guarded patch as taylor_attention/ops.py
-    # (whichever module is imported first installs it).
-    import triton.runtime.interpreter as _interp
-
-    if not getattr(_interp, "_based_index_patch", False):
-        _orig_patch_lang_tensor = _interp._patch_lang_tensor
-
-        def _patch_lang_tensor(tensor, scope):
-            _orig_patch_lang_tensor(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        _interp._patch_lang_tensor = _patch_lang_tensor
-        _interp._based_index_patch = True
 
 _fwd, _bwd = Launcher(ce_fwd_kernel), Launcher(ce_bwd_kernel)
 

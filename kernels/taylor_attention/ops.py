@@ -14,13 +14,12 @@ accumulation are fp32.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 
-from .._common import Launcher, cdiv, next_pow2
+from .._common import INTERPRET, Launcher, cdiv, next_pow2
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
                     taylor_prep_kernel)
 from .recurrent import taylor_step_kernel
@@ -34,21 +33,6 @@ _step_kernel = Launcher(taylor_step_kernel)
 
 MAX_F = 32  # f = 64 compiled and passed in the CPU interpreter but was not verified on a GPU (see README)
 MAX_F_STEP = 32  # the decode kernel keeps a whole [f^2, BV] state block in registers
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if INTERPRET:
-    # Triton 3.6's interpreter holds scalars as 1-element arrays and converts them with int(array), which
-    # numpy >= 2.5 refuses: loops with run-time bounds (range(bos, eos, BT)) then fail on CPU. Convert via item().
-    import triton.runtime.interpreter as _interp
-
-    if not getattr(_interp, "_based_index_patch", False):
-        _orig_patch_lang_tensor = _interp._patch_lang_tensor
-
-        def _patch_lang_tensor(tensor, scope):
-            _orig_patch_lang_tensor(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        _interp._patch_lang_tensor = _patch_lang_tensor
-        _interp._based_index_patch = True
 
 # Tunables (benchmarks/taylor_attention.py --sweep times alternatives on a GPU; docs/benchmarks.md).
 # Sweep on an H100 (2026-11-23, B8 T4096 H16 d_v 64, bf16): chunk 128 fwd+bwd 2.26 ms vs 2.99 at chunk 64.
