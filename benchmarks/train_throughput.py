@@ -16,6 +16,7 @@ benchmarks/plot_throughput.py.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import math
@@ -178,8 +179,47 @@ def attribute(events, device_time: bool, steps: int = 1, top: int = 15) -> dict:
         total = sum(e.time_range.elapsed_us() for e in events
                     if e.device_type != torch.autograd.DeviceType.CPU and not e.name.startswith(RANGE)
                     and not e.is_user_annotation)
-        out.update(device_total_ms=ms(total), unattributed_ms=round(ms(total) - out["attributed_ms"], 4))
+        out.update(device_total_ms=ms(total), unattributed_ms=round(ms(total) - out["attributed_ms"], 4),
+                   **idle_gaps(events, steps))
     return out
+
+
+LAUNCH = ("cuda", "cu")  # CUDA runtime / driver API calls (kernel launches, copies, syncs) among the CPU events
+
+
+def idle_gaps(events, steps: int, top: int = 12) -> dict:
+    """Where the GPU waited for the host: the gaps between the device's busy intervals (kernels, copies), each
+    attributed to the label and op of the runtime call that ended last before the gap closed (the launch the GPU
+    was waiting for; after a host sync such as the grad norm's .item(), the next launch). Milliseconds per step
+    (the profiler's own host overhead inflates them: compare labels, not absolute values with the timed steps)."""
+    dev = sorted((e.time_range.start, e.time_range.end) for e in events
+                 if e.device_type != torch.autograd.DeviceType.CPU and not e.name.startswith(RANGE)
+                 and not e.is_user_annotation)
+    gaps, end = [], None
+    for a, b in dev:
+        if end is not None and a > end:
+            gaps.append((end, a))
+        end = b if end is None else max(end, b)
+    launches = sorted(((e.time_range.end, e, lab) for e, lab, _ in labelled(events)
+                       if e.name.startswith(LAUNCH)), key=lambda t: t[0])
+    ends = [t[0] for t in launches]
+    per_label, per_op = defaultdict(float), defaultdict(float)
+    for a, b in gaps:
+        i = bisect.bisect_right(ends, b) - 1
+        label, op = ("none", "none") if i < 0 else (launches[i][2], _op_name(launches[i][1]))
+        per_label[label] += b - a
+        per_op[f"{label}: {op}"] += b - a
+    ms = lambda us: round(us / steps / 1e3, 4)  # noqa: E731
+    return dict(idle_ms=ms(sum(b - a for a, b in gaps)), kernels_per_step=len(dev) / steps,
+                idle_by_type={k: ms(v) for k, v in sorted(per_label.items(), key=lambda kv: -kv[1])},
+                idle_top_ops=[[k[:100], ms(v)] for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]])
+
+
+def _op_name(e) -> str:
+    """The op a runtime call was made from: its innermost parent that is not itself a runtime call."""
+    while e.cpu_parent is not None and e.name.startswith(LAUNCH):
+        e = e.cpu_parent
+    return e.name
 
 
 def labelled(events):
@@ -398,7 +438,12 @@ def profile_summary(r: dict) -> str:
     prof = r["profile"]
     total = prof.get("device_total_ms", prof["attributed_ms"])
     parts = ", ".join(f"{lab} {v['total']:.1f}" for lab, v in prof["by_type"].items() if v["total"] >= 0.01 * total)
-    return f"  profile {r['model']} T={r['seq']}: {total:.1f} ms/step ({parts})"
+    out = f"  profile {r['model']} T={r['seq']}: {total:.1f} ms/step ({parts})"
+    if "idle_ms" in prof:
+        idle = ", ".join(f"{lab} {v:.1f}" for lab, v in list(prof["idle_by_type"].items())[:6])
+        out += (f"\n  GPU idle {prof['idle_ms']:.1f} ms/step, {prof['kernels_per_step']:.0f} kernels/step (waiting "
+                f"for: {idle}); top: " + "; ".join(f"{k} {v:.1f}" for k, v in prof["idle_top_ops"][:5]))
+    return out
 
 
 if __name__ == "__main__":

@@ -22,6 +22,32 @@ import train_throughput  # noqa: E402
 LAYER_TYPES = ("L", "S", "C", "MLP", "norm", "head+loss", "embedding")
 
 
+def _event(name, start, end, parent=None, device=False):
+    from types import SimpleNamespace
+
+    tr = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+    return SimpleNamespace(name=name, time_range=tr, cpu_parent=parent, sequence_nr=-1, thread=1, fwd_thread=1,
+                           is_user_annotation=False, device_type=torch.autograd.DeviceType.CUDA if device
+                           else torch.autograd.DeviceType.CPU)
+
+
+def test_idle_gaps_go_to_the_launch_the_gpu_waited_for():
+    conv = _event("e2e::C", 0, 100)
+    mul = _event("aten::mul", 10, 20, conv)
+    opt = _event("e2e::optimizer", 100, 300)
+    copy = _event("aten::copy_", 140, 160, opt)
+    events = [conv, mul, _event("cudaLaunchKernel", 12, 15, mul), opt, copy,
+              _event("cudaLaunchKernel", 150, 155, copy), _event("cuLaunchKernelEx", 200, 204, opt),
+              _event("k1", 20, 50, device=True), _event("k2", 30, 60, device=True),  # overlapping: one busy span
+              _event("k3", 160, 170, device=True), _event("k4", 170, 180, device=True),  # back to back: no gap
+              _event("k5", 210, 230, device=True)]
+    got = train_throughput.idle_gaps(events, steps=2)
+    # gaps: 60 -> 160 (waiting for aten::copy_'s launch), 180 -> 210 (the optimizer's own launch); per step, ms
+    assert got["idle_ms"] == round(130 / 2 / 1e3, 4) and got["kernels_per_step"] == 2.5
+    assert got["idle_by_type"] == {"optimizer": round(130 / 2 / 1e3, 4)}
+    assert got["idle_top_ops"] == [["optimizer: aten::copy_", 0.05], ["optimizer: e2e::optimizer", 0.015]]
+
+
 def test_backward_ops_get_the_label_of_the_forward_range_that_made_their_node():
     x = torch.randn(4, 8)
     w1, w2 = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
