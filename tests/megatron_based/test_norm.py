@@ -1,8 +1,12 @@
-"""RMSNorm (fused torch rms_norm) equals the fp64 formula y = x / sqrt(mean(x^2) + eps) * w, gradients too."""
+"""RMSNorm equals the fp64 formula y = x / sqrt(mean(x^2) + eps) * w, gradients too: on the PyTorch path (fused
+torch rms_norm, what CPU runs) and forced onto the Triton kernels (under TRITON_INTERPRET=1 on CPU machines)."""
 import pytest
 import torch
 
+import based_kernels
 from megatron_based.norm import RMSNorm
+
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the Triton interpreter")
 
 
 class _Cfg:
@@ -11,15 +15,20 @@ class _Cfg:
     sequence_parallel = False
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.bfloat16, 1e-2)])
-def test_rmsnorm_matches_formula(dtype, tol):
+@pytest.mark.parametrize("backend,dtype,tol", [
+    ("torch", torch.float64, 1e-12), ("torch", torch.bfloat16, 1e-2),
+    pytest.param("triton", torch.float32, 1e-6, marks=interpreter_only),
+    pytest.param("triton", torch.float16, 2e-3, marks=interpreter_only)])
+def test_rmsnorm_matches_formula(backend, dtype, tol):
     g = torch.Generator().manual_seed(0)
     norm = RMSNorm(_Cfg(), hidden_size=37, eps=1e-5)
+    assert norm.weight.sequence_parallel is False
     with torch.no_grad():
         norm.weight.copy_(torch.rand(37, generator=g, dtype=torch.float64) + 0.5)
     norm = norm.to(dtype)
     x = (torch.randn(5, 3, 37, generator=g, dtype=torch.float64) * 3).to(dtype).requires_grad_()
-    y = norm(x)
+    with based_kernels.use_backend(backend):
+        y = norm(x)
     assert y.dtype == dtype
     x64 = x.detach().double().requires_grad_()
     w64 = norm.weight.detach().double().requires_grad_()
@@ -29,4 +38,3 @@ def test_rmsnorm_matches_formula(dtype, tol):
     (y64 * dy).sum().backward()
     for a, b in ((y.double(), y64), (x.grad.double(), x64.grad), (norm.weight.grad.double(), w64.grad)):
         assert ((a - b).norm() / b.norm()).item() < tol
-

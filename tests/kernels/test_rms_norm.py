@@ -1,0 +1,176 @@
+"""RMSNorm (based_kernels.rms_norm) against the fp64 formula y = x * rsqrt(mean(x^2) + eps) * w: y, dx and dw under
+a random dy, odd shapes (D not a power of two, rows not a block multiple, several backward programs), 3-D and
+strided inputs, low-precision weights, tiny and large magnitudes, input errors, determinism, opcheck and
+torch.compile. CPU runs the kernels under TRITON_INTERPRET=1 in fp32 and fp16 (the interpreter truncates when it
+rounds to bf16, so bf16 is checked on the GPU); bf16 at the models' sizes is marked gpu."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import based_kernels
+from based_kernels.rms_norm import kernels, ops
+
+from ..distributed import run_distributed
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+forked_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="forked CPU workers, kernels under the interpreter")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make(shape, dtype, w_dtype, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * scale).to(DEV, dtype)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(DEV, w_dtype)
+    dy = torch.randn(shape, generator=g).to(DEV, dtype)
+    return x, w, dy
+
+
+def fp64_reference(x, w, dy, eps):
+    """y, dx, dw of the formula in fp64 from the same (rounded) inputs, with w rounded to x's dtype (the op's
+    ``weight.to(x.dtype)`` semantics)."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().to(x.dtype).double().requires_grad_()
+    y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w64
+    dx, dw = torch.autograd.grad(y, (x64, w64), dy.double())
+    return y, dx, dw
+
+
+def run(x, w, dy, eps, **kw):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    y = based_kernels.rms_norm(x, w, eps, **kw)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("shape", [(37, 45), (5, 3, 37), (7, 1000), (300, 64)])
+@pytest.mark.parametrize("dtype, w_low, tol", [(torch.float32, False, 2e-6), (torch.float16, False, 1e-3),
+                                               (torch.float16, True, 1e-3)])
+def test_matches_fp64(shape, dtype, w_low, tol):
+    """(37, 45): 64-wide tile, a partial last row block, 5 backward programs of 8 rows (the last 5);
+    (300, 64): 13 programs of 24 rows. Errors no larger than PyTorch's F.rms_norm on the same inputs."""
+    w_dtype = dtype if w_low else torch.float32
+    x, w, dy = make(shape, dtype, w_dtype)
+    y, dx, dw = run(x, w, dy, 1e-5, backend="triton")
+    assert y.shape == x.shape and y.dtype == dx.dtype == dtype and dw.dtype == w_dtype
+    refs = fp64_reference(x, w, dy, 1e-5)
+    torch_out = run(x, w, dy, 1e-5, backend="torch")
+    for name, ours, theirs, ref in zip(("y", "dx", "dw"), (y, dx, dw), torch_out, refs):
+        err, torch_err = rel(ours, ref), rel(theirs, ref)
+        assert err < tol, (name, err)
+        assert err <= 1.5 * torch_err + 1e-7, (name, err, torch_err)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tiny_and_large_inputs_stay_accurate(scale, dtype):
+    """x ~ 1e-4 (below eps = 1e-12 barely matters; fp16 subnormal range) and x ~ 1e3 (x^2 = 1e6 would overflow
+    fp16; the statistics are fp32)."""
+    x, w, dy = make((37, 45), dtype, torch.float32, scale=scale, seed=3)
+    outs = run(x, w, dy, 1e-12, backend="triton")
+    tol = 2e-6 if dtype == torch.float32 else 1e-3
+    for name, ours, ref in zip(("y", "dx", "dw"), outs, fp64_reference(x, w, dy, 1e-12)):
+        assert torch.isfinite(ours).all() and rel(ours, ref) < tol, (name, rel(ours, ref))
+
+
+def test_strided_rows_expanded_dy_and_max_width():
+    """x as a column slice of a wider buffer (row stride 64, not D = 45); dy from y.sum() (an expanded, stride-0
+    gradient); D = MAX_D = 16384 (one row per 16384-wide tile)."""
+    buf, w, _ = make((37, 64), torch.float32, torch.float32, seed=4)
+    x = buf[:, :45]
+    w = w[:45]
+    assert x.stride(0) == 64
+    y, dx, dw = run(x, w, torch.ones(37, 45, device=DEV), 1e-5, backend="triton")
+    xs = x.detach().requires_grad_()
+    ws = w.detach().requires_grad_()
+    based_kernels.rms_norm(xs, ws, 1e-5, backend="triton").sum().backward()
+    for ours, ref, other in zip((y, dx, dw), fp64_reference(x, w, torch.ones(37, 45, device=DEV), 1e-5),
+                                (None, xs.grad, ws.grad)):
+        assert rel(ours, ref) < 2e-6
+        if other is not None:
+            assert torch.equal(ours, other)
+    x, w, dy = make((2, kernels.MAX_D), torch.float32, torch.float32, seed=5)
+    for ours, ref in zip(run(x, w, dy, 1e-5, backend="triton"), fp64_reference(x, w, dy, 1e-5)):
+        assert rel(ours, ref) < 2e-6
+
+
+def test_deterministic():
+    x, w, dy = make((300, 64), torch.float32, torch.float32, seed=6)
+    a, b = run(x, w, dy, 1e-5, backend="triton"), run(x, w, dy, 1e-5, backend="triton")
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_backend_resolution():
+    """backend=None: Triton for CUDA tensors, torch on CPU (bitwise F.rms_norm), use_backend overrides."""
+    x, w, _ = make((37, 45), torch.float32, torch.float32)
+    ref = F.rms_norm(x, (45,), w, 1e-5)
+    if DEV == "cpu":
+        assert torch.equal(based_kernels.rms_norm(x, w, 1e-5), ref)
+        with based_kernels.use_backend("triton"):
+            y = based_kernels.rms_norm(x.requires_grad_(), w, 1e-5)
+            assert type(y.grad_fn).__name__ == "RMSNormFunctionBackward"
+            x = x.detach()
+    with based_kernels.use_backend("torch"):
+        assert torch.equal(based_kernels.rms_norm(x, w, 1e-5), ref)
+    empty = torch.empty(0, 45, device=DEV)
+    assert based_kernels.rms_norm(empty, w, 1e-5, backend="triton").shape == (0, 45)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w, _ = make((4, 45), torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="weight must be"):
+        based_kernels.rms_norm(x, w[:44], 1e-5)
+    with pytest.raises(ValueError, match="weight must be"):
+        based_kernels.rms_norm(x, w[None], 1e-5, backend="triton")
+    big = torch.zeros(2, kernels.MAX_D + 1, device=DEV)
+    with pytest.raises(ValueError, match="16384"):
+        based_kernels.rms_norm(big, torch.ones(kernels.MAX_D + 1, device=DEV), 1e-5, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        based_kernels.rms_norm(x.double(), w, 1e-5, backend="triton")
+    with pytest.raises(TypeError, match="floating point"):
+        based_kernels.rms_norm(x.long(), w, 1e-5)
+    with pytest.raises(ValueError, match="D >= 1"):
+        based_kernels.rms_norm(torch.zeros(3, 0), torch.zeros(0), 1e-5)
+    with pytest.raises(ValueError, match="backend"):
+        based_kernels.rms_norm(x, w, 1e-5, backend="cuda")
+
+
+def _compiled(rank, world):
+    x, w, dy = make((37, 45), torch.float32, torch.float32, seed=7)
+    y, rstd = ops.rms_norm_fwd_op(x, w, 1e-5)
+    torch.library.opcheck(ops.rms_norm_fwd_op, (x, w.requires_grad_(), 1e-5))
+    torch.library.opcheck(ops.rms_norm_bwd_op, (dy, x, w.detach(), rstd))
+    f = torch.compile(lambda x, w: based_kernels.rms_norm(x, w, 1e-5, backend="triton"), backend="aot_eager",
+                      fullgraph=True)
+    xc, wc = x.detach().requires_grad_(), w.detach().requires_grad_()
+    outs = (y := f(xc, wc), *torch.autograd.grad(y, (xc, wc), dy))
+    return [rel(a, b) for a, b in zip(outs, fp64_reference(x, w, dy, 1e-5))]
+
+
+@forked_cpu
+def test_custom_ops_and_torch_compile():
+    """opcheck of both custom ops (fake impls, autograd registration) and torch.compile(fullgraph=True) == fp64; in
+    a forked worker (see test_cross_entropy: opcheck / compiled backward in the parent break later forks)."""
+    errs = run_distributed(_compiled, 1)[0]
+    assert max(errs) < 2e-6, errs
+
+
+# --------------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, d", [(32768, 1024), (8192, 2048)])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_model_sizes_vs_fp64_and_torch(rows, d, w_dtype):
+    """bf16 at based-360m / based-1.3b widths: errors vs the fp64 formula no larger than F.rms_norm's (y: both
+    round once; dx, dw: fp32 math), deterministic."""
+    x, w, dy = make((rows, d), torch.bfloat16, w_dtype, seed=8)
+    ours = run(x, w, dy, 1e-5, backend="triton")
+    theirs = run(x, w, dy, 1e-5, backend="torch")
+    refs = fp64_reference(x, w, dy, 1e-5)
+    for name, a, t, ref in zip(("y", "dx", "dw"), ours, theirs, refs):
+        err, torch_err = rel(a, ref), rel(t, ref)
+        assert err < 5e-3 and err <= 1.05 * torch_err + 1e-6, (name, err, torch_err)
+    again = run(x, w, dy, 1e-5, backend="triton")
+    assert all(torch.equal(p, q) for p, q in zip(ours, again))
