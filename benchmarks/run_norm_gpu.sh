@@ -1,8 +1,10 @@
 #!/bin/bash
 # RMSNorm on one GPU: the benchmark (torch F.rms_norm vs ours vs torch.compile, [32768, 1024 / 2048] bf16), then
 # the GPU tests of tests/kernels/test_rms_norm.py (bf16 at model sizes vs fp64 and F.rms_norm).
-# Expected runtime on an H100: about 55 s (wheels ~10 s, benchmark ~25 s: the compiled variant and Triton
-# autotuning, 8-9 configs per kernel and width; tests ~15 s); each step has a timeout.
+# Expected runtime on an H100: about 55 s (wheels ~10 s; benchmark ~30 s: torch.compile of the formula and the
+# Triton autotuning, 8-9 configs per kernel and width; tests ~15 s, autotuning again); each step has a timeout.
+# The benchmark alone (~35 s with the wheels):
+#   source benchmarks/gpu_env.sh && python benchmarks/norm.py --out $OUT/norm.json
 # Usage (repo root): OUT=dir bash benchmarks/run_norm_gpu.sh
 set -o pipefail
 source benchmarks/gpu_env.sh || echo "FAILED: gpu_env.sh (continuing with what is installed)"
