@@ -37,8 +37,20 @@ def load(paths: list[str]) -> tuple[dict, list[dict]]:
     return meta or {}, list(rows.values())
 
 
+def variant(r: dict) -> str:
+    """How a row ran beyond the defaults (rows of different variants are different cases): CUDA-graphed layers,
+    Megatron's unfused RoPE. Empty for the defaults."""
+    graphs = r.get("cuda_graphs", "none")
+    return {"none": "", "torch": " +graphs", "megatron": " +mcore graphs"}.get(graphs, f" +{graphs}") + (
+        " unfused-rope" if r.get("rope_fusion") is False else "")
+
+
+def name(r: dict) -> str:
+    return r["model"] + variant(r)
+
+
 def case_key(r: dict) -> tuple:
-    return (r["model"], r["seq"], r.get("tp", 1), r.get("cp", 1), r.get("local_seq", r["seq"] // r.get("cp", 1)),
+    return (name(r), r["seq"], r.get("tp", 1), r.get("cp", 1), r.get("local_seq", r["seq"] // r.get("cp", 1)),
             r.get("tokens_per_step"))
 
 
@@ -58,21 +70,21 @@ def single_gpu(rows: list[dict]) -> list[dict]:
 def throughput_table(rows: list[dict]) -> str:
     out = ["| model | T | tokens/step | recompute | tokens/s/GPU | model TFLOP/s | MFU | peak GiB | loss first->last "
            "| BASED / GPT |", "|---|---|---|---|---|---|---|---|---|---|"]
-    ref = {(r["model"], r["seq"], r.get("tokens_per_step")): r for r in single_gpu(rows) if ok(r)}
-    for r in sorted(single_gpu(rows), key=lambda r: (r["model"].startswith("gpt"), r["model"], r["seq"])):
+    ref = {(name(r), r["seq"], r.get("tokens_per_step")): r for r in single_gpu(rows) if ok(r)}
+    for r in sorted(single_gpu(rows), key=lambda r: (r["model"].startswith("gpt"), name(r), r["seq"])):
         rc = "yes" if r.get("recompute") else "no"
         if not ok(r):
             what = "OOM" if r.get("oom") else f"error: {r.get('error', '?')[:80]}"
-            out.append(f"| {r['model']} | {r['seq']:,} | | {rc} | {what} | | | | | |")
+            out.append(f"| {name(r)} | {r['seq']:,} | | {rc} | {what} | | | | | |")
             continue
-        base = ref.get((baseline_of(r["model"]), r["seq"], r.get("tokens_per_step")))
+        base = ref.get((f"{baseline_of(r['model'])}{variant(r)}", r["seq"], r.get("tokens_per_step")))
         ratio = f"**{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.2f}x**" if base else ""
         if base and base.get("recompute") != r.get("recompute"):
             ratio += " (GPT recompute)" if base.get("recompute") else " (GPT without recompute)"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") else "-"
         guard = "" if r["loss_ok"] else " **guard failed**"
-        out.append(f"| {r['model']} | {r['seq']:,} | {r.get('tokens_per_step', '')} | {rc} | "
+        out.append(f"| {name(r)} | {r['seq']:,} | {r.get('tokens_per_step', '')} | {rc} | "
                    f"{r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.1f} | {mfu} | {mem} | "
                    f"{r['loss_first']:.3f}->{r['loss_last']:.3f}{guard} | {ratio} |")
     return "\n".join(out)
@@ -94,8 +106,7 @@ def profile_table(rows: list[dict]) -> str:
         cell = lambda ms: f"{ms:.1f} ({100 * ms / total:.0f}%)" if ms else "-"  # noqa: E731
         comm = sum(v for lab, v in by.items() if lab.startswith("comm/"))
         vals = [cell(sum(by.get(lab, 0.0) for lab in PROFILE_COLUMNS[c])) for c in cols]
-        name = r["model"] + (" (recompute)" if r.get("recompute") else "")
-        out.append(f"| {name} | {r['seq']:,} | {r.get('tokens_per_step', '')} | {r['tp']} | {r['cp']} | "
+        out.append(f"| {name(r)}{' (recompute)' if r.get('recompute') else ''} | {r['seq']:,} | {r.get('tokens_per_step', '')} | {r['tp']} | {r['cp']} | "
                    f"{r['step_ms']:.1f} | {total:.1f} | "
                    + " | ".join(vals) + f" | {cell(comm)} | {p.get('unattributed_ms', 0):.1f} |")
     return "\n".join(out)
@@ -109,19 +120,19 @@ def kernel_lists(rows: list[dict], n: int) -> str:
         if ok(r) and r.get("profile"):
             top = r["profile"]["top_kernels"][:n]
             ks = "; ".join(f"`{k['name'][:70]}` {k['ms']:.1f} ms ({k['type']})" for k in top)
-            out.append(f"- {r['model']} T={r['seq']:,} tp={r['tp']} cp={r['cp']}: {ks}")
+            out.append(f"- {name(r)} T={r['seq']:,} tp={r['tp']} cp={r['cp']}: {ks}")
     return "\n".join(out)
 
 
 def scaling_table(rows: list[dict]) -> str:
     """CP rows vs the one-GPU row at their local length (weak scaling), TP rows vs the one-GPU row at the same
     length; both at the same tokens per GPU and step. Efficiency = tokens/s/GPU over the one-GPU value."""
-    one = {(r["model"], r["seq"], r.get("tokens_per_step")): r for r in single_gpu(rows) if ok(r)}
+    one = {(name(r), r["seq"], r.get("tokens_per_step")): r for r in single_gpu(rows) if ok(r)}
     out = []
     for r in rows:
         if r.get("tp", 1) == 1 and r.get("cp", 1) == 1:
             continue
-        base = one.get((r["model"], r.get("local_seq", r["seq"]), r.get("tokens_per_step")))
+        base = one.get((name(r), r.get("local_seq", r["seq"]), r.get("tokens_per_step")))
         if not ok(r) or base is None:
             why = "OOM" if r.get("oom") else r.get("error") or "no matching one-GPU row"
             out.append(f"| {r['model']} | {r['seq']:,} | {r['tp']} | {r['cp']} | {why} | | | |")
@@ -143,7 +154,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     rows = single_gpu(rows)
     if not rows:
         raise SystemExit("no one-GPU rows to plot")
-    W, H, left, right, top, bottom = 900, 560, 90, 200, 50, 60
+    W, H, left, right, top, bottom = 940, 560, 90, 240, 50, 60
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     try:
@@ -174,10 +185,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     draw.text((W // 2 - 140, H - 28), "sequence length T (tokens, log scale)", fill="black")
     draw.text((10, top - 20), "training tokens/s per GPU", fill="black")
     draw.text((left, 8), title, fill="black")
-    models = sorted({r["model"] for r in rows}, key=lambda m: (m.startswith("gpt"), m))
+    models = sorted({name(r) for r in rows}, key=lambda m: (m.startswith("gpt"), m))
     for k, model in enumerate(models):
         color = COLORS[k % len(COLORS)]
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["seq"])
+        mine = sorted((r for r in rows if name(r) == model), key=lambda r: r["seq"])
         pts = [(px(r["seq"]), py(r["tokens_per_s_per_gpu"]), r) for r in mine if ok(r)]
         if len(pts) > 1:
             draw.line([(x, y) for x, y, _ in pts], fill=color, width=3)

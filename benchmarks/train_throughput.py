@@ -36,10 +36,11 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
 
 from megatron_based.config import model_spec_from_dict  # noqa: E402
+from megatron_based.cuda_graphs import graph_decoder_layers  # noqa: E402
 from megatron_based.flops import model_flops_per_token  # noqa: E402
 from megatron_based.model import build_model  # noqa: E402
 from megatron_based.parallel import initialize_parallel  # noqa: E402
-from megatron_based.train import fuse_torch_adam  # noqa: E402
+from megatron_based.train import fuse_torch_adam, use_foreach_multi_tensor_ops  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The softmax baselines of performance.md: the BASED model's width, depth 24, SwiGLU, tied 50k vocab.
@@ -72,13 +73,15 @@ def build(name: str, seq: int, args, device, recompute: bool):
     section.pop("seq_length", None)
     if args.cross_entropy:
         section["cross_entropy_fusion_impl"] = args.cross_entropy
+    section["rope_fusion"] = args.rope_fusion
     cuda = device == "cuda"
     spec = model_spec_from_dict(
         section, tensor_model_parallel_size=args.tp, context_parallel_size=args.cp, sequence_parallel=args.tp > 1,
         bf16=cuda, params_dtype=torch.bfloat16 if cuda else torch.float32,
         pipeline_dtype=torch.bfloat16 if cuda else torch.float32,
         recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None, use_cpu_initialization=not cuda)
+        recompute_num_layers=1 if recompute else None, use_cpu_initialization=not cuda,
+        **({"cuda_graph_impl": "local"} if args.cuda_graphs == "megatron" else {}))
     model = build_model(spec.config, vocab_size=spec.vocab_size, max_sequence_length=seq,
                         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
     if cuda:
@@ -87,6 +90,9 @@ def build(name: str, seq: int, args, device, recompute: bool):
         spec.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cuda), model)
     if cuda:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        if args.fused_adam:  # --no-fused-adam keeps Megatron's fallbacks as they are
+            use_foreach_multi_tensor_ops()
 
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.1, bf16=True,
                                                      use_distributed_optimizer=True, clip_grad=1.0), [ddp])
@@ -111,9 +117,12 @@ STEP_LABELS = ("zero-grad", "grad-sync", "optimizer")  # ranges of train_step, o
 
 def layer_labels(model, pattern: str) -> dict:
     """module -> label: the mixer's pattern letter (L, S, C, A), MLP, norm, embedding, head+loss, and residual for
-    a layer's own work outside its submodules (bias-dropout-add)."""
+    a layer's own work outside its submodules (bias-dropout-add); "graphed layer" for a CUDA-graphed layer."""
     labels = {model.embedding: "embedding", model.output_layer: "head+loss", model.decoder.final_layernorm: "norm"}
     for layer in model.decoder.layers:
+        if "forward" in vars(layer) or getattr(layer, "cudagraph_manager", None) is not None:
+            labels[layer] = "graphed layer"  # a CUDA-graph replay: its submodules' hooks do not run
+            continue
         labels[layer] = "residual"
         labels[layer.self_attention] = pattern[layer.layer_number - 1]
         labels[layer.input_layernorm] = labels[layer.pre_mlp_layernorm] = "norm"
@@ -274,7 +283,13 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
     # Each case compiles Megatron's fusions afresh, as its own training run would: otherwise a shape change from
     # the previous case recompiles them with dynamic shapes (the GPT's fused SwiGLU backward ran 6x slower so).
     torch._dynamo.reset()
+    if args.cuda_graphs == "megatron":  # Megatron's CudaGraphManager wants its CUDA-graph-safe RNG tracker
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True, force_reset_rng=True)
     spec, ddp, opt = build(name, seq_global, args, device, recompute)
+    if args.cuda_graphs == "torch":
+        graph_decoder_layers(ddp.module, micro, local)
     n_params = sum(p.numel() for p in ddp.parameters())
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, spec.vocab_size, (micro, seq_global + 1), generator=g)
@@ -295,6 +310,10 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
             opt.zero_grad()
         loss = ddp(ids, pos, None, labels=labels).float().mean()
         loss.backward()
+        if args.cuda_graphs == "megatron":  # what Megatron's schedules call after each forward-backward
+            from megatron.core.transformer.cuda_graphs import create_cudagraphs
+
+            create_cudagraphs()
         with record_function(RANGE + "grad-sync"):
             ddp.finish_grad_sync()
         with record_function(RANGE + "optimizer"):
@@ -320,6 +339,7 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     finite = all(math.isfinite(x) for x in losses)
     result = dict(model=name, seq=seq_global, backend=args.backend or "default", lr=args.lr, local_seq=local,
+                  cuda_graphs=args.cuda_graphs, rope_fusion=args.rope_fusion,
                   micro_batch=micro, tp=args.tp, cp=cp,
                   recompute=recompute, tokens_per_step=micro * local, params=n_params * args.tp,
                   step_ms=step_s * 1e3, tokens_per_s_per_gpu=tok_s / args.tp, tflops_per_gpu=tflops,
@@ -377,9 +397,17 @@ def main(argv=None):
     p.add_argument("--backend", choices=["triton", "torch"], help="based_kernels backend (default: Triton on GPU); "
                    "torch runs the mixers on the PyTorch reference path, for a loss comparison")
     p.add_argument("--no-fused-adam", dest="fused_adam", action="store_false",
-                   help="keep Megatron's fallback torch AdamW (foreach) instead of torch's fused AdamW")
+                   help="keep Megatron's fallback torch AdamW (foreach) instead of torch's fused AdamW, and "
+                   "its Python-loop gradient norm and scaling instead of torch's foreach kernels")
+    p.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false",
+                   help="S and A layers: Megatron's q/k/v split and apply_rotary_pos_emb instead of "
+                   "based_kernels.rope_split_qkv (one kernel each way)")
     p.add_argument("--cross-entropy", choices=["triton", "native"],
                    help="fused cross entropy of bf16 GPU runs (default: the config's, triton)")
+    p.add_argument("--cuda-graphs", choices=["none", "torch", "megatron"], default="none",
+                   help="replay CUDA graphs of the decoder layers (forward and backward): torch = "
+                   "megatron_based.cuda_graphs (torch.cuda.make_graphed_callables), megatron = Megatron-Core's "
+                   "cuda_graph_impl='local'; the per-layer-type profile then sees graph replays, not layers")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--weak", action="store_true", help="with --cp: the sequence grows with the GPUs")

@@ -111,6 +111,48 @@ def _group_starts(groups) -> list[int]:
     return starts
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """``amp_C.multi_tensor_l2norm``'s contract on ``torch._foreach_norm``: the total L2 norm of
+    ``tensor_lists[0]`` as a 1-element fp32 tensor (and the per-tensor norms when asked), without a host sync.
+    Megatron's fallback (``local_multi_tensor_l2_norm``) builds ``torch.tensor`` from the per-tensor CUDA norms,
+    one host sync per parameter."""
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32, device="cuda"), None
+    norms = torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+    return torch.linalg.vector_norm(norms).reshape(1), (norms if per_tensor else None)
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """``amp_C.multi_tensor_scale``'s contract (``dst = src * scale``) on torch's foreach kernels."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def use_foreach_multi_tensor_ops() -> bool:
+    """Where neither TransformerEngine nor apex is installed, Megatron's optimizer and gradient clipping use
+    Python loops over the parameters (``megatron.core.utils.local_multi_tensor_*``); replace them, process-wide,
+    with torch's foreach kernels (same results: tests/megatron_based/test_train.py). On an H100 the loops left
+    the GPU idle ~10 ms per based-360m step. Returns whether anything was replaced."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    done = False
+    for module, name, local, fast in ((clip_grads, "l2_norm_impl", utils.local_multi_tensor_l2_norm,
+                                       _foreach_l2_norm),
+                                      (clip_grads, "multi_tensor_scale_impl", utils.local_multi_tensor_scale,
+                                       _foreach_scale),
+                                      (optimizer, "multi_tensor_scale_impl", utils.local_multi_tensor_scale,
+                                       _foreach_scale)):
+        if getattr(module, name, None) is local:
+            setattr(module, name, fast)
+            done = True
+    return done
+
+
 def fuse_torch_adam(optimizer) -> int:
     """Switch every torch Adam/AdamW under ``optimizer`` (a Megatron optimizer, chained or not, or TorchAdamW) to
     torch's fused single-kernel implementation. Megatron falls back to torch's AdamW (multi-tensor ``foreach``) when
@@ -152,6 +194,7 @@ def build_optimizer(cfg: RunConfig, model, config, torch_optimizer: bool = False
                          predicate=ParamPredicate(name="1d", fn=lambda p: p.dim() == 1)):
                 ParamGroupOverride(wd_mult=0.0)}
     if torch.cuda.is_available() and not torch_optimizer:  # torch_optimizer: for the DeepSpeed engine
+        use_foreach_multi_tensor_ops()
         optimizer = get_megatron_optimizer(opt_config, [model], config_overrides=no_decay)
         fuse_torch_adam(optimizer)
     else:

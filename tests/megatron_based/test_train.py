@@ -256,3 +256,39 @@ def test_fuse_torch_adam_same_steps_and_moves_step_counters():
     for a, b in zip(params, copies):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     assert all(Wrapped.optimizer.state[p]["step"].item() == 3 for p in copies)
+
+
+def test_foreach_multi_tensor_ops_match_megatron_fallbacks():
+    """The foreach gradient norm and scaling give what Megatron's Python-loop fallbacks (and amp_C) give, and
+    use_foreach_multi_tensor_ops swaps them in where neither TransformerEngine nor apex is installed."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    from megatron_based.train import _foreach_l2_norm, _foreach_scale, use_foreach_multi_tensor_ops
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(*shape, generator=g) * s for shape, s in (((37, 5), 1.0), ((11,), 1e3), ((3, 2, 7), 1e-3))]
+    total, per = _foreach_l2_norm(0, None, [grads], True)
+    ref = torch.cat([t.double().flatten() for t in grads]).norm()
+    assert total.shape == (1,) and total.dtype == torch.float32
+    assert abs(total.item() - ref.item()) <= 1e-6 * ref.item()
+    assert torch.allclose(per.double(), torch.stack([t.double().norm() for t in grads]), rtol=1e-6)
+    assert _foreach_l2_norm(0, None, [grads], False)[1] is None
+    bf16 = [t.bfloat16() for t in grads]  # bf16 gradients: norms accumulated in fp32
+    assert abs(_foreach_l2_norm(0, None, [bf16], False)[0].item() - ref.item()) <= 1e-2 * ref.item()
+    src, dst = [t.clone() for t in grads], [torch.empty_like(t) for t in grads]
+    _foreach_scale(0, None, [src, dst], 0.25)  # out of place, like local_multi_tensor_scale
+    want = [t.clone() for t in grads]
+    utils.local_multi_tensor_scale(0, None, [grads, want], 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(dst, want)) and all(torch.equal(a, b) for a, b in zip(src, grads))
+    _foreach_scale(0, None, [src, src], 0.25)  # in place (how clip_grad_by_total_norm_fp32 calls it)
+    assert all(torch.equal(a, b) for a, b in zip(src, want))
+    saved = (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl)
+    try:
+        if saved[0] is utils.local_multi_tensor_l2_norm:  # no TE / apex here
+            assert use_foreach_multi_tensor_ops()
+            assert clip_grads.l2_norm_impl is _foreach_l2_norm
+            assert clip_grads.multi_tensor_scale_impl is optimizer.multi_tensor_scale_impl is _foreach_scale
+        assert not use_foreach_multi_tensor_ops()  # idempotent; never replaces TE's or apex's kernels
+    finally:
+        clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl = saved
