@@ -6,6 +6,7 @@ Installed as the import package ``based_kernels`` (this folder is ``kernels/`` i
 from ._common import use_backend
 from .cross_entropy import vocab_parallel_cross_entropy
 from .rms_norm import rms_norm  # the function shadows the subpackage name; `from .rms_norm import ops` works
+from .rope import rope_split_qkv
 from .short_conv import base_conv, short_conv, short_conv_step
 from .sliding_window import sliding_window_attention
 from .taylor_attention import taylor_linear_attention, taylor_linear_attention_step
@@ -20,4 +21,5 @@ __all__ = [
     "use_backend",
     "vocab_parallel_cross_entropy",
     "rms_norm",
+    "rope_split_qkv",
 ]

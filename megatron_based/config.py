@@ -71,6 +71,10 @@ class BasedConfig(TransformerConfig):
         swa_window: left window of the S mixer: query t attends keys t - window ... t (128).
         conv_kernel_size: BaseConv's depthwise kernel (3; tap k-1 multiplies the current token).
         rope_base: RoPE base of the S and A mixers (full head dim, rotate-half).
+        rope_fusion: training forwards of the S and A mixers split q, k, v and apply RoPE in one kernel each way
+            (``based_kernels.rope_split_qkv``: fp32 math from fp64-exact cos / sin tables); False: Megatron's
+            split + ``apply_rotary_pos_emb`` (the e2e comparison). Prefill / decode steps always use the latter.
+            (Megatron's own ``apply_rope_fusion`` is TransformerEngine's kernel, off here.)
     """
 
     layer_pattern: str = ""
@@ -80,6 +84,7 @@ class BasedConfig(TransformerConfig):
     swa_window: int = 128
     conv_kernel_size: int = 3
     rope_base: float = 10000.0
+    rope_fusion: bool = True
 
     # BASED defaults for Megatron fields.
     num_layers: int = 0
@@ -109,6 +114,8 @@ class BasedConfig(TransformerConfig):
     def __post_init__(self):
         if self.cross_entropy_loss_fusion is None:
             self.cross_entropy_loss_fusion = torch.cuda.is_available() and self.bf16
+        if not isinstance(self.rope_fusion, bool):
+            raise ConfigError(f"rope_fusion must be true or false; got {self.rope_fusion!r}")
         if self.cross_entropy_fusion_impl not in ("triton", "native", "te"):
             raise ConfigError(f"cross_entropy_fusion_impl must be 'triton', 'native' or 'te'; got "
                               f"{self.cross_entropy_fusion_impl!r}")

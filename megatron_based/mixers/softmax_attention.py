@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
+
+import based_kernels
 
 from ..rope import rope_freqs, rope_freqs_at
 
@@ -43,15 +46,48 @@ class SDPACoreAttention(MegatronModule):
 
 
 class SoftmaxAttention(SelfAttention):
-    """Megatron ``SelfAttention`` that computes its own RoPE for contiguous context-parallel shards."""
+    """Megatron ``SelfAttention`` that computes its own RoPE for contiguous context-parallel shards.
+
+    With ``config.rope_fusion`` the training forward splits and rotates q, k (and copies v) in one kernel inside
+    ``get_query_key_value_tensors`` (``based_kernels.rope_split_qkv``) and passes no ``rotary_pos_emb`` on, so
+    Megatron's forward does not rotate again; otherwise (and where the fused path does not apply: inference
+    contexts, packed sequences, q/k norms, gated outputs, query groups split over TP ranks, no-RoPE layers)
+    Megatron's split + ``apply_rotary_pos_emb`` runs."""
+
+    _rope_offset = None  # the first position of this forward's tokens while the fused RoPE is on, else None
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, **kwargs):
         s = hidden_states.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
         cp = self.pg_collection.cp
         cp_rank = cp.rank() if cp is not None else 0
+        if self._fused_rope_applies(kwargs):
+            self._rope_offset = cp_rank * s
+            try:
+                return super().forward(hidden_states, attention_mask, rotary_pos_emb=None, **kwargs)
+            finally:
+                self._rope_offset = None
         dim = self.config.kv_channels
         freqs = rope_freqs(s, dim, self.config.rope_base, cp_rank * s, device=hidden_states.device)
         return super().forward(hidden_states, attention_mask, rotary_pos_emb=freqs, **kwargs)
+
+    def _fused_rope_applies(self, kwargs) -> bool:
+        c = self.config
+        return (c.rope_fusion and not c.no_rope_freq and not c.attention_output_gate and not c.fused_single_qkv_rope
+                and c.num_query_groups >= self.world_size
+                and all(kwargs.get(name) is None for name in ("inference_context", "inference_params",
+                                                              "packed_seq_params"))
+                and all(n is None or isinstance(n, IdentityOp) for n in (self.q_layernorm, self.k_layernorm)))
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        """Megatron's, or under the fused RoPE: q ``[s, b, np, hn]``, k, v ``[s, b, ng, hn]`` with q, k rotated at
+        positions ``_rope_offset + t`` (the ``[s, b, ng, (np/ng + 2) * hn]`` grouped layout of ``linear_qkv``)."""
+        if self._rope_offset is None:
+            return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                       split_qkv=split_qkv)
+        mixed_qkv, _ = self.linear_qkv(hidden_states)
+        return based_kernels.rope_split_qkv(mixed_qkv, self.num_query_groups_per_partition,
+                                            self.hidden_size_per_attention_head, offset=self._rope_offset,
+                                            base=self.config.rope_base)
 
     # Generation (megatron_based.generation): a KV cache of max_length rows per sequence (grows with the
     # sequence, unlike the BASED mixers' states: this is the baseline they are compared with).
