@@ -9,7 +9,7 @@ source benchmarks/gpu_env.sh || exit 1
 q() { grep -v -i "warn\|deprecat"; }
 t0=$(date +%s)
 timeout 170 python3 -m pytest -q -rA -m gpu -p no:cacheprovider tests/kernels/test_rms_norm.py \
-  tests/kernels/test_rope.py tests/megatron_based/test_model_gpu.py 2>&1 | q > "$OUT/gpu_tests.log"
+  tests/kernels/test_rope.py tests/megatron_based/test_rope_fusion.py tests/megatron_based/test_model_gpu.py 2>&1 | q > "$OUT/gpu_tests.log"
 grep -E "^(PASSED|FAILED|ERROR) |passed|failed" "$OUT/gpu_tests.log" | cut -c1-160 | tail -30
 echo "== tests: $(( $(date +%s) - t0 )) s"; t0=$(date +%s)
 timeout 45 python3 benchmarks/norm.py --out "$OUT/norm.json" 2>&1 | q | tail -3 || echo "FAILED: norm benchmark"
