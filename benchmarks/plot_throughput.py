@@ -40,8 +40,7 @@ def load(paths: list[str]) -> tuple[dict, list[dict]]:
 def variant(r: dict) -> str:
     """How a row ran beyond the defaults (rows of different variants are different cases): CUDA-graphed layers,
     Megatron's unfused RoPE. Empty for the defaults."""
-    graphs = r.get("cuda_graphs", "none")
-    return {"none": "", "torch": " +graphs", "megatron": " +mcore graphs"}.get(graphs, f" +{graphs}") + (
+    return (" +graphs" if r.get("cuda_graphs") not in (None, False, "none") else "") + (
         " unfused-rope" if r.get("rope_fusion") is False else "")
 
 

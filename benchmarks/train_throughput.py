@@ -36,7 +36,6 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
 
 from megatron_based.config import model_spec_from_dict  # noqa: E402
-from megatron_based.cuda_graphs import graph_decoder_layers  # noqa: E402
 from megatron_based.flops import model_flops_per_token  # noqa: E402
 from megatron_based.model import build_model  # noqa: E402
 from megatron_based.parallel import initialize_parallel  # noqa: E402
@@ -81,7 +80,7 @@ def build(name: str, seq: int, args, device, recompute: bool):
         pipeline_dtype=torch.bfloat16 if cuda else torch.float32,
         recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None, use_cpu_initialization=not cuda,
-        **({"cuda_graph_impl": "local"} if args.cuda_graphs == "megatron" else {}))
+        cuda_graph_impl="local" if args.cuda_graphs else "none")
     model = build_model(spec.config, vocab_size=spec.vocab_size, max_sequence_length=seq,
                         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
     if cuda:
@@ -283,13 +282,7 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
     # Each case compiles Megatron's fusions afresh, as its own training run would: otherwise a shape change from
     # the previous case recompiles them with dynamic shapes (the GPT's fused SwiGLU backward ran 6x slower so).
     torch._dynamo.reset()
-    if args.cuda_graphs == "megatron":  # Megatron's CudaGraphManager wants its CUDA-graph-safe RNG tracker
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True, force_reset_rng=True)
     spec, ddp, opt = build(name, seq_global, args, device, recompute)
-    if args.cuda_graphs == "torch":
-        graph_decoder_layers(ddp.module, micro, local)
     n_params = sum(p.numel() for p in ddp.parameters())
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, spec.vocab_size, (micro, seq_global + 1), generator=g)
@@ -310,7 +303,7 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
             opt.zero_grad()
         loss = ddp(ids, pos, None, labels=labels).float().mean()
         loss.backward()
-        if args.cuda_graphs == "megatron":  # what Megatron's schedules call after each forward-backward
+        if args.cuda_graphs:  # what Megatron's schedules call after each forward-backward (a no-op once captured)
             from megatron.core.transformer.cuda_graphs import create_cudagraphs
 
             create_cudagraphs()
@@ -404,10 +397,10 @@ def main(argv=None):
                    "based_kernels.rope_split_qkv (one kernel each way)")
     p.add_argument("--cross-entropy", choices=["triton", "native"],
                    help="fused cross entropy of bf16 GPU runs (default: the config's, triton)")
-    p.add_argument("--cuda-graphs", choices=["none", "torch", "megatron"], default="none",
-                   help="replay CUDA graphs of the decoder layers (forward and backward): torch = "
-                   "megatron_based.cuda_graphs (torch.cuda.make_graphed_callables), megatron = Megatron-Core's "
-                   "cuda_graph_impl='local'; the per-layer-type profile then sees graph replays, not layers")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="Megatron-Core's CUDA graphs of the decoder layers (cuda_graph_impl='local': each layer's "
+                   "forward and backward captured after the first step, then replayed); the per-layer-type profile "
+                   "then sees graph replays, not layers")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--weak", action="store_true", help="with --cp: the sequence grows with the GPUs")
@@ -431,7 +424,7 @@ def main(argv=None):
         import based_kernels
 
         based_kernels.use_backend(args.backend)
-    initialize_parallel(args.tp, 1, args.cp, seed=1234)
+    initialize_parallel(args.tp, 1, args.cp, seed=1234, cuda_graphs=args.cuda_graphs)
     rank = torch.distributed.get_rank()
     meta = dict(date=str(date.today()), device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                 torch=torch.__version__, world_size=torch.distributed.get_world_size(), runs=[vars(args)])

@@ -75,6 +75,10 @@ class BasedConfig(TransformerConfig):
             (``based_kernels.rope_split_qkv``: fp32 math from fp64-exact cos / sin tables); False: Megatron's
             split + ``apply_rotary_pos_emb`` (the e2e comparison). Prefill / decode steps always use the latter.
             (Megatron's own ``apply_rope_fusion`` is TransformerEngine's kernel, off here.)
+        cuda_graph_impl (Megatron's field): "local" captures each layer's forward and backward in CUDA graphs
+            after the first step and replays them (Megatron-Core's CudaGraphManager; train.py seeds the
+            CUDA-graph-safe RNG tracker it needs). A step launches ~2,800 kernels at based-360m's size; on an H100
+            the host could not keep up (docs/benchmarks.md, session 4). GPU only; fixed shapes, no recompute.
     """
 
     layer_pattern: str = ""
@@ -116,6 +120,11 @@ class BasedConfig(TransformerConfig):
             self.cross_entropy_loss_fusion = torch.cuda.is_available() and self.bf16
         if not isinstance(self.rope_fusion, bool):
             raise ConfigError(f"rope_fusion must be true or false; got {self.rope_fusion!r}")
+        if self.cuda_graph_impl not in ("none", "local"):
+            raise ConfigError(f"cuda_graph_impl must be 'none' or 'local' (Megatron-Core's per-layer CUDA graphs; "
+                              f"the others need TransformerEngine); got {self.cuda_graph_impl!r}")
+        if self.cuda_graph_impl == "local" and not torch.cuda.is_available():
+            raise ConfigError("cuda_graph_impl: local needs a GPU; set it to none on CPU")
         if self.cross_entropy_fusion_impl not in ("triton", "native", "te"):
             raise ConfigError(f"cross_entropy_fusion_impl must be 'triton', 'native' or 'te'; got "
                               f"{self.cross_entropy_fusion_impl!r}")

@@ -12,9 +12,12 @@ from .cpu_compat import apply_cpu_shims
 
 
 def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                        context_parallel_size: int = 1, seed: int = 1234, backend: str | None = None) -> None:
+                        context_parallel_size: int = 1, seed: int = 1234, backend: str | None = None,
+                        cuda_graphs: bool = False) -> None:
     """Initialise torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT; a single process
-    needs none of them) and Megatron's groups with rank order tp-cp-dp-pp (tp innermost)."""
+    needs none of them) and Megatron's groups with rank order tp-cp-dp-pp (tp innermost). ``cuda_graphs``: the
+    model uses Megatron's CUDA graphs (``cuda_graph_impl: local``), whose layers need the CUDA-graph-safe RNG
+    tracker."""
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -39,4 +42,5 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_para
         context_parallel_size=context_parallel_size,
     )
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=cuda_graphs,
+                                                    force_reset_rng=cuda_graphs)

@@ -293,7 +293,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     spec = cfg.model_spec()
     config = spec.config
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
-                        seed=t.seed)
+                        seed=t.seed, cuda_graphs=config.cuda_graph_impl == "local")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()

@@ -104,7 +104,7 @@ def test_run_e2e_gpu_smoke(tmp_path):
     from PIL import Image
 
     with Image.open(tmp_path / "train_throughput.png") as img:
-        assert img.size == (900, 560)
+        assert img.size == (940, 560)
     assert "| tiny | 64 |" in (tmp_path / "train_throughput.md").read_text() and "BASED / GPT" in out
 
 

@@ -51,7 +51,7 @@ def full_grads(model, tp_group) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def in_process_group(monkeypatch):
+def in_process_group(monkeypatch, cuda_graphs: bool = False):
     """torch.distributed and Megatron's groups for this one process. GPU tests cannot use run_distributed: its
     workers are forked, and a process forked after the parent queried CUDA (conftest's torch.cuda.is_available())
     fails at its first CUDA call ("Cannot re-initialize CUDA in forked subprocess")."""
@@ -66,7 +66,7 @@ def in_process_group(monkeypatch):
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(port)).items():
         monkeypatch.setenv(key, value)
-    initialize_parallel(1)
+    initialize_parallel(1, cuda_graphs=cuda_graphs)
     try:
         yield
     finally:

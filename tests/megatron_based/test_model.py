@@ -222,3 +222,12 @@ def test_model_flops_count_every_matmul_once():
               + 4 * d * (T + 1) / 2)                                # A: causal softmax
     assert model_flops_per_token(cfg, T, V) == pytest.approx(2 * matmul + 2 * d * V + mixing, rel=1e-12)
 
+
+
+def test_cuda_graph_impl_is_checked():
+    """Megatron's per-layer CUDA graphs (cuda_graph_impl: local) need a GPU; other values need TransformerEngine."""
+    with pytest.raises(ConfigError, match="'none' or 'local'"):
+        tiny_config("CLSA", cuda_graph_impl="transformer_engine")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a GPU"):
+            tiny_config("CLSA", cuda_graph_impl="local")

@@ -96,41 +96,39 @@ def test_fusions_match_plain_ops_in_bf16(monkeypatch):
             assert err < 3e-2, f"{name}: {err:.2e}"
 
 
-def test_cuda_graphed_layers_equal_eager(monkeypatch):
-    """megatron_based.cuda_graphs: a model whose decoder layers replay captured graphs gives the eager model's loss
-    and every parameter gradient, on two different batches (the graphs' static inputs are refilled), with the
-    fused GPU defaults and all four mixers; outside training mode the layers run eagerly."""
-    from megatron_based.cuda_graphs import graph_decoder_layers
 
-    with in_process_group(monkeypatch):
-        cfg = dict(layer_pattern="CLSA", hidden_size=256, num_attention_heads=4, feature_dim=16, swa_window=128,
-                   params_dtype=torch.float32)
-        eager = build_model(BasedConfig(**cfg), vocab_size=VOCAB, max_sequence_length=1000,
-                            make_vocab_size_divisible_by=8).cuda()
-        graphed = build_model(BasedConfig(**cfg), vocab_size=VOCAB, max_sequence_length=1000,
-                              make_vocab_size_divisible_by=8).cuda()
-        graphed.load_state_dict(eager.state_dict())
-        assert graph_decoder_layers(graphed, micro_batch=2, seq_length=1000) == 4
-        pos = torch.arange(1000, device="cuda").expand(2, 1000)
-        for seed in (5, 6):
-            ids = torch.randint(0, VOCAB, (2, 1000), generator=torch.Generator().manual_seed(seed)).cuda()
+def test_megatron_cuda_graphs_equal_eager(monkeypatch):
+    """Megatron-Core's per-layer CUDA graphs (cuda_graph_impl: local) around the BASED layers: after the capture at
+    the end of the first step, replayed steps give the eager model's losses and gradients (Megatron DDP's main_grad
+    buffers), on a new batch each step, all four mixers, bf16 with the fused GPU defaults."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.cuda_graphs import create_cudagraphs
+
+    with in_process_group(monkeypatch, cuda_graphs=True):
+        runs = []
+        for impl in ("none", "local"):
+            cfg = BasedConfig(layer_pattern="CLSA", hidden_size=256, num_attention_heads=4, feature_dim=16,
+                              swa_window=128, params_dtype=torch.bfloat16, bf16=True, cuda_graph_impl=impl)
+            model = build_model(cfg, vocab_size=VOCAB, max_sequence_length=1000, make_vocab_size_divisible_by=8)
+            model = model.cuda()
+            if runs:
+                model.load_state_dict(weights)
+            else:
+                weights = model.state_dict()
+            ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+            pos = torch.arange(1000, device="cuda").expand(2, 1000)
             out = []
-            for model in (eager, graphed):
-                model.zero_grad(set_to_none=True)
-                loss = model(ids, pos, None, labels=ids.roll(-1, 1)).float().mean()
+            for step in range(4):
+                ids = torch.randint(0, VOCAB, (2, 1000), generator=torch.Generator().manual_seed(step)).cuda()
+                ddp.zero_grad_buffer()
+                loss = ddp(ids, pos, None, labels=ids.roll(-1, 1)).float().mean()
                 loss.backward()
-                out.append((loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
-            (l0, g0), (l1, g1) = out
-            assert abs(l1 - l0) <= 1e-5 * abs(l0), (l0, l1)
+                if impl == "local":
+                    create_cudagraphs()
+                out.append((loss.item(), {n: p.main_grad.float().clone() for n, p in model.named_parameters()}))
+            runs.append(out)
+        for step, ((l0, g0), (l1, g1)) in enumerate(zip(*runs)):
+            assert abs(l1 - l0) <= 1e-3 * abs(l0), (step, l0, l1)
             for name in g0:
                 err = ((g1[name] - g0[name]).norm() / g0[name].norm()).item()
-                assert err < 1e-4, f"{name}: {err:.2e}"
-        graphed.eval()
-        with torch.no_grad():  # eager fallback: another batch size than the one captured
-            ids = torch.randint(0, VOCAB, (3, 1000), generator=torch.Generator().manual_seed(7)).cuda()
-            eager.eval()
-            p3 = torch.arange(1000, device="cuda").expand(3, 1000)
-            assert torch.allclose(graphed(ids, p3, None), eager(ids, p3, None), atol=1e-5, rtol=1e-5)
-        graphed.train()
-        with pytest.raises(ValueError, match="captured for hidden_states"):
-            graphed(ids, p3, None)
+                assert err < 1e-2, f"step {step} {name}: {err:.2e}"
