@@ -19,7 +19,8 @@ COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 1
 # Columns of the profile table: label -> the profile labels summed into it (comm/* is summed separately).
 PROFILE_COLUMNS = {"L": ["L"], "S": ["S"], "C": ["C"], "A": ["A"], "MLP": ["MLP"], "norm": ["norm"],
                    "residual": ["residual"], "embedding": ["embedding"], "head+loss": ["head+loss"],
-                   "grad-accum": ["grad-accum"], "optimizer": ["optimizer", "zero-grad", "grad-sync"],
+                   "graphed layers": ["graphed layers"], "grad-accum": ["grad-accum"],
+                   "optimizer": ["optimizer", "zero-grad", "grad-sync"],
                    "other": ["other"]}
 
 

@@ -116,12 +116,13 @@ STEP_LABELS = ("zero-grad", "grad-sync", "optimizer")  # ranges of train_step, o
 
 def layer_labels(model, pattern: str) -> dict:
     """module -> label: the mixer's pattern letter (L, S, C, A), MLP, norm, embedding, head+loss, and residual for
-    a layer's own work outside its submodules (bias-dropout-add); "graphed layer" for a CUDA-graphed layer."""
+    a layer's own work outside its submodules (bias-dropout-add); "graphed layers" for CUDA-graphed layers."""
     labels = {model.embedding: "embedding", model.output_layer: "head+loss", model.decoder.final_layernorm: "norm"}
+    if any(getattr(layer, "cudagraph_manager", None) is not None for layer in model.decoder.layers):
+        # CUDA-graphed layers replay whole graphs (and Megatron refuses hooks on them): one range around them all
+        labels[model.decoder] = "graphed layers"
+        return {m: v for m, v in labels.items() if m is not None}
     for layer in model.decoder.layers:
-        if "forward" in vars(layer) or getattr(layer, "cudagraph_manager", None) is not None:
-            labels[layer] = "graphed layer"  # a CUDA-graph replay: its submodules' hooks do not run
-            continue
         labels[layer] = "residual"
         labels[layer.self_attention] = pattern[layer.layer_number - 1]
         labels[layer.input_layernorm] = labels[layer.pre_mlp_layernorm] = "norm"
@@ -282,6 +283,10 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
     # Each case compiles Megatron's fusions afresh, as its own training run would: otherwise a shape change from
     # the previous case recompiles them with dynamic shapes (the GPT's fused SwiGLU backward ran 6x slower so).
     torch._dynamo.reset()
+    if args.cuda_graphs:  # Megatron keeps its graph records process-wide: the previous case's are stale
+        from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
+
+        delete_cuda_graphs()
     spec, ddp, opt = build(name, seq_global, args, device, recompute)
     n_params = sum(p.numel() for p in ddp.parameters())
     g = torch.Generator().manual_seed(0)

@@ -102,7 +102,7 @@ def test_megatron_cuda_graphs_equal_eager(monkeypatch):
     the end of the first step, replayed steps give the eager model's losses and gradients (Megatron DDP's main_grad
     buffers), on a new batch each step, all four mixers, bf16 with the fused GPU defaults."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.cuda_graphs import create_cudagraphs
+    from megatron.core.transformer.cuda_graphs import create_cudagraphs, delete_cuda_graphs
 
     with in_process_group(monkeypatch, cuda_graphs=True):
         runs = []
@@ -127,6 +127,9 @@ def test_megatron_cuda_graphs_equal_eager(monkeypatch):
                     create_cudagraphs()
                 out.append((loss.item(), {n: p.main_grad.float().clone() for n, p in model.named_parameters()}))
             runs.append(out)
+        graphs = [r for layer in model.decoder.layers for r in layer.cudagraph_manager.cudagraph_runners]
+        assert len(graphs) == 4 and all(r.fwd_graph is not None and r.bwd_graph is not None for r in graphs)
+        delete_cuda_graphs()
         for step, ((l0, g0), (l1, g1)) in enumerate(zip(*runs)):
             assert abs(l1 - l0) <= 1e-3 * abs(l0), (step, l0, l1)
             for name in g0:
