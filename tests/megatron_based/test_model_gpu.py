@@ -19,10 +19,10 @@ pytestmark = pytest.mark.gpu
 VOCAB = 512
 
 
-def _model(dtype, pattern="CLSCLS"):
+def _model(dtype, pattern="CLSCLS", hidden=256, heads=4):
     torch.manual_seed(0)
-    cfg = BasedConfig(layer_pattern=pattern, hidden_size=256, num_attention_heads=4, feature_dim=16, swa_window=128,
-                      conv_kernel_size=3, params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    cfg = BasedConfig(layer_pattern=pattern, hidden_size=hidden, num_attention_heads=heads, feature_dim=16,
+                      swa_window=128, conv_kernel_size=3, params_dtype=dtype, bf16=dtype == torch.bfloat16)
     return build_model(cfg, vocab_size=VOCAB, max_sequence_length=8192, make_vocab_size_divisible_by=8).cuda()
 
 
@@ -53,12 +53,14 @@ def test_model_with_kernels_equals_torch_path(dtype, tol, T, monkeypatch):
             assert gerr < tol, f"{name}: relative gradient error {gerr:.2e}"
 
 
-@pytest.mark.parametrize("t0", [1, 127, 128, 129, 2500, 4095])
-def test_model_is_causal_on_gpu(t0, monkeypatch):
+@pytest.mark.parametrize("t0, hidden, heads", [(1, 256, 4), (127, 256, 4), (128, 256, 4), (129, 256, 4),
+                                               (2500, 256, 4), (4095, 256, 4), (129, 1792, 16), (4000, 1792, 16)])
+def test_model_is_causal_on_gpu(t0, hidden, heads, monkeypatch):
     """Changing token t0 leaves every logit before t0 bit-identical and changes the logits at t0 (Triton path,
-    bf16, T spanning many kernel chunks). A leak of future tokens would let training copy its labels."""
+    bf16, T spanning many kernel chunks; head dim 64 as based-360m and 112 as based-1.3b). A leak of future tokens
+    would let training copy its labels."""
     with in_process_group(monkeypatch), torch.no_grad():
-        model = _model(torch.bfloat16)
+        model = _model(torch.bfloat16, "CLSCLS" if hidden == 256 else "CLS", hidden, heads)
         ids = torch.randint(0, VOCAB, (2, 4096), generator=torch.Generator().manual_seed(1)).cuda()
         pos = torch.arange(4096, device="cuda").expand_as(ids)
         changed = ids.clone()
