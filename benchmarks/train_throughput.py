@@ -355,7 +355,8 @@ def run_case(name: str, seq: int, args, device, recompute: bool) -> dict:
 
 def run_guarded(name: str, seq: int, args, device) -> dict:
     """One case; an OOM (retried with full recompute under --recompute-on-oom) or any error becomes a row."""
-    row = dict(model=name, seq=seq * (args.cp if args.weak else 1), tp=args.tp, cp=args.cp)
+    row = dict(model=name, seq=seq * (args.cp if args.weak else 1), tp=args.tp, cp=args.cp,
+               cuda_graphs=args.cuda_graphs, rope_fusion=args.rope_fusion)
     attempts = [args.recompute] + ([True] if args.recompute_on_oom and not args.recompute else [])
     for recompute in attempts:
         err = None
