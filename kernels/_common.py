@@ -61,6 +61,15 @@ def configs(gpu_configs, interpreter_config):
     return [interpreter_config] if INTERPRET else gpu_configs
 
 
+def row_align(*tensors):
+    """The largest power of two (elements, <= 16 bytes) dividing every row stride: the ALIGN constexpr."""
+    a = 16 // tensors[0].element_size()
+    for t in tensors:
+        while t.stride(0) % a:
+            a //= 2
+    return a
+
+
 def cdiv(a, b):
     return -(-a // b)  # triton.cdiv / next_power_of_2 are constexpr_functions in triton 3.6: ~5 us per host call
 

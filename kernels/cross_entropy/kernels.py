@@ -17,15 +17,6 @@ from .._common import INTERPRET, configs
 BWD_BLOCK_V, BWD_WARPS = (64, 1) if INTERPRET else (4096, 8)
 
 
-def row_align(*tensors):
-    """The largest power of two (elements, <= 16 bytes) dividing every row stride: the ALIGN constexpr."""
-    a = 16 // tensors[0].element_size()
-    for t in tensors:
-        while t.stride(0) % a:
-            a //= 2
-    return a
-
-
 @triton.jit
 def _online(m, s, x):
     """Per-lane running max m and sum exp(x - m) after one more element x per lane, one exp each:

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .._common import Launcher, cdiv
-from .kernels import BWD_BLOCK_V, BWD_WARPS, ce_bwd_kernel, ce_fwd_kernel, row_align
+from .._common import Launcher, cdiv, row_align
+from .kernels import BWD_BLOCK_V, BWD_WARPS, ce_bwd_kernel, ce_fwd_kernel
 
 
 _fwd, _bwd = Launcher(ce_fwd_kernel), Launcher(ce_bwd_kernel)

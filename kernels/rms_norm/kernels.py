@@ -21,15 +21,6 @@ MAX_D = 16384  # the row lives in registers: above this the tile would spill (us
 ROW_QUANTUM = 8
 
 
-def row_align(*tensors):
-    """The largest power of two (elements, <= 16 bytes) dividing every row stride: the ALIGN constexpr."""
-    a = 16 // tensors[0].element_size()
-    for t in tensors:
-        while t.stride(0) % a:
-            a //= 2
-    return a
-
-
 # (BLOCK_M rows per tile, warps); 32 warps only for one-row tiles (huge D). Pruned per BLOCK_D by _prune.
 _CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8) for w in (4, 8, 16)] + [
     triton.Config({"BLOCK_M": 1}, num_warps=32)]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .._common import Launcher, cdiv, next_pow2
-from .kernels import ROW_QUANTUM, rms_bwd_kernel, rms_fwd_kernel, row_align
+from .._common import Launcher, cdiv, next_pow2, row_align
+from .kernels import ROW_QUANTUM, rms_bwd_kernel, rms_fwd_kernel
 
 __all__ = ["RMSNormFunction", "rms_norm_fwd_op", "rms_norm_bwd_op", "fwd_triton", "bwd_triton"]
 
