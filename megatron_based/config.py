@@ -123,6 +123,9 @@ class BasedConfig(TransformerConfig):
         if self.cuda_graph_impl not in ("none", "local"):
             raise ConfigError(f"cuda_graph_impl must be 'none' or 'local' (Megatron-Core's per-layer CUDA graphs; "
                               f"the others need TransformerEngine); got {self.cuda_graph_impl!r}")
+        if self.cuda_graph_impl == "local" and self.recompute_granularity == "full":
+            raise ConfigError("cuda_graph_impl: local and full activation recompute do not mix (Megatron's per-layer "
+                              "graphs refuse it): drop one of them")
         if self.cuda_graph_impl == "local" and not torch.cuda.is_available():
             raise ConfigError("cuda_graph_impl: local needs a GPU; set it to none on CPU")
         if self.cross_entropy_fusion_impl not in ("triton", "native", "te"):

@@ -228,6 +228,9 @@ def test_cuda_graph_impl_is_checked():
     """Megatron's per-layer CUDA graphs (cuda_graph_impl: local) need a GPU; other values need TransformerEngine."""
     with pytest.raises(ConfigError, match="'none' or 'local'"):
         tiny_config("CLSA", cuda_graph_impl="transformer_engine")
+    with pytest.raises(ConfigError, match="recompute do not mix"):
+        tiny_config("CLSA", cuda_graph_impl="local", recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="needs a GPU"):
             tiny_config("CLSA", cuda_graph_impl="local")
