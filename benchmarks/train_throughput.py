@@ -39,7 +39,7 @@ from megatron_based.config import model_spec_from_dict  # noqa: E402
 from megatron_based.flops import model_flops_per_token  # noqa: E402
 from megatron_based.model import build_model  # noqa: E402
 from megatron_based.parallel import initialize_parallel  # noqa: E402
-from megatron_based.train import fuse_torch_adam, use_foreach_multi_tensor_ops  # noqa: E402
+from megatron_based.train import megatron_optimizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The softmax baselines of performance.md: the BASED model's width, depth 24, SwiGLU, tied 50k vocab.
@@ -88,15 +88,12 @@ def build(name: str, seq: int, args, device, recompute: bool):
     ddp = DistributedDataParallel(
         spec.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cuda), model)
     if cuda:
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig
 
-        if args.fused_adam:  # --no-fused-adam keeps Megatron's fallbacks as they are
-            use_foreach_multi_tensor_ops()
-
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.1, bf16=True,
-                                                     use_distributed_optimizer=True, clip_grad=1.0), [ddp])
-        if args.fused_adam:
-            fuse_torch_adam(opt)
+        # --no-fused-adam keeps Megatron's fallbacks as they are
+        opt = megatron_optimizer(OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.1, bf16=True,
+                                                 use_distributed_optimizer=True, clip_grad=1.0), [ddp],
+                                 fast=args.fused_adam)
     else:  # get_megatron_optimizer hard-codes CUDA; a smoke run on CPU uses a plain AdamW.
         opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
     return spec, ddp, opt
@@ -164,7 +161,8 @@ def attribute(events, device_time: bool, steps: int = 1, top: int = 15) -> dict:
     overall; on GPU also the device time of all kernels, attributed or not."""
     per = defaultdict(lambda: defaultdict(float))  # label -> phase -> us
     kernels = defaultdict(lambda: [0.0, 0, defaultdict(float)])  # name -> [us, calls, {label: us}]
-    for e, label, phase in labelled(events):
+    cpu = list(labelled(events))
+    for e, label, phase in cpu:
         items = [(k.name, k.duration) for k in e.kernels] if device_time else [(e.name, e.self_cpu_time_total)]
         for name, us in items:
             if name.startswith(RANGE):  # the device-side copy of a profiler range, not a kernel
@@ -174,7 +172,7 @@ def attribute(events, device_time: bool, steps: int = 1, top: int = 15) -> dict:
             kernels[name][0] += us
             kernels[name][1] += 1
             kernels[name][2][lab] += us
-    ms = lambda us: round(us / steps / 1e3, 4)  # noqa: E731
+    ms = per_step_ms(steps)
     by_label = {lab: dict({p: ms(v) for p, v in phases.items()}, total=ms(sum(phases.values())))
                 for lab, phases in sorted(per.items(), key=lambda kv: -sum(kv[1].values()))}
     for lab in by_label:
@@ -185,32 +183,40 @@ def attribute(events, device_time: bool, steps: int = 1, top: int = 15) -> dict:
                top_kernels=[dict(name=n[:120], ms=ms(v[0]), calls=v[1] / steps, type=max(v[2], key=v[2].get))
                             for n, v in ranked])
     if device_time:  # every device event, attributed or not (a kernel whose launching op was not found is "lost")
-        total = sum(e.time_range.elapsed_us() for e in events
-                    if e.device_type != torch.autograd.DeviceType.CPU and not e.name.startswith(RANGE)
-                    and not e.is_user_annotation)
+        total = sum(e.time_range.elapsed_us() for e in device_events(events))
         out.update(device_total_ms=ms(total), unattributed_ms=round(ms(total) - out["attributed_ms"], 4),
-                   **idle_gaps(events, steps))
+                   **idle_gaps(events, cpu, steps))
     return out
+
+
+def per_step_ms(steps: int):
+    """Microseconds summed over ``steps`` profiled steps -> milliseconds per step."""
+    return lambda us: round(us / steps / 1e3, 4)
+
+
+def device_events(events):
+    """The device's own events (kernels, copies): not the CPU ops, nor the device-side copies of profiler ranges."""
+    return [e for e in events if e.device_type != torch.autograd.DeviceType.CPU and not e.name.startswith(RANGE)
+            and not e.is_user_annotation]
 
 
 LAUNCH = ("cuda", "cu")  # CUDA runtime / driver API calls (kernel launches, copies, syncs) among the CPU events
 
 
-def idle_gaps(events, steps: int, top: int = 12) -> dict:
+def idle_gaps(events, cpu, steps: int, top: int = 12) -> dict:
     """Where the GPU waited for the host: the gaps between the device's busy intervals (kernels, copies), each
     attributed to the label and op of the runtime call that ended last before the gap closed (the launch the GPU
     was waiting for; after a host sync such as the grad norm's .item(), the next launch). Milliseconds per step
-    (the profiler's own host overhead inflates them: compare labels, not absolute values with the timed steps)."""
-    dev = sorted((e.time_range.start, e.time_range.end) for e in events
-                 if e.device_type != torch.autograd.DeviceType.CPU and not e.name.startswith(RANGE)
-                 and not e.is_user_annotation)
+    (the profiler's own host overhead inflates them: compare labels, not absolute values with the timed steps).
+    ``cpu``: ``labelled(events)`` as a list (the caller has it already)."""
+    dev = sorted((e.time_range.start, e.time_range.end) for e in device_events(events))
     gaps, end = [], None
     for a, b in dev:
         if end is not None and a > end:
             gaps.append((end, a))
         end = b if end is None else max(end, b)
-    launches = sorted(((e.time_range.end, e, lab) for e, lab, _ in labelled(events)
-                       if e.name.startswith(LAUNCH)), key=lambda t: t[0])
+    launches = sorted(((e.time_range.end, e, lab) for e, lab, _ in cpu if e.name.startswith(LAUNCH)),
+                      key=lambda t: t[0])
     ends = [t[0] for t in launches]
     per_label, per_op = defaultdict(float), defaultdict(float)
     for a, b in gaps:
@@ -218,7 +224,7 @@ def idle_gaps(events, steps: int, top: int = 12) -> dict:
         label, op = ("none", "none") if i < 0 else (launches[i][2], _op_name(launches[i][1]))
         per_label[label] += b - a
         per_op[f"{label}: {op}"] += b - a
-    ms = lambda us: round(us / steps / 1e3, 4)  # noqa: E731
+    ms = per_step_ms(steps)
     return dict(idle_ms=ms(sum(b - a for a, b in gaps)), kernels_per_step=len(dev) / steps,
                 idle_by_type={k: ms(v) for k, v in sorted(per_label.items(), key=lambda kv: -kv[1])},
                 idle_top_ops=[[k[:100], ms(v)] for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]])

@@ -178,9 +178,23 @@ def fuse_torch_adam(optimizer) -> int:
     return switched
 
 
+def megatron_optimizer(opt_config, model_chunks, fast: bool = True, **kwargs):
+    """Megatron's ``get_megatron_optimizer``; ``fast``: on torch's foreach gradient norm and scaling
+    (``use_foreach_multi_tensor_ops``) and fused AdamW (``fuse_torch_adam``) where Megatron would fall back to its
+    Python loops and foreach AdamW (no TransformerEngine or apex)."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    if fast:
+        use_foreach_multi_tensor_ops()
+    optimizer = get_megatron_optimizer(opt_config, model_chunks, **kwargs)
+    if fast:
+        fuse_torch_adam(optimizer)
+    return optimizer
+
+
 def build_optimizer(cfg: RunConfig, model, config, torch_optimizer: bool = False):
     """AdamW with no weight decay on biases, norms (1-D) and embeddings; Megatron's (distributed) optimizer on GPU."""
-    from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
@@ -194,9 +208,7 @@ def build_optimizer(cfg: RunConfig, model, config, torch_optimizer: bool = False
                          predicate=ParamPredicate(name="1d", fn=lambda p: p.dim() == 1)):
                 ParamGroupOverride(wd_mult=0.0)}
     if torch.cuda.is_available() and not torch_optimizer:  # torch_optimizer: for the DeepSpeed engine
-        use_foreach_multi_tensor_ops()
-        optimizer = get_megatron_optimizer(opt_config, [model], config_overrides=no_decay)
-        fuse_torch_adam(optimizer)
+        optimizer = megatron_optimizer(opt_config, [model], config_overrides=no_decay)
     else:
         optimizer = TorchAdamW(_get_param_groups([model], opt_config, no_decay), t)
     scheduler = OptimizerParamScheduler(

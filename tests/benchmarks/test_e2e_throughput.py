@@ -41,7 +41,7 @@ def test_idle_gaps_go_to_the_launch_the_gpu_waited_for():
               _event("k1", 20, 50, device=True), _event("k2", 30, 60, device=True),  # overlapping: one busy span
               _event("k3", 160, 170, device=True), _event("k4", 170, 180, device=True),  # back to back: no gap
               _event("k5", 210, 230, device=True)]
-    got = train_throughput.idle_gaps(events, steps=2)
+    got = train_throughput.idle_gaps(events, list(train_throughput.labelled(events)), steps=2)
     # gaps: 60 -> 160 (waiting for aten::copy_'s launch), 180 -> 210 (the optimizer's own launch); per step, ms
     assert got["idle_ms"] == round(130 / 2 / 1e3, 4) and got["kernels_per_step"] == 2.5
     assert got["idle_by_type"] == {"optimizer": round(130 / 2 / 1e3, 4)}
