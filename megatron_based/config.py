@@ -77,8 +77,8 @@ class BasedConfig(TransformerConfig):
             (Megatron's own ``apply_rope_fusion`` is TransformerEngine's kernel, off here.)
         cuda_graph_impl (Megatron's field): "local" captures each layer's forward and backward in CUDA graphs
             after the first step and replays them (Megatron-Core's CudaGraphManager; train.py seeds the
-            CUDA-graph-safe RNG tracker it needs). A step launches ~2,800 kernels at based-360m's size; on an H100
-            the host could not keep up (docs/benchmarks.md, session 4). GPU only; fixed shapes, no recompute.
+            CUDA-graph-safe RNG tracker it needs). An eager step launches ~1,700 kernels at based-360m's size; on an
+            H100 the host could not keep up (docs/benchmarks.md, session 4). GPU only; fixed shapes, no recompute.
     """
 
     layer_pattern: str = ""

@@ -7,14 +7,6 @@ from megatron.core.transformer import TransformerConfig
 import based_kernels
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / sqrt(mean(x^2) + eps) * weight.to(x.dtype)`` with fp32 statistics, in x's dtype:
-    ``based_kernels.rms_norm`` (Triton forward + backward for CUDA tensors, ``F.rms_norm`` on CPU or under
-    ``based_kernels.use_backend("torch")``). PyTorch's fused backward was 0.25 ms of a 0.30 ms call at
-    [32768, 1024] bf16 on an H100, 55 calls per based-360m step (kernels/rms_norm/README.md)."""
-    return based_kernels.rms_norm(x, weight, eps)
-
-
 class RMSNorm(torch.nn.Module):
     """``y = x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 and returned in the input dtype.
 
@@ -32,6 +24,8 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fused kernels (fp32 statistics, output in the input dtype): the unfused fp32 version was 31% of
-        # based-360m's GPU time per training step on an H100 (benchmarks/train_throughput.py --profile)
-        return rms_norm(x, self.weight, self.eps)
+        # based_kernels.rms_norm: Triton forward + backward for CUDA tensors (fp32 statistics, output in x's dtype,
+        # weight.to(x.dtype) like F.rms_norm), F.rms_norm on CPU or under based_kernels.use_backend("torch"). The
+        # unfused fp32 formula was 31% of based-360m's GPU time per training step on an H100; the Triton kernels
+        # took the norms from 16.7 to 10.9 ms per step against F.rms_norm (docs/benchmarks.md, session 4).
+        return based_kernels.rms_norm(x, self.weight, self.eps)
