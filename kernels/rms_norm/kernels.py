@@ -39,12 +39,14 @@ def _prune(max_tile, max_per_thread):
     return prune
 
 
-@triton.autotune(
-    configs=configs(_CONFIGS,
-                    triton.Config({"BLOCK_M": 2}, num_warps=1)),
-    key=["D", "BLOCK_D"],
-    prune_configs_by={"early_config_prune": _prune(8192, 64)},
-)
+def _autotuned(max_per_thread):
+    """Autotuning over ``_CONFIGS`` per (D, BLOCK_D), pruned to tiles of <= 8192 elements and 8 to
+    ``max_per_thread`` elements per thread (forward 64; backward 32, as it keeps x and dy live per element)."""
+    return triton.autotune(configs=configs(_CONFIGS, triton.Config({"BLOCK_M": 2}, num_warps=1)),
+                           key=["D", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune(8192, max_per_thread)})
+
+
+@_autotuned(max_per_thread=64)
 @triton.jit
 def rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, N, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -64,12 +66,7 @@ def rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, N, eps, D: tl.conste
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
 
-@triton.autotune(
-    configs=configs(_CONFIGS,
-                    triton.Config({"BLOCK_M": 2}, num_warps=1)),
-    key=["D", "BLOCK_D"],
-    prune_configs_by={"early_config_prune": _prune(8192, 32)},
-)
+@_autotuned(max_per_thread=32)
 @triton.jit
 def rms_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dwp_ptr, stride_x, stride_dy, N, rows_per_prog,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr):
