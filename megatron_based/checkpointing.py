@@ -12,7 +12,12 @@ manifest first (a truncated or corrupted file is named in the error). Nothing is
 state is read by ``torch.load(weights_only=True)`` and torch's ``.metadata`` pickle (which torch.distributed.checkpoint
 reads with plain ``pickle.load``) is first parsed here with an unpickler that only admits its metadata classes.
 
-Tensors are saved with their global shapes, so a checkpoint loads at another TP / PP / DP layout (resharding).
+Tensors are saved with their global shapes, so a checkpoint loads at another TP / PP / CP / DP layout (resharding).
+The optimizer state of Megatron's distributed optimizer is saved in one of two of Megatron's formats
+(``train.optimizer_checkpoint_format``, recorded in the manifest so a load always reads what was written):
+``fully_reshardable`` (the default) gathers each parameter's Adam state into the parameter's own (global) shape,
+so it reshards like the model; ``dp_reshardable`` writes each rank's flat buffer shard as is (no gather: less memory
+and time at save) and only loads at the same TP / PP / CP sizes (DP may change). docs/training.md has the costs.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import yaml
 MANIFEST = "manifest.json"
 LATEST = "latest"
 RUN_CONFIG = "run_config.yaml"
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 
 
 class CheckpointError(RuntimeError):
@@ -101,8 +107,79 @@ def _gather_rng() -> list:
     return states
 
 
+def _optimizer_metadata(optimizer_format: str) -> dict:
+    """``sharded_state_dict`` metadata for Megatron's optimizers (megatron-core's own default format,
+    ``fully_sharded_model_space``, no longer saves in 0.19). Without the distributed optimizer the format key is
+    ignored and the state is saved per parameter (fully reshardable)."""
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise CheckpointError(f"unknown optimizer checkpoint format {optimizer_format!r}; use one of "
+                              f"{', '.join(OPTIMIZER_FORMATS)}")
+    return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
+
+
+def _init_adam_state(optimizer) -> None:
+    """Give every parameter of the torch Adam(W)s under a Megatron optimizer an empty state (step 0, zero moments),
+    as loading needs: without TransformerEngine or apex, Megatron's distributed optimizer reads the common ``step``
+    of the existing state when it builds the state dict to load into, and a fresh optimizer has none."""
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        torch_opt = getattr(opt, "optimizer", None)
+        if not isinstance(torch_opt, torch.optim.Optimizer):
+            continue
+        for group in torch_opt.param_groups:
+            for p in group["params"]:
+                if not torch_opt.state[p]:
+                    torch_opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                          "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _load_only_saved_optimizer_keys() -> None:
+    """Megatron-core 0.19's distributed optimizer, without TransformerEngine or apex, keeps torch Adam's ``step`` as a
+    tensor in each parameter's state, and its fully-reshardable load then looks for a saved ``step`` tensor per
+    parameter, which it never writes (the step is restored from the parameter groups): ``KeyError: 'step'``. Copy
+    only the state tensors the checkpoint holds. Process-wide and idempotent."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    setter = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(setter, "_saved_keys_only", False):
+        return
+
+    def set_saved(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        unsaved = {k: v for k, v in state.items() if torch.is_tensor(v) and k not in tensors}
+        for k in unsaved:
+            del state[k]
+        try:
+            setter(self, model_param, tensors)
+        finally:
+            state.update(unsaved)
+
+    set_saved._saved_keys_only = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_saved
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Megatron's distributed optimizer (without TransformerEngine or apex) loads one ``step`` tensor into the state
+    of every parameter; torch's Adam increments each parameter's ``step`` in place, so a shared tensor would advance
+    once per parameter per step and skew the bias correction of every later update. Give each its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        torch_opt = getattr(opt, "optimizer", None)
+        if isinstance(torch_opt, torch.optim.Optimizer):
+            for st in torch_opt.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].detach().clone()
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
+
+
 def save_checkpoint(save_dir: str | os.PathLike, step: int, model, optimizer, scheduler, state: dict,
-                    run_config: dict) -> Path:
+                    run_config: dict, optimizer_format: str = "fully_reshardable") -> Path:
     """Save atomically as ``save_dir/step_<step>`` and point ``latest`` at it. Collective: call on every rank."""
     from megatron.core import dist_checkpointing
 
@@ -115,7 +192,8 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model, optimizer, sc
         tmp.mkdir()
     _barrier()
     model_sd = model_sharded_state_dict(model)
-    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd),
+    metadata = _optimizer_metadata(optimizer_format)
+    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=metadata),
                "scheduler": scheduler.state_dict(), "state": dict(state), "rng": _gather_rng()}
     dist_checkpointing.save(sharded, str(tmp))
     _barrier()
@@ -123,7 +201,8 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model, optimizer, sc
         (tmp / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
         files = {p.name: {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in sorted(tmp.iterdir())
                  if p.is_file()}
-        _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+        manifest = {"step": step, "optimizer_format": optimizer_format, "layout": _layout(), "files": files}
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -151,13 +230,15 @@ def resolve(load: str, save_dir: str | None) -> Path | None:
     return path
 
 
-def verify(path: Path) -> None:
-    """Check every file against the manifest; raise :class:`CheckpointError` naming the first bad one."""
+def verify(path: Path) -> dict:
+    """Check every file against the manifest; raise :class:`CheckpointError` naming the first bad one. Returns the
+    manifest."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{manifest} is missing: {path} is not a complete checkpoint (interrupted save?)")
     try:
-        files = json.loads(manifest.read_text())["files"]
+        content = json.loads(manifest.read_text())
+        files = content["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest} is corrupted ({e})") from None
     for name, meta in files.items():
@@ -171,6 +252,7 @@ def verify(path: Path) -> None:
         if _crc32(f) != meta["crc32"]:
             raise CheckpointError(f"checkpoint file {f} is corrupted (CRC32 differs from {manifest})")
     _check_metadata_pickle(path)
+    return content
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -199,18 +281,31 @@ def _check_metadata_pickle(path: Path) -> None:
                               f"unpickle it ({type(e).__name__}: {e})") from None
 
 
-def _verify_collective(path: Path) -> None:
-    """Rank 0 reads the files; every rank raises the same error."""
-    error = [None]
+def _verify_collective(path: Path) -> dict:
+    """Rank 0 reads the files; every rank raises the same error or gets the same manifest."""
+    result = [None, None]
     if _rank() == 0:
         try:
-            verify(path)
+            result[1] = verify(path)
         except CheckpointError as e:
-            error[0] = str(e)
+            result[0] = str(e)
     if dist.is_initialized():
-        dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise CheckpointError(error[0])
+        dist.broadcast_object_list(result, src=0)
+    if result[0]:
+        raise CheckpointError(result[0])
+    return result[1]
+
+
+def _check_optimizer_layout(path: Path, manifest: dict) -> str:
+    """The optimizer format the checkpoint was written in; ``dp_reshardable`` state only loads at its TP/PP/CP."""
+    fmt = manifest.get("optimizer_format", "fully_reshardable")
+    saved, now = manifest.get("layout"), _layout()
+    if fmt == "dp_reshardable" and saved and any(saved[k] != now[k] for k in ("tp", "pp", "cp")):
+        raise CheckpointError(
+            f"{path} holds dp_reshardable optimizer state written at TP={saved['tp']} PP={saved['pp']} "
+            f"CP={saved['cp']}; it loads only at that TP/PP/CP (now TP={now['tp']} PP={now['pp']} CP={now['cp']}). "
+            "Resume at the saved layout, or save with train.optimizer_checkpoint_format=fully_reshardable to reshard")
+    return fmt
 
 
 def _load(sharded: dict, path: Path) -> dict:
@@ -227,15 +322,19 @@ def _load(sharded: dict, path: Path) -> dict:
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
     """Load into ``model`` (and ``optimizer``, ``scheduler``, this rank's RNG when the world size matches);
     returns the saved training state (step, consumed samples, ...). Collective."""
-    _verify_collective(path)
+    manifest = _verify_collective(path)
     model_sd = model_sharded_state_dict(model)
     sharded = {"model": model_sd}
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        metadata = _optimizer_metadata(_check_optimizer_layout(path, manifest))
+        _init_adam_state(optimizer)
+        _load_only_saved_optimizer_keys()
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
     loaded = _load(sharded, path)
     getattr(model, "module", model).load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     rng = loaded.get("rng")

@@ -9,12 +9,20 @@ Megatron-Core assumes CUDA in two places our CPU runs reach (see docs/architectu
 4. Megatron's pipeline schedules create their token counter with ``device="cuda"`` and the pipeline P2P code calls
    ``torch.cuda.synchronize()``: the schedules module sees a ``torch`` whose ``zeros`` puts "cuda" tensors on the
    CPU, and the synchronize is a no-op (CPU work is synchronous).
+5. Megatron's optimizers (the distributed optimizer included), gradient clipping and grad scaler create their
+   flags with ``device="cuda"`` and sort parameters by ``param.type()`` names (``'torch.cuda.FloatTensor'``):
+   those modules see the same ``torch`` (``tensor``/``zeros``/``empty`` land on the CPU) and, while they build
+   their parameter groups or clip, a CPU tensor's ``type()`` reads as its CUDA twin. With these the CPU runs the
+   optimizer GPU users run (``DistributedOptimizer`` and its sharded checkpoint state), not a stand-in.
 (The other known one, Megatron's torch norm refusing sequence parallel, is handled for every device by
 ``megatron_based.norm.RMSNorm``.) Nothing is patched when CUDA is available.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.distributed as dist
 
 _applied = False
 
@@ -29,33 +37,61 @@ class _NullStream:
         pass
 
 
+def _on_cpu(factory):
+    def make(*args, device=None, **kwargs):
+        return factory(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    return staticmethod(make)
+
+
 class _TorchOnCpu:
-    """``torch`` as Megatron's pipeline schedules see it on CPU: ``zeros(..., device="cuda")`` lands on the CPU."""
+    """``torch`` as Megatron's schedules and optimizers see it on CPU: tensors made with ``device="cuda"`` land on
+    the CPU."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
-    @staticmethod
-    def zeros(*size, device=None, **kwargs):
-        return torch.zeros(*size, device="cpu" if device == "cuda" else device, **kwargs)
+    zeros = _on_cpu(torch.zeros)
+    tensor = _on_cpu(torch.tensor)
+    empty = _on_cpu(torch.empty)
 
 
-def _tie_embeddings_on_cpu():
-    """Pipeline parallelism ties the first stage's embedding to the last stage's output layer with an all-reduce
-    of ``weight.data.cuda()``; on CPU the weight stays where it is for that call."""
-    from megatron.core.models.common.language_module.language_module import LanguageModule
+def _as_if_cuda(fn):
+    """``fn`` during which CPU tensors pass for CUDA ones: ``t.cuda()`` returns ``t`` and ``t.type()`` returns the
+    CUDA type name (``torch.cuda.FloatTensor``)."""
+    plain_type, plain_cuda = torch.Tensor.type, torch.Tensor.cuda
 
-    setup = LanguageModule.setup_embeddings_and_output_layer
+    def cuda_named(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return plain_type(self).replace("torch.", "torch.cuda.", 1)
+        return plain_type(self, dtype, non_blocking, **kwargs)
 
-    def setup_on_cpu(self):
-        cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda t, *args, **kwargs: t
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        torch.Tensor.type, torch.Tensor.cuda = cuda_named, lambda t, *a, **k: t
         try:
-            return setup(self)
+            return fn(*args, **kwargs)
         finally:
-            torch.Tensor.cuda = cuda
+            torch.Tensor.type, torch.Tensor.cuda = plain_type, plain_cuda
 
-    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+    return wrapper
+
+
+def _optimizers_on_cpu():
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
+    from megatron.core.optimizer import optimizer as optimizer_mod
+
+    for module in (optimizer_mod, distrib_optimizer, clip_grads, grad_scaler):
+        module.torch = _TorchOnCpu()
+    dopt = distrib_optimizer.DistributedOptimizer
+    build = dopt.__dict__["_build_model_and_main_param_groups"].__func__
+    dopt._build_model_and_main_param_groups = classmethod(_as_if_cuda(build))
+    dopt.__init__ = _as_if_cuda(dopt.__init__)
+    dopt.get_parameter_state_dp_zero = _as_if_cuda(dopt.get_parameter_state_dp_zero)
+    f16 = optimizer_mod.Float16OptimizerWithFloat16Params
+    f16.__init__ = _as_if_cuda(f16.__init__)
+    clip = _as_if_cuda(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = optimizer_mod.clip_grad_by_total_norm_fp32 = clip
 
 
 def apply_cpu_shims() -> bool:
@@ -73,7 +109,12 @@ def apply_cpu_shims() -> bool:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _TorchOnCpu()
-    _tie_embeddings_on_cpu()
+    # Pipeline parallelism ties the first stage's embedding to the last stage's output layer with an all-reduce of
+    # ``weight.data.cuda()``.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _as_if_cuda(LanguageModule.setup_embeddings_and_output_layer)
+    _optimizers_on_cpu()
 
     def add(self, name, seed):
         if seed in self.seeds_:

@@ -159,7 +159,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     # The Megatron engine's AdamW parameter groups and schedule; DeepSpeed wraps the torch optimizer (ZeRO keeps
     # the group dicts, so the scheduler's lr / weight-decay updates reach it).
     adamw, scheduler = build_optimizer(cfg, model, config, torch_optimizer=True)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adamw.optimizer, config=ds_config(cfg),
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adamw, config=ds_config(cfg),
                                            mpu=MegatronMPU, dist_init_required=False)
 
     state = {"step": 0, "consumed_samples": 0, "skipped_steps": 0}

@@ -27,90 +27,6 @@ class TrainingStopped(RuntimeError):
     """Training stopped on purpose (too many non-finite steps); the last good checkpoint is kept."""
 
 
-class TorchAdamW:
-    """The part of Megatron's optimizer interface the loop uses, over ``torch.optim.AdamW``, for CPU runs.
-
-    Gradients come from Megatron DDP's ``main_grad`` buffers; the norm is taken over unique parameters (no TP
-    duplicates, no PP-shared copies) and all-reduced over the model-parallel group, as Megatron's optimizer does.
-    Its ``sharded_state_dict`` uses Megatron's own mapping of optimizer state onto the model's sharded tensors.
-    """
-
-    def __init__(self, param_groups: list[dict], t):
-        self.optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                           weight_decay=t.weight_decay)
-        self.clip_grad = t.clip_grad
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for g in self.param_groups for p in g["params"]]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @torch.no_grad()
-    def step(self):
-        from megatron.core import parallel_state
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-        from megatron.core.transformer.module import param_is_not_shared
-
-        params = self.parameters()
-        for p in params:
-            p.grad = p.main_grad
-        norm_sq = torch.zeros((), dtype=torch.float64)
-        for p in params:
-            if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
-                norm_sq += p.grad.double().pow(2).sum()
-        dist.all_reduce(norm_sq, group=parallel_state.get_model_parallel_group())
-        grad_norm = float(norm_sq.sqrt())
-        if not math.isfinite(grad_norm):
-            return False, grad_norm, None
-        if self.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, torch.tensor(grad_norm))
-        self.optimizer.step()
-        return True, grad_norm, None
-
-    def _init_state(self) -> None:
-        for p in self.parameters():
-            if not self.optimizer.state[p]:
-                self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                           "exp_avg_sq": torch.zeros_like(p)}
-
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
-        from megatron.core.dist_checkpointing.optimizer import (
-            get_param_id_to_sharded_param_map,
-            optim_state_to_sharding_state,
-        )
-
-        if is_loading:
-            self._init_state()
-        sd = self.optimizer.state_dict()
-        steps = {float(s["step"]) for s in sd["state"].values()}
-        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.parameters())
-        optim_state_to_sharding_state(sd, id_map, exclude_keys=("step",))
-        sd["common_step"] = steps.pop() if steps else 0.0  # every parameter steps together
-        return sd
-
-    def load_state_dict(self, sd) -> None:
-        step = sd.pop("common_step")
-        for state in sd["state"].values():
-            state["step"] = torch.tensor(float(step))
-        sd["param_groups"] = [{**saved, "params": [i for i, _ in enumerate(g["params"], start)]}
-                              for saved, g, start in zip(sd["param_groups"], self.param_groups,
-                                                         _group_starts(self.param_groups))]
-        self.optimizer.load_state_dict(sd)
-
-
-def _group_starts(groups) -> list[int]:
-    starts, n = [], 0
-    for g in groups:
-        starts.append(n)
-        n += len(g["params"])
-    return starts
-
-
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """``amp_C.multi_tensor_l2norm``'s contract on ``torch._foreach_norm``: the total L2 norm of
     ``tensor_lists[0]`` as a 1-element fp32 tensor (and the per-tensor norms when asked), without a host sync.
@@ -118,7 +34,7 @@ def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     one host sync per parameter."""
     tensors = tensor_lists[0]
     if not tensors:
-        return torch.zeros(1, dtype=torch.float32, device="cuda"), None
+        return torch.zeros(1, dtype=torch.float32, device=noop_flag.device), None
     norms = torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
     return torch.linalg.vector_norm(norms).reshape(1), (norms if per_tensor else None)
 
@@ -154,7 +70,7 @@ def use_foreach_multi_tensor_ops() -> bool:
 
 
 def fuse_torch_adam(optimizer) -> int:
-    """Switch every torch Adam/AdamW under ``optimizer`` (a Megatron optimizer, chained or not, or TorchAdamW) to
+    """Switch every torch Adam/AdamW under ``optimizer`` (a Megatron optimizer, chained or not) to
     torch's fused single-kernel implementation. Megatron falls back to torch's AdamW (multi-tensor ``foreach``) when
     neither TransformerEngine nor apex is installed; that step was 6% of based-360m's training step on an H100.
     Same math (tests/megatron_based/test_train.py). Existing ``step`` counters move to the parameters' device, as
@@ -193,7 +109,10 @@ def megatron_optimizer(opt_config, model_chunks, fast: bool = True, **kwargs):
 
 
 def build_optimizer(cfg: RunConfig, model, config, torch_optimizer: bool = False):
-    """AdamW with no weight decay on biases, norms (1-D) and embeddings; Megatron's (distributed) optimizer on GPU."""
+    """AdamW with no weight decay on biases, norms (1-D) and embeddings: Megatron's optimizer (distributed when
+    ``parallel.use_distributed_optimizer``) on GPUs and CPUs alike (``cpu_compat`` lets it run over gloo), so CPU
+    tests run the optimizer and checkpoint code that GPU runs use. ``torch_optimizer``: a plain
+    ``torch.optim.AdamW`` over the same parameter groups, for the DeepSpeed engine (which wraps it in ZeRO)."""
     from megatron.core.optimizer import OptimizerConfig, _get_param_groups
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
@@ -203,14 +122,15 @@ def build_optimizer(cfg: RunConfig, model, config, torch_optimizer: bool = False
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=config.bf16,
         params_dtype=config.params_dtype,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and torch.cuda.is_available())
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
     no_decay = {ParamKey(name=("*.bias", "*embedding*"),
                          predicate=ParamPredicate(name="1d", fn=lambda p: p.dim() == 1)):
                 ParamGroupOverride(wd_mult=0.0)}
-    if torch.cuda.is_available() and not torch_optimizer:  # torch_optimizer: for the DeepSpeed engine
-        optimizer = megatron_optimizer(opt_config, [model], config_overrides=no_decay)
+    if torch_optimizer:
+        optimizer = torch.optim.AdamW(_get_param_groups([model], opt_config, no_decay), lr=t.lr,
+                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
     else:
-        optimizer = TorchAdamW(_get_param_groups([model], opt_config, no_decay), t)
+        optimizer = megatron_optimizer(opt_config, [model], config_overrides=no_decay)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=t.lr_warmup_init, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_steps,
         lr_decay_steps=t.lr_decay_steps or t.train_steps, lr_decay_style=t.lr_decay_style,
@@ -314,8 +234,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     model = build_model(config, vocab_size=spec.vocab_size, max_sequence_length=spec.seq_length,
                         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by).to(device)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                               use_distributed_optimizer=p.use_distributed_optimizer
-                                               and torch.cuda.is_available())
+                                               use_distributed_optimizer=p.use_distributed_optimizer)
     model = DistributedDataParallel(config, ddp_config, model)
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
@@ -330,8 +249,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
             logger.print(f"no checkpoint under {t.save} yet: starting from scratch")
         else:
             state.update(checkpointing.load_checkpoint(path, model, optimizer, scheduler))
-            if torch.cuda.is_available():
-                fuse_torch_adam(optimizer)  # loading restores the saved param-group options
+            fuse_torch_adam(optimizer)  # loading restores the saved param-group options
             logger.print(f"resumed from {path} at step {state['step']} ({state['consumed_samples']} samples)")
 
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
@@ -348,7 +266,8 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     run_config = cfg.to_dict()
 
     def save():
-        path = checkpointing.save_checkpoint(t.save, state["step"], model, optimizer, scheduler, state, run_config)
+        path = checkpointing.save_checkpoint(t.save, state["step"], model, optimizer, scheduler, state, run_config,
+                                             optimizer_format=t.optimizer_checkpoint_format)
         logger.print(f"saved checkpoint {path}")
         return path
 
@@ -426,7 +345,7 @@ def parse_args(argv):
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3 data.path=[runs/d/kjv]")
     ap.add_argument("--load", help="checkpoint directory, or 'latest' (= train.load)")
     ap.add_argument("--save", help="checkpoint directory (= train.save)")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come after --load / --save
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
-    use_distributed_optimizer: bool = True  # GPU only: on CPU Megatron's optimizer needs CUDA (torch AdamW is used)
+    use_distributed_optimizer: bool = True  # Megatron's ZeRO-1 optimizer (sharded Adam state over DP x CP)
 
 
 @dataclass
@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 1234
     save: str | None = None
     save_interval: int = 0  # 0: only at the end (and on SIGTERM)
+    optimizer_checkpoint_format: str = "fully_reshardable"  # or dp_reshardable (checkpointing.py, docs/training.md)
     load: str | None = None  # a checkpoint directory, or "latest" (the newest complete one under `save`)
     log_interval: int = 1
     eval_interval: int = 100  # 0: no validation
@@ -75,6 +76,7 @@ CHOICES = {
     ("train", "recompute_method"): ("uniform", "block"),
     ("train", "lr_decay_style"): ("cosine", "linear", "constant", "inverse-square-root"),
     ("train", "engine"): ("megatron", "deepspeed"),
+    ("train", "optimizer_checkpoint_format"): ("fully_reshardable", "dp_reshardable"),
 }
 
 
