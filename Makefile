@@ -36,8 +36,9 @@ venv: $(STAMP)
 test: $(STAMP) launch-deps
 	$(VENV)/bin/python -m pytest -q -ra tests
 
+# PYTEST_ARGS: extra pytest arguments (e.g. --durations=20)
 test-gpu: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -ra -m gpu tests
+	$(VENV)/bin/python -m pytest -q -ra -m gpu tests $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m megatron_based.demo

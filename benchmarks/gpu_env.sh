@@ -7,3 +7,13 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "installing the carried wheels failed"; return 1 2>/dev/null || exit 1; }
+# `make demo` and `make test-gpu` as the README writes them: a .venv over this machine's Python (its torch and triton)
+# and the wheels above, with this checkout installed editable (the megatron-based-* commands), stamped so make does
+# not try to rebuild it from the network.
+if [ ! -f .venv/.installed ]; then
+  python3 -m venv .venv && {
+    echo /tmp/site; python3 -c 'import site; print("\n".join(site.getsitepackages()))'
+  } > .venv/lib/python3.12/site-packages/00-gpu-machine.pth \
+  && .venv/bin/python -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+  && touch .venv/.installed || echo "building .venv failed: make demo / make test-gpu will try the network"
+fi

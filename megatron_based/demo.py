@@ -2,7 +2,8 @@
 
 1. preprocess ``megatron_based/demo_data/kjv.txt`` (sentencepiece BPE, 1024 pieces -> Megatron ``.bin/.idx``);
 2. print the unigram entropy of the tokens: the loss of the best model that ignores context;
-3. train ``configs/tiny.yaml`` on 2 processes with torchrun (DP=2; gloo + fp32 on CPU, NCCL + bf16 on GPUs);
+3. train ``configs/tiny.yaml`` with torchrun, data-parallel over every local GPU (NCCL + bf16), or over 2 CPU
+   processes without one (gloo + fp32);
 4. load the last checkpoint in this process (TP=1) and print a greedy sample.
 
 Extra ``section.key=value`` arguments go to the training run (e.g. ``parallel.tensor_model_parallel_size=2``).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -19,6 +21,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).resolve().parent / "demo_data" / "kjv.txt"
 PROMPT = "And God said,"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+GLOBAL_BATCH = 16  # sequences per step, as configs/tiny.yaml
+
+
+def batch_overrides(nproc: int) -> list[str]:
+    """The batch layout for ``nproc`` data-parallel processes: the tiny config's 16 sequences per step where
+    ``nproc`` divides 16 (micro-batches of up to 8), else one micro-batch of ``ceil(16 / nproc)`` per process."""
+    micro = max(1, min(8, GLOBAL_BATCH // nproc))
+    global_batch = GLOBAL_BATCH if GLOBAL_BATCH % (micro * nproc) == 0 else -(-GLOBAL_BATCH // nproc) * nproc
+    if global_batch != GLOBAL_BATCH:
+        micro = global_batch // nproc
+    return [f"train.micro_batch_size={micro}", f"train.global_batch_size={global_batch}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[2/4] unigram entropy of the tokens: {entropy:.3f} nats ({entropy / math.log(2):.2f} bits); a model that "
           "ignores context cannot go below it")
 
-    nproc = 2
-    overrides = [f"data.path=[{prefix}]", f"data.tokenizer_model={prefix}.model", f"train.save={out}/checkpoints",
-                 f"train.tensorboard_dir={out}/tensorboard", *argv]
-    load_config(REPO / "configs" / "tiny.yaml", overrides, world_size=nproc)  # fail here, not in two workers
     gpu = torch.cuda.is_available()
+    nproc = torch.cuda.device_count() if gpu else 2
+    overrides = [f"data.path=[{prefix}]", f"data.tokenizer_model={prefix}.model", f"train.save={out}/checkpoints",
+                 f"train.tensorboard_dir={out}/tensorboard", *batch_overrides(nproc), *argv]
+    load_config(REPO / "configs" / "tiny.yaml", overrides, world_size=nproc)  # fail here, not in the workers
     print(f"[3/4] training configs/tiny.yaml on {nproc} processes ({'NCCL, bf16' if gpu else 'gloo, fp32'}); "
           f"TensorBoard logs in {out}/tensorboard")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -55,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from .parallel import initialize_parallel
     from .sample import greedy, load_for_inference
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("DEMO_PORT",
-                                                                                                    "29533"))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("DEMO_PORT") or str(free_port()))
     initialize_parallel(1, 1, 1)
     model, spec, tokenizer = load_for_inference(out / "checkpoints")
     prompt = tokenizer.tokenize(PROMPT)

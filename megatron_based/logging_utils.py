@@ -1,8 +1,9 @@
 """Training logs: a rich progress bar (loss, lr, grad norm, tokens/s, TFLOP/s, MFU, ETA) and the same scalars to
-TensorBoard. Model FLOPs come from :mod:`megatron_based.flops` (shared with the benchmarks)."""
+TensorBoard and, when asked, to a JSON-lines file at full precision (scripts, tests). Model FLOPs come from :mod:`megatron_based.flops` (shared with the benchmarks)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 
@@ -55,7 +56,7 @@ class TrainLogger:
     """
 
     def __init__(self, *, total_steps: int, start_step: int, enabled: bool, tensorboard_dir: str | None,
-                 show_progress: bool = True):
+                 show_progress: bool = True, metrics_file: str | None = None):
         self.enabled = enabled
         self.console = Console(file=sys.stdout)
         show_progress = show_progress and self.console.is_terminal  # piped output gets plain lines instead
@@ -67,6 +68,8 @@ class TrainLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(tensorboard_dir)
+        # appended to, so a resumed run continues the file (its steps after the checkpoint repeat the lost ones)
+        self.metrics = open(metrics_file, "a") if enabled and metrics_file else None
         self.show_progress = show_progress
 
     def step(self, step: int, scalars: dict) -> None:
@@ -79,6 +82,9 @@ class TrainLogger:
         self.scalars(step, scalars, "train")
 
     def scalars(self, step: int, scalars: dict, prefix: str) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+            self.metrics.flush()
         if self.writer is not None:
             for k, v in scalars.items():
                 if v is not None and math.isfinite(v):
@@ -95,6 +101,8 @@ class TrainLogger:
         self._cm.__exit__(None, None, None)
         if self.writer is not None:
             self.writer.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def _fmt(key: str, value) -> str:

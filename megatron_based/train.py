@@ -242,7 +242,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
 
     state = {"step": 0, "consumed_samples": 0, "skipped_steps": 0}
     logger = TrainLogger(total_steps=t.train_steps, start_step=0, enabled=rank == world - 1,
-                         tensorboard_dir=t.tensorboard_dir, show_progress=t.progress)
+                         tensorboard_dir=t.tensorboard_dir, show_progress=t.progress, metrics_file=t.metrics_file)
     if t.load:
         path = checkpointing.resolve(t.load, t.save)
         if path is None:

@@ -53,6 +53,7 @@ class TrainConfig:
     eval_interval: int = 100  # 0: no validation
     eval_iters: int = 4
     tensorboard_dir: str | None = None
+    metrics_file: str | None = None  # JSON lines per logged step and validation (full-precision scalars)
     max_nonfinite_steps: int = 5
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs only
     progress: bool = True

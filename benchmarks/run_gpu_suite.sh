@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU suite on the GPU machine, as a user runs it: `make test-gpu` (kernels, model, and the entry points:
+# megatron-based-train kill/resume eager and CUDA-graphed, generate, eval, `make demo`), then the optimizer
+# checkpoint-format benchmark at based-1.3b. From the repository root with .whl carried (megatron-core wheel):
+#   bash benchmarks/run_gpu_suite.sh            # logs, JUnit XML and JSON under $OUT
+#   SUITE_ONLY=1 / BENCH_ONLY=1                  # one half
+set -o pipefail
+source benchmarks/gpu_env.sh || exit 1
+OUT=${OUT:-$(mktemp -d)}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c 'import torch, triton, megatron.core as m; print("torch", torch.__version__, "triton", triton.__version__, "megatron-core", m.__version__)'
+if [ -z "$BENCH_ONLY" ]; then
+  start=$(date +%s)
+  timeout "${SUITE_TIMEOUT:-570}" make test-gpu PYTEST_ARGS="--durations=30 --junitxml=$OUT/gpu_suite.xml $PYTEST_EXTRA" \
+    2>&1 | tee "$OUT/gpu_suite.log" | grep -v -i "warn" | tail -120
+  echo "make test-gpu: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
+fi
+if [ -z "$SUITE_ONLY" ]; then
+  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/checkpoint_formats.py --out "$OUT/checkpoint_formats.json" \
+    2>&1 | grep -v -i "warn" | tail -20
+fi

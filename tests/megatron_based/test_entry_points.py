@@ -1,0 +1,291 @@
+"""The entry points as users run them, in fresh processes: ``megatron-based-train`` under torchrun with periodic
+saves, SIGKILL of the whole process group mid-run, ``--load latest``, and the resumed run's losses and gradient norms
+equal to an uninterrupted run's, exactly (full-precision values from ``train.metrics_file``); then
+``megatron-based-generate`` and ``megatron-based-eval`` on the checkpoint it wrote, and the demo.
+
+- CPU (CI): the tiny model on 2 gloo processes (Megatron's distributed optimizer, as on GPUs).
+- ``gpu``: a based-360m-size model on every local GPU in bf16, eager and with Megatron's CUDA graphs
+  (``model.cuda_graph_impl: local``) plus gradient accumulation and validation in between; ``make demo`` as written.
+- ``multigpu`` (2 GPUs): TP=2 + SP, CP=2 and PP=2 runs match a data-parallel run in bf16, and their checkpoints
+  resume at TP=1.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+CORPUS = REPO / "megatron_based" / "demo_data" / "kjv.txt"
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def tool(name: str) -> list[str]:
+    """The installed console script (how users run it), else ``python -m`` of its module."""
+    exe = Path(sys.executable).with_name(name)
+    if exe.exists():
+        return [str(exe)]
+    module = {"megatron-based-train": "megatron_based.train", "megatron-based-generate": "megatron_based.generation",
+              "megatron-based-eval": "megatron_based.evaluate"}[name]
+    return [sys.executable, "-m", module]
+
+
+def torchrun(nproc: int, name: str) -> list[str]:
+    cmd = tool(name)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return launcher + (["--no-python", *cmd] if len(cmd) == 1 else cmd[1:])
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """The shipped corpus (a 60 KB slice on CPU) with its own 1024-piece tokenizer."""
+    from megatron_based.data import preprocess
+
+    root = tmp_path_factory.mktemp("entry_corpus")
+    text = root / "kjv.txt"
+    data = CORPUS.read_bytes()
+    text.write_bytes(data if GPUS else data[:60_000])
+    info = preprocess([str(text)], str(root / "kjv"), vocab_size=1024, show_progress=False)
+    return {"prefix": info["prefix"], "tokenizer": info["tokenizer_model"], "text": text}
+
+
+@dataclass
+class Setup:
+    config: str
+    nproc: int
+    steps: int
+    save_interval: int
+    kill_after: int  # SIGKILL the group once this step is logged
+    overrides: list[str] = field(default_factory=list)
+    timeout: float = 600
+
+
+def cpu_setup() -> Setup:
+    return Setup("configs/tiny.yaml", 2, steps=40, save_interval=4, kill_after=5, overrides=[
+        "model.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr_warmup_steps=2",
+        "train.eval_interval=0"], timeout=300)
+
+
+def gpu_setup(graphs: bool) -> Setup:
+    """based-360m (27 layers, d 1024, vocab 50257) at T 2048 on every GPU, 32k tokens per GPU and step (a fifth of
+    a second, so the kill lands mid-run); ``graphs``: CUDA graphs, 4 accumulated micro-batches per step
+    and validation every 4 steps."""
+    micro, accumulate = (4, 4) if graphs else (16, 1)
+    extra = ["model.cuda_graph_impl=local", "train.eval_interval=4", "train.eval_iters=2"] if graphs else \
+        ["train.eval_interval=0"]
+    return Setup("configs/based-360m.yaml", GPUS, steps=16, save_interval=4, kill_after=6, overrides=[
+        "model.seq_length=2048", f"train.micro_batch_size={micro}",
+        f"train.global_batch_size={micro * accumulate * GPUS}", "train.lr=3e-4", "train.min_lr=3e-5",
+        "train.lr_warmup_steps=4", *extra])
+
+
+def run_overrides(setup: Setup, corpus: dict, root: Path, metrics: Path) -> list[str]:
+    return [f"data.path=[{corpus['prefix']}]", f"data.tokenizer_model={corpus['tokenizer']}", "data.split=95,5,0",
+            f"data.cache_dir={root / 'cache'}", f"train.save={root / 'ckpt'}", f"train.train_steps={setup.steps}",
+            f"train.save_interval={setup.save_interval}", "train.log_interval=1", "train.progress=false",
+            f"train.metrics_file={metrics}", *setup.overrides]
+
+
+def start_train(setup: Setup, corpus: dict, root: Path, metrics: Path, *extra: str, nproc: int | None = None):
+    root.mkdir(parents=True, exist_ok=True)
+    log = (root / f"{metrics.stem}.log").open("w")
+    cmd = [*torchrun(nproc or setup.nproc, "megatron-based-train"), str(REPO / setup.config),
+           *run_overrides(setup, corpus, root, metrics), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc, root: Path, metrics: Path, timeout: float) -> None:
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        code = "timeout"
+    log = (root / f"{metrics.stem}.log").read_text()
+    assert code == 0, f"exit {code}:\n{log[-4000:]}"
+
+
+def train_steps(metrics: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return {r["step"]: r for r in rows if r["split"] == "train"}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each worker in a session of its own, so the launcher's process
+    group does not hold them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_group_after(proc, metrics: Path, step: int, timeout: float) -> None:
+    """SIGKILL every process of the run (launcher and workers, as a node failure or a scheduler's cgroup kill
+    does) once ``step`` is logged."""
+    deadline = time.time() + timeout
+    while max(train_steps(metrics), default=0) < step:
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before step {step}"
+        assert time.time() < deadline, f"step {step} not reached in {timeout} s"
+        time.sleep(0.05)
+    kill_all(proc)
+
+
+def kill_all(proc) -> None:
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def assert_same_steps(resumed: dict, reference: dict, steps, exact: bool = True, rtol: float = 0.0) -> None:
+    for s in steps:
+        for key in ("loss", "grad norm"):
+            a, b = resumed[s][key], reference[s][key]
+            if exact:
+                assert a == b, f"step {s} {key}: resumed {a!r} != uninterrupted {b!r}"
+            else:
+                assert math.isclose(a, b, rel_tol=rtol), f"step {s} {key}: {a!r} vs {b!r} (rtol {rtol})"
+
+
+def kill_and_resume(setup: Setup, corpus: dict, root: Path) -> Path:
+    """Uninterrupted run; killed run + ``--load latest``; resumed steps equal the uninterrupted ones. Returns the
+    killed-and-resumed run's save directory."""
+    ref = root / "uninterrupted"
+    proc = start_train(setup, corpus, ref, ref / "metrics.jsonl")
+    finish(proc, ref, ref / "metrics.jsonl", setup.timeout)
+    reference = train_steps(ref / "metrics.jsonl")
+    assert sorted(reference) == list(range(1, setup.steps + 1))
+
+    run = root / "killed"
+    proc = start_train(setup, corpus, run, run / "first.jsonl")
+    kill_group_after(proc, run / "first.jsonl", setup.kill_after, setup.timeout)
+    saved = (run / "ckpt" / "latest").read_text().strip()
+    resumed_from = int(saved.split("_")[1])
+    assert 0 < resumed_from < setup.steps, saved
+    proc = start_train(setup, corpus, run, run / "resumed.jsonl", "--load", "latest")
+    finish(proc, run, run / "resumed.jsonl", setup.timeout)
+    resumed = train_steps(run / "resumed.jsonl")
+    assert sorted(resumed) == list(range(resumed_from + 1, setup.steps + 1))
+    assert_same_steps(resumed, reference, range(resumed_from + 1, setup.steps + 1))
+    valid = [json.loads(line) for line in (run / "resumed.jsonl").read_text().splitlines()]
+    valid_ref = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [v for v in valid if v["split"] == "valid"] == \
+        [v for v in valid_ref if v["split"] == "valid" and v["step"] > resumed_from]
+    return run / "ckpt"
+
+
+def generate_and_eval(save: Path, corpus: dict, root: Path, losses: dict, dtype: str) -> None:
+    """megatron-based-generate (eager, and CUDA-graphed on GPUs: the same greedy text) and megatron-based-eval
+    (loss within 10% of the last training loss and below the first) on the checkpoint."""
+    step = save / (save / "latest").read_text().strip()
+    outputs = []
+    for graph in ([False, True] if GPUS else [False]):
+        cmd = [*tool("megatron-based-generate"), "--checkpoint", str(step), "--tokenizer", corpus["tokenizer"],
+               "--prompt", "And God said", "--max-new-tokens", "24", "--dtype", dtype, *(["--cuda-graph"] * graph)]
+        out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        text = out.stdout.strip().splitlines()[-1]
+        assert text.startswith("And God said") and len(text) > len("And God said"), out.stdout
+        outputs.append(text)
+    assert len(set(outputs)) == 1, outputs
+    result = root / "eval.json"
+    text = root / "eval.txt"
+    text.write_text(corpus["text"].read_text()[:20_000])
+    cmd = [*tool("megatron-based-eval"), "--checkpoint", str(step), "--tokenizer", corpus["tokenizer"],
+           "--text", str(text), "--dtype", dtype, "--json", str(result)]
+    out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    loss = json.loads(result.read_text())["loss"]
+    first, last = losses[min(losses)]["loss"], losses[max(losses)]["loss"]
+    assert loss < first and abs(loss - last) < 0.1 * last, (loss, first, last)
+
+
+@pytest.mark.launch
+def test_cpu_train_kill_resume_generate_eval(corpus, tmp_path):
+    setup = cpu_setup()
+    save = kill_and_resume(setup, corpus, tmp_path)
+    generate_and_eval(save, corpus, tmp_path, train_steps(tmp_path / "uninterrupted" / "metrics.jsonl"), "fp32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs+accumulation+validation"])
+def test_gpu_train_kill_resume_generate_eval(corpus, tmp_path, graphs):
+    setup = gpu_setup(graphs)
+    save = kill_and_resume(setup, corpus, tmp_path)
+    if not graphs:
+        generate_and_eval(save, corpus, tmp_path, train_steps(tmp_path / "uninterrupted" / "metrics.jsonl"), "bf16")
+
+
+@pytest.mark.launch
+def test_demo_trains_saves_and_samples(tmp_path):
+    """The demo end to end, shortened on CPU (40 steps) through its override arguments."""
+    cmd = [sys.executable, "-m", "megatron_based.demo", "train.train_steps=40", "train.save_interval=0",
+           "train.eval_interval=20", "train.lr_warmup_steps=10"]
+    out = subprocess.run(cmd, cwd=REPO, env={**env(), "DEMO_DIR": str(tmp_path)}, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[4/4] greedy sample" in out.stdout and (tmp_path / "checkpoints" / "latest").is_file(), out.stdout
+
+
+@pytest.mark.gpu
+def test_make_demo_as_written(tmp_path):
+    """``make demo`` exactly as the README says, on every local GPU (the full 300 steps)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = subprocess.run(["make", "demo"], cwd=REPO, env={**env(), "DEMO_DIR": str(tmp_path)}, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"on {GPUS} processes" in out.stdout and "[4/4] greedy sample" in out.stdout, out.stdout[-3000:]
+    valid = [line for line in out.stdout.splitlines() if line.startswith("validation at step 300")]
+    assert valid and float(valid[0].split("loss ")[1].split(",")[0]) < 4.5, out.stdout[-3000:]
+
+
+LAYOUTS = {"tp2-sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+           "cp2": ["parallel.context_parallel_size=2"], "pp2": ["parallel.pipeline_model_parallel_size=2"]}
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_multigpu_layout_matches_dp_and_resumes_at_tp1(corpus, tmp_path, layout):
+    """On 2 GPUs (NCCL, bf16): a TP=2+SP / CP=2 / PP=2 run's losses match a DP=2 run's (bf16 tolerance); its step-4
+    checkpoint resumes at TP=1 (DP=2) and continues the layout's own run within the same tolerance."""
+    setup = Setup("configs/based-360m.yaml", 2, steps=8, save_interval=4, kill_after=8, overrides=[
+        "model.seq_length=2048", "train.micro_batch_size=1", "train.global_batch_size=4", "train.lr=3e-4",
+        "train.lr_warmup_steps=2", "train.eval_interval=0"])
+    runs = {}
+    for name, extra in (("dp", []), (layout, LAYOUTS[layout])):
+        root = tmp_path / name
+        proc = start_train(setup, corpus, root, root / "metrics.jsonl", *extra)
+        finish(proc, root, root / "metrics.jsonl", setup.timeout)
+        runs[name] = train_steps(root / "metrics.jsonl")
+    assert_same_steps(runs[layout], runs["dp"], range(1, 9), exact=False, rtol=2e-2)
+    root = tmp_path / layout
+    (root / "ckpt" / "latest").write_text("step_00000004\n")
+    shutil.rmtree(root / "ckpt" / "step_00000008")
+    proc = start_train(setup, corpus, root, root / "tp1.jsonl", "--load", "latest")
+    finish(proc, root, root / "tp1.jsonl", setup.timeout)
+    assert_same_steps(train_steps(root / "tp1.jsonl"), runs[layout], range(5, 9), exact=False, rtol=2e-2)
