@@ -8,9 +8,11 @@ Layout under ``train.save``::
 A checkpoint is written into ``.tmp-step_...``; once every rank has written its shards, rank 0 records each file's
 size and CRC32 in ``manifest.json``, renames the folder and then rewrites ``latest``. A crash at any point leaves
 either the previous ``latest`` or the new one, never a partial checkpoint. Loading checks every file against the
-manifest first (a truncated or corrupted file is named in the error). Nothing is unpickled freely: the common
-state is read by ``torch.load(weights_only=True)`` and torch's ``.metadata`` pickle (which torch.distributed.checkpoint
-reads with plain ``pickle.load``) is first parsed here with an unpickler that only admits its metadata classes.
+manifest first (a truncated or corrupted file, or one the manifest does not list, is named in the error). Nothing in
+a checkpoint can run code when it is loaded: torch's ``.metadata`` pickle is unpickled only with an allowlist of its
+exact metadata classes, and every stored object (Megatron's common state, modules' ``_extra_state``) only with
+``torch.load(weights_only=True)``, both in :func:`verify` and while torch and Megatron read the checkpoint
+(:func:`_restricted_unpickling`). docs/training.md states the trust model.
 
 Tensors are saved with their global shapes, so a checkpoint loads at another TP / PP / CP / DP layout (resharding).
 The optimizer state of Megatron's distributed optimizer is saved in one of two of Megatron's formats
@@ -21,10 +23,13 @@ and time at save) and only loads at the same TP / PP / CP sizes (DP may change).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
 import shutil
+import types
 import zlib
 from pathlib import Path
 
@@ -231,8 +236,10 @@ def resolve(load: str, save_dir: str | None) -> Path | None:
 
 
 def verify(path: Path) -> dict:
-    """Check every file against the manifest; raise :class:`CheckpointError` naming the first bad one. Returns the
-    manifest."""
+    """Check a checkpoint before anything in it is unpickled; raise :class:`CheckpointError` naming the first bad
+    file. The directory holds exactly the files the manifest lists, each with its recorded size and CRC32;
+    ``.metadata`` holds only torch's metadata classes and points only into listed files; every stored object is plain
+    data. Returns the manifest."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{manifest} is missing: {path} is not a complete checkpoint (interrupted save?)")
@@ -241,6 +248,15 @@ def verify(path: Path) -> dict:
         files = content["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest} is corrupted ({e})") from None
+    for name in files:
+        if Path(name).name != name:
+            raise CheckpointError(f"{manifest} lists {name!r}, which is not a file name inside {path}")
+    # Megatron reads some files only if they exist (a legacy common.pt replaces the saved common state): a file
+    # the manifest does not list would be read unchecked.
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        raise CheckpointError(f"checkpoint file {path / unlisted[0]} is not listed in {manifest}; a checkpoint "
+                              "holds only the files it was saved with: remove it, or load another checkpoint")
     for name, meta in files.items():
         f = path / name
         if not f.is_file():
@@ -251,34 +267,124 @@ def verify(path: Path) -> dict:
                                   "(truncated or overwritten)")
         if _crc32(f) != meta["crc32"]:
             raise CheckpointError(f"checkpoint file {f} is corrupted (CRC32 differs from {manifest})")
-    _check_metadata_pickle(path)
+    _check_stored_objects(path, _read_metadata(path), files)
     return content
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only what torch.distributed.checkpoint writes into ``.metadata``."""
+def error_line(e: BaseException) -> str:
+    """``e`` in one line; of torch's weights-only refusal only the part that names what was refused."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 2 and lines[0].startswith("Weights only load failed"):
+        lines = lines[1:-1]
+    return f"{type(e).__name__}: {' '.join(lines)}"
 
-    MODULES = ("torch.distributed.checkpoint.metadata",)
-    NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-             ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+
+# Exactly what torch.distributed.checkpoint writes into ``.metadata`` (listed from our checkpoints with pickletools):
+# its metadata dataclasses, the filesystem writer's storage record, torch.Size, dtypes and the layout lookup.
+_METADATA_CLASSES = frozenset(
+    [("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+       ("torch.serialization", "_get_layout")]
+    + [("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)])
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only the classes of ``_METADATA_CLASSES``, each by its exact module and name. Never by module: a
+    protocol-4 pickle names ``os.system`` as ``torch.distributed.checkpoint.metadata`` + ``os.system``
+    (``STACK_GLOBAL`` resolves dotted names attribute by attribute)."""
 
     def find_class(self, module, name):
-        if module in self.MODULES or (module, name) in self.NAMES or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in _METADATA_CLASSES:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+        raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
 
 
-def _check_metadata_pickle(path: Path) -> None:
+def _load_metadata_pickle(file) -> object:
+    return _MetadataUnpickler(file).load()
+
+
+def _read_metadata(path: Path):
+    from torch.distributed.checkpoint.metadata import Metadata
+
     f = path / ".metadata"
     if not f.is_file():
         raise CheckpointError(f"checkpoint file {f} is missing")
     try:
         with f.open("rb") as fh:
-            _MetadataUnpickler(fh).load()
+            metadata = _load_metadata_pickle(fh)
     except Exception as e:  # noqa: BLE001 - any failure means we must not hand the file to pickle.load
         raise CheckpointError(f"checkpoint file {f} holds objects other than checkpoint metadata; refusing to "
-                              f"unpickle it ({type(e).__name__}: {e})") from None
+                              f"unpickle it ({error_line(e)})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"checkpoint file {f} holds a {type(metadata).__name__}, not checkpoint metadata")
+    return metadata
+
+
+def _check_stored_objects(path: Path, metadata, files: dict) -> None:
+    """Every item ``.metadata`` points at lies in a listed file, and every stored object (Megatron's common state,
+    modules' ``_extra_state``; torch's reader unpickles them with ``weights_only=False``) is plain data: tensors,
+    numbers, strings and containers, as ``torch.load(weights_only=True)`` reads them."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    try:
+        items = [(index.fqn, info.relative_path, info.offset, info.length, info.transform_descriptors,
+                  isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata))
+                 for index, info in metadata.storage_data.items()]
+        for key, name, *_ in items:
+            if not isinstance(name, str) or name not in files:
+                raise CheckpointError(f"checkpoint file {path / '.metadata'} places {key} in {name!r}, which "
+                                      f"{MANIFEST} does not list")
+    except (AttributeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint file {path / '.metadata'} is not valid checkpoint metadata "
+                              f"({error_line(e)})") from None
+    for key, name, offset, length, transforms, is_object in items:
+        if not is_object:
+            continue
+        f = path / name
+        if transforms:  # our saves never transform; torch would decode with the extensions it finds
+            raise CheckpointError(f"checkpoint file {f} stores {key} transformed ({transforms}); only untransformed "
+                                  "objects are read")
+        try:
+            with f.open("rb") as fh:
+                fh.seek(offset)
+                torch.load(io.BytesIO(fh.read(length)), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - anything torch's restricted unpickler refuses
+            raise CheckpointError(f"checkpoint file {f} stores {key} as objects other than plain data; refusing "
+                                  f"to unpickle it ({error_line(e)})") from None
+
+
+@contextlib.contextmanager
+def _restricted_unpickling():
+    """While torch and Megatron read a checkpoint, every unpickling they do goes through an allowlist:
+    ``torch.load`` (torch's checkpoint reader unpickles stored objects with ``weights_only=False``, Megatron reads a
+    legacy ``common.pt``) runs with ``weights_only=True``, and the ``pickle.load`` of torch's filesystem reader
+    (``.metadata``) is :class:`_MetadataUnpickler`. :func:`verify` has checked the same bytes; this holds even for a
+    file changed since. Process-wide while it lasts. Yields the refusals, one line each: torch's reader swallows a
+    failed read of ``.metadata`` and then only reports that it has no metadata."""
+    from torch.distributed.checkpoint import filesystem
+
+    torch_load, fs_pickle = torch.load, filesystem.pickle
+    refusals = []
+
+    def refusing(load):
+        def restricted(f, *args, **kwargs):
+            try:
+                return load(f, *args, **kwargs)
+            except pickle.UnpicklingError as e:
+                name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)
+                refusals.append(f"{'a stored object' if name is None else Path(name).name} holds objects other than "
+                                f"plain data, refused ({error_line(e)})")
+                raise
+        return restricted
+
+    torch.load = refusing(lambda f, *args, **kwargs: torch_load(f, *args, **{**kwargs, "weights_only": True}))
+    filesystem.pickle = types.SimpleNamespace(**{**vars(pickle), "load": refusing(_load_metadata_pickle)})
+    try:
+        yield refusals
+    finally:
+        torch.load, filesystem.pickle = torch_load, fs_pickle
 
 
 def _verify_collective(path: Path) -> dict:
@@ -310,13 +416,18 @@ def _check_optimizer_layout(path: Path, manifest: dict) -> str:
 
 def _load(sharded: dict, path: Path) -> dict:
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        return dist_checkpointing.load(sharded, str(path))
+        with _restricted_unpickling() as refusals:
+            return dist_checkpointing.load(sharded, str(path))
     except CheckpointError:
         raise
-    except Exception as e:  # dist_checkpointing / torch raise many types; the caller needs the path
-        raise CheckpointError(f"checkpoint {path} could not be loaded: {type(e).__name__}: {e}") from e
+    except (Exception, CheckpointException) as e:  # many types; the caller needs the path, in one line
+        # torch's reader wraps each rank's error in a CheckpointException (a BaseException) with its traceback
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+        reason = refusals[0] if refusals else error_line(cause)
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {reason}") from e
 
 
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:

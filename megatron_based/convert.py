@@ -20,6 +20,7 @@ Files are read without executing code: safetensors, or torch files with ``weight
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .checkpointing import error_line
 from .config import BasedConfig, padded_vocab_size
 
 __all__ = ["ConversionError", "released_to_megatron", "megatron_to_released", "released_shapes", "read_tensors",
@@ -240,7 +242,11 @@ def read_tensors(path: str | Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(f"checkpoint file {path} holds objects other than tensors and plain data; refusing to "
+                              f"unpickle it ({error_line(e)})") from None
     for key in ("model", "state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]

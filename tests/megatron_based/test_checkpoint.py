@@ -2,13 +2,18 @@
 no arbitrary unpickling, and TP=2 -> TP=1 resharding with the same logits."""
 from __future__ import annotations
 
+import io
+import json
 import os
 import pickle
+import re
 import shutil
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_based import checkpointing
 from megatron_based.checkpointing import CheckpointError
@@ -105,27 +110,193 @@ def test_corrupted_checkpoint_names_the_file(tp2_run, tmp_path, damage):
 
 
 class _Exploit:
+    """Unpickling it runs ``touch marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, (f"touch {_Exploit.marker}",))
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _record(path: Path, name: str, data: bytes) -> None:
+    """Write ``path/name`` and record it in the manifest as a save would, so only the loader's own checks stand in
+    the way."""
+    (path / name).write_bytes(data)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("target", [".metadata", "run_config.yaml"])
 def test_loading_never_unpickles_arbitrary_objects(tp2_run, tmp_path, target):
     """A pickled callable planted in torch's ``.metadata`` pickle (with a matching manifest, so only the unpickling
     can stop it) fails with an error naming the file, and never runs; YAML is read with ``safe_load``."""
-    import json
-    import zlib
-
     path = _copy(tp2_run[0] / "step_00000002", tmp_path / "step")
-    _Exploit.marker = tmp_path / "pwned"
-    victim = path / target
+    marker = tmp_path / "pwned"
     if target == ".metadata":
-        victim.write_bytes(pickle.dumps(_Exploit()))
+        _record(path, target, pickle.dumps(_Exploit(marker)))
     else:
-        victim.write_text(victim.read_text() + "exploit: !!python/object/apply:os.system [touch %s]\n" % _Exploit.marker)
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"][target] = {"bytes": victim.stat().st_size, "crc32": zlib.crc32(victim.read_bytes())}
-    (path / "manifest.json").write_text(json.dumps(manifest))
+        text = (path / target).read_text() + "exploit: !!python/object/apply:os.system [touch %s]\n" % marker
+        _record(path, target, text.encode())
     code, status, payload = forked(_load_tp1, str(path))
     assert status == "error" and target in payload, payload
-    assert not _Exploit.marker.exists()
+    assert not marker.exists()
+
+
+def _short_str(text: str) -> bytes:
+    data = text.encode()
+    return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+
+def _stack_global_metadata(path: Path, marker: Path) -> None:
+    """``.metadata`` that calls ``os.system`` found through the module torch's metadata classes live in
+    (``STACK_GLOBAL`` with the dotted name ``os.system``), then unpickles to the genuine metadata: plain pickle runs
+    the payload and the load goes on as if nothing happened."""
+    payload = (b"\x80\x04" + _short_str("torch.distributed.checkpoint.metadata") + _short_str("os.system") + b"\x93"
+               + _short_str(f"touch {marker}") + b"\x85R0")  # STACK_GLOBAL, TUPLE1, REDUCE, POP
+    _record(path, ".metadata", payload + (path / ".metadata").read_bytes())
+
+
+def _stored_object(path: Path, key: str, marker: Path) -> None:
+    """Replace the stored object whose key contains ``key`` (Megatron's common state, a module's ``_extra_state``)
+    by its genuine content plus an :class:`_Exploit`, appended to its ``.distcp`` file; ``.metadata`` points at it."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = checkpointing._read_metadata(path)
+    index, info = next((i, s) for i, s in metadata.storage_data.items() if key in i.fqn
+                       and isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    shard = path / info.relative_path
+    data = shard.read_bytes()
+    genuine = torch.load(io.BytesIO(data[info.offset: info.offset + info.length]), weights_only=True)
+    buf = io.BytesIO()
+    torch.save(genuine + [_Exploit(marker)], buf)
+    metadata.storage_data[index] = _StorageInfo(info.relative_path, len(data), len(buf.getvalue()))
+    _record(path, info.relative_path, data + buf.getvalue())
+    _record(path, ".metadata", pickle.dumps(metadata))
+
+
+def _common_pt(path: Path, marker: Path | None) -> None:
+    """A legacy ``common.pt``, which Megatron loads instead of the saved common state whenever it exists: the training
+    state of another run (step 7) or, with ``marker``, an :class:`_Exploit`. Listed in the manifest only with one."""
+    buf = io.BytesIO()
+    torch.save({"state": {"step": 7}} if marker is None else {"state": _Exploit(marker)}, buf)
+    if marker is None:
+        (path / "common.pt").write_bytes(buf.getvalue())
+    else:
+        _record(path, "common.pt", buf.getvalue())
+
+
+def _load_tp1_unverified(path):
+    """:func:`_load_tp1` as if the files had changed after :func:`checkpointing.verify` checked them: what torch and
+    Megatron unpickle on their own must be restricted too."""
+    checkpointing.verify = lambda p: json.loads((p / "manifest.json").read_text())
+    return _load_tp1(path)
+
+
+_STORED_REFUSED = (r"a stored object holds objects other than plain data, refused \(UnpicklingError: Trying to load "
+                   r"unsupported GLOBAL posix\.system whose module posix is blocked\.\)")
+# target -> (build the crafted files, verify's error after the file's path (None: a listed common.pt is first read,
+# and refused, by Megatron's torch.load), how the unpickling in torch / Megatron refuses it)
+_CRAFTED = {
+    ".metadata": (_stack_global_metadata, r"\.metadata holds objects other than checkpoint metadata; refusing to "
+                  r"unpickle it \(UnpicklingError: torch\.distributed\.checkpoint\.metadata\.os\.system is not "
+                  r"checkpoint metadata\)", r"\.metadata holds objects other than plain data, refused \(UnpicklingError: "
+                  r"torch\.distributed\.checkpoint\.metadata\.os\.system is not checkpoint metadata\)"),
+    "common_state": (lambda p, m: _stored_object(p, "common_state", m),
+                     r"__\d+_\d+\.distcp stores common_state/shard_\d+_\d+ as objects other than plain data; "
+                     r"refusing to unpickle it \(UnpicklingError: .*GLOBAL posix\.system.*\)", _STORED_REFUSED),
+    "_extra_state": (lambda p, m: _stored_object(p, "_extra_state", m),
+                     r"__\d+_\d+\.distcp stores decoder\.layers\.\S+\._extra_state/shard_\d+_\d+ as objects other "
+                     r"than plain data; refusing to unpickle it \(UnpicklingError: .*GLOBAL posix\.system.*\)",
+                     _STORED_REFUSED),
+    "common.pt": (_common_pt, None, r"common\.pt holds objects other than plain data, refused \(UnpicklingError: "
+                  r"Trying to load unsupported GLOBAL posix\.system whose module posix is blocked\.\)"),
+}
+
+
+def _error_line(payload: str) -> str:
+    """The error of a forked run (its first line), checked to be all of the message: the traceback follows."""
+    first, second = payload.split("\n")[:2]
+    assert second.startswith("Traceback"), payload
+    return first
+
+
+@pytest.mark.parametrize("target,checked_by", [(t, "verify") for t in _CRAFTED if _CRAFTED[t][1]]
+                         + [(t, "reader") for t in _CRAFTED])
+def test_crafted_checkpoints_run_no_code(tp2_run, tmp_path, monkeypatch, target, checked_by):
+    """Each crafted file of issue 17, with the manifest recomputed so the CRC check passes: verify refuses it with a
+    one-line error naming the file and what it holds; with verify bypassed (a file changed after the check), the
+    unpickling inside torch / Megatron refuses it, even where a user set torch's switch for unsafe loads by default.
+    The payload never runs; unpickled freely, it does."""
+    build, verify_match, reader_match = _CRAFTED[target]
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    path = _copy(tp2_run[0] / "step_00000002", tmp_path / "step")
+    marker = tmp_path / "pwned"
+    build(path, marker)
+    code, status, payload = forked(_load_tp1 if checked_by == "verify" else _load_tp1_unverified, str(path))
+    assert status == "error", payload
+    if checked_by == "verify":
+        assert re.fullmatch(rf"CheckpointError: checkpoint file {re.escape(str(path))}/{verify_match}.*",
+                            _error_line(payload)), payload
+    else:
+        assert re.fullmatch(rf"CheckpointError: checkpoint {re.escape(str(path))} could not be loaded: "
+                            rf"{reader_match}", _error_line(payload)), payload
+    assert not marker.exists()
+    # the crafted file is a working exploit: torch's reader, unrestricted, runs it
+    fsr = FileSystemReader(str(path))
+    if target == "common.pt":
+        torch.load(path / "common.pt", weights_only=False)
+    else:
+        fsr.read_metadata()  # plain pickle.load
+    if target in ("common_state", "_extra_state"):
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        metadata = fsr.read_metadata()
+        fqn = next(k for k in metadata.state_dict_metadata if target in k)
+        info = metadata.storage_data[MetadataIndex(fqn)]
+        with (path / info.relative_path).open("rb") as f:
+            f.seek(info.offset)
+            torch.load(io.BytesIO(f.read(info.length)), weights_only=False)
+    assert marker.exists()
+
+
+def test_unlisted_common_pt_is_refused(tp2_run, tmp_path):
+    """A ``common.pt`` the manifest does not list (Megatron would load it in place of the saved state and resume at
+    its step) is named and refused; nothing else in the checkpoint changed."""
+    path = _copy(tp2_run[0] / "step_00000002", tmp_path / "step")
+    _common_pt(path, None)
+    code, status, payload = forked(_load_tp1, str(path))
+    assert status == "error", payload
+    assert _error_line(payload) == (f"CheckpointError: checkpoint file {path}/common.pt is not listed in "
+                                    f"{path}/manifest.json; a checkpoint holds only the files it was saved with: "
+                                    "remove it, or load another checkpoint")
+    (path / "common.pt").unlink()
+    assert checkpointing.verify(path)["step"] == 2
+
+
+def test_metadata_points_only_into_listed_files(tp2_run, tmp_path):
+    """``.metadata`` placing a shard in a file outside the manifest (here outside the directory) is refused."""
+    path = _copy(tp2_run[0] / "step_00000002", tmp_path / "step")
+    metadata = checkpointing._read_metadata(path)
+    index = next(iter(metadata.storage_data))
+    metadata.storage_data[index].relative_path = "../elsewhere.distcp"
+    _record(path, ".metadata", pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match=rf"\.metadata places {re.escape(index.fqn)} in '\.\./elsewhere\.distcp', "
+                                              r"which manifest\.json does not list"):
+        checkpointing.verify(path)
+
+
+def test_released_file_with_code_is_refused(tmp_path):
+    """A torch file for ``megatron-based-convert`` / ``generate`` holding a pickled callable: refused by name."""
+    from megatron_based.convert import ConversionError, read_tensors
+
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": torch.ones(2)}, "exploit": _Exploit(marker)}, tmp_path / "released.pt")
+    with pytest.raises(ConversionError) as err:
+        read_tensors(tmp_path / "released.pt")
+    assert re.fullmatch(rf"checkpoint file {re.escape(str(tmp_path))}/released\.pt holds objects other than tensors "
+                        r"and plain data; refusing to unpickle it \(UnpicklingError: .*GLOBAL posix\.system.*\)",
+                        str(err.value))
+    assert not marker.exists()
