@@ -19,7 +19,7 @@ launch-deps:
 	  echo "note: installing $(LAUNCH_APT) failed: the mpirun/slurm launcher tests will skip"; \
 	else echo "note: $(LAUNCH_APT) missing and apt-get unusable: the mpirun/slurm launcher tests will skip"; fi
 
-$(STAMP): pyproject.toml | launch-deps
+$(STAMP): pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then \
 	  echo "Python 3.12 not found. megatron-core >= 0.17 needs Python >= 3.12: install it (e.g. 'pyenv install 3.12'," \
 	       "or 'apt-get install python3.12 python3.12-venv') or run 'make PYTHON=/path/to/python3.12 ...'."; exit 1; fi

@@ -87,7 +87,7 @@ def gpu_setup(graphs: bool) -> Setup:
     micro, accumulate = (4, 4) if graphs else (16, 1)
     extra = ["model.cuda_graph_impl=local", "train.eval_interval=4", "train.eval_iters=2"] if graphs else \
         ["train.eval_interval=0"]
-    return Setup("configs/based-360m.yaml", GPUS, steps=16, save_interval=4, kill_after=6, overrides=[
+    return Setup("configs/based-360m.yaml", GPUS, steps=16, save_interval=4, kill_after=6, timeout=240, overrides=[
         "model.seq_length=2048", f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro * accumulate * GPUS}", "train.lr=3e-4", "train.min_lr=3e-5",
         "train.lr_warmup_steps=4", *extra])
