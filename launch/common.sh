@@ -24,8 +24,9 @@ parse_args() {
     echo "usage: $0 CONFIG.yaml [section.key=value ...] [--dry-run]" >&2
     exit 2
   fi
-  # Resume from the newest checkpoint under train.save whenever there is one (restarts, requeues).
-  if [[ ${RESUME:-1} == 1 ]]; then ARGS=(train.load=latest "${ARGS[@]}"); fi  # an explicit train.load= later wins
+  # Resume from the newest checkpoint under train.save whenever there is one (restarts, requeues); start fresh while
+  # there is none (train.load=auto; train.load=latest would refuse).
+  if [[ ${RESUME:-1} == 1 ]]; then ARGS=(train.load=auto "${ARGS[@]}"); fi  # an explicit train.load= later wins
 }
 
 # dry_run NNODES NPROC_PER_NODE: validate the plan for that many processes (no process group, nothing allocated);

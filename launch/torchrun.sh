@@ -12,7 +12,7 @@
 #                   (one node: torchrun --standalone picks a free port itself)
 #   RDZV_ID         job id shared by all nodes for c10d rendezvous [based-$USER]
 #   MAX_RESTARTS    how often torchrun restarts the workers after a failure [3]; each restart resumes from the
-#                   newest checkpoint (--load latest; RESUME=0 turns that off)
+#                   newest checkpoint (train.load=auto; RESUME=0 turns that off)
 #   PYTHON          interpreter [python3]; TORCHRUN_ARGS extra torchrun flags
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

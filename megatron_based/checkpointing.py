@@ -4,9 +4,11 @@ Layout under ``train.save``::
 
     step_00000100/      a complete checkpoint (dist_checkpointing files + run_config.yaml + manifest.json)
     latest              the name of the newest complete checkpoint, replaced atomically
+    .lock               flock'ed by the run writing here: a second run on the directory refuses to start
 
 A checkpoint is written into ``.tmp-step_...``; once every rank has written its shards, rank 0 records each file's
-size and CRC32 in ``manifest.json``, renames the folder and then rewrites ``latest``. A crash at any point leaves
+size and CRC32 in ``manifest.json``, renames the folder and then rewrites ``latest``; re-saving a step first renames
+the old folder to ``.old-step_...`` and deletes it only after ``latest`` is rewritten. A crash at any point leaves
 either the previous ``latest`` or the new one, never a partial checkpoint. Loading checks every file against the
 manifest first (a truncated or corrupted file, or one the manifest does not list, is named in the error). Nothing in
 a checkpoint can run code when it is loaded: torch's ``.metadata`` pickle is unpickled only with an allowlist of its
@@ -24,11 +26,16 @@ and time at save) and only loads at the same TP / PP / CP sizes (DP may change).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
 import pickle
+import queue
+import re
 import shutil
+import socket
+import time
 import types
 import zlib
 from pathlib import Path
@@ -41,6 +48,8 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 RUN_CONFIG = "run_config.yaml"
 OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
+LOCK = ".lock"
+STEP_NAME = re.compile(r"step_\d{8,}")  # what checkpoint_name writes; the only thing ``latest`` may hold
 
 
 class CheckpointError(RuntimeError):
@@ -58,6 +67,22 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _on_rank0(fn):
+    """``fn()`` on rank 0 only; every rank returns its result, or raises its :class:`CheckpointError` (or
+    ``OSError``) as a :class:`CheckpointError`, so no rank waits in a collective for one that failed."""
+    result = [None, None]
+    if _rank() == 0:
+        try:
+            result[1] = fn()
+        except (CheckpointError, OSError) as e:
+            result[0] = str(e)
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    if result[0]:
+        raise CheckpointError(result[0])
+    return result[1]
 
 
 def _crc32(path: Path) -> int:
@@ -183,6 +208,18 @@ def _layout() -> dict:
             "cp": ps.get_context_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
 
 
+def _write_results_in_process() -> None:
+    """Megatron's synchronous save writes in this process's threads but hands their results back through a
+    ``multiprocessing.Manager().Queue()``: a server process it starts at the first save. A SIGTERM to the process
+    group (torchrun, slurm, ``timeout``) kills that server as well, and the save the SIGTERM asks for then fails
+    (BrokenPipeError). A plain queue serves a synchronous save. Process-wide and idempotent; we never save
+    asynchronously (an async writer process could not reach this queue)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(save_dir: str | os.PathLike, step: int, model, optimizer, scheduler, state: dict,
                     run_config: dict, optimizer_format: str = "fully_reshardable") -> Path:
     """Save atomically as ``save_dir/step_<step>`` and point ``latest`` at it. Collective: call on every rank."""
@@ -200,6 +237,7 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model, optimizer, sc
     metadata = _optimizer_metadata(optimizer_format)
     sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=metadata),
                "scheduler": scheduler.state_dict(), "state": dict(state), "rng": _gather_rng()}
+    _write_results_in_process()
     dist_checkpointing.save(sharded, str(tmp))
     _barrier()
     if _rank() == 0:
@@ -208,31 +246,120 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model, optimizer, sc
                  if p.is_file()}
         manifest = {"step": step, "optimizer_format": optimizer_format, "layout": _layout(), "files": files}
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        old = save_dir / f".old-{final.name}"
+        if final.exists():  # a directory cannot be renamed over another: set the old one aside, delete it last
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _write_atomic(save_dir / LATEST, final.name + "\n")
+        shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
+def lock_save_dir(save_dir: str | os.PathLike):
+    """Claim ``save_dir`` for this run: an exclusive ``flock`` on ``save_dir/.lock`` that rank 0 holds until the
+    returned file is closed or its process ends (the kernel drops it on any death, SIGKILL included, so no lock is
+    ever stale). A second run fails here, naming the holder recorded in the file. Then tidies what an interrupted
+    save left (:func:`_tidy`), which is safe only under the lock. Collective; returns the lock file on rank 0, None
+    elsewhere. Across hosts flock needs a file system that honours it (NFSv4; Lustre mounted with ``-o flock``)."""
+    held = []
+
+    def claim():
+        save = Path(save_dir)
+        save.mkdir(parents=True, exist_ok=True)
+        f = open(save / LOCK, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(20):  # the holder writes its line right after it takes the lock
+                f.seek(0)
+                holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            f.close()
+            raise CheckpointError(f"{save} is in use by another training run ({holder or 'holder not recorded'}); "
+                                  "wait for it to end, or set train.save to another directory") from None
+        except OSError as e:
+            f.close()
+            raise CheckpointError(f"cannot lock {save / LOCK} ({e.strerror}): train.save must be on a file system "
+                                  "with flock (on Lustre, mount with -o flock)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        held.append(f)
+        _tidy(save)
+
+    _on_rank0(claim)
+    return held[0] if held else None
+
+
+def _tidy(save_dir: Path) -> None:
+    """What interrupted saves left: ``.tmp-`` folders (unfinished) are deleted; an ``.old-step_X`` folder (the
+    checkpoint a re-save of step X was replacing) is deleted if the new step_X is in place, else renamed back."""
+    for tmp in save_dir.glob(".tmp-step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in save_dir.glob(".old-step_*"):
+        final = save_dir / old.name.removeprefix(".old-")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
 def resolve(load: str, save_dir: str | None) -> Path | None:
-    """``load`` as a checkpoint directory: ``"latest"`` reads ``save_dir/latest`` (None if there is none yet)."""
-    if load == "latest":
-        pointer = Path(save_dir) / LATEST
-        if not pointer.is_file():
+    """``load`` (``train.load``) as a checkpoint directory: ``"latest"``, the one ``save_dir/latest`` names (an error
+    if there is none); ``"auto"``, the same, or None (start fresh) while ``save_dir`` holds no checkpoint; else a
+    checkpoint directory, or a save directory (its ``latest``)."""
+    if load in ("latest", "auto"):
+        save_dir = Path(save_dir)
+        pointer = save_dir / LATEST
+        name = _read_latest(pointer)
+        if name is None:
+            saved = sorted(p.name for p in save_dir.glob("step_*") if STEP_NAME.fullmatch(p.name) and p.is_dir())
+            if load == "latest":
+                raise CheckpointError(f"train.load=latest but {pointer} does not exist; to start fresh drop --load "
+                                      "(train.load=null), or use train.load=auto to resume when there is a "
+                                      "checkpoint and start fresh when there is none")
+            if saved:
+                raise CheckpointError(f"train.load=auto but {save_dir} holds checkpoints (newest {saved[-1]}) and no "
+                                      f"{LATEST} file; resume with train.load={save_dir / saved[-1]}")
             return None
-        name = pointer.read_text().strip()
-        path = Path(save_dir) / name
-        if not path.is_dir():
-            raise CheckpointError(f"{pointer} names {name}, which does not exist in {save_dir}")
-        return path
+        # .old-: a re-save of that step was interrupted between its two renames (save_checkpoint)
+        for path in (save_dir / name, save_dir / f".old-{name}"):
+            if path.is_dir():
+                return path
+        raise CheckpointError(f"{pointer} names {name}, which does not exist in {save_dir}")
     path = Path(load)
-    if (path / LATEST).is_file():  # a save directory given directly
+    if (path / LATEST).exists() or (path / LATEST).is_symlink():  # a save directory given directly
         return resolve("latest", str(path))
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     return path
+
+
+def _read_latest(pointer: Path) -> str | None:
+    """The checkpoint name in ``latest`` (None if it does not exist). Only a plain file holding a bare
+    ``step_XXXXXXXX`` is accepted, so the checkpoint it names is always inside the save directory, and what else it
+    holds is never echoed."""
+    if pointer.is_symlink():
+        raise CheckpointError(f"{pointer} is a symlink; it must be a plain file holding the name of a checkpoint "
+                              f"folder beside it: replace it, e.g. echo step_00000100 > {pointer}")
+    if not pointer.exists():
+        return None
+    try:
+        with pointer.open("rb") as f:
+            name = f.read(64).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer} cannot be read ({getattr(e, 'strerror', None) or e}); it must be a plain "
+                              "file holding the name of a checkpoint folder beside it, e.g. step_00000100") from None
+    if not STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} does not hold a checkpoint name like step_00000100 (a folder beside it); "
+                              "write the newest complete one's name into it")
+    return name
 
 
 def verify(path: Path) -> dict:
@@ -389,17 +516,7 @@ def _restricted_unpickling():
 
 def _verify_collective(path: Path) -> dict:
     """Rank 0 reads the files; every rank raises the same error or gets the same manifest."""
-    result = [None, None]
-    if _rank() == 0:
-        try:
-            result[1] = verify(path)
-        except CheckpointError as e:
-            result[0] = str(e)
-    if dist.is_initialized():
-        dist.broadcast_object_list(result, src=0)
-    if result[0]:
-        raise CheckpointError(result[0])
-    return result[1]
+    return _on_rank0(lambda: verify(path))
 
 
 def _check_optimizer_layout(path: Path, manifest: dict) -> str:
@@ -444,7 +561,8 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
     loaded = _load(sharded, path)
     getattr(model, "module", model).load_state_dict(loaded["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+            optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])

@@ -16,7 +16,6 @@ why).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -151,6 +150,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group started above
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
+    lock = checkpointing.lock_save_dir(t.save) if t.save else None  # held until train returns or the process ends
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     dp_cp_group = MegatronMPU.get_data_parallel_group()
 
@@ -166,11 +166,11 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     logger = TrainLogger(total_steps=t.train_steps, start_step=0, enabled=rank == world - 1,
                          tensorboard_dir=t.tensorboard_dir, show_progress=t.progress)
     if t.load:
-        load_dir, tag = (t.save, None) if t.load == "latest" else (str(Path(t.load).parent), Path(t.load).name)
-        path, client = engine.load_checkpoint(load_dir, tag=tag)
+        path = checkpointing.resolve(t.load, t.save)  # train.load as for the Megatron engine; None only for auto
         if path is None:
-            logger.print(f"no DeepSpeed checkpoint under {load_dir} yet: starting from scratch")
+            logger.print(f"no DeepSpeed checkpoint under {t.save} yet: starting from scratch")
         else:
+            path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
             state.update(client["state"])
             scheduler.load_state_dict(client["scheduler"])
             checkpointing.set_rng_state(client["rng"])
@@ -232,6 +232,8 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     finally:
         sigterm.restore()
         logger.close()
+        if lock is not None:
+            lock.close()
     return {"step": state["step"], "loss": last_loss, "skipped_steps": state["skipped_steps"],
             "checkpoint": f"{t.save}/{last_saved}" if last_saved else None}
 

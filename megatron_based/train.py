@@ -19,12 +19,14 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from .checkpointing import CheckpointError
 from .config import ConfigError
 from .training_config import RunConfig, load_config
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped on purpose (too many non-finite steps); the last good checkpoint is kept."""
+    """Training stopped on purpose (too many non-finite steps, non-finite parameters); the last good checkpoint is
+    kept."""
 
 
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -108,6 +110,21 @@ def megatron_optimizer(opt_config, model_chunks, fast: bool = True, **kwargs):
     return optimizer
 
 
+def optimizer_step(optimizer) -> tuple[bool, float]:
+    """Megatron's ``optimizer.step()``, unless the global gradient norm is non-finite: then no update at all
+    (parameters and Adam moments keep their values). Returns (updated, gradient norm). Megatron skips only on the
+    fp16 grad scaler's overflow flag; in bf16 and fp32 a NaN norm passes clipping (``nan > clip_grad`` is False) and
+    with ``clip_grad=0`` is never computed, so the update writes NaN into every parameter. A finite norm also bounds
+    every squared gradient, so the second moments stay finite. ``step`` computes the norm again to clip, and copies
+    the gradients to the main gradients again (a copy; this is not safe for an fp16 grad scaler, which is not used)."""
+    optimizer.prepare_grads()
+    grad_norm = optimizer.get_grad_norm()
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    updated, _, _ = optimizer.step()
+    return updated, grad_norm
+
+
 def build_optimizer(cfg: RunConfig, model, config, torch_optimizer: bool = False):
     """AdamW with no weight decay on biases, norms (1-D) and embeddings: Megatron's optimizer (distributed when
     ``parallel.use_distributed_optimizer``) on GPUs and CPUs alike (``cpu_compat`` lets it run over gloo), so CPU
@@ -183,7 +200,11 @@ def _global_loss(losses: list[dict], device) -> float:
 
 
 class _Sigterm:
-    """Remembers a SIGTERM (slurm preemption); the loop checkpoints and exits at the end of the step."""
+    """Remembers a SIGTERM (slurm preemption, ``timeout``, torchrun stopping); the loop checkpoints and exits at the
+    end of the step. slurm and ``timeout`` send it to every process of the job, torchrun to each worker's process
+    group: the save must start no helper process such a signal would kill
+    (``checkpointing._write_results_in_process``), and a repeated SIGTERM changes nothing. torchrun and slurm send
+    SIGKILL 30 s later (their defaults)."""
 
     def __init__(self):
         self.received = False
@@ -228,6 +249,8 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
                         seed=t.seed, cuda_graphs=config.cuda_graph_impl == "local")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
+    lock = checkpointing.lock_save_dir(t.save) if t.save else None  # held until train returns or the process ends
+    resume = checkpointing.resolve(t.load, t.save) if t.load else None  # None for train.load=auto on a fresh save
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
 
@@ -244,13 +267,12 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     logger = TrainLogger(total_steps=t.train_steps, start_step=0, enabled=rank == world - 1,
                          tensorboard_dir=t.tensorboard_dir, show_progress=t.progress, metrics_file=t.metrics_file)
     if t.load:
-        path = checkpointing.resolve(t.load, t.save)
-        if path is None:
+        if resume is None:
             logger.print(f"no checkpoint under {t.save} yet: starting from scratch")
         else:
-            state.update(checkpointing.load_checkpoint(path, model, optimizer, scheduler))
+            state.update(checkpointing.load_checkpoint(resume, model, optimizer, scheduler))
             fuse_torch_adam(optimizer)  # loading restores the saved param-group options
-            logger.print(f"resumed from {path} at step {state['step']} ({state['consumed_samples']} samples)")
+            logger.print(f"resumed from {resume} at step {state['step']} ({state['consumed_samples']} samples)")
 
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     gbs, seq = t.global_batch_size, spec.seq_length
@@ -265,21 +287,35 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     peak = peak_tflops(t.peak_tflops)
     run_config = cfg.to_dict()
 
+    def evaluate(dataset=valid_ds, first_sample: int = 0, global_batches: int = eval_batches) -> float:
+        model.eval()
+        it = batches(dataset, first_sample, t.micro_batch_size, dp_rank, dp_size)
+        total = []
+        with torch.no_grad():
+            for _ in range(global_batches):
+                total += run(data_iterator=it, forward_only=True)
+        model.train()
+        return _global_loss(total, device)
+
     def save():
+        """Checkpoint the current state if it is good; returns the checkpoint, or None. Non-finite parameters stop
+        the run (no later step can repair them). Finite parameters whose loss on the next global batch is non-finite
+        (a blow-up: the next step would only be skipped) are not saved; the run goes on. So every checkpoint is one a
+        run can resume from, and ``last_saved`` is always the last good one."""
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().float().reshape(1)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise TrainingStopped(f"the parameters after step {state['step']} are non-finite, so they were not saved; "
+                                  f"the last good checkpoint is {last_saved or 'none'}")
+        next_loss = evaluate(train_ds, state["consumed_samples"], 1)
+        if not math.isfinite(next_loss):
+            logger.print(f"step {state['step']} not saved: its parameters give a non-finite loss ({next_loss}) on "
+                         "the next batch")
+            return None
         path = checkpointing.save_checkpoint(t.save, state["step"], model, optimizer, scheduler, state, run_config,
                                              optimizer_format=t.optimizer_checkpoint_format)
         logger.print(f"saved checkpoint {path}")
         return path
-
-    def evaluate() -> float:
-        model.eval()
-        it = batches(valid_ds, 0, t.micro_batch_size, dp_rank, dp_size)
-        total = []
-        with torch.no_grad():
-            for _ in range(eval_batches):
-                total += run(data_iterator=it, forward_only=True)
-        model.train()
-        return _global_loss(total, device)
 
     sigterm = _Sigterm()
     logger.progress.update(logger.task, completed=state["step"])
@@ -294,7 +330,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
             state["consumed_samples"] += gbs
             grad_norm = None
             if math.isfinite(loss):
-                ok, grad_norm, _ = optimizer.step()
+                ok, grad_norm = optimizer_step(optimizer)
             else:
                 ok = False
             if ok:
@@ -324,17 +360,24 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
                 logger.scalars(state["step"], {"loss": val}, "valid")
             stop = sigterm.any_rank(device)
             if t.save and streak == 0 and (stop or (t.save_interval and state["step"] % t.save_interval == 0)):
-                last_saved = save()
+                last_saved = save() or last_saved
             if stop:
-                logger.print(f"SIGTERM: stopped at step {state['step']} after saving")
+                saved = last_saved is not None and last_saved.name == checkpointing.checkpoint_name(state["step"])
+                logger.print(f"SIGTERM: stopped at step {state['step']} " + ("after saving" if saved else
+                             f"without saving it; the last good checkpoint is {last_saved or 'none'}"))
                 break
         else:  # finished without SIGTERM: make sure the final step is saved
             if t.save and streak == 0 and (last_saved is None
                                            or last_saved.name != checkpointing.checkpoint_name(state["step"])):
-                last_saved = save()
+                if (path := save()) is None:
+                    raise TrainingStopped(f"the parameters after the last step ({state['step']}) were not saved; the "
+                                          f"last good checkpoint is {last_saved or 'none'}")
+                last_saved = path
     finally:
         sigterm.restore()
         logger.close()
+        if lock is not None:
+            lock.close()
     return {"step": state["step"], "loss": last_loss, "skipped_steps": state["skipped_steps"],
             "checkpoint": str(last_saved) if last_saved else None}
 
@@ -343,7 +386,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="megatron-based-train", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="YAML run config (e.g. configs/tiny.yaml)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3 data.path=[runs/d/kjv]")
-    ap.add_argument("--load", help="checkpoint directory, or 'latest' (= train.load)")
+    ap.add_argument("--load", help="checkpoint directory, 'latest' or 'auto' (latest, or fresh if none; = train.load)")
     ap.add_argument("--save", help="checkpoint directory (= train.save)")
     return ap.parse_intermixed_args(argv)  # overrides may come after --load / --save
 
@@ -371,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ class TrainConfig:
     save: str | None = None
     save_interval: int = 0  # 0: only at the end (and on SIGTERM)
     optimizer_checkpoint_format: str = "fully_reshardable"  # or dp_reshardable (checkpointing.py, docs/training.md)
-    load: str | None = None  # a checkpoint directory, or "latest" (the newest complete one under `save`)
+    load: str | None = None  # a checkpoint directory, "latest" (the one `save`/latest names) or "auto" (that, or fresh)
     log_interval: int = 1
     eval_interval: int = 100  # 0: no validation
     eval_iters: int = 4
@@ -212,9 +213,20 @@ def validate(cfg: RunConfig) -> None:
     if p.context_parallel_size > 1 and importlib.util.find_spec("megatron_based.context_parallel") is None:
         raise ConfigError(f"parallel.context_parallel_size={p.context_parallel_size} needs "
                           "megatron_based.context_parallel, which this install does not have yet; set it to 1")
-    for key in ("micro_batch_size", "global_batch_size", "train_steps", "log_interval", "eval_iters"):
+    for key in ("micro_batch_size", "global_batch_size", "train_steps", "log_interval", "eval_iters",
+                "max_nonfinite_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} ({getattr(t, key)}) must be >= 1")
+    # A non-finite or out-of-range value would make every update non-finite (or Megatron assert mid-run).
+    for key, ok, rule in (("lr", t.lr > 0, "> 0"), ("min_lr", 0 <= t.min_lr <= t.lr, f"in [0, train.lr = {t.lr}]"),
+                          ("lr_warmup_init", t.lr_warmup_init >= 0, ">= 0"),
+                          ("weight_decay", t.weight_decay >= 0, ">= 0"),
+                          ("adam_beta1", 0 <= t.adam_beta1 < 1, "in [0, 1)"),
+                          ("adam_beta2", 0 <= t.adam_beta2 < 1, "in [0, 1)"), ("adam_eps", t.adam_eps > 0, "> 0"),
+                          ("clip_grad", t.clip_grad >= 0, ">= 0 (0: no clipping)")):
+        value = getattr(t, key)
+        if not (math.isfinite(value) and ok):
+            raise ConfigError(f"train.{key} ({value}) must be a finite number {rule}")
     dp = cfg.data_parallel_size
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
@@ -226,8 +238,8 @@ def validate(cfg: RunConfig) -> None:
                           f"(default train.train_steps) = {decay}")
     if t.save_interval and not t.save:
         raise ConfigError("train.save_interval is set but train.save (the checkpoint directory) is not")
-    if t.load == "latest" and not t.save:
-        raise ConfigError("train.load=latest resumes from train.save, which is not set")
+    if t.load in ("latest", "auto") and not t.save:
+        raise ConfigError(f"train.load={t.load} resumes from train.save, which is not set")
     if t.precision == "bf16":
         import torch
 

@@ -87,7 +87,8 @@ def test_mpirun_trains_through_the_mpi4py_bootstrap(dataset, tmp_path):
 
 
 def test_slurm_job_checkpoints_on_the_time_limit_signal_and_requeues(slurm, dataset, tmp_path):
-    config = write_config(tmp_path / "run.yaml", dataset, train={"train_steps": 300})
+    # periodic saves before the SIGTERM, as in a real run: the save it asks for is not the run's first
+    config = write_config(tmp_path / "run.yaml", dataset, train={"train_steps": 300, "save_interval": 2})
     env = {**ENV, **slurm, "GPUS_PER_NODE": "2", "GRES": "", "TIME": "10", "SBATCH_ARGS": "--cpus-per-task=1"}
     out = subprocess.run([str(REPO / "launch/submit.sh"), str(config)], env=env, capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)

@@ -300,3 +300,99 @@ def test_released_file_with_code_is_refused(tmp_path):
                         r"and plain data; refusing to unpickle it \(UnpicklingError: .*GLOBAL posix\.system.*\)",
                         str(err.value))
     assert not marker.exists()
+
+
+# --- the save directory: latest, re-saves, the lock -----------------------------------------------------------------
+
+def test_load_latest_needs_a_latest_auto_starts_fresh(tp2_run, tmp_path):
+    """train.load=latest without ``latest`` is an error saying how to start fresh; train.load=auto starts fresh only
+    where no checkpoint was ever saved."""
+    import re
+
+    empty = tmp_path / "empty"
+    with pytest.raises(CheckpointError) as err:
+        checkpointing.resolve("latest", str(empty))
+    assert str(err.value) == (f"train.load=latest but {empty}/latest does not exist; to start fresh drop --load "
+                              "(train.load=null), or use train.load=auto to resume when there is a checkpoint and "
+                              "start fresh when there is none")
+    assert checkpointing.resolve("auto", str(empty)) is None
+    ckpt = _copy(tp2_run[0], tmp_path / "ckpt")
+    assert checkpointing.resolve("auto", str(ckpt)) == ckpt / "step_00000002"
+    (ckpt / "latest").unlink()
+    with pytest.raises(CheckpointError, match=rf"^train.load=auto but {re.escape(str(ckpt))} holds checkpoints "
+                                              rf"\(newest step_00000002\) and no latest file; resume with "
+                                              rf"train.load={re.escape(str(ckpt))}/step_00000002$"):
+        checkpointing.resolve("auto", str(ckpt))
+
+
+@pytest.mark.parametrize("content", ["absolute path", "parent path", "other text", "symlink"])
+def test_latest_names_only_a_checkpoint_beside_it(tp2_run, tmp_path, content):
+    """``latest`` holding a path (even of a real checkpoint elsewhere), other text, or being a symlink is refused,
+    read as latest or through its save directory, and what it holds or points at is never echoed."""
+    ckpt = _copy(tp2_run[0], tmp_path / "ckpt")
+    _copy(tp2_run[0], tmp_path / "other")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret-token\n")
+    pointer = ckpt / "latest"
+    pointer.unlink()
+    planted = {"absolute path": f"{tmp_path}/other/step_00000002", "parent path": "../other/step_00000002",
+               "other text": "s3cret-token"}.get(content)
+    if planted:
+        pointer.write_text(planted + "\n")
+        expected = (f"{pointer} does not hold a checkpoint name like step_00000100 (a folder beside it); write the "
+                    "newest complete one's name into it")
+    else:
+        pointer.symlink_to(secret)
+        expected = (f"{pointer} is a symlink; it must be a plain file holding the name of a checkpoint folder beside "
+                    f"it: replace it, e.g. echo step_00000100 > {pointer}")
+    for load, save in (("latest", str(ckpt)), (str(ckpt), None)):
+        with pytest.raises(CheckpointError) as err:
+            checkpointing.resolve(load, save)
+        assert str(err.value) == expected and "s3cret" not in str(err.value) and "other" not in str(err.value)
+
+
+def test_an_interrupted_resave_still_loads_and_is_tidied(tp2_run, tmp_path):
+    """A re-save of step 2 killed between its two renames (the old folder set aside as ``.old-step_00000002``, the
+    new one still ``.tmp-``): ``latest`` still resolves to a complete checkpoint, and the next run's lock puts the
+    old folder back and drops the unfinished one. Killed after the second rename: the next run drops the old one."""
+    ckpt = _copy(tp2_run[0], tmp_path / "ckpt")
+    os.replace(ckpt / "step_00000002", ckpt / ".old-step_00000002")
+    shutil.copytree(ckpt / ".old-step_00000002", ckpt / ".tmp-step_00000002")
+    path = checkpointing.resolve("latest", str(ckpt))
+    assert path == ckpt / ".old-step_00000002" and checkpointing.verify(path)["step"] == 2
+    checkpointing.lock_save_dir(ckpt).close()
+    assert sorted(p.name for p in ckpt.iterdir()) == [".lock", "latest", "step_00000002"]
+    shutil.copytree(ckpt / "step_00000002", ckpt / ".old-step_00000002")
+    checkpointing.lock_save_dir(ckpt).close()
+    assert sorted(p.name for p in ckpt.iterdir()) == [".lock", "latest", "step_00000002"]
+    assert checkpointing.resolve("latest", str(ckpt)) == ckpt / "step_00000002"
+
+
+def test_the_save_dir_lock_names_its_holder_and_dies_with_it(tmp_path):
+    """A second claim on a save directory fails naming the holder; a holder killed with SIGKILL leaves no stale
+    lock."""
+    import multiprocessing as mp
+    import re
+    import signal
+    import socket
+
+    lock = checkpointing.lock_save_dir(tmp_path / "ckpt")
+    try:
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path))}/ckpt is in use by another training "
+                                                  rf"run \(pid {os.getpid()} on {re.escape(socket.gethostname())} "
+                                                  r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\); wait for it to end, or "
+                                                  r"set train.save to another directory$"):
+            checkpointing.lock_save_dir(tmp_path / "ckpt")
+    finally:
+        lock.close()
+
+    def hold_then_die():
+        checkpointing.lock_save_dir(tmp_path / "ckpt")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    child = mp.get_context("fork").Process(target=hold_then_die)
+    child.start()
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+    assert (tmp_path / "ckpt" / ".lock").read_text().startswith(f"pid {child.pid} on ")
+    checkpointing.lock_save_dir(tmp_path / "ckpt").close()

@@ -1,5 +1,6 @@
 """Training entry point: config validation before any process group, preprocess -> dataset -> steps end to end,
-loss going down, and a bitwise-exact resume after SIGKILL."""
+loss going down, a bitwise-exact resume after SIGKILL and after SIGTERM to a torchrun process group, one run per
+save directory, and no non-finite state ever saved (docs/training.md, "Faults")."""
 from __future__ import annotations
 
 import io
@@ -7,18 +8,25 @@ import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import re
 import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_based import checkpointing
 from megatron_based.config import ConfigError
 from megatron_based.training_config import load_config
 
-from ..distributed import _free_port
+from ..distributed import _free_port, run_distributed
 from .test_data import corpus  # noqa: F401 - the session fixture
 
 TINY = {
@@ -115,7 +123,7 @@ def _train(cfg, kill_at=None):
         params["final"] = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
     summary = train(cfg, step_hook=hook)
-    return {"losses": losses, "params": params["final"], "summary": summary}
+    return {"losses": losses, "params": params.get("final"), "summary": summary}
 
 
 # --- configuration errors: raised by load_config, before any process group ---------------------------------------
@@ -137,6 +145,18 @@ def _train(cfg, kill_at=None):
     (["model.vocab_size=100"], 1, r"model.vocab_size \(100\) is smaller than the tokenizer's vocabulary \(512"),
     (["train.lr_warmup_steps=8"], 1, r"train.lr_warmup_steps \(8\) must be smaller than"),
     (["train.load=latest"], 1, r"train.load=latest resumes from train.save, which is not set"),
+    (["train.load=auto"], 1, r"train.load=auto resumes from train.save, which is not set"),
+    (["train.lr=inf"], 1, r"train.lr \(inf\) must be a finite number > 0"),
+    (["train.lr=nan"], 1, r"train.lr \(nan\) must be a finite number > 0"),
+    (["train.lr=0"], 1, r"train.lr \(0.0\) must be a finite number > 0"),
+    (["train.min_lr=1"], 1, r"train.min_lr \(1.0\) must be a finite number in \[0, train.lr = 0.003\]"),
+    (["train.lr_warmup_init=-1"], 1, r"train.lr_warmup_init \(-1.0\) must be a finite number >= 0"),
+    (["train.weight_decay=-.inf"], 1, r"train.weight_decay \(-inf\) must be a finite number >= 0"),
+    (["train.adam_beta1=-0.1"], 1, r"train.adam_beta1 \(-0.1\) must be a finite number in \[0, 1\)"),
+    (["train.adam_beta2=1"], 1, r"train.adam_beta2 \(1.0\) must be a finite number in \[0, 1\)"),
+    (["train.adam_eps=0"], 1, r"train.adam_eps \(0.0\) must be a finite number > 0"),
+    (["train.clip_grad=-1"], 1, r"train.clip_grad \(-1.0\) must be a finite number >= 0"),
+    (["train.max_nonfinite_steps=0"], 1, r"train.max_nonfinite_steps \(0\) must be >= 1"),
     (["trainlr=1"], 1, r"override 'trainlr=1' must look like section.key=value"),
 ])
 def test_invalid_configs_fail_early_naming_the_key(tmp_path, corpus, overrides, world, message):  # noqa: F811
@@ -197,6 +217,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus):  # noqa: F811
     code, status, _ = forked(_train, tiny_config(tmp_path / "b", corpus, save), n + 2)
     assert code == -signal.SIGKILL and status is None
     assert (tmp_path / "b" / "ckpt" / "latest").read_text().strip() == f"step_{n:08d}"
+    checkpointing.lock_save_dir(tmp_path / "b" / "ckpt").close()  # the killed run's lock died with it
     resumed = ok(forked(_train, tiny_config(tmp_path / "b", corpus, save + ["train.load=latest"])))
     assert sorted(resumed["losses"]) == list(range(n + 1, 2 * n + 1))
     assert [resumed["losses"][s] for s in range(n + 1, 2 * n + 1)] == [full["losses"][s] for s in
@@ -204,27 +225,100 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus):  # noqa: F811
     assert torch.equal(resumed["params"], full["params"])
 
 
-def test_non_finite_steps_are_skipped_then_stop(tmp_path, corpus):  # noqa: F811
-    """A learning rate of 1e30 blows the weights up: the non-finite steps are skipped and counted, and the run
-    stops after train.max_nonfinite_steps in a row, keeping the last good checkpoint."""
-    from megatron_based.train import TrainingStopped
+def _stopped(cfg, hook=None):
+    """The TrainingStopped message of a run (or "not stopped")."""
+    from megatron_based.train import TrainingStopped, train
 
-    cfg = tiny_config(tmp_path, corpus, ["train.lr=1e30", "train.min_lr=1e30", "train.lr_warmup_steps=0",
-                                         "train.lr_decay_style=constant", "train.max_nonfinite_steps=2",
-                                         f"train.save={tmp_path}/ckpt", "train.save_interval=1",
-                                         "train.clip_grad=0"])
+    try:
+        train(cfg, step_hook=hook)
+    except TrainingStopped as e:
+        return str(e)
+    return "not stopped"
+
+
+def _evaluate(paths):
+    """For each checkpoint: (all parameters finite, all logits of a batch finite)."""
+    from megatron_based.parallel import initialize_parallel
+    from megatron_based.sample import full_logits, load_for_inference
+
+    initialize_parallel(1, 1, 1)
+    tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
+    out = []
+    for path in paths:
+        model = load_for_inference(path)[0]
+        out.append((all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+                    bool(torch.isfinite(full_logits(model, tokens)).all())))
+    return out
+
+
+@pytest.mark.parametrize("schedule", [
+    # the issue's probe: finite parameters after step 1 whose forward overflows (the old guard called them good)
+    ["train.lr=1e6", "train.min_lr=1e6", "train.lr_warmup_steps=0", "train.lr_decay_style=constant"],
+    # one good step at lr_warmup_init, then the warmup towards 1e30 blows the weights up
+    ["train.lr_warmup_init=3e-3", "train.lr=1e30", "train.min_lr=1e30", "train.lr_warmup_steps=4"],
+], ids=["lr=1e6", "warmup-to-1e30"])
+def test_a_blow_up_is_never_saved_or_called_good(tmp_path, corpus, schedule):  # noqa: F811
+    """The non-finite steps are skipped and counted, the run stops after train.max_nonfinite_steps in a row, and
+    every checkpoint on disk, ``latest`` and the one the message calls good among them, has finite parameters that
+    give finite logits."""
+    cfg = tiny_config(tmp_path, corpus, schedule + ["train.max_nonfinite_steps=2", f"train.save={tmp_path}/ckpt",
+                                                    "train.save_interval=1", "train.clip_grad=0"])
+    message = ok(forked(_stopped, cfg))
+    assert re.search(r"non-finite (steps in a row|parameters)|are non-finite", message), message
+    good = message.rsplit("the last good checkpoint is ", 1)[1].split(" ")[0]
+    saved = sorted((tmp_path / "ckpt").glob("step_*"))
+    latest = tmp_path / "ckpt" / "latest"
+    if schedule[0].startswith("train.lr_warmup_init"):
+        assert good == str(tmp_path / "ckpt" / "step_00000001"), message
+    if good == "none":
+        assert not latest.exists() and not saved
+    else:
+        assert latest.read_text().strip() == Path(good).name == saved[-1].name
+        assert ok(forked(_evaluate, [str(p) for p in saved])) == [(True, True)] * len(saved)
+
+
+@pytest.mark.parametrize("clip_grad", [1.0, 0.0])
+def test_a_non_finite_gradient_skips_the_update(tmp_path, corpus, clip_grad):  # noqa: F811
+    """A NaN gradient under a finite loss (injected into one parameter's gradient at step 3): no update at all, with
+    or without clipping (Megatron computes no norm then); the run goes on from the same parameters."""
+    cfg = tiny_config(tmp_path, corpus, [f"train.clip_grad={clip_grad}"])
 
     def run(cfg):
-        try:
-            _train(cfg)
-        except TrainingStopped as e:
-            return str(e)
-        return "not stopped"
+        from megatron_based.train import train
 
-    message = ok(forked(run, cfg))
-    assert "2 non-finite steps in a row" in message
-    good = (tmp_path / "ckpt" / "latest").read_text().strip()
-    assert good in message and int(good.split("_")[1]) >= 1
+        seen, handle = {}, []
+
+        def hook(step, loss, model):
+            seen[step] = (loss, torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()]))
+            if step == 2:
+                handle.append(next(model.parameters()).register_hook(lambda g: g * float("nan")))
+            if step == 3:
+                handle.pop().remove()
+
+        summary = train(cfg, step_hook=hook)
+        return summary, {s: loss for s, (loss, _) in seen.items()}, torch.equal(seen[3][1], seen[2][1]), \
+            torch.equal(seen[4][1], seen[3][1]), bool(torch.isfinite(seen[8][1]).all())
+
+    summary, losses, unchanged, updated_after, finite = ok(forked(run, cfg))
+    assert summary["skipped_steps"] == 1 and all(map(math.isfinite, losses.values())), (summary, losses)
+    assert unchanged and not updated_after and finite
+
+
+def test_non_finite_parameters_are_never_saved(tmp_path, corpus):  # noqa: F811
+    """Parameters that turned non-finite in an update (an inf written into one after step 3) stop the run at the
+    next save without saving them; ``latest`` stays at the last good checkpoint, which the message names."""
+    cfg = tiny_config(tmp_path, corpus, [f"train.save={tmp_path}/ckpt", "train.save_interval=1"])
+
+    def poison(step, loss, model):
+        if step == 3:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
+
+    message = ok(forked(_stopped, cfg, poison))
+    assert message == (f"the parameters after step 3 are non-finite, so they were not saved; the last good checkpoint "
+                       f"is {tmp_path}/ckpt/step_00000002")
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000002"
+    assert not (tmp_path / "ckpt" / "step_00000003").exists()
 
 
 def test_fuse_torch_adam_same_steps_and_moves_step_counters():
@@ -292,3 +386,119 @@ def test_foreach_multi_tensor_ops_match_megatron_fallbacks():
         assert not use_foreach_multi_tensor_ops()  # idempotent; never replaces TE's or apex's kernels
     finally:
         clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl = saved
+
+
+# --- preemption, one run per save directory, --load latest ---------------------------------------------------------
+
+REPO = Path(__file__).parents[2]
+
+
+def _train_on_rank(rank, world_size, cfg):
+    return _train(cfg)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "timeout"])
+def test_sigterm_to_the_process_group_saves_then_resumes_bitwise(tmp_path, corpus, launcher):  # noqa: F811
+    """Preemption as slurm, ``timeout`` and torchrun deliver it: SIGTERM to whole process groups, helper processes
+    included. torchrun passes the SIGTERM it gets on to each worker's process group (2 workers here); coreutils
+    ``timeout`` passes it (as on expiry) to its command and its own process group (1 process here). The run gets it
+    right after its first periodic save (which started any helper): it finishes the step, saves it and exits,
+    leaving no ``.tmp-`` folder. Resumed with train.load=latest, its losses and final parameters are bitwise those
+    of an uninterrupted run."""
+    n, save, world = 16, tmp_path / "ckpt", 2 if launcher == "torchrun" else 1
+    overrides = [f"train.train_steps={n}", "train.save_interval=2"]
+    resume_cfg = tiny_config(tmp_path, corpus, overrides + [f"train.save={save}", "train.load=latest"],
+                             world_size=world)
+    command = ["-m", "megatron_based.train", str(tmp_path / "run.yaml"), *overrides, f"train.save={save}"]
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command]
+    else:
+        command = ["timeout", "600", sys.executable, *command]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    watchdog = threading.Timer(180, os.killpg, (proc.pid, signal.SIGKILL))
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "saved checkpoint" in line and line.rstrip().endswith("step_00000002"):
+                os.kill(proc.pid, signal.SIGTERM)  # the launcher: torchrun or timeout
+        proc.wait(60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
+    stopped = re.search(r"SIGTERM: stopped at step (\d+) after saving", out)
+    assert stopped, out[-3000:]
+    step = int(stopped[1])
+    assert 2 < step < n, out[-3000:]
+    assert (save / "latest").read_text().strip() == f"step_{step:08d}"
+    assert not list(save.glob(".tmp-*")) and "BrokenPipeError" not in out
+    checkpointing.verify(save / f"step_{step:08d}")
+
+    def run(cfg):
+        return run_distributed(_train_on_rank, 2, cfg)[0] if world == 2 else ok(forked(_train, cfg))
+
+    resumed = run(resume_cfg)
+    full = run(tiny_config(tmp_path / "full", corpus, overrides[:1], world_size=world))
+    assert sorted(resumed["losses"]) == list(range(step + 1, n + 1))
+    assert [resumed["losses"][s] for s in range(step + 1, n + 1)] == [full["losses"][s] for s in
+                                                                      range(step + 1, n + 1)]
+    assert torch.equal(resumed["params"], full["params"])
+
+
+def test_a_second_run_on_the_same_save_dir_refuses_naming_the_holder(tmp_path, corpus):  # noqa: F811
+    """While a run holds train.save (here this test process), another refuses to start and names it; nothing of
+    the first run's is touched."""
+    cfg = tiny_config(tmp_path, corpus, [f"train.save={tmp_path}/ckpt"])
+    lock = checkpointing.lock_save_dir(tmp_path / "ckpt")
+    try:
+        code, status, payload = forked(_train, cfg)
+    finally:
+        lock.close()
+    assert status == "error", payload
+    assert re.fullmatch(rf"CheckpointError: {re.escape(str(tmp_path))}/ckpt is in use by another training run \(pid "
+                        rf"{os.getpid()} on {re.escape(socket.gethostname())} since "
+                        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\); wait for it to end, or set train.save to another directory",
+                        payload.splitlines()[0]), payload
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".lock"]
+    assert ok(forked(_train, cfg))["summary"]["step"] == 8  # free again
+
+
+def test_two_runs_started_together_one_refuses(tmp_path, corpus):  # noqa: F811
+    """The issue's probe: two runs on one save directory at the same moment. One trains and saves; the other stops
+    with the lock error (not a FileNotFoundError from the other's save)."""
+    cfg = tiny_config(tmp_path, corpus, [f"train.save={tmp_path}/ckpt"])
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(_train, (cfg,), q, _free_port())) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted((q.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    for p in procs:
+        p.join(30)
+    (error, message), (status, payload) = results
+    assert error == "error" and status == "ok", results
+    assert "is in use by another training run (pid" in message.splitlines()[0], message
+    assert from_bytes(payload)["summary"]["checkpoint"] == f"{tmp_path}/ckpt/step_00000008"
+
+
+def test_load_latest_needs_a_latest_and_auto_starts_fresh(tmp_path, corpus):  # noqa: F811
+    """train.load=latest on a save directory without ``latest`` is an error before anything is written;
+    train.load=auto starts fresh there, and on the next start resumes (re-saving the final step, atomically)."""
+    base = [f"train.save={tmp_path}/ckpt"]
+    code, status, payload = forked(_train, tiny_config(tmp_path, corpus, base + ["train.load=latest"]))
+    assert status == "error" and payload.splitlines()[0] == (
+        f"CheckpointError: train.load=latest but {tmp_path}/ckpt/latest does not exist; to start fresh drop --load "
+        "(train.load=null), or use train.load=auto to resume when there is a checkpoint and start fresh when there is "
+        "none"), payload
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".lock"]
+    auto = tiny_config(tmp_path, corpus, base + ["train.load=auto"])
+    assert sorted(ok(forked(_train, auto))["losses"]) == list(range(1, 9))
+    again = ok(forked(_train, auto))
+    assert again["losses"] == {} and again["summary"]["checkpoint"] == f"{tmp_path}/ckpt/step_00000008"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".lock", "latest", "step_00000008"]
+    assert checkpointing.verify(tmp_path / "ckpt" / "step_00000008")["step"] == 8
