@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--out", help="JSON file for the rows")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     ap.add_argument("--format", choices=FORMATS, help=argparse.SUPPRESS)  # one case, in a child process
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     if args.smoke:
         args.config, args.seq = str(REPO / "configs" / "tiny.yaml"), 64
     rows = []
-    for fmt in FORMATS:
+    for fmt in args.formats:
         tmp = tempfile.mkdtemp(prefix="ckpt_formats_")
         try:
             out = subprocess.run([sys.executable, __file__, "--config", args.config, "--seq", str(args.seq),
@@ -125,12 +126,15 @@ def main(argv=None) -> int:
             return 1
         rows.append(json.loads(lines[0]))
         print(json.dumps(rows[-1]), flush=True)
-    if args.out:
+    if args.out:  # rows of formats not run this time are kept from the file
         import torch
 
         meta = {"config": Path(args.config).name, "seq": args.seq, "torch": torch.__version__,
                 "date": time.strftime("%Y-%m-%d")}
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        out = Path(args.out)
+        kept = json.loads(out.read_text())["rows"] if out.is_file() else []
+        rows = [r for r in kept if r["format"] not in args.formats] + rows
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -164,9 +164,11 @@ def _init_adam_state(optimizer) -> None:
 
 def _load_only_saved_optimizer_keys() -> None:
     """Megatron-core 0.19's distributed optimizer, without TransformerEngine or apex, keeps torch Adam's ``step`` as a
-    tensor in each parameter's state, and its fully-reshardable load then looks for a saved ``step`` tensor per
-    parameter, which it never writes (the step is restored from the parameter groups): ``KeyError: 'step'``. Copy
-    only the state tensors the checkpoint holds. Process-wide and idempotent."""
+    tensor in each parameter's state, which its loads mishandle: the fully-reshardable load looks for a saved
+    per-parameter ``step`` it never writes (``KeyError: 'step'``), and the dp-reshardable load copies back the
+    *current* (pre-load) ``step`` it keeps as a local object, resetting Adam's bias correction. The step is restored
+    from the saved parameter groups by ``load_state_dict``; copy only the other state tensors the checkpoint holds.
+    Process-wide and idempotent."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     setter = DistributedOptimizer._set_main_param_and_optimizer_states
@@ -177,13 +179,14 @@ def _load_only_saved_optimizer_keys() -> None:
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         state = self.optimizer.state[main_param]
-        unsaved = {k: v for k, v in state.items() if torch.is_tensor(v) and k not in tensors}
-        for k in unsaved:
+        tensors = {k: v for k, v in tensors.items() if k != "step"}
+        held = {k: v for k, v in state.items() if torch.is_tensor(v) and k not in tensors}
+        for k in held:
             del state[k]
         try:
             setter(self, model_param, tensors)
         finally:
-            state.update(unsaved)
+            state.update(held)
 
     set_saved._saved_keys_only = True
     DistributedOptimizer._set_main_param_and_optimizer_states = set_saved

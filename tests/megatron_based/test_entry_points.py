@@ -82,12 +82,13 @@ def cpu_setup() -> Setup:
 
 def gpu_setup(graphs: bool) -> Setup:
     """based-360m (27 layers, d 1024, vocab 50257) at T 2048 on every GPU, 32k tokens per GPU and step (a fifth of
-    a second, so the kill lands mid-run); ``graphs``: CUDA graphs, 4 accumulated micro-batches per step
-    and validation every 4 steps."""
+    a second, so the kill lands mid-run); saves at steps 6 and 12 (the default fully-reshardable optimizer format;
+    dp_reshardable with graphs, so both formats resume on GPUs). ``graphs``: CUDA graphs, 4 accumulated
+    micro-batches per step and validation every 3 steps."""
     micro, accumulate = (4, 4) if graphs else (16, 1)
-    extra = ["model.cuda_graph_impl=local", "train.eval_interval=4", "train.eval_iters=2"] if graphs else \
-        ["train.eval_interval=0"]
-    return Setup("configs/based-360m.yaml", GPUS, steps=16, save_interval=4, kill_after=6, timeout=240, overrides=[
+    extra = ["model.cuda_graph_impl=local", "train.eval_interval=3", "train.eval_iters=2",
+             "train.optimizer_checkpoint_format=dp_reshardable"] if graphs else ["train.eval_interval=0"]
+    return Setup("configs/based-360m.yaml", GPUS, steps=12, save_interval=6, kill_after=8, timeout=240, overrides=[
         "model.seq_length=2048", f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro * accumulate * GPUS}", "train.lr=3e-4", "train.min_lr=3e-5",
         "train.lr_warmup_steps=4", *extra])
@@ -109,12 +110,14 @@ def start_train(setup: Setup, corpus: dict, root: Path, metrics: Path, *extra: s
 
 
 def finish(proc, root: Path, metrics: Path, timeout: float) -> None:
+    start = time.time()
     try:
         code = proc.wait(timeout)
     except subprocess.TimeoutExpired:
         kill_all(proc)
         code = "timeout"
     log = (root / f"{metrics.stem}.log").read_text()
+    print(f"{root.name}/{metrics.stem}: exit {code} after {time.time() - start:.0f} s", flush=True)  # with -s
     assert code == 0, f"exit {code}:\n{log[-4000:]}"
 
 
