@@ -1,9 +1,11 @@
-"""Shared helpers of the Triton kernels: interpreter detection, autotune config lists and a low-overhead launcher."""
+"""Shared helpers of the Triton kernels: interpreter detection, autotune config lists, a low-overhead launcher and
+the ``cu_seqlens`` check every varlen path (Triton and PyTorch) runs."""
 from __future__ import annotations
 
 import os
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 # The Triton interpreter (CPU tests) cannot autotune over 2+ configs ("0 active drivers"): use one fixed,
 # small config there. Read once at import, like Triton itself does.
@@ -54,6 +56,46 @@ class use_backend:
 
     def __exit__(self, *exc):
         _BACKEND[0] = self.prev
+
+
+# cu_seqlens tensor -> (version counter, T, offsets) of a passed check: a model's layers share one packed batch's
+# cu_seqlens, so its host sync happens once, not once per layer and pass
+_CHECKED_CU = WeakIdKeyDictionary()
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, B: int = 1) -> list[int]:
+    """Check FlashAttention-style document offsets ``[N + 1]`` for a ``[B=1, T, ...]`` input and return them as a
+    list: integers rising (non-decreasing) from 0 to T. Kernels index memory with them, so a bad table would read
+    or write outside the tensors. One host sync (``tolist``) per new tensor or in-place change; repeated calls with
+    the same unchanged tensor are free."""
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (documents packed along T); got B={B}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point \
+            or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N + 1] of document offsets; got "
+                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: check it every time
+        version = None
+    hit = _CHECKED_CU.get(cu_seqlens)
+    if hit is not None and version is not None and hit[:2] == (version, T):
+        return hit[2]
+    bounds = cu_seqlens.tolist()
+    bad = None
+    if bounds[0] != 0:
+        bad = f"cu_seqlens[0] = {bounds[0]}"
+    elif bounds[-1] != T:
+        bad = f"cu_seqlens[-1] = {bounds[-1]}"
+    else:
+        i = next((i for i in range(1, len(bounds)) if bounds[i] < bounds[i - 1]), None)
+        if i is not None:
+            bad = f"cu_seqlens[{i}] = {bounds[i]} < cu_seqlens[{i - 1}] = {bounds[i - 1]}"
+    if bad is not None:
+        raise ValueError(f"cu_seqlens must rise from 0 to T={T} (document offsets [N + 1]); got {bad}")
+    if version is not None:
+        _CHECKED_CU[cu_seqlens] = (version, T, bounds)
+    return bounds
 
 
 def configs(gpu_configs, interpreter_config):

@@ -36,6 +36,7 @@ def _s2(t):
 
 
 def _varlen(cu, T, device):
+    """Per-token document ids and int32 offsets (cu is checked: the kernels index x and the state with it)."""
     if cu is None:
         return None, None
     return _doc_ids(cu, T, device), cu.to(device=device, dtype=torch.int32)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._common import configs
+from .._jit_common import finite_rows
 from .forward import load_kv_rows, visible_mask
 
 
@@ -65,10 +66,12 @@ def swa_bwd_dq_kernel(
         b_k = load_kv_rows(p_k, p_kp, j, o_d, m_d, T, P, s_kt, s_kpt, HAS_PREFIX)
         b_v = load_kv_rows(p_v, p_vp, j, o_d, m_d, T, P, s_vt, s_vpt, HAS_PREFIX)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-        b_p = tl.where(visible_mask(i_q, j, T, P, W, doc, IS_VARLEN), tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_p = tl.exp2(b_s - b_lse[:, None])
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC)
+        # masked pairs are exact zeros even where s, dp (a non-finite k or v) or delta are not; the pairs that see a
+        # non-finite k carry it in ds, so k enters the product with its non-finite values zeroed (_jit_common)
+        b_ds = tl.where(visible_mask(i_q, j, T, P, W, doc, IS_VARLEN), b_p * (b_dp - b_delta[:, None]), 0.0)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), finite_rows(b_k)[0], input_precision=DOT_PREC)
 
     b_dq *= scale
     tl.store(dq + i_b * s_dqb + i_h * s_dqh + r_q * s_dqt + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_qd)
@@ -131,12 +134,15 @@ def swa_bwd_dkdv_kernel(
             b_delta = tl.load(delta + o_bh + i_q, mask=m_q, other=0.0)
             # key-major [BN, BM] tiles: dV and dK come out without transposing the accumulators
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale
-            b_pt = tl.where(visible_mask(i_q, j, T, P, W, doc, IS_VARLEN, KEY_MAJOR=True),
-                            tl.exp2(b_st - b_lse[None, :]), 0.0)
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PREC)
+            m_vis = visible_mask(i_q, j, T, P, W, doc, IS_VARLEN, KEY_MAJOR=True)
+            b_pt = tl.exp2(b_st - b_lse[None, :])
+            # masked pairs are exact zeros; non-finite q, dO rows reach only the keys their queries see (_jit_common)
+            b_do_ok, b_donan = finite_rows(b_do)
+            b_dv += tl.dot(tl.where(m_vis, b_pt + b_donan[None, :], 0.0).to(b_do.dtype), b_do_ok,
+                           input_precision=DOT_PREC)
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PREC)
+            b_dst = tl.where(m_vis, b_pt * (b_dpt - b_delta[None, :]), 0.0)
+            b_dk += tl.dot(b_dst.to(b_q.dtype), finite_rows(b_q)[0], input_precision=DOT_PREC)
 
     b_dk *= scale
     store_kv_rows(dk + i_b * s_dkb + i_hk * s_dkh, dkp + i_b * s_dkpb + i_hk * s_dkph, j, o_d, m_d, T, P,

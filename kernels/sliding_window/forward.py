@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._common import INTERPRET, configs
+from .._jit_common import finite_rows
 
 LOG2E = 1.4426950408889634
 
@@ -93,12 +94,15 @@ def swa_fwd_kernel(
         b_k = load_kv_rows(p_k, p_kp, j, o_d, m_d, T, P, s_kt, s_kpt, HAS_PREFIX)
         b_v = load_kv_rows(p_v, p_vp, j, o_d, m_d, T, P, s_vt, s_vpt, HAS_PREFIX)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-        b_s = tl.where(visible_mask(i_q, j, T, P, W, doc, IS_VARLEN), b_s, float("-inf"))
+        m_vis = visible_mask(i_q, j, T, P, W, doc, IS_VARLEN)
+        b_s = tl.where(m_vis, b_s, float("-inf"))  # also drops a non-finite k of masked pairs
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+        b_v, b_vnan = finite_rows(b_v)  # a non-finite v row reaches only the queries that see it (_jit_common)
+        b_pv = tl.where(m_vis, b_p + b_vnan[None, :], 0.0)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pv.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         b_m = b_m_new
 
     b_l = tl.where(m_q, b_l, 1.0)  # rows past T saw no key

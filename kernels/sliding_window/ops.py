@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._common import Launcher, cdiv, next_pow2
+from .._common import Launcher, cdiv, check_cu_seqlens, next_pow2
 from .backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
 from .forward import swa_fwd_kernel
 
@@ -38,7 +38,11 @@ def _empty_like_layout(ref, shape, dtype=None):
 
 
 def _doc_ids(cu_seqlens, T, device):
-    """Per-token document index ``[T]`` int32 from ``cu_seqlens``, on the device and without a host sync."""
+    """Per-token document index ``[T]`` int32 from ``cu_seqlens`` (checked first: one host sync per new cu_seqlens
+    tensor, see ``check_cu_seqlens``), on the device; None without cu_seqlens."""
+    if cu_seqlens is None:
+        return None
+    check_cu_seqlens(cu_seqlens, T)
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     pos = torch.arange(T, device=device, dtype=torch.int64)
     return (torch.searchsorted(cu[1:], pos, right=True)).to(torch.int32)
@@ -58,9 +62,10 @@ def _meta(q, k, kp):
 
 
 def swa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torch.Tensor],
-            vp: Optional[torch.Tensor], doc: Optional[torch.Tensor], window: int,
+            vp: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], window: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, H, Hkv, D, P, block_d, prec = _meta(q, k, kp)
+    doc = _doc_ids(cu_seqlens, T, q.device)
     o = _empty_like_layout(q, q.shape)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     kp_, vp_ = (q, q) if kp is None else (kp, vp)
@@ -79,16 +84,17 @@ swa_fwd_op = torch.library.custom_op("based_kernels::swa_fwd", swa_fwd, mutates_
 
 
 @swa_fwd_op.register_fake
-def _(q, k, v, kp, vp, doc, window, scale):
+def _(q, k, v, kp, vp, cu_seqlens, window, scale):
     B, T, H, _ = q.shape
     return _empty_like_layout(q, q.shape), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 def swa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torch.Tensor],
-            vp: Optional[torch.Tensor], doc: Optional[torch.Tensor], o: torch.Tensor, lse: torch.Tensor,
+            vp: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], o: torch.Tensor, lse: torch.Tensor,
             window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor]:
     B, T, H, Hkv, D, P, block_d, prec = _meta(q, k, kp)
+    doc = _doc_ids(cu_seqlens, T, q.device)
     do = _lastdim_contiguous(do)
     dq = _empty_like_layout(q, q.shape)
     dk = _empty_like_layout(k, k.shape)
@@ -124,7 +130,7 @@ swa_bwd_op = torch.library.custom_op("based_kernels::swa_bwd", swa_bwd, mutates_
 
 
 @swa_bwd_op.register_fake
-def _(do, q, k, v, kp, vp, doc, o, lse, window, scale):
+def _(do, q, k, v, kp, vp, cu_seqlens, o, lse, window, scale):
     dkp = q.new_empty(0) if kp is None else _empty_like_layout(kp, kp.shape)
     dvp = q.new_empty(0) if vp is None else _empty_like_layout(vp, vp.shape)
     return (_empty_like_layout(q, q.shape), _empty_like_layout(k, k.shape), _empty_like_layout(v, v.shape),
@@ -132,16 +138,16 @@ def _(do, q, k, v, kp, vp, doc, o, lse, window, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kp, vp, doc, window, scale = inputs
+    q, k, v, kp, vp, cu_seqlens, window, scale = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, kp, vp, doc, o, lse)
+    ctx.save_for_backward(q, k, v, kp, vp, cu_seqlens, o, lse)
     ctx.window, ctx.scale = window, scale
     ctx.mark_non_differentiable(lse)
 
 
 def _grads(ctx, do, bwd):
-    q, k, v, kp, vp, doc, o, lse = ctx.saved_tensors
-    dq, dk, dv, dkp, dvp = bwd(do, q, k, v, kp, vp, doc, o, lse, ctx.window, ctx.scale)
+    q, k, v, kp, vp, cu_seqlens, o, lse = ctx.saved_tensors
+    dq, dk, dv, dkp, dvp = bwd(do, q, k, v, kp, vp, cu_seqlens, o, lse, ctx.window, ctx.scale)
     if kp is None:
         dkp = dvp = None
     return dq, dk, dv, dkp, dvp, None, None, None
@@ -157,9 +163,9 @@ class SlidingWindowAttentionFunction(torch.autograd.Function):
     saved). Returns o only; lse is saved for the backward, not an output (no extra autograd output to track)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kp, vp, doc, window, scale):
-        o, lse = swa_fwd(q, k, v, kp, vp, doc, window, scale)
-        ctx.save_for_backward(q, k, v, kp, vp, doc, o, lse)
+    def forward(ctx, q, k, v, kp, vp, cu_seqlens, window, scale):
+        o, lse = swa_fwd(q, k, v, kp, vp, cu_seqlens, window, scale)
+        ctx.save_for_backward(q, k, v, kp, vp, cu_seqlens, o, lse)
         ctx.window, ctx.scale = window, scale
         return o
 
@@ -241,7 +247,7 @@ _PLANS = {}  # plain call signature -> _Plan, or None (validated, but a last dim
 
 
 def validate(q, k, v, window, cu_seqlens, kv_prefix):
-    """The Triton path's input checks (clear errors for bad shapes)."""
+    """The Triton path's shape checks (no host sync); the ops check the values of cu_seqlens (``_doc_ids``)."""
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
@@ -283,10 +289,7 @@ def swa_triton(q, k, v, window, scale, kv_prefix=None, cu_seqlens=None):
     kp = vp = None
     if kv_prefix is not None:
         kp, vp = (_lastdim_contiguous(t) for t in kv_prefix)
-    doc = None
-    if cu_seqlens is not None:
-        doc = _doc_ids(cu_seqlens, q.shape[1], q.device)
-    args = (q, k, v, kp, vp, doc, int(window), float(scale))
+    args = (q, k, v, kp, vp, cu_seqlens, int(window), float(scale))
     if torch.compiler.is_compiling():
         return swa_fwd_op(*args)[0]
     return SlidingWindowAttentionFunction.apply(*args)

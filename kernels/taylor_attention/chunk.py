@@ -31,6 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._jit_common import finite_rows
+
 RSQRT2 = tl.constexpr(0.7071067811865476)
 
 
@@ -252,8 +254,11 @@ def taylor_chunk_output_kernel(
         T, H, NC, F, DV, BK, BT, BV, IS_VARLEN)
 
     b_s = tl.dot(b_q, tl.trans(b_k)) * (scale * scale)
-    b_A = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[None, :], 1. + b_s + 0.5 * b_s * b_s, 0.)
-    b_num = _mm(b_A, b_v, b_v, HI_INTRA)
+    m_c = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
+    b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
+    # a non-finite v row reaches only the queries that see it, through A (not 0 * NaN in every row: _jit_common)
+    b_v, b_vnan = finite_rows(b_v)
+    b_num = _mm(tl.where(m_c, b_A + b_vnan[None, :], 0.), b_v, b_v, HI_INTRA)
     b_den = tl.sum(b_A, 1)
     o_l, m_l, a_l, b_l, c_l = _features(0, scale, F, BL)
     m_l = m_l & (o_l <= F)
@@ -317,13 +322,18 @@ def taylor_chunk_grad_kernel(
     b_dd = tl.load(dd + p_d, mask=m_t, other=0.) * w0
     b_do = (b_dy.to(tl.float32) / b_den[:, None]).to(b_v.dtype)
 
-    # intra-chunk
+    # intra-chunk. A NaN in k or v of token t must not reach dq of earlier tokens: dS is masked as a whole (s, dO v^T
+    # may be NaN in masked pairs), and k enters dS K with its non-finite values zeroed, the pairs that see them
+    # carrying the NaN in dS (_jit_common). The zeroed k also serves the state terms below: the rows it changes
+    # have NaN dk, dv from their diagonal pair anyway. (dv, dk of a key get only the queries at or after it: a NaN
+    # there comes from a token after the key.)
     m_c = (o_t[:, None] >= o_t[None, :]) & m_t[None, :] & m_t[:, None]
     b_s = tl.dot(b_q, tl.trans(b_k)) * (scale * scale)
+    b_k = finite_rows(b_k)[0]
     b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
     b_dv = _mm(tl.trans(b_A), b_do, b_v, HI)
-    b_P = tl.where(m_c, tl.dot(b_do, tl.trans(b_v)) + b_dd[:, None], 0.)
-    b_dS = b_P * (1. + b_s) * (scale * scale)  # d/d(q_raw . k_raw)
+    # d/d(q_raw . k_raw)
+    b_dS = tl.where(m_c, (tl.dot(b_do, tl.trans(b_v)) + b_dd[:, None]) * (1. + b_s), 0.) * (scale * scale)
     b_dq = _mm(b_dS, b_k, b_v, HI)
     b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI)
     # inter-chunk: dq from the state before the chunk, dk and dv from the gradient of the state after it

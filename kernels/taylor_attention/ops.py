@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import triton
 
-from .._common import INTERPRET, Launcher, cdiv, next_pow2
+from .._common import INTERPRET, Launcher, cdiv, check_cu_seqlens, next_pow2
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
                     taylor_prep_kernel)
 from .recurrent import taylor_step_kernel
@@ -78,12 +78,12 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunks(B: int, T: int, cu_seqlens: Optional[torch.Tensor], BT: int):
-    """(number of chunks, chunks per row NC, chunk_offsets, chunk_meta). Varlen: one host sync for the table of
-    (document, first token) per chunk; documents never share a chunk."""
+    """(number of chunks, chunks per row NC, chunk_offsets, chunk_meta). Varlen: one host sync (checking
+    cu_seqlens) for the table of (document, first token) per chunk; documents never share a chunk."""
     if cu_seqlens is None:
         NC = triton.cdiv(T, BT)
         return B * NC, NC, None, None
-    cu = cu_seqlens.tolist()
+    cu = check_cu_seqlens(cu_seqlens, T, B)  # the kernels index q, k, v and the states with these offsets
     counts = [triton.cdiv(e - b, BT) for b, e in zip(cu[:-1], cu[1:])]
     offsets = [0]
     meta = []
@@ -309,7 +309,7 @@ def taylor_attention_triton(q, k, v, *, eps=1e-12, initial_state=None, output_fi
                              f"z {tuple(h0z.shape)}")
         h0s, h0z = h0s.float().contiguous(), h0z.float().contiguous()
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int32)
+        cu_seqlens = cu_seqlens.to(q.device)  # int32 or int64: the op checks it (_chunks)
     o, den, hts, htz = taylor_attention_fwd(q, k, v, h0s, h0z, cu_seqlens, float(eps), bool(output_final_state))
     if output_normalizer:
         return o, ((hts, htz) if output_final_state else None), den

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .._common import check_cu_seqlens
+
 __all__ = [
     "feature_dim",
     "feature_map",
@@ -84,11 +86,7 @@ def split_varlen(fn, cu_seqlens: torch.Tensor, tensors, initial_state, output_fi
     ``tensors`` are ``[1, T, ...]``; ``initial_state`` is a tuple of tensors with a leading document dimension
     (or None). Returns the concatenated output and, if asked, the per-document final states stacked.
     """
-    if tensors[0].shape[0] != 1:
-        raise ValueError(f"cu_seqlens needs batch size 1 (documents packed along T); got B={tensors[0].shape[0]}")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != tensors[0].shape[1] or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T={tensors[0].shape[1]}; got {bounds}")
+    bounds = check_cu_seqlens(cu_seqlens, tensors[0].shape[1], tensors[0].shape[0])
     outs, finals = [], []
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
         state = None if initial_state is None else tuple(s[i : i + 1] for s in initial_state)

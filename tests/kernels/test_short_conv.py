@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from based_kernels.short_conv import (base_conv, base_conv_packed, base_conv_packed_step, base_conv_reference,
                                       base_conv_step, ops, short_conv, short_conv_reference, short_conv_step)
 
+from .poison import assert_equal_where, bad_cu_seqlens, clean_and_poisoned
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -307,6 +309,45 @@ def _mixer_vs_unfused(rank, world):
     return {n: rel(a, b) for n, a, b in zip(names, out["fused"], out["unfused"])}
 
 
+@bad_cu_seqlens
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_cu_seqlens_are_refused(bounds, message, backend):
+    u, w = rand(1, 40, 32).detach(), rand(16, 3).detach()
+    for cu in (torch.tensor(bounds, device=DEV), torch.tensor(bounds, device=DEV, dtype=torch.int32)):
+        with pytest.raises(ValueError, match=message):
+            base_conv_packed(u, w, cu_seqlens=cu, backend=backend)
+        with pytest.raises(ValueError, match=message):
+            short_conv(u[..., :16], w, cu_seqlens=cu, backend=backend)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a 1-D integer tensor"):
+        base_conv_packed(u, w, cu_seqlens=torch.tensor([0., 40.], device=DEV), backend=backend)
+
+
+def check_nan_confined(which, varlen, variant, T, split, C, K, dtype):
+    """NaN in the conv input u1 or the gate u2 of the last token t of one sequence (batch row 0 of 2, or the first
+    of two documents ending at ``split``) of the packed op: y_t is NaN; earlier outputs, du1 of tokens before
+    t - (K-1) (dx_j sums dc_j .. dc_{j+K-1}), du2 of tokens before t (all of them for a NaN gate) and everything of
+    the other sequence equal the clean run's bit for bit."""
+    ops.BWD_VARIANT = variant
+    u, w, bias = rand(1 if varlen else 2, T, 2 * C, dtype=dtype), rand(C, K, seed=1), rand(2 * C, seed=2)
+    cu = torch.tensor([0, split, T], dtype=torch.int32, device=DEV) if varlen else None
+    end = split if varlen else T
+    halves = {"u1": slice(0, C), "u2": slice(C, None)}
+    fn = lambda u, w, b: base_conv_packed(u, w, b, cu_seqlens=cu, backend="triton")[0]  # noqa: E731
+    (y, (du, _, _)), (y_, (du_, _, _)) = clean_and_poisoned(fn, (u, w, bias), 0, (0, end - 1, halves[which]))
+    other = (0, slice(end, None)) if varlen else (1,)
+    assert y_[0, end - 1].isnan().all()
+    assert_equal_where(y, y_, "y", (0, slice(0, end - 1)), other)
+    assert_equal_where(du, du_, "du", (0, slice(0, end - K), halves["u1"]), other,
+                       (0, slice(0, end if which == "u2" else end - 1), halves["u2"]))
+
+
+@pytest.mark.parametrize("variant", ["tile", "stream"])
+@pytest.mark.parametrize("which", ["u1", "u2"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_nan_reaches_only_the_outputs_that_see_it(which, varlen, variant, restore_variant):
+    check_nan_confined(which, varlen, variant, 70, 40, 16, 3, torch.float32)
+
+
 @pytest.mark.skipif(DEV != "cpu", reason="forks gloo workers: CPU only")
 def test_mixer_equals_unfused_formulation():
     from ..distributed import run_distributed
@@ -361,3 +402,11 @@ def test_gpu_packed_gradients_are_deterministic(variant, restore_variant):
         y2, _ = base_conv_packed(u, w, bias)
         again = torch.autograd.grad(y2, [u, w, bias], dy)
         assert torch.equal(y, y2) and all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["tile", "stream"])
+@pytest.mark.parametrize("which", ["u1", "u2"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gpu_nan_reaches_only_the_outputs_that_see_it_bf16(which, varlen, variant, restore_variant):
+    check_nan_confined(which, varlen, variant, 600, 350, 256, 4, torch.bfloat16)

@@ -7,6 +7,8 @@ import torch
 from based_kernels import sliding_window_attention
 from based_kernels.sliding_window import sliding_window_attention_reference as reference
 
+from .poison import assert_equal_where, bad_cu_seqlens, clean_and_poisoned
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -163,6 +165,43 @@ def test_cached_validation_still_checks_new_shapes():
     assert torch.equal(o, sliding_window_attention(qs.contiguous(), k, v, window=3, backend="triton"))
 
 
+@bad_cu_seqlens
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_cu_seqlens_are_refused(bounds, message, backend):
+    q, k, v, _ = make(1, 40, 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match=message):
+        sliding_window_attention(q, k, v, window=4, cu_seqlens=torch.tensor(bounds, device=DEV), backend=backend)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a 1-D integer tensor"):
+        sliding_window_attention(q, k, v, window=4, cu_seqlens=torch.tensor([0., 40.], device=DEV), backend=backend)
+
+
+def check_nan_confined(which, varlen, T, split, W, D, dtype):
+    """NaN in k, v or the output gradient ("do") of the last token t of one sequence (batch row 0 of 2, or the
+    first of two documents ending at ``split``): o_t is NaN; earlier outputs and their dq, dk and dv of keys before
+    t - W (no query that sees t sees them), all of dv for a NaN v (dv does not depend on v), and everything of the
+    other sequence equal the clean run's bit for bit."""
+    q, k, v, _ = make(1 if varlen else 2, T, 4, 2, D, dtype)
+    m = torch.ones(q.shape, device=DEV, dtype=dtype)  # o * m: a NaN in m is a NaN in dO (and in o)
+    cu = torch.tensor([0, split, T], dtype=torch.int32, device=DEV) if varlen else None
+    end = split if varlen else T
+    row, before, far = (0, end - 1), (0, slice(0, end - 1)), (0, slice(0, end - 1 - W))
+    other = (0, slice(end, None)) if varlen else (1,)
+    fn = lambda q, k, v, m: m * sliding_window_attention(q, k, v, window=W, cu_seqlens=cu, backend="triton")  # noqa
+    (o, (dq, dk, dv, _)), (o_, (dq_, dk_, dv_, _)) = clean_and_poisoned(fn, (q, k, v, m),
+                                                                          ["q", "k", "v", "do"].index(which), row)
+    assert o_[row].isnan().all() and dq_[row].isnan().any()
+    assert_equal_where(o, o_, "o", before, other)
+    assert_equal_where(dq, dq_, "dq", before, other)
+    assert_equal_where(dk, dk_, "dk", far, other)
+    assert_equal_where(dv, dv_, "dv", (0, slice(0, end)) if which == "v" else far, other)
+
+
+@pytest.mark.parametrize("which", ["k", "v", "do"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_nan_reaches_only_the_outputs_that_see_it(which, varlen):
+    check_nan_confined(which, varlen, 70, 40, 8, 16, torch.float32)
+
+
 # ---------------------------------------------------------------- GPU, bf16, real sizes
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 112, 128])
@@ -184,3 +223,10 @@ def test_gpu_bf16_real_sizes(D, Hkv, P, varlen):
     o2 = sliding_window_attention(q, k, v, window=W, kv_prefix=prefix, cu_seqlens=cu)
     grads2 = torch.autograd.grad(o2, inputs, do)
     assert torch.equal(o, o2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["k", "v", "do"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gpu_nan_reaches_only_the_outputs_that_see_it_bf16(which, varlen):
+    check_nan_confined(which, varlen, 600, 350, 128, 64, torch.bfloat16)

@@ -16,6 +16,8 @@ from based_kernels.taylor_attention import (
 )
 from based_kernels.taylor_attention import ops
 
+from .poison import assert_equal_where, bad_cu_seqlens, clean_and_poisoned
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 inputs: exact fp32 products in the interpreter; tf32 tensor-core products on the GPU
 TOL32 = 2e-5 if DEV == "cpu" else 2e-3
@@ -302,6 +304,40 @@ def test_output_normalizer_varlen_and_state_torch():
     assert rel(den[:, :17], den_a) < TOL32
 
 
+@bad_cu_seqlens
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_cu_seqlens_are_refused(bounds, message, backend):
+    q, k, v, _ = make(1, 40, 1, 16, 16)
+    with pytest.raises(ValueError, match=message):
+        taylor_linear_attention(q, k, v, cu_seqlens=torch.tensor(bounds, device=DEV), backend=backend)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a 1-D integer tensor"):
+        taylor_linear_attention(q, k, v, cu_seqlens=torch.tensor([0., 40.], device=DEV), backend=backend)
+
+
+def check_nan_confined(which, varlen, T, split, dtype):
+    """NaN in k or v of the last token of one sequence (batch row 0 of 2, or the first of two documents ending at
+    ``split``): that token's output is NaN; earlier outputs, dq of earlier tokens, dv (NaN v: dv does not depend on
+    v) and everything of the other sequence equal the clean run's bit for bit."""
+    q, k, v, _ = make(1 if varlen else 2, T, 2, 16, 32, dtype=dtype)
+    cu = torch.tensor([0, split, T], dtype=torch.int32, device=DEV) if varlen else None
+    end = split if varlen else T
+    row, before = (0, end - 1), (0, slice(0, end - 1))
+    other = (0, slice(end, None)) if varlen else (1,)
+    fn = lambda q, k, v: triton_fn(q, k, v, cu_seqlens=cu)[0]  # noqa: E731
+    (y, (dq, dk, dv)), (y_, (dq_, dk_, dv_)) = clean_and_poisoned(fn, (q, k, v), "qkv".index(which), row)
+    assert y_[row].isnan().all() and dq_[row].isnan().any()
+    assert_equal_where(y, y_, "y", before, other)
+    assert_equal_where(dq, dq_, "dq", before, other)
+    assert_equal_where(dk, dk_, "dk", other)
+    assert_equal_where(dv, dv_, "dv", (0, slice(0, end)) if which == "v" else other, other)
+
+
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_nan_reaches_only_the_outputs_that_see_it(which, varlen):
+    check_nan_confined(which, varlen, 70, 40, torch.float32)  # two 32-token chunks before the NaN
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU only: long sequences in bf16
 
@@ -356,3 +392,9 @@ def test_varlen_and_states_bf16():
     want = run_with_grads(ref, *(t.double() for t in (q, k, v)), tuple(t.double() for t in h0))
     check_all(got, want, 2e-3, 4e-3)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_nan_reaches_only_the_outputs_that_see_it_bf16(which, varlen):
+    check_nan_confined(which, varlen, 300, 170, torch.bfloat16)  # 128-token chunks: two before the NaN

@@ -1,0 +1,21 @@
+"""Triton device functions shared by the kernels (imported by kernel modules only, so that the package itself
+imports without Triton).
+
+Masked products: a masked (query, key) pair must contribute an exact zero to the sums of a product of a masked
+weight tile and an operand tile, but a zero weight times a NaN or inf operand is NaN. So the operand enters with its
+non-finite values zeroed (:func:`finite_rows`), and the pairs that do see a non-finite row get NaN through their
+weight instead (masked to exactly 0 elsewhere): the NaN reaches the rows that see it and no others. Each op's
+README says which of its products do this.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def finite_rows(b_x):
+    """``(b_x with its non-finite elements zeroed, per-row [rows] fp32 0 or NaN)``: NaN marks a row that held a NaN
+    or an inf, for adding to the masked weights of the rows' column (a masked weight stays exactly 0)."""
+    m_ok = tl.abs(b_x) < float("inf")  # False for NaN and +-inf
+    return tl.where(m_ok, b_x, 0.).to(b_x.dtype), tl.sum(tl.where(m_ok, 0., float("nan")), 1)

@@ -1,0 +1,29 @@
+"""``based_kernels._common.check_cu_seqlens``: the one check of document offsets that every varlen path runs."""
+import pytest
+import torch
+
+from based_kernels._common import check_cu_seqlens
+
+
+def test_check_cu_seqlens_syncs_once_per_tensor_version(monkeypatch):
+    syncs = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (syncs.append(1), tolist(self))[1])
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    assert check_cu_seqlens(cu, 10) == check_cu_seqlens(cu, 10) == [0, 3, 10]
+    assert len(syncs) == 1  # the second call (another layer, the backward) is a cache hit
+    cu[1] = 11  # changed in place: checked again
+    with pytest.raises(ValueError, match=r"must rise from 0 to T=10 .* cu_seqlens\[2\] = 10 < cu_seqlens\[1\] = 11"):
+        check_cu_seqlens(cu, 10)
+    cu[1] = 3
+    with pytest.raises(ValueError, match=r"T=12 .* cu_seqlens\[-1\] = 10"):  # the same tensor for another T
+        check_cu_seqlens(cu, 12)
+    with pytest.raises(ValueError, match=r"cu_seqlens needs batch size 1 .* got B=2"):
+        check_cu_seqlens(cu, 10, B=2)
+    with pytest.raises(ValueError, match=r"1-D integer tensor \[N \+ 1\] .* torch.int32 \(1, 3\)"):
+        check_cu_seqlens(cu[None], 10)
+    with torch.inference_mode():  # no version counter: checked on every call, still correct
+        frozen = torch.tensor([0, 10])
+    assert check_cu_seqlens(frozen, 10) == [0, 10]
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 10"):
+        check_cu_seqlens(frozen, 11)
