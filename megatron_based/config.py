@@ -191,6 +191,11 @@ class ModelSpec:
     make_vocab_size_divisible_by: int = 8
     seq_length: int = 2048
 
+    def __post_init__(self):
+        if isinstance(self.seq_length, bool) or not isinstance(self.seq_length, int) or self.seq_length < 1:
+            raise ConfigError(f"model.seq_length ({self.seq_length!r}) must be a positive integer: the tokens per "
+                              "training sequence (BASED uses 2048)")
+
     @property
     def padded_vocab_size(self) -> int:
         return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by,

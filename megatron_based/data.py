@@ -8,6 +8,7 @@ is given. Training reads them with Megatron-Core's ``GPTDataset`` through ``Blen
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -136,6 +137,79 @@ def open_indexed(prefix: str):
     return ds
 
 
+TOKEN_BLOCK = 1 << 26  # tokens per block of the one pass over a .bin (a few hundred MB at most in memory)
+
+
+def token_id_range(prefix: str, cache_dir: str | None = None) -> tuple[int, int] | None:
+    """(smallest, largest) token id in ``PREFIX.bin`` (None for an empty file): one pass over a memmap, in blocks.
+    Cached in ``cache_dir`` (a JSON file per .bin, keyed on its path, size and modification time), so only the
+    first run over a dataset reads it whole."""
+    path = Path(prefix + ".bin").resolve()
+    if not path.is_file():
+        raise DataError(f"{prefix}.bin does not exist (run megatron-based-preprocess)")
+    st = path.stat()
+    key = {"bin": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache = None
+    if cache_dir:
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
+        cache = Path(cache_dir) / f"{path.stem}-{digest}.token_ids.json"
+        try:
+            hit = json.loads(cache.read_text())
+            if hit["key"] == key:
+                return None if hit["range"] is None else tuple(hit["range"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    dtype = np.dtype(open_indexed(prefix).index.dtype)
+    tokens = np.memmap(path, dtype=dtype, mode="r") if st.st_size else np.zeros(0, dtype)
+    found = None
+    for i in range(0, tokens.size, TOKEN_BLOCK):
+        block = tokens[i: i + TOKEN_BLOCK]
+        lo, hi = int(block.min()), int(block.max())
+        found = (lo, hi) if found is None else (min(found[0], lo), max(found[1], hi))
+    if cache is not None:
+        try:  # best effort: another rank may write the same file; os.replace keeps it whole
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "range": found}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return found
+
+
+def check_token_ids(prefix: str, tokenizer_vocab_size: int, model_vocab_size: int, tokenizer_model: str = "",
+                    cache_dir: str | None = None) -> None:
+    """Refuse ``PREFIX.bin`` when a token id lies outside ``[0, min(tokenizer, model vocabulary))``, naming the file,
+    the id and where it is. Such ids (data tokenized with another tokenizer) would train silently at TP > 1 (the
+    vocab-parallel embedding reads ids outside its rows as zeros) and fail inside the embedding at TP = 1 (a bare
+    IndexError; a device-side assert on a GPU). The id range is cached (:func:`token_id_range`)."""
+    found = token_id_range(prefix, cache_dir)
+    limit = min(tokenizer_vocab_size, model_vocab_size)
+    if found is None or (found[0] >= 0 and found[1] < limit):
+        return
+    bad = found[1] if found[1] >= limit else found[0]
+    tokenizer = f"the tokenizer {tokenizer_model}" if tokenizer_model else "the tokenizer"
+    raise DataError(f"{prefix}.bin holds token id {bad} ({_locate(prefix, bad)}), outside the vocabulary [0, {limit}) "
+                    f"of {tokenizer} ({tokenizer_vocab_size} ids) and model.vocab_size ({model_vocab_size}): it was "
+                    "tokenized with another tokenizer; re-run megatron-based-preprocess with this one "
+                    "(--tokenizer-model), or train with the one it was made with")
+
+
+def _locate(prefix: str, token_id: int) -> str:
+    """'document d, token t': the first occurrence of ``token_id`` in ``PREFIX.bin`` (an error path: a second pass)."""
+    ds = open_indexed(prefix)
+    tokens = np.memmap(prefix + ".bin", dtype=np.dtype(ds.index.dtype), mode="r")
+    for i in range(0, tokens.size, TOKEN_BLOCK):
+        hits = np.flatnonzero(tokens[i: i + TOKEN_BLOCK] == token_id)
+        if hits.size:
+            pos = i + int(hits[0])
+            starts = ds.index.sequence_pointers // np.dtype(ds.index.dtype).itemsize
+            seq = int(np.searchsorted(starts, pos, side="right")) - 1
+            doc = int(np.searchsorted(ds.document_indices, seq, side="right")) - 1
+            return f"document {doc}, token {pos - int(starts[seq])}"
+    return "position unknown"
+
+
 def unigram_entropy(prefix: str, vocab_size: int) -> float:
     """Entropy (nats) of the token frequencies of an indexed dataset: the loss of the best context-free model."""
     ds = open_indexed(prefix)
@@ -147,15 +221,17 @@ def unigram_entropy(prefix: str, vocab_size: int) -> float:
 
 
 def build_datasets(cfg, seq_length: int, tokenizer, train_samples: int, valid_samples: int):
-    """Train and validation ``GPTDataset`` (blended when several prefixes are given), built on every rank."""
+    """Train and validation ``GPTDataset`` (blended when several prefixes are given), built on every rank, after
+    checking that every token id of each prefix lies inside the tokenizer's and the model's vocabulary."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     d = cfg.data
-    for prefix in d.path:
-        open_indexed(prefix)
     cache = d.cache_dir or (os.path.join(cfg.train.save, "data_cache") if cfg.train.save
                             else os.path.join(os.path.dirname(os.path.abspath(d.path[0])), "cache"))
+    for prefix in d.path:
+        open_indexed(prefix)
+        check_token_ids(prefix, tokenizer.vocab_size, cfg.model["vocab_size"], d.tokenizer_model, cache)
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed, sequence_length=seq_length, blend=(list(d.path), d.weights), split=d.split,
         path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,

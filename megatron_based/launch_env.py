@@ -105,7 +105,8 @@ def _slurm_env(environ: Mapping[str, str]) -> DistEnv:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free now (the OS picks it): the rendezvous port of a job nobody else has to find."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -125,7 +126,7 @@ def _mpi_env(environ: Mapping[str, str]) -> DistEnv:
     address = None
     if comm.Get_rank() == 0:
         address = (environ.get("MASTER_ADDR") or socket.gethostname(),
-                   _int(environ, "MASTER_PORT", default=0) or _free_port())
+                   _int(environ, "MASTER_PORT", default=0) or free_port())
     address = comm.bcast(address, root=0)
     env = DistEnv(launcher="mpi", rank=comm.Get_rank(), world_size=comm.Get_size(), local_rank=local.Get_rank(),
                   local_world_size=local.Get_size(), master_addr=address[0], master_port=address[1])
@@ -146,9 +147,15 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
         launcher=launcher, rank=_int(environ, "RANK", default=0), world_size=world,
         local_rank=_int(environ, "LOCAL_RANK", default=0),
         local_world_size=_int(environ, "LOCAL_WORLD_SIZE", default=world),
-        master_addr=environ.get("MASTER_ADDR", "127.0.0.1"), master_port=_int(environ, "MASTER_PORT",
-                                                                              default=DEFAULT_PORT),
+        master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int(environ, "MASTER_PORT", default=0) or default_port(world),
     )
+
+
+def default_port(world_size: int) -> int:
+    """MASTER_PORT when none is set: ranks of a job must agree on one (29500, torchrun's), but a single process
+    takes a free port, so that single-process tools and tests on one host do not collide."""
+    return DEFAULT_PORT if world_size > 1 else free_port()
 
 
 def setup_distributed_env() -> DistEnv:

@@ -9,24 +9,26 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from .cpu_compat import apply_cpu_shims
+from .launch_env import default_port
 
 
 def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                         context_parallel_size: int = 1, seed: int = 1234, backend: str | None = None,
                         cuda_graphs: bool = False) -> None:
     """Initialise torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT; a single process
-    needs none of them) and Megatron's groups with rank order tp-cp-dp-pp (tp innermost). ``cuda_graphs``: the
-    model uses Megatron's CUDA graphs (``cuda_graph_impl: local``), whose layers need the CUDA-graph-safe RNG
-    tracker."""
+    needs none of them and takes a free port) and Megatron's groups with rank order tp-cp-dp-pp (tp innermost).
+    ``cuda_graphs``: the model uses Megatron's CUDA graphs (``cuda_graph_impl: local``), whose layers need the
+    CUDA-graph-safe RNG tracker."""
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        world = int(os.environ.get("WORLD_SIZE", 1))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
-                                world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        if not os.environ.get("MASTER_PORT"):
+            os.environ["MASTER_PORT"] = str(default_port(world))
+        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)), world_size=world)
     apply_cpu_shims()
     world = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size

@@ -1,7 +1,13 @@
 """Rank discovery from each launcher's environment (the MPI path runs for real in test_launchers.py)."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from megatron_based.launch_env import DistEnv, LaunchError, detect_launcher, discover, first_host
+from megatron_based.launch_env import DEFAULT_PORT, DistEnv, LaunchError, detect_launcher, discover, first_host
 
 
 @pytest.mark.parametrize("nodelist, host", [("node07", "node07"), ("gpu[007-009,012],cpu1", "gpu007"),
@@ -47,3 +53,33 @@ def test_missing_mpi4py_is_explained(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mpi)
     with pytest.raises(LaunchError, match=r"pip install 'megatron-based\[mpi\]'.*openmpi-bin"):
         discover({"OMPI_COMM_WORLD_RANK": "0"})
+
+
+def test_a_single_process_takes_a_free_port():
+    """Without MASTER_PORT a job of one process (no launcher, or WORLD_SIZE=1) gets a free port, so that tools and
+    tests on one host do not all take 29500; ranks of a larger job keep the one they must agree on."""
+    single = discover({})
+    assert single.world_size == 1 and single.master_port != DEFAULT_PORT
+    with socket.socket() as s:  # free: it can be bound
+        s.bind(("", single.master_port))
+    assert discover({"RANK": "0", "WORLD_SIZE": "1"}).master_port != DEFAULT_PORT
+    assert discover({"RANK": "0", "WORLD_SIZE": "2"}).master_port == DEFAULT_PORT
+    assert discover({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "6001"}).master_port == 6001
+
+
+def test_initialize_parallel_single_process_beside_a_busy_29500():
+    """``initialize_parallel`` in a process with no launcher variables initialises while port 29500 is taken."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    code = ("import os, torch.distributed as dist; from megatron_based.parallel import initialize_parallel; "
+            "initialize_parallel(backend='gloo'); print(dist.get_world_size(), os.environ['MASTER_PORT'])")
+    with socket.socket() as busy:
+        try:
+            busy.bind(("", DEFAULT_PORT))
+            busy.listen()
+        except OSError:  # already taken by another process: the same situation
+            pass
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                             cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    world, port = out.stdout.split()[-2:]
+    assert world == "1" and int(port) != DEFAULT_PORT

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_based import data
 from megatron_based.data import DataError
@@ -93,3 +96,60 @@ def test_missing_truncated_or_corrupt_dataset(corpus, tmp_path):
 def test_preprocess_cli_reports_errors(tmp_path, capsys):
     assert data.main([str(tmp_path / "absent.txt"), "--output-prefix", str(tmp_path / "o")]) == 2
     assert "absent.txt does not exist" in capsys.readouterr().err
+
+
+def write_indexed(prefix: str, docs: list[list[int]], dtype=np.uint16) -> str:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for ids in docs:
+        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def test_token_ids_outside_the_vocabulary_name_the_file_the_id_and_where(tmp_path):
+    prefix = write_indexed(str(tmp_path / "other_tokenizer"), [[5, 7, 1], [3, 600, 2, 1]])
+    with pytest.raises(DataError, match=r"other_tokenizer.bin holds token id 600 \(document 1, token 1\), outside "
+                                        r"the vocabulary \[0, 512\) of the tokenizer t.model \(512 ids\) and "
+                                        r"model.vocab_size \(1024\)"):
+        data.check_token_ids(prefix, 512, 1024, "t.model")
+    data.check_token_ids(prefix, 601, 1024)  # 600 is inside a 601-id vocabulary
+    with pytest.raises(DataError, match=r"token id 600 .* \[0, 600\) .* model.vocab_size \(600\)"):
+        data.check_token_ids(prefix, 1024, 600)  # the model's vocabulary is the tighter one
+    negative = write_indexed(str(tmp_path / "negative"), [[4, -3, 1]], dtype=np.int32)
+    with pytest.raises(DataError, match=r"negative.bin holds token id -3 \(document 0, token 1\)"):
+        data.check_token_ids(negative, 512, 512)
+
+
+def test_token_id_range_is_cached_per_file_version(corpus, tmp_path, monkeypatch):
+    ds = data.open_indexed(corpus["prefix"])
+    ids = np.concatenate([ds[i] for i in range(len(ds))])
+    cache = tmp_path / "cache"
+    assert data.token_id_range(corpus["prefix"], str(cache)) == (int(ids.min()), int(ids.max()))
+    assert len(list(cache.glob("kjv-*.token_ids.json"))) == 1
+    data.check_token_ids(corpus["prefix"], VOCAB, VOCAB, corpus["tokenizer"], str(cache))
+
+    def no_read(*a, **kw):
+        raise AssertionError("the .bin was read again")
+
+    with monkeypatch.context() as m:  # a cache hit reads one small JSON file, not the .bin
+        m.setattr(np, "memmap", no_read)
+        assert data.token_id_range(corpus["prefix"], str(cache)) == (int(ids.min()), int(ids.max()))
+    # the same file rewritten (same size, new content and time): read again
+    prefix = write_indexed(str(tmp_path / "data"), [[5, 7, 1]])
+    assert data.token_id_range(prefix, str(cache)) == (1, 7)
+    write_indexed(prefix, [[5, 900, 1]])
+    os.utime(prefix + ".bin", ns=(1, 1))
+    assert data.token_id_range(prefix, str(cache)) == (1, 900)
+
+
+def test_build_datasets_refuses_ids_beyond_the_tokenizer(tmp_path):
+    """Checked before Megatron builds any index: the error names the file and the id."""
+    prefix = write_indexed(str(tmp_path / "big_ids"), [[5, 7, 1], [3, 700, 1]])
+    cfg = SimpleNamespace(model={"vocab_size": 1024}, train=SimpleNamespace(save=None, seed=1),
+                          data=SimpleNamespace(path=[prefix], weights=None, split="95,5,0", cache_dir=None,
+                                               tokenizer_model="small.model"))
+    with pytest.raises(DataError, match=r"big_ids.bin holds token id 700 \(document 1, token 1\), outside the "
+                                        r"vocabulary \[0, 512\) of the tokenizer small.model"):
+        data.build_datasets(cfg, 16, SimpleNamespace(vocab_size=512), 10, 1)

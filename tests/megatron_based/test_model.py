@@ -43,6 +43,15 @@ def test_model_section_rejects_unknown_keys():
         model_spec_from_dict({"layer_pattern": "C", "hidden_size": 8, "num_attention_heads": 1})
 
 
+@pytest.mark.parametrize("seq_length", [0, -4, 2.5])
+def test_model_section_rejects_a_sequence_length_below_one(seq_length):
+    """seq_length 0 would reach the integer division by it in Megatron's dataset index builder (helpers.cpp), whose
+    SIGFPE kills the process without a message."""
+    with pytest.raises(ConfigError, match=rf"model.seq_length \({seq_length}\) must be a positive integer"):
+        model_spec_from_dict({"layer_pattern": "C", "hidden_size": 8, "num_attention_heads": 1, "vocab_size": 10,
+                              "seq_length": seq_length})
+
+
 # ---------------------------------------------------------------- single-rank checks (one forked gloo process)
 def _count_and_slice(rank, world):
     initialize_parallel(1, 1, 1)
