@@ -3,8 +3,9 @@
 # and tensor parallelism (TP=2 + SP vs TP=1 at the same T), at T (per GPU) = 8k and 32k, one sequence per GPU and
 # step, each case profiled (comm time per layer type); then benchmarks/cp_comm.py (one layer per mixer: CP op vs
 # local op vs its collectives alone).
-# Expected runtime on 2 H200: about 5 minutes (setup 0.5, CP=1 1, CP=2 1.2, TP=2 1.2, cp_comm 1); each part has
-# a timeout and rows are written after each case.
+# First the multi-GPU tests (pytest -m multigpu: about 5 minutes), then the benchmark parts (about 5 minutes: setup
+# 0.5, CP=1 1, CP=2 1.2, TP=2 1.2, cp_comm 1); each part has a timeout and rows are written after each case. Two
+# device calls if one does not fit: TIMEOUT_0=1 skips the tests in effect.
 #   bash benchmarks/run_e2e_2gpu.sh             # on the 2-GPU machine, writes under $OUT
 #   bash benchmarks/run_e2e_2gpu.sh --smoke     # tiny model on CPU, 2 gloo processes (PYTHON=..., OUT optional)
 set -o pipefail
@@ -21,6 +22,11 @@ else
   COMM_ARGS="--t-local 8192 32768 --iters 10"
 fi
 mkdir -p "$OUT"
+if [ "$1" != "--smoke" ]; then  # the multi-GPU tests first: NCCL parity and resharding (tests marked multigpu)
+  echo "== multigpu tests (TP=2+SP / CP=2 / PP=2 training vs DP=2, resumed at TP=1; CP=2 NCCL bf16 parity)"
+  timeout "${TIMEOUT_0:-420}" $PY -m pytest -q -ra -m multigpu tests -p no:cacheprovider \
+    --junitxml="$OUT/multigpu_tests.xml" 2>&1 | grep -v -i "warn" | tail -40 | tee "$OUT/multigpu_tests.log"
+fi
 J="$OUT/e2e_2gpu.json"
 rm -f "$J"
 part() {  # name, timeout (s), processes, train_throughput.py arguments...

@@ -271,24 +271,56 @@ LAYOUTS = {"tp2-sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequenc
            "cp2": ["parallel.context_parallel_size=2"], "pp2": ["parallel.pipeline_model_parallel_size=2"]}
 
 
+def copy_checkpoint(src: Path, step: int, dst: Path) -> None:
+    """``src``'s checkpoint of ``step`` as the only, latest one under ``dst``."""
+    name = f"step_{step:08d}"
+    shutil.copytree(src / name, dst / name)
+    (dst / "latest").write_text(name + "\n")
+
+
+def layout_matches_dp_and_resumes_at_tp1(setup: Setup, corpus: dict, root: Path, layout: str, rtol: float,
+                                         first_rtol: float) -> None:
+    """A DP run saves every ``save_interval`` (= K) steps; the ``layout`` run resumes from its step-K checkpoint
+    (the same weights, whatever each layout would initialise) and its losses and gradient norms match the DP run's
+    within ``rtol`` (``first_rtol`` at the first step, whose weights are the checkpoint's); its own step-2K
+    checkpoint resumes at TP=1 (DP) and continues it within ``rtol``."""
+    k = setup.save_interval
+    dp = root / "dp"
+    finish(start_train(setup, corpus, dp, dp / "metrics.jsonl"), dp, dp / "metrics.jsonl", setup.timeout)
+    reference = train_steps(dp / "metrics.jsonl")
+    run = root / layout
+    copy_checkpoint(dp / "ckpt", k, run / "ckpt")
+    proc = start_train(setup, corpus, run, run / "metrics.jsonl", "--load", "latest", *LAYOUTS[layout])
+    finish(proc, run, run / "metrics.jsonl", setup.timeout)
+    at_layout = train_steps(run / "metrics.jsonl")
+    assert sorted(at_layout) == list(range(k + 1, setup.steps + 1))
+    assert_same_steps(at_layout, reference, [k + 1], exact=False, rtol=first_rtol)
+    assert_same_steps(at_layout, reference, range(k + 1, setup.steps + 1), exact=False, rtol=rtol)
+    back = root / f"{layout}-to-tp1"
+    copy_checkpoint(run / "ckpt", 2 * k, back / "ckpt")
+    finish(start_train(setup, corpus, back, back / "metrics.jsonl", "--load", "latest"), back, back / "metrics.jsonl",
+           setup.timeout)
+    assert_same_steps(train_steps(back / "metrics.jsonl"), at_layout, range(2 * k + 1, setup.steps + 1), exact=False,
+                      rtol=rtol)
+
+
 @pytest.mark.multigpu
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_multigpu_layout_matches_dp_and_resumes_at_tp1(corpus, tmp_path, layout):
-    """On 2 GPUs (NCCL, bf16): a TP=2+SP / CP=2 / PP=2 run's losses match a DP=2 run's (bf16 tolerance); its step-4
-    checkpoint resumes at TP=1 (DP=2) and continues the layout's own run within the same tolerance."""
-    setup = Setup("configs/based-360m.yaml", 2, steps=8, save_interval=4, kill_after=8, overrides=[
+    """On 2 GPUs (NCCL, bf16): TP=2+SP / CP=2 / PP=2 continue a DP=2 run, and resume at TP=1 (the same check on CPU
+    with the tiny model: ``test_cpu_layout_matches_dp_and_resumes_at_tp1``)."""
+    setup = Setup("configs/based-360m.yaml", 2, steps=12, save_interval=4, kill_after=12, timeout=240, overrides=[
         "model.seq_length=2048", "train.micro_batch_size=1", "train.global_batch_size=4", "train.lr=3e-4",
         "train.lr_warmup_steps=2", "train.eval_interval=0"])
-    runs = {}
-    for name, extra in (("dp", []), (layout, LAYOUTS[layout])):
-        root = tmp_path / name
-        proc = start_train(setup, corpus, root, root / "metrics.jsonl", *extra)
-        finish(proc, root, root / "metrics.jsonl", setup.timeout)
-        runs[name] = train_steps(root / "metrics.jsonl")
-    assert_same_steps(runs[layout], runs["dp"], range(1, 9), exact=False, rtol=2e-2)
-    root = tmp_path / layout
-    (root / "ckpt" / "latest").write_text("step_00000004\n")
-    shutil.rmtree(root / "ckpt" / "step_00000008")
-    proc = start_train(setup, corpus, root, root / "tp1.jsonl", "--load", "latest")
-    finish(proc, root, root / "tp1.jsonl", setup.timeout)
-    assert_same_steps(train_steps(root / "tp1.jsonl"), runs[layout], range(5, 9), exact=False, rtol=2e-2)
+    layout_matches_dp_and_resumes_at_tp1(setup, corpus, tmp_path, layout, rtol=2e-2, first_rtol=1e-2)
+
+
+@pytest.mark.launch
+def test_cpu_layout_matches_dp_and_resumes_at_tp1(corpus, tmp_path):
+    """The multi-GPU test's procedure on 2 gloo processes, for PP=2 (the layout whose initialisation differs)."""
+    setup = cpu_setup()
+    setup.steps = 12
+    # fp32. The first resumed step is bitwise the DP run's; after it, PP sums the tied embedding's two gradient
+    # copies in another order, and Adam (eps 1e-8) magnifies that rounding in near-zero gradients: grad norms drift
+    # apart by ~3e-4 after 3 steps and ~2e-3 after 7.
+    layout_matches_dp_and_resumes_at_tp1(setup, corpus, tmp_path, "pp2", rtol=5e-3, first_rtol=1e-6)
