@@ -6,6 +6,7 @@ dropout 0, N(0, 0.02) init with output projections scaled by 1/sqrt(2 * num_laye
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -180,6 +181,53 @@ class BasedConfig(TransformerConfig):
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+
+BASED_FIELDS = tuple(sorted(BasedConfig.field_names() - {f.name for f in dataclasses.fields(TransformerConfig)}))
+# The TransformerConfig fields whose Megatron defaults __post_init__ derives others from (ffn_hidden_size,
+# kv_channels, num_query_groups, the init methods): a reference config built from them shows which fields a plain
+# config's author set.
+_DERIVATION_ANCHORS = ("num_layers", "hidden_size", "num_attention_heads", "init_method_std")
+
+
+def missing_based_fields(config) -> list[str]:
+    """The BASED fields (:data:`BASED_FIELDS`) that ``config`` lacks: all of them for a plain TransformerConfig."""
+    return [name for name in BASED_FIELDS if not hasattr(config, name)]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):  # Megatron's init methods
+        return a.func is b.func and a.args == b.args and a.keywords == b.keywords
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 - values without a plain truth value (tensors) count as set
+        return False
+
+
+def as_based_config(config: TransformerConfig, **based_fields) -> BasedConfig:
+    """``config`` as a :class:`BasedConfig`. A ``BasedConfig`` comes back as it is (set BASED fields on it, not
+    here). A plain Megatron ``TransformerConfig`` is converted: fields set to other values than Megatron's defaults
+    are kept, the ones at Megatron's defaults (LayerNorm, GeLU MLP of 4 * hidden_size, biases, dropout 0.1: a GPT-2
+    layer) take BASED's, and ``based_fields`` (any BasedConfig field; ``layer_pattern`` is required) come on top."""
+    if isinstance(config, BasedConfig):
+        if based_fields:
+            raise ConfigError(f"config is already a BasedConfig: set {', '.join(sorted(based_fields))} on it "
+                              "rather than as keyword arguments")
+        return config
+    if not isinstance(config, TransformerConfig):
+        raise ConfigError(f"config must be a BasedConfig or a Megatron TransformerConfig; got {type(config).__name__}")
+    unknown = sorted(set(based_fields) - BasedConfig.field_names())
+    if unknown:
+        raise ConfigError(f"unknown BasedConfig field(s) {unknown}: the BASED fields are {', '.join(BASED_FIELDS)}")
+    if not based_fields.get("layer_pattern"):
+        raise ConfigError("a plain TransformerConfig needs layer_pattern=...: one symbol per layer, L (Taylor linear "
+                          "attention), S (sliding-window attention), C (BaseConv) or A (softmax attention), e.g. "
+                          "layer_pattern='CLSC'")
+    anchors = {name: getattr(config, name) for name in _DERIVATION_ANCHORS}
+    reference = TransformerConfig(**anchors)
+    chosen = {f.name: getattr(config, f.name) for f in dataclasses.fields(TransformerConfig)
+              if f.init and not _same(getattr(config, f.name), getattr(reference, f.name))}
+    return BasedConfig(**{**anchors, **chosen, **based_fields})
 
 
 @dataclass

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
 from torch import Tensor
 
 from based_kernels.cross_entropy import vocab_parallel_cross_entropy
 
-from .config import BasedConfig, padded_vocab_size
+from .config import BasedConfig, as_based_config, padded_vocab_size
 from .spec import get_based_block_spec
 
 
@@ -33,14 +34,25 @@ class BasedGPTModel(GPTModel):
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
 
 
-def build_model(config: BasedConfig, *, vocab_size: int, max_sequence_length: int,
+def build_model(config: BasedConfig | TransformerConfig, *, vocab_size: int, max_sequence_length: int,
                 make_vocab_size_divisible_by: int = 8, pre_process: bool | None = None,
-                post_process: bool | None = None, vp_stage: int | None = None, pg_collection=None) -> BasedGPTModel:
-    """BASED (or hybrid) LM: word embeddings (no learned positions), the layer pattern, final RMSNorm, tied head.
+                post_process: bool | None = None, vp_stage: int | None = None, pg_collection=None,
+                **based_fields) -> BasedGPTModel:
+    """BASED (or hybrid) LM: word embeddings (no learned positions: the S and A mixers apply RoPE themselves, L and
+    C need no positions), the layer pattern, final RMSNorm, tied head.
 
-    ``vocab_size`` is padded to a multiple of ``make_vocab_size_divisible_by * tp`` (BASED: 50257 -> 50264).
-    Logits come back vocab-parallel ``[b, s, V / tp]``; with ``labels`` the per-token loss ``[b, s]``.
+    ``config``: a :class:`BasedConfig`, or a plain Megatron ``TransformerConfig`` plus the BASED fields as keyword
+    arguments (``layer_pattern`` required; the rest default as in BasedConfig; see :func:`as_based_config`).
+    Megatron's model-parallel groups must exist (``megatron_based.initialize_parallel``) unless ``pg_collection``
+    is given. ``vocab_size`` is padded to a multiple of ``make_vocab_size_divisible_by * tp`` (BASED: 50257 ->
+    50264). Logits come back vocab-parallel ``[b, s, V / tp]``; with ``labels`` the per-token loss ``[b, s]``.
     """
+    config = as_based_config(config, **based_fields)
+    if pg_collection is None and not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("build_model needs Megatron's model-parallel groups: call "
+                           "megatron_based.initialize_parallel(tensor_model_parallel_size=...) first (or "
+                           "torch.distributed.init_process_group and "
+                           "megatron.core.parallel_state.initialize_model_parallel), or pass pg_collection")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:

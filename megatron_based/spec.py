@@ -1,9 +1,10 @@
 """Layer and block specs: BASED mixers plugged into Megatron-Core's ``TransformerLayer`` / ``TransformerBlock``.
 
-Adding BASED layers to an existing Megatron-Core model is one call::
+A whole BASED model is ``megatron_based.build_model`` (it also sets the tied head and no learned positions). For a
+model of your own, hand the block spec to anything that takes a ``TransformerBlock`` spec; ``config`` must be a
+``BasedConfig`` (``megatron_based.config.as_based_config`` converts a plain ``TransformerConfig``)::
 
-    from megatron_based.spec import get_based_block_spec
-    model = GPTModel(config, transformer_layer_spec=get_based_block_spec(config, "CLSC"), ...)
+    model = MyModel(config, transformer_layer_spec=get_based_block_spec(config), ...)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from .config import BasedConfig, validate_layer_pattern
+from .config import BasedConfig, ConfigError, missing_based_fields, validate_layer_pattern
 from .mixers import BaseConv, SDPACoreAttention, SlidingWindowAttention, SoftmaxAttention, TaylorLinearAttention
 from .norm import RMSNorm
 
@@ -60,6 +61,11 @@ def get_based_block_spec(config: BasedConfig, layer_pattern: str | None = None, 
                          pp_rank: int | None = None) -> TransformerBlockSubmodules:
     """Per-layer specs for this pipeline stage: the pattern is built for the whole model, then sliced
     ``[offset : offset + num_layers_to_build]`` so every stage gets the right mixer types."""
+    missing = missing_based_fields(config)
+    if missing:
+        raise ConfigError(f"get_based_block_spec needs a BasedConfig; this {type(config).__name__} lacks the BASED "
+                          f"field(s) {', '.join(missing)}: convert it with megatron_based.config.as_based_config("
+                          "config, layer_pattern=...) or build the whole model with megatron_based.build_model")
     pattern = validate_layer_pattern(layer_pattern or config.layer_pattern, config.num_layers)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
