@@ -19,7 +19,6 @@ Files are read without executing code: safetensors, or torch files with ``weight
 """
 from __future__ import annotations
 
-import argparse
 import pickle
 import sys
 from dataclasses import dataclass
@@ -322,19 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``megatron-based-convert``: released BASED weights <-> Megatron per-TP-rank state dicts."""
     import yaml
 
+    from .cli import convert_parser, quiet_known_warnings
     from .config import model_spec_from_dict
 
-    p = argparse.ArgumentParser(prog="megatron-based-convert", description=main.__doc__)
-    p.add_argument("direction", choices=["import", "export"],
-                   help="import: released -> Megatron; export: Megatron -> released")
-    p.add_argument("--config", required=True, help="YAML file with the model: section (e.g. configs/based-360m.yaml)")
-    p.add_argument("--input", required=True, help="import: .safetensors / torch file; export: a training checkpoint "
-                                                  "directory, a directory of mp_rank_XX/model.pt, or a TP=1 state "
-                                                  "dict file")
-    p.add_argument("--output", required=True, help="import: directory for mp_rank_XX/model.pt; export: "
-                                                   ".safetensors or torch file")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="import: TP shards to write")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings("--verbose" in argv)
+    args = convert_parser().parse_args(argv)
 
     with open(args.config) as fh:
         spec = model_spec_from_dict(yaml.safe_load(fh)["model"])

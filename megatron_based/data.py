@@ -7,7 +7,6 @@ is given. Training reads them with Megatron-Core's ``GPTDataset`` through ``Blen
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -255,13 +254,11 @@ def batches(dataset, first_sample: int, micro_batch_size: int, dp_rank: int, dp_
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="megatron-based-preprocess", description=__doc__.split("\n\n")[0])
-    ap.add_argument("inputs", nargs="+", help="JSONL (.jsonl/.json) or plain-text files")
-    ap.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx (and PREFIX.model)")
-    ap.add_argument("--tokenizer-model", help="an existing sentencepiece .model (default: train one)")
-    ap.add_argument("--vocab-size", type=int, default=1024, help="vocabulary of the trained tokenizer")
-    ap.add_argument("--json-key", default="text")
-    args = ap.parse_args(argv)
+    from .cli import preprocess_parser, quiet_known_warnings
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings("--verbose" in argv)
+    args = preprocess_parser().parse_args(argv)
     try:
         info = preprocess(args.inputs, args.output_prefix, tokenizer_model=args.tokenizer_model,
                           vocab_size=args.vocab_size, json_key=args.json_key)

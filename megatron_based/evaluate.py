@@ -7,7 +7,6 @@ Reports the mean negative log-likelihood per token (nats) and ``ppl = exp(loss)`
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -74,18 +73,11 @@ def perplexity(model, token_ids: torch.Tensor, *, seq_length: int, stride: int |
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``megatron-based-eval``: loss and perplexity of a checkpoint on a text file."""
-    p = argparse.ArgumentParser(prog="megatron-based-eval", description=main.__doc__)
-    p.add_argument("--checkpoint", required=True, help="training checkpoint dir, converted dir, or weights file")
-    p.add_argument("--config", help="YAML with the model: section (default: the one saved in a training checkpoint)")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file, or 'bytes'")
-    p.add_argument("--text", required=True, help="UTF-8 text file to score")
-    p.add_argument("--seq-length", type=int, help="window length (default: the model's seq_length)")
-    p.add_argument("--stride", type=int, help="window step (default: the window length)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="launch with torchrun for TP > 1")
-    p.add_argument("--json", help="also write the result here")
-    args = p.parse_args(argv)
+    from .cli import eval_parser, quiet_known_warnings
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings("--verbose" in argv)
+    args = eval_parser().parse_args(argv)
 
     from .generation import load_model, load_tokenizer
     from .parallel import initialize_parallel

@@ -14,7 +14,6 @@ tensor parallelism works as in training: each rank holds its heads' caches and s
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -23,7 +22,7 @@ import torch
 from megatron.core import parallel_state
 
 __all__ = ["PackedPrompts", "pack_prompts", "sample", "Generator", "teacher_forced_logits", "at_decode_positions",
-           "decode_error_report", "load_model", "main"]
+           "decode_error_report", "load_model", "continuation_text", "main"]
 
 
 @dataclass
@@ -376,23 +375,31 @@ def load_tokenizer(path: str):
     return tok.tokenize, tok.detokenize, (eod if isinstance(eod, int) and eod >= 0 else None)
 
 
+def continuation_text(decode: Callable[[list[int]], str], prompt: Sequence[int], new: Sequence[int]) -> str:
+    """The text ``new`` tokens add after ``prompt``, decoded together with it: sentencepiece drops the leading
+    space of a continuation decoded alone ("the fox" + "walked")."""
+    prompt = list(prompt)
+    return decode(prompt + list(new))[len(decode(prompt)):]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``megatron-based-generate``: stream a continuation of a prompt from a checkpoint."""
-    p = argparse.ArgumentParser(prog="megatron-based-generate", description=main.__doc__)
-    p.add_argument("--config", help="YAML file with the model: section (default: the one saved in a training "
-                                     "checkpoint)")
-    p.add_argument("--checkpoint", help="Megatron checkpoint dir, torch state dict, or released BASED weights")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file, or 'bytes'")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="launch with torchrun for TP > 1")
-    p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (GPU)")
+    from .cli import generate_parser, quiet_known_warnings
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings("--verbose" in argv)
+    p = generate_parser()
     args = p.parse_args(argv)
+    if not args.checkpoint and not args.random_weights:
+        print(f"{p.prog}: error: no --checkpoint: give one, or --random-weights to sample from an untrained model",
+              file=sys.stderr)
+        return 2
+    if args.checkpoint and args.random_weights:
+        print(f"{p.prog}: error: --random-weights and --checkpoint exclude each other", file=sys.stderr)
+        return 2
+    if args.random_weights and not args.config:
+        print(f"{p.prog}: error: --random-weights needs --config (the model to initialise)", file=sys.stderr)
+        return 2
 
     from .parallel import initialize_parallel
 
@@ -404,12 +411,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen = Generator(model, vocab_size=spec.vocab_size, cuda_graph=args.cuda_graph,
                     max_length=max(map(len, prompts)) + args.max_new_tokens)
     printing = torch.distributed.get_rank() == 0
+    if printing and args.random_weights:
+        print("sampling from random weights (--random-weights)", file=sys.stderr, flush=True)
     emitted, printed = [], [""]
 
     def stream(step, tokens, finished):  # one prompt: print the text as it grows; several: print at the end
         if printing and len(prompts) == 1 and tokens[0] != eos:
             emitted.append(tokens[0])
-            text = decode(emitted)
+            text = continuation_text(decode, prompts[0], emitted)
             sys.stdout.write(text[len(printed[0]):])
             sys.stdout.flush()
             printed[0] = text
@@ -423,8 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(prompts) == 1:
             sys.stdout.write("\n")
         else:
-            for text, out in zip(args.prompt, outputs):
-                print(f"{text}{decode(out)}\n---")
+            for text, ids, out in zip(args.prompt, prompts, outputs):
+                print(f"{text}{continuation_text(decode, ids, [t for t in out if t != eos])}\n---")
     return 0
 
 

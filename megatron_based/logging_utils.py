@@ -8,7 +8,10 @@ import math
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Column
+from rich.text import Text
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for the MFU estimate; others need train.peak_tflops.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -26,13 +29,24 @@ def peak_tflops(override: float | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+class _StatsColumn(ProgressColumn):
+    """The task's ``stats`` field on one line, cropped with an ellipsis to the width the other columns leave."""
+
+    def __init__(self):
+        super().__init__(table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1))
+
+    def render(self, task) -> Text:
+        return Text(task.fields.get("stats", ""), no_wrap=True, overflow="ellipsis")
+
+
 def progress_bar(enabled: bool = True, console: Console | None = None):
-    """A rich progress bar with counts and ETA; a no-op context when disabled (non-logging ranks, tests)."""
+    """A rich progress bar: description, count, ETA, elapsed time and a short bar, then the stats in the width left
+    (so an 80-column terminal keeps the count and ETA); a no-op context when disabled (non-logging ranks, tests)."""
     if not enabled:
         return contextlib.nullcontext(_NullProgress())
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console or Console(file=sys.stdout), refresh_per_second=4)
+    return Progress(TextColumn("[bold]{task.description}"), MofNCompleteColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), TimeElapsedColumn(), BarColumn(bar_width=10), _StatsColumn(),
+                    console=console or Console(file=sys.stdout), refresh_per_second=4, expand=True)
 
 
 class _NullProgress:
@@ -62,7 +76,7 @@ class TrainLogger:
         show_progress = show_progress and self.console.is_terminal  # piped output gets plain lines instead
         self._cm = progress_bar(enabled and show_progress, self.console)
         self.progress = self._cm.__enter__()
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
+        self.task = self.progress.add_task("step", total=total_steps, completed=start_step, stats="")
         self.writer = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter

@@ -10,7 +10,6 @@ checkpoint. ``benchmarks/mqar.py`` sweeps mixers and sizes for the recall vs sta
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -95,9 +94,15 @@ def evaluate_mqar(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size:
 
 def train_mqar(model, task: MQARTask, *, steps: int, batch_size: int = 64, lr: float = 3e-3,
                weight_decay: float = 0.1, seed: int = 0, progress: bool = True) -> list[float]:
-    """Train on fresh MQAR batches with AdamW and a linear warm-up + cosine schedule; returns the losses."""
-    from rich.progress import Progress
+    """Train on fresh MQAR batches with AdamW and a linear warm-up + cosine schedule; returns the losses.
+    ``progress``: a progress bar on a terminal, else a plain line every ``steps // 20`` steps."""
+    from rich.console import Console
 
+    from .logging_utils import progress_bar
+
+    console = Console(file=sys.stdout)
+    live = progress and console.is_terminal
+    every = max(1, steps // 20)
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
@@ -106,9 +111,9 @@ def train_mqar(model, task: MQARTask, *, steps: int, batch_size: int = 64, lr: f
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     losses = []
     model.train()
-    with Progress(disable=not progress, transient=True) as bar:
-        job = bar.add_task("MQAR training", total=steps)
-        for _ in range(steps):
+    with progress_bar(live, console) as bar:
+        job = bar.add_task("MQAR step", total=steps, stats="")
+        for step in range(1, steps + 1):
             x, y = (t.to(device) for t in mqar_batch(task, batch_size, g))
             loss = mqar_loss(model, x, y)
             opt.zero_grad(set_to_none=True)
@@ -117,7 +122,9 @@ def train_mqar(model, task: MQARTask, *, steps: int, batch_size: int = 64, lr: f
             opt.step()
             sched.step()
             losses.append(loss.item())
-            bar.update(job, advance=1, description=f"MQAR training, loss {loss.item():.3f}")
+            bar.update(job, advance=1, stats=f"loss {losses[-1]:.3f}")
+            if progress and not live and (step % every == 0 or step == steps):
+                print(f"MQAR step {step}/{steps}  loss {losses[-1]:.3f}", flush=True)
     model.eval()
     return losses
 
@@ -146,21 +153,11 @@ def build_mqar_model(pattern: str, *, hidden_size: int, num_heads: int = 4, feat
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``megatron-based-mqar``: train a small model on MQAR (``train``) or score a checkpoint (``eval``)."""
-    p = argparse.ArgumentParser(prog="megatron-based-mqar", description=main.__doc__)
-    p.add_argument("command", choices=["train", "eval"])
-    p.add_argument("--vocab-size", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--num-kv-pairs", type=int, default=4)
-    p.add_argument("--num-examples", type=int, default=1000, help="test examples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pattern", default="CLSC", help="train: layer pattern")
-    p.add_argument("--hidden-size", type=int, default=64, help="train: model width")
-    p.add_argument("--swa-window", type=int, default=16, help="train: S layers' window")
-    p.add_argument("--steps", type=int, default=500, help="train: optimizer steps")
-    p.add_argument("--lr", type=float, default=3e-3, help="train: peak learning rate")
-    p.add_argument("--save", help="train: write the trained weights (torch state dict) here")
-    p.add_argument("--config", help="eval: YAML with the model: section")
-    p.add_argument("--checkpoint", help="eval: checkpoint to score")
+    from .cli import mqar_parser, quiet_known_warnings
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings("--verbose" in argv)
+    p = mqar_parser()
     args = p.parse_args(argv)
 
     from .parallel import initialize_parallel

@@ -8,7 +8,6 @@ Megatron-Core does the heavy lifting: ``GPTModel`` with the BASED block spec, ``
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import signal
@@ -16,12 +15,17 @@ import sys
 import time
 from functools import partial
 
-import torch
-import torch.distributed as dist
+from .cli import quiet_known_warnings, train_parser
 
-from .checkpointing import CheckpointError
-from .config import ConfigError
-from .training_config import RunConfig, load_config
+if __name__ == "__main__":  # python -m megatron_based.train (the launchers): before torch and Megatron warn on import
+    quiet_known_warnings("--verbose" in sys.argv)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from .checkpointing import CheckpointError  # noqa: E402
+from .config import ConfigError  # noqa: E402
+from .training_config import RunConfig, load_config  # noqa: E402
 
 
 class TrainingStopped(RuntimeError):
@@ -383,20 +387,16 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="megatron-based-train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("config", help="YAML run config (e.g. configs/tiny.yaml)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3 data.path=[runs/d/kjv]")
-    ap.add_argument("--load", help="checkpoint directory, 'latest' or 'auto' (latest, or fresh if none; = train.load)")
-    ap.add_argument("--save", help="checkpoint directory (= train.save)")
-    return ap.parse_intermixed_args(argv)  # overrides may come after --load / --save
+    return train_parser().parse_intermixed_args(argv)  # overrides may come after --load / --save
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_known_warnings("--verbose" in argv)
     if "--dry-run" in argv:  # validate against the job size and print the plan, start nothing (megatron_based/plan.py)
         from .plan import main as plan_main
 
-        return plan_main([a for a in argv if a != "--dry-run"])
+        return plan_main([a for a in argv if a not in ("--dry-run", "--verbose")])
     from .launch_env import setup_distributed_env
 
     setup_distributed_env()  # rank / world size / master from torchrun, slurm or MPI (mpi4py) before the config check
