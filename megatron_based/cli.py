@@ -24,6 +24,8 @@ KNOWN_WARNINGS = [
      r"single process", UserWarning, ""),
     (r"invalid escape sequence", SyntaxWarning, r".*megatron"),  # megatron's kv_block_allocator.py, compiled once
     (r"full scope is deprecated", UserWarning, ""),  # TransformerConfig's own default cuda_graph_modules="full"
+    (r"MimoModelConfig is experimental", UserWarning, ""),  # defined when megatron.core.models is imported
+    (r"The argument order of load has been changed", UserWarning, ""),  # Megatron's positional dcp.load call
 ]
 # Messages Megatron and torch print through ``logging``, by logger name.
 KNOWN_LOG_MESSAGES = {
