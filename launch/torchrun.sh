@@ -27,6 +27,8 @@ dry_run "$NNODES" "$NPROC_PER_NODE"
 # addresses in it and fail to connect. With this, every round gets a fresh store (c10d rendezvous only; a static
 # rendezvous, NODE_RANK set, always shares it, so restarts are reliable with c10d rendezvous).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# torchrun gives its workers OMP_NUM_THREADS=1 when it is unset, under a four-line banner; the same default, quietly.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [[ -n ${NODE_RANK:-} ]]; then
   RDZV=(--node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
 elif (( NNODES == 1 )); then
