@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -93,6 +94,9 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer_model: str | 
     for p in inputs:
         if not Path(p).is_file():
             raise DataError(f"input file {p} does not exist")
+    if next((d for p in inputs for d in read_documents(p, json_key)), None) is None:
+        raise DataError(f"no documents in {', '.join(inputs)}: the input is empty or blank (JSONL: no non-blank "
+                        f"{json_key!r} field); give a corpus with text")
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     if tokenizer_model is None:
         tokenizer_model = train_tokenizer(inputs, output_prefix, vocab_size, json_key)
@@ -134,6 +138,63 @@ def open_indexed(prefix: str):
         raise DataError(f"{prefix}.bin has {actual} bytes but {prefix}.idx describes {needed}: the pair is "
                         "truncated or mismatched; re-run megatron-based-preprocess")
     return ds
+
+
+SPLITS = ("train", "valid", "test")
+SPLIT_FORMAT = re.compile(r"\s*(\d+\.?\d*|\.\d+)(\s*,\s*(\d+\.?\d*|\.\d+)){0,2}\s*")
+
+
+def split_documents(split: str, num_documents: int) -> list[tuple[int, int] | None]:
+    """The documents ``[begin, end)`` that Megatron's ``BlendedMegatronDatasetBuilder`` gives each split (train,
+    valid, test) of a prefix holding ``num_documents``, from the ``data.split`` weights; None for weight 0."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                        parse_and_normalize_split)
+
+    if not SPLIT_FORMAT.fullmatch(split) or not sum(float(w) for w in split.split(",")):
+        raise DataError(f"data.split {split!r} must be up to three non-negative weights train,valid,test with a "
+                        "positive sum, e.g. 98,2,0")
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [None if m is None else (int(round(m[0] * num_documents)), int(round(m[1] * num_documents)))
+            for m in matrix]
+
+
+def check_split_sizes(prefixes: list[str], split: str, seq_length: int, eval_interval: int) -> None:
+    """Refuse data that Megatron's ``GPTDataset`` cannot cut into samples, naming the prefix, the split and the
+    numbers. A split with a nonzero weight and no documents never finishes building: ``_get_num_epochs`` adds epochs
+    of 0 tokens until they reach the tokens asked for (even for the valid split of a run without validation, and for
+    the test split, which is built with 0 samples). The train split must hold one sample (``seq_length + 1``
+    tokens): with fewer, every sample repeats the same few documents. A smaller valid split still measures held-out
+    text (its samples repeat it), so it only has to exist when ``eval_interval > 0``."""
+    for prefix in prefixes:
+        # An empty .bin cannot be memory-mapped: Megatron's IndexedDataset would blame the .idx. ``ds`` stays bound:
+        # its lengths are a view of the .idx mapping, which the dataset unmaps when it is collected.
+        ds = open_indexed(prefix) if Path(prefix + ".bin").stat().st_size else None
+        lengths = ds.sequence_lengths if ds is not None else []
+        if not len(lengths):
+            raise DataError(f"data.path: {prefix}.bin is empty (preprocessed from an empty corpus?); re-run "
+                            "megatron-based-preprocess on a corpus with text")
+        for name, docs in zip(SPLITS, split_documents(split, len(lengths))):
+            if docs is None:
+                if name == "train":
+                    raise DataError(f"data.split {split!r} gives the train split weight 0: give it a weight, e.g. "
+                                    "98,2,0")
+                if name == "valid" and eval_interval > 0:
+                    raise DataError(f"data.split {split!r} gives the valid split weight 0 but train.eval_interval "
+                                    f"({eval_interval}) needs it: give it a weight (e.g. 98,2,0) or set "
+                                    "train.eval_interval=0")
+                continue
+            begin, end = docs
+            tokens = int(lengths[begin:end].sum())
+            where = (f"the {name} split of {prefix} (data.split {split!r}: documents [{begin}, {end}) of "
+                     f"{len(lengths)}) holds {end - begin} documents, {tokens} tokens")
+            if end == begin:
+                drop = "" if name == "train" else ", or set its weight to 0" + (
+                    " and train.eval_interval=0" if name == "valid" and eval_interval > 0 else "")
+                raise DataError(f"{where}: Megatron never finishes building an empty split; add documents or raise "
+                                f"its weight in data.split{drop}")
+            if name == "train" and tokens < seq_length + 1:
+                raise DataError(f"{where}, fewer than one sample of model.seq_length + 1 = {seq_length + 1}: add "
+                                "documents, lower model.seq_length, or raise the train weight in data.split")
 
 
 TOKEN_BLOCK = 1 << 26  # tokens per block of the one pass over a .bin (a few hundred MB at most in memory)

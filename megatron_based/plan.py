@@ -118,8 +118,6 @@ def make_plan(cfg: RunConfig, *, gpus_per_node: int | None = None, gpu_memory_gi
         raise ConfigError(f"with sequence_parallel, the per-CP-rank sequence model.seq_length / "
                           f"context_parallel_size ({seq} / {cp} = {local_seq}) must be divisible by "
                           f"parallel.tensor_model_parallel_size ({tp})")
-    if p.sequence_parallel and tp == 1:
-        notes.append("sequence_parallel has no effect with tensor_model_parallel_size 1")
     if tp * cp > gpus_per_node:
         notes.append(f"TP x CP ({tp} x {cp}) spans more than one node of {gpus_per_node} GPUs: its collectives "
                      "run over the inter-node network (slow); keep tp * cp <= GPUs per node")

@@ -28,6 +28,9 @@ from .config import ConfigError  # noqa: E402
 from .training_config import RunConfig, load_config  # noqa: E402
 
 
+CONFIG_ERROR_WAIT_S = 10.0  # how long ranks other than 0 wait before reporting a config error themselves
+
+
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (too many non-finite steps, non-finite parameters); the last good checkpoint is
     kept."""
@@ -399,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return plan_main([a for a in argv if a not in ("--dry-run", "--verbose")])
     from .launch_env import setup_distributed_env
 
-    setup_distributed_env()  # rank / world size / master from torchrun, slurm or MPI (mpi4py) before the config check
+    env = setup_distributed_env()  # rank / world size / master from torchrun, slurm or MPI before the config check
     args = parse_args(argv)
     overrides = list(args.overrides)
     overrides += [f"train.load={args.load}"] if args.load else []
@@ -407,7 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)  # every check before any process group starts
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        # Every rank runs the same checks on the same files, so all fail them alike and rank 0 alone says why. The
+        # others wait first: torchrun stops every worker as soon as one exits, and rank 0 must have printed by then
+        # (and is named as the root cause). A rank still running after the wait (its files differ from rank 0's)
+        # says why too. torchrun prints its own summary below the line (docs/training.md).
+        if env.rank != 0:
+            time.sleep(CONFIG_ERROR_WAIT_S)
+        print(f"config error{f' (rank {env.rank})' if env.rank else ''}: {e}", file=sys.stderr, flush=True)
         return 2
     try:
         summary = train(cfg)

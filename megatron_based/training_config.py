@@ -210,6 +210,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"world size ({cfg.world_size} processes) must be divisible by parallel.tensor_model_parallel_size x "
             f"pipeline_model_parallel_size x context_parallel_size = {model_parallel}")
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1 (it splits "
+                          "the sequence over the TP ranks): set sequence_parallel=false or raise the TP size")
     if p.context_parallel_size > 1 and importlib.util.find_spec("megatron_based.context_parallel") is None:
         raise ConfigError(f"parallel.context_parallel_size={p.context_parallel_size} needs "
                           "megatron_based.context_parallel, which this install does not have yet; set it to 1")
@@ -240,6 +243,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.save_interval is set but train.save (the checkpoint directory) is not")
     if t.load in ("latest", "auto") and not t.save:
         raise ConfigError(f"train.load={t.load} resumes from train.save, which is not set")
+    if t.load not in (None, "latest", "auto"):  # latest / auto are resolved when training starts (a save may land)
+        from .checkpointing import CheckpointError, resolve
+
+        try:
+            resolve(t.load, t.save)
+        except CheckpointError as e:
+            raise ConfigError(f"train.load (--load): {e}; give a checkpoint directory, a save directory, latest or "
+                              "auto") from None
     if t.precision == "bf16":
         import torch
 
@@ -257,11 +268,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.tokenizer_model is missing: give the sentencepiece .model used to preprocess")
     if not Path(d.tokenizer_model).is_file():
         raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} does not exist")
-    spec = cfg.model_spec()  # the model section and its interplay with the parallel sizes
+    try:
+        spec = cfg.model_spec()  # the model section and its interplay with the parallel sizes
+    except ConfigError:
+        raise
+    except ValueError as e:  # a check of Megatron's TransformerConfig that ours do not repeat
+        raise ConfigError(f"model / parallel: {e}") from None
     if spec.seq_length % p.context_parallel_size:
         raise ConfigError(f"model.seq_length ({spec.seq_length}) must be divisible by "
                           f"parallel.context_parallel_size ({p.context_parallel_size})")
-    from .data import DataError, load_tokenizer
+    from .data import DataError, check_split_sizes, load_tokenizer
 
     try:
         vocab = load_tokenizer(d.tokenizer_model).vocab_size
@@ -270,3 +286,7 @@ def validate(cfg: RunConfig) -> None:
     if vocab > spec.vocab_size:
         raise ConfigError(f"model.vocab_size ({spec.vocab_size}) is smaller than the tokenizer's vocabulary "
                           f"({vocab}, {d.tokenizer_model}): set model.vocab_size={vocab}")
+    try:
+        check_split_sizes(d.path, d.split, spec.seq_length, t.eval_interval)
+    except DataError as e:
+        raise ConfigError(str(e)) from None

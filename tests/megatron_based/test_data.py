@@ -153,3 +153,31 @@ def test_build_datasets_refuses_ids_beyond_the_tokenizer(tmp_path):
     with pytest.raises(DataError, match=r"big_ids.bin holds token id 700 \(document 1, token 1\), outside the "
                                         r"vocabulary \[0, 512\) of the tokenizer small.model"):
         data.build_datasets(cfg, 16, SimpleNamespace(vocab_size=512), 10, 1)
+
+
+@pytest.mark.parametrize("name, text", [("empty.txt", ""), ("blank.txt", "\n\n  \n\n\n"),
+                                        ("blank.jsonl", '{"text": "  "}\n\n')])
+@pytest.mark.parametrize("new_tokenizer", [True, False])
+def test_an_empty_or_blank_corpus_is_refused_before_anything_is_written(corpus, tmp_path, capsys, name, text,
+                                                                        new_tokenizer):
+    src = tmp_path / name
+    src.write_text(text)
+    args = [str(src), "--output-prefix", str(tmp_path / "out")]
+    assert data.main(args + ([] if new_tokenizer else ["--tokenizer-model", corpus["tokenizer"]])) == 2
+    assert capsys.readouterr().err == (f"error: no documents in {src}: the input is empty or blank (JSONL: no "
+                                       "non-blank 'text' field); give a corpus with text\n")
+    assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("split", ["90,7,3", "95,5,0", "1,0,0", "60,0,40", "2, 1"])
+def test_split_documents_are_the_ones_megatron_builds(corpus, tmp_path, split):
+    """``split_documents`` (the config check's arithmetic) against the document indices of Megatron's datasets."""
+    n = len(data.open_indexed(corpus["prefix"]))
+    cfg = SimpleNamespace(model={"vocab_size": VOCAB}, train=SimpleNamespace(save=None, seed=1),
+                          data=SimpleNamespace(path=[corpus["prefix"]], weights=None, split=split,
+                                               cache_dir=str(tmp_path), tokenizer_model=corpus["tokenizer"]))
+    built = data.build_datasets(cfg, 16, data.load_tokenizer(corpus["tokenizer"]), 10, 1)
+    for ds, docs in zip(built, data.split_documents(split, n)):
+        assert (ds is None and docs is None) or ds.indices.tolist() == list(range(*docs))
+    # Five documents: round(4.5) = 4, round(4.85) = 5, and the test split is empty (Megatron would never return).
+    assert data.split_documents("90,7,3", 5) == [(0, 4), (4, 5), (5, 5)]

@@ -157,6 +157,20 @@ def _train(cfg, kill_at=None):
     (["train.adam_eps=0"], 1, r"train.adam_eps \(0.0\) must be a finite number > 0"),
     (["train.clip_grad=-1"], 1, r"train.clip_grad \(-1.0\) must be a finite number >= 0"),
     (["train.max_nonfinite_steps=0"], 1, r"train.max_nonfinite_steps \(0\) must be >= 1"),
+    (["train.lr=-1e-3"], 1, r"train.lr \(-0.001\) must be a finite number > 0"),
+    (["train.min_lr=-1"], 1, r"train.min_lr \(-1.0\) must be a finite number in \[0, train.lr = 0.003\]"),
+    (["parallel.sequence_parallel=true"], 1, r"parallel.sequence_parallel=true needs "
+                                             r"parallel.tensor_model_parallel_size > 1 .*: set sequence_parallel=false"),
+    (["train.load=/nonexistent/ckpt"], 1, r"train.load \(--load\): checkpoint directory /nonexistent/ckpt does not "
+                                          r"exist; give a checkpoint directory"),
+    (["data.split=abc"], 1, r"data.split 'abc' must be up to three non-negative weights train,valid,test"),
+    (["data.split=0,1,0"], 1, r"data.split '0,1,0' gives the train split weight 0: give it a weight"),
+    (["data.split=98,0,0", "train.eval_interval=5"], 1, r"data.split '98,0,0' gives the valid split weight 0 but "
+                                                        r"train.eval_interval \(5\) needs it: .* or set "
+                                                        r"train.eval_interval=0"),
+    (["model.seq_length=100000"], 1, r"the train split of .*kjv \(data.split '90,10,0': documents \[0, \d+\) of "
+                                     r"\d+\) holds \d+ documents, \d+ tokens, fewer than one sample of "
+                                     r"model.seq_length \+ 1 = 100001: add documents, lower model.seq_length"),
     (["trainlr=1"], 1, r"override 'trainlr=1' must look like section.key=value"),
 ])
 def test_invalid_configs_fail_early_naming_the_key(tmp_path, corpus, overrides, world, message):  # noqa: F811
@@ -171,6 +185,76 @@ def test_cli_reports_config_errors_without_starting(tmp_path, corpus, capsys):  
     tiny_config(tmp_path, corpus)
     assert main([str(tmp_path / "run.yaml"), "train.micro_batch_size=3"]) == 2
     assert "train.global_batch_size (4) must be divisible by train.micro_batch_size (3)" in capsys.readouterr().err
+    assert not dist.is_initialized()
+
+
+def five_documents(tmp_path, corpus) -> str:  # noqa: F811
+    """The first five documents of the session corpus as their own indexed dataset."""
+    from megatron_based.data import open_indexed
+
+    from .test_data import write_indexed
+
+    ds = open_indexed(corpus["prefix"])
+    return write_indexed(str(tmp_path / "five"), [ds[i].tolist() for i in range(5)])
+
+
+def test_a_five_document_corpus_fails_naming_the_empty_split(tmp_path, corpus):  # noqa: F811
+    """Megatron's dataset builder never returns on it (the valid split holds no documents, even with validation
+    off); the config check says so in one line, before any process group."""
+    from megatron_based.data import open_indexed
+
+    prefix = five_documents(tmp_path, corpus)
+    message = (f"the valid split of {prefix} (data.split '95,5,0': documents [5, 5) of 5) holds 0 documents, 0 tokens: "
+               "Megatron never finishes building an empty split; add documents or raise its weight in data.split, or "
+               "set its weight to 0")
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, corpus, [f"data.path=[{prefix}]", "data.split=95,5,0", "train.eval_interval=0"])
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match=re.escape(message.replace("weight to 0", "weight to 0 and "
+                                                                    "train.eval_interval=0"))):
+        tiny_config(tmp_path, corpus, [f"data.path=[{prefix}]", "data.split=95,5,0", "train.eval_interval=5"])
+    assert not dist.is_initialized()
+    # With the valid split off, the five documents are one train split of their tokens.
+    ds = open_indexed(prefix)  # bound while its lengths (a view of the .idx mapping) are read
+    tokens = int(ds.sequence_lengths.sum())
+    cfg = tiny_config(tmp_path, corpus, [f"data.path=[{prefix}]", "data.split=100,0,0", "train.eval_interval=0",
+                                         f"model.seq_length={tokens - 1}"])
+    assert cfg.model_spec().seq_length == tokens - 1
+    with pytest.raises(ConfigError, match=rf"documents \[0, 5\) of 5\) holds 5 documents, {tokens} tokens, fewer than "
+                                          rf"one sample of model.seq_length \+ 1 = {tokens + 1}"):
+        tiny_config(tmp_path, corpus, [f"data.path=[{prefix}]", "data.split=100,0,0", "train.eval_interval=0",
+                                       f"model.seq_length={tokens}"])
+
+
+def test_an_empty_dataset_fails_naming_the_file(tmp_path, corpus):  # noqa: F811
+    from .test_data import write_indexed
+
+    prefix = write_indexed(str(tmp_path / "empty"), [])
+    assert Path(prefix + ".bin").stat().st_size == 0
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, corpus, [f"data.path=[{prefix}]"])
+    assert str(err.value) == (f"data.path: {prefix}.bin is empty (preprocessed from an empty corpus?); re-run "
+                              "megatron-based-preprocess on a corpus with text")
+
+
+def test_cli_config_error_is_one_line_from_rank_0(tmp_path, corpus, capsys, monkeypatch):  # noqa: F811
+    """Every rank fails the same check with exit code 2. Rank 0 prints it at once; the others wait
+    (``CONFIG_ERROR_WAIT_S``: torchrun stops them when rank 0 exits) and only then print theirs, naming the rank."""
+    from megatron_based import train
+
+    tiny_config(tmp_path, corpus)
+    args = [str(tmp_path / "run.yaml"), "--load", str(tmp_path / "missing")]
+    message = (f"train.load (--load): checkpoint directory {tmp_path}/missing does not exist; give a checkpoint "
+               "directory, a save directory, latest or auto")
+    waits = []
+    monkeypatch.setattr(train.time, "sleep", waits.append)
+    for rank in (0, 1):
+        for key, value in dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=29500).items():
+            monkeypatch.setenv(key, str(value))
+        assert train.main(args) == 2
+        assert capsys.readouterr().err == f"config error{' (rank 1)' if rank else ''}: {message}\n"
+        assert waits == ([train.CONFIG_ERROR_WAIT_S] if rank else [])
     assert not dist.is_initialized()
 
 
