@@ -26,6 +26,8 @@ KNOWN_WARNINGS = [
     (r"full scope is deprecated", UserWarning, ""),  # TransformerConfig's own default cuda_graph_modules="full"
     (r"MimoModelConfig is experimental", UserWarning, ""),  # defined when megatron.core.models is imported
     (r"The argument order of load has been changed", UserWarning, ""),  # Megatron's positional dcp.load call
+    # The distributed optimizer's fp32 shards are slices of the parameters (not leaves); its zero_grad reads .grad.
+    (r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning, r"megatron\.core\.optimizer"),
 ]
 # Messages Megatron and torch print through ``logging``, by logger name.
 KNOWN_LOG_MESSAGES = {
