@@ -18,8 +18,13 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
-from megatron.core import parallel_state
+from .cli import generate_parser, quiet_known_warnings
+
+if __name__ == "__main__":  # torchrun -m megatron_based.generation: before torch and Megatron warn on import
+    quiet_known_warnings("--verbose" in sys.argv)
+
+import torch  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
 
 __all__ = ["PackedPrompts", "pack_prompts", "sample", "Generator", "teacher_forced_logits", "at_decode_positions",
            "decode_error_report", "load_model", "continuation_text", "main"]
@@ -384,8 +389,6 @@ def continuation_text(decode: Callable[[list[int]], str], prompt: Sequence[int],
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``megatron-based-generate``: stream a continuation of a prompt from a checkpoint."""
-    from .cli import generate_parser, quiet_known_warnings
-
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings("--verbose" in argv)
     p = generate_parser()
