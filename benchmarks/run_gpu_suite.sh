@@ -16,6 +16,8 @@ if [ -z "$BENCH_ONLY" ]; then
   echo "make test-gpu: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
 fi
 if [ -z "$SUITE_ONLY" ]; then
-  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/checkpoint_formats.py --out "$OUT/checkpoint_formats.json" \
-    2>&1 | grep -v -i "warn" | tail -20
+  # rows merge into the tracked JSON (BENCH_ARGS="--formats dp_reshardable" runs one format)
+  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/checkpoint_formats.py $BENCH_ARGS \
+    --out benchmarks/results/checkpoint_formats.json 2>&1 | grep -v -i "warn" | tail -20
+  cp benchmarks/results/checkpoint_formats.json "$OUT/"
 fi

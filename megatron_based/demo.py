@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -21,12 +20,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).resolve().parent / "demo_data" / "kjv.txt"
 PROMPT = "And God said,"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 GLOBAL_BATCH = 16  # sequences per step, as configs/tiny.yaml
@@ -76,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     from .parallel import initialize_parallel
     from .sample import greedy, load_for_inference
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("DEMO_PORT") or str(free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    if os.environ.get("DEMO_PORT"):
+        os.environ["MASTER_PORT"] = os.environ["DEMO_PORT"]
+    else:  # a single process: initialize_parallel picks a free port
+        os.environ.pop("MASTER_PORT", None)
     initialize_parallel(1, 1, 1)
     model, spec, tokenizer = load_for_inference(out / "checkpoints")
     prompt = tokenizer.tokenize(PROMPT)

@@ -82,16 +82,16 @@ def cpu_setup() -> Setup:
 
 def gpu_setup(graphs: bool) -> Setup:
     """based-360m (27 layers, d 1024, vocab 50257) at T 2048 on every GPU, 32k tokens per GPU and step (a fifth of
-    a second, so the kill lands mid-run); saves at steps 6 and 12 (the default fully-reshardable optimizer format;
+    a second, so the kill lands mid-run); saves at steps 4 and 8 (the default fully-reshardable optimizer format;
     dp_reshardable with graphs, so both formats resume on GPUs). ``graphs``: CUDA graphs, 4 accumulated
     micro-batches per step and validation every 3 steps."""
     micro, accumulate = (4, 4) if graphs else (16, 1)
     extra = ["model.cuda_graph_impl=local", "train.eval_interval=3", "train.eval_iters=2",
              "train.optimizer_checkpoint_format=dp_reshardable"] if graphs else ["train.eval_interval=0"]
-    return Setup("configs/based-360m.yaml", GPUS, steps=12, save_interval=6, kill_after=8, timeout=240, overrides=[
+    return Setup("configs/based-360m.yaml", GPUS, steps=8, save_interval=4, kill_after=5, timeout=240, overrides=[
         "model.seq_length=2048", f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro * accumulate * GPUS}", "train.lr=3e-4", "train.min_lr=3e-5",
-        "train.lr_warmup_steps=4", *extra])
+        "train.lr_warmup_steps=2", *extra])
 
 
 def run_overrides(setup: Setup, corpus: dict, root: Path, metrics: Path) -> list[str]:
@@ -202,19 +202,16 @@ def kill_and_resume(setup: Setup, corpus: dict, root: Path) -> Path:
 
 
 def generate_and_eval(save: Path, corpus: dict, root: Path, losses: dict, dtype: str) -> None:
-    """megatron-based-generate (eager, and CUDA-graphed on GPUs: the same greedy text) and megatron-based-eval
-    (loss within 10% of the last training loss and below the first) on the checkpoint."""
+    """megatron-based-generate (greedy: the prompt and a continuation) and megatron-based-eval (loss within 10% of
+    the last training loss and below the first) on the checkpoint. (CUDA-graphed decode == eager decode is
+    tests/megatron_based/test_generation.py's.)"""
     step = save / (save / "latest").read_text().strip()
-    outputs = []
-    for graph in ([False, True] if GPUS else [False]):
-        cmd = [*tool("megatron-based-generate"), "--checkpoint", str(step), "--tokenizer", corpus["tokenizer"],
-               "--prompt", "And God said", "--max-new-tokens", "24", "--dtype", dtype, *(["--cuda-graph"] * graph)]
-        out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-        text = out.stdout.strip().splitlines()[-1]
-        assert text.startswith("And God said") and len(text) > len("And God said"), out.stdout
-        outputs.append(text)
-    assert len(set(outputs)) == 1, outputs
+    cmd = [*tool("megatron-based-generate"), "--checkpoint", str(step), "--tokenizer", corpus["tokenizer"],
+           "--prompt", "And God said", "--max-new-tokens", "24", "--dtype", dtype]
+    out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    text = out.stdout.strip().splitlines()[-1]
+    assert text.startswith("And God said") and len(text) > len("And God said"), out.stdout
     result = root / "eval.json"
     text = root / "eval.txt"
     text.write_text(corpus["text"].read_text()[:20_000])
