@@ -136,7 +136,8 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("direction", choices=["import", "export"],
                    help="import: released -> Megatron; export: Megatron -> released")
     p.add_argument("--config", required=True, help="YAML file with the model: section (e.g. configs/based-360m.yaml)")
-    p.add_argument("--input", required=True, help="import: .safetensors / torch file; export: a training checkpoint "
+    p.add_argument("--input", required=True, help="import: the released weights as published (pytorch_model.bin) or "
+                                                  ".safetensors; export: a training checkpoint "
                                                   "directory, a directory of mp_rank_XX/model.pt, or a TP=1 state "
                                                   "dict file")
     p.add_argument("--output", required=True, help="import: directory for mp_rank_XX/model.pt; export: "

@@ -15,6 +15,12 @@ What differs in ours (``megatron_based.model.build_model``):
   and MLP ``linear_fc1`` with stride 2 (rank r holds ``[first-half_r | second-half_r]``), the embedding padded to
   a multiple of ``make_vocab_size_divisible_by * tp`` rows.
 
+The files as published (``pytorch_model.bin`` on the hub) hold the authors' training-wrapper state dict: every name
+may start with ``model.``, and beside the weights there are ``*metrics*`` counters (``train_metrics.num-tokens.count``)
+and, for configs with ``fixed_decay: True`` (based-1b), the persistent buffer ``transformer.decay.decay`` that no
+mixer reads. :func:`published_to_released` strips the prefix and drops those entries, naming them; any other
+unknown name stays an error.
+
 Files are read without executing code: safetensors, or torch files with ``weights_only=True``.
 """
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from .checkpointing import error_line
 from .config import BasedConfig, padded_vocab_size
 
-__all__ = ["ConversionError", "released_to_megatron", "megatron_to_released", "released_shapes", "read_tensors",
+__all__ = ["ConversionError", "published_to_released", "released_to_megatron", "megatron_to_released", "released_shapes", "read_tensors",
            "write_tensors", "load_into_model", "main"]
 
 
@@ -180,10 +186,38 @@ def _merge(parts: list[torch.Tensor], dim: int | None, stride: int) -> torch.Ten
     return torch.cat([torch.cat([r[s] for r in per_rank], dim=dim) for s in range(stride)], dim=dim)
 
 
+WRAPPER_PREFIX = "model."  # the authors' training module holds the LM as `.model`
+UNUSED_BUFFERS = ("transformer.decay.decay",)  # fixed_decay: True registers it; no BASED mixer reads it
+
+
+def published_to_released(tensors: dict) -> tuple[dict, list[str]]:
+    """A state dict as the authors published it -> the released layout, and the names dropped from it.
+
+    A leading ``model.`` is stripped from every name that has it; entries whose name contains ``metrics`` (training
+    counters) and the unused buffers in ``UNUSED_BUFFERS`` are dropped. Names are otherwise left alone, so anything
+    else unknown is reported by the shape check of :func:`released_to_megatron`."""
+    out, dropped = {}, []
+    for name, t in tensors.items():
+        short = name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name
+        if "metrics" in short or short in UNUSED_BUFFERS:
+            dropped.append(f"{name} {tuple(t.shape)}")
+            continue
+        if short in out:
+            raise ConversionError(f"released checkpoint: {short} is there both with and without the "
+                                  f"{WRAPPER_PREFIX!r} prefix; keep one of them")
+        out[short] = t
+    return out, sorted(dropped)
+
+
 def released_to_megatron(released: dict, config: BasedConfig, *, vocab_size: int,
-                         make_vocab_size_divisible_by: int = 8, tensor_model_parallel_size: int = 1) -> list[dict]:
-    """Released-layout tensors -> one Megatron model state dict per TP rank (``load_state_dict`` ready)."""
-    released = dict(released)
+                         make_vocab_size_divisible_by: int = 8, tensor_model_parallel_size: int = 1,
+                         report: Callable[[str], None] | None = print) -> list[dict]:
+    """Released-layout tensors (or a file as published: see :func:`published_to_released`) -> one Megatron model
+    state dict per TP rank (``load_state_dict`` ready). ``report`` gets one line naming the dropped entries."""
+    released, dropped = published_to_released(released)
+    if dropped and report is not None:
+        report(f"skipped {len(dropped)} entr{'y' if len(dropped) == 1 else 'ies'} the model does not use: "
+               + ", ".join(dropped))
     head = released.pop(TIED_HEAD, None)
     expected = released_shapes(config, vocab_size, make_vocab_size_divisible_by)
     _check_names_and_shapes(released, expected, "released checkpoint")
@@ -271,7 +305,7 @@ def rank_file(directory: str | Path, rank: int) -> Path:
 
 
 def _is_released(names) -> bool:
-    return any(n.startswith("transformer.") for n in names)
+    return any(n.startswith(("transformer.", WRAPPER_PREFIX + "transformer.")) for n in names)
 
 
 def load_into_model(model, checkpoint: str | Path, spec) -> None:
@@ -298,13 +332,14 @@ def load_into_model(model, checkpoint: str | Path, spec) -> None:
         if _is_released(state):
             state = released_to_megatron(state, spec.config, vocab_size=spec.vocab_size,
                                          make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by,
-                                         tensor_model_parallel_size=tp)[tp_rank]
+                                         tensor_model_parallel_size=tp,
+                                         report=print if tp_rank == 0 else None)[tp_rank]
         elif tp > 1:
             full = megatron_to_released([state], spec.config, vocab_size=spec.vocab_size,
                                         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
             state = released_to_megatron(full, spec.config, vocab_size=spec.vocab_size,
                                          make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by,
-                                         tensor_model_parallel_size=tp)[tp_rank]
+                                         tensor_model_parallel_size=tp, report=None)[tp_rank]
     own = model.state_dict()
     for name, t in state.items():
         if name in own and own[name] is not None and tuple(own[name].shape) != tuple(t.shape):

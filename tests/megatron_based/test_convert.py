@@ -202,3 +202,100 @@ def test_logits_after_import_equal_plain_pytorch_reference(world, tmp_path):
     for logits, exported_ok, loaded_ok in run_distributed(_logits_worker, world, str(path)):
         torch.testing.assert_close(torch.from_numpy(logits), want, rtol=1e-4, atol=1e-4)
         assert exported_ok and loaded_ok
+
+
+# -- the files as published --------------------------------------------------------------------------------------
+# The released pytorch_model.bin files are the authors' training-module state dict: names under `model.`, training
+# counters beside the weights, and (fixed_decay: True, based-1b) an unused `transformer.decay.decay` [heads] buffer.
+# The names and shapes below are written from the authors' module names (based-spec.md, "Checkpoint layout"), not
+# from the converter's table, so that the two are checked against each other.
+def _published_names(d=32, heads=4, f=4, k=3, n=48, rows=56) -> dict:
+    C = {"mixer.in_proj.weight": (4 * d, d), "mixer.in_proj.bias": (4 * d,), "mixer.conv.conv.weight": (2 * d, 1, k),
+         "mixer.out_proj.weight": (d, 2 * d), "mixer.out_proj.bias": (d,)}
+    L = {"mixer.proj_q.weight": (heads * f, d), "mixer.proj_k.weight": (heads * f, d),
+         "mixer.proj_v.weight": (d, d), "mixer.out_proj.weight": (d, d)}
+    S = {"mixer.Wqkv.weight": (3 * d, d), "mixer.out_proj.weight": (d, d)}
+    names = {"model.transformer.embeddings.word_embeddings.weight": (rows, d)}
+    for i, mixer in enumerate("CLSC"):
+        block = {"norm1.weight": (d,), "norm2.weight": (d,), "mlp.fc1.weight": (2 * n, d),
+                 "mlp.fc2.weight": (d, n), **{"C": C, "L": L, "S": S}[mixer]}
+        names.update({f"model.transformer.layers.{i}.{name}": s for name, s in block.items()})
+    names["model.transformer.ln_f.weight"] = (d,)
+    names["model.transformer.decay.decay"] = (heads,)
+    names["train_metrics.num-tokens.count"] = ()
+    names["val_metrics.num-tokens.count"] = ()
+    return names
+
+
+def _published(prefix: str = "model.") -> dict:
+    """A published-style state dict with random weights, its tied head as the same tensor (as torch.save keeps it)."""
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for name, shape in _published_names().items():
+        out[name.replace("model.", prefix, 1) if name.startswith("model.") else name] = \
+            torch.randn(shape, generator=g) if "metrics" not in name else torch.tensor(4096.0)
+    out[prefix + "lm_head.weight"] = out[prefix + "transformer.embeddings.word_embeddings.weight"]
+    return out
+
+
+def _write_published(tensors: dict, path):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.clone() for k, v in tensors.items()}, str(path))  # safetensors refuses shared storage
+    else:
+        torch.save(tensors, path)
+
+
+@pytest.mark.parametrize("filename", ["pytorch_model.bin", "model.safetensors"])
+@pytest.mark.parametrize("prefix", ["model.", ""])
+def test_published_file_imports_and_reports_what_it_drops(filename, prefix, tmp_path):
+    from megatron_based.convert import megatron_to_released, read_tensors, released_shapes, released_to_megatron
+
+    published = _published(prefix)
+    path = tmp_path / filename
+    _write_published(published, path)
+    lines = []
+    shards = released_to_megatron(read_tensors(path), _config(), vocab_size=VOCAB, tensor_model_parallel_size=2,
+                                  report=lines.append)
+    dropped = sorted([f"{prefix}transformer.decay.decay (4,)", "train_metrics.num-tokens.count ()",
+                      "val_metrics.num-tokens.count ()"])
+    assert lines == ["skipped 3 entries the model does not use: " + ", ".join(dropped)]
+    weights = {n[len(prefix):]: t for n, t in published.items()
+               if n.startswith(prefix + "transformer.") and "decay" not in n}
+    assert weights.keys() == released_shapes(_config(), VOCAB).keys()  # the published names are the converter's
+    back = megatron_to_released(shards, _config(), vocab_size=VOCAB)
+    assert back.keys() == weights.keys()
+    for name, t in weights.items():
+        assert torch.equal(back[name], t), name
+
+
+def test_published_file_unknown_names_stay_errors():
+    from megatron_based.convert import ConversionError, released_to_megatron
+
+    with pytest.raises(ConversionError, match=r"unexpected tensor\(s\): transformer\.layers\.0\.mixer\.gate\.weight"):
+        released_to_megatron({**_published(), "model.transformer.layers.0.mixer.gate.weight": torch.zeros(2)},
+                             _config(), vocab_size=VOCAB, report=None)
+    both = {**_published(), "transformer.ln_f.weight": torch.ones(32)}
+    with pytest.raises(ConversionError, match=r"transformer\.ln_f\.weight is there both with and without"):
+        released_to_megatron(both, _config(), vocab_size=VOCAB, report=None)
+
+
+def test_convert_command_imports_pytorch_model_bin(tmp_path, capsys):
+    import yaml
+
+    from megatron_based.convert import main, rank_file, read_tensors, released_to_megatron
+
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"layer_pattern": PATTERN, "vocab_size": VOCAB, **DIMS}}))
+    published = _published()
+    _write_published(published, tmp_path / "pytorch_model.bin")
+    assert main(["import", "--config", str(cfg), "--input", str(tmp_path / "pytorch_model.bin"),
+                 "--output", str(tmp_path / "out"), "--tensor-model-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 3 entries the model does not use: model.transformer.decay.decay (4,)" in out
+    want = released_to_megatron(published, _config(), vocab_size=VOCAB, tensor_model_parallel_size=2, report=None)
+    for r in range(2):
+        got = read_tensors(rank_file(tmp_path / "out", r))
+        assert got.keys() == want[r].keys()
+        assert all(torch.equal(got[k], want[r][k]) for k in got)
