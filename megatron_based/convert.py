@@ -36,8 +36,8 @@ import torch
 from .checkpointing import error_line
 from .config import BasedConfig, padded_vocab_size
 
-__all__ = ["ConversionError", "published_to_released", "released_to_megatron", "megatron_to_released", "released_shapes", "read_tensors",
-           "write_tensors", "load_into_model", "main"]
+__all__ = ["ConversionError", "published_to_released", "released_to_megatron", "megatron_to_released",
+           "released_shapes", "read_tensors", "write_tensors", "load_into_model", "main"]
 
 
 class ConversionError(ValueError):

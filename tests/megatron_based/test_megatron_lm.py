@@ -1,0 +1,116 @@
+"""megatron_based.megatron_lm: the --spec objects for Megatron-LM's pretrain_gpt.py build the same model as
+megatron_based.build_model from the same YAML (names, shapes, and logits with the same weights), and a Megatron-LM
+argument that disagrees with the YAML stops the build with one line naming the flag."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+MODEL = dict(layer_pattern="CLSA", hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, feature_dim=4,
+             swa_window=5, conv_kernel_size=3, vocab_size=50, make_vocab_size_divisible_by=8, seq_length=16)
+
+
+# The documented flags (docs/training.md) at this model's sizes, plus CPU-only ones (no fused kernels).
+FLAGS = ["--spec", "megatron_based.megatron_lm", "based_layer", "--num-layers", "4", "--hidden-size", "32",
+         "--num-attention-heads", "4", "--ffn-hidden-size", "48", "--seq-length", "16",
+         "--max-position-embeddings", "16", "--position-embedding-type", "none", "--normalization", "RMSNorm",
+         "--norm-epsilon", "1e-5", "--swiglu", "--disable-bias-linear", "--hidden-dropout", "0",
+         "--attention-dropout", "0", "--init-method-std", "0.02", "--make-vocab-size-divisible-by", "8",
+         "--micro-batch-size", "1", "--global-batch-size", "1", "--transformer-impl", "local",
+         "--use-cpu-initialization", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-persist-layer-norm",
+         "--no-masked-softmax-fusion", "--no-gradient-accumulation-fusion", "--no-rope-fusion"]
+
+
+def _megatron_lm(flags):
+    """Megatron-LM's own argument parsing and TransformerConfig (what pretrain_gpt.py's gpt_builder receives)."""
+    import os
+    import sys
+    from unittest import mock
+
+    from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args
+
+    with mock.patch.object(sys, "argv", ["pretrain_gpt.py", *flags]), \
+            mock.patch.dict(os.environ, {"WORLD_SIZE": "1", "RANK": "0"}):
+        args = parse_args()
+        validate_args(args)
+    return args, core_transformer_config_from_args(args)
+
+
+def _with(flag, value, flags=FLAGS):
+    i = flags.index(flag)
+    return flags[:i + 1] + [value] + flags[i + 2:]
+
+
+def _worker(rank, world, yaml_path):
+    import os
+
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_based.config import model_spec_from_dict
+    from megatron_based.megatron_lm import based_layer, based_layer_spec
+    from megatron_based.model import build_model
+    from megatron_based.parallel import initialize_parallel
+
+    initialize_parallel(1)
+    os.environ["BASED_SPEC_CONFIG"] = yaml_path
+    spec = model_spec_from_dict(dict(MODEL))
+    ours = build_model(spec.config, vocab_size=spec.vocab_size, max_sequence_length=16).eval()
+    results = {}
+    for name in ("called", "as_is"):
+        args, config = _megatron_lm(FLAGS)
+        assert args.spec == ["megatron_based.megatron_lm", "based_layer"]
+        layer_spec = based_layer_spec(args, config, None) if name == "called" else based_layer
+        # as Megatron-LM's gpt_builder builds it
+        lm = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=56,
+                      max_sequence_length=16, pre_process=True, post_process=True, parallel_output=True,
+                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                      position_embedding_type=args.position_embedding_type).eval()
+        shapes = {k: tuple(v.shape) for k, v in lm.state_dict().items() if isinstance(v, torch.Tensor)}
+        lm.load_state_dict(ours.state_dict(), strict=False)
+        tokens = torch.randint(0, 50, (2, 11), generator=torch.Generator().manual_seed(1))
+        pos = torch.arange(11).expand(2, 11)
+        with torch.no_grad():
+            err = (lm(tokens, pos, attention_mask=None) - ours(tokens, pos, attention_mask=None)).abs().max().item()
+        results[name] = (shapes, err, [type(layer.self_attention).__name__ for layer in lm.decoder.layers])
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items() if isinstance(v, torch.Tensor)}
+    return ours_shapes, results
+
+
+def test_spec_builds_the_same_model_as_build_model(tmp_path):
+    import yaml
+
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump({"model": MODEL}))
+    [(ours_shapes, results)] = run_distributed(_worker, 1, str(path))
+    assert sum(torch.Size(s).numel() for s in ours_shapes.values()) > 20000
+    for name, (shapes, err, mixers) in results.items():
+        assert shapes == ours_shapes, name
+        assert err < 1e-5, (name, err)
+        assert mixers == ["BaseConv", "TaylorLinearAttention", "SlidingWindowAttention", "SoftmaxAttention"], name
+
+
+def test_disagreeing_arguments_name_the_flags(tmp_path, monkeypatch):
+    import yaml
+
+    from megatron_based.config import ConfigError
+    from megatron_based.megatron_lm import based_layer_spec
+
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump({"model": MODEL}))
+    monkeypatch.delenv("BASED_SPEC_CONFIG", raising=False)
+    args, config = _megatron_lm(FLAGS)
+    with pytest.raises(ConfigError, match="BASED_SPEC_CONFIG is not set"):
+        based_layer_spec(args, config)
+    monkeypatch.setenv("BASED_SPEC_CONFIG", str(path))
+    flags = _with("--hidden-size", "64", _with("--position-embedding-type", "rope", _with("--hidden-dropout", "0.1")))
+    flags.remove("--disable-bias-linear")
+    with pytest.raises(ConfigError) as e:
+        based_layer_spec(*_megatron_lm(flags))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"Megatron-LM's arguments disagree with BASED_SPEC_CONFIG={path}: --hidden-size 64 "
+                          "(the YAML has 32); --hidden-dropout 0.1 (the YAML has 0.0); "
+                          "--disable-bias-linear is not set")
+    assert "--position-embedding-type none" in msg
