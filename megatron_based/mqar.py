@@ -19,7 +19,8 @@ import torch
 
 IGNORE = -100
 
-__all__ = ["MQARTask", "mqar_batch", "mqar_loss", "evaluate_mqar", "train_mqar", "state_bytes_per_sequence", "main"]
+__all__ = ["MQARTask", "mqar_batch", "mqar_loss", "evaluate_mqar", "train_mqar", "state_bytes_per_sequence",
+           "build_mqar_model", "mqar_model_section", "save_mqar_checkpoint", "load_mqar_checkpoint", "main"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,66 @@ def build_mqar_model(pattern: str, *, hidden_size: int, num_heads: int = 4, feat
     return model.cuda() if torch.cuda.is_available() else model
 
 
+def mqar_model_section(pattern: str, *, hidden_size: int, num_heads: int = 4, feature_dim: int = 8,
+                       swa_window: int = 16, vocab_size: int = 64, seq_len: int = 64) -> dict:
+    """The YAML ``model:`` section (the key names of configs/*.yaml) of :func:`build_mqar_model`'s model; a saved MQAR
+    checkpoint carries it, so ``eval`` rebuilds exactly the model that was trained."""
+    return {"layer_pattern": pattern, "hidden_size": hidden_size, "num_attention_heads": num_heads,
+            "feature_dim": feature_dim, "swa_window": swa_window, "vocab_size": vocab_size, "seq_length": seq_len}
+
+
+def required_model_keys(pattern: str) -> list[str]:
+    """Keys a YAML ``model:`` section must set for ``pattern``: every one :func:`build_mqar_model` sets, since a default
+    would silently build a different model (``swa_window`` only with S layers, ``feature_dim`` only with L)."""
+    return [k for k in mqar_model_section(pattern, hidden_size=0)
+            if not (k == "swa_window" and "S" not in pattern) and not (k == "feature_dim" and "L" not in pattern)]
+
+
+def save_mqar_checkpoint(path: str, model, section: dict) -> None:
+    """``{"model": section, "state_dict": ...}``, a torch file that ``torch.load(weights_only=True)`` reads."""
+    torch.save({"model": dict(section), "state_dict": model.state_dict()}, path)
+
+
+def load_mqar_checkpoint(checkpoint: str, config: str | None = None):
+    """``(model, model section)`` for ``megatron-based-mqar eval``. The model comes from ``config``'s ``model:``
+    section when given (it must set every :func:`required_model_keys` key), else from the section the checkpoint
+    carries; a checkpoint that carries none (a bare state dict, a training directory) needs ``config``."""
+    import os
+
+    from .config import ConfigError
+
+    section = None
+    if config:
+        import yaml
+
+        with open(config) as fh:
+            section = (yaml.safe_load(fh) or {}).get("model")
+        if not section or "layer_pattern" not in section:
+            raise ConfigError(f"{config} needs a model: section with layer_pattern")
+        missing = [k for k in required_model_keys(section["layer_pattern"]) if k not in section]
+        if missing:
+            raise ConfigError(f"{config}: the model section lacks {missing}; set them to the trained model's values "
+                              "(a default would score a different model), or leave out --config for a checkpoint "
+                              "written by `megatron-based-mqar train --save`, which carries its model")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True) if os.path.isfile(checkpoint) else None
+    if isinstance(saved, dict) and set(saved) == {"model", "state_dict"}:
+        section = section or saved["model"]
+        model = build_mqar_model(section["layer_pattern"], hidden_size=section["hidden_size"],
+                                 num_heads=section["num_attention_heads"], feature_dim=section.get("feature_dim", 8),
+                                 swa_window=section.get("swa_window", 16), vocab_size=section["vocab_size"],
+                                 seq_len=section["seq_length"])
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), section
+    if section is None:
+        raise ConfigError(f"{checkpoint} carries no model configuration (it was not written by `megatron-based-mqar "
+                          "train --save`): give --config, a YAML whose model: section sets the trained model's "
+                          f"{required_model_keys('LS')}")
+    from .generation import load_model
+
+    model, _ = load_model(config, checkpoint)
+    return model, section
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``megatron-based-mqar``: train a small model on MQAR (``train``) or score a checkpoint (``eval``)."""
     from .cli import mqar_parser, quiet_known_warnings
@@ -163,24 +224,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .parallel import initialize_parallel
 
     initialize_parallel(1, seed=args.seed)
-    task = MQARTask(args.vocab_size, args.seq_len, args.num_kv_pairs)
     if args.command == "train":
+        section = mqar_model_section(args.pattern, hidden_size=args.hidden_size, swa_window=args.swa_window,
+                                     vocab_size=args.vocab_size or 64, seq_len=args.seq_len or 64)
         model = build_mqar_model(args.pattern, hidden_size=args.hidden_size, swa_window=args.swa_window,
-                                 vocab_size=args.vocab_size, seq_len=args.seq_len)
+                                 vocab_size=section["vocab_size"], seq_len=section["seq_length"])
+        task = MQARTask(section["vocab_size"], section["seq_length"], args.num_kv_pairs)
         losses = train_mqar(model, task, steps=args.steps, lr=args.lr, seed=args.seed)
         print(f"final training loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if args.save:
-            torch.save(model.state_dict(), args.save)
+            save_mqar_checkpoint(args.save, model, section)
     else:
-        if not (args.config and args.checkpoint):
-            p.error("eval needs --config and --checkpoint")
-        from .generation import load_model
+        if not args.checkpoint:
+            p.error("eval needs --checkpoint (and --config for a checkpoint not written by `train --save`)")
+        from .config import ConfigError
 
-        model, _ = load_model(args.config, args.checkpoint)
+        try:
+            model, section = load_mqar_checkpoint(args.checkpoint, args.config)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        # The task defaults to the model's vocabulary and length.
+        task = MQARTask(args.vocab_size or section["vocab_size"], args.seq_len or section["seq_length"],
+                        args.num_kv_pairs)
     device = next(model.parameters()).device
     inputs, labels = mqar_batch(task, args.num_examples, torch.Generator().manual_seed(args.seed + 1))
     recall = evaluate_mqar(model, inputs.to(device), labels.to(device))
-    print(f"MQAR recall {recall:.4f} (chance {task.chance:.4f}) on {args.num_examples} sequences of {args.seq_len} "
+    print(f"MQAR recall {recall:.4f} (chance {task.chance:.4f}) on {args.num_examples} sequences of {task.seq_len} "
           f"tokens, {args.num_kv_pairs} key-value pairs; decode state {state_bytes_per_sequence(model)} bytes "
           f"per sequence")
     return 0

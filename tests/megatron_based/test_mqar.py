@@ -58,3 +58,38 @@ def test_tiny_based_learns_mqar_above_chance():
     assert before < 2 * chance
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
     assert after > 3 * chance, (after, chance)  # ~0.19 after 150 steps; chance 1/32
+
+
+def _mqar(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "megatron_based.mqar", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _recall(stdout: str) -> float:
+    return float(stdout.split("MQAR recall ")[1].split()[0])
+
+
+def test_mqar_checkpoint_carries_its_model(tmp_path):
+    """eval rebuilds the trained model from the checkpoint alone (swa_window 8, not the default 16, and seq_len 32),
+    and a --config whose model section lacks a key the model needs is refused by name."""
+    train = _mqar("train", "--pattern", "CLS", "--hidden-size", "32", "--swa-window", "8", "--seq-len", "32",
+                  "--steps", "3", "--num-examples", "64", "--save", "ckpt.pt", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["model"] == {"layer_pattern": "CLS", "hidden_size": 32, "num_attention_heads": 4, "feature_dim": 8,
+                              "swa_window": 8, "vocab_size": 64, "seq_length": 32}
+    ev = _mqar("eval", "--checkpoint", "ckpt.pt", "--num-examples", "64", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    assert _recall(ev.stdout) == _recall(train.stdout)  # same model, same test sequences
+    assert "sequences of 32 tokens" in ev.stdout
+
+    (tmp_path / "cfg.yaml").write_text("model:\n  layer_pattern: CLS\n  hidden_size: 32\n  num_attention_heads: 4\n"
+                                       "  feature_dim: 8\n  vocab_size: 64\n  seq_length: 32\n")
+    bad = _mqar("eval", "--config", "cfg.yaml", "--checkpoint", "ckpt.pt", cwd=tmp_path)
+    assert bad.returncode == 2 and "lacks ['swa_window']" in bad.stderr, bad.stderr
+    torch.save(saved["state_dict"], tmp_path / "bare.pt")
+    bare = _mqar("eval", "--checkpoint", "bare.pt", cwd=tmp_path)
+    assert bare.returncode == 2 and "carries no model configuration" in bare.stderr, bare.stderr
