@@ -2,7 +2,14 @@
 # Usage inside a launcher:  source "$(dirname "$0")/common.sh"; parse_args "$@"; dry_run NNODES NPROC_PER_NODE
 # After parse_args: CONFIG (the YAML), ARGS (overrides and train flags), DRY_RUN_ONLY (1 if --dry-run was given).
 
-PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+# The interpreter: $PYTHON when set, else the repository's .venv (what `make venv` builds; no need to activate it),
+# else python3 from PATH. Printed, so a "No module named 'megatron_based'" points at the interpreter that lacks it.
+LAUNCH_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -z ${PYTHON:-} ]]; then
+  if [[ -x $LAUNCH_REPO/.venv/bin/python ]]; then PYTHON=$LAUNCH_REPO/.venv/bin/python
+  else PYTHON=$(command -v python3 || command -v python); fi
+fi
+echo "launch: python $PYTHON" >&2
 export PYTHONUNBUFFERED=1
 # Megatron orders its sequence-parallel / TP communication kernels by issue order on one CUDA stream queue.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}

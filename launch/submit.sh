@@ -4,7 +4,8 @@
 #   launch/submit.sh configs/based-360m.yaml [section.key=value ...] [--dry-run]
 #
 # Environment (defaults in brackets): NNODES [1], GPUS_PER_NODE [8], GRES [gpu:$GPUS_PER_NODE; empty: none],
-# TIME [24:00:00], SBATCH_ARGS (extra sbatch flags: --partition, --account, --qos, --wait ...), PYTHON [python3].
+# TIME [24:00:00], SBATCH_ARGS (extra sbatch flags: --partition, --account, --qos, --wait ...),
+# PYTHON [the repository's .venv/bin/python if present, else python3].
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/common.sh"

@@ -13,7 +13,8 @@
 #   RDZV_ID         job id shared by all nodes for c10d rendezvous [based-$USER]
 #   MAX_RESTARTS    how often torchrun restarts the workers after a failure [3]; each restart resumes from the
 #                   newest checkpoint (train.load=auto; RESUME=0 turns that off)
-#   PYTHON          interpreter [python3]; TORCHRUN_ARGS extra torchrun flags
+#   PYTHON          interpreter [the repository's .venv/bin/python if present, else python3]; TORCHRUN_ARGS
+#                   extra torchrun flags
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
