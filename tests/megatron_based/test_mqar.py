@@ -93,3 +93,7 @@ def test_mqar_checkpoint_carries_its_model(tmp_path):
     torch.save(saved["state_dict"], tmp_path / "bare.pt")
     bare = _mqar("eval", "--checkpoint", "bare.pt", cwd=tmp_path)
     assert bare.returncode == 2 and "carries no model configuration" in bare.stderr, bare.stderr
+    (tmp_path / "cfg.yaml").write_text((tmp_path / "cfg.yaml").read_text() + "  swa_window: 8\n")
+    legacy = _mqar("eval", "--config", "cfg.yaml", "--checkpoint", "bare.pt", "--num-examples", "64", cwd=tmp_path)
+    assert legacy.returncode == 0, legacy.stderr
+    assert _recall(legacy.stdout) == _recall(train.stdout)  # a bare state dict with a complete --config
