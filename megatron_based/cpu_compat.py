@@ -1,6 +1,6 @@
 """Run Megatron-Core's tensor-parallel layers on machines without CUDA (gloo process groups).
 
-Megatron-Core assumes CUDA in two places our CPU runs reach (see docs/architecture.md):
+Megatron-Core assumes CUDA in these places our CPU runs reach (see docs/architecture.md):
 1. ``torch.cuda.current_device()`` picks the device of buffers (e.g. the sequence-parallel all-gather); on a
    CPU-only machine it is redirected to the CPU device.
 2. The model-parallel RNG tracker stores and swaps CUDA generator states; here it uses the CPU generator.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.distributed as dist
 
 _applied = False
 
