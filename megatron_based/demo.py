@@ -38,6 +38,9 @@ def batch_overrides(nproc: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.filterwarnings("ignore")
+    from .cli import quiet_known_warnings
+
+    quiet_known_warnings()  # also Megatron's known log lines (the in-process load below)
     import torch
 
     from .data import preprocess, unigram_entropy
