@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
-import sys
 import time
 
 import torch
@@ -20,8 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from based_kernels.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
+from based_kernels.cross_entropy import vocab_parallel_cross_entropy
 
 GIB = 2 ** 30
 

@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CUDA = torch.cuda.is_available()
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # family -> [(layer pattern, hidden size, swa window)]; state grows with width (C, L) or window (S).
 SWEEP = {

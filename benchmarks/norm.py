@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import based_kernels  # noqa: E402
-from based_kernels.rms_norm import kernels  # noqa: E402
+import based_kernels
+from based_kernels.rms_norm import kernels
 
 
 def torch_rms(x, w, eps):

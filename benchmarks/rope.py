@@ -12,18 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import types
 
 import torch
 import triton
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb  # noqa: E402
-
-from based_kernels import rope_split_qkv  # noqa: E402
-from bench_utils import GRAPH, bench, rel  # noqa: E402
-from megatron_based.rope import rope_freqs  # noqa: E402
+from based_kernels import rope_split_qkv
+from bench_utils import GRAPH, bench, rel
+from megatron_based.rope import rope_freqs
 
 CFG = types.SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False)  # what BasedConfig passes
 NO_CP = object()  # bshd RoPE ignores the CP group; it must only be non-None (else Megatron's global is looked up)

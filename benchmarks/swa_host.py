@@ -20,11 +20,9 @@ import cProfile
 import os
 import pstats
 import statistics
-import sys
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # the real (compiled) launch path, not the interpreter
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 

@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from collections import defaultdict
 from datetime import date
@@ -29,17 +28,14 @@ from datetime import date
 import torch
 import yaml
 from torch.autograd.profiler import record_function
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
-
-from megatron_based.config import model_spec_from_dict  # noqa: E402
-from megatron_based.flops import model_flops_per_token  # noqa: E402
-from megatron_based.model import build_model  # noqa: E402
-from megatron_based.parallel import initialize_parallel  # noqa: E402
-from megatron_based.train import megatron_optimizer  # noqa: E402
+from megatron_based.config import model_spec_from_dict
+from megatron_based.flops import model_flops_per_token
+from megatron_based.model import build_model
+from megatron_based.parallel import initialize_parallel
+from megatron_based.train import megatron_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The softmax baselines of performance.md: the BASED model's width, depth 24, SwiGLU, tied 50k vocab.
