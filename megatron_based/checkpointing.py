@@ -147,14 +147,21 @@ def _optimizer_metadata(optimizer_format: str) -> dict:
     return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
 
 
+def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers under a Megatron optimizer (chained or not; a bare torch optimizer stands for itself)."""
+    found = []
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(opt, "optimizer", opt)
+        if isinstance(inner, torch.optim.Optimizer):
+            found.append(inner)
+    return found
+
+
 def _init_adam_state(optimizer) -> None:
     """Give every parameter of the torch Adam(W)s under a Megatron optimizer an empty state (step 0, zero moments),
     as loading needs: without TransformerEngine or apex, Megatron's distributed optimizer reads the common ``step``
     of the existing state when it builds the state dict to load into, and a fresh optimizer has none."""
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        torch_opt = getattr(opt, "optimizer", None)
-        if not isinstance(torch_opt, torch.optim.Optimizer):
-            continue
+    for torch_opt in torch_optimizers(optimizer):
         for group in torch_opt.param_groups:
             for p in group["params"]:
                 if not torch_opt.state[p]:
@@ -196,12 +203,10 @@ def _unshare_adam_steps(optimizer) -> None:
     """Megatron's distributed optimizer (without TransformerEngine or apex) loads one ``step`` tensor into the state
     of every parameter; torch's Adam increments each parameter's ``step`` in place, so a shared tensor would advance
     once per parameter per step and skew the bias correction of every later update. Give each its own copy."""
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        torch_opt = getattr(opt, "optimizer", None)
-        if isinstance(torch_opt, torch.optim.Optimizer):
-            for st in torch_opt.state.values():
-                if torch.is_tensor(st.get("step")):
-                    st["step"] = st["step"].detach().clone()
+    for torch_opt in torch_optimizers(optimizer):
+        for st in torch_opt.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].detach().clone()
 
 
 def _layout() -> dict:

@@ -23,7 +23,7 @@ if __name__ == "__main__":  # python -m megatron_based.train (the launchers): be
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from .checkpointing import CheckpointError  # noqa: E402
+from .checkpointing import CheckpointError, torch_optimizers  # noqa: E402
 from .config import ConfigError  # noqa: E402
 from .training_config import RunConfig, load_config  # noqa: E402
 
@@ -85,10 +85,8 @@ def fuse_torch_adam(optimizer) -> int:
     Same math (tests/megatron_based/test_train.py). Existing ``step`` counters move to the parameters' device, as
     the fused kernel needs (a checkpoint loaded into a non-fused optimizer keeps them on the CPU).
     Returns the number of parameter groups switched."""
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     switched = 0
-    for opt in inner:
-        torch_opt = getattr(opt, "optimizer", opt)
+    for torch_opt in torch_optimizers(optimizer):
         if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in torch_opt.param_groups:
