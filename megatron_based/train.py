@@ -250,6 +250,14 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     p, t = cfg.parallel, cfg.train
     spec = cfg.model_spec()
     config = spec.config
+    phases, mark = {}, time.perf_counter()  # startup time per phase, logged before the first step
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = now - mark
+        mark = now
+
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
                         seed=t.seed, cuda_graphs=config.cuda_graph_impl == "local")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -267,6 +275,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     optimizer, scheduler = build_optimizer(cfg, model, config)
+    phase("process groups, model and optimizer")
 
     state = {"step": 0, "consumed_samples": 0, "skipped_steps": 0}
     logger = TrainLogger(total_steps=t.train_steps, start_step=0, enabled=rank == world - 1,
@@ -278,6 +287,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
             state.update(checkpointing.load_checkpoint(resume, model, optimizer, scheduler))
             fuse_torch_adam(optimizer)  # loading restores the saved param-group options
             logger.print(f"resumed from {resume} at step {state['step']} ({state['consumed_samples']} samples)")
+        phase("checkpoint load")
 
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     gbs, seq = t.global_batch_size, spec.seq_length
@@ -291,6 +301,9 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     flops_per_token = 3 * model_flops_per_token(config, seq, spec.padded_vocab_size)  # forward + backward
     peak = peak_tflops(t.peak_tflops)
     run_config = cfg.to_dict()
+    phase("data")
+    logger.print(f"ready to train after {sum(phases.values()):.1f} s ("
+                 + ", ".join(f"{name} {dt:.1f} s" for name, dt in phases.items()) + ")")
 
     def evaluate(dataset=valid_ds, first_sample: int = 0, global_batches: int = eval_batches) -> float:
         model.eval()
@@ -317,9 +330,10 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
             logger.print(f"step {state['step']} not saved: its parameters give a non-finite loss ({next_loss}) on "
                          "the next batch")
             return None
+        start = time.perf_counter()
         path = checkpointing.save_checkpoint(t.save, state["step"], model, optimizer, scheduler, state, run_config,
                                              optimizer_format=t.optimizer_checkpoint_format)
-        logger.print(f"saved checkpoint {path}")
+        logger.print(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
         return path
 
     sigterm = _Sigterm()

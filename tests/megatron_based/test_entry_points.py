@@ -94,18 +94,20 @@ def gpu_setup(graphs: bool) -> Setup:
         "train.lr_warmup_steps=2", *extra])
 
 
-def run_overrides(setup: Setup, corpus: dict, root: Path, metrics: Path) -> list[str]:
+def run_overrides(setup: Setup, corpus: dict, root: Path, metrics: Path, save: bool = True) -> list[str]:
+    saves = [f"train.save={root / 'ckpt'}", f"train.save_interval={setup.save_interval}"] if save else ["train.save="]
     return [f"data.path=[{corpus['prefix']}]", f"data.tokenizer_model={corpus['tokenizer']}", "data.split=95,5,0",
-            f"data.cache_dir={root / 'cache'}", f"train.save={root / 'ckpt'}", f"train.train_steps={setup.steps}",
-            f"train.save_interval={setup.save_interval}", "train.log_interval=1", "train.progress=false",
-            f"train.metrics_file={metrics}", *setup.overrides]
+            f"data.cache_dir={root / 'cache'}", *saves, f"train.train_steps={setup.steps}", "train.log_interval=1",
+            "train.progress=false", f"train.metrics_file={metrics}", *setup.overrides]
 
 
-def start_train(setup: Setup, corpus: dict, root: Path, metrics: Path, *extra: str, nproc: int | None = None):
+def start_train(setup: Setup, corpus: dict, root: Path, metrics: Path, *extra: str, nproc: int | None = None,
+                save: bool = True):
+    """``save=False``: no checkpoint at all (a reference run whose losses are all that is compared)."""
     root.mkdir(parents=True, exist_ok=True)
     log = (root / f"{metrics.stem}.log").open("w")
     cmd = [*torchrun(nproc or setup.nproc, "megatron-based-train"), str(REPO / setup.config),
-           *run_overrides(setup, corpus, root, metrics), *extra]
+           *run_overrides(setup, corpus, root, metrics, save), *extra]
     return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -178,14 +180,16 @@ def kill_and_resume(setup: Setup, corpus: dict, root: Path) -> Path:
     """Uninterrupted run; killed run + ``--load latest``; resumed steps equal the uninterrupted ones. Returns the
     killed-and-resumed run's save directory."""
     ref = root / "uninterrupted"
-    proc = start_train(setup, corpus, ref, ref / "metrics.jsonl")
+    proc = start_train(setup, corpus, ref, ref / "metrics.jsonl", save=False)
     finish(proc, ref, ref / "metrics.jsonl", setup.timeout)
     reference = train_steps(ref / "metrics.jsonl")
     assert sorted(reference) == list(range(1, setup.steps + 1))
 
     run = root / "killed"
     proc = start_train(setup, corpus, run, run / "first.jsonl")
+    start = time.time()
     kill_group_after(proc, run / "first.jsonl", setup.kill_after, setup.timeout)
+    print(f"killed/first: killed after {time.time() - start:.0f} s", flush=True)
     saved = (run / "ckpt" / "latest").read_text().strip()
     resumed_from = int(saved.split("_")[1])
     assert 0 < resumed_from < setup.steps, saved
@@ -208,7 +212,9 @@ def generate_and_eval(save: Path, corpus: dict, root: Path, losses: dict, dtype:
     step = save / (save / "latest").read_text().strip()
     cmd = [*tool("megatron-based-generate"), "--checkpoint", str(step), "--tokenizer", corpus["tokenizer"],
            "--prompt", "And God said", "--max-new-tokens", "24", "--dtype", dtype]
+    start = time.time()
     out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    print(f"megatron-based-generate: exit {out.returncode} after {time.time() - start:.0f} s", flush=True)  # with -s
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     text = out.stdout.strip().splitlines()[-1]
     assert text.startswith("And God said") and len(text) > len("And God said"), out.stdout
@@ -217,7 +223,9 @@ def generate_and_eval(save: Path, corpus: dict, root: Path, losses: dict, dtype:
     text.write_text(corpus["text"].read_text()[:20_000])
     cmd = [*tool("megatron-based-eval"), "--checkpoint", str(step), "--tokenizer", corpus["tokenizer"],
            "--text", str(text), "--dtype", dtype, "--json", str(result)]
+    start = time.time()
     out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    print(f"megatron-based-eval: exit {out.returncode} after {time.time() - start:.0f} s", flush=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     loss = json.loads(result.read_text())["loss"]
     first, last = losses[min(losses)]["loss"], losses[max(losses)]["loss"]
@@ -256,8 +264,10 @@ def test_make_demo_as_written(tmp_path):
     """``make demo`` exactly as the README says, on every local GPU (the full 300 steps)."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
+    start = time.time()
     out = subprocess.run(["make", "demo"], cwd=REPO, env={**env(), "DEMO_DIR": str(tmp_path)}, capture_output=True,
                          text=True, timeout=600)
+    print(f"make demo: exit {out.returncode} after {time.time() - start:.0f} s", flush=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"on {GPUS} processes" in out.stdout and "[4/4] greedy sample" in out.stdout, out.stdout[-3000:]
     valid = [line for line in out.stdout.splitlines() if line.startswith("validation at step 300")]
