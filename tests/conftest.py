@@ -7,6 +7,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # Triton keeps each kernel's autotuning result on disk, so the suite's training, generation and demo
+    # subprocesses tune a shape once instead of once per process
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 
 def pytest_collection_modifyitems(config, items):

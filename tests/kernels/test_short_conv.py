@@ -358,8 +358,7 @@ def test_mixer_equals_unfused_formulation():
 
 # ---------------------------------------------------------------- GPU, bf16, real sizes
 @pytest.mark.gpu
-@pytest.mark.parametrize("K", [2, 3, 4])
-@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("K, varlen", [(3, False), (4, False), (2, True), (3, True)])  # every K runs on CPU too
 def test_gpu_bf16_real_sizes(K, varlen):
     B, T, C = (1, 8192, 2048) if varlen else (4, 2048, 2048)
     cu = [0, 3, 1000, 1001, 5000, 8192] if varlen else None
