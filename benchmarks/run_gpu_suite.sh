@@ -11,7 +11,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import torch, triton, megatron.core as m; print("torch", torch.__version__, "triton", triton.__version__, "megatron-core", m.__version__)'
 if [ -z "$BENCH_ONLY" ]; then
   start=$(date +%s)
-  timeout "${SUITE_TIMEOUT:-570}" make test-gpu PYTEST_ARGS="--durations=30 --junitxml=$OUT/gpu_suite.xml $PYTEST_EXTRA" \
+  # SIGINT at the limit: pytest stops and still prints its summary and durations and writes the JUnit XML
+  timeout -s INT "${SUITE_TIMEOUT:-570}" make test-gpu \
+    PYTEST_ARGS="--durations=60 --junitxml=$OUT/gpu_suite.xml $PYTEST_EXTRA" \
     2>&1 | tee "$OUT/gpu_suite.log" | grep -v -i "warn" | tail -120
   echo "make test-gpu: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
 fi
