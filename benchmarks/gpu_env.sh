@@ -1,8 +1,8 @@
-# Source on the GPU machine from the repository root: makes this checkout importable (based_kernels is the kernels/
-# folder, linked into /tmp/site) and installs the carried wheels (.whl/, see docs/benchmarks.md) there. Returns 1 if
-# the wheels do not install; the checkout is importable either way (scripts that can go on with what the machine
-# has installed do so).
-mkdir -p /tmp/site && ln -sfn "$PWD/kernels" /tmp/site/based_kernels
+# Source on the GPU machine from the repository root: makes this checkout importable (PYTHONPATH=$PWD: the packages
+# based_kernels and megatron_based are folders at the repository root) and installs the carried wheels (.whl/, see
+# docs/benchmarks.md) into /tmp/site, also on PYTHONPATH. Returns 1 if the wheels do not install; the checkout is
+# importable either way (scripts that can go on with what the machine has installed do so).
+mkdir -p /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 # Triton keeps each kernel's autotuning result on disk: the suite's many processes tune each shape once

@@ -1,7 +1,9 @@
 """based_kernels: BASED's sequence-mixing ops (Taylor linear attention, sliding-window attention, short
 convolutions) as functional PyTorch APIs, with Triton kernels on CUDA and plain-PyTorch paths on CPU.
 
-Installed as the import package ``based_kernels`` (this folder is ``kernels/`` in the repository).
+Every op family (a subpackage) follows one layout, described in ``README.md`` here: the functional API
+(``__init__.py`` re-exports, ``ops.py`` implements), its autograd / custom-op wiring (``ops.py``), the Triton
+kernels (their own modules) and the plain-PyTorch reference (``reference.py``).
 """
 from ._common import use_backend
 from .cross_entropy import vocab_parallel_cross_entropy
