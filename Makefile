@@ -41,7 +41,7 @@ test-gpu: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -ra -m gpu tests $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m megatron_based.demo
+	$(VENV)/bin/python -m megatron_based.tasks.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

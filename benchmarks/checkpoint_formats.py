@@ -43,11 +43,11 @@ def one_format(args) -> dict:
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from megatron_based import checkpointing
+    from megatron_based.training import checkpointing
     from megatron_based.model import build_model
-    from megatron_based.parallel import initialize_parallel
-    from megatron_based.train import build_optimizer
-    from megatron_based.training_config import DataConfig, ParallelConfig, RunConfig, TrainConfig
+    from megatron_based.runtime.parallel import initialize_parallel
+    from megatron_based.training.optimizer import build_optimizer
+    from megatron_based.training.config import DataConfig, ParallelConfig, RunConfig, TrainConfig
 
     import yaml
 

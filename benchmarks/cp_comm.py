@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 
 import based_kernels
-from megatron_based import context_parallel as cp
-from megatron_based.comm_stats import count_collectives
-from megatron_based.parallel import initialize_parallel
+from megatron_based.model import context_parallel as cp
+from megatron_based.runtime.comm_stats import count_collectives
+from megatron_based.runtime.parallel import initialize_parallel
 
 
 def parse_args():

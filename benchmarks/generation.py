@@ -44,7 +44,7 @@ def sync():
 
 
 def build(section: dict, pattern: str, dtype: torch.dtype, initialize: bool = True):
-    from megatron_based.config import model_spec_from_dict
+    from megatron_based.model.config import model_spec_from_dict
     from megatron_based.model import build_model
 
     section = {**section, "layer_pattern": pattern}
@@ -63,7 +63,7 @@ def full_logits(model, tokens, vocab: int) -> torch.Tensor:
 
 def guard_data(model, spec, section, pattern, dtype, args) -> dict:
     """Guard inputs and the two full forwards: this model's, and the same weights' in higher precision."""
-    from megatron_based.generation import at_decode_positions
+    from megatron_based.inference.generation import at_decode_positions
 
     Ps, steps = args.guard_prompts, args.guard_steps
     tokens = torch.randint(0, spec.vocab_size, (len(Ps), max(Ps) + steps - 1),
@@ -88,7 +88,7 @@ def guard_data(model, spec, section, pattern, dtype, args) -> dict:
 
 
 def guard(gen, data, args, dtype) -> dict:
-    from megatron_based.generation import decode_error_report, teacher_forced_logits
+    from megatron_based.inference.generation import decode_error_report, teacher_forced_logits
 
     decode = teacher_forced_logits(gen, data["tokens"], args.guard_prompts, args.guard_steps)
     # Same precision as the reference (fp32): only the kernels' tf32 dots on GPU (~1e-3), summation order on CPU.
@@ -154,7 +154,7 @@ def error_text(e: BaseException) -> str:
 
 
 def bench_model(name, section, pattern, graphs, dtype, args) -> list[dict]:
-    from megatron_based.generation import Generator
+    from megatron_based.inference.generation import Generator
 
     out = []
     try:
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         args.guard_prompts, args.guard_steps = [40, 20], 6
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if CUDA else "fp32")]
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(1)
     with open(args.config) as fh:

@@ -1,11 +1,11 @@
 """MQAR recall vs decode-state size (the BASED paper's recall-memory trade-off) for BaseConv-only, Taylor-LA-only,
-SWA-only and BASED-mix models, trained from scratch on CPU (or GPU) with megatron_based.mqar.
+SWA-only and BASED-mix models, trained from scratch on CPU (or GPU) with megatron_based.tasks.mqar.
 
     python benchmarks/mqar.py                # the sweep below (~10-20 min on 2 CPU cores)
     python benchmarks/mqar.py --quick        # 2 sizes per family, fewer steps (a few minutes)
 
-State size is the bytes of generation cache one sequence needs (megatron_based.generation), fp32. Prints a table,
-writes JSON and a PNG plot (recall vs state bytes, log scale), drawn with Pillow.
+State size is the bytes of generation cache one sequence needs (megatron_based.inference.generation), fp32. Prints a
+table, writes JSON and a PNG plot (recall vs state bytes, log scale), drawn with Pillow.
 """
 from __future__ import annotations
 
@@ -86,9 +86,9 @@ def main(argv=None) -> int:
         args.steps = 150
 
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    from megatron_based.mqar import MQARTask, build_mqar_model, evaluate_mqar, mqar_batch, state_bytes_per_sequence, \
+    from megatron_based.tasks.mqar import MQARTask, build_mqar_model, evaluate_mqar, mqar_batch, state_bytes_per_sequence, \
         train_mqar
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(1)
     task = MQARTask(args.vocab_size, args.seq_len, args.num_kv_pairs)

@@ -1,6 +1,6 @@
 """RMSNorm forward and forward+backward on the GPU at the models' activation shapes (32k tokens x 1024 / 2048,
 bf16): PyTorch's fused F.rms_norm (the "torch" backend), the same formula through torch.compile, and ours
-(based_kernels.rms_norm, Triton; what megatron_based.norm uses on GPUs). Per implementation: ms per call
+(based_kernels.rms_norm, Triton; what megatron_based.model.norm uses on GPUs). Per implementation: ms per call
 (triton.testing.do_bench, median), the effective bandwidth of fwd+bwd (x, y, dy, dx: 8 bytes per bf16 element),
 and the relative errors of y, dx and dw against an fp32 reference of the formula. Also the Triton configs the
 autotuner picked and the first call's time (compile + autotune). One JSON line per shape; all rows to --out.

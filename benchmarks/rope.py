@@ -20,7 +20,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 
 from based_kernels import rope_split_qkv
 from bench_utils import GRAPH, bench, rel
-from megatron_based.rope import rope_freqs
+from megatron_based.model.rope import rope_freqs
 
 CFG = types.SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False)  # what BasedConfig passes
 NO_CP = object()  # bshd RoPE ignores the CP group; it must only be non-None (else Megatron's global is looked up)

@@ -31,11 +31,11 @@ from torch.autograd.profiler import record_function
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from megatron_based.config import model_spec_from_dict
-from megatron_based.flops import model_flops_per_token
+from megatron_based.model.config import model_spec_from_dict
+from megatron_based.model.flops import model_flops_per_token
 from megatron_based.model import build_model
-from megatron_based.parallel import initialize_parallel
-from megatron_based.train import megatron_optimizer
+from megatron_based.runtime.parallel import initialize_parallel
+from megatron_based.training.optimizer import megatron_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The softmax baselines of performance.md: the BASED model's width, depth 24, SwiGLU, tied 50k vocab.

@@ -39,7 +39,7 @@ parse_args() {
 # dry_run NNODES NPROC_PER_NODE: validate the plan for that many processes (no process group, nothing allocated);
 # exits on a bad plan, and after printing it when --dry-run was given.
 dry_run() {
-  "$PYTHON" -m megatron_based.plan "$CONFIG" "${ARGS[@]}" --nnodes "$1" --nproc-per-node "$2" || exit $?
+  "$PYTHON" -m megatron_based.training.plan "$CONFIG" "${ARGS[@]}" --nnodes "$1" --nproc-per-node "$2" || exit $?
   if [[ $DRY_RUN_ONLY == 1 ]]; then exit 0; fi
 }
 

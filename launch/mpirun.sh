@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mpirun launcher (Open MPI): one rank per GPU; rank, size, local rank and rank 0's address come from MPI through
-# mpi4py (megatron_based/launch_env.py), so no torchrun is needed. Needs `pip install 'megatron-based[mpi]'`.
+# mpi4py (megatron_based/runtime/launch_env.py), so no torchrun is needed. Needs `pip install 'megatron-based[mpi]'`.
 #
 #   launch/mpirun.sh configs/tiny.yaml [section.key=value ...] [--dry-run]
 #
@@ -36,4 +36,4 @@ fi
 # --bind-to none: each rank's PyTorch threads may use all its cores; ppr: NPROC_PER_NODE ranks on every node.
 # shellcheck disable=SC2086
 exec $MPIRUN -np $(( NNODES * NPROC_PER_NODE )) --map-by "ppr:$NPROC_PER_NODE:node" --bind-to none \
-  "${ROOT_ARGS[@]}" "${HOSTS[@]}" "${EXPORTS[@]}" ${MPIRUN_ARGS:-} "$PYTHON" -m megatron_based.train "$CONFIG" "${ARGS[@]}"
+  "${ROOT_ARGS[@]}" "${HOSTS[@]}" "${EXPORTS[@]}" ${MPIRUN_ARGS:-} "$PYTHON" -m megatron_based.training.loop "$CONFIG" "${ARGS[@]}"

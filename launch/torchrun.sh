@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# torchrun launcher, one node or many. Checks the plan (megatron_based.plan) first, then starts one process per GPU.
+# torchrun launcher, one node or many. Checks the plan (megatron_based.training.plan) first, then starts one process per GPU.
 #
 #   launch/torchrun.sh configs/tiny.yaml [section.key=value ...] [--dry-run]
 #
@@ -39,4 +39,4 @@ else
 fi
 # shellcheck disable=SC2086
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${RDZV[@]}" \
-  --max-restarts "${MAX_RESTARTS:-3}" ${TORCHRUN_ARGS:-} -m megatron_based.train "$CONFIG" "${ARGS[@]}"
+  --max-restarts "${MAX_RESTARTS:-3}" ${TORCHRUN_ARGS:-} -m megatron_based.training.loop "$CONFIG" "${ARGS[@]}"

@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "BasedConfig": "config",
-    "as_based_config": "config",
-    "build_model": "model",
-    "get_based_block_spec": "spec",
-    "initialize_parallel": "parallel",
+    "BasedConfig": "model.config",
+    "as_based_config": "model.config",
+    "build_model": "model.builder",
+    "get_based_block_spec": "model.spec",
+    "initialize_parallel": "runtime.parallel",
 }
 
 __all__ = sorted(_EXPORTS)

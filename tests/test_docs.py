@@ -22,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-KJV = REPO / "megatron_based" / "demo_data" / "kjv.txt"
+KJV = REPO / "megatron_based" / "tasks" / "demo_data" / "kjv.txt"
 AS_WRITTEN = "as written"
 
 
@@ -44,7 +44,7 @@ COMMANDS: dict[tuple[str, str], object] = {
     ("README.md", "make test"): Skip("CI runs it (the whole suite)"),
     ("README.md", "megatron-based-preprocess corpus.jsonl --output-prefix data/corpus --vocab-size 32000"):
         "megatron-based-preprocess corpus.jsonl --output-prefix data/corpus --vocab-size 1024",  # small fixture corpus
-    ("README.md", "torchrun --nproc_per_node 8 -m megatron_based.train configs/based-360m.yaml "
+    ("README.md", "torchrun --nproc_per_node 8 -m megatron_based.training.loop configs/based-360m.yaml "
                   "data.path=[data/corpus] data.tokenizer_model=data/corpus.model train.save=checkpoints/360m "
                   "parallel.tensor_model_parallel_size=2 train.global_batch_size=256 train.micro_batch_size=8"):
         DryRun("megatron-based-train configs/based-360m.yaml data.path=[data/corpus] "
@@ -57,14 +57,14 @@ COMMANDS: dict[tuple[str, str], object] = {
                         "tensor_model_parallel_size=2)"):
         Skip("a fragment of a TP=2 job (2 processes); tests/megatron_based/test_model.py builds TP models"),
     # docs/generation.md
-    ("generation.md", "python:from megatron_based.generation import Generator"):
+    ("generation.md", "python:from megatron_based.inference.generation import Generator"):
         Skip("a fragment (gen.step(next_tokens) needs a prefill's sampled tokens); test_generation.py runs the API"),
     ("generation.md", "megatron-based-generate --checkpoint runs/demo/checkpoints --tokenizer "
                       "runs/demo/data/kjv.model --prompt \"In the beginning\" --max-new-tokens 100 "
                       "--temperature 0.8 --top-p 0.95"): AS_WRITTEN,
-    ("generation.md", "torchrun --nproc_per_node 2 -m megatron_based.generation --tensor-model-parallel-size 2 "
-                      "..."):
-        "torchrun --nproc_per_node 2 -m megatron_based.generation --tensor-model-parallel-size 2 "
+    ("generation.md", "torchrun --nproc_per_node 2 -m megatron_based.inference.generation "
+                      "--tensor-model-parallel-size 2 ..."):
+        "torchrun --nproc_per_node 2 -m megatron_based.inference.generation --tensor-model-parallel-size 2 "
         "--checkpoint runs/demo/checkpoints --tokenizer runs/demo/data/kjv.model --prompt \"In the beginning\" "
         "--max-new-tokens 8",
     ("generation.md", "megatron-based-convert import --config configs/based-360m.yaml --input "
@@ -94,9 +94,9 @@ COMMANDS: dict[tuple[str, str], object] = {
                      "parallel.tensor_model_parallel_size=2 --dry-run"):
         DryRun("NPROC_PER_NODE=8 launch/torchrun.sh configs/based-360m.yaml parallel.tensor_model_parallel_size=2 "
                "--dry-run", 8),
-    ("launching.md", "python -m megatron_based.plan configs/based-360m.yaml --nnodes 4 --nproc-per-node 8 "
+    ("launching.md", "python -m megatron_based.training.plan configs/based-360m.yaml --nnodes 4 --nproc-per-node 8 "
                      "--gpu-memory-gib 80"):
-        DryRun("python -m megatron_based.plan configs/based-360m.yaml --nnodes 4 --nproc-per-node 8 "
+        DryRun("python -m megatron_based.training.plan configs/based-360m.yaml --nnodes 4 --nproc-per-node 8 "
                "--gpu-memory-gib 80", 32),
     ("launching.md", "launch/torchrun.sh configs/tiny.yaml"): "launch/torchrun.sh configs/tiny.yaml "
                                                               "train.train_steps=2 train.lr_warmup_steps=1",
@@ -120,22 +120,23 @@ COMMANDS: dict[tuple[str, str], object] = {
     ("launching.md", "ZERO_STAGE=2 NPROC_PER_NODE=8 launch/deepspeed.sh configs/based-360m.yaml"):
         DryRun("ZERO_STAGE=2 NPROC_PER_NODE=8 launch/deepspeed.sh configs/based-360m.yaml --dry-run", 8),
     # docs/parallelism.md
-    ("parallelism.md", "python:from megatron_based.comm_stats import count_collectives"):
+    ("parallelism.md", "python:from megatron_based.runtime.comm_stats import count_collectives"):
         Skip("a fragment inside a CP/TP job's step (loss from a model across processes); "
              "tests/megatron_based/test_context_parallel.py counts collectives"),
     # docs/training.md
     ("training.md", "make demo"): Skip("CI runs it (builds .venv, trains the demo: minutes)"),
     ("training.md", "megatron-based-preprocess corpus/*.jsonl --output-prefix data/web --vocab-size 50257"):
         "megatron-based-preprocess corpus/*.jsonl --output-prefix data/web --vocab-size 1024",
-    ("training.md", "torchrun --nproc_per_node 8 -m megatron_based.train configs/based-360m.yaml "
+    ("training.md", "torchrun --nproc_per_node 8 -m megatron_based.training.loop configs/based-360m.yaml "
                     "data.path=[data/web] data.tokenizer_model=data/web.model train.save=checkpoints/360m"):
         DryRun("megatron-based-train configs/based-360m.yaml data.path=[data/web] data.tokenizer_model=data/web.model "
                "train.save=checkpoints/360m --nproc-per-node 8 --dry-run", 8),
-    ("training.md", "torchrun --nproc_per_node 8 -m megatron_based.train configs/based-360m.yaml ... --load latest"):
+    ("training.md", "torchrun --nproc_per_node 8 -m megatron_based.training.loop configs/based-360m.yaml ... "
+                    "--load latest"):
         Skip("resumes a run with a checkpoint: tests/megatron_based/test_train.py resumes with --load latest"),
     ("training.md", "cd Megatron-LM"): Skip("Megatron-LM's own checkout, not installed here"),
     ("training.md", "BASED_SPEC_CONFIG=/path/to/megatron-based/configs/based-360m.yaml torchrun --nproc_per_node 8 "
-                    "pretrain_gpt.py --spec megatron_based.megatron_lm based_layer --num-layers 27 --hidden-size 1024 "
+                    "pretrain_gpt.py --spec megatron_based.model.megatron_lm based_layer --num-layers 27 --hidden-size 1024 "
                     "--num-attention-heads 16 --ffn-hidden-size 2048 --seq-length 2048 --max-position-embeddings "
                     "2048 --position-embedding-type none --normalization RMSNorm --norm-epsilon 1e-5 --swiglu "
                     "--disable-bias-linear --hidden-dropout 0 --attention-dropout 0 --init-method-std 0.02 "

@@ -7,13 +7,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-CORPUS = REPO / "megatron_based" / "demo_data" / "kjv.txt"
+CORPUS = REPO / "megatron_based" / "tasks" / "demo_data" / "kjv.txt"
 
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> dict:
     """~17k tokens of the demo corpus with its own 1024-piece tokenizer (the tiny config's vocabulary)."""
-    from megatron_based.data import preprocess
+    from megatron_based.training.data import preprocess
 
     root = tmp_path_factory.mktemp("data")
     text = root / "kjv.txt"

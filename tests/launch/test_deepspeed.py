@@ -22,8 +22,8 @@ RUNS = {  # name: overrides
 
 
 def _curves(rank, world_size, config_path):
-    from megatron_based.train import train
-    from megatron_based.training_config import load_config
+    from megatron_based.training.loop import train
+    from megatron_based.training.config import load_config
 
     curves = {}
     for name, overrides in RUNS.items():

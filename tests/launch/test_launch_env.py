@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_based.launch_env import DEFAULT_PORT, DistEnv, LaunchError, detect_launcher, discover, first_host
+from megatron_based.runtime.launch_env import DEFAULT_PORT, DistEnv, LaunchError, detect_launcher, discover, first_host
 
 
 @pytest.mark.parametrize("nodelist, host", [("node07", "node07"), ("gpu[007-009,012],cpu1", "gpu007"),
@@ -70,7 +70,7 @@ def test_a_single_process_takes_a_free_port():
 def test_initialize_parallel_single_process_beside_a_busy_29500():
     """``initialize_parallel`` in a process with no launcher variables initialises while port 29500 is taken."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    code = ("import os, torch.distributed as dist; from megatron_based.parallel import initialize_parallel; "
+    code = ("import os, torch.distributed as dist; from megatron_based.runtime.parallel import initialize_parallel; "
             "initialize_parallel(backend='gloo'); print(dist.get_world_size(), os.environ['MASTER_PORT'])")
     with socket.socket() as busy:
         try:

@@ -62,7 +62,7 @@ def test_mpi_bootstrap_gives_ranks_and_one_address():
     if shutil.which("mpirun") is None:
         pytest.skip("no mpirun: apt-get install openmpi-bin libopenmpi-dev (the Makefile's test target does)")
     pytest.importorskip("mpi4py", reason="pip install 'megatron-based[mpi]'")
-    code = ("import os; from megatron_based.launch_env import discover; e = discover(); os.write(1, ("
+    code = ("import os; from megatron_based.runtime.launch_env import discover; e = discover(); os.write(1, ("
             "f'ENV {e.launcher} {e.rank} {e.world_size} {e.local_rank} {e.local_world_size} {e.master_addr} "
             "{e.master_port}\\n').encode())")  # one write per rank: lines stay whole
     out = subprocess.run(["mpirun", "-np", "2", sys.executable, "-c", code], env=ENV, capture_output=True, text=True,

@@ -1,13 +1,13 @@
-"""``--dry-run`` (megatron_based.plan): every invalid layout is rejected naming its sizes; parameter counts match the
-reference models exactly and a real TP=2 model's shard; the CLI prints the plan and starts no process group."""
+"""``--dry-run`` (megatron_based.training.plan): every invalid layout is rejected naming its sizes; parameter counts
+match the reference models exactly and a real TP=2 model's shard; the CLI prints the plan and starts no process group."""
 from __future__ import annotations
 
 import pytest
 import torch.distributed as dist
 
-from megatron_based.config import ConfigError
-from megatron_based.plan import main, make_plan
-from megatron_based.training_config import load_config
+from megatron_based.model.config import ConfigError
+from megatron_based.training.plan import main, make_plan
+from megatron_based.training.config import load_config
 from tests.distributed import run_distributed
 
 from .conftest import REPO, write_config
@@ -75,7 +75,7 @@ def test_reference_parameter_counts_and_memory(dataset, tmp_path, name, params):
 
 def _shard_params(rank, world_size, pattern):
     from megatron_based.model import build_model
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.runtime.parallel import initialize_parallel
     from tests.megatron_based.helpers import tiny_config
 
     initialize_parallel(world_size, seed=0)
@@ -97,7 +97,7 @@ def test_per_gpu_parameters_match_a_real_tp2_shard(dataset, tmp_path):
 
 
 def test_cli_prints_the_plan_and_starts_nothing(config, capsys):
-    from megatron_based.train import main as train_main
+    from megatron_based.training.loop import main as train_main
 
     assert train_main([str(config), "--dry-run", "--nnodes", "2", "--nproc-per-node", "2",
                        "parallel.tensor_model_parallel_size=2", "--load", "latest"]) == 0

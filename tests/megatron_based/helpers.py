@@ -7,9 +7,9 @@ import socket
 import torch
 import torch.distributed as dist
 
-from megatron_based.config import BasedConfig
+from megatron_based.model.config import BasedConfig
 from megatron_based.model import build_model
-from megatron_based.parallel import initialize_parallel
+from megatron_based.runtime.parallel import initialize_parallel
 
 
 def tiny_config(pattern="CLSA", **overrides) -> BasedConfig:
@@ -58,7 +58,7 @@ def in_process_group(monkeypatch, cuda_graphs: bool = False):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.runtime.parallel import initialize_parallel
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from megatron_based import checkpointing
-from megatron_based.checkpointing import CheckpointError
+from megatron_based.training import checkpointing
+from megatron_based.training.checkpointing import CheckpointError
 
 from ..distributed import run_distributed
 from .test_data import corpus  # noqa: F401 - the session fixture
@@ -40,7 +40,7 @@ def _batch():
 
 
 def _tp2_worker(rank, world_size, cfg):
-    from megatron_based.sample import full_logits
+    from megatron_based.inference.sample import full_logits
 
     logits = {}
 
@@ -49,15 +49,16 @@ def _tp2_worker(rank, world_size, cfg):
             model.eval()
             logits["full"] = full_logits(model.module, _batch())
 
-    from megatron_based.train import train
+    from megatron_based.training.loop import train
 
     train(cfg, step_hook=hook)
     return by_value(logits["full"])
 
 
 def _load_tp1(path):
-    from megatron_based.parallel import initialize_parallel
-    from megatron_based.sample import full_logits, load_for_inference
+    from megatron_based.runtime.parallel import initialize_parallel
+    from megatron_based.inference.loader import load_for_inference
+    from megatron_based.inference.sample import full_logits
 
     initialize_parallel(1, 1, 1)
     model, spec, tokenizer = load_for_inference(path)
@@ -290,7 +291,7 @@ def test_metadata_points_only_into_listed_files(tp2_run, tmp_path):
 
 def test_released_file_with_code_is_refused(tmp_path):
     """A torch file for ``megatron-based-convert`` / ``generate`` holding a pickled callable: refused by name."""
-    from megatron_based.convert import ConversionError, read_tensors
+    from megatron_based.inference.convert import ConversionError, read_tensors
 
     marker = tmp_path / "pwned"
     torch.save({"model": {"w": torch.ones(2)}, "exploit": _Exploit(marker)}, tmp_path / "released.pt")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from megatron_based import cli
+from megatron_based.runtime import noise
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,25 +52,25 @@ def test_known_warnings_hidden_unknown_kept(monkeypatch):
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cli.quiet_known_warnings()
+        noise.quiet_known_warnings()
         warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.")
         warnings.warn("torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
                       "in a single process.")
         warnings.warn("something we have not seen before")
         nonleaf = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed."
         warnings.warn_explicit(nonleaf, UserWarning, "optimizer.py", 68, module="megatron.core.optimizer.optimizer")
-        warnings.warn_explicit(nonleaf, UserWarning, "train.py", 1, module="megatron_based.train")  # ours: kept
+        warnings.warn_explicit(nonleaf, UserWarning, "train.py", 1, module="megatron_based.training.loop")  # ours: kept
     assert [str(w.message) for w in caught] == ["something we have not seen before", nonleaf]
     assert "ignore:Transformer Engine and Apex are not installed" in os.environ["PYTHONWARNINGS"].split(",")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cli.quiet_known_warnings(verbose=True)
+        noise.quiet_known_warnings(verbose=True)
         warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.")
     assert len(caught) == 1
 
 
 def test_known_log_lines_hidden_unknown_kept(caplog):
-    cli.quiet_known_warnings()
+    noise.quiet_known_warnings()
     with caplog.at_level(logging.WARNING):
         logging.getLogger("megatron.core.models.gpt.gpt_model").warning("GPTModel IS DEPRECATED. GPTModel is ...")
         logging.getLogger("megatron.core.models.gpt.gpt_model").warning("another message")
@@ -79,7 +80,7 @@ def test_known_log_lines_hidden_unknown_kept(caplog):
 
 def test_child_processes_inherit_the_filter(monkeypatch):
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
-    cli.quiet_known_warnings()
+    noise.quiet_known_warnings()
     out = _python("import warnings\nwarnings.warn('Transformer Engine and Apex are not installed. Falling back.')\n"
                   "warnings.warn('kept')")
     assert out.returncode == 0
@@ -89,7 +90,7 @@ def test_child_processes_inherit_the_filter(monkeypatch):
 def test_progress_line_keeps_count_and_eta_at_80_columns():
     from rich.console import Console
 
-    from megatron_based.logging_utils import progress_bar
+    from megatron_based.training.logs import progress_bar
 
     console = Console(width=80, record=True, force_terminal=True, file=io.StringIO())
     bar = progress_bar(True, console)
@@ -104,7 +105,7 @@ def test_progress_line_keeps_count_and_eta_at_80_columns():
 
 
 def test_piped_training_log_is_plain(capsys):
-    from megatron_based.logging_utils import TrainLogger
+    from megatron_based.training.logs import TrainLogger
 
     logger = TrainLogger(total_steps=3, start_step=0, enabled=True, tensorboard_dir=None)
     for step in (1, 2, 3):
@@ -119,7 +120,7 @@ def test_piped_training_log_is_plain(capsys):
 def test_piped_progress_bar_writes_no_escape_codes():
     from rich.console import Console
 
-    from megatron_based.logging_utils import progress_bar
+    from megatron_based.training.logs import progress_bar
 
     piped = io.StringIO()
     with progress_bar(True, Console(file=piped)) as bar:
@@ -129,7 +130,7 @@ def test_piped_progress_bar_writes_no_escape_codes():
 
 
 def test_mqar_training_prints_plain_lines_when_piped(capsys):
-    from megatron_based.mqar import MQARTask, train_mqar
+    from megatron_based.tasks.mqar import MQARTask, train_mqar
 
     class Bigram(torch.nn.Module):  # mqar_loss's model interface: per-token losses for labels
         def __init__(self):
@@ -146,7 +147,7 @@ def test_mqar_training_prints_plain_lines_when_piped(capsys):
 
 
 def test_generate_refuses_random_weights_unless_asked(tmp_path, capsys):
-    from megatron_based import generation
+    from megatron_based.inference import generation
 
     cfg = tmp_path / "m.yaml"
     cfg.write_text("model:\n  layer_pattern: CC\n  hidden_size: 32\n  num_attention_heads: 4\n")
@@ -159,16 +160,16 @@ def test_generate_refuses_random_weights_unless_asked(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def sentencepiece_tokenizer(tmp_path_factory):
-    from megatron_based import data
+    from megatron_based.training import data
 
     root = tmp_path_factory.mktemp("spm")
-    corpus = (Path(data.__file__).parent / "demo_data" / "kjv.txt").read_text()[:30_000]
+    corpus = (Path(data.__file__).parents[1] / "tasks" / "demo_data" / "kjv.txt").read_text()[:30_000]
     (root / "text.txt").write_text(corpus + "\n\nthe fox walked to the river\n")
     return data.load_tokenizer(data.train_tokenizer([str(root / "text.txt")], str(root / "tok"), 512))
 
 
 def test_continuation_keeps_the_space_sentencepiece_drops(sentencepiece_tokenizer):
-    from megatron_based.generation import continuation_text
+    from megatron_based.inference.generation import continuation_text
 
     tok = sentencepiece_tokenizer
     prompt = tok.tokenize("the fox")

@@ -11,8 +11,8 @@ from megatron.core import parallel_state
 
 import based_kernels
 from based_kernels.taylor_attention import feature_dim
-from megatron_based import context_parallel as cp
-from megatron_based.comm_stats import count_collectives
+from megatron_based.model import context_parallel as cp
+from megatron_based.runtime.comm_stats import count_collectives
 
 from ..distributed import run_distributed
 from .helpers import full_grads, initialize_parallel, tiny_model

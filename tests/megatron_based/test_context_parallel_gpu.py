@@ -30,7 +30,7 @@ def test_cp2_nccl_bf16_parity():
 
 def _cases(group, T_local=2048):
     import based_kernels
-    from megatron_based import context_parallel as cp
+    from megatron_based.model import context_parallel as cp
 
     P = group.size()
     T, H, f, dh = P * T_local, 16, 16, 64
@@ -70,7 +70,7 @@ def main():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(1, 1, 2, backend="nccl")
     group = parallel_state.get_context_parallel_group()

@@ -17,13 +17,13 @@ DIMS = dict(hidden_size=32, num_attention_heads=4, feature_dim=4, swa_window=5, 
 
 
 def _config(tp: int = 1):
-    from megatron_based.config import BasedConfig
+    from megatron_based.model.config import BasedConfig
 
     return BasedConfig(layer_pattern=PATTERN, tensor_model_parallel_size=tp, use_cpu_initialization=True, **DIMS)
 
 
 def _random_released(seed: int = 0) -> dict:
-    from megatron_based.convert import released_shapes
+    from megatron_based.inference.convert import released_shapes
 
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -97,7 +97,7 @@ def reference_logits(W: dict, tokens: torch.Tensor) -> torch.Tensor:
 # -- tests ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_round_trip_released_ours_released_is_identical(tp):
-    from megatron_based.convert import megatron_to_released, released_to_megatron
+    from megatron_based.inference.convert import megatron_to_released, released_to_megatron
 
     released = _random_released()
     shards = released_to_megatron(released, _config(), vocab_size=VOCAB, tensor_model_parallel_size=tp)
@@ -111,7 +111,7 @@ def test_round_trip_released_ours_released_is_identical(tp):
 
 def test_layouts_of_converted_tensors():
     """Spot checks of the layout differences, by value."""
-    from megatron_based.convert import released_to_megatron
+    from megatron_based.inference.convert import released_to_megatron
 
     W = _random_released()
     ours = released_to_megatron(W, _config(), vocab_size=VOCAB, tensor_model_parallel_size=2)
@@ -135,7 +135,7 @@ def test_layouts_of_converted_tensors():
 
 
 def test_mismatches_name_the_tensor_and_both_shapes():
-    from megatron_based.convert import ConversionError, megatron_to_released, released_to_megatron
+    from megatron_based.inference.convert import ConversionError, megatron_to_released, released_to_megatron
 
     W = _random_released()
     cfg = _config()
@@ -161,10 +161,11 @@ def test_mismatches_name_the_tensor_and_both_shapes():
 def _logits_worker(rank, world, tmp):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_based.config import ModelSpec
-    from megatron_based.convert import load_into_model, megatron_to_released, released_to_megatron
+    from megatron_based.model.config import ModelSpec
+    from megatron_based.inference.convert import megatron_to_released, released_to_megatron
+    from megatron_based.inference.loader import load_into_model
     from megatron_based.model import build_model
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(world)
     W = _random_released()
@@ -191,7 +192,7 @@ def _logits_worker(rank, world, tmp):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_logits_after_import_equal_plain_pytorch_reference(world, tmp_path):
-    from megatron_based.convert import write_tensors
+    from megatron_based.inference.convert import write_tensors
 
     W = _random_released()
     path = tmp_path / "released.safetensors"
@@ -250,7 +251,8 @@ def _write_published(tensors: dict, path):
 @pytest.mark.parametrize("filename", ["pytorch_model.bin", "model.safetensors"])
 @pytest.mark.parametrize("prefix", ["model.", ""])
 def test_published_file_imports_and_reports_what_it_drops(filename, prefix, tmp_path):
-    from megatron_based.convert import megatron_to_released, read_tensors, released_shapes, released_to_megatron
+    from megatron_based.inference.convert import (megatron_to_released, read_tensors, released_shapes,
+                                                  released_to_megatron)
 
     published = _published(prefix)
     path = tmp_path / filename
@@ -271,7 +273,7 @@ def test_published_file_imports_and_reports_what_it_drops(filename, prefix, tmp_
 
 
 def test_published_file_unknown_names_stay_errors():
-    from megatron_based.convert import ConversionError, released_to_megatron
+    from megatron_based.inference.convert import ConversionError, released_to_megatron
 
     with pytest.raises(ConversionError, match=r"unexpected tensor\(s\): transformer\.layers\.0\.mixer\.gate\.weight"):
         released_to_megatron({**_published(), "model.transformer.layers.0.mixer.gate.weight": torch.zeros(2)},
@@ -284,7 +286,8 @@ def test_published_file_unknown_names_stay_errors():
 def test_convert_command_imports_pytorch_model_bin(tmp_path, capsys):
     import yaml
 
-    from megatron_based.convert import main, rank_file, read_tensors, released_to_megatron
+    from megatron_based.inference.cli import convert_main as main
+    from megatron_based.inference.convert import rank_file, read_tensors, released_to_megatron
 
     cfg = tmp_path / "model.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"layer_pattern": PATTERN, "vocab_size": VOCAB, **DIMS}}))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_based import data
-from megatron_based.data import DataError
+from megatron_based.training import data
+from megatron_based.training.data import DataError
 
-CORPUS = Path(data.__file__).parent / "demo_data" / "kjv.txt"
+CORPUS = Path(data.__file__).parents[1] / "tasks" / "demo_data" / "kjv.txt"
 VOCAB = 512  # > 256 byte-fallback pieces + the characters + specials
 
 

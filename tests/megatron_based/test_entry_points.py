@@ -26,7 +26,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-CORPUS = REPO / "megatron_based" / "demo_data" / "kjv.txt"
+CORPUS = REPO / "megatron_based" / "tasks" / "demo_data" / "kjv.txt"
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -35,8 +35,9 @@ def tool(name: str) -> list[str]:
     exe = Path(sys.executable).with_name(name)
     if exe.exists():
         return [str(exe)]
-    module = {"megatron-based-train": "megatron_based.train", "megatron-based-generate": "megatron_based.generation",
-              "megatron-based-eval": "megatron_based.evaluate"}[name]
+    module = {"megatron-based-train": "megatron_based.training.loop",
+              "megatron-based-generate": "megatron_based.inference.generation",
+              "megatron-based-eval": "megatron_based.inference.evaluate"}[name]
     return [sys.executable, "-m", module]
 
 
@@ -53,7 +54,7 @@ def env() -> dict:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     """The shipped corpus (a 60 KB slice on CPU) with its own 1024-piece tokenizer."""
-    from megatron_based.data import preprocess
+    from megatron_based.training.data import preprocess
 
     root = tmp_path_factory.mktemp("entry_corpus")
     text = root / "kjv.txt"
@@ -251,7 +252,7 @@ def test_gpu_train_kill_resume_generate_eval(corpus, tmp_path, graphs):
 @pytest.mark.launch
 def test_demo_trains_saves_and_samples(tmp_path):
     """The demo end to end, shortened on CPU (40 steps) through its override arguments."""
-    cmd = [sys.executable, "-m", "megatron_based.demo", "train.train_steps=40", "train.save_interval=0",
+    cmd = [sys.executable, "-m", "megatron_based.tasks.demo", "train.train_steps=40", "train.save_interval=0",
            "train.eval_interval=20", "train.lr_warmup_steps=10"]
     out = subprocess.run(cmd, cwd=REPO, env={**env(), "DEMO_DIR": str(tmp_path)}, capture_output=True, text=True,
                          timeout=600)

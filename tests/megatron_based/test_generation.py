@@ -17,7 +17,7 @@ def _model(tp: int, pattern: str, *, hidden: int, heads: int, feature_dim: int, 
            fused: bool | None = None):
     """``fused=False``: without Megatron's torch.compile'd fusions (GPU default), whose generated kernels the
     recorded replay cannot see (it records ATen ops)."""
-    from megatron_based.config import BasedConfig
+    from megatron_based.model.config import BasedConfig
     from megatron_based.model import build_model
 
     torch.manual_seed(seed)  # same seed on every rank: Megatron's CPU init slices one master weight
@@ -66,8 +66,8 @@ CASES = {
 
 
 def _prefill_decode_worker(rank, world):
-    from megatron_based.generation import Generator
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.inference.generation import Generator
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(world)
     errors = {}
@@ -100,8 +100,8 @@ def test_prefill_then_decode_equals_full_forward(world):
 
 
 def _cache_worker(rank, world):
-    from megatron_based.generation import Generator
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.inference.generation import Generator
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(world)
     hidden, heads, f, window, k = 64, 4, 4, 16, 3
@@ -133,8 +133,8 @@ def test_cache_size_is_constant_in_generated_length(world):
 
 
 def _generate_worker(rank, world):
-    from megatron_based.generation import Generator
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.inference.generation import Generator
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(world)
     model = _model(world, "CLS", hidden=32, heads=2, feature_dim=4, window=4)
@@ -170,7 +170,7 @@ def test_generate_greedy_stop_tokens_streaming(world):
 
 
 def test_sampling_distributions():
-    from megatron_based.generation import sample
+    from megatron_based.inference.generation import sample
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(40000, 1)
     g = torch.Generator().manual_seed(0)
@@ -194,7 +194,7 @@ def test_sampling_distributions():
 
 
 def test_pack_prompts_and_errors():
-    from megatron_based.generation import pack_prompts
+    from megatron_based.inference.generation import pack_prompts
 
     padded = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 1]])
     left = pack_prompts(padded, lengths=[2, 4], padding_side="left")
@@ -259,7 +259,7 @@ class _RecordedStep:
 
 def _recorded_generator(model, **kw):
     """A Generator whose decode step is captured by _RecordedStep instead of a CUDA graph."""
-    from megatron_based.generation import Generator
+    from megatron_based.inference.generation import Generator
 
     class RecordedGenerator(Generator):
         def _capture(self, step):
@@ -274,8 +274,8 @@ def _recorded_generator(model, **kw):
 
 
 def _recorded_decode_worker(rank, world):
-    from megatron_based.generation import Generator, at_decode_positions, teacher_forced_logits
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.inference.generation import Generator, at_decode_positions, teacher_forced_logits
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(world)
     results = {}
@@ -313,9 +313,9 @@ def test_recorded_graph_decode_equals_full_forward():
 
 
 def _broken_step_worker(rank, world, bug):
-    from megatron_based.generation import Generator, at_decode_positions, teacher_forced_logits
-    from megatron_based.mixers import SlidingWindowAttention, TaylorLinearAttention
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.inference.generation import Generator, at_decode_positions, teacher_forced_logits
+    from megatron_based.model.mixers import SlidingWindowAttention, TaylorLinearAttention
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(world)
     if bug == "rebind":  # the out-of-place step's new state stored by rebinding the dict entry
@@ -358,11 +358,11 @@ def test_recorded_graph_catches_graph_unsafe_steps(bug):
 
 # -- bf16 accuracy guard (benchmarks/generation.py) ------------------------------------------------------------
 def _bf16_guard_worker(rank, world):
-    from megatron_based.config import BasedConfig
-    from megatron_based.generation import (Generator, at_decode_positions, decode_error_report,
+    from megatron_based.model.config import BasedConfig
+    from megatron_based.inference.generation import (Generator, at_decode_positions, decode_error_report,
                                            teacher_forced_logits)
     from megatron_based.model import build_model
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(world)
     kw = dict(layer_pattern="CLSCLS", hidden_size=64, num_attention_heads=4, feature_dim=4, swa_window=6,
@@ -409,7 +409,7 @@ def test_cuda_graph_decode_equals_eager(graph, monkeypatch):
     Triton kernels launched outside a custom op are invisible to it), to tell a Python-level bug from a
     CUDA-level one."""
     import based_kernels
-    from megatron_based.generation import Generator, at_decode_positions, teacher_forced_logits
+    from megatron_based.inference.generation import Generator, at_decode_positions, teacher_forced_logits
 
     backend = based_kernels.use_backend("torch" if graph == "recorded" else None)
     with backend, in_process_group(monkeypatch):

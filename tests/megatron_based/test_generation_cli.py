@@ -20,7 +20,7 @@ CONFIG = """model:
 
 
 def test_windows_cover_every_target_once():
-    from megatron_based.evaluate import windows
+    from megatron_based.inference.evaluate import windows
 
     for n, L, stride in [(100, 16, 16), (100, 16, 5), (17, 16, 16), (2, 8, 8), (50, 7, 1)]:
         scored = []
@@ -39,10 +39,11 @@ def _cli_worker(rank, world, tmp, texts):
 
     import yaml
 
-    from megatron_based import convert, evaluate, generation
-    from megatron_based.config import model_spec_from_dict
+    from megatron_based.inference import convert, evaluate, generation
+    from megatron_based.inference.cli import convert_main
     from megatron_based.model import build_model
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.model.config import model_spec_from_dict
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(1)
     out = {}
@@ -56,11 +57,11 @@ def _cli_worker(rank, world, tmp, texts):
         state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
         torch.save(state, f"{tmp}/{pattern}.pt")
         # Convert: ours (TP=1 file) -> released safetensors -> TP=2 shards -> released again.
-        convert.main(["export", "--config", cfg, "--input", f"{tmp}/{pattern}.pt", "--output",
+        convert_main(["export", "--config", cfg, "--input", f"{tmp}/{pattern}.pt", "--output",
                       f"{tmp}/{pattern}.safetensors"])
-        convert.main(["import", "--config", cfg, "--input", f"{tmp}/{pattern}.safetensors", "--output",
+        convert_main(["import", "--config", cfg, "--input", f"{tmp}/{pattern}.safetensors", "--output",
                       f"{tmp}/{pattern}-tp2", "--tensor-model-parallel-size", "2"])
-        convert.main(["export", "--config", cfg, "--input", f"{tmp}/{pattern}-tp2", "--output",
+        convert_main(["export", "--config", cfg, "--input", f"{tmp}/{pattern}-tp2", "--output",
                       f"{tmp}/{pattern}-back.pt"])
         a = convert.read_tensors(f"{tmp}/{pattern}.safetensors")
         b = convert.read_tensors(f"{tmp}/{pattern}-back.pt")

@@ -1,4 +1,4 @@
-"""megatron_based.megatron_lm: the --spec objects for Megatron-LM's pretrain_gpt.py build the same model as
+"""megatron_based.model.megatron_lm: the --spec objects for Megatron-LM's pretrain_gpt.py build the same model as
 megatron_based.build_model from the same YAML (names, shapes, and logits with the same weights), and a Megatron-LM
 argument that disagrees with the YAML stops the build with one line naming the flag."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ MODEL = dict(layer_pattern="CLSA", hidden_size=32, num_attention_heads=4, ffn_hi
 
 
 # The documented flags (docs/training.md) at this model's sizes, plus CPU-only ones (no fused kernels).
-FLAGS = ["--spec", "megatron_based.megatron_lm", "based_layer", "--num-layers", "4", "--hidden-size", "32",
+FLAGS = ["--spec", "megatron_based.model.megatron_lm", "based_layer", "--num-layers", "4", "--hidden-size", "32",
          "--num-attention-heads", "4", "--ffn-hidden-size", "48", "--seq-length", "16",
          "--max-position-embeddings", "16", "--position-embedding-type", "none", "--normalization", "RMSNorm",
          "--norm-epsilon", "1e-5", "--swiglu", "--disable-bias-linear", "--hidden-dropout", "0",
@@ -48,10 +48,10 @@ def _worker(rank, world, yaml_path):
 
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_based.config import model_spec_from_dict
-    from megatron_based.megatron_lm import based_layer, based_layer_spec
+    from megatron_based.model.config import model_spec_from_dict
+    from megatron_based.model.megatron_lm import based_layer, based_layer_spec
     from megatron_based.model import build_model
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(1)
     os.environ["BASED_SPEC_CONFIG"] = yaml_path
@@ -60,7 +60,7 @@ def _worker(rank, world, yaml_path):
     results = {}
     for name in ("called", "as_is"):
         args, config = _megatron_lm(FLAGS)
-        assert args.spec == ["megatron_based.megatron_lm", "based_layer"]
+        assert args.spec == ["megatron_based.model.megatron_lm", "based_layer"]
         layer_spec = based_layer_spec(args, config, None) if name == "called" else based_layer
         # as Megatron-LM's gpt_builder builds it
         lm = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=56,
@@ -94,8 +94,8 @@ def test_spec_builds_the_same_model_as_build_model(tmp_path):
 def test_disagreeing_arguments_name_the_flags(tmp_path, monkeypatch):
     import yaml
 
-    from megatron_based.config import ConfigError
-    from megatron_based.megatron_lm import based_layer_spec
+    from megatron_based.model.config import ConfigError
+    from megatron_based.model.megatron_lm import based_layer_spec
 
     path = tmp_path / "model.yaml"
     path.write_text(yaml.safe_dump({"model": MODEL}))

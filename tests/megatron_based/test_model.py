@@ -8,9 +8,9 @@ import torch.nn.functional as F
 import yaml
 from megatron.core import parallel_state
 
-from megatron_based.config import BasedConfig, ConfigError, model_spec_from_dict
+from megatron_based.model.config import BasedConfig, ConfigError, model_spec_from_dict
 from megatron_based.model import build_model
-from megatron_based.spec import get_based_block_spec
+from megatron_based.model.spec import get_based_block_spec
 
 from ..distributed import run_distributed
 from .helpers import full_grads, gather_tp, initialize_parallel, tiny_config, tiny_model
@@ -217,7 +217,7 @@ def _matmul_params(rank, world):
 
 def test_model_flops_count_every_matmul_once():
     """Forward FLOPs minus the sequence-mixing terms == 2 x (weights of every matrix product) + the tied head."""
-    from megatron_based.flops import model_flops_per_token
+    from megatron_based.model.flops import model_flops_per_token
 
     cfg = tiny_config("CLSA", swa_window=4)
     params = run_distributed(_matmul_params, 1)[0]

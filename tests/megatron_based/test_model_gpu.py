@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import based_kernels
-from megatron_based.config import BasedConfig
+from megatron_based.model.config import BasedConfig
 from megatron_based.model import build_model
 
 from .helpers import in_process_group

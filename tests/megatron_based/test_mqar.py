@@ -8,7 +8,7 @@ from tests.distributed import run_distributed
 
 
 def test_mqar_generator_layout():
-    from megatron_based.mqar import IGNORE, MQARTask, mqar_batch
+    from megatron_based.tasks.mqar import IGNORE, MQARTask, mqar_batch
 
     task = MQARTask(vocab_size=40, seq_len=37, num_kv_pairs=5)
     x, y = mqar_batch(task, 200, torch.Generator().manual_seed(0))
@@ -38,8 +38,8 @@ def test_mqar_generator_layout():
 
 
 def _learn_worker(rank, world):
-    from megatron_based.mqar import MQARTask, build_mqar_model, evaluate_mqar, mqar_batch, train_mqar
-    from megatron_based.parallel import initialize_parallel
+    from megatron_based.tasks.mqar import MQARTask, build_mqar_model, evaluate_mqar, mqar_batch, train_mqar
+    from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(1)
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def _mqar(*args, cwd):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "megatron_based.mqar", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "megatron_based.tasks.mqar", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
 
 

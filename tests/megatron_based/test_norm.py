@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import based_kernels
-from megatron_based.norm import RMSNorm
+from megatron_based.model.norm import RMSNorm
 
 interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the Triton interpreter")
 

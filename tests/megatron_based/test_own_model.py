@@ -11,9 +11,9 @@ from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
 import megatron_based
-from megatron_based.config import BasedConfig, ConfigError, as_based_config
+from megatron_based.model.config import BasedConfig, ConfigError, as_based_config
 from megatron_based.model import build_model
-from megatron_based.spec import get_based_block_spec
+from megatron_based.model.spec import get_based_block_spec
 
 from ..distributed import run_distributed
 from .helpers import initialize_parallel, tiny_config

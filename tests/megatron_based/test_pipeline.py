@@ -80,7 +80,7 @@ def test_pipeline_parallel_equals_single_stage():
 
 
 def _train_pp(rank, world, cfg):
-    from megatron_based.train import train
+    from megatron_based.training.loop import train
 
     losses = {}
     train(cfg, step_hook=lambda step, loss, model: losses.__setitem__(step, loss))

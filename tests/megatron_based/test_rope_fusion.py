@@ -81,7 +81,7 @@ def test_tp2_sequence_parallel_fused_equals_single_rank_unfused(groups, a_fused)
 
 
 def test_config_rejects_a_non_bool_rope_fusion():
-    from megatron_based.config import BasedConfig, ConfigError
+    from megatron_based.model.config import BasedConfig, ConfigError
 
     with pytest.raises(ConfigError, match="rope_fusion must be true or false; got 'yes'"):
         BasedConfig(layer_pattern="S", hidden_size=32, num_attention_heads=4, rope_fusion="yes")
@@ -93,7 +93,7 @@ def test_fused_equals_megatron_path_on_gpu(dtype, tol, monkeypatch):
     """Compiled kernels inside the model at head dim 64, T = 2048 (GQA: 2 groups of 2 heads): logits and every
     gradient with rope_fusion on == off, all other ops the same Triton kernels. The fused path rounds once from
     fp32 (Megatron's rotates in the activation dtype, from fp32 angles), hence bf16-level differences in bf16."""
-    from megatron_based.config import BasedConfig
+    from megatron_based.model.config import BasedConfig
     from megatron_based.model import build_model
 
     with in_process_group(monkeypatch):

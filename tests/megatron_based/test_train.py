@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_based import checkpointing
-from megatron_based.config import ConfigError
-from megatron_based.training_config import load_config
+from megatron_based.training import checkpointing
+from megatron_based.model.config import ConfigError
+from megatron_based.training.config import load_config
 
 from ..distributed import _free_port, run_distributed
 from .test_data import corpus  # noqa: F401 - the session fixture
@@ -112,7 +112,7 @@ def ok(run):
 
 def _train(cfg, kill_at=None):
     """Train; return the loss per step and the final parameters (flattened). ``kill_at``: SIGKILL self then."""
-    from megatron_based.train import train
+    from megatron_based.training.loop import train
 
     losses, params = {}, {}
 
@@ -180,7 +180,7 @@ def test_invalid_configs_fail_early_naming_the_key(tmp_path, corpus, overrides, 
 
 
 def test_cli_reports_config_errors_without_starting(tmp_path, corpus, capsys):  # noqa: F811
-    from megatron_based.train import main
+    from megatron_based.training.loop import main
 
     tiny_config(tmp_path, corpus)
     assert main([str(tmp_path / "run.yaml"), "train.micro_batch_size=3"]) == 2
@@ -190,7 +190,7 @@ def test_cli_reports_config_errors_without_starting(tmp_path, corpus, capsys):  
 
 def five_documents(tmp_path, corpus) -> str:  # noqa: F811
     """The first five documents of the session corpus as their own indexed dataset."""
-    from megatron_based.data import open_indexed
+    from megatron_based.training.data import open_indexed
 
     from .test_data import write_indexed
 
@@ -201,7 +201,7 @@ def five_documents(tmp_path, corpus) -> str:  # noqa: F811
 def test_a_five_document_corpus_fails_naming_the_empty_split(tmp_path, corpus):  # noqa: F811
     """Megatron's dataset builder never returns on it (the valid split holds no documents, even with validation
     off); the config check says so in one line, before any process group."""
-    from megatron_based.data import open_indexed
+    from megatron_based.training.data import open_indexed
 
     prefix = five_documents(tmp_path, corpus)
     message = (f"the valid split of {prefix} (data.split '95,5,0': documents [5, 5) of 5) holds 0 documents, 0 tokens: "
@@ -240,7 +240,7 @@ def test_an_empty_dataset_fails_naming_the_file(tmp_path, corpus):  # noqa: F811
 def test_cli_config_error_is_one_line_from_rank_0(tmp_path, corpus, capsys, monkeypatch):  # noqa: F811
     """Every rank fails the same check with exit code 2. Rank 0 prints it at once; the others wait
     (``CONFIG_ERROR_WAIT_S``: torchrun stops them when rank 0 exits) and only then print theirs, naming the rank."""
-    from megatron_based import train
+    from megatron_based.training import loop as train
 
     tiny_config(tmp_path, corpus)
     args = [str(tmp_path / "run.yaml"), "--load", str(tmp_path / "missing")]
@@ -285,7 +285,7 @@ def test_preprocess_to_first_step(fifty_steps):
 
 
 def test_loss_decreases_over_fifty_steps(fifty_steps, corpus):  # noqa: F811
-    from megatron_based.data import unigram_entropy
+    from megatron_based.training.data import unigram_entropy
 
     losses = [run for _, run in sorted(fifty_steps[0]["losses"].items())]
     assert len(losses) == 50 and all(map(math.isfinite, losses))
@@ -311,7 +311,8 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus):  # noqa: F811
 
 def _stopped(cfg, hook=None):
     """The TrainingStopped message of a run (or "not stopped")."""
-    from megatron_based.train import TrainingStopped, train
+    from megatron_based.training.loop import train
+    from megatron_based.training.step import TrainingStopped
 
     try:
         train(cfg, step_hook=hook)
@@ -322,8 +323,9 @@ def _stopped(cfg, hook=None):
 
 def _evaluate(paths):
     """For each checkpoint: (all parameters finite, all logits of a batch finite)."""
-    from megatron_based.parallel import initialize_parallel
-    from megatron_based.sample import full_logits, load_for_inference
+    from megatron_based.runtime.parallel import initialize_parallel
+    from megatron_based.inference.loader import load_for_inference
+    from megatron_based.inference.sample import full_logits
 
     initialize_parallel(1, 1, 1)
     tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -368,7 +370,7 @@ def test_a_non_finite_gradient_skips_the_update(tmp_path, corpus, clip_grad):  #
     cfg = tiny_config(tmp_path, corpus, [f"train.clip_grad={clip_grad}"])
 
     def run(cfg):
-        from megatron_based.train import train
+        from megatron_based.training.loop import train
 
         seen, handle = {}, []
 
@@ -409,7 +411,7 @@ def test_fuse_torch_adam_same_steps_and_moves_step_counters():
     """torch's fused AdamW (what fuse_torch_adam switches Megatron's fallback optimizer to) takes the same steps as
     the foreach one it replaces, here on CPU over 3 steps with weight decay; step counters saved on the CPU move
     to the parameters' device."""
-    from megatron_based.train import fuse_torch_adam
+    from megatron_based.training.optimizer import fuse_torch_adam
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
@@ -442,7 +444,7 @@ def test_foreach_multi_tensor_ops_match_megatron_fallbacks():
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
 
-    from megatron_based.train import _foreach_l2_norm, _foreach_scale, use_foreach_multi_tensor_ops
+    from megatron_based.training.optimizer import _foreach_l2_norm, _foreach_scale, use_foreach_multi_tensor_ops
 
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(*shape, generator=g) * s for shape, s in (((37, 5), 1.0), ((11,), 1e3), ((3, 2, 7), 1e-3))]
@@ -493,7 +495,7 @@ def test_sigterm_to_the_process_group_saves_then_resumes_bitwise(tmp_path, corpu
     overrides = [f"train.train_steps={n}", "train.save_interval=2"]
     resume_cfg = tiny_config(tmp_path, corpus, overrides + [f"train.save={save}", "train.load=latest"],
                              world_size=world)
-    command = ["-m", "megatron_based.train", str(tmp_path / "run.yaml"), *overrides, f"train.save={save}"]
+    command = ["-m", "megatron_based.training.loop", str(tmp_path / "run.yaml"), *overrides, f"train.save={save}"]
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command]
     else:

@@ -8,7 +8,7 @@ from .test_train import tiny_config
 
 
 def _losses(rank, world, cfg):
-    from megatron_based.train import train
+    from megatron_based.training.loop import train
 
     losses = {}
     train(cfg, step_hook=lambda step, loss, model: losses.__setitem__(step, loss))
@@ -58,8 +58,8 @@ RESHARD = {  # name: (world size, overrides)
 
 
 def _resume_losses(rank, world, cfg):
-    from megatron_based import checkpointing
-    from megatron_based.train import train
+    from megatron_based.training import checkpointing
+    from megatron_based.training.loop import train
 
     losses = {}
     train(cfg, step_hook=lambda step, loss, model: losses.__setitem__(step, loss))
@@ -107,7 +107,7 @@ def test_fully_reshardable_checkpoint_resumes_at_any_layout(dp2_run, tmp_path, c
 
 
 def test_dp_reshardable_resumes_at_another_dp_and_refuses_another_tp(dp2_run, tmp_path, corpus):  # noqa: F811
-    from megatron_based.checkpointing import CheckpointError
+    from megatron_based.training.checkpointing import CheckpointError
 
     root, ref = dp2_run["dp_reshardable"]
     same, fmt = _resume_at(tmp_path / "dp2", corpus, root, "dp2", "dp_reshardable")

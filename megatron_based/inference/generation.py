@@ -1,0 +1,395 @@
+"""Constant-memory generation for BASED models: prefill with the parallel forms, then one token per step.
+
+Every layer keeps a fixed-size cache per sequence (docs/generation.md):
+
+- L (Taylor linear attention): the state ``S [heads, D, d_h]`` and ``z [heads, D]`` in fp32, D = 1 + f + f^2;
+- S (sliding-window attention): a ring buffer of the last ``window + 1`` post-RoPE K/V rows;
+- C (BaseConv): the last ``k - 1`` inputs of the convolution;
+- A (softmax attention, hybrids and the GPT baseline only): a KV cache of ``max_length`` rows.
+
+Prompts of different lengths are packed into one sequence with document offsets (``cu_seqlens``) for the prefill,
+so padding never reaches a state; decoding then runs every sequence at its own position. The model's own
+Megatron modules (embedding, parallel linears, norms, MLPs, tied output layer) are driven layer by layer, so
+tensor parallelism works as in training: each rank holds its heads' caches and samples the same tokens.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from ..runtime.noise import quiet_known_warnings
+from .cli import generate_parser
+
+if __name__ == "__main__":  # torchrun -m megatron_based.inference.generation: before torch and Megatron warn
+    quiet_known_warnings("--verbose" in sys.argv)
+
+import torch  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+
+from ..runtime.parallel import initialize_parallel  # noqa: E402
+from ..training.data import end_of_document, load_tokenizer  # noqa: E402
+from .loader import load_model  # noqa: E402
+
+__all__ = ["PackedPrompts", "pack_prompts", "sample", "Generator", "teacher_forced_logits", "at_decode_positions",
+           "decode_error_report", "continuation_text", "main"]
+
+
+@dataclass
+class PackedPrompts:
+    """Prompts laid end to end: ``tokens [1, T]``, document offsets ``cu_seqlens [b + 1]`` (int32), each token's
+    position in its prompt ``positions [T]`` and prompt index ``doc_ids [T]``, prompt ``lengths [b]``;
+    ``equal_length``: the common prompt length when all are equal (known on the host), else None."""
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    positions: torch.Tensor
+    doc_ids: torch.Tensor
+    lengths: torch.Tensor
+    equal_length: int | None = None
+
+
+def pack_prompts(prompts, lengths: Sequence[int] | None = None, padding_side: str = "right",
+                 device=None) -> PackedPrompts:
+    """Pack prompts given as a list of token lists / 1-D tensors, or as a ``[b, s]`` tensor: padded when
+    ``lengths`` gives each row's number of tokens, on the ``padding_side`` ("right": tokens first, "left":
+    padding first)."""
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        if lengths is None:  # no padding
+            lengths = [prompts.shape[1]] * prompts.shape[0]
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if len(lengths) != prompts.shape[0]:
+            raise ValueError(f"lengths has {len(lengths)} entries for {prompts.shape[0]} prompt rows")
+        s = prompts.shape[1]
+        prompts = [row[:n] if padding_side == "right" else row[s - n:] for row, n in zip(prompts, lengths)]
+    prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if p.numel() == 0:
+            raise ValueError(f"prompt {i} is empty: give every prompt at least one token (e.g. BOS)")
+    lens = torch.tensor([p.numel() for p in prompts])
+    cu = torch.zeros(len(prompts) + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    doc_ids = torch.repeat_interleave(torch.arange(len(prompts)), lens)
+    positions = torch.arange(int(cu[-1])) - cu[:-1].long()[doc_ids]
+    equal = int(lens[0]) if bool((lens == lens[0]).all()) else None
+    return PackedPrompts(*(t.to(device) for t in (torch.cat(prompts)[None], cu, positions, doc_ids, lens)), equal)
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens ``[b]`` from logits ``[b, V]``: greedy when ``temperature == 0``, else softmax(logits / T)
+    restricted to the ``top_k`` most likely tokens (0: all) and to the smallest set whose probability reaches
+    ``top_p`` (nucleus; 1.0: all)."""
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _add(residual: torch.Tensor, out_bias) -> torch.Tensor:
+    """Megatron's bias-dropout-add at inference: ``residual + (out + bias)``."""
+    out, bias = out_bias
+    return residual + (out if bias is None else out + bias)
+
+
+class Generator:
+    """Prefill + decode with per-layer caches on a BASED ``GPTModel`` (``megatron_based.model.build_model``).
+
+    ``vocab_size``: the tokenizer's vocabulary (padded logits beyond it are dropped). ``max_length``: prompt plus
+    generated tokens, needed only by softmax ("A") layers. ``cuda_graph``: capture the decode step in a CUDA
+    graph (CUDA only; not with "A" layers, whose attention length changes every step).
+    """
+
+    def __init__(self, model, *, vocab_size: int | None = None, max_length: int | None = None,
+                 cuda_graph: bool = False):
+        config = model.config
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("generation runs with pipeline_model_parallel_size 1 (use tensor parallelism instead)")
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError("generation runs with context_parallel_size 1: decode is one token per step")
+        if config.sequence_parallel:
+            raise ValueError("build the model with sequence_parallel=False for generation (the weights are the same)")
+        self.model = model.eval()
+        self.layers = list(model.decoder.layers)
+        self.vocab_size = vocab_size or model.vocab_size
+        self.max_length = max_length
+        self.dtype = config.params_dtype
+        self.device = model.embedding.word_embeddings.weight.device
+        if cuda_graph and not torch.cuda.is_available():
+            raise ValueError("cuda_graph=True needs CUDA; leave it off on CPU")
+        if cuda_graph and "A" in config.layer_pattern:
+            raise ValueError("cuda_graph=True is not supported with softmax ('A') layers; leave it off")
+        self.cuda_graph = cuda_graph
+        self.caches: list[dict] = []
+        self.positions: torch.Tensor | None = None  # next position of each sequence, on the device
+        self._host_positions: list[int] = []
+        self._batch = 0
+        self._graph = None
+
+    # -- caches ------------------------------------------------------------------------------------------------
+    def allocate(self, batch: int) -> None:
+        """Zeroed caches for ``batch`` sequences (their size never changes while decoding). With the batch size of
+        the previous call the same tensors are zeroed in place, so a captured decode graph stays valid."""
+        if self.caches and self._batch == batch:
+            for cache in self.caches:
+                for t in cache.values():
+                    t.zero_()
+            return
+        self.caches = [layer.self_attention.inference_cache(batch, self.dtype, self.device, self.max_length)
+                       for layer in self.layers]
+        self._batch = batch
+        self._graph = None
+
+    def release(self) -> None:
+        """Drop the caches and any captured graph (their memory returns to PyTorch's allocator)."""
+        self.caches, self._batch, self._graph, self.positions = [], 0, None, None
+        self._static_tokens = self._static_positions = self._static_logits = None
+
+    def cache_bytes(self) -> int:
+        """Bytes held by all layers' caches on this rank (for every sequence of the batch)."""
+        return sum(t.numel() * t.element_size() for cache in self.caches for t in cache.values())
+
+    # -- forward pieces ---------------------------------------------------------------------------------------
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + tied output layer on ``[s, b, d]`` -> full-vocabulary fp32 logits ``[s, b, vocab_size]``."""
+        hidden = self.model.decoder.final_layernorm(hidden)
+        logits, _ = self.model.output_layer(hidden, weight=self.model.shared_embedding_or_output_weight(),
+                                            runtime_gather_output=True)
+        return logits[..., : self.vocab_size].float()
+
+    def _run(self, tokens, positions, mixer_call) -> torch.Tensor:
+        hidden = self.model.embedding(input_ids=tokens, position_ids=positions)
+        for layer, cache in zip(self.layers, self.caches):
+            hidden = _add(hidden, mixer_call(layer.self_attention, layer.input_layernorm(hidden), cache))
+            hidden = _add(hidden, layer.mlp(layer.pre_mlp_layernorm(hidden)))
+        return hidden
+
+    @torch.inference_mode()
+    def prefill(self, prompts, lengths: Sequence[int] | None = None, padding_side: str = "right") -> torch.Tensor:
+        """Run the prompts (see :func:`pack_prompts`) through the parallel forms, fill fresh caches; returns the
+        logits of each prompt's last token ``[b, vocab_size]`` (fp32)."""
+        packed = pack_prompts(prompts, lengths, padding_side, device=self.device)
+        self.allocate(len(packed.lengths))
+        hidden = self._run(packed.tokens, packed.positions[None],
+                           lambda mixer, x, cache: mixer.prefill(x, cache, packed))
+        self.positions = packed.lengths.clone()
+        self._host_positions = packed.lengths.tolist()
+        return self._logits(hidden[packed.cu_seqlens[1:].long() - 1])[:, 0]
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_length: int | None) -> torch.Tensor:
+        hidden = self._run(tokens[:, None], positions[:, None],
+                           lambda mixer, x, cache: mixer.step(x, cache, positions, kv_length=kv_length))
+        return self._logits(hidden)[0]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence ``[b]`` at its next position; returns the next logits ``[b, vocab_size]``."""
+        if self.positions is None:
+            raise RuntimeError("call prefill(prompts) before step(tokens)")
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
+        if tokens.numel() != len(self._host_positions):
+            raise ValueError(f"step got {tokens.numel()} tokens for a batch of {len(self._host_positions)} sequences")
+        if self.max_length and max(self._host_positions) >= self.max_length:
+            raise ValueError(f"sequence longer than max_length ({self.max_length}): raise max_length")
+        if self.cuda_graph:
+            logits = self._graph_step(tokens)
+        else:
+            uniform = len(set(self._host_positions)) == 1
+            logits = self._decode(tokens, self.positions, self._host_positions[0] + 1 if uniform else None)
+        self.positions += 1
+        self._host_positions = [p + 1 for p in self._host_positions]
+        return logits
+
+    def _graph_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Replay a captured decode step; captured on first use for this batch. A replay re-runs the recorded
+        kernels on the recorded buffers only: the step must read its inputs from ``_static_tokens`` /
+        ``_static_positions`` (copied in before each replay), update every cache tensor in place (``copy_`` /
+        indexed writes, never rebinding a dict entry), keep positions on the device and never read a value back
+        to the host. tests/megatron_based/test_generation.py checks this on CPU by replaying a recorded step."""
+        if self._graph is None:
+            self._static_tokens = tokens.clone()
+            self._static_positions = self.positions.clone()
+            saved = [{k: t.clone() for k, t in cache.items()} for cache in self.caches]
+            self._graph, self._static_logits = self._capture(
+                lambda: self._decode(self._static_tokens, self._static_positions, None))
+            for cache, old in zip(self.caches, saved):  # undo the cache updates of the warm-up steps
+                for k, t in cache.items():
+                    t.copy_(old[k])
+        self._static_tokens.copy_(tokens)
+        self._static_positions.copy_(self.positions)
+        self._graph.replay()
+        return self._static_logits.clone()
+
+    def _capture(self, step: Callable[[], torch.Tensor]):
+        """``(graph, outputs)``: ``step()`` captured in a CUDA graph after two warm-up calls on a side stream
+        (Triton compilation and allocator growth happen outside the capture). The caller restores the caches."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        return graph, out
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def _sample(self, logits, generator, **sampling) -> torch.Tensor:
+        tokens = sample(logits, generator=generator, **sampling)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        if tp_group.size() > 1:  # every TP rank must feed the same token
+            torch.distributed.broadcast(tokens, parallel_state.get_tensor_model_parallel_src_rank(), group=tp_group)
+        return tokens
+
+    def generate(self, prompts, max_new_tokens: int, *, lengths: Sequence[int] | None = None,
+                 padding_side: str = "right", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 stop_tokens: Sequence[int] = (), seed: int = 0,
+                 on_token: Callable[[int, list[int], list[bool]], None] | None = None) -> list[list[int]]:
+        """Generate up to ``max_new_tokens`` per prompt; a sequence ends after emitting one of ``stop_tokens``
+        (included in its output). ``on_token(step, tokens, finished)`` streams each step's tokens (a finished
+        sequence's entry is meaningless). Returns the new tokens of each prompt."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        logits = self.prefill(prompts, lengths, padding_side)
+        stop = set(stop_tokens)
+        outputs = [[] for _ in range(logits.shape[0])]
+        finished = [False] * len(outputs)
+        for t in range(max_new_tokens):
+            tokens = self._sample(logits, generator, **sampling)
+            host = tokens.tolist()
+            for i, tok in enumerate(host):
+                if not finished[i]:
+                    outputs[i].append(tok)
+                    finished[i] = tok in stop
+            if on_token is not None:
+                on_token(t, host, list(finished))
+            if all(finished) or t == max_new_tokens - 1:
+                break
+            logits = self.step(tokens)
+        return outputs
+
+
+# -- checking decode against a full forward (tests, benchmarks/generation.py) -----------------------------------
+def teacher_forced_logits(gen: Generator, tokens: torch.Tensor, prompt_lengths: Sequence[int],
+                          steps: int) -> torch.Tensor:
+    """Prefill row i's first ``prompt_lengths[i]`` tokens of ``tokens [b, T]``, then decode ``steps - 1`` steps
+    feeding the true next tokens. Returns ``[b, steps, vocab]``: the logits predicting positions
+    ``P_i ... P_i + steps - 1``, i.e. a full forward's logits at ``P_i - 1 + j`` (see :func:`at_decode_positions`)."""
+    b, T = tokens.shape
+    if len(prompt_lengths) != b or min(prompt_lengths) < 1 or max(prompt_lengths) + steps - 1 > T or steps < 1:
+        raise ValueError(f"need {b} prompt lengths >= 1 with P + steps - 1 <= {T}; got {list(prompt_lengths)}, "
+                         f"steps {steps}")
+    out = [gen.prefill([tokens[i, :P] for i, P in enumerate(prompt_lengths)])]
+    rows = torch.arange(b, device=tokens.device)
+    start = torch.as_tensor(list(prompt_lengths), device=tokens.device)
+    for j in range(steps - 1):
+        out.append(gen.step(tokens[rows, start + j]))
+    return torch.stack(out, dim=1)
+
+
+def at_decode_positions(full: torch.Tensor, prompt_lengths: Sequence[int], steps: int) -> torch.Tensor:
+    """Full-forward logits ``[b, T, V]`` at the positions :func:`teacher_forced_logits` predicts: ``[b, steps, V]``."""
+    return torch.stack([full[i, P - 1: P - 1 + steps] for i, P in enumerate(prompt_lengths)])
+
+
+def decode_error_report(decode: torch.Tensor, full: torch.Tensor, reference: torch.Tensor,
+                        factor: float = 2.0, atol: float = 0.0) -> dict:
+    """Is low-precision (bf16) decoding as accurate as the same model's low-precision full forward?
+
+    ``decode``: its decode logits, ``full``: its full-forward logits, ``reference``: a high-precision (fp32 / fp64)
+    full forward of the same weights, all at the same positions. Errors are relative to the reference, as RMS
+    (``|a - ref|_2 / |ref|_2``, the criterion: stable over many logits) and max (``max |a - ref| / max |ref|``).
+    Passes when decode's RMS error is at most ``factor`` x the full forward's (+ ``atol``, for a reference in the
+    same precision): bf16 rounding over many layers is expected in both, a decode bug adds O(1) errors."""
+    if not decode.shape == full.shape == reference.shape:
+        raise ValueError(f"shapes differ: decode {tuple(decode.shape)}, full {tuple(full.shape)}, "
+                         f"reference {tuple(reference.shape)}")
+    ref = reference.double()
+
+    def errors(x):
+        d = x.double() - ref
+        return (d.norm() / ref.norm()).item(), (d.abs().max() / ref.abs().max()).item()
+
+    (dec_rms, dec_max), (full_rms, full_max) = errors(decode), errors(full)
+    return {"decode_rel_rms": dec_rms, "decode_rel_max": dec_max, "full_forward_rel_rms": full_rms,
+            "full_forward_rel_max": full_max, "factor": factor, "atol": atol,
+            "passed": dec_rms <= factor * full_rms + atol}
+
+
+def continuation_text(decode: Callable[[list[int]], str], prompt: Sequence[int], new: Sequence[int]) -> str:
+    """The text ``new`` tokens add after ``prompt``, decoded together with it: sentencepiece drops the leading
+    space of a continuation decoded alone ("the fox" + "walked")."""
+    prompt = list(prompt)
+    return decode(prompt + list(new))[len(decode(prompt)):]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``megatron-based-generate``: stream a continuation of a prompt from a checkpoint."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings("--verbose" in argv)
+    p = generate_parser()
+    args = p.parse_args(argv)
+    if not args.checkpoint and not args.random_weights:
+        print(f"{p.prog}: error: no --checkpoint: give one, or --random-weights to sample from an untrained model",
+              file=sys.stderr)
+        return 2
+    if args.checkpoint and args.random_weights:
+        print(f"{p.prog}: error: --random-weights and --checkpoint exclude each other", file=sys.stderr)
+        return 2
+    if args.random_weights and not args.config:
+        print(f"{p.prog}: error: --random-weights needs --config (the model to initialise)", file=sys.stderr)
+        return 2
+
+    initialize_parallel(args.tensor_model_parallel_size)
+    model, spec = load_model(args.config, args.checkpoint, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                             dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer)
+    encode, decode, eos = tokenizer.tokenize, tokenizer.detokenize, end_of_document(tokenizer)
+    prompts = [encode(text) for text in args.prompt]
+    gen = Generator(model, vocab_size=spec.vocab_size, cuda_graph=args.cuda_graph,
+                    max_length=max(map(len, prompts)) + args.max_new_tokens)
+    printing = torch.distributed.get_rank() == 0
+    if printing and args.random_weights:
+        print("sampling from random weights (--random-weights)", file=sys.stderr, flush=True)
+    emitted, printed = [], [""]
+
+    def stream(step, tokens, finished):  # one prompt: print the text as it grows; several: print at the end
+        if printing and len(prompts) == 1 and tokens[0] != eos:
+            emitted.append(tokens[0])
+            text = continuation_text(decode, prompts[0], emitted)
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    if printing and len(prompts) == 1:
+        sys.stdout.write(args.prompt[0])
+    outputs = gen.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, stop_tokens=[eos] if eos is not None else [], seed=args.seed,
+                           on_token=stream)
+    if printing:
+        if len(prompts) == 1:
+            sys.stdout.write("\n")
+        else:
+            for text, ids, out in zip(args.prompt, prompts, outputs):
+                print(f"{text}{continuation_text(decode, ids, [t for t in out if t != eos])}\n---")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""BASED layers for Megatron-LM's own ``pretrain_gpt.py``, through its ``--spec`` flag (no Megatron-LM change).
+
+``pretrain_gpt.py --spec MODULE NAME`` (Megatron-LM paired with megatron-core 0.19: ``gpt_builders.gpt_builder``)
+imports ``NAME`` from ``MODULE`` and passes it to ``GPTModel`` as the layer spec *as it is*, with the
+``TransformerConfig`` that Megatron-LM built from its arguments; it does not call it. So:
+
+- :data:`based_layer` is the object to name: ``--spec megatron_based.model.megatron_lm based_layer``. It is the
+  spec of one layer, which Megatron's ``TransformerBlock`` repeats for every layer of the stage; each
+  :class:`BasedPatternLayer` picks its mixer (L, S, C or A) from the layer pattern by its global layer number, so
+  pipeline and virtual-pipeline stages get the right mixers.
+- :func:`based_layer_spec` ``(args, config, vp_stage=None)`` is the same as a spec function, for training
+  frameworks built on Megatron-LM that call the spec with these arguments.
+
+The BASED settings (layer pattern, feature_dim, swa_window, conv_kernel_size, ...) come from the ``model:`` section
+of the YAML named by the environment variable ``BASED_SPEC_CONFIG`` (e.g. ``configs/based-360m.yaml``). Megatron-LM's
+own flags must describe the same model; a disagreement stops the build with one line naming the flags to change.
+docs/training.md has the full command.
+"""
+from __future__ import annotations
+
+import os
+
+import torch.nn.functional as F
+import yaml
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.utils import get_pg_rank
+
+from .config import BASED_FIELDS, BasedConfig, ConfigError, ModelSpec, as_based_config, model_spec_from_dict
+from .norm import RMSNorm
+from .spec import get_based_layer_spec
+
+__all__ = ["ENV_VAR", "BasedPatternLayer", "based_layer", "based_layer_spec", "based_config_from_megatron_lm"]
+
+ENV_VAR = "BASED_SPEC_CONFIG"
+
+# (Megatron-LM flag, TransformerConfig field): the sizes and the layer architecture BASED fixes. The YAML's value is
+# the one to set.
+_CONFIG_FLAGS = (("--num-layers", "num_layers"), ("--hidden-size", "hidden_size"),
+                 ("--num-attention-heads", "num_attention_heads"), ("--ffn-hidden-size", "ffn_hidden_size"),
+                 ("--normalization", "normalization"), ("--norm-epsilon", "layernorm_epsilon"),
+                 ("--hidden-dropout", "hidden_dropout"), ("--attention-dropout", "attention_dropout"))
+# (Megatron-LM flag, args attribute, required value, flag text to give): what GPTModel takes from args, not config.
+_ARG_FLAGS = (("--position-embedding-type", "position_embedding_type", "none", "--position-embedding-type none"),
+              ("--untie-embeddings-and-output-weights", "untie_embeddings_and_output_weights", False,
+               "no --untie-embeddings-and-output-weights (BASED ties the LM head)"))
+
+_yaml_cache: dict[str, ModelSpec] = {}
+_config_cache: dict[int, tuple[TransformerConfig, BasedConfig]] = {}
+
+
+def _yaml_model() -> tuple[str, ModelSpec]:
+    path = os.environ.get(ENV_VAR)
+    if not path:
+        raise ConfigError(f"{ENV_VAR} is not set: point it at a YAML file with a model: section, e.g. "
+                          f"{ENV_VAR}=configs/based-360m.yaml")
+    if path not in _yaml_cache:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{ENV_VAR}={path}: no such file")
+        with open(path) as fh:
+            section = (yaml.safe_load(fh) or {}).get("model")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{ENV_VAR}={path} has no model: section")
+        _yaml_cache[path] = model_spec_from_dict(section)
+    return path, _yaml_cache[path]
+
+
+def based_config_from_megatron_lm(config: TransformerConfig, args=None) -> BasedConfig:
+    """Megatron-LM's ``config`` (and ``args``, when given) checked against the ``BASED_SPEC_CONFIG`` YAML, as the
+    :class:`BasedConfig` the BASED layers are built with (the YAML's BASED fields on top of ``config``)."""
+    if isinstance(config, BasedConfig):
+        return config
+    cached = _config_cache.get(id(config))
+    if cached is not None and cached[0] is config and args is None:
+        return cached[1]
+    path, spec = _yaml_model()
+    want = spec.config
+    wrong = [f"{flag} {getattr(config, field)!r} (the YAML has {getattr(want, field)!r})"
+             for flag, field in _CONFIG_FLAGS if getattr(config, field) != getattr(want, field)]
+    if not (config.gated_linear_unit and config.activation_func is F.silu):
+        wrong.append("--swiglu is not set (BASED's MLP is SwiGLU)")
+    if config.add_bias_linear:
+        wrong.append("--disable-bias-linear is not set (BASED's linears have no bias)")
+    if args is not None:
+        wrong += [text for _, attr, value, text in _ARG_FLAGS if getattr(args, attr, value) != value]
+        divisible = getattr(args, "make_vocab_size_divisible_by", spec.make_vocab_size_divisible_by)
+        if divisible != spec.make_vocab_size_divisible_by:
+            wrong.append(f"--make-vocab-size-divisible-by {divisible} (the YAML has "
+                         f"{spec.make_vocab_size_divisible_by})")
+    if wrong:
+        raise ConfigError(f"Megatron-LM's arguments disagree with {ENV_VAR}={path}: {'; '.join(wrong)}")
+    based = as_based_config(config, **{name: getattr(want, name) for name in BASED_FIELDS})
+    _config_cache[id(config)] = (config, based)
+    return based
+
+
+class BasedPatternLayer(TransformerLayer):
+    """A BASED ``TransformerLayer`` whose mixer is the layer pattern's symbol at its global layer number
+    (``layer_number`` is 1-based within the stage, as ``TransformerBlock`` passes it)."""
+
+    def __init__(self, config: TransformerConfig, submodules=None, layer_number: int = 1, vp_stage=None,
+                 pg_collection=None, **kwargs):
+        based = based_config_from_megatron_lm(config)
+        pp_rank = get_pg_rank(pg_collection.pp) if pg_collection is not None else None
+        index = layer_number - 1 + get_transformer_layer_offset(based, vp_stage, pp_rank)
+        super().__init__(based, get_based_layer_spec(based.layer_pattern[index]).submodules, layer_number,
+                         vp_stage=vp_stage, pg_collection=pg_collection, **kwargs)
+
+
+# ``--spec megatron_based.model.megatron_lm based_layer``
+based_layer = ModuleSpec(module=BasedPatternLayer)
+
+
+def based_layer_spec(args, config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The block spec of this (virtual) pipeline stage, for frameworks that call a spec function with Megatron-LM's
+    ``args`` and ``TransformerConfig``; checks both against the ``BASED_SPEC_CONFIG`` YAML first."""
+    based = based_config_from_megatron_lm(config, args)
+    n = get_num_layers_to_build(based, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[based_layer] * n, layer_norm=RMSNorm)

@@ -1,0 +1,109 @@
+"""BASED "C" mixer: BaseConv, a gated causal short convolution."""
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+from based_kernels.short_conv import base_conv_packed, base_conv_packed_step
+
+from ..config import BasedConfig
+from .common import Mixer, cu_seqlens_of, to_bshd
+
+
+class BaseConv(Mixer):
+    """``u = W_in x + b_in`` (d -> 4d), ``u1, u2 = u[:2d], u[2d:]``, ``c = causal depthwise conv_k(u1)``,
+    ``y = W_out(SiLU(c) * u2) + b_out`` (2d -> d) (based-spec.md, mixer 3).
+
+    ``linear_in`` is column-parallel with stride 2 (like Megatron's SwiGLU fc1): TP rank r holds matching channel
+    slices ``[u1_r | u2_r]``, so the gate multiplies the right channels (its bias slice is ``[b1_r | b2_r]`` too).
+    The conv weight is split by channel.
+
+    ``linear_in`` skips its bias add: the packed conv op takes ``u`` and ``b_in`` and adds the bias inside the
+    kernel, and its backward writes one ``du`` and ``d b_in`` (no separate bias add, bias-gradient reduction or
+    concatenation of du1, du2). Parameters and checkpoints are unchanged.
+    """
+
+    def __init__(self, config: BasedConfig, layer_number: int = 1, pg_collection=None, **injected):
+        super().__init__(config, layer_number, pg_collection, **injected)
+        d = config.hidden_size
+        self.channels = 2 * d // self.tp_size
+        self.kernel_size = config.conv_kernel_size
+        self.linear_in = self.column_parallel(d, 4 * d, bias=True, stride=2)
+        self.linear_in.skip_bias_add = True  # returns (u, b_in); the conv op adds b_in
+        self.linear_out = self.row_parallel(2 * d, d, bias=True)
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        self.conv_weight = torch.nn.Parameter(
+            torch.empty(self.channels, self.kernel_size, dtype=config.params_dtype, device=device))
+        # PyTorch's Conv1d default for a depthwise kernel: U(-1/sqrt(k), 1/sqrt(k)).
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        init = lambda w: torch.nn.init.uniform_(w, -bound, bound)  # noqa: E731
+        if config.perform_initialization:
+            if config.use_cpu_initialization:  # the full weight, then this rank's channels (TP-invariant)
+                _initialize_affine_weight_cpu(self.conv_weight, 2 * d, self.kernel_size, self.channels, 0, init,
+                                              params_dtype=config.params_dtype, rank=self.tp_group.rank(),
+                                              world_size=self.tp_size)
+            else:
+                from megatron.core.tensor_parallel.layers import _initialize_affine_weight_gpu
+
+                _initialize_affine_weight_gpu(self.conv_weight, init, partition_dim=0)
+        else:
+            setattr(self.conv_weight, "tensor_model_parallel", True)
+            setattr(self.conv_weight, "partition_dim", 0)
+            setattr(self.conv_weight, "partition_stride", 1)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **_):
+        """hidden_states ``[s, b, d]`` (``[s/tp, b, d]`` under sequence parallel) -> ``(out, b_out)``."""
+        u, bias = self.linear_in(hidden_states)
+        y = self.mix(to_bshd(u), bias, cu_seqlens_of(packed_seq_params))
+        return self.linear_out(to_bshd(y))
+
+    def mix(self, u, bias, cu_seqlens):
+        """u ``[b, s, 2c]`` (the in-projection without its bias ``[2c]``) -> ``[b, s, c]``."""
+        if self.cp_size > 1:  # the halo exchange carries u1 + b1: add the bias first (unfused under CP)
+            from ..context_parallel import base_conv_cp
+
+            u1, u2 = (u if bias is None else u + bias).chunk(2, dim=-1)
+            return base_conv_cp(u1, u2, self.conv_weight, cp_group=self.cp_group, cu_seqlens=cu_seqlens, layer=self)
+        y, _ = base_conv_packed(u, self.conv_weight, bias, cu_seqlens=cu_seqlens)
+        return y
+
+    # Generation (megatron_based.inference.generation): the conv state is the last k - 1 conv inputs u1 + b1 of each
+    # sequence.
+    def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
+        """``conv [b, k - 1, channels]`` in the activation dtype."""
+        return {"conv": torch.zeros(batch, self.kernel_size - 1, self.channels, dtype=dtype, device=device)}
+
+    def prefill(self, hidden_states, cache: dict, prompts):
+        """Packed prompts ``[T, 1, d]`` (documents at ``prompts.cu_seqlens``): the parallel form, keeping each
+        prompt's last k - 1 inputs in ``cache``. Returns ``(out, bias)`` like forward."""
+        u, bias = self.linear_in(hidden_states)
+        y, final = base_conv_packed(to_bshd(u), self.conv_weight, bias, cu_seqlens=prompts.cu_seqlens,
+                                    output_final_state=True)
+        cache["conv"].copy_(final)
+        return self.linear_out(to_bshd(y))
+
+    def step(self, hidden_states, cache: dict, positions=None, **_):
+        """One token per sequence ``[1, b, d]``, updating ``cache`` in place."""
+        u, bias = self.linear_in(hidden_states)
+        y, state = base_conv_packed_step(u[0], self.conv_weight, cache["conv"], bias)
+        cache["conv"].copy_(state)
+        return self.linear_out(y.unsqueeze(0))
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Checkpoint with global shapes: ``linear_in`` as two TP-split halves, ``conv_weight`` split by channel,
+        so a checkpoint loads at any TP size."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        own = make_sharded_tensors_for_checkpoint({"conv_weight": self.conv_weight}, prefix, {"conv_weight": 0},
+                                                  sharded_offsets, tp_group=self.tp_group,
+                                                  dp_cp_group=metadata["dp_cp_group"])
+        sd.update(own)
+        singleton = metadata.get("singleton_local_shards", False)
+        for key in (f"{prefix}linear_in.weight", f"{prefix}linear_in.bias"):
+            sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets, singleton, tp_group=self.tp_group,
+                                                   dp_group=metadata["dp_cp_group"])
+        return sd

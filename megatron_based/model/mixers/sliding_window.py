@@ -1,0 +1,94 @@
+"""BASED "S" mixer: sliding-window softmax attention with RoPE."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+import based_kernels
+
+from ..config import BasedConfig
+from ..rope import rope_freqs_at
+from .common import Mixer, cu_seqlens_of, to_bshd
+
+
+class SlidingWindowAttention(Mixer):
+    """MHA over a causal left window (query t sees keys t - window ... t), RoPE on the full head dim (base 10000,
+    rotate-half, absolute positions), scale 1/sqrt(d_h), ``Wqkv: d -> 3d`` and ``out: d -> d`` without bias
+    (based-spec.md, mixer 2). ``linear_qkv`` rows follow Megatron's per-head ``[q_h | k_h | v_h]`` grouping."""
+
+    def __init__(self, config: BasedConfig, layer_number: int = 1, pg_collection=None, **injected):
+        super().__init__(config, layer_number, pg_collection, **injected)
+        H = config.num_attention_heads
+        self.head_dim = config.hidden_size // H
+        self.heads = H // self.tp_size
+        self.window = config.swa_window
+        self.linear_qkv = self.column_parallel(config.hidden_size, 3 * config.hidden_size)
+        self.linear_proj = self.row_parallel(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **_):
+        """hidden_states ``[s, b, d]`` (``[s/tp, b, d]`` under sequence parallel) -> ``(out [s, b, d], None)``."""
+        q, k, v = self.project_qkv(hidden_states)
+        s, b = q.shape[:2]
+        o = self.attend(to_bshd(q), to_bshd(k), to_bshd(v), cu_seqlens_of(packed_seq_params))
+        return self.linear_proj(to_bshd(o).reshape(s, b, self.heads * self.head_dim))
+
+    def project_qkv(self, hidden_states, positions=None):
+        """q, k with RoPE at ``positions [s, b]`` and v, each ``[s, b, heads, d_h]``. Default positions: this CP
+        rank's contiguous shard of the sequence, global positions [rank * s, (rank + 1) * s); there, with
+        ``config.rope_fusion``, one kernel splits and rotates (contiguous q, k, v; the attention op gets them as
+        token-major ``[b, s, h, d]`` views and returns their gradients in that layout, which the fused backward
+        reads as they are)."""
+        qkv, _ = self.linear_qkv(hidden_states)
+        s, b = qkv.shape[:2]
+        if positions is None and self.config.rope_fusion:
+            return based_kernels.rope_split_qkv(qkv, self.heads, self.head_dim, offset=self.cp_rank * s,
+                                                base=self.config.rope_base)
+        q, k, v = qkv.view(s, b, self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
+        if positions is None:
+            positions = torch.arange(self.cp_rank * s, (self.cp_rank + 1) * s, device=q.device)[:, None]
+        freqs = rope_freqs_at(positions, self.head_dim, self.config.rope_base)
+        return (apply_rotary_pos_emb(q, freqs, self.config, cp_group=self.cp_group),
+                apply_rotary_pos_emb(k, freqs, self.config, cp_group=self.cp_group), v)
+
+    def attend(self, q, k, v, cu_seqlens):
+        if self.cp_size > 1:
+            from ..context_parallel import sliding_window_attention_cp
+
+            return sliding_window_attention_cp(q, k, v, window=self.window, cp_group=self.cp_group,
+                                               cu_seqlens=cu_seqlens, layer=self)
+        return based_kernels.sliding_window_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens)
+
+    # Generation (megatron_based.inference.generation): a ring buffer of the last window + 1 post-RoPE K/V rows;
+    # position p lives in slot p % (window + 1).
+    def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
+        """``k, v [b, window + 1, heads, d_h]`` in the activation dtype."""
+        shape = (batch, self.window + 1, self.heads, self.head_dim)
+        return {name: torch.zeros(shape, dtype=dtype, device=device) for name in ("k", "v")}
+
+    def prefill(self, hidden_states, cache: dict, prompts):
+        """Packed prompts ``[T, 1, d]``: ``prompts.cu_seqlens`` document offsets, ``prompts.positions [T]`` position
+        of each token in its prompt, ``prompts.doc_ids [T]``, ``prompts.lengths [b]``. Attends within each prompt
+        and writes each prompt's last window + 1 K/V rows into ``cache``. Returns ``(out, bias)``."""
+        q, k, v = self.project_qkv(hidden_states, prompts.positions[:, None])
+        o = based_kernels.sliding_window_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=self.window,
+                                                   cu_seqlens=prompts.cu_seqlens)
+        keep = prompts.positions >= prompts.lengths[prompts.doc_ids] - (self.window + 1)
+        slots = prompts.positions[keep] % (self.window + 1)
+        cache["k"][prompts.doc_ids[keep], slots] = k[keep, 0]
+        cache["v"][prompts.doc_ids[keep], slots] = v[keep, 0]
+        return self.linear_proj(to_bshd(o).reshape(q.shape[0], 1, self.heads * self.head_dim))
+
+    def step(self, hidden_states, cache: dict, positions, **_):
+        """One token per sequence ``[1, b, d]`` at ``positions [b]``: write its K/V into the ring, attend over the
+        slots holding positions ``max(0, p - window) ... p``. In place, no host sync (CUDA-graph capturable)."""
+        q, k, v = (t[0] for t in self.project_qkv(hidden_states, positions[None]))
+        b, ring = q.shape[0], self.window + 1
+        rows = torch.arange(b, device=q.device)
+        cache["k"][rows, positions % ring] = k
+        cache["v"][rows, positions % ring] = v
+        age = (positions[:, None] - torch.arange(ring, device=q.device)) % ring  # steps since slot was written
+        visible = (age <= positions[:, None])[:, None, None, :]  # slot holds a position >= 0
+        o = F.scaled_dot_product_attention(q[:, :, None], cache["k"].transpose(1, 2), cache["v"].transpose(1, 2),
+                                           attn_mask=visible)
+        return self.linear_proj(o.reshape(1, b, self.heads * self.head_dim))

@@ -1,0 +1,79 @@
+"""BASED "L" mixer: Taylor (2nd-order) linear attention."""
+from __future__ import annotations
+
+import torch
+
+import based_kernels
+
+from ..config import BasedConfig
+from .common import Mixer, cu_seqlens_of, to_bshd
+
+
+class TaylorLinearAttention(Mixer):
+    """``q = W_q x, k = W_k x`` (d -> H*f), ``v = W_v x`` (d -> H*d_h), causal Taylor linear attention per head,
+    ``out: H*d_h -> d``; no biases (based-spec.md, mixer 1).
+
+    The three input projections are one column-parallel linear whose rows are grouped per head,
+    ``[q_h (f) | k_h (f) | v_h (d_h)]`` for h = 0..H-1, so a TP rank owns whole heads (checkpoint conversion maps
+    the released ``proj_q/proj_k/proj_v``). Heads are split across TP ranks.
+    """
+
+    def __init__(self, config: BasedConfig, layer_number: int = 1, pg_collection=None, **injected):
+        super().__init__(config, layer_number, pg_collection, **injected)
+        H = config.linear_attention_heads
+        self.feature_dim = config.feature_dim
+        self.head_dim = config.hidden_size // H
+        self.heads = H // self.tp_size
+        width = 2 * self.feature_dim + self.head_dim
+        self.linear_qkv = self.column_parallel(config.hidden_size, H * width)
+        self.linear_proj = self.row_parallel(H * self.head_dim, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **_):
+        """hidden_states ``[s, b, d]`` (``[s/tp, b, d]`` under sequence parallel) -> ``(out [s, b, d], None)``."""
+        q, k, v = self.project_qkv(hidden_states)
+        s, b = q.shape[:2]
+        y = self.attend(to_bshd(q), to_bshd(k), to_bshd(v), cu_seqlens_of(packed_seq_params))
+        return self.linear_proj(to_bshd(y).reshape(s, b, self.heads * self.head_dim))
+
+    def project_qkv(self, hidden_states):
+        """``[s, b, d]`` -> q, k ``[s, b, heads, f]``, v ``[s, b, heads, d_h]`` (this rank's heads)."""
+        qkv, _ = self.linear_qkv(hidden_states)
+        s, b = qkv.shape[:2]
+        f = self.feature_dim
+        return qkv.view(s, b, self.heads, 2 * f + self.head_dim).split([f, f, self.head_dim], dim=-1)
+
+    def attend(self, q, k, v, cu_seqlens):
+        """Causal Taylor attention on ``[b, s, heads, *]``; context parallelism passes states between ranks."""
+        if self.cp_size > 1:
+            from ..context_parallel import taylor_attention_cp
+
+            return taylor_attention_cp(q, k, v, eps=self.config.linear_attention_eps, cp_group=self.cp_group,
+                                       cu_seqlens=cu_seqlens, layer=self)
+        y, _ = based_kernels.taylor_linear_attention(q, k, v, eps=self.config.linear_attention_eps,
+                                                     cu_seqlens=cu_seqlens)
+        return y
+
+    # Generation (megatron_based.inference.generation): a constant-size state per sequence, filled by the parallel form.
+    def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
+        """``S [b, heads, D, d_h]`` and ``z [b, heads, D]``, D = 1 + f + f^2, fp32 (they grow ~linearly in t)."""
+        D = based_kernels.taylor_attention.feature_dim(self.feature_dim)
+        return {"S": torch.zeros(batch, self.heads, D, self.head_dim, dtype=torch.float32, device=device),
+                "z": torch.zeros(batch, self.heads, D, dtype=torch.float32, device=device)}
+
+    def prefill(self, hidden_states, cache: dict, prompts):
+        """Packed prompts ``[T, 1, d]`` (documents at ``prompts.cu_seqlens``): the parallel form, keeping each
+        prompt's final state in ``cache``. Returns ``(out, bias)`` like forward."""
+        q, k, v = self.project_qkv(hidden_states)
+        y, (S, z) = based_kernels.taylor_linear_attention(
+            to_bshd(q), to_bshd(k), to_bshd(v), eps=self.config.linear_attention_eps,
+            cu_seqlens=prompts.cu_seqlens, output_final_state=True)
+        cache["S"].copy_(S)
+        cache["z"].copy_(z)
+        return self.linear_proj(to_bshd(y).reshape(q.shape[0], 1, self.heads * self.head_dim))
+
+    def step(self, hidden_states, cache: dict, positions=None, **_):
+        """One token per sequence ``[1, b, d]``: the recurrent form, updating ``cache`` in place."""
+        q, k, v = (t[0] for t in self.project_qkv(hidden_states))
+        y, _ = based_kernels.taylor_linear_attention_step(q, k, v, (cache["S"], cache["z"]), inplace=True,
+                                                          eps=self.config.linear_attention_eps)
+        return self.linear_proj(y.reshape(1, y.shape[0], self.heads * self.head_dim))

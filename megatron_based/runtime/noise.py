@@ -1,0 +1,63 @@
+"""The third-party warnings and log lines we know to be harmless, filtered before torch or Megatron is imported.
+
+Every command-line entry point calls :func:`quiet_known_warnings` first (``--verbose`` keeps them). Imports neither
+torch nor Megatron.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+# Warnings raised through ``warnings``: (message regex, category, module regex). Each says a fallback we expect on
+# machines without TransformerEngine / Apex / CUDA, or a deprecation in code we do not call ourselves.
+KNOWN_WARNINGS = [
+    (r"Transformer Engine (and Apex )?(is|are) not installed", UserWarning, ""),
+    (r"Apex is not installed", UserWarning, ""),
+    (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to (save|load) in a "
+     r"single process", UserWarning, ""),
+    (r"invalid escape sequence", SyntaxWarning, r".*megatron"),  # megatron's kv_block_allocator.py, compiled once
+    (r"full scope is deprecated", UserWarning, ""),  # TransformerConfig's own default cuda_graph_modules="full"
+    (r"MimoModelConfig is experimental", UserWarning, ""),  # defined when megatron.core.models is imported
+    (r"The argument order of load has been changed", UserWarning, ""),  # Megatron's positional dcp.load call
+    # The distributed optimizer's fp32 shards are slices of the parameters (not leaves); its zero_grad reads .grad.
+    (r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning, r"megatron\.core\.optimizer"),
+]
+# Messages Megatron and torch print through ``logging``, by logger name.
+KNOWN_LOG_MESSAGES = {
+    "megatron.core.models.gpt.gpt_model": r"GPTModel IS DEPRECATED",
+    "megatron.core.dist_checkpointing.strategies.torch": r"MCore's async save is deprecated",
+    "megatron.core.distributed.distributed_data_parallel": r"full_param_layout not provided",
+    "torch.utils.cpp_extension": r"No CUDA runtime is found",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_known_warnings(verbose: bool = False) -> None:
+    """Hide the known third-party warnings and log lines (:data:`KNOWN_WARNINGS`, :data:`KNOWN_LOG_MESSAGES`) in
+    this process and, through ``PYTHONWARNINGS``, in the Python processes it starts (data-loader and checkpoint
+    workers). Any other warning still shows. ``verbose``: change nothing."""
+    if verbose:
+        return
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, pattern in KNOWN_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)  # the same object the library gets later from getLogger(__name__)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage(pattern))
+    # PYTHONWARNINGS takes no regex and matches a message's start: the literal beginnings of the messages above.
+    inherited = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    for start in ("ignore:Transformer Engine and Apex are not installed", "ignore:Transformer Engine is not installed",
+                  "ignore:torch.distributed is disabled"):
+        if start not in inherited:
+            inherited.append(start)
+    os.environ["PYTHONWARNINGS"] = ",".join(inherited)
