@@ -1,5 +1,8 @@
-"""Shared helpers of the Triton kernels: interpreter detection, autotune config lists, a low-overhead launcher and
-the ``cu_seqlens`` check every varlen path (Triton and PyTorch) runs."""
+"""Host-side helpers shared by two or more op families: interpreter detection, the backend choice
+(``resolve_backend``, ``use_backend``), autotune config lists, a low-overhead launcher, the ``cu_seqlens`` check
+every varlen path (Triton and PyTorch) runs, the per-document split of the PyTorch varlen paths and the layout
+helpers of the ``[B, T, ...]`` launchers. Triton device functions shared by kernels live in ``_jit_common.py``.
+Nothing here imports Triton at module level (the interpreter patch and the launcher's runtime import it lazily)."""
 from __future__ import annotations
 
 import os
@@ -201,3 +204,52 @@ def _triton_runtime():
         from triton.runtime.driver import driver
 
         _RT.driver, _RT.knobs, _RT.HookChain = driver, knobs, getattr(knobs, "HookChain", None)
+
+
+# ------------------------------------------------------------- varlen and layout helpers of the ops modules
+def split_varlen(fn, cu_seqlens: torch.Tensor, tensors, initial_state, output_final_state: bool):
+    """Run ``fn(*tensors_of_one_doc, initial_state=state_i)`` per document of a ``cu_seqlens`` batch (B = 1).
+
+    ``tensors`` are ``[1, T, ...]``; ``initial_state`` is a tuple of tensors with a leading document dimension
+    (or None). Returns the concatenated output and, if asked, the per-document final states stacked.
+    """
+    bounds = check_cu_seqlens(cu_seqlens, tensors[0].shape[1], tensors[0].shape[0])
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        state = None if initial_state is None else tuple(s[i : i + 1] for s in initial_state)
+        o, fin = fn(*(t[:, a:b] for t in tensors), initial_state=state, output_final_state=output_final_state)
+        outs.append(o)
+        finals.append(fin)
+    out = torch.cat(outs, dim=1)
+    if not output_final_state:
+        return out, None
+    return out, tuple(torch.cat(parts, dim=0) for parts in zip(*finals))
+
+
+def lastdim_contiguous(t):
+    """t (None stays None) with a contiguous last dim: itself when it has one, else a contiguous copy."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def token_major(t):
+    """Whether a ``[B, T, ...]`` tensor (B > 1) is laid out token-major (``[T, B, ...]`` in memory)."""
+    return t.dim() >= 2 and t.shape[0] > 1 and t.stride(0) < t.stride(1)
+
+
+def empty_like_layout(ref, shape, dtype=None):
+    """An empty ``[B, T, ...]`` tensor laid out token-major (``[T, B, ...]`` in memory) when ``ref`` is."""
+    dtype = ref.dtype if dtype is None else dtype
+    if token_major(ref):
+        return torch.empty((shape[1], shape[0], *shape[2:]), dtype=dtype, device=ref.device).transpose(0, 1)
+    return torch.empty(shape, dtype=dtype, device=ref.device)
+
+
+def doc_ids(cu_seqlens, T, device):
+    """Per-token document index ``[T]`` int32 from ``cu_seqlens`` (checked first: one host sync per new cu_seqlens
+    tensor, see ``check_cu_seqlens``), on the device; None without cu_seqlens."""
+    if cu_seqlens is None:
+        return None
+    check_cu_seqlens(cu_seqlens, T)
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    pos = torch.arange(T, device=device, dtype=torch.int64)
+    return (torch.searchsorted(cu[1:], pos, right=True)).to(torch.int32)

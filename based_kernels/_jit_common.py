@@ -1,5 +1,5 @@
-"""Triton device functions shared by the kernels (imported by kernel modules only, so that the package itself
-imports without Triton).
+"""Triton device functions shared by the kernels of two or more op families (imported by kernel modules only;
+host-side shared helpers are in ``_common.py``).
 
 Masked products: a masked (query, key) pair must contribute an exact zero to the sums of a product of a masked
 weight tile and an operand tile, but a zero weight times a NaN or inf operand is NaN. So the operand enters with its

@@ -80,7 +80,7 @@ PHASES = [
     ("allocation", ("torch.empty", "empty_like", "new_empty", "transpose", "zeros")),
     ("autograd (Function, engine, leaves)", ("autograd", "function.py", "run_backward", "detach", "requires_grad_",
                                              "_functions", "apply")),
-    ("validation (public op)", ("sliding_window/__init__.py", "resolve_backend", "check_backend", "isinstance")),
+    ("validation (public op)", ("(sliding_window_attention)", "resolve_backend", "check_backend", "isinstance")),
     ("SWA glue (ops.py)", ("sliding_window/ops.py",)),
 ]
 

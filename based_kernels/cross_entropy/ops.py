@@ -1,12 +1,13 @@
-"""Launchers, ``torch.library`` custom ops and autograd of the vocab-parallel cross entropy.
+"""The functional API of the vocab-parallel cross entropy (checks, backend dispatch), its launchers, the TP merge,
+autograd Function (eager) and ``torch.library`` custom ops (torch.compile).
 
 Everything works on a 2-D view ``x [N, V]`` of the logits (rows = tokens, V = this rank's vocabulary slice
 starting at global id ``v_start``, last dim contiguous, any row stride) and flat targets ``t [N]``. The forward
 computes per-row ``(max, sum exp, target logit)`` (``stats [3, N]``, fp32), combines them over the TP group
 (``combine``) and keeps ``ms = [m; log s]`` per row (``lse = m + log s``, the two parts apart so that ``x - m``
 stays exact for large logits); the backward writes ``(softmax - onehot) * dloss`` from x and ms.
-Triton kernels on CUDA (or under ``TRITON_INTERPRET=1``); the ``*_torch`` functions are the same two passes in
-fp32 PyTorch (the CPU path).
+Triton kernels on CUDA (or under ``TRITON_INTERPRET=1``); ``reference.py``'s ``*_torch`` functions are the same
+two passes in fp32 PyTorch (the CPU path).
 """
 from __future__ import annotations
 
@@ -15,33 +16,71 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .._common import Launcher, cdiv, row_align
+from .._common import Launcher, cdiv, resolve_backend, row_align
 from .kernels import BWD_BLOCK_V, BWD_WARPS, ce_bwd_kernel, ce_fwd_kernel
-
+from .reference import bwd_torch, stats_torch
 
 _fwd, _bwd = Launcher(ce_fwd_kernel), Launcher(ce_bwd_kernel)
 
-__all__ = ["CrossEntropyFunction", "cross_entropy_fwd_op", "cross_entropy_bwd_op", "combine"]
+__all__ = ["vocab_parallel_cross_entropy", "CrossEntropyFunction", "cross_entropy_fwd_op", "cross_entropy_bwd_op",
+           "combine"]
 
 
-# ---------------------------------------------------------------------------------------------- the two passes
+# ------------------------------------------------------------------------------------------- the functional API
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None, *,
+                                 inplace_backward: bool = False, backend=None) -> torch.Tensor:
+    """Per-token ``loss = logsumexp(logits) - logits[target]`` (fp32, shape ``target.shape``).
+
+    logits ``[..., V_local]`` (bf16 / fp16 / fp32; last dim contiguous avoids a copy): rank r of ``tp_group``
+    holds the vocabulary slice ``[r * V_local, (r + 1) * V_local)``, as in Megatron; ``tp_group=None`` means
+    one rank (the whole vocabulary). target ``[...]`` int64 / int32 global ids; a target outside every slice
+    gives ``loss = logsumexp`` and no one-hot term (Megatron's behaviour). The gradient is
+    ``(softmax - onehot) * dloss`` in the logits dtype (fp32 math). Deterministic.
+
+    inplace_backward: write the gradient into the logits' storage instead of a new buffer (saves one
+    ``[N, V_local]`` tensor; only when nothing else reads the logits after this backward; eager mode only).
+    backend: None (Triton for CUDA tensors, PyTorch otherwise, or ``based_kernels.use_backend``), "triton",
+    "torch".
+    """
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must be [..., V_local] with V_local >= 1; got {tuple(logits.shape)}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"target {tuple(target.shape)} must be logits.shape[:-1] = {tuple(logits.shape[:-1])}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold int64 or int32 token ids; got {target.dtype}")
+    if target.device != logits.device:
+        raise ValueError(f"logits ({logits.device}) and target ({target.device}) are on different devices")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point; got {logits.dtype}")
+    V = logits.shape[-1]
+    world = 1 if tp_group is None else dist.get_world_size(tp_group)
+    group = tp_group if world > 1 else None
+    v_start = dist.get_rank(tp_group) * V if world > 1 else 0
+    x = logits.reshape(-1, V)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    t = target.reshape(-1)
+    use_triton = resolve_backend(backend, logits) == "triton" and x.shape[0] > 0
+    if use_triton and logits.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"the Triton cross entropy takes {_TRITON_DTYPES} logits; got {logits.dtype} "
+                        f"(use backend='torch')")
+    if use_triton and torch.compiler.is_compiling():
+        loss = cross_entropy_fwd_op(x, t, v_start, None if group is None else group.group_name)[0]
+    else:
+        loss = CrossEntropyFunction.apply(x, t, v_start, group, inplace_backward, use_triton)
+    return loss.view(target.shape)
+
+
+# ------------------------------------------------------------------------------------- the two passes in Triton
 def stats_triton(x: torch.Tensor, t: torch.Tensor, v_start: int) -> torch.Tensor:
     N, V = x.shape
     stats = torch.empty(3, N, dtype=torch.float32, device=x.device)
     a = row_align(x)
     _fwd(lambda meta: (N,), (x, t, stats, x.stride(0) // a, t.stride(0), N, V, v_start), ALIGN=a)
     return stats
-
-
-def stats_torch(x: torch.Tensor, t: torch.Tensor, v_start: int) -> torch.Tensor:
-    x = x.float()
-    V = x.shape[1]
-    m = x.amax(1)
-    s = torch.exp(x - m[:, None]).sum(1)
-    local = t - v_start
-    hit = (local >= 0) & (local < V)
-    x_t = x.gather(1, local.clamp(0, V - 1).long()[:, None])[:, 0]
-    return torch.stack([m, s, torch.where(hit, x_t, 0.0)])
 
 
 def bwd_triton(x, t, ms, dloss, v_start, out):
@@ -51,16 +90,6 @@ def bwd_triton(x, t, ms, dloss, v_start, out):
          (x, t, ms, dloss, out, x.stride(0) // a, t.stride(0), dloss.stride(0), out.stride(0) // a, N, V, v_start),
          ALIGN=a, BLOCK_V=BWD_BLOCK_V, num_warps=BWD_WARPS)
     return out
-
-
-def bwd_torch(x, t, ms, dloss, v_start, out):
-    V = x.shape[1]
-    dloss = dloss.float()
-    d = torch.exp((x.float() - ms[0, :, None]) - ms[1, :, None]) * dloss[:, None]
-    local = t - v_start
-    hit = (local >= 0) & (local < V)
-    d.scatter_add_(1, local.clamp(0, V - 1).long()[:, None], torch.where(hit, -dloss, 0.0)[:, None])
-    return out.copy_(d)
 
 
 def combine(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Launchers, autograd and ``torch.library`` custom ops of the Triton RMSNorm.
+"""The functional API of RMSNorm (checks, backend dispatch), and the Triton path: launchers, autograd Function
+(eager) and ``torch.library`` custom ops (torch.compile).
 
 Everything works on a 2-D view ``x [N, D]`` (rows = tokens, last dim contiguous, any row stride) and a weight
 ``w [D]``. The forward writes ``y [N, D]`` (contiguous, x's dtype) and ``rstd [N]`` (fp32, kept for the
@@ -9,11 +10,54 @@ from __future__ import annotations
 
 import torch
 
-from .._common import Launcher, cdiv, next_pow2, row_align
-from .kernels import ROW_QUANTUM, rms_bwd_kernel, rms_fwd_kernel
+from .._common import Launcher, cdiv, next_pow2, resolve_backend, row_align
+from .kernels import MAX_D, ROW_QUANTUM, rms_bwd_kernel, rms_fwd_kernel
+from .reference import rms_norm_reference
 
-__all__ = ["RMSNormFunction", "rms_norm_fwd_op", "rms_norm_bwd_op", "fwd_triton", "bwd_triton"]
+__all__ = ["rms_norm", "RMSNormFunction", "rms_norm_fwd_op", "rms_norm_bwd_op", "fwd_triton", "bwd_triton"]
 
+
+# ------------------------------------------------------------------------------------------- the functional API
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend=None) -> torch.Tensor:
+    """``y = x * rsqrt(mean(x^2, -1) + eps) * weight`` over the last dim, fp32 math, y in x's dtype.
+
+    x ``[..., D]`` (bf16 / fp16 / fp32 on the Triton path; any leading dims and row strides with a contiguous
+    last dim, otherwise one copy); weight ``[D]`` in any float dtype, used as ``weight.to(x.dtype)`` like
+    ``F.rms_norm(x, (D,), weight.to(x.dtype), eps)``; its gradient is the fp32 sum over rows, returned in
+    weight's dtype. The Triton path takes D <= 16384 (``kernels.MAX_D``) and is deterministic.
+    backend: None (Triton for CUDA tensors, PyTorch otherwise, or ``based_kernels.use_backend``), "triton",
+    "torch" (``torch.nn.functional.rms_norm``).
+    """
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must be [..., D] with D >= 1; got {tuple(x.shape)}")
+    D = x.shape[-1]
+    if tuple(weight.shape) != (D,):
+        raise ValueError(f"weight must be [D] = [{D}] (x's last dim); got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"x ({x.device}) and weight ({weight.device}) are on different devices")
+    if not (x.is_floating_point() and weight.is_floating_point()):
+        raise TypeError(f"x and weight must be floating point; got {x.dtype}, {weight.dtype}")
+    if resolve_backend(backend, x) == "torch" or x.numel() == 0:
+        return rms_norm_reference(x, weight, eps)
+    if D > MAX_D:
+        raise ValueError(f"the Triton RMSNorm keeps a row in registers: D = {D} > {MAX_D} (use backend='torch')")
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"the Triton RMSNorm takes {_TRITON_DTYPES} inputs; got {x.dtype} (use backend='torch')")
+    x2 = x.reshape(-1, D)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    w = weight if weight.stride(0) == 1 else weight.contiguous()
+    if torch.compiler.is_compiling():
+        y = rms_norm_fwd_op(x2, w, float(eps))[0]
+    else:
+        y = RMSNormFunction.apply(x2, w, float(eps))
+    return y if x.dim() == 2 else y.view(x.shape)
+
+
+# ------------------------------------------------------------------------------------------------ the Triton path
 _fwd, _bwd = Launcher(rms_fwd_kernel), Launcher(rms_bwd_kernel)
 _SMS = {}
 PROGRAMS_PER_SM = 4  # backward programs (each a contiguous range of rows); the interpreter's "device": 4 SMs

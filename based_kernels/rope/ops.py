@@ -1,43 +1,76 @@
-"""cos / sin tables, launchers, autograd and ``torch.library`` custom ops of the fused RoPE + q/k/v split.
+"""The functional API of the fused RoPE + q/k/v split (checks, backend dispatch), its launchers, autograd
+Function (eager) and ``torch.library`` custom ops (torch.compile).
 
 Everything works on the 4-D view ``qkv [s, b, ng, (G + 2) * D]`` (Megatron's grouped layout, last dim contiguous,
 any other strides): q ``[s, b, ng * G, D]``, k, v ``[s, b, ng, D]`` come out contiguous; the backward reads dq, dk,
 dv with any strides (last dim contiguous) and writes a contiguous dqkv of qkv's shape. Triton kernels on CUDA (or
-under ``TRITON_INTERPRET=1``); the ``*_torch`` functions are the same math in PyTorch (the CPU path).
+under ``TRITON_INTERPRET=1``); ``reference.py``'s ``*_torch`` functions are the same math in PyTorch (the CPU path),
+with the cos / sin tables both paths share.
 """
 from __future__ import annotations
 
 import torch
 
-from .._common import Launcher, cdiv, next_pow2
+from .._common import Launcher, cdiv, next_pow2, resolve_backend
 from .kernels import rope_bwd_kernel, rope_fwd_kernel
+from .reference import bwd_torch, fwd_torch, rope_tables
 
 _fwd, _bwd = Launcher(rope_fwd_kernel), Launcher(rope_bwd_kernel)
 
-__all__ = ["rope_tables", "RopeSplitQKVFunction", "rope_split_qkv_fwd_op", "rope_split_qkv_bwd_op"]
-
-_TABLES: dict = {}
-
-
-def rope_tables(s: int, offset: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)``, each ``[s, head_dim / 2]`` fp32 contiguous: angle ``(offset + t) * base^(-2i / head_dim)``.
-
-    The angles and their cos / sin are computed in fp64 and rounded once to fp32, so the tables are exact to fp32
-    rounding at any position (Megatron's fp32 angles ``pos * inv_freq`` are off by up to ~ulp(pos), 2e-3 rad at
-    position 32k). Cached per ``(s, offset, head_dim, base, device)``: a training run uses one entry per CP rank."""
-    key = (s, offset, head_dim, base, device)
-    hit = _TABLES.get(key)
-    if hit is None:
-        inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-        angle = torch.arange(offset, offset + s, dtype=torch.float64, device=device)[:, None] * inv
-        hit = angle.cos().float(), angle.sin().float()
-        if len(_TABLES) >= 64:  # many distinct lengths (not a training run): start over
-            _TABLES.clear()
-        _TABLES[key] = hit
-    return hit
+__all__ = ["rope_split_qkv", "rope_tables", "RopeSplitQKVFunction", "rope_split_qkv_fwd_op",
+           "rope_split_qkv_bwd_op"]
 
 
-# --------------------------------------------------------------------------------------------------- the two passes
+# ------------------------------------------------------------------------------------------- the functional API
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def rope_split_qkv(qkv: torch.Tensor, num_query_groups: int, head_dim: int, *, offset: int = 0,
+                   base: float = 10000.0, backend=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split Megatron's packed ``linear_qkv`` output into q, k, v and apply RoPE to q and k.
+
+    qkv ``[s, b, ng, (G + 2) * d_h]`` (or its flat ``[s, b, ng * (G + 2) * d_h]``) in Megatron's grouped layout:
+    per query group g, its G query heads, then its key head, then its value head (MHA: G = 1, ``[q_h | k_h | v_h]``
+    per head). Last dim contiguous (else one copy), other strides free. Token t (of every batch row) is at position
+    ``offset + t`` (contiguous context-parallel shards: ``offset = cp_rank * s``).
+
+    Returns q ``[s, b, ng * G, d_h]``, k ``[s, b, ng, d_h]``, v ``[s, b, ng, d_h]``, new contiguous tensors in
+    qkv's dtype: q and k rotated with Megatron's non-interleaved (rotate-half) RoPE at angles
+    ``pos * base^(-2i / d_h)`` (fp32 math from fp32 cos / sin tables, rounded once), v copied. The gradient of qkv
+    is contiguous, in qkv's dtype. d_h must be even (any even size; not only powers of two).
+    backend: None (Triton for CUDA tensors, PyTorch otherwise, or ``based_kernels.use_backend``), "triton",
+    "torch".
+    """
+    if qkv.dim() not in (3, 4):
+        raise ValueError(f"qkv must be [s, b, ng, (G + 2) * head_dim] or [s, b, ng * (G + 2) * head_dim]; got "
+                         f"{tuple(qkv.shape)}")
+    if not qkv.is_floating_point():
+        raise TypeError(f"qkv must be floating point; got {qkv.dtype}")
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim ({head_dim}) must be even: rotate-half RoPE pairs dims i and i + head_dim / 2")
+    if num_query_groups < 1 or (qkv.dim() == 4 and qkv.shape[2] != num_query_groups):
+        raise ValueError(f"num_query_groups ({num_query_groups}) must be >= 1 and match qkv's dim 2 "
+                         f"{tuple(qkv.shape)}")
+    width = qkv.shape[-1] * (qkv.shape[2] if qkv.dim() == 4 else 1)  # ng * (G + 2) * head_dim
+    G = width // (num_query_groups * head_dim) - 2
+    if G < 1 or width != num_query_groups * (G + 2) * head_dim:
+        raise ValueError(f"qkv's last dim(s) {tuple(qkv.shape[2:])} must hold num_query_groups ({num_query_groups}) "
+                         f"x (G + 2) x head_dim ({head_dim}) with G >= 1 query heads per group")
+    if not isinstance(offset, (int, torch.SymInt)) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0 (the position of token 0); got {offset!r}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    if qkv.dim() == 3:
+        qkv = qkv.unflatten(-1, (num_query_groups, -1))
+    use_triton = resolve_backend(backend, qkv) == "triton" and qkv.numel() > 0
+    if use_triton and qkv.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"the Triton RoPE takes {_TRITON_DTYPES} qkv; got {qkv.dtype} (use backend='torch')")
+    if use_triton and torch.compiler.is_compiling():
+        return rope_split_qkv_fwd_op(qkv, G, head_dim, offset, float(base))
+    return RopeSplitQKVFunction.apply(qkv, G, head_dim, offset, float(base), use_triton)
+
+
+# ------------------------------------------------------------------------------------- the two passes in Triton
 def _grid(N, ng):
     return lambda meta: (cdiv(N, meta["BLOCK_N"]), ng)
 
@@ -61,27 +94,6 @@ def bwd_triton(dq, dk, dv, cos, sin, dtype):
                             *dqkv.stride()[:3], s * b, b),
          G=G, D=D, BLOCK_H=next_pow2(D // 2))
     return dqkv
-
-
-def _rotate(x, cos, sin):
-    """Rotate-half RoPE of ``x [s, ..., D]`` with tables ``[s, D/2]`` (broadcast over the middle dims)."""
-    cos, sin = (t.view(t.shape[0], *([1] * (x.dim() - 2)), t.shape[1]) for t in (cos, sin))
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-def fwd_torch(qkv, cos, sin, G, D):
-    s, b, ng, _ = qkv.shape
-    x = qkv.unflatten(-1, (G + 2, D))
-    qk = _rotate(x[:, :, :, : G + 1].to(torch.promote_types(qkv.dtype, torch.float32)), cos, sin).to(qkv.dtype)
-    return qk[:, :, :, :G].reshape(s, b, ng * G, D).contiguous(), qk[:, :, :, G].contiguous(), x[:, :, :, G + 1].contiguous()
-
-
-def bwd_torch(dq, dk, dv, cos, sin, dtype):
-    s, b, ng, D = dk.shape
-    dqk = torch.cat([dq.unflatten(2, (ng, -1)), dk[:, :, :, None]], dim=3)
-    dx = _rotate(dqk.to(torch.promote_types(dqk.dtype, torch.float32)), cos, -sin).to(dtype)
-    return torch.cat([dx, dv[:, :, :, None].to(dtype)], dim=3).flatten(3)
 
 
 # -------------------------------------------------------------------------------------------------- eager autograd

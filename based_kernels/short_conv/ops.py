@@ -1,4 +1,5 @@
-"""Launchers, ``torch.library`` custom ops and autograd for the Triton short convolution / BaseConv core.
+"""The functional API of the short convolution / BaseConv core (backend dispatch), and the Triton path: launchers,
+``torch.library`` custom ops (torch.compile) and autograd Functions (eager).
 
 Inputs are ``[B, T, C]`` with any batch/time strides and a contiguous channel dim, so BaseConv's ``u1, u2``
 (column slices of Megatron's ``[s, b, 4d]`` in-projection, seen as ``[b, s, c]``) go in without copies; outputs
@@ -11,11 +12,13 @@ from typing import Optional
 
 import torch
 
-from .._common import Launcher, cdiv
-from ..sliding_window.ops import _doc_ids, _empty_like_layout, _lastdim_contiguous
+from .._common import Launcher, cdiv, doc_ids, empty_like_layout, lastdim_contiguous, resolve_backend
 from .backward import CHUNK, conv_bwd_init_kernel, conv_bwd_kernel, conv_bwd_stream_kernel
 from .forward import conv_fwd_kernel
 from .recurrent import conv_step_kernel
+from .reference import (base_conv_packed_reference, base_conv_packed_step_reference, base_conv_reference,
+                        base_conv_step_reference, short_conv_reference)
+from .reference import short_conv_step as short_conv_step_reference
 
 _fwd, _bwd_init, _step = (Launcher(k) for k in (conv_fwd_kernel, conv_bwd_init_kernel, conv_step_kernel))
 _BWD = {"tile": Launcher(conv_bwd_kernel), "stream": Launcher(conv_bwd_stream_kernel)}
@@ -28,7 +31,124 @@ BWD_VARIANT = os.environ.get("BASED_CONV_BWD", "stream")
 if BWD_VARIANT not in _BWD:
     raise ValueError(f"BASED_CONV_BWD must be one of {sorted(_BWD)}; got {BWD_VARIANT!r}")
 
-__all__ = ["conv_triton", "conv_packed_triton", "conv_step_triton", "final_state", "BWD_VARIANT"]
+__all__ = ["short_conv", "short_conv_step", "base_conv", "base_conv_step", "base_conv_packed", "base_conv_packed_step",
+           "conv_triton", "conv_packed_triton", "conv_step_triton", "final_state", "BWD_VARIANT"]
+
+
+# ------------------------------------------------------------------------------------------- the functional API
+def _use_triton(backend, x):
+    return resolve_backend(backend, x) == "triton"
+
+
+def _check(x, g, weight, initial_state, cu_seqlens):
+    if x.dim() != 3:
+        raise ValueError(f"expected x [B, T, C]; got {tuple(x.shape)}")
+    B, T, C = x.shape
+    if g is not None and g.shape != x.shape:
+        raise ValueError(f"the gate u2 {tuple(g.shape)} must match u1 {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != C or not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"weight must be [C={C}, k] with 2 <= k <= 4 for the Triton kernel; got "
+                         f"{tuple(weight.shape)} (use backend='torch' for other k)")
+    N = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1 (documents packed along T); got B={B}")
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, weight.shape[1] - 1, C):
+        raise ValueError(f"initial_state must be [N, k-1, C] = {(N, weight.shape[1] - 1, C)} (N = batch or "
+                         f"documents); got {tuple(initial_state.shape)}")
+
+
+def _conv(x, g, weight, initial_state, output_final_state, cu_seqlens):
+    _check(x, g, weight, initial_state, cu_seqlens)
+    y = conv_triton(x, g, weight, initial_state, cu_seqlens)
+    fin = final_state(x, initial_state, weight.shape[1], cu_seqlens) if output_final_state else None
+    return y, fin
+
+
+def short_conv(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None, backend=None):
+    """Causal depthwise conv ``y_t = sum_i weight[:, i] x_{t-(k-1)+i}``; x ``[B, T, C]``, weight ``[C, k]``.
+
+    initial_state ``[N, k-1, C]`` holds the inputs before each sequence (N = B, or documents with cu_seqlens).
+    backend: None (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch".
+    Returns ``(y [B, T, C], final_state [N, k-1, C] or None)``.
+    """
+    if not _use_triton(backend, x):
+        return short_conv_reference(x, weight, initial_state=initial_state, output_final_state=output_final_state,
+                                    cu_seqlens=cu_seqlens)
+    return _conv(x, None, weight, initial_state, output_final_state, cu_seqlens)
+
+
+def base_conv(u1, u2, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None, backend=None):
+    """BaseConv core ``SiLU(short_conv(u1)) * u2`` fused in one pass; u1, u2 ``[B, T, C]``, weight ``[C, k]``.
+
+    Any batch/time strides with a contiguous channel dim. Gradients flow to u1, u2, weight (deterministic)
+    and initial_state. Returns ``(y [B, T, C], final_state [N, k-1, C] or None)``.
+    """
+    if not _use_triton(backend, u1):
+        return base_conv_reference(u1, u2, weight, initial_state=initial_state,
+                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return _conv(u1, u2, weight, initial_state, output_final_state, cu_seqlens)
+
+
+def _check_packed(u, weight, bias):
+    if u.dim() not in (2, 3) or u.shape[-1] % 2:
+        raise ValueError(f"expected packed u [B, T, 2C] (or [B, 2C] for a step) = [u1 | u2]; got {tuple(u.shape)}")
+    if bias is not None and tuple(bias.shape) != (u.shape[-1],):
+        raise ValueError(f"bias must be [2C] = [{u.shape[-1]}] (the in-projection bias [b1 | b2]); got "
+                         f"{tuple(bias.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != u.shape[-1] // 2:
+        raise ValueError(f"weight must be [C={u.shape[-1] // 2}, k]; got {tuple(weight.shape)}")
+
+
+def base_conv_packed(u, weight, bias=None, *, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     backend=None):
+    """BaseConv core on the packed in-projection output: ``u1, u2 = (u + bias).chunk(2, -1)``,
+    ``y = SiLU(short_conv(u1)) * u2``, in one kernel.
+
+    u ``[B, T, 2C]`` with any batch/time strides and a contiguous last dim (Megatron's ``[s, b, 2C]`` seen as
+    ``[b, s, 2C]``); bias ``[2C]`` or None (added inside the kernel; the state holds ``u1 + b1``). The backward
+    writes one ``du`` laid out like u, and ``dbias`` (deterministic). Returns ``(y [B, T, C], final_state)``.
+    """
+    _check_packed(u, weight, bias)
+    if not _use_triton(backend, u):
+        return base_conv_packed_reference(u, weight, bias, initial_state=initial_state,
+                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    C = u.shape[-1] // 2
+    _check(u[..., :C], None, weight, initial_state, cu_seqlens)
+    y = conv_packed_triton(u, weight, bias, initial_state, cu_seqlens)
+    fin = None
+    if output_final_state:
+        fin = final_state(u[..., :C], initial_state, weight.shape[1], cu_seqlens,
+                          None if bias is None else bias[:C])
+    return y, fin
+
+
+def base_conv_packed_step(u, weight, state, bias=None, *, backend=None):
+    """One packed decode step: u ``[B, 2C]``, bias ``[2C]`` or None, state ``[B, k-1, C]`` (None = zeros).
+    Returns ``(y [B, C], new_state)``."""
+    _check_packed(u, weight, bias)
+    if not _use_triton(backend, u):
+        return base_conv_packed_step_reference(u, weight, state, bias)
+    C = u.shape[-1] // 2
+    return conv_step_triton(u[:, :C], u[:, C:], weight, state, bias)
+
+
+def short_conv_step(x, weight, state, *, backend=None):
+    """One decode step: x ``[B, C]``, state ``[B, k-1, C]`` (None = zeros). Returns ``(y [B, C], new_state)``."""
+    if not _use_triton(backend, x):
+        return short_conv_step_reference(x, weight, state)
+    return conv_step_triton(x, None, weight, state)
+
+
+def base_conv_step(u1, u2, weight, state, *, backend=None):
+    """One BaseConv decode step ``SiLU(conv_step(u1)) * u2``; returns ``(y [B, C], new_state [B, k-1, C])``."""
+    if not _use_triton(backend, u1):
+        return base_conv_step_reference(u1, u2, weight, state)
+    return conv_step_triton(u1, u2, weight, state)
+
+
+# ------------------------------------------------------------------------------------------------ the Triton path
 
 
 def _s2(t):
@@ -39,7 +159,7 @@ def _varlen(cu, T, device):
     """Per-token document ids and int32 offsets (cu is checked: the kernels index x and the state with it)."""
     if cu is None:
         return None, None
-    return _doc_ids(cu, T, device), cu.to(device=device, dtype=torch.int32)
+    return doc_ids(cu, T, device), cu.to(device=device, dtype=torch.int32)
 
 
 def _launch_fwd(x, g, w, bias, init, cu, y):
@@ -61,7 +181,7 @@ def _launch_bwd(dy, x, g, w, bias, init, cu, dx, dg):
     summed in a fixed order (deterministic, no atomics)."""
     B, T, C = x.shape
     K = w.shape[1]
-    dy = _lastdim_contiguous(dy)
+    dy = lastdim_contiguous(dy)
     NT = cdiv(T, CHUNK)
     dwp = torch.empty(B * NT, 4, C, dtype=torch.float32, device=x.device)
     dbp = torch.empty(B * NT, 2, C, dtype=torch.float32, device=x.device) if bias is not None else dwp
@@ -98,7 +218,7 @@ def _launch_bwd(dy, x, g, w, bias, init, cu, dx, dg):
 # ------------------------------------------------------------------ u1, u2 as two tensors (short_conv, base_conv)
 def conv_fwd(x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor, init: Optional[torch.Tensor],
              cu: Optional[torch.Tensor]) -> torch.Tensor:
-    return _launch_fwd(x, g, w, None, init, cu, _empty_like_layout(x, x.shape))
+    return _launch_fwd(x, g, w, None, init, cu, empty_like_layout(x, x.shape))
 
 
 conv_fwd_op = torch.library.custom_op("based_kernels::short_conv_fwd", conv_fwd, mutates_args=())
@@ -106,14 +226,14 @@ conv_fwd_op = torch.library.custom_op("based_kernels::short_conv_fwd", conv_fwd,
 
 @conv_fwd_op.register_fake
 def _(x, g, w, init, cu):
-    return _empty_like_layout(x, x.shape)
+    return empty_like_layout(x, x.shape)
 
 
 def conv_bwd(dy: torch.Tensor, x: torch.Tensor, g: Optional[torch.Tensor], w: torch.Tensor,
              init: Optional[torch.Tensor], cu: Optional[torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx = _empty_like_layout(x, x.shape)
-    dg = _empty_like_layout(g, g.shape) if g is not None else x.new_empty(0)
+    dx = empty_like_layout(x, x.shape)
+    dg = empty_like_layout(g, g.shape) if g is not None else x.new_empty(0)
     dw, _, dinit = _launch_bwd(dy, x, g, w, None, init, cu, dx, dg if g is not None else None)
     return dx, dg, dw, dinit
 
@@ -123,9 +243,9 @@ conv_bwd_op = torch.library.custom_op("based_kernels::short_conv_bwd", conv_bwd,
 
 @conv_bwd_op.register_fake
 def _(dy, x, g, w, init, cu):
-    dg = _empty_like_layout(g, g.shape) if g is not None else x.new_empty(0)
+    dg = empty_like_layout(g, g.shape) if g is not None else x.new_empty(0)
     dinit = torch.empty_like(init) if init is not None else x.new_empty(0)
-    return _empty_like_layout(x, x.shape), dg, torch.empty_like(w), dinit
+    return empty_like_layout(x, x.shape), dg, torch.empty_like(w), dinit
 
 
 def _setup_context(ctx, inputs, output):
@@ -166,7 +286,7 @@ def _halves(u):
 def packed_fwd(u: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], init: Optional[torch.Tensor],
                cu: Optional[torch.Tensor]) -> torch.Tensor:
     x, g = _halves(u)
-    return _launch_fwd(x, g, w, bias, init, cu, _empty_like_layout(u, x.shape))
+    return _launch_fwd(x, g, w, bias, init, cu, empty_like_layout(u, x.shape))
 
 
 packed_fwd_op = torch.library.custom_op("based_kernels::base_conv_packed_fwd", packed_fwd, mutates_args=())
@@ -175,14 +295,14 @@ packed_fwd_op = torch.library.custom_op("based_kernels::base_conv_packed_fwd", p
 @packed_fwd_op.register_fake
 def _(u, w, bias, init, cu):
     B, T, C2 = u.shape
-    return _empty_like_layout(u, (B, T, C2 // 2))
+    return empty_like_layout(u, (B, T, C2 // 2))
 
 
 def packed_bwd(dy: torch.Tensor, u: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
                init: Optional[torch.Tensor], cu: Optional[torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One gradient tensor ``du`` laid out like ``u`` (no cat of du1, du2), plus dw, dbias, dinit."""
-    du = _empty_like_layout(u, u.shape)
+    du = empty_like_layout(u, u.shape)
     x, g = _halves(u)
     dx, dg = _halves(du)
     dw, dbias, dinit = _launch_bwd(dy, x, g, w, bias, init, cu, dx, dg)
@@ -196,7 +316,7 @@ packed_bwd_op = torch.library.custom_op("based_kernels::base_conv_packed_bwd", p
 def _(dy, u, w, bias, init, cu):
     dbias = torch.empty_like(bias) if bias is not None else u.new_empty(0)
     dinit = torch.empty_like(init) if init is not None else u.new_empty(0)
-    return _empty_like_layout(u, u.shape), torch.empty_like(w), dbias, dinit
+    return empty_like_layout(u, u.shape), torch.empty_like(w), dbias, dinit
 
 
 def _packed_grads(ctx, dy, bwd):
@@ -249,15 +369,15 @@ def final_state(x, initial_state, K, cu_seqlens=None, bias=None):
 
 
 def conv_triton(x, g, weight, initial_state, cu_seqlens):
-    x = _lastdim_contiguous(x)
-    g = _lastdim_contiguous(g)
+    x = lastdim_contiguous(x)
+    g = lastdim_contiguous(g)
     init = None if initial_state is None else initial_state.contiguous()
     args = (x, g, weight, init, cu_seqlens)
     return conv_fwd_op(*args) if torch.compiler.is_compiling() else ShortConvFunction.apply(*args)
 
 
 def conv_packed_triton(u, weight, bias, initial_state, cu_seqlens):
-    u = _lastdim_contiguous(u)
+    u = lastdim_contiguous(u)
     bias = None if bias is None else bias.contiguous()
     init = None if initial_state is None else initial_state.contiguous()
     args = (u, weight, bias, init, cu_seqlens)
@@ -267,9 +387,9 @@ def conv_packed_triton(u, weight, bias, initial_state, cu_seqlens):
 def conv_step_triton(x, g, weight, state, bias=None):
     B, C = x.shape
     K = weight.shape[1]
-    x = _lastdim_contiguous(x)
-    g = _lastdim_contiguous(g)
-    state = None if state is None else _lastdim_contiguous(state)
+    x = lastdim_contiguous(x)
+    g = lastdim_contiguous(g)
+    state = None if state is None else lastdim_contiguous(state)
     st_dtype = x.dtype if state is None else torch.promote_types(state.dtype, x.dtype)
     y = torch.empty(B, C, dtype=x.dtype, device=x.device)
     new_state = torch.empty(B, K - 1, C, dtype=st_dtype, device=x.device)

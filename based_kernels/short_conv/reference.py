@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..taylor_attention.reference import split_varlen
+from .._common import split_varlen
 
 __all__ = ["short_conv_reference", "short_conv_step", "base_conv_reference", "base_conv_step_reference",
            "base_conv_packed_reference", "base_conv_packed_step_reference"]

@@ -1,4 +1,5 @@
-"""Launchers, ``torch.library`` custom ops and autograd for the Triton sliding-window attention.
+"""The functional API of sliding-window attention (backend dispatch), and the Triton path: launchers,
+``torch.library`` custom ops (torch.compile) and autograd Functions (eager).
 
 The ops take ``[B, T, H, D]`` tensors with any strides whose last dim is contiguous (Megatron's ``[s, b, h, d]``
 seen as ``[b, s, h, d]`` goes in without a copy) and write outputs in the same token-major or batch-major order
@@ -10,44 +11,44 @@ from typing import Optional
 
 import torch
 
-from .._common import Launcher, cdiv, check_cu_seqlens, next_pow2
+from .._common import (Launcher, cdiv, doc_ids, empty_like_layout, lastdim_contiguous, next_pow2,
+                       resolve_backend, token_major)
 from .backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
 from .forward import swa_fwd_kernel
+from .reference import sliding_window_attention_reference
 
 _fwd = Launcher(swa_fwd_kernel)
 _bwd_dq = Launcher(swa_bwd_dq_kernel)
 _bwd_dkdv = Launcher(swa_bwd_dkdv_kernel)
 
-__all__ = ["swa_triton"]
+__all__ = ["sliding_window_attention", "swa_triton"]
 
 
-def _lastdim_contiguous(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+# ------------------------------------------------------------------------------------------- the functional API
+def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, kv_prefix=None, backend=None):
+    """Causal left-window softmax attention: query t attends keys ``t - window ... t`` (window + 1 keys).
+
+    Args:
+        q: ``[B, T, H, D]``; k, v: ``[B, T, H_kv, D]`` with H a multiple of H_kv (GQA). Any strides with a
+            contiguous last dim (e.g. Megatron's ``[s, b, h, d]`` transposed to ``[b, s, h, d]``).
+        window: left window W >= 0.
+        scale: softmax scale, default ``D ** -0.5``.
+        cu_seqlens: ``[N + 1]`` document offsets for packed documents (B = 1); no attention across them.
+        kv_prefix: ``(k_prefix, v_prefix)`` ``[B, P, H_kv, D]`` rows at positions -P ... -1 (the context-parallel
+            halo); gradients flow back to them.
+        backend: None (Triton for CUDA tensors, PyTorch otherwise), "triton" (also runs on CPU tensors under
+            ``TRITON_INTERPRET=1``) or "torch" (the dense reference).
+    Returns:
+        o ``[B, T, H, D]`` in q's dtype (token-major in memory when q is).
+    """
+    if resolve_backend(backend, q) == "torch":
+        return sliding_window_attention_reference(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens,
+                                                  kv_prefix=kv_prefix)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return swa_triton(q, k, v, window, scale, kv_prefix, cu_seqlens)
 
 
-def _token_major(t):
-    return t.dim() >= 2 and t.shape[0] > 1 and t.stride(0) < t.stride(1)
-
-
-def _empty_like_layout(ref, shape, dtype=None):
-    """An empty ``[B, T, ...]`` tensor laid out token-major (``[T, B, ...]`` in memory) when ``ref`` is."""
-    dtype = ref.dtype if dtype is None else dtype
-    if _token_major(ref):
-        return torch.empty((shape[1], shape[0], *shape[2:]), dtype=dtype, device=ref.device).transpose(0, 1)
-    return torch.empty(shape, dtype=dtype, device=ref.device)
-
-
-def _doc_ids(cu_seqlens, T, device):
-    """Per-token document index ``[T]`` int32 from ``cu_seqlens`` (checked first: one host sync per new cu_seqlens
-    tensor, see ``check_cu_seqlens``), on the device; None without cu_seqlens."""
-    if cu_seqlens is None:
-        return None
-    check_cu_seqlens(cu_seqlens, T)
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    pos = torch.arange(T, device=device, dtype=torch.int64)
-    return (torch.searchsorted(cu[1:], pos, right=True)).to(torch.int32)
-
-
+# ------------------------------------------------------------------------------------------------ the Triton path
 def _strides3(t):
     return t.stride()[:3] if t is not None else (0, 0, 0)  # one stride() call: each costs ~1-2 us of host time
 
@@ -65,8 +66,8 @@ def swa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torc
             vp: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], window: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, H, Hkv, D, P, block_d, prec = _meta(q, k, kp)
-    doc = _doc_ids(cu_seqlens, T, q.device)
-    o = _empty_like_layout(q, q.shape)
+    doc = doc_ids(cu_seqlens, T, q.device)
+    o = empty_like_layout(q, q.shape)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     kp_, vp_ = (q, q) if kp is None else (kp, vp)
     _fwd(
@@ -86,7 +87,7 @@ swa_fwd_op = torch.library.custom_op("based_kernels::swa_fwd", swa_fwd, mutates_
 @swa_fwd_op.register_fake
 def _(q, k, v, kp, vp, cu_seqlens, window, scale):
     B, T, H, _ = q.shape
-    return _empty_like_layout(q, q.shape), q.new_empty(B, H, T, dtype=torch.float32)
+    return empty_like_layout(q, q.shape), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 def swa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torch.Tensor],
@@ -94,16 +95,16 @@ def swa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor]:
     B, T, H, Hkv, D, P, block_d, prec = _meta(q, k, kp)
-    doc = _doc_ids(cu_seqlens, T, q.device)
-    do = _lastdim_contiguous(do)
-    dq = _empty_like_layout(q, q.shape)
-    dk = _empty_like_layout(k, k.shape)
-    dv = _empty_like_layout(v, v.shape)
+    doc = doc_ids(cu_seqlens, T, q.device)
+    do = lastdim_contiguous(do)
+    dq = empty_like_layout(q, q.shape)
+    dk = empty_like_layout(k, k.shape)
+    dv = empty_like_layout(v, v.shape)
     if kp is None:
         dkp, dvp = q.new_empty(0), q.new_empty(0)
         kp_, vp_ = q, q
     else:
-        dkp, dvp = _empty_like_layout(kp, kp.shape), _empty_like_layout(vp, vp.shape)
+        dkp, dvp = empty_like_layout(kp, kp.shape), empty_like_layout(vp, vp.shape)
         kp_, vp_ = kp, vp
     delta = torch.empty_like(lse)
     doc_ = doc if doc is not None else lse
@@ -131,9 +132,9 @@ swa_bwd_op = torch.library.custom_op("based_kernels::swa_bwd", swa_bwd, mutates_
 
 @swa_bwd_op.register_fake
 def _(do, q, k, v, kp, vp, cu_seqlens, o, lse, window, scale):
-    dkp = q.new_empty(0) if kp is None else _empty_like_layout(kp, kp.shape)
-    dvp = q.new_empty(0) if vp is None else _empty_like_layout(vp, vp.shape)
-    return (_empty_like_layout(q, q.shape), _empty_like_layout(k, k.shape), _empty_like_layout(v, v.shape),
+    dkp = q.new_empty(0) if kp is None else empty_like_layout(kp, kp.shape)
+    dvp = q.new_empty(0) if vp is None else empty_like_layout(vp, vp.shape)
+    return (empty_like_layout(q, q.shape), empty_like_layout(k, k.shape), empty_like_layout(v, v.shape),
             dkp, dvp)
 
 
@@ -186,9 +187,9 @@ class _Plan:
         self.layouts = []  # (shape to allocate, transpose(0, 1) after) of o / dq, dk, dv: _empty_like_layout's
         strides = []
         for t in (q, k, v):
-            tm = _token_major(t)
+            tm = token_major(t)
             self.layouts.append(((t.shape[1], t.shape[0], *t.shape[2:]) if tm else tuple(t.shape), tm))
-            strides.append(_empty_like_layout(meta(t), t.shape).stride()[:3])
+            strides.append(empty_like_layout(meta(t), t.shape).stride()[:3])
         self.lse_shape = (B, H, T)
         self.consts = dict(D=D, W=window, G=H // Hkv, BLOCK_D=block_d, HAS_PREFIX=False, IS_VARLEN=False,
                            DOT_PREC=prec)
@@ -285,10 +286,10 @@ def swa_triton(q, k, v, window, scale, kv_prefix=None, cu_seqlens=None):
             return _PlainFunction.apply(q, k, v, plan)
     else:
         validate(q, k, v, window, cu_seqlens, kv_prefix)
-    q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
+    q, k, v = (lastdim_contiguous(t) for t in (q, k, v))
     kp = vp = None
     if kv_prefix is not None:
-        kp, vp = (_lastdim_contiguous(t) for t in kv_prefix)
+        kp, vp = (lastdim_contiguous(t) for t in kv_prefix)
     args = (q, k, v, kp, vp, cu_seqlens, int(window), float(scale))
     if torch.compiler.is_compiling():
         return swa_fwd_op(*args)[0]

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..taylor_attention.reference import split_varlen
+from .._common import split_varlen
 
 __all__ = ["sliding_window_attention_reference"]
 

@@ -1,4 +1,5 @@
-"""Launchers, torch.library custom ops and autograd for the Triton Taylor linear attention kernels.
+"""The functional API of Taylor linear attention (backend dispatch), and the Triton path: launchers and the
+torch.library custom ops with their autograd (used in eager mode and under torch.compile alike).
 
 ``taylor_attention_fwd`` / ``taylor_attention_bwd`` are registered as ``based_kernels::`` custom ops with fake
 implementations, and autograd is attached with ``register_autograd``, so ``torch.compile`` traces them as
@@ -19,11 +20,74 @@ from typing import Optional
 import torch
 import triton
 
-from .._common import INTERPRET, Launcher, cdiv, check_cu_seqlens, next_pow2
+from .. import _common
+from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, lastdim_contiguous,
+                       next_pow2, resolve_backend)
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
                     taylor_prep_kernel)
 from .recurrent import taylor_step_kernel
+from .reference import taylor_attention_chunked, taylor_attention_step
 
+__all__ = ["taylor_linear_attention", "taylor_linear_attention_step", "taylor_attention_triton",
+           "taylor_attention_step_triton", "taylor_attention_fwd", "taylor_attention_bwd", "taylor_attention_step_op",
+           "CONFIG", "MAX_F", "MAX_F_STEP"]
+
+
+# ------------------------------------------------------------------------------------------- the functional API
+def _use_triton(backend, x, f, step=False):
+    check_backend(backend)
+    if backend is None and _common._BACKEND[0] is None:
+        return x.is_cuda and f <= (MAX_F_STEP if step else MAX_F)  # larger f: the PyTorch path
+    return resolve_backend(backend, x) == "triton"
+
+
+def taylor_linear_attention(q, k, v, *, eps=1e-12, initial_state=None, output_final_state=False,
+                            cu_seqlens=None, backend=None, output_normalizer=False):
+    """Causal Taylor linear attention ``y_t = sum_{j<=t} K(q_t,k_j) v_j / (sum_{j<=t} K(q_t,k_j) + eps)``.
+
+    Args:
+        q, k: ``[B, T, H, f]``; v: ``[B, T, H, d_v]``. Any strides (the Triton path needs the last dim
+            contiguous and copies otherwise). fp16/bf16/fp32; states and accumulation in fp32.
+        eps: added to the denominator (which is >= (t+1)/2, so eps is inert).
+        initial_state: ``(S [N, H, D, d_v], z [N, H, D])`` fp32, D = 1 + f + f^2, N = B (or the number of
+            documents with cu_seqlens); differentiable.
+        output_final_state: also return the state after the last token (per document with cu_seqlens).
+        cu_seqlens: ``[N + 1]`` int document offsets (FlashAttention convention, B = 1); state resets per doc.
+        backend: None (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        output_normalizer: also return the denominator ``den [B, T, H]`` (fp32; fp64 for fp64 inputs on the
+            PyTorch path), without eps, so ``y = num / (den + eps)``; differentiable (context parallelism uses it
+            to merge the incoming state after a local, zero-state pass).
+    Returns:
+        ``(y [B, T, H, d_v] in v.dtype, (S, z) or None)``; with ``output_normalizer``
+        ``(y, (S, z) or None, den)``.
+    """
+    if _use_triton(backend, q, q.shape[-1]):
+        return taylor_attention_triton(q, k, v, eps=eps, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                       output_normalizer=output_normalizer)
+    return taylor_attention_chunked(q, k, v, eps=eps, initial_state=initial_state,
+                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                    output_normalizer=output_normalizer)
+
+
+def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12, backend=None, inplace=False):
+    """One decode step (update before read). q, k ``[B, H, f]``, v ``[B, H, d_v]``, state ``(S, z)`` or None;
+    returns ``(y [B, H, d_v], new_state)``. The input state is not modified unless ``inplace=True``, which
+    updates ``(S, z)`` (contiguous fp32) in place and returns them (decode loops and CUDA graphs: fixed buffers,
+    half the memory traffic)."""
+    if inplace and state is None:
+        raise ValueError("inplace=True needs a state to update; pass zeros for the first token")
+    if _use_triton(backend, q, q.shape[-1], step=True):
+        return taylor_attention_step_triton(q, k, v, state, eps=eps, inplace=inplace)
+    y, new = taylor_attention_step(q, k, v, state, eps=eps)
+    if inplace:
+        state[0].copy_(new[0])
+        state[1].copy_(new[1])
+        return y, state
+    return y, new
+
+
+# ------------------------------------------------------------------------------------------------ the Triton path
 # Triton's own launch path costs ~0.1 ms of Python per launch of these many-argument kernels (see _common.py)
 _state_kernel = Launcher(taylor_chunk_state_kernel)
 _output_kernel = Launcher(taylor_chunk_output_kernel)
@@ -93,10 +157,6 @@ def _chunks(B: int, T: int, cu_seqlens: Optional[torch.Tensor], BT: int):
     dev = cu_seqlens.device
     return (offsets[-1], 0, torch.tensor(offsets, dtype=torch.int32, device=dev),
             torch.tensor(meta or [0, 0], dtype=torch.int32, device=dev))
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _s3(t: torch.Tensor):
@@ -201,7 +261,7 @@ def _(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
 def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
     B, T, H, F = q.shape
     DV = v.shape[-1]
-    dy = _last_dim_contiguous(dy)
+    dy = lastdim_contiguous(dy)
     BK, BT, BF, BV, NF, nw, ns = _cfg("grad", F, DV)
     NV = triton.cdiv(DV, BV)
     n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
@@ -299,7 +359,7 @@ def taylor_attention_triton(q, k, v, *, eps=1e-12, initial_state=None, output_fi
     """Triton path of :func:`based_kernels.taylor_linear_attention` (same arguments and returns)."""
     h0s, h0z = (None, None) if initial_state is None else initial_state
     _check_inputs(q, k, v, h0s, h0z, cu_seqlens)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (lastdim_contiguous(t) for t in (q, k, v))
     if h0s is not None:
         n = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
         F, DV = q.shape[-1], v.shape[-1]
@@ -378,7 +438,7 @@ def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False):
     if q.shape[-1] > MAX_F_STEP:
         raise ValueError(f"the Triton decode kernel supports f <= {MAX_F_STEP} (got f={q.shape[-1]}); "
                          f"use backend='torch'")
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (lastdim_contiguous(t) for t in (q, k, v))
     if inplace:
         S, z = state
         if S.dtype != torch.float32 or z.dtype != torch.float32 or not (S.is_contiguous() and z.is_contiguous()):
@@ -390,6 +450,3 @@ def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False):
     y, s, z = taylor_attention_step_op(q, k, v, s, z, float(eps))
     return y, (s, z)
 
-
-__all__ = ["taylor_attention_triton", "taylor_attention_step_triton", "taylor_attention_fwd",
-           "taylor_attention_bwd", "taylor_attention_step_op", "CONFIG", "MAX_F", "MAX_F_STEP"]

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .._common import check_cu_seqlens
+from .._common import split_varlen
 
 __all__ = [
     "feature_dim",
@@ -24,7 +24,6 @@ __all__ = [
     "taylor_attention_quadratic",
     "taylor_attention_chunked",
     "taylor_attention_step",
-    "split_varlen",
 ]
 
 
@@ -78,25 +77,6 @@ def _check(q, k, v, initial_state):
             raise ValueError(
                 f"initial_state must be (S {want}, z {want[:3]}); got S {tuple(S.shape)}, z {tuple(z.shape)}"
             )
-
-
-def split_varlen(fn, cu_seqlens: torch.Tensor, tensors, initial_state, output_final_state: bool):
-    """Run ``fn(*tensors_of_one_doc, initial_state=state_i)`` per document of a ``cu_seqlens`` batch (B = 1).
-
-    ``tensors`` are ``[1, T, ...]``; ``initial_state`` is a tuple of tensors with a leading document dimension
-    (or None). Returns the concatenated output and, if asked, the per-document final states stacked.
-    """
-    bounds = check_cu_seqlens(cu_seqlens, tensors[0].shape[1], tensors[0].shape[0])
-    outs, finals = [], []
-    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        state = None if initial_state is None else tuple(s[i : i + 1] for s in initial_state)
-        o, fin = fn(*(t[:, a:b] for t in tensors), initial_state=state, output_final_state=output_final_state)
-        outs.append(o)
-        finals.append(fin)
-    out = torch.cat(outs, dim=1)
-    if not output_final_state:
-        return out, None
-    return out, tuple(torch.cat(parts, dim=0) for parts in zip(*finals))
 
 
 def taylor_attention_quadratic(q, k, v, *, eps=1e-12, initial_state=None, output_final_state=False,

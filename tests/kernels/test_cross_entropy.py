@@ -213,7 +213,7 @@ def test_model_loss_triton_path_equals_megatron(tp):
 
 
 def test_config_rejects_unknown_impl():
-    from megatron_based.config import BasedConfig, ConfigError
+    from megatron_based.model.config import BasedConfig, ConfigError
 
     with pytest.raises(ConfigError, match="cross_entropy_fusion_impl must be 'triton', 'native' or 'te'"):
         BasedConfig(layer_pattern="C", hidden_size=8, num_attention_heads=1, cross_entropy_fusion_impl="fast")

@@ -11,7 +11,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 
 from based_kernels import rope_split_qkv
 from based_kernels.rope import ops
-from megatron_based.rope import rope_freqs
+from megatron_based.model.rope import rope_freqs
 
 from ..distributed import run_distributed
 

@@ -171,7 +171,7 @@ def test_strided_views_are_not_copied():
     k = qkv[..., H * F: 2 * H * F].view(T, B, H, F).transpose(0, 1)
     v = qkv[..., 2 * H * F:].view(T, B, H, DV).transpose(0, 1)
     assert not q.is_contiguous()
-    assert ops._last_dim_contiguous(q).data_ptr() == q.data_ptr()
+    assert ops.lastdim_contiguous(q).data_ptr() == q.data_ptr()
     y, _ = triton_fn(q, k, v)
     y_c, _ = triton_fn(q.contiguous(), k.contiguous(), v.contiguous())
     assert torch.equal(y, y_c)
