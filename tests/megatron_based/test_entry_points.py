@@ -96,7 +96,8 @@ def gpu_setup(graphs: bool) -> Setup:
 
 
 def run_overrides(setup: Setup, corpus: dict, root: Path, metrics: Path, save: bool = True) -> list[str]:
-    saves = [f"train.save={root / 'ckpt'}", f"train.save_interval={setup.save_interval}"] if save else ["train.save="]
+    saves = ([f"train.save={root / 'ckpt'}", f"train.save_interval={setup.save_interval}"] if save
+             else ["train.save=", "train.save_interval=0"])
     return [f"data.path=[{corpus['prefix']}]", f"data.tokenizer_model={corpus['tokenizer']}", "data.split=95,5,0",
             f"data.cache_dir={root / 'cache'}", *saves, f"train.train_steps={setup.steps}", "train.log_interval=1",
             "train.progress=false", f"train.metrics_file={metrics}", *setup.overrides]
