@@ -11,6 +11,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from based_kernels.short_conv import base_conv_packed, base_conv_packed_step
 
 from ..config import BasedConfig
+from ..context_parallel import base_conv_cp
 from .common import Mixer, cu_seqlens_of, to_bshd
 
 
@@ -64,8 +65,6 @@ class BaseConv(Mixer):
     def mix(self, u, bias, cu_seqlens):
         """u ``[b, s, 2c]`` (the in-projection without its bias ``[2c]``) -> ``[b, s, c]``."""
         if self.cp_size > 1:  # the halo exchange carries u1 + b1: add the bias first (unfused under CP)
-            from ..context_parallel import base_conv_cp
-
             u1, u2 = (u if bias is None else u + bias).chunk(2, dim=-1)
             return base_conv_cp(u1, u2, self.conv_weight, cp_group=self.cp_group, cu_seqlens=cu_seqlens, layer=self)
         y, _ = base_conv_packed(u, self.conv_weight, bias, cu_seqlens=cu_seqlens)

@@ -8,6 +8,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 import based_kernels
 
 from ..config import BasedConfig
+from ..context_parallel import sliding_window_attention_cp
 from ..rope import rope_freqs_at
 from .common import Mixer, cu_seqlens_of, to_bshd
 
@@ -53,8 +54,6 @@ class SlidingWindowAttention(Mixer):
 
     def attend(self, q, k, v, cu_seqlens):
         if self.cp_size > 1:
-            from ..context_parallel import sliding_window_attention_cp
-
             return sliding_window_attention_cp(q, k, v, window=self.window, cp_group=self.cp_group,
                                                cu_seqlens=cu_seqlens, layer=self)
         return based_kernels.sliding_window_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens)

@@ -11,6 +11,7 @@ from megatron.core.transformer.module import MegatronModule
 
 import based_kernels
 
+from ..context_parallel import softmax_attention_cp
 from ..rope import rope_freqs, rope_freqs_at
 
 
@@ -36,8 +37,6 @@ class SDPACoreAttention(MegatronModule):
         sq, b, np_, hn = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         if self.cp_group is not None and self.cp_group.size() > 1:
-            from ..context_parallel import softmax_attention_cp
-
             o = softmax_attention_cp(q, k, v, scale=self.softmax_scale, cp_group=self.cp_group, layer=self)
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,

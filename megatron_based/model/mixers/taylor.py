@@ -6,6 +6,7 @@ import torch
 import based_kernels
 
 from ..config import BasedConfig
+from ..context_parallel import taylor_attention_cp
 from .common import Mixer, cu_seqlens_of, to_bshd
 
 
@@ -45,8 +46,6 @@ class TaylorLinearAttention(Mixer):
     def attend(self, q, k, v, cu_seqlens):
         """Causal Taylor attention on ``[b, s, heads, *]``; context parallelism passes states between ranks."""
         if self.cp_size > 1:
-            from ..context_parallel import taylor_attention_cp
-
             return taylor_attention_cp(q, k, v, eps=self.config.linear_attention_eps, cp_group=self.cp_group,
                                        cu_seqlens=cu_seqlens, layer=self)
         y, _ = based_kernels.taylor_linear_attention(q, k, v, eps=self.config.linear_attention_eps,
