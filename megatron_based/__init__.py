@@ -4,6 +4,9 @@ The public entry points, imported on first use so that ``import megatron_based``
 
     megatron_based.initialize_parallel(...)   # torch.distributed + Megatron's model-parallel groups
     megatron_based.build_model(config, ...)    # a BASED GPTModel from a BasedConfig or a plain TransformerConfig
+
+The sub-packages ("wings") import only downwards: runtime <- model <- training <- inference <- tasks
+(docs/architecture.md; tests/test_layering.py checks it).
 """
 from __future__ import annotations
 
