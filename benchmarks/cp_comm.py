@@ -29,6 +29,10 @@ from megatron.core import parallel_state
 
 import based_kernels
 from megatron_based.model import context_parallel as cp
+from megatron_based.model.mixers.base_conv.context_parallel import base_conv_cp
+from megatron_based.model.mixers.sliding_window.context_parallel import sliding_window_attention_cp
+from megatron_based.model.mixers.softmax_attention.context_parallel import _GatherSequence, softmax_attention_cp
+from megatron_based.model.mixers.taylor.context_parallel import _ExclusivePrefix, taylor_attention_cp
 from megatron_based.runtime.comm_stats import count_collectives
 from megatron_based.runtime.parallel import initialize_parallel
 
@@ -90,29 +94,29 @@ def mixer_setup(kind, args, T, dtype, device, group):
     L = T // P
     if kind == "L":
         state = torch.zeros(B, H, based_kernels.taylor_attention.feature_dim(f), dh + 1, device=device)
-        return (lambda q, k, v: cp.taylor_attention_cp(q, k, v, eps=1e-6, cp_group=group),
+        return (lambda q, k, v: taylor_attention_cp(q, k, v, eps=1e-6, cp_group=group),
                 lambda q, k, v: based_kernels.taylor_linear_attention(q, k, v, eps=1e-6)[0],
                 [(rnd(B, T, H, f, scale=0.5), 1), (rnd(B, T, H, f, scale=0.5), 1), (rnd(B, T, H, dh), 1)],
-                lambda s: cp._ExclusivePrefix.apply(s, group, "L", None), [state])
+                lambda s: _ExclusivePrefix.apply(s, group, "L", None), [state])
     if kind == "S":
         W = args.window
         tail = torch.zeros(B, min(W, L), H, 2 * dh, device=device, dtype=dtype)
-        return (lambda q, k, v: cp.sliding_window_attention_cp(q, k, v, window=W, cp_group=group),
+        return (lambda q, k, v: sliding_window_attention_cp(q, k, v, window=W, cp_group=group),
                 lambda q, k, v: based_kernels.sliding_window_attention(q, k, v, window=W),
                 [(rnd(B, T, H, dh), 1), (rnd(B, T, H, dh), 1), (rnd(B, T, H, dh), 1)],
                 lambda t: cp._halo(t, W, L, group, None, "S"), [tail])
     if kind == "C":
         C, rows = 2 * d, args.conv_kernel - 1
         tail = torch.zeros(B, min(rows, L), C, device=device, dtype=dtype)
-        return (lambda u1, u2, w: cp.base_conv_cp(u1, u2, w, cp_group=group),
+        return (lambda u1, u2, w: base_conv_cp(u1, u2, w, cp_group=group),
                 lambda u1, u2, w: based_kernels.base_conv(u1, u2, w)[0],
                 [(rnd(B, T, C), 1), (rnd(B, T, C), 1), (rnd(C, args.conv_kernel, scale=0.5), None)],
                 lambda t: cp._halo(t, rows, L, group, None, "C"), [tail])
     kv = torch.zeros(L, B, H, 2 * dh, device=device, dtype=dtype)
-    return (lambda q, k, v: cp.softmax_attention_cp(q, k, v, scale=None, cp_group=group),
+    return (lambda q, k, v: softmax_attention_cp(q, k, v, scale=None, cp_group=group),
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             [(rnd(B, H, T, dh), 2), (rnd(B, H, T, dh), 2), (rnd(B, H, T, dh), 2)],
-            lambda t: cp._GatherSequence.apply(t, group, "A"), [kv])
+            lambda t: _GatherSequence.apply(t, group, "A"), [kv])
 
 
 def shard(t, dim, r, P):

@@ -5,7 +5,8 @@ Released layout (based-spec.md, "Checkpoint layout"): ``transformer.embeddings.w
 ``.mixer.{proj_q, proj_k, proj_v, out_proj}`` (L), ``.mixer.{Wqkv, out_proj}`` (S), ``.mlp.fc1 / fc2``,
 ``transformer.ln_f``; the LM head is tied.
 
-What differs in ours (``megatron_based.model.build_model``):
+What differs in ours (``megatron_based.model.build_model``; each mixer's rules are its ``released_layout`` in its
+folder under ``megatron_based/model/mixers/``, read here through the mixer registry):
 
 - L ``linear_qkv``: the three projections fused, rows grouped per head ``[q_h (f) | k_h (f) | v_h (d_h)]``;
 - S ``linear_qkv``: rows per head ``[q_h | k_h | v_h]`` where the released ``Wqkv`` is ``[all Q | all K | all V]``;
@@ -26,13 +27,14 @@ Files are read without executing code: safetensors, or torch files with ``weight
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from ..model.config import BasedConfig, padded_vocab_size
+from ..model.mixers.conversion import Rule, one, same, swap_halves
+from ..model.mixers.registry import MIXERS, get_mixer
 from ..training.checkpointing import error_line
 
 __all__ = ["ConversionError", "published_to_released", "released_to_megatron", "megatron_to_released",
@@ -43,85 +45,32 @@ class ConversionError(ValueError):
     """A checkpoint that does not match the model: names the tensor and both shapes."""
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One tensor of ours (full, TP=1) made from released tensors, and how TP splits it."""
-
-    ours: str
-    released: tuple[str, ...]
-    to_ours: Callable
-    to_released: Callable
-    dim: int | None = None  # TP split dimension (None: replicated)
-    stride: int = 1  # 2: each rank holds matching slices of the two halves
-
-
-def _same(t):
-    return t
-
-
-def _one(t):
-    return (t,)
-
-
-def _swap_halves(t):
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def _group_heads(heads: int, parts) -> torch.Tensor:
-    """``[H * w_i, d]`` blocks -> rows grouped per head ``[p0_h | p1_h | ...]``."""
-    return torch.cat([p.reshape(heads, -1, p.shape[-1]) for p in parts], dim=1).reshape(-1, parts[0].shape[-1])
-
-
-def _ungroup_heads(heads: int, widths: Sequence[int], t: torch.Tensor) -> tuple:
-    return tuple(p.reshape(-1, t.shape[-1]) for p in t.reshape(heads, sum(widths), t.shape[-1]).split(widths, dim=1))
-
-
 def _layer_rules(config: BasedConfig, mixer: str) -> list[Rule]:
-    d, H = config.hidden_size, config.num_attention_heads
+    """The rules of one layer: the norms and the MLP here, the mixer's from its ``released_layout``."""
+    d, n = config.hidden_size, config.ffn_hidden_size
     rules = [
-        Rule("input_layernorm.weight", ("norm1.weight",), _same, _one),
-        Rule("pre_mlp_layernorm.weight", ("norm2.weight",), _same, _one),
-        Rule("mlp.linear_fc1.weight", ("mlp.fc1.weight",), _swap_halves, lambda t: (_swap_halves(t),), 0, 2),
-        Rule("mlp.linear_fc2.weight", ("mlp.fc2.weight",), _same, _one, 1),
+        Rule("input_layernorm.weight", ("norm1.weight",), same, one, shapes=((d,),)),
+        Rule("pre_mlp_layernorm.weight", ("norm2.weight",), same, one, shapes=((d,),)),
+        Rule("mlp.linear_fc1.weight", ("mlp.fc1.weight",), swap_halves, lambda t: (swap_halves(t),), 0, 2,
+             shapes=((2 * n, d),)),
+        Rule("mlp.linear_fc2.weight", ("mlp.fc2.weight",), same, one, 1, shapes=((d, n),)),
     ]
-    m = "self_attention."
-    if mixer == "C":
-        rules += [
-            Rule(m + "linear_in.weight", ("mixer.in_proj.weight",), _same, _one, 0, 2),
-            Rule(m + "linear_in.bias", ("mixer.in_proj.bias",), _same, _one, 0, 2),
-            Rule(m + "conv_weight", ("mixer.conv.conv.weight",), lambda t: t.squeeze(1),
-                 lambda t: (t.unsqueeze(1),), 0),
-            Rule(m + "linear_out.weight", ("mixer.out_proj.weight",), _same, _one, 1),
-            Rule(m + "linear_out.bias", ("mixer.out_proj.bias",), _same, _one),
-        ]
-    elif mixer == "L":
-        Hl, f = config.linear_attention_heads, config.feature_dim
-        widths = (f, f, d // Hl)
-        rules += [
-            Rule(m + "linear_qkv.weight", ("mixer.proj_q.weight", "mixer.proj_k.weight", "mixer.proj_v.weight"),
-                 lambda q, k, v: _group_heads(Hl, (q, k, v)), lambda t: _ungroup_heads(Hl, widths, t), 0),
-            Rule(m + "linear_proj.weight", ("mixer.out_proj.weight",), _same, _one, 1),
-        ]
-    elif mixer == "S":
-        rules += [
-            Rule(m + "linear_qkv.weight", ("mixer.Wqkv.weight",), lambda t: _group_heads(H, t.chunk(3, dim=0)),
-                 lambda t: (torch.cat(_ungroup_heads(H, (d // H,) * 3, t), dim=0),), 0),
-            Rule(m + "linear_proj.weight", ("mixer.out_proj.weight",), _same, _one, 1),
-        ]
-    else:
-        raise ConversionError(f"layer type {mixer!r} has no released BASED layout (only C, L and S layers do)")
-    return rules
+    mixer_rules = get_mixer(mixer).released_layout(config)
+    if mixer_rules is None:
+        with_layout = [s for s, cls in MIXERS.items() if cls.released_layout(config) is not None]
+        raise ConversionError(f"layer type {mixer!r} has no released BASED layout (only {', '.join(with_layout)} "
+                              "layers have one)")
+    return rules + mixer_rules
 
 
 def _rules(config: BasedConfig) -> list[Rule]:
-    rules = [Rule("embedding.word_embeddings.weight", ("transformer.embeddings.word_embeddings.weight",), _same,
-                  _one, 0),
-             Rule("decoder.final_layernorm.weight", ("transformer.ln_f.weight",), _same, _one)]
+    rules = [Rule("embedding.word_embeddings.weight", ("transformer.embeddings.word_embeddings.weight",), same,
+                  one, 0),
+             Rule("decoder.final_layernorm.weight", ("transformer.ln_f.weight",), same, one)]
     for i, mixer in enumerate(config.layer_pattern):
         for r in _layer_rules(config, mixer):
             rules.append(Rule(f"decoder.layers.{i}.{r.ours}", tuple(f"transformer.layers.{i}.{n}" for n in r.released),
-                              r.to_ours, r.to_released, r.dim, r.stride))
+                              r.to_ours, r.to_released, r.dim, r.stride, r.shapes))
     return rules
 
 
@@ -130,26 +79,17 @@ TIED_HEAD = "lm_head.weight"
 
 def released_shapes(config: BasedConfig, vocab_size: int, make_vocab_size_divisible_by: int = 8) -> dict:
     """Name -> shape of every tensor of the released layout for this config (the LM head is tied, not listed)."""
-    d, H, k = config.hidden_size, config.num_attention_heads, config.conv_kernel_size
-    n = config.ffn_hidden_size
+    d = config.hidden_size
     shapes = {"transformer.embeddings.word_embeddings.weight": (padded_vocab_size(vocab_size,
                                                                                    make_vocab_size_divisible_by), d),
               "transformer.ln_f.weight": (d,)}
     for i, mixer in enumerate(config.layer_pattern):
-        layer = {"norm1.weight": (d,), "norm2.weight": (d,), "mlp.fc1.weight": (2 * n, d), "mlp.fc2.weight": (d, n)}
-        if mixer == "C":
-            layer.update({"mixer.in_proj.weight": (4 * d, d), "mixer.in_proj.bias": (4 * d,),
-                          "mixer.conv.conv.weight": (2 * d, 1, k), "mixer.out_proj.weight": (d, 2 * d),
-                          "mixer.out_proj.bias": (d,)})
-        elif mixer == "L":
-            Hl, f = config.linear_attention_heads, config.feature_dim
-            layer.update({"mixer.proj_q.weight": (Hl * f, d), "mixer.proj_k.weight": (Hl * f, d),
-                          "mixer.proj_v.weight": (d, d), "mixer.out_proj.weight": (d, d)})
-        elif mixer == "S":
-            layer.update({"mixer.Wqkv.weight": (3 * d, d), "mixer.out_proj.weight": (d, d)})
-        else:
-            raise ConversionError(f"layer {i} is {mixer!r}: only C, L and S layers have a released BASED layout")
-        shapes.update({f"transformer.layers.{i}.{name}": s for name, s in layer.items()})
+        try:
+            rules = _layer_rules(config, mixer)
+        except ConversionError as e:
+            raise ConversionError(f"layer {i}: {e}") from None
+        for rule in rules:
+            shapes.update({f"transformer.layers.{i}.{name}": tuple(s) for name, s in zip(rule.released, rule.shapes)})
     return shapes
 
 

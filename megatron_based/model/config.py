@@ -14,14 +14,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-MIXERS = {
-    "L": "Taylor linear attention",
-    "S": "sliding-window softmax attention",
-    "C": "BaseConv (gated short convolution)",
-    "A": "full causal softmax attention (hybrids)",
-}
-
-
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says what to change."""
 
@@ -43,12 +35,16 @@ def default_ffn_hidden_size(hidden_size: int) -> int:
 
 
 def validate_layer_pattern(pattern: str, num_layers: int | None = None) -> str:
-    """One symbol per layer from :data:`MIXERS`; returns the pattern unchanged or raises :class:`ConfigError`."""
+    """One symbol per layer from the mixer registry (``megatron_based.model.mixers.registry``); returns the
+    pattern unchanged or raises :class:`ConfigError`."""
+    from .mixers.registry import mixer_descriptions  # the mixers do not import this module: no cycle
+
+    mixers = mixer_descriptions()
     if not pattern:
-        raise ConfigError("layer_pattern is empty: give one symbol per layer, e.g. 'CLSC' (L, S, C or A)")
+        raise ConfigError(f"layer_pattern is empty: give one symbol per layer, e.g. 'CLSC' ({', '.join(mixers)})")
     for i, sym in enumerate(pattern):
-        if sym not in MIXERS:
-            known = ", ".join(f"{s} ({d})" for s, d in MIXERS.items())
+        if sym not in mixers:
+            known = ", ".join(f"{s} ({d})" for s, d in mixers.items())
             raise ConfigError(f"layer_pattern has unknown symbol {sym!r} at layer {i}; use one of: {known}")
     if num_layers and len(pattern) != num_layers:
         raise ConfigError(

@@ -8,12 +8,11 @@ model of your own, hand the block spec to anything that takes a ``TransformerBlo
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttentionSubmodules
-from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import (
@@ -23,32 +22,30 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from .config import BasedConfig, ConfigError, missing_based_fields, validate_layer_pattern
-from .mixers import BaseConv, SDPACoreAttention, SlidingWindowAttention, SoftmaxAttention, TaylorLinearAttention
+from .mixers.registry import get_mixer
 from .norm import RMSNorm
 
-MIXER_MODULES = {"L": TaylorLinearAttention, "S": SlidingWindowAttention, "C": BaseConv}
 
+def get_mixer_spec(mixer: str, **linears) -> ModuleSpec:
+    """The ``self_attention`` submodule spec for one pattern symbol (L, S, C, A or a registered mixer's).
 
-def get_mixer_spec(mixer: str) -> ModuleSpec:
-    """The ``self_attention`` submodule spec for one pattern symbol (L, S, C or A)."""
+    Keyword arguments replace the mixer's default linear layers (Megatron's local ``ColumnParallelLinear`` /
+    ``RowParallelLinear``) by submodule name, e.g. ``get_mixer_spec("L", linear_qkv=TEColumnParallelLinear,
+    linear_proj=TERowParallelLinear)``; ``linear_in`` / ``linear_out`` for C; ``core_attention`` too for A."""
     validate_layer_pattern(mixer)
-    if mixer == "A":
-        return ModuleSpec(
-            module=SoftmaxAttention,
-            params={"attn_mask_type": AttnMaskType.causal},
-            submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention,
-                                               linear_proj=RowParallelLinear),
-        )
-    return ModuleSpec(module=MIXER_MODULES[mixer])
+    return get_mixer(mixer).spec(**linears)
 
 
-def get_based_layer_spec(mixer: str) -> ModuleSpec:
-    """A pre-norm ``TransformerLayer``: ``h = x + Mixer(RMSNorm(x)); x' = h + SwiGLU(RMSNorm(h))``."""
+def get_based_layer_spec(mixer: str, linears: Mapping[str, Mapping[str, object]] | None = None) -> ModuleSpec:
+    """A pre-norm ``TransformerLayer``: ``h = x + Mixer(RMSNorm(x)); x' = h + SwiGLU(RMSNorm(h))``.
+
+    ``linears``: per pattern symbol, the linear layers to use instead of the defaults (see :func:`get_mixer_spec`),
+    e.g. ``{"L": {"linear_qkv": TEColumnParallelLinear, "linear_proj": TERowParallelLinear}}``."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
-            self_attention=get_mixer_spec(mixer),
+            self_attention=get_mixer_spec(mixer, **dict((linears or {}).get(mixer, {}))),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=get_mlp_module_spec_for_backend(LocalSpecProvider()),
@@ -58,9 +55,11 @@ def get_based_layer_spec(mixer: str) -> ModuleSpec:
 
 
 def get_based_block_spec(config: BasedConfig, layer_pattern: str | None = None, vp_stage: int | None = None,
-                         pp_rank: int | None = None) -> TransformerBlockSubmodules:
+                         pp_rank: int | None = None,
+                         linears: Mapping[str, Mapping[str, object]] | None = None) -> TransformerBlockSubmodules:
     """Per-layer specs for this pipeline stage: the pattern is built for the whole model, then sliced
-    ``[offset : offset + num_layers_to_build]`` so every stage gets the right mixer types."""
+    ``[offset : offset + num_layers_to_build]`` so every stage gets the right mixer types. ``linears``: see
+    :func:`get_based_layer_spec`."""
     missing = missing_based_fields(config)
     if missing:
         raise ConfigError(f"get_based_block_spec needs a BasedConfig; this {type(config).__name__} lacks the BASED "
@@ -69,5 +68,5 @@ def get_based_block_spec(config: BasedConfig, layer_pattern: str | None = None, 
     pattern = validate_layer_pattern(layer_pattern or config.layer_pattern, config.num_layers)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[get_based_layer_spec(s) for s in pattern[offset : offset + n]],
-                                      layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[get_based_layer_spec(s, linears)
+                                                   for s in pattern[offset : offset + n]], layer_norm=RMSNorm)

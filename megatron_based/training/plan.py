@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from ..model.config import ConfigError, padded_vocab_size
+from ..model.mixers.registry import get_mixer
 from .config import RunConfig, load_config
 from .deepspeed_engine import validate
 
@@ -35,18 +36,8 @@ def _layer_params(cfg, mixer: str, tp: int) -> tuple[int, int]:
     """(parameters split across TP, parameters replicated on every TP rank) of one layer (based-spec.md)."""
     d, ffn = cfg.hidden_size, cfg.ffn_hidden_size
     split, replicated = d * 2 * ffn + ffn * d, 2 * d  # SwiGLU fc1/fc2; the two RMSNorms
-    if mixer == "L":
-        H = cfg.linear_attention_heads
-        split += d * H * (2 * cfg.feature_dim + d // H) + d * d
-    elif mixer == "S":
-        split += 4 * d * d
-    elif mixer == "C":
-        split += d * 4 * d + 4 * d + 2 * d * d + 2 * d * cfg.conv_kernel_size
-        replicated += d  # linear_out's bias, added once after the reduce
-    elif mixer == "A":
-        kv = 2 * (cfg.num_query_groups or cfg.num_attention_heads) * cfg.kv_channels
-        split += d * (d + kv) + d * d
-    return split, replicated
+    mixer_split, mixer_replicated = get_mixer(mixer).parameter_count(cfg)  # the mixer's own count (its folder)
+    return split + mixer_split, replicated + mixer_replicated
 
 
 def _stage_patterns(pattern: str, pp: int) -> list[str]:
@@ -66,8 +57,7 @@ def _activation_bytes_per_layer(cfg, mixer: str, tokens: int, elem: int, recompu
     stream = 4 * d / (tp if cfg.sequence_parallel else 1)
     if recompute == "full":
         return int(tokens * elem * d / (tp if cfg.sequence_parallel else 1))
-    mixer_width = {"L": 2 * cfg.linear_attention_heads * cfg.feature_dim + 2 * d, "S": 4 * d, "C": 8 * d,
-                   "A": 4 * d}[mixer]
+    mixer_width = get_mixer(mixer).activation_width(cfg)
     mlp_width = 0 if recompute == "selective" else 3 * ffn
     return int(tokens * elem * (stream + (mixer_width + mlp_width) / tp))
 

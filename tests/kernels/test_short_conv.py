@@ -279,7 +279,7 @@ def _mixer_vs_unfused(rank, world):
     """BaseConv mixer (packed op, bias inside the kernel) == the unfused formulation (linear_in with its bias ->
     chunk -> base_conv), outputs and every parameter gradient; Triton kernels (interpreter on CPU)."""
     import based_kernels
-    from megatron_based.model.mixers.common import to_bshd
+    from megatron_based.model.mixers.base import to_bshd
 
     from ..megatron_based.helpers import initialize_parallel, tiny_model
 

@@ -12,6 +12,10 @@ from megatron.core import parallel_state
 import based_kernels
 from based_kernels.taylor_attention import feature_dim
 from megatron_based.model import context_parallel as cp
+from megatron_based.model.mixers.base_conv.context_parallel import base_conv_cp
+from megatron_based.model.mixers.sliding_window.context_parallel import sliding_window_attention_cp
+from megatron_based.model.mixers.softmax_attention.context_parallel import softmax_attention_cp
+from megatron_based.model.mixers.taylor.context_parallel import taylor_attention_cp
 from megatron_based.runtime.comm_stats import count_collectives
 
 from ..distributed import run_distributed
@@ -55,7 +59,7 @@ def test_global_token_loss_and_packed_sequence_error():
     assert loss.item() == mean.item() == 2.5
     q = torch.zeros(1, 4, 1, 2)
     with pytest.raises(NotImplementedError, match="packed sequences .* 'L' layers"):
-        cp.taylor_attention_cp(q, q, q, eps=1e-12, cp_group=_Group(0, 2), cu_seqlens=torch.tensor([0, 4]))
+        taylor_attention_cp(q, q, q, eps=1e-12, cp_group=_Group(0, 2), cu_seqlens=torch.tensor([0, 4]))
 
 
 # --------------------------------------------------------------------------------------------- mixer level
@@ -66,21 +70,21 @@ def _cases(P: int):
     cases = []
     for L in (16, 67):  # 67: not a multiple of the kernel chunk (64)
         T = P * L
-        cases.append((f"L{L}", lambda q, k, v: cp.taylor_attention_cp(q, k, v, eps=1e-12, cp_group=G),
+        cases.append((f"L{L}", lambda q, k, v: taylor_attention_cp(q, k, v, eps=1e-12, cp_group=G),
                       lambda q, k, v: based_kernels.taylor_linear_attention(q, k, v, eps=1e-12)[0],
                       [(rnd(2, T, 2, 4) * 0.7, 1), (rnd(2, T, 2, 4) * 0.7, 1), (rnd(2, T, 2, 8), 1)]))
     for L, W in ((10, 3), (6, 6), (4, 9)):  # W < L, W = L, W > L (multi-hop)
         T = P * L
-        cases.append((f"S{L}w{W}", lambda q, k, v, W=W: cp.sliding_window_attention_cp(q, k, v, window=W, cp_group=G),
+        cases.append((f"S{L}w{W}", lambda q, k, v, W=W: sliding_window_attention_cp(q, k, v, window=W, cp_group=G),
                       lambda q, k, v, W=W: based_kernels.sliding_window_attention(q, k, v, window=W),
                       [(rnd(2, T, 2, 8), 1), (rnd(2, T, 2, 8), 1), (rnd(2, T, 2, 8), 1)]))
     for L in (5, 1):  # L = 1 < k - 1: the halo spans two ranks
         T = P * L
-        cases.append((f"C{L}", lambda u1, u2, w: cp.base_conv_cp(u1, u2, w, cp_group=G),
+        cases.append((f"C{L}", lambda u1, u2, w: base_conv_cp(u1, u2, w, cp_group=G),
                       lambda u1, u2, w: based_kernels.base_conv(u1, u2, w)[0],
                       [(rnd(2, T, 6), 1), (rnd(2, T, 6), 1), (rnd(6, 3) * 0.5, None)]))
     T = P * 7  # softmax, GQA (4 query heads, 2 K/V heads), layout [B, H, T, D]
-    cases.append(("A7", lambda q, k, v: cp.softmax_attention_cp(q, k, v, scale=None, cp_group=G),
+    cases.append(("A7", lambda q, k, v: softmax_attention_cp(q, k, v, scale=None, cp_group=G),
                   lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                   [(rnd(2, 4, T, 8), 2), (rnd(2, 2, T, 8), 2), (rnd(2, 2, T, 8), 2)]))
     return cases

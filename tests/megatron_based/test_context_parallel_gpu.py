@@ -30,7 +30,10 @@ def test_cp2_nccl_bf16_parity():
 
 def _cases(group, T_local=2048):
     import based_kernels
-    from megatron_based.model import context_parallel as cp
+    from megatron_based.model.mixers.base_conv.context_parallel import base_conv_cp
+    from megatron_based.model.mixers.sliding_window.context_parallel import sliding_window_attention_cp
+    from megatron_based.model.mixers.softmax_attention.context_parallel import softmax_attention_cp
+    from megatron_based.model.mixers.taylor.context_parallel import taylor_attention_cp
 
     P = group.size()
     T, H, f, dh = P * T_local, 16, 16, 64
@@ -41,15 +44,15 @@ def _cases(group, T_local=2048):
     conv = [(rnd(1, T, 2048), 1), (rnd(1, T, 2048), 1), (rnd(2048, 3, scale=0.5), None)]
     soft = [(rnd(1, H, T, dh), 2) for _ in range(3)]
     return [
-        ("L", lambda q, k, v: cp.taylor_attention_cp(q, k, v, eps=1e-6, cp_group=group),
+        ("L", lambda q, k, v: taylor_attention_cp(q, k, v, eps=1e-6, cp_group=group),
          lambda q, k, v: based_kernels.taylor_linear_attention(q, k, v, eps=1e-6)[0], taylor),
-        ("S W=128", lambda q, k, v: cp.sliding_window_attention_cp(q, k, v, window=128, cp_group=group),
+        ("S W=128", lambda q, k, v: sliding_window_attention_cp(q, k, v, window=128, cp_group=group),
          lambda q, k, v: based_kernels.sliding_window_attention(q, k, v, window=128), swa(T)),
-        ("S W>L", lambda q, k, v: cp.sliding_window_attention_cp(q, k, v, window=128, cp_group=group),
+        ("S W>L", lambda q, k, v: sliding_window_attention_cp(q, k, v, window=128, cp_group=group),
          lambda q, k, v: based_kernels.sliding_window_attention(q, k, v, window=128), swa(P * 100)),
-        ("C", lambda u1, u2, w: cp.base_conv_cp(u1, u2, w, cp_group=group),
+        ("C", lambda u1, u2, w: base_conv_cp(u1, u2, w, cp_group=group),
          lambda u1, u2, w: based_kernels.base_conv(u1, u2, w)[0], conv),
-        ("A", lambda q, k, v: cp.softmax_attention_cp(q, k, v, scale=None, cp_group=group),
+        ("A", lambda q, k, v: softmax_attention_cp(q, k, v, scale=None, cp_group=group),
          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), soft),
     ]
 

@@ -1,7 +1,13 @@
-"""BASED mixers as Megatron-Core modules, usable as ``TransformerLayer``'s ``self_attention``."""
-from .base_conv import BaseConv
-from .sliding_window import SlidingWindowAttention
+"""Sequence mixers as Megatron-Core modules, usable as ``TransformerLayer``'s ``self_attention``: one folder per
+mixer (``taylor/`` L, ``sliding_window/`` S, ``base_conv/`` C, ``softmax_attention/`` A), the interface they share
+(``base.py``), the released-checkpoint rule helpers (``conversion.py``) and the symbol registry (``registry.py``)."""
+from .base import Mixer, MixerModule
+from .base_conv import BaseConv, BaseConvSubmodules
+from .registry import MIXERS, get_mixer, mixer_descriptions, register_mixer, unregister_mixer
+from .sliding_window import SlidingWindowAttention, SlidingWindowSubmodules
 from .softmax_attention import SDPACoreAttention, SoftmaxAttention
-from .taylor import TaylorLinearAttention
+from .taylor import TaylorLinearAttention, TaylorSubmodules
 
-__all__ = ["TaylorLinearAttention", "SlidingWindowAttention", "BaseConv", "SoftmaxAttention", "SDPACoreAttention"]
+__all__ = ["Mixer", "MixerModule", "MIXERS", "get_mixer", "mixer_descriptions", "register_mixer", "unregister_mixer",
+           "TaylorLinearAttention", "TaylorSubmodules", "SlidingWindowAttention", "SlidingWindowSubmodules",
+           "BaseConv", "BaseConvSubmodules", "SoftmaxAttention", "SDPACoreAttention"]

@@ -5,14 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.transformer.attention import SelfAttention
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 import based_kernels
 
-from ..context_parallel import softmax_attention_cp
-from ..rope import rope_freqs, rope_freqs_at
+from ...rope import rope_freqs, rope_freqs_at
+from .context_parallel import softmax_attention_cp
 
 
 class SDPACoreAttention(MegatronModule):
@@ -51,7 +54,41 @@ class SoftmaxAttention(SelfAttention):
     ``get_query_key_value_tensors`` (``based_kernels.rope_split_qkv``) and passes no ``rotary_pos_emb`` on, so
     Megatron's forward does not rotate again; otherwise (and where the fused path does not apply: inference
     contexts, packed sequences, q/k norms, gated outputs, query groups split over TP ranks, no-RoPE layers)
-    Megatron's split + ``apply_rotary_pos_emb`` runs."""
+    Megatron's split + ``apply_rotary_pos_emb`` runs.
+
+    Satisfies the :class:`~megatron_based.model.mixers.base.Mixer` interface like the BASED mixers; its linear
+    layers and core attention are Megatron's ``SelfAttentionSubmodules``."""
+
+    symbol = "A"
+    description = "full causal softmax attention (hybrids)"
+
+    @classmethod
+    def spec(cls, linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention,
+             linear_proj=RowParallelLinear) -> ModuleSpec:
+        return ModuleSpec(module=cls, params={"attn_mask_type": AttnMaskType.causal},
+                          submodules=SelfAttentionSubmodules(linear_qkv=linear_qkv, core_attention=core_attention,
+                                                             linear_proj=linear_proj))
+
+    @staticmethod
+    def flops_per_token(config, seq_length: int) -> float:
+        """Projections, plus causal attention over (T + 1) / 2 keys on average (4 * d_h per key and head)."""
+        d, T = config.hidden_size, seq_length
+        kv = config.kv_channels * (config.num_query_groups or config.num_attention_heads)
+        return 2 * d * (d + 2 * kv) + 2 * d * d + 4 * d * (T + 1) / 2
+
+    @staticmethod
+    def parameter_count(config) -> tuple[int, int]:
+        d = config.hidden_size
+        kv = 2 * (config.num_query_groups or config.num_attention_heads) * config.kv_channels
+        return d * (d + kv) + d * d, 0
+
+    @staticmethod
+    def activation_width(config) -> int:
+        return 4 * config.hidden_size
+
+    @staticmethod
+    def released_layout(config) -> None:
+        return None  # the released BASED models have no softmax-attention layers
 
     _rope_offset = None  # the first position of this forward's tokens while the fused RoPE is on, else None
 

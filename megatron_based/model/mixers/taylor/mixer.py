@@ -1,16 +1,30 @@
 """BASED "L" mixer: Taylor (2nd-order) linear attention."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 import based_kernels
 
-from ..config import BasedConfig
-from ..context_parallel import taylor_attention_cp
-from .common import Mixer, cu_seqlens_of, to_bshd
+from ..base import MixerModule, cu_seqlens_of, to_bshd
+from ..conversion import Rule, group_heads, one, same, ungroup_heads
+from .context_parallel import taylor_attention_cp
 
 
-class TaylorLinearAttention(Mixer):
+@dataclass
+class TaylorSubmodules:
+    """The linear layers of :class:`TaylorLinearAttention` (classes or ``ModuleSpec``s), like Megatron's
+    ``SelfAttentionSubmodules``: swap in TransformerEngine / fp8 linears here."""
+
+    linear_qkv: ModuleSpec | type = ColumnParallelLinear
+    linear_proj: ModuleSpec | type = RowParallelLinear
+
+
+class TaylorLinearAttention(MixerModule):
     """``q = W_q x, k = W_k x`` (d -> H*f), ``v = W_v x`` (d -> H*d_h), causal Taylor linear attention per head,
     ``out: H*d_h -> d``; no biases (based-spec.md, mixer 1).
 
@@ -19,15 +33,57 @@ class TaylorLinearAttention(Mixer):
     the released ``proj_q/proj_k/proj_v``). Heads are split across TP ranks.
     """
 
-    def __init__(self, config: BasedConfig, layer_number: int = 1, pg_collection=None, **injected):
+    symbol = "L"
+    description = "Taylor linear attention"
+
+    @classmethod
+    def spec(cls, linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear) -> ModuleSpec:
+        return ModuleSpec(module=cls, submodules=TaylorSubmodules(linear_qkv=linear_qkv, linear_proj=linear_proj))
+
+    @staticmethod
+    def flops_per_token(config, seq_length: int) -> float:
+        """Projections, plus the linear recurrence (state update and read): 4 * D * (d_h + 1) per head,
+        D = 1 + f + f^2."""
+        d, H, f = config.hidden_size, config.linear_attention_heads, config.feature_dim
+        dh, D = d // H, 1 + f + f * f
+        return 2 * d * H * (2 * f + dh) + 2 * H * dh * d + 4 * H * D * (dh + 1)
+
+    @staticmethod
+    def parameter_count(config) -> tuple[int, int]:
+        d, H = config.hidden_size, config.linear_attention_heads
+        return d * H * (2 * config.feature_dim + d // H) + d * d, 0
+
+    @staticmethod
+    def activation_width(config) -> int:
+        return 2 * config.linear_attention_heads * config.feature_dim + 2 * config.hidden_size
+
+    @staticmethod
+    def released_layout(config) -> list[Rule]:
+        """The released ``proj_q / proj_k / proj_v`` fused into ``linear_qkv``, rows grouped per head
+        ``[q_h (f) | k_h (f) | v_h (d_h)]``."""
+        d, Hl, f = config.hidden_size, config.linear_attention_heads, config.feature_dim
+        widths = (f, f, d // Hl)
+        m = "self_attention."
+        return [
+            Rule(m + "linear_qkv.weight", ("mixer.proj_q.weight", "mixer.proj_k.weight", "mixer.proj_v.weight"),
+                 lambda q, k, v: group_heads(Hl, (q, k, v)), lambda t: ungroup_heads(Hl, widths, t), 0,
+                 shapes=((Hl * f, d), (Hl * f, d), (d, d))),
+            Rule(m + "linear_proj.weight", ("mixer.out_proj.weight",), same, one, 1, shapes=((d, d),)),
+        ]
+
+    def __init__(self, config: TransformerConfig, layer_number: int = 1, pg_collection=None,
+                 submodules: TaylorSubmodules | None = None, **injected):
         super().__init__(config, layer_number, pg_collection, **injected)
+        submodules = submodules or TaylorSubmodules()
         H = config.linear_attention_heads
         self.feature_dim = config.feature_dim
         self.head_dim = config.hidden_size // H
         self.heads = H // self.tp_size
         width = 2 * self.feature_dim + self.head_dim
-        self.linear_qkv = self.column_parallel(config.hidden_size, H * width)
-        self.linear_proj = self.row_parallel(H * self.head_dim, config.hidden_size)
+        self.linear_qkv = self.column_parallel(submodules.linear_qkv, config.hidden_size, H * width,
+                                               tp_comm_buffer_name="qkv")
+        self.linear_proj = self.row_parallel(submodules.linear_proj, H * self.head_dim, config.hidden_size,
+                                             tp_comm_buffer_name="proj")
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **_):
         """hidden_states ``[s, b, d]`` (``[s/tp, b, d]`` under sequence parallel) -> ``(out [s, b, d], None)``."""

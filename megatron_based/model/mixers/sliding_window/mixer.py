@@ -1,31 +1,82 @@
 """BASED "S" mixer: sliding-window softmax attention with RoPE."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 import based_kernels
 
-from ..config import BasedConfig
-from ..context_parallel import sliding_window_attention_cp
-from ..rope import rope_freqs_at
-from .common import Mixer, cu_seqlens_of, to_bshd
+from ...rope import rope_freqs_at
+from ..base import MixerModule, cu_seqlens_of, to_bshd
+from ..conversion import Rule, group_heads, one, same, ungroup_heads
+from .context_parallel import sliding_window_attention_cp
 
 
-class SlidingWindowAttention(Mixer):
+@dataclass
+class SlidingWindowSubmodules:
+    """The linear layers of :class:`SlidingWindowAttention` (classes or ``ModuleSpec``s)."""
+
+    linear_qkv: ModuleSpec | type = ColumnParallelLinear
+    linear_proj: ModuleSpec | type = RowParallelLinear
+
+
+class SlidingWindowAttention(MixerModule):
     """MHA over a causal left window (query t sees keys t - window ... t), RoPE on the full head dim (base 10000,
     rotate-half, absolute positions), scale 1/sqrt(d_h), ``Wqkv: d -> 3d`` and ``out: d -> d`` without bias
     (based-spec.md, mixer 2). ``linear_qkv`` rows follow Megatron's per-head ``[q_h | k_h | v_h]`` grouping."""
 
-    def __init__(self, config: BasedConfig, layer_number: int = 1, pg_collection=None, **injected):
+    symbol = "S"
+    description = "sliding-window softmax attention"
+
+    @classmethod
+    def spec(cls, linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear) -> ModuleSpec:
+        return ModuleSpec(module=cls,
+                          submodules=SlidingWindowSubmodules(linear_qkv=linear_qkv, linear_proj=linear_proj))
+
+    @staticmethod
+    def flops_per_token(config, seq_length: int) -> float:
+        """Projections, plus attention over the keys each query sees (4 * d_h per key and head)."""
+        d, T, W = config.hidden_size, seq_length, config.swa_window
+        keys = sum(min(t + 1, W + 1) for t in range(T)) / T  # mean keys per query, causal window
+        return 2 * d * 3 * d + 2 * d * d + 4 * d * keys
+
+    @staticmethod
+    def parameter_count(config) -> tuple[int, int]:
+        return 4 * config.hidden_size * config.hidden_size, 0
+
+    @staticmethod
+    def activation_width(config) -> int:
+        return 4 * config.hidden_size
+
+    @staticmethod
+    def released_layout(config) -> list[Rule]:
+        """The released ``Wqkv`` is ``[all Q | all K | all V]``; ours groups rows per head ``[q_h | k_h | v_h]``."""
+        d, H = config.hidden_size, config.num_attention_heads
+        m = "self_attention."
+        return [
+            Rule(m + "linear_qkv.weight", ("mixer.Wqkv.weight",), lambda t: group_heads(H, t.chunk(3, dim=0)),
+                 lambda t: (torch.cat(ungroup_heads(H, (d // H,) * 3, t), dim=0),), 0, shapes=((3 * d, d),)),
+            Rule(m + "linear_proj.weight", ("mixer.out_proj.weight",), same, one, 1, shapes=((d, d),)),
+        ]
+
+    def __init__(self, config: TransformerConfig, layer_number: int = 1, pg_collection=None,
+                 submodules: SlidingWindowSubmodules | None = None, **injected):
         super().__init__(config, layer_number, pg_collection, **injected)
+        submodules = submodules or SlidingWindowSubmodules()
         H = config.num_attention_heads
         self.head_dim = config.hidden_size // H
         self.heads = H // self.tp_size
         self.window = config.swa_window
-        self.linear_qkv = self.column_parallel(config.hidden_size, 3 * config.hidden_size)
-        self.linear_proj = self.row_parallel(config.hidden_size, config.hidden_size)
+        self.linear_qkv = self.column_parallel(submodules.linear_qkv, config.hidden_size, 3 * config.hidden_size,
+                                               tp_comm_buffer_name="qkv")
+        self.linear_proj = self.row_parallel(submodules.linear_proj, config.hidden_size, config.hidden_size,
+                                             tp_comm_buffer_name="proj")
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **_):
         """hidden_states ``[s, b, d]`` (``[s/tp, b, d]`` under sequence parallel) -> ``(out [s, b, d], None)``."""

@@ -2,20 +2,33 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
 from based_kernels.short_conv import base_conv_packed, base_conv_packed_step
 
-from ..config import BasedConfig
-from ..context_parallel import base_conv_cp
-from .common import Mixer, cu_seqlens_of, to_bshd
+from ..base import MixerModule, cu_seqlens_of, to_bshd
+from ..conversion import Rule, one, same
+from .context_parallel import base_conv_cp
 
 
-class BaseConv(Mixer):
+@dataclass
+class BaseConvSubmodules:
+    """The linear layers of :class:`BaseConv` (classes or ``ModuleSpec``s). ``linear_in`` is built with
+    ``stride=2`` and must return its bias separately (``skip_bias_add``)."""
+
+    linear_in: ModuleSpec | type = ColumnParallelLinear
+    linear_out: ModuleSpec | type = RowParallelLinear
+
+
+class BaseConv(MixerModule):
     """``u = W_in x + b_in`` (d -> 4d), ``u1, u2 = u[:2d], u[2d:]``, ``c = causal depthwise conv_k(u1)``,
     ``y = W_out(SiLU(c) * u2) + b_out`` (2d -> d) (based-spec.md, mixer 3).
 
@@ -28,14 +41,55 @@ class BaseConv(Mixer):
     concatenation of du1, du2). Parameters and checkpoints are unchanged.
     """
 
-    def __init__(self, config: BasedConfig, layer_number: int = 1, pg_collection=None, **injected):
+    symbol = "C"
+    description = "BaseConv (gated short convolution)"
+
+    @classmethod
+    def spec(cls, linear_in=ColumnParallelLinear, linear_out=RowParallelLinear) -> ModuleSpec:
+        return ModuleSpec(module=cls, submodules=BaseConvSubmodules(linear_in=linear_in, linear_out=linear_out))
+
+    @staticmethod
+    def flops_per_token(config, seq_length: int) -> float:
+        """Projections, plus the depthwise conv (2 * k per channel)."""
+        d = config.hidden_size
+        return 2 * d * 4 * d + 2 * 2 * d * d + 2 * config.conv_kernel_size * 2 * d
+
+    @staticmethod
+    def parameter_count(config) -> tuple[int, int]:
+        d = config.hidden_size
+        # linear_out's bias is replicated: added once after the reduce
+        return d * 4 * d + 4 * d + 2 * d * d + 2 * d * config.conv_kernel_size, d
+
+    @staticmethod
+    def activation_width(config) -> int:
+        return 8 * config.hidden_size
+
+    @staticmethod
+    def released_layout(config) -> list[Rule]:
+        """``in_proj`` / ``out_proj`` as they are (``linear_in`` TP-split with stride 2); the released depthwise
+        ``Conv1d`` weight ``[2d, 1, k]`` is our ``conv_weight [2d, k]``."""
+        d, k = config.hidden_size, config.conv_kernel_size
+        m = "self_attention."
+        return [
+            Rule(m + "linear_in.weight", ("mixer.in_proj.weight",), same, one, 0, 2, shapes=((4 * d, d),)),
+            Rule(m + "linear_in.bias", ("mixer.in_proj.bias",), same, one, 0, 2, shapes=((4 * d,),)),
+            Rule(m + "conv_weight", ("mixer.conv.conv.weight",), lambda t: t.squeeze(1),
+                 lambda t: (t.unsqueeze(1),), 0, shapes=((2 * d, 1, k),)),
+            Rule(m + "linear_out.weight", ("mixer.out_proj.weight",), same, one, 1, shapes=((d, 2 * d),)),
+            Rule(m + "linear_out.bias", ("mixer.out_proj.bias",), same, one, shapes=((d,),)),
+        ]
+
+    def __init__(self, config: TransformerConfig, layer_number: int = 1, pg_collection=None,
+                 submodules: BaseConvSubmodules | None = None, **injected):
         super().__init__(config, layer_number, pg_collection, **injected)
+        submodules = submodules or BaseConvSubmodules()
         d = config.hidden_size
         self.channels = 2 * d // self.tp_size
         self.kernel_size = config.conv_kernel_size
-        self.linear_in = self.column_parallel(d, 4 * d, bias=True, stride=2)
+        self.linear_in = self.column_parallel(submodules.linear_in, d, 4 * d, bias=True, stride=2,
+                                              tp_comm_buffer_name="fc1")
         self.linear_in.skip_bias_add = True  # returns (u, b_in); the conv op adds b_in
-        self.linear_out = self.row_parallel(2 * d, d, bias=True)
+        self.linear_out = self.row_parallel(submodules.linear_out, 2 * d, d, bias=True, tp_comm_buffer_name="fc2")
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.conv_weight = torch.nn.Parameter(
             torch.empty(self.channels, self.kernel_size, dtype=config.params_dtype, device=device))
