@@ -16,6 +16,10 @@ if [ -z "$BENCH_ONLY" ]; then
     PYTEST_ARGS="--durations=60 --junitxml=$OUT/gpu_suite.xml $PYTEST_EXTRA" \
     2>&1 | tee "$OUT/gpu_suite.log" | grep -v -i "warn" | tail -120
   echo "make test-gpu: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
+  # the training / generation logs the entry-point tests wrote (pytest's newest temporary directory)
+  latest=$(ls -d /tmp/pytest-of-"$(id -un)"/pytest-current 2>/dev/null)
+  [ -n "$latest" ] && (cd "$latest" && find -L . -name "*.log" -size -2M | while read -r f; do
+    mkdir -p "$OUT/logs/$(dirname "$f")" && cp "$f" "$OUT/logs/$f"; done)
 fi
 if [ -z "$SUITE_ONLY" ]; then
   # rows merge into the tracked JSON (BENCH_ARGS="--formats dp_reshardable" runs one format)
