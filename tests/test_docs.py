@@ -56,6 +56,7 @@ COMMANDS: dict[tuple[str, str], object] = {
     ("architecture.md", "python:config = TransformerConfig(num_layers=6, hidden_size=1024, num_attention_heads=16, "
                         "tensor_model_parallel_size=2)"):
         Skip("a fragment of a TP=2 job (2 processes); tests/megatron_based/test_model.py builds TP models"),
+    ("architecture.md", "python:from dataclasses import dataclass"): AS_WRITTEN,
     # docs/generation.md
     ("generation.md", "python:from megatron_based.inference.generation import Generator"):
         Skip("a fragment (gen.step(next_tokens) needs a prefill's sampled tokens); test_generation.py runs the API"),

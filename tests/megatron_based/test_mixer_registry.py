@@ -1,6 +1,6 @@
 """The mixer interface and registry (docs/architecture.md, "Adding a mixer"): every built-in mixer satisfies the
 interface, a mixer defined in this file registers, builds into a model, trains a step, stays causal, is counted by
-model_flops_per_token and decodes step by step; and the mixers' linear layers can be swapped through their specs."""
+model_flops_per_token and generates (prefill + decode steps) like full forwards; and the mixers' linear layers can be swapped through their specs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -148,8 +148,21 @@ def _toy_model_worker(rank, world):
             full, _ = toy(x)
             cache = toy.inference_cache(2, x.dtype, x.device)
             steps = torch.cat([toy.step(x[t:t + 1], cache, torch.full((2,), t))[0] for t in range(12)])
+        # ... and through the generator (prefill of ragged prompts, then decode): greedy == full forwards
+        from megatron_based.inference.generation import Generator
+
+        model.eval()
+        prompts = [[5, 9, 2], [7, 1, 3, 3, 8, 2, 6]]
+        greedy = Generator(model, vocab_size=64).generate(prompts, 6)
+        reference = []
+        with torch.no_grad():
+            for seq in map(list, prompts):
+                for _ in range(6):
+                    t = torch.tensor([seq])
+                    seq.append(int(model(t, torch.arange(len(seq))[None], None)[0, -1, :64].argmax()))
+                reference.append(seq[-6:])
         return {"finite": bool(torch.isfinite(loss).all()), "grads": grads, "causal": causal,
-                "step": (steps - full).abs().max().item()}
+                "step": (steps - full).abs().max().item(), "generate": (greedy, reference)}
     finally:
         unregister_mixer("M")
 
@@ -159,6 +172,8 @@ def test_toy_mixer_builds_trains_and_is_causal():
     assert result["finite"] and result["grads"] and all(result["grads"])
     assert result["causal"]
     assert result["step"] < 1e-5
+    greedy, reference = result["generate"]
+    assert greedy == reference
 
 
 # ------------------------------------------------------------------------------------- swapping linears
