@@ -60,7 +60,8 @@ class BasedConfig(TransformerConfig):
 
     BASED fields:
         layer_pattern: one symbol per layer: ``L`` Taylor linear attention, ``S`` sliding-window attention,
-            ``C`` BaseConv, ``A`` softmax attention. ``num_layers`` defaults to its length.
+            ``C`` BaseConv, ``A`` softmax attention, or the symbol of a mixer added with
+            ``megatron_based.model.mixers.register_mixer``. ``num_layers`` defaults to its length.
         feature_dim: Taylor feature dimension f of q and k per head (16); the state has 1 + f + f^2 features.
         linear_attention_heads: heads of the L mixer (default ``num_attention_heads``); value head dim
             ``hidden_size / linear_attention_heads``.
