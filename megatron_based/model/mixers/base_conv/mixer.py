@@ -86,9 +86,10 @@ class BaseConv(MixerModule):
         d = config.hidden_size
         self.channels = 2 * d // self.tp_size
         self.kernel_size = config.conv_kernel_size
+        # skip_bias_add: returns (u, b_in), the conv op adds b_in (given at construction, where TransformerEngine's
+        # linears read it; Megatron's local linear only stores it, so parameters and init are as before)
         self.linear_in = self.column_parallel(submodules.linear_in, d, 4 * d, bias=True, stride=2,
-                                              tp_comm_buffer_name="fc1")
-        self.linear_in.skip_bias_add = True  # returns (u, b_in); the conv op adds b_in
+                                              skip_bias_add=True, tp_comm_buffer_name="fc1")
         self.linear_out = self.row_parallel(submodules.linear_out, 2 * d, d, bias=True, tp_comm_buffer_name="fc2")
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.conv_weight = torch.nn.Parameter(
