@@ -10,8 +10,8 @@ lives in its folder (``megatron_based/model/mixers/<mixer>/context_parallel.py``
   numerator and denominator. Backward all-gathers ``G_j = dL/dS_in`` and feeds ``sum_{j>r} G_j`` into the local
   state's gradient.
 - S (sliding-window attention, ``mixers/sliding_window``): the last ``window`` post-RoPE K/V rows go to the next
-  rank(s) by P2P (:func:`_halo`, below) and become the kernel's ``kv_prefix``; their gradients come back the same
-  way. ``window > L`` uses several hops.
+  rank(s) by P2P (:func:`exchange_halo`, below) and become the kernel's ``kv_prefix``; their gradients come back
+  the same way. ``window > L`` uses several hops.
 - C (BaseConv, ``mixers/base_conv``): the same halo for the last ``k - 1`` rows of u1, used as the conv's
   ``initial_state``.
 - A (softmax layers of hybrids, ``mixers/softmax_attention``): K/V all-gathered along the sequence, causal mask
@@ -36,7 +36,7 @@ __all__ = ["shard_batch_for_cp", "loss_over_global_tokens"]
 
 
 # ---------------------------------------------------------------------------------------------- recompute cache
-def _label(layer, kind: str) -> str:
+def cp_label(layer, kind: str) -> str:
     number = getattr(layer, "layer_number", None)
     return kind if number is None else f"{number}{kind}"
 
@@ -57,7 +57,7 @@ def _exchange(layer, communicate):
     return out
 
 
-def _check_unpacked(cu_seqlens, kind: str) -> None:
+def check_unpacked(cu_seqlens, kind: str) -> None:
     if cu_seqlens is not None:
         raise NotImplementedError(
             f"packed sequences (cu_seqlens) are not supported with context_parallel_size > 1 in '{kind}' layers: "
@@ -105,10 +105,10 @@ class _Halo(torch.autograd.Function):
         return d_tail, None, None, None, None, None
 
 
-def _halo(tail: torch.Tensor, rows: int, local_len: int, group, layer, kind: str) -> torch.Tensor:
+def exchange_halo(tail: torch.Tensor, rows: int, local_len: int, group, layer, kind: str) -> torch.Tensor:
     """The up-to-``rows`` rows of the global sequence that precede this shard; ``tail`` ``[B, min(rows, L), ...]``
     is the end of the local shard."""
-    return _exchange(layer, lambda cached: _Halo.apply(tail, rows, local_len, group, _label(layer, kind), cached))
+    return _exchange(layer, lambda cached: _Halo.apply(tail, rows, local_len, group, cp_label(layer, kind), cached))
 
 
 # --------------------------------------------------------------------------------------------------- data path

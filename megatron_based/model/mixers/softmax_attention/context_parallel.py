@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ....runtime import comm_stats
-from ...context_parallel import _label
+from ...context_parallel import cp_label
 
 __all__ = ["softmax_attention_cp"]
 
@@ -36,7 +36,7 @@ def softmax_attention_cp(q, k, v, *, scale, cp_group, layer=None):
     if cp_group.size() == 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     kv = torch.cat([k, v], dim=-1).permute(2, 0, 1, 3)  # [L, B, H_kv, Dk + Dv]: gather along the sequence
-    kv = _GatherSequence.apply(kv, cp_group, _label(layer, "A"))[: (r + 1) * L].permute(1, 2, 0, 3)
+    kv = _GatherSequence.apply(kv, cp_group, cp_label(layer, "A"))[: (r + 1) * L].permute(1, 2, 0, 3)
     k_all, v_all = kv.split([k.shape[-1], v.shape[-1]], dim=-1)
     pos = torch.arange((r + 1) * L, device=q.device)
     mask = pos[None, :] <= pos[r * L:, None]

@@ -11,7 +11,7 @@ import based_kernels
 from based_kernels.taylor_attention import feature_map
 
 from ....runtime import comm_stats
-from ...context_parallel import _check_unpacked, _label
+from ...context_parallel import check_unpacked, cp_label
 
 __all__ = ["taylor_attention_cp", "local_state"]
 
@@ -97,10 +97,10 @@ def taylor_attention_cp(q, k, v, *, eps, cp_group, cu_seqlens=None, layer=None):
     The forward all-gather of the local state runs asynchronously while the local (zero initial state) attention
     is computed; the incoming state is then merged exactly into numerator and denominator
     (:func:`_merge_incoming`)."""
-    _check_unpacked(cu_seqlens, "L")
+    check_unpacked(cu_seqlens, "L")
     if cp_group.size() == 1:
         return based_kernels.taylor_linear_attention(q, k, v, eps=eps)[0]
-    label = _label(layer, "L")
+    label = cp_label(layer, "L")
     state = local_state(k, v)
     recompute = (layer is not None and layer.training
                  and getattr(layer.config, "recompute_granularity", None) == "full")
