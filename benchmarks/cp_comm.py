@@ -104,14 +104,14 @@ def mixer_setup(kind, args, T, dtype, device, group):
         return (lambda q, k, v: sliding_window_attention_cp(q, k, v, window=W, cp_group=group),
                 lambda q, k, v: based_kernels.sliding_window_attention(q, k, v, window=W),
                 [(rnd(B, T, H, dh), 1), (rnd(B, T, H, dh), 1), (rnd(B, T, H, dh), 1)],
-                lambda t: cp._halo(t, W, L, group, None, "S"), [tail])
+                lambda t: cp.exchange_halo(t, W, L, group, None, "S"), [tail])
     if kind == "C":
         C, rows = 2 * d, args.conv_kernel - 1
         tail = torch.zeros(B, min(rows, L), C, device=device, dtype=dtype)
         return (lambda u1, u2, w: base_conv_cp(u1, u2, w, cp_group=group),
                 lambda u1, u2, w: based_kernels.base_conv(u1, u2, w)[0],
                 [(rnd(B, T, C), 1), (rnd(B, T, C), 1), (rnd(C, args.conv_kernel, scale=0.5), None)],
-                lambda t: cp._halo(t, rows, L, group, None, "C"), [tail])
+                lambda t: cp.exchange_halo(t, rows, L, group, None, "C"), [tail])
     kv = torch.zeros(L, B, H, 2 * dh, device=device, dtype=dtype)
     return (lambda q, k, v: softmax_attention_cp(q, k, v, scale=None, cp_group=group),
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
