@@ -22,6 +22,9 @@ Backward (``do = dy / den``, ``dd = -(dy . y) / den``; an unnormalised attention
   5. ``taylor_chunk_grad_kernel``, programs (value block, chunk, head): dq, dk, dv of one chunk from the
      intra-chunk terms, ``hc`` (for dq) and ``dhc`` (for dk, dv); the Jacobian of ``c x_a x_b`` is two
      products with the transposed expansion matrices.
+Precision: every ``tl.dot`` with fp32 operands takes the constexpr ``PREC`` (``input_precision``), which the
+launcher picks from the input dtype and ``torch.get_float32_matmul_precision()`` (ops._dot_precision): IEEE fp32
+products for fp32 inputs at "highest"/"high", tf32 otherwise; the 0/1 expansion products are exact in every case.
 Deterministic: no atomics; with several value blocks dq and dk are fp32 partials summed afterwards.
 Varlen (``cu_seqlens``): every document starts its own chunks; ``chunk_offsets`` (first chunk of each
 document) and ``chunk_meta`` (document and first token of each chunk) are computed on the host.
@@ -37,13 +40,13 @@ RSQRT2 = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
-def _mm(b_a, b_b, b_like, HI: tl.constexpr):
-    """Product with fp32 accumulation: fp32 operands (tf32 on tensor cores) when HI, else both operands in the
-    dtype of ``b_like`` (bf16/fp16 inputs: full-rate tensor cores)."""
+def _mm(b_a, b_b, b_like, HI: tl.constexpr, PREC: tl.constexpr):
+    """Product with fp32 accumulation: fp32 operands (``PREC``: tf32 on tensor cores for bf16/fp16 inputs) when
+    HI, else both operands in the dtype of ``b_like`` (bf16/fp16 inputs: full-rate tensor cores; fp32: ``PREC``)."""
     if HI:
-        return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32))
+        return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32), input_precision=PREC)
     else:
-        return tl.dot(b_a.to(b_like.dtype), b_b.to(b_like.dtype))
+        return tl.dot(b_a.to(b_like.dtype), b_b.to(b_like.dtype), input_precision=PREC)
 
 
 @triton.jit
@@ -105,13 +108,13 @@ def _exact_t(b_e, b_x):
 
 
 @triton.jit
-def _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK: tl.constexpr):
+def _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK: tl.constexpr, PREC: tl.constexpr):
     """``d/dx [w . phi(x)]`` per token from feature gradients ``b_w [BT, BF]`` and the factors of ``x``
     (``_expand``) -> ``[BT, BK]`` fp32. ``d(c x_a x_b)/dx_j = c (x_b [a = j] + x_a [b = j])``."""
     o_k = tl.arange(0, BK)
     b_g = b_w * c[None, :]
-    return (tl.dot(b_g * b_xb, (a[:, None] == o_k[None, :]).to(tl.float32))
-            + tl.dot(b_g * b_xa, (b[:, None] == o_k[None, :]).to(tl.float32)))
+    return (tl.dot(b_g * b_xb, (a[:, None] == o_k[None, :]).to(tl.float32), input_precision=PREC)
+            + tl.dot(b_g * b_xa, (b[:, None] == o_k[None, :]).to(tl.float32), input_precision=PREC))
 
 
 @triton.jit
@@ -171,7 +174,7 @@ def taylor_chunk_state_kernel(
     T, H, NC, scale,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STORE_LOW: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STORE_LOW: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per-chunk states of one feature block.
 
@@ -228,7 +231,7 @@ def taylor_chunk_state_kernel(
             b_z += tl.sum(b_p * b_dd[None, :], 1)
         else:
             b_z += tl.sum(tl.where(m_t[None, :], b_p, 0.), 1)
-        b_h += tl.dot(b_p.to(hc.dtype.element_ty), b_w.to(hc.dtype.element_ty))
+        b_h += tl.dot(b_p.to(hc.dtype.element_ty), b_w.to(hc.dtype.element_ty), input_precision=PREC)
     if STORE_HT:
         tl.store(hts + (i_st * D + o_r[:, None]) * DV + o_v[None, :], b_h, mask=m_rv)
         tl.store(htz + i_st * D + o_r, b_z, mask=m_z)
@@ -241,11 +244,13 @@ def taylor_chunk_output_kernel(
     T, H, NC, scale, eps,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr,
-    BL: tl.constexpr,
+    BL: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr,
 ):
     """Output of one chunk: intra-chunk ``(1 + s + s^2/2)`` part plus ``phi(Q_c) . (hc_c, zc_c)``. The constant
     and linear rows (the largest terms: the constant row is the running sum of v) come from their fp32 copy
-    ``hl`` in a 3-pass tf32 product (~fp32); the quadratic rows from the bf16 ``hc`` on bf16 tensor cores."""
+    ``hl`` in a 3-pass tf32 product (~fp32; ``LOW_PREC``, IEEE when PREC is); the quadratic rows from the bf16
+    ``hc`` on bf16 tensor cores. ``PREC``: the input_precision of the other products with fp32 operands
+    (ops._dot_precision: IEEE for fp32 inputs at torch's default float32 matmul precision, else tf32)."""
     D: tl.constexpr = 1 + F + F * F
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p_st = i_c.to(tl.int64) * H + i_h
@@ -253,25 +258,25 @@ def taylor_chunk_output_kernel(
         q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
         T, H, NC, F, DV, BK, BT, BV, IS_VARLEN)
 
-    b_s = tl.dot(b_q, tl.trans(b_k)) * (scale * scale)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
     m_c = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
     b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
     # a non-finite v row reaches only the queries that see it, through A (not 0 * NaN in every row: _jit_common)
     b_v, b_vnan = finite_rows(b_v)
-    b_num = _mm(tl.where(m_c, b_A + b_vnan[None, :], 0.), b_v, b_v, HI_INTRA)
+    b_num = _mm(tl.where(m_c, b_A + b_vnan[None, :], 0.), b_v, b_v, HI_INTRA, PREC)
     b_den = tl.sum(b_A, 1)
     o_l, m_l, a_l, b_l, c_l = _features(0, scale, F, BL)
     m_l = m_l & (o_l <= F)
     b_hl = tl.load(hl + (p_st * (F + 1) + o_l[:, None]) * DV + o_v[None, :], mask=m_l[:, None] & m_v[None, :],
                    other=0.)
-    b_num += tl.dot(_phi(b_q, a_l, b_l, tl.where(m_l, c_l, 0.), BK), b_hl, input_precision="tf32x3")
+    b_num += tl.dot(_phi(b_q, a_l, b_l, tl.where(m_l, c_l, 0.), BK), b_hl, input_precision=LOW_PREC)
     for i_f in range(0, NF):
         o_r, m_r, a, b, c = _features(i_f, scale, F, BF)
         b_h = tl.load(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :],
                       mask=(m_r & (o_r > F))[:, None] & m_v[None, :], other=0.)
         b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
         b_p = _phi(b_q, a, b, c, BK)
-        b_num += tl.dot(b_p.to(b_h.dtype), b_h)
+        b_num += tl.dot(b_p.to(b_h.dtype), b_h, input_precision=PREC)
         b_den += tl.sum(b_p * b_z[None, :], 1)
     b_o = b_num / (b_den + eps)[:, None]
     tl.store(o + i_b * s_ob + i_h * s_oh + o_tt[:, None] * s_ot + o_v[None, :], b_o.to(o.dtype.element_ty),
@@ -305,7 +310,7 @@ def taylor_chunk_grad_kernel(
     s_gn, s_gb, s_gt, s_gh, s_db, s_dt, s_dh,
     T, H, NC, scale,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
-    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr, PREC: tl.constexpr,
 ):
     """dq, dk (partials of value block i_v, raw-input space) and dv of one chunk."""
     D: tl.constexpr = 1 + F + F * F
@@ -328,14 +333,15 @@ def taylor_chunk_grad_kernel(
     # have NaN dk, dv from their diagonal pair anyway. (dv, dk of a key get only the queries at or after it: a NaN
     # there comes from a token after the key.)
     m_c = (o_t[:, None] >= o_t[None, :]) & m_t[None, :] & m_t[:, None]
-    b_s = tl.dot(b_q, tl.trans(b_k)) * (scale * scale)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
     b_k = finite_rows(b_k)[0]
     b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
-    b_dv = _mm(tl.trans(b_A), b_do, b_v, HI)
+    b_dv = _mm(tl.trans(b_A), b_do, b_v, HI, PREC)
     # d/d(q_raw . k_raw)
-    b_dS = tl.where(m_c, (tl.dot(b_do, tl.trans(b_v)) + b_dd[:, None]) * (1. + b_s), 0.) * (scale * scale)
-    b_dq = _mm(b_dS, b_k, b_v, HI)
-    b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+    b_dS = tl.where(m_c, (b_dp + b_dd[:, None]) * (1. + b_s), 0.) * (scale * scale)
+    b_dq = _mm(b_dS, b_k, b_v, HI, PREC)
+    b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI, PREC)
     # inter-chunk: dq from the state before the chunk, dk and dv from the gradient of the state after it
     for i_f in range(0, NF):
         o_r, m_r, a, b, c = _features(i_f, scale, F, BF)
@@ -343,15 +349,15 @@ def taylor_chunk_grad_kernel(
         p_h = (p_st * D + o_r[:, None]) * DV + o_v[None, :]
         b_h = tl.load(hc + p_h, mask=m_rv, other=0.)
         b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
-        b_wq = tl.dot(b_do.to(b_h.dtype), tl.trans(b_h)) + b_dd[:, None] * b_z[None, :]
+        b_wq = tl.dot(b_do.to(b_h.dtype), tl.trans(b_h), input_precision=PREC) + b_dd[:, None] * b_z[None, :]
         b_xa, b_xb = _expand(b_q, a, b, BK)
-        b_dq += _phi_vjp(b_wq, b_xa, b_xb, a, b, c, BK)
+        b_dq += _phi_vjp(b_wq, b_xa, b_xb, a, b, c, BK, PREC)
         b_dh = tl.load(dhc + p_h, mask=m_rv, other=0.)
         b_dz = tl.load(dzc + p_st * D + o_r, mask=m_r, other=0.)
         b_xa, b_xb = _expand(b_k, a, b, BK)
-        b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(b_dh.dtype), b_dh)
-        b_wk = tl.dot(b_v.to(b_dh.dtype), tl.trans(b_dh)) + w0 * b_dz[None, :]
-        b_dk += _phi_vjp(b_wk, b_xa, b_xb, a, b, c, BK)
+        b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(b_dh.dtype), b_dh, input_precision=PREC)
+        b_wk = tl.dot(b_v.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC) + w0 * b_dz[None, :]
+        b_dk += _phi_vjp(b_wk, b_xa, b_xb, a, b, c, BK, PREC)
     p_g = i_v.to(tl.int64) * s_gn + i_b * s_gb + i_h * s_gh + o_tt[:, None] * s_gt + o_k[None, :]
     tl.store(dq + p_g, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + p_g, b_dk.to(dk.dtype.element_ty), mask=m_tk)

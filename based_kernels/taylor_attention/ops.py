@@ -11,7 +11,8 @@ feature blocks x value blocks x sequences x heads) + output pass (parallel over 
 state pass again (recomputed, not kept) + reverse state-gradient pass + gradient pass (parallel over chunks).
 The per-chunk states are kept in bf16 for bf16 inputs (the precision at which they enter the tensor-core
 products anyway) and in fp32 otherwise; the normaliser states, the initial/final states and every
-accumulation are fp32.
+accumulation are fp32. fp32 inputs: the products follow ``torch.get_float32_matmul_precision()`` at call time
+(``_dot_precision``: IEEE fp32 at "highest", torch's default, and at "high"; tf32 at "medium").
 """
 from __future__ import annotations
 
@@ -108,10 +109,29 @@ CONFIG = {
     "grad": (32, 64, 8, 1),
 }
 # Operand precision (fp32 accumulation always): the intra-chunk A @ v of the forward runs on fp32 operands
-# (tf32; A = 1 + s + s^2/2 rounded to bf16 adds ~0.3e-3 relative error to the ~1.6e-3 of rounding y to bf16),
-# the state products on the input dtype; HI_BWD runs the backward's intra-chunk products on fp32 operands too.
+# (tf32 for bf16/fp16 inputs; A = 1 + s + s^2/2 rounded to bf16 adds ~0.3e-3 relative error to the ~1.6e-3 of
+# rounding y to bf16), the state products on the input dtype; HI_BWD runs the backward's intra-chunk products on
+# fp32 operands too. fp32 inputs: _dot_precision below.
 HI_INTRA = True
 HI_BWD = False
+
+# fp32 inputs: the operand precision of the products follows torch.get_float32_matmul_precision() at call time.
+# "high" gets "ieee" too: "tf32x3" in every product made the output pass need 237568 bytes of shared memory at its
+# tile configuration (H200 limit 232448; Triton 3.6), and the tile configuration is shared with bf16.
+_FP32_DOT = {"highest": "ieee", "high": "ieee", "medium": "tf32"}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' fp32-operand products (a constexpr, so a part of the launch key).
+
+    fp32 inputs follow torch's float32 matmul setting, read at every call (forward and backward each read it):
+    ``"highest"`` (torch's default) and ``"high"`` -> ``"ieee"`` (fp32 products, fp32 accuracy; "high" would allow
+    ``"tf32x3"``, which does not fit the output pass's shared memory: see ``_FP32_DOT``), ``"medium"`` ->
+    ``"tf32"`` (tensor cores, ~1e-3). bf16/fp16 inputs: ``"tf32"`` always (their bf16/fp16 products ignore it;
+    their fp32-operand ones, e.g. the intra-chunk ``A @ v``, stay on tf32 as before)."""
+    if dtype == torch.float32:
+        return _FP32_DOT.get(torch.get_float32_matmul_precision(), "ieee")
+    return "tf32"
 
 
 INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small tiles keep CPU tests fast
@@ -183,7 +203,8 @@ def _check_inputs(q, k, v, h0s, h0z, cu_seqlens):
 # forward
 
 
-def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want_last, reverse, low=False):
+def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want_last, reverse, low=False,
+                prec="tf32"):
     """Per-chunk states (forward: before each chunk; reverse: gradient after each chunk) and, if asked, the
     state after the walk (final state, or d initial state). ``low``: also an fp32 copy of rows 0..f."""
     B, T, H, F = x.shape
@@ -208,7 +229,7 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
         cu_seqlens if cu_seqlens is not None else zc, offsets if offsets is not None else zc,
         *_s3(x), *_s3(w), T, H, NC, F ** -0.25),
         F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, REVERSE=reverse, USE_H0=use_h0, STORE_HT=want_last,
-        IS_VARLEN=cu_seqlens is not None, STORE_LOW=low, num_warps=nw, num_stages=ns)
+        IS_VARLEN=cu_seqlens is not None, STORE_LOW=low, PREC=prec, num_warps=nw, num_stages=ns)
     return hc, hl, zc, ht, hz
 
 
@@ -217,8 +238,9 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
     DV = v.shape[-1]
     BK, BT, BF, BV, NF, nw, ns = _cfg("output", F, DV)
     n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
+    prec = _dot_precision(q.dtype)
     hc, hl, zc, hts, htz = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets,
-                                       output_final_state, reverse=False, low=True)
+                                       output_final_state, reverse=False, low=True, prec=prec)
     o = v.new_empty(B, T, H, DV)
     den = q.new_empty(B, T, H, dtype=torch.float32)
     if n_chunks:
@@ -228,7 +250,8 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
             meta if meta is not None else den,
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
-            BL=max(16, next_pow2(F + 1)), num_warps=nw, num_stages=ns)
+            BL=max(16, next_pow2(F + 1)), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
+            num_warps=nw, num_stages=ns)
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     return o, den, hts, htz
@@ -274,9 +297,11 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
     if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
         dd += dden.to(torch.float32)
 
-    hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False)
+    prec = _dot_precision(q.dtype)
+    hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False,
+                                  prec=prec)
     dhc, _, dzc, dh0s, dh0z = _state_pass(q, dy, den, dd, dhts, dhtz, cu_seqlens, n_chunks, NC, offsets,
-                                       h0s is not None, reverse=True)
+                                          h0s is not None, reverse=True, prec=prec)
     # one partial per value block for dq, dk (deterministic sum); written in place when there is one block
     dq = q.new_empty(NV, B, T, H, F, dtype=torch.float32 if NV > 1 else q.dtype)
     dk = k.new_empty(NV, B, T, H, F, dtype=torch.float32 if NV > 1 else k.dtype)
@@ -289,7 +314,7 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
             *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
             *_s3(dv), T, H, NC, F ** -0.25),
             F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
-            num_warps=nw, num_stages=ns)
+            PREC=prec, num_warps=nw, num_stages=ns)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
