@@ -64,13 +64,16 @@ def main():
                            "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1)]}.items():
             for BF, BV, nw, ns in cfgs:
                 BV = min(BV, DV)
-                base = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV)
+                # the fp32-operand products' precision, as ops._dot_precision picks it under torch's default
+                prec = "ieee" if args.dtype == "fp32" else "tf32"
+                base = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, PREC=prec)
                 if name == "state":
                     fn, c = chunk.taylor_chunk_state_kernel, dict(base, REVERSE=False, USE_H0=False,
                                                                   STORE_HT=False, IS_VARLEN=False, STORE_LOW=True)
                 elif name == "output":
                     fn, c = chunk.taylor_chunk_output_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
-                                                                   HI_INTRA=ops.HI_INTRA, BL=32)
+                                                                   HI_INTRA=ops.HI_INTRA, BL=32,
+                                                                   LOW_PREC="ieee" if prec == "ieee" else "tf32x3")
                 else:
                     fn, c = chunk.taylor_chunk_grad_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                                                                  HI=ops.HI_BWD)
