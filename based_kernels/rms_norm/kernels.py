@@ -7,6 +7,10 @@ compiler then knows its divisibility and the column mask does not stop vector lo
 two (e.g. 1000 = 8 x 125: 16-byte bf16 loads). Row strides of x and dy are passed in units of ``ALIGN``
 elements (the largest power of two <= 16 bytes dividing them) and multiplied by that constexpr, so Triton
 knows each row's alignment too. y and dx are written contiguous (row stride D). Statistics and math in fp32.
+
+x and y may have different dtypes (fp32 residual in, bf16 out: ``fp32_residual_connection``); then dy has y's
+dtype and dx x's. Every load and store converts from / to its own pointer's element type, and the strides count
+elements of their own tensor (ALIGN divides both, so one constexpr serves x and dy whatever their dtypes).
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ def rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, N, eps, D: tl.conste
                    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr):
     """Rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)``: ``rstd = 1 / sqrt(mean(x^2) + eps)`` (fp32, stored) and
     ``y = x * rstd * w`` with w first rounded to x's dtype (``F.rms_norm(x, .., w.to(x.dtype))``), computed in
-    fp32 and rounded once to y's dtype."""
+    fp32 and rounded once to y's dtype (x's, or the caller's out_dtype)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < N

@@ -100,8 +100,13 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, to
 
 
 def _add(residual: torch.Tensor, out_bias) -> torch.Tensor:
-    """Megatron's bias-dropout-add at inference: ``residual + (out + bias)``."""
+    """Megatron's bias-dropout-add at inference: ``residual + (out + bias)``, with out and bias first cast to the
+    residual's dtype as Megatron does (an fp32 residual stream, ``fp32_residual_connection``: the bf16 mixer / MLP
+    output and bias are added in fp32, the sum stays fp32)."""
     out, bias = out_bias
+    if out.dtype != residual.dtype:
+        out = out.to(residual.dtype)
+        bias = None if bias is None else bias.to(residual.dtype)
     return residual + (out if bias is None else out + bias)
 
 
@@ -171,6 +176,10 @@ class Generator:
         return logits[..., : self.vocab_size].float()
 
     def _run(self, tokens, positions, mixer_call) -> torch.Tensor:
+        # TransformerLayer.forward, layer by layer: with fp32_residual_connection the embedding output (Megatron casts
+        # it) and every residual sum are fp32, the norms hand the mixers and MLPs the compute dtype (self.dtype,
+        # which the caches hold); the final norm feeds the output layer in that dtype too. A captured decode graph
+        # (cuda_graph) keeps these dtypes: its only static buffers are tokens, positions (int64) and fp32 logits.
         hidden = self.model.embedding(input_ids=tokens, position_ids=positions)
         for layer, cache in zip(self.layers, self.caches):
             hidden = _add(hidden, mixer_call(layer.self_attention, layer.input_layernorm(hidden), cache))

@@ -73,6 +73,13 @@ class BasedConfig(TransformerConfig):
             (``based_kernels.rope_split_qkv``: fp32 math from fp64-exact cos / sin tables); False: Megatron's
             split + ``apply_rotary_pos_emb`` (the e2e comparison). Prefill / decode steps always use the latter.
             (Megatron's own ``apply_rope_fusion`` is TransformerEngine's kernel, off here.)
+        fp32_residual_connection (Megatron's field): the residual stream between layers (embedding output, every
+            ``x + Mixer(..)`` and ``h + MLP(..)``, the pipeline stages' activations) in fp32 while the mixers and MLPs
+            compute in the parameters' dtype: each RMSNorm reads the fp32 residual and writes the compute dtype
+            (``megatron_based.model.norm``), Megatron's bias-dropout-add adds the bf16 outputs to it in fp32. The
+            authors' models train so (``residual_in_fp32: true``). None (default): on when the parameters are bf16 or
+            fp16, off in fp32 / fp64 (nothing to gain; an fp64 reference model stays fp64). With it on,
+            ``pipeline_dtype`` is fp32 (the stages exchange the residual).
         cuda_graph_impl (Megatron's field): "local" captures each layer's forward and backward in CUDA graphs
             after the first step and replays them (Megatron-Core's CudaGraphManager; train.py seeds the
             CUDA-graph-safe RNG tracker it needs). An eager step launches ~1,700 kernels at based-360m's size; on an
@@ -112,8 +119,17 @@ class BasedConfig(TransformerConfig):
     masked_softmax_fusion: bool = False
     persist_layer_norm: bool = False
     gradient_accumulation_fusion: bool = False
+    fp32_residual_connection: bool | None = None  # None: on for bf16 / fp16 parameters (see above)
 
     def __post_init__(self):
+        if self.fp32_residual_connection is None:
+            self.fp32_residual_connection = self.params_dtype in (torch.bfloat16, torch.float16)
+        if not isinstance(self.fp32_residual_connection, bool):
+            raise ConfigError(f"fp32_residual_connection must be true or false; got {self.fp32_residual_connection!r}")
+        if self.fp32_residual_connection and self.pipeline_dtype not in (None, torch.float32):
+            # the pipeline stages exchange the residual stream: Megatron's __post_init__ would override this too,
+            # with a warning; here it is the documented meaning of the field
+            self.pipeline_dtype = torch.float32
         if self.cross_entropy_loss_fusion is None:
             self.cross_entropy_loss_fusion = torch.cuda.is_available() and self.bf16
         if not isinstance(self.rope_fusion, bool):

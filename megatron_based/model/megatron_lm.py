@@ -91,7 +91,10 @@ def based_config_from_megatron_lm(config: TransformerConfig, args=None) -> Based
                          f"{spec.make_vocab_size_divisible_by})")
     if wrong:
         raise ConfigError(f"Megatron-LM's arguments disagree with {ENV_VAR}={path}: {'; '.join(wrong)}")
-    based = as_based_config(config, **{name: getattr(want, name) for name in BASED_FIELDS})
+    # fp32_residual_connection follows Megatron-LM's --fp32-residual-connection: its embedding, pipeline dtype and
+    # final norm are built from its own config, and the layers' residual must agree with them
+    based = as_based_config(config, **{name: getattr(want, name) for name in BASED_FIELDS},
+                            fp32_residual_connection=config.fp32_residual_connection)
     _config_cache[id(config)] = (config, based)
     return based
 

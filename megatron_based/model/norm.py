@@ -8,7 +8,12 @@ import based_kernels
 
 
 class RMSNorm(torch.nn.Module):
-    """``y = x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 and returned in the input dtype.
+    """``y = x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 and returned in the input dtype, except with an
+    fp32 residual stream (``config.fp32_residual_connection``, BASED's default): an fp32 input from a model whose
+    parameters are in a lower precision is normed into the parameters' dtype (``config.params_dtype``, bf16 in bf16
+    runs), so the mixer, the MLP and the output layer after it compute in that dtype against their weights. The
+    statistics come from the fp32 values and y is rounded once (``based_kernels.rms_norm(..., out_dtype=...)``: in
+    the Triton kernel's store, no extra pass); the gradient flows back to the residual in fp32.
 
     Built like Megatron's norms (``RMSNorm(config=..., hidden_size=..., eps=...)``). Under sequence parallelism
     each TP rank normalizes its own slice of the sequence, so the weight gradient is partial: the weight is marked
@@ -22,10 +27,15 @@ class RMSNorm(torch.nn.Module):
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.fp32_residual = bool(getattr(config, "fp32_residual_connection", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # based_kernels.rms_norm: Triton forward + backward for CUDA tensors (fp32 statistics, output in x's dtype,
         # weight.to(x.dtype) like F.rms_norm), F.rms_norm on CPU or under based_kernels.use_backend("torch"). The
         # unfused fp32 formula was 31% of based-360m's GPU time per training step on an H100; the Triton kernels
         # took the norms from 16.7 to 10.9 ms per step against F.rms_norm (docs/benchmarks.md, session 4).
-        return based_kernels.rms_norm(x, self.weight, self.eps)
+        # The compute dtype is the weight's (config.params_dtype; also right for a model cast after it was built).
+        out_dtype = None
+        if self.fp32_residual and x.dtype == torch.float32 and self.weight.dtype != torch.float32:
+            out_dtype = self.weight.dtype
+        return based_kernels.rms_norm(x, self.weight, self.eps, out_dtype=out_dtype)

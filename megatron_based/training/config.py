@@ -117,6 +117,8 @@ class RunConfig:
             self.model, tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             context_parallel_size=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
+            # pipeline_dtype: the activations' dtype between stages; BasedConfig raises it to fp32 when the residual
+            # stream is fp32 (model.fp32_residual_connection, on by default in bf16)
             bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32, pipeline_dtype=torch.bfloat16
             if bf16 else torch.float32, use_cpu_initialization=not torch.cuda.is_available(),
             calculate_per_token_loss=True, **recompute)

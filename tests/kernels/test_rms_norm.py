@@ -1,7 +1,7 @@
 """RMSNorm (based_kernels.rms_norm) against the fp64 formula y = x * rsqrt(mean(x^2) + eps) * w: y, dx and dw under
 a random dy, odd shapes (D not a power of two, rows not a block multiple, several backward programs), 3-D and
-strided inputs, low-precision weights, tiny and large magnitudes, input errors, determinism, opcheck and
-torch.compile. CPU runs the kernels under TRITON_INTERPRET=1 in fp32 and fp16 (the interpreter truncates when it
+strided inputs, low-precision weights, tiny and large magnitudes, an output dtype other than x's (fp32 in, bf16 /
+fp16 out: fp32_residual_connection), input errors, determinism, opcheck and torch.compile. CPU runs the kernels under TRITON_INTERPRET=1 in fp32 and fp16 (the interpreter truncates when it
 rounds to bf16, so bf16 is checked on the GPU); bf16 at the models' sizes is marked gpu."""
 import pytest
 import torch
@@ -97,6 +97,64 @@ def test_strided_rows_expanded_dy_and_max_width():
         assert rel(ours, ref) < 2e-6
 
 
+def _bf16_ulp(t):
+    """The spacing of bf16 numbers at |t| (8 significant bits): one truncation or rounding is within it."""
+    t = t.abs().double().clamp_min(1e-30)
+    return torch.exp2(torch.floor(torch.log2(t)) - 7)
+
+
+@pytest.mark.parametrize("shape", [(37, 45), (5, 3, 37), (7, 1000), (300, 64)])
+@pytest.mark.parametrize("x_dtype, out_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                (torch.float16, torch.float32)])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_out_dtype_matches_fp64(shape, x_dtype, out_dtype, backend):
+    """``out_dtype`` other than x's (fp32_residual_connection: the fp32 residual normed into bf16): y in out_dtype
+    from fp32 statistics of the unrounded x, rounded once; dx in x's dtype from dy in out_dtype; dw in w's dtype
+    (bf16, as in bf16 models). Odd shapes as in test_matches_fp64. The interpreter truncates on its bf16 stores
+    (see the module docstring), so bf16 y is checked to within one bf16 spacing of the fp64 value, elementwise."""
+    x, w, _ = make(shape, x_dtype, torch.bfloat16, seed=11)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(12)).to(DEV, out_dtype)
+    y, dx, dw = run(x, w, dy, 1e-5, backend=backend, out_dtype=out_dtype)
+    assert y.shape == x.shape and y.dtype == out_dtype and dx.dtype == x_dtype and dw.dtype == torch.bfloat16
+    y64, dx64, dw64 = fp64_reference(x, w, dy, 1e-5)
+    if out_dtype == torch.bfloat16:
+        assert ((y.double() - y64).abs() <= _bf16_ulp(y64)).all()
+        assert rel(y, y64) < 4e-3
+    else:
+        assert rel(y, y64) < (6e-4 if out_dtype == torch.float16 else 2e-6), rel(y, y64)
+    # the statistics and x come unrounded into y: fp32 in, fp16 out is as accurate as fp16 rounding allows,
+    # where normalizing a bf16-rounded copy of x would cost ~2^-9 (about 1.5e-3)
+    assert rel(dx, dx64) < (2e-6 if x_dtype == torch.float32 else 1e-3), rel(dx, dx64)
+    assert rel(dw, dw64) < 4e-3, rel(dw, dw64)  # one bf16 rounding of the fp32 sum
+    same = run(x, w, dy.to(x_dtype), 1e-5, backend=backend)  # out_dtype=None and == x's dtype: x's dtype
+    assert same[0].dtype == x_dtype
+    assert based_kernels.rms_norm(x, w, 1e-5, backend=backend, out_dtype=x_dtype).dtype == x_dtype
+
+
+def test_out_dtype_triton_equals_torch_and_rounds_once():
+    """fp32 in, bf16 out: the kernel's y is its own fp32 result (out_dtype None) stored in bf16 (one rounding in
+    the store: within a bf16 spacing, the interpreter truncating), and dx / dw equal the torch path's to fp32
+    rounding. A strided x (row stride 64, D 45) and a dy made non-contiguous (transposed copy) on the way."""
+    buf, w, _ = make((37, 64), torch.float32, torch.bfloat16, seed=13)
+    x = buf[:, :45]
+    w = w[:45]
+    dy = torch.randn(45, 37, generator=torch.Generator().manual_seed(14)).to(DEV, torch.bfloat16).t()
+    y, dx, dw = run(x, w, dy, 1e-5, backend="triton", out_dtype=torch.bfloat16)
+    y32 = based_kernels.rms_norm(x, w, 1e-5, backend="triton")
+    assert y32.dtype == torch.float32
+    assert ((y.double() - y32.double()).abs() <= _bf16_ulp(y32)).all()
+    ty, tdx, tdw = run(x, w, dy, 1e-5, backend="torch", out_dtype=torch.bfloat16)
+    assert rel(dx, tdx) < 1e-6 and torch.allclose(dw.float(), tdw.float(), rtol=8e-3, atol=0)
+
+
+def test_out_dtype_errors():
+    x, w, _ = make((4, 45), torch.float32, torch.float32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        based_kernels.rms_norm(x, w, 1e-5, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        based_kernels.rms_norm(x, w, 1e-5, backend="triton", out_dtype=torch.float64)
+
+
 def test_deterministic():
     x, w, dy = make((300, 64), torch.float32, torch.float32, seed=6)
     a, b = run(x, w, dy, 1e-5, backend="triton"), run(x, w, dy, 1e-5, backend="triton")
@@ -142,12 +200,22 @@ def _compiled(rank, world):
     x, w, dy = make((37, 45), torch.float32, torch.float32, seed=7)
     y, rstd = ops.rms_norm_fwd_op(x, w, 1e-5)
     torch.library.opcheck(ops.rms_norm_fwd_op, (x, w.requires_grad_(), 1e-5))
+    torch.library.opcheck(ops.rms_norm_fwd_op, (x, w, 1e-5, torch.bfloat16))
+    torch.library.opcheck(ops.rms_norm_bwd_op, (dy.bfloat16(), x, w.detach(), rstd))
     torch.library.opcheck(ops.rms_norm_bwd_op, (dy, x, w.detach(), rstd))
     f = torch.compile(lambda x, w: based_kernels.rms_norm(x, w, 1e-5, backend="triton"), backend="aot_eager",
                       fullgraph=True)
     xc, wc = x.detach().requires_grad_(), w.detach().requires_grad_()
     outs = (y := f(xc, wc), *torch.autograd.grad(y, (xc, wc), dy))
-    return [rel(a, b) for a, b in zip(outs, fp64_reference(x, w, dy, 1e-5))]
+    errs = [rel(a, b) for a, b in zip(outs, fp64_reference(x, w, dy, 1e-5))]
+    f16 = torch.compile(lambda x, w: based_kernels.rms_norm(x, w, 1e-5, backend="triton", out_dtype=torch.float16),
+                        backend="aot_eager", fullgraph=True)
+    xc = x.detach().requires_grad_()
+    y = f16(xc, wc)
+    assert y.dtype == torch.float16
+    dx = torch.autograd.grad(y, xc, dy.half())[0]
+    y64, dx64, _ = fp64_reference(x, w, dy.half(), 1e-5)
+    return errs + [rel(y, y64) / 300, rel(dx, dx64)]  # fp16 y: ~2e-4, scaled to the fp32 bound
 
 
 @forked_cpu

@@ -1,0 +1,177 @@
+"""fp32 residual stream (``fp32_residual_connection``, BASED's default for bf16 parameters): the config defaults and
+pipeline dtype, a bf16 model's forward / backward at TP 1 and TP 2 + sequence parallel (the residual fp32 between
+layers, the norms' outputs bf16), and generation (prefill + decode) against the full forward with it on. The
+accuracy gain itself is measured by benchmarks/residual_precision.py (tests/benchmarks/test_residual_precision.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from megatron.core import parallel_state
+from megatron.core.transformer import TransformerConfig
+
+from megatron_based.model.config import BasedConfig, ConfigError, as_based_config, model_spec_from_dict
+from tests.distributed import run_distributed
+from tests.megatron_based.helpers import full_grads, gather_tp, initialize_parallel, tiny_config, tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_follow_the_parameter_dtype():
+    """On for bf16 / fp16 parameters (the authors' residual_in_fp32), off for fp32 / fp64 (an fp64 reference model
+    keeps an fp64 residual); an explicit value wins; with it on, the pipeline stages exchange fp32."""
+    assert tiny_config(params_dtype=torch.bfloat16, bf16=True).fp32_residual_connection is True
+    assert tiny_config(params_dtype=torch.float16, fp16=True).fp32_residual_connection is True
+    assert tiny_config().fp32_residual_connection is False
+    assert tiny_config(params_dtype=torch.float64).fp32_residual_connection is False
+    off = tiny_config(params_dtype=torch.bfloat16, bf16=True, fp32_residual_connection=False,
+                      pipeline_dtype=torch.bfloat16)
+    assert off.fp32_residual_connection is False and off.pipeline_dtype == torch.bfloat16
+    on = tiny_config(params_dtype=torch.bfloat16, bf16=True, pipeline_dtype=torch.bfloat16)
+    assert on.pipeline_dtype == torch.float32
+    # a plain Megatron TransformerConfig leaves the field at Megatron's False: BASED's default applies
+    plain = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, bf16=True,
+                              params_dtype=torch.bfloat16)
+    assert as_based_config(plain, layer_pattern="CL").fp32_residual_connection is True
+    with pytest.raises(ConfigError, match="fp32_residual_connection"):
+        tiny_config(fp32_residual_connection="yes")
+
+
+@pytest.mark.parametrize("name", ["based-360m", "based-1.3b"])
+def test_released_configs_and_bf16_runs_keep_the_residual_in_fp32(name):
+    """configs/based-*.yaml say so; a bf16 run's model spec (training/config.py) then has fp32 pipeline traffic."""
+    from megatron_based.training.config import DataConfig, ParallelConfig, RunConfig, TrainConfig
+
+    section = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())["model"]
+    assert section["fp32_residual_connection"] is True
+    run = RunConfig(model=section, parallel=ParallelConfig(pipeline_model_parallel_size=2),
+                    train=TrainConfig(precision="bf16"), data=DataConfig())
+    config = run.model_spec().config
+    assert config.bf16 and config.params_dtype == torch.bfloat16
+    assert config.fp32_residual_connection and config.pipeline_dtype == torch.float32
+    fp32 = RunConfig(model=section, parallel=ParallelConfig(), train=TrainConfig(precision="fp32"),
+                     data=DataConfig()).model_spec().config
+    assert fp32.params_dtype == torch.float32 and fp32.pipeline_dtype == torch.float32
+    assert model_spec_from_dict(section, params_dtype=torch.bfloat16, bf16=True).config.fp32_residual_connection
+
+
+def _dtypes_and_grads(tp, sp, fp32_residual=True):
+    initialize_parallel(tp, 1, 1)
+    model = tiny_model("CLSA", tensor_model_parallel_size=tp, sequence_parallel=sp, params_dtype=torch.bfloat16,
+                       bf16=True, fp32_residual_connection=fp32_residual)
+    seen = {"layer_out": set(), "norm_in": set(), "norm_out": set(), "mixer_in": set(), "mixer_out": set(),
+            "embedding": set()}
+
+    def record(inputs_key, output_key):
+        def hook(module, inputs, output):  # returns None: the output stays as it is
+            if inputs_key:
+                seen[inputs_key].add(inputs[0].dtype)
+            seen[output_key].add((output[0] if isinstance(output, tuple) else output).dtype)
+        return hook
+
+    for layer in model.decoder.layers:
+        layer.register_forward_hook(record(None, "layer_out"))
+        layer.self_attention.register_forward_hook(record("mixer_in", "mixer_out"))
+    for norm in [model.decoder.final_layernorm] + [n for layer in model.decoder.layers
+                                                   for n in (layer.input_layernorm, layer.pre_mlp_layernorm)]:
+        norm.register_forward_hook(record("norm_in", "norm_out"))
+    model.embedding.register_forward_hook(record(None, "embedding"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, 16), generator=g)
+    labels = torch.randint(0, 64, (2, 16), generator=g)
+    pos = torch.arange(16).expand(2, 16)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    logits = gather_tp(model(ids, pos, None), dim=-1, group=tp_group)
+    loss = model(ids, pos, None, labels=labels)
+    loss.sum().backward()
+    grads = full_grads(model, tp_group)
+    return ({k: sorted(str(d) for d in v) for k, v in seen.items()}, logits.detach().float(), loss.detach(),
+            {k: v.float() for k, v in grads.items()})
+
+
+def _tp_worker(rank, world, sp):
+    ref = _dtypes_and_grads(1, False)
+    got = _dtypes_and_grads(2, sp)
+    rel = {name: ((got[3][name] - g).norm() / g.norm()).item() for name, g in ref[3].items()}
+    finite = all(torch.isfinite(g).all() for g in got[3].values()) and bool(torch.isfinite(got[2]).all())
+    return ref[0], got[0], ((got[1] - ref[1]).norm() / ref[1].norm()).item(), rel, finite
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_bf16_forward_backward_keeps_the_residual_fp32(sequence_parallel):
+    """A bf16 CLSA model (every mixer) with the fp32 residual: the embedding output and every layer's output are
+    fp32, every norm (input, pre-MLP, final) reads fp32 and writes bf16, the mixers compute in bf16; loss and
+    gradients are finite and TP 2 (with / without sequence parallelism: fp32 scatter / gather of the residual)
+    equals TP 1 up to bf16 rounding (the TP reductions sum in another order)."""
+    for ref_dtypes, dtypes, logits_err, grad_err, finite in run_distributed(_tp_worker, 2, sequence_parallel):
+        for d in (ref_dtypes, dtypes):
+            assert d["embedding"] == d["layer_out"] == d["norm_in"] == ["torch.float32"], d
+            assert d["norm_out"] == d["mixer_in"] == d["mixer_out"] == ["torch.bfloat16"], d
+        assert finite
+        assert logits_err < 2e-2, logits_err
+        assert len(grad_err) > 20
+        for name, err in grad_err.items():
+            assert err < 5e-2, (name, err)
+
+
+def _bf16_residual_dtypes(rank, world):
+    return _dtypes_and_grads(1, False, fp32_residual=False)[0]
+
+
+def test_bf16_residual_when_turned_off():
+    """fp32_residual_connection: false keeps the old bf16 residual stream (everything bf16)."""
+    d = run_distributed(_bf16_residual_dtypes, 1)[0]
+    assert all(v == ["torch.bfloat16"] for v in d.values()), d
+
+
+VOCAB = 100
+
+
+def _generation_worker(rank, world):
+    from megatron_based.inference.generation import (Generator, at_decode_positions, decode_error_report,
+                                                     teacher_forced_logits)
+    from megatron_based.model import build_model
+
+    initialize_parallel(world)
+    kw = dict(layer_pattern="CLSCLSA", hidden_size=64, num_attention_heads=4, feature_dim=4, swa_window=6,
+              use_cpu_initialization=True)
+    torch.manual_seed(0)
+    model = build_model(BasedConfig(**kw, params_dtype=torch.bfloat16, bf16=True), vocab_size=VOCAB,
+                        max_sequence_length=64).eval()
+    assert model.config.fp32_residual_connection
+    reference = build_model(BasedConfig(**kw), vocab_size=VOCAB, max_sequence_length=64).double().eval()
+    with torch.no_grad():
+        for ref_param, param in zip(reference.parameters(), model.parameters(), strict=True):
+            ref_param.copy_(param)
+    norm_io = set()
+
+    def hook(module, inputs, output):
+        norm_io.add((inputs[0].dtype, output.dtype))
+
+    for layer in model.decoder.layers:
+        layer.input_layernorm.register_forward_hook(hook)
+        layer.pre_mlp_layernorm.register_forward_hook(hook)
+    model.decoder.final_layernorm.register_forward_hook(hook)
+    tokens = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
+    Ps, steps = [4, 9, 12], 12
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        full = at_decode_positions(model(tokens, pos, attention_mask=None)[..., :VOCAB].float(), Ps, steps)
+        ref = at_decode_positions(reference(tokens, pos, attention_mask=None)[..., :VOCAB], Ps, steps)
+    norm_io.clear()
+    gen = Generator(model, vocab_size=VOCAB, max_length=64)
+    report = decode_error_report(teacher_forced_logits(gen, tokens, Ps, steps), full, ref)
+    return report, sorted((str(a), str(b)) for a, b in norm_io)
+
+
+def test_generation_equals_the_full_forward_with_fp32_residual():
+    """Prefill + teacher-forced decode of a bf16 model with the fp32 residual (C, L, S and A layers; BaseConv's
+    bias goes through the generator's bias-add in fp32) matches its own full forward: both within bf16 rounding of
+    an fp64 forward of the same weights, decode within 2x of the full forward's error; the generator's norms read
+    the fp32 residual and write bf16, as the layers' do."""
+    report, norm_io = run_distributed(_generation_worker, 1)[0]
+    assert norm_io == [("torch.float32", "torch.bfloat16")], norm_io
+    assert 1e-4 < report["full_forward_rel_rms"] < 0.05, report
+    assert report["passed"] and report["decode_rel_rms"] <= 2 * report["full_forward_rel_rms"], report
