@@ -39,7 +39,8 @@ class BasedGPTModel(GPTModel):
 def build_model(config: BasedConfig | TransformerConfig, *, vocab_size: int, max_sequence_length: int,
                 make_vocab_size_divisible_by: int = 8, pre_process: bool | None = None,
                 post_process: bool | None = None, vp_stage: int | None = None, pg_collection=None,
-                linears: Mapping[str, Mapping[str, object]] | None = None, **based_fields) -> BasedGPTModel:
+                linears: Mapping[str, Mapping[str, object]] | None = None, mlp: bool = True,
+                **based_fields) -> BasedGPTModel:
     """BASED (or hybrid) LM: word embeddings (no learned positions: the S and A mixers apply RoPE themselves, L and
     C need no positions), the layer pattern, final RMSNorm, tied head.
 
@@ -50,7 +51,8 @@ def build_model(config: BasedConfig | TransformerConfig, *, vocab_size: int, max
     50264). Logits come back vocab-parallel ``[b, s, V / tp]``; with ``labels`` the per-token loss ``[b, s]``.
     ``linears``: per pattern symbol, linear layer classes (or specs) replacing the mixers' defaults, e.g.
     ``{"L": {"linear_qkv": TEColumnParallelLinear, "linear_proj": TERowParallelLinear}}``
-    (``megatron_based.model.spec.get_mixer_spec`` names them).
+    (``megatron_based.model.spec.get_mixer_spec`` names them). ``mlp=False``: layers without an MLP (see
+    ``megatron_based.model.spec.get_based_layer_spec``; the MQAR models of Zoology / the BASED paper).
     """
     config = as_based_config(config, **based_fields)
     if pg_collection is None and not parallel_state.model_parallel_is_initialized():
@@ -64,7 +66,7 @@ def build_model(config: BasedConfig | TransformerConfig, *, vocab_size: int, max
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return BasedGPTModel(
         config=config,
-        transformer_layer_spec=get_based_block_spec(config, vp_stage=vp_stage, linears=linears),
+        transformer_layer_spec=get_based_block_spec(config, vp_stage=vp_stage, linears=linears, mlp=mlp),
         vocab_size=padded_vocab_size(vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size),
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,

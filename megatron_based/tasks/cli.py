@@ -5,22 +5,47 @@ import argparse
 
 from ..runtime.cli import base_parser
 
+# The published MQAR models (Zoology / the BASED paper): layer 0 a short convolution (BaseConv, k 3), layer 1 the
+# sequence mixer under test.
+MODELS = {"attention": "CA", "baseconv": "CC", "based": "CL"}
+
 
 def mqar_parser() -> argparse.ArgumentParser:
-    p = base_parser("megatron-based-mqar", "Train a small model on MQAR (train) or score a checkpoint (eval).")
+    p = base_parser("megatron-based-mqar", "Train a model on MQAR (train) or score a checkpoint (eval). The defaults "
+                                           "are the published setting (docs/mqar.md).")
     p.add_argument("command", choices=["train", "eval"], help="train a model, or score --checkpoint")
-    p.add_argument("--vocab-size", type=int, help="tokens of the task [train: 64; eval: the model's]")
-    p.add_argument("--seq-len", type=int, help="sequence length [train: 64; eval: the model's]")
-    p.add_argument("--num-kv-pairs", type=int, default=4, help="key-value pairs per sequence")
-    p.add_argument("--num-examples", type=int, default=1000, help="test examples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisation")
-    p.add_argument("--pattern", default="CLSC", help="train: layer pattern")
-    p.add_argument("--hidden-size", type=int, default=64, help="train: model width")
-    p.add_argument("--swa-window", type=int, default=16, help="train: S layers' window")
-    p.add_argument("--steps", type=int, default=500, help="train: optimizer steps")
-    p.add_argument("--lr", type=float, default=3e-3, help="train: peak learning rate")
-    p.add_argument("--save", help="train: write the weights and the model's configuration here (a torch file)")
-    p.add_argument("--config", help="eval: YAML whose model: section sets the model (every key train sets); not "
-                                    "needed for a checkpoint written by train --save, which carries its model")
-    p.add_argument("--checkpoint", help="eval: checkpoint to score")
+    task = p.add_argument_group("task (Zoology's MQAR)")
+    task.add_argument("--vocab-size", type=int, help="tokens of the task [train: 8192; eval: the model's]")
+    task.add_argument("--seq-len", type=int, help="sequence length [train: 256; eval: the model's]")
+    task.add_argument("--num-kv-pairs", type=int, default=16, help="key-value pairs per sequence")
+    task.add_argument("--power-a", type=float, default=0.01,
+                      help="query slots drawn with p(i) ∝ i^(a-1) (1: uniform)")
+    task.add_argument("--random-fill", action="store_true",
+                      help="filler tokens uniform over the vocabulary instead of 0 (Zoology's random_non_queries)")
+    task.add_argument("--num-train", type=int, default=100_000, help="train: training sequences")
+    task.add_argument("--num-examples", type=int, default=3000, help="test sequences")
+    task.add_argument("--seed", type=int, default=0,
+                      help="seed of the initialisation and the training set (the test set: seed + 10)")
+    model = p.add_argument_group("model (train)")
+    model.add_argument("--model", choices=sorted(MODELS), default="based",
+                       help="attention: CA, baseconv: CC, based: CL (layer 0 BaseConv k 3)")
+    model.add_argument("--pattern", help="a layer pattern instead of --model's (e.g. CLS)")
+    model.add_argument("--hidden-size", type=int, default=64, help="model width d")
+    model.add_argument("--feature-dim", type=int, default=16, help="L layers' Taylor feature dimension f")
+    model.add_argument("--num-heads", type=int, default=1, help="heads of the L, A and S layers")
+    model.add_argument("--swa-window", type=int, default=16, help="S layers' window")
+    model.add_argument("--mlp", action="store_true", help="add a SwiGLU MLP to every layer (published: none)")
+    opt = p.add_argument_group("training (train)")
+    opt.add_argument("--epochs", type=int, default=64, help="passes over the training set")
+    opt.add_argument("--early-stop", type=float, default=0.99,
+                     help="stop after the first epoch whose test accuracy exceeds this")
+    opt.add_argument("--batch-size", type=int, default=256, help="sequences per optimizer step")
+    opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine-annealed per epoch to 0)")
+    opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    opt.add_argument("--json", help="train: write the result (settings, state size, accuracy, per-epoch history)")
+    opt.add_argument("--save", help="train: write the weights and the model's configuration here (a torch file)")
+    ev = p.add_argument_group("eval")
+    ev.add_argument("--config", help="eval: YAML whose model: section sets the model (every key train sets); not "
+                                     "needed for a checkpoint written by train --save, which carries its model")
+    ev.add_argument("--checkpoint", help="eval: checkpoint to score")
     return p

@@ -1,19 +1,36 @@
-"""Multi-query associative recall (MQAR), the synthetic recall task of the BASED paper (from Zoology).
+"""Multi-query associative recall (MQAR), the synthetic recall task of Zoology and the BASED paper.
 
-A sequence starts with ``num_kv_pairs`` key-value pairs ``k1 v1 k2 v2 ...`` (distinct keys from the lower half of
-the vocabulary, values from the upper half), then every key is queried once at a random place in the rest of the
-sequence, followed by its value; everything else is the noise token 0. The model must predict the value at each
-query key: ``labels`` hold the value there and ``IGNORE`` (-100) elsewhere. Chance is ``1 / (number of values)``.
+The data are Zoology's (``zoology/data/associative_recall.py``, ``multiquery_ar``), reimplemented in torch:
 
-``megatron-based-mqar train`` trains a small model on it and reports recall; ``megatron-based-mqar eval`` scores a
-checkpoint. ``benchmarks/mqar.py`` sweeps mixers and sizes for the recall vs state-size trade-off.
+* a sequence of ``seq_len`` tokens starts with ``num_kv_pairs`` pairs ``k1 v1 k2 v2 ...``: distinct keys drawn
+  uniformly from ``[1, V/2)``, distinct values from ``[V/2, V)`` (V = ``vocab_size``);
+* every key is queried exactly once, after the pairs: the rest of the sequence is ``(T - 2D) // 2`` two-token
+  slots, and key j (in context order) goes to the first token of slot ``g_j``; the slots ``g_1, g_2, ...`` are drawn
+  one after the other without replacement with ``p(i) ∝ i^(a - 1)`` (i = 1 for the first slot after the pairs,
+  ``a = power_a = 0.01``), so most queries come soon after the pairs and a long tail comes late;
+* every other token is the filler 0 (``random_fill=True``: uniform over the whole vocabulary, Zoology's
+  ``random_non_queries``; its BASED-paper / Zoology figure-2 runs, reproduced here, use 0);
+* ``labels`` hold the value at each query key's position (the model answers there, next-token style) and
+  ``IGNORE`` (-100) everywhere else. Accuracy is the mean over sequences of the fraction of their queries whose
+  arg-max prediction over the vocabulary is the value (chance: ``1 / (V - V/2)``).
+
+Training follows Zoology's trainer: a fixed set of ``num_train`` sequences (seed ``seed``; the test set of
+``num_test`` from seed ``seed + 10``), shuffled every epoch, AdamW (weight decay 0.1, betas 0.9 / 0.999, no
+clipping), cross entropy at the query positions, learning rate cosine-annealed per epoch to 0 over ``epochs``,
+stopping after the first epoch whose test accuracy exceeds ``early_stop`` (0.99).
+
+``megatron-based-mqar train`` trains one model (defaults: the published setting) and reports recall;
+``megatron-based-mqar eval`` scores a checkpoint; ``benchmarks/mqar_sweep.py`` runs the published grid
+(docs/mqar.md).
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
-from dataclasses import dataclass
-from typing import Sequence
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -23,118 +40,188 @@ from ..model.builder import build_model
 from ..model.config import BasedConfig, ConfigError
 from ..runtime.noise import quiet_known_warnings
 from ..runtime.parallel import initialize_parallel
-from ..training.logs import progress_bar
-from .cli import mqar_parser
+from .cli import MODELS, mqar_parser
 
 IGNORE = -100
 
-__all__ = ["MQARTask", "mqar_batch", "mqar_loss", "evaluate_mqar", "train_mqar", "state_bytes_per_sequence",
-           "build_mqar_model", "mqar_model_section", "save_mqar_checkpoint", "load_mqar_checkpoint", "main"]
+__all__ = ["MQARTask", "mqar_batch", "mqar_dataset", "query_gap_weights", "mqar_logits", "mqar_loss",
+           "evaluate_mqar", "train_mqar", "state_bytes_per_sequence", "mqar_state_size", "build_mqar_model",
+           "mqar_model_section", "save_mqar_checkpoint", "load_mqar_checkpoint", "main"]
 
 
 @dataclass(frozen=True)
 class MQARTask:
-    vocab_size: int = 64
-    seq_len: int = 64
-    num_kv_pairs: int = 4
+    """The data settings; the defaults are the published table's (Zoology / BASED paper: V 8192, T 256, 16 pairs)."""
+    vocab_size: int = 8192
+    seq_len: int = 256
+    num_kv_pairs: int = 16
+    power_a: float = 0.01
+    random_fill: bool = False
 
     def __post_init__(self):
         if self.seq_len < 4 * self.num_kv_pairs:
             raise ValueError(f"seq_len ({self.seq_len}) must be >= 4 * num_kv_pairs ({4 * self.num_kv_pairs}): the "
-                             "pairs and a query + answer per key must fit")
+                             "pairs and a two-token query slot per key must fit")
         if self.vocab_size // 2 - 1 < self.num_kv_pairs:
             raise ValueError(f"vocab_size ({self.vocab_size}) too small for {self.num_kv_pairs} distinct keys: "
                              f"use >= {2 * self.num_kv_pairs + 2}")
+        if not self.power_a > 0:
+            raise ValueError(f"power_a ({self.power_a}) must be > 0 (1: uniform query slots)")
 
     @property
     def num_values(self) -> int:
         return self.vocab_size - self.vocab_size // 2
 
     @property
+    def num_slots(self) -> int:
+        """Two-token query slots after the pairs."""
+        return (self.seq_len - 2 * self.num_kv_pairs) // 2
+
+    @property
     def chance(self) -> float:
         return 1.0 / self.num_values
+
+
+def query_gap_weights(task: MQARTask) -> torch.Tensor:
+    """``p [num_slots]`` (float64, sums to 1): the probability of each query slot for one draw, ``p(i) ∝ i^(a-1)``
+    with i = 1 for the slot right after the pairs (Zoology's power law)."""
+    i = torch.arange(1, task.num_slots + 1, dtype=torch.float64)
+    p = i ** (task.power_a - 1)
+    return p / p.sum()
+
+
+def _distinct(n: int, low: int, high: int, k: int, generator) -> torch.Tensor:
+    """``[n, k]`` int64: per row k distinct integers uniform over ``[low, high)``, in random order (a uniform
+    random k-permutation, like ``numpy.random.choice(..., replace=False)``)."""
+    if high - low <= 4 * k:  # few choices: a random permutation of all of them
+        return torch.rand(n, high - low, generator=generator).argsort(-1)[:, :k] + low
+    out = torch.randint(low, high, (n, k), generator=generator)
+    while True:  # redraw whole rows with a repeat: exact, and few rows repeat when high - low >> k
+        s = out.sort(-1).values
+        bad = (s[:, 1:] == s[:, :-1]).any(-1)
+        if not bad.any():
+            return out
+        out[bad] = torch.randint(low, high, (int(bad.sum()), k), generator=generator)
 
 
 def mqar_batch(task: MQARTask, num_examples: int, generator: torch.Generator | None = None):
     """``(inputs [N, T], labels [N, T])`` int64; see the module docstring for the layout."""
     N, T, D = num_examples, task.seq_len, task.num_kv_pairs
     half = task.vocab_size // 2
-    keys = torch.rand(N, half - 1, generator=generator).argsort(-1)[:, :D] + 1  # distinct keys in [1, half)
-    values = torch.randint(half, task.vocab_size, (N, D), generator=generator)
-    inputs = torch.zeros(N, T, dtype=torch.long)
+    keys = _distinct(N, 1, half, D, generator)
+    values = _distinct(N, half, task.vocab_size, D, generator)
+    # Query slots: D draws without replacement, each ∝ the power law over the slots still free; key j gets draw j.
+    gaps = torch.multinomial(query_gap_weights(task).float().expand(N, -1), D, replacement=False,
+                             generator=generator)
+    if task.random_fill:
+        inputs = torch.randint(0, task.vocab_size, (N, T), generator=generator)
+    else:
+        inputs = torch.zeros(N, T, dtype=torch.long)
     labels = torch.full((N, T), IGNORE, dtype=torch.long)
     inputs[:, 0: 2 * D: 2], inputs[:, 1: 2 * D: 2] = keys, values
-    # Queries: D distinct slots among the (T - 2D) // 2 two-token slots after the context, keys in random order.
-    slots = torch.rand(N, (T - 2 * D) // 2, generator=generator).argsort(-1)[:, :D]
-    pos = 2 * D + 2 * slots  # where each query key goes; its value follows
-    order = torch.rand(N, D, generator=generator).argsort(-1)
-    qkeys, qvalues = keys.gather(1, order), values.gather(1, order)
-    inputs.scatter_(1, pos, qkeys)
-    inputs.scatter_(1, pos + 1, qvalues)
-    labels.scatter_(1, pos, qvalues)
+    pos = 2 * D + 2 * gaps  # each key's query position; the answer is the label there
+    inputs.scatter_(1, pos, keys)
+    labels.scatter_(1, pos, values)
     return inputs, labels
 
 
-def mqar_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the query positions (Megatron's per-token loss, masked)."""
-    mask = labels != IGNORE
+def mqar_dataset(task: MQARTask, num_train: int, num_test: int, seed: int = 0):
+    """``((train inputs, labels), (test inputs, labels))``: Zoology's fixed sets, train from ``seed``, test from
+    ``seed + 10``."""
+    train = mqar_batch(task, num_train, torch.Generator().manual_seed(seed))
+    test = mqar_batch(task, num_test, torch.Generator().manual_seed(seed + 10))
+    return train, test
+
+
+def _tokens_logits(*, hidden_states, output_layer, output_weight, context, **_):
+    """GPTModel's output hook: logits only at the ``context`` = (rows, positions) of the queries ``[n, V]``."""
+    rows, cols = context
+    h = hidden_states[cols, rows]  # [s, b, d] -> [n, d]
+    logits, _ = output_layer(h[:, None], weight=output_weight, runtime_gather_output=True)
+    return logits[:, 0]
+
+
+def mqar_logits(model, inputs: torch.Tensor, labels: torch.Tensor):
+    """``(logits [n, V] fp32, targets [n], rows [n])`` at the n labelled positions (row-major). The output layer
+    runs only there (through GPTModel's ``output_processor`` hook): the loss and the accuracy need nothing else,
+    and the ``[b, T, V]`` logits would be most of a step's time and memory at V 8192."""
     b, T = inputs.shape
-    loss = model(inputs, torch.arange(T, device=inputs.device).expand(b, T), attention_mask=None,
-                 labels=labels.clamp(min=0))
-    return (loss * mask).sum() / mask.sum()
+    rows, cols = (labels != IGNORE).nonzero(as_tuple=True)
+    logits = model(inputs, torch.arange(T, device=inputs.device).expand(b, T), attention_mask=None,
+                   output_processor=_tokens_logits, output_processor_context=(rows, cols))
+    return logits.float(), labels[rows, cols], rows
+
+
+def mqar_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over the query positions (Zoology's ``CrossEntropyLoss`` with ignore index -100)."""
+    logits, targets, _ = mqar_logits(model, inputs, labels)
+    return torch.nn.functional.cross_entropy(logits, targets)
 
 
 @torch.no_grad()
-def evaluate_mqar(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> float:
-    """Recall: the fraction of queries whose arg-max prediction (over the full vocabulary) is the value."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
+def evaluate_mqar(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+                  with_loss: bool = False):
+    """Recall: the mean over sequences of the fraction of their queries whose arg-max prediction (over the full
+    vocabulary) is the value. ``with_loss``: ``(recall, mean cross entropy)``."""
+    was_training = model.training
     model.eval()
-    correct = total = 0
-    T = inputs.shape[1]
+    per_seq, loss_sum, n = [], 0.0, 0
     for i in range(0, inputs.shape[0], batch_size):
         x, y = inputs[i: i + batch_size], labels[i: i + batch_size]
-        logits = model(x, torch.arange(T, device=x.device).expand(x.shape[0], T), attention_mask=None)
-        pred = gather_from_tensor_model_parallel_region(logits).argmax(-1)
-        mask = y != IGNORE
-        correct += int((pred[mask] == y[mask]).sum())
-        total += int(mask.sum())
-    return correct / total
+        logits, targets, rows = mqar_logits(model, x, y)
+        hit = (logits.argmax(-1) == targets).float()
+        counts = torch.bincount(rows, minlength=x.shape[0]).float()
+        per_seq.append((torch.zeros(x.shape[0], device=hit.device).index_add_(0, rows, hit) / counts)[counts > 0])
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        n += targets.numel()
+    model.train(was_training)
+    recall = float(torch.cat(per_seq).mean())
+    return (recall, loss_sum / n) if with_loss else recall
 
 
-def train_mqar(model, task: MQARTask, *, steps: int, batch_size: int = 64, lr: float = 3e-3,
-               weight_decay: float = 0.1, seed: int = 0, progress: bool = True) -> list[float]:
-    """Train on fresh MQAR batches with AdamW and a linear warm-up + cosine schedule; returns the losses.
-    ``progress``: a progress bar on a terminal, else a plain line every ``steps // 20`` steps."""
-    from rich.console import Console
-
-    console = Console(file=sys.stdout)
-    live = progress and console.is_terminal
-    every = max(1, steps // 20)
+def train_mqar(model, train, test, *, epochs: int = 64, batch_size: int = 256, lr: float = 1e-3,
+               weight_decay: float = 0.1, early_stop: float | None = 0.99, seed: int = 0,
+               log: Callable[[str], None] | None = print) -> list[dict]:
+    """Zoology's training on the fixed ``train = (inputs, labels)`` set: each epoch a reshuffled pass in batches of
+    ``batch_size``, AdamW, the learning rate cosine-annealed per epoch (``lr * (1 + cos(pi e / epochs)) / 2`` in
+    epoch e, no warm-up), then the test recall on ``test``; stops after the first epoch whose recall exceeds
+    ``early_stop``. ``log`` gets one line per epoch. Returns one dict per epoch (epoch, lr, loss: the epoch's
+    mean training loss, test_loss, accuracy, seconds since the start)."""
     device = next(model.parameters()).device
+    x, y = (t.to(device) for t in train)
+    tx, ty = (t.to(device) for t in test)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    losses = []
-    model.train()
-    with progress_bar(live, console) as bar:
-        job = bar.add_task("MQAR step", total=steps, stats="")
-        for step in range(1, steps + 1):
-            x, y = (t.to(device) for t in mqar_batch(task, batch_size, g))
-            loss = mqar_loss(model, x, y)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    history, t0 = [], time.perf_counter()
+    for epoch in range(epochs):
+        rate = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        for group in opt.param_groups:
+            group["lr"] = rate
+        model.train()
+        order = torch.randperm(x.shape[0], generator=g).to(device)
+        total = torch.zeros((), device=device)
+        steps = 0
+        for i in range(0, x.shape[0], batch_size):
+            idx = order[i: i + batch_size]
+            loss = mqar_loss(model, x[idx], y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.update(job, advance=1, stats=f"loss {losses[-1]:.3f}")
-            if progress and not live and (step % every == 0 or step == steps):
-                print(f"MQAR step {step}/{steps}  loss {losses[-1]:.3f}", flush=True)
+            total += loss.detach()
+            steps += 1
+        accuracy, test_loss = evaluate_mqar(model, tx, ty, with_loss=True)
+        history.append({"epoch": epoch + 1, "lr": rate, "loss": float(total) / max(steps, 1), "test_loss": test_loss,
+                        "accuracy": accuracy, "seconds": time.perf_counter() - t0})
+        h = history[-1]
+        if log:
+            log(f"epoch {epoch + 1}/{epochs}  loss {h['loss']:.4f}  test loss {test_loss:.4f}  test accuracy "
+                f"{accuracy:.4f}  lr {rate:.2e}  {h['seconds']:.1f} s")
+        if early_stop is not None and accuracy > early_stop:
+            if log:
+                log(f"early stop: test accuracy {accuracy:.4f} > {early_stop}")
+            break
     model.eval()
-    return losses
+    return history
 
 
 def state_bytes_per_sequence(model, max_length: int | None = None) -> int:
@@ -144,29 +231,49 @@ def state_bytes_per_sequence(model, max_length: int | None = None) -> int:
     return gen.cache_bytes()
 
 
+def mqar_state_size(pattern: str, *, hidden_size: int, feature_dim: int = 16, num_heads: int = 1,
+                    seq_len: int = 256, swa_window: int = 16, conv_kernel_size: int = 3) -> int:
+    """Numbers a model keeps per sequence to decode the next token (its recurrent state), summed over layers, from
+    the configuration: C ``(k - 1) x 2d`` (the conv's last inputs), L ``(1 + f + f^2) x (d_v + 1)`` per head (the
+    Taylor state S and normaliser z; d_v = d / heads), S ``2 x (window + 1) x d`` (the K/V ring), A ``2 x T x d``
+    (the KV cache at T = ``seq_len``). Equals the element count of the generation caches
+    (:func:`state_bytes_per_sequence`)."""
+    d, f = hidden_size, feature_dim
+    size = {"C": (conv_kernel_size - 1) * 2 * d, "L": (1 + f + f * f) * (d + num_heads),
+            "S": 2 * (swa_window + 1) * d, "A": 2 * seq_len * d}
+    unknown = set(pattern) - set(size)
+    if unknown:
+        raise ValueError(f"mqar_state_size knows the C, L, S and A mixers; not {sorted(unknown)}")
+    return sum(size[s] for s in pattern)
+
+
 def build_mqar_model(pattern: str, *, hidden_size: int, num_heads: int = 4, feature_dim: int = 8,
-                     swa_window: int = 16, vocab_size: int = 64, seq_len: int = 64, **overrides):
-    """A small BASED (or single-mixer) model for MQAR on this machine's device."""
+                     swa_window: int = 16, vocab_size: int = 64, seq_len: int = 64, mlp: bool = True, **overrides):
+    """A small BASED (or single-mixer) model for MQAR on this machine's device; ``mlp=False``: layers without MLPs
+    (the published MQAR models)."""
     config = BasedConfig(layer_pattern=pattern, hidden_size=hidden_size, num_attention_heads=num_heads,
                          feature_dim=feature_dim, swa_window=swa_window,
                          use_cpu_initialization=not torch.cuda.is_available(), **overrides)
-    model = build_model(config, vocab_size=vocab_size, max_sequence_length=seq_len)
+    model = build_model(config, vocab_size=vocab_size, max_sequence_length=seq_len, mlp=mlp)
     return model.cuda() if torch.cuda.is_available() else model
 
 
 def mqar_model_section(pattern: str, *, hidden_size: int, num_heads: int = 4, feature_dim: int = 8,
-                       swa_window: int = 16, vocab_size: int = 64, seq_len: int = 64) -> dict:
-    """The YAML ``model:`` section (the key names of configs/*.yaml) of :func:`build_mqar_model`'s model; a saved MQAR
-    checkpoint carries it, so ``eval`` rebuilds exactly the model that was trained."""
+                       swa_window: int = 16, vocab_size: int = 64, seq_len: int = 64, mlp: bool = True) -> dict:
+    """The YAML ``model:`` section (the key names of configs/*.yaml, and ``mlp``) of :func:`build_mqar_model`'s
+    model; a saved MQAR checkpoint carries it, so ``eval`` rebuilds exactly the model that was trained."""
     return {"layer_pattern": pattern, "hidden_size": hidden_size, "num_attention_heads": num_heads,
-            "feature_dim": feature_dim, "swa_window": swa_window, "vocab_size": vocab_size, "seq_length": seq_len}
+            "feature_dim": feature_dim, "swa_window": swa_window, "vocab_size": vocab_size, "seq_length": seq_len,
+            "mlp": mlp}
 
 
 def required_model_keys(pattern: str) -> list[str]:
     """Keys a YAML ``model:`` section must set for ``pattern``: every one :func:`build_mqar_model` sets, since a default
-    would silently build a different model (``swa_window`` only with S layers, ``feature_dim`` only with L)."""
+    would silently build a different model (``swa_window`` only with S layers, ``feature_dim`` only with L; not
+    ``mlp``, which YAML configs do not have: a checkpoint written by ``train --save`` carries it)."""
     return [k for k in mqar_model_section(pattern, hidden_size=0)
-            if not (k == "swa_window" and "S" not in pattern) and not (k == "feature_dim" and "L" not in pattern)]
+            if k != "mlp" and not (k == "swa_window" and "S" not in pattern)
+            and not (k == "feature_dim" and "L" not in pattern)]
 
 
 def save_mqar_checkpoint(path: str, model, section: dict) -> None:
@@ -195,11 +302,12 @@ def load_mqar_checkpoint(checkpoint: str, config: str | None = None):
                               "written by `megatron-based-mqar train --save`, which carries its model")
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True) if os.path.isfile(checkpoint) else None
     if isinstance(saved, dict) and set(saved) == {"model", "state_dict"}:
-        section = section or saved["model"]
+        section = dict(section or saved["model"])
+        section.setdefault("mlp", saved["model"].get("mlp", True))
         model = build_mqar_model(section["layer_pattern"], hidden_size=section["hidden_size"],
                                  num_heads=section["num_attention_heads"], feature_dim=section.get("feature_dim", 8),
                                  swa_window=section.get("swa_window", 16), vocab_size=section["vocab_size"],
-                                 seq_len=section["seq_length"])
+                                 seq_len=section["seq_length"], mlp=section["mlp"])
         model.load_state_dict(saved["state_dict"])
         return model.eval(), section
     if section is None:
@@ -210,8 +318,45 @@ def load_mqar_checkpoint(checkpoint: str, config: str | None = None):
     return model, section
 
 
+def _train(args) -> tuple:
+    """``megatron-based-mqar train``: ``(model, task, test set, result dict)``."""
+    task = MQARTask(args.vocab_size or 8192, args.seq_len or 256, args.num_kv_pairs, args.power_a, args.random_fill)
+    pattern = args.pattern or MODELS[args.model]
+    section = mqar_model_section(pattern, hidden_size=args.hidden_size, num_heads=args.num_heads,
+                                 feature_dim=args.feature_dim, swa_window=args.swa_window,
+                                 vocab_size=task.vocab_size, seq_len=task.seq_len, mlp=args.mlp)
+    model = build_mqar_model(pattern, hidden_size=args.hidden_size, num_heads=args.num_heads,
+                             feature_dim=args.feature_dim, swa_window=args.swa_window, vocab_size=task.vocab_size,
+                             seq_len=task.seq_len, mlp=args.mlp)
+    t0 = time.perf_counter()
+    train, test = mqar_dataset(task, args.num_train, args.num_examples, args.seed)
+    params = sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    print(f"MQAR {args.model if not args.pattern else pattern} ({pattern}, d {args.hidden_size}, "
+          f"{'f ' + str(args.feature_dim) + ', ' if 'L' in pattern else ''}{args.num_heads} head(s), "
+          f"{'with' if args.mlp else 'no'} MLP, {params:,} parameters) on {device}; {args.num_train:,} training / "
+          f"{args.num_examples:,} test sequences of {task.seq_len} tokens, {task.num_kv_pairs} pairs, vocabulary "
+          f"{task.vocab_size} (data {time.perf_counter() - t0:.1f} s); lr {args.lr:g}, batch {args.batch_size}, "
+          f"up to {args.epochs} epochs", flush=True)
+    history = train_mqar(model, train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, early_stop=args.early_stop, seed=args.seed,
+                         log=lambda line: print(line, flush=True))
+    if args.save:
+        save_mqar_checkpoint(args.save, model, section)
+    state = mqar_state_size(pattern, hidden_size=args.hidden_size, feature_dim=args.feature_dim,
+                            num_heads=args.num_heads, seq_len=task.seq_len, swa_window=args.swa_window)
+    result = {"model": args.model if not args.pattern else pattern, **section, "lr": args.lr,
+              "task": asdict(task), "num_train": args.num_train, "num_test": args.num_examples,
+              "epochs": args.epochs, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
+              "early_stop": args.early_stop, "seed": args.seed, "parameters": params, "state_size": state,
+              "accuracy": history[-1]["accuracy"], "best_accuracy": max(h["accuracy"] for h in history),
+              "epochs_run": len(history), "seconds": time.perf_counter() - t0,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "history": history}
+    return model, task, test, result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``megatron-based-mqar``: train a small model on MQAR (``train``) or score a checkpoint (``eval``)."""
+    """``megatron-based-mqar``: train a model on MQAR (``train``) or score a checkpoint (``eval``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings("--verbose" in argv)
     p = mqar_parser()
@@ -219,15 +364,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     initialize_parallel(1, seed=args.seed)
     if args.command == "train":
-        section = mqar_model_section(args.pattern, hidden_size=args.hidden_size, swa_window=args.swa_window,
-                                     vocab_size=args.vocab_size or 64, seq_len=args.seq_len or 64)
-        model = build_mqar_model(args.pattern, hidden_size=args.hidden_size, swa_window=args.swa_window,
-                                 vocab_size=section["vocab_size"], seq_len=section["seq_length"])
-        task = MQARTask(section["vocab_size"], section["seq_length"], args.num_kv_pairs)
-        losses = train_mqar(model, task, steps=args.steps, lr=args.lr, seed=args.seed)
-        print(f"final training loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        if args.save:
-            save_mqar_checkpoint(args.save, model, section)
+        if args.epochs < 1:
+            p.error("--epochs must be >= 1")
+        model, task, test, result = _train(args)
+        recall = result["accuracy"]
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1)
     else:
         if not args.checkpoint:
             p.error("eval needs --checkpoint (and --config for a checkpoint not written by `train --save`)")
@@ -238,13 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         # The task defaults to the model's vocabulary and length.
         task = MQARTask(args.vocab_size or section["vocab_size"], args.seq_len or section["seq_length"],
-                        args.num_kv_pairs)
-    device = next(model.parameters()).device
-    inputs, labels = mqar_batch(task, args.num_examples, torch.Generator().manual_seed(args.seed + 1))
-    recall = evaluate_mqar(model, inputs.to(device), labels.to(device))
-    print(f"MQAR recall {recall:.4f} (chance {task.chance:.4f}) on {args.num_examples} sequences of {task.seq_len} "
-          f"tokens, {args.num_kv_pairs} key-value pairs; decode state {state_bytes_per_sequence(model)} bytes "
-          f"per sequence")
+                        args.num_kv_pairs, args.power_a, args.random_fill)
+        device = next(model.parameters()).device
+        test = mqar_batch(task, args.num_examples, torch.Generator().manual_seed(args.seed + 10))  # train's test set
+        recall = evaluate_mqar(model, *(t.to(device) for t in test))
+    print(f"MQAR recall {recall:.4f} (chance {task.chance:.6f}) on {args.num_examples} sequences of {task.seq_len} "
+          f"tokens, {task.num_kv_pairs} key-value pairs; decode state {state_bytes_per_sequence(model, task.seq_len)} "
+          f"bytes per sequence")
     return 0
 
 

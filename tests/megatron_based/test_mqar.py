@@ -1,5 +1,8 @@
-"""MQAR: the generator's keys/values/queries are right, and a tiny BASED model learns recall above chance."""
+"""MQAR: Zoology's generator (layout and power-law query slots), the no-MLP models and their state sizes, training
+and checkpoints, and the sweep's smoke run."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -8,56 +11,132 @@ from tests.distributed import run_distributed
 
 
 def test_mqar_generator_layout():
+    """Zoology's layout at the published size: pairs, then each key queried once at the first token of a two-token
+    slot, its value as the label there and nowhere else, filler 0 elsewhere."""
     from megatron_based.tasks.mqar import IGNORE, MQARTask, mqar_batch
 
-    task = MQARTask(vocab_size=40, seq_len=37, num_kv_pairs=5)
-    x, y = mqar_batch(task, 200, torch.Generator().manual_seed(0))
-    assert x.shape == y.shape == (200, 37)
-    D, half = 5, 20
+    task = MQARTask()  # the published defaults
+    assert (task.vocab_size, task.seq_len, task.num_kv_pairs, task.power_a, task.random_fill) == (
+        8192, 256, 16, 0.01, False)
+    N, T, D, V, half = 500, 256, 16, 8192, 4096
+    x, y = mqar_batch(task, N, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (N, T) and x.dtype == y.dtype == torch.long
     for xs, ys in zip(x.tolist(), y.tolist()):
         keys, values = xs[0: 2 * D: 2], xs[1: 2 * D: 2]
-        assert len(set(keys)) == D and all(1 <= k < half for k in keys)
-        assert all(half <= v < 40 for v in values)
+        assert len(set(keys)) == D and all(1 <= k < half for k in keys)  # distinct keys from [1, V/2)
+        assert len(set(values)) == D and all(half <= v < V for v in values)  # distinct values from [V/2, V)
         assert ys[: 2 * D] == [IGNORE] * (2 * D)  # nothing to recall inside the context
-        queries = [t for t in range(2 * D, 37) if ys[t] != IGNORE]
+        queries = [t for t in range(T) if ys[t] != IGNORE]
+        assert len(queries) == D and all((t - 2 * D) % 2 == 0 for t in queries)  # one label per key, slot starts
         assert sorted(xs[t] for t in queries) == sorted(keys)  # every key queried once
-        for t in queries:
-            answer = values[keys.index(xs[t])]
-            assert ys[t] == answer and xs[t + 1] == answer  # the value follows its query
-        rest = set(range(2 * D, 37)) - set(queries) - {t + 1 for t in queries}
-        assert all(xs[t] == 0 for t in rest)  # noise token elsewhere
-    # Queries land everywhere in the query region, and pairs differ between examples.
-    positions = (y != IGNORE).nonzero()[:, 1]
-    assert positions.min() == 2 * D and positions.max() >= 37 - 3
-    assert len({tuple(r) for r in x[:, : 2 * D].tolist()}) == 200
-    assert task.chance == 1 / 20
+        assert all(ys[t] == values[keys.index(xs[t])] for t in queries)  # the label is the key's value
+        assert all(xs[t] == 0 for t in set(range(2 * D, T)) - set(queries))  # filler 0 elsewhere
+    assert task.chance == 1 / 4096 and task.num_slots == 112
+    # random_fill: the filler is uniform over the whole vocabulary; pairs, queries and labels keep their layout
+    xr, yr = mqar_batch(MQARTask(random_fill=True), N, torch.Generator().manual_seed(0))
+    filler = xr[:, 2 * D:][yr[:, 2 * D:] == IGNORE]
+    assert filler.min() >= 0 and filler.max() < V and filler.float().mean().sub(V / 2).abs() < 100
+    assert ((yr != IGNORE).sum(1) == D).all()
     with pytest.raises(ValueError, match="seq_len"):
         MQARTask(vocab_size=40, seq_len=15, num_kv_pairs=4)
     with pytest.raises(ValueError, match="vocab_size"):
         MQARTask(vocab_size=8, seq_len=64, num_kv_pairs=4)
 
 
-def _learn_worker(rank, world):
-    from megatron_based.tasks.mqar import MQARTask, build_mqar_model, evaluate_mqar, mqar_batch, train_mqar
+def test_mqar_query_gaps_follow_the_power_law():
+    """Slots are drawn one key after the other, p(i) ∝ i^(a-1), a = 0.01: the first key's slot follows p exactly
+    (mean ~20.5 of 112 slots, a fifth of them in the first slot); later keys, drawn from what is left, sit later."""
+    from megatron_based.tasks.mqar import IGNORE, MQARTask, mqar_batch, query_gap_weights
+
+    task = MQARTask()
+    D, N = task.num_kv_pairs, 4000
+    x, y = mqar_batch(task, N, torch.Generator().manual_seed(1))
+    p = query_gap_weights(task)
+    assert p.shape == (112,) and abs(float(p.sum()) - 1) < 1e-12
+    assert torch.allclose(p[1:] / p[:-1], (torch.arange(2, 113.) / torch.arange(1, 112.)).double() ** (0.01 - 1))
+    # slot of each key (keys in context order): where its query sits
+    keys = x[:, 0: 2 * D: 2]
+    query_pos = (y != IGNORE)
+    slot = torch.full((N, D), -1)
+    for j in range(D):
+        hit = (x == keys[:, j: j + 1]) & query_pos
+        slot[:, j] = (hit.float().argmax(1) - 2 * D) // 2
+    assert (slot >= 0).all() and (slot < 112).all()
+    i = torch.arange(112, dtype=torch.float64)
+    mean, var = float((i * p).sum()), float((i * i * p).sum() - (i * p).sum() ** 2)
+    first = slot[:, 0].double()
+    assert abs(float(first.mean()) - mean) < 4 * (var / N) ** 0.5, (float(first.mean()), mean)
+    p0 = float(p[0])
+    assert abs(float((first == 0).double().mean()) - p0) < 4 * (p0 * (1 - p0) / N) ** 0.5
+    means = slot.double().mean(0)
+    assert means[0] < means[D // 2] < means[-1]  # later draws take what the earlier left
+    # uniform slots with power_a = 1
+    assert torch.allclose(query_gap_weights(MQARTask(power_a=1.0)), torch.full((112,), 1 / 112, dtype=torch.float64))
+
+
+def _models_worker(rank, world):
     from megatron_based.runtime.parallel import initialize_parallel
+    from megatron_based.tasks.mqar import (MQARTask, build_mqar_model, evaluate_mqar, mqar_batch, mqar_loss,
+                                           mqar_state_size, state_bytes_per_sequence)
+
+    initialize_parallel(1)
+    torch.manual_seed(0)
+    out = {}
+    task = MQARTask(vocab_size=64, seq_len=32, num_kv_pairs=4)
+    x, y = mqar_batch(task, 8, torch.Generator().manual_seed(0))
+    for mlp in (False, True):
+        model = build_mqar_model("CLSA", hidden_size=32, num_heads=2, feature_dim=8, swa_window=8, vocab_size=64,
+                                 seq_len=32, mlp=mlp)
+        names = [n for n, _ in model.named_parameters()]
+        full = model(x, torch.arange(32).expand(8, 32), attention_mask=None)  # [b, s, V]: the whole forward
+        rows, cols = (y != -100).nonzero(as_tuple=True)
+        from megatron_based.tasks.mqar import mqar_logits
+
+        logits, targets, _ = mqar_logits(model, x, y)
+        out[mlp] = {"mlp_params": sum(".mlp." in n for n in names),
+                    "query_logits_match": torch.allclose(logits, full[rows, cols].float(), atol=1e-5),
+                    "targets": torch.equal(targets, y[rows, cols]), "loss": float(mqar_loss(model, x, y)),
+                    "recall": evaluate_mqar(model, x, y, batch_size=3),
+                    "bytes": state_bytes_per_sequence(model, 32),
+                    "formula": mqar_state_size("CLSA", hidden_size=32, feature_dim=8, num_heads=2, seq_len=32,
+                                               swa_window=8)}
+    return out
+
+
+def test_mqar_models_no_mlp_query_logits_and_state_size():
+    """The published models have no MLP (Megatron's IdentityOp in the MLP slots); the output layer at the query
+    positions only gives the full forward's logits there; the state-size formula counts the generation caches."""
+    out = run_distributed(_models_worker, 1)[0]
+    assert out[False]["mlp_params"] == 0 and out[True]["mlp_params"] > 0
+    for r in out.values():
+        assert r["query_logits_match"] and r["targets"]
+        assert 3.0 < r["loss"] < 5.5 and 0 <= r["recall"] <= 1  # ~ln 64 at initialisation
+        assert r["bytes"] == 4 * r["formula"]  # fp32 caches
+    # C 2 x 64, L (1 + 8 + 64) x (32 + 2), S 2 x 9 x 32, A 2 x 32 x 32
+    assert out[False]["formula"] == 128 + 73 * 34 + 576 + 2048
+
+
+def _learn_worker(rank, world):
+    from megatron_based.runtime.parallel import initialize_parallel
+    from megatron_based.tasks.mqar import MQARTask, build_mqar_model, evaluate_mqar, mqar_dataset, train_mqar
 
     initialize_parallel(1)
     torch.manual_seed(0)
     task = MQARTask(vocab_size=64, seq_len=32, num_kv_pairs=4)
-    model = build_mqar_model("CLS", hidden_size=64, num_heads=4, feature_dim=8, swa_window=8, vocab_size=64,
-                             seq_len=32)
-    x, y = mqar_batch(task, 500, torch.Generator().manual_seed(1))
-    before = evaluate_mqar(model, x, y)
-    losses = train_mqar(model, task, steps=150, lr=4e-3, progress=False)
-    return before, evaluate_mqar(model, x, y), losses, task.chance
+    model = build_mqar_model("CL", hidden_size=64, num_heads=1, feature_dim=8, vocab_size=64, seq_len=32, mlp=False)
+    train, test = mqar_dataset(task, 4000, 500)
+    before = evaluate_mqar(model, *test)
+    history = train_mqar(model, train, test, epochs=4, batch_size=64, lr=3e-3, log=None)
+    return before, history, task.chance
 
 
 @pytest.mark.slow
 def test_tiny_based_learns_mqar_above_chance():
-    before, after, losses, chance = run_distributed(_learn_worker, 1)[0]
+    before, history, chance = run_distributed(_learn_worker, 1)[0]
     assert before < 2 * chance
-    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
-    assert after > 3 * chance, (after, chance)  # ~0.19 after 150 steps; chance 1/32
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.3
+    assert history[-1]["accuracy"] > 3 * chance, (history, chance)
 
 
 def _mqar(*args, cwd):
@@ -74,14 +153,23 @@ def _recall(stdout: str) -> float:
 
 def test_mqar_checkpoint_carries_its_model(tmp_path):
     """eval rebuilds the trained model from the checkpoint alone (swa_window 8, not the default 16, and seq_len 32),
-    and a --config whose model section lacks a key the model needs is refused by name."""
-    train = _mqar("train", "--pattern", "CLS", "--hidden-size", "32", "--swa-window", "8", "--seq-len", "32",
-                  "--steps", "3", "--num-examples", "64", "--save", "ckpt.pt", cwd=tmp_path)
+    and a --config whose model section lacks a key the model needs is refused by name; train --json writes the
+    result with one history entry per epoch."""
+    train = _mqar("train", "--pattern", "CLS", "--hidden-size", "32", "--num-heads", "4", "--feature-dim", "8",
+                  "--swa-window", "8", "--mlp", "--vocab-size", "64", "--seq-len", "32", "--num-kv-pairs", "4",
+                  "--num-train", "64", "--batch-size", "32", "--epochs", "2", "--num-examples", "64",
+                  "--save", "ckpt.pt", "--json", "result.json", cwd=tmp_path)
     assert train.returncode == 0, train.stderr
+    assert train.stdout.count("test accuracy") == 2, train.stdout  # one line per epoch
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert saved["model"] == {"layer_pattern": "CLS", "hidden_size": 32, "num_attention_heads": 4, "feature_dim": 8,
-                              "swa_window": 8, "vocab_size": 64, "seq_length": 32}
-    ev = _mqar("eval", "--checkpoint", "ckpt.pt", "--num-examples", "64", cwd=tmp_path)
+                              "swa_window": 8, "vocab_size": 64, "seq_length": 32, "mlp": True}
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["accuracy"] == result["history"][-1]["accuracy"] and result["epochs_run"] == 2
+    assert result["task"] == {"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4, "power_a": 0.01,
+                              "random_fill": False}
+    assert result["state_size"] == 2 * 64 + 73 * 36 + 2 * 9 * 32  # C, L (4 heads), S
+    ev = _mqar("eval", "--checkpoint", "ckpt.pt", "--num-examples", "64", "--num-kv-pairs", "4", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr
     assert _recall(ev.stdout) == _recall(train.stdout)  # same model, same test sequences
     assert "sequences of 32 tokens" in ev.stdout
@@ -94,6 +182,7 @@ def test_mqar_checkpoint_carries_its_model(tmp_path):
     bare = _mqar("eval", "--checkpoint", "bare.pt", cwd=tmp_path)
     assert bare.returncode == 2 and "carries no model configuration" in bare.stderr, bare.stderr
     (tmp_path / "cfg.yaml").write_text((tmp_path / "cfg.yaml").read_text() + "  swa_window: 8\n")
-    legacy = _mqar("eval", "--config", "cfg.yaml", "--checkpoint", "bare.pt", "--num-examples", "64", cwd=tmp_path)
+    legacy = _mqar("eval", "--config", "cfg.yaml", "--checkpoint", "bare.pt", "--num-examples", "64",
+                   "--num-kv-pairs", "4", cwd=tmp_path)
     assert legacy.returncode == 0, legacy.stderr
     assert _recall(legacy.stdout) == _recall(train.stdout)  # a bare state dict with a complete --config
