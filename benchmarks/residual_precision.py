@@ -17,6 +17,7 @@ at the same positions). The same for a same-size GPT (layer pattern "A" x num_la
     python benchmarks/residual_precision.py                      # CPU: based-360m size, B1 T512 (minutes)
     python benchmarks/residual_precision.py --layers 6 --seq 128  # a quicker CPU look
     python benchmarks/residual_precision.py --gpu                # GPU: training-step time, with and without
+    python benchmarks/residual_precision.py --gpu --cuda-graphs  # the same with Megatron's per-layer CUDA graphs
 
 Speed is not measured on CPU. ``--gpu`` times real training steps (forward, backward, optimizer: the
 ``benchmarks/train_throughput.py`` harness, bf16, synthetic tokens) of based-360m at T2048 with the residual in fp32
@@ -142,6 +143,7 @@ def gpu_step_times(args) -> int:
     out = args.out or str(ROOT / "benchmarks" / "results" / "residual_precision_gpu.json")
     argv = ["--models", f"{base}+res32", f"{base}+res16", "--out", out]
     argv += ["--smoke", "--seq", "64", "--profile-steps", "1"] if args.smoke else ["--seq", str(args.gpu_seq)]
+    argv += ["--cuda-graphs"] if args.cuda_graphs else []
     return train_throughput.main(argv) or 0
 
 
@@ -156,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-generation", dest="generation", action="store_false")
     p.add_argument("--gpu", action="store_true", help="time training steps with / without fp32 residual (GPU)")
     p.add_argument("--gpu-seq", type=int, default=2048)
+    p.add_argument("--cuda-graphs", action="store_true", help="with --gpu: Megatron's per-layer CUDA graphs "
+                                                               "(cuda_graph_impl: local), captured with fp32 inputs")
     p.add_argument("--smoke", action="store_true", help="with --gpu: tiny models on CPU (checks the code path)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/residual_precision.json, "
                                  "residual_precision_gpu.json with --gpu)")

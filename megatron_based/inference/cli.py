@@ -77,9 +77,14 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     from .loader import load_model
 
     with open(args.config) as fh:
-        spec = model_spec_from_dict(yaml.safe_load(fh)["model"])
+        section = yaml.safe_load(fh)["model"]
+    spec = model_spec_from_dict(section)
     kw = dict(vocab_size=spec.vocab_size, make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
     if args.direction == "import":
+        if section.get("fp32_residual_connection") is False:
+            print(f"warning: {args.config} sets fp32_residual_connection: false; the released models were trained "
+                  "with the residual stream in fp32 (bf16 runs of these weights will keep it in bf16)",
+                  file=sys.stderr)
         shards = released_to_megatron(read_tensors(args.input), spec.config,
                                       tensor_model_parallel_size=args.tensor_model_parallel_size, **kw)
         for r, shard in enumerate(shards):

@@ -23,6 +23,12 @@ mixer reads. :func:`published_to_released` strips the prefix and drops those ent
 unknown name stays an error.
 
 Files are read without executing code: safetensors, or torch files with ``weights_only=True``.
+
+Precision: the released models were trained with their residual stream in fp32 (``residual_in_fp32: true``).
+Converted weights carry no config; the model they are loaded into takes ``fp32_residual_connection`` from its YAML
+``model:`` section (``true`` in configs/based-360m.yaml and based-1.3b.yaml) or, unset, BasedConfig's default (on
+for bf16 / fp16 parameters), so imported models run as released. ``megatron-based-convert import`` warns when the
+config turns it off.
 """
 from __future__ import annotations
 

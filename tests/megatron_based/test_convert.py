@@ -302,3 +302,34 @@ def test_convert_command_imports_pytorch_model_bin(tmp_path, capsys):
         got = read_tensors(rank_file(tmp_path / "out", r))
         assert got.keys() == want[r].keys()
         assert all(torch.equal(got[k], want[r][k]) for k in got)
+
+
+def _bf16_load_worker(rank, world, config, weights):
+    from megatron_based.inference.loader import load_model
+    from megatron_based.runtime.parallel import initialize_parallel
+
+    initialize_parallel(1)
+    model, _ = load_model(config, weights, dtype="bf16")
+    return model.config.fp32_residual_connection, str(model.decoder.final_layernorm.weight.dtype)
+
+
+def test_imported_released_weights_run_with_the_fp32_residual(tmp_path, capsys):
+    """Released weights loaded in bf16 get the released models' fp32 residual stream (BasedConfig's default for
+    bf16; configs/based-*.yaml also say so); ``convert import`` warns when a config turns it off."""
+    import yaml
+
+    from megatron_based.inference.cli import convert_main as main
+    from megatron_based.inference.convert import write_tensors
+
+    weights = tmp_path / "released.safetensors"
+    write_tensors(_random_released(), weights)
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"layer_pattern": PATTERN, "vocab_size": VOCAB, **DIMS}}))
+    assert run_distributed(_bf16_load_worker, 1, str(cfg), str(weights))[0] == (True, "torch.bfloat16")
+    assert main(["import", "--config", str(cfg), "--input", str(weights), "--output", str(tmp_path / "a")]) == 0
+    assert "fp32_residual_connection" not in capsys.readouterr().err
+    off = tmp_path / "off.yaml"
+    off.write_text(yaml.safe_dump({"model": {"layer_pattern": PATTERN, "vocab_size": VOCAB, **DIMS,
+                                             "fp32_residual_connection": False}}))
+    assert main(["import", "--config", str(off), "--input", str(weights), "--output", str(tmp_path / "b")]) == 0
+    assert "sets fp32_residual_connection: false" in capsys.readouterr().err

@@ -38,3 +38,32 @@ def test_rmsnorm_matches_formula(backend, dtype, tol):
     (y64 * dy).sum().backward()
     for a, b in ((y.double(), y64), (x.grad.double(), x64.grad), (norm.weight.grad.double(), w64.grad)):
         assert ((a - b).norm() / b.norm()).item() < tol
+
+
+class _Bf16ResidualCfg:
+    use_cpu_initialization = True
+    params_dtype = torch.bfloat16
+    sequence_parallel = False
+    fp32_residual_connection = True
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+def test_fp32_residual_is_normed_into_the_compute_dtype(backend):
+    """fp32_residual_connection: an fp32 input (the residual stream) comes out in the weights' dtype (bf16), from fp32
+    statistics of the unrounded input (within one bf16 spacing of the fp64 formula; the interpreter truncates); the
+    gradient goes back in fp32. A bf16 input stays bf16 in, bf16 out."""
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(_Bf16ResidualCfg(), hidden_size=45, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(45, generator=g) + 0.5)
+    x = (torch.randn(5, 3, 45, generator=g) * 3).requires_grad_()
+    with based_kernels.use_backend(backend):
+        y = norm(x)
+        assert norm(x.detach().bfloat16()).dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16
+    x64, w64 = x.detach().double(), norm.weight.detach().double()
+    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    spacing = torch.exp2(torch.floor(torch.log2(y64.abs())) - 7)
+    assert ((y.double() - y64).abs() <= spacing).all()
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
