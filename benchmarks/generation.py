@@ -48,6 +48,8 @@ def build(section: dict, pattern: str, dtype: torch.dtype, initialize: bool = Tr
     from megatron_based.model import build_model
 
     section = {**section, "layer_pattern": pattern}
+    if dtype == torch.float32:  # a no-op in fp32; keeps the CPU reference (this model .double()) fp64 throughout
+        section["fp32_residual_connection"] = False
     spec = model_spec_from_dict(section, params_dtype=dtype, bf16=dtype == torch.bfloat16,
                                 use_cpu_initialization=not CUDA, perform_initialization=initialize)
     model = build_model(spec.config, vocab_size=spec.vocab_size, max_sequence_length=spec.seq_length,
