@@ -84,12 +84,6 @@ COMMANDS: dict[tuple[str, str], object] = {
                       "--output demo.safetensors"): AS_WRITTEN,
     ("generation.md", "megatron-based-eval --checkpoint runs/demo/checkpoints --tokenizer runs/demo/data/kjv.model "
                       "--text valid.txt --seq-length 2048 --stride 1024 --json ppl.json"): AS_WRITTEN,
-    ("generation.md", "megatron-based-mqar train --pattern CLS --hidden-size 64 --steps 500 --save mqar.pt"):
-        "megatron-based-mqar train --pattern CLS --hidden-size 64 --steps 2 --num-examples 64 --save mqar.pt",
-    ("generation.md", "megatron-based-mqar eval --checkpoint mqar.pt"):
-        "megatron-based-mqar eval --checkpoint mqar.pt --num-examples 64",
-    ("generation.md", "python benchmarks/mqar.py --quick"):
-        Skip("a sweep of minutes that rewrites benchmarks/results; test_mqar.py trains and scores MQAR models"),
     # docs/launching.md
     ("launching.md", "NPROC_PER_NODE=8 launch/torchrun.sh configs/based-360m.yaml "
                      "parallel.tensor_model_parallel_size=2 --dry-run"):
@@ -120,6 +114,21 @@ COMMANDS: dict[tuple[str, str], object] = {
     ("launching.md", "pip install 'megatron-based[deepspeed]'"): Skip("an install step: .venv has the extras"),
     ("launching.md", "ZERO_STAGE=2 NPROC_PER_NODE=8 launch/deepspeed.sh configs/based-360m.yaml"):
         DryRun("ZERO_STAGE=2 NPROC_PER_NODE=8 launch/deepspeed.sh configs/based-360m.yaml --dry-run", 8),
+    # docs/mqar.md
+    ("mqar.md", "megatron-based-mqar train --model based --hidden-size 64 --feature-dim 16 --lr 3e-3 --json "
+                "based-d64-f16.json"):
+        "megatron-based-mqar train --model based --hidden-size 64 --feature-dim 16 --lr 3e-3 --json based-d64-f16.json "
+        "--vocab-size 64 --seq-len 32 --num-kv-pairs 4 --num-train 64 --num-examples 32 --batch-size 32 --epochs 1",
+    ("mqar.md", "megatron-based-mqar train --pattern CLS --mlp --vocab-size 128 --seq-len 64 --num-kv-pairs 4 "
+                "--num-train 2000 --epochs 2 --save mqar.pt"):
+        "megatron-based-mqar train --pattern CLS --mlp --vocab-size 128 --seq-len 64 --num-kv-pairs 4 --num-train 64 "
+        "--num-examples 64 --epochs 1 --save mqar.pt",
+    ("mqar.md", "megatron-based-mqar eval --checkpoint mqar.pt --num-kv-pairs 4"):
+        "megatron-based-mqar eval --checkpoint mqar.pt --num-kv-pairs 4 --num-examples 64",
+    ("mqar.md", "python benchmarks/mqar_sweep.py --time-limit 540"):
+        Skip("the GPU grid (hours of CPU time; it rewrites benchmarks/results and docs/mqar.md); the --smoke below "
+             "and test_mqar.py run its whole pipeline"),
+    ("mqar.md", "python benchmarks/mqar_sweep.py --smoke --out-dir mqar-smoke"): AS_WRITTEN,
     # docs/parallelism.md
     ("parallelism.md", "python:from megatron_based.runtime.comm_stats import count_collectives"):
         Skip("a fragment inside a CP/TP job's step (loss from a model across processes); "

@@ -186,3 +186,54 @@ def test_mqar_checkpoint_carries_its_model(tmp_path):
                    "--num-kv-pairs", "4", cwd=tmp_path)
     assert legacy.returncode == 0, legacy.stderr
     assert _recall(legacy.stdout) == _recall(train.stdout)  # a bare state dict with a complete --config
+
+
+def test_mqar_sweep_smoke(tmp_path):
+    """benchmarks/mqar_sweep.py --smoke runs its whole pipeline on CPU (3 tiny runs of 1 epoch) and writes the JSON,
+    the markdown table (between its markers, into an existing document) and the SVG plot; a second call skips the
+    runs already in the JSON, and --report-only rewrites the table from it."""
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "mqar.md").write_text("# MQAR\n\nbefore\n\n<!-- mqar-sweep:begin -->\nold\n<!-- mqar-sweep:end -->\n"
+                                      "\nafter\n")
+    sweep = [sys.executable, str(repo / "benchmarks" / "mqar_sweep.py"), "--smoke", "--out-dir", str(tmp_path)]
+    first = subprocess.run(sweep, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.stdout.count("epoch 1/1") == 3 and "3 runs done" in first.stdout, first.stdout[-3000:]
+    data = json.loads((tmp_path / "mqar.json").read_text())
+    assert sorted(data["runs"]) == ["attention-d16-lr0.003", "baseconv-d16-lr0.003", "based-d16-f4-lr0.003"]
+    assert data["meta"]["settings"]["epochs"] == 1 and data["meta"]["device"] == "cpu"
+    for run in data["runs"].values():
+        assert 0 <= run["accuracy"] <= 1 and run["epochs_run"] == 1 and run["mlp"] is False
+        assert run["num_attention_heads"] == 1 and run["task"]["seq_len"] == 32
+    # the sweep's state sizes (its own formula, no Megatron import) are the runs' (mqar_state_size's)
+    sys.path.insert(0, str(repo / "benchmarks"))
+    try:
+        import mqar_sweep
+    finally:
+        sys.path.remove(str(repo / "benchmarks"))
+    for cell in mqar_sweep.grid(smoke=True):
+        run = data["runs"][mqar_sweep.run_key(cell, 3e-3)]
+        assert mqar_sweep.state_size(cell, data["meta"]["settings"]) == run["state_size"]
+    for cell in mqar_sweep.grid(smoke=False):  # and at the published size, against the model's formula
+        from megatron_based.tasks.mqar import mqar_state_size
+
+        assert mqar_sweep.state_size(cell, mqar_sweep.FULL) == mqar_state_size(
+            mqar_sweep.MODELS[cell["model"]], hidden_size=cell["d"], feature_dim=cell["f"] or 16, num_heads=1,
+            seq_len=256)
+    doc = (tmp_path / "mqar.md").read_text()
+    assert doc.startswith("# MQAR\n\nbefore\n\n<!-- mqar-sweep:begin -->") and doc.endswith("-->\n\nafter\n")
+    assert "old" not in doc and doc.count("| BASED (CL) | 16 | 4 |") == 1 and "not yet run" not in doc
+    assert "![MQAR recall vs state size](mqar_recall_vs_state.svg)" in doc
+    svg = ET.parse(tmp_path / "mqar_recall_vs_state.svg").getroot()
+    assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}circle")) >= 3
+    again = subprocess.run(sweep, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 runs to do" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    (tmp_path / "mqar.md").unlink()
+    report = subprocess.run(sweep + ["--report-only"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (tmp_path / "mqar.md").read_text().count("| attention (CA) | 16 |") == 1

@@ -1,0 +1,381 @@
+"""The published MQAR grid (Zoology / the BASED paper), run with ``megatron-based-mqar train``: recall vs state size.
+
+    python benchmarks/mqar_sweep.py                      # the grid on this machine's GPU, resumable
+    python benchmarks/mqar_sweep.py --time-limit 540     # stop cleanly before a 10-minute call ends; rerun continues
+    python benchmarks/mqar_sweep.py --report-only        # rewrite the table and the plot from the JSON
+    python benchmarks/mqar_sweep.py --smoke --out-dir /tmp/mqar   # the whole pipeline on CPU in ~30 s
+
+Grid: 15 cells x learning rates (``--lrs``, default 3e-3, 1e-3, 1e-2; the best run of a cell is its result):
+
+* attention: layer 0 BaseConv (short conv, k 3), layer 1 softmax attention (pattern CA), d 64 / 128 / 256
+* BaseConv: two BaseConv layers (CC), d 64 / 128 / 256
+* BASED: layer 0 BaseConv, layer 1 Taylor linear attention (CL), d 64 / 128 / 256 x feature dim f 8 / 16 / 24
+
+every model with 1 head, no MLPs, tied embeddings; the data and training are ``megatron_based.tasks.mqar``'s
+defaults, the published setting: vocabulary 8192, 256 tokens, 16 key-value pairs, 100k training / 3k test
+sequences, batch 256, AdamW (weight decay 0.1), cosine over up to 64 epochs, early stop after the first epoch with
+test accuracy > 0.99. Once a run of a cell passes the early stop, the cell's other learning rates are skipped
+(the queue runs every cell's first learning rate before any cell's second).
+
+Each run is one ``megatron-based-mqar train`` process (``--jobs`` of them at a time, sharing the GPU: the models
+are far too small to fill it, so the runs are bound by kernel launches and overlap well). A run's result goes
+into ``--json`` (default benchmarks/results/mqar.json) as soon as it ends, and a run already there is skipped
+unless ``--force``: a call cut short loses only its unfinished runs, and the next call continues. ``--time-limit``
+stops the sweep cleanly (unfinished runs stopped and not recorded, outputs written) before the caller's limit.
+After every run the markdown table (ours beside the published numbers) is rewritten between the
+``<!-- mqar-sweep:begin -->`` / ``<!-- mqar-sweep:end -->`` lines of ``--doc`` (docs/mqar.md), and the recall vs
+state-size plot is written as a hand-written SVG (``--svg``, docs/mqar_recall_vs_state.svg; no plotting
+library needed).
+
+Time on one H100 / H200 (an estimate: not yet measured). One epoch is 391 steps of 256 x 256 tokens. The models
+have 0.6M-2.3M parameters, most in the 8192 x d embedding; the output layer runs only at the 16 query positions
+per sequence, so a step is ~3-10 GFLOP and ~1 GB of activation traffic: well under 1 ms of GPU work, while its
+~300 kernel launches and Megatron's Python take ~3-5 ms of host time. So about 1.5-2.5 s per epoch and 1.5-3 min
+for a run of 64 epochs (plus ~20 s of start-up, data generation and Triton compilation per process). Runs that
+never pass 0.99 (BaseConv; BASED at small state) take all 64 epochs; attention cells stop after a few epochs and
+skip their other learning rates. About 36 runs x ~2 min = ~70 min of runs, with ``--jobs 6`` sharing the GPU
+~12-20 min of wall time: two or three 10-minute calls (``--time-limit 540``). The first epoch lines show the real
+speed within a minute; ``--jobs`` can go up while the host's cores keep up (16 cores: 6-8 jobs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {"attention": "CA", "baseconv": "CC", "based": "CL"}
+LABELS = {"attention": "attention", "baseconv": "BaseConv", "based": "BASED"}
+# The published recall at T 256, 16 pairs (Zoology figure 2 / the BASED paper, as quoted in issue 20).
+PUBLISHED = {("attention", 64): 1.0, ("attention", 128): 1.0, ("attention", 256): 1.0,
+             ("baseconv", 64): 0.14, ("baseconv", 128): 0.34, ("baseconv", 256): 0.81}
+FULL = {"vocab_size": 8192, "seq_len": 256, "num_kv_pairs": 16, "num_train": 100_000, "num_test": 3000,
+        "epochs": 64, "batch_size": 256, "weight_decay": 0.1, "early_stop": 0.99}
+SMOKE = {"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4, "num_train": 128, "num_test": 32,
+         "epochs": 1, "batch_size": 32, "weight_decay": 0.1, "early_stop": 0.99}
+BEGIN, END = "<!-- mqar-sweep:begin -->", "<!-- mqar-sweep:end -->"
+
+
+def grid(smoke: bool) -> list[dict]:
+    """The cells: ``{"model", "d", "f"}`` (f None for models without L layers)."""
+    if smoke:
+        return [{"model": "attention", "d": 16, "f": None}, {"model": "baseconv", "d": 16, "f": None},
+                {"model": "based", "d": 16, "f": 4}]
+    widths = (64, 128, 256)
+    return ([{"model": "attention", "d": d, "f": None} for d in widths]
+            + [{"model": "baseconv", "d": d, "f": None} for d in widths]
+            + [{"model": "based", "d": d, "f": f} for d in widths for f in (8, 16, 24)])
+
+
+def cell_key(cell: dict) -> str:
+    return f"{cell['model']}-d{cell['d']}" + (f"-f{cell['f']}" if cell["f"] else "")
+
+
+def run_key(cell: dict, lr: float) -> str:
+    return f"{cell_key(cell)}-lr{lr:g}"
+
+
+def state_size(cell: dict, settings: dict) -> int:
+    """Numbers per sequence of the model's decode state (megatron_based.tasks.mqar.mqar_state_size's formula)."""
+    d, f, T = cell["d"], cell["f"] or 0, settings["seq_len"]
+    size = {"C": 2 * 2 * d, "L": (1 + f + f * f) * (d + 1), "A": 2 * T * d}
+    return sum(size[s] for s in MODELS[cell["model"]])
+
+
+def command(cell: dict, lr: float, settings: dict, json_path: Path) -> list[str]:
+    s = settings
+    cmd = [sys.executable, "-m", "megatron_based.tasks.mqar", "train", "--model", cell["model"],
+           "--hidden-size", str(cell["d"]), "--num-heads", "1", "--lr", repr(lr),
+           "--vocab-size", str(s["vocab_size"]), "--seq-len", str(s["seq_len"]),
+           "--num-kv-pairs", str(s["num_kv_pairs"]), "--num-train", str(s["num_train"]),
+           "--num-examples", str(s["num_test"]), "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
+           "--weight-decay", str(s["weight_decay"]), "--early-stop", str(s["early_stop"]), "--json", str(json_path)]
+    if cell["f"]:
+        cmd += ["--feature-dim", str(cell["f"])]
+    return cmd
+
+
+# ----------------------------------------------------------------------------------------------------- results
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"meta": {}, "runs": {}}
+
+
+def save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def summarize(data: dict, cells: list[dict], settings: dict) -> list[dict]:
+    """One row per cell: its state size, the published recall and the best run (highest final test accuracy)."""
+    rows = []
+    for cell in cells:
+        runs = [r for k, r in data["runs"].items() if k.rsplit("-lr", 1)[0] == cell_key(cell)]
+        best = max(runs, key=lambda r: r["accuracy"], default=None)
+        rows.append({**cell, "key": cell_key(cell), "state_size": state_size(cell, settings),
+                     "published": PUBLISHED.get((cell["model"], cell["d"])), "best": best,
+                     "lrs_run": sorted(r["lr"] for r in runs)})
+    return rows
+
+
+def markdown(rows: list[dict], data: dict, settings: dict) -> str:
+    s = settings
+    lines = [BEGIN,
+             f"*Written by `benchmarks/mqar_sweep.py` from `benchmarks/results/mqar.json`; do not edit by hand.* "
+             f"Vocabulary {s['vocab_size']}, {s['seq_len']} tokens, {s['num_kv_pairs']} key-value pairs, "
+             f"{s['num_train']:,} training / {s['num_test']:,} test sequences, batch {s['batch_size']}, up to "
+             f"{s['epochs']} epochs (early stop > {s['early_stop']}); accuracy on the test set after the last epoch, "
+             "best learning rate of the cell. State: numbers per sequence (decode caches at T "
+             f"{s['seq_len']}).", ""]
+    meta = data.get("meta", {})
+    if any(r["best"] for r in rows):
+        lines[-1:] = [f"Device: {meta.get('device', '?')}, updated {meta.get('updated', '?')}.", ""]
+    lines += ["| model | d | f | state / sequence | published | ours | best lr | epochs | lrs run |",
+              "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        b = r["best"]
+        if r["model"] == "based":
+            pub = "—¹"
+        elif r["published"] is None:
+            pub = "–"
+        else:
+            pub = f"{r['published']:.2f}²" if r["model"] == "baseconv" else f"≈ {r['published']:.1f}"
+        ours = f"{b['accuracy']:.3f}" if b else "not yet run on GPU"
+        lines.append(f"| {LABELS[r['model']]} ({MODELS[r['model']]}) | {r['d']} | {r['f'] or '–'} | "
+                     f"{r['state_size']:,} | {pub} | {ours} | {f'{b['lr']:g}' if b else ''} | "
+                     f"{b['epochs_run'] if b else ''} | {', '.join(f'{x:g}' for x in r['lrs_run'])} |")
+    lines += ["",
+              "¹ The paper plots BASED against its state size rather than tabulating it; expected: ≥ 0.9 at d 64, "
+              "f 16, rising with the state size.",
+              "² Zoology's BaseConv model has a long (implicit, sequence-length) convolution in its second layer; our "
+              "C mixer is a short convolution only (k 3), so our CC sees 4 tokens back and is expected near chance "
+              "(1/4096): not the published model.", ""]
+    if any(r["best"] for r in rows):
+        lines += ["![MQAR recall vs state size](mqar_recall_vs_state.svg)", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_doc(path: Path, block: str) -> None:
+    """Replace the marked block of ``path`` (append it when there is none)."""
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def svg(rows: list[dict], settings: dict) -> str:
+    """Recall (y) vs state size (x, log scale): a line per family (BASED: one per f), filled markers ours, hollow
+    markers the published numbers."""
+    W, H, L, R, T, B = 760, 460, 70, 190, 40, 55
+    sizes = [r["state_size"] for r in rows]
+    x0, x1 = math.floor(math.log10(min(sizes))), math.ceil(math.log10(max(sizes)))
+    x1 = max(x1, x0 + 1)
+    px = lambda v: L + (math.log10(v) - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
+    py = lambda a: H - B - a * (H - T - B)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{L}" y="22" font-size="14">MQAR recall vs state size ({settings["seq_len"]} tokens, '
+           f'{settings["num_kv_pairs"]} pairs, vocabulary {settings["vocab_size"]})</text>']
+    for e in range(x0, x1 + 1):
+        for m in (1, 2, 5):
+            v = m * 10 ** e
+            if 10 ** x0 <= v <= 10 ** x1:
+                x = px(v)
+                out.append(f'<line x1="{x:.1f}" y1="{T}" x2="{x:.1f}" y2="{H - B}" stroke="#ddd"/>')
+                if m == 1:
+                    out.append(f'<text x="{x:.1f}" y="{H - B + 16}" text-anchor="middle">1e{e}</text>')
+    for i in range(6):
+        y = py(i / 5)
+        out.append(f'<line x1="{L}" y1="{y:.1f}" x2="{W - R}" y2="{y:.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{L - 8}" y="{y + 4:.1f}" text-anchor="end">{i / 5:.1f}</text>')
+    out.append(f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="none" stroke="black"/>')
+    out.append(f'<text x="{(L + W - R) / 2:.0f}" y="{H - 15}" text-anchor="middle">state per sequence (numbers, '
+               'log scale)</text>')
+    out.append(f'<text transform="translate(18 {(T + H - B) / 2:.0f}) rotate(-90)" text-anchor="middle">test '
+               'accuracy</text>')
+    series = [("attention", None, "#d62728"), ("baseconv", None, "#2ca02c")]
+    series += [("based", f, c) for f, c in zip(sorted({r["f"] for r in rows if r["model"] == "based"}),
+                                               ("#1f77b4", "#9467bd", "#17becf", "#ff7f0e"))]
+    legend_y = T + 10
+    for model, f, color in series:
+        mine = sorted((r for r in rows if r["model"] == model and r["f"] == f), key=lambda r: r["state_size"])
+        pts = [(px(r["state_size"]), py(r["best"]["accuracy"])) for r in mine if r["best"]]
+        if len(pts) > 1:
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
+                       + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
+        out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{color}"/>' for x, y in pts]
+        pub = [(px(r["state_size"]), py(r["published"])) for r in mine if r["published"] is not None]
+        out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="none" stroke="{color}" stroke-width="1.5"/>'
+                for x, y in pub]
+        name = LABELS[model] + (f" f {f}" if f else "")
+        out.append(f'<line x1="{W - R + 15}" y1="{legend_y}" x2="{W - R + 40}" y2="{legend_y}" stroke="{color}" '
+                   f'stroke-width="2"/><circle cx="{W - R + 27.5}" cy="{legend_y}" r="4" fill="{color}"/>'
+                   f'<text x="{W - R + 47}" y="{legend_y + 4}">{name}</text>')
+        legend_y += 20
+    out.append(f'<circle cx="{W - R + 27.5}" cy="{legend_y}" r="6" fill="none" stroke="black"/>'
+               f'<text x="{W - R + 47}" y="{legend_y + 4}">published</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def report(data: dict, cells: list[dict], settings: dict, doc: Path, svg_path: Path) -> list[dict]:
+    rows = summarize(data, cells, settings)
+    write_doc(doc, markdown(rows, data, settings))
+    if any(r["best"] for r in rows):
+        svg_path.parent.mkdir(parents=True, exist_ok=True)
+        svg_path.write_text(svg(rows, settings))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ the sweep
+def _pump(proc: subprocess.Popen, prefix: str, log) -> None:
+    """Echo a run's output, one line at a time, prefixed by its key (and into its log file)."""
+    for line in proc.stdout:
+        if log:
+            log.write(line)
+            log.flush()
+        if "warn" not in line.lower() and not re.match(r"[WI]\d{4} ", line):  # nor torch's glog-style notices
+            print(f"[{prefix}] {line}", end="", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lrs", default="3e-3,1e-3,1e-2", help="learning rates per cell, in the order they are tried")
+    p.add_argument("--only", help="comma-separated cell keys (e.g. based-d64-f16,attention-d64) to run")
+    p.add_argument("--jobs", type=int, help="runs at a time [6 with a GPU, 2 without]")
+    p.add_argument("--time-limit", type=float, help="seconds: stop (unfinished runs dropped) and write the outputs")
+    p.add_argument("--force", action="store_true", help="rerun runs already in the JSON (and start it afresh "
+                                                        "when its settings differ)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the table and the plot from the JSON")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 epoch, one width, one lr: the pipeline on CPU")
+    p.add_argument("--out-dir", help="write mqar.json, mqar.md, mqar_recall_vs_state.svg and logs/ here instead")
+    p.add_argument("--json", help="results [benchmarks/results/mqar.json]")
+    p.add_argument("--doc", help="markdown file whose marked block gets the table [docs/mqar.md]")
+    p.add_argument("--svg", help="the plot [docs/mqar_recall_vs_state.svg]")
+    args = p.parse_args(argv)
+
+    settings = dict(SMOKE if args.smoke else FULL)
+    lrs = [3e-3] if args.smoke else [float(x) for x in args.lrs.split(",")]
+    out = Path(args.out_dir) if args.out_dir else (Path(tempfile.mkdtemp(prefix="mqar-smoke-")) if args.smoke
+                                                   else None)
+    json_path = Path(args.json) if args.json else (out / "mqar.json" if out else REPO / "benchmarks/results/mqar.json")
+    doc = Path(args.doc) if args.doc else (out / "mqar.md" if out else REPO / "docs/mqar.md")
+    svg_path = Path(args.svg) if args.svg else (out / "mqar_recall_vs_state.svg" if out
+                                                else REPO / "docs/mqar_recall_vs_state.svg")
+    cells = grid(args.smoke)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {cell_key(c) for c in cells}
+        if unknown:
+            p.error(f"unknown cells {sorted(unknown)}; the grid's: {[cell_key(c) for c in cells]}")
+        cells = [c for c in cells if cell_key(c) in wanted]
+
+    data = load(json_path)
+    if data["meta"].get("settings") not in (None, settings):
+        if not args.force:
+            p.error(f"{json_path} holds runs of other settings ({data['meta']['settings']}); --force starts afresh")
+        data = {"meta": {}, "runs": {}}
+    if args.report_only:
+        report(data, grid(args.smoke), settings, doc, svg_path)
+        print(f"wrote {doc} ({len(data['runs'])} runs)" + (f" and {svg_path}" if data["runs"] else ""))
+        return 0
+
+    import torch  # only for the device's name
+
+    cuda = torch.cuda.is_available()
+    jobs = args.jobs or (6 if cuda else 2)
+    data["meta"] = {"settings": settings, "lrs": lrs, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                    "updated": time.strftime("%Y-%m-%d")}
+    if args.force:
+        data["runs"] = {k: r for k, r in data["runs"].items()
+                        if k.rsplit("-lr", 1)[0] not in {cell_key(c) for c in cells}}
+    queue = [(c, lr) for lr in lrs for c in cells if run_key(c, lr) not in data["runs"]]
+    print(f"MQAR sweep: {len(cells)} cells x {len(lrs)} lrs, {len(queue)} runs to do, {jobs} at a time on "
+          f"{data['meta']['device']}; results in {json_path}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="mqar-runs-"))
+    log_dir = out / "logs" if out else None
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // jobs)), "PYTHONWARNINGS": "ignore"}
+    t0 = time.monotonic()
+    running: dict[str, tuple] = {}
+    done = skipped = 0
+
+    def converged(cell) -> bool:
+        return any(r["accuracy"] > settings["early_stop"] for k, r in data["runs"].items()
+                   if k.rsplit("-lr", 1)[0] == cell_key(cell))
+
+    stopped = False
+    while queue or running:
+        late = args.time_limit is not None and time.monotonic() - t0 > args.time_limit
+        if late and not stopped:
+            stopped = True
+            for key, (proc, *_rest) in running.items():
+                print(f"time limit: stopping {key} (not recorded)", flush=True)
+                proc.terminate()
+            queue = []
+        while queue and len(running) < jobs and not stopped:
+            cell, lr = queue.pop(0)
+            key = run_key(cell, lr)
+            if converged(cell):
+                skipped += 1
+                print(f"skip {key}: a run of {cell_key(cell)} already passed {settings['early_stop']}", flush=True)
+                continue
+            log = open(log_dir / f"{key}.log", "w") if log_dir else None
+            proc = subprocess.Popen(command(cell, lr, settings, tmp / f"{key}.json"), cwd=REPO, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            pump = threading.Thread(target=_pump, args=(proc, key, log), daemon=True)
+            pump.start()
+            running[key] = (proc, pump, log, time.monotonic())
+        for key in list(running):
+            proc, pump, log, started = running[key]
+            if proc.poll() is None:
+                continue
+            pump.join()
+            if log:
+                log.close()
+            del running[key]
+            result_file = tmp / f"{key}.json"
+            if proc.returncode == 0 and result_file.exists():
+                data["runs"][key] = json.loads(result_file.read_text())
+                data["meta"]["updated"] = time.strftime("%Y-%m-%d")
+                save(json_path, data)
+                report(data, grid(args.smoke), settings, doc, svg_path)
+                done += 1
+                r = data["runs"][key]
+                print(f"done {key}: accuracy {r['accuracy']:.4f} after {r['epochs_run']} epochs, "
+                      f"{r['seconds']:.0f} s ({done} done, {len(queue)} queued, "
+                      f"{time.monotonic() - t0:.0f} s elapsed)", flush=True)
+            elif not stopped:
+                print(f"FAILED {key} (exit {proc.returncode}); see its output above", flush=True)
+        time.sleep(0.2)
+    save(json_path, data)
+    rows = report(data, grid(args.smoke), settings, doc, svg_path)
+    left = sum(1 for c in grid(args.smoke) for lr in lrs
+               if run_key(c, lr) not in data["runs"] and not converged(c))
+    print(f"wrote {json_path}, {doc}" + (f", {svg_path}" if any(r["best"] for r in rows) else "")
+          + f"; {done} runs done, {skipped} skipped, {left} still to run" + (" (run again to continue)" if left else ""))
+    for r in rows:
+        b = r["best"]
+        print(f"  {r['key']:22s} state {r['state_size']:>9,}  published "
+              f"{'-' if r['published'] is None else r['published']:>5}  ours "
+              f"{'-' if not b else format(b['accuracy'], '.3f')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
