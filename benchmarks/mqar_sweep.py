@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lrs", default="3e-3,1e-3,1e-2", help="learning rates per cell, in the order they are tried")
     p.add_argument("--only", help="comma-separated cell keys (e.g. based-d64-f16,attention-d64) to run")
-    p.add_argument("--jobs", type=int, help="runs at a time [6 with a GPU, 2 without]")
+    p.add_argument("--jobs", type=int, help="runs at a time [6 per GPU, 2 without]")
     p.add_argument("--time-limit", type=float, help="seconds: stop (unfinished runs dropped) and write the outputs")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON (and start it afresh "
                                                         "when its settings differ)")
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     import torch  # only for the device's name
 
     cuda = torch.cuda.is_available()
-    jobs = args.jobs or (6 if cuda else 2)
+    jobs = args.jobs or (6 * torch.cuda.device_count() if cuda else 2)
     data["meta"] = {"settings": settings, "lrs": lrs, "device": torch.cuda.get_device_name() if cuda else "cpu",
                     "updated": time.strftime("%Y-%m-%d")}
     if args.force:
@@ -310,7 +310,13 @@ def main(argv=None) -> int:
     log_dir = out / "logs" if out else None
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // jobs)), "PYTHONWARNINGS": "ignore"}
+    # Each run is a single-process job: it picks a free port itself (a launcher's MASTER_PORT / RANK shared by
+    # parallel runs would join them into one group), and with several GPUs the runs go round-robin over them.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // jobs)), PYTHONWARNINGS="ignore")
+    gpus = torch.cuda.device_count() if cuda else 0
+    launched = 0
     t0 = time.monotonic()
     running: dict[str, tuple] = {}
     done = skipped = 0
@@ -319,15 +325,18 @@ def main(argv=None) -> int:
         return any(r["accuracy"] > settings["early_stop"] for k, r in data["runs"].items()
                    if k.rsplit("-lr", 1)[0] == cell_key(cell))
 
-    stopped = False
+    stopped, stopped_at = False, 0.0
     while queue or running:
         late = args.time_limit is not None and time.monotonic() - t0 > args.time_limit
         if late and not stopped:
-            stopped = True
+            stopped, stopped_at = True, time.monotonic()
             for key, (proc, *_rest) in running.items():
                 print(f"time limit: stopping {key} (not recorded)", flush=True)
                 proc.terminate()
             queue = []
+        if stopped and time.monotonic() - stopped_at > 15:
+            for proc, *_rest in running.values():
+                proc.kill()
         while queue and len(running) < jobs and not stopped:
             cell, lr = queue.pop(0)
             key = run_key(cell, lr)
@@ -336,7 +345,9 @@ def main(argv=None) -> int:
                 print(f"skip {key}: a run of {cell_key(cell)} already passed {settings['early_stop']}", flush=True)
                 continue
             log = open(log_dir / f"{key}.log", "w") if log_dir else None
-            proc = subprocess.Popen(command(cell, lr, settings, tmp / f"{key}.json"), cwd=REPO, env=env,
+            run_env = {**env, "CUDA_VISIBLE_DEVICES": str(launched % gpus)} if gpus > 1 else env
+            launched += 1
+            proc = subprocess.Popen(command(cell, lr, settings, tmp / f"{key}.json"), cwd=REPO, env=run_env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             pump = threading.Thread(target=_pump, args=(proc, key, log), daemon=True)
             pump.start()

@@ -190,8 +190,9 @@ def test_mqar_checkpoint_carries_its_model(tmp_path):
 
 def test_mqar_sweep_smoke(tmp_path):
     """benchmarks/mqar_sweep.py --smoke runs its whole pipeline on CPU (3 tiny runs of 1 epoch) and writes the JSON,
-    the markdown table (between its markers, into an existing document) and the SVG plot; a second call skips the
-    runs already in the JSON, and --report-only rewrites the table from it."""
+    the markdown table (between its markers, into an existing document) and the SVG plot; a call cut by
+    --time-limit records nothing of its unfinished runs, a later call runs them, the next skips the runs already in
+    the JSON, and --report-only rewrites the table from it."""
     import subprocess
     import sys
     import xml.etree.ElementTree as ET
@@ -201,6 +202,10 @@ def test_mqar_sweep_smoke(tmp_path):
     (tmp_path / "mqar.md").write_text("# MQAR\n\nbefore\n\n<!-- mqar-sweep:begin -->\nold\n<!-- mqar-sweep:end -->\n"
                                       "\nafter\n")
     sweep = [sys.executable, str(repo / "benchmarks" / "mqar_sweep.py"), "--smoke", "--out-dir", str(tmp_path)]
+    cut = subprocess.run(sweep + ["--time-limit", "1"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert cut.returncode == 0 and "0 runs done, 0 skipped, 3 still to run" in cut.stdout, cut.stdout + cut.stderr
+    assert json.loads((tmp_path / "mqar.json").read_text())["runs"] == {}  # stopped runs are not recorded
+    assert (tmp_path / "mqar.md").read_text().count("not yet run on GPU") == 3
     first = subprocess.run(sweep, cwd=repo, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert first.stdout.count("epoch 1/1") == 3 and "3 runs done" in first.stdout, first.stdout[-3000:]
