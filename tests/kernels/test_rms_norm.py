@@ -242,3 +242,21 @@ def test_bf16_model_sizes_vs_fp64_and_torch(rows, d, w_dtype):
         assert err < 5e-3 and err <= 1.05 * torch_err + 1e-6, (name, err, torch_err)
     again = run(x, w, dy, 1e-5, backend="triton")
     assert all(torch.equal(p, q) for p, q in zip(ours, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, d", [(32768, 1024), (8192, 1792)])
+def test_fp32_in_bf16_out_model_sizes(rows, d):
+    """fp32_residual_connection on the GPU: fp32 x, bf16 weight, bf16 y / dy (compiled kernels round to nearest):
+    y within F.rms_norm-then-round's error, dx (fp32) and dw at fp32 / bf16 accuracy, deterministic."""
+    x, w, _ = make((rows, d), torch.float32, torch.bfloat16, seed=9)
+    dy = torch.randn(rows, d, generator=torch.Generator().manual_seed(10)).to(DEV, torch.bfloat16)
+    ours = run(x, w, dy, 1e-5, backend="triton", out_dtype=torch.bfloat16)
+    theirs = run(x, w, dy, 1e-5, backend="torch", out_dtype=torch.bfloat16)
+    assert ours[0].dtype == torch.bfloat16 and ours[1].dtype == torch.float32 and ours[2].dtype == torch.bfloat16
+    refs = fp64_reference(x, w, dy, 1e-5)
+    for name, a, t, ref in zip(("y", "dx", "dw"), ours, theirs, refs):
+        err, torch_err = rel(a, ref), rel(t, ref)
+        assert err <= 1.05 * torch_err + 1e-6, (name, err, torch_err)
+    again = run(x, w, dy, 1e-5, backend="triton", out_dtype=torch.bfloat16)
+    assert all(torch.equal(p, q) for p, q in zip(ours, again))

@@ -265,3 +265,40 @@ def test_context_parallel_with_fp32_residual():
     for loss_err, mean_err, recompute_equal, finite in run_distributed(_cp_worker, 2):
         assert loss_err < 2e-2 and mean_err < 2e-2, (loss_err, mean_err)
         assert recompute_equal and finite
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_with_fp32_residual(monkeypatch):
+    """bf16 with the fp32 residual on the GPU (Triton kernels): CUDA-graph decode gives eager decode's greedy tokens
+    and teacher-forced logits, and both are as close to an fp32 full forward of the same weights as the bf16 full
+    forward is (decode_error_report)."""
+    from megatron_based.inference.generation import (Generator, at_decode_positions, decode_error_report,
+                                                     teacher_forced_logits)
+    from megatron_based.model import build_model
+
+    from .helpers import in_process_group
+
+    with in_process_group(monkeypatch):
+        kw = dict(layer_pattern="CLSC", hidden_size=128, num_attention_heads=4, feature_dim=8, swa_window=8)
+        torch.manual_seed(0)
+        model = build_model(BasedConfig(**kw, params_dtype=torch.bfloat16, bf16=True), vocab_size=VOCAB,
+                            max_sequence_length=512).cuda().eval()
+        assert model.config.fp32_residual_connection
+        reference = build_model(BasedConfig(**kw), vocab_size=VOCAB, max_sequence_length=512).cuda().eval()
+        with torch.no_grad():
+            for ref_param, param in zip(reference.parameters(), model.parameters(), strict=True):
+                ref_param.copy_(param)
+        prompts = [list(range(1, 1 + n)) for n in (3, 12, 9)]
+        eager, graphed = Generator(model, vocab_size=VOCAB), Generator(model, vocab_size=VOCAB, cuda_graph=True)
+        assert graphed.generate(prompts, 20) == eager.generate(prompts, 20)
+        tokens = torch.randint(0, VOCAB, (3, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        Ps, steps = [3, 12, 9], 28
+        pos = torch.arange(40, device="cuda").expand(3, 40)
+        with torch.no_grad():
+            full = at_decode_positions(model(tokens, pos, attention_mask=None)[..., :VOCAB].float(), Ps, steps)
+            ref = at_decode_positions(reference(tokens, pos, attention_mask=None)[..., :VOCAB], Ps, steps)
+        got_eager = teacher_forced_logits(eager, tokens, Ps, steps)
+        got_graph = teacher_forced_logits(graphed, tokens, Ps, steps)
+        assert (got_graph - got_eager).abs().max().item() <= 1e-3 * got_eager.abs().max().item()
+        report = decode_error_report(got_graph, full, ref)
+        assert report["passed"], report
