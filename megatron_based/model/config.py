@@ -78,7 +78,8 @@ class BasedConfig(TransformerConfig):
             compute in the parameters' dtype: each RMSNorm reads the fp32 residual and writes the compute dtype
             (``megatron_based.model.norm``), Megatron's bias-dropout-add adds the bf16 outputs to it in fp32. The
             authors' models train so (``residual_in_fp32: true``). None (default): on when the parameters are bf16 or
-            fp16, off in fp32 / fp64 (nothing to gain; an fp64 reference model stays fp64). With it on,
+            fp16 (``params_dtype``, or the ``bf16`` / ``fp16`` flags of a model Megatron-LM's Float16Module casts),
+            off in fp32 / fp64 (nothing to gain; an fp64 reference model stays fp64). With it on,
             ``pipeline_dtype`` is fp32 (the stages exchange the residual).
         cuda_graph_impl (Megatron's field): "local" captures each layer's forward and backward in CUDA graphs
             after the first step and replays them (Megatron-Core's CudaGraphManager; train.py seeds the
@@ -123,7 +124,8 @@ class BasedConfig(TransformerConfig):
 
     def __post_init__(self):
         if self.fp32_residual_connection is None:
-            self.fp32_residual_connection = self.params_dtype in (torch.bfloat16, torch.float16)
+            self.fp32_residual_connection = bool(self.params_dtype in (torch.bfloat16, torch.float16)
+                                                 or self.bf16 or self.fp16)
         if not isinstance(self.fp32_residual_connection, bool):
             raise ConfigError(f"fp32_residual_connection must be true or false; got {self.fp32_residual_connection!r}")
         if self.fp32_residual_connection and self.pipeline_dtype not in (None, torch.float32):
