@@ -21,21 +21,26 @@ Each run is one ``megatron-based-mqar train`` process (``--jobs`` of them at a t
 are far too small to fill it, so the runs are bound by kernel launches and overlap well). A run's result goes
 into ``--json`` (default benchmarks/results/mqar.json) as soon as it ends, and a run already there is skipped
 unless ``--force``: a call cut short loses only its unfinished runs, and the next call continues. ``--time-limit``
-stops the sweep cleanly (unfinished runs stopped and not recorded, outputs written) before the caller's limit.
+stops the sweep cleanly (unfinished runs stopped and not recorded, outputs written) before the caller's limit, and
+starts no run that the longest one so far says would not finish in the time left.
 After every run the markdown table (ours beside the published numbers) is rewritten between the
 ``<!-- mqar-sweep:begin -->`` / ``<!-- mqar-sweep:end -->`` lines of ``--doc`` (docs/mqar.md), and the recall vs
 state-size plot is written as a hand-written SVG (``--svg``, docs/mqar_recall_vs_state.svg; no plotting
 library needed).
 
-Time on one H100 / H200 (an estimate: not yet measured). One epoch is 391 steps of 256 x 256 tokens. The models
-have 0.6M-2.3M parameters, most in the 8192 x d embedding; the output layer runs only at the 16 query positions
-per sequence, so a step is ~3-10 GFLOP and ~1 GB of activation traffic: well under 1 ms of GPU work, while its
-~300 kernel launches and Megatron's Python take ~3-5 ms of host time. So about 1.5-2.5 s per epoch and 1.5-3 min
-for a run of 64 epochs (plus ~20 s of start-up, data generation and Triton compilation per process). Runs that
-never pass 0.99 (BaseConv; BASED at small state) take all 64 epochs; attention cells stop after a few epochs and
-skip their other learning rates. About 36 runs x ~2 min = ~70 min of runs, with ``--jobs 6`` sharing the GPU
-~12-20 min of wall time: two or three 10-minute calls (``--time-limit 540``). The first epoch lines show the real
-speed within a minute; ``--jobs`` can go up while the host's cores keep up (16 cores: 6-8 jobs).
+Time on one H100 / H200 (an estimate: not yet measured on a GPU). One epoch is 391 steps of 256 x 256 tokens. The
+models have 0.56M-2.3M parameters, most of them in the 8192 x d embedding; the output layer runs only at the 16
+query positions per sequence. A step (forward + backward) is ~20 GFLOP at d 64 and ~400 GFLOP at d 256 (BASED,
+f 24): ~0.3-3 ms of GPU time with TF32 matmuls (the default here, ``--tf32`` of the runs: TF32 products, fp32
+accumulation; ``--no-tf32`` for IEEE fp32 as Zoology, 3-4x the GPU time), and 1,100-1,400 PyTorch operations
+(counted with the profiler on CPU at d 64; AdamW is fused on GPU), ~6-8 ms of host time with no host-device wait
+inside an epoch. So ~2.5-3 s per epoch and ~3 min per run of 64 epochs, plus ~20 s of start-up, data generation
+and Triton compilation per process. Runs that never pass 0.99 (BaseConv; BASED at small state) take all 64
+epochs; attention cells should stop after a few epochs and skip their other learning rates. About 31 runs (~27 of
+full length) = ~85 min of runs, 6 at a time: ~15 min if they stay host-bound, up to ~20-25 min where the d 256
+runs fill the GPU: two or three 10-minute calls of ``--time-limit 540``. The queue runs every cell's first learning
+rate before any second one, so the first call already gives a (one-lr) result for most cells. The first epoch
+lines show the real speed within a minute; ``--jobs`` can go up while the host's cores and the GPU keep up.
 """
 from __future__ import annotations
 
@@ -90,7 +95,7 @@ def state_size(cell: dict, settings: dict) -> int:
     return sum(size[s] for s in MODELS[cell["model"]])
 
 
-def command(cell: dict, lr: float, settings: dict, json_path: Path) -> list[str]:
+def command(cell: dict, lr: float, settings: dict, json_path: Path, tf32: bool = True) -> list[str]:
     s = settings
     cmd = [sys.executable, "-m", "megatron_based.tasks.mqar", "train", "--model", cell["model"],
            "--hidden-size", str(cell["d"]), "--num-heads", "1", "--lr", repr(lr),
@@ -100,7 +105,7 @@ def command(cell: dict, lr: float, settings: dict, json_path: Path) -> list[str]
            "--weight-decay", str(s["weight_decay"]), "--early-stop", str(s["early_stop"]), "--json", str(json_path)]
     if cell["f"]:
         cmd += ["--feature-dim", str(cell["f"])]
-    return cmd
+    return cmd + (["--tf32"] if tf32 else [])
 
 
 # ----------------------------------------------------------------------------------------------------- results
@@ -257,6 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", default="3e-3,1e-3,1e-2", help="learning rates per cell, in the order they are tried")
     p.add_argument("--only", help="comma-separated cell keys (e.g. based-d64-f16,attention-d64) to run")
     p.add_argument("--jobs", type=int, help="runs at a time [6 per GPU, 2 without]")
+    p.add_argument("--no-tf32", action="store_true", help="IEEE fp32 matmuls, as Zoology (default: TF32, "
+                                                          "megatron-based-mqar train --tf32: ~3-4x less GPU time)")
     p.add_argument("--time-limit", type=float, help="seconds: stop (unfinished runs dropped) and write the outputs")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON (and start it afresh "
                                                         "when its settings differ)")
@@ -303,6 +310,7 @@ def main(argv=None) -> int:
     if args.force:
         data["runs"] = {k: r for k, r in data["runs"].items()
                         if k.rsplit("-lr", 1)[0] not in {cell_key(c) for c in cells}}
+    data["meta"]["tf32"] = cuda and not args.no_tf32  # TF32 is a GPU matter
     queue = [(c, lr) for lr in lrs for c in cells if run_key(c, lr) not in data["runs"]]
     print(f"MQAR sweep: {len(cells)} cells x {len(lrs)} lrs, {len(queue)} runs to do, {jobs} at a time on "
           f"{data['meta']['device']}; results in {json_path}", flush=True)
@@ -338,6 +346,14 @@ def main(argv=None) -> int:
             for proc, *_rest in running.values():
                 proc.kill()
         while queue and len(running) < jobs and not stopped:
+            if args.time_limit is not None:  # no run that would be cut: the call ends early instead
+                left = args.time_limit - (time.monotonic() - t0)
+                longest = max((r["seconds"] for r in data["runs"].values()), default=0.0) + 30  # + start-up
+                if longest > 30 and left < longest:
+                    print(f"time limit: {len(queue)} runs left for the next call (runs take up to ~{longest:.0f} s, "
+                          f"{left:.0f} s left)", flush=True)
+                    queue = []
+                    break
             cell, lr = queue.pop(0)
             key = run_key(cell, lr)
             if converged(cell):
@@ -347,7 +363,8 @@ def main(argv=None) -> int:
             log = open(log_dir / f"{key}.log", "w") if log_dir else None
             run_env = {**env, "CUDA_VISIBLE_DEVICES": str(launched % gpus)} if gpus > 1 else env
             launched += 1
-            proc = subprocess.Popen(command(cell, lr, settings, tmp / f"{key}.json"), cwd=REPO, env=run_env,
+            proc = subprocess.Popen(command(cell, lr, settings, tmp / f"{key}.json", data["meta"]["tf32"]), cwd=REPO,
+                                    env=run_env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             pump = threading.Thread(target=_pump, args=(proc, key, log), daemon=True)
             pump.start()
@@ -379,7 +396,8 @@ def main(argv=None) -> int:
     left = sum(1 for c in grid(args.smoke) for lr in lrs
                if run_key(c, lr) not in data["runs"] and not converged(c))
     print(f"wrote {json_path}, {doc}" + (f", {svg_path}" if any(r["best"] for r in rows) else "")
-          + f"; {done} runs done, {skipped} skipped, {left} still to run" + (" (run again to continue)" if left else ""))
+          + f"; {done} runs done, {skipped} skipped, {left} still to run"
+          + (" (run again to continue)" if left else ""))
     for r in rows:
         b = r["best"]
         print(f"  {r['key']:22s} state {r['state_size']:>9,}  published "

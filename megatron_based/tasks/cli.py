@@ -42,6 +42,9 @@ def mqar_parser() -> argparse.ArgumentParser:
     opt.add_argument("--batch-size", type=int, default=256, help="sequences per optimizer step")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine-annealed per epoch to 0)")
     opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    opt.add_argument("--tf32", action="store_true",
+                     help="fp32 matmuls (torch's and the Taylor kernels') on TF32 tensor cores: "
+                          "torch.set_float32_matmul_precision('medium') (default: IEEE fp32, as Zoology)")
     opt.add_argument("--json", help="train: write the result (settings, state size, accuracy, per-epoch history)")
     opt.add_argument("--save", help="train: write the weights and the model's configuration here (a torch file)")
     ev = p.add_argument_group("eval")

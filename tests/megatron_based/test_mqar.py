@@ -93,9 +93,13 @@ def _models_worker(rank, world):
         from megatron_based.tasks.mqar import mqar_logits
 
         logits, targets, _ = mqar_logits(model, x, y)
+        positions = (y != -100).nonzero()[:, 1].view(8, 4)  # given instead of found: the same rows, same order
+        given = mqar_logits(model, x, y, positions)
         out[mlp] = {"mlp_params": sum(".mlp." in n for n in names),
                     "query_logits_match": torch.allclose(logits, full[rows, cols].float(), atol=1e-5),
                     "targets": torch.equal(targets, y[rows, cols]), "loss": float(mqar_loss(model, x, y)),
+                    "given_positions": torch.equal(given[0], logits) and torch.equal(given[1], targets)
+                    and torch.equal(given[2], rows),
                     "recall": evaluate_mqar(model, x, y, batch_size=3),
                     "bytes": state_bytes_per_sequence(model, 32),
                     "formula": mqar_state_size("CLSA", hidden_size=32, feature_dim=8, num_heads=2, seq_len=32,
@@ -109,7 +113,7 @@ def test_mqar_models_no_mlp_query_logits_and_state_size():
     out = run_distributed(_models_worker, 1)[0]
     assert out[False]["mlp_params"] == 0 and out[True]["mlp_params"] > 0
     for r in out.values():
-        assert r["query_logits_match"] and r["targets"]
+        assert r["query_logits_match"] and r["targets"] and r["given_positions"]
         assert 3.0 < r["loss"] < 5.5 and 0 <= r["recall"] <= 1  # ~ln 64 at initialisation
         assert r["bytes"] == 4 * r["formula"]  # fp32 caches
     # C 2 x 64, L (1 + 8 + 64) x (32 + 2), S 2 x 9 x 32, A 2 x 32 x 32
