@@ -15,6 +15,7 @@ tokens, then ``steps - 1`` teacher-forced decode steps; the ``steps`` logits aga
 at the same positions). The same for a same-size GPT (layer pattern "A" x num_layers, same width, heads, MLP).
 
     python benchmarks/residual_precision.py                      # CPU: based-360m size, B1 T512 (minutes)
+    python benchmarks/residual_precision.py --per-mixer          # also 'C' x 27, 'L' x 27, 'S' x 27 (full forward)
     python benchmarks/residual_precision.py --layers 6 --seq 128  # a quicker CPU look
     python benchmarks/residual_precision.py --gpu                # GPU: training-step time, with and without
     python benchmarks/residual_precision.py --gpu --cuda-graphs  # the same with Megatron's per-layer CUDA graphs
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="generation: logits compared (1 prefill + steps-1 decode)")
     p.add_argument("--no-gpt", dest="gpt", action="store_false", help="skip the same-size GPT ('A' x layers)")
     p.add_argument("--no-generation", dest="generation", action="store_false")
+    p.add_argument("--per-mixer", action="store_true", help="also each mixer of the pattern alone ('C' x layers, "
+                                                           "...; full forward only): where the bf16 error comes from")
     p.add_argument("--gpu", action="store_true", help="time training steps with / without fp32 residual (GPU)")
     p.add_argument("--gpu-seq", type=int, default=2048)
     p.add_argument("--cuda-graphs", action="store_true", help="with --gpu: Megatron's per-layer CUDA graphs "
@@ -175,13 +178,17 @@ def main(argv=None) -> int:
     cases = {"based": section}
     if args.gpt:
         cases["gpt"] = {**section, "layer_pattern": "A" * n}
+    if args.per_mixer:
+        for sym in dict.fromkeys(section["layer_pattern"]):
+            cases[f"only-{sym}"] = {**section, "layer_pattern": sym * n}
     doc = {"meta": {"date": str(date.today()), "device": torch.cuda.get_device_name() if CUDA else "cpu",
                     "torch": torch.__version__, "config": args.config, "layers": n, "reference": "fp32",
                     "metric": "relative RMS error of the logits vs fp32, same bf16-rounded weights"},
            "results": {}}
     out = args.out or str(ROOT / "benchmarks" / "results" / "residual_precision.json")
     for name, sec in cases.items():
-        r = measure(sec, batch=args.batch, seq=args.seq, steps=args.steps, generation=args.generation)
+        r = measure(sec, batch=args.batch, seq=args.seq, steps=args.steps,
+                    generation=args.generation and not name.startswith("only-"))
         doc["results"][name] = r
         print(json.dumps({name: r}), flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
