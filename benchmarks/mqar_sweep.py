@@ -270,6 +270,7 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and the plot from the JSON")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 epoch, one width, one lr: the pipeline on CPU")
     p.add_argument("--out-dir", help="write mqar.json, mqar.md, mqar_recall_vs_state.svg and logs/ here instead")
+    p.add_argument("--log-dir", help="each run's output into <run>.log here [--out-dir/logs with --out-dir]")
     p.add_argument("--json", help="results [benchmarks/results/mqar.json]")
     p.add_argument("--doc", help="markdown file whose marked block gets the table [docs/mqar.md]")
     p.add_argument("--svg", help="the plot [docs/mqar_recall_vs_state.svg]")
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
     print(f"MQAR sweep: {len(cells)} cells x {len(lrs)} lrs, {len(queue)} runs to do, {jobs} at a time on "
           f"{data['meta']['device']}; results in {json_path}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="mqar-runs-"))
-    log_dir = out / "logs" if out else None
+    log_dir = Path(args.log_dir) if args.log_dir else (out / "logs" if out else None)
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
     # Each run is a single-process job: it picks a free port itself (a launcher's MASTER_PORT / RANK shared by

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU call for issue 20, point 4 (MQAR recall as in the paper): as much of benchmarks/mqar_sweep.py's grid as
+# fits in MQAR_TIME_LIMIT seconds (default 540: a 10-minute call), resumable. The grid is ~15-25 min on one H100 /
+# H200 (the sweep's docstring), so two or three calls: before the next call, copy the returned mqar.json to
+# benchmarks/results/mqar.json (the runs in it are skipped). Writes under $OUT: mqar.json, mqar.md (docs/mqar.md
+# with the table), mqar_recall_vs_state.svg (once a run is done), mqar_sweep.log (everything) and logs/<run>.log.
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/gpu_env.sh || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__,
+  'megatron-core', m.__version__)"
+echo "== MQAR grid: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d["runs"]), "runs")' \
+  benchmarks/results/mqar.json 2>/dev/null || echo "0 runs") already in benchmarks/results/mqar.json =="
+# the console gets every run's first epoch (its speed) and the sweep's own lines; mqar_sweep.log gets all
+python3 benchmarks/mqar_sweep.py --time-limit "${MQAR_TIME_LIMIT:-540}" --log-dir "$OUT/logs" 2>&1 \
+  | tee "$OUT/mqar_sweep.log" | grep --line-buffered -v -E "\] epoch ([2-9]|[1-9][0-9]+)/" \
+  || echo "FAILED: the MQAR sweep (see mqar_sweep.log)"
+cp benchmarks/results/mqar.json "$OUT/mqar.json" 2>/dev/null || echo "no benchmarks/results/mqar.json written"
+cp docs/mqar.md "$OUT/mqar.md"
+[ -f docs/mqar_recall_vs_state.svg ] && cp docs/mqar_recall_vs_state.svg "$OUT/"
+exit 0
