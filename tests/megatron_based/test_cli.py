@@ -37,7 +37,7 @@ def test_help_imports_neither_torch_nor_megatron_and_shows_defaults():
     text = " ".join(out.stdout.split())  # argparse wraps lines at the terminal width
     assert "--dry-run" in text and "--verbose" in text and "--random-weights" in text
     assert "tokens to generate per prompt (default: 128)" in text
-    assert "train: optimizer steps (default: 500)" in text
+    assert "passes over the training set (default: 64)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
@@ -130,20 +130,26 @@ def test_piped_progress_bar_writes_no_escape_codes():
 
 
 def test_mqar_training_prints_plain_lines_when_piped(capsys):
-    from megatron_based.tasks.mqar import MQARTask, train_mqar
+    """One plain line per epoch (no progress bar, no escape codes), then the early stop's."""
+    from megatron_based.tasks.mqar import MQARTask, mqar_dataset, train_mqar
 
-    class Bigram(torch.nn.Module):  # mqar_loss's model interface: per-token losses for labels
+    class Bigram(torch.nn.Module):  # the GPTModel interface mqar_logits uses: its output hook on [s, b, d] states
         def __init__(self):
             super().__init__()
-            self.emb = torch.nn.Embedding(64, 64)
+            self.emb = torch.nn.Embedding(64, 16)
+            self.out = torch.nn.Linear(16, 64, bias=False)
 
-        def forward(self, x, positions, attention_mask=None, labels=None):
-            return torch.nn.functional.cross_entropy(self.emb(x).transpose(1, 2), labels, reduction="none")
+        def forward(self, x, positions, attention_mask=None, output_processor=None, output_processor_context=None):
+            return output_processor(hidden_states=self.emb(x).transpose(0, 1), output_weight=self.out.weight,
+                                    output_layer=lambda h, weight, runtime_gather_output: (h @ weight.t(), None),
+                                    context=output_processor_context)
 
-    losses = train_mqar(Bigram(), MQARTask(64, 32, 4), steps=40, batch_size=8)
+    train, test = mqar_dataset(MQARTask(64, 32, 4), 64, 16)
+    history = train_mqar(Bigram(), train, test, epochs=3, batch_size=16)
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("  ")[0] for line in lines] == [f"MQAR step {s}/40" for s in range(2, 41, 2)]
-    assert lines[-1] == f"MQAR step 40/40  loss {losses[-1]:.3f}"
+    assert [line.split("  ")[0] for line in lines] == [f"epoch {e}/3" for e in (1, 2, 3)]
+    assert lines[-1].startswith(f"epoch 3/3  loss {history[-1]['loss']:.4f}") and "\x1b" not in "".join(lines)
+    assert train_mqar(Bigram(), train, train, epochs=3, batch_size=16, early_stop=-1.0, log=None)[-1]["epoch"] == 1
 
 
 def test_generate_refuses_random_weights_unless_asked(tmp_path, capsys):
