@@ -119,6 +119,24 @@ def cdiv(a, b):
     return -(-a // b)  # triton.cdiv / next_power_of_2 are constexpr_functions in triton 3.6: ~5 us per host call
 
 
+# fp32 inputs: the operand precision of the kernels' products follows torch.get_float32_matmul_precision() at call
+# time. "high" gets "ieee" too: "tf32x3" in every product made the Taylor output pass need 237568 bytes of shared
+# memory at its tile configuration (H200 limit 232448; Triton 3.6), and the tile configurations are shared with bf16.
+FP32_DOT = {"highest": "ieee", "high": "ieee", "medium": "tf32"}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Triton's ``input_precision`` for the products with fp32 operands (a constexpr, so a part of the launch key).
+
+    fp32 inputs follow torch's float32 matmul setting, read at every call (forward and backward each read it):
+    ``"highest"`` (torch's default) and ``"high"`` -> ``"ieee"`` (fp32 products, fp32 accuracy), ``"medium"`` ->
+    ``"tf32"`` (tensor cores, ~1e-3 relative). bf16/fp16 inputs: ``"tf32"`` always (their bf16/fp16 products ignore
+    it; their fp32-operand ones, e.g. Taylor's intra-chunk ``A @ v``, run on tf32)."""
+    if dtype == torch.float32:
+        return FP32_DOT.get(torch.get_float32_matmul_precision(), "ieee")
+    return "tf32"
+
+
 def next_pow2(n):
     return 1 << (n - 1).bit_length()
 

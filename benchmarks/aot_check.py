@@ -64,7 +64,7 @@ def main():
                            "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1)]}.items():
             for BF, BV, nw, ns in cfgs:
                 BV = min(BV, DV)
-                # the fp32-operand products' precision, as ops._dot_precision picks it under torch's default
+                # the fp32-operand products' precision, as based_kernels._common.dot_precision picks it under torch's default
                 prec = "ieee" if args.dtype == "fp32" else "tf32"
                 base = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, PREC=prec)
                 if name == "state":

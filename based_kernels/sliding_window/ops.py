@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from .._common import (Launcher, cdiv, doc_ids, empty_like_layout, lastdim_contiguous, next_pow2,
-                       resolve_backend, token_major)
+from .._common import (Launcher, cdiv, doc_ids, dot_precision, empty_like_layout, lastdim_contiguous,
+                       next_pow2, resolve_backend, token_major)
 from .backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
 from .forward import swa_fwd_kernel
 from .reference import sliding_window_attention_reference
@@ -58,7 +58,7 @@ def _meta(q, k, kp):
     Hkv = k.shape[2]
     P = 0 if kp is None else kp.shape[1]
     block_d = max(16, next_pow2(D))
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = dot_precision(q.dtype)
     return B, T, H, Hkv, D, P, block_d, prec
 
 
@@ -274,7 +274,8 @@ def swa_triton(q, k, v, window, scale, kv_prefix=None, cu_seqlens=None):
     """Validate, normalize strides and launch (eager: an autograd Function; under torch.compile: the custom op).
     Returns o ``[B, T, H, D]``."""
     if kv_prefix is None and cu_seqlens is None and not torch.compiler.is_compiling():
-        key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, window, scale)
+        key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, window, scale,
+               dot_precision(q.dtype))  # the plan's constexprs hold the precision of fp32 products
         plan = _PLANS.get(key, False)
         if plan is False:  # a new signature: validate it (bad input raises and is never cached)
             validate(q, k, v, window, None, None)

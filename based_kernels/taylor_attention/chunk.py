@@ -23,7 +23,7 @@ Backward (``do = dy / den``, ``dd = -(dy . y) / den``; an unnormalised attention
      intra-chunk terms, ``hc`` (for dq) and ``dhc`` (for dk, dv); the Jacobian of ``c x_a x_b`` is two
      products with the transposed expansion matrices.
 Precision: every ``tl.dot`` with fp32 operands takes the constexpr ``PREC`` (``input_precision``), which the
-launcher picks from the input dtype and ``torch.get_float32_matmul_precision()`` (ops._dot_precision): IEEE fp32
+launcher picks from the input dtype and ``torch.get_float32_matmul_precision()`` (_common.dot_precision): IEEE fp32
 products for fp32 inputs at "highest"/"high", tf32 otherwise; the 0/1 expansion products are exact in every case.
 Deterministic: no atomics; with several value blocks dq and dk are fp32 partials summed afterwards.
 Varlen (``cu_seqlens``): every document starts its own chunks; ``chunk_offsets`` (first chunk of each
@@ -250,7 +250,7 @@ def taylor_chunk_output_kernel(
     and linear rows (the largest terms: the constant row is the running sum of v) come from their fp32 copy
     ``hl`` in a 3-pass tf32 product (~fp32; ``LOW_PREC``, IEEE when PREC is); the quadratic rows from the bf16
     ``hc`` on bf16 tensor cores. ``PREC``: the input_precision of the other products with fp32 operands
-    (ops._dot_precision: IEEE for fp32 inputs at torch's default float32 matmul precision, else tf32)."""
+    (_common.dot_precision: IEEE for fp32 inputs at torch's default float32 matmul precision, else tf32)."""
     D: tl.constexpr = 1 + F + F * F
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p_st = i_c.to(tl.int64) * H + i_h

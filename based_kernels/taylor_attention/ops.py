@@ -12,7 +12,7 @@ state pass again (recomputed, not kept) + reverse state-gradient pass + gradient
 The per-chunk states are kept in bf16 for bf16 inputs (the precision at which they enter the tensor-core
 products anyway) and in fp32 otherwise; the normaliser states, the initial/final states and every
 accumulation are fp32. fp32 inputs: the products follow ``torch.get_float32_matmul_precision()`` at call time
-(``_dot_precision``: IEEE fp32 at "highest", torch's default, and at "high"; tf32 at "medium").
+(``_common.dot_precision``: IEEE fp32 at "highest", torch's default, and at "high"; tf32 at "medium").
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 import triton
 
 from .. import _common
-from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, lastdim_contiguous,
-                       next_pow2, resolve_backend)
+from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, dot_precision,
+                       lastdim_contiguous, next_pow2, resolve_backend)
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
                     taylor_prep_kernel)
 from .recurrent import taylor_step_kernel
@@ -111,27 +111,10 @@ CONFIG = {
 # Operand precision (fp32 accumulation always): the intra-chunk A @ v of the forward runs on fp32 operands
 # (tf32 for bf16/fp16 inputs; A = 1 + s + s^2/2 rounded to bf16 adds ~0.3e-3 relative error to the ~1.6e-3 of
 # rounding y to bf16), the state products on the input dtype; HI_BWD runs the backward's intra-chunk products on
-# fp32 operands too. fp32 inputs: _dot_precision below.
+# fp32 operands too. fp32 inputs: _common.dot_precision.
 HI_INTRA = True
 HI_BWD = False
 
-# fp32 inputs: the operand precision of the products follows torch.get_float32_matmul_precision() at call time.
-# "high" gets "ieee" too: "tf32x3" in every product made the output pass need 237568 bytes of shared memory at its
-# tile configuration (H200 limit 232448; Triton 3.6), and the tile configuration is shared with bf16.
-_FP32_DOT = {"highest": "ieee", "high": "ieee", "medium": "tf32"}
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` of the kernels' fp32-operand products (a constexpr, so a part of the launch key).
-
-    fp32 inputs follow torch's float32 matmul setting, read at every call (forward and backward each read it):
-    ``"highest"`` (torch's default) and ``"high"`` -> ``"ieee"`` (fp32 products, fp32 accuracy; "high" would allow
-    ``"tf32x3"``, which does not fit the output pass's shared memory: see ``_FP32_DOT``), ``"medium"`` ->
-    ``"tf32"`` (tensor cores, ~1e-3). bf16/fp16 inputs: ``"tf32"`` always (their bf16/fp16 products ignore it;
-    their fp32-operand ones, e.g. the intra-chunk ``A @ v``, stay on tf32 as before)."""
-    if dtype == torch.float32:
-        return _FP32_DOT.get(torch.get_float32_matmul_precision(), "ieee")
-    return "tf32"
 
 
 INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small tiles keep CPU tests fast
@@ -238,7 +221,7 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
     DV = v.shape[-1]
     BK, BT, BF, BV, NF, nw, ns = _cfg("output", F, DV)
     n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
-    prec = _dot_precision(q.dtype)
+    prec = dot_precision(q.dtype)
     hc, hl, zc, hts, htz = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets,
                                        output_final_state, reverse=False, low=True, prec=prec)
     o = v.new_empty(B, T, H, DV)
@@ -297,7 +280,7 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
     if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
         dd += dden.to(torch.float32)
 
-    prec = _dot_precision(q.dtype)
+    prec = dot_precision(q.dtype)
     hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False,
                                   prec=prec)
     dhc, _, dzc, dh0s, dh0z = _state_pass(q, dy, den, dd, dhts, dhtz, cu_seqlens, n_chunks, NC, offsets,

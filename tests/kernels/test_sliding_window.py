@@ -141,6 +141,40 @@ def test_plain_fast_path_equals_general_path():
     assert rel(o, reference(q.double(), k.double(), v.double(), window=9)) < 1e-5
 
 
+def test_fp32_products_follow_the_float32_matmul_setting(monkeypatch):
+    """fp32 inputs: every launch (forward, both backward kernels; the cached-plan path and the general one) takes
+    its products' precision from torch's float32 matmul setting at call time (IEEE at "highest", torch's default,
+    and "high"; tf32 at "medium"), a changed setting gets its own plan; bf16 keeps tf32."""
+    from based_kernels.sliding_window import ops
+
+    seen = []
+
+    def spy(launcher):
+        def launch(grid, args, **consts):
+            seen.append(consts["DOT_PREC"])
+            return launcher(grid, args, **consts)
+        return launch
+
+    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv"):
+        monkeypatch.setattr(ops, name, spy(getattr(ops, name)))
+    old = torch.get_float32_matmul_precision()
+    try:
+        for setting, want in (("highest", "ieee"), ("medium", "tf32"), ("high", "ieee")):
+            torch.set_float32_matmul_precision(setting)
+            for cu in (None, torch.tensor([0, 20, 33], device=DEV)):  # plan path, general path
+                q, k, v, _ = make(1, 33, 2, 1, 16, torch.float32, seed=5)
+                seen.clear()
+                o = sliding_window_attention(q, k, v, window=7, cu_seqlens=cu, backend="triton")
+                torch.autograd.grad(o, [q, k, v], torch.ones_like(o))
+                assert seen == [want] * 3, (setting, cu, seen)
+        seen.clear()
+        q, k, v, _ = make(1, 33, 2, 1, 16, torch.bfloat16, seed=5)
+        sliding_window_attention(q, k, v, window=7, backend="triton")
+        assert seen == ["tf32"]
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 def test_cached_validation_still_checks_new_shapes():
     """A validated signature is cached (plan); any change of shapes, window or layout is validated again."""
     q, k, v, _ = make(2, 8, 2, 1, 16, torch.float32)

@@ -14,6 +14,7 @@ from based_kernels.taylor_attention import (
     taylor_linear_attention,
     taylor_linear_attention_step,
 )
+from based_kernels._common import dot_precision
 from based_kernels.taylor_attention import ops
 
 from .poison import assert_equal_where, bad_cu_seqlens, clean_and_poisoned
@@ -137,8 +138,8 @@ def test_dot_precision_follows_the_float32_matmul_setting(f32_precision, monkeyp
     want = {"highest": "ieee", "high": "ieee", "medium": "tf32"}  # "high": tf32x3 overflows shared memory (ops.py)
     for setting, prec in want.items():
         f32_precision(setting)
-        assert ops._dot_precision(torch.float32) == prec
-        assert ops._dot_precision(torch.bfloat16) == ops._dot_precision(torch.float16) == "tf32"
+        assert dot_precision(torch.float32) == prec
+        assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"
     seen = []
     for name in ("_state_kernel", "_output_kernel", "_grad_kernel"):
         monkeypatch.setattr(ops, name, _Spy(getattr(ops, name), seen))
