@@ -368,7 +368,8 @@ def _train(args) -> tuple:
               "accuracy": history[-1]["accuracy"], "best_accuracy": max(h["accuracy"] for h in history),
               "epochs_run": len(history), "seconds": time.perf_counter() - t0,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "history": [{k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in h.items()} for h in history]}
+              "history": [{k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in h.items()}
+                          for h in history]}
     return model, task, test, result
 
 

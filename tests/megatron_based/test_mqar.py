@@ -169,7 +169,7 @@ def test_mqar_checkpoint_carries_its_model(tmp_path):
     assert saved["model"] == {"layer_pattern": "CLS", "hidden_size": 32, "num_attention_heads": 4, "feature_dim": 8,
                               "swa_window": 8, "vocab_size": 64, "seq_length": 32, "mlp": True}
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["accuracy"] == result["history"][-1]["accuracy"] and result["epochs_run"] == 2
+    assert abs(result["accuracy"] - result["history"][-1]["accuracy"]) < 1e-4 and result["epochs_run"] == 2
     assert result["task"] == {"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4, "power_a": 0.01,
                               "random_fill": False}
     assert result["state_size"] == 2 * 64 + 73 * 36 + 2 * 9 * 32  # C, L (4 heads), S
