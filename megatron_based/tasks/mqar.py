@@ -9,7 +9,7 @@ The data are Zoology's (``zoology/data/associative_recall.py``, ``multiquery_ar`
   one after the other without replacement with ``p(i) ∝ i^(a - 1)`` (i = 1 for the first slot after the pairs,
   ``a = power_a = 0.01``), so most queries come soon after the pairs and a long tail comes late;
 * every other token is the filler 0 (``random_fill=True``: uniform over the whole vocabulary, Zoology's
-  ``random_non_queries``; its BASED-paper / Zoology figure-2 runs, reproduced here, use 0);
+  ``random_non_queries``; its figure-2 runs, the published table reproduced here, use 0);
 * ``labels`` hold the value at each query key's position (the model answers there, next-token style) and
   ``IGNORE`` (-100) everywhere else. Accuracy is the mean over sequences of the fraction of their queries whose
   arg-max prediction over the vocabulary is the value (chance: ``1 / (V - V/2)``).
