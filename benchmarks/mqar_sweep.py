@@ -29,7 +29,7 @@ state-size plot is written as a hand-written SVG (``--svg``, docs/mqar_recall_vs
 library needed).
 
 Time on one H100 / H200 (an estimate: not yet measured on a GPU). One epoch is 391 steps of 256 x 256 tokens. The
-models have 0.56M-2.3M parameters, most of them in the 8192 x d embedding; the output layer runs only at the 16
+models have 0.56M-2.9M parameters, most of them in the 8192 x d embedding; the output layer runs only at the 16
 query positions per sequence. A step (forward + backward) is ~20 GFLOP at d 64 and ~400 GFLOP at d 256 (BASED,
 f 24): ~0.3-3 ms of GPU time with TF32 matmuls (the default here, ``--tf32`` of the runs: TF32 products, fp32
 accumulation; ``--no-tf32`` for IEEE fp32 as Zoology, 3-4x the GPU time), and 1,100-1,400 PyTorch operations
