@@ -2,7 +2,7 @@
 # The fp32 residual stream (fp32_residual_connection, the bf16 default) on one GPU: its GPU tests, then the training
 # step time of based-360m at T2048 with the residual in fp32 and in bf16, eager and with Megatron's per-layer CUDA
 # graphs (benchmarks/residual_precision.py --gpu: train_throughput.py's harness, 3 warm-up + 5 timed steps each).
-# Not yet run (written 2026-12-04 without a GPU); expected a few minutes on an H100 / H200.
+# A few minutes on an H100 / H200 (an estimate from the step times; the timeouts below bound it).
 #   - tests/kernels/test_rms_norm.py -m gpu: fp32 in / bf16 out at model sizes (compiled kernels, round to nearest)
 #   - tests/megatron_based/test_residual_precision.py -m gpu: bf16 CUDA-graph decode with the fp32 residual
 #   - tests/megatron_based/test_model_gpu.py: the bf16 model tests (kernels vs torch path, fusions, Megatron CUDA

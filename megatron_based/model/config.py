@@ -82,9 +82,9 @@ class BasedConfig(TransformerConfig):
             off in fp32 / fp64 (nothing to gain; an fp64 reference model stays fp64). With it on,
             ``pipeline_dtype`` is fp32 (the stages exchange the residual).
         cuda_graph_impl (Megatron's field): "local" captures each layer's forward and backward in CUDA graphs
-            after the first step and replays them (Megatron-Core's CudaGraphManager; train.py seeds the
+            after the first step and replays them (Megatron-Core's CudaGraphManager; training/loop.py seeds the
             CUDA-graph-safe RNG tracker it needs). An eager step launches ~1,700 kernels at based-360m's size; on an
-            H100 the host could not keep up (docs/benchmarks.md, session 4). GPU only; fixed shapes, no recompute.
+            H100 the host could not keep up (docs/benchmarks.md). GPU only; fixed shapes, no recompute.
     """
 
     layer_pattern: str = ""

@@ -33,7 +33,7 @@ class RMSNorm(torch.nn.Module):
         # based_kernels.rms_norm: Triton forward + backward for CUDA tensors (fp32 statistics, output in x's dtype,
         # weight.to(x.dtype) like F.rms_norm), F.rms_norm on CPU or under based_kernels.use_backend("torch"). The
         # unfused fp32 formula was 31% of based-360m's GPU time per training step on an H100; the Triton kernels
-        # took the norms from 16.7 to 10.9 ms per step against F.rms_norm (docs/benchmarks.md, session 4).
+        # took the norms from 16.7 to 10.9 ms per step against F.rms_norm (docs/benchmarks.md).
         # The compute dtype is the weight's (config.params_dtype; also right for a model cast after it was built).
         out_dtype = None
         if self.fp32_residual and x.dtype == torch.float32 and self.weight.dtype != torch.float32:
