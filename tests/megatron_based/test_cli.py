@@ -59,7 +59,7 @@ def test_known_warnings_hidden_unknown_kept(monkeypatch):
         warnings.warn("something we have not seen before")
         nonleaf = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed."
         warnings.warn_explicit(nonleaf, UserWarning, "optimizer.py", 68, module="megatron.core.optimizer.optimizer")
-        warnings.warn_explicit(nonleaf, UserWarning, "train.py", 1, module="megatron_based.training.loop")  # ours: kept
+        warnings.warn_explicit(nonleaf, UserWarning, "loop.py", 1, module="megatron_based.training.loop")  # ours: kept
     assert [str(w.message) for w in caught] == ["something we have not seen before", nonleaf]
     assert "ignore:Transformer Engine and Apex are not installed" in os.environ["PYTHONWARNINGS"].split(",")
     with warnings.catch_warnings(record=True) as caught:
