@@ -26,6 +26,7 @@ if __name__ == "__main__":  # torchrun -m megatron_based.inference.generation: b
 
 import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
+from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
 
 from ..runtime.parallel import initialize_parallel  # noqa: E402
 from ..training.data import end_of_document, load_tokenizer  # noqa: E402
@@ -183,7 +184,8 @@ class Generator:
         hidden = self.model.embedding(input_ids=tokens, position_ids=positions)
         for layer, cache in zip(self.layers, self.caches):
             hidden = _add(hidden, mixer_call(layer.self_attention, layer.input_layernorm(hidden), cache))
-            hidden = _add(hidden, layer.mlp(layer.pre_mlp_layernorm(hidden)))
+            if not isinstance(layer.mlp, IdentityOp):  # a layer without MLP (build_model(mlp=False)): x + Mixer
+                hidden = _add(hidden, layer.mlp(layer.pre_mlp_layernorm(hidden)))
         return hidden
 
     @torch.inference_mode()

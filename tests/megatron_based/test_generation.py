@@ -14,7 +14,7 @@ VOCAB = 100
 
 
 def _model(tp: int, pattern: str, *, hidden: int, heads: int, feature_dim: int, window: int, seed: int = 0,
-           fused: bool | None = None):
+           fused: bool | None = None, mlp: bool = True):
     """``fused=False``: without Megatron's torch.compile'd fusions (GPU default), whose generated kernels the
     recorded replay cannot see (it records ATen ops)."""
     from megatron_based.model.config import BasedConfig
@@ -25,7 +25,7 @@ def _model(tp: int, pattern: str, *, hidden: int, heads: int, feature_dim: int, 
                          feature_dim=feature_dim, swa_window=window, tensor_model_parallel_size=tp,
                          use_cpu_initialization=True,
                          **({} if fused is None else dict(bias_activation_fusion=fused, bias_dropout_fusion=fused)))
-    return build_model(config, vocab_size=VOCAB, max_sequence_length=512).eval()
+    return build_model(config, vocab_size=VOCAB, max_sequence_length=512, mlp=mlp).eval()
 
 
 def _full_logits(model, tokens):
@@ -60,6 +60,8 @@ CASES = {
     # Hybrids with softmax attention ("A", KV cache): ragged prompts (masked) and equal ones (unmasked SDPA).
     "CLSA": (dict(pattern="CLSA", hidden=64, heads=4, feature_dim=4, window=6), 16, [2, 7, 9]),
     "LA-equal": (dict(pattern="LA", hidden=64, heads=4, feature_dim=4, window=6), 12, [5, 5]),
+    # Layers without an MLP (MQAR's models: build_model(mlp=False))
+    "CLSA-no-MLP": (dict(pattern="CLSA", hidden=64, heads=4, feature_dim=4, window=6, mlp=False), 16, [2, 7, 9]),
     # configs/tiny.yaml's model (CLSC, d 128, 4 heads, f 8, window 32).
     "tiny": (dict(pattern="CLSC", hidden=128, heads=4, feature_dim=8, window=32), 37, [2, 4, 33, 34]),
 }
