@@ -15,6 +15,7 @@ why).
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -164,7 +165,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
 
     state = {"step": 0, "consumed_samples": 0, "skipped_steps": 0}
     logger = TrainLogger(total_steps=t.train_steps, start_step=0, enabled=rank == world - 1,
-                         tensorboard_dir=t.tensorboard_dir, show_progress=t.progress)
+                         tensorboard_dir=t.tensorboard_dir, show_progress=t.progress, metrics_file=t.metrics_file)
     if t.load:
         path = checkpointing.resolve(t.load, t.save)  # train.load as for the Megatron engine; None only for auto
         if path is None:
@@ -178,8 +179,26 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
 
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     gbs, seq, nmb = t.global_batch_size, spec.seq_length, cfg.num_microbatches
-    train_ds, _ = build_datasets(cfg, seq, tokenizer, t.train_steps * gbs, 1)
+    eval_batches = t.eval_iters if t.eval_interval else 0
+    train_ds, valid_ds = build_datasets(cfg, seq, tokenizer, t.train_steps * gbs, max(eval_batches * gbs, 1))
     train_iter = batches(train_ds, state["consumed_samples"], t.micro_batch_size, dp_rank, dp_size)
+
+    def micro_batches(it):
+        return [context_parallel_slice({k: v.to(device) for k, v in next(it).items()}) for _ in range(nmb)]
+
+    def evaluate() -> float:
+        """The validation loss over ``eval_iters`` global batches, token-weighted as in training (the Megatron
+        engine's evaluation: the same samples in the same order)."""
+        engine.eval()
+        it = batches(valid_ds, 0, t.micro_batch_size, dp_rank, dp_size)
+        losses = []
+        with torch.no_grad():
+            for _ in range(eval_batches):
+                for m in micro_batches(it):
+                    output = engine(m["tokens"], m["position_ids"], attention_mask=None, labels=m["labels"])
+                    losses.append(loss_func(m["loss_mask"], output)[2])
+        engine.train()
+        return global_loss(losses, device)
 
     def save():
         tag = checkpointing.checkpoint_name(state["step"])
@@ -194,8 +213,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     try:
         while state["step"] < t.train_steps:
             start = time.perf_counter()
-            micro = [context_parallel_slice({k: v.to(device) for k, v in next(train_iter).items()})
-                     for _ in range(nmb)]
+            micro = micro_batches(train_iter)
             # Megatron's per-token loss: every token of the global batch weighs 1 / (its token count). DeepSpeed
             # divides by the accumulation steps and averages over data x context parallel ranks; undo both.
             tokens = torch.stack([m["loss_mask"].sum() for m in micro]).sum().double()
@@ -220,6 +238,10 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
                                             "tokens/s": gbs * seq / dt})
             if step_hook is not None:
                 step_hook(state["step"], loss, engine.module)
+            if eval_batches and state["step"] % t.eval_interval == 0:
+                val = evaluate()
+                logger.print(f"validation at step {state['step']}: loss {val:.4f}, perplexity {math.exp(val):.2f}")
+                logger.scalars(state["step"], {"loss": val}, "valid")
             stop = sigterm.any_rank(device)
             if t.save and (stop or (t.save_interval and state["step"] % t.save_interval == 0)):
                 last_saved = save()

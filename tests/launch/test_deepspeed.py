@@ -86,3 +86,34 @@ def test_bf16_with_fp32_residual_deepspeed_matches_megatron(dataset, tmp_path):
     assert all(dtype == "torch.bfloat16" for _, _, dtype in curves["deepspeed"] + curves["megatron"])
     for (_, a, _), (_, b, _) in zip(curves["deepspeed"], curves["megatron"]):
         assert a == pytest.approx(b, rel=1e-4), curves
+
+
+def _validation_rows(rank, world_size, config_path):
+    import json
+    from pathlib import Path
+
+    from megatron_based.training.config import load_config
+    from megatron_based.training.loop import train
+
+    rows = {}
+    for engine in ("megatron", "deepspeed"):
+        metrics = Path(f"{config_path}.{engine}.jsonl")
+        cfg = load_config(config_path, [f"train.engine={engine}", f"train.metrics_file={metrics}"],
+                          world_size=world_size)
+        train(cfg)
+        rows[engine] = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return rows
+
+
+def test_deepspeed_validates_and_writes_the_metrics_file_like_megatron(dataset, tmp_path):
+    """train.eval_interval / eval_iters and train.metrics_file work with the DeepSpeed engine as with Megatron's:
+    the same validation losses at the same steps (the same held-out samples), one JSON line per train step and
+    validation."""
+    config = write_config(tmp_path / "run.yaml", dataset,
+                          train={"train_steps": 4, "eval_interval": 2, "eval_iters": 2, "save": None})
+    rows = run_distributed(_validation_rows, 2, str(config), timeout=600)[1]  # the last rank writes the file
+    for engine in ("megatron", "deepspeed"):
+        assert [(r["split"], r["step"]) for r in rows[engine]] == \
+            [("train", 1), ("train", 2), ("valid", 2), ("train", 3), ("train", 4), ("valid", 4)], rows[engine]
+    for a, b in zip(rows["deepspeed"], rows["megatron"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-5, abs=1e-5), (a, b)
