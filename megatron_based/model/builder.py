@@ -55,6 +55,8 @@ def build_model(config: BasedConfig | TransformerConfig, *, vocab_size: int, max
     ``megatron_based.model.spec.get_based_layer_spec``; the MQAR models of Zoology / the BASED paper).
     """
     config = as_based_config(config, **based_fields)
+    if not config.long_conv_length and "H" in config.layer_pattern:
+        config.long_conv_length = max_sequence_length  # the H mixer's filter covers the whole sequence
     if pg_collection is None and not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("build_model needs Megatron's model-parallel groups: call "
                            "megatron_based.initialize_parallel(tensor_model_parallel_size=...) first (or "

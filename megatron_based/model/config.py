@@ -68,6 +68,8 @@ class BasedConfig(TransformerConfig):
         linear_attention_eps: added to the L mixer's denominator (inert: the denominator is >= (t+1)/2).
         swa_window: left window of the S mixer: query t attends keys t - window ... t (128).
         conv_kernel_size: BaseConv's depthwise kernel (3; tap k-1 multiplies the current token).
+        long_conv_length: filter length l_max of the H mixer (Zoology's BaseConv with a long implicit convolution):
+            the longest sequence it takes. 0 (default): ``build_model`` sets it to ``max_sequence_length``.
         rope_base: RoPE base of the S and A mixers (full head dim, rotate-half).
         rope_fusion: training forwards of the S and A mixers split q, k, v and apply RoPE in one kernel each way
             (``based_kernels.rope_split_qkv``: fp32 math from fp64-exact cos / sin tables); False: Megatron's
@@ -93,6 +95,7 @@ class BasedConfig(TransformerConfig):
     linear_attention_eps: float = 1e-12
     swa_window: int = 128
     conv_kernel_size: int = 3
+    long_conv_length: int = 0
     rope_base: float = 10000.0
     rope_fusion: bool = True
 
@@ -185,6 +188,15 @@ class BasedConfig(TransformerConfig):
                     f"BaseConv channels 2 * hidden_size ({2 * self.hidden_size}) must be divisible by "
                     f"tensor_model_parallel_size ({tp})"
                 )
+        if "H" in self.layer_pattern:
+            if self.long_conv_length < 0:
+                raise ConfigError(f"long_conv_length ({self.long_conv_length}) must be >= 0 (0: the sequence length)")
+            if self.hidden_size % tp:
+                raise ConfigError(f"the H mixer's channels, hidden_size ({self.hidden_size}), must be divisible by "
+                                  f"tensor_model_parallel_size ({tp})")
+            if self.context_parallel_size > 1:
+                raise ConfigError("the H mixer (Zoology's long-convolution BaseConv) does not support context "
+                                  f"parallelism (context_parallel_size {self.context_parallel_size})")
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size)
         if self.ffn_hidden_size % tp:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from .base import missing_interface
 from .base_conv import BaseConv
+from .long_conv import LongConvBaseConv
 from .sliding_window import SlidingWindowAttention
 from .softmax_attention import SoftmaxAttention
 from .taylor import TaylorLinearAttention
 
-BUILTIN = (TaylorLinearAttention, SlidingWindowAttention, BaseConv, SoftmaxAttention)
+BUILTIN = (TaylorLinearAttention, SlidingWindowAttention, BaseConv, SoftmaxAttention, LongConvBaseConv)
 
 MIXERS: dict[str, type] = {}
 

@@ -1,0 +1,158 @@
+"""The H mixer (Zoology's BaseConv with a long implicit convolution, megatron_based/model/mixers/long_conv): the FFT
+convolution against the direct causal sum in fp64 and its gradients; a model with it is causal, generates like
+its full forwards (prefill + decode steps), counts its FLOPs, gives the same loss and gradients at TP 2 (with and
+without sequence parallelism) as at TP 1, and refuses context parallelism."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_based.model.config import ConfigError
+from megatron_based.model.flops import model_flops_per_token
+from megatron_based.model.mixers import get_mixer
+from megatron_based.model.mixers.long_conv import LongConvBaseConv, causal_fft_conv, implicit_filter_positions
+from megatron_based.runtime.parallel import initialize_parallel
+from tests.distributed import run_distributed
+from megatron_based.model import build_model
+from tests.megatron_based.helpers import full_grads, tiny_config
+
+
+def direct_causal_conv(u, k):
+    """``y_t = sum_{s <= t} k_{t-s} u_s`` by the definition, u ``[b, T, c]``, k ``[L, c]``."""
+    T = u.shape[1]
+    y = torch.zeros_like(u)
+    for t in range(T):
+        y[:, t] = (k[:t + 1].flip(0)[None] * u[:, :t + 1]).sum(1)
+    return y
+
+
+@pytest.mark.parametrize("T", [37, 256])
+def test_fft_conv_equals_the_direct_sum(T):
+    g = torch.Generator().manual_seed(T)
+    u = torch.randn(2, T, 5, dtype=torch.float64, generator=g)
+    k = torch.randn(T + 3, 5, dtype=torch.float64, generator=g)  # taps beyond T never reach
+    ref = direct_causal_conv(u, k)
+    assert torch.allclose(causal_fft_conv(u, k), ref, rtol=1e-10, atol=1e-10)
+    # fp32 inputs: fp32 FFTs, fp32 result
+    out32 = causal_fft_conv(u.float(), k.float())
+    assert out32.dtype == torch.float32
+    assert (out32.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_fft_conv_gradients():
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(causal_fft_conv, (u, k))
+    w = torch.randn(1, 7, 3, dtype=torch.float64, generator=g)
+    gu, gk = torch.autograd.grad((causal_fft_conv(u, k) * w).sum(), (u, k))
+    du, dk = torch.autograd.grad((direct_causal_conv(u, k) * w).sum(), (u, k))
+    assert torch.allclose(gu, du, atol=1e-12) and torch.allclose(gk, dk, atol=1e-12)
+
+
+def test_filter_positions_are_zoologys():
+    z = implicit_filter_positions(256, torch.float64)
+    assert z.shape == (256, 3)
+    assert z[0].tolist() == [0.0, 1.0, -0.0] and z[-1, 0] == 1.0
+    assert torch.allclose(z[:, 1] ** 2 + z[:, 2] ** 2, torch.ones(256, dtype=torch.float64))
+
+
+def test_registered_and_flops_counted():
+    assert get_mixer("H") is LongConvBaseConv
+    cfg = tiny_config("CH")
+    with_h = model_flops_per_token(cfg, 64, 64)
+    without = model_flops_per_token(tiny_config("C"), 64, 64)
+    mlp = 2 * cfg.hidden_size * cfg.ffn_hidden_size * 3
+    assert with_h == pytest.approx(without + mlp + LongConvBaseConv.flops_per_token(cfg, 64), rel=1e-12)
+    # O(T log T) per channel: the conv's share per token grows like log T
+    d = cfg.hidden_size
+    assert LongConvBaseConv.flops_per_token(cfg, 1024) > LongConvBaseConv.flops_per_token(cfg, 64) > 2 * d * d
+
+
+def test_config_refuses_context_parallelism():
+    with pytest.raises(ConfigError, match="H mixer"):
+        tiny_config("CH", context_parallel_size=2)
+
+
+def ch_model(**overrides):
+    """C then H, no MLPs (Zoology's BaseConv-only MQAR model), l_max 64; the same weights at any TP size."""
+    torch.manual_seed(0)
+    return build_model(tiny_config("CH", **overrides), vocab_size=64, max_sequence_length=64, mlp=False)
+
+
+def _model_worker(rank, world):
+    initialize_parallel(1, 1, 1)
+    model = ch_model()
+    mixer = model.decoder.layers[1].self_attention
+    assert type(mixer) is LongConvBaseConv and mixer.l_max == 64
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(40).expand(2, 40)
+    loss = model(ids, pos, None, labels=ids)
+    loss.mean().backward()
+    grads = {n: p.grad is not None and p.grad.abs().sum().item() > 0 for n, p in mixer.named_parameters()}
+    with torch.no_grad():
+        base = model(ids, pos, None)
+        ids2 = ids.clone()
+        ids2[:, 23] = (ids2[:, 23] + 1) % 64
+        out = model(ids2, pos, None)
+    # the FFT mixes every position in rounding error: earlier logits move only at that level
+    causal = ((out[:, :23] - base[:, :23]).abs().max().item(), (out[:, 23:] - base[:, 23:]).abs().max().item())
+    # the mixer's forward equals Zoology's formula written out directly
+    x = torch.randn(30, 2, 32)
+    with torch.no_grad():
+        full, bias = mixer(x)
+        k = mixer.filter(30)
+        gate = x @ mixer.linear_in.weight.t() + mixer.linear_in.bias
+        u = x.transpose(0, 1).double()
+        ref = ((direct_causal_conv(u, k.double()) + u).transpose(0, 1) * gate.double() + x.double())
+        # decode: step by step == the full forward; prefill of packed prompts then steps
+        cache = mixer.inference_cache(2, x.dtype, x.device)
+        steps = torch.cat([mixer.step(x[t:t + 1], cache, torch.full((2,), t))[0] for t in range(30)])
+    from megatron_based.inference.generation import Generator
+
+    model.eval()
+    prompts = [[5, 9, 2], [7, 1, 3, 3, 8, 2, 6]]
+    greedy = Generator(model, vocab_size=64).generate(prompts, 6)
+    reference = []
+    with torch.no_grad():
+        for seq in map(list, prompts):
+            for _ in range(6):
+                t = torch.tensor([seq])
+                seq.append(int(model(t, torch.arange(len(seq))[None], None)[0, -1, :64].argmax()))
+            reference.append(seq[-6:])
+    return {"finite": bool(torch.isfinite(loss).all()), "grads": grads, "causal": causal, "bias": bias,
+            "formula": (full.double() - ref).abs().max().item(), "step": (steps - full).abs().max().item(),
+            "generate": (greedy, reference)}
+
+
+def test_model_with_the_mixer_trains_is_causal_and_generates():
+    r = run_distributed(_model_worker, 1)[0]
+    assert r["finite"] and all(r["grads"].values()), r["grads"]
+    before, after = r["causal"]
+    assert before < 1e-6 and after > 1e-3 and r["bias"] is None
+    assert r["formula"] < 1e-5
+    assert r["step"] < 1e-5
+    assert r["generate"][0] == r["generate"][1]
+
+
+def _tp_worker(rank, world, sp):
+    from megatron.core import parallel_state
+
+    initialize_parallel(world, 1, 1)
+    model = ch_model(sequence_parallel=sp, tensor_model_parallel_size=world)
+    ids = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(1))
+    loss = model(ids, torch.arange(48).expand(2, 48), None, labels=ids)
+    loss.mean().backward()
+    grads = full_grads(model, parallel_state.get_tensor_model_parallel_group())
+    return loss.detach(), {n: g for n, g in grads.items() if "layers.1." in n}
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp2_equals_tp1(sp):
+    loss1, grads1 = run_distributed(_tp_worker, 1, False)[0]
+    loss2, grads2 = run_distributed(_tp_worker, 2, sp)[0]
+    assert torch.allclose(loss1, loss2, rtol=1e-5, atol=1e-6)
+    assert grads1.keys() == grads2.keys() and grads1
+    for name in grads1:
+        assert grads1[name].shape == grads2[name].shape, name
+        assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), name
