@@ -13,9 +13,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_based.model import build_model
 from megatron_based.model.config import ConfigError
 from megatron_based.model.flops import model_flops_per_token
-from megatron_based.model.mixers import (BaseConv, Mixer, MixerModule, SlidingWindowAttention, SoftmaxAttention,
-                                         TaylorLinearAttention, get_mixer, mixer_descriptions, register_mixer,
-                                         unregister_mixer)
+from megatron_based.model.mixers import (BaseConv, LongConvBaseConv, Mixer, MixerModule, SlidingWindowAttention,
+                                         SoftmaxAttention, TaylorLinearAttention, get_mixer, mixer_descriptions,
+                                         register_mixer, unregister_mixer)
 from megatron_based.model.mixers.base import missing_interface
 from megatron_based.model.spec import get_mixer_spec
 
@@ -97,7 +97,8 @@ def toy_mixer():
 
 
 # ----------------------------------------------------------------------------------------- the interface
-@pytest.mark.parametrize("cls", [TaylorLinearAttention, SlidingWindowAttention, BaseConv, SoftmaxAttention])
+@pytest.mark.parametrize("cls", [TaylorLinearAttention, SlidingWindowAttention, BaseConv, SoftmaxAttention,
+                                 LongConvBaseConv])
 def test_builtin_mixers_satisfy_the_interface(cls):
     assert missing_interface(cls) == []
     assert get_mixer(cls.symbol) is cls
@@ -106,7 +107,7 @@ def test_builtin_mixers_satisfy_the_interface(cls):
 
 
 def test_registry_lists_the_builtins_and_refuses_non_mixers():
-    assert list(mixer_descriptions()) == ["L", "S", "C", "A"]
+    assert list(mixer_descriptions()) == ["L", "S", "C", "A", "H"]
     with pytest.raises(TypeError, match="lacks .*flops_per_token"):
         register_mixer(type("NotAMixer", (), {"symbol": "N", "description": "x"}))
     with pytest.raises(ValueError, match="taken by TaylorLinearAttention"):

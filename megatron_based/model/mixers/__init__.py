@@ -1,8 +1,10 @@
 """Sequence mixers as Megatron-Core modules, usable as ``TransformerLayer``'s ``self_attention``: one folder per
-mixer (``taylor/`` L, ``sliding_window/`` S, ``base_conv/`` C, ``softmax_attention/`` A), the interface they share
+mixer (``taylor/`` L, ``sliding_window/`` S, ``base_conv/`` C, ``softmax_attention/`` A,
+``long_conv/`` H: Zoology's long-convolution BaseConv), the interface they share
 (``base.py``), the released-checkpoint rule helpers (``conversion.py``) and the symbol registry (``registry.py``)."""
 from .base import Mixer, MixerModule
 from .base_conv import BaseConv, BaseConvSubmodules
+from .long_conv import LongConvBaseConv, LongConvSubmodules
 from .registry import MIXERS, get_mixer, mixer_descriptions, register_mixer, unregister_mixer
 from .sliding_window import SlidingWindowAttention, SlidingWindowSubmodules
 from .softmax_attention import SDPACoreAttention, SoftmaxAttention
@@ -10,4 +12,5 @@ from .taylor import TaylorLinearAttention, TaylorSubmodules
 
 __all__ = ["Mixer", "MixerModule", "MIXERS", "get_mixer", "mixer_descriptions", "register_mixer", "unregister_mixer",
            "TaylorLinearAttention", "TaylorSubmodules", "SlidingWindowAttention", "SlidingWindowSubmodules",
-           "BaseConv", "BaseConvSubmodules", "SoftmaxAttention", "SDPACoreAttention"]
+           "BaseConv", "BaseConvSubmodules", "SoftmaxAttention", "SDPACoreAttention", "LongConvBaseConv",
+           "LongConvSubmodules"]
