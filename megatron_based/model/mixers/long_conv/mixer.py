@@ -151,7 +151,6 @@ class LongConvBaseConv(MixerModule):
             setattr(p, "tensor_model_parallel", True)
             setattr(p, "partition_dim", 0)
             setattr(p, "partition_stride", 1)
-        self.register_buffer("filter_z", implicit_filter_positions(self.l_max), persistent=False)
 
     def filter(self, length: int) -> torch.Tensor:
         """This rank's filter taps ``[length, channels]`` (fp32 or wider)."""
@@ -160,7 +159,8 @@ class LongConvBaseConv(MixerModule):
                              f"got a sequence of {length}")
         w1 = self.filter_w1
         dtype = torch.float64 if w1.dtype == torch.float64 else torch.float32
-        h = torch.relu(self.filter_z[:length].to(dtype) @ w1.to(dtype).t() + self.filter_b1.to(dtype))
+        z = implicit_filter_positions(self.l_max, dtype, w1.device)[:length]  # not a buffer: no bf16 cast
+        h = torch.relu(z @ w1.to(dtype).t() + self.filter_b1.to(dtype))
         h = copy_to_tensor_model_parallel_region(h) if self.tp_size > 1 else h
         return h @ self.filter_w2.to(dtype).t() + self.filter_b2.to(dtype)
 
@@ -202,10 +202,10 @@ class LongConvBaseConv(MixerModule):
 
     # Generation: the filter reaches back to the first token, so the state is every input so far (up to l_max).
     def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
-        """``u [b, l_max, channels]`` (the inputs so far, in the activation dtype) and ``pos [b]`` (their count)."""
+        """``u [b, l_max, channels]``: the inputs so far (activation dtype; ``step`` takes their count, the
+        positions)."""
         self.inference_cache_check(max_length)
-        return {"u": torch.zeros(batch, self.l_max, self.channels, dtype=dtype, device=device),
-                "pos": torch.zeros(batch, dtype=torch.long, device=device)}
+        return {"u": torch.zeros(batch, self.l_max, self.channels, dtype=dtype, device=device)}
 
     def prefill(self, hidden_states, cache: dict, prompts):
         """Packed prompts ``[T, 1, d]`` (documents at ``prompts.cu_seqlens``): the FFT form per prompt, keeping
@@ -219,24 +219,24 @@ class LongConvBaseConv(MixerModule):
         k = self.filter(longest)
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             cache["u"][i, :b - a] = u[a:b, 0]
-            cache["pos"][i] = b - a
         return self._output(self._mix(u, gate, k, prompts.cu_seqlens))
 
     def step(self, hidden_states, cache: dict, positions=None, **_):
-        """One token per sequence ``[1, b, d]`` at ``positions [b]`` (default: the cache's count), updating
-        ``cache`` in place: the conv output is the dot product of the inputs so far with the reversed filter."""
+        """One token per sequence ``[1, b, d]`` at ``positions [b]`` (its index in its sequence), updating ``cache``
+        in place: the conv output is the dot product of the inputs so far with the reversed filter."""
+        if positions is None:
+            raise ValueError(f"the {self.symbol} mixer's step needs the positions of the tokens")
         gate, bias = self.linear_in(hidden_states)
         if bias is not None:
             gate = gate + bias
         u = self._local_input(hidden_states)[0]  # [b, c]
-        pos = cache["pos"] if positions is None else positions.to(cache["pos"].device).long()
+        pos = positions.to(u.device).long().reshape(-1)
         batch = torch.arange(u.shape[0], device=u.device)
         cache["u"][batch, pos.clamp(max=self.l_max - 1)] = u
         k = self.filter(self.l_max)  # [l_max, c]
         lag = pos[:, None] - torch.arange(self.l_max, device=u.device)[None]  # [b, l_max]: t - s
         taps = k[lag.clamp(min=0)] * (lag >= 0)[..., None]  # [b, l_max, c]
         conv = (taps * cache["u"].to(taps.dtype)).sum(1).to(u.dtype)
-        cache["pos"].copy_(pos + 1)
         return self._output(((conv + u) * gate[0] + u)[None])
 
     def inference_cache_check(self, max_length):
