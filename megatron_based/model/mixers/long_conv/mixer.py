@@ -116,10 +116,6 @@ class LongConvBaseConv(MixerModule):
         super().__init__(config, layer_number, pg_collection, **injected)
         submodules = submodules or LongConvSubmodules()
         d = config.hidden_size
-        self.l_max = getattr(config, "long_conv_length", 0)
-        if not self.l_max:
-            raise ValueError(f"the {self.symbol} mixer ({self.description}) needs config.long_conv_length, its filter "
-                             "length (the sequence length; build_model sets it from max_sequence_length)")
         if self.cp_size > 1:
             raise ValueError(f"the {self.symbol} mixer ({self.description}) does not support context parallelism")
         if d % self.tp_size:
@@ -128,8 +124,22 @@ class LongConvBaseConv(MixerModule):
         self.sequence_parallel = bool(config.sequence_parallel)
         self.linear_in = self.column_parallel(submodules.linear_in, d, d, bias=True, tp_comm_buffer_name="fc1")
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
-        kw = {"dtype": config.params_dtype, "device": device}
-        std = config.init_method_std
+        self._init_conv(config, {"dtype": config.params_dtype, "device": device})
+        for name in self.split_parameters:
+            p = getattr(self, name)
+            setattr(p, "tensor_model_parallel", True)
+            setattr(p, "partition_dim", 0)
+            setattr(p, "partition_stride", 1)
+
+    split_parameters = ("filter_w2", "filter_b2")  # the conv's parameters split by channel over TP
+
+    def _init_conv(self, config, kw):
+        """The implicit filter's MLP: a replicated hidden layer, a channel-split output layer."""
+        d, std = config.hidden_size, config.init_method_std
+        self.l_max = getattr(config, "long_conv_length", 0)
+        if not self.l_max:
+            raise ValueError(f"the {self.symbol} mixer ({self.description}) needs config.long_conv_length, its filter "
+                             "length (the sequence length; build_model sets it from max_sequence_length)")
         # the implicit filter's MLP (replicated hidden layer, channel-split output layer); Zoology: N(0, 0.02), 0
         self.filter_w1 = torch.nn.Parameter(torch.empty(FILTER_HIDDEN, FILTER_FEATURES, **kw))
         self.filter_b1 = torch.nn.Parameter(torch.zeros(FILTER_HIDDEN, **kw))
@@ -147,10 +157,6 @@ class LongConvBaseConv(MixerModule):
                     from megatron.core.tensor_parallel.layers import _initialize_affine_weight_gpu
 
                     _initialize_affine_weight_gpu(self.filter_w2, init, partition_dim=0)
-        for p in (self.filter_w2, self.filter_b2):
-            setattr(p, "tensor_model_parallel", True)
-            setattr(p, "partition_dim", 0)
-            setattr(p, "partition_stride", 1)
 
     def filter(self, length: int) -> torch.Tensor:
         """This rank's filter taps ``[length, channels]`` (fp32 or wider)."""
@@ -182,15 +188,18 @@ class LongConvBaseConv(MixerModule):
                 y = scatter_to_sequence_parallel_region(y)
         return y, None
 
-    def _mix(self, u, gate, k, cu_seqlens=None):
-        """u, gate ``[s, b, c]`` -> ``(k * u + u) * gate + u``; packed documents (``cu_seqlens``) each from 0."""
-        if cu_seqlens is None:
-            conv = causal_fft_conv(u.transpose(0, 1), k).transpose(0, 1)
-        else:
-            bounds = cu_seqlens.tolist()
-            conv = torch.cat([causal_fft_conv(u[a:b].transpose(0, 1), k).transpose(0, 1)
-                              for a, b in zip(bounds[:-1], bounds[1:])])
-        return (conv + u) * gate + u
+    def conv(self, u, cu_seqlens=None):
+        """u ``[s, b, c]`` -> ``k * u + u`` (Zoology's ``fft_conv`` adds u); packed documents (``cu_seqlens``)
+        each from 0."""
+        bounds = [0, u.shape[0]] if cu_seqlens is None else cu_seqlens.tolist()
+        k = self.filter(max(b - a for a, b in zip(bounds[:-1], bounds[1:])))
+        conv = torch.cat([causal_fft_conv(u[a:b].transpose(0, 1), k).transpose(0, 1)
+                          for a, b in zip(bounds[:-1], bounds[1:])])
+        return conv + u
+
+    def _mix(self, u, gate, cu_seqlens=None):
+        """u, gate ``[s, b, c]`` -> Zoology's BaseConv ``conv(u) * gate + u``."""
+        return self.conv(u, cu_seqlens) * gate + u
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **_):
         """hidden_states ``[s, b, d]`` (``[s/tp, b, d]`` under sequence parallel) -> ``(out, None)``."""
@@ -198,7 +207,7 @@ class LongConvBaseConv(MixerModule):
         if bias is not None:
             gate = gate + bias
         u = self._local_input(hidden_states)
-        return self._output(self._mix(u, gate, self.filter(u.shape[0]), cu_seqlens_of(packed_seq_params)))
+        return self._output(self._mix(u, gate, cu_seqlens_of(packed_seq_params)))
 
     # Generation: the filter reaches back to the first token, so the state is every input so far (up to l_max).
     def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
@@ -215,11 +224,9 @@ class LongConvBaseConv(MixerModule):
             gate = gate + bias
         u = self._local_input(hidden_states)
         bounds = prompts.cu_seqlens.tolist()
-        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-        k = self.filter(longest)
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             cache["u"][i, :b - a] = u[a:b, 0]
-        return self._output(self._mix(u, gate, k, prompts.cu_seqlens))
+        return self._output(self._mix(u, gate, prompts.cu_seqlens))
 
     def step(self, hidden_states, cache: dict, positions=None, **_):
         """One token per sequence ``[1, b, d]`` at ``positions [b]`` (its index in its sequence), updating ``cache``
@@ -245,10 +252,10 @@ class LongConvBaseConv(MixerModule):
                              f"asked for {max_length}")
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """Checkpoint with global shapes: the filter's output layer split by channel like ``linear_in``."""
+        """Checkpoint with global shapes: the conv's channel-split parameters split like ``linear_in``."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        own = {"filter_w2": self.filter_w2, "filter_b2": self.filter_b2}
+        own = {name: getattr(self, name) for name in self.split_parameters}
         sd.update(make_sharded_tensors_for_checkpoint(own, prefix, {k: 0 for k in own}, sharded_offsets,
                                                       tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]))
         return sd
