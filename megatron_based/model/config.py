@@ -67,7 +67,7 @@ class BasedConfig(TransformerConfig):
             ``hidden_size / linear_attention_heads``.
         linear_attention_eps: added to the L mixer's denominator (inert: the denominator is >= (t+1)/2).
         swa_window: left window of the S mixer: query t attends keys t - window ... t (128).
-        conv_kernel_size: BaseConv's depthwise kernel (3; tap k-1 multiplies the current token).
+        conv_kernel_size: BaseConv's depthwise kernel (3; tap k-1 multiplies the current token); also the Z mixer's.
         long_conv_length: filter length l_max of the H mixer (Zoology's BaseConv with a long implicit convolution):
             the longest sequence it takes. 0 (default): ``build_model`` sets it to ``max_sequence_length``.
         rope_base: RoPE base of the S and A mixers (full head dim, rotate-half).
@@ -188,15 +188,20 @@ class BasedConfig(TransformerConfig):
                     f"BaseConv channels 2 * hidden_size ({2 * self.hidden_size}) must be divisible by "
                     f"tensor_model_parallel_size ({tp})"
                 )
+        if "Z" in self.layer_pattern and not 1 <= self.conv_kernel_size <= 64:
+            raise ConfigError(f"conv_kernel_size ({self.conv_kernel_size}) must be in 1..64 (Zoology uses 3)")
+        for symbol in "HZ":
+            if symbol not in self.layer_pattern:
+                continue
+            if self.hidden_size % tp:
+                raise ConfigError(f"the {symbol} mixer's channels, hidden_size ({self.hidden_size}), must be divisible "
+                                  f"by tensor_model_parallel_size ({tp})")
+            if self.context_parallel_size > 1:
+                raise ConfigError(f"the {symbol} mixer (Zoology's BaseConv) does not support context parallelism "
+                                  f"(context_parallel_size {self.context_parallel_size})")
         if "H" in self.layer_pattern:
             if self.long_conv_length < 0:
                 raise ConfigError(f"long_conv_length ({self.long_conv_length}) must be >= 0 (0: the sequence length)")
-            if self.hidden_size % tp:
-                raise ConfigError(f"the H mixer's channels, hidden_size ({self.hidden_size}), must be divisible by "
-                                  f"tensor_model_parallel_size ({tp})")
-            if self.context_parallel_size > 1:
-                raise ConfigError("the H mixer (Zoology's long-convolution BaseConv) does not support context "
-                                  f"parallelism (context_parallel_size {self.context_parallel_size})")
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size)
         if self.ffn_hidden_size % tp:

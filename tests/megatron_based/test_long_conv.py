@@ -1,5 +1,5 @@
-"""The H mixer (Zoology's BaseConv with a long implicit convolution, megatron_based/model/mixers/long_conv): the FFT
-convolution against the direct causal sum in fp64 and its gradients; a model with it is causal, generates like
+"""The H and Z mixers (Zoology's BaseConv with a long implicit / a short convolution, megatron_based/model/mixers/
+long_conv, zoology_short_conv): the FFT convolution against the direct causal sum in fp64 and its gradients; a model with it is causal, generates like
 its full forwards (prefill + decode steps), counts its FLOPs, gives the same loss and gradients at TP 2 (with and
 without sequence parallelism) as at TP 1, and refuses context parallelism."""
 from __future__ import annotations
@@ -11,6 +11,7 @@ from megatron_based.model.config import ConfigError
 from megatron_based.model.flops import model_flops_per_token
 from megatron_based.model.mixers import get_mixer
 from megatron_based.model.mixers.long_conv import LongConvBaseConv, causal_fft_conv, implicit_filter_positions
+from megatron_based.model.mixers.zoology_short_conv import ZoologyShortConv
 from megatron_based.runtime.parallel import initialize_parallel
 from tests.distributed import run_distributed
 from megatron_based.model import build_model
@@ -58,7 +59,11 @@ def test_filter_positions_are_zoologys():
 
 
 def test_registered_and_flops_counted():
-    assert get_mixer("H") is LongConvBaseConv
+    assert get_mixer("H") is LongConvBaseConv and get_mixer("Z") is ZoologyShortConv
+    cfg = tiny_config("ZH")
+    assert model_flops_per_token(cfg, 64, 64) == pytest.approx(
+        model_flops_per_token(tiny_config("CH"), 64, 64) - get_mixer("C").flops_per_token(cfg, 64)
+        + ZoologyShortConv.flops_per_token(cfg, 64), rel=1e-12)
     cfg = tiny_config("CH")
     with_h = model_flops_per_token(cfg, 64, 64)
     without = model_flops_per_token(tiny_config("C"), 64, 64)
@@ -72,19 +77,29 @@ def test_registered_and_flops_counted():
 def test_config_refuses_context_parallelism():
     with pytest.raises(ConfigError, match="H mixer"):
         tiny_config("CH", context_parallel_size=2)
+    with pytest.raises(ConfigError, match="Z mixer"):
+        tiny_config("ZA", context_parallel_size=2)
 
 
-def ch_model(**overrides):
-    """C then H, no MLPs (Zoology's BaseConv-only MQAR model), l_max 64; the same weights at any TP size."""
+def ch_model(pattern="ZH", **overrides):
+    """Z then H, no MLPs (Zoology's BaseConv-only MQAR model), l_max 64; the same weights at any TP size."""
     torch.manual_seed(0)
-    return build_model(tiny_config("CH", **overrides), vocab_size=64, max_sequence_length=64, mlp=False)
+    return build_model(tiny_config(pattern, **overrides), vocab_size=64, max_sequence_length=64, mlp=False)
 
 
-def _model_worker(rank, world):
+def direct_short_conv(u, w, b):
+    """u ``[b, T, c]``, w ``[c, k]``: ``y_t = sum_j w[:, j] u_{t-k+1+j} + b`` (zeros before the start)."""
+    k = w.shape[1]
+    padded = torch.cat([torch.zeros(u.shape[0], k - 1, u.shape[2], dtype=u.dtype), u], dim=1)
+    return sum(w[:, j] * padded[:, j:j + u.shape[1]] for j in range(k)) + b
+
+
+def _model_worker(rank, world, pattern):
     initialize_parallel(1, 1, 1)
-    model = ch_model()
+    model = ch_model(pattern)
     mixer = model.decoder.layers[1].self_attention
     assert type(mixer) is LongConvBaseConv and mixer.l_max == 64
+    first = model.decoder.layers[0].self_attention
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(40).expand(2, 40)
     loss = model(ids, pos, None, labels=ids)
@@ -108,6 +123,16 @@ def _model_worker(rank, world):
         # decode: step by step == the full forward; prefill of packed prompts then steps
         cache = mixer.inference_cache(2, x.dtype, x.device)
         steps = torch.cat([mixer.step(x[t:t + 1], cache, torch.full((2,), t))[0] for t in range(30)])
+        if type(first) is ZoologyShortConv:  # layer 0: Zoology's short-conv BaseConv, its formula and its steps
+            full0, _ = first(x)
+            gate0 = x @ first.linear_in.weight.t() + first.linear_in.bias
+            ref0 = direct_short_conv(u, first.conv_weight.double(), first.conv_bias.double()).transpose(0, 1)
+            ref0 = ref0 * gate0.double() + x.double()
+            cache0 = first.inference_cache(2, x.dtype, x.device)
+            steps0 = torch.cat([first.step(x[t:t + 1], cache0, torch.full((2,), t))[0] for t in range(30)])
+            formula0, step0 = (full0.double() - ref0).abs().max().item(), (steps0 - full0).abs().max().item()
+        else:
+            formula0 = step0 = 0.0
     from megatron_based.inference.generation import Generator
 
     model.eval()
@@ -122,16 +147,18 @@ def _model_worker(rank, world):
             reference.append(seq[-6:])
     return {"finite": bool(torch.isfinite(loss).all()), "grads": grads, "causal": causal, "bias": bias,
             "formula": (full.double() - ref).abs().max().item(), "step": (steps - full).abs().max().item(),
+            "formula0": formula0, "step0": step0,
             "generate": (greedy, reference)}
 
 
-def test_model_with_the_mixer_trains_is_causal_and_generates():
-    r = run_distributed(_model_worker, 1)[0]
+@pytest.mark.parametrize("pattern", ["ZH", "CH"])
+def test_model_with_the_mixer_trains_is_causal_and_generates(pattern):
+    r = run_distributed(_model_worker, 1, pattern)[0]
     assert r["finite"] and all(r["grads"].values()), r["grads"]
     before, after = r["causal"]
     assert before < 1e-6 and after > 1e-3 and r["bias"] is None
     assert r["formula"] < 1e-5
-    assert r["step"] < 1e-5
+    assert r["step"] < 1e-5 and r["formula0"] < 1e-5 and r["step0"] < 1e-5
     assert r["generate"][0] == r["generate"][1]
 
 
@@ -139,12 +166,12 @@ def _tp_worker(rank, world, sp):
     from megatron.core import parallel_state
 
     initialize_parallel(world, 1, 1)
-    model = ch_model(sequence_parallel=sp, tensor_model_parallel_size=world)
+    model = ch_model("ZH", sequence_parallel=sp, tensor_model_parallel_size=world)
     ids = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(1))
     loss = model(ids, torch.arange(48).expand(2, 48), None, labels=ids)
     loss.mean().backward()
     grads = full_grads(model, parallel_state.get_tensor_model_parallel_group())
-    return loss.detach(), {n: g for n, g in grads.items() if "layers.1." in n}
+    return loss.detach(), {n: g for n, g in grads.items() if "self_attention" in n}
 
 
 @pytest.mark.parametrize("sp", [False, True])

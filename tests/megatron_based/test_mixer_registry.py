@@ -15,7 +15,7 @@ from megatron_based.model.config import ConfigError
 from megatron_based.model.flops import model_flops_per_token
 from megatron_based.model.mixers import (BaseConv, LongConvBaseConv, Mixer, MixerModule, SlidingWindowAttention,
                                          SoftmaxAttention, TaylorLinearAttention, get_mixer, mixer_descriptions,
-                                         register_mixer, unregister_mixer)
+                                         ZoologyShortConv, register_mixer, unregister_mixer)
 from megatron_based.model.mixers.base import missing_interface
 from megatron_based.model.spec import get_mixer_spec
 
@@ -98,7 +98,7 @@ def toy_mixer():
 
 # ----------------------------------------------------------------------------------------- the interface
 @pytest.mark.parametrize("cls", [TaylorLinearAttention, SlidingWindowAttention, BaseConv, SoftmaxAttention,
-                                 LongConvBaseConv])
+                                 LongConvBaseConv, ZoologyShortConv])
 def test_builtin_mixers_satisfy_the_interface(cls):
     assert missing_interface(cls) == []
     assert get_mixer(cls.symbol) is cls
@@ -107,7 +107,7 @@ def test_builtin_mixers_satisfy_the_interface(cls):
 
 
 def test_registry_lists_the_builtins_and_refuses_non_mixers():
-    assert list(mixer_descriptions()) == ["L", "S", "C", "A", "H"]
+    assert list(mixer_descriptions()) == ["L", "S", "C", "A", "H", "Z"]
     with pytest.raises(TypeError, match="lacks .*flops_per_token"):
         register_mixer(type("NotAMixer", (), {"symbol": "N", "description": "x"}))
     with pytest.raises(ValueError, match="taken by TaylorLinearAttention"):

@@ -10,11 +10,13 @@ from __future__ import annotations
 from .base import missing_interface
 from .base_conv import BaseConv
 from .long_conv import LongConvBaseConv
+from .zoology_short_conv import ZoologyShortConv
 from .sliding_window import SlidingWindowAttention
 from .softmax_attention import SoftmaxAttention
 from .taylor import TaylorLinearAttention
 
-BUILTIN = (TaylorLinearAttention, SlidingWindowAttention, BaseConv, SoftmaxAttention, LongConvBaseConv)
+BUILTIN = (TaylorLinearAttention, SlidingWindowAttention, BaseConv, SoftmaxAttention, LongConvBaseConv,
+           ZoologyShortConv)
 
 MIXERS: dict[str, type] = {}
 
