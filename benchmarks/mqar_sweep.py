@@ -8,8 +8,8 @@
 Grid: 15 cells x learning rates (``--lrs``, default 3e-3, 1e-3, 1e-2; the best run of a cell is its result):
 
 * attention: layer 0 BaseConv (short conv, k 3), layer 1 softmax attention (pattern CA), d 64 / 128 / 256
-* BaseConv: layer 0 BaseConv (short conv, k 3), layer 1 Zoology's BaseConv with a long implicit convolution
-  (CH, Zoology figure 2's kernel sizes [3, -1]), d 64 / 128 / 256
+* BaseConv: Zoology's figure-2 model, its BaseConv with a short convolution (k 3), then with a long implicit one
+  (ZH, kernel sizes [3, -1]), d 64 / 128 / 256
 * BASED: layer 0 BaseConv, layer 1 Taylor linear attention (CL), d 64 / 128 / 256 x feature dim f 8 / 16 / 24
 
 every model with 1 head, no MLPs, tied embeddings; the data and training are ``megatron_based.tasks.mqar``'s
@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"attention": "CA", "baseconv": "CH", "based": "CL"}
+MODELS = {"attention": "CA", "baseconv": "ZH", "based": "CL"}
 LABELS = {"attention": "attention", "baseconv": "BaseConv", "based": "BASED"}
 # The published recall at T 256, 16 pairs (Zoology figure 2 / the BASED paper, as quoted in issue 20).
 PUBLISHED = {("attention", 64): 1.0, ("attention", 128): 1.0, ("attention", 256): 1.0,
@@ -92,7 +92,7 @@ def run_key(cell: dict, lr: float) -> str:
 def state_size(cell: dict, settings: dict) -> int:
     """Numbers per sequence of the model's decode state (megatron_based.tasks.mqar.mqar_state_size's formula)."""
     d, f, T = cell["d"], cell["f"] or 0, settings["seq_len"]
-    size = {"C": 2 * 2 * d, "H": T * d, "L": (1 + f + f * f) * (d + 1), "A": 2 * T * d}
+    size = {"C": 2 * 2 * d, "Z": 2 * d, "H": T * d, "L": (1 + f + f * f) * (d + 1), "A": 2 * T * d}
     return sum(size[s] for s in MODELS[cell["model"]])
 
 
@@ -163,11 +163,11 @@ def markdown(rows: list[dict], data: dict, settings: dict) -> str:
               "¹ The paper plots BASED against its state size rather than tabulating it; expected: ≥ 0.9 at d 64, "
               "f 16, rising with the state size.",
               "² Zoology's BaseConv-only model (figure 2: two BaseConv layers, kernel sizes [3, -1]) has a long "
-              "implicit convolution over the whole sequence in its second layer; ours is CH, whose H layer is "
-              "Zoology's long-convolution BaseConv (same gate, skips, filter MLP and initialisation; "
-              "megatron_based/model/mixers/long_conv). Its layer 0 is our C, BASED's BaseConv (as in our other "
-              "models), where Zoology's is its own short-conv BaseConv (k 3); state: the last T inputs of the H "
-              "layer, T x d.", ""]
+              "implicit convolution over the whole sequence in its second layer; ours is that model, ZH: Zoology's "
+              "BaseConv with a short conv (Z), then with the long implicit conv (H) (same gates, skips, filter MLP "
+              "and initialisation; megatron_based/model/mixers/zoology_short_conv, long_conv; RMSNorm and no "
+              "dropout remain, as for every model here). State: Z's last 2 inputs, 2 x d, and every input of the H "
+              "layer so far, T x d.", ""]
     if any(r["best"] for r in rows):
         lines += ["![MQAR recall vs state size](mqar_recall_vs_state.svg)", ""]
     lines.append(END)

@@ -6,9 +6,9 @@ import argparse
 from ..runtime.cli import base_parser
 
 # The published MQAR models (Zoology / the BASED paper): layer 0 a short convolution (BaseConv, k 3), layer 1 the
-# sequence mixer under test; BaseConv-only: layer 1 Zoology's BaseConv with a long implicit convolution (H), as in
-# Zoology's figure 2 (kernel sizes [3, -1]).
-MODELS = {"attention": "CA", "baseconv": "CH", "based": "CL"}
+# sequence mixer under test; BaseConv-only: Zoology's figure-2 model, its BaseConv with a short convolution (Z) then
+# with a long implicit one (H) (kernel sizes [3, -1]).
+MODELS = {"attention": "CA", "baseconv": "ZH", "based": "CL"}
 
 
 def mqar_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,8 @@ def mqar_parser() -> argparse.ArgumentParser:
                       help="seed of the initialisation and the training set (the test set: seed + 10)")
     model = p.add_argument_group("model (train)")
     model.add_argument("--model", choices=sorted(MODELS), default="based",
-                       help="attention: CA, baseconv: CH (H: Zoology's long-conv BaseConv), based: CL (layer 0 BaseConv k 3)")
+                       help="attention: CA, baseconv: ZH (Zoology's short- then long-conv BaseConv), based: CL "
+                            "(layer 0 BaseConv k 3)")
     model.add_argument("--pattern", help="a layer pattern instead of --model's (e.g. CLS)")
     model.add_argument("--hidden-size", type=int, default=64, help="model width d")
     model.add_argument("--feature-dim", type=int, default=16, help="L layers' Taylor feature dimension f")

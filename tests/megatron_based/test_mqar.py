@@ -85,7 +85,7 @@ def _models_worker(rank, world):
     task = MQARTask(vocab_size=64, seq_len=32, num_kv_pairs=4)
     x, y = mqar_batch(task, 8, torch.Generator().manual_seed(0))
     for mlp in (False, True):
-        model = build_mqar_model("CLSAH", hidden_size=32, num_heads=2, feature_dim=8, swa_window=8, vocab_size=64,
+        model = build_mqar_model("CLSAHZ", hidden_size=32, num_heads=2, feature_dim=8, swa_window=8, vocab_size=64,
                                  seq_len=32, mlp=mlp)
         names = [n for n, _ in model.named_parameters()]
         full = model(x, torch.arange(32).expand(8, 32), attention_mask=None)  # [b, s, V]: the whole forward
@@ -102,7 +102,7 @@ def _models_worker(rank, world):
                     and torch.equal(given[2], rows),
                     "recall": evaluate_mqar(model, x, y, batch_size=3),
                     "bytes": state_bytes_per_sequence(model, 32),
-                    "formula": mqar_state_size("CLSAH", hidden_size=32, feature_dim=8, num_heads=2, seq_len=32,
+                    "formula": mqar_state_size("CLSAHZ", hidden_size=32, feature_dim=8, num_heads=2, seq_len=32,
                                                swa_window=8)}
     return out
 
@@ -116,8 +116,8 @@ def test_mqar_models_no_mlp_query_logits_and_state_size():
         assert r["query_logits_match"] and r["targets"] and r["given_positions"]
         assert 3.0 < r["loss"] < 5.5 and 0 <= r["recall"] <= 1  # ~ln 64 at initialisation
         assert r["bytes"] == 4 * r["formula"]  # fp32 caches
-    # C 2 x 64, L (1 + 8 + 64) x (32 + 2), S 2 x 9 x 32, A 2 x 32 x 32, H 32 x 32
-    assert out[False]["formula"] == 128 + 73 * 34 + 576 + 2048 + 1024
+    # C 2 x 64, L (1 + 8 + 64) x (32 + 2), S 2 x 9 x 32, A 2 x 32 x 32, H 32 x 32, Z 2 x 32
+    assert out[False]["formula"] == 128 + 73 * 34 + 576 + 2048 + 1024 + 64
 
 
 def _learn_worker(rank, world):
