@@ -167,7 +167,7 @@ class LongConvBaseConv(MixerModule):
         dtype = torch.float64 if w1.dtype == torch.float64 else torch.float32
         z = implicit_filter_positions(self.l_max, dtype, w1.device)[:length]  # not a buffer: no bf16 cast
         h = torch.relu(z @ w1.to(dtype).t() + self.filter_b1.to(dtype))
-        h = copy_to_tensor_model_parallel_region(h) if self.tp_size > 1 else h
+        h = copy_to_tensor_model_parallel_region(h, group=self.tp_group) if self.tp_size > 1 else h
         return h @ self.filter_w2.to(dtype).t() + self.filter_b2.to(dtype)
 
     def _local_input(self, hidden_states):
@@ -175,17 +175,17 @@ class LongConvBaseConv(MixerModule):
         if self.tp_size == 1:
             return hidden_states
         if self.sequence_parallel:
-            full = gather_from_sequence_parallel_region(hidden_states)
+            full = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
             r = self.tp_group.rank()
             return full[..., r * self.channels:(r + 1) * self.channels]
-        return scatter_to_tensor_model_parallel_region(hidden_states)
+        return scatter_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
 
     def _output(self, y):
         """``[s, b, c]`` -> ``([s, b, d]`` (``[s/tp, b, d]`` under sequence parallel), None)."""
         if self.tp_size > 1:
-            y = gather_from_tensor_model_parallel_region(y)
+            y = gather_from_tensor_model_parallel_region(y, group=self.tp_group)
             if self.sequence_parallel:
-                y = scatter_to_sequence_parallel_region(y)
+                y = scatter_to_sequence_parallel_region(y, group=self.tp_group)
         return y, None
 
     def conv(self, u, cu_seqlens=None):
@@ -240,7 +240,7 @@ class LongConvBaseConv(MixerModule):
         pos = positions.to(u.device).long().reshape(-1)
         batch = torch.arange(u.shape[0], device=u.device)
         cache["u"][batch, pos.clamp(max=self.l_max - 1)] = u
-        k = self.filter(self.l_max)  # [l_max, c]
+        k = self.filter(self.l_max)  # [l_max, c]; a position >= l_max has no tap (an index error)
         lag = pos[:, None] - torch.arange(self.l_max, device=u.device)[None]  # [b, l_max]: t - s
         taps = k[lag.clamp(min=0)] * (lag >= 0)[..., None]  # [b, l_max, c]
         conv = (taps * cache["u"].to(taps.dtype)).sum(1).to(u.dtype)
