@@ -145,7 +145,10 @@ def _model_worker(rank, world, pattern):
                 t = torch.tensor([seq])
                 seq.append(int(model(t, torch.arange(len(seq))[None], None)[0, -1, :64].argmax()))
             reference.append(seq[-6:])
+    counts = [(sum(p.numel() for p in m.parameters()), sum(type(m).parameter_count(model.config)))
+              for m in (first, mixer)]
     return {"finite": bool(torch.isfinite(loss).all()), "grads": grads, "causal": causal, "bias": bias,
+            "counts": counts,
             "formula": (full.double() - ref).abs().max().item(), "step": (steps - full).abs().max().item(),
             "formula0": formula0, "step0": step0,
             "generate": (greedy, reference)}
@@ -159,6 +162,7 @@ def test_model_with_the_mixer_trains_is_causal_and_generates(pattern):
     assert before < 1e-6 and after > 1e-3 and r["bias"] is None
     assert r["formula"] < 1e-5
     assert r["step"] < 1e-5 and r["formula0"] < 1e-5 and r["step0"] < 1e-5
+    assert all(real == counted for real, counted in r["counts"][1 if pattern[0] == "C" else 0:]), r["counts"]
     assert r["generate"][0] == r["generate"][1]
 
 
