@@ -57,8 +57,9 @@ import threading
 import time
 from pathlib import Path
 
+from megatron_based.tasks.cli import MODELS  # model name -> layer pattern, as megatron-based-mqar --model builds it
+
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"attention": "CA", "baseconv": "ZH", "based": "CL"}
 LABELS = {"attention": "attention", "baseconv": "BaseConv", "based": "BASED"}
 # The published recall at T 256, 16 pairs (Zoology figure 2 / the BASED paper, as quoted in issue 20).
 PUBLISHED = {("attention", 64): 1.0, ("attention", 128): 1.0, ("attention", 256): 1.0,
