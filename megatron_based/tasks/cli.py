@@ -5,10 +5,10 @@ import argparse
 
 from ..runtime.cli import base_parser
 
-# The published MQAR models (Zoology / the BASED paper): layer 0 a short convolution (BaseConv, k 3), layer 1 the
-# sequence mixer under test; BaseConv-only: Zoology's figure-2 model, its BaseConv with a short convolution (Z) then
-# with a long implicit one (H) (kernel sizes [3, -1]).
-MODELS = {"attention": "CA", "baseconv": "ZH", "based": "CL"}
+# The published MQAR models (Zoology / the BASED paper): layer 0 Zoology's BaseConv with a short convolution of
+# kernel 3 (Z; the layer 0 of Zoology's figure-2 BASED hybrid), layer 1 the sequence mixer under test; BaseConv-only:
+# Zoology's figure-2 model, its BaseConv with the short convolution (Z) then with a long implicit one (H).
+MODELS = {"attention": "ZA", "baseconv": "ZH", "based": "ZL"}
 
 
 def mqar_parser() -> argparse.ArgumentParser:

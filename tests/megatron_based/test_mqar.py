@@ -236,7 +236,7 @@ def test_mqar_sweep_smoke(tmp_path):
             seq_len=256)
     doc = (tmp_path / "mqar.md").read_text()
     assert doc.startswith("# MQAR\n\nbefore\n\n<!-- mqar-sweep:begin -->") and doc.endswith("-->\n\nafter\n")
-    assert "old" not in doc and doc.count("| BASED (CL) | 16 | 4 |") == 1 and "not yet run" not in doc
+    assert "old" not in doc and doc.count("| BASED (ZL) | 16 | 4 |") == 1 and "not yet run" not in doc
     assert "![MQAR recall vs state size](mqar_recall_vs_state.svg)" in doc
     svg = ET.parse(tmp_path / "mqar_recall_vs_state.svg").getroot()
     assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}circle")) >= 3
@@ -245,4 +245,4 @@ def test_mqar_sweep_smoke(tmp_path):
     (tmp_path / "mqar.md").unlink()
     report = subprocess.run(sweep + ["--report-only"], cwd=repo, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]
-    assert (tmp_path / "mqar.md").read_text().count("| attention (CA) | 16 |") == 1
+    assert (tmp_path / "mqar.md").read_text().count("| attention (ZA) | 16 |") == 1
