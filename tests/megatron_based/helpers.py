@@ -26,6 +26,19 @@ def tiny_model(pattern="CLSA", *, vocab=64, seed=0, **overrides):
                        make_vocab_size_divisible_by=8)
 
 
+def greedy_by_full_forwards(model, prompts, new_tokens: int, vocab: int) -> list[list[int]]:
+    """The greedy continuation of each prompt, one full forward per generated token (the reference for the
+    generator's prefill + decode)."""
+    out = []
+    with torch.no_grad():
+        for seq in map(list, prompts):
+            for _ in range(new_tokens):
+                logits = model(torch.tensor([seq]), torch.arange(len(seq))[None], None)
+                seq.append(int(logits[0, -1, :vocab].argmax()))
+            out.append(seq[-new_tokens:])
+    return out
+
+
 def gather_tp(t: torch.Tensor, dim: int, stride: int = 1, group=None) -> torch.Tensor:
     """Reassemble a tensor split over the TP group along ``dim`` (with Megatron's partition stride)."""
     world = dist.get_world_size(group)

@@ -15,7 +15,7 @@ from megatron_based.model.mixers.zoology_short_conv import ZoologyShortConv
 from megatron_based.runtime.parallel import initialize_parallel
 from tests.distributed import run_distributed
 from megatron_based.model import build_model
-from tests.megatron_based.helpers import full_grads, tiny_config
+from tests.megatron_based.helpers import full_grads, greedy_by_full_forwards, tiny_config
 
 
 def direct_causal_conv(u, k):
@@ -138,13 +138,7 @@ def _model_worker(rank, world, pattern):
     model.eval()
     prompts = [[5, 9, 2], [7, 1, 3, 3, 8, 2, 6]]
     greedy = Generator(model, vocab_size=64).generate(prompts, 6)
-    reference = []
-    with torch.no_grad():
-        for seq in map(list, prompts):
-            for _ in range(6):
-                t = torch.tensor([seq])
-                seq.append(int(model(t, torch.arange(len(seq))[None], None)[0, -1, :64].argmax()))
-            reference.append(seq[-6:])
+    reference = greedy_by_full_forwards(model, prompts, 6, 64)
     counts = [(sum(p.numel() for p in m.parameters()), sum(type(m).parameter_count(model.config)))
               for m in (first, mixer)]
     return {"finite": bool(torch.isfinite(loss).all()), "grads": grads, "causal": causal, "bias": bias,

@@ -20,7 +20,7 @@ from megatron_based.model.mixers.base import missing_interface
 from megatron_based.model.spec import get_mixer_spec
 
 from ..distributed import run_distributed
-from .helpers import initialize_parallel, tiny_config, tiny_model
+from .helpers import greedy_by_full_forwards, initialize_parallel, tiny_config, tiny_model
 
 
 # ------------------------------------------------------------------ the toy mixer of docs/architecture.md
@@ -155,13 +155,7 @@ def _toy_model_worker(rank, world):
         model.eval()
         prompts = [[5, 9, 2], [7, 1, 3, 3, 8, 2, 6]]
         greedy = Generator(model, vocab_size=64).generate(prompts, 6)
-        reference = []
-        with torch.no_grad():
-            for seq in map(list, prompts):
-                for _ in range(6):
-                    t = torch.tensor([seq])
-                    seq.append(int(model(t, torch.arange(len(seq))[None], None)[0, -1, :64].argmax()))
-                reference.append(seq[-6:])
+        reference = greedy_by_full_forwards(model, prompts, 6, 64)
         return {"finite": bool(torch.isfinite(loss).all()), "grads": grads, "causal": causal,
                 "step": (steps - full).abs().max().item(), "generate": (greedy, reference)}
     finally:
