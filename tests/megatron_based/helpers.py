@@ -63,6 +63,22 @@ def full_grads(model, tp_group) -> dict[str, torch.Tensor]:
     return out
 
 
+def loss_logits_grads(model):
+    """One forward / backward of ``model`` on a fixed batch ``[2, 16]`` (vocab 64) under its TP group: the loss,
+    the TP-gathered logits and the full (TP-gathered) gradients, for comparing TP / SP layouts with one rank."""
+    from megatron.core import parallel_state
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, 16), generator=g)
+    labels = torch.randint(0, 64, (2, 16), generator=g)
+    pos = torch.arange(16).expand(2, 16)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    logits = gather_tp(model(ids, pos, None), dim=-1, group=tp_group)
+    loss = model(ids, pos, None, labels=labels)
+    loss.sum().backward()
+    return loss.detach(), logits.detach(), full_grads(model, tp_group)
+
+
 @contextlib.contextmanager
 def in_process_group(monkeypatch, cuda_graphs: bool = False):
     """torch.distributed and Megatron's groups for this one process. GPU tests cannot use run_distributed: its

@@ -6,14 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from megatron.core import parallel_state
 
 from megatron_based.model.config import BasedConfig, ConfigError, model_spec_from_dict
 from megatron_based.model import build_model
 from megatron_based.model.spec import get_based_block_spec
 
 from ..distributed import run_distributed
-from .helpers import full_grads, gather_tp, initialize_parallel, tiny_config, tiny_model
+from .helpers import initialize_parallel, loss_logits_grads, tiny_config, tiny_model
 
 
 # ---------------------------------------------------------------- config validation (no process group needed)
@@ -176,15 +175,7 @@ def test_model_is_causal_bitwise():
 def _loss_logits_grads(tp, sp):
     initialize_parallel(tp, 1, 1)
     model = tiny_model("CLSA", tensor_model_parallel_size=tp, sequence_parallel=sp)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 64, (2, 16), generator=g)
-    labels = torch.randint(0, 64, (2, 16), generator=g)
-    pos = torch.arange(16).expand(2, 16)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    logits = gather_tp(model(ids, pos, None), dim=-1, group=tp_group)
-    loss = model(ids, pos, None, labels=labels)
-    loss.sum().backward()
-    return loss.detach(), logits.detach(), full_grads(model, tp_group)
+    return loss_logits_grads(model)
 
 
 def _tp_worker(rank, world, sp):

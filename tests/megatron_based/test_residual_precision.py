@@ -14,7 +14,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_based.model.config import BasedConfig, ConfigError, as_based_config, model_spec_from_dict
 from tests.distributed import run_distributed
-from tests.megatron_based.helpers import full_grads, gather_tp, initialize_parallel, tiny_config, tiny_model
+from tests.megatron_based.helpers import initialize_parallel, loss_logits_grads, tiny_config, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,15 +78,7 @@ def _dtypes_and_grads(tp, sp, fp32_residual=True):
                                                    for n in (layer.input_layernorm, layer.pre_mlp_layernorm)]:
         norm.register_forward_hook(record("norm_in", "norm_out"))
     model.embedding.register_forward_hook(record(None, "embedding"))
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 64, (2, 16), generator=g)
-    labels = torch.randint(0, 64, (2, 16), generator=g)
-    pos = torch.arange(16).expand(2, 16)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    logits = gather_tp(model(ids, pos, None), dim=-1, group=tp_group)
-    loss = model(ids, pos, None, labels=labels)
-    loss.sum().backward()
-    grads = full_grads(model, tp_group)
+    loss, logits, grads = loss_logits_grads(model)
     return ({k: sorted(str(d) for d in v) for k, v in seen.items()}, logits.detach().float(), loss.detach(),
             {k: v.float() for k, v in grads.items()})
 
