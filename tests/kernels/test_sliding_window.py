@@ -238,8 +238,8 @@ def test_nan_reaches_only_the_outputs_that_see_it(which, varlen):
 
 # ---------------------------------------------------------------- GPU, bf16, real sizes
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 112, 128])
-@pytest.mark.parametrize("Hkv, P, varlen", [(16, 0, False), (4, 128, False), (16, 0, True)])
+@pytest.mark.parametrize("D, Hkv, P, varlen", [(64, 16, 0, False), (64, 4, 128, False), (112, 16, 0, True),
+                                               (128, 4, 128, False)])  # each head dim, GQA + prefix and varlen
 def test_gpu_bf16_real_sizes(D, Hkv, P, varlen):
     B, T, H, W = (1, 4096, 16, 128) if varlen else (2, 2048, 16, 128)
     q, k, v, prefix = make(B, T, H, Hkv, D, torch.bfloat16, P, seed=D)

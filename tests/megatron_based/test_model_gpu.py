@@ -37,8 +37,7 @@ def _loss_and_grads(model, ids, backend):
     return logits.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("T", [1000, 4096])
+@pytest.mark.parametrize("dtype, tol, T", [(torch.float32, 2e-3, 1000), (torch.bfloat16, 3e-2, 4096)])
 def test_model_with_kernels_equals_torch_path(dtype, tol, T, monkeypatch):
     with in_process_group(monkeypatch):
         model = _model(dtype)
@@ -53,8 +52,8 @@ def test_model_with_kernels_equals_torch_path(dtype, tol, T, monkeypatch):
             assert gerr < tol, f"{name}: relative gradient error {gerr:.2e}"
 
 
-@pytest.mark.parametrize("t0, hidden, heads", [(1, 256, 4), (127, 256, 4), (128, 256, 4), (129, 256, 4),
-                                               (2500, 256, 4), (4095, 256, 4), (129, 1792, 16), (4000, 1792, 16)])
+@pytest.mark.parametrize("t0, hidden, heads", [(1, 256, 4), (128, 256, 4), (129, 256, 4), (4095, 256, 4),
+                                               (4000, 1792, 16)])
 def test_model_is_causal_on_gpu(t0, hidden, heads, monkeypatch):
     """Changing token t0 leaves every logit before t0 bit-identical and changes the logits at t0 (Triton path,
     bf16, T spanning many kernel chunks; head dim 64 as based-360m and 112 as based-1.3b). A leak of future tokens
