@@ -18,8 +18,9 @@ if [ -z "$BENCH_ONLY" ]; then
   echo "make test-gpu: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
   # the training / generation logs the entry-point tests wrote (pytest's newest temporary directory)
   latest=$(ls -d /tmp/pytest-of-"$(id -un)"/pytest-current 2>/dev/null)
+  mkdir -p "$OUT/logs"
   [ -n "$latest" ] && (cd "$latest" && find -L . -name "*.log" -size -2M | while read -r f; do
-    mkdir -p "$OUT/logs/$(dirname "$f")" && cp "$f" "$OUT/logs/$f"; done)
+    cp "$f" "$OUT/logs/$(echo "${f#./}" | tr / _)"; done)
 fi
 if [ -z "$SUITE_ONLY" ]; then
   # rows merge into the tracked JSON (BENCH_ARGS="--formats dp_reshardable" runs one format)
