@@ -14,10 +14,15 @@ imports ``NAME`` from ``MODULE`` and passes it to ``GPTModel`` as the layer spec
 The BASED settings (layer pattern, feature_dim, swa_window, conv_kernel_size, ...) come from the ``model:`` section
 of the YAML named by the environment variable ``BASED_SPEC_CONFIG`` (e.g. ``configs/based-360m.yaml``). Megatron-LM's
 own flags must describe the same model; a disagreement stops the build with one line naming the flags to change.
-docs/training.md has the full command.
+The same YAML may carry a top-level ``linears:`` mapping, ``{mixer symbol: {submodule name: "package.module:Class"}}``
+(e.g. ``{"L": {"linear_qkv": "megatron.core.extensions.transformer_engine:TEColumnParallelLinear"}}``): the classes
+that replace the mixers' default linear layers (``get_based_layer_spec``'s ``linears``); it is checked and imported
+when the YAML is first read, before any layer is built. docs/training.md has the full command.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 
 import torch.nn.functional as F
@@ -29,10 +34,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 from megatron.core.utils import get_pg_rank
 
 from .config import BASED_FIELDS, BasedConfig, ConfigError, ModelSpec, as_based_config, model_spec_from_dict
+from .mixers.registry import MIXERS
 from .norm import RMSNorm
 from .spec import get_based_layer_spec
 
-__all__ = ["ENV_VAR", "BasedPatternLayer", "based_layer", "based_layer_spec", "based_config_from_megatron_lm"]
+__all__ = ["ENV_VAR", "LINEARS_KEY", "BasedPatternLayer", "based_layer", "based_layer_spec",
+           "based_config_from_megatron_lm", "linears_from_dict", "yaml_linears"]
 
 ENV_VAR = "BASED_SPEC_CONFIG"
 
@@ -47,11 +54,69 @@ _ARG_FLAGS = (("--position-embedding-type", "position_embedding_type", "none", "
               ("--untie-embeddings-and-output-weights", "untie_embeddings_and_output_weights", False,
                "no --untie-embeddings-and-output-weights (BASED ties the LM head)"))
 
-_yaml_cache: dict[str, ModelSpec] = {}
+# The YAML's top-level key of the linear-layer replacements (beside model:, which every BASED tool reads and which
+# rejects keys that are no BasedConfig field).
+LINEARS_KEY = "linears"
+
+Linears = dict[str, dict[str, object]]
+_yaml_cache: dict[str, tuple[ModelSpec, Linears]] = {}
 _config_cache: dict[int, tuple[TransformerConfig, BasedConfig]] = {}
 
 
-def _yaml_model() -> tuple[str, ModelSpec]:
+def _import_class(where: str, target) -> object:
+    """The class (or ModuleSpec) named ``"package.module:Name"`` or ``"package.module.Name"``; ``where`` names the
+    YAML key in the error."""
+    if not isinstance(target, str) or not target.strip():
+        raise ConfigError(f"{where} is {target!r}: give a class as \"package.module:ClassName\"")
+    module, colon, name = target.strip().partition(":")
+    if not colon:
+        module, _, name = module.rpartition(".")
+    if not module or not name:
+        raise ConfigError(f"{where} is {target!r}: give a class as \"package.module:ClassName\" or "
+                          "\"package.module.ClassName\"")
+    try:
+        obj = importlib.import_module(module)
+    except Exception as e:  # ImportError, or whatever the module raises while importing
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: cannot import module {module!r} ({why}): fix the module path or install "
+                          "its package") from None
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}: module {module!r} has no {name!r}: fix the class name")
+        obj = getattr(obj, part)
+    if not isinstance(obj, (type, ModuleSpec)):
+        raise ConfigError(f"{where}: {target!r} is a {type(obj).__name__}, not a class: name a linear layer class")
+    return obj
+
+
+def linears_from_dict(section, where: str = LINEARS_KEY) -> Linears:
+    """``{mixer symbol: {submodule name: class path}}`` (the YAML's ``linears:``) checked against the mixer registry
+    and each mixer's ``spec`` arguments, its classes imported: the ``linears`` of ``get_based_layer_spec``."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a mapping {{mixer symbol: {{submodule: \"package.module:Class\"}}}}, "
+                          f"not {type(section).__name__}")
+    linears: Linears = {}
+    for symbol, submodules in section.items():
+        mixer = MIXERS.get(symbol)
+        if mixer is None:
+            raise ConfigError(f"{where}.{symbol}: no mixer has the symbol {symbol!r}; use one of "
+                              f"{', '.join(MIXERS)}")
+        names = list(inspect.signature(mixer.spec).parameters)
+        if not isinstance(submodules, dict):
+            raise ConfigError(f"{where}.{symbol} must be a mapping {{submodule: \"package.module:Class\"}} with "
+                              f"submodules among {', '.join(names)}, not {type(submodules).__name__}")
+        linears[symbol] = {}
+        for name, target in submodules.items():
+            if name not in names:
+                raise ConfigError(f"{where}.{symbol}.{name}: the {symbol} mixer ({mixer.__name__}) has no submodule "
+                                  f"{name!r}; use one of {', '.join(names)}")
+            linears[symbol][name] = _import_class(f"{where}.{symbol}.{name}", target)
+    return linears
+
+
+def _yaml_model() -> tuple[str, ModelSpec, Linears]:
     path = os.environ.get(ENV_VAR)
     if not path:
         raise ConfigError(f"{ENV_VAR} is not set: point it at a YAML file with a model: section, e.g. "
@@ -60,11 +125,22 @@ def _yaml_model() -> tuple[str, ModelSpec]:
         if not os.path.isfile(path):
             raise ConfigError(f"{ENV_VAR}={path}: no such file")
         with open(path) as fh:
-            section = (yaml.safe_load(fh) or {}).get("model")
+            raw = yaml.safe_load(fh) or {}
+        section = raw.get("model") if isinstance(raw, dict) else None
         if not isinstance(section, dict):
             raise ConfigError(f"{ENV_VAR}={path} has no model: section")
-        _yaml_cache[path] = model_spec_from_dict(section)
-    return path, _yaml_cache[path]
+        spec = model_spec_from_dict(section)
+        try:
+            linears = linears_from_dict(raw.get(LINEARS_KEY))
+        except ConfigError as e:
+            raise ConfigError(f"{ENV_VAR}={path}: {e}") from None
+        _yaml_cache[path] = (spec, linears)
+    return (path, *_yaml_cache[path])
+
+
+def yaml_linears() -> Linears:
+    """The ``linears:`` of the ``BASED_SPEC_CONFIG`` YAML, imported ({} without the key or the variable)."""
+    return _yaml_model()[2] if os.environ.get(ENV_VAR) else {}
 
 
 def based_config_from_megatron_lm(config: TransformerConfig, args=None) -> BasedConfig:
@@ -75,7 +151,7 @@ def based_config_from_megatron_lm(config: TransformerConfig, args=None) -> Based
     cached = _config_cache.get(id(config))
     if cached is not None and cached[0] is config and args is None:
         return cached[1]
-    path, spec = _yaml_model()
+    path, spec, _ = _yaml_model()
     want = spec.config
     wrong = [f"{flag} {getattr(config, field)!r} (the YAML has {getattr(want, field)!r})"
              for flag, field in _CONFIG_FLAGS if getattr(config, field) != getattr(want, field)]
@@ -108,8 +184,9 @@ class BasedPatternLayer(TransformerLayer):
         based = based_config_from_megatron_lm(config)
         pp_rank = get_pg_rank(pg_collection.pp) if pg_collection is not None else None
         index = layer_number - 1 + get_transformer_layer_offset(based, vp_stage, pp_rank)
-        super().__init__(based, get_based_layer_spec(based.layer_pattern[index]).submodules, layer_number,
-                         vp_stage=vp_stage, pg_collection=pg_collection, **kwargs)
+        spec = get_based_layer_spec(based.layer_pattern[index], yaml_linears())
+        super().__init__(based, spec.submodules, layer_number, vp_stage=vp_stage, pg_collection=pg_collection,
+                         **kwargs)
 
 
 # ``--spec megatron_based.model.megatron_lm based_layer``
@@ -118,7 +195,8 @@ based_layer = ModuleSpec(module=BasedPatternLayer)
 
 def based_layer_spec(args, config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
     """The block spec of this (virtual) pipeline stage, for frameworks that call a spec function with Megatron-LM's
-    ``args`` and ``TransformerConfig``; checks both against the ``BASED_SPEC_CONFIG`` YAML first."""
+    ``args`` and ``TransformerConfig``; checks both against the ``BASED_SPEC_CONFIG`` YAML first (its ``linears:``
+    too: the layers take them from it)."""
     based = based_config_from_megatron_lm(config, args)
     n = get_num_layers_to_build(based, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[based_layer] * n, layer_norm=RMSNorm)

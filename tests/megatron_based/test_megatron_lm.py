@@ -1,6 +1,7 @@
 """megatron_based.model.megatron_lm: the --spec objects for Megatron-LM's pretrain_gpt.py build the same model as
 megatron_based.build_model from the same YAML (names, shapes, and logits with the same weights), and a Megatron-LM
-argument that disagrees with the YAML stops the build with one line naming the flag."""
+argument that disagrees with the YAML stops the build with one line naming the flag. The YAML's linears: key replaces
+the mixers' linear layers; a bad entry stops the build with one line naming the key."""
 from __future__ import annotations
 
 import pytest
@@ -114,3 +115,91 @@ def test_disagreeing_arguments_name_the_flags(tmp_path, monkeypatch):
                           "(the YAML has 32); --hidden-dropout 0.1 (the YAML has 0.0); "
                           "--disable-bias-linear is not set")
     assert "--position-embedding-type none" in msg
+
+
+# Replacement linears for the YAML's linears: key, named by this module's import path; trivial subclasses, so the
+# built layers show which class each submodule came from.
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+
+
+class TaggedColumnLinear(ColumnParallelLinear):
+    pass
+
+
+class TaggedRowLinear(RowParallelLinear):
+    pass
+
+
+LINEARS = {"L": {"linear_qkv": f"{__name__}:TaggedColumnLinear", "linear_proj": f"{__name__}.TaggedRowLinear"},
+           "C": {"linear_in": f"{__name__}:TaggedColumnLinear"}}
+
+
+def _linears_worker(rank, world, yaml_path):
+    import os
+
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_based.model.megatron_lm import based_layer, based_layer_spec
+    from megatron_based.runtime.parallel import initialize_parallel
+
+    initialize_parallel(1)
+    os.environ["BASED_SPEC_CONFIG"] = yaml_path
+    results = {}
+    for name in ("called", "as_is"):
+        args, config = _megatron_lm(FLAGS)
+        layer_spec = based_layer_spec(args, config, None) if name == "called" else based_layer
+        lm = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=56, max_sequence_length=16,
+                      position_embedding_type="none").eval()
+        tokens = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            logits = lm(tokens, torch.arange(7)[None], attention_mask=None)
+        results[name] = (bool(torch.isfinite(logits).all()),
+                         [{sub: type(mod).__name__ for sub, mod in layer.self_attention.named_children()
+                           if sub.startswith("linear")} for layer in lm.decoder.layers])
+    return results
+
+
+def test_yaml_linears_replace_the_mixers_linears(tmp_path):
+    import yaml
+
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump({"model": MODEL, "linears": LINEARS}))
+    [results] = run_distributed(_linears_worker, 1, str(path))
+    for name, (finite, linears) in results.items():
+        assert finite, name
+        # pattern C L S A: C's linear_in and L's two linears replaced; C's linear_out, S and A keep the defaults
+        assert linears == [{"linear_in": "TaggedColumnLinear", "linear_out": "RowParallelLinear"},
+                           {"linear_qkv": "TaggedColumnLinear", "linear_proj": "TaggedRowLinear"},
+                           {"linear_qkv": "ColumnParallelLinear", "linear_proj": "RowParallelLinear"},
+                           {"linear_qkv": "ColumnParallelLinear", "linear_proj": "RowParallelLinear"}], name
+
+
+@pytest.mark.parametrize("linears, message", [
+    ({"Q": {"linear_qkv": f"{__name__}:TaggedColumnLinear"}},
+     "linears.Q: no mixer has the symbol 'Q'; use one of {registered}"),
+    ({"L": {"linear_in": f"{__name__}:TaggedColumnLinear"}},
+     "linears.L.linear_in: the L mixer (TaylorLinearAttention) has no submodule 'linear_in'; use one of "
+     "linear_qkv, linear_proj"),
+    ({"C": {"linear_in": "no_such_package.linears:Linear"}},
+     "linears.C.linear_in: cannot import module 'no_such_package.linears' (ModuleNotFoundError: No module named "
+     "'no_such_package'): fix the module path or install its package"),
+    ({"S": {"linear_proj": f"{__name__}.NoSuchLinear"}},
+     f"linears.S.linear_proj: module '{__name__}' has no 'NoSuchLinear': fix the class name"),
+    ({"A": {"linear_qkv": f"{__name__}:LINEARS"}},
+     f"linears.A.linear_qkv: '{__name__}:LINEARS' is a dict, not a class: name a linear layer class"),
+], ids=["unknown-mixer", "unknown-submodule", "module-not-found", "no-such-class", "not-a-class"])
+def test_bad_yaml_linears_name_the_key(tmp_path, monkeypatch, linears, message):
+    import yaml
+
+    from megatron_based.model.config import ConfigError
+    from megatron_based.model.megatron_lm import based_layer_spec
+    from megatron_based.model.mixers.registry import MIXERS
+
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump({"model": MODEL, "linears": linears}))
+    message = message.replace("{registered}", ", ".join(MIXERS))
+    monkeypatch.setenv("BASED_SPEC_CONFIG", str(path))
+    args, config = _megatron_lm(FLAGS)
+    with pytest.raises(ConfigError) as e:  # from the spec function, before Megatron-LM builds any module
+        based_layer_spec(args, config)
+    assert str(e.value) == f"BASED_SPEC_CONFIG={path}: {message}"
