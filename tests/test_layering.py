@@ -3,7 +3,9 @@
     runtime  <-  model  <-  training  <-  inference  <-  tasks  <-  (megatron_based/__init__.py, megatron_based/cli.py)
 
 the module import graph has no cycle, and ``based_kernels`` imports none of Megatron, DeepSpeed or megatron_based.
-Read from the source with ``ast`` (nothing is imported); function-local imports count like module-level ones.
+Read from the source with ``ast`` (nothing is imported); function-local imports count like module-level ones. Imports
+under ``if __name__ == "__main__":`` count for the layering but not for cycles: that code runs only when the file is
+the script (``python -m``), as the module ``__main__``, which nothing imports back.
 """
 from __future__ import annotations
 
@@ -42,13 +44,28 @@ def module_sources(package: str) -> dict[str, tuple[str, bool]]:
     return out
 
 
-def imports_of(module: str, source: str, is_package: bool, known: set[str]) -> list[tuple[str, int]]:
+def is_main_block(node: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` (either operand order)."""
+    if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1
+            and isinstance(node.test.ops[0], ast.Eq)):
+        return False
+    operands = [node.test.left, *node.test.comparators]
+    return (any(isinstance(o, ast.Name) and o.id == "__name__" for o in operands)
+            and any(isinstance(o, ast.Constant) and o.value == "__main__" for o in operands))
+
+
+def imports_of(module: str, source: str, is_package: bool, known: set[str],
+               main_blocks: bool = True) -> list[tuple[str, int]]:
     """``(imported module, line)`` for every import statement of ``module``, at any depth (function-local
-    included). Relative imports are resolved; ``from package import name`` names the submodule where ``name`` is
-    one of ``known``, else the package."""
+    included; those under a module-level ``if __name__ == "__main__":`` only with ``main_blocks``). Relative imports
+    are resolved; ``from package import name`` names the submodule where ``name`` is one of ``known``, else the
+    package."""
     package = module if is_package else module.rpartition(".")[0]
+    tree = ast.parse(source)
+    if not main_blocks:
+        tree.body = [node for node in tree.body if not is_main_block(node)]
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -80,13 +97,13 @@ def wing_of(module: str) -> int:
     return WINGS[parts[1]]
 
 
-def import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, dict[str, int]]:
-    """``{module: {imported module of the same package: first line}}``."""
+def import_graph(sources: dict[str, tuple[str, bool]], main_blocks: bool = True) -> dict[str, dict[str, int]]:
+    """``{module: {imported module of the same package: first line}}`` (``main_blocks``: see :func:`imports_of`)."""
     known = set(sources)
     graph = {}
     for module, (source, is_package) in sources.items():
         edges = {}
-        for target, line in imports_of(module, source, is_package, known):
+        for target, line in imports_of(module, source, is_package, known, main_blocks):
             target = nearest_known(target, known)
             if target is not None and target != module:
                 edges.setdefault(target, line)
@@ -127,6 +144,12 @@ def graph():
     return import_graph(module_sources("megatron_based"))
 
 
+@pytest.fixture(scope="module")
+def imported_graph():
+    """The graph of what importing a module imports: ``__main__`` blocks left out."""
+    return import_graph(module_sources("megatron_based"), main_blocks=False)
+
+
 def test_every_module_is_in_a_wing(graph):
     for module in graph:
         wing_of(module)
@@ -137,8 +160,8 @@ def test_wings_import_only_downwards(graph):
     assert upward_imports(graph) == []
 
 
-def test_no_import_cycle(graph):
-    cycle = find_cycle(graph)
+def test_no_import_cycle(imported_graph):
+    cycle = find_cycle(imported_graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
@@ -166,3 +189,22 @@ def test_the_checks_catch_an_upward_import_and_a_cycle():
                                      "(wing 2 above 1)"]
     assert find_cycle(graph) == ["megatron_based.training.loop", "megatron_based.training.step",
                                  "megatron_based.training.loop"]
+
+
+def test_main_blocks_count_for_the_layering_not_for_cycles():
+    """A ``__main__`` block importing back the module that imports its file (what ``python -m`` of
+    ``inference/convert.py`` does through ``inference/cli.py``) is no cycle; an upward import there still counts."""
+    main = 'if __name__ == "__main__":\n    from .cli import main\n    from ..tasks import demo\n'
+    sources = {
+        "megatron_based": ("", True),
+        "megatron_based.inference": ("", True),
+        "megatron_based.inference.cli": ("def main():\n    from . import convert\n", False),
+        "megatron_based.inference.convert": ("import sys\n" + main, False),
+        "megatron_based.tasks": ("", True),
+        "megatron_based.tasks.demo": ("", False),
+    }
+    assert find_cycle(import_graph(sources, main_blocks=False)) is None
+    assert find_cycle(import_graph(sources)) == ["megatron_based.inference.cli", "megatron_based.inference.convert",
+                                                 "megatron_based.inference.cli"]
+    assert upward_imports(import_graph(sources)) == ["megatron_based.inference.convert:4 imports "
+                                                     "megatron_based.tasks.demo (wing 4 above 3)"]

@@ -33,15 +33,21 @@ config turns it off.
 from __future__ import annotations
 
 import pickle
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
+from ..runtime.noise import quiet_known_warnings
 
-from ..model.config import BasedConfig, padded_vocab_size
-from ..model.mixers.conversion import Rule, one, same, swap_halves
-from ..model.mixers.registry import MIXERS, get_mixer
-from ..training.checkpointing import error_line
+if __name__ == "__main__":  # python -m megatron_based.inference.convert: before torch and Megatron warn
+    quiet_known_warnings("--verbose" in sys.argv)
+
+import torch  # noqa: E402
+
+from ..model.config import BasedConfig, padded_vocab_size  # noqa: E402
+from ..model.mixers.conversion import Rule, one, same, swap_halves  # noqa: E402
+from ..model.mixers.registry import MIXERS, get_mixer  # noqa: E402
+from ..training.checkpointing import error_line  # noqa: E402
 
 __all__ = ["ConversionError", "published_to_released", "released_to_megatron", "megatron_to_released",
            "released_shapes", "read_tensors", "write_tensors", "rank_file"]
@@ -247,3 +253,12 @@ def write_tensors(tensors: dict, path: str | Path) -> None:
 def rank_file(directory: str | Path, rank: int) -> Path:
     """Where the per-TP-rank Megatron state dicts of a converted checkpoint live."""
     return Path(directory) / f"mp_rank_{rank:02d}" / "model.pt"
+
+
+if __name__ == "__main__":  # python -m megatron_based.inference.convert: megatron-based-convert's main
+    # This file runs as the module __main__ here; convert_main imports megatron_based.inference.convert afresh,
+    # which does not import .cli, so the two do not import each other (tests/test_layering.py's cycle check leaves
+    # __main__ blocks out).
+    from .cli import convert_main
+
+    sys.exit(convert_main())

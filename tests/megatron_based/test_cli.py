@@ -41,6 +41,17 @@ def test_help_imports_neither_torch_nor_megatron_and_shows_defaults():
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
+def test_convert_runs_as_a_module():
+    """``python -m megatron_based.inference.convert`` is megatron-based-convert (its __main__ block calls
+    ``inference.cli.convert_main``), with the known warnings hidden there too."""
+    out = subprocess.run([sys.executable, "-m", "megatron_based.inference.convert", "--help"], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: megatron-based-convert")
+    assert "{import,export}" in out.stdout
+    assert "Warning" not in out.stderr, out.stderr
+
+
 def test_train_help_lists_dry_run(capsys):
     assert cli.train(["--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
