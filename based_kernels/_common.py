@@ -101,9 +101,26 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, B: int = 1) -> list[int]:
     return bounds
 
 
+# BASED_KERNELS_AUTOTUNE=0: every autotuned kernel launches the first config of its list, untimed. Tuning compiles
+# every config of every kernel specialization a process meets (seconds each); the GPU test suite turns it off for
+# its in-process tests and checks every config on its own (tests/kernels/test_every_config.py). Read at import.
+AUTOTUNE = os.environ.get("BASED_KERNELS_AUTOTUNE", "1") != "0"
+
+
+class ConfigList(list):
+    """An autotune list (what Triton's autotuner gets) that keeps every GPU config in ``all`` when tuning is off."""
+
+    def __init__(self, chosen, every):
+        super().__init__(chosen)
+        self.all = list(every)
+
+
 def configs(gpu_configs, interpreter_config):
-    """The autotune list: every GPU config, or the single interpreter config under TRITON_INTERPRET=1."""
-    return [interpreter_config] if INTERPRET else gpu_configs
+    """The autotune list: every GPU config (the first one only with BASED_KERNELS_AUTOTUNE=0), or the single
+    interpreter config under TRITON_INTERPRET=1."""
+    if INTERPRET:  # ``all`` still lists the GPU configs: tests run each of them in the interpreter too
+        return ConfigList([interpreter_config], gpu_configs)
+    return ConfigList(gpu_configs if AUTOTUNE else gpu_configs[:1], gpu_configs)
 
 
 def row_align(*tensors):
@@ -160,10 +177,13 @@ class Launcher:
     as in Triton. Tested against Triton's own launch path in ``tests/kernels/test_launcher.py``.
     """
 
+    instances: list["Launcher"] = []  # every launcher: forget_launches() empties their caches
+
     def __init__(self, kernel):
         self.kernel = kernel
         self.cache = {}
         self.n_tensors = None  # the leading tensor arguments (pointers); the rest are scalars
+        Launcher.instances.append(self)
 
     def __call__(self, grid, args, **consts):
         if INTERPRET:
@@ -209,6 +229,13 @@ class Launcher:
             launch_metadata = compiled.launch_metadata(g, stream, *full)
         compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, compiled.function,
                      compiled.packed_metadata, launch_metadata, enter, leave, *full)
+
+
+def forget_launches():
+    """Empty every launcher's cache of compiled kernels and chosen configs (after an autotuner's list or choice
+    was changed: the next launch per key goes through the autotuner again)."""
+    for launcher in Launcher.instances:
+        launcher.cache.clear()
 
 
 class _RT:

@@ -1,4 +1,9 @@
-"""``based_kernels._common.check_cu_seqlens``: the one check of document offsets that every varlen path runs."""
+"""``based_kernels._common``: ``check_cu_seqlens`` (the one check of document offsets that every varlen path runs)
+and the autotuning switch."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -27,3 +32,18 @@ def test_check_cu_seqlens_syncs_once_per_tensor_version(monkeypatch):
     assert check_cu_seqlens(frozen, 10) == [0, 10]
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 10"):
         check_cu_seqlens(frozen, 11)
+
+
+@pytest.mark.parametrize("setting, n", [(None, 4), ("1", 4), ("0", 1)])
+def test_autotune_switch_keeps_every_config(setting, n):
+    """BASED_KERNELS_AUTOTUNE=0: the autotuner gets the first config of the GPU list only; ``.all`` keeps the list
+    (test_every_config.py runs each). Compiled-kernel mode (no interpreter), in a fresh process: read at import."""
+    code = ("from based_kernels.sliding_window.forward import swa_fwd_kernel as k; "
+            "print(len(k.configs), len(k.configs.all), k.configs[0] is k.configs.all[0])")
+    env = {key: v for key, v in os.environ.items() if key != "BASED_KERNELS_AUTOTUNE"}
+    env["TRITON_INTERPRET"] = "0"
+    if setting is not None:
+        env["BASED_KERNELS_AUTOTUNE"] = setting
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(n), "4", "True"], out.stdout

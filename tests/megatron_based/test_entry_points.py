@@ -48,8 +48,15 @@ def torchrun(nproc: int, name: str) -> list[str]:
     return launcher + (["--no-python", *cmd] if len(cmd) == 1 else cmd[1:])
 
 
-def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def env(autotune: bool = True) -> dict:
+    """The subprocess environment. ``autotune``: the kernels tune as users' runs do (the GPU suite's conftest turns
+    tuning off for its in-process tests, BASED_KERNELS_AUTOTUNE=0); False: each kernel launches its first config."""
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if autotune:
+        e.pop("BASED_KERNELS_AUTOTUNE", None)
+    else:
+        e["BASED_KERNELS_AUTOTUNE"] = "0"
+    return e
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +81,7 @@ class Setup:
     kill_after: int  # SIGKILL the group once this step is logged
     overrides: list[str] = field(default_factory=list)
     timeout: float = 600
+    autotune: bool = True  # False: BASED_KERNELS_AUTOTUNE=0 (every process launches each kernel's first config)
 
 
 def cpu_setup() -> Setup:
@@ -86,12 +94,14 @@ def gpu_setup(graphs: bool) -> Setup:
     """based-360m (27 layers, d 1024, vocab 50257) at T 2048 on every GPU, 32k tokens per GPU and step (a fifth of
     a second): the run saves at step 4 (the default fully-reshardable optimizer format; dp_reshardable with
     graphs, so both formats resume on GPUs) and is killed after step 7, during step 8 or its save; steps 5-7 are
-    compared and generate / eval read the step-4 checkpoint. ``graphs``: CUDA graphs, 4 accumulated micro-batches
-    per step and validation every 3 steps."""
+    compared and generate / eval read the step-4 checkpoint; the kernels autotune, as users' runs do. ``graphs``: CUDA
+    graphs, 4 accumulated micro-batches per step and validation every 3 steps, each kernel's first config (the
+    suite's time budget; tests/kernels/test_every_config.py checks every config)."""
     micro, accumulate = (4, 4) if graphs else (16, 1)
     extra = ["model.cuda_graph_impl=local", "train.eval_interval=3", "train.eval_iters=2",
              "train.optimizer_checkpoint_format=dp_reshardable"] if graphs else ["train.eval_interval=0"]
-    return Setup("configs/based-360m.yaml", GPUS, steps=8, save_interval=4, kill_after=7, timeout=240, overrides=[
+    return Setup("configs/based-360m.yaml", GPUS, steps=8, save_interval=4, kill_after=7, timeout=240,
+                 autotune=not graphs, overrides=[
         "model.seq_length=2048", f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro * accumulate * GPUS}", "train.lr=3e-4", "train.min_lr=3e-5",
         "train.lr_warmup_steps=2", *extra])
@@ -112,7 +122,8 @@ def start_train(setup: Setup, corpus: dict, root: Path, metrics: Path, *extra: s
     log = (root / f"{metrics.stem}.log").open("w")
     cmd = [*torchrun(nproc or setup.nproc, "megatron-based-train"), str(REPO / setup.config),
            *run_overrides(setup, corpus, root, metrics, save), *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env(setup.autotune), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def finish(proc, root: Path, metrics: Path, timeout: float) -> None:

@@ -1,0 +1,113 @@
+"""Every autotuning config of every autotuned kernel against its fp64 reference.
+
+Autotuning launches whichever config times fastest on the machine at hand, so any config of a kernel's list can
+be the one a user runs; the other kernel tests see only the chosen one (on CPU the interpreter's small config; on
+the GPU suite, which sets BASED_KERNELS_AUTOTUNE=0 for speed, the first of each list). Here each family's kernels
+run config i of their lists together (the last one where a list is shorter), for every i, on shapes that end in a
+partial tile of every config: bf16 on the GPU, fp32 under the interpreter (its bf16 products are wrong)."""
+import importlib
+import pkgutil
+
+import pytest
+import torch
+from triton.runtime.autotuner import Autotuner
+
+import based_kernels
+from based_kernels._common import forget_launches
+
+from . import test_cross_entropy as ce
+from . import test_rms_norm as rms
+from . import test_rope as rope
+from . import test_short_conv as conv
+from . import test_sliding_window as swa
+
+GPU = torch.cuda.is_available()
+DT = torch.bfloat16 if GPU else torch.float32
+T = 333 if GPU else 70  # > every BT / BM / BN (up to 128) on the GPU, > 64 in the (slow) interpreter
+
+
+def autotuners(family: str) -> list[Autotuner]:
+    """The autotuned kernels defined in ``based_kernels.<family>``'s modules."""
+    package = importlib.import_module(f"based_kernels.{family}")
+    found = []
+    for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+        module = importlib.import_module(info.name)
+        found += [k for k in vars(module).values() if isinstance(k, Autotuner) and k not in found]
+    return found
+
+
+def check_short_conv():
+    tol = 1e-2 if GPU else 1e-5  # C = 520: a partial channel block of every BC (32..512)
+    conv.check_against_fp64(2, T, 520, 3, True, True, None, DT, tol, seed=3)
+    for variant in ("tile", "stream"):
+        conv.check_packed(1, T, 520, 2, cu=[0, 1, T - 20, T], dtype=DT, tol=tol, variant=variant, seed=5)
+
+
+def check_sliding_window():
+    tol = 1.5e-2 if GPU else 1e-5
+    swa.check_against_fp64(*swa.make(2, T, 4, 2, 64, DT, 0, seed=1), 128, tol)
+    swa.check_against_fp64(*swa.make(1, T, 2, 1, 112, DT, 40, seed=2), 50, tol)
+    cu = torch.tensor([0, 1, T - 20, T], dtype=torch.int32, device=swa.DEV)
+    swa.check_against_fp64(*swa.make(1, T, 2, 2, 64, DT, 0, seed=3), 64, tol, cu_seqlens=cu)
+
+
+def check_rms_norm():
+    for shape, w_dtype in (((T, 1000), torch.float32), ((13, 1792), DT)):  # partial row blocks and widths
+        x, w, dy = rms.make(shape, DT, w_dtype, seed=11)
+        ours = rms.run(x, w, dy, 1e-5, backend="triton")
+        theirs = rms.run(x, w, dy, 1e-5, backend="torch")
+        for name, a, t, ref in zip(("y", "dx", "dw"), ours, theirs, rms.fp64_reference(x, w, dy, 1e-5)):
+            err, torch_err = rms.rel(a, ref), rms.rel(t, ref)
+            assert err <= 1.5 * torch_err + 1e-6, (shape, name, err, torch_err)
+
+
+def check_rope():
+    s, b, ng, G, D, offset = 37, 3, 4, 2, 64, 1000  # s * b * ng rows: a partial block of every BLOCK_N
+    qkv = rope.make_qkv(s, b, ng, G, D, DT, seed=12)
+    dq, dk, dv = rope.strided_grads(s, b, ng, G, D, DT, seed=13)
+    got = rope.run(qkv, dq, dk, dv, ng, D, offset=offset, backend="triton")
+    ref = rope.reference(qkv, dq, dk, dv, G, D, offset)
+    errs = [rope.rel(a, r) for a, r in zip(got, ref)]
+    assert max(errs) < (4e-3 if GPU else 2e-7), errs
+
+
+def check_cross_entropy():
+    x, t, dloss = ce.make(37 if GPU else 5, 10_007, DT, seed=14)  # V: a partial block of every BLOCK_V (2048..8192)
+    loss, grad = ce.run(x, t, dloss, backend="triton")
+    loss_ref, grad_ref = ce.fp64_reference(x, t, dloss)
+    assert (loss.double() - loss_ref).abs().max().item() < 1e-4
+    assert ce.rel(grad, grad_ref) < (8e-3 if GPU else 1e-6)
+
+
+FAMILIES = {"short_conv": check_short_conv, "sliding_window": check_sliding_window, "rms_norm": check_rms_norm,
+            "rope": check_rope, "cross_entropy": check_cross_entropy}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_config_matches_fp64(family):
+    tuners = autotuners(family)
+    assert tuners, f"no autotuned kernel found in based_kernels.{family}"
+    every = {t: t.configs.all for t in tuners}  # ConfigList.all: the whole GPU list, also when tuning is off
+    chosen = {t: t.configs for t in tuners}
+    try:
+        for i in range(max(len(c) for c in every.values())):
+            for t in tuners:
+                t.configs = [every[t][min(i, len(every[t]) - 1)]]
+                t.cache.clear()  # the config each key chose before
+            forget_launches()  # the launchers' compiled kernels per key
+            try:
+                FAMILIES[family]()
+            except AssertionError as e:
+                raise AssertionError(f"config {i}: {[str(t.configs[0]) for t in tuners]}: {e}") from None
+    finally:
+        for t in tuners:
+            t.configs = chosen[t]
+            t.cache.clear()
+        forget_launches()
+
+
+def test_every_family_with_autotuning_is_covered():
+    """A new autotuned family gets a check here."""
+    root = based_kernels.__path__
+    families = {m.name for m in pkgutil.iter_modules(root) if m.ispkg}
+    assert {f for f in families if autotuners(f)} == set(FAMILIES)
