@@ -47,6 +47,9 @@ def mqar_parser() -> argparse.ArgumentParser:
     opt.add_argument("--tf32", action="store_true",
                      help="fp32 matmuls (torch's and the Taylor kernels') on TF32 tensor cores: "
                           "torch.set_float32_matmul_precision('medium') (default: IEEE fp32, as Zoology)")
+    opt.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                     help="train: the plain eager loop on GPU (default: every full batch's step, AdamW included, is "
+                          "one CUDA graph replay; the last partial batch of an epoch runs eagerly)")
     opt.add_argument("--json", help="train: write the result (settings, state size, accuracy, per-epoch history)")
     opt.add_argument("--save", help="train: write the weights and the model's configuration here (a torch file)")
     ev = p.add_argument_group("eval")

@@ -188,15 +188,73 @@ def evaluate_mqar(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size:
     return (recall, loss_sum / n) if with_loss else recall
 
 
+def _capture_train_step(model, opt, inputs, labels, query_positions, warmup: int = 3):
+    """``(graph, loss)``: one training step (``zero_grad(set_to_none=False)``, forward, loss, backward,
+    ``opt.step()``) on the static batch ``inputs, labels, query_positions`` captured in a CUDA graph, as PyTorch's
+    whole-network capture does it: ``warmup`` eager steps on a side stream first (Triton compilation and
+    autotuning, the cuBLAS workspace of that stream, the ``.grad`` tensors and AdamW's state are all created
+    outside the capture), then the capture on the same stream. ``loss`` is the step's loss (a static tensor that
+    every replay rewrites). The warm-up steps do not count: the parameters are restored afterwards and AdamW's
+    state is zeroed (its value before the first step: moments 0, step count 0), so the training is the eager
+    loop's from the same weights. ``opt`` must be fused and capturable (its step count lives on the device)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+
+    def step():
+        # set_to_none=False: the captured backward and AdamW step use the .grad tensors that exist at capture
+        opt.zero_grad(set_to_none=False)
+        loss = mqar_loss(model, inputs, labels, query_positions)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                step()
+    finally:  # undo the warm-up steps, also when one failed (the caller then trains eagerly from these weights)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.no_grad():
+            for p, p0 in zip(params, saved):
+                p.copy_(p0)
+            for state in opt.state.values():
+                for t in state.values():
+                    if torch.is_tensor(t):
+                        t.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):  # records the kernels, runs none of them
+        loss = step()
+    return graph, loss
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def train_mqar(model, train, test, *, epochs: int = 64, batch_size: int = 256, lr: float = 1e-3,
                weight_decay: float = 0.1, early_stop: float | None = 0.99, seed: int = 0,
-               log: Callable[[str], None] | None = print) -> list[dict]:
+               log: Callable[[str], None] | None = print, cuda_graph: bool | None = None) -> list[dict]:
     """Zoology's training on the fixed ``train = (inputs, labels)`` set: each epoch a reshuffled pass in batches of
     ``batch_size``, AdamW, the learning rate cosine-annealed per epoch (``lr * (1 + cos(pi e / epochs)) / 2`` in
     epoch e, no warm-up), then the test recall on ``test``; stops after the first epoch whose recall exceeds
-    ``early_stop``. ``log`` gets one line per epoch. Returns one dict per epoch (epoch, lr, loss: the epoch's
-    mean training loss, test_loss, accuracy, seconds since the start)."""
+    ``early_stop``. ``log`` gets one line per epoch (and one about the CUDA graph when it is on). Returns one dict
+    per epoch (epoch, lr, loss: the epoch's mean training loss, test_loss, accuracy, seconds since the start).
+
+    ``cuda_graph`` (None: on when the model is on CUDA; True on another device: ValueError): every full batch's
+    step (zero_grad, forward, loss, backward, fused AdamW) is one replay of a CUDA graph captured once
+    (:func:`_capture_train_step`; its warm-up steps are undone), with the learning rate a device tensor that the
+    per-epoch cosine value is written into; an epoch's last partial batch runs eagerly on the same model and
+    optimizer. The small MQAR models are bound by the host's ~1,100-1,400 kernel launches per step otherwise. The
+    numerics are the eager loop's up to rounding: the graphed AdamW reads the learning rate as an fp32 tensor, the
+    eager one as a Python float. Needs every row to have the same number of queries; if the capture fails, ``log``
+    gets one line saying why and the training runs eagerly. False: the plain eager loop."""
     device = next(model.parameters()).device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {device} "
+                         "(leave cuda_graph at None or False)")
     x, y = (t.to(device) for t in train)
     tx, ty = (t.to(device) for t in test)
     queries = train[1] != IGNORE
@@ -205,21 +263,58 @@ def train_mqar(model, train, test, *, epochs: int = 64, batch_size: int = 256, l
     query_positions = (queries.nonzero()[:, 1].view(len(per_row), -1).to(device)
                        if len(per_row) and bool((per_row == per_row[0]).all()) else None)
     g = torch.Generator().manual_seed(seed)
-    # fused: one kernel for all parameters on GPU (the same update as the loop over them)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    graph = None  # the captured full-batch step, when CUDA graphs are on
+    if (device.type == "cuda" if cuda_graph is None else cuda_graph) and x.shape[0] >= batch_size:
+        reason = "every row needs the same number of queries (the step would wait for the host to find them)"
+        if query_positions is not None:
+            # the static batch the graph reads: each full batch's rows are copied into it before a replay
+            static = (x[:batch_size].clone(), y[:batch_size].clone(), query_positions[:batch_size].clone())
+            # capturable: the step count stays on the device; the learning rate is a device tensor as well, so
+            # that the captured update reads the value written into it each epoch
+            lr_now = torch.tensor(lr, dtype=torch.float32, device=device)
+            opt = torch.optim.AdamW(model.parameters(), lr=lr_now, weight_decay=weight_decay, fused=True,
+                                    capturable=True)
+            t_capture = time.perf_counter()
+            model.train()  # the mode the captured forward runs in
+            try:
+                graph, static_loss = _capture_train_step(model, opt, *static)
+            except Exception as e:  # noqa: BLE001 - whatever stops the capture: train eagerly, never lose the run
+                # a failure inside the capture surfaces as the capture's end failing: name the first cause too
+                reason = "; ".join(_first_line(c) for c in (e.__context__, e) if c is not None)
+                graph = None
+        if log:
+            rest = x.shape[0] % batch_size
+            rest = f"; the last {rest} rows of an epoch run eagerly" if rest else ""
+            log(f"CUDA graph: one replay per full batch of {batch_size} (captured in "
+                f"{time.perf_counter() - t_capture:.1f} s{rest})" if graph is not None
+                else f"CUDA graphs off: {reason}; training eagerly")
+    if graph is None:
+        # fused: one kernel for all parameters on GPU (the same update as the loop over them)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     history, t0 = [], time.perf_counter()
     for epoch in range(epochs):
         rate = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        for group in opt.param_groups:
-            group["lr"] = rate
+        if graph is not None:
+            lr_now.fill_(rate)  # in place: the graph and the eager partial batches read this tensor
+        else:
+            for group in opt.param_groups:
+                group["lr"] = rate
         model.train()
         order = torch.randperm(x.shape[0], generator=g).to(device)
         total = torch.zeros((), device=device)
         steps = 0
         for i in range(0, x.shape[0], batch_size):
             idx = order[i: i + batch_size]
+            if graph is not None and idx.shape[0] == batch_size:
+                for src, dst in zip((x, y, query_positions), static):
+                    torch.index_select(src, 0, idx, out=dst)
+                graph.replay()
+                total += static_loss
+                steps += 1
+                continue
             loss = mqar_loss(model, x[idx], y[idx], None if query_positions is None else query_positions[idx])
-            opt.zero_grad(set_to_none=True)
+            # with the graph, the .grad tensors must stay: the captured backward and update use them
+            opt.zero_grad(set_to_none=graph is None)
             loss.backward()
             opt.step()
             total += loss.detach()
@@ -356,7 +451,7 @@ def _train(args) -> tuple:
           f"up to {args.epochs} epochs", flush=True)
     history = train_mqar(model, train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, early_stop=args.early_stop, seed=args.seed,
-                         log=lambda line: print(line, flush=True))
+                         log=lambda line: print(line, flush=True), cuda_graph=None if args.cuda_graph else False)
     if args.save:
         save_mqar_checkpoint(args.save, model, section)
     state = mqar_state_size(pattern, hidden_size=args.hidden_size, feature_dim=args.feature_dim,
@@ -366,6 +461,8 @@ def _train(args) -> tuple:
               "epochs": args.epochs, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
               "early_stop": args.early_stop, "seed": args.seed, "tf32": args.tf32, "parameters": params,
               "state_size": state,
+              # graphs asked for on a GPU (a failed capture says so in the log and trains eagerly)
+              "cuda_graph": args.cuda_graph and device.type == "cuda",
               "accuracy": history[-1]["accuracy"], "best_accuracy": max(h["accuracy"] for h in history),
               "epochs_run": len(history), "seconds": time.perf_counter() - t0,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

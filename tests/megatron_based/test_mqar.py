@@ -143,6 +143,53 @@ def test_tiny_based_learns_mqar_above_chance():
     assert history[-1]["accuracy"] > 3 * chance, (history, chance)
 
 
+def _graph_worker(rank, world, pattern):
+    from megatron_based.runtime.parallel import initialize_parallel
+    from megatron_based.tasks.mqar import MQARTask, build_mqar_model, mqar_dataset, train_mqar
+
+    initialize_parallel(1)
+    task = MQARTask(vocab_size=64, seq_len=32, num_kv_pairs=4)
+    train, test = mqar_dataset(task, 200, 64)  # batch 64: 3 full batches and a partial one of 8 rows per epoch
+    kw = dict(hidden_size=32, num_heads=1, feature_dim=8, vocab_size=64, seq_len=32, mlp=False)
+    graphed, eager = build_mqar_model(pattern, **kw), build_mqar_model(pattern, **kw)
+    eager.load_state_dict(graphed.state_dict())
+    out = {}
+    for name, model, cuda_graph in (("graph", graphed, True), ("eager", eager, False)):
+        lines = []
+        history = train_mqar(model, train, test, epochs=2, batch_size=64, lr=3e-3, seed=1, early_stop=None,
+                             log=lines.append, cuda_graph=cuda_graph)
+        out[name] = {"loss": [h["loss"] for h in history], "lines": lines,
+                     "params": {k: p.detach().cpu().clone() for k, p in model.named_parameters()}}
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["ZA", "ZH", "ZL"])  # the sweep's models (megatron_based.tasks.cli.MODELS)
+def test_mqar_cuda_graph_trains_like_the_eager_loop(pattern):
+    """cuda_graph=True (each full batch one graph replay, the partial last batch eager, the cosine learning rate
+    written into the graph's tensor each epoch) matches the eager loop from the same weights and data order: the
+    per-epoch losses and the final parameters within rtol 1e-5 (fp32; not bitwise: the graphed fused AdamW reads
+    the learning rate as an fp32 tensor, the eager one as a double)."""
+    out = run_distributed(_graph_worker, 1, pattern)[0]
+    graph, eager = out["graph"], out["eager"]
+    assert graph["lines"][0].startswith("CUDA graph: one replay per full batch of 64"), graph["lines"]
+    assert not any("CUDA graph" in line for line in eager["lines"])
+    assert graph["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+    assert graph["loss"][1] < graph["loss"][0]  # it trained
+    assert graph["params"].keys() == eager["params"].keys()
+    for k, v in graph["params"].items():
+        torch.testing.assert_close(v, eager["params"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_mqar_cuda_graph_needs_a_cuda_model():
+    """cuda_graph=True on a CPU model is an error (not silently eager); None means on only on CUDA."""
+    from megatron_based.tasks.mqar import train_mqar
+
+    data = (torch.zeros(4, 8, dtype=torch.long), torch.full((4, 8), -100))
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        train_mqar(torch.nn.Linear(2, 2), data, data, epochs=1, log=None, cuda_graph=True)
+
+
 def _mqar(*args, cwd):
     import subprocess
     import sys
