@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -65,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "megatron_based.training.loop", str(REPO / "configs" / "tiny.yaml"), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
+    start = time.time()
     if subprocess.run(cmd, cwd=REPO, env=env).returncode:
         print("training failed (see above)", file=sys.stderr)
         return 1
+    print(f"      training took {time.time() - start:.0f} s (start-up, Triton compilation and tuning included)")
+    start = time.time()
 
     from ..inference.loader import load_for_inference
     from ..inference.sample import greedy
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt = tokenizer.tokenize(PROMPT)
     ids = greedy(model, prompt, 60, seq_length=spec.seq_length, vocab_size=tokenizer.vocab_size,
                  stop_token=tokenizer.eod)
-    print(f"[4/4] greedy sample from {out / 'checkpoints'} (loaded at TP=1):\n")
+    print(f"[4/4] greedy sample from {out / 'checkpoints'} (loaded at TP=1; load and sample "
+          f"{time.time() - start:.0f} s):\n")
     print(tokenizer.detokenize([i for i in prompt + ids if i != tokenizer.eod]))
     torch.distributed.destroy_process_group()
     return 0

@@ -138,6 +138,12 @@ def finish(proc, root: Path, metrics: Path, timeout: float) -> None:
     assert code == 0, f"exit {code}:\n{log[-4000:]}"
 
 
+def keep_log(path: Path, out: subprocess.CompletedProcess, start: float) -> None:
+    """A finished subprocess's output and wall time in ``path`` (benchmarks/run_gpu_suite.sh brings the suite's
+    logs back: where an entry point spends its time)."""
+    path.write_text(f"exit {out.returncode} after {time.time() - start:.1f} s\n{out.stdout}\n{out.stderr}")
+
+
 def train_steps(metrics: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     return {r["step"]: r for r in rows if r["split"] == "train"}
@@ -230,6 +236,7 @@ def generate_and_eval(save: Path, corpus: dict, root: Path, losses: dict, dtype:
     start = time.time()
     out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     print(f"megatron-based-generate: exit {out.returncode} after {time.time() - start:.0f} s", flush=True)  # with -s
+    keep_log(root / "generate.log", out, start)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     text = out.stdout.strip().splitlines()[-1]
     assert text.startswith("And God said") and len(text) > len("And God said"), out.stdout
@@ -241,6 +248,7 @@ def generate_and_eval(save: Path, corpus: dict, root: Path, losses: dict, dtype:
     start = time.time()
     out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     print(f"megatron-based-eval: exit {out.returncode} after {time.time() - start:.0f} s", flush=True)
+    keep_log(root / "eval.log", out, start)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     loss = json.loads(result.read_text())["loss"]
     k = int(step.name.split("_")[1])
@@ -282,6 +290,7 @@ def test_make_demo_as_written(tmp_path):
     out = subprocess.run(["make", "demo"], cwd=REPO, env={**env(), "DEMO_DIR": str(tmp_path)}, capture_output=True,
                          text=True, timeout=600)
     print(f"make demo: exit {out.returncode} after {time.time() - start:.0f} s", flush=True)
+    keep_log(tmp_path / "demo.log", out, start)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"on {GPUS} processes" in out.stdout and "[4/4] greedy sample" in out.stdout, out.stdout[-3000:]
     valid = [line for line in out.stdout.splitlines() if line.startswith("validation at step 300")]
