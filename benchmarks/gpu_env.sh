@@ -2,6 +2,12 @@
 # based_kernels and megatron_based are folders at the repository root) and installs the carried wheels (.whl/, see
 # docs/benchmarks.md) into /tmp/site, also on PYTHONPATH. Returns 1 if the wheels do not install; the checkout is
 # importable either way (scripts that can go on with what the machine has installed do so).
+# gpu_banner: the GPU (name, driver, memory, clocks) and the torch / Triton / megatron-core versions, for the logs
+gpu_banner() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+  python3 -c 'import torch, triton, megatron.core as m
+print("torch", torch.__version__, "triton", triton.__version__, "megatron-core", m.__version__)'
+}
 mkdir -p /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1

@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/conv_bwd_out}
 mkdir -p "$OUT"
 steps=${*:-tests stream tile}
 CASES=${CONV_CASES:-"8,4096,2048,3,megatron;8,4096,1024,3,contiguous;8,4096,2048,3,contiguous;1,32768,2048,3,megatron"}
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+gpu_banner
 for s in $steps; do
   t0=$(date +%s)
   case $s in

@@ -7,7 +7,7 @@ set -o pipefail
 source benchmarks/gpu_env.sh || echo "FAILED: gpu_env.sh (continuing with what is installed; the checkout is importable)"
 OUT=${OUT:-/tmp/cross_entropy_out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+gpu_banner
 t0=$(date +%s)
 timeout ${BENCH_TIMEOUT:-45} python3 benchmarks/cross_entropy.py --out "$OUT/cross_entropy.json" $BENCH_ARGS 2>&1 \
   | tee "$OUT/cross_entropy.log" | grep -v '^{' || echo "FAILED: benchmark (see $OUT/cross_entropy.log)"

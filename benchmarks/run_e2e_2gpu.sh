@@ -16,7 +16,7 @@ if [ "$1" = "--smoke" ]; then
 else
   source benchmarks/gpu_env.sh || exit 1
   PY=python3
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  gpu_banner
   nvidia-smi topo -m | head -4
   MODEL=based-360m; SEQS="8192 32768"; TOK=8192; STEPS="--warmup 3 --steps 5 --profile"; NOISE="warn\|deprecated"
   COMM_ARGS="--t-local 8192 32768 --iters 10"

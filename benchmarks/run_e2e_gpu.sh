@@ -14,7 +14,7 @@ if [ "$1" = "--smoke" ]; then
 else
   source benchmarks/gpu_env.sh || exit 1
   PY=python3
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  gpu_banner
   M360="based-360m gpt-360m"; SEQS=${SEQS:-8192 32768 2048}; T64=65536; M13="based-1.3b"; S13="8192 32768"
   TOK=32768; TOK13=8192; STEPS="--warmup 3 --steps 5 --profile"; STEPS64="--warmup 2 --steps 3 --profile --profile-steps 1"
   NOISE="warn\|deprecated"

@@ -5,9 +5,7 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/gpu_env.sh || exit 1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__,
-  'megatron-core', m.__version__)"
+gpu_banner
 
 echo "== GPU tests: CUDA-graph decode == eager (in-process, fp32) =="
 timeout 240 python3 -m pytest -m gpu tests/megatron_based/test_generation.py -q -rA -s -p no:cacheprovider 2>&1 \

@@ -7,8 +7,7 @@
 set -o pipefail
 source benchmarks/gpu_env.sh || exit 1
 OUT=${OUT:-$(mktemp -d)}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c 'import torch, triton, megatron.core as m; print("torch", torch.__version__, "triton", triton.__version__, "megatron-core", m.__version__)'
+gpu_banner
 if [ -z "$BENCH_ONLY" ]; then
   start=$(date +%s)
   # SIGINT at the limit: pytest stops and still prints its summary and durations and writes the JUnit XML

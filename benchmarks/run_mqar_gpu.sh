@@ -7,9 +7,7 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/gpu_env.sh || exit 1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__,
-  'megatron-core', m.__version__)"
+gpu_banner
 echo "== MQAR grid: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d["runs"]), "runs")' \
   benchmarks/results/mqar.json 2>/dev/null || echo "0 runs") already in benchmarks/results/mqar.json =="
 # the console gets every run's first epoch (its speed) and the sweep's own lines; mqar_sweep.log gets all

@@ -10,7 +10,7 @@ set -o pipefail
 source benchmarks/gpu_env.sh || echo "FAILED: gpu_env.sh (continuing with what is installed; the checkout is importable)"
 OUT=${OUT:-/tmp/norm_out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+gpu_banner
 t0=$(date +%s)
 timeout ${BENCH_TIMEOUT:-50} python3 benchmarks/norm.py --out "$OUT/norm.json" $BENCH_ARGS 2>&1 \
   | tee "$OUT/norm.log" | grep -v '^{' || echo "FAILED: benchmark (see $OUT/norm.log)"

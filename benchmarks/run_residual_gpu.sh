@@ -12,7 +12,7 @@ set -o pipefail
 source benchmarks/gpu_env.sh || echo "FAILED: gpu_env.sh (continuing with what is installed; the checkout is importable)"
 OUT=${OUT:-/tmp/residual_out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+gpu_banner
 t0=$(date +%s)
 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_rms_norm.py \
   tests/megatron_based/test_residual_precision.py tests/megatron_based/test_model_gpu.py 2>&1 \

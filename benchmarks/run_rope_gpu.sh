@@ -9,7 +9,7 @@ set -o pipefail
 source benchmarks/gpu_env.sh || echo "FAILED: gpu_env.sh (continuing with what is installed; the checkout is importable)"
 OUT=${OUT:-/tmp/rope_out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+gpu_banner
 t0=$(date +%s)
 timeout ${BENCH_TIMEOUT:-60} python3 benchmarks/rope.py --out "$OUT/rope.json" 2>&1 \
   | tee "$OUT/rope.log" | grep -v '^{' || echo "FAILED: benchmark (see $OUT/rope.log)"

@@ -9,7 +9,7 @@ source benchmarks/gpu_env.sh || echo "FAILED: gpu_env.sh (continuing with what i
 OUT=${OUT:-/tmp/swa_conv_out}
 mkdir -p "$OUT"
 steps=${*:-tests conv swa}
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+gpu_banner
 for s in $steps; do
   t0=$(date +%s)
   case $s in
