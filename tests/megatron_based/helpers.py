@@ -26,6 +26,21 @@ def tiny_model(pattern="CLSA", *, vocab=64, seed=0, **overrides):
                        make_vocab_size_divisible_by=8)
 
 
+def bf16_model_and_fp64_reference(pattern: str, vocab: int):
+    """A bf16 model (d 64, max length 64, seed 0) and an fp64 copy of it with the same, bf16-rounded weights: the
+    oracle the bf16 decode guards measure against."""
+    kw = dict(layer_pattern=pattern, hidden_size=64, num_attention_heads=4, feature_dim=4, swa_window=6,
+              use_cpu_initialization=True)
+    torch.manual_seed(0)
+    model = build_model(BasedConfig(**kw, params_dtype=torch.bfloat16, bf16=True), vocab_size=vocab,
+                        max_sequence_length=64).eval()
+    reference = build_model(BasedConfig(**kw), vocab_size=vocab, max_sequence_length=64).double().eval()
+    with torch.no_grad():
+        for ref_param, param in zip(reference.parameters(), model.parameters(), strict=True):
+            ref_param.copy_(param)
+    return model, reference
+
+
 def greedy_by_full_forwards(model, prompts, new_tokens: int, vocab: int) -> list[list[int]]:
     """The greedy continuation of each prompt, one full forward per generated token (the reference for the
     generator's prefill + decode)."""

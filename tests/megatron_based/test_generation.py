@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.distributed import run_distributed
-from tests.megatron_based.helpers import in_process_group
+from tests.megatron_based.helpers import bf16_model_and_fp64_reference, in_process_group
 
 VOCAB = 100
 
@@ -360,22 +360,12 @@ def test_recorded_graph_catches_graph_unsafe_steps(bug):
 
 # -- bf16 accuracy guard (benchmarks/generation.py) ------------------------------------------------------------
 def _bf16_guard_worker(rank, world):
-    from megatron_based.model.config import BasedConfig
     from megatron_based.inference.generation import (Generator, at_decode_positions, decode_error_report,
-                                           teacher_forced_logits)
-    from megatron_based.model import build_model
+                                                     teacher_forced_logits)
     from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(world)
-    kw = dict(layer_pattern="CLSCLS", hidden_size=64, num_attention_heads=4, feature_dim=4, swa_window=6,
-              use_cpu_initialization=True)
-    torch.manual_seed(0)
-    model = build_model(BasedConfig(**kw, params_dtype=torch.bfloat16, bf16=True), vocab_size=VOCAB,
-                        max_sequence_length=64).eval()
-    reference = build_model(BasedConfig(**kw), vocab_size=VOCAB, max_sequence_length=64).double().eval()
-    with torch.no_grad():  # the same (bf16-rounded) weights in fp64
-        for ref_param, param in zip(reference.parameters(), model.parameters(), strict=True):
-            ref_param.copy_(param)
+    model, reference = bf16_model_and_fp64_reference("CLSCLS", VOCAB)
     tokens = torch.randint(0, VOCAB, (3, 24))
     Ps, steps = [4, 9, 12], 12
     full = at_decode_positions(_full_logits(model, tokens), Ps, steps)

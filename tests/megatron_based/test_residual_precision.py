@@ -14,7 +14,8 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_based.model.config import BasedConfig, ConfigError, as_based_config, model_spec_from_dict
 from tests.distributed import run_distributed
-from tests.megatron_based.helpers import initialize_parallel, loss_logits_grads, tiny_config, tiny_model
+from tests.megatron_based.helpers import (bf16_model_and_fp64_reference, initialize_parallel, loss_logits_grads,
+                                          tiny_config, tiny_model)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,19 +125,10 @@ VOCAB = 100
 def _generation_worker(rank, world):
     from megatron_based.inference.generation import (Generator, at_decode_positions, decode_error_report,
                                                      teacher_forced_logits)
-    from megatron_based.model import build_model
 
     initialize_parallel(world)
-    kw = dict(layer_pattern="CLSCLSA", hidden_size=64, num_attention_heads=4, feature_dim=4, swa_window=6,
-              use_cpu_initialization=True)
-    torch.manual_seed(0)
-    model = build_model(BasedConfig(**kw, params_dtype=torch.bfloat16, bf16=True), vocab_size=VOCAB,
-                        max_sequence_length=64).eval()
+    model, reference = bf16_model_and_fp64_reference("CLSCLSA", VOCAB)
     assert model.config.fp32_residual_connection
-    reference = build_model(BasedConfig(**kw), vocab_size=VOCAB, max_sequence_length=64).double().eval()
-    with torch.no_grad():
-        for ref_param, param in zip(reference.parameters(), model.parameters(), strict=True):
-            ref_param.copy_(param)
     norm_io = set()
 
     def hook(module, inputs, output):
