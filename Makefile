@@ -37,8 +37,10 @@ test: $(STAMP) launch-deps
 	$(VENV)/bin/python -m pytest -q -ra tests
 
 # PYTEST_ARGS: extra pytest arguments (e.g. --durations=20)
+# GPU_TESTS: the paths, in the order to run them (default: all of tests/)
+GPU_TESTS ?= tests
 test-gpu: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -ra -m gpu tests $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -ra -m "gpu or gpu_suite" $(GPU_TESTS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m megatron_based.tasks.demo

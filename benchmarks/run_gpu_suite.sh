@@ -4,6 +4,7 @@
 # checkpoint-format benchmark at based-1.3b. From the repository root with .whl carried (megatron-core wheel):
 #   bash benchmarks/run_gpu_suite.sh            # logs, JUnit XML and JSON under $OUT
 #   SUITE_ONLY=1 / BENCH_ONLY=1                  # one half
+#   GPU_TESTS="tests/megatron_based tests/kernels"  # the suite in another order (make test-gpu's GPU_TESTS)
 set -o pipefail
 source benchmarks/gpu_env.sh || exit 1
 OUT=${OUT:-$(mktemp -d)}
@@ -11,8 +12,8 @@ gpu_banner
 if [ -z "$BENCH_ONLY" ]; then
   start=$(date +%s)
   # SIGINT at the limit: pytest stops and still prints its summary and durations and writes the JUnit XML
-  timeout -s INT "${SUITE_TIMEOUT:-570}" make test-gpu \
-    PYTEST_ARGS="--durations=60 --junitxml=$OUT/gpu_suite.xml $PYTEST_EXTRA" \
+  timeout -s INT "${SUITE_TIMEOUT:-570}" make test-gpu GPU_TESTS="${GPU_TESTS:-tests}" \
+    PYTEST_ARGS="--durations=80 -s --junitxml=$OUT/gpu_suite.xml $PYTEST_EXTRA" \
     2>&1 | tee "$OUT/gpu_suite.log" | grep -v -i "warn" | tail -120
   echo "make test-gpu: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
   # the training / generation logs the entry-point tests wrote (pytest's newest temporary directory)

@@ -23,6 +23,7 @@ from . import test_sliding_window as swa
 
 GPU = torch.cuda.is_available()
 DT = torch.bfloat16 if GPU else torch.float32
+pytestmark = pytest.mark.gpu_suite  # also in `make test-gpu`: the configs a GPU autotunes among
 T = 333 if GPU else 70  # > every BT / BM / BN (up to 128) on the GPU, > 64 in the (slow) interpreter
 
 
