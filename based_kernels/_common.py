@@ -123,6 +123,19 @@ def configs(gpu_configs, interpreter_config):
     return ConfigList(gpu_configs if AUTOTUNE else gpu_configs[:1], gpu_configs)
 
 
+# Autotuning times each config for TUNE_WARMUP_MS + TUNE_REP_MS of launches (Triton's default is 25 + 100 ms, about
+# an eighth of a second per config: seconds per tuned key, at the first step of every process). The kernels run
+# 10 us - 2 ms, so 20 ms still averages ten or more launches per config.
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 20
+
+
+def tune_bench(fn, quantiles):
+    """The ``do_bench`` of every autotuned kernel (``triton.autotune(..., do_bench=tune_bench)``)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+
+
 def row_align(*tensors):
     """The largest power of two (elements, <= 16 bytes) dividing every row stride: the ALIGN constexpr."""
     a = 16 // tensors[0].element_size()

@@ -1,6 +1,7 @@
 """Run a test body on N gloo processes. Workers are forked from the test process, which has already imported
 torch and Megatron-Core (7-9 s per fresh interpreter otherwise). A worker's exception fails the test with its
-traceback; a hung collective fails it after ``timeout`` seconds."""
+traceback; a hung collective fails it after ``timeout`` seconds. Once the test process has initialised CUDA (a
+forked child cannot use it), the workers are spawned instead."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -36,9 +37,12 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` forked processes; return their results by rank."""
-    ctx = mp.get_context("fork")
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, start_method: str | None = None) -> list:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` forked processes (spawned once CUDA is initialised
+    here, or with ``start_method="spawn"``: ``fn`` must then be importable); return their results by rank."""
+    import torch
+
+    ctx = mp.get_context(start_method or ("spawn" if torch.cuda.is_initialized() else "fork"))
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]

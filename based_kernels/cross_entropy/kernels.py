@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import INTERPRET, configs
+from .._common import INTERPRET, configs, tune_bench
 
 # Backward: a fixed config (no autotuning: the kernel may write into its own input, which reruns would corrupt).
 BWD_BLOCK_V, BWD_WARPS = (64, 1) if INTERPRET else (4096, 8)
@@ -32,7 +32,7 @@ def _online(m, s, x):
     configs=configs([triton.Config({"BLOCK_V": bv}, num_warps=w) for bv, w in
                      ((2048, 4), (4096, 4), (4096, 8), (8192, 8))],
                     triton.Config({"BLOCK_V": 64}, num_warps=1)),
-    key=["V"],
+    do_bench=tune_bench, key=["V"],
 )
 @triton.jit
 def ce_fwd_kernel(x_ptr, t_ptr, stats_ptr, stride_x, stride_t, N, V, v_start, ALIGN: tl.constexpr,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import configs
+from .._common import configs, tune_bench
 
 MAX_D = 16384  # the row lives in registers: above this the tile would spill (use backend="torch")
 # Backward: rows per program are a multiple of this (>= every BLOCK_M below), so that row blocks never straddle
@@ -47,7 +47,8 @@ def _autotuned(max_per_thread):
     """Autotuning over ``_CONFIGS`` per (D, BLOCK_D), pruned to tiles of <= 8192 elements and 8 to
     ``max_per_thread`` elements per thread (forward 64; backward 32, as it keeps x and dy live per element)."""
     return triton.autotune(configs=configs(_CONFIGS, triton.Config({"BLOCK_M": 2}, num_warps=1)),
-                           key=["D", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune(8192, max_per_thread)})
+                           do_bench=tune_bench, key=["D", "BLOCK_D"],
+                           prune_configs_by={"early_config_prune": _prune(8192, max_per_thread)})
 
 
 @_autotuned(max_per_thread=64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import configs
+from .._common import configs, tune_bench
 
 _CONFIGS = configs([triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((32, 4), (64, 4), (128, 8))],
                    triton.Config({"BLOCK_N": 16}, num_warps=1))
@@ -33,7 +33,7 @@ def _tile(i_n, N, B, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.cons
     return o_t.to(tl.int64)[:, None], o_b.to(tl.int64)[:, None], o_h, m
 
 
-@triton.autotune(configs=_CONFIGS, key=["G", "D"])
+@triton.autotune(configs=_CONFIGS, do_bench=tune_bench, key=["G", "D"])
 @triton.jit
 def rope_fwd_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, s_t, s_b, s_g, N, B, NG,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -60,7 +60,7 @@ def rope_fwd_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, s_t, s_b, s_
     tl.store(p_v + HALF, tl.load(p_x + (G + 1) * D + HALF, mask=m), mask=m)
 
 
-@triton.autotune(configs=_CONFIGS, key=["G", "D"])
+@triton.autotune(configs=_CONFIGS, do_bench=tune_bench, key=["G", "D"])
 @triton.jit
 def rope_bwd_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqkv_ptr, s_dq_t, s_dq_b, s_dq_h, s_dk_t, s_dk_b,
                     s_dk_h, s_dv_t, s_dv_b, s_dv_h, s_t, s_b, s_g, N, B,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import INTERPRET, configs
+from .._common import INTERPRET, configs, tune_bench
 from .forward import conv_at, row_context
 
 # rows per program in the main backward kernel: one dw partial per CHUNK rows (fewer masked sub-blocks in the
@@ -60,7 +60,7 @@ def conv_transpose_at(x, g, dy, bias, init, w, rows, valid, n, start, end, o_c, 
          for bt, bc, nw in [(32, 128, 4), (16, 256, 4), (32, 256, 8)]],
         triton.Config({"BT": 16, "BC": 32}),
     ),
-    key=["K", "GATE"],
+    do_bench=tune_bench, key=["K", "GATE"],
 )
 @triton.jit
 def conv_bwd_kernel(
@@ -255,7 +255,7 @@ def _stream_row(row, r, t0, win, pend, acc, a, b_b1, b_b2, init, doc, cu, dx, dg
         [triton.Config({"BC": bc}, num_warps=nw) for bc, nw in [(256, 2), (512, 4), (128, 1), (256, 4), (128, 2)]],
         triton.Config({"BC": 32}, num_warps=1),
     ),
-    key=["K", "GATE"],
+    do_bench=tune_bench, key=["K", "GATE"],
 )
 @triton.jit
 def conv_bwd_stream_kernel(

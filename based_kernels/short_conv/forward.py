@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import configs
+from .._common import configs, tune_bench
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def conv_at(x, bias, init, w, rows, valid, n, start, o_c, m_c, s_xt, s_in, s_it,
          for bt, bc, nw in [(32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 8)]],
         triton.Config({"BT": 16, "BC": 32}),
     ),
-    key=["K", "GATE"],
+    do_bench=tune_bench, key=["K", "GATE"],
 )
 @triton.jit
 def conv_fwd_kernel(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import configs
+from .._common import configs, tune_bench
 from .._jit_common import finite_rows
 from .forward import load_kv_rows, visible_mask
 
@@ -25,7 +25,7 @@ from .forward import load_kv_rows, visible_mask
          for bm, bn, w, s in [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]],
         triton.Config({"BM": 16, "BN": 32}),
     ),
-    key=["BLOCK_D"],
+    do_bench=tune_bench, key=["BLOCK_D"],
 )
 @triton.jit
 def swa_bwd_dq_kernel(
@@ -92,7 +92,7 @@ def store_kv_rows(p_main, p_prefix, j, o_d, m_d, T, P, s_t, s_pt, b, HAS_PREFIX:
          for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)]],
         triton.Config({"BM": 16, "BN": 32}),
     ),
-    key=["BLOCK_D"],
+    do_bench=tune_bench, key=["BLOCK_D"],
 )
 @triton.jit
 def swa_bwd_dkdv_kernel(

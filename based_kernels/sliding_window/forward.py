@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import INTERPRET, configs
+from .._common import INTERPRET, configs, tune_bench
 from .._jit_common import finite_rows
 
 LOG2E = 1.4426950408889634
@@ -56,7 +56,7 @@ def visible_mask(i_q, j, T, P, W, doc, IS_VARLEN: tl.constexpr, KEY_MAJOR: tl.co
          for bm, bn, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2)]],
         triton.Config({"BM": 16, "BN": 32}),
     ),
-    key=["BLOCK_D"],  # few keys: every autotune key costs compiles of all configs
+    do_bench=tune_bench, key=["BLOCK_D"],  # few keys: every autotune key costs compiles of all configs
 )
 @triton.jit
 def swa_fwd_kernel(

@@ -13,7 +13,7 @@ import torch
 from triton.runtime.autotuner import Autotuner
 
 import based_kernels
-from based_kernels._common import forget_launches
+from based_kernels._common import forget_launches, tune_bench
 
 from . import test_cross_entropy as ce
 from . import test_rms_norm as rms
@@ -114,3 +114,5 @@ def test_every_family_with_autotuning_is_covered():
     root = based_kernels.__path__
     families = {m.name for m in pkgutil.iter_modules(root) if m.ispkg}
     assert {f for f in families if autotuners(f)} == set(FAMILIES)
+    for family in FAMILIES:  # and times its configs with the short benchmark (Triton's default: 125 ms a config)
+        assert all(t.do_bench is tune_bench for t in autotuners(family)), family

@@ -143,7 +143,10 @@ def test_tiny_based_learns_mqar_above_chance():
     assert history[-1]["accuracy"] > 3 * chance, (history, chance)
 
 
-def _graph_worker(rank, world, pattern):
+GRAPH_PATTERNS = ["ZA", "ZH", "ZL"]  # the sweep's models (megatron_based.tasks.cli.MODELS)
+
+
+def _graph_worker(rank, world, patterns):
     from megatron_based.runtime.parallel import initialize_parallel
     from megatron_based.tasks.mqar import MQARTask, build_mqar_model, mqar_dataset, train_mqar
 
@@ -151,26 +154,34 @@ def _graph_worker(rank, world, pattern):
     task = MQARTask(vocab_size=64, seq_len=32, num_kv_pairs=4)
     train, test = mqar_dataset(task, 200, 64)  # batch 64: 3 full batches and a partial one of 8 rows per epoch
     kw = dict(hidden_size=32, num_heads=1, feature_dim=8, vocab_size=64, seq_len=32, mlp=False)
-    graphed, eager = build_mqar_model(pattern, **kw), build_mqar_model(pattern, **kw)
-    eager.load_state_dict(graphed.state_dict())
     out = {}
-    for name, model, cuda_graph in (("graph", graphed, True), ("eager", eager, False)):
-        lines = []
-        history = train_mqar(model, train, test, epochs=2, batch_size=64, lr=3e-3, seed=1, early_stop=None,
-                             log=lines.append, cuda_graph=cuda_graph)
-        out[name] = {"loss": [h["loss"] for h in history], "lines": lines,
-                     "params": {k: p.detach().cpu().clone() for k, p in model.named_parameters()}}
+    for pattern in patterns:
+        graphed, eager = build_mqar_model(pattern, **kw), build_mqar_model(pattern, **kw)
+        eager.load_state_dict(graphed.state_dict())
+        out[pattern] = {}
+        for name, model, cuda_graph in (("graph", graphed, True), ("eager", eager, False)):
+            lines = []
+            history = train_mqar(model, train, test, epochs=2, batch_size=64, lr=3e-3, seed=1, early_stop=None,
+                                 log=lines.append, cuda_graph=cuda_graph)
+            out[pattern][name] = {"loss": [h["loss"] for h in history], "lines": lines,
+                                  "params": {k: p.detach().cpu().clone() for k, p in model.named_parameters()}}
     return out
 
 
+@pytest.fixture(scope="module")
+def graph_and_eager_runs():
+    """Every pattern's graphed and eager run, in one worker process (spawned on the GPU: a process start each)."""
+    return run_distributed(_graph_worker, 1, GRAPH_PATTERNS)[0]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", ["ZA", "ZH", "ZL"])  # the sweep's models (megatron_based.tasks.cli.MODELS)
-def test_mqar_cuda_graph_trains_like_the_eager_loop(pattern):
+@pytest.mark.parametrize("pattern", GRAPH_PATTERNS)
+def test_mqar_cuda_graph_trains_like_the_eager_loop(graph_and_eager_runs, pattern):
     """cuda_graph=True (each full batch one graph replay, the partial last batch eager, the cosine learning rate
     written into the graph's tensor each epoch) matches the eager loop from the same weights and data order: the
     per-epoch losses and the final parameters within rtol 1e-5 (fp32; not bitwise: the graphed fused AdamW reads
     the learning rate as an fp32 tensor, the eager one as a double)."""
-    out = run_distributed(_graph_worker, 1, pattern)[0]
+    out = graph_and_eager_runs[pattern]
     graph, eager = out["graph"], out["eager"]
     assert graph["lines"][0].startswith("CUDA graph: one replay per full batch of 64"), graph["lines"]
     assert not any("CUDA graph" in line for line in eager["lines"])
