@@ -29,6 +29,15 @@ if INTERPRET:
         _interp._based_index_patch = True
 
 
+# Triton's on-disk cache (compiled kernels and, with TRITON_CACHE_AUTOTUNING=1, autotuning results) is read from
+# TRITON_CACHE_DIR at every lookup. PyTorch Inductor sets that variable, when unset, to its own directory the first
+# time it loads a kernel of its own (torch.compile'd Megatron fusions run in the first training step): our kernels
+# compiled or tuned before that moment go to one directory, those after it to another, and a later process looking
+# in the other one compiles and tunes again (slower restarts, and a resumed run may pick other configs). Pinned
+# here to Triton's own default (TRITON_HOME/.triton/cache); a user's value is kept.
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(os.environ.get("TRITON_HOME") or os.path.expanduser("~/"),
+                                                       ".triton", "cache"))
+
 # Process-wide default backend of the public ops when their ``backend`` argument is None: "triton", "torch", or
 # None (Triton for CUDA tensors, PyTorch otherwise). Set with based_kernels.use_backend or BASED_KERNELS_BACKEND.
 _BACKEND = [os.environ.get("BASED_KERNELS_BACKEND") or None]

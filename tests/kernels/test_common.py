@@ -47,3 +47,20 @@ def test_autotune_switch_keeps_every_config(setting, n):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(n), "4", "True"], out.stdout
+
+
+@pytest.mark.parametrize("user_value", [None, "/tmp/my-triton-cache"])
+def test_triton_cache_dir_is_pinned_at_import(tmp_path, user_value):
+    """Importing based_kernels sets TRITON_CACHE_DIR (unless the user did) to Triton's default directory, so that
+    PyTorch Inductor, which sets it to its own directory when it finds it unset, cannot move our kernels' compile
+    and autotuning caches in the middle of a process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "TRITON_HOME")}
+    env["HOME"] = str(tmp_path)
+    if user_value:
+        env["TRITON_CACHE_DIR"] = user_value
+    code = ("import os, based_kernels; from torch._inductor.runtime.cache_dir_utils import triton_cache_dir; "
+            "print(os.environ['TRITON_CACHE_DIR']); print(triton_cache_dir(0))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = user_value or str(tmp_path / ".triton" / "cache")
+    assert out.stdout.split() == [want, want]
