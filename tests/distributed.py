@@ -1,7 +1,7 @@
 """Run a test body on N gloo processes. Workers are forked from the test process, which has already imported
 torch and Megatron-Core (7-9 s per fresh interpreter otherwise). A worker's exception fails the test with its
-traceback; a hung collective fails it after ``timeout`` seconds. Once the test process has initialised CUDA (a
-forked child cannot use it), the workers are spawned instead."""
+traceback; a hung collective fails it after ``timeout`` seconds. ``start_method="spawn"`` for a worker that must
+use CUDA after the test process touched it (a forked child then cannot)."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -38,11 +38,9 @@ def _worker(rank, world_size, port, fn, args, queue):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, start_method: str | None = None) -> list:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` forked processes (spawned once CUDA is initialised
-    here, or with ``start_method="spawn"``: ``fn`` must then be importable); return their results by rank."""
-    import torch
-
-    ctx = mp.get_context(start_method or ("spawn" if torch.cuda.is_initialized() else "fork"))
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` forked processes (spawned with
+    ``start_method="spawn"``: ``fn`` must then be importable); return their results by rank."""
+    ctx = mp.get_context(start_method or "fork")
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]

@@ -170,8 +170,9 @@ def _graph_worker(rank, world, patterns):
 
 @pytest.fixture(scope="module")
 def graph_and_eager_runs():
-    """Every pattern's graphed and eager run, in one worker process (spawned on the GPU: a process start each)."""
-    return run_distributed(_graph_worker, 1, GRAPH_PATTERNS)[0]
+    """Every pattern's graphed and eager run, in one spawned worker process (forked, it fails to initialise CUDA
+    once the test process has touched it, as the GPU suite's earlier tests and its conftest do)."""
+    return run_distributed(_graph_worker, 1, GRAPH_PATTERNS, start_method="spawn")[0]
 
 
 @pytest.mark.gpu
