@@ -4,7 +4,7 @@
 2. print the unigram entropy of the tokens: the loss of the best model that ignores context;
 3. train ``configs/tiny.yaml`` with torchrun, data-parallel over every local GPU (NCCL + bf16), or over 2 CPU
    processes without one (gloo + fp32);
-4. load the last checkpoint in this process (TP=1) and print a greedy sample.
+4. load the last checkpoint in this process (TP=1) and print a greedy sample (prefill, then recurrent decode).
 
 Extra ``section.key=value`` arguments go to the training run (e.g. ``parallel.tensor_model_parallel_size=2``).
 """
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      training took {time.time() - start:.0f} s (start-up, Triton compilation and tuning included)")
     start = time.time()
 
+    from ..inference.generation import Generator
     from ..inference.loader import load_for_inference
-    from ..inference.sample import greedy
     from ..runtime.parallel import initialize_parallel
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -83,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a single process: initialize_parallel picks a free port
         os.environ.pop("MASTER_PORT", None)
     initialize_parallel(1, 1, 1)
-    model, spec, tokenizer = load_for_inference(out / "checkpoints")
+    model, _, tokenizer = load_for_inference(out / "checkpoints")
     prompt = tokenizer.tokenize(PROMPT)
-    ids = greedy(model, prompt, 60, seq_length=spec.seq_length, vocab_size=tokenizer.vocab_size,
-                 stop_token=tokenizer.eod)
+    # greedy, with the recurrent decoder users run (megatron-based-generate): one prefill, then one token per step
+    # with fixed shapes (a full forward per token would compile kernels for many sequence lengths on a GPU)
+    stop = [tokenizer.eod] if tokenizer.eod is not None else []
+    ids = Generator(model, vocab_size=tokenizer.vocab_size).generate([prompt], 60, stop_tokens=stop)[0]
     print(f"[4/4] greedy sample from {out / 'checkpoints'} (loaded at TP=1; load and sample "
           f"{time.time() - start:.0f} s):\n")
     print(tokenizer.detokenize([i for i in prompt + ids if i != tokenizer.eod]))

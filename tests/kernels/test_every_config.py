@@ -38,30 +38,34 @@ def autotuners(family: str) -> list[Autotuner]:
 
 
 def check_short_conv():
+    # the packed path (BaseConv's) with both backward variants: every kernel of the family once per config
+    # (the unpacked ops run the same kernels; on CPU every test runs at every config's tiles too)
     tol = 1e-2 if GPU else 1e-5  # C = 520: a partial channel block of every BC (32..512)
-    conv.check_against_fp64(2, T, 520, 3, True, True, None, DT, tol, seed=3)
-    for variant in ("tile", "stream"):
-        conv.check_packed(1, T, 520, 2, cu=[0, 1, T - 20, T], dtype=DT, tol=tol, variant=variant, seed=5)
+    default = conv.ops.BWD_VARIANT
+    try:
+        for variant in ("tile", "stream"):
+            conv.check_packed(1, T, 520, 3, cu=[0, 1, T - 20, T], dtype=DT, tol=tol, variant=variant, seed=5)
+    finally:
+        conv.ops.BWD_VARIANT = default
 
 
 def check_sliding_window():
+    # both autotuning keys (BLOCK_D 64 and 128), the context-parallel prefix and packed documents
     tol = 1.5e-2 if GPU else 1e-5
-    swa.check_against_fp64(*swa.make(2, T, 4, 2, 64, DT, 0, seed=1), 128, tol)
-    swa.check_against_fp64(*swa.make(1, T, 2, 1, 112, DT, 40, seed=2), 50, tol)
     cu = torch.tensor([0, 1, T - 20, T], dtype=torch.int32, device=swa.DEV)
     swa.check_against_fp64(*swa.make(1, T, 2, 2, 64, DT, 0, seed=3), 64, tol, cu_seqlens=cu)
+    swa.check_against_fp64(*swa.make(1, T, 2, 1, 112, DT, 40, seed=2), 50, tol)
 
 
 def check_rms_norm():
-    # a partial row block of every BLOCK_M and a partial BLOCK_D; one width (each width is one more compilation of
-    # every config, and the GPU suite has a time budget), both weight dtypes
-    for shape, w_dtype in (((T, 1000), torch.float32), ((13, 1000), DT)):
-        x, w, dy = rms.make(shape, DT, w_dtype, seed=11)
-        ours = rms.run(x, w, dy, 1e-5, backend="triton")
-        theirs = rms.run(x, w, dy, 1e-5, backend="torch")
-        for name, a, t, ref in zip(("y", "dx", "dw"), ours, theirs, rms.fp64_reference(x, w, dy, 1e-5)):
-            err, torch_err = rms.rel(a, ref), rms.rel(t, ref)
-            assert err <= 1.5 * torch_err + 1e-6, (shape, name, err, torch_err)
+    # a partial row block of every BLOCK_M and a partial BLOCK_D, bf16 weights as in bf16 models; one width (each
+    # width or weight dtype is one more compilation of every config, and the GPU suite has a time budget)
+    x, w, dy = rms.make((T, 1000), DT, DT, seed=11)
+    ours = rms.run(x, w, dy, 1e-5, backend="triton")
+    theirs = rms.run(x, w, dy, 1e-5, backend="torch")
+    for name, a, t, ref in zip(("y", "dx", "dw"), ours, theirs, rms.fp64_reference(x, w, dy, 1e-5)):
+        err, torch_err = rms.rel(a, ref), rms.rel(t, ref)
+        assert err <= 1.5 * torch_err + 1e-6, (name, err, torch_err)
 
 
 def check_rope():
