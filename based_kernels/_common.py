@@ -37,6 +37,12 @@ if INTERPRET:
 # here to Triton's own default (TRITON_HOME/.triton/cache); a user's value is kept.
 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(os.environ.get("TRITON_HOME") or os.path.expanduser("~/"),
                                                        ".triton", "cache"))
+# Autotuning results are kept in that cache too (TRITON_CACHE_AUTOTUNING, off in Triton by default; a user's "0"
+# is kept): a restarted or resumed run on the same machine (or nodes sharing a home directory) reads each kernel's
+# chosen config instead of timing every config again (~25 s at based-360m's first step), and so launches the
+# configs the interrupted run launched: which config runs can change the rounding, and resumes are bitwise. Read
+# when an autotuned kernel is defined, so it is set here, before any kernel module.
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 # Process-wide default backend of the public ops when their ``backend`` argument is None: "triton", "torch", or
 # None (Triton for CUDA tensors, PyTorch otherwise). Set with based_kernels.use_backend or BASED_KERNELS_BACKEND.

@@ -11,8 +11,6 @@ print("torch", torch.__version__, "triton", triton.__version__, "megatron-core",
 mkdir -p /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
-# Triton keeps each kernel's autotuning result on disk: the suite's many processes tune each shape once
-export TRITON_CACHE_AUTOTUNING=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "installing the carried wheels failed"; return 1 2>/dev/null || exit 1; }
 # `make demo` and `make test-gpu` as the README writes them: a .venv over this machine's Python (its torch and triton)

@@ -8,9 +8,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:
-    # Triton keeps each kernel's autotuning result on disk, so the suite's training, generation and demo
-    # subprocesses tune a shape once instead of once per process
-    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     # in-process tests launch each kernel's first config without tuning: tuning compiles every config of every
     # kernel specialization, most of the GPU suite's time. tests/kernels/test_every_config.py checks every config;
     # the eager entry-point test and `make demo` tune, as users' runs do (test_entry_points.env).

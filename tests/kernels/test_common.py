@@ -64,3 +64,18 @@ def test_triton_cache_dir_is_pinned_at_import(tmp_path, user_value):
     assert out.returncode == 0, out.stderr[-2000:]
     want = user_value or str(tmp_path / ".triton" / "cache")
     assert out.stdout.split() == [want, want]
+
+
+@pytest.mark.parametrize("user_value, cached", [(None, True), ("0", False)])
+def test_autotuning_results_are_cached_by_default(user_value, cached):
+    """Importing based_kernels turns on Triton's on-disk autotuning cache (unless the user set
+    TRITON_CACHE_AUTOTUNING): a resumed run reads the configs the interrupted one chose."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_AUTOTUNING", "TRITON_INTERPRET")}
+    if user_value is not None:
+        env["TRITON_CACHE_AUTOTUNING"] = user_value
+    code = ("from based_kernels.rms_norm.kernels import rms_fwd_kernel; "
+            "from based_kernels.sliding_window.forward import swa_fwd_kernel; "
+            "print(rms_fwd_kernel.cache_results, swa_fwd_kernel.cache_results)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(cached)] * 2
