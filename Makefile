@@ -40,7 +40,7 @@ test: $(STAMP) launch-deps
 # GPU_TESTS: the paths, in the order to run them (default: all of tests/)
 GPU_TESTS ?= tests
 test-gpu: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -ra -m "gpu or gpu_suite" $(GPU_TESTS) $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -ra -m gpu $(GPU_TESTS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m megatron_based.tasks.demo

@@ -118,7 +118,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, B: int = 1) -> list[int]:
 
 # BASED_KERNELS_AUTOTUNE=0: every autotuned kernel launches the first config of its list, untimed. Tuning compiles
 # every config of every kernel specialization a process meets (seconds each); the GPU test suite turns it off for
-# its in-process tests and checks every config on its own (tests/kernels/test_every_config.py). Read at import.
+# its in-process tests (its kernel tests launch a different config each: tests/kernels/conftest.py; every config on
+# small shapes: tests/kernels/test_every_config.py). Read at import.
 AUTOTUNE = os.environ.get("BASED_KERNELS_AUTOTUNE", "1") != "0"
 
 

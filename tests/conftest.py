@@ -8,9 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:
-    # in-process tests launch each kernel's first config without tuning: tuning compiles every config of every
-    # kernel specialization, most of the GPU suite's time. tests/kernels/test_every_config.py checks every config;
-    # the eager entry-point test and `make demo` tune, as users' runs do (test_entry_points.env).
+    # in-process tests launch one config per kernel without tuning (tuning compiles every config of every kernel
+    # specialization, most of the GPU suite's time): the first, or in the kernel tests a different one per test
+    # (tests/kernels/conftest.py); the eager entry-point test and `make demo` tune, as users' runs do
+    # (test_entry_points.env).
     os.environ.setdefault("BASED_KERNELS_AUTOTUNE", "0")
 
 

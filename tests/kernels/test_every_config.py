@@ -1,40 +1,29 @@
 """Every autotuning config of every autotuned kernel against its fp64 reference.
 
 Autotuning launches whichever config times fastest on the machine at hand, so any config of a kernel's list can
-be the one a user runs; the other kernel tests see only the chosen one (on CPU the interpreter's small config; on
-the GPU suite, which sets BASED_KERNELS_AUTOTUNE=0 for speed, the first of each list). Here each family's kernels
-run config i of their lists together (the last one where a list is shorter), for every i, on shapes that end in a
-partial tile of every config: bf16 on the GPU, fp32 under the interpreter (its bf16 products are wrong)."""
-import importlib
+be the one a user runs; the other kernel tests see one (on CPU the interpreter's small config; in the GPU suite,
+which sets BASED_KERNELS_AUTOTUNE=0 for speed, a different config per test: tests/kernels/conftest.py). Here each
+family's kernels run config i of their lists together (the last one where a list is shorter), for every i, on
+shapes that end in a partial tile of every config: fp32 under the interpreter (its bf16 products are wrong; the CI
+run), bf16 on a GPU (``make test`` there; not in ``make test-gpu``, whose time budget the rotation serves)."""
 import pkgutil
 
 import pytest
 import torch
-from triton.runtime.autotuner import Autotuner
 
 import based_kernels
-from based_kernels._common import forget_launches, tune_bench
+from based_kernels._common import tune_bench
 
 from . import test_cross_entropy as ce
 from . import test_rms_norm as rms
 from . import test_rope as rope
 from . import test_short_conv as conv
 from . import test_sliding_window as swa
+from .configs import FAMILY_TESTS, autotuners, only_config
 
 GPU = torch.cuda.is_available()
 DT = torch.bfloat16 if GPU else torch.float32
-pytestmark = pytest.mark.gpu_suite  # also in `make test-gpu`: the configs a GPU autotunes among
 T = 333 if GPU else 70  # > every BT / BM / BN (up to 128) on the GPU, > 64 in the (slow) interpreter
-
-
-def autotuners(family: str) -> list[Autotuner]:
-    """The autotuned kernels defined in ``based_kernels.<family>``'s modules."""
-    package = importlib.import_module(f"based_kernels.{family}")
-    found = []
-    for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
-        module = importlib.import_module(info.name)
-        found += [k for k in vars(module).values() if isinstance(k, Autotuner) and k not in found]
-    return found
 
 
 def check_short_conv():
@@ -94,29 +83,18 @@ FAMILIES = {"short_conv": check_short_conv, "sliding_window": check_sliding_wind
 def test_every_config_matches_fp64(family):
     tuners = autotuners(family)
     assert tuners, f"no autotuned kernel found in based_kernels.{family}"
-    every = {t: t.configs.all for t in tuners}  # ConfigList.all: the whole GPU list, also when tuning is off
-    chosen = {t: t.configs for t in tuners}
-    try:
-        for i in range(max(len(c) for c in every.values())):
-            for t in tuners:
-                t.configs = [every[t][min(i, len(every[t]) - 1)]]
-                t.cache.clear()  # the config each key chose before
-            forget_launches()  # the launchers' compiled kernels per key
+    for i in range(max(len(t.configs.all) for t in tuners)):
+        with only_config(tuners, lambda every: every[min(i, len(every) - 1)]) as configs:
             try:
                 FAMILIES[family]()
             except AssertionError as e:
-                raise AssertionError(f"config {i}: {[str(t.configs[0]) for t in tuners]}: {e}") from None
-    finally:
-        for t in tuners:
-            t.configs = chosen[t]
-            t.cache.clear()
-        forget_launches()
+                raise AssertionError(f"config {i}: {configs}: {e}") from None
 
 
 def test_every_family_with_autotuning_is_covered():
     """A new autotuned family gets a check here."""
     root = based_kernels.__path__
     families = {m.name for m in pkgutil.iter_modules(root) if m.ispkg}
-    assert {f for f in families if autotuners(f)} == set(FAMILIES)
+    assert {f for f in families if autotuners(f)} == set(FAMILIES) == set(FAMILY_TESTS)
     for family in FAMILIES:  # and times its configs with the short benchmark (Triton's default: 125 ms a config)
         assert all(t.do_bench is tune_bench for t in autotuners(family)), family

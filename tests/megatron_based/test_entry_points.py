@@ -96,7 +96,7 @@ def gpu_setup(graphs: bool) -> Setup:
     graphs, so both formats resume on GPUs) and is killed after step 7, during step 8 or its save; steps 5-7 are
     compared and generate / eval read the step-4 checkpoint; the kernels autotune, as users' runs do. ``graphs``: CUDA
     graphs, 4 accumulated micro-batches per step and validation every 3 steps, each kernel's first config (the
-    suite's time budget; tests/kernels/test_every_config.py checks every config)."""
+    suite's time budget; the kernel tests run the others)."""
     micro, accumulate = (4, 4) if graphs else (16, 1)
     extra = ["model.cuda_graph_impl=local", "train.eval_interval=3", "train.eval_iters=2",
              "train.optimizer_checkpoint_format=dp_reshardable"] if graphs else ["train.eval_interval=0"]
