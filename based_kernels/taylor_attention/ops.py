@@ -118,13 +118,21 @@ HI_BWD = False
 
 
 INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small tiles keep CPU tests fast
+# IEEE fp32 products (fp32 inputs at torch's "highest" / "high" matmul precision) have no tensor-core path: each
+# tl.dot becomes an unrolled loop of FMAs over its whole tile, so the bf16 tiles above (e.g. a 128 x 128 x 64
+# product per program) make very large kernels, slow to compile. These smaller tiles (chunk, BF, BV, num_warps,
+# num_stages) are used instead. The forward and the backward recompute their chunk states from q, k, v, so each
+# may choose its own chunk.
+IEEE_TILES = (64, 32, 32, 4, 1)
 
 
-def _cfg(name: str, F: int, DV: int):
+def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
     BF, BV, nw, ns = CONFIG[name]
     BT = CHUNK
     if INTERPRET:
         BT, BF, BV = INTERPRET_TILES
+    elif prec == "ieee":
+        BT, BF, BV, nw, ns = IEEE_TILES
     BK = max(16, triton.next_power_of_2(F))
     BV = min(BV, max(16, triton.next_power_of_2(DV)))
     D = 1 + F + F * F
@@ -193,7 +201,7 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
     B, T, H, F = x.shape
     DV = w.shape[-1]
     D = 1 + F + F * F
-    BK, BT, BF, BV, NF, nw, ns = _cfg("state", F, DV)
+    BK, BT, BF, BV, NF, nw, ns = _cfg("state", F, DV, prec)
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
     # few sequences x heads (long T, small B): smaller blocks, more (and shorter) chains of chunk products
     while NF * triton.cdiv(DV, BV) * N * H < STATE_PROGRAMS_PER_SM * _num_sms(x.device) and (BV > 32 or BF > 16):
@@ -219,9 +227,9 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
 def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
     B, T, H, F = q.shape
     DV = v.shape[-1]
-    BK, BT, BF, BV, NF, nw, ns = _cfg("output", F, DV)
-    n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
     prec = dot_precision(q.dtype)
+    BK, BT, BF, BV, NF, nw, ns = _cfg("output", F, DV, prec)
+    n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
     hc, hl, zc, hts, htz = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets,
                                        output_final_state, reverse=False, low=True, prec=prec)
     o = v.new_empty(B, T, H, DV)
@@ -268,7 +276,8 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
     B, T, H, F = q.shape
     DV = v.shape[-1]
     dy = lastdim_contiguous(dy)
-    BK, BT, BF, BV, NF, nw, ns = _cfg("grad", F, DV)
+    prec = dot_precision(q.dtype)
+    BK, BT, BF, BV, NF, nw, ns = _cfg("grad", F, DV, prec)
     NV = triton.cdiv(DV, BV)
     n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
 
@@ -280,7 +289,6 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
     if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
         dd += dden.to(torch.float32)
 
-    prec = dot_precision(q.dtype)
     hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False,
                                   prec=prec)
     dhc, _, dzc, dh0s, dh0z = _state_pass(q, dy, den, dd, dhts, dhtz, cu_seqlens, n_chunks, NC, offsets,

@@ -173,6 +173,23 @@ def test_fp32_close_to_fp64(f32_precision, varlen):
     check_all(got, oracle(q, k, v, h0, cu_seqlens=cu), 1e-6)
 
 
+def test_ieee_tiles(f32_precision, monkeypatch):
+    """fp32 inputs at "highest" compile with ops.IEEE_TILES on a GPU (64-token chunks, 32-feature and 32-column
+    blocks: IEEE products unroll into FMAs over the whole tile); here the kernels run at exactly those tiles in the
+    interpreter, against fp64: packed documents over several chunks, two value blocks, initial states."""
+    BT, BF, BV, _, _ = ops.IEEE_TILES
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    assert ops._cfg("output", 16, 64, "ieee")[1:4] == (BT, BF, BV) != ops._cfg("output", 16, 64, "tf32")[1:4]
+    monkeypatch.setattr(ops, "INTERPRET", True)
+    monkeypatch.setattr(ops, "INTERPRET_TILES", (BT, BF, BV))
+    f32_precision("highest")
+    T = 150
+    cu = torch.tensor([0, 1, 70, T], dtype=torch.int32, device=DEV)
+    q, k, v, h0 = make(1, T, 1, 16, 40, state=True, n_states=3)
+    got = run_with_grads(triton_fn, q, k, v, h0, cu_seqlens=cu)
+    check_all(got, oracle(q, k, v, h0, cu_seqlens=cu), 1e-6)
+
+
 def small_tiles(monkeypatch):
     """16-token chunks, 32-feature blocks and 16-column value blocks: many chunks, 9 feature blocks and several
     value blocks (dq, dk summed from per-block partials)."""
