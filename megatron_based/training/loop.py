@@ -14,6 +14,8 @@ import sys
 import time
 from functools import partial
 
+_STARTED = time.perf_counter()  # before torch, Megatron and the model code are imported
+
 from ..runtime.noise import quiet_known_warnings
 from .cli import train_parser
 
@@ -39,6 +41,9 @@ from .plan import main as plan_main  # noqa: E402
 from .step import Sigterm, TrainingStopped, forward_step, global_loss  # noqa: E402
 
 
+# how long importing torch, Megatron-Core and this package took (shown once, in the first run's start-up line)
+_IMPORT_S = [time.perf_counter() - _STARTED]
+
 CONFIG_ERROR_WAIT_S = 10.0  # how long ranks other than 0 wait before reporting a config error themselves
 
 
@@ -57,6 +62,8 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     spec = cfg.model_spec()
     config = spec.config
     phases, mark = {}, time.perf_counter()  # startup time per phase, logged before the first step
+    if _IMPORT_S:
+        phases["imports"] = _IMPORT_S.pop()
 
     def phase(name: str) -> None:
         nonlocal mark
