@@ -234,6 +234,8 @@ class Launcher:
             key += tuple(t.data_ptr() & 15 == 0 for t in tensors)
         hit = self.cache.get(key)
         if hit is None:
+            if COMPILE_THREADS > 1 and isinstance(self.kernel, _RT.Autotuner):
+                precompile_configs(self.kernel, grid, args, consts)
             compiled = self.kernel[grid](*args, **consts)
             best = getattr(self.kernel, "best_config", None)  # None: a plain (not autotuned) JITFunction
             meta = {**consts, **(best.kwargs if best is not None else {})}
@@ -269,15 +271,61 @@ def forget_launches():
 
 class _RT:
     """Triton's runtime modules, imported at the first compiled launch (not at import: the interpreter tests)."""
-    driver = knobs = HookChain = None
+    driver = knobs = HookChain = Autotuner = None
 
 
 def _triton_runtime():
     if _RT.driver is None:
         from triton import knobs
+        from triton.runtime.autotuner import Autotuner
         from triton.runtime.driver import driver
 
         _RT.driver, _RT.knobs, _RT.HookChain = driver, knobs, getattr(knobs, "HookChain", None)
+        _RT.Autotuner = Autotuner
+
+
+# Autotuning compiles every config of a kernel before timing them, and Triton compiles them one after another
+# (seconds each: most of a process's first training step). The first launch of an autotuned kernel whose tuning key
+# is new compiles the configs the autotuner will time at once, in this many threads (Triton's AsyncCompileMode:
+# ptxas runs as a subprocess, so the compilations overlap); the autotuner then times the compiled kernels. 0 or 1:
+# Triton's serial path. Read at import.
+COMPILE_THREADS = int(os.environ.get("BASED_KERNELS_COMPILE_THREADS") or min(8, os.cpu_count() or 1))
+_COMPILE_POOL: list = []  # the thread pool, made at first use
+_PRECOMPILE_FAILED: list = []  # the first error: later launches skip the parallel compile
+
+
+def tuning_key(tuner, args, consts) -> tuple:
+    """The key ``tuner`` (a Triton Autotuner) files its choice under for these arguments: the values of its
+    ``key`` arguments, then the dtype of every argument that has one (as Triton 3.6's ``Autotuner.run``)."""
+    named = {**dict(zip(tuner.arg_names, args)), **consts}
+    named = {k: v for k, v in named.items() if k in tuner.arg_names}
+    return tuple([named[k] for k in tuner.keys if k in named] + [str(v.dtype) for v in named.values()
+                                                                 if hasattr(v, "dtype")])
+
+
+def precompile_configs(tuner, grid, args, consts) -> None:
+    """Compile, in ``COMPILE_THREADS`` threads, every config ``tuner`` is about to time for this launch (nothing
+    when it has one config or has tuned this key already). A compilation that fails is left to the autotuner, which
+    compiles it again and skips the config as Triton does; any other error turns the parallel compile off for the
+    process, with one warning, and the autotuner compiles serially."""
+    if len(tuner.configs) < 2 or _PRECOMPILE_FAILED or tuning_key(tuner, args, consts) in tuner.cache:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    if not _COMPILE_POOL:
+        _COMPILE_POOL.append(ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="based_kernels-compile"))
+    try:
+        with AsyncCompileMode(_COMPILE_POOL[0], ignore_errors=True):
+            tuner.warmup(*args, grid=grid, **consts)
+    except Exception as e:  # noqa: BLE001 - the serial path below still compiles and reports real errors
+        _PRECOMPILE_FAILED.append(e)
+        import warnings
+
+        warnings.warn(f"based_kernels: compiling autotune configs in parallel failed ({type(e).__name__}: {e}); "
+                      "compiling them one at a time from now on (BASED_KERNELS_COMPILE_THREADS=1 silences this)",
+                      RuntimeWarning, stacklevel=2)
 
 
 # ------------------------------------------------------------- varlen and layout helpers of the ops modules

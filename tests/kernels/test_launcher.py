@@ -5,7 +5,10 @@ Runs in a subprocess without TRITON_INTERPRET and with a stand-in Triton driver:
 sm_90 (ptxas ships with triton), only the C launcher is replaced by a recorder. The first call of each shape goes
 through the autotuner and JITFunction.run, the second through the cached kernel; both launch records (grid and
 every argument: tensors as dtype, shape, strides, and the storage they point into) must be identical. A call with
-a tensor that is not 16-byte aligned is keyed apart; launch hooks, when set, reach the C launcher."""
+a tensor that is not 16-byte aligned is keyed apart; launch hooks, when set, reach the C launcher. The first
+launch of an autotuned kernel compiles every config of its list up front in the compile threads
+(``precompile_configs``); a later launch of a key already tuned compiles nothing up front (``tuning_key`` files
+under the autotuner's own key)."""
 import os
 import subprocess
 import sys
@@ -38,7 +41,15 @@ SCRIPT = textwrap.dedent("""
     driver.set_active(FakeDriver())
     Autotuner._bench = lambda self, *a, config, **k: [float(self.configs.index(config))]  # no benchmarking
     run = jit.JITFunction.run
-    jit.JITFunction.run = lambda self, *a, **k: (slow.append(self.fn.__name__), run(self, *a, **k))[1]
+    warm = []  # (kernel, config) of each run with warmup=True: the parallel precompile of the autotune configs
+    jit.JITFunction.run = lambda self, *a, **k: ((warm.append((self.fn.__name__, k.get("num_warps"), k.get("BM")))
+                                                   if k.get("warmup") else slow.append(self.fn.__name__)),
+                                                  run(self, *a, **k))[1]
+    import threading
+    import triton.compiler as tc
+    compiled_in = []  # the thread of every compilation
+    compile_fn = tc.compile
+    tc.compile = lambda *a, **k: (compiled_in.append(threading.current_thread().name), compile_fn(*a, **k))[1]
 
     from based_kernels import base_conv, sliding_window_attention
     from based_kernels.short_conv import base_conv_step
@@ -73,12 +84,19 @@ SCRIPT = textwrap.dedent("""
     qm = torch.randn(2 * 300 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 300, 4, 64).requires_grad_()
     cases = [(swa, (q, k, v, kp, vp), 3), (swa_var, (q[:1], k[:1], v[:1]), 3), (conv, (u, w, init), 3),
              (swa_plain, (qt, kt, vt), 3), (swa_plain, (qm, kt, vt), 3)]
-    for fn, inputs, n_kernels in cases:
+    for i, (fn, inputs, n_kernels) in enumerate(cases):
+        warm.clear(); compiled_in.clear()
         first, slow_first = record(fn, inputs)
         second, slow_second = record(fn, inputs)
         assert len(first) == n_kernels and len(slow_first) == n_kernels, (first, slow_first)
         assert slow_second == [], slow_second  # the second call never entered JITFunction.run
         assert first == second, (first, second)
+        if i == 0:  # SWA's three autotuned kernels: every config compiled up front, in the compile threads
+            from triton.runtime.autotuner import Autotuner
+            import based_kernels.sliding_window.forward as fwd, based_kernels.sliding_window.backward as bwd
+            n_configs = sum(len(k.configs) for k in (fwd.swa_fwd_kernel, bwd.swa_bwd_dq_kernel, bwd.swa_bwd_dkdv_kernel))
+            assert len(warm) == n_configs and len(set(warm)) >= n_configs - 3, warm
+            assert compiled_in and all(t.startswith("based_kernels-compile") for t in compiled_in), compiled_in
     assert first[0][2][0][3] == 2  # the unaligned q (byte offset 2) reached the launcher as such
     # launch hooks: None to the C launcher while none is set; the hook chain once one is
     from triton import knobs
@@ -101,6 +119,12 @@ SCRIPT = textwrap.dedent("""
         records.append(([(n, gr, [norm(a) for a in args]) for n, gr, args in calls], list(slow)))
     assert records[0][1] == ["conv_step_kernel"] and records[1][1] == [] and len(records[0][0]) == 1
     assert records[0][0] == records[1][0], records
+    from based_kernels._common import forget_launches
+    for fn, inputs, n_kernels in cases[:1]:  # new launches of keys already tuned: nothing compiled up front
+        forget_launches()
+        warm.clear()
+        record(fn, inputs)
+        assert warm == [], warm
     print("OK")
 """)
 
