@@ -13,8 +13,9 @@ if [ -z "$BENCH_ONLY" ]; then
   start=$(date +%s)
   # every autotuning a process runs (not read from Triton's disk cache) prints its kernel, key and time (the logs)
   export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
-  # SIGINT at the limit: pytest stops and still prints its summary and durations and writes the JUnit XML
-  timeout -s INT "${SUITE_TIMEOUT:-570}" make test-gpu GPU_TESTS="${GPU_TESTS:-tests}" \
+  # SIGINT at the limit (default 555 s: with the set-up above and the logs below, a 10-minute GPU call): pytest
+  # stops and still prints its summary and durations and writes the JUnit XML
+  timeout -s INT "${SUITE_TIMEOUT:-555}" make test-gpu GPU_TESTS="${GPU_TESTS:-tests}" \
     PYTEST_ARGS="--durations=80 -s --junitxml=$OUT/gpu_suite.xml $PYTEST_EXTRA" \
     2>&1 | tee "$OUT/gpu_suite.log" | grep -v -i "warn" | tail -120
   echo "make test-gpu: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
