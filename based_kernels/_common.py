@@ -289,7 +289,17 @@ def _triton_runtime():
 # is new compiles the configs the autotuner will time at once, in this many threads (Triton's AsyncCompileMode:
 # ptxas runs as a subprocess, so the compilations overlap); the autotuner then times the compiled kernels. 0 or 1:
 # Triton's serial path. Read at import.
-COMPILE_THREADS = int(os.environ.get("BASED_KERNELS_COMPILE_THREADS") or min(8, os.cpu_count() or 1))
+def _compile_threads() -> int:
+    value = os.environ.get("BASED_KERNELS_COMPILE_THREADS", "")
+    if not value:
+        return min(8, os.cpu_count() or 1)
+    if not value.isdigit():
+        raise ValueError(f"BASED_KERNELS_COMPILE_THREADS={value!r}: set it to a whole number of threads "
+                         "(0 or 1: compile autotune configs one at a time)")
+    return int(value)
+
+
+COMPILE_THREADS = _compile_threads()
 _COMPILE_POOL: list = []  # the thread pool, made at first use
 _PRECOMPILE_FAILED: list = []  # the first error: later launches skip the parallel compile
 
