@@ -286,13 +286,17 @@ def _triton_runtime():
 
 # Autotuning compiles every config of a kernel before timing them, and Triton compiles them one after another
 # (seconds each: most of a process's first training step). The first launch of an autotuned kernel whose tuning key
-# is new compiles the configs the autotuner will time at once, in this many threads (Triton's AsyncCompileMode:
+# is new compiles the configs the autotuner will time at once, in COMPILE_THREADS threads (Triton's AsyncCompileMode:
 # ptxas runs as a subprocess, so the compilations overlap); the autotuner then times the compiled kernels. 0 or 1:
 # Triton's serial path. Read at import.
 def _compile_threads() -> int:
+    """BASED_KERNELS_COMPILE_THREADS, else up to 8 threads from this process's share of the node's CPUs (torchrun's
+    LOCAL_WORLD_SIZE processes compile at the same time)."""
     value = os.environ.get("BASED_KERNELS_COMPILE_THREADS", "")
     if not value:
-        return min(8, os.cpu_count() or 1)
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        share = (os.cpu_count() or 1) // (int(local) if local.isdigit() and int(local) > 0 else 1)
+        return max(1, min(8, share))
     if not value.isdigit():
         raise ValueError(f"BASED_KERNELS_COMPILE_THREADS={value!r}: set it to a whole number of threads "
                          "(0 or 1: compile autotune configs one at a time)")

@@ -81,11 +81,13 @@ def test_autotuning_results_are_cached_by_default(user_value, cached):
     assert out.stdout.split() == [str(cached)] * 2
 
 
-@pytest.mark.parametrize("value, expect", [("", "default"), ("1", "1"), ("6", "6"), ("two", "error")])
-def test_compile_threads_setting(value, expect):
-    """BASED_KERNELS_COMPILE_THREADS: unset or empty means min(8, CPUs); a bad value is a one-line error naming it."""
-    env = {**os.environ, "BASED_KERNELS_COMPILE_THREADS": value}
-    code = "import os, based_kernels._common as c; print(c.COMPILE_THREADS, min(8, os.cpu_count() or 1))"
+@pytest.mark.parametrize("value, local, expect", [("", "1", "default"), ("", "64", "1"), ("1", "1", "1"),
+                                                  ("6", "64", "6"), ("two", "1", "error")])
+def test_compile_threads_setting(value, local, expect):
+    """BASED_KERNELS_COMPILE_THREADS: unset or empty means min(8, this process's share of the CPUs among torchrun's
+    LOCAL_WORLD_SIZE processes), at least 1; a bad value is a one-line error naming it."""
+    env = {**os.environ, "BASED_KERNELS_COMPILE_THREADS": value, "LOCAL_WORLD_SIZE": local}
+    code = "import os, based_kernels._common as c; print(c.COMPILE_THREADS, max(1, min(8, os.cpu_count() or 1)))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if expect == "error":
         assert out.returncode != 0 and "BASED_KERNELS_COMPILE_THREADS='two': set it to a whole number" in out.stderr
