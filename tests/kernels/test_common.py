@@ -37,7 +37,8 @@ def test_check_cu_seqlens_syncs_once_per_tensor_version(monkeypatch):
 @pytest.mark.parametrize("setting, n", [(None, 4), ("1", 4), ("0", 1)])
 def test_autotune_switch_keeps_every_config(setting, n):
     """BASED_KERNELS_AUTOTUNE=0: the autotuner gets the first config of the GPU list only; ``.all`` keeps the list
-    (test_every_config.py runs each; the GPU kernel tests one each). Compiled-kernel mode (no interpreter), in a fresh process: read at import."""
+    (test_every_config.py runs each; the GPU kernel tests one each). Compiled-kernel mode (no interpreter), in a
+    fresh process: read at import."""
     code = ("from based_kernels.sliding_window.forward import swa_fwd_kernel as k; "
             "print(len(k.configs), len(k.configs.all), k.configs[0] is k.configs.all[0])")
     env = {key: v for key, v in os.environ.items() if key != "BASED_KERNELS_AUTOTUNE"}

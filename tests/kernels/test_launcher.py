@@ -92,9 +92,9 @@ SCRIPT = textwrap.dedent("""
         assert slow_second == [], slow_second  # the second call never entered JITFunction.run
         assert first == second, (first, second)
         if i == 0:  # SWA's three autotuned kernels: every config compiled up front, in the compile threads
-            from triton.runtime.autotuner import Autotuner
             import based_kernels.sliding_window.forward as fwd, based_kernels.sliding_window.backward as bwd
-            n_configs = sum(len(k.configs) for k in (fwd.swa_fwd_kernel, bwd.swa_bwd_dq_kernel, bwd.swa_bwd_dkdv_kernel))
+            tuned = (fwd.swa_fwd_kernel, bwd.swa_bwd_dq_kernel, bwd.swa_bwd_dkdv_kernel)
+            n_configs = sum(len(k.configs) for k in tuned)
             assert len(warm) == n_configs and len(set(warm)) >= n_configs - 3, warm
             assert compiled_in and all(t.startswith("based_kernels-compile") for t in compiled_in), compiled_in
     assert first[0][2][0][3] == 2  # the unaligned q (byte offset 2) reached the launcher as such

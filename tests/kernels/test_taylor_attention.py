@@ -451,7 +451,7 @@ def test_fp32_is_fp32_accurate_at_default_precision(f32_precision):
     (output, final states and every gradient) on packed documents of odd lengths (1, 399 and 1600 tokens: many
     128-token chunks), each starting from its own state. One case: the plain layout runs the same chunk code, "high"
     launches the same IEEE kernels and "medium" the tf32 ones, as the CPU tests check; each precision x layout is
-    one more compilation of every autotuning config, and the GPU suite has a time budget."""
+    one more compilation of the Taylor kernels, and the GPU suite has a time budget."""
     ref = lambda *a, **kw: taylor_attention_chunked(*a, **kw)  # noqa: E731
     cu = torch.tensor([0, 1, 400, 2000], dtype=torch.int32, device=DEV)
     f32_precision("highest")

@@ -138,10 +138,12 @@ def finish(proc, root: Path, metrics: Path, timeout: float) -> None:
     assert code == 0, f"exit {code}:\n{log[-4000:]}"
 
 
-def keep_log(path: Path, out: subprocess.CompletedProcess, start: float) -> None:
-    """A finished subprocess's output and wall time in ``path`` (benchmarks/run_gpu_suite.sh brings the suite's
-    logs back: where an entry point spends its time)."""
-    path.write_text(f"exit {out.returncode} after {time.time() - start:.1f} s\n{out.stdout}\n{out.stderr}")
+def keep_log(path: Path, label: str, code, stdout: str, stderr: str, start: float) -> None:
+    """A finished subprocess's exit and wall time, printed (seen with -s), and with its output in ``path``
+    (benchmarks/run_gpu_suite.sh brings the suite's logs back: where an entry point spends its time)."""
+    took = time.time() - start
+    print(f"{label}: exit {code} after {took:.0f} s", flush=True)
+    path.write_text(f"exit {code} after {took:.1f} s\n{stdout}\n{stderr}")
 
 
 def train_steps(metrics: Path) -> dict[int, dict]:
@@ -245,8 +247,8 @@ def generate_and_eval(save: Path, corpus: dict, root: Path, losses: dict, dtype:
                 "eval": [*tool("megatron-based-eval"), *common, "--text", str(text), "--json", str(result)]}
     started = {}
     for name, cmd in commands.items():
-        out, err = (root / f"{name}.out").open("w"), (root / f"{name}.err").open("w")
-        started[name] = (subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=out, stderr=err), time.time())
+        with (root / f"{name}.out").open("w") as out, (root / f"{name}.err").open("w") as err:
+            started[name] = (subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=out, stderr=err), time.time())
 
     def check() -> None:
         output = {}
@@ -257,10 +259,7 @@ def generate_and_eval(save: Path, corpus: dict, root: Path, losses: dict, dtype:
                 proc.kill()
                 code = "timeout"
             output[name], err = (root / f"{name}.out").read_text(), (root / f"{name}.err").read_text()
-            took = time.time() - start
-            print(f"megatron-based-{name}: exit {code} after {took:.0f} s", flush=True)  # with -s
-            # the suite's logs (benchmarks/run_gpu_suite.sh brings them back)
-            (root / f"{name}.log").write_text(f"exit {code} after {took:.1f} s\n{output[name]}\n{err}")
+            keep_log(root / f"{name}.log", f"megatron-based-{name}", code, output[name], err, start)
             assert code == 0, output[name][-2000:] + err[-4000:]
         continuation = output["generate"].strip().splitlines()[-1]
         assert continuation.startswith("And God said") and len(continuation) > len("And God said"), output["generate"]
@@ -307,8 +306,7 @@ def test_make_demo_as_written(tmp_path):
     start = time.time()
     out = subprocess.run(["make", "demo"], cwd=REPO, env={**env(), "DEMO_DIR": str(tmp_path)}, capture_output=True,
                          text=True, timeout=600)
-    print(f"make demo: exit {out.returncode} after {time.time() - start:.0f} s", flush=True)
-    keep_log(tmp_path / "demo.log", out, start)
+    keep_log(tmp_path / "demo.log", "make demo", out.returncode, out.stdout, out.stderr, start)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"on {GPUS} processes" in out.stdout and "[4/4] greedy sample" in out.stdout, out.stdout[-3000:]
     valid = [line for line in out.stdout.splitlines() if line.startswith("validation at step 300")]
