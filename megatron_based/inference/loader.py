@@ -41,6 +41,9 @@ def load_model(config_path: str | None, checkpoint: str | None, *, tensor_model_
         section = checkpointing.saved_run_config(checkpointing.resolve(checkpoint, None))["model"]
     else:
         raise ValueError("give a config (YAML with a model: section) or a training checkpoint directory")
+    # cuda_graph_impl is how a run trained (Megatron's per-layer graphs of forward and backward, which need the
+    # training RNG tracker and a GPU); inference builds without it and captures its own decode step (Generator)
+    section = {**section, "cuda_graph_impl": "none"}
     if dtype is not None:
         overrides = dict(params_dtype=DTYPES[dtype], bf16=dtype == "bf16", fp16=dtype == "fp16", **overrides)
     spec = model_spec_from_dict(section, tensor_model_parallel_size=tensor_model_parallel_size,

@@ -333,3 +333,24 @@ def test_imported_released_weights_run_with_the_fp32_residual(tmp_path, capsys):
                                              "fp32_residual_connection": False}}))
     assert main(["import", "--config", str(off), "--input", str(weights), "--output", str(tmp_path / "b")]) == 0
     assert "sets fp32_residual_connection: false" in capsys.readouterr().err
+
+
+def _graphs_config_worker(rank, world, config):
+    from megatron_based.inference.loader import load_model
+    from megatron_based.runtime.parallel import initialize_parallel
+
+    initialize_parallel(1)
+    model, spec = load_model(config, None)
+    return model.config.cuda_graph_impl, spec.config.cuda_graph_impl
+
+
+def test_a_run_trained_with_cuda_graphs_loads_for_inference(tmp_path):
+    """``cuda_graph_impl: local`` (Megatron's per-layer training graphs) in a config or a checkpoint's saved run
+    configuration is not how inference builds: generate / eval / the demo build the model without it (on the GPU
+    Megatron's graph manager otherwise asserts on the inference RNG tracker; on CPU the config is rejected)."""
+    import yaml
+
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"layer_pattern": PATTERN, "vocab_size": VOCAB, "cuda_graph_impl": "local",
+                                             **DIMS}}))
+    assert run_distributed(_graphs_config_worker, 1, str(cfg))[0] == ("none", "none")
