@@ -22,8 +22,9 @@ Each run is one ``megatron-based-mqar train`` process (``--jobs`` of them at a t
 are far too small to fill it, so the runs are bound by kernel launches and overlap well). A run's result goes
 into ``--json`` (default benchmarks/results/mqar.json) as soon as it ends, and a run already there is skipped
 unless ``--force``: a call cut short loses only its unfinished runs, and the next call continues. ``--time-limit``
-stops the sweep cleanly (unfinished runs stopped and not recorded, outputs written) before the caller's limit, and
-starts no run that the longest one so far says would not finish in the time left.
+stops the sweep cleanly before the caller's limit (outputs written), and starts no run that the longest one so far
+says would not finish in the time left. A run it stops is not a result: its last epoch's test accuracy goes under
+``"cut"`` in the JSON (the table shows it marked, the plot as a square), and the next call reruns it.
 After every run the markdown table (ours beside the published numbers) is rewritten between the
 ``<!-- mqar-sweep:begin -->`` / ``<!-- mqar-sweep:end -->`` lines of ``--doc`` (docs/mqar.md), and the recall vs
 state-size plot is written as a hand-written SVG (``--svg``, docs/mqar_recall_vs_state.svg; no plotting
@@ -133,8 +134,10 @@ def summarize(data: dict, cells: list[dict], settings: dict) -> list[dict]:
     for cell in cells:
         runs = [r for k, r in data["runs"].items() if k.rsplit("-lr", 1)[0] == cell_key(cell)]
         best = max(runs, key=lambda r: r["accuracy"], default=None)
+        cut = [r for k, r in data.get("cut", {}).items() if k.rsplit("-lr", 1)[0] == cell_key(cell)]
         rows.append({**cell, "key": cell_key(cell), "state_size": state_size(cell, settings),
                      "published": PUBLISHED.get((cell["model"], cell["d"])), "best": best,
+                     "cut": None if best else max(cut, key=lambda r: r["accuracy"], default=None),
                      "lrs_run": sorted(r["lr"] for r in runs)})
     return rows
 
@@ -161,10 +164,16 @@ def markdown(rows: list[dict], data: dict, settings: dict) -> str:
             pub = "–"
         else:
             pub = f"{r['published']:.2f}²" if r["model"] == "baseconv" else f"≈ {r['published']:.1f}"
-        ours = f"{b['accuracy']:.3f}" if b else "not yet run on GPU"
+        c = r["cut"]
+        if b:
+            ours, lr, epochs = f"{b['accuracy']:.3f}", f"{b['lr']:g}", str(b["epochs_run"])
+        elif c:
+            ours, lr, epochs = f"{c['accuracy']:.3f}³", f"{c['lr']:g}", f"{c['epochs_run']} of {c['epochs']}³"
+        else:
+            ours, lr, epochs = "not yet run on GPU", "", ""
         lines.append(f"| {LABELS[r['model']]} ({MODELS[r['model']]}) | {r['d']} | {r['f'] or '–'} | "
-                     f"{r['state_size']:,} | {pub} | {ours} | {f'{b['lr']:g}' if b else ''} | "
-                     f"{b['epochs_run'] if b else ''} | {', '.join(f'{x:g}' for x in r['lrs_run'])} |")
+                     f"{r['state_size']:,} | {pub} | {ours} | {lr} | {epochs} | "
+                     f"{', '.join(f'{x:g}' for x in r['lrs_run'])} |")
     lines += ["",
               "¹ The paper plots BASED against its state size rather than tabulating it; expected: ≥ 0.9 at d 64, "
               "f 16, rising with the state size.",
@@ -173,8 +182,13 @@ def markdown(rows: list[dict], data: dict, settings: dict) -> str:
               "BaseConv with a short conv (Z), then with the long implicit conv (H) (same gates, skips, filter MLP "
               "and initialisation; megatron_based/model/mixers/zoology_short_conv, long_conv; RMSNorm and no "
               "dropout remain, as for every model here). State: Z's last 2 inputs, 2 x d, and every input of the H "
-              "layer so far, T x d.", ""]
-    if any(r["best"] for r in rows):
+              "layer so far, T x d."]
+    if any(r["cut"] for r in rows):
+        lines.append("³ Not a result yet: the run was stopped by the sweep's time limit before it ended (no early "
+                     "stop yet); the test accuracy after the epochs shown. The next call reruns it (lrs run lists "
+                     "only finished runs). In the plot: squares.")
+    lines.append("")
+    if any(r["best"] or r["cut"] for r in rows):
         lines += ["![MQAR recall vs state size](mqar_recall_vs_state.svg)", ""]
     lines.append(END)
     return "\n".join(lines)
@@ -233,6 +247,8 @@ def svg(rows: list[dict], settings: dict) -> str:
             out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
                        + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
         out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{color}"/>' for x, y in pts]
+        out += [f'<rect x="{px(r["state_size"]) - 4:.1f}" y="{py(r["cut"]["accuracy"]) - 4:.1f}" width="8" '
+                f'height="8" fill="none" stroke="{color}" stroke-width="1.5"/>' for r in mine if r["cut"]]
         pub = [(px(r["state_size"]), py(r["published"])) for r in mine if r["published"] is not None]
         out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="none" stroke="{color}" stroke-width="1.5"/>'
                 for x, y in pub]
@@ -243,6 +259,9 @@ def svg(rows: list[dict], settings: dict) -> str:
         legend_y += 20
     out.append(f'<circle cx="{W - R + 27.5}" cy="{legend_y}" r="6" fill="none" stroke="black"/>'
                f'<text x="{W - R + 47}" y="{legend_y + 4}">published</text>')
+    if any(r["cut"] for r in rows):
+        out.append(f'<rect x="{W - R + 23.5}" y="{legend_y + 16}" width="8" height="8" fill="none" stroke="black"/>'
+                   f'<text x="{W - R + 47}" y="{legend_y + 24}">cut by the time limit</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -250,16 +269,28 @@ def svg(rows: list[dict], settings: dict) -> str:
 def report(data: dict, cells: list[dict], settings: dict, doc: Path, svg_path: Path) -> list[dict]:
     rows = summarize(data, cells, settings)
     write_doc(doc, markdown(rows, data, settings))
-    if any(r["best"] for r in rows):
+    if any(r["best"] or r["cut"] for r in rows):
         svg_path.parent.mkdir(parents=True, exist_ok=True)
         svg_path.write_text(svg(rows, settings))
     return rows
 
 
 # ------------------------------------------------------------------------------------------------------ the sweep
-def _pump(proc: subprocess.Popen, prefix: str, log) -> None:
-    """Echo a run's output, one line at a time, prefixed by its key (and into its log file)."""
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) .*test accuracy ([0-9.]+)")
+
+
+def epoch_progress(line: str) -> dict | None:
+    """A run's epoch line (``megatron-based-mqar train``'s) as ``{"epochs_run", "epochs", "accuracy"}``."""
+    m = EPOCH_LINE.search(line)
+    return {"epochs_run": int(m[1]), "epochs": int(m[2]), "accuracy": float(m[3])} if m else None
+
+
+def _pump(proc: subprocess.Popen, prefix: str, log, progress: dict) -> None:
+    """Echo a run's output, one line at a time, prefixed by its key (and into its log file); its last epoch line
+    goes into ``progress[prefix]``."""
     for line in proc.stdout:
+        if (epoch := epoch_progress(line)) is not None:
+            progress[prefix] = epoch
         if log:
             log.write(line)
             log.flush()
@@ -274,7 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, help="runs at a time [6 per GPU, 2 without]")
     p.add_argument("--no-tf32", action="store_true", help="IEEE fp32 matmuls, as Zoology (default: TF32, "
                                                           "megatron-based-mqar train --tf32: ~3-4x less GPU time)")
-    p.add_argument("--time-limit", type=float, help="seconds: stop (unfinished runs dropped) and write the outputs")
+    p.add_argument("--time-limit", type=float, help="seconds: stop (unfinished runs recorded as cut) and write the outputs")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON (and start it afresh "
                                                         "when its settings differ)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and the plot from the JSON")
@@ -338,6 +369,7 @@ def main(argv=None) -> int:
     launched = 0
     t0 = time.monotonic()
     running: dict[str, tuple] = {}
+    progress: dict[str, dict] = {}  # run key -> its last epoch line
     done = skipped = 0
 
     def converged(cell) -> bool:
@@ -350,7 +382,12 @@ def main(argv=None) -> int:
         if late and not stopped:
             stopped, stopped_at = True, time.monotonic()
             for key, (proc, *_rest) in running.items():
-                print(f"time limit: stopping {key} (not recorded)", flush=True)
+                # a cut run is not a result: it goes under "cut" (the table marks it), and the next call reruns it
+                now, before = progress.get(key), data.setdefault("cut", {}).get(key)
+                if now and (before is None or now["epochs_run"] > before["epochs_run"]):
+                    data["cut"][key] = {**now, "lr": float(key.rsplit("-lr", 1)[1])}
+                print(f"time limit: stopping {key}" + (f" after epoch {now['epochs_run']} (test accuracy "
+                      f"{now['accuracy']:.4f}, recorded as cut)" if now else " (nothing to record)"), flush=True)
                 proc.terminate()
             queue = []
         if stopped and time.monotonic() - stopped_at > 15:
@@ -377,7 +414,7 @@ def main(argv=None) -> int:
             proc = subprocess.Popen(command(cell, lr, settings, tmp / f"{key}.json", data["meta"]["tf32"]), cwd=REPO,
                                     env=run_env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            pump = threading.Thread(target=_pump, args=(proc, key, log), daemon=True)
+            pump = threading.Thread(target=_pump, args=(proc, key, log, progress), daemon=True)
             pump.start()
             running[key] = (proc, pump, log, time.monotonic())
         for key in list(running):
@@ -391,6 +428,7 @@ def main(argv=None) -> int:
             result_file = tmp / f"{key}.json"
             if proc.returncode == 0 and result_file.exists():
                 data["runs"][key] = json.loads(result_file.read_text())
+                data.get("cut", {}).pop(key, None)
                 data["meta"]["updated"] = time.strftime("%Y-%m-%d")
                 save(json_path, data)
                 report(data, grid(args.smoke), settings, doc, svg_path)
@@ -406,14 +444,14 @@ def main(argv=None) -> int:
     rows = report(data, grid(args.smoke), settings, doc, svg_path)
     left = sum(1 for c in grid(args.smoke) for lr in lrs
                if run_key(c, lr) not in data["runs"] and not converged(c))
-    print(f"wrote {json_path}, {doc}" + (f", {svg_path}" if any(r["best"] for r in rows) else "")
+    print(f"wrote {json_path}, {doc}" + (f", {svg_path}" if any(r["best"] or r["cut"] for r in rows) else "")
           + f"; {done} runs done, {skipped} skipped, {left} still to run"
           + (" (run again to continue)" if left else ""))
     for r in rows:
         b = r["best"]
         print(f"  {r['key']:22s} state {r['state_size']:>9,}  published "
               f"{'-' if r['published'] is None else r['published']:>5}  ours "
-              f"{'-' if not b else format(b['accuracy'], '.3f')}")
+              f"{format(b['accuracy'], '.3f') if b else (format(r['cut']['accuracy'], '.3f') + ' (cut)') if r['cut'] else '-'}")
     return 0
 
 

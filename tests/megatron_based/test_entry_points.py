@@ -245,10 +245,13 @@ def generate_and_eval(save: Path, corpus: dict, root: Path, losses: dict, dtype:
     commands = {"generate": [*tool("megatron-based-generate"), *common, "--prompt", "And God said",
                              "--max-new-tokens", "24"],
                 "eval": [*tool("megatron-based-eval"), *common, "--text", str(text), "--json", str(result)]}
+    # their stdout is the product's output: without Triton's autotuning prints (the GPU suite's script sets
+    # TRITON_PRINT_AUTOTUNING for the training logs; Triton prints them to stdout, inside the streamed text)
+    quiet = {k: v for k, v in env().items() if k != "TRITON_PRINT_AUTOTUNING"}
     started = {}
     for name, cmd in commands.items():
         with (root / f"{name}.out").open("w") as out, (root / f"{name}.err").open("w") as err:
-            started[name] = (subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=out, stderr=err), time.time())
+            started[name] = (subprocess.Popen(cmd, cwd=REPO, env=quiet, stdout=out, stderr=err), time.time())
 
     def check() -> None:
         output = {}
