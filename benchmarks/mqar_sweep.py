@@ -31,23 +31,10 @@ state-size plot is written as a hand-written SVG (``--svg``, docs/mqar_recall_vs
 library needed).
 
 Each full batch's training step is one CUDA graph replay (``megatron-based-mqar train``'s default on GPU, kept
-here; ``train_mqar(cuda_graph=...)``, docs/mqar.md): the runs' host time per step drops from ~6-8 ms of launches to
-one replay and a few copies, so they should be bound by the GPU and take several times less than the estimate
-below. The graphed time is not measured yet; the estimate below is the eager loop's (``train --no-cuda-graph``).
-
-Time on one H100 / H200 with the eager loop (an estimate: not yet measured on a GPU). One epoch is 391 steps of
-256 x 256 tokens. The models have 0.56M-2.9M parameters, most of them in the 8192 x d embedding; the output layer
-runs only at the 16 query positions per sequence. A step (forward + backward) is ~20 GFLOP at d 64 and ~400 GFLOP at
-d 256 (BASED, f 24): ~0.3-3 ms of GPU time with TF32 matmuls (the default here, ``--tf32`` of the runs: TF32
-products, fp32 accumulation; ``--no-tf32`` for IEEE fp32 as Zoology, 3-4x the GPU time), and 1,100-1,400 PyTorch
-operations (counted with the profiler on CPU at d 64; AdamW is fused on GPU), ~6-8 ms of host time with no
-host-device wait inside an epoch. So ~2.5-3 s per epoch and ~3 min per run of 64 epochs, plus ~20 s of start-up,
-data generation and Triton compilation per process. Runs that never pass 0.99 (BaseConv; BASED at small state) take
-all 64 epochs; attention cells should stop after a few epochs and skip their other learning rates. About 31 runs
-(~27 of full length) = ~85 min of runs, 6 at a time: ~15 min if they stay host-bound, up to ~20-25 min where the
-d 256 runs fill the GPU: two or three 10-minute calls of ``--time-limit 540``. The queue runs every cell's first
-learning rate before any second one, so the first call already gives a (one-lr) result for most cells. The first
-epoch lines show the real speed within a minute; ``--jobs`` can go up while the host's cores and the GPU keep up.
+here; ``train_mqar(cuda_graph=...)``, docs/mqar.md). Measured on one H200 with 8 runs at a time: 20-30 s of
+start-up per run (data, Triton compilation, graph capture), then ~7 s per epoch at d 64 and ~20 s at d 256 for
+BaseConv, up to ~100 s for BASED at d 256, f 24. Runs that pass the early stop take 2-4 epochs (23-240 s); a run
+that never does (BaseConv) takes all 64 epochs, 8-20 minutes, more than one 10-minute call (docs/mqar.md).
 """
 from __future__ import annotations
 

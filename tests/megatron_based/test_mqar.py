@@ -305,3 +305,15 @@ def test_mqar_sweep_smoke(tmp_path):
     report = subprocess.run(sweep + ["--report-only"], cwd=repo, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]
     assert (tmp_path / "mqar.md").read_text().count("| attention (ZA) | 16 |") == 1
+    # a run's epoch lines (as the sweep reads them from its output) carry its test accuracy: a run the time limit
+    # stops is recorded from its last one under "cut", shown marked and never as a finished run of its cell
+    line = next(x for x in first.stdout.splitlines() if "[based-d16-f4-lr0.003] epoch 1/1" in x)
+    assert mqar_sweep.epoch_progress(line) == {"epochs_run": 1, "epochs": 1, "accuracy": pytest.approx(
+        data["runs"]["based-d16-f4-lr0.003"]["accuracy"], abs=5e-5)}
+    cut = {**data, "runs": {k: r for k, r in data["runs"].items() if not k.startswith("based")},
+           "cut": {"based-d16-f4-lr0.003": {"epochs_run": 3, "epochs": 64, "accuracy": 0.5, "lr": 3e-3}}}
+    rows = mqar_sweep.summarize(cut, mqar_sweep.grid(smoke=True), data["meta"]["settings"])
+    table = mqar_sweep.markdown(rows, cut, data["meta"]["settings"])
+    based = next(x for x in table.splitlines() if x.startswith("| BASED (ZL) | 16 | 4 |"))
+    assert based.endswith("| 0.500³ | 0.003 | 3 of 64³ |  |") and "³ Not a result" in table, table
+    assert "<rect" in mqar_sweep.svg(rows, data["meta"]["settings"]).split("published")[0]
