@@ -7,7 +7,7 @@ PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.1
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-gpu demo clean launch-deps
+.PHONY: venv test test-gpu demo clean launch-deps wheels
 
 # The launcher tests (tests/launch) run real mpirun and a real single-node slurm cluster: Debian packages, installed
 # here when missing and apt-get is usable (root); without them those tests skip and say why.
@@ -41,6 +41,12 @@ test: $(STAMP) launch-deps
 GPU_TESTS ?= tests
 test-gpu: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -ra -m gpu $(GPU_TESTS) $(PYTEST_ARGS)
+
+# The wheels for a GPU machine without network, into .whl/ (benchmarks/gpu_env.sh installs them there):
+# megatron-core as pinned in pyproject.toml, and fla (the kernel benchmarks' peer) with its one dependency.
+WHEELS := $(shell grep -o 'megatron-core==[0-9.]*' pyproject.toml) fla-core==0.6.0 einops==0.8.2
+wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl $(WHEELS)
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m megatron_based.tasks.demo

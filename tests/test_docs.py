@@ -135,6 +135,8 @@ COMMANDS: dict[tuple[str, str], object] = {
              "tests/megatron_based/test_context_parallel.py counts collectives"),
     # docs/training.md
     ("training.md", "make demo"): Skip("CI runs it (builds .venv, trains the demo: minutes)"),
+    ("training.md", "make wheels"): Skip("downloads from PyPI (network); test_make_wheels_fetches_the_pinned_versions "
+                                         "checks what it runs"),
     ("training.md", "megatron-based-preprocess corpus/*.jsonl --output-prefix data/web --vocab-size 50257"):
         "megatron-based-preprocess corpus/*.jsonl --output-prefix data/web --vocab-size 1024",
     ("training.md", "torchrun --nproc_per_node 8 -m megatron_based.training.loop configs/based-360m.yaml "
@@ -234,3 +236,12 @@ def test_documented_command_runs(workdir, name, key, text):
     if isinstance(how, DryRun):
         processes = re.search(r"processes\s*│\s*(\d+) = (\d+) node", out.stdout)
         assert processes and int(processes.group(1)) == how.world_size, log[-3000:]
+
+
+def test_make_wheels_fetches_the_pinned_versions():
+    """``make wheels`` (docs/training.md) downloads pyproject.toml's megatron-core pin, as cp312 wheels only."""
+    plan = subprocess.run(["make", "-n", "wheels"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    pin = re.search(r'"(megatron-core==[0-9.]+)"', (REPO / "pyproject.toml").read_text())[1]
+    assert f" {pin} " in plan.stdout and "--only-binary=:all: --python-version 3.12 -d .whl" in plan.stdout
+    assert "fla-core==" in plan.stdout, plan.stdout
