@@ -292,7 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, help="runs at a time [6 per GPU, 2 without]")
     p.add_argument("--no-tf32", action="store_true", help="IEEE fp32 matmuls, as Zoology (default: TF32, "
                                                           "megatron-based-mqar train --tf32: ~3-4x less GPU time)")
-    p.add_argument("--time-limit", type=float, help="seconds: stop (unfinished runs recorded as cut) and write the outputs")
+    p.add_argument("--time-limit", type=float,
+                   help="seconds: stop (unfinished runs recorded as cut) and write the outputs")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON (and start it afresh "
                                                         "when its settings differ)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and the plot from the JSON")
@@ -435,10 +436,10 @@ def main(argv=None) -> int:
           + f"; {done} runs done, {skipped} skipped, {left} still to run"
           + (" (run again to continue)" if left else ""))
     for r in rows:
-        b = r["best"]
+        b, c = r["best"], r["cut"]
+        ours = format(b["accuracy"], ".3f") if b else f"{c['accuracy']:.3f} (cut)" if c else "-"
         print(f"  {r['key']:22s} state {r['state_size']:>9,}  published "
-              f"{'-' if r['published'] is None else r['published']:>5}  ours "
-              f"{format(b['accuracy'], '.3f') if b else (format(r['cut']['accuracy'], '.3f') + ' (cut)') if r['cut'] else '-'}")
+              f"{'-' if r['published'] is None else r['published']:>5}  ours {ours}")
     return 0
 
 
