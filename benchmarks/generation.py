@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--models", nargs="+", choices=["based", "gpt"], default=["based", "gpt"])
     p.add_argument("--no-cuda-graph", action="store_true", help="skip the CUDA-graph runs")
+    p.add_argument("--cuda-graph-only", action="store_true",
+                   help="only the CUDA-graph runs (the fair comparison; the GPT's eager decode takes minutes)")
     p.add_argument("--tiny", action="store_true", help="CPU check: configs/tiny.yaml, batch 4, prompt 8, 32 tokens")
     p.add_argument("--json", default=None, help="where the results go (default benchmarks/results/generation.json; "
                    "with --tiny, none: a CPU check must not replace the GPU results)")
@@ -232,7 +234,9 @@ def main(argv=None) -> int:
         section = yaml.safe_load(fh)["model"]
     t_start = time.perf_counter()
     results = []
-    graphs = [False] + ([True] if CUDA and not args.no_cuda_graph else [])
+    if args.cuda_graph_only and (args.no_cuda_graph or not CUDA):
+        p.error("--cuda-graph-only needs a GPU and excludes --no-cuda-graph")
+    graphs = [True] if args.cuda_graph_only else [False] + ([True] if CUDA and not args.no_cuda_graph else [])
     if "based" in args.models:
         results += bench_model("BASED", section, section["layer_pattern"], graphs, dtype, args)
     if "gpt" in args.models:  # graphed: a static KV cache of max_length rows, attended with a mask
