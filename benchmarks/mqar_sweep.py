@@ -83,6 +83,11 @@ def run_key(cell: dict, lr: float) -> str:
     return f"{cell_key(cell)}-lr{lr:g}"
 
 
+def of_cell(entries: dict, cell: dict) -> list[dict]:
+    """The entries (run key -> record, as ``data["runs"]`` or ``data["cut"]``) of one cell's runs."""
+    return [r for k, r in entries.items() if k.rsplit("-lr", 1)[0] == cell_key(cell)]
+
+
 def state_size(cell: dict, settings: dict) -> int:
     """Numbers per sequence of the model's decode state (megatron_based.tasks.mqar.mqar_state_size's formula)."""
     d, f, T = cell["d"], cell["f"] or 0, settings["seq_len"]
@@ -119,9 +124,9 @@ def summarize(data: dict, cells: list[dict], settings: dict) -> list[dict]:
     """One row per cell: its state size, the published recall and the best run (highest final test accuracy)."""
     rows = []
     for cell in cells:
-        runs = [r for k, r in data["runs"].items() if k.rsplit("-lr", 1)[0] == cell_key(cell)]
+        runs = of_cell(data["runs"], cell)
         best = max(runs, key=lambda r: r["accuracy"], default=None)
-        cut = [r for k, r in data.get("cut", {}).items() if k.rsplit("-lr", 1)[0] == cell_key(cell)]
+        cut = of_cell(data.get("cut", {}), cell)
         rows.append({**cell, "key": cell_key(cell), "state_size": state_size(cell, settings),
                      "published": PUBLISHED.get((cell["model"], cell["d"])), "best": best,
                      "cut": None if best else max(cut, key=lambda r: r["accuracy"], default=None),
@@ -361,8 +366,7 @@ def main(argv=None) -> int:
     done = skipped = 0
 
     def converged(cell) -> bool:
-        return any(r["accuracy"] > settings["early_stop"] for k, r in data["runs"].items()
-                   if k.rsplit("-lr", 1)[0] == cell_key(cell))
+        return any(r["accuracy"] > settings["early_stop"] for r in of_cell(data["runs"], cell))
 
     stopped, stopped_at = False, 0.0
     while queue or running:
