@@ -57,7 +57,7 @@ def main():
     args = ap.parse_args()
     F, DV = args.f, args.dv
     BK = max(16, triton.next_power_of_2(F))
-    D = 1 + F + F * F
+    D = 1 + F + F * (F + 1) // 2
     for BT in (64, 128):
         for name, cfgs in {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
                            "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],

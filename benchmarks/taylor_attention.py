@@ -46,10 +46,10 @@ def inputs(B, T, dv, seed=0, grad=False, qk_dim=F):
 
 # ----------------------------------------------------------------------------------------------- models
 def flops_bytes(B, T, dv, kind):
-    """Roofline floor counts of docs/performance.md (per token-head: D = 1 + f + f^2 features, chunk 64, phi and
+    """Roofline floor counts of docs/performance.md (per token-head: D = 1 + f + f(f+1)/2 features, chunk 64, phi and
     per-chunk states never in HBM; our kernels do move the per-chunk states, so TB/s here is of the floor's
     bytes)."""
-    D, n = 1 + F + F * F, B * T * H
+    D, n = 1 + F + F * (F + 1) // 2, B * T * H
     fwd_f = (4 * D * dv + 2 * CHUNK * (F + dv)) * n
     fwd_b = (2 * 2 * F + 2 * 2 * dv + 4) * n  # q, k, v, o in bf16 + fp32 denominator
     if kind == "fwd":
