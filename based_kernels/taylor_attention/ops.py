@@ -96,8 +96,8 @@ _grad_kernel = Launcher(taylor_chunk_grad_kernel)
 _prep_kernel = Launcher(taylor_prep_kernel)
 _step_kernel = Launcher(taylor_step_kernel)
 
-MAX_F = 32  # f = 64 compiled and passed in the CPU interpreter but was not verified on a GPU (see README)
-MAX_F_STEP = 32  # the decode kernel keeps a whole [f(f+1)/2, BV] state block in registers
+MAX_F = 32  # f = 64 passed in the CPU interpreter with the 273-row map; not verified on a GPU (see README)
+MAX_F_STEP = 32  # the decode kernel keeps a whole [next_pow2(f(f+1)/2), BV] state block in registers
 
 # Tunables (benchmarks/taylor_attention.py --sweep times alternatives on a GPU; docs/benchmarks.md).
 # Sweep on an H100 (2026-11-23, B8 T4096 H16 d_v 64, bf16): chunk 128 fwd+bwd 2.26 ms vs 2.99 at chunk 64.
@@ -457,6 +457,11 @@ def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False):
         raise ValueError(f"the Triton decode kernel supports f <= {MAX_F_STEP} (got f={q.shape[-1]}); "
                          f"use backend='torch'")
     q, k, v = (lastdim_contiguous(t) for t in (q, k, v))
+    if state is not None:  # the kernel reads the state with D-row strides: another layout would be read as garbage
+        want = (q.shape[0], q.shape[1], feature_dim(q.shape[-1]), v.shape[-1])
+        if tuple(state[0].shape) != want or tuple(state[1].shape) != want[:3]:
+            raise ValueError(f"state must be (S {want}, z {want[:3]}) (D = 1 + f + f(f+1)/2, the symmetric map); "
+                             f"got S {tuple(state[0].shape)}, z {tuple(state[1].shape)}")
     if inplace:
         S, z = state
         if S.dtype != torch.float32 or z.dtype != torch.float32 or not (S.is_contiguous() and z.is_contiguous()):

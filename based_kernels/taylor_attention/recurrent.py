@@ -51,12 +51,12 @@ def taylor_step_kernel(
     b_q = tl.load(p_q + o_k, mask=m_1, other=0.).to(tl.float32) * scale
     b_k = tl.load(p_k + o_k, mask=m_1, other=0.).to(tl.float32) * scale
     b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.).to(tl.float32)
-    # the quadratic features c x_a x_b, a <= b, as a flat [BP] vector (the factors read again by column index:
-    # a register gather of 16-32 values)
-    b_qq = (tl.load(p_q + a_2, mask=m_2, other=0.).to(tl.float32) * tl.load(p_q + b_2, mask=m_2, other=0.).to(
-        tl.float32)) * (scale * scale) * c_2
-    b_kk = (tl.load(p_k + a_2, mask=m_2, other=0.).to(tl.float32) * tl.load(p_k + b_2, mask=m_2, other=0.).to(
-        tl.float32)) * (scale * scale) * c_2
+    # the quadratic features c x_a x_b, a <= b, as a flat [BP] vector; the factors are selected with 0/1 masks
+    # ([BK, BP] products summed over BK: exact, and no indexed access, which would go through local memory)
+    e_a = (o_k[:, None] == a_2[None, :]).to(tl.float32)
+    e_b = (o_k[:, None] == b_2[None, :]).to(tl.float32)
+    b_qq = tl.sum(b_q[:, None] * e_a, 0) * tl.sum(b_q[:, None] * e_b, 0) * c_2
+    b_kk = tl.sum(b_k[:, None] * e_a, 0) * tl.sum(b_k[:, None] * e_b, 0) * c_2
 
     p_si = s_in + i_st * D * DV
     p_zi = z_in + i_st * D

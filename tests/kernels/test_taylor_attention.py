@@ -48,7 +48,7 @@ def make(B, T, H, F, DV, dtype=torch.float32, state=False, n_states=None, device
     if state:
         n = n_states or B
         D = feature_dim(F)
-        # a plausible state: that of 20 random earlier tokens, plus noise so that it is not symmetric
+        # a plausible state: that of 20 random earlier tokens, plus noise (not the state of any tokens)
         kk = torch.randn(n, 20, H, F, generator=g)
         vv = torch.randn(n, 20, H, DV, generator=g)
         _, (S, z) = taylor_attention_quadratic(kk, kk, vv, output_final_state=True)
@@ -217,8 +217,8 @@ def test_large_feature_dims(F):
 @pytest.mark.parametrize("F", [5, 12])
 def test_state_rows_are_the_symmetric_map(F):
     """The kernels' state rows are ``symmetric_feature_map``'s (1, linear, squares, then the pairs a < b in row-major
-    order) at feature dims whose pair rows straddle feature blocks: the chunked final state and a decode step's
-    state equal sums of the explicit map in fp64."""
+    order) at an odd f (D = 21, one feature block) and at f = 12 (D = 91: the pair rows straddle feature blocks):
+    the chunked final state and a decode step's state equal sums of the explicit map in fp64."""
     from based_kernels.taylor_attention import symmetric_feature_map
 
     q, k, v, _ = make(1, 45, 2, F, 24)
@@ -228,6 +228,10 @@ def test_state_rows_are_the_symmetric_map(F):
     assert rel(S, torch.einsum("bthd,bthe->bhde", pk, v.double())) < 1e-5 and rel(z, pk.sum(1)) < 1e-5
     _, (S1, z1) = taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], None, backend="triton")
     assert rel(S1, pk[:, 0, :, :, None] * v[:, 0, :, None, :].double()) < 1e-6 and rel(z1, pk[:, 0]) < 1e-6
+    # a state of another layout (the full map's 1 + f + f^2 rows) is refused, not read with the wrong strides
+    full = (torch.zeros(1, 2, 1 + F + F * F, 24, device=DEV), torch.zeros(1, 2, 1 + F + F * F, device=DEV))
+    with pytest.raises(ValueError, match="symmetric map"):
+        taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], full, backend="triton")
 
 
 def test_varlen():
