@@ -350,7 +350,7 @@ def _backward(ctx, do, dden, dhts, dhtz):
     if (dhts is None) != (dhtz is None):  # only one of S, z reached the loss
         ref = dhts if dhts is not None else dhtz
         n, H = ref.shape[:2]
-        D = 1 + q.shape[-1] + q.shape[-1] ** 2
+        D = feature_dim(q.shape[-1])
         dhts = dhts if dhts is not None else q.new_zeros(n, H, D, v.shape[-1], dtype=torch.float32)
         dhtz = dhtz if dhtz is not None else q.new_zeros(n, H, D, dtype=torch.float32)
     if dhts is not None:

@@ -234,6 +234,21 @@ def test_state_rows_are_the_symmetric_map(F):
         taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], full, backend="triton")
 
 
+@pytest.mark.parametrize("which", [0, 1])
+def test_gradient_through_one_part_of_the_final_state(which):
+    """A loss on only S (or only z) of the final state: the other part's gradient is zeros of the state's shape."""
+    q, k, v, h0 = make(1, 50, 2, 6, 16, state=True)
+    got, want = [], []
+    for fn, dt, out in ((triton_fn, q.dtype, got), (taylor_attention_quadratic, torch.float64, want)):
+        leaves = [t.detach().clone().to(dt).requires_grad_() for t in (q, k, v, *h0)]
+        _, fin = fn(*leaves[:3], initial_state=tuple(leaves[3:]), output_final_state=True)
+        (fin[which].double() * torch.linspace(-1, 1, fin[which].numel(), dtype=torch.float64,
+                                              device=fin[which].device).reshape(fin[which].shape)).sum().backward()
+        out += [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]  # None: not on the loss's path
+    for name, a, b in zip(("q", "k", "v", "S0", "z0"), got, want):
+        assert rel(a, b) < TOL32 if b.abs().max() > 0 else a.abs().max() == 0, (name, rel(a, b))
+
+
 def test_varlen():
     """Documents of length 1, ones crossing chunk boundaries, per-document initial and final states."""
     cu = torch.tensor([0, 1, 60, 130, 131, 200], dtype=torch.int32, device=DEV)
