@@ -162,7 +162,8 @@ def sweep(results, save):
         print(f"sweep chunk {chunk}: fwd+bwd {out[f'chunk{chunk}_fwdbwd']} ms", flush=True)
     best_chunk = min((c for c in (64, 128) if out[f"chunk{c}_fwdbwd"]), key=lambda c: out[f"chunk{c}_fwdbwd"])
     ops.CHUNK = best_chunk
-    cands = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+    # (the symmetric map's 153 rows: BF 64 -> 3 feature blocks, 128 -> 2, 32 -> 5)
+    cands = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
              "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
              "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (32, 64, 4, 1)]}
     for name, cfgs in cands.items():
