@@ -100,13 +100,15 @@ MAX_F = 32  # f = 64 passed in the CPU interpreter with the 273-row map; not ver
 MAX_F_STEP = 32  # the decode kernel keeps a whole [next_pow2(f(f+1)/2), BV] state block in registers
 
 # Tunables (benchmarks/taylor_attention.py --sweep times alternatives on a GPU; docs/benchmarks.md).
-# Sweep on an H100 (2026-11-23, B8 T4096 H16 d_v 64, bf16): chunk 128 fwd+bwd 2.26 ms vs 2.99 at chunk 64.
+# H200 sweep at B8 T4096 H16 d_v 64, bf16, 153 feature rows: chunk 128 fwd+bwd 2.15 ms vs 3.42 at chunk 64; output
+# pass BF 64 0.69 ms (forward) vs 0.86 at BF 128 (3 blocks of 64 pad 39 rows, 2 blocks of 128 pad 103); gradient
+# pass 4 or 8 warps equal, BF 64 23% slower than 32.
 CHUNK = 128  # tokens per chunk (all passes share it: the states are per chunk)
 CONFIG = {
     # name: (BF feature block, BV value block, num_warps, num_stages)
     "state": (64, 64, 4, 2),
-    "output": (128, 64, 8, 2),
-    "grad": (32, 64, 8, 1),
+    "output": (64, 64, 4, 2),
+    "grad": (32, 64, 4, 1),
 }
 # Operand precision (fp32 accumulation always): the intra-chunk A @ v of the forward runs on fp32 operands
 # (tf32 for bf16/fp16 inputs; A = 1 + s + s^2/2 rounded to bf16 adds ~0.3e-3 relative error to the ~1.6e-3 of
