@@ -1,5 +1,6 @@
-"""Compile the Taylor chunk kernels for sm_90a on a machine without a GPU (Triton's bundled ptxas) and report
-registers, spills and shared memory per configuration: catches compile errors and spills before a GPU run.
+"""Compile the Taylor chunk kernels and the decode kernel for sm_90a on a machine without a GPU (Triton's bundled
+ptxas) and report registers, spills and shared memory per configuration: catches compile errors and spills before a
+GPU run.
 
     python benchmarks/aot_check.py [--dtype bf16] [--dv 64]
 """
@@ -14,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from based_kernels.taylor_attention import chunk, ops
+from based_kernels.taylor_attention import chunk, ops, recurrent
 
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -23,14 +24,15 @@ def compile_kernel(fn, dtype, consts, nw, ns):
     p, f32p, s_dt = PTR[dtype], "*fp32", PTR["bf16" if dtype == "bf16" else "fp32"]
     typed = {"den": f32p, "dd": f32p, "col": f32p, "h0s": f32p, "h0z": f32p, "zc": f32p, "hts": f32p,
              "htz": f32p, "dzc": f32p, "hl": f32p, "hc": s_dt, "dhc": s_dt, "cu_seqlens": "*i32", "chunk_offsets": "*i32",
-             "chunk_meta": "*i32", "scale": "fp32", "eps": "fp32"}
+             "chunk_meta": "*i32", "scale": "fp32", "eps": "fp32", "s_in": f32p, "z_in": f32p, "s_out": f32p,
+             "z_out": f32p}
     sig = {}
     for n in fn.arg_names:
         if n in consts:
             sig[n] = "constexpr"
         elif n in typed:
             sig[n] = typed[n]
-        elif n in ("q", "k", "v", "o", "x", "w", "dy", "dv"):
+        elif n in ("q", "k", "v", "o", "x", "w", "dy", "dv", "y"):
             sig[n] = p
         elif n in ("dq", "dk"):
             sig[n] = p
@@ -57,7 +59,7 @@ def main():
     args = ap.parse_args()
     F, DV = args.f, args.dv
     BK = max(16, triton.next_power_of_2(F))
-    D = 1 + F + F * F
+    D = 1 + F + F * (F + 1) // 2
     for BT in (64, 128):
         for name, cfgs in {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
                            "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
@@ -83,6 +85,15 @@ def main():
                           f"spill {spill} B, smem {smem} B", flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"BT {BT:3d} {name:6s} BF {BF} BV {BV} warps {nw} stages {ns}: FAILED {repr(e)[:400]}")
+    # the decode kernel as ops.taylor_attention_step_op launches it (4 warps; with and without a state)
+    BV = min(64, max(16, triton.next_power_of_2(DV)))
+    for has in (True, False):
+        c = dict(F=F, DV=DV, BK=BK, BP=triton.next_power_of_2(F * (F + 1) // 2), BV=BV, HAS_STATE=has)
+        try:
+            regs, spill, smem = compile_kernel(recurrent.taylor_step_kernel, args.dtype, c, 4, 1)
+            print(f"decode BV {BV:3d} state {has}: regs {regs}, spill {spill} B, smem {smem} B", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"decode BV {BV} state {has}: FAILED {repr(e)[:400]}")
 
 
 if __name__ == "__main__":

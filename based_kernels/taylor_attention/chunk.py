@@ -1,12 +1,15 @@
 """Triton kernels of Taylor linear attention, chunk-parallel form.
 
-Notation (README.md): ``phi(x) = [1, x', x' (x) x' / sqrt(2)]`` with ``x' = x f^(-1/4)``, D = 1 + f + f^2 features;
-``K(q, k) = phi(q) . phi(k) = 1 + s + s^2/2``, ``s = q'.k'``. Feature row ``r`` of the state is the product
-``c_r x_a x_b`` of two input columns (``a`` or ``b`` = -1 stands for the constant 1): ``r = 0`` is ``(−1, −1)``,
-``r = 1 + a`` is ``(a, −1)`` with ``c = f^(-1/4)``, ``r = 1 + f + a f + b`` is ``(a, b)`` with
-``c = f^(-1/2) / sqrt(2)``. A block of BF features is formed from a ``[BT, BK]`` tile of inputs by two exact
-tensor-core products with 0/1 expansion matrices (``x_a = x E_a``, ``x_b = x E_b``) and one multiply, so no
-gather and no 3-D tile is needed, and the result is already in the layout of the next product.
+Notation (README.md): the symmetric Taylor map ``phi(x) = [1, x', x'_a^2 / sqrt(2) (a < f), x'_a x'_b (a < b)]``
+with ``x' = x f^(-1/4)``, D = 1 + f + f(f+1)/2 features (153 for f = 16; the full outer product's 1 + f + f^2 = 273
+counts every off-diagonal product twice); ``K(q, k) = phi(q) . phi(k) = 1 + s + s^2/2``, ``s = q'.k'``. Feature
+row ``r`` of the state is the product ``c_r x_a x_b`` of two input columns (``a`` or ``b`` = -1 stands for the
+constant 1): ``r = 0`` is ``(−1, −1)``, ``r = 1 + a`` is ``(a, −1)`` with ``c = f^(-1/4)``, ``r = 1 + f + a`` is
+``(a, a)`` with ``c = f^(-1/2) / sqrt(2)``, and the rows after are the pairs ``a < b`` in row-major order
+(``torch.triu_indices(f, f, 1)``, reference.symmetric_feature_map) with ``c = f^(-1/2)``. A block of BF features
+is formed from a ``[BT, BK]`` tile of inputs by two exact tensor-core products with 0/1 expansion matrices
+(``x_a = x E_a``, ``x_b = x E_b``) and one multiply, so no gather and no 3-D tile is needed, and the result is
+already in the layout of the next product.
 
 Forward (T tokens in chunks of BT):
   1. ``taylor_chunk_state_kernel``, programs (feature block, value block, sequence x head): walks the chunks
@@ -59,17 +62,28 @@ def _exact(b_x, b_e):
 
 
 @triton.jit
+def _pairs(m, F: tl.constexpr):
+    """Columns ``(i, j)``, ``i < j``, of off-diagonal pair ``m`` in row-major order (``torch.triu_indices(F, F, 1)``):
+    row ``i`` starts at ``i (2F - i - 1) / 2``; ``i`` counts the row starts at or before ``m`` (exact integers)."""
+    i = m * 0
+    for r in tl.static_range(1, F):
+        i += (m >= r * (2 * F - r - 1) // 2).to(m.dtype)
+    return i, m - i * (2 * F - i - 1) // 2 + i + 1
+
+
+@triton.jit
 def _features(i_f, scale, F: tl.constexpr, BF: tl.constexpr):
     """Rows ``r`` of feature block ``i_f``, their mask, factor columns ``a``, ``b`` (-1 = constant) and
     coefficients ``c`` (0 on padding rows)."""
-    D: tl.constexpr = 1 + F + F * F
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
     o_r = i_f * BF + tl.arange(0, BF)
     m_r = o_r < D
-    quad = o_r > F
-    m = tl.maximum(o_r - 1 - F, 0)
-    a = tl.where(o_r == 0, -1, tl.where(quad, m // F, o_r - 1))
-    b = tl.where(quad, m % F, -1)
-    c = tl.where(o_r == 0, 1.0, tl.where(quad, scale * scale * RSQRT2, scale))
+    diag = (o_r > F) & (o_r <= 2 * F)
+    off = o_r > 2 * F
+    p_i, p_j = _pairs(tl.maximum(o_r - 1 - 2 * F, 0), F)
+    a = tl.where(o_r == 0, -1, tl.where(off, p_i, tl.where(diag, o_r - 1 - F, o_r - 1)))
+    b = tl.where(off, p_j, tl.where(diag, o_r - 1 - F, -1))
+    c = tl.where(o_r == 0, 1.0, tl.where(off, scale * scale, tl.where(diag, scale * scale * RSQRT2, scale)))
     return o_r, m_r, a, b, tl.where(m_r, c, 0.)
 
 
@@ -183,7 +197,7 @@ def taylor_chunk_state_kernel(
     Backward (REVERSE=True; x, w = q, dy, with ``den`` and ``col`` = dd): walks the chunks from the last,
     ``hc[c]`` = gradient of the state after chunk c, from ``h0`` (= d final state) plus
     ``sum phi(q) (dy / den)^T`` (``z``: ``sum phi(q) dd``); ``ht`` = d initial state."""
-    D: tl.constexpr = 1 + F + F * F
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
     i_f, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
@@ -251,7 +265,7 @@ def taylor_chunk_output_kernel(
     ``hl`` in a 3-pass tf32 product (~fp32; ``LOW_PREC``, IEEE when PREC is); the quadratic rows from the bf16
     ``hc`` on bf16 tensor cores. ``PREC``: the input_precision of the other products with fp32 operands
     (_common.dot_precision: IEEE for fp32 inputs at torch's default float32 matmul precision, else tf32)."""
-    D: tl.constexpr = 1 + F + F * F
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p_st = i_c.to(tl.int64) * H + i_h
     i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v = _load_chunk(
@@ -313,7 +327,7 @@ def taylor_chunk_grad_kernel(
     BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr, PREC: tl.constexpr,
 ):
     """dq, dk (partials of value block i_v, raw-input space) and dv of one chunk."""
-    D: tl.constexpr = 1 + F + F * F
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p_st = i_c.to(tl.int64) * H + i_h
     i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v = _load_chunk(

@@ -27,7 +27,7 @@ from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlen
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
                     taylor_prep_kernel)
 from .recurrent import taylor_step_kernel
-from .reference import taylor_attention_chunked, taylor_attention_step
+from .reference import feature_dim, taylor_attention_chunked, taylor_attention_step
 
 __all__ = ["taylor_linear_attention", "taylor_linear_attention_step", "taylor_attention_triton",
            "taylor_attention_step_triton", "taylor_attention_fwd", "taylor_attention_bwd", "taylor_attention_step_op",
@@ -50,8 +50,8 @@ def taylor_linear_attention(q, k, v, *, eps=1e-12, initial_state=None, output_fi
         q, k: ``[B, T, H, f]``; v: ``[B, T, H, d_v]``. Any strides (the Triton path needs the last dim
             contiguous and copies otherwise). fp16/bf16/fp32; states and accumulation in fp32.
         eps: added to the denominator (which is >= (t+1)/2, so eps is inert).
-        initial_state: ``(S [N, H, D, d_v], z [N, H, D])`` fp32, D = 1 + f + f^2, N = B (or the number of
-            documents with cu_seqlens); differentiable.
+        initial_state: ``(S [N, H, D, d_v], z [N, H, D])`` fp32, D = 1 + f + f(f+1)/2 (``feature_dim(f)``: the
+            symmetric map's rows), N = B (or the number of documents with cu_seqlens); differentiable.
         output_final_state: also return the state after the last token (per document with cu_seqlens).
         cu_seqlens: ``[N + 1]`` int document offsets (FlashAttention convention, B = 1); state resets per doc.
         backend: None (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
@@ -96,17 +96,19 @@ _grad_kernel = Launcher(taylor_chunk_grad_kernel)
 _prep_kernel = Launcher(taylor_prep_kernel)
 _step_kernel = Launcher(taylor_step_kernel)
 
-MAX_F = 32  # f = 64 compiled and passed in the CPU interpreter but was not verified on a GPU (see README)
-MAX_F_STEP = 32  # the decode kernel keeps a whole [f^2, BV] state block in registers
+MAX_F = 32  # f = 64 passed in the CPU interpreter with the 273-row map; not verified on a GPU (see README)
+MAX_F_STEP = 32  # the decode kernel keeps a whole [next_pow2(f(f+1)/2), BV] state block in registers
 
 # Tunables (benchmarks/taylor_attention.py --sweep times alternatives on a GPU; docs/benchmarks.md).
-# Sweep on an H100 (2026-11-23, B8 T4096 H16 d_v 64, bf16): chunk 128 fwd+bwd 2.26 ms vs 2.99 at chunk 64.
+# H200 sweep at B8 T4096 H16 d_v 64, bf16, 153 feature rows: chunk 128 fwd+bwd 2.15 ms vs 3.42 at chunk 64; output
+# pass BF 64 0.69 ms (forward) vs 0.86 at BF 128 (3 blocks of 64 pad 39 rows, 2 blocks of 128 pad 103); gradient
+# pass 4 or 8 warps equal, BF 64 23% slower than 32.
 CHUNK = 128  # tokens per chunk (all passes share it: the states are per chunk)
 CONFIG = {
     # name: (BF feature block, BV value block, num_warps, num_stages)
     "state": (64, 64, 4, 2),
-    "output": (128, 64, 8, 2),
-    "grad": (32, 64, 8, 1),
+    "output": (64, 64, 4, 2),
+    "grad": (32, 64, 4, 1),
 }
 # Operand precision (fp32 accumulation always): the intra-chunk A @ v of the forward runs on fp32 operands
 # (tf32 for bf16/fp16 inputs; A = 1 + s + s^2/2 rounded to bf16 adds ~0.3e-3 relative error to the ~1.6e-3 of
@@ -135,7 +137,7 @@ def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
         BT, BF, BV, nw, ns = IEEE_TILES
     BK = max(16, triton.next_power_of_2(F))
     BV = min(BV, max(16, triton.next_power_of_2(DV)))
-    D = 1 + F + F * F
+    D = feature_dim(F)
     return BK, BT, BF, BV, triton.cdiv(D, BF), nw, ns
 
 
@@ -180,7 +182,7 @@ def _check_inputs(q, k, v, h0s, h0z, cu_seqlens):
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     F = q.shape[-1]
     if F > MAX_F:
-        raise ValueError(f"the Triton kernel supports f <= {MAX_F} (got f={F}: {1 + F + F * F} features per "
+        raise ValueError(f"the Triton kernel supports f <= {MAX_F} (got f={F}: {feature_dim(F)} features per "
                          f"head); use backend='torch'")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -200,7 +202,7 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
     state after the walk (final state, or d initial state). ``low``: also an fp32 copy of rows 0..f."""
     B, T, H, F = x.shape
     DV = w.shape[-1]
-    D = 1 + F + F * F
+    D = feature_dim(F)
     BK, BT, BF, BV, NF, nw, ns = _cfg("state", F, DV, prec)
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
     # few sequences x heads (long T, small B): smaller blocks, more (and shorter) chains of chunk products
@@ -260,7 +262,7 @@ def taylor_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h0s:
 @taylor_attention_fwd.register_fake
 def _(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
     B, T, H, F = q.shape
-    D = 1 + F + F * F
+    D = feature_dim(F)
     f32 = dict(dtype=torch.float32)
     n_states = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
     return (v.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, **f32),
@@ -350,7 +352,7 @@ def _backward(ctx, do, dden, dhts, dhtz):
     if (dhts is None) != (dhtz is None):  # only one of S, z reached the loss
         ref = dhts if dhts is not None else dhtz
         n, H = ref.shape[:2]
-        D = 1 + q.shape[-1] + q.shape[-1] ** 2
+        D = feature_dim(q.shape[-1])
         dhts = dhts if dhts is not None else q.new_zeros(n, H, D, v.shape[-1], dtype=torch.float32)
         dhtz = dhtz if dhtz is not None else q.new_zeros(n, H, D, dtype=torch.float32)
     if dhts is not None:
@@ -379,7 +381,7 @@ def taylor_attention_triton(q, k, v, *, eps=1e-12, initial_state=None, output_fi
     if h0s is not None:
         n = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
         F, DV = q.shape[-1], v.shape[-1]
-        want = (n, q.shape[2], 1 + F + F * F, DV)
+        want = (n, q.shape[2], feature_dim(F), DV)
         if tuple(h0s.shape) != want or tuple(h0z.shape) != want[:3]:
             raise ValueError(f"initial_state must be (S {want}, z {want[:3]}); got S {tuple(h0s.shape)}, "
                              f"z {tuple(h0z.shape)}")
@@ -401,7 +403,7 @@ def taylor_attention_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              z: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, F = q.shape
     DV = v.shape[-1]
-    D = 1 + F + F * F
+    D = feature_dim(F)
     BK = max(16, triton.next_power_of_2(F))
     BV = min(64, max(16, triton.next_power_of_2(DV)))
     y = v.new_empty(B, H, DV)
@@ -412,14 +414,15 @@ def taylor_attention_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     _step_kernel(lambda m: grid, (
         q, k, v, y, s if has else s_out, z if has else z_out, s_out, z_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BV=BV, HAS_STATE=has, num_warps=4)
+        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=next_pow2(F * (F + 1) // 2), BV=BV, HAS_STATE=has,
+        num_warps=4)
     return y, s_out, z_out
 
 
 @taylor_attention_step_op.register_fake
 def _(q, k, v, s, z, eps):
     B, H, F = q.shape
-    D = 1 + F + F * F
+    D = feature_dim(F)
     return (v.new_empty(B, H, v.shape[-1]), q.new_empty(B, H, D, v.shape[-1], dtype=torch.float32),
             q.new_empty(B, H, D, dtype=torch.float32))
 
@@ -440,7 +443,8 @@ def taylor_attention_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.
     _step_kernel(lambda m: grid, (
         q, k, v, y, s, z, s, z_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BV=BV, HAS_STATE=True, num_warps=4)
+        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=next_pow2(F * (F + 1) // 2), BV=BV, HAS_STATE=True,
+        num_warps=4)
     return y, z_out
 
 
@@ -455,6 +459,11 @@ def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False):
         raise ValueError(f"the Triton decode kernel supports f <= {MAX_F_STEP} (got f={q.shape[-1]}); "
                          f"use backend='torch'")
     q, k, v = (lastdim_contiguous(t) for t in (q, k, v))
+    if state is not None:  # the kernel reads the state with D-row strides: another layout would be read as garbage
+        want = (q.shape[0], q.shape[1], feature_dim(q.shape[-1]), v.shape[-1])
+        if tuple(state[0].shape) != want or tuple(state[1].shape) != want[:3]:
+            raise ValueError(f"state must be (S {want}, z {want[:3]}) (D = 1 + f + f(f+1)/2, the symmetric map); "
+                             f"got S {tuple(state[0].shape)}, z {tuple(state[1].shape)}")
     if inplace:
         S, z = state
         if S.dtype != torch.float32 or z.dtype != torch.float32 or not (S.is_contiguous() and z.is_contiguous()):

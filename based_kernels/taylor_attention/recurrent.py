@@ -9,17 +9,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk import RSQRT2
+from .chunk import RSQRT2, _pairs
 
 
 @triton.jit
-def _state_rows(F: tl.constexpr, BK: tl.constexpr):
-    """Row indices (into the D = 1 + F + F^2 feature rows) of the linear and quadratic blocks, with masks."""
+def _state_rows(F: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr):
+    """Row indices (into the D = 1 + F + F(F+1)/2 feature rows, chunk.py's layout) of the linear and quadratic
+    blocks with their masks, and the quadratic rows' factor columns ``a <= b`` and coefficients."""
     o_k = tl.arange(0, BK)
-    o_f = tl.arange(0, BK * BK)
-    o_fa = o_f // BK
-    o_fb = o_f % BK
-    return 1 + o_k, o_k < F, 1 + F + o_fa * F + o_fb, (o_fa < F) & (o_fb < F)
+    o_p = tl.arange(0, BP)
+    m_p = o_p < F * (F + 1) // 2
+    p_i, p_j = _pairs(tl.maximum(o_p - F, 0), F)
+    diag = o_p < F
+    a = tl.where(m_p, tl.where(diag, o_p, p_i), 0)
+    b = tl.where(m_p, tl.where(diag, o_p, p_j), 0)
+    c = tl.where(m_p, tl.where(diag, RSQRT2, 1.), 0.)
+    return 1 + o_k, o_k < F, 1 + F + o_p, m_p, a, b, c
 
 
 @triton.jit
@@ -27,9 +32,10 @@ def taylor_step_kernel(
     q, k, v, y, s_in, z_in, s_out, z_out,
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh,
     H, scale, eps,
-    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BV: tl.constexpr,
+    HAS_STATE: tl.constexpr,
 ):
-    D: tl.constexpr = 1 + F + F * F
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
@@ -37,15 +43,20 @@ def taylor_step_kernel(
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    r_1, m_1, r_2, m_2 = _state_rows(F, BK)
+    r_1, m_1, r_2, m_2, a_2, b_2, c_2 = _state_rows(F, BK, BP)
     o_1 = tl.arange(0, 1)
 
-    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_1, other=0.).to(tl.float32) * scale
-    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_k, mask=m_1, other=0.).to(tl.float32) * scale
+    p_q = q + i_b * s_qb + i_h * s_qh
+    p_k = k + i_b * s_kb + i_h * s_kh
+    b_q = tl.load(p_q + o_k, mask=m_1, other=0.).to(tl.float32) * scale
+    b_k = tl.load(p_k + o_k, mask=m_1, other=0.).to(tl.float32) * scale
     b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.).to(tl.float32)
-    # x (x) x / sqrt(2) as a flat [BK*BK] vector: element a*BK + b is x_a x_b
-    b_qq = tl.reshape(b_q[:, None] * b_q[None, :], (BK * BK,)) * RSQRT2
-    b_kk = tl.reshape(b_k[:, None] * b_k[None, :], (BK * BK,)) * RSQRT2
+    # the quadratic features c x_a x_b, a <= b, as a flat [BP] vector; the factors are selected with 0/1 masks
+    # ([BK, BP] products summed over BK: exact, and no indexed access, which would go through local memory)
+    e_a = (o_k[:, None] == a_2[None, :]).to(tl.float32)
+    e_b = (o_k[:, None] == b_2[None, :]).to(tl.float32)
+    b_qq = tl.sum(b_q[:, None] * e_a, 0) * tl.sum(b_q[:, None] * e_b, 0) * c_2
+    b_kk = tl.sum(b_k[:, None] * e_a, 0) * tl.sum(b_k[:, None] * e_b, 0) * c_2
 
     p_si = s_in + i_st * D * DV
     p_zi = z_in + i_st * D
@@ -61,10 +72,10 @@ def taylor_step_kernel(
     else:
         b_h0 = tl.zeros([BV], dtype=tl.float32)
         b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
-        b_h2 = tl.zeros([BK * BK, BV], dtype=tl.float32)
+        b_h2 = tl.zeros([BP, BV], dtype=tl.float32)
         b_z0 = tl.zeros([1], dtype=tl.float32)
         b_z1 = tl.zeros([BK], dtype=tl.float32)
-        b_z2 = tl.zeros([BK * BK], dtype=tl.float32)
+        b_z2 = tl.zeros([BP], dtype=tl.float32)
     b_h0 += b_v
     b_h1 += b_k[:, None] * b_v[None, :]
     b_h2 += b_kk[:, None] * b_v[None, :]

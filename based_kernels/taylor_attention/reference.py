@@ -1,7 +1,8 @@
 """Plain-PyTorch Taylor linear attention: the oracles every kernel is tested against.
 
 Layout follows flash-linear-attention: q, k ``[B, T, H, f]``, v ``[B, T, H, d_v]``. The recurrent state lives
-in the feature space of the 273-feature map ``phi`` (see ``README.md``):
+in the feature space of the symmetric Taylor map ``phi`` (:func:`symmetric_feature_map`, 153 features for
+f = 16, the Triton kernels' layout; see ``README.md``):
 
     state = (S, z),  S = sum_j phi(k_j) v_j^T  ``[B, H, D, d_v]`` fp32,  z = sum_j phi(k_j)  ``[B, H, D]`` fp32
 
@@ -28,8 +29,9 @@ __all__ = [
 
 
 def feature_dim(f: int) -> int:
-    """Number of Taylor features for head dim ``f``: 1 + f + f^2 (273 for f = 16)."""
-    return 1 + f + f * f
+    """Rows of the Taylor state for head dim ``f``: the symmetric map's 1 + f + f(f+1)/2 (153 for f = 16; the
+    full outer product's 1 + f + f^2 = 273 has the same kernel, every off-diagonal product twice)."""
+    return 1 + f + f * (f + 1) // 2
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -99,13 +101,13 @@ def taylor_attention_quadratic(q, k, v, *, eps=1e-12, initial_state=None, output
     den = a.sum(-1)
     if initial_state is not None:
         S0, z0 = (s.to(dt) for s in initial_state)
-        pq = feature_map(qh)
+        pq = symmetric_feature_map(qh)
         num = num + pq @ S0
         den = den + (pq @ z0.unsqueeze(-1)).squeeze(-1)
     y = (num / (den + eps).unsqueeze(-1)).transpose(1, 2).to(v.dtype)
     final = None
     if output_final_state:
-        pk = feature_map(kh)
+        pk = symmetric_feature_map(kh)
         S = pk.transpose(-1, -2) @ vh
         z = pk.sum(-2)
         if initial_state is not None:
@@ -160,13 +162,13 @@ def _chunked(q, k, v, eps, chunk_size, initial_state, output_final_state, output
     ve = ve * valid
     a = _taylor_kernel(qc, kc) * torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     out = a @ ve  # intra-chunk [num | den]
-    pk = feature_map(kc)
+    pk = symmetric_feature_map(kc)
     states = pk.transpose(-1, -2) @ ve  # [B, H, n, D, dv + 1]
     prefix = states.cumsum(2) - states  # exclusive: states of earlier chunks
     if initial_state is not None:
         S0, z0 = initial_state
         prefix = prefix + torch.cat([S0.to(dt), z0.to(dt).unsqueeze(-1)], dim=-1).unsqueeze(2)
-    out = out + feature_map(qc) @ prefix
+    out = out + symmetric_feature_map(qc) @ prefix
     y = out[..., :dv] / (out[..., dv:] + eps)
     y = y.reshape(B, H, n * C, dv)[:, :, :T].transpose(1, 2)
     if not raw:
@@ -193,7 +195,7 @@ def taylor_attention_step(q, k, v, state, *, eps=1e-12):
         D = feature_dim(f)
         state = (q.new_zeros(B, H, D, v.shape[-1], dtype=dt), q.new_zeros(B, H, D, dtype=dt))
     S, z = state
-    pk, pq = feature_map(k.to(S.dtype)), feature_map(q.to(S.dtype))
+    pk, pq = symmetric_feature_map(k.to(S.dtype)), symmetric_feature_map(q.to(S.dtype))
     S = S + pk.unsqueeze(-1) * v.to(S.dtype).unsqueeze(-2)
     z = z + pk
     num = (pq.unsqueeze(-2) @ S).squeeze(-2)

@@ -62,7 +62,8 @@ class BasedConfig(TransformerConfig):
         layer_pattern: one symbol per layer: ``L`` Taylor linear attention, ``S`` sliding-window attention,
             ``C`` BaseConv, ``A`` softmax attention, or the symbol of a mixer added with
             ``megatron_based.model.mixers.register_mixer``. ``num_layers`` defaults to its length.
-        feature_dim: Taylor feature dimension f of q and k per head (16); the state has 1 + f + f^2 features.
+        feature_dim: Taylor feature dimension f of q and k per head (16); the state has 1 + f + f(f+1)/2
+            features (the symmetric Taylor map).
         linear_attention_heads: heads of the L mixer (default ``num_attention_heads``); value head dim
             ``hidden_size / linear_attention_heads``.
         linear_attention_eps: added to the L mixer's denominator (inert: the denominator is >= (t+1)/2).

@@ -3,7 +3,7 @@
 Counts the matrix products of every layer (2 FLOPs per multiply-add) and each mixer's sequence mixing at its
 algorithmic cost, not at a particular kernel's; each mixer class gives its own count (``flops_per_token``, in its
 folder under ``megatron_based/model/mixers/``): Taylor attention as its linear recurrence (state update and read,
-4 * D * (d_h + 1) per head, D = 1 + f + f^2), sliding-window and softmax attention over the keys each query sees
+4 * D * (d_h + 1) per head, D = 1 + f + f(f+1)/2), sliding-window and softmax attention over the keys each query sees
 (4 * d_h per key and head), BaseConv's depthwise conv as 2 * k per channel.
 """
 from __future__ import annotations

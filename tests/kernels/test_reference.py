@@ -70,8 +70,8 @@ def test_chunked_fp32_gradients_match_fp64_oracle():
     B, T, H, f, d = 1, 97, 2, 8, 6
     leaves64 = [rand(B, T, H, n, seed=10 + i).requires_grad_() for i, n in enumerate((f, f, d))]
     leaves32 = [t.detach().float().requires_grad_() for t in leaves64]
-    S0 = (rand(B, H, 1 + f + f * f, d, seed=20).abs()).requires_grad_()
-    z0 = (rand(B, H, 1 + f + f * f, seed=21).abs() + 1).requires_grad_()
+    S0 = (rand(B, H, 1 + f + f * (f + 1) // 2, d, seed=20).abs()).requires_grad_()
+    z0 = (rand(B, H, 1 + f + f * (f + 1) // 2, seed=21).abs() + 1).requires_grad_()
     S032, z032 = S0.detach().float().requires_grad_(), z0.detach().float().requires_grad_()
     g = rand(B, T, H, d, seed=30)
     y64, _ = taylor_attention_quadratic(*leaves64, initial_state=(S0, z0))

@@ -48,7 +48,7 @@ def make(B, T, H, F, DV, dtype=torch.float32, state=False, n_states=None, device
     if state:
         n = n_states or B
         D = feature_dim(F)
-        # a plausible state: that of 20 random earlier tokens, plus noise so that it is not symmetric
+        # a plausible state: that of 20 random earlier tokens, plus noise (not the state of any tokens)
         kk = torch.randn(n, 20, H, F, generator=g)
         vv = torch.randn(n, 20, H, DV, generator=g)
         _, (S, z) = taylor_attention_quadratic(kk, kk, vv, output_final_state=True)
@@ -208,10 +208,45 @@ def test_small_tiles(monkeypatch):
 
 @pytest.mark.parametrize("F", [32])
 def test_large_feature_dims(F):
-    """f = 32 (D = 1057 features): only one feature block lives on chip at a time."""
+    """f = 32 (D = 561 features): only one feature block lives on chip at a time."""
     q, k, v, h0 = make(1, 40, 1, F, 16, state=True)
     got = run_with_grads(triton_fn, q, k, v, h0)
     check_all(got, oracle(q, k, v, h0), TOL32)
+
+
+@pytest.mark.parametrize("F", [5, 12])
+def test_state_rows_are_the_symmetric_map(F):
+    """The kernels' state rows are ``symmetric_feature_map``'s (1, linear, squares, then the pairs a < b in row-major
+    order) at an odd f (D = 21, one feature block) and at f = 12 (D = 91: the pair rows straddle feature blocks):
+    the chunked final state and a decode step's state equal sums of the explicit map in fp64."""
+    from based_kernels.taylor_attention import symmetric_feature_map
+
+    q, k, v, _ = make(1, 45, 2, F, 24)
+    _, (S, z) = triton_fn(q, k, v, output_final_state=True)
+    pk = symmetric_feature_map(k.double() * 1.0)  # [B, T, H, D]
+    assert S.shape[2] == 1 + F + F * (F + 1) // 2 and z.shape[2] == S.shape[2]
+    assert rel(S, torch.einsum("bthd,bthe->bhde", pk, v.double())) < 1e-5 and rel(z, pk.sum(1)) < 1e-5
+    _, (S1, z1) = taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], None, backend="triton")
+    assert rel(S1, pk[:, 0, :, :, None] * v[:, 0, :, None, :].double()) < 1e-6 and rel(z1, pk[:, 0]) < 1e-6
+    # a state of another layout (the full map's 1 + f + f^2 rows) is refused, not read with the wrong strides
+    full = (torch.zeros(1, 2, 1 + F + F * F, 24, device=DEV), torch.zeros(1, 2, 1 + F + F * F, device=DEV))
+    with pytest.raises(ValueError, match="symmetric map"):
+        taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], full, backend="triton")
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_gradient_through_one_part_of_the_final_state(which):
+    """A loss on only S (or only z) of the final state: the other part's gradient is zeros of the state's shape."""
+    q, k, v, h0 = make(1, 50, 2, 6, 16, state=True)
+    got, want = [], []
+    for fn, dt, out in ((triton_fn, q.dtype, got), (taylor_attention_quadratic, torch.float64, want)):
+        leaves = [t.detach().clone().to(dt).requires_grad_() for t in (q, k, v, *h0)]
+        _, fin = fn(*leaves[:3], initial_state=tuple(leaves[3:]), output_final_state=True)
+        (fin[which].double() * torch.linspace(-1, 1, fin[which].numel(), dtype=torch.float64,
+                                              device=fin[which].device).reshape(fin[which].shape)).sum().backward()
+        out += [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]  # None: not on the loss's path
+    for name, a, b in zip(("q", "k", "v", "S0", "z0"), got, want):
+        assert rel(a, b) < TOL32 if b.abs().max() > 0 else a.abs().max() == 0, (name, rel(a, b))
 
 
 def test_varlen():
@@ -379,8 +414,8 @@ def test_output_normalizer_varlen_and_state_torch():
                                           backend="torch", output_normalizer=True)
     assert torch.equal(y0, y1) and torch.equal(f0[0], f1[0])
     num_a, den_a = _quadratic_num_den(q[:, :17], k[:, :17], v[:, :17])
-    from based_kernels.taylor_attention import feature_map
-    den_a = den_a + torch.einsum("bthd,hd->bth", feature_map(q[:, :17].double()), h0[1][0].double())
+    from based_kernels.taylor_attention import symmetric_feature_map
+    den_a = den_a + torch.einsum("bthd,hd->bth", symmetric_feature_map(q[:, :17].double()), h0[1][0].double())
     assert rel(den[:, :17], den_a) < TOL32
 
 

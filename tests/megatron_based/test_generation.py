@@ -119,7 +119,7 @@ def _cache_worker(rank, world):
         after = [(name, tuple(t.shape), t.data_ptr()) for c in gen.caches for name, t in c.items()]
         results.append((before == after, bytes_before, gen.cache_bytes()))
     h, dh = heads // world, hidden // heads
-    D = 1 + f + f * f
+    D = 1 + f + f * (f + 1) // 2  # the symmetric Taylor map
     per_seq = (h * D * (dh + 1) * 4  # L: S and z, fp32
                + 2 * (window + 1) * h * dh * 4  # S: K and V ring of window + 1 rows
                + 2 * (k - 1) * (2 * hidden // world) * 4)  # two C layers: last k - 1 inputs u1

@@ -216,7 +216,7 @@ def test_model_flops_count_every_matmul_once():
                  and "conv_weight" not in name and "word_embeddings" not in name)
     T, d, V = 10, cfg.hidden_size, 64
     H, f, dh = cfg.linear_attention_heads, cfg.feature_dim, d // cfg.linear_attention_heads
-    mixing = (4 * H * (1 + f + f * f) * (dh + 1)               # L: state update + read
+    mixing = (4 * H * (1 + f + f * (f + 1) // 2) * (dh + 1)      # L: state update + read (symmetric map)
               + 4 * d * sum(min(t + 1, 5) for t in range(T)) / T  # S: window 4 -> up to 5 keys
               + 2 * 3 * 2 * d                                       # C: depthwise conv, k = 3, 2d channels
               + 4 * d * (T + 1) / 2)                                # A: causal softmax

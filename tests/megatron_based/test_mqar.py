@@ -116,8 +116,8 @@ def test_mqar_models_no_mlp_query_logits_and_state_size():
         assert r["query_logits_match"] and r["targets"] and r["given_positions"]
         assert 3.0 < r["loss"] < 5.5 and 0 <= r["recall"] <= 1  # ~ln 64 at initialisation
         assert r["bytes"] == 4 * r["formula"]  # fp32 caches
-    # C 2 x 64, L (1 + 8 + 64) x (32 + 2), S 2 x 9 x 32, A 2 x 32 x 32, H 32 x 32, Z 2 x 32
-    assert out[False]["formula"] == 128 + 73 * 34 + 576 + 2048 + 1024 + 64
+    # C 2 x 64, L (1 + 8 + 36) x (32 + 2) (the symmetric map), S 2 x 9 x 32, A 2 x 32 x 32, H 32 x 32, Z 2 x 32
+    assert out[False]["formula"] == 128 + 45 * 34 + 576 + 2048 + 1024 + 64
 
 
 def _learn_worker(rank, world):
@@ -231,7 +231,7 @@ def test_mqar_checkpoint_carries_its_model(tmp_path):
     assert abs(result["accuracy"] - result["history"][-1]["accuracy"]) < 1e-4 and result["epochs_run"] == 2
     assert result["task"] == {"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4, "power_a": 0.01,
                               "random_fill": False}
-    assert result["state_size"] == 2 * 64 + 73 * 36 + 2 * 9 * 32  # C, L (4 heads), S
+    assert result["state_size"] == 2 * 64 + 45 * 36 + 2 * 9 * 32  # C, L (4 heads; 1 + 8 + 36 rows), S
     ev = _mqar("eval", "--checkpoint", "ckpt.pt", "--num-examples", "64", "--num-kv-pairs", "4", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr
     assert _recall(ev.stdout) == _recall(train.stdout)  # same model, same test sequences

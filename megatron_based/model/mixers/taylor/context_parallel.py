@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import based_kernels
-from based_kernels.taylor_attention import feature_map
+from based_kernels.taylor_attention import symmetric_feature_map
 
 from ....runtime import comm_stats
 from ...context_parallel import check_unpacked, cp_label
@@ -24,7 +24,7 @@ def local_state(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     dt = torch.promote_types(k.dtype, torch.float32)
     state = None
     for a in range(0, k.shape[1], STATE_CHUNK):
-        pk = feature_map(k[:, a:a + STATE_CHUNK].to(dt))
+        pk = symmetric_feature_map(k[:, a:a + STATE_CHUNK].to(dt))
         ve = F.pad(v[:, a:a + STATE_CHUNK].to(dt), (0, 1), value=1.0)
         part = torch.einsum("bthd,bthe->bhde", pk, ve)
         state = part if state is None else state + part
@@ -82,7 +82,7 @@ def _merge_incoming(q, y_l, den_l, s_in, eps):
     outs = []
     for a in range(0, q.shape[1], STATE_CHUNK):
         b = a + STATE_CHUNK
-        inc = torch.einsum("bthd,bhde->bthe", feature_map(q[:, a:b].to(dt)), s_in)  # [B, t, H, d_v + 1]
+        inc = torch.einsum("bthd,bhde->bthe", symmetric_feature_map(q[:, a:b].to(dt)), s_in)  # [B, t, H, d_v + 1]
         den = den_l[:, a:b].to(dt)
         num = y_l[:, a:b].to(dt) * (den + eps).unsqueeze(-1) + inc[..., :dv]
         outs.append(num / (den + inc[..., dv] + eps).unsqueeze(-1))

@@ -43,9 +43,9 @@ class TaylorLinearAttention(MixerModule):
     @staticmethod
     def flops_per_token(config, seq_length: int) -> float:
         """Projections, plus the linear recurrence (state update and read): 4 * D * (d_h + 1) per head,
-        D = 1 + f + f^2."""
+        D = 1 + f + f(f+1)/2 (the symmetric map's state rows, as the kernels compute it)."""
         d, H, f = config.hidden_size, config.linear_attention_heads, config.feature_dim
-        dh, D = d // H, 1 + f + f * f
+        dh, D = d // H, based_kernels.taylor_attention.feature_dim(f)
         return 2 * d * H * (2 * f + dh) + 2 * H * dh * d + 4 * H * D * (dh + 1)
 
     @staticmethod
@@ -110,7 +110,8 @@ class TaylorLinearAttention(MixerModule):
 
     # Generation (megatron_based.inference.generation): a constant-size state per sequence, filled by the parallel form.
     def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
-        """``S [b, heads, D, d_h]`` and ``z [b, heads, D]``, D = 1 + f + f^2, fp32 (they grow ~linearly in t)."""
+        """``S [b, heads, D, d_h]`` and ``z [b, heads, D]``, D = 1 + f + f(f+1)/2, fp32 (they grow ~linearly in
+        t)."""
         D = based_kernels.taylor_attention.feature_dim(self.feature_dim)
         return {"S": torch.zeros(batch, self.heads, D, self.head_dim, dtype=torch.float32, device=device),
                 "z": torch.zeros(batch, self.heads, D, dtype=torch.float32, device=device)}
