@@ -14,9 +14,11 @@ Both models have the same width, depth, heads, MLP and vocabulary (random weight
    A model that fails is not timed.
 2. Timing: prefill ``--batch`` prompts of ``--prompt-length`` random tokens, then greedy decode to
    ``--new-tokens`` tokens (once short as a warm-up, which also captures the CUDA graph, then timed). Both models
-   run eagerly and with the decode step in a CUDA graph. The GPT's eager step attends over the rows written so
-   far (FlashAttention kernels); its graphed step over its whole static KV cache (prompt + new tokens) with a
-   mask, as a graph needs fixed shapes. "vs GPT" compares with the GPT's faster decode.
+   run eagerly and with the decode step in CUDA graphs (captured at the warm-up's prefill). The GPT's eager step
+   attends over the rows written so far (FlashAttention kernels); its graphed steps, one graph per KV-length
+   bucket (multiples of 256 up to prompt + new tokens, ``kv_length_buckets``), over the smallest bucket holding
+   the sequence, with a mask from the positions on the device, as a graph needs fixed shapes (the JSON row lists
+   the buckets). "vs GPT" compares with the GPT's faster decode.
    If the GPT's KV cache does not fit at ``--batch``, the batch is halved until it does (recorded in the JSON).
 
 Reported: decode tokens/s (batch x (new tokens - 1) / decode time), prefill time, cache bytes per sequence and
@@ -124,7 +126,7 @@ def timed(gen, spec, batch: int, args) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if CUDA else 0
-    once(min(8, args.new_tokens))  # warm-up; allocates the caches and captures the CUDA graph (same batch: reused)
+    once(min(8, args.new_tokens))  # warm-up; allocates the caches, captures the CUDA graphs (same batch: reused)
     prefill_s, decode_s = once(args.new_tokens)
     peak = torch.cuda.max_memory_allocated() - base if CUDA else None
     return {"batch": batch, "prefill_s": prefill_s, "decode_s": decode_s,
@@ -180,6 +182,8 @@ def bench_model(name, section, pattern, graphs, dtype, args) -> list[dict]:
         gen = None
         try:
             gen = Generator(model, vocab_size=spec.vocab_size, max_length=max_length, cuda_graph=graph)
+            if graph and gen.kv_buckets != [None]:
+                r["kv_buckets"] = gen.kv_buckets
             r["guard"] = guard(gen, data, args, dtype)
             if not r["guard"]["passed"]:
                 r["error"] = "guard failed: decode logits are further from the reference than 2x the full forward's"
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
     graphs = [True] if args.cuda_graph_only else [False] + ([True] if CUDA and not args.no_cuda_graph else [])
     if "based" in args.models:
         results += bench_model("BASED", section, section["layer_pattern"], graphs, dtype, args)
-    if "gpt" in args.models:  # graphed: a static KV cache of max_length rows, attended with a mask
+    if "gpt" in args.models:  # graphed: a static KV cache of max_length rows, one graph per KV-length bucket
         results += bench_model("GPT (SDPA, KV cache)", section, "A" * len(section["layer_pattern"]), graphs,
                                dtype, args)
 

@@ -28,7 +28,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="parameter dtype")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="launch with torchrun for TP > 1")
-    p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (GPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="decode through CUDA graphs (GPU; with softmax 'A' layers one per KV-length bucket)")
     return p
 
 

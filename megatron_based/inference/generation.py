@@ -14,6 +14,7 @@ tensor parallelism works as in training: each rank holds its heads' caches and s
 """
 from __future__ import annotations
 
+import bisect
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -32,8 +33,8 @@ from ..runtime.parallel import initialize_parallel  # noqa: E402
 from ..training.data import end_of_document, load_tokenizer  # noqa: E402
 from .loader import load_model  # noqa: E402
 
-__all__ = ["PackedPrompts", "pack_prompts", "sample", "Generator", "teacher_forced_logits", "at_decode_positions",
-           "decode_error_report", "continuation_text", "main"]
+__all__ = ["PackedPrompts", "pack_prompts", "sample", "kv_length_buckets", "Generator", "teacher_forced_logits",
+           "at_decode_positions", "decode_error_report", "continuation_text", "main"]
 
 
 @dataclass
@@ -111,16 +112,63 @@ def _add(residual: torch.Tensor, out_bias) -> torch.Tensor:
     return residual + (out if bias is None else out + bias)
 
 
+def kv_length_buckets(max_length: int, granularity: int = 256, per_octave: int = 8) -> list[int]:
+    """KV lengths of the static decode steps of softmax ("A") layers, ascending, the last ``max_length``: multiples
+    of ``granularity`` up to ``granularity * per_octave * 2``, then ``per_octave`` per doubling (multiples of 512
+    to 8192, of 1024 to 16384, ... with the defaults). A step attends over the smallest bucket holding its longest
+    sequence, so it reads at most ``granularity`` rows, or 1 / ``per_octave`` of the length, beyond that sequence;
+    max_length 1152 gives 5 buckets (256, 512, 768, 1024, 1152), 32768 gives 40."""
+    if max_length < 1 or granularity < 1 or per_octave < 1:
+        raise ValueError(f"need max_length, granularity and per_octave >= 1; got {max_length}, {granularity}, "
+                         f"{per_octave}")
+    buckets, b = [], granularity
+    while b < max_length:
+        buckets.append(b)
+        b += max(granularity, (1 << (b.bit_length() - 1)) // per_octave)
+    return buckets + [max_length]
+
+
+def _checked_buckets(kv_buckets: Sequence[int], max_length: int) -> list[int]:
+    """Given KV buckets, sorted, with ``max_length`` as the last (every position must have one)."""
+    buckets = sorted({int(b) for b in kv_buckets})
+    if not buckets or buckets[0] < 1 or buckets[-1] > max_length:
+        raise ValueError(f"kv_buckets must be KV lengths in 1 ... max_length ({max_length}); got {list(kv_buckets)}")
+    return buckets if buckets[-1] == max_length else buckets + [max_length]
+
+
+class _EagerStep:
+    """``static_decode`` without ``cuda_graph``: a "replay" runs the step again, eagerly, into the first call's
+    output buffer, as a CUDA graph replay refills its captured output."""
+
+    def __init__(self, step: Callable[[], torch.Tensor], out: torch.Tensor):
+        self.step, self.out = step, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.step())
+
+
+def _capture_eagerly(step: Callable[[], torch.Tensor]):
+    out = step()
+    return _EagerStep(step, out), out
+
+
 class Generator:
     """Prefill + decode with per-layer caches on a BASED ``GPTModel`` (``megatron_based.model.build_model``).
 
     ``vocab_size``: the tokenizer's vocabulary (padded logits beyond it are dropped). ``max_length``: prompt plus
-    generated tokens, needed only by softmax ("A") layers. ``cuda_graph``: capture the decode step in a CUDA
-    graph (CUDA only; not with "A" layers, whose attention length changes every step).
+    generated tokens, needed only by softmax ("A") layers (their KV cache).
+
+    ``cuda_graph``: decode through a fixed-shape step captured in CUDA graphs (CUDA only), captured at the first
+    prefill of each batch size and replayed at every step: one graph, or with "A" layers one per KV-length bucket
+    (``kv_buckets``, default :func:`kv_length_buckets`), each attending over cache rows ``[0, bucket)`` under a mask
+    built on the device from each sequence's position; a step replays the smallest bucket covering the longest
+    sequence. ``static_decode``: run that same fixed-shape step eagerly instead (any device; what the graphs
+    replay, for tests and debugging). Without either, decode is dynamic: with every sequence at one position "A"
+    layers attend over the rows written so far without a mask, otherwise over the whole cache with one.
     """
 
     def __init__(self, model, *, vocab_size: int | None = None, max_length: int | None = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, static_decode: bool = False, kv_buckets: Sequence[int] | None = None):
         config = model.config
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise ValueError("generation runs with pipeline_model_parallel_size 1 (use tensor parallelism instead)")
@@ -136,33 +184,42 @@ class Generator:
         self.device = model.embedding.word_embeddings.weight.device
         if cuda_graph and not torch.cuda.is_available():
             raise ValueError("cuda_graph=True needs CUDA; leave it off on CPU")
-        if cuda_graph and "A" in config.layer_pattern:
-            raise ValueError("cuda_graph=True is not supported with softmax ('A') layers; leave it off")
+        # The KV lengths of the static decode step: None (one step, no KV cache) without softmax ("A") layers.
+        self.kv_buckets: list[int | None] = [None]
+        if "A" in config.layer_pattern and max_length:
+            self.kv_buckets = kv_length_buckets(max_length) if kv_buckets is None else _checked_buckets(
+                kv_buckets, max_length)
+        elif "A" in config.layer_pattern and (cuda_graph or static_decode):
+            raise ValueError("cuda_graph / static_decode with softmax ('A') layers need max_length (the KV cache "
+                             "size and its length buckets)")
         self.cuda_graph = cuda_graph
+        self.static_decode = static_decode
         self.caches: list[dict] = []
         self.positions: torch.Tensor | None = None  # next position of each sequence, on the device
         self._host_positions: list[int] = []
         self._batch = 0
-        self._graph = None
+        self._graphs: dict[int | None, tuple] = {}  # KV bucket -> (captured step, its output logits)
+        self._graph_pool = None
+        self._static_tokens = self._static_positions = None
 
     # -- caches ------------------------------------------------------------------------------------------------
     def allocate(self, batch: int) -> None:
         """Zeroed caches for ``batch`` sequences (their size never changes while decoding). With the batch size of
-        the previous call the same tensors are zeroed in place, so a captured decode graph stays valid."""
+        the previous call the same tensors are zeroed in place, so the captured decode graphs stay valid."""
         if self.caches and self._batch == batch:
             for cache in self.caches:
                 for t in cache.values():
                     t.zero_()
             return
+        self.release()  # the old caches and graphs go before the new ones are allocated
         self.caches = [layer.self_attention.inference_cache(batch, self.dtype, self.device, self.max_length)
                        for layer in self.layers]
         self._batch = batch
-        self._graph = None
 
     def release(self) -> None:
-        """Drop the caches and any captured graph (their memory returns to PyTorch's allocator)."""
-        self.caches, self._batch, self._graph, self.positions = [], 0, None, None
-        self._static_tokens = self._static_positions = self._static_logits = None
+        """Drop the caches and any captured graphs (their memory returns to PyTorch's allocator)."""
+        self.caches, self._batch, self._graphs, self._graph_pool, self.positions = [], 0, {}, None, None
+        self._static_tokens = self._static_positions = None
 
     def cache_bytes(self) -> int:
         """Bytes held by all layers' caches on this rank (for every sequence of the batch)."""
@@ -191,18 +248,25 @@ class Generator:
     @torch.inference_mode()
     def prefill(self, prompts, lengths: Sequence[int] | None = None, padding_side: str = "right") -> torch.Tensor:
         """Run the prompts (see :func:`pack_prompts`) through the parallel forms, fill fresh caches; returns the
-        logits of each prompt's last token ``[b, vocab_size]`` (fp32)."""
+        logits of each prompt's last token ``[b, vocab_size]`` (fp32). With ``cuda_graph`` / ``static_decode`` the
+        decode steps of a new batch size are captured first, on the zeroed caches."""
         packed = pack_prompts(prompts, lengths, padding_side, device=self.device)
         self.allocate(len(packed.lengths))
+        if (self.cuda_graph or self.static_decode) and not self._graphs:
+            self._capture_decode_steps()
         hidden = self._run(packed.tokens, packed.positions[None],
                            lambda mixer, x, cache: mixer.prefill(x, cache, packed))
         self.positions = packed.lengths.clone()
         self._host_positions = packed.lengths.tolist()
         return self._logits(hidden[packed.cu_seqlens[1:].long() - 1])[:, 0]
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_length: int | None) -> torch.Tensor:
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_length: int | None,
+                kv_bucket: int | None = None) -> torch.Tensor:
+        """One decode step. "A" layers attend over ``kv_length`` rows unmasked (every sequence at position
+        ``kv_length - 1``), else over ``kv_bucket`` rows (None: the whole cache) masked by ``positions``."""
         hidden = self._run(tokens[:, None], positions[:, None],
-                           lambda mixer, x, cache: mixer.step(x, cache, positions, kv_length=kv_length))
+                           lambda mixer, x, cache: mixer.step(x, cache, positions, kv_length=kv_length,
+                                                              kv_bucket=kv_bucket))
         return self._logits(hidden)[0]
 
     @torch.inference_mode()
@@ -215,7 +279,7 @@ class Generator:
             raise ValueError(f"step got {tokens.numel()} tokens for a batch of {len(self._host_positions)} sequences")
         if self.max_length and max(self._host_positions) >= self.max_length:
             raise ValueError(f"sequence longer than max_length ({self.max_length}): raise max_length")
-        if self.cuda_graph:
+        if self._graphs:
             logits = self._graph_step(tokens)
         else:
             uniform = len(set(self._host_positions)) == 1
@@ -224,29 +288,46 @@ class Generator:
         self._host_positions = [p + 1 for p in self._host_positions]
         return logits
 
+    def kv_bucket(self) -> int | None:
+        """The KV length the next static step attends over: the smallest bucket holding every sequence's next
+        position (from the host copy of the positions: no device read); None without "A" layers."""
+        if self.kv_buckets == [None]:
+            return None
+        return self.kv_buckets[bisect.bisect_left(self.kv_buckets, max(self._host_positions) + 1)]
+
     def _graph_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Replay a captured decode step; captured on first use for this batch. A replay re-runs the recorded
-        kernels on the recorded buffers only: the step must read its inputs from ``_static_tokens`` /
-        ``_static_positions`` (copied in before each replay), update every cache tensor in place (``copy_`` /
-        indexed writes, never rebinding a dict entry), keep positions on the device and never read a value back
-        to the host. tests/megatron_based/test_generation.py checks this on CPU by replaying a recorded step."""
-        if self._graph is None:
-            self._static_tokens = tokens.clone()
-            self._static_positions = self.positions.clone()
-            saved = [{k: t.clone() for k, t in cache.items()} for cache in self.caches]
-            self._graph, self._static_logits = self._capture(
-                lambda: self._decode(self._static_tokens, self._static_positions, None))
-            for cache, old in zip(self.caches, saved):  # undo the cache updates of the warm-up steps
-                for k, t in cache.items():
-                    t.copy_(old[k])
+        """Replay the captured decode step of the current KV bucket. A replay re-runs the recorded kernels on the
+        recorded buffers only: the step reads its inputs from ``_static_tokens`` / ``_static_positions`` (copied
+        in before each replay), updates every cache tensor in place (``copy_`` / indexed writes, never rebinding a
+        dict entry), keeps positions on the device and never reads a value back to the host; its shapes depend on
+        its bucket only. tests/megatron_based/test_generation.py checks this on CPU by replaying a recorded step."""
+        graph, out = self._graphs[self.kv_bucket()]
         self._static_tokens.copy_(tokens)
         self._static_positions.copy_(self.positions)
-        self._graph.replay()
-        return self._static_logits.clone()
+        graph.replay()
+        return out.clone()
+
+    def _capture_decode_steps(self) -> None:
+        """Capture the decode step for every KV bucket (one without "A" layers) on the freshly allocated caches,
+        largest bucket first, then zero the caches again: warm-up and capture write into them, and restoring a
+        copy instead would double the KV cache's memory. Inputs are valid placeholders (token 0 at position 0)."""
+        capture = self._capture if self.cuda_graph else _capture_eagerly
+        self._static_tokens = torch.zeros(self._batch, dtype=torch.long, device=self.device)
+        self._static_positions = torch.zeros(self._batch, dtype=torch.long, device=self.device)
+        for bucket in sorted(self.kv_buckets, key=lambda b: -1 if b is None else b, reverse=True):
+            self._graphs[bucket] = capture(
+                lambda bucket=bucket: self._decode(self._static_tokens, self._static_positions, None, bucket))
+        for cache in self.caches:
+            for t in cache.values():
+                t.zero_()
 
     def _capture(self, step: Callable[[], torch.Tensor]):
         """``(graph, outputs)``: ``step()`` captured in a CUDA graph after two warm-up calls on a side stream
-        (Triton compilation and allocator growth happen outside the capture). The caller restores the caches."""
+        (Triton compilation and allocator growth happen outside the capture). All graphs of this batch size share
+        one memory pool: they are replayed one at a time on one stream and each reads only the static inputs and
+        the caches, so one graph's intermediates may reuse another's (their outputs stay allocated)."""
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -254,7 +335,7 @@ class Generator:
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._graph_pool):
             out = step()
         return graph, out
 

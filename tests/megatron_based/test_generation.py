@@ -1,5 +1,6 @@
 """Generation: prefill + decode equals the full forward (TP 1 and 2), constant cache size, sampling, stop tokens,
-graph-replayed decode (CUDA graph on GPU, a recorded-op replay on CPU), the bf16 decode accuracy guard."""
+graph-replayed decode (CUDA graph on GPU, a recorded-op replay on CPU), the KV-length-bucketed static decode of
+softmax ("A") layers, the bf16 decode accuracy guard."""
 from __future__ import annotations
 
 import pytest
@@ -225,6 +226,25 @@ _HOST_SYNC = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "at
               "aten::equal", "aten::unique", "aten::_unique2"}
 
 
+def _boolean_index_syncs(func, args, kwargs) -> bool:
+    """Indexing with a boolean mask reads the mask's count of True back to the host, except ``x[mask] = scalar``:
+    ATen's ``index_put_`` runs that as ``masked_fill_`` when the only index is one bool / uint8 mask on ``x``'s
+    device and the value is one element on the CPU (``canDispatchToMaskedFill``), e.g. Megatron's vocab-parallel
+    embedding at TP > 1."""
+    name = func._schema.name
+    if name not in ("aten::index.Tensor", "aten::index_put_", "aten::index_put"):
+        return False
+    masks = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dtype == torch.bool]
+    if not masks:
+        return False
+    if name == "aten::index.Tensor":
+        return True
+    self, indices, value = args[:3]
+    given = [i for i in indices if i is not None]
+    return not (len(given) == 1 and given[0].dtype in (torch.bool, torch.uint8) and given[0].device == self.device
+                and value.numel() == 1 and value.device.type == "cpu")
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -232,9 +252,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func._schema.name in _HOST_SYNC or any(
-                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_flatten((args, kwargs))[0]
-                if func._schema.name in ("aten::index.Tensor", "aten::index_put_", "aten::index_put")):
+        if func._schema.name in _HOST_SYNC or _boolean_index_syncs(func, args, kwargs):
             raise RuntimeError(f"host sync inside the captured step: {func}")
         out = func(*args, **kwargs)
         reads_tensor = any(isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0])
@@ -257,6 +275,8 @@ class _RecordedStep:
             for old, new in zip(tree_flatten(out)[0], tree_flatten(result)[0]):
                 if isinstance(old, torch.Tensor) and new.data_ptr() != old.data_ptr():
                     old.copy_(new)  # a fresh result: into the buffer the later recorded ops read
+                elif hasattr(new, "wait"):  # a collective's Work (TP > 1): the eager call waited on it outside ATen,
+                    new.wait()  # as a captured NCCL kernel is ordered on the graph's stream
 
 
 def _recorded_generator(model, **kw):
@@ -290,12 +310,12 @@ def _recorded_decode_worker(rank, world):
         want = at_decode_positions(_full_logits(model, tokens), Ps, steps)
         gen = _recorded_generator(model, vocab_size=VOCAB)
         errs, caches_recorded = [], []
-        for _ in range(2):  # a second prefill allocates new caches and re-captures
+        for _ in range(2):  # a second prefill of the batch size zeroes the caches in place, keeps the graph
             got = teacher_forced_logits(gen, tokens, Ps, steps)
             errs.append((got - want).abs().max().item())
             # the graph writes the caches the generator holds (nothing was rebound after capture)
-            recorded = {t.data_ptr() for op in gen._graph.ops for t in tree_flatten(op[1:3])[0]
-                        if isinstance(t, torch.Tensor)}
+            recorded = {t.data_ptr() for graph, _ in gen._graphs.values() for op in graph.ops
+                        for t in tree_flatten(op[1:3])[0] if isinstance(t, torch.Tensor)}
             caches_recorded.append(all(t.data_ptr() in recorded for c in gen.caches for t in c.values()))
         greedy = Generator(model, vocab_size=VOCAB).generate([tokens[0, :3], tokens[1, :5]], 12)
         recorded = gen.generate([tokens[0, :3], tokens[1, :5]], 12)
@@ -356,6 +376,181 @@ def test_recorded_graph_catches_graph_unsafe_steps(bug):
         assert "host sync inside the captured step" in result
     else:
         assert isinstance(result, float) and result > 1e-2, result
+
+
+# -- static decode of softmax attention: one fixed-shape step per KV-length bucket ------------------------------
+# (model, T, prompt lengths, padding side of a [b, s] prompt tensor (None: a list of prompts), kv_buckets,
+# max_length). Teacher-forced decoding runs the longest prompt up to position T - 1, across bucket boundaries.
+STATIC_CASES = {
+    "GPT right-padded": (dict(pattern="AAA", hidden=64, heads=4, feature_dim=4, window=6), 30, [2, 5, 3], "right",
+                         [4, 8, 12, 20], 40),
+    "LSAC left-padded": (dict(pattern="LSAC", hidden=64, heads=4, feature_dim=4, window=6), 34, [3, 9, 1, 6, 13],
+                         "left", [16, 24], 36),
+    # equal prompts: the dynamic step attends unmasked over the rows written so far (kv_length), the static one masked
+    "LA equal": (dict(pattern="LA", hidden=64, heads=4, feature_dim=4, window=6), 20, [6, 6, 6], None, [8, 16], 24),
+}
+
+
+def _padded(tokens, Ps, side):
+    """Row i's first ``Ps[i]`` tokens in a ``[b, max(Ps)]`` tensor padded on ``side`` with a real token (it must not
+    reach a cache)."""
+    s = max(Ps)
+    padded = torch.full((len(Ps), s), VOCAB - 1)
+    for i, P in enumerate(Ps):
+        if side == "left":
+            padded[i, s - P:] = tokens[i, :P]
+        else:
+            padded[i, :P] = tokens[i, :P]
+    return padded
+
+
+def _teacher_forced(gen, tokens, Ps, steps, side):
+    """teacher_forced_logits with the prompts given padded on ``side`` (or as a list); also the KV bucket of each
+    step (what the generator's bucket choice returned)."""
+    from megatron_based.inference.generation import teacher_forced_logits
+
+    used, choose = [], gen.kv_bucket
+    gen.kv_bucket = lambda: used.append(choose()) or used[-1]
+    if side is None:
+        return teacher_forced_logits(gen, tokens, Ps, steps), used
+    out = [gen.prefill(_padded(tokens, Ps, side), lengths=Ps, padding_side=side)]
+    rows = torch.arange(len(Ps))
+    for j in range(steps - 1):
+        out.append(gen.step(tokens[rows, torch.tensor(Ps) + j]))
+    return torch.stack(out, dim=1), used
+
+
+def _static_decode_worker(rank, world):
+    from megatron_based.inference.generation import Generator, at_decode_positions
+    from megatron_based.runtime.parallel import initialize_parallel
+
+    initialize_parallel(world)
+    results = {}
+    for case, (kw, T, Ps, side, buckets, max_length) in STATIC_CASES.items():
+        model = _model(world, **kw)
+        torch.manual_seed(1)
+        tokens = torch.randint(0, VOCAB, (len(Ps), T))
+        steps = T - max(Ps) + 1
+        full = at_decode_positions(_full_logits(model, tokens), Ps, steps)
+        dynamic, _ = _teacher_forced(Generator(model, vocab_size=VOCAB, max_length=max_length), tokens, Ps, steps,
+                                     side)
+        static_gen = Generator(model, vocab_size=VOCAB, max_length=max_length, static_decode=True, kv_buckets=buckets)
+        static, used = _teacher_forced(static_gen, tokens, Ps, steps, side)
+        recorded_gen = _recorded_generator(model, vocab_size=VOCAB, max_length=max_length, kv_buckets=buckets)
+        recorded, _ = _teacher_forced(recorded_gen, tokens, Ps, steps, side)
+        ops = {t.data_ptr() for graph, _ in recorded_gen._graphs.values() for op in graph.ops
+               for t in tree_flatten(op[1:3])[0] if isinstance(t, torch.Tensor)}
+        caches_recorded = all(t.data_ptr() in ops for c in recorded_gen.caches for t in c.values())
+        # the longest key sequence each bucket's step attends over (an S layer's ring is shorter)
+        key_lengths = {bucket: max(op[1][1].shape[-2] for op in graph.ops
+                                   if op[0]._schema.name == "aten::scaled_dot_product_attention")
+                       for bucket, (graph, _) in recorded_gen._graphs.items()}
+        err = lambda a, b: (a - b).abs().max().item()  # noqa: E731
+        results[case] = dict(scale=full.abs().max().item(), dynamic_vs_full=err(dynamic, full),
+                             static_vs_dynamic=err(static, dynamic), static_vs_full=err(static, full),
+                             recorded_vs_static=err(recorded, static), used=used,
+                             captured=sorted(static_gen._graphs), recorded_captured=sorted(recorded_gen._graphs),
+                             caches_recorded=caches_recorded, key_lengths=key_lengths)
+    return results
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_static_bucketed_decode_equals_dynamic_and_full_forward(world):
+    """Decode of "A" layers through the fixed-shape step the CUDA graphs capture (run eagerly, and replayed like a
+    graph on CPU) equals the dynamic decode and the full forward: GPT and hybrids, odd batches, ragged prompts
+    padded left and right, decode across KV-bucket boundaries, TP 1 and 2."""
+    for results in run_distributed(_static_decode_worker, world):
+        assert set(results) == set(STATIC_CASES)
+        for case, r in results.items():
+            kw, T, Ps, side, buckets, max_length = STATIC_CASES[case]
+            # the smallest bucket above the longest sequence's position, for positions max(P) ... T - 1
+            want = [min(b for b in [*buckets, max_length] if b > p) for p in range(max(Ps), T)]
+            assert r["used"] == want and len(set(want)) >= 3, (case, r["used"])
+            assert r["captured"] == r["recorded_captured"] == sorted({*buckets, max_length}), case
+            assert r["caches_recorded"], case
+            assert r["key_lengths"] == {b: b for b in r["captured"]}, (case, r["key_lengths"])
+            scale = r["scale"]
+            assert scale > 0.1, case
+            assert r["dynamic_vs_full"] < 2e-5 * max(1.0, scale), (case, r)
+            assert r["static_vs_full"] < 2e-5 * max(1.0, scale), (case, r)
+            # fp32, the same cache rows: masked keys add exact zeros, only the summation length differs
+            assert r["static_vs_dynamic"] < 2e-6 * max(1.0, scale), (case, r)
+            assert r["recorded_vs_static"] < 1e-6 * max(1.0, scale), (case, r)
+
+
+def _broken_softmax_worker(rank, world, bug):
+    from megatron_based.inference.generation import Generator, at_decode_positions, teacher_forced_logits
+    from megatron_based.model.mixers import SoftmaxAttention
+    from megatron_based.runtime.parallel import initialize_parallel
+
+    initialize_parallel(world)
+    if bug == "bucket_below":  # a bucket one below the right one: the newest keys are cut off
+        choose = Generator.kv_bucket
+
+        def kv_bucket(self):
+            b = choose(self)
+            return max([x for x in self.kv_buckets if x < b], default=b)
+
+        Generator.kv_bucket = kv_bucket
+    else:  # positions read back to the host: eagerly right, a replay keeps the capture's positions (and mask)
+        original = SoftmaxAttention.step
+        SoftmaxAttention.step = lambda self, x, cache, positions, **kw: original(
+            self, x, cache, torch.tensor(positions.tolist()), **kw)
+    kw, T, Ps, side, buckets, max_length = STATIC_CASES["GPT right-padded"]
+    model = _model(world, **kw)
+    tokens = torch.randint(0, VOCAB, (len(Ps), T))
+    steps = T - max(Ps) + 1
+    want = at_decode_positions(_full_logits(model, tokens), Ps, steps)
+    kw = dict(vocab_size=VOCAB, max_length=max_length, kv_buckets=buckets)
+    return {name: (teacher_forced_logits(gen, tokens, Ps, steps) - want).abs().max().item() for name, gen in (
+        ("dynamic", Generator(model, **kw)), ("static", Generator(model, static_decode=True, **kw)),
+        ("recorded", _recorded_generator(model, **kw)))}
+
+
+@pytest.mark.parametrize("bug", ["bucket_below", "host_positions"])
+def test_static_decode_checks_catch_softmax_bugs(bug):
+    """The checks above fail on a wrong bucket choice (static and replayed decode wrong) and on positions taken to
+    the host (replayed decode wrong), while the dynamic decode stays right."""
+    errs = run_distributed(_broken_softmax_worker, 1, bug)[0]
+    assert errs["dynamic"] < 2e-5, errs
+    assert errs["recorded"] > 1e-2, errs
+    assert (errs["static"] > 1e-2) if bug == "bucket_below" else (errs["static"] < 2e-5), errs
+
+
+def _arguments_worker(rank, world):
+    from megatron_based.inference.generation import Generator
+
+    from megatron_based.runtime.parallel import initialize_parallel
+
+    initialize_parallel(world)
+    gpt = _model(1, "AA", hidden=32, heads=2, feature_dim=4, window=4)
+    out = [Generator(gpt, max_length=20, static_decode=True, kv_buckets=[12, 4]).kv_buckets,
+           Generator(gpt, max_length=600, static_decode=True).kv_buckets,
+           Generator(_model(1, "CL", hidden=32, heads=2, feature_dim=4, window=4), static_decode=True).kv_buckets]
+    for kw in (dict(static_decode=True), dict(max_length=20, static_decode=True, kv_buckets=[8, 32])):
+        try:
+            Generator(gpt, **kw)
+            out.append(None)
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def test_kv_length_buckets_and_arguments():
+    from megatron_based.inference.generation import kv_length_buckets
+
+    assert kv_length_buckets(1152) == [256, 512, 768, 1024, 1152]
+    assert kv_length_buckets(100) == [100] and kv_length_buckets(256) == [256]
+    big = kv_length_buckets(32768)
+    assert big[:16] == list(range(256, 4097, 256)) and big[16:24] == list(range(4608, 8193, 512))
+    assert big[-8:] == list(range(18432, 32769, 2048)) and len(big) == 40
+    assert kv_length_buckets(40, granularity=4, per_octave=2) == [4, 8, 12, 16, 24, 32, 40]
+    with pytest.raises(ValueError, match="max_length"):
+        kv_length_buckets(0)
+    given, default, no_attention, no_max_length, outside = run_distributed(_arguments_worker, 1)[0]
+    assert given == [4, 12, 20] and default == [256, 512, 600] and no_attention == [None]
+    assert "need max_length" in no_max_length
+    assert "kv_buckets must be KV lengths in 1 ... max_length (20)" in outside
 
 
 # -- bf16 accuracy guard (benchmarks/generation.py) ------------------------------------------------------------
@@ -426,3 +621,43 @@ def test_cuda_graph_decode_equals_eager(graph, monkeypatch):
         graph_vs_full = (got_graph - want).abs().max().item() / scale
         print(f"{graph}: graph vs eager {graph_vs_eager:.2e}, graph vs full forward {graph_vs_full:.2e} (relative)")
         assert graph_vs_eager < 1e-5 and graph_vs_full < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph, pattern", [("cuda", "AAAA"), ("cuda", "CLSA"), ("recorded", "AAAA")])
+def test_cuda_graph_softmax_decode_equals_eager(graph, pattern, monkeypatch):
+    """A GPT ("A" layers, KV cache) and a hybrid, fp32 on the GPU: decode through one CUDA graph per KV-length
+    bucket (buckets 8, 16, 24, 32 and max_length 48, all captured at the prefill) equals eager decode, dynamic and
+    static, in greedy tokens and teacher-forced logits across three bucket boundaries, and both match the full
+    forward; a batch of another size re-captures. "recorded": the CPU replay check on the GPU's ops, as in
+    test_cuda_graph_decode_equals_eager (on CPU, test_static_bucketed_decode_equals_dynamic_and_full_forward)."""
+    import based_kernels
+    from megatron_based.inference.generation import Generator, at_decode_positions, teacher_forced_logits
+
+    backend = based_kernels.use_backend("torch" if graph == "recorded" else None)
+    with backend, in_process_group(monkeypatch):
+        model = _model(1, pattern, hidden=128, heads=4, feature_dim=8, window=8,
+                       fused=None if graph == "cuda" else False).cuda()
+        kw = dict(vocab_size=VOCAB, max_length=48, kv_buckets=[8, 16, 24, 32])
+        graphed = Generator(model, cuda_graph=True, **kw) if graph == "cuda" else _recorded_generator(model, **kw)
+        eager, static = Generator(model, **kw), Generator(model, static_decode=True, **kw)
+        prompts = [list(range(1, 1 + n)) for n in (3, 12, 9)]
+        assert graphed.generate(prompts, 20) == eager.generate(prompts, 20)  # positions up to 30: buckets 16 ... 48
+        assert sorted(graphed._graphs) == [8, 16, 24, 32, 48]
+        assert graph != "cuda" or graphed._graph_pool is not None  # one pool for the batch size's graphs
+        assert graphed.generate(prompts[:2], 20) == eager.generate(prompts[:2], 20)  # re-captured for batch 2
+
+        torch.manual_seed(1)
+        tokens = torch.randint(0, VOCAB, (3, 40), device="cuda")
+        Ps, steps = [3, 12, 9], 29  # the longest sequence decodes positions 12 ... 39: buckets 16, 24, 32, 48
+        want = at_decode_positions(_full_logits(model, tokens), Ps, steps)
+        got_eager = teacher_forced_logits(eager, tokens, Ps, steps)
+        got_static = teacher_forced_logits(static, tokens, Ps, steps)
+        got_graph = teacher_forced_logits(graphed, tokens, Ps, steps)
+        scale = want.abs().max().item()
+        graph_vs_static = (got_graph - got_static).abs().max().item() / scale
+        graph_vs_eager = (got_graph - got_eager).abs().max().item() / scale
+        graph_vs_full = (got_graph - want).abs().max().item() / scale
+        print(f"{graph} {pattern}: graph vs static eager {graph_vs_static:.2e}, vs dynamic eager "
+              f"{graph_vs_eager:.2e}, vs full forward {graph_vs_full:.2e} (relative)")
+        assert graph_vs_static < 1e-5 and graph_vs_eager < 1e-5 and graph_vs_full < 2e-3

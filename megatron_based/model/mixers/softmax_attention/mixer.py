@@ -163,15 +163,21 @@ class SoftmaxAttention(SelfAttention):
         mask = (prompts.doc_ids[:, None] == prompts.doc_ids[None, :]) & (t[:, None] >= t[None, :])
         return self._attend(q.permute(1, 2, 0, 3), k.transpose(0, 1), v.transpose(0, 1), mask)
 
-    def step(self, hidden_states, cache: dict, positions, kv_length: int | None = None, **_):
+    def step(self, hidden_states, cache: dict, positions, kv_length: int | None = None,
+             kv_bucket: int | None = None, **_):
         """One token per sequence at ``positions [b]``. ``kv_length`` (given when every sequence is at position
-        ``kv_length - 1``) attends over that many rows without a mask, so SDPA can use FlashAttention; without it,
-        over the whole cache with a mask (no host sync, CUDA-graph capturable)."""
+        ``kv_length - 1``) attends over that many rows without a mask, so SDPA can use FlashAttention. Otherwise
+        over the first ``kv_bucket`` rows (None: the whole cache; the caller keeps every position below it) with
+        the mask key j <= position of its sequence: fixed shapes, positions used on the device only (no host
+        sync, CUDA-graph capturable; the generator captures one step per bucket)."""
         q, k, v = (t[0] for t in self._qkv_at(hidden_states, positions[None]))
         rows = torch.arange(q.shape[0], device=q.device)
         cache["k"][rows, positions] = k
         cache["v"][rows, positions] = v
         if kv_length is not None:
             return self._attend(q[:, :, None], cache["k"][:, :kv_length], cache["v"][:, :kv_length], None)
-        mask = (torch.arange(cache["k"].shape[1], device=q.device) <= positions[:, None])[:, None, None, :]
-        return self._attend(q[:, :, None], cache["k"], cache["v"], mask)
+        keys = cache["k"].shape[1] if kv_bucket is None else kv_bucket
+        if not 1 <= keys <= cache["k"].shape[1]:
+            raise ValueError(f"kv_bucket {kv_bucket} outside the KV cache of {cache['k'].shape[1]} rows")
+        mask = (torch.arange(keys, device=q.device) <= positions[:, None])[:, None, None, :]
+        return self._attend(q[:, :, None], cache["k"][:, :keys], cache["v"][:, :keys], mask)
