@@ -3,6 +3,7 @@ cache (SDPA, FlashAttention kernels on GPU), as in the BASED paper (1.3B, batch 
 
     python benchmarks/generation.py --json "$OUT/generation.json"   # GPU: based-1.3b vs GPT, bf16 (~3 min, H100)
     python benchmarks/generation.py --tiny                          # CPU check: configs/tiny.yaml, batch 4, 32 tokens
+    python benchmarks/generation.py --cuda-graph-only --profile 20  # also where a decode step's time goes
 
 Both models have the same width, depth, heads, MLP and vocabulary (random weights); the GPT has layer pattern
 "A" * num_layers. For each model:
@@ -154,6 +155,58 @@ def timed_fitting(gen, spec, args) -> dict:
     raise RuntimeError(f"out of memory even at batch 1 (tried {tried})")
 
 
+def profile_decode(gen, model, pattern: str, spec, batch: int, args) -> dict:
+    """Where a decode step's time goes: a prefill of ``batch`` random prompts, 8 untimed steps, then ``--profile``
+    steps under torch.profiler, split as train_throughput.py splits a training step (its ``attribute``): per layer
+    type (each mixer's ``step`` under its pattern letter; MLP, norm, embedding, head+loss by module) with the top
+    kernels, and on GPU the device's busy and idle time per step. A CUDA-graphed step replays its graph without
+    running any Python of the model, so its kernels stay unlabelled ("other"): its device total against the step's
+    wall time is what it shows (host gaps between replays); the eager run gives the per-layer split."""
+    import train_throughput as tt
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = min(args.profile, args.new_tokens - 9)
+    prompts = torch.randint(0, spec.vocab_size, (batch, args.prompt_length), device=gen.device)
+    logits = gen.prefill(prompts)
+    for _ in range(8):
+        logits = gen.step(logits.argmax(-1))
+    labelled = []
+    for layer in model.decoder.layers:
+        mixer, label = layer.self_attention, pattern[layer.layer_number - 1]
+
+        def step(*a, _step=mixer.step, _label=label, **kw):
+            with record_function(tt.RANGE + _label):
+                return _step(*a, **kw)
+        mixer.step = step  # an instance attribute over the method, removed below
+        labelled.append(mixer)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    try:
+        sync()
+        t0 = time.perf_counter()
+        with tt.layer_ranges(model, pattern), profile(activities=activities) as prof:
+            for _ in range(steps):
+                logits = gen.step(logits.argmax(-1))
+            sync()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    finally:
+        for mixer in labelled:
+            del mixer.step
+        gen.release()
+    return dict(steps=steps, batch=batch, wall_ms_per_step=round(wall_ms, 4),
+                **tt.attribute(prof.events(), device_time=CUDA, steps=steps))
+
+
+def profile_line(prof: dict) -> str:
+    """One line: the step's wall time (under the profiler), device busy / idle time, and the layer types."""
+    parts = [f"step {prof['wall_ms_per_step']:.2f} ms under the profiler"]
+    if "device_total_ms" in prof:
+        parts.append(f"device busy {prof['device_total_ms']:.2f}, idle {prof['idle_ms']:.2f}, "
+                     f"{prof['kernels_per_step']:.0f} kernels")
+    parts.append(", ".join(f"{lab} {v['total']:.2f}" for lab, v in prof["by_type"].items()))
+    return "; ".join(parts)
+
+
 def error_text(e: BaseException) -> str:
     where = traceback.extract_tb(e.__traceback__)[-1]
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({where.filename}:{where.lineno})"
@@ -190,6 +243,9 @@ def bench_model(name, section, pattern, graphs, dtype, args) -> list[dict]:
                 continue
             print(f"  {name} cuda_graph={graph}: guard passed, timing", flush=True)
             r.update(timed_fitting(gen, spec, args))
+            if args.profile:
+                r["profile"] = profile_decode(gen, model, pattern, spec, r["batch"], args)
+                print(f"  {name} cuda_graph={graph} profile (ms per step): {profile_line(r['profile'])}", flush=True)
         except Exception as e:  # noqa: BLE001
             r["error"] = error_text(e)
         finally:
@@ -220,6 +276,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-cuda-graph", action="store_true", help="skip the CUDA-graph runs")
     p.add_argument("--cuda-graph-only", action="store_true",
                    help="only the CUDA-graph runs (the fair comparison; the GPT's eager decode takes minutes)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many decode steps per run: time per layer type and kernel "
+                        "(the JSON's profile), device busy / idle time on GPU")
     p.add_argument("--tiny", action="store_true", help="CPU check: configs/tiny.yaml, batch 4, prompt 8, 32 tokens")
     p.add_argument("--json", default=None, help="where the results go (default benchmarks/results/generation.json; "
                    "with --tiny, none: a CPU check must not replace the GPU results)")

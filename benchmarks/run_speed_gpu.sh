@@ -21,5 +21,5 @@ source benchmarks/gpu_env.sh || exit 1
     || echo "FAILED or cut: the SWA benchmark"
   echo "== decode: based-1.3b vs GPT-1.3b, CUDA-graphed decode for both =="
   timeout "${GEN_TIMEOUT:-200}" python3 benchmarks/generation.py --batch 128 --prompt-length 128 --new-tokens 1024 \
-    --cuda-graph-only --json "$OUT/generation.json" || echo "FAILED or cut: the generation benchmark"
+    --cuda-graph-only --profile 20 --json "$OUT/generation.json" || echo "FAILED or cut: the generation benchmark"
 } 2>&1 | grep --line-buffered -v -i "warn" | tee "$OUT/speed.log"
