@@ -132,3 +132,16 @@ def svg_bars(title: str, ylabel: str, groups: list[str], series: list[str], valu
             out.append(f'<text x="{cx:.1f}" y="{H - B + 16 + 14 * j}" text-anchor="middle">{escape(line)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def with_block(text: str, block: str, begin: str, end: str, before_first_section: bool = False) -> str:
+    """``text`` with the part from its ``begin`` marker to its ``end`` marker replaced by ``block`` (which carries
+    both markers). Without the markers, ``block`` goes before the first ``## `` section when
+    ``before_first_section`` (and there is one), else at the end."""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
+    at = text.find("\n## ") if before_first_section else -1
+    if at < 0:
+        return text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
+    return text[:at + 1] + block + "\n\n" + text[at + 1:]

@@ -50,6 +50,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench_utils import with_block
 from megatron_based.tasks.cli import MODELS  # model name -> layer pattern, as megatron-based-mqar --model builds it
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,13 +190,8 @@ def markdown(rows: list[dict], data: dict, settings: dict) -> str:
 def write_doc(path: Path, block: str) -> None:
     """Replace the marked block of ``path`` (append it when there is none)."""
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_text(with_block(text, block, BEGIN, END))
 
 
 def svg(rows: list[dict], settings: dict) -> str:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import fmt, svg_bars  # noqa: E402
+from bench_utils import fmt, svg_bars, with_block  # noqa: E402
 from plot_throughput import load, ok, single_gpu, throughput_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,17 +214,6 @@ def render(results: Path) -> tuple[str, dict[str, str]]:
     return "\n".join(lines + ["", END]), svgs
 
 
-def with_block(text: str, block: str) -> str:
-    """``text`` with its marked block replaced by ``block``, or inserted before the first ``## `` section."""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1]
-    at = text.find("\n## ")
-    if at < 0:
-        return text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
-    return text[:at + 1] + block + "\n\n" + text[at + 1:]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -233,7 +222,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     block, svgs = render(args.results.resolve())
     old = args.doc.read_text() if args.doc.exists() else ""
-    files = {args.doc: with_block(old, block), **{args.doc.parent / n: t for n, t in svgs.items()}}
+    files = {args.doc: with_block(old, block, BEGIN, END, before_first_section=True), **{args.doc.parent / n: t for n, t in svgs.items()}}
     stale = [f for f, text in files.items() if not f.exists() or f.read_text() != text]
     if args.check:
         if stale:
