@@ -295,6 +295,14 @@ def _recorded_generator(model, **kw):
     return gen
 
 
+def _graphs_use_every_cache(gen) -> bool:
+    """Whether the recorded steps of ``gen`` (every KV bucket's) read or write each cache tensor the generator holds
+    (nothing was rebound after capture)."""
+    touched = {t.data_ptr() for graph, _ in gen._graphs.values() for op in graph.ops
+               for t in tree_flatten(op[1:3])[0] if isinstance(t, torch.Tensor)}
+    return all(t.data_ptr() in touched for c in gen.caches for t in c.values())
+
+
 def _recorded_decode_worker(rank, world):
     from megatron_based.inference.generation import Generator, at_decode_positions, teacher_forced_logits
     from megatron_based.runtime.parallel import initialize_parallel
@@ -313,10 +321,7 @@ def _recorded_decode_worker(rank, world):
         for _ in range(2):  # a second prefill of the batch size zeroes the caches in place, keeps the graph
             got = teacher_forced_logits(gen, tokens, Ps, steps)
             errs.append((got - want).abs().max().item())
-            # the graph writes the caches the generator holds (nothing was rebound after capture)
-            recorded = {t.data_ptr() for graph, _ in gen._graphs.values() for op in graph.ops
-                        for t in tree_flatten(op[1:3])[0] if isinstance(t, torch.Tensor)}
-            caches_recorded.append(all(t.data_ptr() in recorded for c in gen.caches for t in c.values()))
+            caches_recorded.append(_graphs_use_every_cache(gen))
         greedy = Generator(model, vocab_size=VOCAB).generate([tokens[0, :3], tokens[1, :5]], 12)
         recorded = gen.generate([tokens[0, :3], tokens[1, :5]], 12)
         results[case] = (errs, want.abs().max().item(), gen.recorded_ops, greedy == recorded, steps,
@@ -438,9 +443,7 @@ def _static_decode_worker(rank, world):
         static, used = _teacher_forced(static_gen, tokens, Ps, steps, side)
         recorded_gen = _recorded_generator(model, vocab_size=VOCAB, max_length=max_length, kv_buckets=buckets)
         recorded, _ = _teacher_forced(recorded_gen, tokens, Ps, steps, side)
-        ops = {t.data_ptr() for graph, _ in recorded_gen._graphs.values() for op in graph.ops
-               for t in tree_flatten(op[1:3])[0] if isinstance(t, torch.Tensor)}
-        caches_recorded = all(t.data_ptr() in ops for c in recorded_gen.caches for t in c.values())
+        caches_recorded = _graphs_use_every_cache(recorded_gen)
         # the longest key sequence each bucket's step attends over (an S layer's ring is shorter)
         key_lengths = {bucket: max(op[1][1].shape[-2] for op in graph.ops
                                    if op[0]._schema.name == "aten::scaled_dot_product_attention")
