@@ -22,6 +22,11 @@ Both models have the same width, depth, heads, MLP and vocabulary (random weight
    the buckets). "vs GPT" compares with the GPT's faster decode.
    If the GPT's KV cache does not fit at ``--batch``, the batch is halved until it does (recorded in the JSON).
 
+``--profile STEPS`` (after timing) splits a decode step by layer type and kernel. A CUDA-graphed step runs no
+Python of the model, so its kernels carry no layer labels: its profile gives the device busy / idle time and kernel
+count per step, and the per-layer split comes from its static eager twin (``static_decode``: the same fixed-shape
+step run eagerly, launching the same kernels in the same order), profiled for as many steps (``profile_static``).
+
 Reported: decode tokens/s (batch x (new tokens - 1) / decode time), prefill time, cache bytes per sequence and
 peak memory per sequence beyond the weights. Prints a table and writes JSON; one failing part does not stop the
 others (its error is in the JSON).
@@ -160,8 +165,8 @@ def profile_decode(gen, model, pattern: str, spec, batch: int, args) -> dict:
     steps under torch.profiler, split as train_throughput.py splits a training step (its ``attribute``): per layer
     type (each mixer's ``step`` under its pattern letter; MLP, norm, embedding, head+loss by module) with the top
     kernels, and on GPU the device's busy and idle time per step. A CUDA-graphed step replays its graph without
-    running any Python of the model, so its kernels stay unlabelled ("other"): its device total against the step's
-    wall time is what it shows (host gaps between replays); the eager run gives the per-layer split."""
+    running any Python of the model, so its kernels stay unlabelled (``unattributed_ms``): its device busy / idle
+    time and kernel count per step are what it shows; :func:`profile_static_twin` gives its per-layer split."""
     import train_throughput as tt
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
@@ -195,6 +200,23 @@ def profile_decode(gen, model, pattern: str, spec, batch: int, args) -> dict:
         gen.release()
     return dict(steps=steps, batch=batch, wall_ms_per_step=round(wall_ms, 4),
                 **tt.attribute(prof.events(), device_time=CUDA, steps=steps))
+
+
+def profile_static_twin(model, pattern: str, spec, batch: int, max_length: int, args) -> dict:
+    """The per-layer split of a CUDA-graphed decode step: :func:`profile_decode` of a ``static_decode`` Generator of
+    the same model and ``max_length``, which runs the graph's fixed-shape step eagerly (the same kernels in the same
+    order, plus one copy of the logits into the "replay" output), so the layer ranges open. Its kernel times are
+    those of the eager launches; its device busy time is the number comparable with the graphed step's. The twin's
+    caches are released afterwards."""
+    from megatron_based.inference.generation import Generator
+
+    twin = Generator(model, vocab_size=spec.vocab_size, max_length=max_length, static_decode=True)
+    try:
+        return profile_decode(twin, model, pattern, spec, batch, args)
+    finally:
+        twin.release()
+        if CUDA:
+            torch.cuda.empty_cache()
 
 
 def profile_line(prof: dict) -> str:
@@ -246,6 +268,10 @@ def bench_model(name, section, pattern, graphs, dtype, args) -> list[dict]:
             if args.profile:
                 r["profile"] = profile_decode(gen, model, pattern, spec, r["batch"], args)
                 print(f"  {name} cuda_graph={graph} profile (ms per step): {profile_line(r['profile'])}", flush=True)
+                if gen.cuda_graph:  # its kernels are unlabelled: the per-layer split from its static eager twin
+                    r["profile_static"] = profile_static_twin(model, pattern, spec, r["batch"], max_length, args)
+                    print(f"  {name} cuda_graph={graph} static (eager) step profile (ms per step): "
+                          f"{profile_line(r['profile_static'])}", flush=True)
         except Exception as e:  # noqa: BLE001
             r["error"] = error_text(e)
         finally:
@@ -277,8 +303,11 @@ def main(argv=None) -> int:
     p.add_argument("--cuda-graph-only", action="store_true",
                    help="only the CUDA-graph runs (the fair comparison; the GPT's eager decode takes minutes)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="after timing, profile this many decode steps per run: time per layer type and kernel "
-                        "(the JSON's profile), device busy / idle time on GPU")
+                   help="after timing, profile this many decode steps per run (at most --new-tokens - 9): "
+                        "time per layer type and kernel (the JSON's profile), device busy / idle time on GPU. A "
+                        "CUDA-graphed step's kernels are unlabelled: its per-layer split comes from its static eager "
+                        "twin (static_decode, the same kernels; their times are the eager launches', the device "
+                        "busy time is the comparable number), profiled for as many steps (profile_static)")
     p.add_argument("--tiny", action="store_true", help="CPU check: configs/tiny.yaml, batch 4, prompt 8, 32 tokens")
     p.add_argument("--json", default=None, help="where the results go (default benchmarks/results/generation.json; "
                    "with --tiny, none: a CPU check must not replace the GPU results)")
@@ -288,6 +317,11 @@ def main(argv=None) -> int:
         args.guard_prompts, args.guard_steps = [40, 20], 6
     elif args.json is None:
         args.json = "benchmarks/results/generation.json"
+    if args.profile < 0:
+        p.error(f"--profile STEPS must be >= 0 (got {args.profile})")
+    if args.profile and args.new_tokens <= 9:
+        p.error(f"--profile needs --new-tokens >= 10 (got {args.new_tokens}): it decodes 8 untimed steps, then "
+                "min(--profile, --new-tokens - 9) profiled steps")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if CUDA else "fp32")]
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     from megatron_based.runtime.parallel import initialize_parallel
