@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mpirun launcher (Open MPI): one rank per GPU; rank, size, local rank and rank 0's address come from MPI through
-# mpi4py (megatron_based/runtime/launch_env.py), so no torchrun is needed. Needs `pip install 'megatron-based[mpi]'`.
+# mpi4py (megatron_based/runtime/launch_env.py), so no torchrun is needed. Needs `pip install -e '.[mpi]'` in the checkout.
 #
 #   launch/mpirun.sh configs/tiny.yaml [section.key=value ...] [--dry-run]
 #

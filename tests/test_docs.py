@@ -72,7 +72,7 @@ COMMANDS: dict[tuple[str, str], object] = {
                       "based-360m/pytorch_model.bin --output ckpt/based-360m-tp2 --tensor-model-parallel-size 2"):
         Skip("needs the released based-360m weights (no download); tests/megatron_based/test_convert.py imports "
              "a fixture in the released layout"),
-    ("generation.md", "huggingface-cli download hazyresearch/based-360m pytorch_model.bin --local-dir based-360m"):
+    ("generation.md", "hf download hazyresearch/based-360m pytorch_model.bin --local-dir based-360m"):
         Skip("a download (no network in tests)"),
     ("generation.md", "megatron-based-generate --config configs/based-360m.yaml --checkpoint ckpt/based-360m-tp2 "
                       "..."):
@@ -105,13 +105,13 @@ COMMANDS: dict[tuple[str, str], object] = {
                      "configs/based-360m.yaml"):
         DryRun("NNODES=2 GPUS_PER_NODE=8 SBATCH_ARGS=\"--partition=gpu --account=me\" launch/submit.sh "
                "configs/based-360m.yaml --dry-run", 16),
-    ("launching.md", "pip install 'megatron-based[mpi]'"): Skip("an install step: .venv has the extras"),
+    ("launching.md", "pip install -e '.[mpi]'"): Skip("an install step: .venv has the extras"),
     ("launching.md", "NPROC_PER_NODE=8 launch/mpirun.sh configs/based-360m.yaml"):
         DryRun("NPROC_PER_NODE=8 launch/mpirun.sh configs/based-360m.yaml --dry-run", 8),
     ("launching.md", "NNODES=2 NPROC_PER_NODE=8 HOSTFILE=hosts.txt launch/mpirun.sh configs/based-360m.yaml"):
         DryRun("NNODES=2 NPROC_PER_NODE=8 HOSTFILE=hosts.txt launch/mpirun.sh configs/based-360m.yaml --dry-run",
                16),
-    ("launching.md", "pip install 'megatron-based[deepspeed]'"): Skip("an install step: .venv has the extras"),
+    ("launching.md", "DS_BUILD_OPS=0 pip install -e '.[deepspeed]'"): Skip("an install step: .venv has the extras"),
     ("launching.md", "ZERO_STAGE=2 NPROC_PER_NODE=8 launch/deepspeed.sh configs/based-360m.yaml"):
         DryRun("ZERO_STAGE=2 NPROC_PER_NODE=8 launch/deepspeed.sh configs/based-360m.yaml --dry-run", 8),
     # docs/mqar.md

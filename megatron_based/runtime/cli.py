@@ -6,10 +6,12 @@ import argparse
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none (None, an off switch, an empty list)."""
+    """Shows each option's default, except where there is none (None, an off switch, an empty list) and for the
+    ``--no-X`` switches (store_false: their default True would read as the switch being on)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == []:
+        if (action.default is None or action.default is False or action.default == []
+                or isinstance(action, argparse._StoreFalseAction)):
             return action.help
         return super()._get_help_string(action)
 

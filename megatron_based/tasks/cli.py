@@ -29,8 +29,9 @@ def mqar_parser() -> argparse.ArgumentParser:
                       help="seed of the initialisation and the training set (the test set: seed + 10)")
     model = p.add_argument_group("model (train)")
     model.add_argument("--model", choices=sorted(MODELS), default="based",
-                       help="attention: CA, baseconv: ZH (Zoology's short- then long-conv BaseConv), based: CL "
-                            "(layer 0 BaseConv k 3)")
+                       help="the layer pattern (MODELS): attention ZA (Zoology's BaseConv with a short conv of "
+                            "kernel 3, then softmax attention), baseconv ZH (that BaseConv, then one with the long "
+                            "implicit conv), based ZL (that BaseConv, then Taylor linear attention)")
     model.add_argument("--pattern", help="a layer pattern instead of --model's (e.g. CLS)")
     model.add_argument("--hidden-size", type=int, default=64, help="model width d")
     model.add_argument("--feature-dim", type=int, default=16, help="L layers' Taylor feature dimension f")

@@ -9,7 +9,7 @@ from tests.distributed import run_distributed
 from .conftest import write_config
 
 pytestmark = pytest.mark.launch
-deepspeed = pytest.importorskip("deepspeed", reason="pip install 'megatron-based[deepspeed]' (DS_BUILD_OPS=0)")
+deepspeed = pytest.importorskip("deepspeed", reason="DS_BUILD_OPS=0 pip install -e '.[deepspeed]' in the checkout")
 
 
 RUNS = {  # name: overrides

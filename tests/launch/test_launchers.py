@@ -61,7 +61,7 @@ def test_torchrun_restarts_a_killed_worker_from_the_checkpoint(dataset, tmp_path
 def test_mpi_bootstrap_gives_ranks_and_one_address():
     if shutil.which("mpirun") is None:
         pytest.skip("no mpirun: apt-get install openmpi-bin libopenmpi-dev (the Makefile's test target does)")
-    pytest.importorskip("mpi4py", reason="pip install 'megatron-based[mpi]'")
+    pytest.importorskip("mpi4py", reason="pip install -e '.[mpi]' in the checkout")
     code = ("import os; from megatron_based.runtime.launch_env import discover; e = discover(); os.write(1, ("
             "f'ENV {e.launcher} {e.rank} {e.world_size} {e.local_rank} {e.local_world_size} {e.master_addr} "
             "{e.master_port}\\n').encode())")  # one write per rank: lines stay whole
@@ -76,7 +76,7 @@ def test_mpi_bootstrap_gives_ranks_and_one_address():
 def test_mpirun_trains_through_the_mpi4py_bootstrap(dataset, tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("no mpirun: apt-get install openmpi-bin libopenmpi-dev (the Makefile's test target does)")
-    pytest.importorskip("mpi4py", reason="pip install 'megatron-based[mpi]'")
+    pytest.importorskip("mpi4py", reason="pip install -e '.[mpi]' in the checkout")
     config = write_config(tmp_path / "run.yaml", dataset, train={"train_steps": 4})
     out = subprocess.run([str(REPO / "launch/mpirun.sh"), str(config)], env=ENV, capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)

@@ -39,6 +39,7 @@ def test_help_imports_neither_torch_nor_megatron_and_shows_defaults():
     assert "tokens to generate per prompt (default: 128)" in text
     assert "passes over the training set (default: 64)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: True)" not in text  # a --no-X switch (store_false) shows no default that reads as "on"
 
 
 def test_convert_runs_as_a_module():
