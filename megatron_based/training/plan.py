@@ -13,6 +13,11 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+if __name__ == "__main__":  # the launchers' dry run: hide the known third-party warnings of the imports below
+    from ..runtime.noise import quiet_known_warnings
+
+    quiet_known_warnings("--verbose" in sys.argv)
+
 from ..model.config import ConfigError, padded_vocab_size
 from ..model.mixers.registry import get_mixer
 from .config import RunConfig, load_config
@@ -190,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("config", help="run config YAML (configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides, as for megatron-based-train")
     ap.add_argument("--nnodes", type=int, default=1)
+    ap.add_argument("--verbose", action="store_true", help="show the third-party warnings hidden by default")
     ap.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per node")
     ap.add_argument("--load", help="as for megatron-based-train (= train.load)")
     ap.add_argument("--save", help="as for megatron-based-train (= train.save)")

@@ -107,3 +107,21 @@ def test_cli_prints_the_plan_and_starts_nothing(config, capsys):
     assert not dist.is_initialized()
     assert main([str(config), "--nproc-per-node", "3", "parallel.tensor_model_parallel_size=2"]) == 2
     assert "invalid launch plan: world size (3 processes) must be divisible" in capsys.readouterr().err
+
+
+def test_module_dry_run_says_one_line(config):
+    """``python -m megatron_based.training.plan`` as the launchers run it: a rejected plan is one line on stderr,
+    without the third-party warnings megatron-core's imports print (TransformerEngine / Apex fallbacks); --verbose
+    shows them."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "megatron_based.training.plan", str(config), "--nproc-per-node", "3",
+           "parallel.tensor_model_parallel_size=2"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("invalid launch plan: world size (3 processes) must be divisible"), \
+        out.stderr
+    loud = subprocess.run(cmd + ["--verbose"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert loud.returncode == 2 and "Apex" in loud.stderr, loud.stderr
