@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..runtime.cli import base_parser
+from ..runtime.cli import bad_option, base_parser
 from ..runtime.noise import quiet_known_warnings
 
 
@@ -67,18 +67,32 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     """``megatron-based-convert``: released BASED weights <-> Megatron per-TP-rank state dicts."""
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings("--verbose" in argv)
-    args = convert_parser().parse_args(argv)
+    p = convert_parser()
+    args = p.parse_args(argv)
+    error = bad_option(args, files=["config"], paths=["input"], positive=["tensor_model_parallel_size"])
+    if error is None:
+        from ..model.config import ConfigError  # torch and Megatron only now, after the warnings filter
+        from ..training.checkpointing import CheckpointError
+        from ..training.data import DataError
+        from .convert import ConversionError
 
-    import torch  # torch and Megatron only now, after the warnings filter
-    import yaml
+        try:
+            return _convert(args)
+        except (ConfigError, ConversionError, CheckpointError, DataError) as e:  # each names its file or key
+            error = e
+    print(f"{p.prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _convert(args) -> int:
+    import torch
 
     from ..model.config import model_spec_from_dict
     from ..runtime.parallel import initialize_parallel
     from .convert import megatron_to_released, rank_file, read_tensors, released_to_megatron, write_tensors
-    from .loader import load_model
+    from .loader import load_model, read_model_section
 
-    with open(args.config) as fh:
-        section = yaml.safe_load(fh)["model"]
+    section = read_model_section(args.config)
     spec = model_spec_from_dict(section)
     kw = dict(vocab_size=spec.vocab_size, make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
     if args.direction == "import":

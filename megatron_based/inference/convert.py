@@ -223,14 +223,20 @@ def read_tensors(path: str | Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise ConversionError(f"checkpoint file {path} is not a readable .safetensors file ({e})") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConversionError(f"checkpoint file {path} holds objects other than tensors and plain data; refusing to "
                               f"unpickle it ({error_line(e)})") from None
+    except (RuntimeError, OSError) as e:  # a truncated or foreign zip archive
+        raise ConversionError(f"checkpoint file {path} is not a readable torch file ({error_line(e)})") from None
     for key in ("model", "state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]

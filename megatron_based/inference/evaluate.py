@@ -14,10 +14,14 @@ from typing import Sequence
 
 import torch
 
+from ..model.config import ConfigError
+from ..runtime.cli import bad_option
 from ..runtime.noise import quiet_known_warnings
 from ..runtime.parallel import initialize_parallel
-from ..training.data import load_tokenizer
+from ..training.checkpointing import CheckpointError
+from ..training.data import DataError, load_tokenizer
 from .cli import eval_parser
+from .convert import ConversionError
 from .loader import load_model
 
 __all__ = ["windows", "perplexity", "main"]
@@ -81,16 +85,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``megatron-based-eval``: loss and perplexity of a checkpoint on a text file."""
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings("--verbose" in argv)
-    args = eval_parser().parse_args(argv)
+    p = eval_parser()
+    args = p.parse_args(argv)
 
-    initialize_parallel(args.tensor_model_parallel_size)
-    model, spec = load_model(args.config, args.checkpoint, tensor_model_parallel_size=args.tensor_model_parallel_size,
-                             dtype=args.dtype)
-    encode = load_tokenizer(args.tokenizer).tokenize
-    with open(args.text, encoding="utf-8") as fh:
-        ids = torch.tensor(encode(fh.read()), dtype=torch.long)
+    def fail(message) -> int:
+        print(f"{p.prog}: error: {message}", file=sys.stderr)
+        return 2
+
+    error = bad_option(args, files=["config", "text"] + ([] if args.tokenizer == "bytes" else ["tokenizer"]),
+                       paths=["checkpoint"], outputs=["json"],
+                       positive=["seq_length", "stride", "batch_size", "tensor_model_parallel_size"],
+                       tensor_parallel=True)
+    if error:
+        return fail(error)
+    try:  # the text before the model, then the model: a bad input fails in one line
+        encode = load_tokenizer(args.tokenizer).tokenize
+        with open(args.text, encoding="utf-8") as fh:
+            ids = torch.tensor(encode(fh.read()), dtype=torch.long)
+        if ids.numel() < 2:
+            return fail(f"--text {args.text} has {ids.numel()} token(s): perplexity needs at least 2")
+        initialize_parallel(args.tensor_model_parallel_size)
+        model, spec = load_model(args.config, args.checkpoint,
+                                 tensor_model_parallel_size=args.tensor_model_parallel_size, dtype=args.dtype)
+    except UnicodeDecodeError as e:
+        return fail(f"--text {args.text} is not UTF-8 text ({e.reason} at byte {e.start})")
+    except (ConfigError, CheckpointError, ConversionError, DataError) as e:
+        return fail(e)
+    seq_length = args.seq_length or spec.seq_length
+    if args.stride and args.stride > seq_length:
+        return fail(f"--stride ({args.stride}) must be at most the window length, {seq_length} (--seq-length, default "
+                    "the model's)")
     first = torch.distributed.get_rank() == 0
-    result = perplexity(model, ids, seq_length=args.seq_length or spec.seq_length, stride=args.stride,
+    result = perplexity(model, ids, seq_length=seq_length, stride=args.stride,
                         batch_size=args.batch_size, vocab_size=spec.vocab_size, progress=first)
     if first:
         print(f"loss {result['loss']:.4f} nats/token, perplexity {result['ppl']:.3f} over {result['tokens']} tokens")

@@ -13,13 +13,13 @@ import yaml
 from megatron.core import parallel_state
 
 from ..model.builder import build_model
-from ..model.config import model_spec_from_dict
+from ..model.config import ConfigError, model_spec_from_dict
 from ..training import checkpointing
 from ..training.data import load_tokenizer
 from .convert import (WRAPPER_PREFIX, ConversionError, megatron_to_released, rank_file, read_tensors,
                       released_to_megatron)
 
-__all__ = ["load_model", "load_into_model", "load_for_inference", "is_released_layout"]
+__all__ = ["load_model", "read_model_section", "load_into_model", "load_for_inference", "is_released_layout"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,14 +33,14 @@ def load_model(config_path: str | None, checkpoint: str | None, *, tensor_model_
     ``dtype``: the parameters' precision (``fp32``, ``bf16``, ``fp16``), or None for the section's own.
     Returns ``(model, ModelSpec)``."""
     if config_path:
-        with open(config_path) as fh:
-            section = yaml.safe_load(fh).get("model")
-        if section is None:
-            raise ValueError(f"{config_path} has no 'model:' section")
+        section = read_model_section(config_path)
+    elif checkpoint and Path(checkpoint).is_file():
+        raise ConfigError(f"{checkpoint} is a weights file, which carries no model configuration: give the config "
+                          "(a YAML with its model: section) too")
     elif checkpoint:  # a training checkpoint records its run configuration
         section = checkpointing.saved_run_config(checkpointing.resolve(checkpoint, None))["model"]
     else:
-        raise ValueError("give a config (YAML with a model: section) or a training checkpoint directory")
+        raise ConfigError("give a config (YAML with a model: section) or a training checkpoint directory")
     # cuda_graph_impl is how a run trained (Megatron's per-layer graphs of forward and backward, which need the
     # training RNG tracker and a GPU); inference builds without it and captures its own decode step (Generator)
     section = {**section, "cuda_graph_impl": "none"}
@@ -55,6 +55,20 @@ def load_model(config_path: str | None, checkpoint: str | None, *, tensor_model_
     if checkpoint:
         load_into_model(model, checkpoint, spec)
     return model.eval(), spec
+
+
+def read_model_section(config_path: str) -> dict:
+    """The ``model:`` section of a YAML config; a :class:`ConfigError` naming the file where it has none."""
+    try:
+        with open(config_path) as fh:
+            raw = yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{config_path} is not valid YAML ({' '.join(str(e).split())})") from None
+    section = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{config_path} has no model: section (a mapping of the model's keys, as in "
+                          "configs/tiny.yaml)")
+    return section
 
 
 def load_for_inference(checkpoint: str | Path):

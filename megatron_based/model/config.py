@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
@@ -154,6 +156,9 @@ class BasedConfig(TransformerConfig):
         validate_layer_pattern(self.layer_pattern, self.num_layers)
         self.num_layers = len(self.layer_pattern)
         tp = self.tensor_model_parallel_size
+        for key in ("hidden_size", "num_attention_heads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} ({getattr(self, key)}) must be >= 1")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -276,6 +281,10 @@ class ModelSpec:
         if isinstance(self.seq_length, bool) or not isinstance(self.seq_length, int) or self.seq_length < 1:
             raise ConfigError(f"model.seq_length ({self.seq_length!r}) must be a positive integer: the tokens per "
                               "training sequence (BASED uses 2048)")
+        for key in ("vocab_size", "make_vocab_size_divisible_by"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{key} ({value!r}) must be a positive integer")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -295,4 +304,31 @@ def model_spec_from_dict(section: dict, **config_overrides) -> ModelSpec:
     unknown = sorted(set(section) - BasedConfig.field_names())
     if unknown:
         raise ConfigError(f"unknown model key(s) {unknown}: see docs/training.md for the model keys")
+    hints = typing.get_type_hints(BasedConfig)
+    section = {key: _check_type(key, value, hints[key]) for key, value in section.items()}
     return ModelSpec(config=BasedConfig(**section, **config_overrides), **extras)
+
+
+_SCALARS = (bool, int, float, str)  # the types a YAML value has; fields of other types are not checked here
+
+
+def _check_type(key: str, value, hint):
+    """``value`` of ``model.<key>`` if it fits the field's type (a float field takes an int, or a string like 1e-5
+    that YAML leaves unparsed); a :class:`ConfigError` naming the key if the field is a bool, int, float or str (or
+    one of them or None) and the value is not."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    scalars = [t for t in options if t in _SCALARS]
+    if len(scalars) < len([t for t in options if t is not type(None)]):
+        return value  # a callable, dtype, list or Literal field: Megatron's own checks
+    for t in scalars:
+        if t is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    names = [t.__name__ for t in scalars] + (["null"] if type(None) in options else [])
+    raise ConfigError(f"model.{key} must be {' or '.join(names)}, got {value!r}")

@@ -36,12 +36,15 @@ import torch
 
 from based_kernels.taylor_attention import feature_dim as taylor_feature_dim
 
+from ..inference.convert import ConversionError
 from ..inference.generation import Generator
 from ..inference.loader import load_model
 from ..model.builder import build_model
 from ..model.config import BasedConfig, ConfigError
+from ..runtime.cli import bad_option
 from ..runtime.noise import quiet_known_warnings
 from ..runtime.parallel import initialize_parallel
+from ..training.checkpointing import CheckpointError, error_line
 from .cli import MODELS, mqar_parser
 
 IGNORE = -100
@@ -413,7 +416,13 @@ def load_mqar_checkpoint(checkpoint: str, config: str | None = None):
             raise ConfigError(f"{config}: the model section lacks {missing}; set them to the trained model's values "
                               "(a default would score a different model), or leave out --config for a checkpoint "
                               "written by `megatron-based-mqar train --save`, which carries its model")
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True) if os.path.isfile(checkpoint) else None
+    saved = None
+    if os.path.isfile(checkpoint):
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - not a torch file, or one holding more than plain data
+            raise ConfigError(f"{checkpoint} is not a torch file of weights that torch.load(weights_only=True) reads "
+                              f"({error_line(e)}): give the file `megatron-based-mqar train --save` wrote") from None
     if isinstance(saved, dict) and set(saved) == {"model", "state_dict"}:
         section = dict(section or saved["model"])
         section.setdefault("mlp", saved["model"].get("mlp", True))
@@ -431,9 +440,13 @@ def load_mqar_checkpoint(checkpoint: str, config: str | None = None):
     return model, section
 
 
+def _train_task(args) -> MQARTask:
+    return MQARTask(args.vocab_size or 8192, args.seq_len or 256, args.num_kv_pairs, args.power_a, args.random_fill)
+
+
 def _train(args) -> tuple:
     """``megatron-based-mqar train``: ``(model, task, test set, result dict)``."""
-    task = MQARTask(args.vocab_size or 8192, args.seq_len or 256, args.num_kv_pairs, args.power_a, args.random_fill)
+    task = _train_task(args)
     pattern = args.pattern or MODELS[args.model]
     section = mqar_model_section(pattern, hidden_size=args.hidden_size, num_heads=args.num_heads,
                                  feature_dim=args.feature_dim, swa_window=args.swa_window,
@@ -480,28 +493,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = mqar_parser()
     args = p.parse_args(argv)
 
+    def fail(message) -> int:
+        print(f"{p.prog}: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.command == "eval" and not args.checkpoint:
+        p.error("eval needs --checkpoint (and --config for a checkpoint not written by `train --save`)")
+    error = bad_option(args, files=["config"], paths=["checkpoint"], outputs=["json", "save"],
+                       positive=["vocab_size", "seq_len", "num_kv_pairs", "num_train", "num_examples", "hidden_size",
+                                 "num_heads", "epochs", "batch_size"])
+    if error:
+        return fail(error)
+    if args.command == "train":
+        try:
+            _train_task(args)  # the task's sizes, before anything is built
+        except ValueError as e:
+            return fail(e)
+
     initialize_parallel(1, seed=args.seed)
     if args.tf32:
         torch.set_float32_matmul_precision("medium")  # TF32 in torch's matmuls and the Taylor kernels' products
     if args.command == "train":
-        if args.epochs < 1:
-            p.error("--epochs must be >= 1")
-        model, task, test, result = _train(args)
+        try:
+            model, task, test, result = _train(args)
+        except ConfigError as e:  # the model's settings (BasedConfig), before it is built
+            return fail(e)
         recall = result["accuracy"]
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=1)
     else:
-        if not args.checkpoint:
-            p.error("eval needs --checkpoint (and --config for a checkpoint not written by `train --save`)")
         try:
             model, section = load_mqar_checkpoint(args.checkpoint, args.config)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        # The task defaults to the model's vocabulary and length.
-        task = MQARTask(args.vocab_size or section["vocab_size"], args.seq_len or section["seq_length"],
-                        args.num_kv_pairs, args.power_a, args.random_fill)
+        except (ConfigError, CheckpointError, ConversionError) as e:
+            return fail(e)
+        try:  # the task defaults to the model's vocabulary and length
+            task = MQARTask(args.vocab_size or section["vocab_size"], args.seq_len or section["seq_length"],
+                            args.num_kv_pairs, args.power_a, args.random_fill)
+        except ValueError as e:
+            return fail(e)
         device = next(model.parameters()).device
         test = mqar_batch(task, args.num_examples, torch.Generator().manual_seed(args.seed + 10))  # train's test set
         recall = evaluate_mqar(model, *(t.to(device) for t in test))

@@ -370,11 +370,9 @@ def _read_latest(pointer: Path) -> str | None:
     return name
 
 
-def verify(path: Path) -> dict:
-    """Check a checkpoint before anything in it is unpickled; raise :class:`CheckpointError` naming the first bad
-    file. The directory holds exactly the files the manifest lists, each with its recorded size and CRC32;
-    ``.metadata`` holds only torch's metadata classes and points only into listed files; every stored object is plain
-    data. Returns the manifest."""
+def check_sizes(path: Path) -> dict:
+    """The cheap part of :func:`verify` (no file is read but the manifest): the manifest is there, and every file it
+    lists with its recorded size. ``train.load``'s check before any process group starts. Returns the manifest."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{manifest} is missing: {path} is not a complete checkpoint (interrupted save?)")
@@ -386,12 +384,6 @@ def verify(path: Path) -> dict:
     for name in files:
         if Path(name).name != name:
             raise CheckpointError(f"{manifest} lists {name!r}, which is not a file name inside {path}")
-    # Megatron reads some files only if they exist (a legacy common.pt replaces the saved common state): a file
-    # the manifest does not list would be read unchecked.
-    unlisted = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
-    if unlisted:
-        raise CheckpointError(f"checkpoint file {path / unlisted[0]} is not listed in {manifest}; a checkpoint "
-                              "holds only the files it was saved with: remove it, or load another checkpoint")
     for name, meta in files.items():
         f = path / name
         if not f.is_file():
@@ -400,6 +392,24 @@ def verify(path: Path) -> dict:
         if size != meta["bytes"]:
             raise CheckpointError(f"checkpoint file {f} has {size} bytes, {meta['bytes']} were written "
                                   "(truncated or overwritten)")
+    return content
+
+
+def verify(path: Path) -> dict:
+    """Check a checkpoint before anything in it is unpickled; raise :class:`CheckpointError` naming the first bad
+    file. The directory holds exactly the files the manifest lists, each with its recorded size and CRC32;
+    ``.metadata`` holds only torch's metadata classes and points only into listed files; every stored object is plain
+    data. Returns the manifest."""
+    content = check_sizes(path)
+    manifest, files = path / MANIFEST, content["files"]
+    # Megatron reads some files only if they exist (a legacy common.pt replaces the saved common state): a file
+    # the manifest does not list would be read unchecked.
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        raise CheckpointError(f"checkpoint file {path / unlisted[0]} is not listed in {manifest}; a checkpoint "
+                              "holds only the files it was saved with: remove it, or load another checkpoint")
+    for name, meta in files.items():
+        f = path / name
         if _crc32(f) != meta["crc32"]:
             raise CheckpointError(f"checkpoint file {f} is corrupted (CRC32 differs from {manifest})")
     _check_stored_objects(path, _read_metadata(path), files)

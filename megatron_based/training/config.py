@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ..model.config import ConfigError, ModelSpec, model_spec_from_dict
-from .checkpointing import CheckpointError, resolve
+from .checkpointing import CheckpointError, check_sizes, resolve
 from .data import DataError, check_split_sizes, load_tokenizer
 
 
@@ -164,7 +164,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
-        nested.setdefault(section, {})[name] = yaml.safe_load(raw) if raw else None
+        try:
+            nested.setdefault(section, {})[name] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: its value is not valid YAML ({' '.join(str(e).split())})") from None
     return nested
 
 
@@ -175,7 +178,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must be a mapping with model/parallel/train/data sections")
     for section, values in parse_overrides(list(overrides)).items():
@@ -242,13 +248,19 @@ def validate(cfg: RunConfig) -> None:
     if t.lr_decay_style != "constant" and not 0 <= t.lr_warmup_steps < decay:
         raise ConfigError(f"train.lr_warmup_steps ({t.lr_warmup_steps}) must be smaller than train.lr_decay_steps "
                           f"(default train.train_steps) = {decay}")
+    for key, value in (("train.save", t.save), ("train.tensorboard_dir", t.tensorboard_dir),
+                       ("data.cache_dir", d.cache_dir)):  # folders the run creates and writes into
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise ConfigError(f"{key}: {value} is a file; give a directory (created if missing)")
     if t.save_interval and not t.save:
         raise ConfigError("train.save_interval is set but train.save (the checkpoint directory) is not")
     if t.load in ("latest", "auto") and not t.save:
         raise ConfigError(f"train.load={t.load} resumes from train.save, which is not set")
     if t.load not in (None, "latest", "auto"):  # latest / auto are resolved when training starts (a save may land)
         try:
-            resolve(t.load, t.save)
+            path = resolve(t.load, t.save)
+            if t.engine == "megatron":  # (DeepSpeed writes its own layout)
+                check_sizes(path)  # an empty, partial or truncated checkpoint, before anything starts
         except CheckpointError as e:
             raise ConfigError(f"train.load (--load): {e}; give a checkpoint directory, a save directory, latest or "
                               "auto") from None
@@ -273,6 +285,14 @@ def validate(cfg: RunConfig) -> None:
         raise
     except ValueError as e:  # a check of Megatron's TransformerConfig that ours do not repeat
         raise ConfigError(f"model / parallel: {e}") from None
+    # Megatron asserts the even split of the layers over the pipeline stages only when it builds the model; an
+    # uneven split (these model keys) it checks itself
+    uneven = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+              "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+              "account_for_loss_in_pipeline_split")
+    if spec.config.num_layers % p.pipeline_model_parallel_size and not any(getattr(spec.config, k) for k in uneven):
+        raise ConfigError(f"num_layers ({spec.config.num_layers}, the layer_pattern length) must be divisible by "
+                          f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
     if spec.seq_length % p.context_parallel_size:
         raise ConfigError(f"model.seq_length ({spec.seq_length}) must be divisible by "
                           f"parallel.context_parallel_size ({p.context_parallel_size})")

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
@@ -84,7 +85,10 @@ class TrainLogger:
 
             self.writer = SummaryWriter(tensorboard_dir)
         # appended to, so a resumed run continues the file (its steps after the checkpoint repeat the lost ones)
-        self.metrics = open(metrics_file, "a") if enabled and metrics_file else None
+        self.metrics = None
+        if enabled and metrics_file:
+            Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)  # as tensorboard_dir and save are
+            self.metrics = open(metrics_file, "a")
         self.show_progress = show_progress
 
     def step(self, step: int, scalars: dict) -> None:

@@ -101,9 +101,6 @@ def make_plan(cfg: RunConfig, *, gpus_per_node: int | None = None, gpu_memory_gi
     nnodes = world // gpus_per_node
     if t.engine == "deepspeed":
         validate(cfg)
-    if mc.num_layers % pp:
-        raise ConfigError(f"num_layers ({mc.num_layers}, the layer_pattern length) must be divisible by "
-                          f"parallel.pipeline_model_parallel_size ({pp})")
     seq = spec.seq_length
     if seq % cp:
         raise ConfigError(f"model.seq_length ({seq}) must be divisible by parallel.context_parallel_size ({cp})")

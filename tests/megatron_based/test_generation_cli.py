@@ -107,3 +107,62 @@ def test_convert_eval_generate_commands(tmp_path):
         assert streamed == expected
     loss, want, _, tokens, _ = out["CC", "eval", 40]
     assert tokens == 62 and loss == pytest.approx(want, rel=1e-5)
+
+
+def test_bad_inputs_fail_in_one_line_before_anything_starts(tmp_path, capsys):
+    """generate, eval and convert check their files and numbers (and the text and the prompts) before the process
+    group and the model: each bad input below was a traceback, most after the model was built (or, for eval
+    --stride 0 and --seq-length 0, silently the default), and a missing --json folder lost the result at the end."""
+    import torch.distributed as dist
+
+    from megatron_based.inference import evaluate, generation
+    from megatron_based.inference.cli import convert_main
+
+    cfg, text, empty, blob = (tmp_path / name for name in ("m.yaml", "text.txt", "empty.txt", "bad.safetensors"))
+    cfg.write_text(CONFIG.format(pattern="CC"))
+    text.write_text("In the beginning")
+    empty.write_text("")
+    blob.write_text("not a safetensors file")
+    (tmp_path / "list.yaml").write_text("- model\n")
+    gen = ["--config", str(cfg), "--checkpoint", str(tmp_path), "--tokenizer", "bytes", "--prompt", "In"]
+    ev = ["--config", str(cfg), "--checkpoint", str(tmp_path), "--tokenizer", "bytes", "--text", str(text)]
+    cases = [
+        (generation.main, [*gen, "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (generation.main, [*gen[:3], str(tmp_path / "none"), *gen[4:]], f"--checkpoint {tmp_path}/none does not exist"),
+        (generation.main, [*gen[:5], str(tmp_path / "no.model"), *gen[6:]],
+         f"--tokenizer {tmp_path}/no.model does not exist"),
+        (generation.main, [*gen[:-1], ""], "--prompt '' has no tokens: give every prompt some text"),
+        (generation.main, [*gen, "--top-p", "0"], "need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1; got "
+                                                  "0.0, 0, 0.0"),
+        (generation.main, [*gen, "--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 needs a "
+         "multiple of 2 processes, this launch has 1: run it under torchrun --nproc-per-node 2"),
+        (evaluate.main, [*ev[:-1], str(tmp_path / "none.txt")], f"--text {tmp_path}/none.txt does not exist"),
+        (evaluate.main, [*ev[:-1], str(empty)], f"--text {empty} has 0 token(s): perplexity needs at least 2"),
+        (evaluate.main, [*ev, "--stride", "0"], "--stride must be >= 1, got 0"),
+        (evaluate.main, [*ev, "--seq-length", "0"], "--seq-length must be >= 1, got 0"),
+        (evaluate.main, [*ev, "--json", str(tmp_path / "out" / "r.json")],
+         f"--json {tmp_path}/out/r.json: its folder {tmp_path}/out does not exist; create it first"),
+        (convert_main, ["import", "--config", str(cfg), "--input", str(tmp_path / "w.bin"), "--output", "o"],
+         f"--input {tmp_path}/w.bin does not exist"),
+        (convert_main, ["import", "--config", str(cfg), "--input", str(blob), "--output", "o"],
+         f"checkpoint file {blob} is not a readable .safetensors file (Error while deserializing header: "),
+        (convert_main, ["import", "--config", str(tmp_path / "list.yaml"), "--input", str(blob), "--output", "o"],
+         f"{tmp_path}/list.yaml has no model: section (a mapping of the model's keys, as in configs/tiny.yaml)"),
+    ]
+    for main, argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    assert not dist.is_initialized()
+
+
+def test_a_weights_file_without_a_config_is_refused_by_name(tmp_path):
+    """A weights file carries no model configuration; load_model said 'checkpoint directory ... does not exist'."""
+    from megatron_based.inference.loader import load_model
+    from megatron_based.model.config import ConfigError
+
+    weights = tmp_path / "w.pt"
+    torch.save({}, weights)
+    with pytest.raises(ConfigError, match=f"^{weights} is a weights file, which carries no model configuration: give "
+                                          r"the config \(a YAML with its model: section\) too$"):
+        load_model(None, str(weights))

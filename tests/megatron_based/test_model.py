@@ -26,6 +26,8 @@ from .helpers import initialize_parallel, loss_logits_grads, tiny_config, tiny_m
     (dict(layer_pattern="L", hidden_size=30), "hidden_size (30) must be divisible by num_attention_heads (4)"),
     (dict(layer_pattern="C", conv_kernel_size=7), "conv_kernel_size (7) must be in 2..4"),
     (dict(layer_pattern="L", feature_dim=0), "feature_dim (0) must be in 1..64"),
+    (dict(layer_pattern="C", num_attention_heads=0), "num_attention_heads (0) must be >= 1"),  # was a ZeroDivisionError
+    (dict(layer_pattern="C", hidden_size=-8), "hidden_size (-8) must be >= 1"),  # was a failure to build the model
 ])
 def test_config_errors_say_what_to_change(kwargs, message):
     base = dict(hidden_size=32, num_attention_heads=4)
@@ -40,6 +42,34 @@ def test_model_section_rejects_unknown_keys():
         model_spec_from_dict({"layer_pattern": "C", "hiden_size": 8, "vocab_size": 10})
     with pytest.raises(ConfigError, match="model.vocab_size is missing"):
         model_spec_from_dict({"layer_pattern": "C", "hidden_size": 8, "num_attention_heads": 1})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_size", "abc", "model.hidden_size must be int, got 'abc'"),
+    ("hidden_size", 8.5, "model.hidden_size must be int, got 8.5"),
+    ("hidden_size", True, "model.hidden_size must be int, got True"),
+    ("layer_pattern", 123, "model.layer_pattern must be str, got 123"),
+    ("rope_base", "abc", "model.rope_base must be float, got 'abc'"),  # was a failure in the first step's kernel
+    ("ffn_hidden_size", "abc", "model.ffn_hidden_size must be int or null, got 'abc'"),
+    ("rope_fusion", "yes", "model.rope_fusion must be bool, got 'yes'"),
+    ("vocab_size", "abc", "model.vocab_size ('abc') must be a positive integer"),
+    ("make_vocab_size_divisible_by", 0, "model.make_vocab_size_divisible_by (0) must be a positive integer"),
+])
+def test_model_section_values_of_the_wrong_type_name_the_key(key, value, message):
+    """A YAML value of the wrong type was a TypeError traceback from a comparison in BasedConfig or Megatron (or
+    failed only in the model's first forward, or inside the training loop); now one message naming the key."""
+    section = {"layer_pattern": "CS", "hidden_size": 8, "num_attention_heads": 1, "vocab_size": 10, key: value}
+    with pytest.raises(ConfigError) as err:
+        model_spec_from_dict(section)
+    assert str(err.value) == message
+
+
+def test_model_section_float_fields_take_ints_and_unparsed_exponents():
+    """YAML 1.1 reads 1e-6 (no dot) as a string; a float field takes it, and an int, as floats."""
+    spec = model_spec_from_dict({"layer_pattern": "C", "hidden_size": 8, "num_attention_heads": 1, "vocab_size": 10,
+                                 "layernorm_epsilon": "1e-6", "rope_base": 500, "ffn_hidden_size": None})
+    assert spec.config.layernorm_epsilon == 1e-6 and spec.config.rope_base == 500.0
+    assert isinstance(spec.config.rope_base, float) and spec.config.ffn_hidden_size == 256
 
 
 @pytest.mark.parametrize("seq_length", [0, -4, 2.5])

@@ -317,3 +317,34 @@ def test_mqar_sweep_smoke(tmp_path):
     based = next(x for x in table.splitlines() if x.startswith("| BASED (ZL) | 16 | 4 |"))
     assert based.endswith("| 0.500³ | 0.003 | 3 of 64³ |  |") and "³ Not a result" in table, table
     assert "<rect" in mqar_sweep.svg(rows, data["meta"]["settings"]).split("published")[0]
+
+
+def test_mqar_bad_inputs_fail_in_one_line_before_training(tmp_path, capsys):
+    """Checked before the process group and the model: a --save or --json whose folder does not exist (they were
+    written after the training, which was lost), sizes below 1 and pairs that do not fit (tracebacks, some after a
+    model build); and a --checkpoint that is not a torch file is refused by name (was torch's traceback)."""
+    import torch.distributed as dist
+
+    from megatron_based.model.config import ConfigError
+    from megatron_based.tasks.mqar import load_mqar_checkpoint, main
+
+    small = ["--vocab-size", "64", "--seq-len", "32", "--num-kv-pairs", "4", "--epochs", "1"]
+    for argv, message in [
+        ([*small, "--save", str(tmp_path / "out" / "m.pt")],
+         f"--save {tmp_path}/out/m.pt: its folder {tmp_path}/out does not exist; create it first"),
+        ([*small, "--json", str(tmp_path / "out" / "r.json")],
+         f"--json {tmp_path}/out/r.json: its folder {tmp_path}/out does not exist; create it first"),
+        ([*small, "--hidden-size", "0"], "--hidden-size must be >= 1, got 0"),
+        ([*small, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        ([*small[:-3], "40", *small[-2:]], "seq_len (32) must be >= 4 * num_kv_pairs (160)"),
+    ]:
+        assert main(["train", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert f"--checkpoint {tmp_path}/none.pt does not exist" in capsys.readouterr().err
+    assert not dist.is_initialized()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(ConfigError, match=f"^{text} is not a torch file of weights that torch.load"):
+        load_mqar_checkpoint(str(text))

@@ -172,10 +172,44 @@ def _train(cfg, kill_at=None):
                                      r"\d+\) holds \d+ documents, \d+ tokens, fewer than one sample of "
                                      r"model.seq_length \+ 1 = 100001: add documents, lower model.seq_length"),
     (["trainlr=1"], 1, r"override 'trainlr=1' must look like section.key=value"),
+    (["model.hidden_size=["], 1, r"override 'model.hidden_size=\[': its value is not valid YAML \(while parsing"),
+    (["model.hidden_size=abc"], 1, r"model.hidden_size must be int, got 'abc'"),  # was a TypeError traceback
+    (["model.make_vocab_size_divisible_by=0"], 1, r"model.make_vocab_size_divisible_by \(0\) must be a positive"),
+    (["parallel.pipeline_model_parallel_size=2", "model.layer_pattern=CLS"], 2,
+     r"num_layers \(3, the layer_pattern length\) must be divisible by parallel.pipeline_model_parallel_size \(2\)"),
 ])
 def test_invalid_configs_fail_early_naming_the_key(tmp_path, corpus, overrides, world, message):  # noqa: F811
     with pytest.raises(ConfigError, match=message):
         tiny_config(tmp_path, corpus, overrides, world_size=world)
+    assert not dist.is_initialized()
+
+
+def test_bad_files_and_folders_fail_before_starting(tmp_path, corpus):  # noqa: F811
+    """A config file that is not YAML, a --load directory that holds no checkpoint or a truncated one, and a file
+    where the run writes a folder: each failed only once the process groups, the model and the optimizer were built
+    (or with a traceback); now load_config names it."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden_size: [\n")
+    with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(bad))} is not valid YAML \(while parsing"):
+        load_config(bad)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, corpus, [f"train.load={empty}"])
+    assert str(err.value) == (f"train.load (--load): {empty}/manifest.json is missing: {empty} is not a complete "
+                              "checkpoint (interrupted save?); give a checkpoint directory, a save directory, latest "
+                              "or auto")
+    cut = tmp_path / "step_00000002"
+    cut.mkdir()
+    (cut / "manifest.json").write_text('{"files": {"__0_0.distcp": {"bytes": 100, "crc32": 0}}}')
+    (cut / "__0_0.distcp").write_bytes(b"partial")
+    with pytest.raises(ConfigError, match=rf"^train.load \(--load\): checkpoint file {re.escape(str(cut))}/"
+                                          r"__0_0.distcp has 7 bytes, 100 were written \(truncated or overwritten\)"):
+        tiny_config(tmp_path, corpus, [f"train.load={cut}"])
+    for key in ("train.save", "train.tensorboard_dir", "data.cache_dir"):
+        with pytest.raises(ConfigError) as err:
+            tiny_config(tmp_path, corpus, [f"{key}={bad}"])
+        assert str(err.value) == f"{key}: {bad} is a file; give a directory (created if missing)"
     assert not dist.is_initialized()
 
 
