@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..runtime.cli import bad_option, base_parser
+from ..runtime.cli import bad_option, base_parser, fail
 from ..runtime.noise import quiet_known_warnings
 
 
@@ -80,17 +80,16 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
             return _convert(args)
         except (ConfigError, ConversionError, CheckpointError, DataError) as e:  # each names its file or key
             error = e
-    print(f"{p.prog}: error: {error}", file=sys.stderr)
-    return 2
+    return fail(p, error)
 
 
 def _convert(args) -> int:
     import torch
 
-    from ..model.config import model_spec_from_dict
+    from ..model.config import model_spec_from_dict, read_model_section
     from ..runtime.parallel import initialize_parallel
     from .convert import megatron_to_released, rank_file, read_tensors, released_to_megatron, write_tensors
-    from .loader import load_model, read_model_section
+    from .loader import load_model
 
     section = read_model_section(args.config)
     spec = model_spec_from_dict(section)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..model.config import ConfigError
-from ..runtime.cli import bad_option
+from ..runtime.cli import bad_option, fail
 from ..runtime.noise import quiet_known_warnings
 from ..runtime.parallel import initialize_parallel
 from ..training.checkpointing import CheckpointError
@@ -88,33 +88,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = eval_parser()
     args = p.parse_args(argv)
 
-    def fail(message) -> int:
-        print(f"{p.prog}: error: {message}", file=sys.stderr)
-        return 2
-
     error = bad_option(args, files=["config", "text"] + ([] if args.tokenizer == "bytes" else ["tokenizer"]),
                        paths=["checkpoint"], outputs=["json"],
                        positive=["seq_length", "stride", "batch_size", "tensor_model_parallel_size"],
                        tensor_parallel=True)
     if error:
-        return fail(error)
+        return fail(p, error)
     try:  # the text before the model, then the model: a bad input fails in one line
         encode = load_tokenizer(args.tokenizer).tokenize
         with open(args.text, encoding="utf-8") as fh:
             ids = torch.tensor(encode(fh.read()), dtype=torch.long)
         if ids.numel() < 2:
-            return fail(f"--text {args.text} has {ids.numel()} token(s): perplexity needs at least 2")
+            return fail(p, f"--text {args.text} has {ids.numel()} token(s): perplexity needs at least 2")
         initialize_parallel(args.tensor_model_parallel_size)
         model, spec = load_model(args.config, args.checkpoint,
                                  tensor_model_parallel_size=args.tensor_model_parallel_size, dtype=args.dtype)
     except UnicodeDecodeError as e:
-        return fail(f"--text {args.text} is not UTF-8 text ({e.reason} at byte {e.start})")
+        return fail(p, f"--text {args.text} is not UTF-8 text ({e.reason} at byte {e.start})")
     except (ConfigError, CheckpointError, ConversionError, DataError) as e:
-        return fail(e)
+        return fail(p, e)
     seq_length = args.seq_length or spec.seq_length
     if args.stride and args.stride > seq_length:
-        return fail(f"--stride ({args.stride}) must be at most the window length, {seq_length} (--seq-length, default "
-                    "the model's)")
+        return fail(p, f"--stride ({args.stride}) must be at most the window length, {seq_length} (--seq-length, "
+                       "default the model's)")
     first = torch.distributed.get_rank() == 0
     result = perplexity(model, ids, seq_length=seq_length, stride=args.stride,
                         batch_size=args.batch_size, vocab_size=spec.vocab_size, progress=first)

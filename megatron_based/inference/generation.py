@@ -30,7 +30,7 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
 
 from ..model.config import ConfigError  # noqa: E402
-from ..runtime.cli import bad_option  # noqa: E402
+from ..runtime.cli import bad_option, fail  # noqa: E402
 from ..runtime.parallel import initialize_parallel  # noqa: E402
 from ..training.checkpointing import CheckpointError  # noqa: E402
 from ..training.data import DataError, end_of_document, load_tokenizer  # noqa: E402
@@ -442,26 +442,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = generate_parser()
     args = p.parse_args(argv)
 
-    def fail(message) -> int:
-        print(f"{p.prog}: error: {message}", file=sys.stderr)
-        return 2
-
     if not args.checkpoint and not args.random_weights:
-        return fail("no --checkpoint: give one, or --random-weights to sample from an untrained model")
+        return fail(p, "no --checkpoint: give one, or --random-weights to sample from an untrained model")
     if args.checkpoint and args.random_weights:
-        return fail("--random-weights and --checkpoint exclude each other")
+        return fail(p, "--random-weights and --checkpoint exclude each other")
     if args.random_weights and not args.config:
-        return fail("--random-weights needs --config (the model to initialise)")
+        return fail(p, "--random-weights needs --config (the model to initialise)")
     error = bad_option(args, files=["config"] + ([] if args.tokenizer == "bytes" else ["tokenizer"]),
                        paths=["checkpoint"], positive=["max_new_tokens", "tensor_model_parallel_size"],
                        tensor_parallel=True)
     if error:
-        return fail(error)
+        return fail(p, error)
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        return fail(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1; got {args.temperature}, "
-                    f"{args.top_k}, {args.top_p}")
+        return fail(p, f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1; got {args.temperature}, "
+                       f"{args.top_k}, {args.top_p}")
     if args.cuda_graph and not torch.cuda.is_available():
-        return fail("--cuda-graph needs a GPU; leave it off on CPU")
+        return fail(p, "--cuda-graph needs a GPU; leave it off on CPU")
 
     try:  # the tokenizer and the prompts before the model, then the model: a bad input fails in one line
         tokenizer = load_tokenizer(args.tokenizer)
@@ -469,12 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = [encode(text) for text in args.prompt]
         for text, ids in zip(args.prompt, prompts):
             if not ids:
-                return fail(f"--prompt {text!r} has no tokens: give every prompt some text")
+                return fail(p, f"--prompt {text!r} has no tokens: give every prompt some text")
         initialize_parallel(args.tensor_model_parallel_size)
         model, spec = load_model(args.config, args.checkpoint,
                                  tensor_model_parallel_size=args.tensor_model_parallel_size, dtype=args.dtype)
     except (ConfigError, CheckpointError, ConversionError, DataError) as e:
-        return fail(e)
+        return fail(p, e)
     gen = Generator(model, vocab_size=spec.vocab_size, cuda_graph=args.cuda_graph,
                     max_length=max(map(len, prompts)) + args.max_new_tokens)
     printing = torch.distributed.get_rank() == 0

@@ -9,17 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 from megatron.core import parallel_state
 
 from ..model.builder import build_model
-from ..model.config import ConfigError, model_spec_from_dict
+from ..model.config import ConfigError, model_spec_from_dict, read_model_section
 from ..training import checkpointing
 from ..training.data import load_tokenizer
 from .convert import (WRAPPER_PREFIX, ConversionError, megatron_to_released, rank_file, read_tensors,
                       released_to_megatron)
 
-__all__ = ["load_model", "read_model_section", "load_into_model", "load_for_inference", "is_released_layout"]
+__all__ = ["load_model", "load_into_model", "load_for_inference", "is_released_layout"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,20 +54,6 @@ def load_model(config_path: str | None, checkpoint: str | None, *, tensor_model_
     if checkpoint:
         load_into_model(model, checkpoint, spec)
     return model.eval(), spec
-
-
-def read_model_section(config_path: str) -> dict:
-    """The ``model:`` section of a YAML config; a :class:`ConfigError` naming the file where it has none."""
-    try:
-        with open(config_path) as fh:
-            raw = yaml.safe_load(fh)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{config_path} is not valid YAML ({' '.join(str(e).split())})") from None
-    section = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(section, dict):
-        raise ConfigError(f"{config_path} has no model: section (a mapping of the model's keys, as in "
-                          "configs/tiny.yaml)")
-    return section
 
 
 def load_for_inference(checkpoint: str | Path):

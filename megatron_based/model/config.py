@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import yaml
 from megatron.core.transformer import TransformerConfig
 
 class ConfigError(ValueError):
@@ -293,6 +294,29 @@ class ModelSpec:
 
 
 MODEL_SECTION_EXTRAS = ("vocab_size", "make_vocab_size_divisible_by", "seq_length")
+
+
+def read_yaml_file(path) -> object:
+    """A config file's parsed YAML (None for an empty file); a :class:`ConfigError` naming the file where it is not
+    valid YAML. Every tool reads its config files through this (and :func:`model_section`)."""
+    try:
+        with open(path) as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML ({' '.join(str(e).split())})") from None
+
+
+def model_section(raw, where) -> dict:
+    """The ``model:`` mapping of a parsed config; a :class:`ConfigError` naming ``where`` (the file) if it has none."""
+    section = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} has no model: section (a mapping of the model's keys, as in configs/tiny.yaml)")
+    return section
+
+
+def read_model_section(path) -> dict:
+    """The ``model:`` section of the YAML config file ``path``."""
+    return model_section(read_yaml_file(path), path)
 
 
 def model_spec_from_dict(section: dict, **config_overrides) -> ModelSpec:

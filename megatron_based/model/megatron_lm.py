@@ -26,14 +26,14 @@ import inspect
 import os
 
 import torch.nn.functional as F
-import yaml
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 from megatron.core.utils import get_pg_rank
 
-from .config import BASED_FIELDS, BasedConfig, ConfigError, ModelSpec, as_based_config, model_spec_from_dict
+from .config import (BASED_FIELDS, BasedConfig, ConfigError, ModelSpec, as_based_config, model_section,
+                     model_spec_from_dict, read_yaml_file)
 from .mixers.registry import MIXERS
 from .norm import RMSNorm
 from .spec import get_based_layer_spec
@@ -124,12 +124,8 @@ def _yaml_model() -> tuple[str, ModelSpec, Linears]:
     if path not in _yaml_cache:
         if not os.path.isfile(path):
             raise ConfigError(f"{ENV_VAR}={path}: no such file")
-        with open(path) as fh:
-            raw = yaml.safe_load(fh) or {}
-        section = raw.get("model") if isinstance(raw, dict) else None
-        if not isinstance(section, dict):
-            raise ConfigError(f"{ENV_VAR}={path} has no model: section")
-        spec = model_spec_from_dict(section)
+        raw = read_yaml_file(path)
+        spec = model_spec_from_dict(model_section(raw, f"{ENV_VAR}={path}"))
         try:
             linears = linears_from_dict(raw.get(LINEARS_KEY))
         except ConfigError as e:

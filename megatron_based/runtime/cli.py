@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -26,13 +27,21 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def fail(parser: argparse.ArgumentParser, message) -> int:
+    """A tool's one-line error: ``prog: error: message`` on stderr (argparse's error line without its usage block);
+    returns the exit code, 2."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def bad_option(args: argparse.Namespace, *, files=(), paths=(), outputs=(), positive=(),
                tensor_parallel: bool = False) -> str | None:
     """The first bad option of parsed ``args`` as a one-line message naming it, or None; for the tools to check
-    before they start a process group or build anything. ``files``: options (by ``dest``) naming files that must exist; ``paths``:
-    files or directories; ``outputs``: files to write at the end, whose directory must exist now (a result is not
-    lost after the work); ``positive``: numbers that must be >= 1; ``tensor_parallel``: ``--tensor-model-parallel-size``
-    must divide the processes launched (``WORLD_SIZE``). Options left unset (None) pass."""
+    before they start a process group or build anything. ``files``: options (by ``dest``) naming files that must
+    exist; ``paths``: files or directories; ``outputs``: files to write at the end, whose directory must exist now
+    (a result is not lost after the work); ``positive``: numbers that must be >= 1; ``tensor_parallel``:
+    ``--tensor-model-parallel-size`` must divide the processes launched (``WORLD_SIZE``). Options left unset (None)
+    pass."""
     def flag(dest: str) -> str:
         return "--" + dest.replace("_", "-")
 

@@ -40,8 +40,8 @@ from ..inference.convert import ConversionError
 from ..inference.generation import Generator
 from ..inference.loader import load_model
 from ..model.builder import build_model
-from ..model.config import BasedConfig, ConfigError
-from ..runtime.cli import bad_option
+from ..model.config import BasedConfig, ConfigError, read_model_section
+from ..runtime.cli import bad_option, fail
 from ..runtime.noise import quiet_known_warnings
 from ..runtime.parallel import initialize_parallel
 from ..training.checkpointing import CheckpointError, error_line
@@ -405,11 +405,8 @@ def load_mqar_checkpoint(checkpoint: str, config: str | None = None):
 
     section = None
     if config:
-        import yaml
-
-        with open(config) as fh:
-            section = (yaml.safe_load(fh) or {}).get("model")
-        if not section or "layer_pattern" not in section:
+        section = read_model_section(config)
+        if "layer_pattern" not in section:
             raise ConfigError(f"{config} needs a model: section with layer_pattern")
         missing = [k for k in required_model_keys(section["layer_pattern"]) if k not in section]
         if missing:
@@ -493,22 +490,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = mqar_parser()
     args = p.parse_args(argv)
 
-    def fail(message) -> int:
-        print(f"{p.prog}: error: {message}", file=sys.stderr)
-        return 2
-
     if args.command == "eval" and not args.checkpoint:
         p.error("eval needs --checkpoint (and --config for a checkpoint not written by `train --save`)")
     error = bad_option(args, files=["config"], paths=["checkpoint"], outputs=["json", "save"],
                        positive=["vocab_size", "seq_len", "num_kv_pairs", "num_train", "num_examples", "hidden_size",
                                  "num_heads", "epochs", "batch_size"])
     if error:
-        return fail(error)
+        return fail(p, error)
     if args.command == "train":
         try:
             _train_task(args)  # the task's sizes, before anything is built
         except ValueError as e:
-            return fail(e)
+            return fail(p, e)
 
     initialize_parallel(1, seed=args.seed)
     if args.tf32:
@@ -517,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             model, task, test, result = _train(args)
         except ConfigError as e:  # the model's settings (BasedConfig), before it is built
-            return fail(e)
+            return fail(p, e)
         recall = result["accuracy"]
         if args.json:
             with open(args.json, "w") as fh:
@@ -526,12 +519,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             model, section = load_mqar_checkpoint(args.checkpoint, args.config)
         except (ConfigError, CheckpointError, ConversionError) as e:
-            return fail(e)
+            return fail(p, e)
         try:  # the task defaults to the model's vocabulary and length
             task = MQARTask(args.vocab_size or section["vocab_size"], args.seq_len or section["seq_length"],
                             args.num_kv_pairs, args.power_a, args.random_fill)
         except ValueError as e:
-            return fail(e)
+            return fail(p, e)
         device = next(model.parameters()).device
         test = mqar_batch(task, args.num_examples, torch.Generator().manual_seed(args.seed + 10))  # train's test set
         recall = evaluate_mqar(model, *(t.to(device) for t in test))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..model.config import ConfigError, ModelSpec, model_spec_from_dict
+from ..model.config import ConfigError, ModelSpec, model_spec_from_dict, read_yaml_file
 from .checkpointing import CheckpointError, check_sizes, resolve
 from .data import DataError, check_split_sizes, load_tokenizer
 
@@ -178,10 +178,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML ({' '.join(str(e).split())})") from None
+        raw = read_yaml_file(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must be a mapping with model/parallel/train/data sections")
     for section, values in parse_overrides(list(overrides)).items():
