@@ -337,22 +337,33 @@ _SCALARS = (bool, int, float, str)  # the types a YAML value has; fields of othe
 
 
 def _check_type(key: str, value, hint):
-    """``value`` of ``model.<key>`` if it fits the field's type (a float field takes an int, or a string like 1e-5
-    that YAML leaves unparsed); a :class:`ConfigError` naming the key if the field is a bool, int, float or str (or
-    one of them or None) and the value is not."""
+    """``value`` of ``model.<key>`` if it fits the field's type; a :class:`ConfigError` naming the key if the field is
+    a bool, int, float or str (or one of them or None) and the value is not (:func:`check_scalar`; a str field takes
+    no number: layer_pattern 123 is a mistake, not a pattern)."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None
     scalars = [t for t in options if t in _SCALARS]
     if len(scalars) < len([t for t in options if t is not type(None)]):
         return value  # a callable, dtype, list or Literal field: Megatron's own checks
-    for t in scalars:
+    return check_scalar(f"model.{key}", value, scalars, nullable=type(None) in options)
+
+
+def check_scalar(where: str, value, types_: list, *, nullable: bool = False, str_from_number: bool = False):
+    """The config value ``value`` of ``where`` (e.g. ``train.lr``) as the first of the scalar types ``types_`` (bool,
+    int, float, str) it fits, as YAML typed it: a float takes an int or a string like 1e-5 that YAML leaves
+    unparsed, an int never takes a bool, and with ``str_from_number`` a str takes an int or float. Else a
+    :class:`ConfigError` naming ``where`` and the types (``or null`` with ``nullable``). The run config's sections
+    (training.config) and the model section check their values through this."""
+    for t in types_:
         if t is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
+            try:  # YAML reads 1e-3 (no dot) as a string
                 return float(value)
             except ValueError:
                 continue
+        if t is str and str_from_number and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
         if isinstance(value, t) and not (t is int and isinstance(value, bool)):
             return value
-    names = [t.__name__ for t in scalars] + (["null"] if type(None) in options else [])
-    raise ConfigError(f"model.{key} must be {' or '.join(names)}, got {value!r}")
+    names = [t.__name__ for t in types_] + (["null"] if nullable else [])
+    raise ConfigError(f"{where} must be {' or '.join(names)}, got {value!r}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..model.config import ConfigError, ModelSpec, model_spec_from_dict, read_yaml_file
+from ..model.config import ConfigError, ModelSpec, check_scalar, model_spec_from_dict, read_yaml_file
 from .checkpointing import CheckpointError, check_sizes, resolve
 from .data import DataError, check_split_sizes, load_tokenizer
 
@@ -143,16 +143,7 @@ def _coerce(section: str, key: str, value, annotation: str):
             raise ConfigError(f"{where} must be a list of {inner.__name__}, got {value!r}") from None
     for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if annotation.startswith(name):
-            if typ is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-                try:  # YAML reads 1e-3 (no dot) as a string
-                    return float(value)
-                except ValueError:
-                    raise ConfigError(f"{where} must be float, got {value!r}") from None
-            if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)
-            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-                raise ConfigError(f"{where} must be {name}, got {value!r}")
-            return value
+            return check_scalar(where, value, [typ], str_from_number=True)
     return value
 
 
