@@ -143,6 +143,11 @@ class BasedConfig(TransformerConfig):
             self.cross_entropy_loss_fusion = torch.cuda.is_available() and self.bf16
         if not isinstance(self.rope_fusion, bool):
             raise ConfigError(f"rope_fusion must be true or false; got {self.rope_fusion!r}")
+        if self.normalization != "RMSNorm":
+            # every layer and the final norm are megatron_based.model.norm.RMSNorm (spec.py): another value would be
+            # ignored, so it is refused instead
+            raise ConfigError(f"normalization must be RMSNorm (BASED's layers, as released, use RMSNorm; other norms "
+                              f"are not implemented); got {self.normalization!r}")
         if self.cuda_graph_impl not in ("none", "local"):
             raise ConfigError(f"cuda_graph_impl must be 'none' or 'local' (Megatron-Core's per-layer CUDA graphs; "
                               f"the others need TransformerEngine); got {self.cuda_graph_impl!r}")

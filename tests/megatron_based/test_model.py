@@ -264,3 +264,16 @@ def test_cuda_graph_impl_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="needs a GPU"):
             tiny_config("CLSA", cuda_graph_impl="local")
+
+
+def test_normalization_other_than_rmsnorm_is_refused():
+    """Every norm is RMSNorm (spec.py): a LayerNorm request is refused by name, not silently ignored, from a config
+    file's model section too."""
+    from megatron_based.model.config import model_spec_from_dict
+
+    assert tiny_config("CLSA", normalization="RMSNorm").normalization == "RMSNorm"
+    with pytest.raises(ConfigError, match=r"normalization must be RMSNorm .*; got 'LayerNorm'"):
+        tiny_config("CLSA", normalization="LayerNorm")
+    with pytest.raises(ConfigError, match=r"normalization must be RMSNorm"):
+        model_spec_from_dict(dict(layer_pattern="CL", hidden_size=32, num_attention_heads=4, vocab_size=64,
+                                  seq_length=16, normalization="LayerNorm"))
