@@ -36,10 +36,11 @@ parse_args() {
   if [[ ${RESUME:-1} == 1 ]]; then ARGS=(train.load=auto "${ARGS[@]}"); fi  # an explicit train.load= later wins
 }
 
-# dry_run NNODES NPROC_PER_NODE: validate the plan for that many processes (no process group, nothing allocated);
-# exits on a bad plan, and after printing it when --dry-run was given.
+# dry_run NNODES NPROC_PER_NODE [PLAN_FLAGS...]: validate the plan for that many processes (no process group,
+# nothing allocated); exits on a bad plan, and after printing it when --dry-run was given. PLAN_FLAGS go to
+# megatron_based.training.plan (e.g. --gpu: plan for GPU nodes from a login node).
 dry_run() {
-  "$PYTHON" -m megatron_based.training.plan "$CONFIG" "${ARGS[@]}" --nnodes "$1" --nproc-per-node "$2" || exit $?
+  "$PYTHON" -m megatron_based.training.plan "$CONFIG" "${ARGS[@]}" --nnodes "$1" --nproc-per-node "$2" "${@:3}" || exit $?
   if [[ $DRY_RUN_ONLY == 1 ]]; then exit 0; fi
 }
 

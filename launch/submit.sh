@@ -12,9 +12,10 @@ source "$HERE/common.sh"
 parse_args "$@"
 NNODES=${NNODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-dry_run "$NNODES" "$GPUS_PER_NODE"
-
 GRES=${GRES-gpu:$GPUS_PER_NODE}
+# The plan is checked here (a login node, usually without GPUs) for the GPU nodes the job asks for: --gpu
+dry_run "$NNODES" "$GPUS_PER_NODE" ${GRES:+--gpu}
+
 mkdir -p runs/slurm
 # shellcheck disable=SC2086
 exec sbatch --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" ${GRES:+--gres=$GRES} --time="${TIME:-24:00:00}" \

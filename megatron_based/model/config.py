@@ -5,6 +5,7 @@ dropout 0, N(0, 0.02) init with output projections scaled by 1/sqrt(2 * num_laye
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import types
@@ -55,6 +56,29 @@ def validate_layer_pattern(pattern: str, num_layers: int | None = None) -> str:
             f"(or leave num_layers unset to take it from the pattern)"
         )
     return pattern
+
+
+_GPU_TARGET: list[bool | None] = [None]  # planning_for's setting; None: this machine
+
+
+def gpu_target() -> bool:
+    """Whether configs resolve for GPUs: this machine's ``torch.cuda.is_available()``, unless :func:`planning_for`
+    says otherwise. Decides the GPU defaults (fusions; ``train.precision: auto`` is bf16) and whether GPU-only
+    settings (``cuda_graph_impl: local``, ``train.precision: bf16``) are accepted."""
+    target = _GPU_TARGET[0]
+    return torch.cuda.is_available() if target is None else target
+
+
+@contextlib.contextmanager
+def planning_for(gpu: bool):
+    """Resolve configs inside the block as for GPU machines (``gpu=True``: a login node without GPUs checking the
+    plan of a GPU job, as ``launch/submit.sh`` does) or for CPU ones; only checks and plans, never a model to run
+    here (a model built for GPUs still needs one)."""
+    before, _GPU_TARGET[0] = _GPU_TARGET[0], bool(gpu)
+    try:
+        yield
+    finally:
+        _GPU_TARGET[0] = before
 
 
 @dataclass
@@ -117,8 +141,8 @@ class BasedConfig(TransformerConfig):
     # machines; plain ops on CPU ones (no compiler needed there). The unfused SwiGLU and fp32 cross entropy were
     # ~18% of based-360m's training step on an H100 (benchmarks/train_throughput.py --profile). The fused cross
     # entropy returns its logits gradient in bf16, so by default it is on for bf16 runs only (None: decided here).
-    bias_activation_fusion: bool = dataclasses.field(default_factory=torch.cuda.is_available)
-    bias_dropout_fusion: bool = dataclasses.field(default_factory=torch.cuda.is_available)
+    bias_activation_fusion: bool = dataclasses.field(default_factory=lambda: gpu_target())
+    bias_dropout_fusion: bool = dataclasses.field(default_factory=lambda: gpu_target())
     cross_entropy_loss_fusion: bool | None = None
     # The fused cross entropy: "triton" (based_kernels.cross_entropy, bf16 logits read once per pass; the PyTorch
     # reference for CPU logits) or Megatron's "native" (torch.compile'd, fp32 copies) / "te".
@@ -140,7 +164,7 @@ class BasedConfig(TransformerConfig):
             # with a warning; here it is the documented meaning of the field
             self.pipeline_dtype = torch.float32
         if self.cross_entropy_loss_fusion is None:
-            self.cross_entropy_loss_fusion = torch.cuda.is_available() and self.bf16
+            self.cross_entropy_loss_fusion = gpu_target() and self.bf16
         if not isinstance(self.rope_fusion, bool):
             raise ConfigError(f"rope_fusion must be true or false; got {self.rope_fusion!r}")
         if self.normalization != "RMSNorm":
@@ -154,8 +178,9 @@ class BasedConfig(TransformerConfig):
         if self.cuda_graph_impl == "local" and self.recompute_granularity == "full":
             raise ConfigError("cuda_graph_impl: local and full activation recompute do not mix (Megatron's per-layer "
                               "graphs refuse it): drop one of them")
-        if self.cuda_graph_impl == "local" and not torch.cuda.is_available():
-            raise ConfigError("cuda_graph_impl: local needs a GPU; set it to none on CPU")
+        if self.cuda_graph_impl == "local" and not gpu_target():
+            raise ConfigError("cuda_graph_impl: local needs a GPU; set it to none on CPU (planning a GPU job from a "
+                              "machine without GPUs: --gpu on the dry run)")
         if self.cross_entropy_fusion_impl not in ("triton", "native", "te"):
             raise ConfigError(f"cross_entropy_fusion_impl must be 'triton', 'native' or 'te'; got "
                               f"{self.cross_entropy_fusion_impl!r}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..model.config import ConfigError, ModelSpec, check_scalar, model_spec_from_dict, read_yaml_file
+from ..model.config import ConfigError, ModelSpec, check_scalar, gpu_target, model_spec_from_dict, read_yaml_file
 from .checkpointing import CheckpointError, check_sizes, resolve
 from .data import DataError, check_split_sizes, load_tokenizer
 
@@ -106,7 +106,7 @@ class RunConfig:
     def model_spec(self) -> ModelSpec:
         """The model section as a validated :class:`ModelSpec`, with the parallel and precision settings."""
         p, t = self.parallel, self.train
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and gpu_target())
         recompute = {}
         if t.recompute_granularity == "full":
             recompute = dict(recompute_granularity="full", recompute_method=t.recompute_method,
@@ -253,8 +253,9 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"train.load (--load): {e}; give a checkpoint directory, a save directory, latest or "
                               "auto") from None
     if t.precision == "bf16":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.precision=bf16 needs a GPU here; use auto or fp32 on CPU")
+        if not gpu_target():
+            raise ConfigError("train.precision=bf16 needs a GPU here; use auto or fp32 on CPU (planning a GPU job "
+                              "from a machine without GPUs: --gpu on the dry run)")
     if not d.path:
         raise ConfigError("data.path is missing: give the prefix(es) written by megatron-based-preprocess")
     for prefix in d.path:

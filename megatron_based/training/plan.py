@@ -10,6 +10,7 @@ optimizer state and activations) against ``--gpu-memory-gib``. Each rejection na
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ if __name__ == "__main__":  # the launchers' dry run: hide the known third-party
 
     quiet_known_warnings("--verbose" in sys.argv)
 
-from ..model.config import ConfigError, padded_vocab_size
+from ..model.config import ConfigError, padded_vocab_size, planning_for
 from ..model.mixers.registry import get_mixer
 from .config import RunConfig, load_config
 from .deepspeed_engine import validate
@@ -198,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--save", help="as for megatron-based-train (= train.save)")
     ap.add_argument("--gpu-memory-gib", type=float, default=None,
                     help="reject plans whose memory estimate exceeds this (default: this machine's GPU, if any)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="plan for GPU nodes from a machine without GPUs (a login node; launch/submit.sh passes it): "
+                         "train.precision auto means bf16 and GPU-only settings are accepted")
     return ap
 
 
@@ -213,14 +217,17 @@ def main(argv: list[str] | None = None) -> int:
 
         if torch.cuda.is_available():
             memory = torch.cuda.get_device_properties(0).total_memory / GIB
-    try:
-        overrides = list(args.overrides) + [f"train.{k}={v}" for k in ("load", "save") if (v := getattr(args, k))]
-        cfg = load_config(args.config, overrides, world_size=args.nnodes * args.nproc_per_node)
-        plan = make_plan(cfg, gpus_per_node=args.nproc_per_node, gpu_memory_gib=memory)
-    except ConfigError as err:
-        print(f"invalid launch plan: {err}", file=sys.stderr)
-        return 2
-    render(plan)
+    with planning_for(gpu=True) if args.gpu else contextlib.nullcontext():
+        try:
+            overrides = list(args.overrides) + [f"train.{k}={v}" for k in ("load", "save") if (v := getattr(args, k))]
+            cfg = load_config(args.config, overrides, world_size=args.nnodes * args.nproc_per_node)
+            plan = make_plan(cfg, gpus_per_node=args.nproc_per_node, gpu_memory_gib=memory)
+        except ConfigError as err:
+            print(f"invalid launch plan: {err}", file=sys.stderr)
+            return 2
+        if args.gpu and memory is None:
+            plan.notes.append("GPU memory not checked (no GPU here): pass --gpu-memory-gib, e.g. 80")
+        render(plan)
     return 0
 
 

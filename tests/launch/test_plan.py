@@ -125,3 +125,25 @@ def test_module_dry_run_says_one_line(config):
         out.stderr
     loud = subprocess.run(cmd + ["--verbose"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert loud.returncode == 2 and "Apex" in loud.stderr, loud.stderr
+
+
+def test_gpu_flag_plans_a_gpu_job_from_a_machine_without_gpus(config, capsys):
+    """A login node (no GPU) checking a GPU job (launch/submit.sh passes --gpu): GPU-only settings are refused
+    without the flag, naming it, and accepted with it; precision auto plans bf16; the memory note; afterwards
+    configs resolve for this machine again."""
+    import torch
+
+    from megatron_based.model.config import gpu_target
+
+    if torch.cuda.is_available():
+        pytest.skip("a machine without GPUs is what this checks")
+    for override in ("train.precision=bf16", "model.cuda_graph_impl=local"):
+        assert main([str(config), override]) == 2
+        assert "--gpu on the dry run" in capsys.readouterr().err
+        assert main([str(config), override, "--gpu"]) == 0
+        out = capsys.readouterr().out
+        assert "bf16" in out and "GPU memory not checked (no GPU here): pass --gpu-memory-gib" in out, out
+    assert main([str(config), "--gpu"]) == 0
+    assert "bf16" in capsys.readouterr().out  # precision auto on GPU nodes
+    assert main([str(config)]) == 0
+    assert "fp32" in capsys.readouterr().out and gpu_target() is False
