@@ -49,10 +49,10 @@ def one_format(args) -> dict:
     from megatron_based.training.optimizer import build_optimizer
     from megatron_based.training.config import DataConfig, ParallelConfig, RunConfig, TrainConfig
 
-    import yaml
-
     cuda = torch.cuda.is_available()
-    model_section = {**yaml.safe_load(Path(args.config).read_text())["model"], "seq_length": args.seq}
+    from megatron_based.model.config import read_model_section
+
+    model_section = {**read_model_section(args.config), "seq_length": args.seq}
     cfg = RunConfig(model=model_section, parallel=ParallelConfig(), data=DataConfig(),
                     train=TrainConfig(micro_batch_size=1, global_batch_size=1, lr_warmup_steps=0, train_steps=10),
                     world_size=int(os.environ.get("WORLD_SIZE", 1)))

@@ -42,7 +42,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import yaml
 
 
 CUDA = torch.cuda.is_available()
@@ -327,8 +326,12 @@ def main(argv=None) -> int:
     from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(1)
-    with open(args.config) as fh:
-        section = yaml.safe_load(fh)["model"]
+    from megatron_based.model.config import ConfigError, read_model_section
+
+    try:
+        section = read_model_section(args.config)
+    except (ConfigError, OSError) as e:
+        p.error(str(e))
     t_start = time.perf_counter()
     results = []
     if args.cuda_graph_only and (args.no_cuda_graph or not CUDA):

@@ -39,7 +39,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -48,8 +47,9 @@ CUDA = torch.cuda.is_available()
 def model_section(config: str = "based-360m", layers: int | None = None, pattern: str | None = None) -> dict:
     """The YAML ``model:`` section, optionally with only the first ``layers`` symbols of its pattern or another
     pattern (e.g. "A" x n: the same-size GPT)."""
-    with open(ROOT / "configs" / f"{config}.yaml") as fh:
-        section = dict(yaml.safe_load(fh)["model"])
+    from megatron_based.model.config import read_model_section
+
+    section = dict(read_model_section(ROOT / "configs" / f"{config}.yaml"))
     if pattern is not None:
         section["layer_pattern"] = pattern
     if layers is not None:

@@ -26,12 +26,11 @@ from collections import defaultdict
 from datetime import date
 
 import torch
-import yaml
 from torch.autograd.profiler import record_function
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from megatron_based.model.config import model_spec_from_dict
+from megatron_based.model.config import model_spec_from_dict, read_model_section
 from megatron_based.model.flops import model_flops_per_token
 from megatron_based.model import build_model
 from megatron_based.runtime.parallel import initialize_parallel
@@ -59,8 +58,7 @@ def model_section(name: str) -> dict:
     path = os.path.join(ROOT, "configs", f"{name}.yaml")
     if not os.path.exists(path):
         raise SystemExit(f"unknown model {name!r}: not a baseline ({', '.join(BASELINES)}) nor configs/{name}.yaml")
-    with open(path) as fh:
-        return yaml.safe_load(fh)["model"]
+    return read_model_section(path)
 
 
 def build(name: str, seq: int, args, device, recompute: bool):
