@@ -47,6 +47,11 @@ def load_model(config_path: str | None, checkpoint: str | None, *, tensor_model_
         overrides = dict(params_dtype=DTYPES[dtype], bf16=dtype == "bf16", fp16=dtype == "fp16", **overrides)
     spec = model_spec_from_dict(section, tensor_model_parallel_size=tensor_model_parallel_size,
                                 use_cpu_initialization=not torch.cuda.is_available(), **overrides)
+    if config_path and checkpoint and Path(checkpoint).is_dir() and not rank_file(Path(checkpoint), 0).is_file():
+        # a training checkpoint with a config given: another architecture is named before the model is built
+        resolved = checkpointing.resolve(checkpoint, None)
+        if resolved is not None:
+            checkpointing.check_architecture(resolved, spec)
     model = build_model(spec.config, vocab_size=spec.vocab_size, max_sequence_length=spec.seq_length,
                         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
     if torch.cuda.is_available():

@@ -591,6 +591,41 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
     return dict(loaded.get("state", {}))
 
 
+# The model keys that fix parameter shapes (a checkpoint of another value cannot load), as BasedConfig resolves them;
+# seq_length, swa_window, rope_base and the other keys may change between a save and a resume.
+SHAPE_KEYS = ("layer_pattern", "hidden_size", "num_attention_heads", "ffn_hidden_size", "feature_dim",
+              "linear_attention_heads", "num_query_groups", "kv_channels", "conv_kernel_size", "long_conv_length",
+              "gated_linear_unit", "add_bias_linear")
+
+
+def check_architecture(path: Path, spec) -> None:
+    """A :class:`CheckpointError` naming the first model key whose value differs between the checkpoint's run
+    config and ``spec`` (a ``ModelSpec``) in a way that changes parameter shapes, and the file to take the model
+    section from. Reads one small YAML file: the check before the model is built (a mismatch otherwise surfaces
+    as a shape error inside the checkpoint load, after the process groups, the model and the optimizer)."""
+    from ..model.config import ConfigError, model_spec_from_dict
+
+    f = Path(path) / RUN_CONFIG
+    section = (saved_run_config(path) or {}).get("model")
+    try:
+        saved = model_spec_from_dict(section or {})
+    except ConfigError as e:
+        raise CheckpointError(f"{f}: its model section does not build ({e})") from None
+    for key in ("vocab_size", "make_vocab_size_divisible_by"):
+        if getattr(saved, key) != getattr(spec, key):
+            raise CheckpointError(f"checkpoint {path} was saved with model.{key}={getattr(saved, key)!r}, this "
+                                  f"config has {getattr(spec, key)!r}: use the model section it was saved with ({f})")
+    for key in SHAPE_KEYS:
+        theirs, ours = getattr(saved.config, key), getattr(spec.config, key)
+        if key == "long_conv_length":  # 0: the sequence length (build_model)
+            theirs, ours = theirs or saved.seq_length, ours or spec.seq_length
+            if "H" not in spec.config.layer_pattern:
+                continue
+        if theirs != ours:
+            raise CheckpointError(f"checkpoint {path} was saved with model.{key}={theirs!r}, this config has "
+                                  f"{ours!r}: use the model section it was saved with ({f})")
+
+
 def saved_run_config(path: Path) -> dict:
     """The run configuration a checkpoint was trained with (model / parallel / train / data sections)."""
     f = Path(path) / RUN_CONFIG

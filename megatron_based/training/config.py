@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ..model.config import ConfigError, ModelSpec, check_scalar, gpu_target, model_spec_from_dict, read_yaml_file
-from .checkpointing import CheckpointError, check_sizes, resolve
+from .checkpointing import CheckpointError, check_architecture, check_sizes, resolve
 from .data import DataError, check_split_sizes, load_tokenizer
 
 
@@ -285,6 +285,11 @@ def validate(cfg: RunConfig) -> None:
     if spec.seq_length % p.context_parallel_size:
         raise ConfigError(f"model.seq_length ({spec.seq_length}) must be divisible by "
                           f"parallel.context_parallel_size ({p.context_parallel_size})")
+    if t.load not in (None, "latest", "auto") and t.engine == "megatron":  # (latest / auto: when training starts)
+        try:
+            check_architecture(resolve(t.load, t.save), spec)
+        except CheckpointError as e:
+            raise ConfigError(f"train.load (--load): {e}") from None
     try:
         vocab = load_tokenizer(d.tokenizer_model).vocab_size
     except DataError as e:

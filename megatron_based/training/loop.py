@@ -77,6 +77,8 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     lock = checkpointing.lock_save_dir(t.save) if t.save else None  # held until train returns or the process ends
     resume = checkpointing.resolve(t.load, t.save) if t.load else None  # None for train.load=auto on a fresh save
+    if resume is not None:  # a checkpoint of another architecture: named before the model is built
+        checkpointing.check_architecture(resume, spec)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
 

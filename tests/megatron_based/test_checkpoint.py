@@ -397,3 +397,45 @@ def test_the_save_dir_lock_names_its_holder_and_dies_with_it(tmp_path):
     assert child.exitcode == -signal.SIGKILL
     assert (tmp_path / "ckpt" / ".lock").read_text().startswith(f"pid {child.pid} on ")
     checkpointing.lock_save_dir(tmp_path / "ckpt").close()
+
+
+def test_another_architecture_is_named_before_the_model_is_built(tp2_run, tmp_path, corpus):  # noqa: F811
+    """--load of a checkpoint whose model has other parameter shapes: the config check names the first differing
+    key and the run config to take (explicit path, at load_config); train.load=latest does the same check when
+    training starts, before the model is built. Keys that change no shape (seq_length, swa_window) pass."""
+    from megatron_based.model.config import ConfigError
+
+    from .test_train import tiny_config as config
+
+    ckpt = tp2_run[0] / "step_00000002"
+    tp2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+    for override, saved, ours in (("model.hidden_size=96", 64, 96), ("model.layer_pattern=CLSS", "'CLSC'", "'CLSS'"),
+                                  ("model.feature_dim=8", 4, 8), ("model.vocab_size=1024", 512, 1024)):
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError) as err:
+            config(tmp_path / key, corpus, [override, f"train.load={ckpt}"], world_size=2)
+        assert str(err.value) == (f"train.load (--load): checkpoint {ckpt} was saved with {key}={saved}, this config "
+                                  f"has {ours}: use the model section it was saved with ({ckpt}/run_config.yaml)")
+    for override in ("model.seq_length=32", "model.swa_window=8"):
+        config(tmp_path / "ok", corpus, [*tp2, override, f"train.load={ckpt}"], world_size=2)
+    # what the training loop calls for latest / auto, once resolved
+    spec = config(tmp_path / "latest", corpus, ["model.num_attention_heads=8"], world_size=1).model_spec()
+    with pytest.raises(CheckpointError, match=r"was saved with model.num_attention_heads=4, this config has 8"):
+        checkpointing.check_architecture(checkpointing.resolve("latest", str(tp2_run[0])), spec)
+
+
+def test_inference_with_a_config_of_another_architecture_names_the_key(tp2_run, tmp_path):
+    """load_model (generate / eval / convert) with a config and a training checkpoint of other shapes: the key,
+    before the model is built."""
+    import yaml
+
+    from megatron_based.inference.loader import load_model
+
+    from .test_train import TINY
+
+    ckpt = tp2_run[0] / "step_00000002"
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump({"model": {**TINY["model"], "hidden_size": 96}}))
+    with pytest.raises(CheckpointError, match=r"was saved with model.hidden_size=64, this config has 96: use the "
+                                              r"model section it was saved with"):
+        load_model(str(path), str(ckpt))
