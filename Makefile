@@ -7,7 +7,7 @@ PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.1
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-gpu demo clean launch-deps wheels
+.PHONY: venv test test-gpu demo clean launch-deps wheels megatron-lm
 
 # The launcher tests (tests/launch) run real mpirun and a real single-node slurm cluster: Debian packages, installed
 # here when missing and apt-get is usable (root); without them those tests skip and say why.
@@ -47,6 +47,14 @@ test-gpu: $(STAMP)
 WHEELS := $(shell grep -o 'megatron-core==[0-9.]*' pyproject.toml) fla-core==0.6.0 einops==0.8.2
 wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl $(WHEELS)
+
+# Megatron-LM's pretrain_gpt.py and the two files it imports beside it, at the tag paired with megatron-core 0.19,
+# into .megatron-lm/ (benchmarks/run_megatron_lm_gpu.sh runs it; the megatron package is the installed wheel's)
+MEGATRON_LM_TAG := core_v0.19.0
+megatron-lm:
+	rm -rf .megatron-lm.tmp && git clone -q --depth 1 --branch $(MEGATRON_LM_TAG) https://github.com/NVIDIA/Megatron-LM.git .megatron-lm.tmp
+	mkdir -p .megatron-lm && cp .megatron-lm.tmp/pretrain_gpt.py .megatron-lm.tmp/gpt_builders.py .megatron-lm.tmp/model_provider.py .megatron-lm/
+	rm -rf .megatron-lm.tmp
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m megatron_based.tasks.demo
