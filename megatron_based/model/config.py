@@ -141,8 +141,8 @@ class BasedConfig(TransformerConfig):
     # machines; plain ops on CPU ones (no compiler needed there). The unfused SwiGLU and fp32 cross entropy were
     # ~18% of based-360m's training step on an H100 (benchmarks/train_throughput.py --profile). The fused cross
     # entropy returns its logits gradient in bf16, so by default it is on for bf16 runs only (None: decided here).
-    bias_activation_fusion: bool = dataclasses.field(default_factory=lambda: gpu_target())
-    bias_dropout_fusion: bool = dataclasses.field(default_factory=lambda: gpu_target())
+    bias_activation_fusion: bool = dataclasses.field(default_factory=gpu_target)
+    bias_dropout_fusion: bool = dataclasses.field(default_factory=gpu_target)
     cross_entropy_loss_fusion: bool | None = None
     # The fused cross entropy: "triton" (based_kernels.cross_entropy, bf16 logits read once per pass; the PyTorch
     # reference for CPU logits) or Megatron's "native" (torch.compile'd, fp32 copies) / "te".

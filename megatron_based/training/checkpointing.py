@@ -611,16 +611,12 @@ def check_architecture(path: Path, spec) -> None:
         saved = model_spec_from_dict(section or {})
     except ConfigError as e:
         raise CheckpointError(f"{f}: its model section does not build ({e})") from None
-    for key in ("vocab_size", "make_vocab_size_divisible_by"):
-        if getattr(saved, key) != getattr(spec, key):
-            raise CheckpointError(f"checkpoint {path} was saved with model.{key}={getattr(saved, key)!r}, this "
-                                  f"config has {getattr(spec, key)!r}: use the model section it was saved with ({f})")
-    for key in SHAPE_KEYS:
-        theirs, ours = getattr(saved.config, key), getattr(spec.config, key)
+    pairs = [(key, getattr(saved, key), getattr(spec, key)) for key in ("vocab_size", "make_vocab_size_divisible_by")]
+    pairs += [(key, getattr(saved.config, key), getattr(spec.config, key)) for key in SHAPE_KEYS
+              if key != "long_conv_length" or "H" in spec.config.layer_pattern]
+    for key, theirs, ours in pairs:
         if key == "long_conv_length":  # 0: the sequence length (build_model)
             theirs, ours = theirs or saved.seq_length, ours or spec.seq_length
-            if "H" not in spec.config.layer_pattern:
-                continue
         if theirs != ours:
             raise CheckpointError(f"checkpoint {path} was saved with model.{key}={theirs!r}, this config has "
                                   f"{ours!r}: use the model section it was saved with ({f})")

@@ -244,11 +244,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.save_interval is set but train.save (the checkpoint directory) is not")
     if t.load in ("latest", "auto") and not t.save:
         raise ConfigError(f"train.load={t.load} resumes from train.save, which is not set")
-    if t.load not in (None, "latest", "auto"):  # latest / auto are resolved when training starts (a save may land)
+    load_path = None  # an explicit train.load; latest / auto are resolved when training starts (a save may land)
+    if t.load not in (None, "latest", "auto"):
         try:
-            path = resolve(t.load, t.save)
+            load_path = resolve(t.load, t.save)
             if t.engine == "megatron":  # (DeepSpeed writes its own layout)
-                check_sizes(path)  # an empty, partial or truncated checkpoint, before anything starts
+                check_sizes(load_path)  # an empty, partial or truncated checkpoint, before anything starts
         except CheckpointError as e:
             raise ConfigError(f"train.load (--load): {e}; give a checkpoint directory, a save directory, latest or "
                               "auto") from None
@@ -285,9 +286,9 @@ def validate(cfg: RunConfig) -> None:
     if spec.seq_length % p.context_parallel_size:
         raise ConfigError(f"model.seq_length ({spec.seq_length}) must be divisible by "
                           f"parallel.context_parallel_size ({p.context_parallel_size})")
-    if t.load not in (None, "latest", "auto") and t.engine == "megatron":  # (latest / auto: when training starts)
+    if load_path is not None and t.engine == "megatron":
         try:
-            check_architecture(resolve(t.load, t.save), spec)
+            check_architecture(load_path, spec)
         except CheckpointError as e:
             raise ConfigError(f"train.load (--load): {e}") from None
     try:
