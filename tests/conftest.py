@@ -22,8 +22,28 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "multigpu" in item.keywords and n < 2:
                 item.add_marker(skip)
+        # the end-to-end jobs' tests last: their jobs start with the session (gpu_jobs) and run beside the others
+        items.sort(key=lambda item: "gpu_jobs" in getattr(item, "fixturenames", ()))
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords or "multigpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gpu_jobs(request, tmp_path_factory):
+    """{test name: future} of the selected GPU end-to-end jobs (tests/megatron_based/test_entry_points.py's
+    start_gpu_jobs: training kill / resume, generate, eval, ``make demo``; each a chain of fresh processes)."""
+    from tests.megatron_based.test_entry_points import start_gpu_jobs
+
+    with start_gpu_jobs(request.session.items, tmp_path_factory) as futures:
+        yield futures
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_gpu_jobs_first(request):
+    """On a GPU the end-to-end jobs start before the first test and run beside the in-process tests (their own
+    tests come last, pytest_collection_modifyitems): the GPU suite takes about as long as its in-process tests."""
+    if torch.cuda.is_available() and any("gpu_jobs" in getattr(i, "fixturenames", ()) for i in request.session.items):
+        request.getfixturevalue("gpu_jobs")

@@ -12,6 +12,7 @@ the checkpoint it wrote, and the demo.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,15 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "megatron_based" / "tasks" / "demo_data" / "kjv.txt"
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+STARTED: list[subprocess.Popen] = []  # every process started here: the GPU jobs' teardown kills those still alive
+
+
+def popen(cmd, **kw) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, **kw)
+    STARTED.append(proc)
+    return proc
 
 
 def tool(name: str) -> list[str]:
@@ -61,10 +72,13 @@ def env(autotune: bool = True) -> dict:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
+    return make_corpus(tmp_path_factory.mktemp("entry_corpus"))
+
+
+def make_corpus(root: Path) -> dict:
     """The shipped corpus (a 60 KB slice on CPU) with its own 1024-piece tokenizer."""
     from megatron_based.training.data import preprocess
 
-    root = tmp_path_factory.mktemp("entry_corpus")
     text = root / "kjv.txt"
     data = CORPUS.read_bytes()
     text.write_bytes(data if GPUS else data[:60_000])
@@ -122,8 +136,7 @@ def start_train(setup: Setup, corpus: dict, root: Path, metrics: Path, *extra: s
     log = (root / f"{metrics.stem}.log").open("w")
     cmd = [*torchrun(nproc or setup.nproc, "megatron-based-train"), str(REPO / setup.config),
            *run_overrides(setup, corpus, root, metrics, save), *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env(setup.autotune), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return popen(cmd, env=env(setup.autotune), stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(proc, root: Path, metrics: Path, timeout: float) -> None:
@@ -134,7 +147,8 @@ def finish(proc, root: Path, metrics: Path, timeout: float) -> None:
         kill_all(proc)
         code = "timeout"
     log = (root / f"{metrics.stem}.log").read_text()
-    print(f"{root.name}/{metrics.stem}: exit {code} after {time.time() - start:.0f} s", flush=True)  # with -s
+    print(f"{root.parent.name}/{root.name}/{metrics.stem}: exit {code} after {time.time() - start:.0f} s",
+          flush=True)  # with -s
     assert code == 0, f"exit {code}:\n{log[-4000:]}"
 
 
@@ -212,7 +226,7 @@ def kill_and_resume(setup: Setup, corpus: dict, root: Path, alongside=None) -> t
     proc = start_train(setup, corpus, run, run / "first.jsonl")
     start = time.time()
     kill_group_after(proc, run / "first.jsonl", setup.kill_after, setup.timeout)
-    print(f"killed/first: killed after {time.time() - start:.0f} s", flush=True)
+    print(f"{root.name}/killed/first: killed after {time.time() - start:.0f} s", flush=True)
     saved = (run / "ckpt" / "latest").read_text().strip()
     resumed_from = int(saved.split("_")[1])
     first = train_steps(run / "first.jsonl")
@@ -251,7 +265,7 @@ def generate_and_eval(save: Path, corpus: dict, root: Path, losses: dict, dtype:
     started = {}
     for name, cmd in commands.items():
         with (root / f"{name}.out").open("w") as out, (root / f"{name}.err").open("w") as err:
-            started[name] = (subprocess.Popen(cmd, cwd=REPO, env=quiet, stdout=out, stderr=err), time.time())
+            started[name] = (popen(cmd, env=quiet, stdout=out, stderr=err), time.time())
 
     def check() -> None:
         output = {}
@@ -280,14 +294,74 @@ def test_cpu_train_kill_resume_generate_eval(corpus, tmp_path):
                     lambda save, rows: generate_and_eval(save, corpus, tmp_path, rows, "fp32"))
 
 
+GPU_RUNS = {"eager": False, "cuda-graphs+accumulation+validation": True}
+
+
+def make_demo(root: Path) -> None:
+    """``make demo`` exactly as the README says, on every local GPU (the full 300 steps)."""
+    start = time.time()
+    with (root / "demo.out").open("w") as out, (root / "demo.err").open("w") as err:
+        proc = popen(["make", "demo"], env={**env(), "DEMO_DIR": str(root)}, stdout=out, stderr=err)
+        try:
+            code = proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            kill_all(proc)
+            code = "timeout"
+    stdout, stderr = (root / "demo.out").read_text(), (root / "demo.err").read_text()
+    keep_log(root / "demo.log", "make demo", code, stdout, stderr, start)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert f"on {GPUS} processes" in stdout and "[4/4] greedy sample" in stdout, stdout[-3000:]
+    valid = [line for line in stdout.splitlines() if line.startswith("validation at step 300")]
+    assert valid and float(valid[0].split("loss ")[1].split(",")[0]) < 4.5, stdout[-3000:]
+
+
+@contextlib.contextmanager
+def start_gpu_jobs(items, tmp_path_factory):
+    """The GPU end-to-end jobs of the selected ``items``, started at once in threads: the eager and the CUDA-graphed
+    kill / resume runs (with generate / eval) and ``make demo``; yields {test name: future}. tests/conftest.py
+    starts them with the session (fixture ``gpu_jobs``) and runs their tests last, so they run beside the
+    in-process GPU tests. Each job is a chain of fresh processes that spend most of their time importing (17 s
+    each on the H200 machine), compiling and writing checkpoints; one after the other they were half of the suite's
+    time. Sharing the GPU changes no result a test compares: the in-process tests do not tune, the resumed runs read
+    their kernel configs from the killed runs' autotuning cache (TRITON_CACHE_AUTOTUNING), and the CUDA-graphed run
+    and generate / eval do not tune. On leaving (the session's end, or an interrupt) every process still running is
+    killed."""
+    names = {item.name for item in items}
+    jobs = {}
+    corpus = None
+    for label, graphs in GPU_RUNS.items():
+        if f"test_gpu_train_kill_resume_generate_eval[{label}]" not in names:
+            continue
+        corpus = corpus or make_corpus(tmp_path_factory.mktemp("entry_corpus"))
+        root = tmp_path_factory.mktemp(f"gpu_{'graphs' if graphs else 'eager'}")
+        # generate and eval (once is enough: they read only the weights) on the CUDA-graphed run's checkpoint,
+        # beside its resumed run: its kernels do not tune, so the GPU they share cannot change its configs
+        alongside = ((lambda save, rows, root=root, corpus=corpus: generate_and_eval(save, corpus, root, rows,
+                                                                                      "bf16")) if graphs else None)
+        jobs[f"test_gpu_train_kill_resume_generate_eval[{label}]"] = (
+            lambda graphs=graphs, root=root, alongside=alongside, corpus=corpus:
+            kill_and_resume(gpu_setup(graphs), corpus, root, alongside))
+    if "test_make_demo_as_written" in names and shutil.which("make"):
+        demo_root = tmp_path_factory.mktemp("demo")
+        jobs["test_make_demo_as_written"] = lambda: make_demo(demo_root)
+    pool = ThreadPoolExecutor(max(1, len(jobs)))
+    futures = {name: pool.submit(job) for name, job in jobs.items()}
+    try:
+        yield futures
+    finally:
+        for proc in STARTED:
+            if proc.poll() is None:
+                kill_all(proc)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs+accumulation+validation"])
-def test_gpu_train_kill_resume_generate_eval(corpus, tmp_path, graphs):
-    """generate and eval (once is enough: they read only the weights) run on the CUDA-graphed run's checkpoint,
-    beside its resumed run: its kernels do not autotune, so the GPU they share cannot change which configs, and so
-    which rounding, the resumed steps get (the eager run's tuning could pick another config under a shared GPU)."""
-    alongside = (lambda save, rows: generate_and_eval(save, corpus, tmp_path, rows, "bf16")) if graphs else None
-    kill_and_resume(gpu_setup(graphs), corpus, tmp_path, alongside)
+@pytest.mark.parametrize("run", list(GPU_RUNS))
+def test_gpu_train_kill_resume_generate_eval(gpu_jobs, request, run):
+    """The kill / resume of ``kill_and_resume`` at based-360m size, eager (default optimizer format, kernels
+    tuned as in users' runs) and with CUDA graphs + accumulation + validation (dp_reshardable, each kernel's first
+    config; generate and eval on its checkpoint beside its resumed run). Runs in ``start_gpu_jobs``."""
+    gpu_jobs[request.node.name].result()
 
 
 @pytest.mark.launch
@@ -302,18 +376,12 @@ def test_demo_trains_saves_and_samples(tmp_path):
 
 
 @pytest.mark.gpu
-def test_make_demo_as_written(tmp_path):
-    """``make demo`` exactly as the README says, on every local GPU (the full 300 steps)."""
+def test_make_demo_as_written(gpu_jobs, request):
+    """``make demo`` exactly as the README says, on every local GPU (the full 300 steps); runs in
+    ``start_gpu_jobs``."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    start = time.time()
-    out = subprocess.run(["make", "demo"], cwd=REPO, env={**env(), "DEMO_DIR": str(tmp_path)}, capture_output=True,
-                         text=True, timeout=600)
-    keep_log(tmp_path / "demo.log", "make demo", out.returncode, out.stdout, out.stderr, start)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert f"on {GPUS} processes" in out.stdout and "[4/4] greedy sample" in out.stdout, out.stdout[-3000:]
-    valid = [line for line in out.stdout.splitlines() if line.startswith("validation at step 300")]
-    assert valid and float(valid[0].split("loss ")[1].split(",")[0]) < 4.5, out.stdout[-3000:]
+    gpu_jobs[request.node.name].result()
 
 
 LAYOUTS = {"tp2-sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
