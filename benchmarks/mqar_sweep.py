@@ -106,6 +106,8 @@ def command(cell: dict, lr: float, settings: dict, json_path: Path, tf32: bool =
            "--weight-decay", str(s["weight_decay"]), "--early-stop", str(s["early_stop"]), "--json", str(json_path)]
     if cell["f"]:
         cmd += ["--feature-dim", str(cell["f"])]
+    if s.get("embed_dropout"):
+        cmd += ["--embed-dropout", str(s["embed_dropout"])]
     return cmd + (["--tf32"] if tf32 else [])
 
 
@@ -141,7 +143,9 @@ def markdown(rows: list[dict], data: dict, settings: dict) -> str:
              f"*Written by `benchmarks/mqar_sweep.py` from `benchmarks/results/mqar.json`; do not edit by hand.* "
              f"Vocabulary {s['vocab_size']}, {s['seq_len']} tokens, {s['num_kv_pairs']} key-value pairs, "
              f"{s['num_train']:,} training / {s['num_test']:,} test sequences, batch {s['batch_size']}, up to "
-             f"{s['epochs']} epochs (early stop > {s['early_stop']}); accuracy on the test set after the last epoch, "
+             f"{s['epochs']} epochs (early stop > {s['early_stop']})"
+             + (f", embedding dropout {s['embed_dropout']:g}" if s.get("embed_dropout") else "")
+             + "; accuracy on the test set after the last epoch, "
              "best learning rate of the cell. State: numbers per sequence (decode caches at T "
              f"{s['seq_len']}).", ""]
     meta = data.get("meta", {})
@@ -293,6 +297,9 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, help="runs at a time [6 per GPU, 2 without]")
     p.add_argument("--no-tf32", action="store_true", help="IEEE fp32 matmuls, as Zoology (default: TF32, "
                                                           "megatron-based-mqar train --tf32: ~3-4x less GPU time)")
+    p.add_argument("--embed-dropout", type=float, default=0.0,
+                   help="dropout on the token embeddings (Zoology's embed_dropout, 0.1 there; default 0: none). "
+                        "A setting of the grid: a JSON holds runs of one value (use another --json)")
     p.add_argument("--time-limit", type=float,
                    help="seconds: stop (unfinished runs recorded as cut) and write the outputs")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON (and start it afresh "
@@ -307,6 +314,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     settings = dict(SMOKE if args.smoke else FULL)
+    if args.embed_dropout:
+        settings["embed_dropout"] = args.embed_dropout
     lrs = [3e-3] if args.smoke else [float(x) for x in args.lrs.split(",")]
     out = Path(args.out_dir) if args.out_dir else (Path(tempfile.mkdtemp(prefix="mqar-smoke-")) if args.smoke
                                                    else None)

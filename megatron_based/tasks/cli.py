@@ -38,6 +38,9 @@ def mqar_parser() -> argparse.ArgumentParser:
     model.add_argument("--num-heads", type=int, default=1, help="heads of the L, A and S layers")
     model.add_argument("--swa-window", type=int, default=16, help="S layers' window")
     model.add_argument("--mlp", action="store_true", help="add a SwiGLU MLP to every layer (published: none)")
+    model.add_argument("--embed-dropout", type=float, default=0.0,
+                       help="dropout on the token embeddings in training (Zoology's embed_dropout; its default 0.1); "
+                            "no other dropout")
     opt = p.add_argument_group("training (train)")
     opt.add_argument("--epochs", type=int, default=64, help="passes over the training set")
     opt.add_argument("--early-stop", type=float, default=0.99,

@@ -364,13 +364,20 @@ def mqar_state_size(pattern: str, *, hidden_size: int, feature_dim: int = 16, nu
 
 
 def build_mqar_model(pattern: str, *, hidden_size: int, num_heads: int = 4, feature_dim: int = 8,
-                     swa_window: int = 16, vocab_size: int = 64, seq_len: int = 64, mlp: bool = True, **overrides):
+                     swa_window: int = 16, vocab_size: int = 64, seq_len: int = 64, mlp: bool = True,
+                     embed_dropout: float = 0.0, **overrides):
     """A small BASED (or single-mixer) model for MQAR on this machine's device; ``mlp=False``: layers without MLPs
-    (the published MQAR models)."""
+    (the published MQAR models). ``embed_dropout``: dropout on the token embeddings only, in training (Zoology's
+    ``embed_dropout``, 0.1 by default there; its ``resid_dropout`` is 0, as every other dropout here): Megatron's
+    embedding dropout module gets this rate while ``hidden_dropout`` (which it otherwise shares with the layers'
+    residual dropout) stays 0."""
+    if not 0.0 <= embed_dropout < 1.0:
+        raise ValueError(f"embed_dropout must be in [0, 1); got {embed_dropout}")
     config = BasedConfig(layer_pattern=pattern, hidden_size=hidden_size, num_attention_heads=num_heads,
                          feature_dim=feature_dim, swa_window=swa_window,
                          use_cpu_initialization=not torch.cuda.is_available(), **overrides)
     model = build_model(config, vocab_size=vocab_size, max_sequence_length=seq_len, mlp=mlp)
+    model.embedding.embedding_dropout.p = embed_dropout
     return model.cuda() if torch.cuda.is_available() else model
 
 
@@ -450,7 +457,7 @@ def _train(args) -> tuple:
                                  vocab_size=task.vocab_size, seq_len=task.seq_len, mlp=args.mlp)
     model = build_mqar_model(pattern, hidden_size=args.hidden_size, num_heads=args.num_heads,
                              feature_dim=args.feature_dim, swa_window=args.swa_window, vocab_size=task.vocab_size,
-                             seq_len=task.seq_len, mlp=args.mlp)
+                             seq_len=task.seq_len, mlp=args.mlp, embed_dropout=args.embed_dropout)
     t0 = time.perf_counter()
     train, test = mqar_dataset(task, args.num_train, args.num_examples, args.seed)
     params = sum(p.numel() for p in model.parameters())
@@ -460,7 +467,8 @@ def _train(args) -> tuple:
           f"{'with' if args.mlp else 'no'} MLP, {params:,} parameters) on {device}; {args.num_train:,} training / "
           f"{args.num_examples:,} test sequences of {task.seq_len} tokens, {task.num_kv_pairs} pairs, vocabulary "
           f"{task.vocab_size} (data {time.perf_counter() - t0:.1f} s); lr {args.lr:g}, batch {args.batch_size}, "
-          f"up to {args.epochs} epochs", flush=True)
+          f"up to {args.epochs} epochs" + (f", embedding dropout {args.embed_dropout:g}" if args.embed_dropout else ""),
+          flush=True)
     history = train_mqar(model, train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, early_stop=args.early_stop, seed=args.seed,
                          log=lambda line: print(line, flush=True), cuda_graph=None if args.cuda_graph else False)
@@ -471,6 +479,7 @@ def _train(args) -> tuple:
     result = {"model": args.model if not args.pattern else pattern, **section, "lr": args.lr,
               "task": asdict(task), "num_train": args.num_train, "num_test": args.num_examples,
               "epochs": args.epochs, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
+              "embed_dropout": args.embed_dropout,
               "early_stop": args.early_stop, "seed": args.seed, "tf32": args.tf32, "parameters": params,
               "state_size": state,
               # graphs asked for on a GPU (a failed capture says so in the log and trains eagerly)
@@ -498,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if error:
         return fail(p, error)
     if args.command == "train":
+        if not 0.0 <= args.embed_dropout < 1.0:
+            return fail(f"--embed-dropout must be in [0, 1); got {args.embed_dropout}")
         try:
             _train_task(args)  # the task's sizes, before anything is built
         except ValueError as e:

@@ -146,11 +146,10 @@ def test_tiny_based_learns_mqar_above_chance():
 GRAPH_PATTERNS = ["ZA", "ZH", "ZL"]  # the sweep's models (megatron_based.tasks.cli.MODELS)
 
 
-def _graph_worker(rank, world, patterns):
-    from megatron_based.runtime.parallel import initialize_parallel
+def _graph_runs(patterns):
+    """Each pattern's model trained twice from the same weights and data: CUDA-graphed and eager."""
     from megatron_based.tasks.mqar import MQARTask, build_mqar_model, mqar_dataset, train_mqar
 
-    initialize_parallel(1)
     task = MQARTask(vocab_size=64, seq_len=32, num_kv_pairs=4)
     train, test = mqar_dataset(task, 200, 64)  # batch 64: 3 full batches and a partial one of 8 rows per epoch
     kw = dict(hidden_size=32, num_heads=1, feature_dim=8, vocab_size=64, seq_len=32, mlp=False)
@@ -170,9 +169,12 @@ def _graph_worker(rank, world, patterns):
 
 @pytest.fixture(scope="module")
 def graph_and_eager_runs():
-    """Every pattern's graphed and eager run, in one spawned worker process (forked, it fails to initialise CUDA
-    once the test process has touched it, as the GPU suite's earlier tests and its conftest do)."""
-    return run_distributed(_graph_worker, 1, GRAPH_PATTERNS, start_method="spawn")[0]
+    """Every pattern's graphed and eager run, in this process with its own process group (a worker process would
+    spend ~17 s importing on the GPU machine; forked, it could not initialise CUDA after this process did)."""
+    from .helpers import in_process_group
+
+    with pytest.MonkeyPatch.context() as mp, in_process_group(mp):
+        return _graph_runs(GRAPH_PATTERNS)
 
 
 @pytest.mark.gpu
@@ -348,3 +350,43 @@ def test_mqar_bad_inputs_fail_in_one_line_before_training(tmp_path, capsys):
     text.write_text("not a checkpoint\n")
     with pytest.raises(ConfigError, match=f"^{text} is not a torch file of weights that torch.load"):
         load_mqar_checkpoint(str(text))
+
+
+def test_embed_dropout_drops_embeddings_only_in_training():
+    """--embed-dropout (Zoology's embed_dropout): the embedding dropout module gets the rate, the layers' residual
+    dropout stays 0 (Zoology's resid_dropout); training-mode forwards differ, eval-mode ones do not, and with rate 0
+    the model equals the default one; a rate outside [0, 1) is refused by name."""
+    from megatron_based.tasks.mqar import build_mqar_model
+
+    def run(rate):
+        kw = dict(hidden_size=32, num_heads=1, feature_dim=8, vocab_size=64, seq_len=32, mlp=False)
+        torch.manual_seed(0)
+        model = build_mqar_model("ZL", embed_dropout=rate, **kw)
+        ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+        pos = torch.arange(32).expand_as(ids)
+        assert model.embedding.embedding_dropout.p == rate
+        assert model.config.hidden_dropout == 0.0 and model.config.attention_dropout == 0.0
+        model.train()
+        a, b = model(ids, pos, None), model(ids, pos, None)
+        model.eval()
+        c, d = model(ids, pos, None), model(ids, pos, None)
+        return a, b, c, d
+
+    def worker(rank, world):
+        from megatron_based.runtime.parallel import initialize_parallel
+
+        initialize_parallel(1)
+        a, b, c, d = run(0.1)
+        assert not torch.equal(a, b) and torch.equal(c, d)
+        a0, b0, c0, _ = run(0.0)
+        assert torch.equal(a0, b0) and torch.equal(c0, c)  # same weights (seed 0): eval equals with and without
+        with pytest.raises(ValueError, match="embed_dropout must be in"):
+            build_mqar_model("ZL", hidden_size=32, num_heads=1, vocab_size=64, seq_len=32, embed_dropout=1.0)
+        return True
+
+    assert run_distributed(worker, 1) == [True]
+
+
+def test_cli_rejects_a_bad_embed_dropout(tmp_path):
+    bad = _mqar("train", "--embed-dropout", "1.5", "--epochs", "1", cwd=tmp_path)
+    assert bad.returncode == 2 and "--embed-dropout must be in [0, 1)" in bad.stderr, bad.stderr
