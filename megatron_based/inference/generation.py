@@ -106,14 +106,19 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, to
 
 
 def _add(residual: torch.Tensor, out_bias) -> torch.Tensor:
-    """Megatron's bias-dropout-add at inference: ``residual + (out + bias)``, with out and bias first cast to the
-    residual's dtype as Megatron does (an fp32 residual stream, ``fp32_residual_connection``: the bf16 mixer / MLP
-    output and bias are added in fp32, the sum stays fp32)."""
+    """Megatron's bias-dropout-add at inference: ``residual + (out + bias)``, with out and bias in the residual's
+    dtype as Megatron casts them (an fp32 residual stream, ``fp32_residual_connection``: the bf16 mixer / MLP output
+    and bias are added in fp32, the sum stays fp32). Without a bias the cast is left to torch's type promotion:
+    ``residual + out`` casts out to fp32 inside the one add kernel (bf16 -> fp32 is exact, so the sum is bit for
+    bit that of casting first), one kernel per sublayer and decode step fewer than a separate cast."""
     out, bias = out_bias
+    if bias is None:
+        if torch.promote_types(residual.dtype, out.dtype) != residual.dtype:
+            out = out.to(residual.dtype)
+        return residual + out
     if out.dtype != residual.dtype:
-        out = out.to(residual.dtype)
-        bias = None if bias is None else bias.to(residual.dtype)
-    return residual + (out if bias is None else out + bias)
+        out, bias = out.to(residual.dtype), bias.to(residual.dtype)
+    return residual + (out + bias)
 
 
 def kv_length_buckets(max_length: int, granularity: int = 256, per_octave: int = 8) -> list[int]:

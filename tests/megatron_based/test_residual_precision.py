@@ -286,3 +286,29 @@ def test_cuda_graph_decode_with_fp32_residual(monkeypatch):
         assert (got_graph - got_eager).abs().max().item() <= 1e-3 * got_eager.abs().max().item()
         report = decode_error_report(got_graph, full, ref)
         assert report["passed"], report
+
+
+@pytest.mark.parametrize("res_dtype, out_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_decode_residual_add_is_one_kernel_and_bitwise(res_dtype, out_dtype):
+    """Generator's residual add (_add, every sublayer of every prefill / decode step): without a bias, one add
+    whose type promotion casts the bf16 output to the fp32 residual inside the kernel, bit for bit the explicit
+    cast-then-add; a result in the residual's dtype; with a bias, out + bias first, in the residual's dtype."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_based.inference.generation import _add
+
+    g = torch.Generator().manual_seed(0)
+    residual = (torch.randn(3, 5, 64, generator=g) * 30).to(res_dtype)
+    out = torch.randn(3, 5, 64, generator=g).to(out_dtype)
+    bias = torch.randn(64, generator=g).to(out_dtype)
+    want = residual + out.to(res_dtype)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = _add(residual, (out, None))
+    assert got.dtype == res_dtype and torch.equal(got, want)
+    ops = [e.name for e in prof.events()  # the ops that launch work (promote_types reads two dtypes on the host)
+           if e.name.startswith("aten::") and e.cpu_parent is None and e.name != "aten::promote_types"]
+    assert ops == ["aten::add"] if torch.promote_types(res_dtype, out_dtype) == res_dtype else len(ops) == 2, ops
+    with_bias = _add(residual, (out, bias))
+    assert with_bias.dtype == res_dtype
+    assert torch.equal(with_bias, residual + (out.to(res_dtype) + bias.to(res_dtype)))
