@@ -81,7 +81,9 @@ def main():
     for name, fn, consts in [("bwd init", backward.conv_bwd_init_kernel, dict(K=K, GATE=True, HAS_BIAS=True,
                                                                                IS_VARLEN=True, BC=128)),
                              ("step", recurrent.conv_step_kernel, dict(K=K, GATE=True, HAS_STATE=True,
-                                                                      HAS_BIAS=True, BC=256))]:
+                                                                      HAS_BIAS=True, INPLACE=False, BC=256)),
+                             ("step inplace", recurrent.conv_step_kernel, dict(K=K, GATE=True, HAS_STATE=True,
+                                                                              HAS_BIAS=True, INPLACE=True, BC=256))]:
         try:
             regs, spill, smem = compile_conv(fn, args.dtype, consts, 4, 3)
             print(f"{name}: regs {regs}, spill {spill} B, smem {smem} B")

@@ -124,28 +124,73 @@ def base_conv_packed(u, weight, bias=None, *, initial_state=None, output_final_s
     return y, fin
 
 
-def base_conv_packed_step(u, weight, state, bias=None, *, backend=None):
+def _check_inplace(x, weight, state):
+    """``inplace=True``: the new state goes over ``state``, which must be a ``[B, k-1, C]`` tensor with a contiguous
+    last dim, of the dtype the step computes the state in (``promote_types(state.dtype, x.dtype)``), and whose rows
+    do not overlap (ValueError otherwise; both backends check, so a caller runs one path on either)."""
+    if state is None:
+        raise ValueError("inplace=True needs a state to update; pass zeros for the first token")
+    want = (x.shape[0], weight.shape[1] - 1, x.shape[-1])
+    if tuple(state.shape) != want:
+        raise ValueError(f"inplace=True needs state [B, k-1, C] = {want}; got {tuple(state.shape)}")
+    promoted = torch.promote_types(state.dtype, x.dtype)
+    if state.dtype != promoted:
+        raise ValueError(f"inplace=True needs the state in the dtype the step computes it in ({promoted}: the "
+                         f"promotion of the state's {state.dtype} and the input's {x.dtype}); got {state.dtype}")
+    if state.stride(-1) != 1 or not _no_overlap(state):
+        raise ValueError(f"inplace=True needs a state with a contiguous last dim whose rows do not overlap; got "
+                         f"strides {state.stride()} for shape {tuple(state.shape)}")
+
+
+def _no_overlap(t):
+    """Whether no two elements of t share memory (sufficient test: each dim's stride covers the dims inside it)."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            return False
+        span = stride * size
+    return True
+
+
+def _inplace_reference(y, new_state, state, inplace):
+    if not inplace:
+        return y, new_state
+    state.copy_(new_state)
+    return y, state
+
+
+def base_conv_packed_step(u, weight, state, bias=None, *, backend=None, inplace=False):
     """One packed decode step: u ``[B, 2C]``, bias ``[2C]`` or None, state ``[B, k-1, C]`` (None = zeros).
-    Returns ``(y [B, C], new_state)``."""
+    Returns ``(y [B, C], new_state)``. The state is left as it was, unless ``inplace=True``: then the new state is
+    written over ``state`` (which must be given, last-dim contiguous, of the promoted dtype of state and u) and
+    returned (a decode loop's cache updated with no copy kernel)."""
     _check_packed(u, weight, bias)
-    if not _use_triton(backend, u):
-        return base_conv_packed_step_reference(u, weight, state, bias)
     C = u.shape[-1] // 2
-    return conv_step_triton(u[:, :C], u[:, C:], weight, state, bias)
+    if inplace:
+        _check_inplace(u[:, :C], weight, state)
+    if not _use_triton(backend, u):
+        return _inplace_reference(*base_conv_packed_step_reference(u, weight, state, bias), state, inplace)
+    return conv_step_triton(u[:, :C], u[:, C:], weight, state, bias, inplace=inplace)
 
 
-def short_conv_step(x, weight, state, *, backend=None):
-    """One decode step: x ``[B, C]``, state ``[B, k-1, C]`` (None = zeros). Returns ``(y [B, C], new_state)``."""
+def short_conv_step(x, weight, state, *, backend=None, inplace=False):
+    """One decode step: x ``[B, C]``, state ``[B, k-1, C]`` (None = zeros). Returns ``(y [B, C], new_state)``;
+    ``inplace=True`` writes the new state over ``state`` (see :func:`base_conv_packed_step`)."""
+    if inplace:
+        _check_inplace(x, weight, state)
     if not _use_triton(backend, x):
-        return short_conv_step_reference(x, weight, state)
-    return conv_step_triton(x, None, weight, state)
+        return _inplace_reference(*short_conv_step_reference(x, weight, state), state, inplace)
+    return conv_step_triton(x, None, weight, state, inplace=inplace)
 
 
-def base_conv_step(u1, u2, weight, state, *, backend=None):
-    """One BaseConv decode step ``SiLU(conv_step(u1)) * u2``; returns ``(y [B, C], new_state [B, k-1, C])``."""
+def base_conv_step(u1, u2, weight, state, *, backend=None, inplace=False):
+    """One BaseConv decode step ``SiLU(conv_step(u1)) * u2``; returns ``(y [B, C], new_state [B, k-1, C])``;
+    ``inplace=True`` writes the new state over ``state`` (see :func:`base_conv_packed_step`)."""
+    if inplace:
+        _check_inplace(u1, weight, state)
     if not _use_triton(backend, u1):
-        return base_conv_step_reference(u1, u2, weight, state)
-    return conv_step_triton(u1, u2, weight, state)
+        return _inplace_reference(*base_conv_step_reference(u1, u2, weight, state), state, inplace)
+    return conv_step_triton(u1, u2, weight, state, inplace=inplace)
 
 
 # ------------------------------------------------------------------------------------------------ the Triton path
@@ -384,21 +429,28 @@ def conv_packed_triton(u, weight, bias, initial_state, cu_seqlens):
     return packed_fwd_op(*args) if torch.compiler.is_compiling() else PackedConvFunction.apply(*args)
 
 
-def conv_step_triton(x, g, weight, state, bias=None):
+def conv_step_triton(x, g, weight, state, bias=None, *, inplace=False):
+    """Launch the decode step kernel. ``inplace``: the new state goes over ``state`` (checked by the caller:
+    given, ``[B, k-1, C]``, last-dim contiguous, of the promoted dtype) and ``state`` is returned; the kernel
+    loads each state row before it stores over it (``recurrent.py``)."""
     B, C = x.shape
     K = weight.shape[1]
     x = lastdim_contiguous(x)
     g = lastdim_contiguous(g)
-    state = None if state is None else lastdim_contiguous(state)
-    st_dtype = x.dtype if state is None else torch.promote_types(state.dtype, x.dtype)
     y = torch.empty(B, C, dtype=x.dtype, device=x.device)
-    new_state = torch.empty(B, K - 1, C, dtype=st_dtype, device=x.device)
-    BC = 256
+    if inplace:
+        new_state = state
+    else:
+        state = None if state is None else lastdim_contiguous(state)
+        st_dtype = x.dtype if state is None else torch.promote_types(state.dtype, x.dtype)
+        new_state = torch.empty(B, K - 1, C, dtype=st_dtype, device=x.device)
+    BC = 256  # >= 32 * num_warps: no channel replicated across threads (the in-place order argument needs it)
     _step(
         lambda meta: (cdiv(C, BC), B),
         (x, x if g is None else g, weight, x if bias is None else bias, x if state is None else state, y, new_state,
          x.stride(0), 0 if g is None else g.stride(0), y.stride(0), *((0, 0) if state is None else _s2(state)),
          *_s2(new_state), *weight.stride(), C),
-        K=K, GATE=g is not None, HAS_STATE=state is not None, HAS_BIAS=bias is not None, BC=BC,
+        K=K, GATE=g is not None, HAS_STATE=state is not None, HAS_BIAS=bias is not None, INPLACE=inplace, BC=BC,
+        num_warps=4,
     )
     return y, new_state

@@ -252,6 +252,67 @@ def test_packed_chunked_state_and_decode_equal_full_forward():
     assert rel(ys[1][:, 0], y_ref) < 1e-6 and rel(st_ref, base_conv_packed_step(u[:, P], w, s1, bias)[1]) < 1e-7
 
 
+def _step_call(kind, x, w, state, bias, backend, inplace):
+    """One decode step of ``kind``: "plain" (short_conv_step), "gate" (base_conv_step), "packed" (with bias or
+    None); x is ``[B, 2C]`` (u1 | u2, the packed input)."""
+    C = x.shape[1] // 2
+    if kind == "plain":
+        return short_conv_step(x[:, :C], w, state, backend=backend, inplace=inplace)
+    if kind == "gate":
+        return base_conv_step(x[:, :C], x[:, C:], w, state, backend=backend, inplace=inplace)
+    return base_conv_packed_step(x, w, state, bias, backend=backend, inplace=inplace)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("kind, has_bias", [("plain", False), ("gate", False), ("packed", False), ("packed", True)])
+@pytest.mark.parametrize("dtype, st_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)])
+def test_step_inplace_equals_out_of_place(backend, K, kind, has_bias, dtype, st_dtype):
+    """Decode steps writing the new state over the old one (``inplace=True``) give bitwise the out-of-place
+    outputs and states, over several steps; the state may be a strided view (last dim contiguous) whose padding
+    stays untouched; the out-of-place step leaves its input state as it was."""
+    B, C, steps = 3, 300, 4  # C > BC = 256: a masked second channel block
+    xs = [rand(B, 2 * C, dtype=dtype, seed=80 + t).detach() for t in range(steps)]
+    w = rand(C, K, seed=90).detach()
+    bias = rand(2 * C, dtype=dtype, seed=91).detach() if has_bias else None
+    buf = rand(B, K - 1, C + 7, dtype=st_dtype, seed=92).detach()
+    pad = buf[..., C:].clone()
+    state = buf[..., :C]  # lastdim contiguous, row strides of C + 7
+    ref_state = state.clone()
+    for t in range(steps):
+        prev, before = ref_state, ref_state.clone()
+        y_ref, ref_state = _step_call(kind, xs[t], w, prev, bias, backend, False)
+        assert torch.equal(prev, before)  # out of place: the input state is left as it was
+        y, st = _step_call(kind, xs[t], w, state, bias, backend, True)
+        assert st is state and st.dtype == st_dtype
+        assert y.dtype == dtype and torch.equal(y, y_ref), (t, (y - y_ref).abs().max())
+        assert torch.equal(state, ref_state.to(st_dtype)), t
+    assert torch.equal(buf[..., C:], pad)
+    if not has_bias:  # the newest state row is the last input
+        assert torch.equal(state[:, -1], xs[-1][:, :C].to(st_dtype))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_step_inplace_errors(backend):
+    B, C, K = 2, 16, 3
+    x, w = rand(B, 2 * C, seed=95).detach(), rand(C, K, seed=96).detach()
+    good = torch.zeros(B, K - 1, C, device=DEV)
+    bad = {
+        "needs a state": None,
+        "dtype the step computes": good.to(torch.bfloat16),  # fp32 input: the new state is fp32
+        r"\[B, k-1, C\]": torch.zeros(B, K, C, device=DEV),
+        "contiguous last dim": torch.zeros(B, C, K - 1, device=DEV).transpose(1, 2),
+        "do not overlap": torch.zeros(1, K - 1, C, device=DEV).expand(B, -1, -1),
+    }
+    for message, state in bad.items():
+        for kind in ("plain", "gate", "packed"):
+            with pytest.raises(ValueError, match=message):
+                _step_call(kind, x, w, state, None, backend, True)
+    y, st = _step_call("packed", x, w, good, None, backend, True)  # the good state passes
+    assert st is good and good[:, -1].equal(x[:, :C])
+
+
 def test_packed_torch_compile_traces_the_custom_op():
     u, w, bias = rand(2, 20, 64, seed=70), rand(32, 3, seed=71), rand(64, seed=72)
     f = torch.compile(lambda u, w, b: base_conv_packed(u, w, b, backend="triton")[0], backend="aot_eager",

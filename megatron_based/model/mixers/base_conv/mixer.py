@@ -141,10 +141,10 @@ class BaseConv(MixerModule):
         return self.linear_out(to_bshd(y))
 
     def step(self, hidden_states, cache: dict, positions=None, **_):
-        """One token per sequence ``[1, b, d]``, updating ``cache`` in place."""
+        """One token per sequence ``[1, b, d]``, updating ``cache`` in place (the step kernel writes the new conv
+        state over the old one: no copy)."""
         u, bias = self.linear_in(hidden_states)
-        y, state = base_conv_packed_step(u[0], self.conv_weight, cache["conv"], bias)
-        cache["conv"].copy_(state)
+        y, _ = base_conv_packed_step(u[0], self.conv_weight, cache["conv"], bias, inplace=True)
         return self.linear_out(y.unsqueeze(0))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
