@@ -10,13 +10,14 @@ from .cross_entropy import vocab_parallel_cross_entropy
 from .rms_norm import rms_norm  # the function shadows the subpackage name; `from .rms_norm import ops` works
 from .rope import rope_split_qkv
 from .short_conv import base_conv, short_conv, short_conv_step
-from .sliding_window import sliding_window_attention
+from .sliding_window import sliding_window_attention, sliding_window_step
 from .taylor_attention import taylor_linear_attention, taylor_linear_attention_step
 
 __all__ = [
     "taylor_linear_attention",
     "taylor_linear_attention_step",
     "sliding_window_attention",
+    "sliding_window_step",
     "short_conv",
     "short_conv_step",
     "base_conv",

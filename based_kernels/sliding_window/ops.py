@@ -7,6 +7,7 @@ as q, so the caller's transpose back is free.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -15,13 +16,15 @@ from .._common import (Launcher, cdiv, doc_ids, dot_precision, empty_like_layout
                        next_pow2, resolve_backend, token_major)
 from .backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
 from .forward import swa_fwd_kernel
-from .reference import sliding_window_attention_reference
+from .recurrent import swa_step_kernel
+from .reference import sliding_window_attention_reference, sliding_window_step_reference
 
 _fwd = Launcher(swa_fwd_kernel)
 _bwd_dq = Launcher(swa_bwd_dq_kernel)
 _bwd_dkdv = Launcher(swa_bwd_dkdv_kernel)
+_step = Launcher(swa_step_kernel)
 
-__all__ = ["sliding_window_attention", "swa_triton"]
+__all__ = ["sliding_window_attention", "sliding_window_step", "swa_triton", "swa_step_triton"]
 
 
 # ------------------------------------------------------------------------------------------- the functional API
@@ -46,6 +49,61 @@ def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, kv
                                                   kv_prefix=kv_prefix)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return swa_triton(q, k, v, window, scale, kv_prefix, cu_seqlens)
+
+
+def sliding_window_step(q, k, v, k_cache, v_cache, positions, *, window, scale=None, backend=None):
+    """One decode token per sequence over a ring buffer of the last ``window + 1`` K/V rows (position p in slot
+    ``p % (window + 1)``): writes k, v into the ring at ``positions`` and attends q over positions
+    ``max(0, p - window) .. p``. One Triton kernel (``recurrent.py``); no host sync (CUDA-graph capturable).
+
+    Args:
+        q, k, v: ``[B, H, D]`` (the new token's post-RoPE q, k and v), any batch/head strides with a contiguous
+            last dim. No GQA: k and v have q's H heads (the S mixer has none).
+        k_cache, v_cache: ``[B, window + 1, H, D]`` in k's / v's dtype, last dim contiguous; updated in place.
+        positions: ``[B]`` integer tensor on the device, each sequence's position p >= 0 (ragged across the batch).
+        window: left window W >= 0.
+        scale: softmax scale, default ``1 / sqrt(D)`` (``F.scaled_dot_product_attention``'s, which the step ran).
+        backend: None (Triton for CUDA tensors, PyTorch otherwise), "triton" (also on CPU under
+            ``TRITON_INTERPRET=1``) or "torch" (``sliding_window_step_reference``: index_put and a masked SDPA).
+    Returns:
+        o ``[B, H, D]`` in q's dtype (contiguous on the Triton path), fp32 accumulation.
+    """
+    validate_step(q, k, v, k_cache, v_cache, positions, window)
+    if resolve_backend(backend, q) == "torch":
+        return sliding_window_step_reference(q, k, v, k_cache, v_cache, positions, window=window, scale=scale)
+    if q.shape[-1] > 256:
+        raise ValueError(f"head dim {q.shape[-1]} > 256 is not supported by the Triton kernel; use backend='torch'")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return swa_step_triton(q, k, v, k_cache, v_cache, positions, window, scale)
+
+
+def validate_step(q, k, v, k_cache, v_cache, positions, window):
+    """The decode step's checks (shapes, dtypes, layouts; no host sync: the positions' values are not read)."""
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        if q.dim() == 3 and k.dim() == 3 and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2] and \
+                k.shape[1] != q.shape[1]:
+            raise ValueError(f"the decode step has no GQA: k, v need q's {q.shape[1]} heads (the S mixer has as "
+                             f"many key/value heads as query heads); got {k.shape[1]}")
+        raise ValueError(f"expected q, k, v [B, H, D] of one shape; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    B, H, D = q.shape
+    want = (B, window + 1, H, D)
+    if tuple(k_cache.shape) != want or tuple(v_cache.shape) != want:
+        raise ValueError(f"k_cache, v_cache must be [B, window + 1, H, D] = {want}; got {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
+    if k_cache.dtype != k.dtype or v_cache.dtype != v.dtype:
+        raise ValueError(f"the caches must have k's and v's dtypes; got k {k.dtype} -> k_cache {k_cache.dtype}, "
+                         f"v {v.dtype} -> v_cache {v_cache.dtype}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"the caches need a contiguous last dim; got strides {k_cache.stride()}, {v_cache.stride()}")
+    if positions.shape != (B,) or positions.dtype.is_floating_point or positions.dtype.is_complex or \
+            positions.dtype == torch.bool:
+        raise ValueError(f"positions must be an integer tensor [B] = [{B}]; got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
+    if positions.device != q.device:
+        raise ValueError(f"positions must be on q's device ({q.device}); got {positions.device}")
 
 
 # ------------------------------------------------------------------------------------------------ the Triton path
@@ -295,3 +353,20 @@ def swa_triton(q, k, v, window, scale, kv_prefix=None, cu_seqlens=None):
     if torch.compiler.is_compiling():
         return swa_fwd_op(*args)[0]
     return SlidingWindowAttentionFunction.apply(*args)
+
+
+# ------------------------------------------------------------------------------------------------ decode step
+def swa_step_triton(q, k, v, k_cache, v_cache, positions, window, scale):
+    """Launch ``swa_step_kernel`` (validated by the caller): one program per (head, sequence). Returns o
+    ``[B, H, D]``. Plain launches (no autograd: decode only)."""
+    B, H, D = q.shape
+    q, k, v = (lastdim_contiguous(t) for t in (q, k, v))
+    o = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    _step(
+        lambda meta: (H, B),
+        (q, k, v, k_cache, v_cache, positions, o,
+         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
+         *o.stride()[:2], float(scale)),
+        D=D, RING=window + 1, BLOCK_D=max(16, next_pow2(D)), BR=16, num_warps=4,
+    )
+    return o

@@ -1,4 +1,5 @@
-"""Plain-PyTorch causal sliding-window softmax attention: the oracle for the Triton kernels.
+"""Plain-PyTorch causal sliding-window softmax attention: the oracle for the Triton kernels, and the decode step
+over a ring buffer (``sliding_window_step_reference``).
 
 Layout ``[B, T, H, D]`` (FlashAttention / fla). ``window`` is the left window: query t attends keys
 t - window ... t (window + 1 keys). RoPE is applied by the caller.
@@ -8,10 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .._common import split_varlen
 
-__all__ = ["sliding_window_attention_reference"]
+__all__ = ["sliding_window_attention_reference", "sliding_window_step_reference"]
 
 
 def sliding_window_attention_reference(q, k, v, *, window, scale=None, kv_prefix=None, cu_seqlens=None):
@@ -58,3 +60,24 @@ def sliding_window_attention_reference(q, k, v, *, window, scale=None, kv_prefix
     scores = scores.masked_fill(~visible, -math.inf)
     out = torch.softmax(scores, dim=-1) @ vh
     return out.transpose(1, 2).to(q.dtype)
+
+
+def sliding_window_step_reference(q, k, v, k_cache, v_cache, positions, *, window, scale=None):
+    """One decode token per sequence over a ring buffer: what the S mixer's step ran before the fused kernel.
+
+    Writes k, v ``[B, H, D]`` into ``k_cache, v_cache [B, window + 1, H, D]`` (in place) at slot
+    ``positions % (window + 1)`` (``positions [B]`` integer, on the device), then attends q ``[B, H, D]`` over the
+    slots holding positions ``max(0, p - window) .. p`` (a slot's age ``(p - slot) mod (window + 1)`` at most p)
+    with ``F.scaled_dot_product_attention`` and a boolean mask (scale: SDPA's default ``1 / sqrt(D)`` when None).
+    Returns o ``[B, H, D]`` in q's dtype.
+    """
+    b, ring = q.shape[0], window + 1
+    rows = torch.arange(b, device=q.device)
+    slots = positions % ring
+    k_cache[rows, slots] = k
+    v_cache[rows, slots] = v
+    age = (positions[:, None] - torch.arange(ring, device=q.device)) % ring  # steps since the slot was written
+    visible = (age <= positions[:, None])[:, None, None, :]  # the slot holds a position >= 0
+    o = F.scaled_dot_product_attention(q[:, :, None], k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                       attn_mask=visible, scale=scale)
+    return o[:, :, 0]

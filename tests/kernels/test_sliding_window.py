@@ -6,6 +6,7 @@ import torch
 
 from based_kernels import sliding_window_attention
 from based_kernels.sliding_window import sliding_window_attention_reference as reference
+from based_kernels.sliding_window import sliding_window_step
 
 from .poison import assert_equal_where, bad_cu_seqlens, clean_and_poisoned
 
@@ -264,3 +265,112 @@ def test_gpu_bf16_real_sizes(D, Hkv, P, varlen):
 @pytest.mark.parametrize("varlen", [False, True])
 def test_gpu_nan_reaches_only_the_outputs_that_see_it_bf16(which, varlen):
     check_nan_confined(which, varlen, 600, 350, 128, 64, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- decode step over the ring buffer
+def step_inputs(B, H, D, dtype, seed, strided=False):
+    """q, k, v ``[B, H, D]``; strided: views of one ``[B, H, 3D]`` tensor, as the mixer's split of its qkv."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if strided:
+        return torch.randn(B, H, 3 * D, generator=g).to(DEV, dtype).split(D, dim=-1)
+    return tuple(torch.randn(B, H, D, generator=g).to(DEV, dtype) for _ in range(3))
+
+
+def run_steps(start, H, D, W, dtype, steps, seed=0, strided=False, pos_dtype=torch.int64):
+    """``steps`` decode steps from positions ``start`` (ragged) on a ring of random contents (stale slots too):
+    the fused step (Triton) and the torch step (the mixer's former code) on bitwise copies of the ring, and the
+    torch step in fp64. Returns per step ``(o_fused, o_torch, o_fp64)`` and the final rings."""
+    B = len(start)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1000)
+    rings = [torch.randn(B, W + 1, H, D, generator=g).to(DEV, dtype) for _ in range(2)]
+    fused, ref, r64 = [r.clone() for r in rings], [r.clone() for r in rings], [r.double() for r in rings]
+    pos = torch.tensor(start, device=DEV, dtype=pos_dtype)
+    outs = []
+    for t in range(steps):
+        q, k, v = step_inputs(B, H, D, dtype, seed + t, strided)
+        o = sliding_window_step(q, k, v, *fused, pos, window=W, backend="triton")
+        o_ref = sliding_window_step(q, k, v, *ref, pos, window=W, backend="torch")
+        o64 = sliding_window_step(q.double(), k.double(), v.double(), *r64, pos, window=W, backend="torch")
+        assert o.dtype == dtype and o.shape == (B, H, D)
+        outs.append((o, o_ref, o64))
+        pos = pos + 1
+    return outs, fused, ref
+
+
+@pytest.mark.parametrize("D", [64, 112, 128])  # based-360m, based-1.3b (padded to 128), a power of two
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_matches_torch_step(D, dtype):
+    """Positions below, at and above the window (0, 1, 127, 128, 129, 300; ragged across the batch), W = 128:
+    outputs vs the torch step within fp32 rounding (fp32), or in bf16 every element within one bf16 ulp of the
+    fp64 step (the output's rounding: fp32 accumulation inside; one ulp, not half, because the interpreter's
+    fp32 -> bf16 cast truncates where a GPU rounds to nearest); the rings bitwise equal after every step."""
+    outs, fused, ref = run_steps([0, 1, 127, 128, 129, 300], 2, D, 128, dtype, steps=3, seed=D,
+                                 strided=D == 112)
+    for o, o_ref, o64 in outs:
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-6)
+            assert rel(o, o64) < 1e-6
+        else:
+            ulp = torch.ldexp(torch.ones_like(o64), torch.frexp(o64)[1] - 8)  # bf16's spacing at |o64|
+            err = (o.double() - o64).abs()
+            assert (err <= ulp + 1e-6).all(), (err / ulp).max()
+            assert rel(o, o64) < 4e-3 and rel(o_ref, o64) < 4e-3
+    assert all(torch.equal(a, b) for a, b in zip(fused, ref))
+
+
+def test_step_first_token_and_stale_slots():
+    """At p = 0 only the new token is visible (o = v), whatever the other slots hold (also NaN: the fused step
+    never reads a masked slot); a slot r < p of a young sequence is visible, r > p is not."""
+    B, H, D, W = 2, 2, 16, 7
+    q, k, v = step_inputs(B, H, D, torch.float32, 5)
+    kc, vc = (torch.full((B, W + 1, H, D), float("nan"), device=DEV) for _ in range(2))
+    pos = torch.zeros(B, dtype=torch.int64, device=DEV)
+    o = sliding_window_step(q, k, v, kc, vc, pos, window=W, backend="triton")
+    assert torch.equal(o, v) and torch.equal(kc[:, 0], k) and torch.equal(vc[:, 0], v)
+    assert kc[:, 1:].isnan().all() and vc[:, 1:].isnan().all()
+
+
+@pytest.mark.parametrize("W, T", [(7, 20), (32, 70)])  # the ring wraps twice; W = 128 above
+def test_step_decode_equals_full_attention(W, T):
+    """T decode steps from position 0 (one sequence per batch row, zero rings) equal the dense sliding-window
+    attention reference over the whole sequence (fp64 oracle)."""
+    B, H, D = 2, 2, 32
+    g = torch.Generator(device="cpu").manual_seed(W)
+    q, k, v = (torch.randn(B, T, H, D, generator=g).to(DEV) for _ in range(3))
+    kc, vc = (torch.zeros(B, W + 1, H, D, device=DEV) for _ in range(2))
+    pos = torch.zeros(B, dtype=torch.int32, device=DEV)
+    outs = []
+    for t in range(T):
+        outs.append(sliding_window_step(q[:, t], k[:, t], v[:, t], kc, vc, pos, window=W, backend="triton"))
+        pos += 1
+    o_ref = reference(q.double(), k.double(), v.double(), window=W)
+    assert rel(torch.stack(outs, 1), o_ref) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_step_errors(backend):
+    B, H, D, W = 2, 4, 16, 5
+    q, k, v = step_inputs(B, H, D, torch.float32, 7)
+    kc, vc = (torch.zeros(B, W + 1, H, D, device=DEV) for _ in range(2))
+    pos = torch.tensor([3, 9], device=DEV)
+    step = lambda *a, **kw: sliding_window_step(*a, **{"window": W, "backend": backend, **kw})  # noqa: E731
+    with pytest.raises(ValueError, match="no GQA"):
+        step(q, k[:, :2], v[:, :2], kc[:, :, :2], vc[:, :, :2], pos)
+    with pytest.raises(ValueError, match=r"window \+ 1"):
+        step(q, k, v, kc[:, :W], vc[:, :W], pos)
+    with pytest.raises(ValueError, match=r"window \+ 1"):
+        step(q, k, v, kc, vc, pos, window=W + 1)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        step(q, k, v, kc, vc, pos, window=-1)
+    with pytest.raises(ValueError, match="dtypes"):
+        step(q, k, v, kc.double(), vc, pos)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        step(q, k, v, kc.transpose(1, 3).contiguous().transpose(1, 3), vc, pos)
+    for bad in (pos.float(), pos[:1], pos.bool()):
+        with pytest.raises(ValueError, match="integer tensor"):
+            step(q, k, v, kc, vc, bad)
+    with pytest.raises(ValueError, match="one shape"):
+        step(q, k[:1], v, kc, vc, pos)
+    assert not kc.any() and not vc.any()  # refused calls write nothing
+    o = step(q, k, v, kc, vc, pos)
+    assert o.shape == (B, H, D) and torch.equal(kc[0, 3], k[0]) and torch.equal(kc[1, 9 % (W + 1)], k[1])

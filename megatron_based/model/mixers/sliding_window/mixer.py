@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
@@ -131,14 +130,9 @@ class SlidingWindowAttention(MixerModule):
 
     def step(self, hidden_states, cache: dict, positions, **_):
         """One token per sequence ``[1, b, d]`` at ``positions [b]``: write its K/V into the ring, attend over the
-        slots holding positions ``max(0, p - window) ... p``. In place, no host sync (CUDA-graph capturable)."""
+        slots holding positions ``max(0, p - window) ... p`` (scale 1/sqrt(d_h)). In place, no host sync
+        (CUDA-graph capturable): one kernel on the GPU (``based_kernels.sliding_window_step``; on CPU its torch
+        reference, the index_put + masked SDPA this step ran before)."""
         q, k, v = (t[0] for t in self.project_qkv(hidden_states, positions[None]))
-        b, ring = q.shape[0], self.window + 1
-        rows = torch.arange(b, device=q.device)
-        cache["k"][rows, positions % ring] = k
-        cache["v"][rows, positions % ring] = v
-        age = (positions[:, None] - torch.arange(ring, device=q.device)) % ring  # steps since slot was written
-        visible = (age <= positions[:, None])[:, None, None, :]  # slot holds a position >= 0
-        o = F.scaled_dot_product_attention(q[:, :, None], cache["k"].transpose(1, 2), cache["v"].transpose(1, 2),
-                                           attn_mask=visible)
-        return self.linear_proj(o.reshape(1, b, self.heads * self.head_dim))
+        o = based_kernels.sliding_window_step(q, k, v, cache["k"], cache["v"], positions, window=self.window)
+        return self.linear_proj(o.reshape(1, q.shape[0], self.heads * self.head_dim))
