@@ -272,7 +272,19 @@ def test_step_inplace_equals_out_of_place(backend, K, kind, has_bias, dtype, st_
     """Decode steps writing the new state over the old one (``inplace=True``) give bitwise the out-of-place
     outputs and states, over several steps; the state may be a strided view (last dim contiguous) whose padding
     stays untouched; the out-of-place step leaves its input state as it was."""
-    B, C, steps = 3, 300, 4  # C > BC = 256: a masked second channel block
+    check_step_inplace(backend, K, kind, has_bias, dtype, st_dtype, B=3, C=300)  # C > BC = 256: a masked block
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, has_bias", [("gate", False), ("packed", True)])
+@pytest.mark.parametrize("dtype, st_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_gpu_step_inplace_equals_out_of_place_real_sizes(kind, has_bias, dtype, st_dtype):
+    """The same on the GPU at based-1.3b's decode size (batch 128, 3584 channels, k 3): compiled, many channel
+    blocks and batch rows per launch, so a store landing before another lane's load would show."""
+    check_step_inplace("triton", 3, kind, has_bias, dtype, st_dtype, B=128, C=3584, steps=6)
+
+
+def check_step_inplace(backend, K, kind, has_bias, dtype, st_dtype, B, C, steps=4):
     xs = [rand(B, 2 * C, dtype=dtype, seed=80 + t).detach() for t in range(steps)]
     w = rand(C, K, seed=90).detach()
     bias = rand(2 * C, dtype=dtype, seed=91).detach() if has_bias else None

@@ -318,6 +318,26 @@ def test_step_matches_torch_step(D, dtype):
     assert all(torch.equal(a, b) for a, b in zip(fused, ref))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 112])  # based-360m, based-1.3b
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_step_real_sizes(D, dtype):
+    """The fused decode step compiled, at decode sizes (batch 128 with ragged positions below, at and past the
+    window, 16 heads, W 128, q / k / v strided views of one qkv as in the mixer), 4 steps: bf16 outputs within one
+    bf16 ulp of the fp64 step (fp32 within 1e-6 relative: its products are elementwise fp32, no tensor cores), the
+    rings bitwise the torch step's."""
+    start = [0, 1, 127, 128, 129, 300] + [(37 * i) % 400 for i in range(122)]
+    outs, fused, ref = run_steps(start, 16, D, 128, dtype, steps=4, seed=D, strided=True)
+    for o, o_ref, o64 in outs:
+        if dtype == torch.float32:
+            assert rel(o, o64) < 1e-6 and rel(o_ref, o64) < 1e-5
+        else:
+            ulp = torch.ldexp(torch.ones_like(o64), torch.frexp(o64)[1] - 8)  # bf16's spacing at |o64|
+            assert ((o.double() - o64).abs() <= ulp + 1e-6).all()
+            assert rel(o, o64) < 4e-3
+    assert all(torch.equal(a, b) for a, b in zip(fused, ref))
+
+
 def test_step_first_token_and_stale_slots():
     """At p = 0 only the new token is visible (o = v), whatever the other slots hold (also NaN: the fused step
     never reads a masked slot); a slot r < p of a young sequence is visible, r > p is not."""
