@@ -508,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(p, error)
     if args.command == "train":
         if not 0.0 <= args.embed_dropout < 1.0:
-            return fail(f"--embed-dropout must be in [0, 1); got {args.embed_dropout}")
+            return fail(p, f"--embed-dropout must be in [0, 1); got {args.embed_dropout}")
         try:
             _train_task(args)  # the task's sizes, before anything is built
         except ValueError as e:
