@@ -4,8 +4,8 @@ Rows are tokens ``n = t * B + b`` of a ``[s, b, ...]`` tensor (t the sequence in
 program takes BLOCK_N rows of one query group g and every head of that group: its G query heads and its key head
 rotated, its value head copied. A head's two halves ``x1 = x[:D/2]``, ``x2 = x[D/2:]`` are loaded as two tiles, so
 the rotation needs no shuffle: ``y1 = x1 cos - x2 sin``, ``y2 = x2 cos + x1 sin`` (Megatron's non-interleaved
-rotate-half), with cos / sin from fp32 tables ``[s, D/2]`` (loaded once per program, shared by all heads) and fp32
-math; the backward applies the inverse rotation (``sin -> -sin``). D/2 need not be a power of two (masked).
+rotate-half), with cos / sin from fp32 tables ``[s, D/2]`` (loaded once per program, shared by all heads), or
+for explicit per-token positions (prefill, decode) computed in the kernel from them, and fp32 math; the backward applies the inverse rotation (``sin -> -sin``). D/2 need not be a power of two (masked).
 """
 from __future__ import annotations
 
@@ -33,19 +33,36 @@ def _tile(i_n, N, B, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.cons
     return o_t.to(tl.int64)[:, None], o_b.to(tl.int64)[:, None], o_h, m
 
 
-@triton.autotune(configs=_CONFIGS, do_bench=tune_bench, key=["G", "D"])
 @triton.jit
-def rope_fwd_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, s_t, s_b, s_g, N, B, NG,
-                    G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+def _cos_sin(cos_ptr, sin_ptr, pos_ptr, inv_ptr, o_t, o_row, o_h, m, HALF: tl.constexpr,
+             POSITIONS: tl.constexpr):
+    """cos / sin ``[BLOCK_N, BLOCK_H]`` fp32 of this program's tokens. Without POSITIONS: rows ``o_t`` of the
+    tables ``[s, HALF]`` (positions offset + t). With POSITIONS: token ``o_row``'s position from ``pos_ptr``
+    (int64 ``[s, b]``) times ``inv_ptr`` (fp64 ``[HALF]``) and its cos / sin in fp64 (libdevice's __nv_cos /
+    __nv_sin: fp64 has no approximate form), rounded once: the values ``reference.rope_tables_at`` computes."""
+    if POSITIONS:
+        angle = tl.load(pos_ptr + o_row, mask=m, other=0).to(tl.float64) * tl.load(inv_ptr + o_h, mask=o_h < HALF,
+                                                                                   other=0.0)
+        return tl.cos(angle).to(tl.float32), tl.sin(angle).to(tl.float32)
+    else:
+        return (tl.load(cos_ptr + o_t * HALF + o_h, mask=m, other=0.0),
+                tl.load(sin_ptr + o_t * HALF + o_h, mask=m, other=0.0))
+
+
+@triton.autotune(configs=_CONFIGS, do_bench=tune_bench, key=["G", "D", "POSITIONS"])
+@triton.jit
+def rope_fwd_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, s_t, s_b, s_g, N, B, NG,
+                    G: tl.constexpr, D: tl.constexpr, POSITIONS: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     """qkv ``[s, b, NG, (G + 2) * D]`` (strides s_t, s_b, s_g; last dim contiguous) -> q ``[s, b, NG * G, D]``,
-    k, v ``[s, b, NG, D]`` (contiguous). Grid ``(cdiv(N, BLOCK_N), NG)`` with N = s * b."""
+    k, v ``[s, b, NG, D]`` (contiguous). Grid ``(cdiv(N, BLOCK_N), NG)`` with N = s * b. Angles from the tables
+    or, with POSITIONS, from per-token positions (``_cos_sin``)."""
     HALF: tl.constexpr = D // 2
     i_n, i_g = tl.program_id(0), tl.program_id(1)
     o_t, o_b, o_h, m = _tile(i_n, N, B, BLOCK_N, BLOCK_H, HALF)
-    b_cos = tl.load(cos_ptr + o_t * HALF + o_h, mask=m, other=0.0)
-    b_sin = tl.load(sin_ptr + o_t * HALF + o_h, mask=m, other=0.0)
+    o_row = o_t * B + o_b  # the token's row in [s, b] (contiguous outputs and positions)
+    b_cos, b_sin = _cos_sin(cos_ptr, sin_ptr, pos_ptr, inv_ptr, o_t, o_row, o_h, m, HALF, POSITIONS)
     p_x = qkv_ptr + o_t * s_t + o_b * s_b + i_g * s_g + o_h
-    o_row = o_t * B + o_b  # the output row (contiguous outputs)
     for j in tl.static_range(G + 1):  # G query heads, then the key head
         b_x1 = tl.load(p_x + j * D, mask=m, other=0.0).to(tl.float32)
         b_x2 = tl.load(p_x + j * D + HALF, mask=m, other=0.0).to(tl.float32)
@@ -60,18 +77,18 @@ def rope_fwd_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, s_t, s_b, s_
     tl.store(p_v + HALF, tl.load(p_x + (G + 1) * D + HALF, mask=m), mask=m)
 
 
-@triton.autotune(configs=_CONFIGS, do_bench=tune_bench, key=["G", "D"])
+@triton.autotune(configs=_CONFIGS, do_bench=tune_bench, key=["G", "D", "POSITIONS"])
 @triton.jit
-def rope_bwd_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqkv_ptr, s_dq_t, s_dq_b, s_dq_h, s_dk_t, s_dk_b,
-                    s_dk_h, s_dv_t, s_dv_b, s_dv_h, s_t, s_b, s_g, N, B,
-                    G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+def rope_bwd_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, pos_ptr, inv_ptr, dqkv_ptr, s_dq_t, s_dq_b, s_dq_h,
+                    s_dk_t, s_dk_b, s_dk_h, s_dv_t, s_dv_b, s_dv_h, s_t, s_b, s_g, N, B,
+                    G: tl.constexpr, D: tl.constexpr, POSITIONS: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     """dq ``[s, b, NG * G, D]``, dk, dv ``[s, b, NG, D]`` (any strides, last dim contiguous) -> dqkv
     ``[s, b, NG, (G + 2) * D]`` (strides s_t, s_b, s_g): the inverse rotation of dq and dk, dv copied."""
     HALF: tl.constexpr = D // 2
     i_n, i_g = tl.program_id(0), tl.program_id(1)
     o_t, o_b, o_h, m = _tile(i_n, N, B, BLOCK_N, BLOCK_H, HALF)
-    b_cos = tl.load(cos_ptr + o_t * HALF + o_h, mask=m, other=0.0)
-    b_sin = tl.load(sin_ptr + o_t * HALF + o_h, mask=m, other=0.0)
+    b_cos, b_sin = _cos_sin(cos_ptr, sin_ptr, pos_ptr, inv_ptr, o_t, o_t * B + o_b, o_h, m, HALF, POSITIONS)
     p_dx = dqkv_ptr + o_t * s_t + o_b * s_b + i_g * s_g + o_h
     for j in tl.static_range(G + 1):
         if j < G:

@@ -1,8 +1,8 @@
 """Fused RoPE + q/k/v split (based_kernels.rope_split_qkv) against an fp64 rotate-half RoPE written here (a complex
 rotation of the pairs (i, i + d/2)): q, k, v and the packed gradient dqkv under random dq, dk, dv given as strided
 views; odd shapes (s 37, b 2, 3 groups, G 1 and 2, d_h 16 and 24), positions from 0 and 1000, fp32 and fp16, both
-backends; equality with Megatron's split + apply_rotary_pos_emb; the cos / sin tables; input errors; custom ops
-and torch.compile. CPU runs the kernels under TRITON_INTERPRET=1; bf16 at the model's size is marked gpu."""
+backends; per-token positions (ragged, to ~1M; bitwise the offset path where they agree); equality with Megatron's
+split + apply_rotary_pos_emb; the cos / sin tables; input errors; custom ops and torch.compile. CPU runs the kernels under TRITON_INTERPRET=1; bf16 at the model's size is marked gpu."""
 import types
 
 import pytest
@@ -26,11 +26,12 @@ def rel(a, b):
 
 
 def rope64(x, positions, base=10000.0, sign=1):
-    """fp64 RoPE of ``x [s, ..., d]`` at ``positions [s]``: pairs (i, i + d/2) rotated by ``sign * angle``."""
+    """fp64 RoPE of ``x [s, ..., d]`` at ``positions [s]`` (or per token ``[s, b]``): pairs (i, i + d/2) rotated by
+    ``sign * angle``."""
     d = x.shape[-1]
     inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
-    ang = sign * positions.double()[:, None] * inv
-    ang = ang.view(ang.shape[0], *([1] * (x.dim() - 2)), d // 2)
+    ang = sign * positions.double().unsqueeze(-1) * inv
+    ang = ang.view(*ang.shape[:-1], *([1] * (x.dim() - ang.dim())), d // 2)
     x = x.double()
     z = torch.complex(x[..., : d // 2], x[..., d // 2 :]) * torch.polar(torch.ones_like(ang), ang)
     return torch.cat([z.real, z.imag], dim=-1)
@@ -55,10 +56,10 @@ def strided_grads(s, b, ng, G, D, dtype, seed=1):
     return dq, dk, dv
 
 
-def reference(qkv, dq, dk, dv, G, D, offset):
-    """fp64 q, k, v and dqkv from the same (rounded) inputs."""
+def reference(qkv, dq, dk, dv, G, D, offset, positions=None):
+    """fp64 q, k, v and dqkv from the same (rounded) inputs, at positions ``offset + t`` or ``positions [s, b]``."""
     s, b, ng, _ = qkv.shape
-    pos = torch.arange(offset, offset + s, device=qkv.device)
+    pos = torch.arange(offset, offset + s, device=qkv.device) if positions is None else positions
     x = qkv.double().unflatten(-1, (G + 2, D))
     q = rope64(x[:, :, :, :G], pos).reshape(s, b, ng * G, D)
     k, v = rope64(x[:, :, :, G], pos), x[:, :, :, G + 1]
@@ -135,6 +136,57 @@ def test_equals_megatron_apply_rotary_pos_emb(G, offset):
             assert (a - c).abs().max().item() < tol * c.abs().max().item(), (tol, (a - c).abs().max().item())
 
 
+def ragged_positions(s, b, seed=11):
+    """[s, b] int64 positions as prefill and decode pass them: each batch row its own, from 0 to past 128k."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.tensor([0, 1, 4093, 131_000, 1_000_003])[torch.arange(b) % 5]
+    return (start[None, :] + torch.arange(s)[:, None] * torch.randint(1, 3, (1, b), generator=g)).to(DEV)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-7), (torch.float16, 6e-4)])
+@pytest.mark.parametrize("G, D", [(1, 16), (2, 24)])
+def test_positions_match_fp64(backend, dtype, tol, G, D):
+    """Per-token positions [s, b] (ragged, up to ~1M): q, k and dqkv vs fp64 with the same positions, v and dv
+    bitwise; a decode-shaped call (s 1) and a packed-prefill-shaped one (b 1) too."""
+    for s, b in ((9, 5), (1, 5), (23, 1)):
+        qkv = make_qkv(s, b, 3, G, D, dtype)
+        dq, dk, dv = strided_grads(s, b, 3, G, D, dtype)
+        pos = ragged_positions(s, b)
+        q, k, v, dx = run(qkv, dq, dk, dv, 3, D, positions=pos, backend=backend)
+        q_ref, k_ref, v_ref, dx_ref = reference(qkv, dq, dk, dv, G, D, 0, positions=pos)
+        assert rel(q, q_ref) < tol and rel(k, k_ref) < tol and rel(dx, dx_ref) < tol, (
+            s, b, rel(q, q_ref), rel(k, k_ref), rel(dx, dx_ref))
+        assert torch.equal(v, qkv[..., (G + 1) * D :]) and torch.equal(dx[..., (G + 1) * D :], dv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_positions_equal_offset_bitwise(backend):
+    """positions = offset + t on every row gives bitwise what offset gives: the kernel's own fp64 cos / sin round
+    to the tables' values, so training (offset) and generation (positions) rotate alike. Also int32 positions."""
+    s, b, ng, G, D, offset = 37, 3, 3, 2, 24, 32760
+    qkv = make_qkv(s, b, ng, G, D, torch.float32, seed=12)
+    dq, dk, dv = strided_grads(s, b, ng, G, D, torch.float32, seed=13)
+    pos = torch.arange(offset, offset + s, device=DEV)[:, None].expand(s, b)
+    by_offset = run(qkv, dq, dk, dv, ng, D, offset=offset, backend=backend)
+    for p in (pos, pos.to(torch.int32)):
+        by_positions = run(qkv, dq, dk, dv, ng, D, positions=p, backend=backend)
+        assert all(torch.equal(a, c) for a, c in zip(by_offset, by_positions))
+
+
+def test_tables_at_positions():
+    """rope_tables_at: [*positions.shape, D/2], exact to fp32 rounding; rope_tables are its values at offset + t."""
+    pos = ragged_positions(4, 3)
+    cos, sin = ops.rope_tables_at(pos, 64, 10000.0)
+    assert cos.shape == sin.shape == (4, 3, 32) and cos.dtype == torch.float32
+    ang = pos.cpu().double()[..., None] * 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    assert (cos.cpu().double() - ang.cos()).abs().max().item() < 1e-7
+    assert (sin.cpu().double() - ang.sin()).abs().max().item() < 1e-7
+    tables = ops.rope_tables(8, 100, 64, 10000.0, torch.device(DEV))
+    at = ops.rope_tables_at(torch.arange(100, 108, device=DEV), 64, 10000.0)
+    assert all(torch.equal(a, c) for a, c in zip(tables, at))
+
+
 def test_tables_are_cached_and_exact():
     cos, sin = ops.rope_tables(8, 32760, 64, 10000.0, torch.device(DEV))
     assert ops.rope_tables(8, 32760, 64, 10000.0, torch.device(DEV))[0] is cos  # cached
@@ -158,6 +210,12 @@ def test_bad_inputs_raise_clear_errors():
         rope_split_qkv(torch.randn(5, 2, 50, device=DEV), 1, 16)
     with pytest.raises(ValueError, match=r"offset must be an int >= 0"):
         rope_split_qkv(x, 3, 16, offset=-1)
+    with pytest.raises(ValueError, match=r"give offset \(2\) or positions, not both"):
+        rope_split_qkv(x, 3, 16, offset=2, positions=torch.zeros(5, 2, dtype=torch.long, device=DEV))
+    with pytest.raises(TypeError, match=r"positions must be an integer tensor \[s, b\]; got a torch.float32 tensor"):
+        rope_split_qkv(x, 3, 16, positions=torch.zeros(5, 2, device=DEV))
+    with pytest.raises(ValueError, match=r"positions must be \[s, b\] = \(5, 2\) on .*; got \(5, 1\)"):
+        rope_split_qkv(x, 3, 16, positions=torch.zeros(5, 1, dtype=torch.long, device=DEV))
     with pytest.raises(ValueError, match=r"qkv must be \[s, b, ng"):
         rope_split_qkv(torch.randn(5, 48, device=DEV), 1, 16)
     with pytest.raises(TypeError, match=r"the Triton RoPE takes .* got torch.float64 \(use backend='torch'\)"):
@@ -182,7 +240,16 @@ def _compiled(rank, world):
     out = f(x)
     (dx,) = torch.autograd.grad(out, x, (dq, dk, dv))
     ref = reference(qkv, dq, dk, dv, G, D, 3)
-    return [rel(a, c) for a, c in zip((*out, dx), ref)]
+    errs = [rel(a, c) for a, c in zip((*out, dx), ref)]
+    pos = ragged_positions(s, b)  # explicit positions through the same ops
+    torch.library.opcheck(ops.rope_split_qkv_fwd_op, (qkv, G, D, 0, 10000.0, pos))
+    torch.library.opcheck(ops.rope_split_qkv_bwd_op, (dq, dk, dv, 0, 10000.0, torch.float32, pos))
+    f = torch.compile(lambda x, p: rope_split_qkv(x, ng, D, positions=p, backend="triton"), backend="aot_eager",
+                      fullgraph=True)
+    out = f(x, pos)
+    (dx,) = torch.autograd.grad(out, x, (dq, dk, dv))
+    ref = reference(qkv, dq, dk, dv, G, D, 0, positions=pos)
+    return errs + [rel(a, c) for a, c in zip((*out, dx), ref)]
 
 
 @forked_cpu
@@ -191,6 +258,26 @@ def test_custom_ops_and_torch_compile():
     (in a forked worker, like the cross-entropy test: see there)."""
     errs = run_distributed(_compiled, 1)[0]
     assert max(errs) < 2e-7, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s, b", [(1, 128), (4096, 1)])
+def test_bf16_positions_at_decode_and_prefill_sizes(s, b):
+    """Explicit positions at generation's shapes (a decode step of 128 sequences, a packed 4096-token prefill),
+    16 heads x 64, bf16, positions up to ~1M: within bf16 rounding of fp64, and bitwise equal to the offset path
+    where the positions are offset + t: the kernel's fp64 __nv_cos / __nv_sin round to the tables' fp32 values."""
+    D, ng = 64, 16
+    qkv = make_qkv(s, b, ng, 1, D, torch.bfloat16, seed=14)
+    dq, dk, dv = strided_grads(s, b, ng, 1, D, torch.bfloat16, seed=15)
+    pos = ragged_positions(s, b)
+    got = run(qkv, dq, dk, dv, ng, D, positions=pos, backend="triton")
+    errs = [rel(a, c) for a, c in zip(got, reference(qkv, dq, dk, dv, 1, D, 0, positions=pos))]
+    assert max(errs) < 4e-3, errs
+    for offset in (0, 1_000_000):
+        at = torch.arange(offset, offset + s, device=DEV)[:, None].expand(s, b)
+        a = run(qkv, dq, dk, dv, ng, D, positions=at, backend="triton")
+        c = run(qkv, dq, dk, dv, ng, D, offset=offset, backend="triton")
+        assert all(torch.equal(x, y) for x, y in zip(a, c)), offset
 
 
 @pytest.mark.gpu

@@ -86,15 +86,15 @@ class SlidingWindowAttention(MixerModule):
 
     def project_qkv(self, hidden_states, positions=None):
         """q, k with RoPE at ``positions [s, b]`` and v, each ``[s, b, heads, d_h]``. Default positions: this CP
-        rank's contiguous shard of the sequence, global positions [rank * s, (rank + 1) * s); there, with
-        ``config.rope_fusion``, one kernel splits and rotates (contiguous q, k, v; the attention op gets them as
-        token-major ``[b, s, h, d]`` views and returns their gradients in that layout, which the fused backward
-        reads as they are)."""
+        rank's contiguous shard of the sequence, global positions [rank * s, (rank + 1) * s). With
+        ``config.rope_fusion`` one kernel splits and rotates, at either (contiguous q, k, v; the attention op gets
+        them as token-major ``[b, s, h, d]`` views and returns their gradients in that layout, which the fused
+        backward reads as they are): generation's prefill and decode steps rotate as the training forward does."""
         qkv, _ = self.linear_qkv(hidden_states)
         s, b = qkv.shape[:2]
-        if positions is None and self.config.rope_fusion:
-            return based_kernels.rope_split_qkv(qkv, self.heads, self.head_dim, offset=self.cp_rank * s,
-                                                base=self.config.rope_base)
+        if self.config.rope_fusion:
+            at = dict(offset=self.cp_rank * s) if positions is None else dict(positions=positions)
+            return based_kernels.rope_split_qkv(qkv, self.heads, self.head_dim, base=self.config.rope_base, **at)
         q, k, v = qkv.view(s, b, self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
         if positions is None:
             positions = torch.arange(self.cp_rank * s, (self.cp_rank + 1) * s, device=q.device)[:, None]

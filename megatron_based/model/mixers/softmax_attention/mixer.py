@@ -52,7 +52,8 @@ class SoftmaxAttention(SelfAttention):
 
     With ``config.rope_fusion`` the training forward splits and rotates q, k (and copies v) in one kernel inside
     ``get_query_key_value_tensors`` (``based_kernels.rope_split_qkv``) and passes no ``rotary_pos_emb`` on, so
-    Megatron's forward does not rotate again; otherwise (and where the fused path does not apply: inference
+    Megatron's forward does not rotate again; generation's prefill and decode steps rotate through the same kernel
+    at their per-token positions; otherwise (and where the fused path does not apply: inference
     contexts, packed sequences, q/k norms, gated outputs, query groups split over TP ranks, no-RoPE layers)
     Megatron's split + ``apply_rotary_pos_emb`` runs.
 
@@ -90,18 +91,20 @@ class SoftmaxAttention(SelfAttention):
     def released_layout(config) -> None:
         return None  # the released BASED models have no softmax-attention layers
 
-    _rope_offset = None  # the first position of this forward's tokens while the fused RoPE is on, else None
+    # While the fused RoPE is on: the first position of this forward's tokens (int), or generation's per-token
+    # positions [s, b] (tensor); else None.
+    _rope_at = None
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, **kwargs):
         s = hidden_states.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
         cp = self.pg_collection.cp
         cp_rank = cp.rank() if cp is not None else 0
         if self._fused_rope_applies(kwargs):
-            self._rope_offset = cp_rank * s
+            self._rope_at = cp_rank * s
             try:
                 return super().forward(hidden_states, attention_mask, rotary_pos_emb=None, **kwargs)
             finally:
-                self._rope_offset = None
+                self._rope_at = None
         dim = self.config.kv_channels
         freqs = rope_freqs(s, dim, self.config.rope_base, cp_rank * s, device=hidden_states.device)
         return super().forward(hidden_states, attention_mask, rotary_pos_emb=freqs, **kwargs)
@@ -116,14 +119,15 @@ class SoftmaxAttention(SelfAttention):
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
         """Megatron's, or under the fused RoPE: q ``[s, b, np, hn]``, k, v ``[s, b, ng, hn]`` with q, k rotated at
-        positions ``_rope_offset + t`` (the ``[s, b, ng, (np/ng + 2) * hn]`` grouped layout of ``linear_qkv``)."""
-        if self._rope_offset is None:
+        positions ``_rope_at + t`` or ``_rope_at [s, b]`` (the ``[s, b, ng, (np/ng + 2) * hn]`` grouped layout of
+        ``linear_qkv``)."""
+        if self._rope_at is None:
             return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
                                                        split_qkv=split_qkv)
         mixed_qkv, _ = self.linear_qkv(hidden_states)
+        at = dict(positions=self._rope_at) if isinstance(self._rope_at, torch.Tensor) else dict(offset=self._rope_at)
         return based_kernels.rope_split_qkv(mixed_qkv, self.num_query_groups_per_partition,
-                                            self.hidden_size_per_attention_head, offset=self._rope_offset,
-                                            base=self.config.rope_base)
+                                            self.hidden_size_per_attention_head, base=self.config.rope_base, **at)
 
     # Generation (megatron_based.inference.generation): a KV cache of max_length rows per sequence (grows with the
     # sequence, unlike the BASED mixers' states: this is the baseline they are compared with).
@@ -135,6 +139,14 @@ class SoftmaxAttention(SelfAttention):
         return {name: torch.zeros(shape, dtype=dtype, device=device) for name in ("k", "v")}
 
     def _qkv_at(self, hidden_states, positions):
+        """q, k rotated at ``positions [s, b]``, and v: as the training forward rotates (the fused RoPE where it
+        applies, else Megatron's split and ``apply_rotary_pos_emb``)."""
+        if self._fused_rope_applies({}):
+            self._rope_at = positions
+            try:
+                return self.get_query_key_value_tensors(hidden_states)
+            finally:
+                self._rope_at = None
         q, k, v = self.get_query_key_value_tensors(hidden_states)
         freqs = rope_freqs_at(positions, q.shape[-1], self.config.rope_base)
         cp_group = self.pg_collection.cp
