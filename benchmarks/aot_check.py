@@ -85,15 +85,16 @@ def main():
                           f"spill {spill} B, smem {smem} B", flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"BT {BT:3d} {name:6s} BF {BF} BV {BV} warps {nw} stages {ns}: FAILED {repr(e)[:400]}")
-    # the decode kernel as ops.taylor_attention_step_op launches it (4 warps; with and without a state)
+    # the decode kernel as ops launches it (4 warps): out of place (one value block per program, with and without
+    # a state) and in place (every value block in one program)
     BV = min(64, max(16, triton.next_power_of_2(DV)))
-    for has in (True, False):
-        c = dict(F=F, DV=DV, BK=BK, BP=triton.next_power_of_2(F * (F + 1) // 2), BV=BV, HAS_STATE=has)
+    for has, nvb in ((True, 1), (False, 1), (True, triton.cdiv(DV, BV))):
+        c = dict(F=F, DV=DV, BK=BK, BP=triton.next_power_of_2(F * (F + 1) // 2), BV=BV, NVB=nvb, HAS_STATE=has)
         try:
             regs, spill, smem = compile_kernel(recurrent.taylor_step_kernel, args.dtype, c, 4, 1)
-            print(f"decode BV {BV:3d} state {has}: regs {regs}, spill {spill} B, smem {smem} B", flush=True)
+            print(f"decode BV {BV:3d} NVB {nvb} state {has}: regs {regs}, spill {spill} B, smem {smem} B", flush=True)
         except Exception as e:  # noqa: BLE001
-            print(f"decode BV {BV} state {has}: FAILED {repr(e)[:400]}")
+            print(f"decode BV {BV} NVB {nvb} state {has}: FAILED {repr(e)[:400]}")
 
 
 if __name__ == "__main__":

@@ -414,7 +414,7 @@ def taylor_attention_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     _step_kernel(lambda m: grid, (
         q, k, v, y, s if has else s_out, z if has else z_out, s_out, z_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=next_pow2(F * (F + 1) // 2), BV=BV, HAS_STATE=has,
+        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=next_pow2(F * (F + 1) // 2), BV=BV, NVB=1, HAS_STATE=has,
         num_warps=4)
     return y, s_out, z_out
 
@@ -427,30 +427,29 @@ def _(q, k, v, s, z, eps):
             q.new_empty(B, H, D, dtype=torch.float32))
 
 
-@torch.library.custom_op("based_kernels::taylor_attention_step_", mutates_args=("s",))
+@torch.library.custom_op("based_kernels::taylor_attention_step_", mutates_args=("s", "z"))
 def taylor_attention_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
-                                     z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode step updating ``s`` in place (each program reads, then writes, only its own value columns: no
-    race) and returning ``(y, new z)``: z is read by every value block, so its update goes to a new (small)
-    buffer. Halves the HBM traffic of a decode step against copying a new S into a cache."""
+                                     z: torch.Tensor, eps: float) -> torch.Tensor:
+    """Decode step updating ``s`` and ``z`` in place; returns y. One program per (batch, head) walks all of its
+    value blocks: it reads z and each state block before storing over them, and no other program touches them
+    (no race, no second z buffer, no copy). Halves the HBM traffic of a decode step against copying a new S into
+    a cache."""
     B, H, F = q.shape
     DV = v.shape[-1]
     BK = max(16, next_pow2(F))
     BV = min(64, max(16, next_pow2(DV)))
     y = v.new_empty(B, H, DV)
-    z_out = torch.empty_like(z)
-    grid = (cdiv(DV, BV), B * H)
-    _step_kernel(lambda m: grid, (
-        q, k, v, y, s, z, s, z_out,
+    _step_kernel(lambda m: (1, B * H), (
+        q, k, v, y, s, z, s, z,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=next_pow2(F * (F + 1) // 2), BV=BV, HAS_STATE=True,
-        num_warps=4)
-    return y, z_out
+        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=next_pow2(F * (F + 1) // 2), BV=BV, NVB=cdiv(DV, BV),
+        HAS_STATE=True, num_warps=4)
+    return y
 
 
 @taylor_attention_step_inplace_op.register_fake
 def _(q, k, v, s, z, eps):
-    return v.new_empty(q.shape[0], q.shape[1], v.shape[-1]), torch.empty_like(z)
+    return v.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
 def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False):
@@ -468,9 +467,7 @@ def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False):
         S, z = state
         if S.dtype != torch.float32 or z.dtype != torch.float32 or not (S.is_contiguous() and z.is_contiguous()):
             raise ValueError("inplace=True needs the state (S, z) as contiguous fp32 tensors")
-        y, z_new = taylor_attention_step_inplace_op(q, k, v, S, z, float(eps))
-        z.copy_(z_new)
-        return y, (S, z)
+        return taylor_attention_step_inplace_op(q, k, v, S, z, float(eps)), (S, z)
     s, z = (None, None) if state is None else (state[0].float().contiguous(), state[1].float().contiguous())
     y, s, z = taylor_attention_step_op(q, k, v, s, z, float(eps))
     return y, (s, z)

@@ -1,8 +1,9 @@
 """Triton one-token decode kernel of Taylor linear attention (state update before read).
 
 ``S += phi(k) v^T; z += phi(k); y = phi(q) S / (phi(q) . z + eps)`` for one token of every (batch, head).
-Memory-bound: it reads the old state once and writes the new one once (out of place, so the caller's state is
-never modified); each program owns BV value columns of one (batch, head), and block 0 also owns z.
+Memory-bound: it reads the old state once and writes the new one once, out of place (the caller's state is never
+modified; programs own BV value columns of one (batch, head), block 0 also z) or in place (one program per
+(batch, head) owns all of its state).
 """
 from __future__ import annotations
 
@@ -33,16 +34,19 @@ def taylor_step_kernel(
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh,
     H, scale, eps,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BV: tl.constexpr,
-    HAS_STATE: tl.constexpr,
+    NVB: tl.constexpr, HAS_STATE: tl.constexpr,
 ):
+    """Grid ``(cdiv(DV, BV * NVB), B * H)``: program (i, bh) takes value blocks ``i * NVB ... i * NVB + NVB - 1``
+    (BV columns each) of one (batch, head); program 0 of each (batch, head) also stores z. With NVB covering every
+    value block (one program per (batch, head)), s_in / s_out and z_in / z_out may be the same buffers (in
+    place): the program reads z and each state block before it stores over them, and no other program touches
+    them. z and the denominator are computed once per program."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_vp, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_st = i_bh.to(tl.int64)
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
     r_1, m_1, r_2, m_2, a_2, b_2, c_2 = _state_rows(F, BK, BP)
     o_1 = tl.arange(0, 1)
 
@@ -50,7 +54,6 @@ def taylor_step_kernel(
     p_k = k + i_b * s_kb + i_h * s_kh
     b_q = tl.load(p_q + o_k, mask=m_1, other=0.).to(tl.float32) * scale
     b_k = tl.load(p_k + o_k, mask=m_1, other=0.).to(tl.float32) * scale
-    b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.).to(tl.float32)
     # the quadratic features c x_a x_b, a <= b, as a flat [BP] vector; the factors are selected with 0/1 masks
     # ([BK, BP] products summed over BK: exact, and no indexed access, which would go through local memory)
     e_a = (o_k[:, None] == a_2[None, :]).to(tl.float32)
@@ -58,39 +61,46 @@ def taylor_step_kernel(
     b_qq = tl.sum(b_q[:, None] * e_a, 0) * tl.sum(b_q[:, None] * e_b, 0) * c_2
     b_kk = tl.sum(b_k[:, None] * e_a, 0) * tl.sum(b_k[:, None] * e_b, 0) * c_2
 
-    p_si = s_in + i_st * D * DV
     p_zi = z_in + i_st * D
-    m_s1 = m_1[:, None] & m_v[None, :]
-    m_s2 = m_2[:, None] & m_v[None, :]
     if HAS_STATE:
-        b_h0 = tl.load(p_si + o_v, mask=m_v, other=0.)
-        b_h1 = tl.load(p_si + r_1[:, None] * DV + o_v[None, :], mask=m_s1, other=0.)
-        b_h2 = tl.load(p_si + r_2[:, None] * DV + o_v[None, :], mask=m_s2, other=0.)
         b_z0 = tl.load(p_zi + o_1)
         b_z1 = tl.load(p_zi + r_1, mask=m_1, other=0.)
         b_z2 = tl.load(p_zi + r_2, mask=m_2, other=0.)
     else:
-        b_h0 = tl.zeros([BV], dtype=tl.float32)
-        b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
-        b_h2 = tl.zeros([BP, BV], dtype=tl.float32)
         b_z0 = tl.zeros([1], dtype=tl.float32)
         b_z1 = tl.zeros([BK], dtype=tl.float32)
         b_z2 = tl.zeros([BP], dtype=tl.float32)
-    b_h0 += b_v
-    b_h1 += b_k[:, None] * b_v[None, :]
-    b_h2 += b_kk[:, None] * b_v[None, :]
     b_z0 += 1.
     b_z1 += b_k
     b_z2 += b_kk
-    b_num = b_h0 + tl.sum(b_q[:, None] * b_h1, 0) + tl.sum(b_qq[:, None] * b_h2, 0)
     b_den = tl.sum(b_z0, 0) + tl.sum(b_q * b_z1, 0) + tl.sum(b_qq * b_z2, 0)
-    tl.store(y + i_st * DV + o_v, (b_num / (b_den + eps)).to(y.dtype.element_ty), mask=m_v)
 
+    p_si = s_in + i_st * D * DV
     p_so = s_out + i_st * D * DV
+    for j in tl.static_range(NVB):
+        o_v = (i_vp * NVB + j) * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        m_s1 = m_1[:, None] & m_v[None, :]
+        m_s2 = m_2[:, None] & m_v[None, :]
+        b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.).to(tl.float32)
+        if HAS_STATE:
+            b_h0 = tl.load(p_si + o_v, mask=m_v, other=0.)
+            b_h1 = tl.load(p_si + r_1[:, None] * DV + o_v[None, :], mask=m_s1, other=0.)
+            b_h2 = tl.load(p_si + r_2[:, None] * DV + o_v[None, :], mask=m_s2, other=0.)
+        else:
+            b_h0 = tl.zeros([BV], dtype=tl.float32)
+            b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
+            b_h2 = tl.zeros([BP, BV], dtype=tl.float32)
+        b_h0 += b_v
+        b_h1 += b_k[:, None] * b_v[None, :]
+        b_h2 += b_kk[:, None] * b_v[None, :]
+        b_num = b_h0 + tl.sum(b_q[:, None] * b_h1, 0) + tl.sum(b_qq[:, None] * b_h2, 0)
+        tl.store(y + i_st * DV + o_v, (b_num / (b_den + eps)).to(y.dtype.element_ty), mask=m_v)
+        tl.store(p_so + o_v, b_h0, mask=m_v)
+        tl.store(p_so + r_1[:, None] * DV + o_v[None, :], b_h1, mask=m_s1)
+        tl.store(p_so + r_2[:, None] * DV + o_v[None, :], b_h2, mask=m_s2)
+
     p_zo = z_out + i_st * D
-    tl.store(p_so + o_v, b_h0, mask=m_v)
-    tl.store(p_so + r_1[:, None] * DV + o_v[None, :], b_h1, mask=m_s1)
-    tl.store(p_so + r_2[:, None] * DV + o_v[None, :], b_h2, mask=m_s2)
-    tl.store(p_zo + o_1, b_z0, mask=(o_1 < 1) & (i_v == 0))
-    tl.store(p_zo + r_1, b_z1, mask=m_1 & (i_v == 0))
-    tl.store(p_zo + r_2, b_z2, mask=m_2 & (i_v == 0))
+    tl.store(p_zo + o_1, b_z0, mask=(o_1 < 1) & (i_vp == 0))
+    tl.store(p_zo + r_1, b_z1, mask=m_1 & (i_vp == 0))
+    tl.store(p_zo + r_2, b_z2, mask=m_2 & (i_vp == 0))

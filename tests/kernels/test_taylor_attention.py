@@ -315,10 +315,12 @@ def test_step_kernel_and_prefill_then_decode():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_step_inplace(backend):
-    """inplace=True updates the caller's (S, z) buffers and equals the out-of-place step; d_v 80 has two value
-    blocks (S is updated per block in place; z, read by both, via a separate buffer)."""
-    B, H, F, DV = 2, 3, 16, 80
+@pytest.mark.parametrize("DV", [80, 200])
+def test_step_inplace(backend, DV):
+    """inplace=True updates the caller's (S, z) buffers and equals the out-of-place step bitwise; d_v 80 and 200
+    are two and four value blocks (in place one program per (batch, head) walks them all, updating z once;
+    out of place one program per block), the last one masked."""
+    B, H, F = 2, 3, 16
     q, k, v, h0 = make(B, 6, H, F, DV, state=True)
     S, z = (t.clone() for t in h0)
     ptrs = (S.data_ptr(), z.data_ptr())
@@ -328,7 +330,7 @@ def test_step_inplace(backend):
         y, (S2, z2) = taylor_linear_attention_step(q[:, t], k[:, t], v[:, t], (S, z), backend=backend,
                                                    inplace=True)
         assert (S2.data_ptr(), z2.data_ptr()) == ptrs
-        assert rel(y, y_ref) < 1e-6 and rel(S, st[0]) < 1e-6 and rel(z, st[1]) < 1e-6
+        assert torch.equal(y, y_ref) and torch.equal(S, st[0]) and torch.equal(z, st[1])
     with pytest.raises(ValueError, match="inplace"):
         taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], None, backend=backend, inplace=True)
 
@@ -365,6 +367,11 @@ def test_custom_op_registration():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert rel(compiled(q, k, v), f(q, k, v)) < 1e-6
+    # the decode ops: out of place, and in place (mutates S and z, returns y)
+    qs, ks, vs = (t[:, 0].detach() for t in (q, k, v))
+    for op, state in ((ops.taylor_attention_step_op, h0), (ops.taylor_attention_step_inplace_op, h0)):
+        torch.library.opcheck(op, (qs, ks, vs, state[0].float().clone(), state[1].float().clone(), 1e-12),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def _quadratic_num_den(q, k, v):
