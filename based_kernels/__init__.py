@@ -7,7 +7,7 @@ kernels (their own modules) and the plain-PyTorch reference (``reference.py``).
 """
 from ._common import use_backend
 from .cross_entropy import vocab_parallel_cross_entropy
-from .rms_norm import rms_norm  # the function shadows the subpackage name; `from .rms_norm import ops` works
+from .rms_norm import add_rms_norm, rms_norm  # the function shadows the subpackage name; `from .rms_norm import ops` works
 from .rope import rope_split_qkv
 from .short_conv import base_conv, short_conv, short_conv_step
 from .sliding_window import sliding_window_attention, sliding_window_step
@@ -24,5 +24,6 @@ __all__ = [
     "use_backend",
     "vocab_parallel_cross_entropy",
     "rms_norm",
+    "add_rms_norm",
     "rope_split_qkv",
 ]

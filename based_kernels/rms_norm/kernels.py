@@ -71,6 +71,35 @@ def rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, N, eps, D: tl.conste
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
 
+@_autotuned(max_per_thread=64)
+@triton.jit
+def add_rms_fwd_kernel(x_ptr, r_ptr, b_ptr, w_ptr, h_ptr, y_ptr, stride_x, stride_r, N, eps, D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The residual add before a norm, and the norm (inference; no backward): ``h = r + (x + b)`` with x and b
+    first rounded to h's (= r's) dtype and each sum rounded to it (``reference.residual_add``: no-ops for an fp32
+    residual), stored; then ``rms_fwd_kernel``'s math on h (statistics from h's stored values, w rounded to h's
+    dtype), y rounded once to its dtype. x and r have their own row strides (in ALIGN elements), h and y are
+    contiguous."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    mask = rmask[:, None] & (cols < D)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    h_ty = h_ptr.dtype.element_ty
+    x = tl.load(x_ptr + r64 * stride_x * ALIGN + cols[None, :], mask=mask, other=0.0).to(h_ty).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(h_ty).to(tl.float32)
+        x = (x + b[None, :]).to(h_ty).to(tl.float32)
+    r = tl.load(r_ptr + r64 * stride_r * ALIGN + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = (r + x).to(h_ty)
+    tl.store(h_ptr + r64 * D + cols[None, :], h, mask=mask)
+    hf = h.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(h_ty).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(hf * hf, 1) / D + eps)
+    tl.store(y_ptr + r64 * D + cols[None, :], (hf * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
 @_autotuned(max_per_thread=32)
 @triton.jit
 def rms_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dwp_ptr, stride_x, stride_dy, N, rows_per_prog,

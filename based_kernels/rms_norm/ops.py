@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 
 from .._common import Launcher, cdiv, next_pow2, resolve_backend, row_align
-from .kernels import MAX_D, ROW_QUANTUM, rms_bwd_kernel, rms_fwd_kernel
-from .reference import rms_norm_reference
+from .kernels import MAX_D, ROW_QUANTUM, add_rms_fwd_kernel, rms_bwd_kernel, rms_fwd_kernel
+from .reference import add_rms_norm_reference, rms_norm_reference
 
-__all__ = ["rms_norm", "RMSNormFunction", "rms_norm_fwd_op", "rms_norm_bwd_op", "fwd_triton", "bwd_triton"]
+__all__ = ["rms_norm", "add_rms_norm", "RMSNormFunction", "rms_norm_fwd_op", "rms_norm_bwd_op", "fwd_triton",
+           "bwd_triton", "add_fwd_triton"]
 
 
 # ------------------------------------------------------------------------------------------- the functional API
@@ -71,8 +72,50 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend=N
     return y if x.dim() == 2 else y.view(x.shape)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                 backend=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add before a pre-norm sublayer and that norm, in one pass (inference: no backward).
+
+    Returns ``(y, h)``: ``h = residual + (x + bias)`` in the residual's dtype (x and bias cast to it first, as
+    Megatron's bias-dropout-add does; ``reference.residual_add``) and ``y = rms_norm(h, weight, eps,
+    out_dtype=out_dtype)``. x and residual ``[..., D]`` of the same shape (contiguous last dim, any row strides;
+    otherwise one copy), bias ``[D]`` or None; h comes out contiguous. On the Triton path the add's results are
+    bitwise those of ``residual_add``, and y equals ``rms_norm(h, ...)`` up to the order of the fp32 sum of
+    squares (the two kernels are tuned separately). Inputs that require grad are refused: nothing records a
+    backward. backend as for :func:`rms_norm`.
+    """
+    if tuple(x.shape) != tuple(residual.shape):
+        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same shape")
+    D = x.shape[-1] if x.dim() else 0
+    if bias is not None and (tuple(bias.shape) != (D,) or bias.device != x.device):
+        raise ValueError(f"bias must be [D] = [{D}] on {x.device}; got {tuple(bias.shape)} on {bias.device}")
+    if residual.device != x.device:
+        raise ValueError(f"x ({x.device}) and residual ({residual.device}) are on different devices")
+    if tuple(weight.shape) != (D,) or weight.device != x.device:
+        raise ValueError(f"weight must be [D] = [{D}] on {x.device}; got {tuple(weight.shape)} on {weight.device}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+        raise RuntimeError("add_rms_norm has no backward: call it under torch.no_grad() / inference_mode(), or use "
+                           "the add and rms_norm")
+    if resolve_backend(backend, x) == "torch" or x.numel() == 0:
+        if out_dtype == residual.dtype:
+            out_dtype = None
+        return add_rms_norm_reference(x, residual, weight, eps, bias, out_dtype)
+    if D > MAX_D:
+        raise ValueError(f"the Triton RMSNorm keeps a row in registers: D = {D} > {MAX_D} (use backend='torch')")
+    out_dtype = residual.dtype if out_dtype is None else out_dtype
+    for name, dt in (("x", x.dtype), ("residual", residual.dtype), ("out_dtype", out_dtype)) + (
+            (("bias", bias.dtype),) if bias is not None else ()):
+        if dt not in _TRITON_DTYPES:
+            raise TypeError(f"the Triton add + RMSNorm takes {_TRITON_DTYPES}; got {name} {dt} (use backend='torch')")
+    x2, r2 = (t.reshape(-1, D) for t in (x, residual))
+    x2, r2 = (t if t.stride(1) == 1 else t.contiguous() for t in (x2, r2))
+    y, h = add_fwd_triton(x2, r2, weight if weight.stride(0) == 1 else weight.contiguous(), eps, bias, out_dtype)
+    return y.view(x.shape), h.view(x.shape)
+
+
 # ------------------------------------------------------------------------------------------------ the Triton path
-_fwd, _bwd = Launcher(rms_fwd_kernel), Launcher(rms_bwd_kernel)
+_fwd, _bwd, _add_fwd = Launcher(rms_fwd_kernel), Launcher(rms_bwd_kernel), Launcher(add_rms_fwd_kernel)
 _SMS = {}
 PROGRAMS_PER_SM = 4  # backward programs (each a contiguous range of rows); the interpreter's "device": 4 SMs
 
@@ -95,6 +138,19 @@ def fwd_triton(x: torch.Tensor, w: torch.Tensor, eps: float,
     _fwd(lambda meta: (cdiv(N, meta["BLOCK_M"]),), (x, w, y, rstd, x.stride(0) // a, N, eps),
          D=D, BLOCK_D=next_pow2(D), ALIGN=a)
     return y, rstd
+
+
+def add_fwd_triton(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y [N, D] in out_dtype, h [N, D] in r's dtype)`` of :func:`add_rms_norm` on 2-D views."""
+    N, D = x.shape
+    h = torch.empty((N, D), dtype=r.dtype, device=x.device)
+    y = torch.empty((N, D), dtype=out_dtype, device=x.device)
+    a = row_align(*sorted((x, r), key=lambda t: t.element_size()))
+    _add_fwd(lambda meta: (cdiv(N, meta["BLOCK_M"]),),
+             (x, r, w if bias is None else bias, w, h, y, x.stride(0) // a, r.stride(0) // a, N, float(eps)),
+             D=D, BLOCK_D=next_pow2(D), ALIGN=a, HAS_BIAS=bias is not None)
+    return y, h
 
 
 def bwd_triton(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor):

@@ -29,6 +29,8 @@ import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
 
+from based_kernels.rms_norm.reference import residual_add  # noqa: E402
+
 from ..model.config import ConfigError  # noqa: E402
 from ..runtime.cli import bad_option, fail  # noqa: E402
 from ..runtime.parallel import initialize_parallel  # noqa: E402
@@ -106,19 +108,19 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, to
 
 
 def _add(residual: torch.Tensor, out_bias) -> torch.Tensor:
-    """Megatron's bias-dropout-add at inference: ``residual + (out + bias)``, with out and bias in the residual's
-    dtype as Megatron casts them (an fp32 residual stream, ``fp32_residual_connection``: the bf16 mixer / MLP output
-    and bias are added in fp32, the sum stays fp32). Without a bias the cast is left to torch's type promotion:
-    ``residual + out`` casts out to fp32 inside the one add kernel (bf16 -> fp32 is exact, so the sum is bit for
-    bit that of casting first), one kernel per sublayer and decode step fewer than a separate cast."""
-    out, bias = out_bias
-    if bias is None:
-        if torch.promote_types(residual.dtype, out.dtype) != residual.dtype:
-            out = out.to(residual.dtype)
-        return residual + out
-    if out.dtype != residual.dtype:
-        out, bias = out.to(residual.dtype), bias.to(residual.dtype)
-    return residual + (out + bias)
+    """Megatron's bias-dropout-add at inference: ``residual + (out + bias)`` in the residual's dtype
+    (``based_kernels.rms_norm.reference.residual_add``: with ``fp32_residual_connection`` the bf16 sublayer output
+    and bias are added in fp32, the sum stays fp32; without a bias one add kernel)."""
+    return residual_add(residual, *out_bias)
+
+
+def _add_norm(residual: torch.Tensor, out_bias, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(h), h)`` with ``h = _add(residual, out_bias)``: the residual add and the next sublayer's norm in one
+    kernel where the norm has a fused form (``RMSNorm.residual_forward``), else the add, then the norm."""
+    if hasattr(norm, "residual_forward"):
+        return norm.residual_forward(residual, *out_bias)
+    h = _add(residual, out_bias)
+    return norm(h), h
 
 
 def kv_length_buckets(max_length: int, granularity: int = 256, per_octave: int = 8) -> list[int]:
@@ -247,12 +249,19 @@ class Generator:
         # it) and every residual sum are fp32, the norms hand the mixers and MLPs the compute dtype (self.dtype,
         # which the caches hold); the final norm feeds the output layer in that dtype too. A captured decode graph
         # (cuda_graph) keeps these dtypes: its only static buffers are tokens, positions (int64) and fp32 logits.
+        # Each residual add runs fused with the norm after it (_add_norm); the last one is a plain add.
         hidden = self.model.embedding(input_ids=tokens, position_ids=positions)
+        out = None  # the last sublayer's (output, bias), not yet added to hidden
         for layer, cache in zip(self.layers, self.caches):
-            hidden = _add(hidden, mixer_call(layer.self_attention, layer.input_layernorm(hidden), cache))
+            if out is None:
+                normed = layer.input_layernorm(hidden)
+            else:
+                normed, hidden = _add_norm(hidden, out, layer.input_layernorm)
+            out = mixer_call(layer.self_attention, normed, cache)
             if not isinstance(layer.mlp, IdentityOp):  # a layer without MLP (build_model(mlp=False)): x + Mixer
-                hidden = _add(hidden, layer.mlp(layer.pre_mlp_layernorm(hidden)))
-        return hidden
+                normed, hidden = _add_norm(hidden, out, layer.pre_mlp_layernorm)
+                out = layer.mlp(normed)
+        return hidden if out is None else _add(hidden, out)
 
     @torch.inference_mode()
     def prefill(self, prompts, lengths: Sequence[int] | None = None, padding_side: str = "right") -> torch.Tensor:

@@ -35,7 +35,18 @@ class RMSNorm(torch.nn.Module):
         # unfused fp32 formula was 31% of based-360m's GPU time per training step on an H100; the Triton kernels
         # took the norms from 16.7 to 10.9 ms per step against F.rms_norm (docs/benchmarks.md).
         # The compute dtype is the weight's (config.params_dtype; also right for a model cast after it was built).
-        out_dtype = None
-        if self.fp32_residual and x.dtype == torch.float32 and self.weight.dtype != torch.float32:
-            out_dtype = self.weight.dtype
-        return based_kernels.rms_norm(x, self.weight, self.eps, out_dtype=out_dtype)
+        return based_kernels.rms_norm(x, self.weight, self.eps, out_dtype=self._out_dtype(x.dtype))
+
+    def residual_forward(self, residual: torch.Tensor, x: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(h), h)`` with ``h = residual + (x + bias)`` in the residual's dtype (Megatron's bias-dropout-add
+        at inference: x and bias cast to it first): the residual add before this norm and the norm in one pass
+        (``based_kernels.add_rms_norm``; one kernel on the GPU instead of one or two adds and the norm). For
+        inference (generation's layer loop): no backward."""
+        return based_kernels.add_rms_norm(x, residual, self.weight, self.eps, bias=bias,
+                                          out_dtype=self._out_dtype(residual.dtype))
+
+    def _out_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        if self.fp32_residual and dtype == torch.float32 and self.weight.dtype != torch.float32:
+            return self.weight.dtype
+        return None

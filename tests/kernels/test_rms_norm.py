@@ -260,3 +260,79 @@ def test_fp32_in_bf16_out_model_sizes(rows, d):
         assert err <= 1.05 * torch_err + 1e-6, (name, err, torch_err)
     again = run(x, w, dy, 1e-5, backend="triton", out_dtype=torch.bfloat16)
     assert all(torch.equal(p, q) for p, q in zip(ours, again))
+
+
+# -- the residual add fused with the norm (inference) ------------------------------------------------------------
+def add_inputs(shape, x_dtype, r_dtype, bias_dtype, seed=11):
+    """x (a sublayer's output) as a column slice of a wider buffer (row stride != D), the residual contiguous,
+    a bias or None."""
+    g = torch.Generator().manual_seed(seed)
+    D = shape[-1]
+    x = torch.randn(*shape[:-1], D + 3, generator=g).to(DEV, x_dtype)[..., 1 : 1 + D]
+    r = (torch.randn(shape, generator=g) * 4).to(DEV, r_dtype)
+    b = None if bias_dtype is None else (torch.randn(D, generator=g) * 0.1).to(DEV, bias_dtype)
+    w = (torch.rand(D, generator=g) + 0.5).to(DEV, torch.float16)
+    return x, r, b, w
+
+
+ADD_CASES = [  # (x, residual, bias, out_dtype): an fp32 residual stream normed to fp16; all-fp32; all-fp16
+    (torch.float16, torch.float32, torch.float16, torch.float16),
+    (torch.float16, torch.float32, None, torch.float16),
+    (torch.float32, torch.float32, torch.float32, None),
+    (torch.float16, torch.float16, torch.float16, None),
+    (torch.float16, torch.float16, None, None),
+]
+
+
+@pytest.mark.parametrize("shape", [(37, 45), (5, 3, 37), (7, 1000)])
+@pytest.mark.parametrize("x_dtype, r_dtype, b_dtype, out_dtype", ADD_CASES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_add_rms_norm(shape, x_dtype, r_dtype, b_dtype, out_dtype, backend):
+    """h bitwise the unfused residual add (casts and roundings of reference.residual_add: the fp16 residual's two
+    roundings included); y within one rounding of rms_norm(h) and of the fp64 formula on h."""
+    from based_kernels.rms_norm.reference import residual_add
+
+    x, r, b, w = add_inputs(shape, x_dtype, r_dtype, b_dtype)
+    with torch.inference_mode():
+        y, h = based_kernels.add_rms_norm(x, r, w, 1e-5, bias=b, out_dtype=out_dtype, backend=backend)
+        h_ref = residual_add(r, x, b)
+        y_ref = based_kernels.rms_norm(h_ref, w, 1e-5, out_dtype=out_dtype, backend=backend)
+    assert h.dtype == r_dtype and h.shape == r.shape and h.is_contiguous() and torch.equal(h, h_ref)
+    assert y.dtype == (out_dtype or r_dtype) and y.shape == r.shape
+    tol = 2e-6 if y.dtype == torch.float32 else 1e-3
+    assert (y.double() - y_ref.double()).abs().max().item() <= tol * y_ref.double().abs().max().item()
+    y64 = fp64_reference(h, w, torch.zeros_like(h), 1e-5)[0]
+    assert rel(y, y64) < tol, rel(y, y64)
+
+
+def test_add_rms_norm_errors():
+    x, r, b, w = add_inputs((4, 16), torch.float32, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match=r"x \(4, 16\) and residual \(4, 15\) must have the same shape"):
+        based_kernels.add_rms_norm(x, r[:, :15], w)
+    with pytest.raises(ValueError, match=r"bias must be \[D\] = \[16\]"):
+        based_kernels.add_rms_norm(x, r, w, bias=b[:8])
+    with pytest.raises(ValueError, match=r"weight must be \[D\] = \[16\]"):
+        based_kernels.add_rms_norm(x, r, w[:8])
+    with pytest.raises(RuntimeError, match="add_rms_norm has no backward"):
+        based_kernels.add_rms_norm(x.requires_grad_(), r, w)
+    with pytest.raises(TypeError, match=r"got residual torch.float64 \(use backend='torch'\)"):
+        based_kernels.add_rms_norm(x.detach(), r.double(), w, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [False, True])
+def test_add_rms_norm_decode_size(bias):
+    """A based-1.3b decode step's add + norm: 128 rows x 1792, bf16 sublayer output (a strided view) and bias,
+    fp32 residual, bf16 out: h bitwise the unfused add, y within one bf16 rounding of rms_norm(h) (the two
+    kernels may sum the squares in another order), deterministic."""
+    from based_kernels.rms_norm.reference import residual_add
+
+    x, r, b, w = add_inputs((128, 1792), torch.bfloat16, torch.float32, torch.bfloat16 if bias else None, seed=12)
+    w = w.to(torch.bfloat16)
+    with torch.inference_mode():
+        y, h = based_kernels.add_rms_norm(x, r, w, 1e-5, bias=b, out_dtype=torch.bfloat16)
+        h_ref = residual_add(r, x, b)
+        y_ref = based_kernels.rms_norm(h_ref, w, 1e-5, out_dtype=torch.bfloat16)
+        again = based_kernels.add_rms_norm(x, r, w, 1e-5, bias=b, out_dtype=torch.bfloat16)
+    assert torch.equal(h, h_ref) and torch.equal(y, again[0]) and torch.equal(h, again[1])
+    assert ((y.float() - y_ref.float()).abs() <= 2 ** -7 * y_ref.float().abs()).all()
