@@ -1,7 +1,8 @@
 """The fused RoPE + q/k/v split in the S and A mixers (config.rope_fusion) against Megatron's split +
 apply_rotary_pos_emb path (rope_fusion=False): a tiny model's loss, logits and every parameter gradient, MHA and
 GQA, with the fused op on its PyTorch path and its Triton one (interpreter on CPU), and under TP=2 with sequence parallelism
-(including GQA with fewer query groups than TP ranks, where the A layer keeps Megatron's path). The CP, generation
+(including GQA with fewer query groups than TP ranks, where the A layer keeps Megatron's path); generation's
+rotation at explicit positions bitwise the training forward's, fused and unfused. The CP, generation
 and parallel-training tests run the fused path too (it is the default)."""
 import pytest
 import torch
@@ -78,6 +79,41 @@ def test_tp2_sequence_parallel_fused_equals_single_rank_unfused(groups, a_fused)
         assert errs.pop("loss") < 1e-5 and errs.pop("logits") < 1e-5
         bad = {n: e for n, e in errs.items() if not e < 3e-6}
         assert not bad, bad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_generation_rotates_as_training(backend, fused, monkeypatch):
+    """The q, k, v generation's prefill and decode steps compute at explicit positions (S: project_qkv(h,
+    positions); A: _qkv_at) are bitwise those of the training forward's path at the same positions, fused (the
+    same kernel, per-token angles) and unfused (Megatron's apply_rotary_pos_emb both ways); GQA in the A layer."""
+    with in_process_group(monkeypatch), based_kernels.use_backend(backend):
+        model = tiny_model(PATTERN, rope_fusion=fused, num_query_groups=2).eval()
+        s, b = 11, 3
+        h = torch.randn(s, b, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+        pos = torch.arange(s)[:, None].expand(s, b)
+        layers = model.decoder.layers
+        with torch.no_grad():
+            swa = layers[1].self_attention
+            assert all(torch.equal(x, y) for x, y in zip(swa.project_qkv(h), swa.project_qkv(h, pos)))
+            attn = layers[2].self_attention
+            if fused:  # what SoftmaxAttention.forward sets for the training forward
+                attn._rope_at = 0
+                try:
+                    train = attn.get_query_key_value_tensors(h)
+                finally:
+                    attn._rope_at = None
+            else:
+                from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+                from megatron_based.model.rope import rope_freqs
+
+                q, k, v = attn.get_query_key_value_tensors(h)
+                freqs = rope_freqs(s, q.shape[-1], model.config.rope_base)
+                cp = attn.pg_collection.cp
+                train = (apply_rotary_pos_emb(q, freqs, model.config, cp_group=cp),
+                         apply_rotary_pos_emb(k, freqs, model.config, cp_group=cp), v)
+            assert all(torch.equal(x, y) for x, y in zip(train, attn._qkv_at(h, pos)))
 
 
 def test_config_rejects_a_non_bool_rope_fusion():
