@@ -99,9 +99,10 @@ class BasedConfig(TransformerConfig):
         long_conv_length: filter length l_max of the H mixer (Zoology's BaseConv with a long implicit convolution):
             the longest sequence it takes. 0 (default): ``build_model`` sets it to ``max_sequence_length``.
         rope_base: RoPE base of the S and A mixers (full head dim, rotate-half).
-        rope_fusion: training forwards of the S and A mixers split q, k, v and apply RoPE in one kernel each way
-            (``based_kernels.rope_split_qkv``: fp32 math from fp64-exact cos / sin tables); False: Megatron's
-            split + ``apply_rotary_pos_emb`` (the e2e comparison). Prefill / decode steps always use the latter.
+        rope_fusion: the S and A mixers split q, k, v and apply RoPE in one kernel each way
+            (``based_kernels.rope_split_qkv``: fp32 math from fp64-exact cos / sin), in training forwards and in
+            generation's prefill and decode steps (at each token's position); False: Megatron's split +
+            ``apply_rotary_pos_emb`` everywhere (the e2e comparison).
             (Megatron's own ``apply_rope_fusion`` is TransformerEngine's kernel, off here.)
         fp32_residual_connection (Megatron's field): the residual stream between layers (embedding output, every
             ``x + Mixer(..)`` and ``h + MLP(..)``, the pipeline stages' activations) in fp32 while the mixers and MLPs
