@@ -87,14 +87,15 @@ def main():
                     print(f"BT {BT:3d} {name:6s} BF {BF} BV {BV} warps {nw} stages {ns}: FAILED {repr(e)[:400]}")
     # the decode kernel as ops launches it (4 warps): out of place (one value block per program, with and without
     # a state) and in place (every value block in one program)
-    BV = min(64, max(16, triton.next_power_of_2(DV)))
-    for has, nvb in ((True, 1), (False, 1), (True, triton.cdiv(DV, BV))):
-        c = dict(F=F, DV=DV, BK=BK, BP=triton.next_power_of_2(F * (F + 1) // 2), BV=BV, NVB=nvb, HAS_STATE=has)
+    BV, BV_IN = min(64, max(16, triton.next_power_of_2(DV))), min(32, max(16, triton.next_power_of_2(DV)))
+    for has, bv, nvb, nw in ((True, BV, 1, 4), (False, BV, 1, 4), (True, BV_IN, triton.cdiv(DV, BV_IN), 8)):
+        c = dict(F=F, DV=DV, BK=BK, BP=triton.next_power_of_2(F * (F + 1) // 2), BV=bv, NVB=nvb, HAS_STATE=has)
         try:
-            regs, spill, smem = compile_kernel(recurrent.taylor_step_kernel, args.dtype, c, 4, 1)
-            print(f"decode BV {BV:3d} NVB {nvb} state {has}: regs {regs}, spill {spill} B, smem {smem} B", flush=True)
+            regs, spill, smem = compile_kernel(recurrent.taylor_step_kernel, args.dtype, c, nw, 1)
+            print(f"decode BV {bv:3d} NVB {nvb} warps {nw} state {has}: regs {regs}, spill {spill} B, smem {smem} B",
+                  flush=True)
         except Exception as e:  # noqa: BLE001
-            print(f"decode BV {BV} NVB {nvb} state {has}: FAILED {repr(e)[:400]}")
+            print(f"decode BV {bv} NVB {nvb} warps {nw} state {has}: FAILED {repr(e)[:400]}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def taylor_step_kernel(
 
     p_si = s_in + i_st * D * DV
     p_so = s_out + i_st * D * DV
-    for j in tl.static_range(NVB):
+    for j in range(NVB):  # a loop, not unrolled: one value block's tiles live at a time
         o_v = (i_vp * NVB + j) * BV + tl.arange(0, BV)
         m_v = o_v < DV
         m_s1 = m_1[:, None] & m_v[None, :]
