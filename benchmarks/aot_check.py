@@ -85,10 +85,10 @@ def main():
                           f"spill {spill} B, smem {smem} B", flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"BT {BT:3d} {name:6s} BF {BF} BV {BV} warps {nw} stages {ns}: FAILED {repr(e)[:400]}")
-    # the decode kernel as ops launches it (4 warps): out of place (one value block per program, with and without
+    # the decode kernel as ops launches it (8 warps): out of place (one value block per program, with and without
     # a state) and in place (every value block in one program)
     BV, BV_IN = min(64, max(16, triton.next_power_of_2(DV))), min(32, max(16, triton.next_power_of_2(DV)))
-    for has, bv, nvb, nw in ((True, BV, 1, 4), (False, BV, 1, 4), (True, BV_IN, triton.cdiv(DV, BV_IN), 8)):
+    for has, bv, nvb, nw in ((True, BV, 1, 8), (False, BV, 1, 8), (True, BV_IN, triton.cdiv(DV, BV_IN), 8)):
         c = dict(F=F, DV=DV, BK=BK, BP=triton.next_power_of_2(F * (F + 1) // 2), BV=bv, NVB=nvb, HAS_STATE=has)
         try:
             regs, spill, smem = compile_kernel(recurrent.taylor_step_kernel, args.dtype, c, nw, 1)
