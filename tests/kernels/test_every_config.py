@@ -48,13 +48,23 @@ def check_sliding_window():
 
 def check_rms_norm():
     # a partial row block of every BLOCK_M and a partial BLOCK_D, bf16 weights as in bf16 models; one width (each
-    # width or weight dtype is one more compilation of every config, and the GPU suite has a time budget)
+    # width or weight dtype is one more compilation of every config, and the GPU suite has a time budget); the
+    # norm, and the residual add + norm
     x, w, dy = rms.make((T, 1000), DT, DT, seed=11)
     ours = rms.run(x, w, dy, 1e-5, backend="triton")
     theirs = rms.run(x, w, dy, 1e-5, backend="torch")
     for name, a, t, ref in zip(("y", "dx", "dw"), ours, theirs, rms.fp64_reference(x, w, dy, 1e-5)):
         err, torch_err = rms.rel(a, ref), rms.rel(t, ref)
         assert err <= 1.5 * torch_err + 1e-6, (name, err, torch_err)
+    # the residual add + norm of decode (an fp32 residual and a bias, as in bf16 models)
+    from based_kernels.rms_norm.reference import residual_add
+
+    r = torch.randn(T, 1000, generator=torch.Generator().manual_seed(12)).to(x.device) * 4
+    with torch.inference_mode():
+        y, h = based_kernels.add_rms_norm(x, r, w, 1e-5, bias=w, out_dtype=DT, backend="triton")
+        h_ref = residual_add(r, x, w)
+    assert torch.equal(h, h_ref)
+    assert rms.rel(y, rms.fp64_reference(h_ref, w, dy, 1e-5)[0]) < (5e-3 if GPU else 2e-6)
 
 
 def check_rope():
@@ -64,6 +74,10 @@ def check_rope():
     got = rope.run(qkv, dq, dk, dv, ng, D, offset=offset, backend="triton")
     ref = rope.reference(qkv, dq, dk, dv, G, D, offset)
     errs = [rope.rel(a, r) for a, r in zip(got, ref)]
+    assert max(errs) < (4e-3 if GPU else 2e-7), errs
+    pos = rope.ragged_positions(s, b)  # per-token positions: the kernels' other angle source
+    got = rope.run(qkv, dq, dk, dv, ng, D, positions=pos, backend="triton")
+    errs = [rope.rel(a, r) for a, r in zip(got, rope.reference(qkv, dq, dk, dv, G, D, 0, positions=pos))]
     assert max(errs) < (4e-3 if GPU else 2e-7), errs
 
 
