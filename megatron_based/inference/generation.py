@@ -371,7 +371,9 @@ class Generator:
                  on_token: Callable[[int, list[int], list[bool]], None] | None = None) -> list[list[int]]:
         """Generate up to ``max_new_tokens`` per prompt; a sequence ends after emitting one of ``stop_tokens``
         (included in its output). ``on_token(step, tokens, finished)`` streams each step's tokens (a finished
-        sequence's entry is meaningless). Returns the new tokens of each prompt."""
+        sequence's entry is meaningless). Returns the new tokens of each prompt. The next step is queued on the
+        device before this step's tokens are read on the host, so when every sequence stops early the caches have
+        taken one token more than was returned."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -380,9 +382,18 @@ class Generator:
         stop = set(stop_tokens)
         outputs = [[] for _ in range(logits.shape[0])]
         finished = [False] * len(outputs)
+        tokens = self._sample(logits, generator, **sampling)
         for t in range(max_new_tokens):
-            tokens = self._sample(logits, generator, **sampling)
-            host = tokens.tolist()
+            # The host needs each step's tokens (outputs, stop tokens, streaming) but the next step needs them only
+            # on the device: copy them out, queue the next step, then wait for the copy alone, so the device runs
+            # that step while the host does its part (one step more than needed when every sequence stops here)
+            host_tokens, copied = _to_host(tokens)
+            queued = t < max_new_tokens - 1 and not (self.max_length and max(self._host_positions) >= self.max_length)
+            if queued:
+                logits = self.step(tokens)
+            if copied is not None:
+                copied.synchronize()
+            host = host_tokens.tolist()
             for i, tok in enumerate(host):
                 if not finished[i]:
                     outputs[i].append(tok)
@@ -391,8 +402,21 @@ class Generator:
                 on_token(t, host, list(finished))
             if all(finished) or t == max_new_tokens - 1:
                 break
-            logits = self.step(tokens)
+            if not queued:  # past max_length: step raises its error
+                logits = self.step(tokens)
+            tokens = self._sample(logits, generator, **sampling)
         return outputs
+
+
+def _to_host(tokens: torch.Tensor):
+    """``(host copy, event)``: on CUDA a non-blocking copy into pinned memory and the event after it (wait on it,
+    not on the stream, to read the copy while later work runs); on CPU the tensor itself and None."""
+    if tokens.device.type != "cuda":
+        return tokens, None
+    host = tokens.to("cpu", non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 # -- checking decode against a full forward (tests, benchmarks/generation.py) -----------------------------------
