@@ -56,6 +56,8 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--dv", type=int, default=64)
     ap.add_argument("--f", type=int, default=16)
+    ap.add_argument("--passes", nargs="+", default=["state", "output", "grad", "decode"],
+                    choices=["state", "output", "grad", "decode"])
     args = ap.parse_args()
     F, DV = args.f, args.dv
     BK = max(16, triton.next_power_of_2(F))
@@ -64,7 +66,10 @@ def main():
         for name, cfgs in {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
                            "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
                            "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1)]}.items():
-            for BF, BV, nw, ns in cfgs:
+            if name not in args.passes:
+                continue
+            # the gradient pass as one kernel (part 0) or split (ops.GRAD_SPLIT: parts 1 and 2)
+            for BF, BV, nw, ns, part in [(*c, p) for c in cfgs for p in ((0, 1, 2) if name == "grad" else (0,))]:
                 BV = min(BV, DV)
                 # the fp32-operand products' precision, as based_kernels._common.dot_precision picks it under torch's default
                 prec = "ieee" if args.dtype == "fp32" else "tf32"
@@ -78,17 +83,18 @@ def main():
                                                                    LOW_PREC="ieee" if prec == "ieee" else "tf32x3")
                 else:
                     fn, c = chunk.taylor_chunk_grad_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
-                                                                 HI=ops.HI_BWD)
+                                                                 HI=ops.HI_BWD, PART=part)
+                label = f"{name}{part}" if part else name
                 try:
                     regs, spill, smem = compile_kernel(fn, args.dtype, c, nw, ns)
-                    print(f"BT {BT:3d} {name:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}: regs {regs}, "
+                    print(f"BT {BT:3d} {label:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}: regs {regs}, "
                           f"spill {spill} B, smem {smem} B", flush=True)
                 except Exception as e:  # noqa: BLE001
-                    print(f"BT {BT:3d} {name:6s} BF {BF} BV {BV} warps {nw} stages {ns}: FAILED {repr(e)[:400]}")
+                    print(f"BT {BT:3d} {label:6s} BF {BF} BV {BV} warps {nw} stages {ns}: FAILED {repr(e)[:400]}")
     # the decode kernel as ops launches it (8 warps): out of place (one value block per program, with and without
     # a state) and in place (every value block in one program)
     BV, BV_IN = min(64, max(16, triton.next_power_of_2(DV))), min(32, max(16, triton.next_power_of_2(DV)))
-    for has, bv, nvb, nw in ((True, BV, 1, 8), (False, BV, 1, 8), (True, BV_IN, triton.cdiv(DV, BV_IN), 8)):
+    for has, bv, nvb, nw in () if "decode" not in args.passes else ((True, BV, 1, 8), (False, BV, 1, 8), (True, BV_IN, triton.cdiv(DV, BV_IN), 8)):
         c = dict(F=F, DV=DV, BK=BK, BP=triton.next_power_of_2(F * (F + 1) // 2), BV=bv, NVB=nvb, HAS_STATE=has)
         try:
             regs, spill, smem = compile_kernel(recurrent.taylor_step_kernel, args.dtype, c, nw, 1)

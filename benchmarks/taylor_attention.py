@@ -165,19 +165,25 @@ def sweep(results, save):
     # (the symmetric map's 153 rows: BF 64 -> 3 feature blocks, 128 -> 2, 32 -> 5)
     cands = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
              "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
-             "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (32, 64, 4, 1)]}
+             # the 5th entry: ops.GRAD_SPLIT (dq and dk / dv in two kernels)
+             "grad": [(64, 64, 8, 1, False), (32, 64, 8, 1, False), (32, 64, 4, 1, False), (64, 64, 8, 1, True),
+                      (32, 64, 8, 1, True), (32, 64, 4, 1, True)]}
     for name, cfgs in cands.items():
         kind = "fwdbwd" if name == "grad" else "fwd"
         best = None
         for cfg in cfgs:
-            ops.CONFIG[name] = cfg
+            ops.CONFIG[name] = cfg[:4]
+            if name == "grad":
+                ops.GRAD_SPLIT = cfg[4]
             t = _try(f"{name} {cfg}", time_case, ours, B, T, dv, kind, 120)
             out[f"{name} {cfg}"] = t
             print(f"sweep {name} {cfg} ({kind}): {t} ms", flush=True)
             if t is not None and (best is None or t < best[1]):
                 best = (cfg, t)
-        ops.CONFIG[name] = best[0]
-    out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG)}
+        ops.CONFIG[name] = best[0][:4]
+        if name == "grad":
+            ops.GRAD_SPLIT = best[0][4]
+    out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG), "GRAD_SPLIT": ops.GRAD_SPLIT}
     print("chosen:", out["chosen"], flush=True)
     results["sweep"] = out
     save()
@@ -286,6 +292,7 @@ def main():
         except Exception:  # noqa: BLE001
             traceback.print_exc()
     results["config"] = {"CHUNK": ops.CHUNK, "CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
+                         "GRAD_SPLIT": ops.GRAD_SPLIT,
                          "HI_INTRA": ops.HI_INTRA, "HI_BWD": ops.HI_BWD}
     save()
     _try("breakdown", breakdown, results, save)

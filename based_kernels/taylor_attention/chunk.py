@@ -325,8 +325,11 @@ def taylor_chunk_grad_kernel(
     T, H, NC, scale,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr, PREC: tl.constexpr,
+    PART: tl.constexpr = 0,
 ):
-    """dq, dk (partials of value block i_v, raw-input space) and dv of one chunk."""
+    """dq, dk (partials of value block i_v, raw-input space) and dv of one chunk. PART 0: all three; 1: dq alone
+    (the intra-chunk dS K and the state before the chunk); 2: dk and dv alone (A^T dO, dS^T Q and the gradient of
+    the state after the chunk): the pass split in two kernels that each keep fewer tiles live."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p_st = i_c.to(tl.int64) * H + i_h
@@ -349,31 +352,37 @@ def taylor_chunk_grad_kernel(
     m_c = (o_t[:, None] >= o_t[None, :]) & m_t[None, :] & m_t[:, None]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
     b_k = finite_rows(b_k)[0]
-    b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
-    b_dv = _mm(tl.trans(b_A), b_do, b_v, HI, PREC)
     # d/d(q_raw . k_raw)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
     b_dS = tl.where(m_c, (b_dp + b_dd[:, None]) * (1. + b_s), 0.) * (scale * scale)
-    b_dq = _mm(b_dS, b_k, b_v, HI, PREC)
-    b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI, PREC)
+    if PART != 2:
+        b_dq = _mm(b_dS, b_k, b_v, HI, PREC)
+    if PART != 1:
+        b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
+        b_dv = _mm(tl.trans(b_A), b_do, b_v, HI, PREC)
+        b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI, PREC)
     # inter-chunk: dq from the state before the chunk, dk and dv from the gradient of the state after it
     for i_f in range(0, NF):
         o_r, m_r, a, b, c = _features(i_f, scale, F, BF)
         m_rv = m_r[:, None] & m_v[None, :]
         p_h = (p_st * D + o_r[:, None]) * DV + o_v[None, :]
-        b_h = tl.load(hc + p_h, mask=m_rv, other=0.)
-        b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
-        b_wq = tl.dot(b_do.to(b_h.dtype), tl.trans(b_h), input_precision=PREC) + b_dd[:, None] * b_z[None, :]
-        b_xa, b_xb = _expand(b_q, a, b, BK)
-        b_dq += _phi_vjp(b_wq, b_xa, b_xb, a, b, c, BK, PREC)
-        b_dh = tl.load(dhc + p_h, mask=m_rv, other=0.)
-        b_dz = tl.load(dzc + p_st * D + o_r, mask=m_r, other=0.)
-        b_xa, b_xb = _expand(b_k, a, b, BK)
-        b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(b_dh.dtype), b_dh, input_precision=PREC)
-        b_wk = tl.dot(b_v.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC) + w0 * b_dz[None, :]
-        b_dk += _phi_vjp(b_wk, b_xa, b_xb, a, b, c, BK, PREC)
+        if PART != 2:
+            b_h = tl.load(hc + p_h, mask=m_rv, other=0.)
+            b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
+            b_wq = tl.dot(b_do.to(b_h.dtype), tl.trans(b_h), input_precision=PREC) + b_dd[:, None] * b_z[None, :]
+            b_xa, b_xb = _expand(b_q, a, b, BK)
+            b_dq += _phi_vjp(b_wq, b_xa, b_xb, a, b, c, BK, PREC)
+        if PART != 1:
+            b_dh = tl.load(dhc + p_h, mask=m_rv, other=0.)
+            b_dz = tl.load(dzc + p_st * D + o_r, mask=m_r, other=0.)
+            b_xa, b_xb = _expand(b_k, a, b, BK)
+            b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(b_dh.dtype), b_dh, input_precision=PREC)
+            b_wk = tl.dot(b_v.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC) + w0 * b_dz[None, :]
+            b_dk += _phi_vjp(b_wk, b_xa, b_xb, a, b, c, BK, PREC)
     p_g = i_v.to(tl.int64) * s_gn + i_b * s_gb + i_h * s_gh + o_tt[:, None] * s_gt + o_k[None, :]
-    tl.store(dq + p_g, b_dq.to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(dk + p_g, b_dk.to(dk.dtype.element_ty), mask=m_tk)
-    tl.store(dv + i_b * s_db + i_h * s_dh + o_tt[:, None] * s_dt + o_v[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_tv)
+    if PART != 2:
+        tl.store(dq + p_g, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    if PART != 1:
+        tl.store(dk + p_g, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+        tl.store(dv + i_b * s_db + i_h * s_dh + o_tt[:, None] * s_dt + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=m_tv)

@@ -116,6 +116,10 @@ CONFIG = {
 # fp32 operands too. fp32 inputs: _common.dot_precision.
 HI_INTRA = True
 HI_BWD = False
+# The gradient pass as one kernel (dq, dk, dv together) or two (dq; dk and dv), which recompute the intra-chunk
+# scores but keep fewer tiles live: sm_90 compile at chunk 128, BF 32, BV 64, 4 warps (benchmarks/aot_check.py):
+# one kernel 255 registers and 2448 bytes spilled; the split ones, see aot_check. Timed by the sweep.
+GRAD_SPLIT = False
 
 
 
@@ -301,13 +305,14 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
     dv = v.new_empty(B, T, H, DV)
     if n_chunks:
         grid = (NV, n_chunks, H)
-        _grad_kernel(lambda m: grid, (
-            q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv,
-            cu_seqlens if cu_seqlens is not None else den, meta if meta is not None else den,
-            *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
-            *_s3(dv), T, H, NC, F ** -0.25),
-            F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
-            PREC=prec, num_warps=nw, num_stages=ns)
+        for part in (1, 2) if GRAD_SPLIT else (0,):
+            _grad_kernel(lambda m: grid, (
+                q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv,
+                cu_seqlens if cu_seqlens is not None else den, meta if meta is not None else den,
+                *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
+                *_s3(dv), T, H, NC, F ** -0.25),
+                F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
+                PREC=prec, PART=part, num_warps=nw, num_stages=ns)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)

@@ -335,6 +335,20 @@ def test_step_inplace(backend, DV):
         taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], None, backend=backend, inplace=True)
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_grad_split_equals_one_kernel(monkeypatch, varlen):
+    """ops.GRAD_SPLIT (the gradient pass as a dq kernel and a dk / dv kernel) gives bitwise the gradients of the
+    one-kernel pass: several chunks, feature and value blocks, an initial state, packed documents."""
+    small_tiles(monkeypatch)
+    q, k, v, h0 = make(1 if varlen else 2, 45, 2, 16, 40, state=True)
+    kw = dict(cu_seqlens=torch.tensor([0, 7, 45], dtype=torch.int32, device=DEV)) if varlen else {}
+    h0 = None if varlen else h0
+    one = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    monkeypatch.setattr(ops, "GRAD_SPLIT", True)
+    split = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(one[2], split[2]))
+
+
 def test_deterministic_backward(monkeypatch):
     small_tiles(monkeypatch)
     q, k, v, h0 = make(1, 40, 1, 16, 32, state=True)
@@ -501,6 +515,18 @@ def test_fp32_is_fp32_accurate_at_default_precision(f32_precision):
     want = run_with_grads(ref, *(t.double() for t in (q, k, v)), tuple(t.double() for t in h0), cu_seqlens=cu)
     got = run_with_grads(triton_fn, q, k, v, h0, cu_seqlens=cu)
     check_all(got, want, 1e-5)
+
+
+@pytest.mark.gpu
+def test_grad_split_at_model_size(monkeypatch):
+    """The split gradient pass (ops.GRAD_SPLIT) compiled, at T 4096 bf16: the same gradients as the one-kernel
+    pass, to bf16 rounding (the two compiled kernels may order their fp32 sums differently)."""
+    q, k, v, _ = make(1, 4096, 4, 16, 64, dtype=torch.bfloat16)
+    one = run_with_grads(triton_fn, q, k, v, None)
+    monkeypatch.setattr(ops, "GRAD_SPLIT", True)
+    split = run_with_grads(triton_fn, q, k, v, None)
+    for a, b in zip(one[2], split[2]):
+        assert rel(a, b) < 2e-3, rel(a, b)
 
 
 @pytest.mark.gpu
