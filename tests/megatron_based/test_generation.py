@@ -666,36 +666,46 @@ def test_cuda_graph_softmax_decode_equals_eager(graph, pattern, monkeypatch):
         assert graph_vs_static < 1e-5 and graph_vs_eager < 1e-5 and graph_vs_full < 2e-3
 
 
-def test_generate_queues_the_next_step_and_keeps_its_results(monkeypatch):
+def _queued_worker(rank, world):
+    from megatron_based.inference.generation import Generator, sample
+    from megatron_based.runtime.parallel import initialize_parallel
+
+    initialize_parallel(world)
+    model = _model(world, "CLSA", hidden=32, heads=2, feature_dim=4, window=4)
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8]]
+
+    def plain(gen, n, stop=(), **kw):
+        g = torch.Generator().manual_seed(3)
+        logits, out, done = gen.prefill(prompts), [[], []], [False, False]
+        for t in range(n):
+            tokens = sample(logits, generator=g, **kw)
+            for i, tok in enumerate(tokens.tolist()):
+                if not done[i]:
+                    out[i].append(tok)
+                    done[i] = tok in stop
+            if all(done) or t == n - 1:
+                return out
+            logits = gen.step(tokens)
+        return out
+
+    gen = Generator(model, vocab_size=VOCAB, max_length=5 + 8 - 1)
+    kw = dict(temperature=1.0, top_k=20)
+    want = plain(gen, 8, **kw)
+    got = gen.generate(prompts, 8, seed=3, **kw)
+    stop = want[0][2]
+    stopped = gen.generate(prompts, 8, seed=3, stop_tokens=[stop], **kw), plain(gen, 8, stop=(stop,), **kw)
+    try:
+        Generator(model, vocab_size=VOCAB, max_length=5 + 8 - 2).generate(prompts, 8, seed=3, **kw)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return want, got, stopped, error
+
+
+def test_generate_queues_the_next_step_and_keeps_its_results():
     """generate() queues step t+1 before it reads step t's tokens on the host: its outputs equal a plain
     sample-read-step loop's (sampled, ragged, with a stop token), and the max_length limit is where it was (a KV
     cache of P + N - 1 rows fits N new tokens; one row less raises the same error)."""
-    from megatron_based.inference.generation import Generator, sample
-
-    with in_process_group(monkeypatch):
-        model = _model(1, "CLSA", hidden=32, heads=2, feature_dim=4, window=4)
-        prompts = [[5, 9, 2], [7, 1, 4, 4, 8]]
-
-        def plain(gen, n, stop=(), **kw):
-            g = torch.Generator().manual_seed(3)
-            logits, out, done = gen.prefill(prompts), [[], []], [False, False]
-            for t in range(n):
-                tokens = sample(logits, generator=g, **kw)
-                for i, tok in enumerate(tokens.tolist()):
-                    if not done[i]:
-                        out[i].append(tok)
-                        done[i] = tok in stop
-                if all(done) or t == n - 1:
-                    return out
-                logits = gen.step(tokens)
-            return out
-
-        gen = Generator(model, vocab_size=VOCAB, max_length=5 + 8 - 1)
-        kw = dict(temperature=1.0, top_k=20)
-        want = plain(gen, 8, **kw)
-        assert gen.generate(prompts, 8, seed=3, **kw) == want
-        stop = want[0][2]
-        assert gen.generate(prompts, 8, seed=3, stop_tokens=[stop], **kw) == plain(gen, 8, stop=(stop,), **kw)
-        short = Generator(model, vocab_size=VOCAB, max_length=5 + 8 - 2)
-        with pytest.raises(ValueError, match="sequence longer than max_length"):
-            short.generate(prompts, 8, seed=3, **kw)
+    want, got, (stopped, stopped_want), error = run_distributed(_queued_worker, 1)[0]
+    assert got == want and stopped == stopped_want
+    assert error is not None and "sequence longer than max_length" in error
