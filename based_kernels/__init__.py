@@ -7,7 +7,8 @@ kernels (their own modules) and the plain-PyTorch reference (``reference.py``).
 """
 from ._common import use_backend
 from .cross_entropy import vocab_parallel_cross_entropy
-from .rms_norm import add_rms_norm, rms_norm  # the function shadows the subpackage name; `from .rms_norm import ops` works
+# the function rms_norm shadows the subpackage name; `from .rms_norm import ops` works
+from .rms_norm import add_rms_norm, rms_norm
 from .rope import rope_split_qkv
 from .short_conv import base_conv, short_conv, short_conv_step
 from .sliding_window import sliding_window_attention, sliding_window_step

@@ -94,7 +94,8 @@ def main():
     # the decode kernel as ops launches it (8 warps): out of place (one value block per program, with and without
     # a state) and in place (every value block in one program)
     BV, BV_IN = min(64, max(16, triton.next_power_of_2(DV))), min(32, max(16, triton.next_power_of_2(DV)))
-    for has, bv, nvb, nw in () if "decode" not in args.passes else ((True, BV, 1, 8), (False, BV, 1, 8), (True, BV_IN, triton.cdiv(DV, BV_IN), 8)):
+    decode = ((True, BV, 1, 8), (False, BV, 1, 8), (True, BV_IN, triton.cdiv(DV, BV_IN), 8))
+    for has, bv, nvb, nw in decode if "decode" in args.passes else ():
         c = dict(F=F, DV=DV, BK=BK, BP=triton.next_power_of_2(F * (F + 1) // 2), BV=bv, NVB=nvb, HAS_STATE=has)
         try:
             regs, spill, smem = compile_kernel(recurrent.taylor_step_kernel, args.dtype, c, nw, 1)

@@ -5,7 +5,8 @@ program takes BLOCK_N rows of one query group g and every head of that group: it
 rotated, its value head copied. A head's two halves ``x1 = x[:D/2]``, ``x2 = x[D/2:]`` are loaded as two tiles, so
 the rotation needs no shuffle: ``y1 = x1 cos - x2 sin``, ``y2 = x2 cos + x1 sin`` (Megatron's non-interleaved
 rotate-half), with cos / sin from fp32 tables ``[s, D/2]`` (loaded once per program, shared by all heads), or
-for explicit per-token positions (prefill, decode) computed in the kernel from them, and fp32 math; the backward applies the inverse rotation (``sin -> -sin``). D/2 need not be a power of two (masked).
+for explicit per-token positions (prefill, decode) computed in the kernel from them, and fp32 math; the backward
+applies the inverse rotation (``sin -> -sin``). D/2 need not be a power of two (masked).
 """
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def rope_split_qkv(qkv: torch.Tensor, num_query_groups: int, head_dim: int, *, offset: int = 0,
-                   positions: torch.Tensor | None = None, base: float = 10000.0, backend=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   positions: torch.Tensor | None = None, base: float = 10000.0,
+                   backend=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split Megatron's packed ``linear_qkv`` output into q, k, v and apply RoPE to q and k.
 
     qkv ``[s, b, ng, (G + 2) * d_h]`` (or its flat ``[s, b, ng * (G + 2) * d_h]``) in Megatron's grouped layout:
