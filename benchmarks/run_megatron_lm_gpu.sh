@@ -16,6 +16,15 @@ for f in pretrain_gpt.py gpt_builders.py model_provider.py; do
   [ -f "$MLM/$f" ] || { echo "$MLM/$f is missing: make megatron-lm (or set MEGATRON_LM)"; exit 2; }
 done
 OUT=${OUT:-$(mktemp -d)}
+# Megatron-LM's initialize runs `make -C <megatron/core/datasets>` on rank 0 to build the dataset helpers. Run from a
+# Megatron-LM checkout (docs/training.md), that folder is the checkout's and has the Makefile; here the megatron
+# package is the megatron-core wheel's, which ships helpers_cpp already built and no Makefile (make stops with "no
+# makefile found" and pretrain_gpt.py exits). Give make a target that only checks the built helpers are there.
+DS=$(python3 -c 'import os, megatron.core.datasets as d; print(os.path.dirname(d.__file__))')
+if [ ! -f "$DS/Makefile" ]; then
+  ls "$DS"/helpers_cpp*.so >/dev/null 2>&1 || { echo "$DS has neither a Makefile nor a built helpers_cpp"; exit 2; }
+  printf 'default:\n\t@ls helpers_cpp*.so >/dev/null\n' > "$DS/Makefile" || { echo "cannot write $DS/Makefile"; exit 2; }
+fi
 CKPT=$(mktemp -d)
 REPO=$PWD
 run() {  # name, timeout (s), extra flags...
