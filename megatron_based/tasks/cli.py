@@ -8,7 +8,11 @@ from ..runtime.cli import base_parser
 # The published MQAR models (Zoology / the BASED paper): layer 0 Zoology's BaseConv with a short convolution of
 # kernel 3 (Z; the layer 0 of Zoology's figure-2 BASED hybrid), layer 1 the sequence mixer under test; BaseConv-only:
 # Zoology's figure-2 model, its BaseConv with the short convolution (Z) then with a long implicit one (H).
-MODELS = {"attention": "ZA", "baseconv": "ZH", "based": "ZL"}
+# baseconv-fig2: that BaseConv-only model as Zoology's code built it when the published figure-2 runs were made
+# (October-November 2023, docs/mqar.md "Which model the published BaseConv numbers come from"): 4 blocks, kernel
+# sizes [3, -1, 3, -1], and each block's "state mixer" a second instance of its sequence mixer, so 8 BaseConv mixers
+# ZZ HH ZZ HH; each is a pre-norm residual layer here, as in Zoology's block.
+MODELS = {"attention": "ZA", "baseconv": "ZH", "baseconv-fig2": "ZZHHZZHH", "based": "ZL"}
 
 
 def mqar_parser() -> argparse.ArgumentParser:
@@ -31,7 +35,9 @@ def mqar_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", choices=sorted(MODELS), default="based",
                        help="the layer pattern (MODELS): attention ZA (Zoology's BaseConv with a short conv of "
                             "kernel 3, then softmax attention), baseconv ZH (that BaseConv, then one with the long "
-                            "implicit conv), based ZL (that BaseConv, then Taylor linear attention)")
+                            "implicit conv), baseconv-fig2 ZZHHZZHH (the BaseConv-only model as the published "
+                            "figure-2 runs built it: 4 blocks of two BaseConv mixers), based ZL (that BaseConv, then "
+                            "Taylor linear attention)")
     model.add_argument("--pattern", help="a layer pattern instead of --model's (e.g. CLS)")
     model.add_argument("--hidden-size", type=int, default=64, help="model width d")
     model.add_argument("--feature-dim", type=int, default=16, help="L layers' Taylor feature dimension f")
