@@ -67,6 +67,13 @@ FULL = {"vocab_size": 8192, "seq_len": 256, "num_kv_pairs": 16, "num_train": 100
         "epochs": 64, "batch_size": 256, "weight_decay": 0.1, "early_stop": 0.99}
 SMOKE = {"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4, "num_train": 128, "num_test": 32,
          "epochs": 1, "batch_size": 32, "weight_decay": 0.1, "early_stop": 0.99}
+DEFAULT_LRS = "3e-3,1e-3,1e-2"
+# How the runs behind the published figure were trained (Zoology's code at the launches the figure reads,
+# Oct/Nov 2023: zoology/experiments/d_model.py and zoology/train.py at commit 8486daf): batch 1024 for T <= 256,
+# AdamW built with the learning rate only (torch's default weight decay, 0.01), ModelConfig's embed_dropout 0.1, and
+# the learning rates np.logspace(-4, -2, 4). docs/mqar.md, "Which model the published BaseConv numbers come from".
+FIG2_TRAINING = {"batch_size": 1024, "weight_decay": 0.01, "embed_dropout": 0.1}
+FIG2_LRS = "1e-2,2.15e-3,4.64e-4,1e-4"
 BEGIN, END = "<!-- mqar-sweep:begin -->", "<!-- mqar-sweep:end -->"
 
 
@@ -151,6 +158,7 @@ def markdown(rows: list[dict], data: dict, settings: dict) -> str:
              f"{s['num_train']:,} training / {s['num_test']:,} test sequences, batch {s['batch_size']}, up to "
              f"{s['epochs']} epochs (early stop > {s['early_stop']})"
              + (f", embedding dropout {s['embed_dropout']:g}" if s.get("embed_dropout") else "")
+             + f", AdamW weight decay {s['weight_decay']:g}"
              + "; accuracy on the test set after the last epoch, "
              "best learning rate of the cell. State: numbers per sequence (decode caches at T "
              f"{s['seq_len']}).", ""]
@@ -301,7 +309,7 @@ def _pump(proc: subprocess.Popen, prefix: str, log, progress: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lrs", default="3e-3,1e-3,1e-2", help="learning rates per cell, in the order they are tried")
+    p.add_argument("--lrs", help=f"learning rates per cell, in the order they are tried [{DEFAULT_LRS}]")
     p.add_argument("--only", help="comma-separated cell keys (e.g. based-d64-f16,attention-d64) to run")
     p.add_argument("--jobs", type=int, help="runs at a time [6 per GPU, 2 without]")
     p.add_argument("--no-tf32", action="store_true", help="IEEE fp32 matmuls, as Zoology (default: TF32, "
@@ -309,6 +317,14 @@ def main(argv=None) -> int:
     p.add_argument("--embed-dropout", type=float, default=0.0,
                    help="dropout on the token embeddings (Zoology's embed_dropout, 0.1 there; default 0: none). "
                         "A setting of the grid: a JSON holds runs of one value (use another --json)")
+    p.add_argument("--batch-size", type=int, help=f"sequences per step [{FULL['batch_size']}]; a setting of the grid "
+                                                  "(another --json)")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW's weight decay [{FULL['weight_decay']}]; a setting of "
+                                                      "the grid (another --json)")
+    p.add_argument("--fig2-training", action="store_true",
+                   help="the training of the runs behind the published figure (Zoology as of its Oct/Nov 2023 "
+                        "launches): batch 1024, AdamW's default weight decay 0.01, embedding dropout 0.1, and "
+                        "learning rates 1e-4, 4.6e-4, 2.2e-3, 1e-2 unless --lrs is given")
     p.add_argument("--time-limit", type=float,
                    help="seconds: stop (unfinished runs recorded as cut) and write the outputs")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON (and start it afresh "
@@ -323,9 +339,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     settings = dict(SMOKE if args.smoke else FULL)
+    if args.fig2_training:
+        settings.update(FIG2_TRAINING)
     if args.embed_dropout:
         settings["embed_dropout"] = args.embed_dropout
-    lrs = [3e-3] if args.smoke else [float(x) for x in args.lrs.split(",")]
+    if args.batch_size is not None:
+        settings["batch_size"] = args.batch_size
+    if args.weight_decay is not None:
+        settings["weight_decay"] = args.weight_decay
+    lrs = [3e-3] if args.smoke else [float(x) for x in (args.lrs or (FIG2_LRS if args.fig2_training
+                                                                     else DEFAULT_LRS)).split(",")]
     out = Path(args.out_dir) if args.out_dir else (Path(tempfile.mkdtemp(prefix="mqar-smoke-")) if args.smoke
                                                    else None)
     json_path = Path(args.json) if args.json else (out / "mqar.json" if out else REPO / "benchmarks/results/mqar.json")
