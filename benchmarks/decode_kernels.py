@@ -1,0 +1,235 @@
+"""Where a graphed decode step's time goes, kernel by kernel, against the memory bound: every kernel of a based-1.3b
+decode step (batch 128) timed alone at its decode shape, with the bytes it must move and the bandwidth it reaches.
+
+    python benchmarks/decode_kernels.py --json "$OUT/decode_kernels.json"   # GPU, ~1-2 min
+    python benchmarks/decode_kernels.py --config configs/tiny.yaml --batch 4 --quick   # small shapes (GPU)
+
+Decode is memory-bound: at batch 128 each step reads every weight once (2.7 GB for based-1.3b) and each sequence's
+state once (and writes the Taylor and conv states). The step's 3.7 ms on an H100 (docs/benchmarks.md) is about
+twice that bound; this script says which kernels lose the time. Each row is one kind of kernel call:
+
+* GEMMs: ``F.linear`` at M = batch on every projection shape of the model (C in / out, L qkv / proj, S qkv / proj,
+  MLP fc1 / fc2, the output layer), bf16, with cuBLAS (torch's default) and with cuBLASLt
+  (``torch.backends.cuda.preferred_blas_library("cublaslt")``);
+* the state kernels as the model calls them: ``taylor_linear_attention_step`` (in place), ``sliding_window_step``,
+  ``base_conv_packed_step`` (in place) and ``add_rms_norm``, and the Taylor step kernel's tile configurations
+  (value block BV x warps) beside the default.
+
+Timing: each row's call is captured ``--reps`` times in one CUDA graph, each time on its own copy of the weights /
+states (enough copies to exceed the L2 cache, so every call reads from HBM as in a real step, where 36 layers'
+weights pass through), and the graph's replay is timed with CUDA events (median of ``--iters``). "GB/s" is the
+bytes a call must move (weights or states read, states written, activations) over its time; "% of copy" is that
+against a device-to-device copy's bandwidth measured in the same process (the practical peak). "per step" is the
+time x calls per decode step, so the rows add up to an estimate of the step's device time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+L2_BYTES = 60 << 20  # above the H100's 50 MB / H200's 60 MB L2: copies are cycled until their bytes exceed 4x this
+
+
+def graph_ms(calls, iters: int) -> float:
+    """Median ms per call of ``calls`` (a list of closures, each on its own buffers) replayed in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls[:2]:  # warm-up: Triton compilation and cuBLAS workspace outside the capture
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / len(calls))
+    return statistics.median(times)
+
+
+def copies(bytes_per_copy: int, reps: int) -> int:
+    """How many buffer copies a row needs so that one pass over them exceeds 4x the L2 (at least 2, at most reps)."""
+    return max(2, min(reps, -(-4 * L2_BYTES // max(1, bytes_per_copy))))
+
+
+def copy_bandwidth(iters: int) -> float:
+    """GB/s of a 1 GiB device-to-device copy (read + write)."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = graph_ms([lambda: dst.copy_(src)], iters)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs/based-1.3b.yaml"))
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--reps", type=int, default=32, help="calls per graph (each on its own buffers, cycled)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a GPU (CUDA graphs and the Triton kernels at decode shapes)")
+    if args.quick:
+        args.reps, args.iters = 4, 3
+
+    import yaml
+
+    import based_kernels
+    from based_kernels.taylor_attention import feature_dim, ops as taylor_ops
+
+    m = yaml.safe_load(Path(args.config).read_text())["model"]
+    pat = m["layer_pattern"]
+    d, H, f = m["hidden_size"], m["num_attention_heads"], m["feature_dim"]
+    dh, ffn, W = d // H, m["ffn_hidden_size"], m["swa_window"]
+    k = m.get("conv_kernel_size", 3)
+    div = m.get("make_vocab_size_divisible_by", 128)
+    vocab = -(-m["vocab_size"] // div) * div
+    B, dt, dev = args.batch, torch.bfloat16, "cuda"
+    n = {c: pat.count(c) for c in "CLSA"}
+    layers = len(pat)
+    torch.manual_seed(0)
+    peak = copy_bandwidth(args.iters)
+    rows = []
+
+    def row(name, per_step, nbytes, ms, **extra):
+        r = {"name": name, "calls_per_step": per_step, "bytes": nbytes, "ms": round(ms, 5),
+             "gb_s": round(nbytes / ms / 1e6, 1), "pct_of_copy": round(100 * nbytes / ms / 1e6 / peak, 1),
+             "ms_per_step": round(ms * per_step, 4), **extra}
+        rows.append(r)
+        print(f"{name:46s} x{per_step:3d}  {ms * 1e3:8.1f} us  {r['gb_s']:7.0f} GB/s  {r['pct_of_copy']:5.1f}%  "
+              f"{r['ms_per_step']:.3f} ms/step" + "".join(f"  {k}={v}" for k, v in extra.items()), flush=True)
+        return r
+
+    # ------------------------------------------------------------------------------------------------- GEMMs
+    gemms = [("C linear_in", n["C"], d, 4 * d, True), ("C linear_out", n["C"], 2 * d, d, True),
+             ("L linear_qkv", n["L"], d, H * (2 * f + dh), False), ("L linear_proj", n["L"], d, d, False),
+             ("S linear_qkv", n["S"], d, 3 * d, False), ("S linear_proj", n["S"], d, d, False),
+             ("MLP fc1 (gate + up)", layers, d, 2 * ffn, False), ("MLP fc2", layers, ffn, d, False),
+             ("output layer", 1, d, vocab, False)]
+    backends = ["cublas", "cublaslt"]
+    for name, per_step, K, N, bias in gemms:
+        if per_step == 0:
+            continue
+        wbytes = N * K * 2
+        c = copies(wbytes, args.reps)
+        ws = [torch.randn(N, K, device=dev, dtype=dt) * 0.02 for _ in range(c)]
+        bs = [torch.randn(N, device=dev, dtype=dt) if bias else None for _ in range(c)]
+        x = torch.randn(B, K, device=dev, dtype=dt)
+        nbytes = wbytes + (N * 2 if bias else 0) + B * (K + N) * 2
+        for backend in backends:
+            torch.backends.cuda.preferred_blas_library(backend)
+            try:
+                ms = graph_ms([lambda w=w, b=b: F.linear(x, w, b) for w, b in zip(ws, bs)], args.iters)
+            except Exception as e:  # a backend this build lacks: say so, go on
+                print(f"{name} {backend}: {type(e).__name__}: {e}")
+                continue
+            finally:
+                torch.backends.cuda.preferred_blas_library("cublas")
+            row(f"{name} [{B}x{K}] x [{K}x{N}]", per_step, nbytes, ms, backend=backend)
+        del ws, bs
+
+    # ------------------------------------------------------------------------------------------- state kernels
+    if n["L"]:
+        D = feature_dim(f)
+        sbytes = B * H * D * (dh + 1) * 4
+        c = copies(sbytes, args.reps)
+        states = [(torch.rand(B, H, D, dh, device=dev), torch.rand(B, H, D, device=dev) + 1) for _ in range(c)]
+        q, kk = (torch.randn(B, H, f, device=dev, dtype=dt) for _ in range(2))
+        v = torch.randn(B, H, dh, device=dev, dtype=dt)
+        nbytes = 2 * sbytes + B * H * (2 * f + 2 * dh) * 2
+        ms = graph_ms([lambda s=s: based_kernels.taylor_linear_attention_step(q, kk, v, s, inplace=True)
+                       for s in states], args.iters)
+        row(f"Taylor step, in place (B {B}, H {H}, f {f}, d_v {dh})", n["L"], nbytes, ms, config="default")
+        # the kernel's tiles: value block BV and warps (the op uses BV 32, 8 warps)
+        kern = taylor_ops._step_kernel
+        scale = f ** -0.25
+        for BV, nw in [(16, 4), (32, 4), (16, 8), (64, 8), (32, 16), (64, 16)]:
+            def launch(s, BV=BV, nw=nw):
+                y = torch.empty(B, H, dh, device=dev, dtype=dt)
+                kern(lambda _m: (1, B * H), (q, kk, v, y, s[0], s[1], s[0], s[1], q.stride(0), q.stride(1),
+                                            kk.stride(0), kk.stride(1), v.stride(0), v.stride(1), H, scale, 1e-12),
+                     F=f, DV=dh, BK=max(16, triton_next_pow2(f)), BP=triton_next_pow2(f * (f + 1) // 2), BV=BV,
+                     NVB=-(-dh // BV), HAS_STATE=True, num_warps=nw)
+            try:
+                ms = graph_ms([lambda s=s: launch(s) for s in states], args.iters)
+            except Exception as e:  # e.g. out of registers / shared memory at this tile
+                print(f"Taylor step BV {BV}, {nw} warps: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            row(f"Taylor step kernel, BV {BV}, {nw} warps", n["L"], nbytes, ms, config=f"BV{BV}-w{nw}")
+        del states
+    if n["S"]:
+        cbytes = 2 * B * (W + 1) * d * 2
+        c = copies(cbytes, args.reps)
+        caches = [(torch.randn(B, W + 1, H, dh, device=dev, dtype=dt),
+                   torch.randn(B, W + 1, H, dh, device=dev, dtype=dt)) for _ in range(c)]
+        q, kk, v = (torch.randn(B, H, dh, device=dev, dtype=dt) for _ in range(3))
+        pos = torch.full((B,), 1000, device=dev, dtype=torch.long)
+        ms = graph_ms([lambda kc=kc, vc=vc: based_kernels.sliding_window_step(q, kk, v, kc, vc, pos, window=W)
+                       for kc, vc in caches], args.iters)
+        row(f"SWA step (window {W}, B {B}, H {H}, d {dh})", n["S"], cbytes + 4 * B * d * 2, ms)
+        del caches
+    if n["C"]:
+        C = 2 * d
+        sbytes = B * (k - 1) * C * 2
+        c = copies(sbytes, args.reps)
+        states = [torch.randn(B, k - 1, C, device=dev, dtype=dt) for _ in range(c)]
+        u = torch.randn(B, 2 * C, device=dev, dtype=dt)
+        w = torch.randn(C, k, device=dev, dtype=dt)
+        bias = torch.randn(2 * C, device=dev, dtype=dt)
+        ms = graph_ms([lambda s=s: based_kernels.base_conv_packed_step(u, w, s, bias, inplace=True)
+                       for s in states], args.iters)
+        row(f"BaseConv conv step, in place (B {B}, channels {C})", n["C"], 2 * sbytes + B * 3 * C * 2, ms)
+    x = torch.randn(B, d, device=dev, dtype=dt)
+    res = [torch.randn(B, d, device=dev, dtype=torch.float32) for _ in range(args.reps)]
+    w = torch.ones(d, device=dev, dtype=dt)
+    ms = graph_ms([lambda r=r: based_kernels.add_rms_norm(x, r, w, 1e-5) for r in res], args.iters)
+    row(f"add_rms_norm (B {B}, d {d}, fp32 residual)", 2 * layers, B * d * (2 + 4 + 4 + 2), ms)
+
+    best_gemm = {}
+    for r in rows:
+        if "backend" in r:
+            key = r["name"]
+            best_gemm[key] = min(best_gemm.get(key, r["ms_per_step"]), r["ms_per_step"])
+    default = sum(r["ms_per_step"] for r in rows if r.get("backend") == "cublas") + sum(
+        r["ms_per_step"] for r in rows if "backend" not in r and r.get("config", "default") == "default")
+    print(f"\nsum of the rows (cuBLAS, default kernels): {default:.3f} ms per step; with each GEMM's faster "
+          f"backend: {default - sum(r['ms_per_step'] for r in rows if r.get('backend') == 'cublas') + sum(best_gemm.values()):.3f} ms; "
+          f"copy bandwidth {peak:.0f} GB/s")
+    if args.json:
+        out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
+                        "batch": B, "copy_gb_s": round(peak, 1), "date": time.strftime("%Y-%m-%d"),
+                        "sum_ms_per_step_default": round(default, 4)},
+               "rows": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def triton_next_pow2(x: int) -> int:
+    return 1 << (max(1, x) - 1).bit_length()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
