@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     import yaml
 
     import based_kernels
+    from based_kernels.short_conv import base_conv_packed_step
     from based_kernels.taylor_attention import feature_dim, ops as taylor_ops
 
     m = yaml.safe_load(Path(args.config).read_text())["model"]
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
         u = torch.randn(B, 2 * C, device=dev, dtype=dt)
         w = torch.randn(C, k, device=dev, dtype=dt)
         bias = torch.randn(2 * C, device=dev, dtype=dt)
-        ms = graph_ms([lambda s=s: based_kernels.base_conv_packed_step(u, w, s, bias, inplace=True)
+        ms = graph_ms([lambda s=s: base_conv_packed_step(u, w, s, bias, inplace=True)
                        for s in states], args.iters)
         row(f"BaseConv conv step, in place (B {B}, channels {C})", n["C"], 2 * sbytes + B * 3 * C * 2, ms)
     x = torch.randn(B, d, device=dev, dtype=dt)

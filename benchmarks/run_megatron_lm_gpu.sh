@@ -39,7 +39,7 @@ run() {  # name, timeout (s), extra flags...
     --hidden-dropout 0 --attention-dropout 0 --init-method-std 0.02 --make-vocab-size-divisible-by 8 \
     --micro-batch-size 4 --global-batch-size 8 --lr 8e-4 --min-lr 8e-5 \
     --lr-decay-style cosine --lr-warmup-iters 5 --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --bf16 \
-    --fp32-residual-connection --transformer-impl local --no-gradient-accumulation-fusion \
+    --fp32-residual-connection --transformer-impl local --no-gradient-accumulation-fusion --no-persist-layer-norm \
     --use-distributed-optimizer --mock-data --tokenizer-type NullTokenizer --vocab-size 50257 \
     --eval-iters 0 --eval-interval 1000 --log-interval 5 --seed 1234 \
     --save "$CKPT" --save-interval 10 --ckpt-format torch_dist "$@") 2>&1 \

@@ -155,6 +155,7 @@ def based_config_from_megatron_lm(config: TransformerConfig, args=None) -> Based
         wrong.append("--swiglu is not set (BASED's MLP is SwiGLU)")
     if config.add_bias_linear:
         wrong.append("--disable-bias-linear is not set (BASED's linears have no bias)")
+    wrong += _final_norm_flags(config)
     if args is not None:
         wrong += [text for _, attr, value, text in _ARG_FLAGS if getattr(args, attr, value) != value]
         divisible = getattr(args, "make_vocab_size_divisible_by", spec.make_vocab_size_divisible_by)
@@ -169,6 +170,26 @@ def based_config_from_megatron_lm(config: TransformerConfig, args=None) -> Based
                             fp32_residual_connection=config.fp32_residual_connection)
     _config_cache[id(config)] = (config, based)
     return based
+
+
+def _final_norm_flags(config: TransformerConfig) -> list[str]:
+    """The flags Megatron's own final norm refuses. A layer spec (``based_layer``) leaves the block's final norm to
+    Megatron: Transformer Engine's, else apex's, else torch's (``WrappedTorchNorm``), and the last asserts against
+    ``persist_layer_norm`` (on by Megatron-LM's default, an apex-kernel option) and sequence parallelism. Found here,
+    while the first layer is built, they get a one-line error instead of an assertion from inside Megatron."""
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if transformer_block.LayerNormImpl is not WrappedTorchNorm:
+        return []
+    wrong = []
+    if config.persist_layer_norm:
+        wrong.append("persist_layer_norm is on (Megatron-LM's default) but neither Transformer Engine nor apex is "
+                     "installed, so Megatron's final norm is torch's, which refuses it: add --no-persist-layer-norm")
+    if config.sequence_parallel:
+        wrong.append("--sequence-parallel needs Transformer Engine or apex for Megatron's final norm (torch's "
+                     "refuses it): install one, or leave sequence parallelism off")
+    return wrong
 
 
 class BasedPatternLayer(TransformerLayer):

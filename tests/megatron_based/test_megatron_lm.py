@@ -116,6 +116,18 @@ def test_disagreeing_arguments_name_the_flags(tmp_path, monkeypatch):
                           "--disable-bias-linear is not set")
     assert "--position-embedding-type none" in msg
 
+    # the block's final norm is Megatron's: without Transformer Engine or apex (as here) torch's, which asserts
+    # against Megatron-LM's default persist_layer_norm; the layers' build names the flag instead
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if transformer_block.LayerNormImpl is WrappedTorchNorm:
+        flags = list(FLAGS)
+        flags.remove("--no-persist-layer-norm")
+        with pytest.raises(ConfigError) as e:
+            based_layer_spec(*_megatron_lm(flags))
+        assert "\n" not in str(e.value) and str(e.value).endswith("refuses it: add --no-persist-layer-norm")
+
 
 # Replacement linears for the YAML's linears: key, named by this module's import path; trivial subclasses, so the
 # built layers show which class each submodule came from.
