@@ -86,8 +86,13 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=32, help="calls per graph (each on its own buffers, cycled)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    p.add_argument("--only", help="comma-separated row groups among gemm, taylor, swa, conv, norm [all]")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
+    groups = {"gemm", "taylor", "swa", "conv", "norm"}
+    only = set(args.only.split(",")) if args.only else groups
+    if only - groups:
+        p.error(f"--only: unknown groups {sorted(only - groups)}; use among {sorted(groups)}")
     if not torch.cuda.is_available():
         p.error("needs a GPU (CUDA graphs and the Triton kernels at decode shapes)")
     if args.quick:
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
              ("output layer", 1, d, vocab, False)]
     backends = ["cublas", "cublaslt"]
     for name, per_step, K, N, bias in gemms:
-        if per_step == 0:
+        if per_step == 0 or "gemm" not in only:
             continue
         wbytes = N * K * 2
         c = copies(wbytes, args.reps)
@@ -151,7 +156,7 @@ def main(argv=None) -> int:
         del ws, bs
 
     # ------------------------------------------------------------------------------------------- state kernels
-    if n["L"]:
+    if n["L"] and "taylor" in only:
         D = feature_dim(f)
         sbytes = B * H * D * (dh + 1) * 4
         c = copies(sbytes, args.reps)
@@ -179,7 +184,7 @@ def main(argv=None) -> int:
                 continue
             row(f"Taylor step kernel, BV {BV}, {nw} warps", n["L"], nbytes, ms, config=f"BV{BV}-w{nw}")
         del states
-    if n["S"]:
+    if n["S"] and "swa" in only:
         cbytes = 2 * B * (W + 1) * d * 2
         c = copies(cbytes, args.reps)
         caches = [(torch.randn(B, W + 1, H, dh, device=dev, dtype=dt),
@@ -188,9 +193,24 @@ def main(argv=None) -> int:
         pos = torch.full((B,), 1000, device=dev, dtype=torch.long)
         ms = graph_ms([lambda kc=kc, vc=vc: based_kernels.sliding_window_step(q, kk, v, kc, vc, pos, window=W)
                        for kc, vc in caches], args.iters)
-        row(f"SWA step (window {W}, B {B}, H {H}, d {dh})", n["S"], cbytes + 4 * B * d * 2, ms)
+        row(f"SWA step (window {W}, B {B}, H {H}, d {dh})", n["S"], cbytes + 4 * B * d * 2, ms, config="default")
+        # the kernel's slot block BR and warps (the op uses BR 16, 4 warps)
+        from based_kernels.sliding_window import ops as swa_ops
+        for BR, nw in [(16, 2), (16, 8), (32, 4), (32, 8), (8, 4)]:
+            def swa_launch(kc, vc, BR=BR, nw=nw):
+                out = torch.empty(B, H, dh, device=dev, dtype=dt)
+                swa_ops._step(lambda _m: (H, B), (q, kk, v, kc, vc, pos, out, *q.stride()[:2], *kk.stride()[:2],
+                                                 *v.stride()[:2], *kc.stride()[:3], *vc.stride()[:3],
+                                                 *out.stride()[:2], dh ** -0.5),
+                              D=dh, RING=W + 1, BLOCK_D=max(16, triton_next_pow2(dh)), BR=BR, num_warps=nw)
+            try:
+                ms = graph_ms([lambda kc=kc, vc=vc: swa_launch(kc, vc) for kc, vc in caches], args.iters)
+            except Exception as e:
+                print(f"SWA step BR {BR}, {nw} warps: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            row(f"SWA step kernel, BR {BR}, {nw} warps", n["S"], cbytes + 4 * B * d * 2, ms, config=f"BR{BR}-w{nw}")
         del caches
-    if n["C"]:
+    if n["C"] and "conv" in only:
         C = 2 * d
         sbytes = B * (k - 1) * C * 2
         c = copies(sbytes, args.reps)
@@ -201,11 +221,12 @@ def main(argv=None) -> int:
         ms = graph_ms([lambda s=s: base_conv_packed_step(u, w, s, bias, inplace=True)
                        for s in states], args.iters)
         row(f"BaseConv conv step, in place (B {B}, channels {C})", n["C"], 2 * sbytes + B * 3 * C * 2, ms)
-    x = torch.randn(B, d, device=dev, dtype=dt)
-    res = [torch.randn(B, d, device=dev, dtype=torch.float32) for _ in range(args.reps)]
-    w = torch.ones(d, device=dev, dtype=dt)
-    ms = graph_ms([lambda r=r: based_kernels.add_rms_norm(x, r, w, 1e-5) for r in res], args.iters)
-    row(f"add_rms_norm (B {B}, d {d}, fp32 residual)", 2 * layers, B * d * (2 + 4 + 4 + 2), ms)
+    if "norm" in only:
+        x = torch.randn(B, d, device=dev, dtype=dt)
+        res = [torch.randn(B, d, device=dev, dtype=torch.float32) for _ in range(args.reps)]
+        w = torch.ones(d, device=dev, dtype=dt)
+        ms = graph_ms([lambda r=r: based_kernels.add_rms_norm(x, r, w, 1e-5) for r in res], args.iters)
+        row(f"add_rms_norm (B {B}, d {d}, fp32 residual)", 2 * layers, B * d * (2 + 4 + 4 + 2), ms)
 
     best_gemm = {}
     for r in rows:
