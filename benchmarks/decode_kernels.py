@@ -167,10 +167,10 @@ def main(argv=None) -> int:
         ms = graph_ms([lambda s=s: based_kernels.taylor_linear_attention_step(q, kk, v, s, inplace=True)
                        for s in states], args.iters)
         row(f"Taylor step, in place (B {B}, H {H}, f {f}, d_v {dh})", n["L"], nbytes, ms, config="default")
-        # the kernel's tiles: value block BV and warps (the op uses BV 32, 8 warps)
+        # the kernel's tiles: value block BV and warps (the op's in-place launch: BV 32, ops.STEP_INPLACE_WARPS)
         kern = taylor_ops._step_kernel
         scale = f ** -0.25
-        for BV, nw in [(16, 4), (32, 4), (16, 8), (64, 8), (32, 16), (64, 16)]:
+        for BV, nw in [(16, 4), (32, 4), (32, 8), (64, 8), (64, 16)]:
             def launch(s, BV=BV, nw=nw):
                 y = torch.empty(B, H, dh, device=dev, dtype=dt)
                 kern(lambda _m: (1, B * H), (q, kk, v, y, s[0], s[1], s[0], s[1], q.stride(0), q.stride(1),
@@ -194,21 +194,24 @@ def main(argv=None) -> int:
         ms = graph_ms([lambda kc=kc, vc=vc: based_kernels.sliding_window_step(q, kk, v, kc, vc, pos, window=W)
                        for kc, vc in caches], args.iters)
         row(f"SWA step (window {W}, B {B}, H {H}, d {dh})", n["S"], cbytes + 4 * B * d * 2, ms, config="default")
-        # the kernel's slot block BR and warps (the op uses BR 16, 4 warps)
+        # the kernel's slot block BR, warps and V_EARLY (the op: BR 16, 4 warps, ops.STEP_V_EARLY)
         from based_kernels.sliding_window import ops as swa_ops
-        for BR, nw in [(16, 2), (16, 8), (32, 4), (32, 8), (8, 4)]:
-            def swa_launch(kc, vc, BR=BR, nw=nw):
+        for BR, nw, early in [(16, 4, not swa_ops.STEP_V_EARLY), (16, 2, True), (16, 8, True), (32, 4, True),
+                              (32, 8, True), (8, 4, True)]:
+            def swa_launch(kc, vc, BR=BR, nw=nw, early=early):
                 out = torch.empty(B, H, dh, device=dev, dtype=dt)
                 swa_ops._step(lambda _m: (H, B), (q, kk, v, kc, vc, pos, out, *q.stride()[:2], *kk.stride()[:2],
                                                  *v.stride()[:2], *kc.stride()[:3], *vc.stride()[:3],
                                                  *out.stride()[:2], dh ** -0.5),
-                              D=dh, RING=W + 1, BLOCK_D=max(16, triton_next_pow2(dh)), BR=BR, num_warps=nw)
+                              D=dh, RING=W + 1, BLOCK_D=max(16, triton_next_pow2(dh)), BR=BR, V_EARLY=early,
+                              num_warps=nw)
             try:
                 ms = graph_ms([lambda kc=kc, vc=vc: swa_launch(kc, vc) for kc, vc in caches], args.iters)
             except Exception as e:
-                print(f"SWA step BR {BR}, {nw} warps: {type(e).__name__}: {str(e)[:200]}")
+                print(f"SWA step BR {BR}, {nw} warps, V_EARLY {early}: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            row(f"SWA step kernel, BR {BR}, {nw} warps", n["S"], cbytes + 4 * B * d * 2, ms, config=f"BR{BR}-w{nw}")
+            row(f"SWA step kernel, BR {BR}, {nw} warps, V {'early' if early else 'late'}", n["S"],
+                cbytes + 4 * B * d * 2, ms, config=f"BR{BR}-w{nw}-{'early' if early else 'late'}")
         del caches
     if n["C"] and "conv" in only:
         C = 2 * d

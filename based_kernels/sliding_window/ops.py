@@ -356,6 +356,9 @@ def swa_triton(q, k, v, window, scale, kv_prefix=None, cu_seqlens=None):
 
 
 # ------------------------------------------------------------------------------------------------ decode step
+STEP_V_EARLY = True  # the decode step loads a block's V rows with its K rows (recurrent.py; decode_kernels.py)
+
+
 def swa_step_triton(q, k, v, k_cache, v_cache, positions, window, scale):
     """Launch ``swa_step_kernel`` (validated by the caller): one program per (head, sequence). Returns o
     ``[B, H, D]``. Plain launches (no autograd: decode only)."""
@@ -367,6 +370,6 @@ def swa_step_triton(q, k, v, k_cache, v_cache, positions, window, scale):
         (q, k, v, k_cache, v_cache, positions, o,
          *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
          *o.stride()[:2], float(scale)),
-        D=D, RING=window + 1, BLOCK_D=max(16, next_pow2(D)), BR=16, num_warps=4,
+        D=D, RING=window + 1, BLOCK_D=max(16, next_pow2(D)), BR=16, V_EARLY=STEP_V_EARLY, num_warps=4,
     )
     return o

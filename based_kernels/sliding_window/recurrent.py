@@ -17,8 +17,11 @@ index_put x 2, the mask arithmetic and the masked ``scaled_dot_product_attention
 Memory-bound: each program reads its head's ring once (2 x RING x D elements). The slot loop is a run-time
 loop over BR = 16 slots at a time (the launcher's choice): compiled for sm_90 on a CPU (Triton 3.6, bf16,
 4 warps) it takes 64 / 86 / 72 registers at D = 64 / 112 / 128 without spills, where an unrolled loop or BR = 32
-or 64 went to 135-255 registers with spills at D = 128. Its speed is not yet measured on a GPU (only run in the
-Triton interpreter so far).
+or 64 went to 135-255 registers with spills at D = 128. On an H100 (based-1.3b decode shapes: batch 128, 16 heads,
+D 112, window 128; benchmarks/decode_kernels.py) the step took 112 us, 44% of a copy's bandwidth, with the V rows
+loaded after the scores: each block of slots waited for two memory round trips. ``V_EARLY`` requests them with
+the K rows (kept as loaded, converted to fp32 at use, so the two tiles cost no more registers than one fp32 tile);
+the launcher sets it, and decode_kernels.py times both.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def swa_step_kernel(
     q, k, v, k_cache, v_cache, positions, o,
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cb, s_cr, s_ch, s_db, s_dr, s_dh, s_ob, s_oh,
     scale,
-    D: tl.constexpr, RING: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr,
+    D: tl.constexpr, RING: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr, V_EARLY: tl.constexpr,
 ):
     i_h, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
@@ -56,13 +59,16 @@ def swa_step_kernel(
         age = (slot - o_r + RING) % RING  # steps since slot o_r was written (for o_r < RING)
         m_r = (o_r < RING) & (o_r != slot) & (age <= p)
         m_rd = m_r[:, None] & m_d[None, :]
-        b_k = tl.load(p_k + o_r[:, None] * s_cr + o_d[None, :], mask=m_rd, other=0.0).to(tl.float32)
-        s = tl.where(m_r, tl.sum(b_k * b_q[None, :], 1) * scale, float("-inf"))
+        b_k = tl.load(p_k + o_r[:, None] * s_cr + o_d[None, :], mask=m_rd, other=0.0)
+        if V_EARLY:  # the V rows requested with the K rows: one memory round trip per block instead of two
+            b_v = tl.load(p_v + o_r[:, None] * s_dr + o_d[None, :], mask=m_rd, other=0.0)
+        s = tl.where(m_r, tl.sum(b_k.to(tl.float32) * b_q[None, :], 1) * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp(m_i - m_new)
         w = tl.exp(s - m_new)
-        b_v = tl.load(p_v + o_r[:, None] * s_dr + o_d[None, :], mask=m_rd, other=0.0).to(tl.float32)
+        if not V_EARLY:
+            b_v = tl.load(p_v + o_r[:, None] * s_dr + o_d[None, :], mask=m_rd, other=0.0)
         l_i = l_i * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * b_v, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * b_v.to(tl.float32), 0)
         m_i = m_new
     tl.store(o + i_b * s_ob + i_h * s_oh + o_d, (acc / l_i).to(o.dtype.element_ty), mask=m_d)
