@@ -5,13 +5,15 @@
     python benchmarks/mqar_sweep.py --report-only        # rewrite the table and the plot from the JSON
     python benchmarks/mqar_sweep.py --smoke --out-dir /tmp/mqar   # the whole pipeline on CPU in ~30 s
 
-Grid: 18 cells x learning rates (``--lrs``, default 3e-3, 1e-3, 1e-2; the best run of a cell is its result):
+Grid: 21 cells x learning rates (``--lrs``, default 3e-3, 1e-3, 1e-2; the best run of a cell is its result):
 
 * attention: layer 0 BaseConv (short conv, k 3), layer 1 softmax attention (pattern CA), d 64 / 128 / 256
 * BaseConv: Zoology's figure-2 model, its BaseConv with a short convolution (k 3), then with a long implicit one
   (ZH, kernel sizes [3, -1]), d 64 / 128 / 256
 * BaseConv as run for figure 2: the same model as Zoology's code built it for the published runs, 4 blocks of two
   BaseConv mixers (ZZHHZZHH), d 64 / 128 / 256
+* the same with Zoology's explicit long filters (``implicit_long_conv=False``: a free filter per channel, the E
+  mixer; ZZEEZZEE), d 64 / 128 / 256: the launch behind the published points ran one of the two (docs/mqar.md)
 * BASED: layer 0 BaseConv, layer 1 Taylor linear attention (CL), d 64 / 128 / 256 x feature dim f 8 / 16 / 24
 
 every model with 1 head, no MLPs, tied embeddings; the data and training are ``megatron_based.tasks.mqar``'s
@@ -57,12 +59,14 @@ from megatron_based.tasks.cli import MODELS  # model name -> layer pattern, as m
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"attention": "attention", "baseconv": "BaseConv", "baseconv-fig2": "BaseConv, fig. 2 runs",
+          "baseconv-fig2-explicit": "BaseConv, fig. 2 runs, explicit filters",
           "based": "BASED"}
 # The published recall at T 256, 16 pairs (Zoology figure 2 / the BASED paper, as quoted in issue 20).
 PUBLISHED = {("attention", 64): 1.0, ("attention", 128): 1.0, ("attention", 256): 1.0,
              ("baseconv", 64): 0.14, ("baseconv", 128): 0.34, ("baseconv", 256): 0.81}
 # baseconv-fig2 is the model those published BaseConv points were run with: the same numbers
-PUBLISHED |= {("baseconv-fig2", d): acc for (model, d), acc in list(PUBLISHED.items()) if model == "baseconv"}
+PUBLISHED |= {(fig2, d): acc for (model, d), acc in list(PUBLISHED.items()) if model == "baseconv"
+              for fig2 in ("baseconv-fig2", "baseconv-fig2-explicit")}
 FULL = {"vocab_size": 8192, "seq_len": 256, "num_kv_pairs": 16, "num_train": 100_000, "num_test": 3000,
         "epochs": 64, "batch_size": 256, "weight_decay": 0.1, "early_stop": 0.99}
 SMOKE = {"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4, "num_train": 128, "num_test": 32,
@@ -86,6 +90,7 @@ def grid(smoke: bool) -> list[dict]:
     return ([{"model": "attention", "d": d, "f": None} for d in widths]
             + [{"model": "baseconv", "d": d, "f": None} for d in widths]
             + [{"model": "baseconv-fig2", "d": d, "f": None} for d in widths]
+            + [{"model": "baseconv-fig2-explicit", "d": d, "f": None} for d in widths]
             + [{"model": "based", "d": d, "f": f} for d in widths for f in (8, 16, 24)])
 
 
@@ -105,7 +110,7 @@ def of_cell(entries: dict, cell: dict) -> list[dict]:
 def state_size(cell: dict, settings: dict) -> int:
     """Numbers per sequence of the model's decode state (megatron_based.tasks.mqar.mqar_state_size's formula)."""
     d, f, T = cell["d"], cell["f"] or 0, settings["seq_len"]
-    size = {"C": 2 * 2 * d, "Z": 2 * d, "H": T * d, "L": (1 + f + f * (f + 1) // 2) * (d + 1), "A": 2 * T * d}
+    size = {"C": 2 * 2 * d, "Z": 2 * d, "H": T * d, "E": T * d, "L": (1 + f + f * (f + 1) // 2) * (d + 1), "A": 2 * T * d}
     return sum(size[s] for s in MODELS[cell["model"]])
 
 
@@ -196,7 +201,8 @@ def markdown(rows: list[dict], data: dict, settings: dict) -> str:
               "layer so far, T x d. BaseConv, fig. 2 runs (ZZHHZZHH): the same BaseConv-only model as "
               "Zoology's code built it when the published runs were made (4 blocks, kernel sizes [3, -1, 3, -1], "
               "each block's state mixer a second instance of its sequence mixer: 8 BaseConv mixers; see the text "
-              "below the table)."]
+              "below the table); with explicit filters (ZZEEZZEE): the same with a free N(0, 1) filter per "
+              "channel in the long layers (Zoology's implicit_long_conv=False), which that launch may have run."]
     if any(r["cut"] for r in rows):
         lines.append("³ Not a result yet: the run was stopped by the sweep's time limit before it ended (no early "
                      "stop yet); the test accuracy after the epochs shown. The next call reruns it (lrs run lists "
@@ -245,7 +251,8 @@ def svg(rows: list[dict], settings: dict) -> str:
                'log scale)</text>')
     out.append(f'<text transform="translate(18 {(T + H - B) / 2:.0f}) rotate(-90)" text-anchor="middle">test '
                'accuracy</text>')
-    series = [("attention", None, "#d62728"), ("baseconv", None, "#2ca02c"), ("baseconv-fig2", None, "#8c564b")]
+    series = [("attention", None, "#d62728"), ("baseconv", None, "#2ca02c"), ("baseconv-fig2", None, "#8c564b"),
+              ("baseconv-fig2-explicit", None, "#7f7f7f")]
     series += [("based", f, c) for f, c in zip(sorted({r["f"] for r in rows if r["model"] == "based"}),
                                                ("#1f77b4", "#9467bd", "#17becf", "#ff7f0e"))]
     legend_y = T + 10

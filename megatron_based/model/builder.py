@@ -15,7 +15,7 @@ from torch import Tensor
 
 from based_kernels.cross_entropy import vocab_parallel_cross_entropy
 
-from .config import BasedConfig, as_based_config, padded_vocab_size
+from .config import BasedConfig, as_based_config, padded_vocab_size, uses_long_filter
 from .spec import get_based_block_spec
 
 
@@ -55,8 +55,8 @@ def build_model(config: BasedConfig | TransformerConfig, *, vocab_size: int, max
     ``megatron_based.model.spec.get_based_layer_spec``; the MQAR models of Zoology / the BASED paper).
     """
     config = as_based_config(config, **based_fields)
-    if not config.long_conv_length and "H" in config.layer_pattern:
-        config.long_conv_length = max_sequence_length  # the H mixer's filter covers the whole sequence
+    if not config.long_conv_length and uses_long_filter(config.layer_pattern):
+        config.long_conv_length = max_sequence_length  # the H / E mixers' filters cover the whole sequence
     if pg_collection is None and not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("build_model needs Megatron's model-parallel groups: call "
                            "megatron_based.initialize_parallel(tensor_model_parallel_size=...) first (or "

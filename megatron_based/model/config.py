@@ -38,6 +38,14 @@ def default_ffn_hidden_size(hidden_size: int) -> int:
     return round_up(2 * hidden_size, 256)
 
 
+LONG_FILTER_SYMBOLS = "HE"  # mixers whose filter spans the sequence: long_conv_length taps (0: the sequence length)
+
+
+def uses_long_filter(pattern: str) -> bool:
+    """Whether a layer pattern has a mixer with a filter of ``long_conv_length`` taps (H, E)."""
+    return any(symbol in pattern for symbol in LONG_FILTER_SYMBOLS)
+
+
 def validate_layer_pattern(pattern: str, num_layers: int | None = None) -> str:
     """One symbol per layer from the mixer registry (``megatron_based.model.mixers.registry``); returns the
     pattern unchanged or raises :class:`ConfigError`."""
@@ -228,7 +236,7 @@ class BasedConfig(TransformerConfig):
                 )
         if "Z" in self.layer_pattern and not 1 <= self.conv_kernel_size <= 64:
             raise ConfigError(f"conv_kernel_size ({self.conv_kernel_size}) must be in 1..64 (Zoology uses 3)")
-        for symbol in "HZ":
+        for symbol in "HZE":
             if symbol not in self.layer_pattern:
                 continue
             if self.hidden_size % tp:
@@ -237,7 +245,7 @@ class BasedConfig(TransformerConfig):
             if self.context_parallel_size > 1:
                 raise ConfigError(f"the {symbol} mixer (Zoology's BaseConv) does not support context parallelism "
                                   f"(context_parallel_size {self.context_parallel_size})")
-        if "H" in self.layer_pattern:
+        if uses_long_filter(self.layer_pattern):
             if self.long_conv_length < 0:
                 raise ConfigError(f"long_conv_length ({self.long_conv_length}) must be >= 0 (0: the sequence length)")
         if self.ffn_hidden_size is None:

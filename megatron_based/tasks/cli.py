@@ -12,7 +12,8 @@ from ..runtime.cli import base_parser
 # (October-November 2023, docs/mqar.md "Which model the published BaseConv numbers come from"): 4 blocks, kernel
 # sizes [3, -1, 3, -1], and each block's "state mixer" a second instance of its sequence mixer, so 8 BaseConv mixers
 # ZZ HH ZZ HH; each is a pre-norm residual layer here, as in Zoology's block.
-MODELS = {"attention": "ZA", "baseconv": "ZH", "baseconv-fig2": "ZZHHZZHH", "based": "ZL"}
+MODELS = {"attention": "ZA", "baseconv": "ZH", "baseconv-fig2": "ZZHHZZHH", "baseconv-fig2-explicit": "ZZEEZZEE",
+          "based": "ZL"}
 
 
 def mqar_parser() -> argparse.ArgumentParser:
@@ -36,8 +37,9 @@ def mqar_parser() -> argparse.ArgumentParser:
                        help="the layer pattern (MODELS): attention ZA (Zoology's BaseConv with a short conv of "
                             "kernel 3, then softmax attention), baseconv ZH (that BaseConv, then one with the long "
                             "implicit conv), baseconv-fig2 ZZHHZZHH (the BaseConv-only model as the published "
-                            "figure-2 runs built it: 4 blocks of two BaseConv mixers), based ZL (that BaseConv, then "
-                            "Taylor linear attention)")
+                            "figure-2 runs built it: 4 blocks of two BaseConv mixers), baseconv-fig2-explicit ZZEEZZEE "
+                            "(the same with explicit long filters, implicit_long_conv=False), based ZL (that BaseConv, "
+                            "then Taylor linear attention)")
     model.add_argument("--pattern", help="a layer pattern instead of --model's (e.g. CLS)")
     model.add_argument("--hidden-size", type=int, default=64, help="model width d")
     model.add_argument("--feature-dim", type=int, default=16, help="L layers' Taylor feature dimension f")

@@ -349,17 +349,17 @@ def state_bytes_per_sequence(model, max_length: int | None = None) -> int:
 def mqar_state_size(pattern: str, *, hidden_size: int, feature_dim: int = 16, num_heads: int = 1,
                     seq_len: int = 256, swa_window: int = 16, conv_kernel_size: int = 3) -> int:
     """Numbers a model keeps per sequence to decode the next token (its recurrent state), summed over layers, from
-    the configuration: C ``(k - 1) x 2d`` (the conv's last inputs), Z ``(k - 1) x d``, H ``T x d`` (every input so
-    far: its filter spans the sequence, T = ``seq_len``), L ``D x (d_v + 1)`` per head (the Taylor state S and
+    the configuration: C ``(k - 1) x 2d`` (the conv's last inputs), Z ``(k - 1) x d``, H and E ``T x d`` (every
+    input so far: their filters span the sequence, T = ``seq_len``), L ``D x (d_v + 1)`` per head (the Taylor state S and
     normaliser z, D = 1 + f + f(f+1)/2 rows of the symmetric map; d_v = d / heads), S ``2 x (window + 1) x d``
     (the K/V ring), A ``2 x T x d`` (the KV cache at T = ``seq_len``). Equals the element count of the generation
     caches (:func:`state_bytes_per_sequence`)."""
     d, k = hidden_size, conv_kernel_size
-    size = {"C": (k - 1) * 2 * d, "Z": (k - 1) * d, "H": seq_len * d,
+    size = {"C": (k - 1) * 2 * d, "Z": (k - 1) * d, "H": seq_len * d, "E": seq_len * d,
             "L": taylor_feature_dim(feature_dim) * (d + num_heads), "S": 2 * (swa_window + 1) * d, "A": 2 * seq_len * d}
     unknown = set(pattern) - set(size)
     if unknown:
-        raise ValueError(f"mqar_state_size knows the C, Z, H, L, S and A mixers; not {sorted(unknown)}")
+        raise ValueError(f"mqar_state_size knows the C, Z, H, E, L, S and A mixers; not {sorted(unknown)}")
     return sum(size[s] for s in pattern)
 
 

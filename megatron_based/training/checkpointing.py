@@ -603,7 +603,7 @@ def check_architecture(path: Path, spec) -> None:
     config and ``spec`` (a ``ModelSpec``) in a way that changes parameter shapes, and the file to take the model
     section from. Reads one small YAML file: the check before the model is built (a mismatch otherwise surfaces
     as a shape error inside the checkpoint load, after the process groups, the model and the optimizer)."""
-    from ..model.config import ConfigError, model_spec_from_dict
+    from ..model.config import ConfigError, model_spec_from_dict, uses_long_filter
 
     f = Path(path) / RUN_CONFIG
     section = (saved_run_config(path) or {}).get("model")
@@ -613,7 +613,7 @@ def check_architecture(path: Path, spec) -> None:
         raise CheckpointError(f"{f}: its model section does not build ({e})") from None
     pairs = [(key, getattr(saved, key), getattr(spec, key)) for key in ("vocab_size", "make_vocab_size_divisible_by")]
     pairs += [(key, getattr(saved.config, key), getattr(spec.config, key)) for key in SHAPE_KEYS
-              if key != "long_conv_length" or "H" in spec.config.layer_pattern]
+              if key != "long_conv_length" or uses_long_filter(spec.config.layer_pattern)]
     for key, theirs, ours in pairs:
         if key == "long_conv_length":  # 0: the sequence length (build_model)
             theirs, ours = theirs or saved.seq_length, ours or spec.seq_length

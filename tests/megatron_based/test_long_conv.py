@@ -1,5 +1,5 @@
-"""The H and Z mixers (Zoology's BaseConv with a long implicit / a short convolution, megatron_based/model/mixers/
-long_conv, zoology_short_conv): the FFT convolution against the direct causal sum in fp64 and its gradients; a model with it is causal, generates like
+"""The H, E and Z mixers (Zoology's BaseConv with a long implicit / a long explicit / a short convolution,
+megatron_based/model/mixers/long_conv, zoology_short_conv): the FFT convolution against the direct causal sum in fp64 and its gradients; a model with it is causal, generates like
 its full forwards (prefill + decode steps), counts its FLOPs, gives the same loss and gradients at TP 2 (with and
 without sequence parallelism) as at TP 1, and refuses context parallelism."""
 from __future__ import annotations
@@ -10,7 +10,8 @@ import torch
 from megatron_based.model.config import ConfigError
 from megatron_based.model.flops import model_flops_per_token
 from megatron_based.model.mixers import get_mixer
-from megatron_based.model.mixers.long_conv import LongConvBaseConv, causal_fft_conv, implicit_filter_positions
+from megatron_based.model.mixers.long_conv import (ExplicitLongConvBaseConv, LongConvBaseConv, causal_fft_conv,
+                                                   implicit_filter_positions)
 from megatron_based.model.mixers.zoology_short_conv import ZoologyShortConv
 from megatron_based.runtime.parallel import initialize_parallel
 from tests.distributed import run_distributed
@@ -60,6 +61,13 @@ def test_filter_positions_are_zoologys():
 
 def test_registered_and_flops_counted():
     assert get_mixer("H") is LongConvBaseConv and get_mixer("Z") is ZoologyShortConv
+    assert get_mixer("E") is ExplicitLongConvBaseConv
+    # E: H's count less the filter MLP, plus the filter's FFT once per sequence
+    cfg = tiny_config("ZE")
+    d, T = cfg.hidden_size, 64
+    mlp_filter = (2 * (3 * 16 + 16 * d) * T) / T
+    assert ExplicitLongConvBaseConv.flops_per_token(cfg, T) == pytest.approx(
+        LongConvBaseConv.flops_per_token(cfg, T) - mlp_filter, rel=1e-12)
     cfg = tiny_config("ZH")
     assert model_flops_per_token(cfg, 64, 64) == pytest.approx(
         model_flops_per_token(tiny_config("CH"), 64, 64) - get_mixer("C").flops_per_token(cfg, 64)
@@ -79,6 +87,8 @@ def test_config_refuses_context_parallelism():
         tiny_config("CH", context_parallel_size=2)
     with pytest.raises(ConfigError, match="Z mixer"):
         tiny_config("ZA", context_parallel_size=2)
+    with pytest.raises(ConfigError, match="E mixer"):
+        tiny_config("CE", context_parallel_size=2)
 
 
 def ch_model(pattern="ZH", **overrides):
@@ -98,7 +108,9 @@ def _model_worker(rank, world, pattern):
     initialize_parallel(1, 1, 1)
     model = ch_model(pattern)
     mixer = model.decoder.layers[1].self_attention
-    assert type(mixer) is LongConvBaseConv and mixer.l_max == 64
+    assert type(mixer) is get_mixer(pattern[1]) and mixer.l_max == 64
+    explicit = type(mixer) is ExplicitLongConvBaseConv
+    init_std = mixer.filter_taps.std().item() if explicit else None
     first = model.decoder.layers[0].self_attention
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(40).expand(2, 40)
@@ -116,7 +128,8 @@ def _model_worker(rank, world, pattern):
     x = torch.randn(30, 2, 32)
     with torch.no_grad():
         full, bias = mixer(x)
-        k = mixer.filter(30)
+        # E: the filter is the parameter as Zoology stores it, [d, l_max] (taps along the sequence)
+        k = mixer.filter_taps[:, :30].t() if explicit else mixer.filter(30)
         gate = x @ mixer.linear_in.weight.t() + mixer.linear_in.bias
         u = x.transpose(0, 1).double()
         ref = ((direct_causal_conv(u, k.double()) + u).transpose(0, 1) * gate.double() + x.double())
@@ -144,11 +157,11 @@ def _model_worker(rank, world, pattern):
     return {"finite": bool(torch.isfinite(loss).all()), "grads": grads, "causal": causal, "bias": bias,
             "counts": counts,
             "formula": (full.double() - ref).abs().max().item(), "step": (steps - full).abs().max().item(),
-            "formula0": formula0, "step0": step0,
+            "formula0": formula0, "step0": step0, "init_std": init_std,
             "generate": (greedy, reference)}
 
 
-@pytest.mark.parametrize("pattern", ["ZH", "CH"])
+@pytest.mark.parametrize("pattern", ["ZH", "CH", "ZE"])
 def test_model_with_the_mixer_trains_is_causal_and_generates(pattern):
     r = run_distributed(_model_worker, 1, pattern)[0]
     assert r["finite"] and all(r["grads"].values()), r["grads"]
@@ -158,13 +171,15 @@ def test_model_with_the_mixer_trains_is_causal_and_generates(pattern):
     assert r["step"] < 1e-5 and r["formula0"] < 1e-5 and r["step0"] < 1e-5
     assert all(real == counted for real, counted in r["counts"][1 if pattern[0] == "C" else 0:]), r["counts"]
     assert r["generate"][0] == r["generate"][1]
+    if pattern[1] == "E":  # Zoology's torch.randn filter: N(0, 1), 32 channels x 64 taps
+        assert 0.9 < r["init_std"] < 1.1
 
 
-def _tp_worker(rank, world, sp):
+def _tp_worker(rank, world, sp, pattern="ZH"):
     from megatron.core import parallel_state
 
     initialize_parallel(world, 1, 1)
-    model = ch_model("ZH", sequence_parallel=sp, tensor_model_parallel_size=world)
+    model = ch_model(pattern, sequence_parallel=sp, tensor_model_parallel_size=world)
     ids = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(1))
     loss = model(ids, torch.arange(48).expand(2, 48), None, labels=ids)
     loss.mean().backward()
@@ -172,10 +187,10 @@ def _tp_worker(rank, world, sp):
     return loss.detach(), {n: g for n, g in grads.items() if "self_attention" in n}
 
 
-@pytest.mark.parametrize("sp", [False, True])
-def test_tp2_equals_tp1(sp):
-    loss1, grads1 = run_distributed(_tp_worker, 1, False)[0]
-    loss2, grads2 = run_distributed(_tp_worker, 2, sp)[0]
+@pytest.mark.parametrize("sp,pattern", [(False, "ZH"), (True, "ZH"), (True, "ZE")])
+def test_tp2_equals_tp1(sp, pattern):
+    loss1, grads1 = run_distributed(_tp_worker, 1, False, pattern)[0]
+    loss2, grads2 = run_distributed(_tp_worker, 2, sp, pattern)[0]
     assert torch.allclose(loss1, loss2, rtol=1e-5, atol=1e-6)
     assert grads1.keys() == grads2.keys() and grads1
     for name in grads1:

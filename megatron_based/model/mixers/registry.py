@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from .base import missing_interface
 from .base_conv import BaseConv
-from .long_conv import LongConvBaseConv
+from .long_conv import ExplicitLongConvBaseConv, LongConvBaseConv
 from .zoology_short_conv import ZoologyShortConv
 from .sliding_window import SlidingWindowAttention
 from .softmax_attention import SoftmaxAttention
 from .taylor import TaylorLinearAttention
 
 BUILTIN = (TaylorLinearAttention, SlidingWindowAttention, BaseConv, SoftmaxAttention, LongConvBaseConv,
-           ZoologyShortConv)
+           ZoologyShortConv, ExplicitLongConvBaseConv)
 
 MIXERS: dict[str, type] = {}
 

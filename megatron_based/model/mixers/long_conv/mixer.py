@@ -259,3 +259,57 @@ class LongConvBaseConv(MixerModule):
         sd.update(make_sharded_tensors_for_checkpoint(own, prefix, {k: 0 for k in own}, sharded_offsets,
                                                       tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]))
         return sd
+
+
+class ExplicitLongConvBaseConv(LongConvBaseConv):
+    """The "E" mixer: Zoology's BaseConv with a long *explicit* convolution (``implicit_long_conv=False``:
+    ``zoology/mixers/convolution.py`` ``LongConvolution``, a free filter ``nn.Parameter(torch.randn(d, l_max))``
+    of l_max taps per channel, N(0, 1) as Zoology leaves it; Zoology's init touches only linear and embedding
+    layers). Otherwise the H mixer: ``y = (k * u + u) * (W u + b) + u``, the FFT convolution, TP by channel, the
+    decode state of every input so far. Zoology's BaseConv-only MQAR launch of 2023-10-29 ran either this filter or
+    H's (docs/mqar.md, "Which model the published BaseConv numbers come from")."""
+
+    symbol = "E"
+    description = "Zoology's BaseConv with a long explicit convolution (a free filter per channel)"
+    split_parameters = ("filter_taps",)
+
+    @staticmethod
+    def flops_per_token(config, seq_length: int) -> float:
+        """The H mixer's, less the filter MLP: the projection, gate and skips, the FFT convolution per channel and
+        the filter's FFT once per sequence (divided by T)."""
+        d, T = config.hidden_size, seq_length
+        n = 2 * T
+        fft = 2.5 * n * math.log2(n)
+        return 2 * d * d + 4 * d + d * (2 * fft + 6 * (n // 2 + 1)) / T + d * fft / T
+
+    @staticmethod
+    def parameter_count(config) -> tuple[int, int]:
+        d = config.hidden_size
+        return d * d + d + d * config.long_conv_length, 0
+
+    def _init_conv(self, config, kw):
+        d = config.hidden_size
+        self.l_max = getattr(config, "long_conv_length", 0)
+        if not self.l_max:
+            raise ValueError(f"the {self.symbol} mixer ({self.description}) needs config.long_conv_length, its filter "
+                             "length (the sequence length; build_model sets it from max_sequence_length)")
+        self.filter_taps = torch.nn.Parameter(torch.empty(self.channels, self.l_max, **kw))
+        init = lambda w: torch.nn.init.normal_(w, 0.0, 1.0)  # noqa: E731  (torch.randn, as Zoology)
+        if config.perform_initialization:
+            with torch.no_grad():
+                if config.use_cpu_initialization:  # the full filter, then this rank's channels (TP-invariant)
+                    _initialize_affine_weight_cpu(self.filter_taps, d, self.l_max, self.channels, 0, init,
+                                                  params_dtype=config.params_dtype, rank=self.tp_group.rank(),
+                                                  world_size=self.tp_size)
+                else:
+                    from megatron.core.tensor_parallel.layers import _initialize_affine_weight_gpu
+
+                    _initialize_affine_weight_gpu(self.filter_taps, init, partition_dim=0)
+
+    def filter(self, length: int) -> torch.Tensor:
+        """This rank's filter taps ``[length, channels]`` (fp32 or wider)."""
+        if length > self.l_max:
+            raise ValueError(f"the {self.symbol} mixer's filter has {self.l_max} taps (long_conv_length); "
+                             f"got a sequence of {length}")
+        taps = self.filter_taps
+        return taps[:, :length].t().to(torch.float64 if taps.dtype == torch.float64 else torch.float32)
