@@ -238,9 +238,9 @@ def main(argv=None) -> int:
             best_gemm[key] = min(best_gemm.get(key, r["ms_per_step"]), r["ms_per_step"])
     default = sum(r["ms_per_step"] for r in rows if r.get("backend") == "cublas") + sum(
         r["ms_per_step"] for r in rows if "backend" not in r and r.get("config", "default") == "default")
+    cublas = sum(r["ms_per_step"] for r in rows if r.get("backend") == "cublas")
     print(f"\nsum of the rows (cuBLAS, default kernels): {default:.3f} ms per step; with each GEMM's faster "
-          f"backend: {default - sum(r['ms_per_step'] for r in rows if r.get('backend') == 'cublas') + sum(best_gemm.values()):.3f} ms; "
-          f"copy bandwidth {peak:.0f} GB/s")
+          f"backend: {default - cublas + sum(best_gemm.values()):.3f} ms; copy bandwidth {peak:.0f} GB/s")
     if args.json:
         out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
                         "batch": B, "copy_gb_s": round(peak, 1), "date": time.strftime("%Y-%m-%d"),

@@ -110,7 +110,8 @@ def of_cell(entries: dict, cell: dict) -> list[dict]:
 def state_size(cell: dict, settings: dict) -> int:
     """Numbers per sequence of the model's decode state (megatron_based.tasks.mqar.mqar_state_size's formula)."""
     d, f, T = cell["d"], cell["f"] or 0, settings["seq_len"]
-    size = {"C": 2 * 2 * d, "Z": 2 * d, "H": T * d, "E": T * d, "L": (1 + f + f * (f + 1) // 2) * (d + 1), "A": 2 * T * d}
+    size = {"C": 2 * 2 * d, "Z": 2 * d, "H": T * d, "E": T * d, "L": (1 + f + f * (f + 1) // 2) * (d + 1),
+            "A": 2 * T * d}
     return sum(size[s] for s in MODELS[cell["model"]])
 
 

@@ -104,8 +104,9 @@ class BasedConfig(TransformerConfig):
         linear_attention_eps: added to the L mixer's denominator (inert: the denominator is >= (t+1)/2).
         swa_window: left window of the S mixer: query t attends keys t - window ... t (128).
         conv_kernel_size: BaseConv's depthwise kernel (3; tap k-1 multiplies the current token); also the Z mixer's.
-        long_conv_length: filter length l_max of the H mixer (Zoology's BaseConv with a long implicit convolution):
-            the longest sequence it takes. 0 (default): ``build_model`` sets it to ``max_sequence_length``.
+        long_conv_length: filter length l_max of the H and E mixers (Zoology's BaseConv with a long implicit /
+            explicit filter): the longest sequence they take. 0 (default): ``build_model`` sets it to
+            ``max_sequence_length``.
         rope_base: RoPE base of the S and A mixers (full head dim, rotate-half).
         rope_fusion: the S and A mixers split q, k, v and apply RoPE in one kernel each way
             (``based_kernels.rope_split_qkv``: fp32 math from fp64-exact cos / sin), in training forwards and in

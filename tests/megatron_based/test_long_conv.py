@@ -1,7 +1,8 @@
 """The H, E and Z mixers (Zoology's BaseConv with a long implicit / a long explicit / a short convolution,
-megatron_based/model/mixers/long_conv, zoology_short_conv): the FFT convolution against the direct causal sum in fp64 and its gradients; a model with it is causal, generates like
-its full forwards (prefill + decode steps), counts its FLOPs, gives the same loss and gradients at TP 2 (with and
-without sequence parallelism) as at TP 1, and refuses context parallelism."""
+megatron_based/model/mixers/long_conv, zoology_short_conv): the FFT convolution against the direct causal sum in
+fp64 and its gradients; a model with it is causal, generates like its full forwards (prefill + decode steps),
+counts its FLOPs, gives the same loss and gradients at TP 2 (with and without sequence parallelism) as at TP 1,
+and refuses context parallelism."""
 from __future__ import annotations
 
 import pytest

@@ -107,7 +107,7 @@ def test_builtin_mixers_satisfy_the_interface(cls):
 
 
 def test_registry_lists_the_builtins_and_refuses_non_mixers():
-    assert list(mixer_descriptions()) == ["L", "S", "C", "A", "H", "Z"]
+    assert list(mixer_descriptions()) == ["L", "S", "C", "A", "H", "Z", "E"]
     with pytest.raises(TypeError, match="lacks .*flops_per_token"):
         register_mixer(type("NotAMixer", (), {"symbol": "N", "description": "x"}))
     with pytest.raises(ValueError, match="taken by TaylorLinearAttention"):
