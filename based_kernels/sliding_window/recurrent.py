@@ -20,8 +20,8 @@ loop over BR = 16 slots at a time (the launcher's choice): compiled for sm_90 on
 or 64 went to 135-255 registers with spills at D = 128. On an H100 (based-1.3b decode shapes: batch 128, 16 heads,
 D 112, window 128; benchmarks/decode_kernels.py) the step took 112 us, 44% of a copy's bandwidth, with the V rows
 loaded after the scores: each block of slots waited for two memory round trips. ``V_EARLY`` requests them with
-the K rows (kept as loaded, converted to fp32 at use, so the two tiles cost no more registers than one fp32 tile);
-the launcher sets it, and decode_kernels.py times both.
+the K rows, kept in the cache's dtype until used (sm_90 compile at D 112, BR 16, 4 warps: 72 registers instead of
+86, no spills); the launcher sets it, and decode_kernels.py times both.
 """
 from __future__ import annotations
 
