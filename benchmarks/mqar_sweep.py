@@ -64,7 +64,7 @@ LABELS = {"attention": "attention", "baseconv": "BaseConv", "baseconv-fig2": "Ba
 # The published recall at T 256, 16 pairs (Zoology figure 2 / the BASED paper, as quoted in issue 20).
 PUBLISHED = {("attention", 64): 1.0, ("attention", 128): 1.0, ("attention", 256): 1.0,
              ("baseconv", 64): 0.14, ("baseconv", 128): 0.34, ("baseconv", 256): 0.81}
-# baseconv-fig2 is the model those published BaseConv points were run with: the same numbers
+# the fig. 2 models (implicit or explicit filters) are the ones those published BaseConv points came from: same numbers
 PUBLISHED |= {(fig2, d): acc for (model, d), acc in list(PUBLISHED.items()) if model == "baseconv"
               for fig2 in ("baseconv-fig2", "baseconv-fig2-explicit")}
 FULL = {"vocab_size": 8192, "seq_len": 256, "num_kv_pairs": 16, "num_train": 100_000, "num_test": 3000,

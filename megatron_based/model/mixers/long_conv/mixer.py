@@ -63,6 +63,16 @@ def causal_fft_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(u_f * k_f, n=n, dim=-2)[..., :T, :].to(u.dtype)
 
 
+def long_conv_flops(d: int, T: int) -> tuple[float, float]:
+    """FLOPs per token of a BaseConv whose convolution spans a length-T sequence, per channel O(T log T): ``(the
+    projection 2 d^2, the gate and skips 4 d, a real FFT of size n = 2T and its inverse, counted 2.5 n log2 n each,
+    and the spectral product, n / 2 + 1 complex products of 6; the filter's FFT, once per sequence)``, both divided
+    by T where per sequence."""
+    n = 2 * T
+    fft = 2.5 * n * math.log2(n)
+    return 2 * d * d + 4 * d + d * (2 * fft + 6 * (n // 2 + 1)) / T, d * fft / T
+
+
 @dataclass
 class LongConvSubmodules:
     """The linear layer of :class:`LongConvBaseConv` (a class or ``ModuleSpec``): ``linear_in``, the gate's
@@ -89,16 +99,10 @@ class LongConvBaseConv(MixerModule):
 
     @staticmethod
     def flops_per_token(config, seq_length: int) -> float:
-        """The projection (2 d^2), the gate and skips (4 d), and per channel the FFT convolution of a length-T
-        sequence, O(T log T) per channel: a real FFT of size n = 2T and its inverse, counted 2.5 n log2 n each, and
-        the spectral product (n / 2 + 1 complex products, 6 each), divided by T; plus the filter (MLP on T
-        positions, its FFT) once per sequence, divided by T."""
+        """:func:`long_conv_flops` plus the filter MLP on T positions, once per sequence, divided by T."""
         d, T = config.hidden_size, seq_length
-        n = 2 * T
-        fft = 2.5 * n * math.log2(n)
-        conv = d * (2 * fft + 6 * (n // 2 + 1)) / T
-        filt = (2 * (FILTER_FEATURES * FILTER_HIDDEN + FILTER_HIDDEN * d) * T + d * fft) / T
-        return 2 * d * d + 4 * d + conv + filt
+        conv, filter_fft = long_conv_flops(d, T)
+        return conv + filter_fft + 2 * (FILTER_FEATURES * FILTER_HIDDEN + FILTER_HIDDEN * d)
 
     @staticmethod
     def parameter_count(config) -> tuple[int, int]:
@@ -133,13 +137,31 @@ class LongConvBaseConv(MixerModule):
 
     split_parameters = ("filter_w2", "filter_b2")  # the conv's parameters split by channel over TP
 
-    def _init_conv(self, config, kw):
-        """The implicit filter's MLP: a replicated hidden layer, a channel-split output layer."""
-        d, std = config.hidden_size, config.init_method_std
-        self.l_max = getattr(config, "long_conv_length", 0)
-        if not self.l_max:
+    def _filter_length(self, config) -> int:
+        """``config.long_conv_length``, the filter's taps (refused when 0: build_model sets it)."""
+        l_max = getattr(config, "long_conv_length", 0)
+        if not l_max:
             raise ValueError(f"the {self.symbol} mixer ({self.description}) needs config.long_conv_length, its filter "
                              "length (the sequence length; build_model sets it from max_sequence_length)")
+        return l_max
+
+    def _init_channel_split(self, param, columns: int, init, config) -> None:
+        """Initialise ``param`` ``[channels, columns]``, this rank's channels of a ``[hidden_size, columns]`` weight,
+        with ``init``: on CPU the full weight, then this rank's rows (the same model at any TP size), on the GPU
+        Megatron's per-rank draw."""
+        if config.use_cpu_initialization:
+            _initialize_affine_weight_cpu(param, config.hidden_size, columns, self.channels, 0, init,
+                                          params_dtype=config.params_dtype, rank=self.tp_group.rank(),
+                                          world_size=self.tp_size)
+        else:
+            from megatron.core.tensor_parallel.layers import _initialize_affine_weight_gpu
+
+            _initialize_affine_weight_gpu(param, init, partition_dim=0)
+
+    def _init_conv(self, config, kw):
+        """The implicit filter's MLP: a replicated hidden layer, a channel-split output layer."""
+        std = config.init_method_std
+        self.l_max = self._filter_length(config)
         # the implicit filter's MLP (replicated hidden layer, channel-split output layer); Zoology: N(0, 0.02), 0
         self.filter_w1 = torch.nn.Parameter(torch.empty(FILTER_HIDDEN, FILTER_FEATURES, **kw))
         self.filter_b1 = torch.nn.Parameter(torch.zeros(FILTER_HIDDEN, **kw))
@@ -149,20 +171,17 @@ class LongConvBaseConv(MixerModule):
         if config.perform_initialization:
             with torch.no_grad():
                 init(self.filter_w1)  # replicated: the same draw on every rank
-                if config.use_cpu_initialization:  # the full weight, then this rank's channels (TP-invariant)
-                    _initialize_affine_weight_cpu(self.filter_w2, d, FILTER_HIDDEN, self.channels, 0, init,
-                                                  params_dtype=config.params_dtype, rank=self.tp_group.rank(),
-                                                  world_size=self.tp_size)
-                else:
-                    from megatron.core.tensor_parallel.layers import _initialize_affine_weight_gpu
-
-                    _initialize_affine_weight_gpu(self.filter_w2, init, partition_dim=0)
+                self._init_channel_split(self.filter_w2, FILTER_HIDDEN, init, config)
 
     def filter(self, length: int) -> torch.Tensor:
         """This rank's filter taps ``[length, channels]`` (fp32 or wider)."""
         if length > self.l_max:
             raise ValueError(f"the {self.symbol} mixer's filter has {self.l_max} taps (long_conv_length); "
                              f"got a sequence of {length}")
+        return self._taps(length)
+
+    def _taps(self, length: int) -> torch.Tensor:
+        """The first ``length`` taps (checked by ``filter``): the MLP of the positional features."""
         w1 = self.filter_w1
         dtype = torch.float64 if w1.dtype == torch.float64 else torch.float32
         z = implicit_filter_positions(self.l_max, dtype, w1.device)[:length]  # not a buffer: no bf16 cast
@@ -275,12 +294,8 @@ class ExplicitLongConvBaseConv(LongConvBaseConv):
 
     @staticmethod
     def flops_per_token(config, seq_length: int) -> float:
-        """The H mixer's, less the filter MLP: the projection, gate and skips, the FFT convolution per channel and
-        the filter's FFT once per sequence (divided by T)."""
-        d, T = config.hidden_size, seq_length
-        n = 2 * T
-        fft = 2.5 * n * math.log2(n)
-        return 2 * d * d + 4 * d + d * (2 * fft + 6 * (n // 2 + 1)) / T + d * fft / T
+        """:func:`long_conv_flops`: the H mixer's without the filter MLP."""
+        return sum(long_conv_flops(config.hidden_size, seq_length))
 
     @staticmethod
     def parameter_count(config) -> tuple[int, int]:
@@ -288,28 +303,14 @@ class ExplicitLongConvBaseConv(LongConvBaseConv):
         return d * d + d + d * config.long_conv_length, 0
 
     def _init_conv(self, config, kw):
-        d = config.hidden_size
-        self.l_max = getattr(config, "long_conv_length", 0)
-        if not self.l_max:
-            raise ValueError(f"the {self.symbol} mixer ({self.description}) needs config.long_conv_length, its filter "
-                             "length (the sequence length; build_model sets it from max_sequence_length)")
+        self.l_max = self._filter_length(config)
         self.filter_taps = torch.nn.Parameter(torch.empty(self.channels, self.l_max, **kw))
-        init = lambda w: torch.nn.init.normal_(w, 0.0, 1.0)  # noqa: E731  (torch.randn, as Zoology)
         if config.perform_initialization:
-            with torch.no_grad():
-                if config.use_cpu_initialization:  # the full filter, then this rank's channels (TP-invariant)
-                    _initialize_affine_weight_cpu(self.filter_taps, d, self.l_max, self.channels, 0, init,
-                                                  params_dtype=config.params_dtype, rank=self.tp_group.rank(),
-                                                  world_size=self.tp_size)
-                else:
-                    from megatron.core.tensor_parallel.layers import _initialize_affine_weight_gpu
+            with torch.no_grad():  # torch.randn, as Zoology
+                self._init_channel_split(self.filter_taps, self.l_max, lambda w: torch.nn.init.normal_(w, 0.0, 1.0),
+                                         config)
 
-                    _initialize_affine_weight_gpu(self.filter_taps, init, partition_dim=0)
-
-    def filter(self, length: int) -> torch.Tensor:
-        """This rank's filter taps ``[length, channels]`` (fp32 or wider)."""
-        if length > self.l_max:
-            raise ValueError(f"the {self.symbol} mixer's filter has {self.l_max} taps (long_conv_length); "
-                             f"got a sequence of {length}")
+    def _taps(self, length: int) -> torch.Tensor:
+        """The first ``length`` taps of the free filter."""
         taps = self.filter_taps
         return taps[:, :length].t().to(torch.float64 if taps.dtype == torch.float64 else torch.float32)

@@ -9,7 +9,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
 from ..long_conv.mixer import LongConvBaseConv
 
@@ -46,18 +45,15 @@ class ZoologyShortConv(LongConvBaseConv):
         init = lambda w: torch.nn.init.uniform_(w, -bound, bound)  # noqa: E731
         if config.perform_initialization:
             with torch.no_grad():
-                if config.use_cpu_initialization:  # the full weights, then this rank's channels (TP-invariant)
+                self._init_channel_split(self.conv_weight, k, init, config)
+                if config.use_cpu_initialization:  # the full bias, then this rank's channels (TP-invariant)
                     rank = self.tp_group.rank()
-                    _initialize_affine_weight_cpu(self.conv_weight, d, k, self.channels, 0, init,
-                                                  params_dtype=config.params_dtype, rank=rank,
-                                                  world_size=self.tp_size)
                     full = torch.empty(d, dtype=config.params_dtype)
                     init(full)
                     self.conv_bias.copy_(full[rank * self.channels:(rank + 1) * self.channels])
                 else:
                     from megatron.core.tensor_parallel.layers import _initialize_affine_weight_gpu
 
-                    _initialize_affine_weight_gpu(self.conv_weight, init, partition_dim=0)
                     _initialize_affine_weight_gpu(self.conv_bias, init, partition_dim=0)
 
     def _short_conv(self, u):
