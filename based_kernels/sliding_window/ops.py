@@ -356,7 +356,9 @@ def swa_triton(q, k, v, window, scale, kv_prefix=None, cu_seqlens=None):
 
 
 # ------------------------------------------------------------------------------------------------ decode step
-STEP_V_EARLY = True  # the decode step loads a block's V rows with its K rows (recurrent.py; decode_kernels.py)
+# The decode step's launch: (BR ring slots per block, num_warps, V_EARLY: a block's V rows loaded with its K rows;
+# recurrent.py). benchmarks/decode_kernels.py sets it to time alternatives.
+STEP = (16, 4, True)
 
 
 def swa_step_triton(q, k, v, k_cache, v_cache, positions, window, scale):
@@ -370,6 +372,6 @@ def swa_step_triton(q, k, v, k_cache, v_cache, positions, window, scale):
         (q, k, v, k_cache, v_cache, positions, o,
          *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
          *o.stride()[:2], float(scale)),
-        D=D, RING=window + 1, BLOCK_D=max(16, next_pow2(D)), BR=16, V_EARLY=STEP_V_EARLY, num_warps=4,
+        D=D, RING=window + 1, BLOCK_D=max(16, next_pow2(D)), BR=STEP[0], V_EARLY=STEP[2], num_warps=STEP[1],
     )
     return o

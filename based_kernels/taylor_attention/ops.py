@@ -98,7 +98,9 @@ _step_kernel = Launcher(taylor_step_kernel)
 
 MAX_F = 32  # f = 64 passed in the CPU interpreter with the 273-row map; not verified on a GPU (see README)
 MAX_F_STEP = 32  # the decode kernel keeps a whole [next_pow2(f(f+1)/2), BV] state block in registers
-STEP_INPLACE_WARPS = 4  # warps of the in-place decode step while its state tile is <= 256 x 32 (f <= 22); 8 above
+# The in-place decode step's tiles: (BV value columns per iteration, num_warps while the [BP, BV] state tile has
+# <= 8192 elements (f <= 22 at BV 32), num_warps above). benchmarks/decode_kernels.py sets it to time alternatives.
+STEP_INPLACE = (32, 4, 8)
 
 # Tunables (benchmarks/taylor_attention.py --sweep times alternatives on a GPU; docs/benchmarks.md).
 # H200 sweep at B8 T4096 H16 d_v 64, bf16, 153 feature rows: chunk 128 fwd+bwd 2.15 ms vs 3.42 at chunk 64; output
@@ -447,13 +449,15 @@ def taylor_attention_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.
     # f 16, d_v 112: 246 registers at 4 warps, 128 at 8, no spills; 64 columns at 4 warps spilled). 4 warps: on an
     # H100 at based-1.3b's decode shapes (batch 128, 16 heads, d_v 112) 115.8 us per call against 125.1 at 8 warps
     # (benchmarks/decode_kernels.py), both near the copy bandwidth; the two take the same registers per SM.
-    BV = min(32, max(16, next_pow2(DV)))
+    BV, warps, warps_large = STEP_INPLACE
+    BV = min(BV, max(16, next_pow2(DV)))
+    BP = next_pow2(F * (F + 1) // 2)
     y = v.new_empty(B, H, DV)
     _step_kernel(lambda m: (1, B * H), (
         q, k, v, y, s, z, s, z,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=next_pow2(F * (F + 1) // 2), BV=BV, NVB=cdiv(DV, BV),
-        HAS_STATE=True, num_warps=STEP_INPLACE_WARPS if next_pow2(F * (F + 1) // 2) * BV <= 8192 else 8)
+        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=BP, BV=BV, NVB=cdiv(DV, BV),
+        HAS_STATE=True, num_warps=warps if BP * BV <= 8192 else warps_large)
     return y
 
 
