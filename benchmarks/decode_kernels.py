@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         row(f"Taylor step, in place (B {B}, H {H}, f {f}, d_v {dh})", n["L"], nbytes, ms, config="default")
         # the kernel's tiles (value block BV, warps) through ops.STEP_INPLACE, the op's launch
         default_tiles = taylor_ops.STEP_INPLACE
-        for BV, nw in [(16, 4), (32, 4), (32, 8), (64, 8), (64, 16)]:
+        for BV, nw in [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 8)]:
             taylor_ops.STEP_INPLACE = (BV, nw, nw)
             try:
                 ms = graph_ms([lambda s=s: based_kernels.taylor_linear_attention_step(q, kk, v, s, inplace=True)
@@ -194,8 +194,8 @@ def main(argv=None) -> int:
         # the kernel's slot block BR, warps and V_EARLY through ops.STEP, the op's launch
         from based_kernels.sliding_window import ops as swa_ops
         default_step = swa_ops.STEP
-        for BR, nw, early in [(16, 4, not default_step[2]), (16, 2, True), (16, 8, True), (32, 4, True),
-                              (32, 8, True), (8, 4, True)]:
+        for BR, nw, early in [(16, 2, False), (16, 1, True), (16, 2, True), (16, 4, True), (32, 1, True),
+                              (32, 2, True), (32, 4, True), (8, 1, True), (8, 2, True)]:
             swa_ops.STEP = (BR, nw, early)
             try:
                 ms = graph_ms([lambda kc=kc, vc=vc: based_kernels.sliding_window_step(q, kk, v, kc, vc, pos,

@@ -15,13 +15,14 @@ dtype), and the ring loads mask its slot out, so no program reads a row that it 
 the result does not depend on the order of the loads and the stores. One launch replaces the mixer's
 index_put x 2, the mask arithmetic and the masked ``scaled_dot_product_attention`` (a handful of kernels).
 Memory-bound: each program reads its head's ring once (2 x RING x D elements). The slot loop is a run-time
-loop over BR = 16 slots at a time (the launcher's choice): compiled for sm_90 on a CPU (Triton 3.6, bf16,
-4 warps) it takes 64 / 86 / 72 registers at D = 64 / 112 / 128 without spills, where an unrolled loop or BR = 32
-or 64 went to 135-255 registers with spills at D = 128. On an H100 (based-1.3b decode shapes: batch 128, 16 heads,
-D 112, window 128; benchmarks/decode_kernels.py) the step took 112 us, 44% of a copy's bandwidth, with the V rows
-loaded after the scores: each block of slots waited for two memory round trips. ``V_EARLY`` requests them with
-the K rows, kept in the cache's dtype until used (sm_90 compile at D 112, BR 16, 4 warps: 72 registers instead of
-86, no spills); the launcher sets it, and decode_kernels.py times both.
+loop over BR slots at a time; the launch (BR, warps, V_EARLY) is ``ops.STEP``. ``V_EARLY`` requests a block's V rows
+with its K rows (kept in the cache's dtype until used) instead of after the scores, which cost each block two
+memory round trips. sm_90 registers (Triton 3.6, bf16, V early, no spills unless said): BR 16 at D 64 / 112 / 128:
+72 / 118 / 113 at 2 warps, 64 / 72 / 72 at 4; BR 32 at 2 warps 128 / 212 / 213; BR 64 at 2 warps 255 with ~200
+bytes spilled at D >= 112; an unrolled loop spilled too. On an H100 at based-1.3b's decode shapes (batch 128, 16
+heads, D 112, window 128; benchmarks/decode_kernels.py) BR 16 at 2 warps took 71 us per call against 110 at 4 (V
+late: 112) and 203 at 8: with the program's 16 x 128 tile spread over fewer threads, more programs share an SM and
+the row reductions cross fewer warps.
 """
 from __future__ import annotations
 
