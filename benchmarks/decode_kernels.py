@@ -12,8 +12,8 @@ twice that bound; this script says which kernels lose the time. Each row is one 
   MLP fc1 / fc2, the output layer), bf16, with cuBLAS (torch's default) and with cuBLASLt
   (``torch.backends.cuda.preferred_blas_library("cublaslt")``);
 * the state kernels as the model calls them: ``taylor_linear_attention_step`` (in place), ``sliding_window_step``,
-  ``base_conv_packed_step`` (in place) and ``add_rms_norm``, and the Taylor step kernel's tile configurations
-  (value block BV x warps) beside the default.
+  ``base_conv_packed_step`` (in place) and ``add_rms_norm``, and the Taylor and SWA steps' launch configurations
+  (``ops.STEP_INPLACE``: value block BV x warps; ``ops.STEP``: slot block BR x warps x V_EARLY) beside the default.
 
 Timing: each row's call is captured ``--reps`` times in one CUDA graph, each time on its own copy of the weights /
 states (enough copies to exceed the L2 cache, so every call reads from HBM as in a real step, where 36 layers'
@@ -167,21 +167,18 @@ def main(argv=None) -> int:
         ms = graph_ms([lambda s=s: based_kernels.taylor_linear_attention_step(q, kk, v, s, inplace=True)
                        for s in states], args.iters)
         row(f"Taylor step, in place (B {B}, H {H}, f {f}, d_v {dh})", n["L"], nbytes, ms, config="default")
-        # the kernel's tiles: value block BV and warps (the op uses BV 32, 8 warps)
-        kern = taylor_ops._step_kernel
-        scale = f ** -0.25
-        for BV, nw in [(16, 4), (32, 4), (16, 8), (64, 8), (32, 16), (64, 16)]:
-            def launch(s, BV=BV, nw=nw):
-                y = torch.empty(B, H, dh, device=dev, dtype=dt)
-                kern(lambda _m: (1, B * H), (q, kk, v, y, s[0], s[1], s[0], s[1], q.stride(0), q.stride(1),
-                                            kk.stride(0), kk.stride(1), v.stride(0), v.stride(1), H, scale, 1e-12),
-                     F=f, DV=dh, BK=max(16, triton_next_pow2(f)), BP=triton_next_pow2(f * (f + 1) // 2), BV=BV,
-                     NVB=-(-dh // BV), HAS_STATE=True, num_warps=nw)
+        # the kernel's tiles (value block BV, warps) through ops.STEP_INPLACE, the op's launch
+        default_tiles = taylor_ops.STEP_INPLACE
+        for BV, nw in [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 8)]:
+            taylor_ops.STEP_INPLACE = (BV, nw, nw)
             try:
-                ms = graph_ms([lambda s=s: launch(s) for s in states], args.iters)
+                ms = graph_ms([lambda s=s: based_kernels.taylor_linear_attention_step(q, kk, v, s, inplace=True)
+                               for s in states], args.iters)
             except Exception as e:  # e.g. out of registers / shared memory at this tile
                 print(f"Taylor step BV {BV}, {nw} warps: {type(e).__name__}: {str(e)[:200]}")
                 continue
+            finally:
+                taylor_ops.STEP_INPLACE = default_tiles
             row(f"Taylor step kernel, BV {BV}, {nw} warps", n["L"], nbytes, ms, config=f"BV{BV}-w{nw}")
         del states
     if n["S"] and "swa" in only:
@@ -194,21 +191,23 @@ def main(argv=None) -> int:
         ms = graph_ms([lambda kc=kc, vc=vc: based_kernels.sliding_window_step(q, kk, v, kc, vc, pos, window=W)
                        for kc, vc in caches], args.iters)
         row(f"SWA step (window {W}, B {B}, H {H}, d {dh})", n["S"], cbytes + 4 * B * d * 2, ms, config="default")
-        # the kernel's slot block BR and warps (the op uses BR 16, 4 warps)
+        # the kernel's slot block BR, warps and V_EARLY through ops.STEP, the op's launch
         from based_kernels.sliding_window import ops as swa_ops
-        for BR, nw in [(16, 2), (16, 8), (32, 4), (32, 8), (8, 4)]:
-            def swa_launch(kc, vc, BR=BR, nw=nw):
-                out = torch.empty(B, H, dh, device=dev, dtype=dt)
-                swa_ops._step(lambda _m: (H, B), (q, kk, v, kc, vc, pos, out, *q.stride()[:2], *kk.stride()[:2],
-                                                 *v.stride()[:2], *kc.stride()[:3], *vc.stride()[:3],
-                                                 *out.stride()[:2], dh ** -0.5),
-                              D=dh, RING=W + 1, BLOCK_D=max(16, triton_next_pow2(dh)), BR=BR, num_warps=nw)
+        default_step = swa_ops.STEP
+        for BR, nw, early in [(16, 2, False), (16, 1, True), (16, 2, True), (16, 4, True), (32, 1, True),
+                              (32, 2, True), (32, 4, True), (8, 1, True), (8, 2, True)]:
+            swa_ops.STEP = (BR, nw, early)
             try:
-                ms = graph_ms([lambda kc=kc, vc=vc: swa_launch(kc, vc) for kc, vc in caches], args.iters)
+                ms = graph_ms([lambda kc=kc, vc=vc: based_kernels.sliding_window_step(q, kk, v, kc, vc, pos,
+                                                                                       window=W)
+                               for kc, vc in caches], args.iters)
             except Exception as e:
-                print(f"SWA step BR {BR}, {nw} warps: {type(e).__name__}: {str(e)[:200]}")
+                print(f"SWA step BR {BR}, {nw} warps, V_EARLY {early}: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            row(f"SWA step kernel, BR {BR}, {nw} warps", n["S"], cbytes + 4 * B * d * 2, ms, config=f"BR{BR}-w{nw}")
+            finally:
+                swa_ops.STEP = default_step
+            row(f"SWA step kernel, BR {BR}, {nw} warps, V {'early' if early else 'late'}", n["S"],
+                cbytes + 4 * B * d * 2, ms, config=f"BR{BR}-w{nw}-{'early' if early else 'late'}")
         del caches
     if n["C"] and "conv" in only:
         C = 2 * d
@@ -247,10 +246,6 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")
     return 0
-
-
-def triton_next_pow2(x: int) -> int:
-    return 1 << (max(1, x) - 1).bit_length()
 
 
 if __name__ == "__main__":

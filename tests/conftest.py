@@ -41,9 +41,35 @@ def gpu_jobs(request, tmp_path_factory):
         yield futures
 
 
+# GPU memory the in-process tests leave to the end-to-end jobs beside them (up to five processes of tiny models:
+# two training runs, generate, eval, make demo). Without a cap the test process's caching allocator kept 74 GiB of an
+# 80 GiB H100 and a job's first allocation failed.
+JOBS_RESERVE_GIB = 16
+_sharing = []
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _start_gpu_jobs_first(request):
     """On a GPU the end-to-end jobs start before the first test and run beside the in-process tests (their own
-    tests come last, pytest_collection_modifyitems): the GPU suite takes about as long as its in-process tests."""
+    tests come last, pytest_collection_modifyitems): the GPU suite takes about as long as its in-process tests.
+    Meanwhile this process may use the GPU's memory less JOBS_RESERVE_GIB (its allocator frees cached blocks
+    before it would exceed that) and returns its cached blocks after each test (``_return_cached_memory``)."""
     if torch.cuda.is_available() and any("gpu_jobs" in getattr(i, "fixturenames", ()) for i in request.session.items):
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(max(0.5, 1 - JOBS_RESERVE_GIB * 2 ** 30 / total))
+        _sharing.append(True)
         request.getfixturevalue("gpu_jobs")
+        yield
+        print(f"\nin-process tests beside the end-to-end jobs: peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f}"
+              f" GiB allocated, {torch.cuda.max_memory_reserved() / 2 ** 30:.1f} GiB reserved of "
+              f"{total / 2 ** 30:.1f}")
+    else:
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _return_cached_memory():
+    """While the end-to-end jobs share the GPU: this process's cached, unused blocks go back after each test."""
+    yield
+    if _sharing:
+        torch.cuda.empty_cache()

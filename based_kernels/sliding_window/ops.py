@@ -356,6 +356,13 @@ def swa_triton(q, k, v, window, scale, kv_prefix=None, cu_seqlens=None):
 
 
 # ------------------------------------------------------------------------------------------------ decode step
+# The decode step's launch: (BR ring slots per block, num_warps, V_EARLY: a block's V rows loaded with its K rows;
+# recurrent.py). benchmarks/decode_kernels.py sets it to time alternatives. On an H100 at based-1.3b's decode shapes
+# (batch 128, 16 heads, D 112, window 128): 2 warps 71 us per call, 4 warps 110 (V early) / 112 (V late), 8 warps
+# 203; BR 32 at 4 warps 87, BR 8 190 (docs/benchmarks.md).
+STEP = (16, 2, True)
+
+
 def swa_step_triton(q, k, v, k_cache, v_cache, positions, window, scale):
     """Launch ``swa_step_kernel`` (validated by the caller): one program per (head, sequence). Returns o
     ``[B, H, D]``. Plain launches (no autograd: decode only)."""
@@ -367,6 +374,6 @@ def swa_step_triton(q, k, v, k_cache, v_cache, positions, window, scale):
         (q, k, v, k_cache, v_cache, positions, o,
          *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
          *o.stride()[:2], float(scale)),
-        D=D, RING=window + 1, BLOCK_D=max(16, next_pow2(D)), BR=16, num_warps=4,
+        D=D, RING=window + 1, BLOCK_D=max(16, next_pow2(D)), BR=STEP[0], V_EARLY=STEP[2], num_warps=STEP[1],
     )
     return o

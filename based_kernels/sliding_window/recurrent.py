@@ -15,11 +15,14 @@ dtype), and the ring loads mask its slot out, so no program reads a row that it 
 the result does not depend on the order of the loads and the stores. One launch replaces the mixer's
 index_put x 2, the mask arithmetic and the masked ``scaled_dot_product_attention`` (a handful of kernels).
 Memory-bound: each program reads its head's ring once (2 x RING x D elements). The slot loop is a run-time
-loop over BR = 16 slots at a time (the launcher's choice): compiled for sm_90 on a CPU (Triton 3.6, bf16,
-4 warps) it takes 64 / 86 / 72 registers at D = 64 / 112 / 128 without spills, where an unrolled loop or BR = 32
-or 64 went to 135-255 registers with spills at D = 128. On an H100 (based-1.3b decode shapes: batch 128, 16 heads,
-D 112, window 128; benchmarks/decode_kernels.py) the step took 112 us, 44% of a copy's bandwidth: each block of
-slots waits for two memory round trips, the V rows being requested after the scores.
+loop over BR slots at a time; the launch (BR, warps, V_EARLY) is ``ops.STEP``. ``V_EARLY`` requests a block's V rows
+with its K rows (kept in the cache's dtype until used) instead of after the scores, which cost each block two
+memory round trips. sm_90 registers (Triton 3.6, bf16, V early, no spills unless said): BR 16 at D 64 / 112 / 128:
+72 / 118 / 113 at 2 warps, 64 / 72 / 72 at 4; BR 32 at 2 warps 128 / 212 / 213; BR 64 at 2 warps 255 with ~200
+bytes spilled at D >= 112; an unrolled loop spilled too. On an H100 at based-1.3b's decode shapes (batch 128, 16
+heads, D 112, window 128; benchmarks/decode_kernels.py) BR 16 at 2 warps took 71 us per call against 110 at 4 (V
+late: 112) and 203 at 8: with the program's 16 x 128 tile spread over fewer threads, more programs share an SM and
+the row reductions cross fewer warps.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def swa_step_kernel(
     q, k, v, k_cache, v_cache, positions, o,
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cb, s_cr, s_ch, s_db, s_dr, s_dh, s_ob, s_oh,
     scale,
-    D: tl.constexpr, RING: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr,
+    D: tl.constexpr, RING: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr, V_EARLY: tl.constexpr,
 ):
     i_h, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
@@ -57,13 +60,16 @@ def swa_step_kernel(
         age = (slot - o_r + RING) % RING  # steps since slot o_r was written (for o_r < RING)
         m_r = (o_r < RING) & (o_r != slot) & (age <= p)
         m_rd = m_r[:, None] & m_d[None, :]
-        b_k = tl.load(p_k + o_r[:, None] * s_cr + o_d[None, :], mask=m_rd, other=0.0).to(tl.float32)
-        s = tl.where(m_r, tl.sum(b_k * b_q[None, :], 1) * scale, float("-inf"))
+        b_k = tl.load(p_k + o_r[:, None] * s_cr + o_d[None, :], mask=m_rd, other=0.0)
+        if V_EARLY:  # the V rows requested with the K rows: one memory round trip per block instead of two
+            b_v = tl.load(p_v + o_r[:, None] * s_dr + o_d[None, :], mask=m_rd, other=0.0)
+        s = tl.where(m_r, tl.sum(b_k.to(tl.float32) * b_q[None, :], 1) * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp(m_i - m_new)
         w = tl.exp(s - m_new)
-        b_v = tl.load(p_v + o_r[:, None] * s_dr + o_d[None, :], mask=m_rd, other=0.0).to(tl.float32)
+        if not V_EARLY:
+            b_v = tl.load(p_v + o_r[:, None] * s_dr + o_d[None, :], mask=m_rd, other=0.0)
         l_i = l_i * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * b_v, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * b_v.to(tl.float32), 0)
         m_i = m_new
     tl.store(o + i_b * s_ob + i_h * s_oh + o_d, (acc / l_i).to(o.dtype.element_ty), mask=m_d)

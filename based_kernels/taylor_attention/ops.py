@@ -98,6 +98,9 @@ _step_kernel = Launcher(taylor_step_kernel)
 
 MAX_F = 32  # f = 64 passed in the CPU interpreter with the 273-row map; not verified on a GPU (see README)
 MAX_F_STEP = 32  # the decode kernel keeps a whole [next_pow2(f(f+1)/2), BV] state block in registers
+# The in-place decode step's tiles: (BV value columns per iteration, num_warps while the [BP, BV] state tile has
+# <= 8192 elements (f <= 22 at BV 32), num_warps above). benchmarks/decode_kernels.py sets it to time alternatives.
+STEP_INPLACE = (32, 4, 8)
 
 # Tunables (benchmarks/taylor_attention.py --sweep times alternatives on a GPU; docs/benchmarks.md).
 # H200 sweep at B8 T4096 H16 d_v 64, bf16, 153 feature rows: chunk 128 fwd+bwd 2.15 ms vs 3.42 at chunk 64; output
@@ -442,15 +445,19 @@ def taylor_attention_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.
     B, H, F = q.shape
     DV = v.shape[-1]
     BK = max(16, next_pow2(F))
-    # 32 value columns per iteration and 8 warps: the [BP, BV] state tile and the features fit in registers
-    # (sm_90 compile at f 16, d_v 112: 128 registers, no spills; 64 columns at 4 warps spilled)
-    BV = min(32, max(16, next_pow2(DV)))
+    # 32 value columns per iteration: the [BP, BV] state tile and the features fit in registers (sm_90 compile at
+    # f 16, d_v 112: 246 registers at 4 warps, 128 at 8, no spills; 64 columns at 4 warps spilled). 4 warps: on an
+    # H100 at based-1.3b's decode shapes (batch 128, 16 heads, d_v 112) 115.8 us per call against 125.1 at 8 warps
+    # (benchmarks/decode_kernels.py), both near the copy bandwidth; the two take the same registers per SM.
+    BV, warps, warps_large = STEP_INPLACE
+    BV = min(BV, max(16, next_pow2(DV)))
+    BP = next_pow2(F * (F + 1) // 2)
     y = v.new_empty(B, H, DV)
     _step_kernel(lambda m: (1, B * H), (
         q, k, v, y, s, z, s, z,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=next_pow2(F * (F + 1) // 2), BV=BV, NVB=cdiv(DV, BV),
-        HAS_STATE=True, num_warps=8)
+        H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=BP, BV=BV, NVB=cdiv(DV, BV),
+        HAS_STATE=True, num_warps=warps if BP * BV <= 8192 else warps_large)
     return y
 
 

@@ -17,7 +17,7 @@ import torch
 from ..model.config import ConfigError
 from ..runtime.cli import bad_option, fail
 from ..runtime.noise import quiet_known_warnings
-from ..runtime.parallel import initialize_parallel
+from ..runtime.parallel import initialize_parallel, shutdown_parallel
 from ..training.checkpointing import CheckpointError
 from ..training.data import DataError, load_tokenizer
 from .cli import eval_parser
@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ids = torch.tensor(encode(fh.read()), dtype=torch.long)
         if ids.numel() < 2:
             return fail(p, f"--text {args.text} has {ids.numel()} token(s): perplexity needs at least 2")
+        owns_group = not torch.distributed.is_initialized()  # a caller's group stays up
         initialize_parallel(args.tensor_model_parallel_size)
         model, spec = load_model(args.config, args.checkpoint,
                                  tensor_model_parallel_size=args.tensor_model_parallel_size, dtype=args.dtype)
@@ -119,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=1)
+    if owns_group:
+        shutdown_parallel()
     return 0
 
 

@@ -33,7 +33,7 @@ from based_kernels.rms_norm.reference import residual_add  # noqa: E402
 
 from ..model.config import ConfigError  # noqa: E402
 from ..runtime.cli import bad_option, fail  # noqa: E402
-from ..runtime.parallel import initialize_parallel  # noqa: E402
+from ..runtime.parallel import initialize_parallel, shutdown_parallel  # noqa: E402
 from ..training.checkpointing import CheckpointError  # noqa: E402
 from ..training.data import DataError, end_of_document, load_tokenizer  # noqa: E402
 from .convert import ConversionError  # noqa: E402
@@ -504,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for text, ids in zip(args.prompt, prompts):
             if not ids:
                 return fail(p, f"--prompt {text!r} has no tokens: give every prompt some text")
+        owns_group = not torch.distributed.is_initialized()  # a caller's group stays up
         initialize_parallel(args.tensor_model_parallel_size)
         model, spec = load_model(args.config, args.checkpoint,
                                  tensor_model_parallel_size=args.tensor_model_parallel_size, dtype=args.dtype)
@@ -535,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             for text, ids, out in zip(args.prompt, prompts, outputs):
                 print(f"{text}{continuation_text(decode, ids, [t for t in out if t != eos])}\n---")
+    if owns_group:
+        shutdown_parallel()
     return 0
 
 

@@ -46,3 +46,14 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_para
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=cuda_graphs,
                                                     force_reset_rng=cuda_graphs)
+
+
+def shutdown_parallel() -> None:
+    """End of a multi-process command that finished normally: wait until every rank is done (no rank leaves while
+    another is still in a collective), then destroy the process group (gloo's worker threads joined, NCCL's
+    communicators freed). Without it a 2-process CPU job could abort at exit after its output ("terminate called
+    without an active exception"). Not for error paths: a rank that failed would leave the others waiting."""
+    if dist.is_initialized():
+        dist.barrier()
+        parallel_state.destroy_model_parallel()  # its groups belong to the process group destroyed next
+        dist.destroy_process_group()

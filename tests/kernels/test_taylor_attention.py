@@ -335,6 +335,21 @@ def test_step_inplace(backend, DV):
         taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], None, backend=backend, inplace=True)
 
 
+@pytest.mark.parametrize("tiles", [(16, 4, 4), (64, 8, 8)])
+def test_step_inplace_launch_configs(tiles, monkeypatch):
+    """The in-place step's tile alternatives benchmarks/decode_kernels.py times through ``ops.STEP_INPLACE`` (BV 16:
+    five value blocks of d_v 80, the last masked; BV 64: two): bitwise the out-of-place step, outputs and state."""
+    monkeypatch.setattr(ops, "STEP_INPLACE", tiles)
+    B, H, F, DV = 2, 3, 16, 80
+    q, k, v, h0 = make(B, 3, H, F, DV, state=True)
+    S, z = (t.clone() for t in h0)
+    st = h0
+    for t in range(3):
+        y_ref, st = taylor_linear_attention_step(q[:, t], k[:, t], v[:, t], st, backend="triton")
+        y, _ = taylor_linear_attention_step(q[:, t], k[:, t], v[:, t], (S, z), backend="triton", inplace=True)
+        assert torch.equal(y, y_ref) and torch.equal(S, st[0]) and torch.equal(z, st[1])
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_grad_split_equals_one_kernel(monkeypatch, varlen):
     """ops.GRAD_SPLIT (the gradient pass as a dq kernel and a dk / dv kernel) gives bitwise the gradients of the
