@@ -194,8 +194,8 @@ def main(argv=None) -> int:
         # the kernel's slot block BR, warps and V_EARLY through ops.STEP, the op's launch
         from based_kernels.sliding_window import ops as swa_ops
         default_step = swa_ops.STEP
-        for BR, nw, early in [(16, 2, False), (16, 1, True), (16, 2, True), (16, 4, True), (32, 1, True),
-                              (32, 2, True), (32, 4, True), (8, 1, True), (8, 2, True)]:
+        for BR, nw, early in [(16, 2, False), (16, 2, True), (16, 1, True), (32, 1, True), (8, 1, False),
+                              (8, 1, True), (8, 2, True), (4, 1, False), (4, 1, True)]:
             swa_ops.STEP = (BR, nw, early)
             try:
                 ms = graph_ms([lambda kc=kc, vc=vc: based_kernels.sliding_window_step(q, kk, v, kc, vc, pos,
