@@ -25,6 +25,7 @@ import importlib
 import inspect
 import os
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -194,16 +195,33 @@ def _final_norm_flags(config: TransformerConfig) -> list[str]:
 
 class BasedPatternLayer(TransformerLayer):
     """A BASED ``TransformerLayer`` whose mixer is the layer pattern's symbol at its global layer number
-    (``layer_number`` is 1-based within the stage, as ``TransformerBlock`` passes it)."""
+    (``layer_number`` is 1-based within the stage, as ``TransformerBlock`` passes it).
+
+    ``megatron_final_norm``: the block's final norm is Megatron's own (``based_layer`` as it is: Megatron adds its
+    ``LayerNormImpl``, Transformer Engine's, apex's or torch's). With an fp32 residual stream
+    (``--fp32-residual-connection``) and lower-precision parameters those return fp32 for an fp32 input, and the
+    output layer's matmul against its bf16 weight fails; so the model's last layer hands the final norm its residual
+    in the parameters' dtype (one rounding of the final norm's input, which this project's RMSNorm avoids by norming
+    the fp32 residual into that dtype: ``based_layer_spec`` builds the block with it)."""
 
     def __init__(self, config: TransformerConfig, submodules=None, layer_number: int = 1, vp_stage=None,
-                 pg_collection=None, **kwargs):
+                 pg_collection=None, megatron_final_norm: bool = True, **kwargs):
         based = based_config_from_megatron_lm(config)
         pp_rank = get_pg_rank(pg_collection.pp) if pg_collection is not None else None
         index = layer_number - 1 + get_transformer_layer_offset(based, vp_stage, pp_rank)
         spec = get_based_layer_spec(based.layer_pattern[index], yaml_linears())
         super().__init__(based, spec.submodules, layer_number, vp_stage=vp_stage, pg_collection=pg_collection,
                          **kwargs)
+        low = based.params_dtype != torch.float32
+        last = index == based.num_layers - 1
+        self._output_dtype = (based.params_dtype if megatron_final_norm and last and low
+                              and based.fp32_residual_connection else None)
+
+    def forward(self, *args, **kwargs):
+        hidden, context = super().forward(*args, **kwargs)
+        if self._output_dtype is not None:
+            hidden = hidden.to(self._output_dtype)
+        return hidden, context
 
 
 # ``--spec megatron_based.model.megatron_lm based_layer``
@@ -216,4 +234,5 @@ def based_layer_spec(args, config: TransformerConfig, vp_stage: int | None = Non
     too: the layers take them from it)."""
     based = based_config_from_megatron_lm(config, args)
     n = get_num_layers_to_build(based, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[based_layer] * n, layer_norm=RMSNorm)
+    layer = ModuleSpec(module=BasedPatternLayer, params={"megatron_final_norm": False})
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=RMSNorm)

@@ -92,6 +92,60 @@ def test_spec_builds_the_same_model_as_build_model(tmp_path):
         assert mixers == ["BaseConv", "TaylorLinearAttention", "SlidingWindowAttention", "SoftmaxAttention"], name
 
 
+def _bf16_worker(rank, world, yaml_path):
+    import dataclasses
+    import os
+
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_based.model import build_model
+    from megatron_based.model.config import model_spec_from_dict
+    from megatron_based.model.megatron_lm import based_layer, based_layer_spec
+    from megatron_based.runtime.parallel import initialize_parallel
+
+    initialize_parallel(1)
+    os.environ["BASED_SPEC_CONFIG"] = yaml_path
+    spec = model_spec_from_dict(dict(MODEL))
+    cfg = dataclasses.replace(spec.config, params_dtype=torch.bfloat16, bf16=True, fp32_residual_connection=True)
+    torch.manual_seed(0)
+    ours = build_model(cfg, vocab_size=spec.vocab_size, max_sequence_length=16).eval()
+    tokens = torch.randint(0, 50, (2, 11), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(11).expand(2, 11)
+    with torch.no_grad():
+        want = ours(tokens, pos, attention_mask=None).double()
+    results = {}
+    for name in ("called", "as_is"):
+        args, config = _megatron_lm(FLAGS + ["--bf16", "--fp32-residual-connection"])
+        layer_spec = based_layer_spec(args, config, None) if name == "called" else based_layer
+        lm = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=56, max_sequence_length=16,
+                      pre_process=True, post_process=True, parallel_output=True,
+                      share_embeddings_and_output_weights=True, position_embedding_type="none").to(torch.bfloat16)
+        lm.load_state_dict(ours.state_dict(), strict=False)
+        logits = lm(tokens, pos, attention_mask=None)
+        logits.float().square().mean().backward()
+        grads = all(p.grad is not None and torch.isfinite(p.grad).all() for p in lm.parameters())
+        err = ((logits.detach().double() - want).norm() / want.norm()).item()
+        results[name] = (logits.dtype, err, grads, type(lm.decoder.final_layernorm).__module__)
+    return results
+
+
+def test_spec_trains_in_bf16_with_an_fp32_residual(tmp_path):
+    """--bf16 --fp32-residual-connection, as the documented command runs: Megatron's own final norm (``based_layer``
+    as it is) returned fp32 for the fp32 residual and the output layer's bf16 matmul failed; the last layer now hands
+    it the residual in bf16. Both spec forms run forward and backward (finite gradients for every parameter); their
+    logits against build_model's bf16 model with the same weights: ``based_layer_spec`` (this project's final norm)
+    equal, ``based_layer`` within one extra bf16 rounding of the final norm's input."""
+    import yaml
+
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump({"model": MODEL}))
+    [results] = run_distributed(_bf16_worker, 1, str(path))
+    dtype, err, grads, norm = results["called"]
+    assert dtype == torch.bfloat16 and grads and norm == "megatron_based.model.norm" and err == 0, results
+    dtype, err, grads, norm = results["as_is"]
+    assert dtype == torch.bfloat16 and grads and norm.startswith("torch.") and 0 < err < 2e-2, results
+
+
 def test_disagreeing_arguments_name_the_flags(tmp_path, monkeypatch):
     import yaml
 
