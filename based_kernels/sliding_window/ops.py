@@ -359,7 +359,7 @@ def swa_triton(q, k, v, window, scale, kv_prefix=None, cu_seqlens=None):
 # The decode step's launch: (BR ring slots per block, num_warps, V_EARLY: a block's V rows loaded with its K rows;
 # recurrent.py). benchmarks/decode_kernels.py sets it to time alternatives. On an H100 at based-1.3b's decode shapes
 # (batch 128, 16 heads, D 112, window 128): 2 warps 71 us per call, 4 warps 110 (V early) / 112 (V late), 8 warps
-# 203; BR 32 at 4 warps 87, BR 8 190 (docs/benchmarks.md).
+# 203; BR 32 / 8 at 4 warps 87 / 190 (docs/benchmarks.md).
 STEP = (16, 2, True)
 
 
