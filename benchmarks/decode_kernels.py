@@ -127,6 +127,19 @@ def main(argv=None) -> int:
               f"{r['ms_per_step']:.3f} ms/step" + "".join(f"  {k}={v}" for k, v in extra.items()), flush=True)
         return r
 
+    def time_launch(module, name, value, calls, label):
+        """``calls`` graphed and timed with ``module.<name>`` (an op's launch tunable) set to ``value``, then
+        restored; None, and the reason printed, when that launch fails (e.g. out of registers)."""
+        default = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return graph_ms(calls, args.iters)
+        except Exception as e:
+            print(f"{label}: {type(e).__name__}: {str(e)[:200]}")
+            return None
+        finally:
+            setattr(module, name, default)
+
     # ------------------------------------------------------------------------------------------------- GEMMs
     gemms = [("C linear_in", n["C"], d, 4 * d, True), ("C linear_out", n["C"], 2 * d, d, True),
              ("L linear_qkv", n["L"], d, H * (2 * f + dh), False), ("L linear_proj", n["L"], d, d, False),
@@ -164,22 +177,14 @@ def main(argv=None) -> int:
         q, kk = (torch.randn(B, H, f, device=dev, dtype=dt) for _ in range(2))
         v = torch.randn(B, H, dh, device=dev, dtype=dt)
         nbytes = 2 * sbytes + B * H * (2 * f + 2 * dh) * 2
-        ms = graph_ms([lambda s=s: based_kernels.taylor_linear_attention_step(q, kk, v, s, inplace=True)
-                       for s in states], args.iters)
+        calls = [lambda s=s: based_kernels.taylor_linear_attention_step(q, kk, v, s, inplace=True) for s in states]
+        ms = graph_ms(calls, args.iters)
         row(f"Taylor step, in place (B {B}, H {H}, f {f}, d_v {dh})", n["L"], nbytes, ms, config="default")
         # the kernel's tiles (value block BV, warps) through ops.STEP_INPLACE, the op's launch
-        default_tiles = taylor_ops.STEP_INPLACE
         for BV, nw in [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 8)]:
-            taylor_ops.STEP_INPLACE = (BV, nw, nw)
-            try:
-                ms = graph_ms([lambda s=s: based_kernels.taylor_linear_attention_step(q, kk, v, s, inplace=True)
-                               for s in states], args.iters)
-            except Exception as e:  # e.g. out of registers / shared memory at this tile
-                print(f"Taylor step BV {BV}, {nw} warps: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            finally:
-                taylor_ops.STEP_INPLACE = default_tiles
-            row(f"Taylor step kernel, BV {BV}, {nw} warps", n["L"], nbytes, ms, config=f"BV{BV}-w{nw}")
+            ms = time_launch(taylor_ops, "STEP_INPLACE", (BV, nw, nw), calls, f"Taylor step BV {BV}, {nw} warps")
+            if ms is not None:
+                row(f"Taylor step kernel, BV {BV}, {nw} warps", n["L"], nbytes, ms, config=f"BV{BV}-w{nw}")
         del states
     if n["S"] and "swa" in only:
         cbytes = 2 * B * (W + 1) * d * 2
@@ -188,26 +193,19 @@ def main(argv=None) -> int:
                    torch.randn(B, W + 1, H, dh, device=dev, dtype=dt)) for _ in range(c)]
         q, kk, v = (torch.randn(B, H, dh, device=dev, dtype=dt) for _ in range(3))
         pos = torch.full((B,), 1000, device=dev, dtype=torch.long)
-        ms = graph_ms([lambda kc=kc, vc=vc: based_kernels.sliding_window_step(q, kk, v, kc, vc, pos, window=W)
-                       for kc, vc in caches], args.iters)
+        calls = [lambda kc=kc, vc=vc: based_kernels.sliding_window_step(q, kk, v, kc, vc, pos, window=W)
+                 for kc, vc in caches]
+        ms = graph_ms(calls, args.iters)
         row(f"SWA step (window {W}, B {B}, H {H}, d {dh})", n["S"], cbytes + 4 * B * d * 2, ms, config="default")
         # the kernel's slot block BR, warps and V_EARLY through ops.STEP, the op's launch
         from based_kernels.sliding_window import ops as swa_ops
-        default_step = swa_ops.STEP
         for BR, nw, early in [(16, 2, False), (16, 2, True), (16, 1, True), (32, 1, True), (8, 1, False),
                               (8, 1, True), (8, 2, True), (4, 1, False), (4, 1, True)]:
-            swa_ops.STEP = (BR, nw, early)
-            try:
-                ms = graph_ms([lambda kc=kc, vc=vc: based_kernels.sliding_window_step(q, kk, v, kc, vc, pos,
-                                                                                       window=W)
-                               for kc, vc in caches], args.iters)
-            except Exception as e:
-                print(f"SWA step BR {BR}, {nw} warps, V_EARLY {early}: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            finally:
-                swa_ops.STEP = default_step
-            row(f"SWA step kernel, BR {BR}, {nw} warps, V {'early' if early else 'late'}", n["S"],
-                cbytes + 4 * B * d * 2, ms, config=f"BR{BR}-w{nw}-{'early' if early else 'late'}")
+            v_at = "early" if early else "late"
+            ms = time_launch(swa_ops, "STEP", (BR, nw, early), calls, f"SWA step BR {BR}, {nw} warps, V {v_at}")
+            if ms is not None:
+                row(f"SWA step kernel, BR {BR}, {nw} warps, V {v_at}", n["S"], cbytes + 4 * B * d * 2, ms,
+                    config=f"BR{BR}-w{nw}-{v_at}")
         del caches
     if n["C"] and "conv" in only:
         C = 2 * d

@@ -44,10 +44,18 @@ def _with(flag, value, flags=FLAGS):
     return flags[:i + 1] + [value] + flags[i + 2:]
 
 
+def _gpt_model(args, config, layer_spec):
+    """``GPTModel`` as Megatron-LM's gpt_builder builds it from its arguments and a --spec layer spec."""
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=56, max_sequence_length=16,
+                    pre_process=True, post_process=True, parallel_output=True,
+                    share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                    position_embedding_type=args.position_embedding_type)
+
+
 def _worker(rank, world, yaml_path):
     import os
-
-    from megatron.core.models.gpt import GPTModel
 
     from megatron_based.model.config import model_spec_from_dict
     from megatron_based.model.megatron_lm import based_layer, based_layer_spec
@@ -63,11 +71,7 @@ def _worker(rank, world, yaml_path):
         args, config = _megatron_lm(FLAGS)
         assert args.spec == ["megatron_based.model.megatron_lm", "based_layer"]
         layer_spec = based_layer_spec(args, config, None) if name == "called" else based_layer
-        # as Megatron-LM's gpt_builder builds it
-        lm = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=56,
-                      max_sequence_length=16, pre_process=True, post_process=True, parallel_output=True,
-                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-                      position_embedding_type=args.position_embedding_type).eval()
+        lm = _gpt_model(args, config, layer_spec).eval()
         shapes = {k: tuple(v.shape) for k, v in lm.state_dict().items() if isinstance(v, torch.Tensor)}
         lm.load_state_dict(ours.state_dict(), strict=False)
         tokens = torch.randint(0, 50, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -96,8 +100,6 @@ def _bf16_worker(rank, world, yaml_path):
     import dataclasses
     import os
 
-    from megatron.core.models.gpt import GPTModel
-
     from megatron_based.model import build_model
     from megatron_based.model.config import model_spec_from_dict
     from megatron_based.model.megatron_lm import based_layer, based_layer_spec
@@ -117,9 +119,7 @@ def _bf16_worker(rank, world, yaml_path):
     for name in ("called", "as_is"):
         args, config = _megatron_lm(FLAGS + ["--bf16", "--fp32-residual-connection"])
         layer_spec = based_layer_spec(args, config, None) if name == "called" else based_layer
-        lm = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=56, max_sequence_length=16,
-                      pre_process=True, post_process=True, parallel_output=True,
-                      share_embeddings_and_output_weights=True, position_embedding_type="none").to(torch.bfloat16)
+        lm = _gpt_model(args, config, layer_spec).to(torch.bfloat16)
         lm.load_state_dict(ours.state_dict(), strict=False)
         logits = lm(tokens, pos, attention_mask=None)
         logits.float().square().mean().backward()
@@ -203,8 +203,6 @@ LINEARS = {"L": {"linear_qkv": f"{__name__}:TaggedColumnLinear", "linear_proj": 
 def _linears_worker(rank, world, yaml_path):
     import os
 
-    from megatron.core.models.gpt import GPTModel
-
     from megatron_based.model.megatron_lm import based_layer, based_layer_spec
     from megatron_based.runtime.parallel import initialize_parallel
 
@@ -214,8 +212,7 @@ def _linears_worker(rank, world, yaml_path):
     for name in ("called", "as_is"):
         args, config = _megatron_lm(FLAGS)
         layer_spec = based_layer_spec(args, config, None) if name == "called" else based_layer
-        lm = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=56, max_sequence_length=16,
-                      position_embedding_type="none").eval()
+        lm = _gpt_model(args, config, layer_spec).eval()
         tokens = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             logits = lm(tokens, torch.arange(7)[None], attention_mask=None)
