@@ -199,8 +199,8 @@ def main(argv=None) -> int:
         row(f"SWA step (window {W}, B {B}, H {H}, d {dh})", n["S"], cbytes + 4 * B * d * 2, ms, config="default")
         # the kernel's slot block BR, warps and V_EARLY through ops.STEP, the op's launch
         from based_kernels.sliding_window import ops as swa_ops
-        for BR, nw, early in [(16, 2, False), (16, 1, True), (16, 2, True), (16, 4, True), (32, 1, True),
-                              (32, 2, True), (32, 4, True), (8, 1, True), (8, 2, True)]:
+        for BR, nw, early in [(16, 2, False), (16, 2, True), (16, 1, True), (32, 1, True), (8, 1, False),
+                              (8, 1, True), (8, 2, True), (4, 1, False), (4, 1, True)]:
             v_at = "early" if early else "late"
             ms = time_launch(swa_ops, "STEP", (BR, nw, early), calls, f"SWA step BR {BR}, {nw} warps, V {v_at}")
             if ms is not None:

@@ -183,7 +183,15 @@ def sweep(results, save):
         ops.CONFIG[name] = best[0][:4]
         if name == "grad":
             ops.GRAD_SPLIT = best[0][4]
-    out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG), "GRAD_SPLIT": ops.GRAD_SPLIT}
+    # the forward's per-chunk states kept for the backward, or recomputed there by a second state pass
+    for keep in (True, False):
+        ops.KEEP_STATES = keep
+        out[f"keep_states {keep}"] = _try(f"keep_states {keep}", time_case, ours, B, T, dv, "fwdbwd", 150)
+        print(f"sweep keep_states {keep} (fwdbwd): {out[f'keep_states {keep}']} ms", flush=True)
+    timed = [k for k in (True, False) if out[f"keep_states {k}"] is not None]
+    ops.KEEP_STATES = min(timed, key=lambda k: out[f"keep_states {k}"]) if timed else True
+    out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG), "GRAD_SPLIT": ops.GRAD_SPLIT,
+                     "KEEP_STATES": ops.KEEP_STATES}
     print("chosen:", out["chosen"], flush=True)
     results["sweep"] = out
     save()
@@ -292,7 +300,7 @@ def main():
         except Exception:  # noqa: BLE001
             traceback.print_exc()
     results["config"] = {"CHUNK": ops.CHUNK, "CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
-                         "GRAD_SPLIT": ops.GRAD_SPLIT,
+                         "GRAD_SPLIT": ops.GRAD_SPLIT, "KEEP_STATES": ops.KEEP_STATES,
                          "HI_INTRA": ops.HI_INTRA, "HI_BWD": ops.HI_BWD}
     save()
     _try("breakdown", breakdown, results, save)

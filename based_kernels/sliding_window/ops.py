@@ -358,9 +358,9 @@ def swa_triton(q, k, v, window, scale, kv_prefix=None, cu_seqlens=None):
 # ------------------------------------------------------------------------------------------------ decode step
 # The decode step's launch: (BR ring slots per block, num_warps, V_EARLY: a block's V rows loaded with its K rows;
 # recurrent.py). benchmarks/decode_kernels.py sets it to time alternatives. On an H100 at based-1.3b's decode shapes
-# (batch 128, 16 heads, D 112, window 128): 2 warps 71 us per call, 4 warps 110 (V early) / 112 (V late), 8 warps
-# 203; BR 32 / 8 at 4 warps 87 / 190 (docs/benchmarks.md).
-STEP = (16, 2, True)
+# (batch 128, 16 heads, D 112, window 128), us per call: BR 8 at 1 warp 49 (the copy's bandwidth); BR 16 at 1 / 2 /
+# 4 warps 69 / 72 / 110 (V late at 2 warps: 62); BR 32 at 1 / 2 warps 61 / 62 (docs/benchmarks.md).
+STEP = (8, 1, True)
 
 
 def swa_step_triton(q, k, v, k_cache, v_cache, positions, window, scale):

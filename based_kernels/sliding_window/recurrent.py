@@ -17,12 +17,13 @@ index_put x 2, the mask arithmetic and the masked ``scaled_dot_product_attention
 Memory-bound: each program reads its head's ring once (2 x RING x D elements). The slot loop is a run-time
 loop over BR slots at a time; the launch (BR, warps, V_EARLY) is ``ops.STEP``. ``V_EARLY`` requests a block's V rows
 with its K rows (kept in the cache's dtype until used) instead of after the scores, which cost each block two
-memory round trips. sm_90 registers (Triton 3.6, bf16, V early, no spills unless said): BR 16 at D 64 / 112 / 128:
-72 / 118 / 113 at 2 warps, 64 / 72 / 72 at 4; BR 32 at 2 warps 128 / 212 / 213; BR 64 at 2 warps 255 with ~200
-bytes spilled at D >= 112; an unrolled loop spilled too. On an H100 at based-1.3b's decode shapes (batch 128, 16
-heads, D 112, window 128; benchmarks/decode_kernels.py) BR 16 at 2 warps took 71 us per call against 110 at 4 (V
-late: 112) and 203 at 8: with the program's 16 x 128 tile spread over fewer threads, more programs share an SM and
-the row reductions cross fewer warps.
+memory round trips. sm_90 registers (Triton 3.6, bf16, V early, no spills unless said) at D 64 / 112 / 128: BR 8 at
+1 warp 63 / 89 / 80; BR 16 at 1 warp 96 / 134 / 127, at 2 warps 72 / 118 / 113, at 4 warps 64 / 72 / 72; BR 32 at 2
+warps 128 / 212 / 213; BR 64 at 2 warps 255 with ~200 bytes spilled at D >= 112 (an unrolled loop spilled too). On
+an H100 at based-1.3b's decode shapes (batch 128, 16 heads, D 112, window 128; benchmarks/decode_kernels.py), us per
+call: BR 8 at 1 warp 49 (the bandwidth of a copy); BR 16 at 1 / 2 / 4 / 8 warps 69 / 72 / 110 / 203. A program's
+work is small (129 slots x 112 values): with one warp per program no reduction crosses warps, and more programs
+share an SM.
 """
 from __future__ import annotations
 

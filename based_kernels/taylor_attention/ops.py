@@ -8,7 +8,8 @@ opaque nodes. Inputs may be strided views (only the last dim must be contiguous)
 
 Chunk-parallel form (chunk.py): forward = state pass (per-chunk states, sequential over chunks, parallel over
 feature blocks x value blocks x sequences x heads) + output pass (parallel over chunks); backward = dd prep +
-state pass again (recomputed, not kept) + reverse state-gradient pass + gradient pass (parallel over chunks).
+the forward's per-chunk states (kept while ``KEEP_STATES``; else a second state pass recomputes them) + reverse
+state-gradient pass + gradient pass (parallel over chunks).
 The per-chunk states are kept in bf16 for bf16 inputs (the precision at which they enter the tensor-core
 products anyway) and in fp32 otherwise; the normaliser states, the initial/final states and every
 accumulation are fp32. fp32 inputs: the products follow ``torch.get_float32_matmul_precision()`` at call time
@@ -123,6 +124,11 @@ HI_BWD = False
 # scores but keep fewer tiles live: sm_90 compile at chunk 128, BF 32, BV 64, 4 warps (benchmarks/aot_check.py):
 # one kernel 255 registers and 2448 bytes spilled; the split ones, see aot_check. Timed by the sweep.
 GRAD_SPLIT = False
+# The forward's per-chunk states (S in the state dtype, z in fp32: n_chunks x H x D x (d_v + 1) numbers, e.g. 82 MB
+# per call at B 8, T 4096, 16 heads, f 16, d_v 64 in bf16) are kept for the backward instead of recomputed by a
+# second state pass: the same values (the same kernel and tiles), one pass less, that memory more per call until its
+# backward. Off: the backward recomputes them (the memory of the chunk states is then the backward's only).
+KEEP_STATES = True
 
 
 
@@ -233,7 +239,7 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
     return hc, hl, zc, ht, hz
 
 
-def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
+def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=False):
     B, T, H, F = q.shape
     DV = v.shape[-1]
     prec = dot_precision(q.dtype)
@@ -254,34 +260,45 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
             num_warps=nw, num_stages=ns)
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    return o, den, hts, htz
+    if not keep_states:
+        hc, zc = hc.new_empty(0), zc.new_empty(0)
+    return o, den, hts, htz, hc, zc
 
 
 @torch.library.custom_op("based_kernels::taylor_attention_fwd", mutates_args=())
 def taylor_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h0s: Optional[torch.Tensor],
                          h0z: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], eps: float,
-                         output_final_state: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(o, den, final S, final z)``; the final state is empty unless asked for."""
-    return _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state)
+                         output_final_state: bool, keep_states: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor]:
+    """Returns ``(o, den, final S, final z, chunk S, chunk z)``; the final state is empty unless asked for, the
+    per-chunk states (the state before each chunk, for the backward) unless ``keep_states``."""
+    return _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states)
 
 
 @taylor_attention_fwd.register_fake
-def _(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state):
+def _(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=False):
     B, T, H, F = q.shape
-    D = feature_dim(F)
+    D, DV = feature_dim(F), v.shape[-1]
     f32 = dict(dtype=torch.float32)
     n_states = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
-    return (v.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, **f32),
-            q.new_empty(n_states, H, D, v.shape[-1], **f32) if output_final_state else q.new_empty(0, **f32),
-            q.new_empty(n_states, H, D, **f32) if output_final_state else q.new_empty(0, **f32))
+    if not keep_states:
+        chunks = (q.new_empty(0, dtype=_state_dtype(q.dtype)), q.new_empty(0, **f32))
+    else:
+        # documents never share a chunk, so with cu_seqlens the count depends on the offsets' values
+        BT = _cfg("output", F, DV, dot_precision(q.dtype))[1]
+        n = (torch.library.get_ctx().new_dynamic_size() if cu_seqlens is not None else B * triton.cdiv(T, BT))
+        chunks = (q.new_empty(n, H, D, DV, dtype=_state_dtype(q.dtype)), q.new_empty(n, H, D, **f32))
+    return (v.new_empty(B, T, H, DV), q.new_empty(B, T, H, **f32),
+            q.new_empty(n_states, H, D, DV, **f32) if output_final_state else q.new_empty(0, **f32),
+            q.new_empty(n_states, H, D, **f32) if output_final_state else q.new_empty(0, **f32), *chunks)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # backward
 
 
-def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
+def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=None, zc=None):
     B, T, H, F = q.shape
     DV = v.shape[-1]
     dy = lastdim_contiguous(dy)
@@ -298,8 +315,12 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
     if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
         dd += dden.to(torch.float32)
 
-    hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False,
-                                  prec=prec)
+    if hc is None:  # not kept by the forward: recompute
+        hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False,
+                                      prec=prec)
+    elif hc.shape[0] != n_chunks or zc.shape[0] != n_chunks:
+        raise ValueError(f"the kept chunk states have {hc.shape[0]} chunks, the backward's chunking {n_chunks}: "
+                         f"the forward and the backward must share CHUNK")
     dhc, _, dzc, dh0s, dh0z = _state_pass(q, dy, den, dd, dhts, dhtz, cu_seqlens, n_chunks, NC, offsets,
                                           h0s is not None, reverse=True, prec=prec)
     # one partial per value block for dq, dk (deterministic sum); written in place when there is one block
@@ -329,15 +350,17 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
 def taylor_attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, den: torch.Tensor,
                          dy: torch.Tensor, dhts: Optional[torch.Tensor], dhtz: Optional[torch.Tensor],
                          h0s: Optional[torch.Tensor], h0z: Optional[torch.Tensor],
-                         cu_seqlens: Optional[torch.Tensor], dden: Optional[torch.Tensor] = None
+                         cu_seqlens: Optional[torch.Tensor], dden: Optional[torch.Tensor] = None,
+                         hc: Optional[torch.Tensor] = None, zc: Optional[torch.Tensor] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, d initial S, d initial z)``; the last two are empty without an initial state.
-    ``dden``: gradient of the ``den`` output (fp32 ``[B, T, H]``) when it reached the loss, else None."""
-    return _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden)
+    ``dden``: gradient of the ``den`` output (fp32 ``[B, T, H]``) when it reached the loss, else None. ``hc``,
+    ``zc``: the forward's per-chunk states (``keep_states``), else None (recomputed)."""
+    return _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden, hc, zc)
 
 
 @taylor_attention_bwd.register_fake
-def _(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
+def _(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=None, zc=None):
     f32 = dict(dtype=torch.float32)
     grads = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
     if h0s is None:
@@ -346,13 +369,16 @@ def _(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state = inputs
-    o, den, _, _ = output
-    ctx.save_for_backward(q, k, v, o, den, h0s, h0z, cu_seqlens)
+    q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states = inputs
+    o, den, _, _, hc, zc = output
+    kept = (hc, zc) if keep_states else (None, None)
+    ctx.save_for_backward(q, k, v, o, den, h0s, h0z, cu_seqlens, *kept)
+    # outputs that did not reach the loss come to _backward as None, not as zeros the size of the chunk states
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dden, dhts, dhtz):
-    q, k, v, o, den, h0s, h0z, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dden, dhts, dhtz, _dhc, _dzc):
+    q, k, v, o, den, h0s, h0z, cu_seqlens, hc, zc = ctx.saved_tensors
     if dhts is not None and dhts.numel() == 0:
         dhts = None
     if dhtz is not None and dhtz.numel() == 0:
@@ -371,10 +397,11 @@ def _backward(ctx, do, dden, dhts, dhtz):
         dden = dden.contiguous()
     if do is None:  # only den reached the loss
         do = torch.zeros_like(o)
-    dq, dk, dv, dh0s, dh0z = taylor_attention_bwd(q, k, v, o, den, do, dhts, dhtz, h0s, h0z, cu_seqlens, dden)
+    dq, dk, dv, dh0s, dh0z = taylor_attention_bwd(q, k, v, o, den, do, dhts, dhtz, h0s, h0z, cu_seqlens, dden,
+                                                  hc, zc)
     if h0s is None:
         dh0s, dh0z = None, None
-    return dq, dk, dv, dh0s, dh0z, None, None, None
+    return dq, dk, dv, dh0s, dh0z, None, None, None, None
 
 
 taylor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -396,7 +423,9 @@ def taylor_attention_triton(q, k, v, *, eps=1e-12, initial_state=None, output_fi
         h0s, h0z = h0s.float().contiguous(), h0z.float().contiguous()
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(q.device)  # int32 or int64: the op checks it (_chunks)
-    o, den, hts, htz = taylor_attention_fwd(q, k, v, h0s, h0z, cu_seqlens, float(eps), bool(output_final_state))
+    keep = KEEP_STATES and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, h0s) if t is not None)
+    o, den, hts, htz, _, _ = taylor_attention_fwd(q, k, v, h0s, h0z, cu_seqlens, float(eps),
+                                                  bool(output_final_state), keep)
     if output_normalizer:
         return o, ((hts, htz) if output_final_state else None), den
     return o, ((hts, htz) if output_final_state else None)

@@ -147,13 +147,16 @@ def test_dot_precision_follows_the_float32_matmul_setting(f32_precision, monkeyp
     q, k, v, _ = make(1, 40, 1, 8, 16)
     for setting, prec in want.items():
         f32_precision(setting)
-        seen.clear()
-        run_with_grads(triton_fn, q, k, v, None)
-        # forward: state + output pass; backward: state pass, reverse state pass, gradient pass
-        assert [n for n, _, _ in seen] == ["taylor_chunk_state_kernel", "taylor_chunk_output_kernel",
-                                           "taylor_chunk_state_kernel", "taylor_chunk_state_kernel",
-                                           "taylor_chunk_grad_kernel"], seen
-        assert all(p == prec for _, p, _ in seen), (setting, seen)
+        for keep in (True, False):
+            monkeypatch.setattr(ops, "KEEP_STATES", keep)
+            seen.clear()
+            run_with_grads(triton_fn, q, k, v, None)
+            # forward: state + output pass; backward: (the state pass when the forward's states were not kept),
+            # reverse state pass, gradient pass
+            assert [n for n, _, _ in seen] == ["taylor_chunk_state_kernel", "taylor_chunk_output_kernel",
+                                               *["taylor_chunk_state_kernel"] * (1 if keep else 2),
+                                               "taylor_chunk_grad_kernel"], seen
+            assert all(p == prec for _, p, _ in seen), (setting, seen)
         assert seen[1][2] == ("ieee" if prec == "ieee" else "tf32x3"), seen  # the fp32 constant/linear state rows
     f32_precision("highest")
     seen.clear()
@@ -381,6 +384,28 @@ def test_dispatch_and_errors():
     qb = torch.randn(1, 20, 1, 64)
     with pytest.raises(ValueError, match="f <= 32"):
         taylor_linear_attention(qb, qb, v, backend="triton")
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_chunk_states_equal_recomputed(varlen, dtype, monkeypatch):
+    """ops.KEEP_STATES: the backward reads the forward's per-chunk states instead of recomputing them; outputs,
+    final state and every gradient (q, k, v, initial state) bitwise those of the recomputing backward (several
+    chunks, documents, an initial state, fp32 and bf16), and the op checks (schema, fake shapes: with cu_seqlens
+    the chunk count is data-dependent) hold with the states kept."""
+    T = 77
+    cu = torch.tensor([0, 30, T], dtype=torch.int32, device=DEV) if varlen else None
+    q, k, v, h0 = make(1, T, 2, 16, 48, dtype=dtype, state=True, n_states=2 if varlen else 1)
+    got = {}
+    for keep in (True, False):
+        monkeypatch.setattr(ops, "KEEP_STATES", keep)
+        y, fin, grads = run_with_grads(triton_fn, q, k, v, h0, cu_seqlens=cu)
+        got[keep] = [y, *fin, *grads]
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), h0[0].float(), h0[1].float(), cu,
+            1e-12, True, True)
+    torch.library.opcheck(ops.taylor_attention_fwd, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_custom_op_registration():
