@@ -165,6 +165,10 @@ def based_config_from_megatron_lm(config: TransformerConfig, args=None) -> Based
                          f"{spec.make_vocab_size_divisible_by})")
     if wrong:
         raise ConfigError(f"Megatron-LM's arguments disagree with {ENV_VAR}={path}: {'; '.join(wrong)}")
+    # Megatron-LM's checkpoint code stacks a block's layers along one layer axis (one tensor per parameter name)
+    # unless the config says the layers differ; a BASED pattern's mixers differ in shape (BaseConv, Taylor and
+    # window layers' linear_qkv), so its torch_dist checkpoint keeps one entry per layer, as build_model's does
+    config.hetereogenous_dist_checkpoint = True
     # fp32_residual_connection follows Megatron-LM's --fp32-residual-connection: its embedding, pipeline dtype and
     # final norm are built from its own config, and the layers' residual must agree with them
     based = as_based_config(config, **{name: getattr(want, name) for name in BASED_FIELDS},
