@@ -1,0 +1,64 @@
+"""One Taylor-kernel launch configuration, checked in its own process (an illegal memory access poisons the CUDA
+context, so each candidate of ``taylor_attention.py --sweep`` is checked here first): forward and backward at B 2,
+T 2048 (H 16, f 16, d_v 64, bf16) against the fp64 chunked reference, then at the sweep's shape (B 8, T 4096).
+
+    python benchmarks/taylor_config_check.py --chunk 64 --grad 64 64 8 1 [--split] [--no-keep] [--time]
+
+Prints one line: the configuration, then OK with the relative errors, or FAILED with the error."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from taylor_attention import inputs, rel  # noqa: E402
+
+from based_kernels.taylor_attention import ops, taylor_attention_chunked, taylor_linear_attention  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chunk", type=int, default=ops.CHUNK)
+    ap.add_argument("--grad", type=int, nargs=4, default=list(ops.CONFIG["grad"]), metavar=("BF", "BV", "W", "S"))
+    ap.add_argument("--split", action="store_true", help="ops.GRAD_SPLIT")
+    ap.add_argument("--no-keep", action="store_true", help="ops.KEEP_STATES off")
+    ap.add_argument("--time", action="store_true", help="also time forward + backward at B 8, T 4096 (median ms)")
+    a = ap.parse_args()
+    ops.CHUNK, ops.CONFIG["grad"], ops.GRAD_SPLIT, ops.KEEP_STATES = a.chunk, tuple(a.grad), a.split, not a.no_keep
+    label = f"chunk {a.chunk} grad {tuple(a.grad)} split {a.split} keep {not a.no_keep}"
+    try:
+        q, k, v = inputs(2, 2048, 64, seed=1, grad=True)
+        y, _ = taylor_linear_attention(q, k, v)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        y64, _ = taylor_attention_chunked(q64, k64, v64)
+        y64.backward(dy.double())
+        errs = [rel(g, w) for g, w in ((y, y64), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad))]
+        q, k, v = inputs(8, 4096, 64, seed=2, grad=True)
+        y, _ = taylor_linear_attention(q, k, v)
+        y.backward(torch.randn_like(y))
+        torch.cuda.synchronize()
+        finite = all(torch.isfinite(t).all().item() for t in (y, q.grad, k.grad, v.grad))
+    except Exception as e:  # noqa: BLE001
+        print(f"{label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+        return 1
+    ok = finite and max(errs) < 1e-2
+    timed = ""
+    if ok and a.time:
+        from triton.testing import do_bench
+
+        def step():
+            q.grad = k.grad = v.grad = None
+            taylor_linear_attention(q, k, v)[0].backward(dy8)
+        dy8 = torch.randn_like(y)
+        timed = f"; B8 T4096 fwd+bwd {do_bench(step, warmup=25, rep=300, return_mode='median'):.3f} ms"
+    print(f"{label}: {'OK' if ok else 'WRONG'} y/dq/dk/dv rel. err vs fp64 "
+          f"{' '.join(f'{e:.2e}' for e in errs)}; B8 T4096 finite {finite}{timed}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
