@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Megatron-LM's own pretrain_gpt.py training BASED through --spec (docs/training.md, "Training with Megatron-LM's
 # pretrain_gpt.py") on one GPU: the documented flags at based-360m's size, mock data, bf16, the distributed
-# optimizer; 20 iterations with a save at 10 and 20, then a resume from iteration 20 (--load) to 30. Checks: the
-# loss falls, the resumed run starts at iteration 20 and its loss at 25-30 continues the first run's trend.
+# optimizer; iterations 1-20 of 30 with saves at 10 and 20, then a resume from iteration 20 (--load) to 30 (see below
+# for the optimizer it runs with). Checks (megatron_lm_summary.txt, PASS / FAIL): the loss falls and both saves are
+# written; the resume continues at iteration 21 with 21 batches consumed, runs to 30 and saves there.
+#   PLAIN_ONLY=1 bash benchmarks/run_megatron_lm_gpu.sh   # only the pair without the distributed optimizer
 #   bash benchmarks/run_megatron_lm_gpu.sh            # on the GPU machine (writes under $OUT)
 # MEGATRON_LM: a directory with Megatron-LM's pretrain_gpt.py, gpt_builders.py and model_provider.py at tag
 # core_v0.19.0 (the megatron package itself is the installed megatron-core 0.19 wheel, which ships
@@ -52,36 +54,39 @@ run() {  # log name, title, timeout (s), extra flags...
 # init_state_fn gives a fresh optimizer no `step`, and DistributedOptimizer.state_dict asserts one common step), so
 # there the resume runs with Megatron-LM's other optimizer (no --use-distributed-optimizer), from its own first run.
 A=$(mktemp -d); B=$(mktemp -d)
-run distopt "pretrain_gpt.py --spec, distributed optimizer, iterations 1-20, saves at 10 and 20" 300 \
-  --use-distributed-optimizer --train-iters 20 --save "$A"
-if python3 -c 'import megatron.core.optimizer.distrib_optimizer as d, sys; sys.exit(0 if d.HAVE_APEX_OR_TE else 1)'; then
+# Each first run stops at 20 of 30 iterations (--exit-interval), so the resume keeps the same LR schedule (Megatron's
+# scheduler refuses a checkpoint whose total iterations differ).
+[ -z "$PLAIN_ONLY" ] && run distopt "pretrain_gpt.py --spec, distributed optimizer, iterations 1-20 of 30, saves at 10 and 20" \
+  300 --use-distributed-optimizer --train-iters 30 --exit-interval 20 --save "$A"
+if [ -z "$PLAIN_ONLY" ] && python3 -c 'import megatron.core.optimizer.distrib_optimizer as d, sys; sys.exit(0 if d.HAVE_APEX_OR_TE else 1)'; then
   run distopt_resume "resume from iteration 20 (--load) to 30, distributed optimizer" 240 \
     --use-distributed-optimizer --train-iters 30 --load "$A" --save "$A"
 else
   echo "(no Transformer Engine or apex: the resume runs without --use-distributed-optimizer)"
-  run plain "pretrain_gpt.py --spec, Megatron-LM's mixed-precision optimizer, iterations 1-20" 240 \
-    --train-iters 20 --save "$B"
+  run plain "pretrain_gpt.py --spec, Megatron-LM's mixed-precision optimizer, iterations 1-20 of 30" 240 \
+    --train-iters 30 --exit-interval 20 --save "$B"
   run plain_resume "resume from iteration 20 (--load) to 30, same optimizer" 240 --train-iters 30 --load "$B" --save "$B"
 fi
 python3 - "$OUT" <<'PY' | tee "$OUT/megatron_lm_summary.txt"
 import os, re, sys
-def rows(name):
+GLOBAL_BATCH = 8
+def rows(name):  # [(iteration, consumed samples, lm loss)], [iterations saved]
     path = os.path.join(sys.argv[1], f"megatron_lm_{name}.log")
     text = open(path).read() if os.path.exists(path) else ""
-    found = re.findall(r"iteration\s+(\d+)/\s*(\d+) \|.*?lm loss: ([0-9.E+-]+)", text)
+    found = re.findall(r"iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \|.*?lm loss: ([0-9.E+-]+)", text)
     saved = [int(i) for i in re.findall(r"successfully saved checkpoint from iteration\s+(\d+)", text)]
-    return [(int(i), float(l)) for i, _, l in found], saved
+    return [(int(i), int(c), float(l)) for i, c, l in found], saved
 runs = {name: rows(name) for name in ("distopt", "distopt_resume", "plain", "plain_resume")}
-def trained(name):  # the loss falls over 20 iterations and both saves were written
+def trained(name):  # the loss falls over iterations 1-20 and both saves were written
     losses, saved = runs[name]
-    return len(losses) >= 4 and losses[-1][1] < losses[0][1] and saved[-2:] == [10, 20]
-def resumed(first, name):  # starts at the save (first log at 25), runs to 30, below the first run's start
-    losses, _ = runs[name]
-    return bool(losses) and losses[0][0] == 25 and losses[-1][0] == 30 and losses[-1][1] < runs[first][0][0][1]
+    return len(losses) >= 4 and losses[-1][0] == 20 and losses[-1][2] < losses[0][2] and saved[-2:] == [10, 20]
+def resumed(first, name):  # continues at iteration 21 with 21 batches consumed, runs to 30 and saves there, with
+    losses, saved = runs[name]  # its loss below the first run's start
+    return (bool(losses) and losses[0][:2] == (21, 21 * GLOBAL_BATCH) and losses[-1][0] == 30 and saved == [30]
+            and losses[-1][2] < runs[first][0][0][2])
 for name, (losses, saved) in runs.items():
-    print(f"{name}: losses {losses or 'not run'}, saved at {saved}")
-pairs = [("distopt", "distopt_resume")] if runs["distopt_resume"][0] or not runs["plain"][0] else []
-pairs += [("plain", "plain_resume")] if runs["plain"][0] else []
-ok = trained("distopt") and all(trained(a) and resumed(a, b) for a, b in pairs) and bool(pairs)
+    print(f"{name}: (iteration, consumed samples, lm loss) {losses or 'not run'}, saved at {saved}")
+ok = all(trained(n) for n in ("distopt", "plain") if runs[n][0]) and any(
+    resumed(a, b) for a, b in (("distopt", "distopt_resume"), ("plain", "plain_resume")) if runs[a][0])
 print("PASS" if ok else "FAIL")
 PY

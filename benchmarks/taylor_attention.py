@@ -151,13 +151,34 @@ def _try(label, fn, *a):
         return None
 
 
+def checked(chunk, grad, split):
+    """Whether a launch configuration passes benchmarks/taylor_config_check.py (forward and backward against fp64) in
+    a process of its own: some crash with an illegal memory access (chunk 64 with the one-kernel gradient pass at 8
+    warps, on an H100), which would end every later measurement of this process."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "taylor_config_check.py"),
+           "--chunk", str(chunk), "--grad", *map(str, grad)] + (["--split"] if split else [])
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        print(f"check chunk {chunk} grad {grad} split {split}: timed out", flush=True)
+        return False
+    print((done.stdout.strip().splitlines() or [f"check exited {done.returncode}"])[-1], flush=True)
+    return done.returncode == 0
+
+
 def sweep(results, save):
     """Time kernel configurations at B8 T4096 H16 d_v 64 (and the state pass at B1 T32768, where it has the
-    fewest programs) and keep the fastest for the rest of the run. Each pass is swept on its own."""
+    fewest programs) and keep the fastest for the rest of the run. Each pass is swept on its own; a chunk or gradient
+    configuration is timed only after it passed its check in a separate process (``checked``)."""
     B, T, dv = TOKENS // 4096, 4096, 64
     out = {}
     for chunk in (64, 128):
         ops.CHUNK = chunk
+        if not checked(chunk, ops.CONFIG["grad"], ops.GRAD_SPLIT):
+            out[f"chunk{chunk}_fwdbwd"] = None
+            continue
         out[f"chunk{chunk}_fwdbwd"] = _try(f"chunk {chunk}", time_case, ours, B, T, dv, "fwdbwd", 150)
         print(f"sweep chunk {chunk}: fwd+bwd {out[f'chunk{chunk}_fwdbwd']} ms", flush=True)
     best_chunk = min((c for c in (64, 128) if out[f"chunk{c}_fwdbwd"]), key=lambda c: out[f"chunk{c}_fwdbwd"])
@@ -175,6 +196,9 @@ def sweep(results, save):
             ops.CONFIG[name] = cfg[:4]
             if name == "grad":
                 ops.GRAD_SPLIT = cfg[4]
+                if not checked(ops.CHUNK, cfg[:4], cfg[4]):
+                    out[f"{name} {cfg}"] = None
+                    continue
             t = _try(f"{name} {cfg}", time_case, ours, B, T, dv, kind, 120)
             out[f"{name} {cfg}"] = t
             print(f"sweep {name} {cfg} ({kind}): {t} ms", flush=True)
