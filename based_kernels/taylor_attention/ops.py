@@ -107,6 +107,7 @@ STEP_INPLACE = (32, 4, 8)
 # H200 sweep at B8 T4096 H16 d_v 64, bf16, 153 feature rows: chunk 128 fwd+bwd 2.15 ms vs 3.42 at chunk 64; output
 # pass BF 64 0.69 ms (forward) vs 0.86 at BF 128 (3 blocks of 64 pad 39 rows, 2 blocks of 128 pad 103); gradient
 # pass 4 or 8 warps equal, BF 64 23% slower than 32.
+# Chunk 64 with the one-kernel gradient pass at 8 warps crashes on an H100 (illegal memory access; README).
 CHUNK = 128  # tokens per chunk (all passes share it: the states are per chunk)
 CONFIG = {
     # name: (BF feature block, BV value block, num_warps, num_stages)
