@@ -115,7 +115,8 @@ def state_size(cell: dict, settings: dict) -> int:
     return sum(size[s] for s in MODELS[cell["model"]])
 
 
-def command(cell: dict, lr: float, settings: dict, json_path: Path, tf32: bool = True) -> list[str]:
+def command(cell: dict, lr: float, settings: dict, json_path: Path, tf32: bool = True,
+            state: Path | None = None) -> list[str]:
     s = settings
     cmd = [sys.executable, "-m", "megatron_based.tasks.mqar", "train", "--model", cell["model"],
            "--hidden-size", str(cell["d"]), "--num-heads", "1", "--lr", repr(lr),
@@ -127,6 +128,8 @@ def command(cell: dict, lr: float, settings: dict, json_path: Path, tf32: bool =
         cmd += ["--feature-dim", str(cell["f"])]
     if s.get("embed_dropout"):
         cmd += ["--embed-dropout", str(s["embed_dropout"])]
+    if state is not None:
+        cmd += ["--state", str(state)]
     return cmd + (["--tf32"] if tf32 else [])
 
 
@@ -335,6 +338,9 @@ def main(argv=None) -> int:
                         "learning rates 1e-4, 4.6e-4, 2.2e-3, 1e-2 unless --lrs is given")
     p.add_argument("--time-limit", type=float,
                    help="seconds: stop (unfinished runs recorded as cut) and write the outputs")
+    p.add_argument("--state-dir", help="each run keeps its training state in <run>.pt here after every epoch "
+                                       "(megatron-based-mqar train --state): a run cut by --time-limit continues "
+                                       "from its last epoch in the next call; removed when the run is done")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON (and start it afresh "
                                                         "when its settings differ)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and the plot from the JSON")
@@ -395,6 +401,11 @@ def main(argv=None) -> int:
     print(f"MQAR sweep: {len(cells)} cells x {len(lrs)} lrs, {len(queue)} runs to do, {jobs} at a time on "
           f"{data['meta']['device']}; results in {json_path}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="mqar-runs-"))
+    state_dir = Path(args.state_dir) if args.state_dir else None
+    if state_dir:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        for done_state in (state_dir / f"{key}.pt" for key in data["runs"]):
+            done_state.unlink(missing_ok=True)  # carried from a call before its run finished in another
     log_dir = Path(args.log_dir) if args.log_dir else (out / "logs" if out else None)
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -431,7 +442,8 @@ def main(argv=None) -> int:
             for proc, *_rest in running.values():
                 proc.kill()
         while queue and len(running) < jobs and not stopped:
-            if args.time_limit is not None:  # no run that would be cut: the call ends early instead
+            # no run that would be cut (unless it keeps its state for the next call): the call ends early instead
+            if args.time_limit is not None and state_dir is None:
                 left = args.time_limit - (time.monotonic() - t0)
                 longest = max((r["seconds"] for r in data["runs"].values()), default=0.0) + 30  # + start-up
                 if longest > 30 and left < longest:
@@ -448,7 +460,11 @@ def main(argv=None) -> int:
             log = open(log_dir / f"{key}.log", "w") if log_dir else None
             run_env = {**env, "CUDA_VISIBLE_DEVICES": str(launched % gpus)} if gpus > 1 else env
             launched += 1
-            proc = subprocess.Popen(command(cell, lr, settings, tmp / f"{key}.json", data["meta"]["tf32"]), cwd=REPO,
+            state = state_dir / f"{key}.pt" if state_dir else None
+            if state is not None and state.exists():
+                print(f"{key}: continuing from {state}", flush=True)
+            proc = subprocess.Popen(command(cell, lr, settings, tmp / f"{key}.json", data["meta"]["tf32"], state),
+                                    cwd=REPO,
                                     env=run_env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             pump = threading.Thread(target=_pump, args=(proc, key, log, progress), daemon=True)
@@ -466,6 +482,8 @@ def main(argv=None) -> int:
             if proc.returncode == 0 and result_file.exists():
                 data["runs"][key] = json.loads(result_file.read_text())
                 data.get("cut", {}).pop(key, None)
+                if state_dir:
+                    (state_dir / f"{key}.pt").unlink(missing_ok=True)
                 data["meta"]["updated"] = time.strftime("%Y-%m-%d")
                 save(json_path, data)
                 report(data, grid(args.smoke), settings, doc, svg_path)

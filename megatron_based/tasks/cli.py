@@ -64,6 +64,9 @@ def mqar_parser() -> argparse.ArgumentParser:
                           "one CUDA graph replay; the last partial batch of an epoch runs eagerly)")
     opt.add_argument("--json", help="train: write the result (settings, state size, accuracy, per-epoch history)")
     opt.add_argument("--save", help="train: write the weights and the model's configuration here (a torch file)")
+    opt.add_argument("--state", help="train: keep the whole training state in this file after every epoch, and "
+                                     "continue from it when it exists (a run killed between epochs loses at most "
+                                     "one epoch; a finished run's file returns its result)")
     ev = p.add_argument_group("eval")
     ev.add_argument("--config", help="eval: YAML whose model: section sets the model (every key train sets); not "
                                      "needed for a checkpoint written by train --save, which carries its model")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -239,9 +240,56 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
+class TrainingStateError(ValueError):
+    """A ``train_mqar`` state file that this run cannot continue from (another run's, or not one at all)."""
+
+
+def _state_settings(model, n_train: int, **settings) -> dict:
+    """What must agree for a run to continue from a state file: the training settings and the parameters."""
+    return {**settings, "num_train": n_train,
+            "parameters": [[name, list(p.shape)] for name, p in model.named_parameters()]}
+
+
+def _save_training_state(path: str, blob: dict) -> None:
+    """Written whole or not at all: a kill while saving leaves the previous epoch's state."""
+    tmp = f"{path}.tmp"
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def _resume_training_state(path: str, settings: dict, model, opt, generator) -> dict | None:
+    """Load the state file at ``path`` (None when there is none) into ``model``, ``opt`` and ``generator``, in place:
+    a captured CUDA graph reads the parameters and AdamW's state tensors where they are. Refuses (TrainingStateError,
+    naming the file and the first setting that differs) a file saved by a run with other settings."""
+    if not os.path.exists(path):
+        return None
+    try:  # tensors, numbers, strings and containers only: no code runs while loading
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which, lose nothing
+        raise TrainingStateError(f"{path} is not a readable MQAR training state ({_first_line(e)}); remove it or "
+                                 "give another --state") from e
+    saved = blob.get("settings", {}) if isinstance(blob, dict) else {}
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            raise TrainingStateError(f"{path} was saved by a run with {key} {saved.get(key)!r}, this run has "
+                                     f"{value!r}; remove it or give another --state")
+    model.load_state_dict(blob["model"])  # copies into the existing parameters
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if any(opt.state[p] for p in params):  # the captured step's tensors exist: write into them
+        for i, p in enumerate(params):
+            for key, value in blob["optimizer"]["state"].get(i, {}).items():
+                opt.state[p][key].copy_(value)
+    else:  # the saved state under this optimizer's own groups (fused / capturable, lr: a graph run's are others)
+        opt.load_state_dict({"state": blob["optimizer"]["state"], "param_groups": opt.state_dict()["param_groups"]})
+    generator.set_state(blob["generator"])
+    torch.set_rng_state(blob["rng"])
+    return blob
+
+
 def train_mqar(model, train, test, *, epochs: int = 64, batch_size: int = 256, lr: float = 1e-3,
                weight_decay: float = 0.1, early_stop: float | None = 0.99, seed: int = 0,
-               log: Callable[[str], None] | None = print, cuda_graph: bool | None = None) -> list[dict]:
+               log: Callable[[str], None] | None = print, cuda_graph: bool | None = None,
+               state: str | os.PathLike | None = None) -> list[dict]:
     """Zoology's training on the fixed ``train = (inputs, labels)`` set: each epoch a reshuffled pass in batches of
     ``batch_size``, AdamW, the learning rate cosine-annealed per epoch (``lr * (1 + cos(pi e / epochs)) / 2`` in
     epoch e, no warm-up), then the test recall on ``test``; stops after the first epoch whose recall exceeds
@@ -255,7 +303,14 @@ def train_mqar(model, train, test, *, epochs: int = 64, batch_size: int = 256, l
     optimizer. The small MQAR models are bound by the host's ~1,100-1,400 kernel launches per step otherwise. The
     numerics are the eager loop's up to rounding: the graphed AdamW reads the learning rate as an fp32 tensor, the
     eager one as a Python float. Needs every row to have the same number of queries; if the capture fails, ``log``
-    gets one line saying why and the training runs eagerly. False: the plain eager loop."""
+    gets one line saying why and the training runs eagerly. False: the plain eager loop.
+
+    ``state``: a file that gets the whole training state (weights, AdamW's state, the shuffling generator, the CPU
+    RNG, the history) after every epoch, replaced atomically; a run given an existing file continues after its last
+    epoch, and one that had finished (all epochs, or the early stop) returns its history without training. Without
+    dropout the continued run is the uninterrupted one, bitwise. A file saved with other settings (epochs, batch
+    size, lr, weight decay, early stop, seed, training-set size, parameter names and shapes) is refused
+    (:class:`TrainingStateError`) before any training."""
     device = next(model.parameters()).device
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {device} "
@@ -296,8 +351,19 @@ def train_mqar(model, train, test, *, epochs: int = 64, batch_size: int = 256, l
     if graph is None:
         # fused: one kernel for all parameters on GPU (the same update as the loop over them)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
-    history, t0 = [], time.perf_counter()
-    for epoch in range(epochs):
+    history, t0, start, finished = [], time.perf_counter(), 0, False
+    if state is not None:
+        state = os.fspath(state)
+        settings = _state_settings(model, x.shape[0], epochs=epochs, batch_size=batch_size, lr=lr,
+                                   weight_decay=weight_decay, early_stop=early_stop, seed=seed)
+        blob = _resume_training_state(state, settings, model, opt, g)
+        if blob is not None:
+            history, start, finished = blob["history"], len(blob["history"]), blob["finished"]
+            t0 -= history[-1]["seconds"] if history else 0.0
+            if log:
+                log(f"continuing from {state}: " + (f"finished after epoch {start}" if finished else
+                                                     f"epoch {start + 1} of {epochs} next"))
+    for epoch in range(start, epochs if not finished else start):
         rate = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         if graph is not None:
             lr_now.fill_(rate)  # in place: the graph and the eager partial batches read this tensor
@@ -328,10 +394,16 @@ def train_mqar(model, train, test, *, epochs: int = 64, batch_size: int = 256, l
         history.append({"epoch": epoch + 1, "lr": rate, "loss": float(total) / max(steps, 1), "test_loss": test_loss,
                         "accuracy": accuracy, "seconds": time.perf_counter() - t0})
         h = history[-1]
+        stop = early_stop is not None and accuracy > early_stop
+        if state is not None:  # before the epoch's line: a run killed after the line has the epoch saved
+            _save_training_state(state, {
+                "settings": settings, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "generator": g.get_state(), "rng": torch.get_rng_state(), "history": history,
+                "finished": stop or epoch + 1 == epochs})
         if log:
             log(f"epoch {epoch + 1}/{epochs}  loss {h['loss']:.4f}  test loss {test_loss:.4f}  test accuracy "
                 f"{accuracy:.4f}  lr {rate:.2e}  {h['seconds']:.1f} s")
-        if early_stop is not None and accuracy > early_stop:
+        if stop:
             if log:
                 log(f"early stop: test accuracy {accuracy:.4f} > {early_stop}")
             break
@@ -471,7 +543,8 @@ def _train(args) -> tuple:
           flush=True)
     history = train_mqar(model, train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, early_stop=args.early_stop, seed=args.seed,
-                         log=lambda line: print(line, flush=True), cuda_graph=None if args.cuda_graph else False)
+                         log=lambda line: print(line, flush=True), cuda_graph=None if args.cuda_graph else False,
+                         state=args.state)
     if args.save:
         save_mqar_checkpoint(args.save, model, section)
     state = mqar_state_size(pattern, hidden_size=args.hidden_size, feature_dim=args.feature_dim,
@@ -501,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "eval" and not args.checkpoint:
         p.error("eval needs --checkpoint (and --config for a checkpoint not written by `train --save`)")
-    error = bad_option(args, files=["config"], paths=["checkpoint"], outputs=["json", "save"],
+    error = bad_option(args, files=["config"], paths=["checkpoint"], outputs=["json", "save", "state"],
                        positive=["vocab_size", "seq_len", "num_kv_pairs", "num_train", "num_examples", "hidden_size",
                                  "num_heads", "epochs", "batch_size"])
     if error:
@@ -520,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         try:
             model, task, test, result = _train(args)
-        except ConfigError as e:  # the model's settings (BasedConfig), before it is built
+        except (ConfigError, TrainingStateError) as e:  # the model's settings, or a --state of another run
             return fail(p, e)
         recall = result["accuracy"]
         if args.json:

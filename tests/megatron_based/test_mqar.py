@@ -195,6 +195,102 @@ def test_mqar_cuda_graph_trains_like_the_eager_loop(graph_and_eager_runs, patter
         torch.testing.assert_close(v, eager["params"][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def _resume_runs(state_dir, cuda_graph):
+    """One 3-epoch run uninterrupted, and the same run killed after its second epoch's line and continued from its
+    state file by a model with other weights; then the finished file again, and the file under other settings."""
+    from megatron_based.tasks.mqar import MQARTask, TrainingStateError, build_mqar_model, mqar_dataset, train_mqar
+
+    task = MQARTask(vocab_size=64, seq_len=32, num_kv_pairs=4)
+    train, test = mqar_dataset(task, 200, 64)  # 3 full batches of 64 and a partial one of 8 rows per epoch
+    kw = dict(hidden_size=32, num_heads=1, feature_dim=8, vocab_size=64, seq_len=32, mlp=False)
+    device = "cuda" if cuda_graph else "cpu"
+    torch.manual_seed(0)
+    first = build_mqar_model("ZH", **kw).to(device)
+    init = {k: v.clone() for k, v in first.state_dict().items() if torch.is_tensor(v)}
+    run = dict(epochs=3, batch_size=64, lr=3e-3, seed=1, early_stop=None, cuda_graph=cuda_graph)
+    whole = train_mqar(first, train, test, log=None, state=state_dir / "whole.pt", **run)
+    out = {"whole": whole, "whole_params": {k: v.detach().cpu() for k, v in first.named_parameters()}}
+
+    def kill_after_epoch_2(line):
+        if line.startswith("epoch 2/3"):
+            raise KeyboardInterrupt("killed")
+
+    killed = build_mqar_model("ZH", **kw).to(device)
+    killed.load_state_dict(init, strict=False)
+    try:
+        train_mqar(killed, train, test, log=kill_after_epoch_2, state=state_dir / "cut.pt", **run)
+    except KeyboardInterrupt:
+        pass
+    torch.manual_seed(5)
+    other = build_mqar_model("ZH", **kw).to(device)  # other weights: the state file must replace them
+    lines = []
+    out["continued"] = train_mqar(other, train, test, log=lines.append, state=state_dir / "cut.pt", **run)
+    out["lines"] = lines
+    out["continued_params"] = {k: v.detach().cpu() for k, v in other.named_parameters()}
+    again = []
+    out["again"] = train_mqar(other, train, test, log=again.append, state=state_dir / "cut.pt", **run)
+    out["again_lines"] = again
+    errors = []
+    for changed in ({"lr": 1e-3}, {"epochs": 4}):
+        try:
+            train_mqar(other, train, test, log=None, state=state_dir / "cut.pt", **{**run, **changed})
+        except TrainingStateError as e:
+            errors.append(str(e))
+    (state_dir / "junk.pt").write_bytes(b"not a torch file")
+    try:
+        train_mqar(other, train, test, log=None, state=state_dir / "junk.pt", **run)
+    except TrainingStateError as e:
+        errors.append(str(e))
+    out["errors"] = errors
+    return out
+
+
+def _resume_worker(rank, world, state_dir):
+    from pathlib import Path
+
+    from megatron_based.runtime.parallel import initialize_parallel
+
+    initialize_parallel(1)
+    return _resume_runs(Path(state_dir), cuda_graph=False)
+
+
+def _check_resumed(out, state_dir):
+    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    assert [h["epoch"] for h in out["whole"]] == [1, 2, 3]
+    assert out["lines"][0] == f"continuing from {state_dir / 'cut.pt'}: epoch 3 of 3 next", out["lines"]
+    assert [line.split()[1] for line in out["lines"][1:]] == ["3/3"]  # only the third epoch ran
+    assert strip(out["continued"]) == strip(out["whole"])  # bitwise: losses, accuracies, learning rates
+    for k, v in out["whole_params"].items():
+        assert torch.equal(out["continued_params"][k], v), k
+    assert out["again_lines"] == [f"continuing from {state_dir / 'cut.pt'}: finished after epoch 3"]
+    assert strip(out["again"]) == strip(out["whole"])
+    lr, epochs, junk = out["errors"]
+    assert "cut.pt was saved by a run with lr 0.003, this run has 0.001; remove it or give another --state" in lr
+    assert "with epochs 3, this run has 4" in epochs
+    assert "junk.pt is not a readable MQAR training state" in junk
+    assert not list(state_dir.glob("*.tmp"))
+
+
+def test_mqar_training_state_continues_a_killed_run_bitwise(tmp_path):
+    """train_mqar(state=...): a run killed after an epoch continues from the state file (weights, AdamW, the
+    shuffling generator, the RNG, the history) as if it had not stopped: the same per-epoch losses and accuracies and
+    the same final weights, bitwise (CPU, eager). A finished state returns its history without training; a state
+    saved under other settings, or a file that is no state, is refused with one line naming it."""
+    [out] = run_distributed(_resume_worker, 1, str(tmp_path))
+    _check_resumed(out, tmp_path)
+
+
+@pytest.mark.gpu
+def test_mqar_training_state_continues_a_graphed_run_bitwise(tmp_path):
+    """The same with the CUDA-graphed step: the continued run writes the saved AdamW state into the tensors the
+    captured step reads (its capture zeroes them), so the graphed run continues bitwise too."""
+    from .helpers import in_process_group
+
+    with pytest.MonkeyPatch.context() as mp, in_process_group(mp):
+        out = _resume_runs(tmp_path, cuda_graph=True)
+    _check_resumed(out, tmp_path)
+
+
 def test_mqar_cuda_graph_needs_a_cuda_model():
     """cuda_graph=True on a CPU model is an error (not silently eager); None means on only on CUDA."""
     from megatron_based.tasks.mqar import train_mqar
@@ -256,8 +352,9 @@ def test_mqar_checkpoint_carries_its_model(tmp_path):
 def test_mqar_sweep_smoke(tmp_path):
     """benchmarks/mqar_sweep.py --smoke runs its whole pipeline on CPU (3 tiny runs of 1 epoch) and writes the JSON,
     the markdown table (between its markers, into an existing document) and the SVG plot; a call cut by
-    --time-limit records nothing of its unfinished runs, a later call runs them, the next skips the runs already in
-    the JSON, and --report-only rewrites the table from it."""
+    --time-limit records nothing of its unfinished runs, a later call runs them (--state-dir: each keeps its training
+    state there until it is done), the next skips the runs already in the JSON, and --report-only rewrites the
+    table from it."""
     import subprocess
     import sys
     import xml.etree.ElementTree as ET
@@ -271,8 +368,10 @@ def test_mqar_sweep_smoke(tmp_path):
     assert cut.returncode == 0 and "0 runs done, 0 skipped, 3 still to run" in cut.stdout, cut.stdout + cut.stderr
     assert json.loads((tmp_path / "mqar.json").read_text())["runs"] == {}  # stopped runs are not recorded
     assert (tmp_path / "mqar.md").read_text().count("not yet run on GPU") == 3
-    first = subprocess.run(sweep, cwd=repo, capture_output=True, text=True, timeout=300)
+    states = tmp_path / "states"  # each run keeps its training state there; a finished run's is removed
+    first = subprocess.run(sweep + ["--state-dir", str(states)], cwd=repo, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert states.is_dir() and not list(states.iterdir())
     assert first.stdout.count("epoch 1/1") == 3 and "3 runs done" in first.stdout, first.stdout[-3000:]
     data = json.loads((tmp_path / "mqar.json").read_text())
     assert sorted(data["runs"]) == ["attention-d16-lr0.003", "baseconv-d16-lr0.003", "based-d16-f4-lr0.003"]
@@ -289,6 +388,8 @@ def test_mqar_sweep_smoke(tmp_path):
     for cell in mqar_sweep.grid(smoke=True):
         run = data["runs"][mqar_sweep.run_key(cell, 3e-3)]
         assert mqar_sweep.state_size(cell, data["meta"]["settings"]) == run["state_size"]
+        command = mqar_sweep.command(cell, 3e-3, data["meta"]["settings"], Path("r.json"), state=states / "s.pt")
+        assert command[command.index("--state") + 1] == str(states / "s.pt")
     for cell in mqar_sweep.grid(smoke=False):  # and at the published size, against the model's formula
         from megatron_based.tasks.mqar import mqar_state_size
 
@@ -322,7 +423,7 @@ def test_mqar_sweep_smoke(tmp_path):
 
 
 def test_mqar_bad_inputs_fail_in_one_line_before_training(tmp_path, capsys):
-    """Checked before the process group and the model: a --save or --json whose folder does not exist (they were
+    """Checked before the process group and the model: a --save, --json or --state whose folder does not exist (they were
     written after the training, which was lost), sizes below 1 and pairs that do not fit (tracebacks, some after a
     model build); and a --checkpoint that is not a torch file is refused by name (was torch's traceback)."""
     import torch.distributed as dist
@@ -336,6 +437,8 @@ def test_mqar_bad_inputs_fail_in_one_line_before_training(tmp_path, capsys):
          f"--save {tmp_path}/out/m.pt: its folder {tmp_path}/out does not exist; create it first"),
         ([*small, "--json", str(tmp_path / "out" / "r.json")],
          f"--json {tmp_path}/out/r.json: its folder {tmp_path}/out does not exist; create it first"),
+        ([*small, "--state", str(tmp_path / "out" / "s.pt")],
+         f"--state {tmp_path}/out/s.pt: its folder {tmp_path}/out does not exist; create it first"),
         ([*small, "--hidden-size", "0"], "--hidden-size must be >= 1, got 0"),
         ([*small, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         ([*small[:-3], "40", *small[-2:]], "seq_len (32) must be >= 4 * num_kv_pairs (160)"),
