@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from based_kernels.taylor_attention import chunk, ops, recurrent
+from taylor_attention import CANDIDATES  # the sweep's configurations (this folder is on the path when run as a script)
 
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -63,9 +64,7 @@ def main():
     BK = max(16, triton.next_power_of_2(F))
     D = 1 + F + F * (F + 1) // 2
     for BT in (64, 128):
-        for name, cfgs in {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
-                           "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
-                           "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1)]}.items():
+        for name, cfgs in CANDIDATES.items():
             if name not in args.passes:
                 continue
             # the gradient pass as one kernel (part 0) or split (ops.GRAD_SPLIT: parts 1 and 2)

@@ -27,6 +27,15 @@ H, F, TOKENS = 16, 16, 32768
 TS = [2048, 4096, 8192, 16384, 32768, 65536]
 DVS = [64, 128]
 CHUNK = 64
+# The launch configurations the sweep times, (BF feature block, BV value block, num_warps, num_stages) per pass (the
+# gradient pass's each as one kernel and split, ops.GRAD_SPLIT); benchmarks/aot_check.py compiles the same ones for
+# sm_90 on CPU (registers, spills). The symmetric map's 153 rows: BF 64 -> 3 feature blocks, 128 -> 2, 32 -> 5. At
+# chunk 128 every output / state configuration at 4 warps spills (aot_check: the default output (64, 64, 4) 1436 B
+# per thread, state (64, 64, 4) 1124 B); (64, 32, 8), (32, 64, 8) for the output and (32, 64, 8) for the state
+# compile without.
+CANDIDATES = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2), (32, 64, 8, 2)],
+              "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
+              "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1)]}
 
 
 def rel(a, b):
@@ -183,12 +192,8 @@ def sweep(results, save):
         print(f"sweep chunk {chunk}: fwd+bwd {out[f'chunk{chunk}_fwdbwd']} ms", flush=True)
     best_chunk = min((c for c in (64, 128) if out[f"chunk{c}_fwdbwd"]), key=lambda c: out[f"chunk{c}_fwdbwd"])
     ops.CHUNK = best_chunk
-    # (the symmetric map's 153 rows: BF 64 -> 3 feature blocks, 128 -> 2, 32 -> 5)
-    cands = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
-             "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
-             # the 5th entry: ops.GRAD_SPLIT (dq and dk / dv in two kernels)
-             "grad": [(64, 64, 8, 1, False), (32, 64, 8, 1, False), (32, 64, 4, 1, False), (64, 64, 8, 1, True),
-                      (32, 64, 8, 1, True), (32, 64, 4, 1, True)]}
+    # the gradient pass's 5th entry: ops.GRAD_SPLIT (dq and dk / dv in two kernels)
+    cands = {**CANDIDATES, "grad": [(*c, split) for split in (False, True) for c in CANDIDATES["grad"]]}
     for name, cfgs in cands.items():
         kind = "fwdbwd" if name == "grad" else "fwd"
         best = None
