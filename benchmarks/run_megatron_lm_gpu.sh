@@ -28,6 +28,7 @@ if [ ! -f "$DS/Makefile" ]; then
   printf 'default:\n\t@ls helpers_cpp*.so >/dev/null\n' > "$DS/Makefile" || { echo "cannot write $DS/Makefile"; exit 2; }
 fi
 REPO=$PWD
+GLOBAL_BATCH=8
 run() {  # log name, title, timeout (s), extra flags...
   local log=$1 name=$2 limit=$3; shift 3
   echo "== $name"
@@ -38,7 +39,7 @@ run() {  # log name, title, timeout (s), extra flags...
     --seq-length 2048 --max-position-embeddings 2048 \
     --position-embedding-type none --normalization RMSNorm --norm-epsilon 1e-5 --swiglu --disable-bias-linear \
     --hidden-dropout 0 --attention-dropout 0 --init-method-std 0.02 --make-vocab-size-divisible-by 8 \
-    --micro-batch-size 4 --global-batch-size 8 --lr 8e-4 --min-lr 8e-5 \
+    --micro-batch-size 4 --global-batch-size $GLOBAL_BATCH --lr 8e-4 --min-lr 8e-5 \
     --lr-decay-style cosine --lr-warmup-iters 5 --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --bf16 \
     --fp32-residual-connection --transformer-impl local --no-gradient-accumulation-fusion --no-persist-layer-norm \
     --mock-data --tokenizer-type NullTokenizer --vocab-size 50257 \
@@ -49,13 +50,13 @@ run() {  # log name, title, timeout (s), extra flags...
   grep -E "iteration +[0-9]+/|saved checkpoint|Error|error:" "$OUT/megatron_lm_$log.log" | grep -v "error_file" | tail -12
   echo "exit status $rc"
 }
-# With the distributed optimizer (the documented set-up): 20 iterations, saves at 10 and 20, then the resume. Without
-# Transformer Engine or apex, megatron-core 0.19's distributed optimizer cannot load a checkpoint (torch Adam's
-# init_state_fn gives a fresh optimizer no `step`, and DistributedOptimizer.state_dict asserts one common step), so
-# there the resume runs with Megatron-LM's other optimizer (no --use-distributed-optimizer), from its own first run.
+# With the distributed optimizer (the documented set-up): iterations 1-20 of 30, saves at 10 and 20, then the resume.
+# Each first run stops at 20 (--exit-interval), so the resume keeps the same LR schedule (Megatron's scheduler
+# refuses a checkpoint whose total iterations differ). Without Transformer Engine or apex, megatron-core 0.19's
+# distributed optimizer cannot load a checkpoint (torch Adam's init_state_fn gives a fresh optimizer no `step`, and
+# DistributedOptimizer.state_dict asserts one common step), so there the resume runs with Megatron-LM's other
+# optimizer (no --use-distributed-optimizer), from its own first run.
 A=$(mktemp -d); B=$(mktemp -d)
-# Each first run stops at 20 of 30 iterations (--exit-interval), so the resume keeps the same LR schedule (Megatron's
-# scheduler refuses a checkpoint whose total iterations differ).
 [ -z "$PLAIN_ONLY" ] && run distopt "pretrain_gpt.py --spec, distributed optimizer, iterations 1-20 of 30, saves at 10 and 20" \
   300 --use-distributed-optimizer --train-iters 30 --exit-interval 20 --save "$A"
 if [ -z "$PLAIN_ONLY" ] && python3 -c 'import megatron.core.optimizer.distrib_optimizer as d, sys; sys.exit(0 if d.HAVE_APEX_OR_TE else 1)'; then
@@ -67,9 +68,9 @@ else
     --train-iters 30 --exit-interval 20 --save "$B"
   run plain_resume "resume from iteration 20 (--load) to 30, same optimizer" 240 --train-iters 30 --load "$B" --save "$B"
 fi
-python3 - "$OUT" <<'PY' | tee "$OUT/megatron_lm_summary.txt"
+python3 - "$OUT" "$GLOBAL_BATCH" <<'PY' | tee "$OUT/megatron_lm_summary.txt"
 import os, re, sys
-GLOBAL_BATCH = 8
+GLOBAL_BATCH = int(sys.argv[2])
 def rows(name):  # [(iteration, consumed samples, lm loss)], [iterations saved]
     path = os.path.join(sys.argv[1], f"megatron_lm_{name}.log")
     text = open(path).read() if os.path.exists(path) else ""

@@ -100,22 +100,28 @@ def ours(q, k, v):
 
 
 # ----------------------------------------------------------------------------------------------- steps
+def errors_vs_fp64(B, T, dv, cu=None):
+    """Our kernels' output, final state and gradients at one shape (bf16, seed 1) against the fp64 chunked
+    reference: ``({"y", "S_final", "dq", "dk", "dv": relative error}, (q, k, v), fp64 output)``."""
+    q, k, v = inputs(B, T, dv, seed=1, grad=True)
+    cu_t = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
+    y, fin = taylor_linear_attention(q, k, v, cu_seqlens=cu_t, output_final_state=True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    got = [y, fin[0], q.grad, k.grad, v.grad]
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    y64, fin64 = taylor_attention_chunked(q64, k64, v64, cu_seqlens=cu_t, output_final_state=True)
+    y64.backward(dy.double())
+    want = [y64, fin64[0], q64.grad, k64.grad, v64.grad]
+    return dict(zip(["y", "S_final", "dq", "dk", "dv"], (rel(a, b) for a, b in zip(got, want)))), (q, k, v), y64
+
+
 def correctness():
     res = {}
     cases = [("B2 T2048 dv64", 2, 2048, 64, None), ("B1 T4096 dv128", 1, 4096, 128, None),
              ("varlen 3 docs dv64", 1, 3000, 64, [0, 1, 1200, 3000])]
     for name, B, T, dv, cu in cases:
-        q, k, v = inputs(B, T, dv, seed=1, grad=True)
-        cu_t = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
-        y, fin = taylor_linear_attention(q, k, v, cu_seqlens=cu_t, output_final_state=True)
-        dy = torch.randn_like(y)
-        y.backward(dy)
-        got = [y, fin[0], q.grad, k.grad, v.grad]
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        y64, fin64 = taylor_attention_chunked(q64, k64, v64, cu_seqlens=cu_t, output_final_state=True)
-        y64.backward(dy.double())
-        want = [y64, fin64[0], q64.grad, k64.grad, v64.grad]
-        errs = dict(zip(["y", "S_final", "dq", "dk", "dv"], (rel(a, b) for a, b in zip(got, want))))
+        errs, (q, k, v), y64 = errors_vs_fp64(B, T, dv, cu)
         if cu is None:
             fla = peers().get("fla_parallel_based")
             if fla is not None:

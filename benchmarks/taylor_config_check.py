@@ -12,10 +12,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from taylor_attention import inputs, rel  # noqa: E402
-
-from based_kernels.taylor_attention import ops, taylor_attention_chunked, taylor_linear_attention  # noqa: E402
+from based_kernels.taylor_attention import ops, taylor_linear_attention
+from taylor_attention import errors_vs_fp64, inputs, ours, time_case  # this folder is on the path when run as a script
 
 
 def main() -> int:
@@ -29,14 +27,7 @@ def main() -> int:
     ops.CHUNK, ops.CONFIG["grad"], ops.GRAD_SPLIT, ops.KEEP_STATES = a.chunk, tuple(a.grad), a.split, not a.no_keep
     label = f"chunk {a.chunk} grad {tuple(a.grad)} split {a.split} keep {not a.no_keep}"
     try:
-        q, k, v = inputs(2, 2048, 64, seed=1, grad=True)
-        y, _ = taylor_linear_attention(q, k, v)
-        dy = torch.randn_like(y)
-        y.backward(dy)
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        y64, _ = taylor_attention_chunked(q64, k64, v64)
-        y64.backward(dy.double())
-        errs = [rel(g, w) for g, w in ((y, y64), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad))]
+        errs = [errors_vs_fp64(2, 2048, 64)[0][key] for key in ("y", "dq", "dk", "dv")]
         q, k, v = inputs(8, 4096, 64, seed=2, grad=True)
         y, _ = taylor_linear_attention(q, k, v)
         y.backward(torch.randn_like(y))
@@ -46,15 +37,7 @@ def main() -> int:
         print(f"{label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
         return 1
     ok = finite and max(errs) < 1e-2
-    timed = ""
-    if ok and a.time:
-        from triton.testing import do_bench
-
-        def step():
-            q.grad = k.grad = v.grad = None
-            taylor_linear_attention(q, k, v)[0].backward(dy8)
-        dy8 = torch.randn_like(y)
-        timed = f"; B8 T4096 fwd+bwd {do_bench(step, warmup=25, rep=300, return_mode='median'):.3f} ms"
+    timed = f"; B8 T4096 fwd+bwd {time_case(ours, 8, 4096, 64, 'fwdbwd'):.3f} ms" if ok and a.time else ""
     print(f"{label}: {'OK' if ok else 'WRONG'} y/dq/dk/dv rel. err vs fp64 "
           f"{' '.join(f'{e:.2e}' for e in errs)}; B8 T4096 finite {finite}{timed}", flush=True)
     return 0 if ok else 1

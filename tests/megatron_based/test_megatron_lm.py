@@ -171,23 +171,21 @@ def _checkpoint_worker(rank, world, yaml_path, ckpt_dir):
         # as Megatron-LM's save_checkpoint / load_checkpoint call them (its metadata, the torch_dist format)
         metadata = _build_sharded_state_dict_metadata(args)
         dist_checkpointing.save(saved.sharded_state_dict(metadata=metadata), path)
-        differed = any(not torch.equal(a, b) for a, b in zip(saved.state_dict().values(),
-                                                              loaded.state_dict().values())
-                       if isinstance(a, torch.Tensor))
+        want = {k: v for k, v in saved.state_dict().items() if isinstance(v, torch.Tensor)}
+        differed = any(not torch.equal(want[k], v) for k, v in loaded.state_dict().items() if k in want)
         loaded.load_state_dict(dist_checkpointing.load(loaded.sharded_state_dict(metadata=metadata), path))
-        same = [k for k, v in saved.state_dict().items()
-                if isinstance(v, torch.Tensor) and torch.equal(v, loaded.state_dict()[k])]
-        results[name] = (differed, len(same), sum(isinstance(v, torch.Tensor) for v in saved.state_dict().values()),
-                         sorted(k for k in saved.sharded_state_dict(metadata=metadata)
-                                if "linear_qkv.weight" in k))
+        got = loaded.state_dict()
+        same = [k for k, v in want.items() if torch.equal(v, got[k])]
+        results[name] = (differed, len(same), len(want),
+                         sorted(k for k in saved.sharded_state_dict(metadata=metadata) if "linear_qkv.weight" in k))
     return results
 
 
 def test_spec_model_saves_and_loads_a_megatron_lm_checkpoint(tmp_path):
     """Megatron-LM's torch_dist checkpoint of the --spec model: the layer pattern's mixers differ in shape, and
     Megatron's default stacking of a block's layers under one key per parameter name failed its sharding check at
-    the first save (global shape (4, 96, 32) against (4, 64, 32) for linear_qkv); each layer is now its own entry, and a model with
-    other weights loads the saved one back exactly."""
+    the first save (global shape (4, 96, 32) against (4, 64, 32) for linear_qkv); each layer is now its own entry,
+    and a model with other weights loads the saved one back exactly."""
     import yaml
 
     path = tmp_path / "model.yaml"
