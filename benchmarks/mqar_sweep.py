@@ -403,10 +403,13 @@ def main(argv=None) -> int:
           f"{data['meta']['device']}; results in {json_path}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="mqar-runs-"))
     state_dir = Path(args.state_dir) if args.state_dir else None
+
+    def state_of(key):  # a run's training state file (--state-dir), else None
+        return state_dir / f"{key}.pt" if state_dir else None
     if state_dir:
         state_dir.mkdir(parents=True, exist_ok=True)
-        for done_state in (state_dir / f"{key}.pt" for key in data["runs"]):
-            done_state.unlink(missing_ok=True)  # carried from a call before its run finished in another
+        for key in data["runs"]:
+            state_of(key).unlink(missing_ok=True)  # carried from a call before its run finished in another
     log_dir = Path(args.log_dir) if args.log_dir else (out / "logs" if out else None)
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -461,10 +464,9 @@ def main(argv=None) -> int:
             log = open(log_dir / f"{key}.log", "w") if log_dir else None
             run_env = {**env, "CUDA_VISIBLE_DEVICES": str(launched % gpus)} if gpus > 1 else env
             launched += 1
-            state = state_dir / f"{key}.pt" if state_dir else None
-            if state is not None and state.exists():
-                print(f"{key}: continuing from {state}", flush=True)
-            proc = subprocess.Popen(command(cell, lr, settings, tmp / f"{key}.json", data["meta"]["tf32"], state),
+            # (a run that continues from its state says so in its first line)
+            proc = subprocess.Popen(command(cell, lr, settings, tmp / f"{key}.json", data["meta"]["tf32"],
+                                            state_of(key)),
                                     cwd=REPO,
                                     env=run_env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -484,7 +486,7 @@ def main(argv=None) -> int:
                 data["runs"][key] = json.loads(result_file.read_text())
                 data.get("cut", {}).pop(key, None)
                 if state_dir:
-                    (state_dir / f"{key}.pt").unlink(missing_ok=True)
+                    state_of(key).unlink(missing_ok=True)
                 data["meta"]["updated"] = time.strftime("%Y-%m-%d")
                 save(json_path, data)
                 report(data, grid(args.smoke), settings, doc, svg_path)

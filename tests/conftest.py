@@ -45,7 +45,7 @@ def gpu_jobs(request, tmp_path_factory):
 # two training runs, generate, eval, make demo). Without a cap the test process's caching allocator kept 74 GiB of an
 # 80 GiB H100 and a job's first allocation failed.
 JOBS_RESERVE_GIB = 16
-_sharing = []
+_share = []  # this process's bytes of the GPU while the jobs run beside it
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,8 +56,9 @@ def _start_gpu_jobs_first(request):
     before it would exceed that) and returns its cached blocks after each test (``_return_cached_memory``)."""
     if torch.cuda.is_available() and any("gpu_jobs" in getattr(i, "fixturenames", ()) for i in request.session.items):
         total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(max(0.5, 1 - JOBS_RESERVE_GIB * 2 ** 30 / total))
-        _sharing.append(True)
+        fraction = max(0.5, 1 - JOBS_RESERVE_GIB * 2 ** 30 / total)
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        _share.append(fraction * total)
         request.getfixturevalue("gpu_jobs")
         yield
     else:
@@ -68,12 +69,11 @@ def _start_gpu_jobs_first(request):
 def _return_cached_memory(request):
     """While the end-to-end jobs share the GPU: this process's cached, unused blocks go back after each test, and a
     test whose peak allocation passes half of this process's share says so (the tests that decide the share)."""
-    if _sharing:
+    if _share:
         torch.cuda.reset_peak_memory_stats()
     yield
-    if _sharing:
+    if _share:
         peak = torch.cuda.max_memory_allocated()
-        share = torch.cuda.get_device_properties(0).total_memory - JOBS_RESERVE_GIB * 2 ** 30
-        if peak > share / 2:
+        if peak > _share[0] / 2:
             print(f"\n{request.node.nodeid}: peak {peak / 2 ** 30:.1f} GiB allocated")
         torch.cuda.empty_cache()
