@@ -11,7 +11,8 @@ twice that bound; this script says which kernels lose the time. Each row is one 
 * GEMMs: ``F.linear`` at M = batch on every projection shape of the model (C in / out, L qkv / proj, S qkv / proj,
   MLP fc1 / fc2, the output layer), bf16, with cuBLAS (torch's default) and with cuBLASLt
   (``torch.backends.cuda.preferred_blas_library("cublaslt")``);
-* the state kernels as the model calls them: ``taylor_linear_attention_step`` (in place), ``sliding_window_step``,
+* the state kernels as the model calls them: ``taylor_linear_attention_step`` (in place; unbuffered, and with the
+  decode buffer of 8 / 16 / 32 tokens that the model uses while ``ops.STEP_BUFFER`` > 0), ``sliding_window_step``,
   ``base_conv_packed_step`` (in place) and ``add_rms_norm``, and the Taylor and SWA steps' launch configurations
   (``ops.STEP_INPLACE``: value block BV x warps; ``ops.STEP``: slot block BR x warps x V_EARLY) beside the default.
 
@@ -185,6 +186,19 @@ def main(argv=None) -> int:
             ms = time_launch(taylor_ops, "STEP_INPLACE", (BV, nw, nw), calls, f"Taylor step BV {BV}, {nw} warps")
             if ms is not None:
                 row(f"Taylor step kernel, BV {BV}, {nw} warps", n["L"], nbytes, ms, config=f"BV{BV}-w{nw}")
+        # the buffered step (what the model runs while ops.STEP_BUFFER > 0): a buffer of C tokens per state copy,
+        # the copies' fill levels spread over 0..C so a replay averages the C + 1 steps of a cycle (C reads of
+        # the state and its buffer, one read and write of the state with the fold); bytes per call averaged alike
+        for C in sorted({taylor_ops.STEP_BUFFER, 8, 16, 32} - {0}):
+            calls_n = max(len(states), C + 1)  # the states cycled, each call with its own buffer and fill level
+            bufs = [(torch.randn(B, H, C, f, device=dev, dtype=dt), torch.randn(B, H, C, dh, device=dev, dtype=dt),
+                     torch.full((B, H), i % (C + 1), device=dev, dtype=torch.int32)) for i in range(calls_n)]
+            calls = [lambda s=states[i % len(states)], b=b: based_kernels.taylor_linear_attention_step(
+                q, kk, v, s, inplace=True, buffer=b) for i, b in enumerate(bufs)]
+            nbytes = sbytes * (C + 2) / (C + 1) + B * H * (C / 2 * (f + dh) * 2 + (2 * f + 2 * dh) * 2)
+            ms = graph_ms(calls, args.iters)
+            row(f"Taylor step, in place, buffer of {C} tokens", n["L"], round(nbytes), ms, config=f"buffer{C}")
+            del bufs
         del states
     if n["S"] and "swa" in only:
         cbytes = 2 * B * (W + 1) * d * 2

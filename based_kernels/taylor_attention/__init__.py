@@ -17,6 +17,8 @@ from .reference import (
     taylor_attention_chunked,
     taylor_attention_quadratic,
     taylor_attention_step,
+    taylor_attention_step_buffered,
+    taylor_state_with_buffer,
 )
 
 __all__ = [
@@ -28,4 +30,6 @@ __all__ = [
     "taylor_attention_chunked",
     "taylor_attention_quadratic",
     "taylor_attention_step",
+    "taylor_attention_step_buffered",
+    "taylor_state_with_buffer",
 ]

@@ -27,12 +27,13 @@ from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlen
                        lastdim_contiguous, next_pow2, resolve_backend)
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
                     taylor_prep_kernel)
-from .recurrent import taylor_step_kernel
-from .reference import feature_dim, taylor_attention_chunked, taylor_attention_step
+from .recurrent import taylor_step_buffered_kernel, taylor_step_kernel
+from .reference import (feature_dim, taylor_attention_chunked, taylor_attention_step,
+                        taylor_attention_step_buffered)
 
 __all__ = ["taylor_linear_attention", "taylor_linear_attention_step", "taylor_attention_triton",
            "taylor_attention_step_triton", "taylor_attention_fwd", "taylor_attention_bwd", "taylor_attention_step_op",
-           "CONFIG", "MAX_F", "MAX_F_STEP"]
+           "taylor_attention_step_buffered_op", "CONFIG", "MAX_F", "MAX_F_STEP", "STEP_BUFFER"]
 
 
 # ------------------------------------------------------------------------------------------- the functional API
@@ -72,21 +73,50 @@ def taylor_linear_attention(q, k, v, *, eps=1e-12, initial_state=None, output_fi
                                     output_normalizer=output_normalizer)
 
 
-def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12, backend=None, inplace=False):
+def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12, backend=None, inplace=False, buffer=None):
     """One decode step (update before read). q, k ``[B, H, f]``, v ``[B, H, d_v]``, state ``(S, z)`` or None;
     returns ``(y [B, H, d_v], new_state)``. The input state is not modified unless ``inplace=True``, which
     updates ``(S, z)`` (contiguous fp32) in place and returns them (decode loops and CUDA graphs: fixed buffers,
-    half the memory traffic)."""
+    half the memory traffic).
+
+    ``buffer=(kb [B, H, C, f], vb [B, H, C, d_v], n [B, H] int32)`` (contiguous; kb / vb in the dtype of k / v,
+    ``n`` zeros after a prefill): keep up to C recent tokens unexpanded beside the state and fold them into it
+    when the buffer is full (:func:`~based_kernels.taylor_attention.reference.taylor_attention_step_buffered`);
+    the state is then read at every step but written once every C + 1 steps. Needs ``inplace=True``; updates
+    ``(S, z)`` and the buffer in place. The full state is
+    :func:`~based_kernels.taylor_attention.reference.taylor_state_with_buffer`."""
     if inplace and state is None:
         raise ValueError("inplace=True needs a state to update; pass zeros for the first token")
+    if buffer is not None:
+        if not inplace:
+            raise ValueError("buffer=(kb, vb, n) updates the state and the buffer in place: pass inplace=True")
+        _check_buffer(q, v, state, buffer)
     if _use_triton(backend, q, q.shape[-1], step=True):
-        return taylor_attention_step_triton(q, k, v, state, eps=eps, inplace=inplace)
+        return taylor_attention_step_triton(q, k, v, state, eps=eps, inplace=inplace, buffer=buffer)
+    if buffer is not None:
+        y, new, new_buffer = taylor_attention_step_buffered(q, k, v, state, buffer, eps=eps)
+        for old, t in zip((*state, *buffer), (*new, *new_buffer)):
+            old.copy_(t)
+        return y, state
     y, new = taylor_attention_step(q, k, v, state, eps=eps)
     if inplace:
         state[0].copy_(new[0])
         state[1].copy_(new[1])
         return y, state
     return y, new
+
+
+def _check_buffer(q, v, state, buffer):
+    """The decode buffer's layout (the kernel indexes it as contiguous ``[B * H, C, *]``)."""
+    kb, vb, n = buffer
+    B, H, f = q.shape
+    C = kb.shape[2] if kb.dim() == 4 else -1
+    want = ((B, H, C, f), (B, H, C, v.shape[-1]), (B, H))
+    if C < 1 or tuple(kb.shape) != want[0] or tuple(vb.shape) != want[1] or tuple(n.shape) != want[2]:
+        raise ValueError(f"buffer must be (kb [B, H, C, f], vb [B, H, C, d_v], n [B, H]) = {want} for C >= 1; got "
+                         f"{tuple(kb.shape)}, {tuple(vb.shape)}, {tuple(n.shape)}")
+    if n.dtype != torch.int32 or not all(t.is_contiguous() for t in buffer):
+        raise ValueError("buffer's n must be int32 and kb, vb, n contiguous")
 
 
 # ------------------------------------------------------------------------------------------------ the Triton path
@@ -96,12 +126,19 @@ _output_kernel = Launcher(taylor_chunk_output_kernel)
 _grad_kernel = Launcher(taylor_chunk_grad_kernel)
 _prep_kernel = Launcher(taylor_prep_kernel)
 _step_kernel = Launcher(taylor_step_kernel)
+_step_buffered_kernel = Launcher(taylor_step_buffered_kernel)
 
 MAX_F = 32  # f = 64 passed in the CPU interpreter with the 273-row map; not verified on a GPU (see README)
 MAX_F_STEP = 32  # the decode kernel keeps a whole [next_pow2(f(f+1)/2), BV] state block in registers
 # The in-place decode step's tiles: (BV value columns per iteration, num_warps while the [BP, BV] state tile has
 # <= 8192 elements (f <= 22 at BV 32), num_warps above). benchmarks/decode_kernels.py sets it to time alternatives.
 STEP_INPLACE = (32, 4, 8)
+# Tokens a decode cache keeps unexpanded before folding them into the Taylor state (the mixer's ``inference_cache``
+# allocates that buffer; 0: none, every step reads and writes the state). A step reads the state and the buffer and
+# writes the state once every STEP_BUFFER + 1 steps: at based-1.3b's shapes (16 heads, f 16, d_v 112, bf16 buffer)
+# the buffer of 16 tokens is 4 KB against the 69 KB fp32 state per head, so a step moves ~0.56x the bytes of the
+# unbuffered in-place step (which reads and writes the state). benchmarks/decode_kernels.py times both.
+STEP_BUFFER = 16
 
 # Tunables (benchmarks/taylor_attention.py --sweep times alternatives on a GPU; docs/benchmarks.md).
 # H200 sweep at B8 T4096 H16 d_v 64, bf16, 153 feature rows: chunk 128 fwd+bwd 2.15 ms vs 3.42 at chunk 64; output
@@ -496,7 +533,33 @@ def _(q, k, v, s, z, eps):
     return v.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
-def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False):
+@torch.library.custom_op("based_kernels::taylor_attention_step_buffered_",
+                         mutates_args=("s", "z", "kb", "vb", "n"))
+def taylor_attention_step_buffered_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
+                                      z: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, n: torch.Tensor,
+                                      eps: float) -> torch.Tensor:
+    """Decode step against the state and the buffer of recent tokens (recurrent.taylor_step_buffered_kernel), all
+    updated in place; returns y. The in-place step's tiles (``STEP_INPLACE``)."""
+    B, H, F = q.shape
+    DV, C = v.shape[-1], kb.shape[2]
+    BV, warps, warps_large = STEP_INPLACE
+    BV = min(BV, max(16, next_pow2(DV)))
+    BP = next_pow2(F * (F + 1) // 2)
+    y = v.new_empty(B, H, DV)
+    _step_buffered_kernel(lambda m: (B * H,), (
+        q, k, v, y, s, z, kb, vb, n,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        H, F ** -0.25, eps), F=F, DV=DV, C=C, BK=max(16, next_pow2(F)), BP=BP, BC=max(16, next_pow2(C)), BV=BV,
+        NVB=cdiv(DV, BV), num_warps=warps if BP * BV <= 8192 else warps_large)
+    return y
+
+
+@taylor_attention_step_buffered_op.register_fake
+def _(q, k, v, s, z, kb, vb, n, eps):
+    return v.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
+def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False, buffer=None):
     """Triton path of :func:`based_kernels.taylor_linear_attention_step`."""
     if q.shape[-1] > MAX_F_STEP:
         raise ValueError(f"the Triton decode kernel supports f <= {MAX_F_STEP} (got f={q.shape[-1]}); "
@@ -511,6 +574,8 @@ def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False):
         S, z = state
         if S.dtype != torch.float32 or z.dtype != torch.float32 or not (S.is_contiguous() and z.is_contiguous()):
             raise ValueError("inplace=True needs the state (S, z) as contiguous fp32 tensors")
+        if buffer is not None:
+            return taylor_attention_step_buffered_op(q, k, v, S, z, *buffer, float(eps)), (S, z)
         return taylor_attention_step_inplace_op(q, k, v, S, z, float(eps)), (S, z)
     s, z = (None, None) if state is None else (state[0].float().contiguous(), state[1].float().contiguous())
     y, s, z = taylor_attention_step_op(q, k, v, s, z, float(eps))

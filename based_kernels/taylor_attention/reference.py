@@ -25,6 +25,8 @@ __all__ = [
     "taylor_attention_quadratic",
     "taylor_attention_chunked",
     "taylor_attention_step",
+    "taylor_attention_step_buffered",
+    "taylor_state_with_buffer",
 ]
 
 
@@ -201,3 +203,52 @@ def taylor_attention_step(q, k, v, state, *, eps=1e-12):
     num = (pq.unsqueeze(-2) @ S).squeeze(-2)
     den = (pq * z).sum(-1, keepdim=True)
     return (num / (den + eps)).to(v.dtype), (S, z)
+
+
+def taylor_attention_step_buffered(q, k, v, state, buffer, *, eps=1e-12):
+    """One decode step against a state plus a buffer of recent tokens not yet folded into it.
+
+    ``buffer = (kb [B, H, C, f], vb [B, H, C, d_v], n [B, H] int)``: rows ``j < n`` of ``kb`` / ``vb`` are the keys
+    and values of tokens that belong to the state but are kept unexpanded, so the state in full is ``S + sum_{j<n}
+    phi(kb_j) vb_j^T`` (:func:`taylor_state_with_buffer`; z likewise). The step computes ``y`` over that full
+    state and this token, ``y = (phi(q) S + sum_{j<n} K(q, kb_j) vb_j + K(q, k) v) / (phi(q) z + sum_{j<n} K(q,
+    kb_j) + K(q, k) + eps)``; then, if the buffer is full (``n == C``), folds the buffered tokens and this one
+    into ``(S, z)`` and empties it (``n = 0``), else stores ``(k, v)`` in row ``n`` (``n + 1``). A decode step
+    thus reads the state at every token and writes it once every C + 1 tokens (``ops.STEP_BUFFER``).
+    Returns ``(y [B, H, d_v] in v.dtype, (S, z), (kb, vb, n))``, new tensors (the inputs are not modified)."""
+    B, H, f = q.shape
+    S, z = state
+    kb, vb, n = buffer
+    C = kb.shape[2]
+    dt = S.dtype
+    rows = torch.arange(C, device=q.device) < n.unsqueeze(-1)  # [B, H, C]: the buffered tokens
+    qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
+    kbd, vbd = kb.to(dt), vb.to(dt)
+    w = _taylor_kernel(qd.unsqueeze(-2), kbd).squeeze(-2) * rows  # [B, H, C]
+    w_cur = _taylor_kernel(qd.unsqueeze(-2), kd.unsqueeze(-2))[..., 0, 0]  # [B, H]
+    pq = symmetric_feature_map(qd)
+    num = (pq.unsqueeze(-2) @ S).squeeze(-2) + (w.unsqueeze(-2) @ vbd).squeeze(-2) + w_cur.unsqueeze(-1) * vd
+    den = (pq * z).sum(-1) + w.sum(-1) + w_cur
+    y = (num / (den + eps).unsqueeze(-1)).to(v.dtype)
+    fold = n >= C  # [B, H]
+    pk = symmetric_feature_map(kbd) * rows.unsqueeze(-1)  # [B, H, C, D]
+    pk_cur = symmetric_feature_map(kd)
+    S_fold = S + pk.transpose(-1, -2) @ vbd + pk_cur.unsqueeze(-1) * vd.unsqueeze(-2)
+    z_fold = z + pk.sum(-2) + pk_cur
+    S_new = torch.where(fold[..., None, None], S_fold, S)
+    z_new = torch.where(fold[..., None], z_fold, z)
+    slot = (torch.arange(C, device=q.device) == n.unsqueeze(-1)) & ~fold.unsqueeze(-1)  # [B, H, C]
+    kb_new = torch.where(slot.unsqueeze(-1), k.to(kb.dtype).unsqueeze(-2), kb)
+    vb_new = torch.where(slot.unsqueeze(-1), v.to(vb.dtype).unsqueeze(-2), vb)
+    n_new = torch.where(fold, torch.zeros_like(n), n + 1)
+    return y, (S_new, z_new), (kb_new, vb_new, n_new)
+
+
+def taylor_state_with_buffer(state, buffer):
+    """The full state ``(S + sum_{j<n} phi(kb_j) vb_j^T, z + sum_{j<n} phi(kb_j))`` of a state and a decode buffer
+    (:func:`taylor_attention_step_buffered`), in the state's dtype: what the unbuffered step would hold."""
+    S, z = state
+    kb, vb, n = buffer
+    rows = torch.arange(kb.shape[2], device=S.device) < n.unsqueeze(-1)
+    pk = symmetric_feature_map(kb.to(S.dtype)) * rows.unsqueeze(-1)
+    return S + pk.transpose(-1, -2) @ vb.to(S.dtype), z + pk.sum(-2)

@@ -412,7 +412,8 @@ def train_mqar(model, train, test, *, epochs: int = 64, batch_size: int = 256, l
 
 
 def state_bytes_per_sequence(model, max_length: int | None = None) -> int:
-    """Bytes of decode state one sequence needs (the generation caches; "A" layers at ``max_length``)."""
+    """Bytes of decode state one sequence needs (the generation caches; "A" layers at ``max_length``; with the
+    Taylor layers' decode buffer, which :func:`mqar_state_size` leaves out)."""
     gen = Generator(model, max_length=max_length)
     gen.allocate(1)
     return gen.cache_bytes()
@@ -425,7 +426,8 @@ def mqar_state_size(pattern: str, *, hidden_size: int, feature_dim: int = 16, nu
     input so far: their filters span the sequence, T = ``seq_len``), L ``D x (d_v + 1)`` per head (the Taylor state S and
     normaliser z, D = 1 + f + f(f+1)/2 rows of the symmetric map; d_v = d / heads), S ``2 x (window + 1) x d``
     (the K/V ring), A ``2 x T x d`` (the KV cache at T = ``seq_len``). Equals the element count of the generation
-    caches (:func:`state_bytes_per_sequence`)."""
+    caches (:func:`state_bytes_per_sequence`) less the L layers' decode buffer (``STEP_BUFFER`` recent tokens'
+    keys and values kept unexpanded beside S and z: the same state, held in another form for speed)."""
     d, k = hidden_size, conv_kernel_size
     size = {"C": (k - 1) * 2 * d, "Z": (k - 1) * d, "H": seq_len * d, "E": seq_len * d,
             "L": taylor_feature_dim(feature_dim) * (d + num_heads), "S": 2 * (swa_window + 1) * d, "A": 2 * seq_len * d}

@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent("""
     print("TRAIN", " ".join(sorted(set(calls))))
 """)
 
-DECODE = {"rms_fwd_kernel", "add_rms_fwd_kernel", "conv_step_kernel", "taylor_step_kernel", "rope_fwd_kernel",
+DECODE = {"rms_fwd_kernel", "add_rms_fwd_kernel", "conv_step_kernel", "taylor_step_buffered_kernel", "rope_fwd_kernel",
           "swa_step_kernel"}
 TRAIN = {"rms_fwd_kernel", "rms_bwd_kernel", "conv_fwd_kernel", "conv_bwd_stream_kernel", "taylor_chunk_state_kernel",
          "taylor_chunk_output_kernel", "taylor_prep_kernel", "taylor_chunk_grad_kernel", "rope_fwd_kernel",

@@ -11,11 +11,13 @@ from based_kernels.taylor_attention import (
     taylor_attention_chunked,
     taylor_attention_quadratic,
     taylor_attention_step,
+    taylor_attention_step_buffered,
     taylor_linear_attention,
     taylor_linear_attention_step,
 )
 from based_kernels._common import dot_precision
 from based_kernels.taylor_attention import ops
+from based_kernels.taylor_attention.reference import taylor_state_with_buffer
 
 from .poison import assert_equal_where, bad_cu_seqlens, clean_and_poisoned
 
@@ -353,6 +355,84 @@ def test_step_inplace_launch_configs(tiles, monkeypatch):
         assert torch.equal(y, y_ref) and torch.equal(S, st[0]) and torch.equal(z, st[1])
 
 
+def _buffered_decode(q, k, v, h0, C, backend, dtype=None):
+    """Decode every token of q, k, v ``[B, T, H, *]`` from the state h0 with a buffer of C tokens, in place;
+    returns the outputs ``[B, T, H, d_v]``, the state, the buffer and the fill count seen before each step."""
+    B, T, H, F = q.shape
+    S, z = (t.clone() for t in h0)
+    kb = torch.zeros(B, H, C, F, dtype=k.dtype, device=q.device)
+    vb = torch.zeros(B, H, C, v.shape[-1], dtype=v.dtype, device=q.device)
+    n = torch.zeros(B, H, dtype=torch.int32, device=q.device)
+    ys, counts = [], []
+    for t in range(T):
+        counts.append(n.clone())
+        y, st = taylor_linear_attention_step(q[:, t], k[:, t], v[:, t], (S, z), backend=backend, inplace=True,
+                                             buffer=(kb, vb, n))
+        assert st[0] is S and st[1] is z
+        ys.append(y)
+    return torch.stack(ys, 1), (S, z), (kb, vb, n), counts
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("F,DV,C", [(16, 80, 4), (5, 40, 1), (7, 24, 17)])
+def test_step_buffered_equals_the_fp64_oracle(backend, F, DV, C):
+    """The buffered decode step (up to C tokens kept unexpanded, folded into the state when the buffer is full):
+    every output against the quadratic fp64 oracle, the state with its buffer against the fp64 final state, and
+    the buffer's fill cycling 0..C (odd f, d_v 80 = three value blocks of 32 with the last masked, C 17 > 16
+    rows of a tile, C 1 = a fold every other token)."""
+    B, T, H = 2, 23, 3
+    q, k, v, h0 = make(B, T, H, F, DV, state=True)
+    y, st, buf, counts = _buffered_decode(q, k, v, h0, C, backend)
+    want, (S_want, z_want) = taylor_attention_quadratic(q.double(), k.double(), v.double(),
+                                                        initial_state=tuple(t.double() for t in h0),
+                                                        output_final_state=True)
+    assert rel(y, want) < 2e-6
+    S_full, z_full = taylor_state_with_buffer(tuple(t.double() for t in st), buf)
+    assert rel(S_full, S_want) < 2e-6 and rel(z_full, z_want) < 2e-6
+    assert [int(c[0, 0]) for c in counts] == [t % (C + 1) for t in range(T)]
+    assert all(torch.equal(c, c[0, 0].expand_as(c)) for c in counts)
+    # the rows still buffered are the last tokens' k and v as given
+    m = T % (C + 1)
+    assert torch.equal(buf[0][:, :, :m], k[:, T - m:].transpose(1, 2)) and torch.equal(
+        buf[1][:, :, :m], v[:, T - m:].transpose(1, 2))
+
+
+def test_step_buffered_triton_equals_torch_and_unbuffered():
+    """Triton and PyTorch buffered steps agree to rounding at every token and fold; the fp64 buffered reference
+    equals the unbuffered fp64 step (the same function, another summation order)."""
+    B, T, H, F, DV, C = 2, 11, 2, 16, 48, 3
+    q, k, v, h0 = make(B, T, H, F, DV, state=True)
+    y_tr, st_tr, buf_tr, _ = _buffered_decode(q, k, v, h0, C, "triton")
+    y_to, st_to, buf_to, _ = _buffered_decode(q, k, v, h0, C, "torch")
+    assert rel(y_tr, y_to) < 1e-6 and rel(st_tr[0], st_to[0]) < 1e-6 and rel(st_tr[1], st_to[1]) < 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(buf_tr, buf_to))
+    q, k, v = (t.double() for t in (q, k, v))
+    st = tuple(t.double() for t in h0)
+    buf = (torch.zeros(B, H, C, F, dtype=torch.float64), torch.zeros(B, H, C, DV, dtype=torch.float64),
+           torch.zeros(B, H, dtype=torch.int32))
+    plain = st
+    for t in range(T):
+        y_b, st, buf = taylor_attention_step_buffered(q[:, t], k[:, t], v[:, t], st, buf)
+        y_p, plain = taylor_attention_step(q[:, t], k[:, t], v[:, t], plain)
+        assert rel(y_b, y_p) < 1e-13
+    full = taylor_state_with_buffer(st, buf)
+    assert rel(full[0], plain[0]) < 1e-13 and rel(full[1], plain[1]) < 1e-13
+
+
+def test_step_buffered_bad_buffers_are_refused():
+    q, k, v, h0 = make(2, 1, 3, 16, 32, state=True)
+    S, z = h0
+    kb, vb = torch.zeros(2, 3, 4, 16, device=DEV), torch.zeros(2, 3, 4, 32, device=DEV)
+    n = torch.zeros(2, 3, dtype=torch.int32, device=DEV)
+    args = (q[:, 0], k[:, 0], v[:, 0], (S, z))
+    with pytest.raises(ValueError, match="inplace=True"):
+        taylor_linear_attention_step(*args, buffer=(kb, vb, n))
+    with pytest.raises(ValueError, match=r"kb \[B, H, C, f\]"):
+        taylor_linear_attention_step(*args, inplace=True, buffer=(kb, vb[:, :, :3], n))
+    with pytest.raises(ValueError, match="int32"):
+        taylor_linear_attention_step(*args, inplace=True, buffer=(kb, vb, n.long()))
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_grad_split_equals_one_kernel(monkeypatch, varlen):
     """ops.GRAD_SPLIT (the gradient pass as a dq kernel and a dk / dv kernel) gives bitwise the gradients of the
@@ -426,6 +506,11 @@ def test_custom_op_registration():
     for op, state in ((ops.taylor_attention_step_op, h0), (ops.taylor_attention_step_inplace_op, h0)):
         torch.library.opcheck(op, (qs, ks, vs, state[0].float().clone(), state[1].float().clone(), 1e-12),
                               test_utils=("test_schema", "test_faketensor"))
+    buffer = (torch.zeros(1, 2, 4, 16, device=DEV), torch.zeros(1, 2, 4, 32, device=DEV),
+              torch.tensor([[1, 4]], dtype=torch.int32, device=DEV))  # one head folds, one stores
+    torch.library.opcheck(ops.taylor_attention_step_buffered_op,
+                          (qs, ks, vs, h0[0].float().clone(), h0[1].float().clone(), *buffer, 1e-12),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def _quadratic_num_den(q, k, v):
@@ -602,3 +687,23 @@ def test_varlen_and_states_bf16():
 @pytest.mark.parametrize("varlen", [False, True])
 def test_nan_reaches_only_the_outputs_that_see_it_bf16(which, varlen):
     check_nan_confined(which, varlen, 300, 170, torch.bfloat16)  # 128-token chunks: two before the NaN
+
+
+@pytest.mark.gpu
+def test_step_buffered_bf16_at_decode_shapes():
+    """based-1.3b's decode shapes (16 heads, f 16, d_v 112: four value blocks of 32, the last masked), bf16 inputs
+    and buffer, ops.STEP_BUFFER tokens: 40 tokens from a prefilled state (two folds) against the fp64 oracle, and
+    against the unbuffered in-place step (the same fp32 arithmetic in another order)."""
+    B, T, H, F, DV, C = 8, 40, 16, 16, 112, ops.STEP_BUFFER
+    q, k, v, h0 = make(B, T, H, F, DV, dtype=torch.bfloat16, state=True)
+    y, st, buf, counts = _buffered_decode(q, k, v, h0, C, "triton")
+    S, z = (t.clone() for t in h0)
+    plain = torch.stack([taylor_linear_attention_step(q[:, t], k[:, t], v[:, t], (S, z), inplace=True)[0]
+                         for t in range(T)], 1)
+    want, (S_want, _) = taylor_attention_quadratic(q.double(), k.double(), v.double(),
+                                                   initial_state=tuple(t.double() for t in h0),
+                                                   output_final_state=True)
+    assert rel(y, want) < 4e-3 and rel(plain, want) < 4e-3  # bf16 output rounding
+    assert rel(y, plain) < 2e-3
+    assert rel(taylor_state_with_buffer(tuple(t.double() for t in st), buf)[0], S_want) < 1e-5
+    assert [int(c[0, 0]) for c in counts] == [t % (C + 1) for t in range(T)]

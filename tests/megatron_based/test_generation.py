@@ -103,6 +103,7 @@ def test_prefill_then_decode_equals_full_forward(world):
 
 
 def _cache_worker(rank, world):
+    from based_kernels.taylor_attention.ops import STEP_BUFFER
     from megatron_based.inference.generation import Generator
     from megatron_based.runtime.parallel import initialize_parallel
 
@@ -122,6 +123,7 @@ def _cache_worker(rank, world):
     h, dh = heads // world, hidden // heads
     D = 1 + f + f * (f + 1) // 2  # the symmetric Taylor map
     per_seq = (h * D * (dh + 1) * 4  # L: S and z, fp32
+               + h * (STEP_BUFFER * (f + dh) * 4 + 4)  # L: the decode buffer (fp32 model) and its int32 count
                + 2 * (window + 1) * h * dh * 4  # S: K and V ring of window + 1 rows
                + 2 * (k - 1) * (2 * hidden // world) * 4)  # two C layers: last k - 1 inputs u1
     return results, 3 * per_seq

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from based_kernels.taylor_attention.ops import STEP_BUFFER
+
 from tests.distributed import run_distributed
 
 
@@ -115,7 +117,8 @@ def test_mqar_models_no_mlp_query_logits_and_state_size():
     for r in out.values():
         assert r["query_logits_match"] and r["targets"] and r["given_positions"]
         assert 3.0 < r["loss"] < 5.5 and 0 <= r["recall"] <= 1  # ~ln 64 at initialisation
-        assert r["bytes"] == 4 * r["formula"]  # fp32 caches
+        # fp32 caches, and the L layer's decode buffer (2 heads, f 8, d_v 16) with its int32 counts
+        assert r["bytes"] == 4 * r["formula"] + 2 * (STEP_BUFFER * (8 + 16) * 4 + 4)
     # C 2 x 64, L (1 + 8 + 36) x (32 + 2) (the symmetric map), S 2 x 9 x 32, A 2 x 32 x 32, H 32 x 32, Z 2 x 32
     assert out[False]["formula"] == 128 + 45 * 34 + 576 + 2048 + 1024 + 64
 

@@ -111,25 +111,37 @@ class TaylorLinearAttention(MixerModule):
     # Generation (megatron_based.inference.generation): a constant-size state per sequence, filled by the parallel form.
     def inference_cache(self, batch: int, dtype: torch.dtype, device, max_length: int | None = None) -> dict:
         """``S [b, heads, D, d_h]`` and ``z [b, heads, D]``, D = 1 + f + f(f+1)/2, fp32 (they grow ~linearly in
-        t)."""
+        t), and the decode buffer (``based_kernels.taylor_attention.ops.STEP_BUFFER`` = C tokens; none at 0): the
+        last tokens' raw keys ``kb [b, heads, C, f]`` and values ``vb [b, heads, C, d_h]`` in ``dtype`` and their
+        count ``n [b, heads]`` int32, folded into S and z when full, so a step writes the state once every C + 1
+        tokens (based_kernels/taylor_attention/README.md, "Decode")."""
         D = based_kernels.taylor_attention.feature_dim(self.feature_dim)
-        return {"S": torch.zeros(batch, self.heads, D, self.head_dim, dtype=torch.float32, device=device),
-                "z": torch.zeros(batch, self.heads, D, dtype=torch.float32, device=device)}
+        cache = {"S": torch.zeros(batch, self.heads, D, self.head_dim, dtype=torch.float32, device=device),
+                 "z": torch.zeros(batch, self.heads, D, dtype=torch.float32, device=device)}
+        C = based_kernels.taylor_attention.ops.STEP_BUFFER
+        if C > 0:
+            cache.update(kb=torch.zeros(batch, self.heads, C, self.feature_dim, dtype=dtype, device=device),
+                         vb=torch.zeros(batch, self.heads, C, self.head_dim, dtype=dtype, device=device),
+                         n=torch.zeros(batch, self.heads, dtype=torch.int32, device=device))
+        return cache
 
     def prefill(self, hidden_states, cache: dict, prompts):
         """Packed prompts ``[T, 1, d]`` (documents at ``prompts.cu_seqlens``): the parallel form, keeping each
-        prompt's final state in ``cache``. Returns ``(out, bias)`` like forward."""
+        prompt's final state in ``cache`` (the decode buffer empty). Returns ``(out, bias)`` like forward."""
         q, k, v = self.project_qkv(hidden_states)
         y, (S, z) = based_kernels.taylor_linear_attention(
             to_bshd(q), to_bshd(k), to_bshd(v), eps=self.config.linear_attention_eps,
             cu_seqlens=prompts.cu_seqlens, output_final_state=True)
         cache["S"].copy_(S)
         cache["z"].copy_(z)
+        if "n" in cache:
+            cache["n"].zero_()
         return self.linear_proj(to_bshd(y).reshape(q.shape[0], 1, self.heads * self.head_dim))
 
     def step(self, hidden_states, cache: dict, positions=None, **_):
         """One token per sequence ``[1, b, d]``: the recurrent form, updating ``cache`` in place."""
         q, k, v = (t[0] for t in self.project_qkv(hidden_states))
+        buffer = (cache["kb"], cache["vb"], cache["n"]) if "n" in cache else None
         y, _ = based_kernels.taylor_linear_attention_step(q, k, v, (cache["S"], cache["z"]), inplace=True,
-                                                          eps=self.config.linear_attention_eps)
+                                                          buffer=buffer, eps=self.config.linear_attention_eps)
         return self.linear_proj(y.reshape(1, y.shape[0], self.heads * self.head_dim))
