@@ -26,7 +26,7 @@ def compile_kernel(fn, dtype, consts, nw, ns):
     typed = {"den": f32p, "dd": f32p, "col": f32p, "h0s": f32p, "h0z": f32p, "zc": f32p, "hts": f32p,
              "htz": f32p, "dzc": f32p, "hl": f32p, "hc": s_dt, "dhc": s_dt, "cu_seqlens": "*i32", "chunk_offsets": "*i32",
              "chunk_meta": "*i32", "scale": "fp32", "eps": "fp32", "s_in": f32p, "z_in": f32p, "s_out": f32p,
-             "z_out": f32p, "s": f32p, "z": f32p, "kb": p, "vb": p, "cnt": "*i32"}
+             "z_out": f32p, "s": f32p, "z": f32p, "kb": p, "vb": p, "cnt": "*i32", "sq": "*bf16"}
     sig = {}
     for n in fn.arg_names:
         if n in consts:
@@ -106,16 +106,18 @@ def main():
     BV_IN, warps, warps_large = ops.STEP_INPLACE
     BV_IN = min(BV_IN, max(16, triton.next_power_of_2(DV)))
     BP = triton.next_power_of_2(F * (F + 1) // 2)
-    for C in (ops.STEP_BUFFER, 8, 32) if "decode" in args.passes else ():
+    # (and with the bf16 copy of the quadratic rows, ops.STEP_READ_COPY)
+    for C, copy in [(C, copy) for C in (ops.STEP_BUFFER, 8, 32) for copy in (False, True)] \
+            if "decode" in args.passes else ():
         nw = warps if BP * BV_IN <= 8192 else warps_large
         c = dict(F=F, DV=DV, C=C, BK=BK, BP=BP, BC=max(16, triton.next_power_of_2(C)), BV=BV_IN,
-                 NVB=triton.cdiv(DV, BV_IN))
+                 NVB=triton.cdiv(DV, BV_IN), HAS_COPY=copy)
+        label = f"decode buffered C {C:2d}{' read copy' if copy else ''} BV {BV_IN:3d} warps {nw}"
         try:
             regs, spill, smem = compile_kernel(recurrent.taylor_step_buffered_kernel, args.dtype, c, nw, 1)
-            print(f"decode buffered C {C:2d} BV {BV_IN:3d} warps {nw}: regs {regs}, spill {spill} B, smem {smem} B",
-                  flush=True)
+            print(f"{label}: regs {regs}, spill {spill} B, smem {smem} B", flush=True)
         except Exception as e:  # noqa: BLE001
-            print(f"decode buffered C {C} BV {BV_IN} warps {nw}: FAILED {repr(e)[:400]}")
+            print(f"{label}: FAILED {repr(e)[:400]}")
 
 
 if __name__ == "__main__":

@@ -189,15 +189,22 @@ def main(argv=None) -> int:
         # the buffered step (what the model runs while ops.STEP_BUFFER > 0): a buffer of C tokens per state copy,
         # the copies' fill levels spread over 0..C so a replay averages the C + 1 steps of a cycle (C reads of
         # the state and its buffer, one read and write of the state with the fold); bytes per call averaged alike
-        for C in sorted({taylor_ops.STEP_BUFFER, 8, 16, 32} - {0}):
+        # With the read copy (ops.STEP_READ_COPY) the steps between folds read the quadratic rows in bf16.
+        P = f * (f + 1) // 2
+        qbytes = B * H * P * dh * 2
+        for C, copy in [(C, False) for C in sorted({taylor_ops.STEP_BUFFER, 8, 16, 32} - {0})] + [(16, True)]:
             calls_n = max(len(states), C + 1)  # the states cycled, each call with its own buffer and fill level
             bufs = [(torch.randn(B, H, C, f, device=dev, dtype=dt), torch.randn(B, H, C, dh, device=dev, dtype=dt),
-                     torch.full((B, H), i % (C + 1), device=dev, dtype=torch.int32)) for i in range(calls_n)]
+                     torch.full((B, H), i % (C + 1), device=dev, dtype=torch.int32))
+                    + ((torch.randn(B, H, P, dh, device=dev, dtype=dt),) if copy else ()) for i in range(calls_n)]
             calls = [lambda s=states[i % len(states)], b=b: based_kernels.taylor_linear_attention_step(
                 q, kk, v, s, inplace=True, buffer=b) for i, b in enumerate(bufs)]
-            nbytes = sbytes * (C + 2) / (C + 1) + B * H * (C / 2 * (f + dh) * 2 + (2 * f + 2 * dh) * 2)
+            read = sbytes - B * H * P * dh * 4 + qbytes if copy else sbytes  # a step between folds
+            fold = 2 * sbytes + (qbytes if copy else 0)
+            nbytes = (C * read + fold) / (C + 1) + B * H * (C / 2 * (f + dh) * 2 + (2 * f + 2 * dh) * 2)
             ms = graph_ms(calls, args.iters)
-            row(f"Taylor step, in place, buffer of {C} tokens", n["L"], round(nbytes), ms, config=f"buffer{C}")
+            name = f"Taylor step, in place, buffer of {C} tokens" + (", bf16 read copy" if copy else "")
+            row(name, n["L"], round(nbytes), ms, config=f"buffer{C}" + ("-copy" if copy else ""))
             del bufs
         del states
     if n["S"] and "swa" in only:

@@ -33,7 +33,7 @@ from .reference import (feature_dim, taylor_attention_chunked, taylor_attention_
 
 __all__ = ["taylor_linear_attention", "taylor_linear_attention_step", "taylor_attention_triton",
            "taylor_attention_step_triton", "taylor_attention_fwd", "taylor_attention_bwd", "taylor_attention_step_op",
-           "taylor_attention_step_buffered_op", "CONFIG", "MAX_F", "MAX_F_STEP", "STEP_BUFFER"]
+           "taylor_attention_step_buffered_op", "CONFIG", "MAX_F", "MAX_F_STEP", "STEP_BUFFER", "STEP_READ_COPY"]
 
 
 # ------------------------------------------------------------------------------------------- the functional API
@@ -84,13 +84,15 @@ def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12, backend=None, inp
     when the buffer is full (:func:`~based_kernels.taylor_attention.reference.taylor_attention_step_buffered`);
     the state is then read at every step but written once every C + 1 steps. Needs ``inplace=True``; updates
     ``(S, z)`` and the buffer in place. The full state is
-    :func:`~based_kernels.taylor_attention.reference.taylor_state_with_buffer`."""
+    :func:`~based_kernels.taylor_attention.reference.taylor_state_with_buffer`. A fourth tensor ``sq [B, H,
+    f(f+1)/2, d_v]`` (bf16 / fp16, contiguous; ``STEP_READ_COPY``) is a 16-bit copy of the state's quadratic rows
+    that the steps between folds read instead of those rows of S, and each fold rewrites."""
     if inplace and state is None:
         raise ValueError("inplace=True needs a state to update; pass zeros for the first token")
     if buffer is not None:
         if not inplace:
             raise ValueError("buffer=(kb, vb, n) updates the state and the buffer in place: pass inplace=True")
-        _check_buffer(q, v, state, buffer)
+        _check_buffer(q, v, buffer)
     if _use_triton(backend, q, q.shape[-1], step=True):
         return taylor_attention_step_triton(q, k, v, state, eps=eps, inplace=inplace, buffer=buffer)
     if buffer is not None:
@@ -106,9 +108,11 @@ def taylor_linear_attention_step(q, k, v, state, *, eps=1e-12, backend=None, inp
     return y, new
 
 
-def _check_buffer(q, v, state, buffer):
+def _check_buffer(q, v, buffer):
     """The decode buffer's layout (the kernel indexes it as contiguous ``[B * H, C, *]``)."""
-    kb, vb, n = buffer
+    if len(buffer) not in (3, 4):
+        raise ValueError(f"buffer must be (kb, vb, n) or (kb, vb, n, sq); got {len(buffer)} tensors")
+    kb, vb, n = buffer[:3]
     B, H, f = q.shape
     C = kb.shape[2] if kb.dim() == 4 else -1
     want = ((B, H, C, f), (B, H, C, v.shape[-1]), (B, H))
@@ -116,7 +120,13 @@ def _check_buffer(q, v, state, buffer):
         raise ValueError(f"buffer must be (kb [B, H, C, f], vb [B, H, C, d_v], n [B, H]) = {want} for C >= 1; got "
                          f"{tuple(kb.shape)}, {tuple(vb.shape)}, {tuple(n.shape)}")
     if n.dtype != torch.int32 or not all(t.is_contiguous() for t in buffer):
-        raise ValueError("buffer's n must be int32 and kb, vb, n contiguous")
+        raise ValueError("buffer's n must be int32 and kb, vb, n (and sq) contiguous")
+    if len(buffer) == 4:
+        sq = buffer[3]
+        want_sq = (B, H, f * (f + 1) // 2, v.shape[-1])
+        if tuple(sq.shape) != want_sq or sq.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"buffer's sq (the state's quadratic rows) must be bf16 or fp16 of shape {want_sq}; got "
+                             f"{sq.dtype} {tuple(sq.shape)}")
 
 
 # ------------------------------------------------------------------------------------------------ the Triton path
@@ -139,6 +149,11 @@ STEP_INPLACE = (32, 4, 8)
 # the buffer of 16 tokens is 4 KB against the 69 KB fp32 state per head, so a step moves ~0.56x the bytes of the
 # unbuffered in-place step (which reads and writes the state). benchmarks/decode_kernels.py times both.
 STEP_BUFFER = 16
+# With a decode buffer, also keep a 16-bit copy of the state's quadratic rows (the L mixer allocates it for bf16 /
+# fp16 activations; the chunked forward keeps those rows at that precision too): the steps between folds read it
+# instead of those fp32 rows, ~0.63x the bytes of the buffered step at based-1.3b's shapes, for 44% more cache.
+# Off until a GPU measurement shows the gain (benchmarks/decode_kernels.py times both).
+STEP_READ_COPY = False
 
 # Tunables (benchmarks/taylor_attention.py --sweep times alternatives on a GPU; docs/benchmarks.md).
 # H200 sweep at B8 T4096 H16 d_v 64, bf16, 153 feature rows: chunk 128 fwd+bwd 2.15 ms vs 3.42 at chunk 64; output
@@ -534,10 +549,10 @@ def _(q, k, v, s, z, eps):
 
 
 @torch.library.custom_op("based_kernels::taylor_attention_step_buffered_",
-                         mutates_args=("s", "z", "kb", "vb", "n"))
+                         mutates_args=("s", "z", "kb", "vb", "n", "sq"))
 def taylor_attention_step_buffered_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
                                       z: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, n: torch.Tensor,
-                                      eps: float) -> torch.Tensor:
+                                      sq: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """Decode step against the state and the buffer of recent tokens (recurrent.taylor_step_buffered_kernel), all
     updated in place; returns y. The in-place step's tiles (``STEP_INPLACE``)."""
     B, H, F = q.shape
@@ -547,15 +562,15 @@ def taylor_attention_step_buffered_op(q: torch.Tensor, k: torch.Tensor, v: torch
     BP = next_pow2(F * (F + 1) // 2)
     y = v.new_empty(B, H, DV)
     _step_buffered_kernel(lambda m: (B * H,), (
-        q, k, v, y, s, z, kb, vb, n,
+        q, k, v, y, s, z, kb, vb, n, s if sq is None else sq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         H, F ** -0.25, eps), F=F, DV=DV, C=C, BK=max(16, next_pow2(F)), BP=BP, BC=max(16, next_pow2(C)), BV=BV,
-        NVB=cdiv(DV, BV), num_warps=warps if BP * BV <= 8192 else warps_large)
+        NVB=cdiv(DV, BV), HAS_COPY=sq is not None, num_warps=warps if BP * BV <= 8192 else warps_large)
     return y
 
 
 @taylor_attention_step_buffered_op.register_fake
-def _(q, k, v, s, z, kb, vb, n, eps):
+def _(q, k, v, s, z, kb, vb, n, sq, eps):
     return v.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
@@ -575,7 +590,9 @@ def taylor_attention_step_triton(q, k, v, state, *, eps=1e-12, inplace=False, bu
         if S.dtype != torch.float32 or z.dtype != torch.float32 or not (S.is_contiguous() and z.is_contiguous()):
             raise ValueError("inplace=True needs the state (S, z) as contiguous fp32 tensors")
         if buffer is not None:
-            return taylor_attention_step_buffered_op(q, k, v, S, z, *buffer, float(eps)), (S, z)
+            kb, vb, n = buffer[:3]
+            sq = buffer[3] if len(buffer) > 3 else None
+            return taylor_attention_step_buffered_op(q, k, v, S, z, kb, vb, n, sq, float(eps)), (S, z)
         return taylor_attention_step_inplace_op(q, k, v, S, z, float(eps)), (S, z)
     s, z = (None, None) if state is None else (state[0].float().contiguous(), state[1].float().contiguous())
     y, s, z = taylor_attention_step_op(q, k, v, s, z, float(eps))

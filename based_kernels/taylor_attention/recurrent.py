@@ -119,19 +119,23 @@ def _buffered_row(p_kb, j, o_k, m_1, a_2, b_2, m_2, c_2, scale, F: tl.constexpr)
 
 @triton.jit
 def taylor_step_buffered_kernel(
-    q, k, v, y, s, z, kb, vb, cnt,
+    q, k, v, y, s, z, kb, vb, cnt, sq,
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh,
     H, scale, eps,
     F: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
-    BV: tl.constexpr, NVB: tl.constexpr,
+    BV: tl.constexpr, NVB: tl.constexpr, HAS_COPY: tl.constexpr,
 ):
     """One decode token against a state ``(s, z)`` plus a buffer of the last ``n <= C`` tokens' raw keys and values
     (``kb [BH, C, F]``, ``vb [BH, C, DV]``, ``n = cnt[bh]``; reference.taylor_attention_step_buffered), all in
     place. Grid ``(B * H,)``: one program per (batch, head) walks its NVB value blocks of BV columns. Every step
     reads the state and the buffer; the state is written only when the buffer is full (``n == C``: the buffered
     tokens and this one are folded into it and the buffer empties), else this token's k and v go to row n. A
-    program reads each state block before it stores over it and no other program touches them."""
+    program reads each state block before it stores over it and no other program touches them.
+
+    ``HAS_COPY``: ``sq [BH, F(F+1)/2, DV]`` holds the state's quadratic rows in sq's (16-bit) dtype, written by
+    the fold; the steps between folds read those rows from it instead of from the fp32 state."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
+    P: tl.constexpr = F * (F + 1) // 2
     i_bh = tl.program_id(0)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
@@ -168,6 +172,7 @@ def taylor_step_buffered_kernel(
     b_z2 = tl.load(p_z + r_2, mask=m_2, other=0.)
     b_den = (tl.sum(b_z0, 0) + tl.sum(b_q * b_z1, 0) + tl.sum(b_qq * b_z2, 0)) + (tl.sum(b_wb, 0) + w_cur)
     p_s = s + i_st * D * DV
+    p_sq = sq + i_st * P * DV
     for j in range(NVB):  # a loop, not unrolled: one value block's tiles live at a time
         o_v = j * BV + tl.arange(0, BV)
         m_v = o_v < DV
@@ -179,7 +184,14 @@ def taylor_step_buffered_kernel(
                        other=0.).to(tl.float32)
         b_h0 = tl.load(p_s + o_v, mask=m_v, other=0.)
         b_h1 = tl.load(p_s + r_1[:, None] * DV + o_v[None, :], mask=m_s1, other=0.)
-        b_h2 = tl.load(p_s + r_2[:, None] * DV + o_v[None, :], mask=m_s2, other=0.)
+        if HAS_COPY:
+            if fold:
+                b_h2 = tl.load(p_s + r_2[:, None] * DV + o_v[None, :], mask=m_s2, other=0.)
+            else:
+                b_h2 = tl.load(p_sq + (r_2 - 1 - F)[:, None] * DV + o_v[None, :], mask=m_s2,
+                               other=0.).to(tl.float32)
+        else:
+            b_h2 = tl.load(p_s + r_2[:, None] * DV + o_v[None, :], mask=m_s2, other=0.)
         b_num = (b_h0 + tl.sum(b_q[:, None] * b_h1, 0) + tl.sum(b_qq[:, None] * b_h2, 0)) + (
             tl.sum(b_wb[:, None] * b_vb, 0) + w_cur * b_v)
         tl.store(y + i_st * DV + o_v, (b_num / (b_den + eps)).to(y.dtype.element_ty), mask=m_v)
@@ -196,6 +208,9 @@ def taylor_step_buffered_kernel(
             tl.store(p_s + o_v, b_h0, mask=m_v)
             tl.store(p_s + r_1[:, None] * DV + o_v[None, :], b_h1, mask=m_s1)
             tl.store(p_s + r_2[:, None] * DV + o_v[None, :], b_h2, mask=m_s2)
+            if HAS_COPY:
+                tl.store(p_sq + (r_2 - 1 - F)[:, None] * DV + o_v[None, :], b_h2.to(sq.dtype.element_ty),
+                         mask=m_s2)
         else:
             tl.store(p_vb + n * DV + o_v, b_vr.to(vb.dtype.element_ty), mask=m_v)
 

@@ -215,11 +215,18 @@ def taylor_attention_step_buffered(q, k, v, state, buffer, *, eps=1e-12):
     kb_j) + K(q, k) + eps)``; then, if the buffer is full (``n == C``), folds the buffered tokens and this one
     into ``(S, z)`` and empties it (``n = 0``), else stores ``(k, v)`` in row ``n`` (``n + 1``). A decode step
     thus reads the state at every token and writes it once every C + 1 tokens (``ops.STEP_BUFFER``).
-    Returns ``(y [B, H, d_v] in v.dtype, (S, z), (kb, vb, n))``, new tensors (the inputs are not modified)."""
+
+    ``buffer`` may carry a fourth tensor ``sq [B, H, f(f+1)/2, d_v]`` (16-bit; ``ops.STEP_READ_COPY``): the
+    state's quadratic rows as of the last fold, which a step that does not fold reads in their place (half the
+    bytes; the precision at which the chunked forward keeps those rows) and the fold rewrites from the new S.
+    Returns ``(y [B, H, d_v] in v.dtype, (S, z), (kb, vb, n[, sq]))``, new tensors (the inputs are not
+    modified)."""
     B, H, f = q.shape
     S, z = state
-    kb, vb, n = buffer
+    kb, vb, n = buffer[:3]
+    sq = buffer[3] if len(buffer) > 3 else None
     C = kb.shape[2]
+    fold = n >= C  # [B, H]
     dt = S.dtype
     rows = torch.arange(C, device=q.device) < n.unsqueeze(-1)  # [B, H, C]: the buffered tokens
     qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
@@ -227,10 +234,13 @@ def taylor_attention_step_buffered(q, k, v, state, buffer, *, eps=1e-12):
     w = _taylor_kernel(qd.unsqueeze(-2), kbd).squeeze(-2) * rows  # [B, H, C]
     w_cur = _taylor_kernel(qd.unsqueeze(-2), kd.unsqueeze(-2))[..., 0, 0]  # [B, H]
     pq = symmetric_feature_map(qd)
-    num = (pq.unsqueeze(-2) @ S).squeeze(-2) + (w.unsqueeze(-2) @ vbd).squeeze(-2) + w_cur.unsqueeze(-1) * vd
+    S_read = S
+    if sq is not None:  # between folds the quadratic rows come from the copy
+        low = 1 + f
+        S_read = torch.where(fold[..., None, None], S, torch.cat([S[..., :low, :], sq.to(dt)], dim=-2))
+    num = (pq.unsqueeze(-2) @ S_read).squeeze(-2) + (w.unsqueeze(-2) @ vbd).squeeze(-2) + w_cur.unsqueeze(-1) * vd
     den = (pq * z).sum(-1) + w.sum(-1) + w_cur
     y = (num / (den + eps).unsqueeze(-1)).to(v.dtype)
-    fold = n >= C  # [B, H]
     pk = symmetric_feature_map(kbd) * rows.unsqueeze(-1)  # [B, H, C, D]
     pk_cur = symmetric_feature_map(kd)
     S_fold = S + pk.transpose(-1, -2) @ vbd + pk_cur.unsqueeze(-1) * vd.unsqueeze(-2)
@@ -241,14 +251,17 @@ def taylor_attention_step_buffered(q, k, v, state, buffer, *, eps=1e-12):
     kb_new = torch.where(slot.unsqueeze(-1), k.to(kb.dtype).unsqueeze(-2), kb)
     vb_new = torch.where(slot.unsqueeze(-1), v.to(vb.dtype).unsqueeze(-2), vb)
     n_new = torch.where(fold, torch.zeros_like(n), n + 1)
-    return y, (S_new, z_new), (kb_new, vb_new, n_new)
+    if sq is None:
+        return y, (S_new, z_new), (kb_new, vb_new, n_new)
+    sq_new = torch.where(fold[..., None, None], S_new[..., 1 + f:, :].to(sq.dtype), sq)
+    return y, (S_new, z_new), (kb_new, vb_new, n_new, sq_new)
 
 
 def taylor_state_with_buffer(state, buffer):
     """The full state ``(S + sum_{j<n} phi(kb_j) vb_j^T, z + sum_{j<n} phi(kb_j))`` of a state and a decode buffer
     (:func:`taylor_attention_step_buffered`), in the state's dtype: what the unbuffered step would hold."""
     S, z = state
-    kb, vb, n = buffer
+    kb, vb, n = buffer[:3]
     rows = torch.arange(kb.shape[2], device=S.device) < n.unsqueeze(-1)
     pk = symmetric_feature_map(kb.to(S.dtype)) * rows.unsqueeze(-1)
     return S + pk.transpose(-1, -2) @ vb.to(S.dtype), z + pk.sum(-2)

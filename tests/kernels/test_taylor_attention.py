@@ -355,22 +355,24 @@ def test_step_inplace_launch_configs(tiles, monkeypatch):
         assert torch.equal(y, y_ref) and torch.equal(S, st[0]) and torch.equal(z, st[1])
 
 
-def _buffered_decode(q, k, v, h0, C, backend, dtype=None):
-    """Decode every token of q, k, v ``[B, T, H, *]`` from the state h0 with a buffer of C tokens, in place;
-    returns the outputs ``[B, T, H, d_v]``, the state, the buffer and the fill count seen before each step."""
+def _buffered_decode(q, k, v, h0, C, backend, copy_dtype=None):
+    """Decode every token of q, k, v ``[B, T, H, *]`` from the state h0 with a buffer of C tokens, in place (and a
+    ``copy_dtype`` copy of the state's quadratic rows); returns the outputs ``[B, T, H, d_v]``, the state, the
+    buffer and the fill count seen before each step."""
     B, T, H, F = q.shape
     S, z = (t.clone() for t in h0)
     kb = torch.zeros(B, H, C, F, dtype=k.dtype, device=q.device)
     vb = torch.zeros(B, H, C, v.shape[-1], dtype=v.dtype, device=q.device)
     n = torch.zeros(B, H, dtype=torch.int32, device=q.device)
+    buffer = (kb, vb, n) if copy_dtype is None else (kb, vb, n, S[:, :, 1 + F:].to(copy_dtype))
     ys, counts = [], []
     for t in range(T):
         counts.append(n.clone())
         y, st = taylor_linear_attention_step(q[:, t], k[:, t], v[:, t], (S, z), backend=backend, inplace=True,
-                                             buffer=(kb, vb, n))
+                                             buffer=buffer)
         assert st[0] is S and st[1] is z
         ys.append(y)
-    return torch.stack(ys, 1), (S, z), (kb, vb, n), counts
+    return torch.stack(ys, 1), (S, z), buffer, counts
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -419,6 +421,39 @@ def test_step_buffered_triton_equals_torch_and_unbuffered():
     assert rel(full[0], plain[0]) < 1e-13 and rel(full[1], plain[1]) < 1e-13
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_step_buffered_read_copy(backend):
+    """With a bf16 copy of the state's quadratic rows (ops.STEP_READ_COPY): the fold writes it from the new fp32
+    state, the steps between folds read it; outputs against the fp64 oracle within the copy's rounding, the fp32
+    state itself unaffected (equal to the run without the copy), Triton and torch alike."""
+    B, T, H, F, DV, C = 2, 23, 3, 7, 40, 4
+    q, k, v, h0 = make(B, T, H, F, DV, state=True)
+    y, st, buf, _ = _buffered_decode(q, k, v, h0, C, backend, torch.bfloat16)
+    y0, st0, _, _ = _buffered_decode(q, k, v, h0, C, backend)
+    want, _ = taylor_attention_quadratic(q.double(), k.double(), v.double(),
+                                         initial_state=tuple(t.double() for t in h0))
+    err, err0 = rel(y, want), rel(y0, want)
+    assert err0 < 2e-6 and 1e-5 < err < 4e-3, (err, err0)  # bf16 rows read between folds: above fp32, below bf16 y
+    assert torch.equal(st[0], st0[0]) and torch.equal(st[1], st0[1])
+    # written by the last fold (T % 5 = 3); the interpreter converts to bf16 by truncation, not to nearest
+    rows = st[0][:, :, 1 + F:]
+    if backend == "torch" or DEV == "cuda":
+        assert torch.equal(buf[3], rows.to(torch.bfloat16))
+    else:
+        assert rel(buf[3], rows) < 8e-3
+
+
+def test_step_buffered_read_copy_triton_equals_torch():
+    B, T, H, F, DV, C = 2, 11, 2, 16, 48, 3
+    q, k, v, h0 = make(B, T, H, F, DV, state=True)
+    y_tr, st_tr, buf_tr, _ = _buffered_decode(q, k, v, h0, C, "triton", torch.bfloat16)
+    y_to, st_to, buf_to, _ = _buffered_decode(q, k, v, h0, C, "torch", torch.bfloat16)
+    # the interpreter rounds to bf16 by truncation (torch and the GPU to nearest): ~1e-3 apart there
+    tol = 1e-6 if DEV == "cuda" else 4e-3
+    assert rel(y_tr, y_to) < tol and rel(st_tr[0], st_to[0]) < 1e-6
+    assert rel(buf_tr[3], buf_to[3]) < 1e-2
+
+
 def test_step_buffered_bad_buffers_are_refused():
     q, k, v, h0 = make(2, 1, 3, 16, 32, state=True)
     S, z = h0
@@ -431,6 +466,8 @@ def test_step_buffered_bad_buffers_are_refused():
         taylor_linear_attention_step(*args, inplace=True, buffer=(kb, vb[:, :, :3], n))
     with pytest.raises(ValueError, match="int32"):
         taylor_linear_attention_step(*args, inplace=True, buffer=(kb, vb, n.long()))
+    with pytest.raises(ValueError, match="sq"):
+        taylor_linear_attention_step(*args, inplace=True, buffer=(kb, vb, n, torch.zeros(2, 3, 136, 32, device=DEV)))
 
 
 @pytest.mark.parametrize("varlen", [False, True])
@@ -508,9 +545,10 @@ def test_custom_op_registration():
                               test_utils=("test_schema", "test_faketensor"))
     buffer = (torch.zeros(1, 2, 4, 16, device=DEV), torch.zeros(1, 2, 4, 32, device=DEV),
               torch.tensor([[1, 4]], dtype=torch.int32, device=DEV))  # one head folds, one stores
-    torch.library.opcheck(ops.taylor_attention_step_buffered_op,
-                          (qs, ks, vs, h0[0].float().clone(), h0[1].float().clone(), *buffer, 1e-12),
-                          test_utils=("test_schema", "test_faketensor"))
+    for sq in (None, h0[0][:, :, 17:].to(torch.bfloat16)):  # without and with the copy of the quadratic rows
+        torch.library.opcheck(ops.taylor_attention_step_buffered_op,
+                              (qs, ks, vs, h0[0].float().clone(), h0[1].float().clone(),
+                               *(t.clone() for t in buffer), sq, 1e-12), test_utils=("test_schema", "test_faketensor"))
 
 
 def _quadratic_num_den(q, k, v):

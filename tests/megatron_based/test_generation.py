@@ -559,12 +559,15 @@ def test_kv_length_buckets_and_arguments():
 
 
 # -- bf16 accuracy guard (benchmarks/generation.py) ------------------------------------------------------------
-def _bf16_guard_worker(rank, world):
+def _bf16_guard_worker(rank, world, step_buffer=None, read_copy=False):
+    from based_kernels.taylor_attention import ops
     from megatron_based.inference.generation import (Generator, at_decode_positions, decode_error_report,
                                                      teacher_forced_logits)
     from megatron_based.runtime.parallel import initialize_parallel
 
     initialize_parallel(world)
+    ops.STEP_BUFFER = ops.STEP_BUFFER if step_buffer is None else step_buffer
+    ops.STEP_READ_COPY = read_copy
     model, reference = bf16_model_and_fp64_reference("CLSCLS", VOCAB)
     tokens = torch.randint(0, VOCAB, (3, 24))
     Ps, steps = [4, 9, 12], 12
@@ -578,13 +581,17 @@ def _bf16_guard_worker(rank, world):
     wrong[:, 14] = (wrong[:, 14] + 1) % VOCAB  # a decode that is fed one wrong token: a real decode error
     bad_logits = teacher_forced_logits(gen, wrong, Ps, steps)
     bad = decode_error_report(bad_logits, full, ref)
-    return good, bad, full.dtype, ref.dtype
+    caches = {key for cache in gen.caches for key in cache}
+    return good, bad, full.dtype, ref.dtype, caches
 
 
-def test_bf16_decode_guard():
+@pytest.mark.parametrize("step_buffer, read_copy", [(None, False), (3, True)])
+def test_bf16_decode_guard(step_buffer, read_copy):
     """bf16 decode vs an fp64 full forward of the same weights is within 2x of the bf16 full forward's own error;
-    a decode that went wrong is not."""
-    good, bad, full_dtype, ref_dtype = run_distributed(_bf16_guard_worker, 1)[0]
+    a decode that went wrong is not. The Taylor layers' decode buffer as configured (16 tokens: no fold in these 12
+    steps) and with a fold every 4 tokens and the bf16 copy of the state's quadratic rows read in between."""
+    good, bad, full_dtype, ref_dtype, caches = run_distributed(_bf16_guard_worker, 1, step_buffer, read_copy)[0]
+    assert ("sq" in caches) == read_copy
     assert (full_dtype, ref_dtype) == (torch.float32, torch.float64)  # logits: bf16 model's as fp32
     assert 1e-4 < good["full_forward_rel_rms"] < 0.05  # bf16 rounding, measured against fp64
     assert good["passed"] and good["decode_rel_rms"] <= 2 * good["full_forward_rel_rms"], good

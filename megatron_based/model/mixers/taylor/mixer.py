@@ -114,15 +114,20 @@ class TaylorLinearAttention(MixerModule):
         t), and the decode buffer (``based_kernels.taylor_attention.ops.STEP_BUFFER`` = C tokens; none at 0): the
         last tokens' raw keys ``kb [b, heads, C, f]`` and values ``vb [b, heads, C, d_h]`` in ``dtype`` and their
         count ``n [b, heads]`` int32, folded into S and z when full, so a step writes the state once every C + 1
-        tokens (based_kernels/taylor_attention/README.md, "Decode")."""
-        D = based_kernels.taylor_attention.feature_dim(self.feature_dim)
+        tokens; with ``ops.STEP_READ_COPY`` and 16-bit activations also ``sq [b, heads, f(f+1)/2, d_h]``, the
+        quadratic rows of S in ``dtype``, which the steps between folds read (based_kernels/taylor_attention/
+        README.md, "Decode")."""
+        ops = based_kernels.taylor_attention.ops
+        f, D = self.feature_dim, based_kernels.taylor_attention.feature_dim(self.feature_dim)
         cache = {"S": torch.zeros(batch, self.heads, D, self.head_dim, dtype=torch.float32, device=device),
                  "z": torch.zeros(batch, self.heads, D, dtype=torch.float32, device=device)}
-        C = based_kernels.taylor_attention.ops.STEP_BUFFER
+        C = ops.STEP_BUFFER
         if C > 0:
-            cache.update(kb=torch.zeros(batch, self.heads, C, self.feature_dim, dtype=dtype, device=device),
+            cache.update(kb=torch.zeros(batch, self.heads, C, f, dtype=dtype, device=device),
                          vb=torch.zeros(batch, self.heads, C, self.head_dim, dtype=dtype, device=device),
                          n=torch.zeros(batch, self.heads, dtype=torch.int32, device=device))
+            if ops.STEP_READ_COPY and dtype in (torch.bfloat16, torch.float16):
+                cache["sq"] = torch.zeros(batch, self.heads, D - 1 - f, self.head_dim, dtype=dtype, device=device)
         return cache
 
     def prefill(self, hidden_states, cache: dict, prompts):
@@ -136,12 +141,14 @@ class TaylorLinearAttention(MixerModule):
         cache["z"].copy_(z)
         if "n" in cache:
             cache["n"].zero_()
+        if "sq" in cache:
+            cache["sq"].copy_(S[:, :, 1 + self.feature_dim:])
         return self.linear_proj(to_bshd(y).reshape(q.shape[0], 1, self.heads * self.head_dim))
 
     def step(self, hidden_states, cache: dict, positions=None, **_):
         """One token per sequence ``[1, b, d]``: the recurrent form, updating ``cache`` in place."""
         q, k, v = (t[0] for t in self.project_qkv(hidden_states))
-        buffer = (cache["kb"], cache["vb"], cache["n"]) if "n" in cache else None
+        buffer = tuple(cache[key] for key in ("kb", "vb", "n", "sq") if key in cache) or None
         y, _ = based_kernels.taylor_linear_attention_step(q, k, v, (cache["S"], cache["z"]), inplace=True,
                                                           buffer=buffer, eps=self.config.linear_attention_eps)
         return self.linear_proj(y.reshape(1, y.shape[0], self.heads * self.head_dim))
