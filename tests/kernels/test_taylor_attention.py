@@ -731,7 +731,8 @@ def test_nan_reaches_only_the_outputs_that_see_it_bf16(which, varlen):
 def test_step_buffered_bf16_at_decode_shapes():
     """based-1.3b's decode shapes (16 heads, f 16, d_v 112: four value blocks of 32, the last masked), bf16 inputs
     and buffer, ops.STEP_BUFFER tokens: 40 tokens from a prefilled state (two folds) against the fp64 oracle, and
-    against the unbuffered in-place step (the same fp32 arithmetic in another order)."""
+    against the unbuffered in-place step (the same fp32 arithmetic in another order); then with the bf16 read copy
+    of the state's quadratic rows."""
     B, T, H, F, DV, C = 8, 40, 16, 16, 112, ops.STEP_BUFFER
     q, k, v, h0 = make(B, T, H, F, DV, dtype=torch.bfloat16, state=True)
     y, st, buf, counts = _buffered_decode(q, k, v, h0, C, "triton")
@@ -745,3 +746,7 @@ def test_step_buffered_bf16_at_decode_shapes():
     assert rel(y, plain) < 2e-3
     assert rel(taylor_state_with_buffer(tuple(t.double() for t in st), buf)[0], S_want) < 1e-5
     assert [int(c[0, 0]) for c in counts] == [t % (C + 1) for t in range(T)]
+    # with the bf16 read copy of the quadratic rows (ops.STEP_READ_COPY): the same fp32 state, y at bf16 level
+    y_c, st_c, buf_c, _ = _buffered_decode(q, k, v, h0, C, "triton", torch.bfloat16)
+    assert torch.equal(st_c[0], st[0]) and rel(y_c, want) < 4e-3 and rel(y_c, y) < 4e-3
+    assert torch.equal(buf_c[3], st_c[0][:, :, 1 + F:].to(torch.bfloat16))
