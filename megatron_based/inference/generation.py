@@ -2,7 +2,8 @@
 
 Every layer keeps a fixed-size cache per sequence (docs/generation.md):
 
-- L (Taylor linear attention): the state ``S [heads, D, d_h]`` and ``z [heads, D]`` in fp32, D = 1 + f + f(f+1)/2;
+- L (Taylor linear attention): the state ``S [heads, D, d_h]`` and ``z [heads, D]`` in fp32, D = 1 + f + f(f+1)/2,
+  and the decode buffer of the last few tokens' keys and values, folded into the state when full;
 - S (sliding-window attention): a ring buffer of the last ``window + 1`` post-RoPE K/V rows;
 - C (BaseConv): the last ``k - 1`` inputs of the convolution;
 - A (softmax attention, hybrids and the GPT baseline only): a KV cache of ``max_length`` rows.
