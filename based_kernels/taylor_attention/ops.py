@@ -151,9 +151,9 @@ STEP_INPLACE = (32, 4, 8)
 STEP_BUFFER = 16
 # With a decode buffer, also keep a 16-bit copy of the state's quadratic rows (the L mixer allocates it for bf16 /
 # fp16 activations; the chunked forward keeps those rows at that precision too): the steps between folds read it
-# instead of those fp32 rows, ~0.63x the bytes of the buffered step at based-1.3b's shapes, for 44% more cache.
-# Off until a GPU measurement shows the gain (benchmarks/decode_kernels.py times both).
-STEP_READ_COPY = False
+# instead of those fp32 rows, ~0.63x the bytes of the buffered step at based-1.3b's shapes, for 44% more L cache.
+# The fp32 state stays exact (each fold updates it); benchmarks/decode_kernels.py times the step with and without.
+STEP_READ_COPY = True
 
 # Tunables (benchmarks/taylor_attention.py --sweep times alternatives on a GPU; docs/benchmarks.md).
 # H200 sweep at B8 T4096 H16 d_v 64, bf16, 153 feature rows: chunk 128 fwd+bwd 2.15 ms vs 3.42 at chunk 64; output

@@ -559,7 +559,7 @@ def test_kv_length_buckets_and_arguments():
 
 
 # -- bf16 accuracy guard (benchmarks/generation.py) ------------------------------------------------------------
-def _bf16_guard_worker(rank, world, step_buffer=None, read_copy=False):
+def _bf16_guard_worker(rank, world, step_buffer=None, read_copy=None):
     from based_kernels.taylor_attention import ops
     from megatron_based.inference.generation import (Generator, at_decode_positions, decode_error_report,
                                                      teacher_forced_logits)
@@ -567,7 +567,7 @@ def _bf16_guard_worker(rank, world, step_buffer=None, read_copy=False):
 
     initialize_parallel(world)
     ops.STEP_BUFFER = ops.STEP_BUFFER if step_buffer is None else step_buffer
-    ops.STEP_READ_COPY = read_copy
+    ops.STEP_READ_COPY = ops.STEP_READ_COPY if read_copy is None else read_copy
     model, reference = bf16_model_and_fp64_reference("CLSCLS", VOCAB)
     tokens = torch.randint(0, VOCAB, (3, 24))
     Ps, steps = [4, 9, 12], 12
@@ -585,13 +585,14 @@ def _bf16_guard_worker(rank, world, step_buffer=None, read_copy=False):
     return good, bad, full.dtype, ref.dtype, caches
 
 
-@pytest.mark.parametrize("step_buffer, read_copy", [(None, False), (3, True)])
+@pytest.mark.parametrize("step_buffer, read_copy", [(None, None), (3, True), (3, False)])
 def test_bf16_decode_guard(step_buffer, read_copy):
     """bf16 decode vs an fp64 full forward of the same weights is within 2x of the bf16 full forward's own error;
     a decode that went wrong is not. The Taylor layers' decode buffer as configured (16 tokens: no fold in these 12
-    steps) and with a fold every 4 tokens and the bf16 copy of the state's quadratic rows read in between."""
+    steps; the bf16 read copy of the state's quadratic rows on), and with a fold every 4 tokens, with and without
+    the read copy."""
     good, bad, full_dtype, ref_dtype, caches = run_distributed(_bf16_guard_worker, 1, step_buffer, read_copy)[0]
-    assert ("sq" in caches) == read_copy
+    assert ("sq" in caches) == (read_copy is not False)
     assert (full_dtype, ref_dtype) == (torch.float32, torch.float64)  # logits: bf16 model's as fp32
     assert 1e-4 < good["full_forward_rel_rms"] < 0.05  # bf16 rounding, measured against fp64
     assert good["passed"] and good["decode_rel_rms"] <= 2 * good["full_forward_rel_rms"], good
