@@ -192,7 +192,8 @@ def main(argv=None) -> int:
         # With the read copy (ops.STEP_READ_COPY) the steps between folds read the quadratic rows in bf16.
         P = f * (f + 1) // 2
         qbytes = B * H * P * dh * 2
-        for C, copy in [(C, False) for C in sorted({taylor_ops.STEP_BUFFER, 8, 16, 32} - {0})] + [(16, True)]:
+        sizes = sorted({taylor_ops.STEP_BUFFER, 8, 16, 32} - {0})
+        for C, copy in [(C, False) for C in sizes] + [(taylor_ops.STEP_BUFFER, True)] * (taylor_ops.STEP_BUFFER > 0):
             calls_n = max(len(states), C + 1)  # the states cycled, each call with its own buffer and fill level
             bufs = [(torch.randn(B, H, C, f, device=dev, dtype=dt), torch.randn(B, H, C, dh, device=dev, dtype=dt),
                      torch.full((B, H), i % (C + 1), device=dev, dtype=torch.int32))

@@ -221,7 +221,7 @@ def taylor_attention_step_buffered(q, k, v, state, buffer, *, eps=1e-12):
     bytes; the precision at which the chunked forward keeps those rows) and the fold rewrites from the new S.
     Returns ``(y [B, H, d_v] in v.dtype, (S, z), (kb, vb, n[, sq]))``, new tensors (the inputs are not
     modified)."""
-    B, H, f = q.shape
+    f = q.shape[-1]
     S, z = state
     kb, vb, n = buffer[:3]
     sq = buffer[3] if len(buffer) > 3 else None
@@ -241,10 +241,10 @@ def taylor_attention_step_buffered(q, k, v, state, buffer, *, eps=1e-12):
     num = (pq.unsqueeze(-2) @ S_read).squeeze(-2) + (w.unsqueeze(-2) @ vbd).squeeze(-2) + w_cur.unsqueeze(-1) * vd
     den = (pq * z).sum(-1) + w.sum(-1) + w_cur
     y = (num / (den + eps).unsqueeze(-1)).to(v.dtype)
-    pk = symmetric_feature_map(kbd) * rows.unsqueeze(-1)  # [B, H, C, D]
+    S_all, z_all = taylor_state_with_buffer(state, buffer)  # the buffered tokens folded in, then this one
     pk_cur = symmetric_feature_map(kd)
-    S_fold = S + pk.transpose(-1, -2) @ vbd + pk_cur.unsqueeze(-1) * vd.unsqueeze(-2)
-    z_fold = z + pk.sum(-2) + pk_cur
+    S_fold = S_all + pk_cur.unsqueeze(-1) * vd.unsqueeze(-2)
+    z_fold = z_all + pk_cur
     S_new = torch.where(fold[..., None, None], S_fold, S)
     z_new = torch.where(fold[..., None], z_fold, z)
     slot = (torch.arange(C, device=q.device) == n.unsqueeze(-1)) & ~fold.unsqueeze(-1)  # [B, H, C]
