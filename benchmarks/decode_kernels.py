@@ -10,7 +10,8 @@ twice that bound; this script says which kernels lose the time. Each row is one 
 
 * GEMMs: ``F.linear`` at M = batch on every projection shape of the model (C in / out, L qkv / proj, S qkv / proj,
   MLP fc1 / fc2, the output layer), bf16, with cuBLAS (torch's default) and with cuBLASLt
-  (``torch.backends.cuda.preferred_blas_library("cublaslt")``);
+  (``torch.backends.cuda.preferred_blas_library("cublaslt")``), and for the narrow ones (N <= 2 d) the same
+  product with the operands swapped and split over K (2 / 4 / 8 fp32 partial products, summed);
 * the state kernels as the model calls them: ``taylor_linear_attention_step`` (in place; unbuffered, and with the
   decode buffer of 8 / 16 / 32 tokens that the model uses while ``ops.STEP_BUFFER`` > 0), ``sliding_window_step``,
   ``base_conv_packed_step`` (in place) and ``add_rms_norm``, and the Taylor and SWA steps' launch configurations
@@ -167,6 +168,29 @@ def main(argv=None) -> int:
             finally:
                 torch.backends.cuda.preferred_blas_library("cublas")
             row(f"{name} [{B}x{K}] x [{K}x{N}]", per_step, nbytes, ms, backend=backend)
+        # other ways to the same product where N is small (few output tiles for 132 SMs): the operands swapped
+        # (W x^T, a [N, B] result, transposed back), and split-K (s partial products over K / s each, fp32
+        # partials summed): more tiles, each reading a part of the weights. Each is checked against F.linear.
+        if N <= 2 * d:
+            variants = {"W x^T, transposed back": lambda w, b: torch.mm(w, x.t()).t().contiguous() + (
+                b if b is not None else 0)}
+            for sk in (2, 4, 8):
+                if K % sk == 0:
+                    variants[f"split-K {sk}"] = lambda w, b, sk=sk: (torch.bmm(
+                        x.view(B, sk, K // sk).transpose(0, 1), w.view(N, sk, K // sk).permute(1, 2, 0),
+                        out_dtype=torch.float32).sum(0) + (b if b is not None else 0)).to(dt)
+            ref = F.linear(x, ws[0], bs[0]).float()
+            for label, fn in variants.items():
+                try:
+                    err = ((fn(ws[0], bs[0]).float() - ref).norm() / ref.norm()).item()
+                    if err > 1e-2:
+                        print(f"{name} {label}: relative error {err:.1e} vs F.linear: not timed")
+                        continue
+                    ms = graph_ms([lambda w=w, b=b, fn=fn: fn(w, b) for w, b in zip(ws, bs)], args.iters)
+                except Exception as e:  # e.g. bmm's out_dtype missing in this torch
+                    print(f"{name} {label}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                row(f"{name} [{B}x{K}] x [{K}x{N}], {label}", per_step, nbytes, ms, config=label)
         del ws, bs
 
     # ------------------------------------------------------------------------------------------- state kernels
