@@ -172,15 +172,16 @@ def main(argv=None) -> int:
         # (W x^T, a [N, B] result, transposed back), and split-K (s partial products over K / s each, fp32
         # partials summed): more tiles, each reading a part of the weights. Each is checked against F.linear.
         if N <= 2 * d:
-            variants = {"W x^T, transposed back": lambda w, b: torch.mm(w, x.t()).t().contiguous() + (
-                b if b is not None else 0)}
+            variants = {"W x^T, transposed back": lambda w: torch.mm(w, x.t()).t().contiguous()}
             for sk in (2, 4, 8):
                 if K % sk == 0:
-                    variants[f"split-K {sk}"] = lambda w, b, sk=sk: (torch.bmm(
+                    variants[f"split-K {sk}"] = lambda w, sk=sk: torch.bmm(
                         x.view(B, sk, K // sk).transpose(0, 1), w.view(N, sk, K // sk).permute(1, 2, 0),
-                        out_dtype=torch.float32).sum(0) + (b if b is not None else 0)).to(dt)
+                        out_dtype=torch.float32).sum(0)
             ref = F.linear(x, ws[0], bs[0]).float()
-            for label, fn in variants.items():
+            for label, product in variants.items():
+                def fn(w, b, product=product):  # the bias as F.linear adds it, the result in the activation dtype
+                    return (product(w) if b is None else product(w) + b).to(dt)
                 try:
                     err = ((fn(ws[0], bs[0]).float() - ref).norm() / ref.norm()).item()
                     if err > 1e-2:
