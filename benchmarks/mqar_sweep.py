@@ -204,10 +204,11 @@ def markdown(rows: list[dict], data: dict, settings: dict) -> str:
               "code in fp64 except RMSNorm for LayerNorm, no dropout, and Zoology's 2-layer block also adding "
               "norm2 of its output to the residual: see the text above). State: Z's last 2 inputs, 2 x d, and "
               "every input of the H layer so far, T x d. BaseConv, fig. 2 runs (ZZHHZZHH): the same BaseConv-only "
-              "model as Zoology's code built it when the published runs were made (4 blocks, kernel sizes [3, -1, 3, -1], "
-              "each block's state mixer a second instance of its sequence mixer: 8 BaseConv mixers; see the text "
-              "below the table); with explicit filters (ZZEEZZEE): the same with a free N(0, 1) filter per "
-              "channel in the long layers (Zoology's implicit_long_conv=False), which that launch may have run."]
+              "model as Zoology's code built it when the published runs were made (4 blocks, kernel sizes "
+              "[3, -1, 3, -1], each block's state mixer a second instance of its sequence mixer: 8 BaseConv "
+              "mixers; see the text below the table); with explicit filters (ZZEEZZEE): the same with a free "
+              "N(0, 1) filter per channel in the long layers (Zoology's implicit_long_conv=False), which that launch "
+              "may have run."]
     if any(r["cut"] for r in rows):
         lines.append("³ Not a result yet: the run was stopped by the sweep's time limit before it ended (no early "
                      "stop yet); the test accuracy after the epochs shown. The next call reruns it (lrs run lists "
