@@ -34,8 +34,8 @@ def test_check_cu_seqlens_syncs_once_per_tensor_version(monkeypatch):
         check_cu_seqlens(frozen, 11)
 
 
-@pytest.mark.parametrize("setting, n", [(None, 4), ("1", 4), ("0", 1)])
-def test_autotune_switch_keeps_every_config(setting, n):
+@pytest.mark.parametrize("setting, tuned", [(None, True), ("1", True), ("0", False)])
+def test_autotune_switch_keeps_every_config(setting, tuned):
     """BASED_KERNELS_AUTOTUNE=0: the autotuner gets the first config of the GPU list only; ``.all`` keeps the list
     (test_every_config.py runs each; the GPU kernel tests one each). Compiled-kernel mode (no interpreter), in a
     fresh process: read at import."""
@@ -47,7 +47,9 @@ def test_autotune_switch_keeps_every_config(setting, n):
         env["BASED_KERNELS_AUTOTUNE"] = setting
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [str(n), "4", "True"], out.stdout
+    n, n_all, first = out.stdout.split()
+    assert int(n_all) > 1 and first == "True", out.stdout
+    assert int(n) == (int(n_all) if tuned else 1), out.stdout
 
 
 @pytest.mark.parametrize("user_value", [None, "/tmp/my-triton-cache"])
