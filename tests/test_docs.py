@@ -129,6 +129,11 @@ COMMANDS: dict[tuple[str, str], object] = {
         Skip("the GPU grid (hours of CPU time; it rewrites benchmarks/results and docs/mqar.md); the --smoke below "
              "and test_mqar.py run its whole pipeline"),
     ("mqar.md", "python benchmarks/mqar_sweep.py --smoke --out-dir mqar-smoke"): AS_WRITTEN,
+    ("mqar.md", "git clone https://github.com/HazyResearch/zoology ../zoology"): Skip("downloads Zoology (network)"),
+    ("mqar.md", "python benchmarks/zoology_mqar.py --zoology-repo ../zoology --out-dir runs/zoology-t256 --seq-len 256 "
+                "--num-kv-pairs 16"):
+        Skip("hours of training with a Zoology clone; tests/benchmarks/test_zoology_mqar.py runs the script at a "
+             "tiny size"),
     # docs/parallelism.md
     ("parallelism.md", "python:from megatron_based.runtime.comm_stats import count_collectives"):
         Skip("a fragment inside a CP/TP job's step (loss from a model across processes); "
