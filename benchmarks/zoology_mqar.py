@@ -328,7 +328,10 @@ def get_data(gap_power_distr_ar, SyntheticData, args):
 
 
 def rng_state(device: str) -> dict:
-    s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    # numpy's state as a tensor and numbers: state.pt then loads with weights_only=True (no pickled objects)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = dict(torch=torch.get_rng_state(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+             python=random.getstate())
     if device.startswith("cuda"):  # dropout on the GPU draws from the CUDA generator
         s["cuda"] = torch.cuda.get_rng_state(device)
     return s
@@ -336,7 +339,8 @@ def rng_state(device: str) -> dict:
 
 def set_rng_state(s: dict, device: str):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(s["python"])
     if device.startswith("cuda") and "cuda" in s:
         torch.cuda.set_rng_state(s["cuda"], device)
@@ -346,7 +350,11 @@ def load_state(state_path: str, args):
     """The saved state, or None; a state of other settings is refused (one line naming the file and settings)."""
     if not os.path.exists(state_path):
         return None
-    st = torch.load(state_path, map_location="cpu", weights_only=False)
+    try:
+        st = torch.load(state_path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which, stop
+        fail(f"{state_path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}): remove it or use "
+             "another --out-dir")
     saved = st["args"]
     parser_defaults = vars(parse_args([]))
     changed = [k for k in SETTINGS if saved.get(k, parser_defaults[k]) != getattr(args, k)]
