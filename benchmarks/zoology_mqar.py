@@ -434,7 +434,8 @@ def main(argv=None):
 
     print("threads:", torch.get_num_threads(), torch.get_num_interop_threads(), "torch", torch.__version__,
           "numpy", np.__version__, "device", args.device, flush=True)
-    print("args:", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, flush=True)
+    plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}  # printed and saved
+    print("args:", plain_args, flush=True)
     print("zoology:", {p: c[:7] for p, c in ZOOLOGY_FILES.items()}, flush=True)
 
     data = get_data(gap_power_distr_ar, SyntheticData, args)
@@ -504,11 +505,10 @@ def main(argv=None):
         history.append(rec)
         print(json.dumps(rec), flush=True)
         trainer.scheduler.step()  # per epoch, after the test, as Trainer.fit
-        saved_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         atomic_write(state_path, lambda path: torch.save(
             dict(model=model.state_dict(), optimizer=trainer.optimizer.state_dict(),
                  scheduler=trainer.scheduler.state_dict(), rng=rng_state(args.device), epoch=epoch_idx,
-                 history=history, elapsed=rec["elapsed"], args=saved_args, zoology_files=ZOOLOGY_FILES), path))
+                 history=history, elapsed=rec["elapsed"], args=plain_args, zoology_files=ZOOLOGY_FILES), path))
         atomic_write(hist_path, lambda path: Path(path).write_text(json.dumps(history, indent=1)))
     print(f"done: {len(history)} of {args.epochs} epochs in {hist_path}", flush=True)
 

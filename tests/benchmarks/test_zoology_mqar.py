@@ -71,3 +71,30 @@ def test_wrong_zoology_repo_is_one_line(tmp_path):
     assert len(lines) == 1 and str(missing) in lines[0] and "git clone" in lines[0], run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "run").exists()  # nothing written before the clone is checked
+
+
+NUMBERS = ("train_loss", "test_loss", "test_acc_zoology", "test_acc_per_seq")
+
+
+@pytest.mark.skipif(not REPO.is_dir(), reason=f"no Zoology clone at {REPO}: set ZOOLOGY_REPO to one "
+                                               "(git clone https://github.com/HazyResearch/zoology)")
+def test_fast_loop_equals_zoology_loop_and_a_continued_run_the_straight_one(tmp_path):
+    """The reference is Zoology's own Trainer loop (``--exact-zoology-loop``: full-vocabulary logits at every
+    position): the default loop, which applies the tied head only at labelled positions, gives its training and
+    test losses up to summation order, the second epoch's after one epoch of updates from each loop's gradients
+    (at this size both accuracies are still 0, so they are not compared). A run stopped after one epoch and
+    continued gives the straight run's numbers bitwise (weights, optimizer, schedule and RNG streams restored from
+    state.pt)."""
+    def history(name, *extra):
+        run = zoology("--zoology-repo", str(REPO), "--out-dir", str(tmp_path / name), *TINY, *extra, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return [{k: r[k] for k in NUMBERS} for r in json.loads((tmp_path / name / "history.json").read_text())]
+
+    fast, exact = history("fast"), history("exact", "--exact-zoology-loop")
+    assert len(fast) == len(exact) == 2
+    for f, e in zip(fast, exact):
+        for k in ("train_loss", "test_loss"):
+            assert f[k] == pytest.approx(e[k], rel=1e-5), (k, f, e)
+    zoology("--zoology-repo", str(REPO), "--out-dir", str(tmp_path / "cont"), *TINY, "--stop-after", "1",
+            cwd=tmp_path)
+    assert history("cont") == fast
