@@ -4,6 +4,7 @@ CPU, the run continues from its state.pt, a state of other settings is refused, 
 Needs a Zoology git clone or mirror: $ZOOLOGY_REPO, else the mirror at DEFAULT_REPO; skipped when neither exists."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -17,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "zoology_mqar.py"
 DEFAULT_REPO = Path("/work/.mirror/HazyResearch+zoology/repo")
 REPO = Path(os.environ["ZOOLOGY_REPO"]) if os.environ.get("ZOOLOGY_REPO") else DEFAULT_REPO
+# Zoology's own imports beyond ours; here they come with the deepspeed extra (`make test` installs it)
+ZOOLOGY_DEPS = [name for name in ("pydantic", "einops", "tqdm") if importlib.util.find_spec(name) is None]
 # a few seconds per run on one CPU thread
 TINY = ["--n-train", "256", "--n-test", "64", "--seq-len", "32", "--num-kv-pairs", "2", "--d-model", "16",
         "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--threads", "1"]
@@ -29,6 +32,7 @@ def zoology(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(not REPO.is_dir(), reason=f"no Zoology clone at {REPO}: set ZOOLOGY_REPO to one "
                                                "(git clone https://github.com/HazyResearch/zoology)")
+@pytest.mark.skipif(bool(ZOOLOGY_DEPS), reason=f"Zoology's code needs {ZOOLOGY_DEPS} (pip install them)")
 def test_trains_continues_and_refuses_other_settings(tmp_path):
     out = tmp_path / "run"
     first = zoology("--zoology-repo", str(REPO), "--out-dir", str(out), *TINY, cwd=tmp_path)
@@ -78,6 +82,7 @@ NUMBERS = ("train_loss", "test_loss", "test_acc_zoology", "test_acc_per_seq")
 
 @pytest.mark.skipif(not REPO.is_dir(), reason=f"no Zoology clone at {REPO}: set ZOOLOGY_REPO to one "
                                                "(git clone https://github.com/HazyResearch/zoology)")
+@pytest.mark.skipif(bool(ZOOLOGY_DEPS), reason=f"Zoology's code needs {ZOOLOGY_DEPS} (pip install them)")
 def test_fast_loop_equals_zoology_loop_and_a_continued_run_the_straight_one(tmp_path):
     """The reference is Zoology's own Trainer loop (``--exact-zoology-loop``: full-vocabulary logits at every
     position): the default loop, which applies the tied head only at labelled positions, gives its training and
