@@ -15,7 +15,7 @@ twice that bound; this script says which kernels lose the time. Each row is one 
 * the state kernels as the model calls them: ``taylor_linear_attention_step`` (in place; unbuffered, and with the
   decode buffer of 8 / 16 / 32 tokens that the model uses while ``ops.STEP_BUFFER`` > 0), ``sliding_window_step``,
   ``base_conv_packed_step`` (in place) and ``add_rms_norm``, and the Taylor and SWA steps' launch configurations
-  (``ops.STEP_INPLACE``: value block BV x warps; ``ops.STEP``: slot block BR x warps x V_EARLY) beside the default.
+  (``ops.STEP_INPLACE`` and ``ops.STEP_BUFFERED``: value block BV x warps; ``ops.STEP``: slot block BR x warps x V_EARLY) beside the default.
 
 Timing: each row's call is captured ``--reps`` times in one CUDA graph, each time on its own copy of the weights /
 states (enough copies to exceed the L2 cache, so every call reads from HBM as in a real step, where 36 layers'
@@ -230,7 +230,13 @@ def main(argv=None) -> int:
             nbytes = (C * read + fold) / (C + 1) + B * H * (C / 2 * (f + dh) * 2 + (2 * f + 2 * dh) * 2)
             ms = graph_ms(calls, args.iters)
             name = f"Taylor step, in place, buffer of {C} tokens" + (", bf16 read copy" if copy else "")
-            row(name, n["L"], round(nbytes), ms, config=f"buffer{C}" + ("-copy" if copy else ""))
+            tag = f"buffer{C}" + ("-copy" if copy else "")
+            row(name, n["L"], round(nbytes), ms, config=tag)
+            # the buffered kernel's tiles (value block BV, warps) through ops.STEP_BUFFERED, at the model's buffer
+            for BV, nw in [(16, 4), (32, 4), (64, 4), (128, 4), (128, 8)] * (C == taylor_ops.STEP_BUFFER):
+                ms = time_launch(taylor_ops, "STEP_BUFFERED", (BV, nw), calls, f"{name}, BV {BV}, {nw} warps")
+                if ms is not None:
+                    row(f"{name}, BV {BV}, {nw} warps", n["L"], round(nbytes), ms, config=f"{tag}-BV{BV}-w{nw}")
             del bufs
         del states
     if n["S"] and "swa" in only:

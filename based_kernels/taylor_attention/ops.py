@@ -152,8 +152,13 @@ STEP_BUFFER = 16
 # With a decode buffer, also keep a 16-bit copy of the state's quadratic rows (the L mixer allocates it for bf16 /
 # fp16 activations; the chunked forward keeps those rows at that precision too): the steps between folds read it
 # instead of those fp32 rows, ~0.63x the bytes of the buffered step at based-1.3b's shapes, for 44% more L cache.
-# The fp32 state stays exact (each fold updates it); benchmarks/decode_kernels.py times the step with and without.
-STEP_READ_COPY = True
+# The fp32 state stays exact (each fold updates it). Off: on an H100 the step with it is slower, not faster
+# (benchmarks/decode_kernels.py at based-1.3b's shapes: 74 us per call against 65 us without it, which runs at the
+# copy bandwidth while the copy's step moves its fewer bytes at ~56% of it; based_kernels/taylor_attention/README.md).
+STEP_READ_COPY = False
+# The buffered step's tiles (BV value columns per iteration, num_warps): on an H100 at based-1.3b's shapes BV 32 at 4
+# warps 64.8 us per call, BV 64 69.2, BV 128 68.0, BV 16 72.7, BV 128 at 8 warps 130 (benchmarks/decode_kernels.py).
+STEP_BUFFERED = (32, 4)
 
 # Tunables (benchmarks/taylor_attention.py --sweep times alternatives on a GPU; docs/benchmarks.md).
 # H200 sweep at B8 T4096 H16 d_v 64, bf16, 153 feature rows: chunk 128 fwd+bwd 2.15 ms vs 3.42 at chunk 64; output
@@ -554,18 +559,19 @@ def taylor_attention_step_buffered_op(q: torch.Tensor, k: torch.Tensor, v: torch
                                       z: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, n: torch.Tensor,
                                       sq: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """Decode step against the state and the buffer of recent tokens (recurrent.taylor_step_buffered_kernel), all
-    updated in place; returns y. The in-place step's tiles (``STEP_INPLACE``)."""
+    updated in place; returns y. Tiles: ``STEP_BUFFERED``."""
     B, H, F = q.shape
     DV, C = v.shape[-1], kb.shape[2]
-    BV, warps, warps_large = STEP_INPLACE
+    BV, warps = STEP_BUFFERED
     BV = min(BV, max(16, next_pow2(DV)))
-    BP = next_pow2(F * (F + 1) // 2)
+    D = feature_dim(F)
+    BA = next_pow2(D) // 2  # D = (F + 1)(F + 2) / 2 is never a power of two
     y = v.new_empty(B, H, DV)
     _step_buffered_kernel(lambda m: (B * H,), (
         q, k, v, y, s, z, kb, vb, n, s if sq is None else sq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H, F ** -0.25, eps), F=F, DV=DV, C=C, BK=max(16, next_pow2(F)), BP=BP, BC=max(16, next_pow2(C)), BV=BV,
-        NVB=cdiv(DV, BV), HAS_COPY=sq is not None, num_warps=warps if BP * BV <= 8192 else warps_large)
+        H, F ** -0.25, eps), F=F, DV=DV, C=C, BK=max(16, next_pow2(F)), BA=BA, BB=next_pow2(D - BA),
+        BC=max(16, next_pow2(C)), BV=BV, NVB=cdiv(DV, BV), HAS_COPY=sq is not None, num_warps=warps)
     return y
 
 

@@ -376,12 +376,12 @@ def _buffered_decode(q, k, v, h0, C, backend, copy_dtype=None):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("F,DV,C", [(16, 80, 4), (5, 40, 1), (7, 24, 17)])
+@pytest.mark.parametrize("F,DV,C", [(16, 80, 4), (5, 40, 1), (7, 24, 17), (1, 16, 2), (2, 24, 3)])
 def test_step_buffered_equals_the_fp64_oracle(backend, F, DV, C):
     """The buffered decode step (up to C tokens kept unexpanded, folded into the state when the buffer is full):
     every output against the quadratic fp64 oracle, the state with its buffer against the fp64 final state, and
     the buffer's fill cycling 0..C (odd f, d_v 80 = three value blocks of 32 with the last masked, C 17 > 16
-    rows of a tile, C 1 = a fold every other token)."""
+    rows of a tile, C 1 = a fold every other token; f 1 and 2: the kernel's second row tile of 1 and 2 rows)."""
     B, T, H = 2, 23, 3
     q, k, v, h0 = make(B, T, H, F, DV, state=True)
     y, st, buf, counts = _buffered_decode(q, k, v, h0, C, backend)

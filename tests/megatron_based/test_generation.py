@@ -589,10 +589,11 @@ def _bf16_guard_worker(rank, world, step_buffer=None, read_copy=None):
 def test_bf16_decode_guard(step_buffer, read_copy):
     """bf16 decode vs an fp64 full forward of the same weights is within 2x of the bf16 full forward's own error;
     a decode that went wrong is not. The Taylor layers' decode buffer as configured (16 tokens: no fold in these 12
-    steps; the bf16 read copy of the state's quadratic rows on), and with a fold every 4 tokens, with and without
-    the read copy."""
+    steps; the bf16 read copy of the state's quadratic rows as configured: off), and with a fold every 4 tokens, with
+    and without the read copy."""
     good, bad, full_dtype, ref_dtype, caches = run_distributed(_bf16_guard_worker, 1, step_buffer, read_copy)[0]
-    assert ("sq" in caches) == (read_copy is not False)
+    from based_kernels.taylor_attention import ops
+    assert ("sq" in caches) == (ops.STEP_READ_COPY if read_copy is None else read_copy)
     assert (full_dtype, ref_dtype) == (torch.float32, torch.float64)  # logits: bf16 model's as fp32
     assert 1e-4 < good["full_forward_rel_rms"] < 0.05  # bf16 rounding, measured against fp64
     assert good["passed"] and good["decode_rel_rms"] <= 2 * good["full_forward_rel_rms"], good

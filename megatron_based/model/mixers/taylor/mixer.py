@@ -114,7 +114,7 @@ class TaylorLinearAttention(MixerModule):
         t), and the decode buffer (``based_kernels.taylor_attention.ops.STEP_BUFFER`` = C tokens; none at 0): the
         last tokens' raw keys ``kb [b, heads, C, f]`` and values ``vb [b, heads, C, d_h]`` in ``dtype`` and their
         count ``n [b, heads]`` int32, folded into S and z when full, so a step writes the state once every C + 1
-        tokens; with ``ops.STEP_READ_COPY`` (the default) and 16-bit activations also ``sq [b, heads, f(f+1)/2,
+        tokens; with ``ops.STEP_READ_COPY`` (off by default) and 16-bit activations also ``sq [b, heads, f(f+1)/2,
         d_h]``, the quadratic rows of S in ``dtype``, which the steps between folds read
         (based_kernels/taylor_attention/README.md, "Decode")."""
         ops = based_kernels.taylor_attention.ops
