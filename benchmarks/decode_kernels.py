@@ -15,7 +15,8 @@ twice that bound; this script says which kernels lose the time. Each row is one 
 * the state kernels as the model calls them: ``taylor_linear_attention_step`` (in place; unbuffered, and with the
   decode buffer of 8 / 16 / 32 tokens that the model uses while ``ops.STEP_BUFFER`` > 0), ``sliding_window_step``,
   ``base_conv_packed_step`` (in place) and ``add_rms_norm``, and the Taylor and SWA steps' launch configurations
-  (``ops.STEP_INPLACE`` and ``ops.STEP_BUFFERED``: value block BV x warps; ``ops.STEP``: slot block BR x warps x V_EARLY) beside the default.
+  (``ops.STEP_INPLACE`` and ``ops.STEP_BUFFERED``: value block BV x warps; ``ops.STEP``: slot block BR x warps x
+  V_EARLY) beside the default.
 
 Timing: each row's call is captured ``--reps`` times in one CUDA graph, each time on its own copy of the weights /
 states (enough copies to exceed the L2 cache, so every call reads from HBM as in a real step, where 36 layers'
