@@ -2,7 +2,8 @@
 context, so each candidate of ``taylor_attention.py --sweep`` is checked here first): forward and backward at B 2,
 T 2048 (H 16, f 16, d_v 64, bf16) against the fp64 chunked reference, then at the sweep's shape (B 8, T 4096).
 
-    python benchmarks/taylor_config_check.py --chunk 64 --grad 64 64 8 1 [--split] [--no-keep] [--time]
+    python benchmarks/taylor_config_check.py --chunk 64 --grad 64 64 8 1 [--split] [--no-keep] [--hi-intra 0]
+        [--time] [--kernels]
 
 Prints one line: the configuration, then OK with the relative errors, or FAILED with the error."""
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 import torch
 
 from based_kernels.taylor_attention import ops, taylor_linear_attention
-from taylor_attention import errors_vs_fp64, inputs, ours, time_case  # this folder is on the path when run as a script
+from bench_utils import kernel_breakdown  # this folder is on the path when run as a script
+from taylor_attention import errors_vs_fp64, inputs, ours, time_case
 
 
 def main() -> int:
@@ -22,10 +24,15 @@ def main() -> int:
     ap.add_argument("--grad", type=int, nargs=4, default=list(ops.CONFIG["grad"]), metavar=("BF", "BV", "W", "S"))
     ap.add_argument("--split", action="store_true", help="ops.GRAD_SPLIT")
     ap.add_argument("--no-keep", action="store_true", help="ops.KEEP_STATES off")
+    ap.add_argument("--hi-intra", type=int, choices=(0, 1), default=int(ops.HI_INTRA),
+                    help="ops.HI_INTRA: the forward's intra-chunk A @ v on fp32 (tf32) operands (1) or bf16 (0)")
     ap.add_argument("--time", action="store_true", help="also time forward + backward at B 8, T 4096 (median ms)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also print each kernel's device ms per forward + backward at B 8, T 4096 (torch.profiler)")
     a = ap.parse_args()
     ops.CHUNK, ops.CONFIG["grad"], ops.GRAD_SPLIT, ops.KEEP_STATES = a.chunk, tuple(a.grad), a.split, not a.no_keep
-    label = f"chunk {a.chunk} grad {tuple(a.grad)} split {a.split} keep {not a.no_keep}"
+    ops.HI_INTRA = bool(a.hi_intra)
+    label = f"chunk {a.chunk} grad {tuple(a.grad)} split {a.split} keep {not a.no_keep} hi_intra {ops.HI_INTRA}"
     try:
         errs = [errors_vs_fp64(2, 2048, 64)[0][key] for key in ("y", "dq", "dk", "dv")]
         q, k, v = inputs(8, 4096, 64, seed=2, grad=True)
@@ -40,6 +47,11 @@ def main() -> int:
     timed = f"; B8 T4096 fwd+bwd {time_case(ours, 8, 4096, 64, 'fwdbwd'):.3f} ms" if ok and a.time else ""
     print(f"{label}: {'OK' if ok else 'WRONG'} y/dq/dk/dv rel. err vs fp64 "
           f"{' '.join(f'{e:.2e}' for e in errs)}; B8 T4096 finite {finite}{timed}", flush=True)
+    if ok and a.kernels:
+        dy = torch.randn_like(y)
+        total, top = kernel_breakdown(lambda: taylor_linear_attention(q, k, v)[0].backward(dy), top=12)
+        print(f"  kernels per fwd+bwd (device ms, total {total}): "
+              + ", ".join(f"{name} {t}" for name, t in top.items()), flush=True)
     return 0 if ok else 1
 
 
