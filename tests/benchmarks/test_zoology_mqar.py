@@ -25,14 +25,18 @@ TINY = ["--n-train", "256", "--n-test", "64", "--seq-len", "32", "--num-kv-pairs
         "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--threads", "1"]
 
 
+needs_zoology = pytest.mark.skipif(
+    not REPO.is_dir() or bool(ZOOLOGY_DEPS),
+    reason=f"no Zoology clone at {REPO}: set ZOOLOGY_REPO to one (git clone https://github.com/HazyResearch/zoology)"
+    if not REPO.is_dir() else f"Zoology's code needs {ZOOLOGY_DEPS} (pip install them)")
+
+
 def zoology(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-@pytest.mark.skipif(not REPO.is_dir(), reason=f"no Zoology clone at {REPO}: set ZOOLOGY_REPO to one "
-                                               "(git clone https://github.com/HazyResearch/zoology)")
-@pytest.mark.skipif(bool(ZOOLOGY_DEPS), reason=f"Zoology's code needs {ZOOLOGY_DEPS} (pip install them)")
+@needs_zoology
 def test_trains_continues_and_refuses_other_settings(tmp_path):
     out = tmp_path / "run"
     first = zoology("--zoology-repo", str(REPO), "--out-dir", str(out), *TINY, cwd=tmp_path)
@@ -80,9 +84,7 @@ def test_wrong_zoology_repo_is_one_line(tmp_path):
 NUMBERS = ("train_loss", "test_loss", "test_acc_zoology", "test_acc_per_seq")
 
 
-@pytest.mark.skipif(not REPO.is_dir(), reason=f"no Zoology clone at {REPO}: set ZOOLOGY_REPO to one "
-                                               "(git clone https://github.com/HazyResearch/zoology)")
-@pytest.mark.skipif(bool(ZOOLOGY_DEPS), reason=f"Zoology's code needs {ZOOLOGY_DEPS} (pip install them)")
+@needs_zoology
 def test_fast_loop_equals_zoology_loop_and_a_continued_run_the_straight_one(tmp_path):
     """The reference is Zoology's own Trainer loop (``--exact-zoology-loop``: full-vocabulary logits at every
     position): the default loop, which applies the tied head only at labelled positions, gives its training and
