@@ -104,15 +104,11 @@ def main():
             print(f"decode BV {bv} NVB {nvb} warps {nw} state {has}: FAILED {repr(e)[:400]}")
     # the buffered in-place decode kernel (ops.STEP_BUFFER tokens kept unexpanded) at its tiles (ops.STEP_BUFFERED),
     # its feature rows as two tiles as ops launches it (and with the bf16 copy of the quadratic rows)
-    BV_B, nw = ops.STEP_BUFFERED
-    BV_B = min(BV_B, max(16, triton.next_power_of_2(DV)))
-    D = 1 + F + F * (F + 1) // 2
-    BA = triton.next_power_of_2(D) // 2
     for C, copy in [(C, copy) for C in (ops.STEP_BUFFER, 8, 32) for copy in (False, True)] \
             if "decode" in args.passes else ():
-        c = dict(F=F, DV=DV, C=C, BK=BK, BA=BA, BB=triton.next_power_of_2(D - BA),
-                 BC=max(16, triton.next_power_of_2(C)), BV=BV_B, NVB=triton.cdiv(DV, BV_B), HAS_COPY=copy)
-        label = f"decode buffered C {C:2d}{' read copy' if copy else ''} BV {BV_B:3d} warps {nw}"
+        c, nw = ops.step_buffered_consts(F, DV, C)
+        c["HAS_COPY"] = copy
+        label = f"decode buffered C {C:2d}{' read copy' if copy else ''} BV {c['BV']:3d} warps {nw}"
         try:
             regs, spill, smem = compile_kernel(recurrent.taylor_step_buffered_kernel, args.dtype, c, nw, 1)
             print(f"{label}: regs {regs}, spill {spill} B, smem {smem} B", flush=True)

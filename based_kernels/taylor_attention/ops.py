@@ -553,6 +553,18 @@ def _(q, k, v, s, z, eps):
     return v.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
+def step_buffered_consts(F: int, DV: int, C: int) -> tuple[dict, int]:
+    """The buffered step kernel's constexprs (all but HAS_COPY) and num_warps for head dim ``F``, ``DV`` value
+    columns and a buffer of ``C`` tokens, at the tiles ``STEP_BUFFERED``: the launcher's, and benchmarks/aot_check.py
+    compiles with them."""
+    BV, warps = STEP_BUFFERED
+    BV = min(BV, max(16, next_pow2(DV)))
+    D = feature_dim(F)
+    BA = next_pow2(D) // 2  # D = (F + 1)(F + 2) / 2 is never a power of two
+    return dict(F=F, DV=DV, C=C, BK=max(16, next_pow2(F)), BA=BA, BB=next_pow2(D - BA), BC=max(16, next_pow2(C)),
+                BV=BV, NVB=cdiv(DV, BV)), warps
+
+
 @torch.library.custom_op("based_kernels::taylor_attention_step_buffered_",
                          mutates_args=("s", "z", "kb", "vb", "n", "sq"))
 def taylor_attention_step_buffered_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
@@ -561,17 +573,13 @@ def taylor_attention_step_buffered_op(q: torch.Tensor, k: torch.Tensor, v: torch
     """Decode step against the state and the buffer of recent tokens (recurrent.taylor_step_buffered_kernel), all
     updated in place; returns y. Tiles: ``STEP_BUFFERED``."""
     B, H, F = q.shape
-    DV, C = v.shape[-1], kb.shape[2]
-    BV, warps = STEP_BUFFERED
-    BV = min(BV, max(16, next_pow2(DV)))
-    D = feature_dim(F)
-    BA = next_pow2(D) // 2  # D = (F + 1)(F + 2) / 2 is never a power of two
+    DV = v.shape[-1]
+    consts, warps = step_buffered_consts(F, DV, kb.shape[2])
     y = v.new_empty(B, H, DV)
     _step_buffered_kernel(lambda m: (B * H,), (
         q, k, v, y, s, z, kb, vb, n, s if sq is None else sq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H, F ** -0.25, eps), F=F, DV=DV, C=C, BK=max(16, next_pow2(F)), BA=BA, BB=next_pow2(D - BA),
-        BC=max(16, next_pow2(C)), BV=BV, NVB=cdiv(DV, BV), HAS_COPY=sq is not None, num_warps=warps)
+        H, F ** -0.25, eps), **consts, HAS_COPY=sq is not None, num_warps=warps)
     return y
 
 
