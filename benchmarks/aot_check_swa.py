@@ -1,6 +1,6 @@
-"""Compile the sliding-window kernels (forward, dQ and dK/dV backward) for sm_90a on a machine without a GPU
-(Triton's bundled ptxas) and report registers, spills and shared memory for every configuration of their autotune
-lists: catches compile errors and spills before a GPU run.
+"""Compile the sliding-window kernels (forward, dQ and dK/dV backward; each plain and confining) for sm_90a on a
+machine without a GPU (Triton's bundled ptxas) and report registers, spills and shared memory for every configuration
+of their autotune lists: catches compile errors and spills before a GPU run.
 
     python benchmarks/aot_check_swa.py [--d 64 128] [--window 128]
 """
@@ -26,7 +26,7 @@ def signature(fn: JITFunction, consts: dict) -> dict:
             sig[name] = "constexpr"
         elif name in ("lse", "delta"):
             sig[name] = "*fp32"
-        elif name == "doc":
+        elif name in ("doc", "bad"):
             sig[name] = "*i32"
         elif name == "scale":
             sig[name] = "fp32"
@@ -47,15 +47,17 @@ def main():
             fn = tuner
             while not isinstance(fn, JITFunction):  # the autotuner (and launch wrappers) around the kernel
                 fn = fn.fn
-            for cfg in tuner.configs.all:
+            for cfg, confine in [(cfg, c) for cfg in tuner.configs.all for c in (False, True)]:
                 bm, bn = cfg.kwargs["BM"], cfg.kwargs["BN"]
                 consts = dict(D=D, W=args.window, G=1, BLOCK_D=max(16, triton.next_power_of_2(D)), BM=bm, BN=bn,
-                              HAS_PREFIX=False, IS_VARLEN=False, DOT_PREC="tf32")
-                label = f"d {D:3d} {name:4s} BM {bm:3d} BN {bn:3d} warps {cfg.num_warps} stages {cfg.num_stages}"
+                              HAS_PREFIX=False, IS_VARLEN=False, DOT_PREC="tf32", CONFINE=confine)
+                label = (f"d {D:3d} {name:4s} {'confining' if confine else 'plain':9s} BM {bm:3d} BN {bn:3d} "
+                         f"warps {cfg.num_warps} stages {cfg.num_stages} regs cap {cfg.maxnreg}")
                 try:
                     k = triton.compile(ASTSource(fn=fn, signature=signature(fn, consts), constexprs=consts),
                                        target=GPUTarget("cuda", 90, 32),
-                                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                                **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})})
                     regs, spill = ptxas_report(k.asm["ptx"])
                     print(f"{label}: regs {regs}, spill {spill} B, smem {k.metadata.shared} B", flush=True)
                 except Exception as e:  # noqa: BLE001

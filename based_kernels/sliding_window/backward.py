@@ -16,27 +16,30 @@ import triton.language as tl
 
 from .._common import configs, tune_bench
 from .._jit_common import finite_rows
-from .forward import load_kv_rows, visible_mask
+from .forward import flag_non_finite, load_kv_rows, visible_mask
 
 
 @triton.autotune(
     configs=configs(
+        # (BM, BN, warps, stages); the first is the launch without tuning (README "Tiles")
         [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-         # (64, 64, 8): no spills at d 128, where (64, 64, 4) spills 232 bytes per thread and (128, 64, 8) 420
-         for bm, bn, w, s in [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2)]],
+         for bm, bn, w, s in [(64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2)]],
         triton.Config({"BM": 16, "BN": 32}),
     ),
     do_bench=tune_bench, key=["BLOCK_D"],
 )
 @triton.jit
 def swa_bwd_dq_kernel(
-    q, k, v, kp, vp, o, do, lse, delta, dq, doc,
+    q, k, v, kp, vp, o, do, lse, delta, dq, doc, bad,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
     s_kpb, s_kpt, s_kph, s_vpb, s_vpt, s_vph, s_ob, s_ot, s_oh, s_dob, s_dot, s_doh, s_dqb, s_dqt, s_dqh,
     T, P, H, scale,
     D: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CONFINE: tl.constexpr,
 ):
+    if CONFINE:  # the confining re-run (forward.py's swa_fwd_kernel)
+        if tl.load(bad) == 0:
+            return
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_hk = (i_h // G).to(tl.int64)
@@ -72,10 +75,14 @@ def swa_bwd_dq_kernel(
         # masked pairs are exact zeros even where s, dp (a non-finite k or v) or delta are not; the pairs that see a
         # non-finite k carry it in ds, so k enters the product with its non-finite values zeroed (_jit_common)
         b_ds = tl.where(visible_mask(i_q, j, T, P, W, doc, IS_VARLEN), b_p * (b_dp - b_delta[:, None]), 0.0)
-        b_dq += tl.dot(b_ds.to(b_k.dtype), finite_rows(b_k)[0], input_precision=DOT_PREC)
+        if CONFINE:
+            b_k = finite_rows(b_k)[0]
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC)
 
     b_dq *= scale
     tl.store(dq + i_b * s_dqb + i_h * s_dqh + r_q * s_dqt + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_qd)
+    if not CONFINE:
+        flag_non_finite(bad, b_dq, b_delta, m_q)
 
 
 @triton.jit
@@ -89,24 +96,26 @@ def store_kv_rows(p_main, p_prefix, j, o_d, m_d, T, P, s_t, s_pt, b, HAS_PREFIX:
 
 @triton.autotune(
     configs=configs(
+        # (BM, BN, warps, stages); the first is the launch without tuning (README "Tiles")
         [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-         # (64, 32, 8) and (32, 32, 4): the d 128 tiles that do not spill (sm_90 compile: (64, 64, 4) spills
-         # 1492 bytes per thread at d 128, (32, 64, 4) 200, (64, 128, 8) 1456; none spills at d 64 but (64, 64, 4))
-         for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)]],
+         for bm, bn, w, s in [(32, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3)]],
         triton.Config({"BM": 16, "BN": 32}),
     ),
     do_bench=tune_bench, key=["BLOCK_D"],
 )
 @triton.jit
 def swa_bwd_dkdv_kernel(
-    q, k, v, kp, vp, do, lse, delta, dk, dv, dkp, dvp, doc,
+    q, k, v, kp, vp, do, lse, delta, dk, dv, dkp, dvp, doc, bad,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
     s_kpb, s_kpt, s_kph, s_vpb, s_vpt, s_vph, s_dob, s_dot, s_doh,
     s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh, s_dkpb, s_dkpt, s_dkph, s_dvpb, s_dvpt, s_dvph,
     T, P, H, scale,
     D: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CONFINE: tl.constexpr,
 ):
+    if CONFINE:  # the confining re-run (forward.py's swa_fwd_kernel)
+        if tl.load(bad) == 0:
+            return
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)
     Hkv = H // G
     i_b, i_hk = (i_bhk // Hkv).to(tl.int64), (i_bhk % Hkv).to(tl.int64)
@@ -139,16 +148,21 @@ def swa_bwd_dkdv_kernel(
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale
             m_vis = visible_mask(i_q, j, T, P, W, doc, IS_VARLEN, KEY_MAJOR=True)
             b_pt = tl.exp2(b_st - b_lse[None, :])
-            # masked pairs are exact zeros; non-finite q, dO rows reach only the keys their queries see (_jit_common)
-            b_do_ok, b_donan = finite_rows(b_do)
-            b_dv += tl.dot(tl.where(m_vis, b_pt + b_donan[None, :], 0.0).to(b_do.dtype), b_do_ok,
-                           input_precision=DOT_PREC)
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
             b_dst = tl.where(m_vis, b_pt * (b_dpt - b_delta[None, :]), 0.0)
-            b_dk += tl.dot(b_dst.to(b_q.dtype), finite_rows(b_q)[0], input_precision=DOT_PREC)
+            if CONFINE:  # non-finite q, dO rows reach only the keys their queries see (_jit_common)
+                b_do, b_donan = finite_rows(b_do)
+                b_pt = tl.where(m_vis, b_pt + b_donan[None, :], 0.0)
+                b_q = finite_rows(b_q)[0]
+            else:
+                b_pt = tl.where(m_vis, b_pt, 0.0)
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PREC)
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PREC)
 
     b_dk *= scale
     store_kv_rows(dk + i_b * s_dkb + i_hk * s_dkh, dkp + i_b * s_dkpb + i_hk * s_dkph, j, o_d, m_d, T, P,
                   s_dkt, s_dkpt, b_dk.to(dk.dtype.element_ty), HAS_PREFIX)
     store_kv_rows(dv + i_b * s_dvb + i_hk * s_dvh, dvp + i_b * s_dvpb + i_hk * s_dvph, j, o_d, m_d, T, P,
                   s_dvt, s_dvpt, b_dv.to(dv.dtype.element_ty), HAS_PREFIX)
+    if not CONFINE:  # dV's rows as per-row sums: a non-finite element makes its row's sum non-finite
+        flag_non_finite(bad, b_dk, tl.sum(b_dv, 1), (j >= -P) & (j < T))

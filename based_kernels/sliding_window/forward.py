@@ -5,6 +5,8 @@ from the ``kv_prefix`` tensors (the context-parallel halo), rows ``j >= 0`` from
 first key of the window of the block's first query, unaligned, so a block of BM queries visits exactly
 ``W + BM`` keys (3 key blocks at W = 128, BM = BN = 64) instead of every causal key block. W and the GQA
 group size are compile-time constants (a model has one window), so every loop has a constant trip count.
+Every kernel of the family runs twice per call, plain and then ``CONFINE`` (``flag_non_finite``; README, "Masked
+pairs").
 """
 from __future__ import annotations
 
@@ -52,24 +54,28 @@ def visible_mask(i_q, j, T, P, W, doc, IS_VARLEN: tl.constexpr, KEY_MAJOR: tl.co
 
 @triton.autotune(
     configs=configs(
-        [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-         # (64, 32, 4) and (128, 32, 8): tiles that do not spill at d 128 (sm_90 compile: (64, 64, 4) spills 224
-         # bytes per thread there, (128, 32, 4) 132; benchmarks/aot_check_swa.py)
-         for bm, bn, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2),
-                              (128, 32, 8, 2)]],
+        # (BM, BN, warps, stages, register cap): timed by the autotuner; the first is the launch without tuning.
+        # The 4-warp tiles capped at 128 registers run 4 programs per SM instead of 2 and were the fastest on an H100
+        # (benchmarks/sliding_window.py, README "Tiles")
+        [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s, maxnreg=r)
+         for bm, bn, w, s, r in [(64, 64, 4, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, None), (64, 32, 4, 2, None),
+                                 (128, 64, 8, 3, None)]],
         triton.Config({"BM": 16, "BN": 32}),
     ),
     do_bench=tune_bench, key=["BLOCK_D"],  # few keys: every autotune key costs compiles of all configs
 )
 @triton.jit
 def swa_fwd_kernel(
-    q, k, v, kp, vp, o, lse, doc,
+    q, k, v, kp, vp, o, lse, doc, bad,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
     s_kpb, s_kpt, s_kph, s_vpb, s_vpt, s_vph, s_ob, s_ot, s_oh,
     T, P, H, scale,
     D: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CONFINE: tl.constexpr,
 ):
+    if CONFINE:  # the confining re-run: only after some program of the plain launch flagged a non-finite output
+        if tl.load(bad) == 0:
+            return
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_hk = (i_h // G).to(tl.int64)
@@ -103,17 +109,32 @@ def swa_fwd_kernel(
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v, b_vnan = finite_rows(b_v)  # a non-finite v row reaches only the queries that see it (_jit_common)
-        b_pv = tl.where(m_vis, b_p + b_vnan[None, :], 0.0)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pv.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+        if CONFINE:  # a non-finite v row reaches only the queries that see it (_jit_common)
+            b_v, b_vnan = finite_rows(b_v)
+            b_p = tl.where(m_vis, b_p + b_vnan[None, :], 0.0)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         b_m = b_m_new
 
     b_l = tl.where(m_q, b_l, 1.0)  # rows past T saw no key
     b_acc = b_acc / b_l[:, None]
+    b_lse = b_m + tl.log2(b_l)
     p_o = o + i_b * s_ob + i_h * s_oh + i_q.to(tl.int64)[:, None] * s_ot + o_d[None, :]
     tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
     # log2-sum-exp2 of the scaled scores, [B, H, T] fp32: what the backward needs to rebuild P
-    tl.store(lse + i_bh.to(tl.int64) * T + i_q, b_m + tl.log2(b_l), mask=m_q)
+    tl.store(lse + i_bh.to(tl.int64) * T + i_q, b_lse, mask=m_q)
+    if not CONFINE:
+        flag_non_finite(bad, b_acc, b_lse, m_q)
 
 
-__all__ = ["swa_fwd_kernel", "load_kv_rows", "visible_mask", "INTERPRET", "LOG2E"]
+@triton.jit
+def flag_non_finite(bad, b_x, b_r, m_rows):
+    """Set ``*bad`` to 1 when a valid row (``m_rows``) of the tile ``b_x`` or of the per-row ``b_r`` is not finite.
+    In the plain launches (no per-tile operand checks) a non-finite input row reaches every output row of the tiles
+    it is loaded into, masked pairs included (0 * NaN), so a finite result means no non-finite input was read."""
+    # counts, not a max: a max reduction may skip NaN; abs(x) < inf is False for NaN and +-inf
+    n_row = tl.sum(tl.where(tl.abs(b_x) < float("inf"), 0, 1), 1) + tl.where(tl.abs(b_r) < float("inf"), 0, 1)
+    n_bad = tl.sum(tl.where(m_rows, n_row, 0), 0)
+    tl.store(bad, 1, mask=n_bad > 0)
+
+
+__all__ = ["swa_fwd_kernel", "load_kv_rows", "visible_mask", "flag_non_finite", "INTERPRET", "LOG2E"]

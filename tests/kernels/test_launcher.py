@@ -43,7 +43,8 @@ SCRIPT = textwrap.dedent("""
     run = jit.JITFunction.run
     warm = []  # (kernel, config) of each run with warmup=True: the parallel precompile of the autotune configs
     jit.JITFunction.run = lambda self, *a, **k: ((warm.append((self.fn.__name__, k.get("num_warps"),
-                                                               k.get("num_stages"), k.get("BM"), k.get("BN")))
+                                                               k.get("num_stages"), k.get("maxnreg"), k.get("BM"),
+                                                               k.get("BN")))
                                                    if k.get("warmup") else slow.append(self.fn.__name__)),
                                                   run(self, *a, **k))[1]
     import threading
@@ -83,8 +84,9 @@ SCRIPT = textwrap.dedent("""
     swa_plain = lambda q, k, v: (sliding_window_attention(q, k, v, window=128, backend="triton"),)
     # q one element past a 16-byte boundary: its own compiled kernels (cached under their own key)
     qm = torch.randn(2 * 300 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 300, 4, 64).requires_grad_()
-    cases = [(swa, (q, k, v, kp, vp), 3), (swa_var, (q[:1], k[:1], v[:1]), 3), (conv, (u, w, init), 3),
-             (swa_plain, (qt, kt, vt), 3), (swa_plain, (qm, kt, vt), 3)]
+    # SWA: three kernels, each launched plain and confining (sliding_window.ops._launch_confined)
+    cases = [(swa, (q, k, v, kp, vp), 6), (swa_var, (q[:1], k[:1], v[:1]), 6), (conv, (u, w, init), 3),
+             (swa_plain, (qt, kt, vt), 6), (swa_plain, (qm, kt, vt), 6)]
     for i, (fn, inputs, n_kernels) in enumerate(cases):
         warm.clear(); compiled_in.clear()
         first, slow_first = record(fn, inputs)
@@ -97,19 +99,23 @@ SCRIPT = textwrap.dedent("""
             tuned = (fwd.swa_fwd_kernel, bwd.swa_bwd_dq_kernel, bwd.swa_bwd_dkdv_kernel)
             n_configs = sum(len(k.configs) for k in tuned)
             assert len(warm) == n_configs and len(set(warm)) == n_configs, warm  # each config once
-            assert compiled_in and all(t.startswith("based_kernels-compile") for t in compiled_in), compiled_in
+            # the plain launches' configs in the compile threads; each confining launch compiles the one config its
+            # plain launch tuned, in the main thread (a tuned key: nothing to compile up front)
+            threads = [t for t in compiled_in if t != "MainThread"]
+            assert len(compiled_in) - len(threads) == 3, compiled_in
+            assert threads and all(t.startswith("based_kernels-compile") for t in threads), compiled_in
     assert first[0][2][0][3] == 2  # the unaligned q (byte offset 2) reached the launcher as such
     # launch hooks: None to the C launcher while none is set; the hook chain once one is
     from triton import knobs
     hooks.clear()
     record(swa_plain, (qt, kt, vt))
-    assert hooks == [None] * 3, hooks
+    assert hooks == [None] * 6, hooks
     seen = []
     knobs.runtime.launch_enter_hook.add(seen.append)
     try:
         hooks.clear()
         record(swa_plain, (qt, kt, vt))
-        assert slow == [] and hooks == [knobs.runtime.launch_enter_hook] * 3, (slow, hooks)
+        assert slow == [] and hooks == [knobs.runtime.launch_enter_hook] * 6, (slow, hooks)
     finally:
         knobs.runtime.launch_enter_hook.remove(seen.append)
     x, g, st = torch.randn(2, 96, dtype=torch.bfloat16), torch.randn(2, 96, dtype=torch.bfloat16), torch.randn(2, 2, 96)

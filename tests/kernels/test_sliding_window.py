@@ -6,7 +6,7 @@ import torch
 
 from based_kernels import sliding_window_attention
 from based_kernels.sliding_window import sliding_window_attention_reference as reference
-from based_kernels.sliding_window import sliding_window_step
+from based_kernels.sliding_window import ops, sliding_window_step
 
 from .poison import assert_equal_where, bad_cu_seqlens, clean_and_poisoned
 
@@ -49,8 +49,34 @@ def check_against_fp64(q, k, v, prefix, window, tol, cu_seqlens=None):
         (1, 33, 1, 1, 112, 16, 40, torch.float32, 1e-5),  # the 1.3B head dim (112 padded to 128), P > W
     ],
 )
-def test_forward_and_gradients_match_fp64(B, T, H, Hkv, D, W, P, dtype, tol):
+@pytest.mark.parametrize("confine", [False, True], ids=["plain", "confining"])
+def test_forward_and_gradients_match_fp64(B, T, H, Hkv, D, W, P, dtype, tol, confine, monkeypatch):
+    """Clean inputs take the plain launches (the confining ones return at once); ``confining``: the confining
+    launches recompute every tile (ops.ALWAYS_CONFINE), the path of inputs with a NaN or inf."""
+    monkeypatch.setattr(ops, "ALWAYS_CONFINE", confine)
     check_against_fp64(*make(B, T, H, Hkv, D, dtype, P), W, tol)
+
+
+def check_confining_equals_plain(B, T, H, Hkv, D, W, P, dtype, cu=None):
+    """On clean inputs the confining launches give the plain ones' outputs and gradients bit for bit (what lets
+    a NaN leave everything it cannot reach bitwise equal to a clean run, check_nan_confined)."""
+    q, k, v, prefix = make(B, T, H, Hkv, D, dtype, P, seed=9)
+    inputs = [q, k, v] + (list(prefix) if prefix else [])
+    runs = []
+    for confine in (False, True):
+        ops.ALWAYS_CONFINE = confine
+        try:
+            o = sliding_window_attention(q, k, v, window=W, kv_prefix=prefix, cu_seqlens=cu, backend="triton")
+            runs.append([o, *torch.autograd.grad(o, inputs, torch.ones_like(o))])
+        finally:
+            ops.ALWAYS_CONFINE = False
+    for name, a, b in zip(["o", "dq", "dk", "dv", "dk_prefix", "dv_prefix"], *runs):
+        assert torch.equal(a, b), (name, (a.double() - b.double()).abs().max().item())
+
+
+def test_confining_launches_equal_plain_ones():
+    check_confining_equals_plain(2, 50, 4, 2, 16, 7, 9, torch.float32)
+    check_confining_equals_plain(1, 45, 2, 1, 16, 10, 0, torch.float32, cu=torch.tensor([0, 7, 30, 45], device=DEV))
 
 
 def test_varlen_matches_per_document_fp64():
@@ -125,8 +151,6 @@ def test_plain_fast_path_equals_general_path():
     """Plain calls (no prefix, no documents) take the cached-plan path (``ops._PlainFunction``); it gives
     bitwise the general path's outputs, gradients and layouts: batch-major and Megatron token-major GQA inputs,
     a dO with a strided last dim, twice (the second call reuses the plan)."""
-    from based_kernels.sliding_window import ops
-
     q0, k0, v0, _ = make(2, 45, 4, 2, 16, torch.float32, seed=3)
     tm = lambda t: t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # noqa: E731
     for q, k, v in [(q0, k0, v0), (tm(q0), tm(k0), tm(v0))]:
@@ -146,8 +170,6 @@ def test_fp32_products_follow_the_float32_matmul_setting(monkeypatch):
     """fp32 inputs: every launch (forward, both backward kernels; the cached-plan path and the general one) takes
     its products' precision from torch's float32 matmul setting at call time (IEEE at "highest", torch's default,
     and "high"; tf32 at "medium"), a changed setting gets its own plan; bf16 keeps tf32."""
-    from based_kernels.sliding_window import ops
-
     seen = []
 
     def spy(launcher):
@@ -156,7 +178,7 @@ def test_fp32_products_follow_the_float32_matmul_setting(monkeypatch):
             return launcher(grid, args, **consts)
         return launch
 
-    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv"):
+    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv"):  # each launched twice: plain, then confining
         monkeypatch.setattr(ops, name, spy(getattr(ops, name)))
     old = torch.get_float32_matmul_precision()
     try:
@@ -167,11 +189,11 @@ def test_fp32_products_follow_the_float32_matmul_setting(monkeypatch):
                 seen.clear()
                 o = sliding_window_attention(q, k, v, window=7, cu_seqlens=cu, backend="triton")
                 torch.autograd.grad(o, [q, k, v], torch.ones_like(o))
-                assert seen == [want] * 3, (setting, cu, seen)
+                assert seen == [want] * 6, (setting, cu, seen)
         seen.clear()
         q, k, v, _ = make(1, 33, 2, 1, 16, torch.bfloat16, seed=5)
         sliding_window_attention(q, k, v, window=7, backend="triton")
-        assert seen == ["tf32"]
+        assert seen == ["tf32"] * 2
     finally:
         torch.set_float32_matmul_precision(old)
 
@@ -267,6 +289,12 @@ def test_gpu_nan_reaches_only_the_outputs_that_see_it_bf16(which, varlen):
     check_nan_confined(which, varlen, 600, 350, 128, 64, torch.bfloat16)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_confining_launches_equal_plain_ones_bf16(D):
+    check_confining_equals_plain(2, 1000, 8, 4, D, 128, 128, torch.bfloat16)
+
+
 # ---------------------------------------------------------------- decode step over the ring buffer
 def step_inputs(B, H, D, dtype, seed, strided=False):
     """q, k, v ``[B, H, D]``; strided: views of one ``[B, H, 3D]`` tensor, as the mixer's split of its qkv."""
@@ -323,7 +351,6 @@ def test_step_launch_configs(launch, monkeypatch):
     """The launch alternatives benchmarks/decode_kernels.py times through ``ops.STEP`` (slot block BR, warps,
     V loaded late or with K): outputs within fp32 rounding of the fp64 step at positions below, at and past a
     window of 20 (BR 16 / 8 / 32: a ring of 21 slots in 2 / 3 / 1 blocks), the rings bitwise the torch step's."""
-    from based_kernels.sliding_window import ops
     monkeypatch.setattr(ops, "STEP", launch)
     outs, fused, ref = run_steps([0, 5, 19, 20, 21, 57], 2, 24, 20, torch.float32, steps=3, seed=7, strided=True)
     for o, o_ref, o64 in outs:
