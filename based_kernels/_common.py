@@ -262,6 +262,28 @@ class Launcher:
                      compiled.packed_metadata, launch_metadata, enter, leave, *full)
 
 
+# NaN / inf confinement by re-launch (the SWA kernels and the Taylor output pass; their READMEs, "Masked pairs"):
+# a kernel runs plain (operands straight from memory into its products; every program sets a flag when a result
+# row is not finite: a non-finite operand row reaches every result row of its tile, 0 * NaN), then with its
+# CONFINE constexpr on, a launch whose programs return at once unless the flag is set, and otherwise recompute
+# their tiles with each non-finite operand row confined to the pairs that see it. ALWAYS_CONFINE: the confining
+# launches recompute on every call (tests).
+ALWAYS_CONFINE = False
+
+
+def confine_flags(ref: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``n`` int32 flags on ``ref``'s device for plain launches to set, 16 bytes apart (aligned pointers); set
+    already with ALWAYS_CONFINE."""
+    f = (torch.ones if ALWAYS_CONFINE else torch.zeros)(4 * n, dtype=torch.int32, device=ref.device)
+    return [f] if n == 1 else [f[4 * i:] for i in range(n)]
+
+
+def launch_confined(launcher: "Launcher", grid, args, consts: dict) -> None:
+    """``launcher(grid, args)`` plain, then confining (its flag argument is in ``args``)."""
+    launcher(grid, args, **consts, CONFINE=False)
+    launcher(grid, args, **consts, CONFINE=True)
+
+
 def forget_launches():
     """Empty every launcher's cache of compiled kernels and chosen configs (after an autotuner's list or choice
     was changed: the next launch per key goes through the autotuner again)."""

@@ -19,3 +19,14 @@ def finite_rows(b_x):
     or an inf, for adding to the masked weights of the rows' column (a masked weight stays exactly 0)."""
     m_ok = tl.abs(b_x) < float("inf")  # False for NaN and +-inf
     return tl.where(m_ok, b_x, 0.).to(b_x.dtype), tl.sum(tl.where(m_ok, 0., float("nan")), 1)
+
+
+@triton.jit
+def flag_non_finite(bad, b_x, b_r, m_rows):
+    """Set ``*bad`` to 1 when a valid row (``m_rows``) of the tile ``b_x`` or of the per-row ``b_r`` is not finite.
+    In the plain launches (no per-tile operand checks) a non-finite input row reaches every output row of the tiles
+    it is loaded into, masked pairs included (0 * NaN), so a finite result means no non-finite input was read."""
+    # counts, not a max: a max reduction may skip NaN; abs(x) < inf is False for NaN and +-inf
+    n_row = tl.sum(tl.where(tl.abs(b_x) < float("inf"), 0, 1), 1) + tl.where(tl.abs(b_r) < float("inf"), 0, 1)
+    n_bad = tl.sum(tl.where(m_rows, n_row, 0), 0)
+    tl.store(bad, 1, mask=n_bad > 0)

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .._common import configs, tune_bench
-from .._jit_common import finite_rows
-from .forward import flag_non_finite, load_kv_rows, visible_mask
+from .._jit_common import finite_rows, flag_non_finite
+from .forward import load_kv_rows, visible_mask
 
 
 @triton.autotune(
@@ -37,7 +37,7 @@ def swa_bwd_dq_kernel(
     D: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CONFINE: tl.constexpr,
 ):
-    if CONFINE:  # the confining re-run (forward.py's swa_fwd_kernel)
+    if CONFINE:  # the confining re-launch (_common.launch_confined)
         if tl.load(bad) == 0:
             return
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -113,7 +113,7 @@ def swa_bwd_dkdv_kernel(
     D: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CONFINE: tl.constexpr,
 ):
-    if CONFINE:  # the confining re-run (forward.py's swa_fwd_kernel)
+    if CONFINE:  # the confining re-launch (_common.launch_confined)
         if tl.load(bad) == 0:
             return
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)

@@ -5,8 +5,8 @@ from the ``kv_prefix`` tensors (the context-parallel halo), rows ``j >= 0`` from
 first key of the window of the block's first query, unaligned, so a block of BM queries visits exactly
 ``W + BM`` keys (3 key blocks at W = 128, BM = BN = 64) instead of every causal key block. W and the GQA
 group size are compile-time constants (a model has one window), so every loop has a constant trip count.
-Every kernel of the family runs twice per call, plain and then ``CONFINE`` (``flag_non_finite``; README, "Masked
-pairs").
+Every kernel of the family runs twice per call, plain and then ``CONFINE`` (``_common.launch_confined``; README,
+"Masked pairs").
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._common import INTERPRET, configs, tune_bench
-from .._jit_common import finite_rows
+from .._jit_common import finite_rows, flag_non_finite
 
 LOG2E = 1.4426950408889634
 
@@ -73,7 +73,7 @@ def swa_fwd_kernel(
     D: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PREFIX: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CONFINE: tl.constexpr,
 ):
-    if CONFINE:  # the confining re-run: only after some program of the plain launch flagged a non-finite output
+    if CONFINE:  # the confining re-launch (_common.launch_confined): only after a plain program flagged a result
         if tl.load(bad) == 0:
             return
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -126,15 +126,4 @@ def swa_fwd_kernel(
         flag_non_finite(bad, b_acc, b_lse, m_q)
 
 
-@triton.jit
-def flag_non_finite(bad, b_x, b_r, m_rows):
-    """Set ``*bad`` to 1 when a valid row (``m_rows``) of the tile ``b_x`` or of the per-row ``b_r`` is not finite.
-    In the plain launches (no per-tile operand checks) a non-finite input row reaches every output row of the tiles
-    it is loaded into, masked pairs included (0 * NaN), so a finite result means no non-finite input was read."""
-    # counts, not a max: a max reduction may skip NaN; abs(x) < inf is False for NaN and +-inf
-    n_row = tl.sum(tl.where(tl.abs(b_x) < float("inf"), 0, 1), 1) + tl.where(tl.abs(b_r) < float("inf"), 0, 1)
-    n_bad = tl.sum(tl.where(m_rows, n_row, 0), 0)
-    tl.store(bad, 1, mask=n_bad > 0)
-
-
-__all__ = ["swa_fwd_kernel", "load_kv_rows", "visible_mask", "flag_non_finite", "INTERPRET", "LOG2E"]
+__all__ = ["swa_fwd_kernel", "load_kv_rows", "visible_mask", "INTERPRET", "LOG2E"]

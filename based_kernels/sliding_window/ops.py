@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from .._common import (Launcher, cdiv, doc_ids, dot_precision, empty_like_layout, lastdim_contiguous,
-                       next_pow2, resolve_backend, token_major)
+from .._common import (Launcher, cdiv, confine_flags, doc_ids, dot_precision, empty_like_layout,
+                       lastdim_contiguous, launch_confined, next_pow2, resolve_backend, token_major)
 from .backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
 from .forward import swa_fwd_kernel
 from .recurrent import swa_step_kernel
@@ -107,25 +107,6 @@ def validate_step(q, k, v, k_cache, v_cache, positions, window):
 
 
 # ------------------------------------------------------------------------------------------------ the Triton path
-# NaN / inf confinement (README, "Masks"): each kernel is launched plain (operands straight from memory into the
-# products; every program flags a non-finite result), then with CONFINE, a launch whose programs return at once
-# unless the plain one flagged something, and otherwise recompute their tiles with the non-finite operand rows
-# confined to the pairs that see them. ALWAYS_CONFINE: the confining launch recomputes on every call (tests).
-ALWAYS_CONFINE = False
-
-
-def _flags(ref: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """``n`` int32 flags for the plain launches to set, 16 bytes apart (aligned pointers); set already with
-    ALWAYS_CONFINE."""
-    f = (torch.ones if ALWAYS_CONFINE else torch.zeros)(4 * n, dtype=torch.int32, device=ref.device)
-    return [f] if n == 1 else [f[4 * i:] for i in range(n)]
-
-
-def _launch_confined(launcher, grid, args, consts):
-    launcher(grid, args, **consts, CONFINE=False)
-    launcher(grid, args, **consts, CONFINE=True)
-
-
 def _strides3(t):
     return t.stride()[:3] if t is not None else (0, 0, 0)  # one stride() call: each costs ~1-2 us of host time
 
@@ -147,9 +128,9 @@ def swa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torc
     o = empty_like_layout(q, q.shape)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     kp_, vp_ = (q, q) if kp is None else (kp, vp)
-    _launch_confined(
+    launch_confined(
         _fwd, lambda meta: (cdiv(T, meta["BM"]), B * H),
-        (q, k, v, kp_, vp_, o, lse, doc if doc is not None else lse, *_flags(q, 1),
+        (q, k, v, kp_, vp_, o, lse, doc if doc is not None else lse, *confine_flags(q, 1),
          *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp), *_strides3(o),
          T, P, H, scale),
         dict(D=D, W=window, G=H // Hkv, BLOCK_D=block_d, HAS_PREFIX=kp is not None, IS_VARLEN=doc is not None,
@@ -188,15 +169,15 @@ def swa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s_in = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp))  # both kernels
     consts = dict(D=D, W=window, G=H // Hkv, BLOCK_D=block_d, HAS_PREFIX=kp is not None, IS_VARLEN=doc is not None,
                   DOT_PREC=prec)
-    bad_dq, bad_dkdv = _flags(q, 2)
-    _launch_confined(
+    bad_dq, bad_dkdv = confine_flags(q, 2)
+    launch_confined(
         _bwd_dq, lambda meta: (cdiv(T, meta["BM"]), B * H),
         (q, k, v, kp_, vp_, o, do, lse, delta, dq, doc_, bad_dq,
          *s_in, *_strides3(o), *_strides3(do), *_strides3(dq), T, P, H, scale),
         consts,
     )
     dkp_, dvp_ = (dkp, dvp) if kp is not None else (dk, dv)
-    _launch_confined(
+    launch_confined(
         _bwd_dkdv, lambda meta: (cdiv(T + P, meta["BN"]), B * Hkv),
         (q, k, v, kp_, vp_, do, lse, delta, dk, dv, dkp_, dvp_, doc_, bad_dkdv,
          *s_in, *_strides3(do), *_strides3(dk), *_strides3(dv), *_strides3(dkp if kp is not None else None),
@@ -304,7 +285,7 @@ class _PlainFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, plan):
         o = plan.alloc(q, 0)
         lse = q.new_empty(plan.lse_shape, dtype=torch.float32)
-        _launch_confined(_fwd, plan.grid_q, (q, k, v, q, q, o, lse, lse, *_flags(q, 1), *plan.fwd_scalars),
+        launch_confined(_fwd, plan.grid_q, (q, k, v, q, q, o, lse, lse, *confine_flags(q, 1), *plan.fwd_scalars),
                          plan.consts)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.plan = plan
@@ -319,10 +300,10 @@ class _PlainFunction(torch.autograd.Function):
         s_dq, s_dkdv = plan.bwd_scalars(do)
         dq, dk, dv = plan.alloc(q, 0), plan.alloc(k, 1), plan.alloc(v, 2)
         delta = torch.empty_like(lse)
-        bad_dq, bad_dkdv = _flags(q, 2)
-        _launch_confined(_bwd_dq, plan.grid_q, (q, k, v, q, q, o, do, lse, delta, dq, lse, bad_dq, *s_dq),
+        bad_dq, bad_dkdv = confine_flags(q, 2)
+        launch_confined(_bwd_dq, plan.grid_q, (q, k, v, q, q, o, do, lse, delta, dq, lse, bad_dq, *s_dq),
                          plan.consts)
-        _launch_confined(_bwd_dkdv, plan.grid_kv,
+        launch_confined(_bwd_dkdv, plan.grid_kv,
                          (q, k, v, q, q, do, lse, delta, dk, dv, dk, dv, lse, bad_dkdv, *s_dkdv), plan.consts)
         return dq, dk, dv, None
 

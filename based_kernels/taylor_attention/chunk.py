@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._jit_common import finite_rows
+from .._jit_common import finite_rows, flag_non_finite
 
 RSQRT2 = tl.constexpr(0.7071067811865476)
 
@@ -253,18 +253,22 @@ def taylor_chunk_state_kernel(
 
 @triton.jit
 def taylor_chunk_output_kernel(
-    q, k, v, o, den, hc, hl, zc, cu_seqlens, chunk_meta,
+    q, k, v, o, den, hc, hl, zc, cu_seqlens, chunk_meta, bad,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
     T, H, NC, scale, eps,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr,
-    BL: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr,
+    BL: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr, CONFINE: tl.constexpr,
 ):
     """Output of one chunk: intra-chunk ``(1 + s + s^2/2)`` part plus ``phi(Q_c) . (hc_c, zc_c)``. The constant
     and linear rows (the largest terms: the constant row is the running sum of v) come from their fp32 copy
     ``hl`` in a 3-pass tf32 product (~fp32; ``LOW_PREC``, IEEE when PREC is); the quadratic rows from the bf16
     ``hc`` on bf16 tensor cores. ``PREC``: the input_precision of the other products with fp32 operands
-    (_common.dot_precision: IEEE for fp32 inputs at torch's default float32 matmul precision, else tf32)."""
+    (_common.dot_precision: IEEE for fp32 inputs at torch's default float32 matmul precision, else tf32).
+    Launched plain, then with ``CONFINE`` (``_common.launch_confined``)."""
+    if CONFINE:  # the confining re-launch: only after a plain program flagged a non-finite result
+        if tl.load(bad) == 0:
+            return
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p_st = i_c.to(tl.int64) * H + i_h
@@ -275,9 +279,11 @@ def taylor_chunk_output_kernel(
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
     m_c = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
     b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
-    # a non-finite v row reaches only the queries that see it, through A (not 0 * NaN in every row: _jit_common)
-    b_v, b_vnan = finite_rows(b_v)
-    b_num = _mm(tl.where(m_c, b_A + b_vnan[None, :], 0.), b_v, b_v, HI_INTRA, PREC)
+    b_w = b_A
+    if CONFINE:  # a non-finite v row reaches only the queries that see it, through A (not 0 * NaN: _jit_common)
+        b_v, b_vnan = finite_rows(b_v)
+        b_w = tl.where(m_c, b_A + b_vnan[None, :], 0.)
+    b_num = _mm(b_w, b_v, b_v, HI_INTRA, PREC)
     b_den = tl.sum(b_A, 1)
     o_l, m_l, a_l, b_l, c_l = _features(0, scale, F, BL)
     m_l = m_l & (o_l <= F)
@@ -296,6 +302,8 @@ def taylor_chunk_output_kernel(
     tl.store(o + i_b * s_ob + i_h * s_oh + o_tt[:, None] * s_ot + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
     tl.store(den + (i_b * T + o_tt) * H + i_h, b_den, mask=m_t & (i_v == 0))
+    if not CONFINE:
+        flag_non_finite(bad, b_o, b_den, m_t)
 
 
 @triton.jit

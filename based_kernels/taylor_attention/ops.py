@@ -23,8 +23,8 @@ import torch
 import triton
 
 from .. import _common
-from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, dot_precision,
-                       lastdim_contiguous, next_pow2, resolve_backend)
+from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, confine_flags, dot_precision,
+                       lastdim_contiguous, launch_confined, next_pow2, resolve_backend)
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
                     taylor_prep_kernel)
 from .recurrent import taylor_step_buffered_kernel, taylor_step_kernel
@@ -309,13 +309,13 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
     den = q.new_empty(B, T, H, dtype=torch.float32)
     if n_chunks:
         grid = (cdiv(DV, BV), n_chunks, H)
-        _output_kernel(lambda m: grid, (
+        launch_confined(_output_kernel, lambda m: grid, (
             q, k, v, o, den, hc, hl, zc, cu_seqlens if cu_seqlens is not None else den,
-            meta if meta is not None else den,
+            meta if meta is not None else den, *confine_flags(q, 1),
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
-            F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
-            BL=max(16, next_pow2(F + 1)), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
-            num_warps=nw, num_stages=ns)
+            dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
+                 BL=max(16, next_pow2(F + 1)), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
+                 num_warps=nw, num_stages=ns))
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     if not keep_states:

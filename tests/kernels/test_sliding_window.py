@@ -4,7 +4,7 @@ head dims, kv_prefix, varlen, strided inputs and torch.compile. On CPU the kerne
 import pytest
 import torch
 
-from based_kernels import sliding_window_attention
+from based_kernels import _common, sliding_window_attention
 from based_kernels.sliding_window import sliding_window_attention_reference as reference
 from based_kernels.sliding_window import ops, sliding_window_step
 
@@ -52,8 +52,8 @@ def check_against_fp64(q, k, v, prefix, window, tol, cu_seqlens=None):
 @pytest.mark.parametrize("confine", [False, True], ids=["plain", "confining"])
 def test_forward_and_gradients_match_fp64(B, T, H, Hkv, D, W, P, dtype, tol, confine, monkeypatch):
     """Clean inputs take the plain launches (the confining ones return at once); ``confining``: the confining
-    launches recompute every tile (ops.ALWAYS_CONFINE), the path of inputs with a NaN or inf."""
-    monkeypatch.setattr(ops, "ALWAYS_CONFINE", confine)
+    launches recompute every tile (_common.ALWAYS_CONFINE), the path of inputs with a NaN or inf."""
+    monkeypatch.setattr(_common, "ALWAYS_CONFINE", confine)
     check_against_fp64(*make(B, T, H, Hkv, D, dtype, P), W, tol)
 
 
@@ -64,12 +64,12 @@ def check_confining_equals_plain(B, T, H, Hkv, D, W, P, dtype, cu=None):
     inputs = [q, k, v] + (list(prefix) if prefix else [])
     runs = []
     for confine in (False, True):
-        ops.ALWAYS_CONFINE = confine
+        _common.ALWAYS_CONFINE = confine
         try:
             o = sliding_window_attention(q, k, v, window=W, kv_prefix=prefix, cu_seqlens=cu, backend="triton")
             runs.append([o, *torch.autograd.grad(o, inputs, torch.ones_like(o))])
         finally:
-            ops.ALWAYS_CONFINE = False
+            _common.ALWAYS_CONFINE = False
     for name, a, b in zip(["o", "dq", "dk", "dv", "dk_prefix", "dv_prefix"], *runs):
         assert torch.equal(a, b), (name, (a.double() - b.double()).abs().max().item())
 
@@ -178,7 +178,7 @@ def test_fp32_products_follow_the_float32_matmul_setting(monkeypatch):
             return launcher(grid, args, **consts)
         return launch
 
-    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv"):  # each launched twice: plain, then confining
+    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv"):  # each launched twice: plain, then confining (_common)
         monkeypatch.setattr(ops, name, spy(getattr(ops, name)))
     old = torch.get_float32_matmul_precision()
     try:

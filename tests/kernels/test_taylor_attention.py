@@ -15,6 +15,7 @@ from based_kernels.taylor_attention import (
     taylor_linear_attention,
     taylor_linear_attention_step,
 )
+from based_kernels import _common
 from based_kernels._common import dot_precision
 from based_kernels.taylor_attention import ops
 from based_kernels.taylor_attention.reference import taylor_state_with_buffer
@@ -104,10 +105,33 @@ def check_all(got, want, tol, tol_grad=None):
 
 
 @pytest.mark.parametrize("T", [1, 63, 65, 127])
-def test_forward_state_and_grads_fp32(T):
+@pytest.mark.parametrize("confine", [False, True], ids=["plain", "confining"])
+def test_forward_state_and_grads_fp32(T, confine, monkeypatch):
+    """``confining``: the output pass's confining launch recomputes every tile (_common.ALWAYS_CONFINE), the path
+    of inputs with a NaN or inf; otherwise it returns at once."""
+    monkeypatch.setattr(_common, "ALWAYS_CONFINE", confine)
     q, k, v, h0 = make(1, T, 2, 16, 32, state=True)
     got = run_with_grads(triton_fn, q, k, v, h0)
     check_all(got, oracle(q, k, v, h0), TOL32)
+
+
+def check_confining_equals_plain(B, T, H, DV, dtype, cu=None):
+    """On clean inputs the output pass's confining launch gives the plain one's output bit for bit (what lets a NaN
+    leave everything it cannot reach bitwise equal to a clean run, check_nan_confined)."""
+    q, k, v, h0 = make(B, T, H, 16, DV, dtype=dtype, state=True, n_states=None if cu is None else len(cu) - 1)
+    ys = []
+    for confine in (False, True):
+        _common.ALWAYS_CONFINE = confine
+        try:
+            ys.append(triton_fn(q, k, v, initial_state=h0, cu_seqlens=cu)[0])
+        finally:
+            _common.ALWAYS_CONFINE = False
+    assert torch.equal(ys[0], ys[1]), (ys[0].double() - ys[1].double()).abs().max().item()
+
+
+def test_confining_launch_equals_plain():
+    check_confining_equals_plain(2, 70, 2, 48, torch.float32)
+    check_confining_equals_plain(1, 90, 2, 32, torch.float32, cu=torch.tensor([0, 5, 60, 90], device=DEV))
 
 
 def test_no_state_and_other_shapes():
@@ -155,7 +179,8 @@ def test_dot_precision_follows_the_float32_matmul_setting(f32_precision, monkeyp
             run_with_grads(triton_fn, q, k, v, None)
             # forward: state + output pass; backward: (the state pass when the forward's states were not kept),
             # reverse state pass, gradient pass
-            assert [n for n, _, _ in seen] == ["taylor_chunk_state_kernel", "taylor_chunk_output_kernel",
+            # (the output pass twice: plain, then confining, _common.launch_confined)
+            assert [n for n, _, _ in seen] == ["taylor_chunk_state_kernel", *["taylor_chunk_output_kernel"] * 2,
                                                *["taylor_chunk_state_kernel"] * (1 if keep else 2),
                                                "taylor_chunk_grad_kernel"], seen
             assert all(p == prec for _, p, _ in seen), (setting, seen)
@@ -725,6 +750,12 @@ def test_varlen_and_states_bf16():
 @pytest.mark.parametrize("varlen", [False, True])
 def test_nan_reaches_only_the_outputs_that_see_it_bf16(which, varlen):
     check_nan_confined(which, varlen, 300, 170, torch.bfloat16)  # 128-token chunks: two before the NaN
+
+
+@pytest.mark.gpu
+def test_confining_launch_equals_plain_bf16():
+    check_confining_equals_plain(2, 1000, 4, 64, torch.bfloat16)
+    check_confining_equals_plain(1, 3000, 2, 64, torch.bfloat16, cu=torch.tensor([0, 1, 1700, 3000], device=DEV))
 
 
 @pytest.mark.gpu
