@@ -262,9 +262,9 @@ class Launcher:
                      compiled.packed_metadata, launch_metadata, enter, leave, *full)
 
 
-# NaN / inf confinement by re-launch (the SWA kernels and the Taylor output pass; their READMEs, "Masked pairs"):
-# a kernel runs plain (operands straight from memory into its products; every program sets a flag when a result
-# row is not finite: a non-finite operand row reaches every result row of its tile, 0 * NaN), then with its
+# NaN / inf confinement by re-launch (the SWA kernels and the Taylor output pass; their READMEs say what each
+# confines): a kernel runs plain (operands straight from memory into its products; every program sets a flag when a
+# result row is not finite: a non-finite operand row reaches every result row of its tile, 0 * NaN), then with its
 # CONFINE constexpr on, a launch whose programs return at once unless the flag is set, and otherwise recompute
 # their tiles with each non-finite operand row confined to the pairs that see it. ALWAYS_CONFINE: the confining
 # launches recompute on every call (tests).

@@ -286,7 +286,7 @@ class _PlainFunction(torch.autograd.Function):
         o = plan.alloc(q, 0)
         lse = q.new_empty(plan.lse_shape, dtype=torch.float32)
         launch_confined(_fwd, plan.grid_q, (q, k, v, q, q, o, lse, lse, *confine_flags(q, 1), *plan.fwd_scalars),
-                         plan.consts)
+                        plan.consts)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.plan = plan
         return o
@@ -302,9 +302,9 @@ class _PlainFunction(torch.autograd.Function):
         delta = torch.empty_like(lse)
         bad_dq, bad_dkdv = confine_flags(q, 2)
         launch_confined(_bwd_dq, plan.grid_q, (q, k, v, q, q, o, do, lse, delta, dq, lse, bad_dq, *s_dq),
-                         plan.consts)
+                        plan.consts)
         launch_confined(_bwd_dkdv, plan.grid_kv,
-                         (q, k, v, q, q, do, lse, delta, dk, dv, dk, dv, lse, bad_dkdv, *s_dkdv), plan.consts)
+                        (q, k, v, q, q, do, lse, delta, dk, dv, dk, dv, lse, bad_dkdv, *s_dkdv), plan.consts)
         return dq, dk, dv, None
 
 
