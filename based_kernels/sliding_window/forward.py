@@ -56,7 +56,7 @@ def visible_mask(i_q, j, T, P, W, doc, IS_VARLEN: tl.constexpr, KEY_MAJOR: tl.co
     configs=configs(
         # (BM, BN, warps, stages, register cap): timed by the autotuner; the first is the launch without tuning.
         # The 4-warp tiles capped at 128 registers run 4 programs per SM instead of 2 and were the fastest on an H100
-        # (benchmarks/sliding_window.py, README "Tiles")
+        # (benchmarks/swa_tiles.py, README "Tiles")
         [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s, maxnreg=r)
          for bm, bn, w, s, r in [(64, 64, 4, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, None), (64, 32, 4, 2, None),
                                  (128, 64, 8, 3, None)]],
