@@ -7,7 +7,8 @@
 - ``swa_bwd_dkdv_kernel``: one program per (key block, batch x kv head) walks the queries that see the block
   (``j ... j + W``) for each of the G query heads of the group in a fixed order and writes dK, dV (and the
   kv_prefix gradients for rows ``j < 0``). Summing GQA groups inside one program keeps it deterministic.
-P is rebuilt twice (once per kernel): the price of determinism, small at W <= 256.
+P is rebuilt twice (once per kernel): the price of determinism, small at W <= 256. Each kernel runs plain, then
+``CONFINE`` (``_common.launch_confined``; README, "Masked pairs").
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def swa_bwd_dq_kernel(
         b_p = tl.exp2(b_s - b_lse[:, None])
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         # masked pairs are exact zeros even where s, dp (a non-finite k or v) or delta are not; the pairs that see a
-        # non-finite k carry it in ds, so k enters the product with its non-finite values zeroed (_jit_common)
+        # non-finite k carry it in ds, so the confining launch zeroes k's non-finite values in the product
         b_ds = tl.where(visible_mask(i_q, j, T, P, W, doc, IS_VARLEN), b_p * (b_dp - b_delta[:, None]), 0.0)
         if CONFINE:
             b_k = finite_rows(b_k)[0]
