@@ -123,6 +123,11 @@ def _meta(q, k, kp):
 def swa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torch.Tensor],
             vp: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], window: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _swa_fwd(q, k, v, kp, vp, cu_seqlens, window, scale, *confine_flags(q, 1))
+
+
+def _swa_fwd(q, k, v, kp, vp, cu_seqlens, window, scale, bad):
+    """swa_fwd with its confinement flag given (``bad``: zeroed, from ``confine_flags``)."""
     B, T, H, Hkv, D, P, block_d, prec = _meta(q, k, kp)
     doc = doc_ids(cu_seqlens, T, q.device)
     o = empty_like_layout(q, q.shape)
@@ -130,7 +135,7 @@ def swa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torc
     kp_, vp_ = (q, q) if kp is None else (kp, vp)
     launch_confined(
         _fwd, lambda meta: (cdiv(T, meta["BM"]), B * H),
-        (q, k, v, kp_, vp_, o, lse, doc if doc is not None else lse, *confine_flags(q, 1),
+        (q, k, v, kp_, vp_, o, lse, doc if doc is not None else lse, bad,
          *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp), *_strides3(o),
          T, P, H, scale),
         dict(D=D, W=window, G=H // Hkv, BLOCK_D=block_d, HAS_PREFIX=kp is not None, IS_VARLEN=doc is not None,
@@ -152,6 +157,11 @@ def swa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             vp: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], o: torch.Tensor, lse: torch.Tensor,
             window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor]:
+    return _swa_bwd(do, q, k, v, kp, vp, cu_seqlens, o, lse, window, scale, *confine_flags(q, 2))
+
+
+def _swa_bwd(do, q, k, v, kp, vp, cu_seqlens, o, lse, window, scale, bad_dq, bad_dkdv):
+    """swa_bwd with the two kernels' confinement flags given (zeroed, from ``confine_flags``)."""
     B, T, H, Hkv, D, P, block_d, prec = _meta(q, k, kp)
     doc = doc_ids(cu_seqlens, T, q.device)
     do = lastdim_contiguous(do)
@@ -169,7 +179,6 @@ def swa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s_in = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp))  # both kernels
     consts = dict(D=D, W=window, G=H // Hkv, BLOCK_D=block_d, HAS_PREFIX=kp is not None, IS_VARLEN=doc is not None,
                   DOT_PREC=prec)
-    bad_dq, bad_dkdv = confine_flags(q, 2)
     launch_confined(
         _bwd_dq, lambda meta: (cdiv(T, meta["BM"]), B * H),
         (q, k, v, kp_, vp_, o, do, lse, delta, dq, doc_, bad_dq,
@@ -206,9 +215,9 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _grads(ctx, do, bwd):
+def _grads(ctx, do, bwd, *flags):
     q, k, v, kp, vp, cu_seqlens, o, lse = ctx.saved_tensors
-    dq, dk, dv, dkp, dvp = bwd(do, q, k, v, kp, vp, cu_seqlens, o, lse, ctx.window, ctx.scale)
+    dq, dk, dv, dkp, dvp = bwd(do, q, k, v, kp, vp, cu_seqlens, o, lse, ctx.window, ctx.scale, *flags)
     if kp is None:
         dkp = dvp = None
     return dq, dk, dv, dkp, dvp, None, None, None
@@ -225,14 +234,15 @@ class SlidingWindowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, kp, vp, cu_seqlens, window, scale):
-        o, lse = swa_fwd(q, k, v, kp, vp, cu_seqlens, window, scale)
+        bad, *ctx.bad = confine_flags(q, 3)  # the forward's and the backward's flags: one zeroed allocation
+        o, lse = _swa_fwd(q, k, v, kp, vp, cu_seqlens, window, scale, bad)
         ctx.save_for_backward(q, k, v, kp, vp, cu_seqlens, o, lse)
         ctx.window, ctx.scale = window, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        return _grads(ctx, do, swa_bwd)
+        return _grads(ctx, do, _swa_bwd, *ctx.bad)
 
 
 class _Plan:
@@ -285,8 +295,8 @@ class _PlainFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, plan):
         o = plan.alloc(q, 0)
         lse = q.new_empty(plan.lse_shape, dtype=torch.float32)
-        launch_confined(_fwd, plan.grid_q, (q, k, v, q, q, o, lse, lse, *confine_flags(q, 1), *plan.fwd_scalars),
-                        plan.consts)
+        bad, *ctx.bad = confine_flags(q, 3)  # the forward's and the backward's flags: one zeroed allocation
+        launch_confined(_fwd, plan.grid_q, (q, k, v, q, q, o, lse, lse, bad, *plan.fwd_scalars), plan.consts)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.plan = plan
         return o
@@ -300,7 +310,7 @@ class _PlainFunction(torch.autograd.Function):
         s_dq, s_dkdv = plan.bwd_scalars(do)
         dq, dk, dv = plan.alloc(q, 0), plan.alloc(k, 1), plan.alloc(v, 2)
         delta = torch.empty_like(lse)
-        bad_dq, bad_dkdv = confine_flags(q, 2)
+        bad_dq, bad_dkdv = ctx.bad
         launch_confined(_bwd_dq, plan.grid_q, (q, k, v, q, q, o, do, lse, delta, dq, lse, bad_dq, *s_dq),
                         plan.consts)
         launch_confined(_bwd_dkdv, plan.grid_kv,
