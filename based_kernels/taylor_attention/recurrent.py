@@ -197,11 +197,8 @@ def taylor_step_buffered_kernel(
     w_cur = 1. + s_cur + 0.5 * s_cur * s_cur
     b_qa, b_qb = _phi(p_q, a_a, b_a, c_a, m_a), _phi(p_q, a_b, b_b, c_b, m_b)
     p_z = z + i_st * D
-    b_za, b_zb = tl.load(p_z + r_a, mask=m_a, other=0.), tl.load(p_z + r_b, mask=m_b, other=0.)
-    b_den = (tl.sum(b_qa * b_za, 0) + tl.sum(b_qb * b_zb, 0)) + (tl.sum(b_wb, 0) + w_cur)
-    # the fold's features of this token and of the buffered ones: computed in the first value block, which also
-    # folds them into z; later blocks recompute only the buffered tokens' (a [C, BA] tile would take registers)
-    b_pka, b_pkb = _phi(p_k, a_a, b_a, c_a, m_a), _phi(p_k, a_b, b_b, c_b, m_b)
+    b_den = (tl.sum(b_qa * tl.load(p_z + r_a, mask=m_a, other=0.), 0)
+             + tl.sum(b_qb * tl.load(p_z + r_b, mask=m_b, other=0.), 0)) + (tl.sum(b_wb, 0) + w_cur)
     p_s = s + i_st * D * DV
     p_sq = sq + i_st * (D - 1 - F) * DV
     use_copy = n < C
@@ -217,26 +214,29 @@ def taylor_step_buffered_kernel(
         b_num = (tl.sum(b_qa[:, None] * b_ha, 0) + tl.sum(b_qb[:, None] * b_hb, 0)) + (
             tl.sum(b_wb[:, None] * b_vb, 0) + w_cur * b_v)
         tl.store(y + i_st * DV + o_v, (b_num / (b_den + eps)).to(y.dtype.element_ty), mask=m_v)
-        if fold:  # S += phi(k_j) v_j^T for the buffered tokens and this one: fp32 rank-1 updates
-            b_ha += b_pka[:, None] * b_v[None, :]
-            b_hb += b_pkb[:, None] * b_v[None, :]
+        # fold: S += phi(k_j) v_j^T for the buffered tokens and this one (fp32 rank-1 updates), their features
+        # gathered again per value block and for z: keeping this token's across the loop and folding z in the
+        # first block took longer per step (README, "Decode")
+        if fold:
+            b_ha += _phi(p_k, a_a, b_a, c_a, m_a)[:, None] * b_v[None, :]
+            b_hb += _phi(p_k, a_b, b_b, c_b, m_b)[:, None] * b_v[None, :]
             for jj in range(0, n_rows):
                 b_vj = tl.load(p_vb + jj * DV + o_v, mask=m_v, other=0.).to(tl.float32)
-                b_fa = _phi(p_kb + jj * F, a_a, b_a, c_a, m_a)
-                b_fb = _phi(p_kb + jj * F, a_b, b_b, c_b, m_b)
-                b_ha += b_fa[:, None] * b_vj[None, :]
-                b_hb += b_fb[:, None] * b_vj[None, :]
-                if j == 0:
-                    b_za += b_fa
-                    b_zb += b_fb
+                b_ha += _phi(p_kb + jj * F, a_a, b_a, c_a, m_a)[:, None] * b_vj[None, :]
+                b_hb += _phi(p_kb + jj * F, a_b, b_b, c_b, m_b)[:, None] * b_vj[None, :]
             _store_rows(p_s, p_sq, b_ha, r_a, m_a, o_v, m_v, F, DV, HAS_COPY)
             _store_rows(p_s, p_sq, b_hb, r_b, m_b, o_v, m_v, F, DV, HAS_COPY)
         else:
             tl.store(p_vb + n * DV + o_v, b_vr.to(vb.dtype.element_ty), mask=m_v)
 
     if fold:
-        tl.store(p_z + r_a, b_za + b_pka, mask=m_a)
-        tl.store(p_z + r_b, b_zb + b_pkb, mask=m_b)
+        b_za = tl.load(p_z + r_a, mask=m_a, other=0.) + _phi(p_k, a_a, b_a, c_a, m_a)
+        b_zb = tl.load(p_z + r_b, mask=m_b, other=0.) + _phi(p_k, a_b, b_b, c_b, m_b)
+        for jj in range(0, n_rows):
+            b_za += _phi(p_kb + jj * F, a_a, b_a, c_a, m_a)
+            b_zb += _phi(p_kb + jj * F, a_b, b_b, c_b, m_b)
+        tl.store(p_z + r_a, b_za, mask=m_a)
+        tl.store(p_z + r_b, b_zb, mask=m_b)
         tl.store(cnt + i_st + o_1, tl.zeros([1], dtype=cnt.dtype.element_ty))
     else:
         tl.store(p_kb + n * F + o_k, b_kr.to(kb.dtype.element_ty), mask=m_k)
