@@ -74,7 +74,8 @@ def _pairs(m, F: tl.constexpr):
 @triton.jit
 def _features(i_f, scale, F: tl.constexpr, BF: tl.constexpr):
     """Rows ``r`` of feature block ``i_f``, their mask, factor columns ``a``, ``b`` (-1 = constant) and
-    coefficients ``c`` (0 on padding rows)."""
+    coefficients ``c`` (0 on padding rows), computed: the decode kernels' source (once per program); the chunk
+    kernels read the same rows from a table (``_feature_rows``)."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
     o_r = i_f * BF + tl.arange(0, BF)
     m_r = o_r < D
@@ -85,6 +86,21 @@ def _features(i_f, scale, F: tl.constexpr, BF: tl.constexpr):
     b = tl.where(off, p_j, tl.where(diag, o_r - 1 - F, -1))
     c = tl.where(o_r == 0, 1.0, tl.where(off, scale * scale, tl.where(diag, scale * scale * RSQRT2, scale)))
     return o_r, m_r, a, b, tl.where(m_r, c, 0.)
+
+
+@triton.jit
+def _feature_rows(feat, i_f, F: tl.constexpr, BF: tl.constexpr):
+    """``_features`` of block ``i_f`` read from ``feat`` (int32 ``[3, D]``: the factor columns a, b and the fp32 bits
+    of the coefficient c per row; ``ops.feature_table``), the chunk kernels' source: in a ``[BF]`` slice of a tile's
+    layout every thread holds many rows, and ``_pairs``' arithmetic on them took ~15% of the output and gradient
+    passes' instructions, where the table costs three cached loads per row."""
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
+    o_r = i_f * BF + tl.arange(0, BF)
+    m_r = o_r < D
+    a = tl.load(feat + o_r, mask=m_r, other=-1)
+    b = tl.load(feat + D + o_r, mask=m_r, other=-1)
+    c = tl.load(feat + 2 * D + o_r, mask=m_r, other=0).to(tl.float32, bitcast=True)
+    return o_r, m_r, a, b, c
 
 
 @triton.jit
@@ -183,7 +199,7 @@ def _load_chunk(q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_k
 
 @triton.jit
 def taylor_chunk_state_kernel(
-    x, w, den, col, h0s, h0z, hc, hl, zc, hts, htz, cu_seqlens, chunk_offsets,
+    x, w, den, col, h0s, h0z, hc, hl, zc, hts, htz, cu_seqlens, chunk_offsets, feat,
     s_xb, s_xt, s_xh, s_wb, s_wt, s_wh,
     T, H, NC, scale,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
@@ -203,7 +219,7 @@ def taylor_chunk_state_kernel(
     i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
     i_st = i_n.to(tl.int64) * H + i_h
 
-    o_r, m_r, a, b, c = _features(i_f, scale, F, BF)
+    o_r, m_r, a, b, c = _feature_rows(feat, i_f, F, BF)
     o_k = tl.arange(0, BK)
     m_k = o_k < F
     o_t = tl.arange(0, BT)
@@ -253,7 +269,7 @@ def taylor_chunk_state_kernel(
 
 @triton.jit
 def taylor_chunk_output_kernel(
-    q, k, v, o, den, hc, hl, zc, cu_seqlens, chunk_meta, bad,
+    q, k, v, o, den, hc, hl, zc, cu_seqlens, chunk_meta, bad, feat,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
     T, H, NC, scale, eps,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
@@ -285,13 +301,13 @@ def taylor_chunk_output_kernel(
         b_w = tl.where(m_c, b_A + b_vnan[None, :], 0.)
     b_num = _mm(b_w, b_v, b_v, HI_INTRA, PREC)
     b_den = tl.sum(b_A, 1)
-    o_l, m_l, a_l, b_l, c_l = _features(0, scale, F, BL)
+    o_l, m_l, a_l, b_l, c_l = _feature_rows(feat, 0, F, BL)
     m_l = m_l & (o_l <= F)
     b_hl = tl.load(hl + (p_st * (F + 1) + o_l[:, None]) * DV + o_v[None, :], mask=m_l[:, None] & m_v[None, :],
                    other=0.)
     b_num += tl.dot(_phi(b_q, a_l, b_l, tl.where(m_l, c_l, 0.), BK), b_hl, input_precision=LOW_PREC)
     for i_f in range(0, NF):
-        o_r, m_r, a, b, c = _features(i_f, scale, F, BF)
+        o_r, m_r, a, b, c = _feature_rows(feat, i_f, F, BF)
         b_h = tl.load(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :],
                       mask=(m_r & (o_r > F))[:, None] & m_v[None, :], other=0.)
         b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
@@ -327,7 +343,7 @@ def taylor_prep_kernel(o, dy, den, dd, s_ob, s_ot, s_oh, s_yb, s_yt, s_yh, T, H,
 
 @triton.jit
 def taylor_chunk_grad_kernel(
-    q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv, cu_seqlens, chunk_meta,
+    q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv, cu_seqlens, chunk_meta, feat,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_yb, s_yt, s_yh,
     s_gn, s_gb, s_gt, s_gh, s_db, s_dt, s_dh,
     T, H, NC, scale,
@@ -371,7 +387,7 @@ def taylor_chunk_grad_kernel(
         b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI, PREC)
     # inter-chunk: dq from the state before the chunk, dk and dv from the gradient of the state after it
     for i_f in range(0, NF):
-        o_r, m_r, a, b, c = _features(i_f, scale, F, BF)
+        o_r, m_r, a, b, c = _feature_rows(feat, i_f, F, BF)
         m_rv = m_r[:, None] & m_v[None, :]
         p_h = (p_st * D + o_r[:, None]) * DV + o_v[None, :]
         if PART != 2:

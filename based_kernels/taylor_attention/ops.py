@@ -221,6 +221,36 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
+_FEATURE_TABLES: dict = {}
+
+
+def feature_table(F: int, device: torch.device) -> torch.Tensor:
+    """The chunk kernels' feature rows (``chunk._feature_rows``): int32 ``[3, D]`` holding per row of the symmetric
+    map (reference.symmetric_feature_map's order) its factor columns a, b (-1: the constant 1) and the fp32 bits of
+    its coefficient c (1, f^(-1/4), f^(-1/2) / sqrt(2), f^(-1/2), rounded as the kernels' fp32 arithmetic rounds
+    them). Built once per (f, device) at the first launch there, which (like Triton's compilation) has to run outside
+    a CUDA graph capture."""
+    key = (F, device)
+    table = _FEATURE_TABLES.get(key)
+    if table is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"taylor_linear_attention's first call with f = {F} on {device} is inside a CUDA "
+                               f"graph capture: run it once outside the capture first (warm-up), as for any "
+                               f"Triton kernel's first launch")
+        i, j = torch.triu_indices(F, F, 1)
+        cols = torch.arange(F)
+        one = torch.full((1,), -1)
+        a = torch.cat([one, cols, cols, i])
+        b = torch.cat([one, torch.full((F,), -1), cols, j])
+        s = torch.tensor(F ** -0.25, dtype=torch.float32)
+        s2 = s * s
+        f32 = dict(dtype=torch.float32)
+        c = torch.cat([torch.ones(1, **f32), s.expand(F), (s2 * torch.tensor(0.7071067811865476, **f32)).expand(F),
+                       s2.expand(len(i))])
+        table = _FEATURE_TABLES[key] = torch.stack([a.int(), b.int(), c.view(torch.int32)]).to(device)
+    return table
+
+
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
@@ -291,7 +321,7 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
         x, w, den if den is not None else zc, dd if dd is not None else zc,
         h0s if use_h0 else zc, h0z if use_h0 else zc, hc, hl, zc, ht, hz,
         cu_seqlens if cu_seqlens is not None else zc, offsets if offsets is not None else zc,
-        *_s3(x), *_s3(w), T, H, NC, F ** -0.25),
+        feature_table(F, x.device), *_s3(x), *_s3(w), T, H, NC, F ** -0.25),
         F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, REVERSE=reverse, USE_H0=use_h0, STORE_HT=want_last,
         IS_VARLEN=cu_seqlens is not None, STORE_LOW=low, PREC=prec, num_warps=nw, num_stages=ns)
     return hc, hl, zc, ht, hz
@@ -311,7 +341,7 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
         grid = (cdiv(DV, BV), n_chunks, H)
         launch_confined(_output_kernel, lambda m: grid, (
             q, k, v, o, den, hc, hl, zc, cu_seqlens if cu_seqlens is not None else den,
-            meta if meta is not None else den, *confine_flags(q, 1),
+            meta if meta is not None else den, *confine_flags(q, 1), feature_table(F, q.device),
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
                  BL=max(16, next_pow2(F + 1)), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
@@ -391,7 +421,7 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
             _grad_kernel(lambda m: grid, (
                 q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv,
                 cu_seqlens if cu_seqlens is not None else den, meta if meta is not None else den,
-                *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
+                feature_table(F, q.device), *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
                 *_s3(dv), T, H, NC, F ** -0.25),
                 F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
                 PREC=prec, PART=part, num_warps=nw, num_stages=ns)

@@ -264,6 +264,21 @@ def test_state_rows_are_the_symmetric_map(F):
         taylor_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], full, backend="triton")
 
 
+@pytest.mark.parametrize("F", [5, 16])
+def test_feature_table_is_the_symmetric_map(F):
+    """The chunk kernels' row table (factor columns a, b and coefficient c per feature row): c x_a x_b with x_-1 = 1
+    is ``symmetric_feature_map`` in fp64 (to c's fp32 rounding)."""
+    from based_kernels.taylor_attention import ops, symmetric_feature_map
+
+    tab = ops.feature_table(F, torch.device("cpu"))
+    assert tab.shape == (3, 1 + F + F * (F + 1) // 2) and tab.dtype == torch.int32
+    a, b, c = tab[0].long(), tab[1].long(), tab[2].view(torch.float32).double()
+    x = torch.randn(7, F, dtype=torch.float64)
+    x1 = torch.cat([x, torch.ones(7, 1, dtype=torch.float64)], 1)  # column -1: the constant 1
+    assert torch.allclose(c * x1[:, a] * x1[:, b], symmetric_feature_map(x), rtol=1e-7, atol=0)
+    assert ops.feature_table(F, torch.device("cpu")) is tab  # built once per (f, device)
+
+
 @pytest.mark.parametrize("which", [0, 1])
 def test_gradient_through_one_part_of_the_final_state(which):
     """A loss on only S (or only z) of the final state: the other part's gradient is zeros of the state's shape."""
