@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -189,6 +190,15 @@ def test_every_documented_command_is_in_the_table():
     assert not gone, f"in COMMANDS but no longer documented (remove them): {gone}"
 
 
+# documented commands whose run makes fixtures (``workdir``): the corpus of the README's preprocess is also
+# runs/demo/data/kjv and data/web, the tiny run's checkpoint also runs/demo/checkpoints. Each runs once, as its
+# COMMANDS entry says, and its test checks that run.
+FIXTURE_COMMANDS = [
+    ("README.md", "megatron-based-preprocess corpus.jsonl --output-prefix data/corpus --vocab-size 32000"),
+    ("launching.md", "launch/torchrun.sh configs/tiny.yaml")]
+_fixture_runs: dict[str, subprocess.CompletedProcess] = {}
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A directory with the repository's configs and launchers and the fixtures the documented commands read."""
@@ -202,11 +212,16 @@ def workdir(tmp_path_factory):
     (root / "corpus.jsonl").write_text(lines)
     (root / "corpus" / "kjv.jsonl").write_text(lines)
     (root / "valid.txt").write_text(text[:20000])
-    for command in ("megatron-based-preprocess corpus.jsonl --output-prefix runs/demo/data/kjv --vocab-size 1024",
-                    "megatron-based-preprocess corpus.jsonl --output-prefix data/web --vocab-size 1024",
-                    "megatron-based-train configs/tiny.yaml train.train_steps=2 train.lr_warmup_steps=1 train.save=runs/demo/checkpoints"):
-        out = run(command, root)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    preprocess, train = (COMMANDS[key] for key in FIXTURE_COMMANDS)
+    out = _fixture_runs[preprocess] = run(preprocess, root)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for prefix in ("runs/demo/data/kjv", "data/web"):  # the same corpus and vocabulary
+        (root / prefix).parent.mkdir(parents=True, exist_ok=True)
+        for f in (root / "data").glob("corpus.*"):
+            shutil.copy(f, root / (prefix + f.name[len("corpus"):]))
+    out = _fixture_runs[train] = run(train, root)  # trains on runs/demo/data/kjv (configs/tiny.yaml)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    shutil.copytree(root / "runs" / "tiny" / "checkpoints", root / "runs" / "demo" / "checkpoints")
     return root
 
 
@@ -235,7 +250,7 @@ def test_documented_command_runs(workdir, name, key, text):
         command = f"{sys.executable} block.py"
     else:
         command = text if how == AS_WRITTEN else how.command if isinstance(how, DryRun) else how
-    out = run(command, workdir)
+    out = _fixture_runs.get(command) or run(command, workdir)  # the fixture ran it already, or run it now
     log = out.stdout + out.stderr
     assert out.returncode == 0, f"{command}\n{log[-4000:]}"
     if isinstance(how, DryRun):
