@@ -118,3 +118,25 @@ def test_tables_ratios_and_goal_verdicts(tmp_path):
     assert "| BASED | no | | | | out of memory |" in text
     assert "decode ≥ 60k tokens/s at batch 128, prompt 128: 65,000 tokens/s (CUDA graphs), met" in text
     assert "is missing" not in text and (doc.parent / "speed_decode.svg").exists()
+
+
+def test_swa_goal_on_device_time_when_every_row_has_it(tmp_path):
+    """With the kernels' device times in every row (benchmarks/sliding_window.py records them), the SWA table shows
+    them beside the eager medians and judges the goal on them: a host-bound eager time does not decide it."""
+    res = _results(tmp_path)
+    swa = json.loads((res / "sliding_window.json").read_text())
+    for r, (ours, flex) in zip(swa["rows"], ((0.40, 0.80), (0.45, 0.81))):
+        r.update(ours_fwdbwd_device_ms=ours, flex_fwdbwd_device_ms=flex)
+    (res / "sliding_window.json").write_text(json.dumps(swa))
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n")
+    assert speed_report.main(["--results", str(res), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "| 8 | 4,096 | 16 | 64 | 128 | 0.100 | 0.150 | 1.50x | 0.500 | 1.000 | 2.00x | 0.400 | 0.800 | 2.00x |" \
+        in text
+    assert ("at every shape (device time): 1.80x (the lowest, B2 T16384 H16 D64 W128; 2 of 2 shapes reach 1.6x), "
+            "met") in text
+    swa["rows"][1].pop("flex_fwdbwd_device_ms")  # one row without: the eager medians decide, as before
+    (res / "sliding_window.json").write_text(json.dumps(swa))
+    speed_report.main(["--results", str(res), "--doc", str(doc)])
+    assert "at every shape: 1.70x (the lowest, B2 T16384" in doc.read_text()
