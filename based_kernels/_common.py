@@ -236,7 +236,10 @@ class Launcher:
         if hit is None:
             if COMPILE_THREADS > 1 and isinstance(self.kernel, _RT.Autotuner):
                 precompile_configs(self.kernel, grid, args, consts)
-            compiled = self.kernel[grid](*args, **consts)
+            try:
+                compiled = self.kernel[grid](*args, **consts)
+            except _RT.OutOfResources as e:
+                compiled = self._next_config_that_fits(grid, args, consts, e)
             best = getattr(self.kernel, "best_config", None)  # None: a plain (not autotuned) JITFunction
             meta = {**consts, **(best.kwargs if best is not None else {})}
             tail = tuple(meta[name] for name in self.kernel.arg_names[len(args):])
@@ -260,6 +263,27 @@ class Launcher:
             launch_metadata = compiled.launch_metadata(g, stream, *full)
         compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, compiled.function,
                      compiled.packed_metadata, launch_metadata, enter, leave, *full)
+
+    def _next_config_that_fits(self, grid, args, consts, error):
+        """Tuning off (BASED_KERNELS_AUTOTUNE=0: the autotuner has only its list's first config) and that config
+        does not fit this launch on this device (shared memory or registers, e.g. fp32 tiles at d 128): launch the
+        next config of the full list that does, as tuning would have skipped it. Else re-raise ``error``."""
+        tuner = self.kernel
+        every = getattr(tuner, "configs", None)
+        if not isinstance(tuner, _RT.Autotuner) or len(every) != 1 or not isinstance(every, ConfigList):
+            raise error
+        try:
+            for config in every.all:
+                if config is every[0]:
+                    continue
+                tuner.configs = ConfigList([config], every.all)
+                try:
+                    return tuner[grid](*args, **consts)
+                except _RT.OutOfResources:
+                    continue
+        finally:
+            tuner.configs = every  # later keys start from the first config again
+        raise error
 
 
 # NaN / inf confinement by re-launch (the SWA kernels and the Taylor output pass; their READMEs say what each
@@ -293,7 +317,7 @@ def forget_launches():
 
 class _RT:
     """Triton's runtime modules, imported at the first compiled launch (not at import: the interpreter tests)."""
-    driver = knobs = HookChain = Autotuner = None
+    driver = knobs = HookChain = Autotuner = OutOfResources = None
 
 
 def _triton_runtime():
@@ -301,9 +325,10 @@ def _triton_runtime():
         from triton import knobs
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.driver import driver
+        from triton.runtime.errors import OutOfResources
 
         _RT.driver, _RT.knobs, _RT.HookChain = driver, knobs, getattr(knobs, "HookChain", None)
-        _RT.Autotuner = Autotuner
+        _RT.Autotuner, _RT.OutOfResources = Autotuner, OutOfResources
 
 
 # Autotuning compiles every config of a kernel before timing them, and Triton compiles them one after another
