@@ -423,8 +423,8 @@ def test_step_buffered_equals_the_fp64_oracle(backend, F, DV, C):
     every output against the quadratic fp64 oracle, the state with its buffer against the fp64 final state, and
     the buffer's fill cycling 0..C (odd f, d_v 80 = three value blocks of 32 with the last masked, C 17 > 16
     rows of a tile, C 1 = a fold every other token; f 1 and 2: the kernel's second row tile of 1 and 2 rows). T: two
-    folds and then about half a buffer (C 17: one fold and 5 tokens)."""
-    B, T, H = 2, min(23, 2 * (C + 1) + C // 2 + 1), 3
+    folds and then about half a buffer (C 17: one fold and 5 tokens); 2 heads of 2 sequences."""
+    B, T, H = 2, min(23, 2 * (C + 1) + C // 2 + 1), 2
     q, k, v, h0 = make(B, T, H, F, DV, state=True)
     y, st, buf, counts = _buffered_decode(q, k, v, h0, C, backend)
     want, (S_want, z_want) = taylor_attention_quadratic(q.double(), k.double(), v.double(),
