@@ -103,15 +103,17 @@ def _bf16_ulp(t):
     return torch.exp2(torch.floor(torch.log2(t)) - 7)
 
 
-@pytest.mark.parametrize("shape", [(37, 45), (5, 3, 37), (7, 1000), (300, 64)])
+@pytest.mark.parametrize("shape", [(37, 45), (5, 3, 37), (7, 1000)])
 @pytest.mark.parametrize("x_dtype, out_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                                 (torch.float16, torch.float32)])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_out_dtype_matches_fp64(shape, x_dtype, out_dtype, backend):
     """``out_dtype`` other than x's (fp32_residual_connection: the fp32 residual normed into bf16): y in out_dtype
     from fp32 statistics of the unrounded x, rounded once; dx in x's dtype from dy in out_dtype; dw in w's dtype
-    (bf16, as in bf16 models). Odd shapes as in test_matches_fp64. The interpreter truncates on its bf16 stores
-    (see the module docstring), so bf16 y is checked to within one bf16 spacing of the fp64 value, elementwise."""
+    (bf16, as in bf16 models). Odd shapes as in test_matches_fp64 (its (300, 64) too runs the same elementwise
+    out_dtype code with several backward programs, as (37, 45) does here, at ~4.5 s a case in the interpreter).
+    The interpreter truncates on its bf16 stores (see the module docstring), so bf16 y is checked to within one bf16
+    spacing of the fp64 value, elementwise."""
     x, w, _ = make(shape, x_dtype, torch.bfloat16, seed=11)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(12)).to(DEV, out_dtype)
     y, dx, dw = run(x, w, dy, 1e-5, backend=backend, out_dtype=out_dtype)
