@@ -5,29 +5,15 @@ full list that fits, as tuning would, instead of failing; when none fits, Triton
 
 Runs in a subprocess without TRITON_INTERPRET and with a stand-in Triton driver (as test_launcher.py): the kernels
 compile for sm_90, the load of a refused config raises OutOfResources as Triton's own load does."""
-import os
-import subprocess
-import sys
 import textwrap
 
-SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["BASED_KERNELS_AUTOTUNE"] = "0"
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import compiler
-    from triton.runtime.driver import driver
+from .stand_in import DRIVER, run
+
+SCRIPT = 'import os\nos.environ["BASED_KERNELS_AUTOTUNE"] = "0"\n' + DRIVER + textwrap.dedent("""
     from triton.runtime.errors import OutOfResources
 
     launched = []
     limit = {}  # the stand-in device's shared memory for swa_fwd_kernel: just below what its first load needs
-
-    class FakeDriver:
-        launcher_cls = None
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_active_torch_device(self): return torch.device("cpu")
 
     def init_handles(self):
         if self.module is None:
@@ -75,7 +61,5 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_first_config_that_does_not_fit_falls_back_to_the_next():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
-    p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    p = run(SCRIPT)
     assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stdout[-3000:] + p.stderr[-3000:]

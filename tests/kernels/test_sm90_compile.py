@@ -3,27 +3,15 @@ with the arguments and constexprs the model really launches it with: a C / L / S
 TRITON_INTERPRET, with a stand-in Triton driver (as in test_launcher.py): each kernel goes through Triton's compiler
 and the ptxas that ships with triton, down to a cubin; only the launch is replaced by a record. Catches what the
 interpreter cannot (lowering errors, e.g. of fp64 math, unsupported layouts) before a GPU run."""
-import os
-import subprocess
-import sys
 import textwrap
 
-SCRIPT = textwrap.dedent("""
+from .stand_in import DRIVER, run
+
+SCRIPT = DRIVER + textwrap.dedent("""
     import os
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import compiler
     from triton.runtime.autotuner import Autotuner
-    from triton.runtime.driver import driver
 
     calls = []
-
-    class FakeDriver:
-        launcher_cls = None
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_active_torch_device(self): return torch.device("cpu")
 
     def init_handles(self):  # record launches instead of loading the cubin (compiled by then)
         if self.module is None:
@@ -74,10 +62,7 @@ TRAIN = {"rms_fwd_kernel", "rms_bwd_kernel", "conv_fwd_kernel", "conv_bwd_stream
 def test_decode_and_training_kernels_compile_for_sm90():
     from tests.distributed import _free_port
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
-    script = SCRIPT.replace("__PORT__", repr(str(_free_port())))
-    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    p = run(SCRIPT.replace("__PORT__", repr(str(_free_port()))))
     out = {line.split()[0]: set(line.split()[1:]) for line in p.stdout.splitlines()
            if line.startswith(("DECODE", "TRAIN"))}
     assert p.returncode == 0 and set(out) == {"DECODE", "TRAIN"}, p.stdout[-3000:] + p.stderr[-5000:]
