@@ -33,8 +33,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# TEST_WORKERS test files at a time (pytest-xdist; one file's tests run in one worker, so its module and session
+# fixtures, e.g. the launcher tests' slurm cluster, are built once): on a 2-core machine the suite takes ~2/3 of its
+# one-process time. One process with TEST_WORKERS=0, without pytest-xdist in .venv, and where torch sees a GPU (the
+# GPU tests share it, and the end-to-end jobs the suite starts first, tests/conftest.py, are once per process).
+TEST_WORKERS ?= 2
 test: $(STAMP) launch-deps
-	$(VENV)/bin/python -m pytest -q -ra tests
+	$(VENV)/bin/python -m pytest -q -ra $$($(VENV)/bin/python -c 'import xdist, torch; \
+	  assert not torch.cuda.is_available()' 2>/dev/null && echo "-n $(TEST_WORKERS) --dist loadfile") tests
 
 # PYTEST_ARGS: extra pytest arguments (e.g. --durations=20)
 # GPU_TESTS: the paths, in the order to run them (default: all of tests/)
