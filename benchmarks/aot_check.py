@@ -26,7 +26,8 @@ def compile_kernel(fn, dtype, consts, nw, ns):
     typed = {"den": f32p, "dd": f32p, "col": f32p, "h0s": f32p, "h0z": f32p, "zc": f32p, "hts": f32p,
              "htz": f32p, "dzc": f32p, "hl": f32p, "hc": s_dt, "dhc": s_dt, "cu_seqlens": "*i32", "chunk_offsets": "*i32",
              "chunk_meta": "*i32", "scale": "fp32", "eps": "fp32", "s_in": f32p, "z_in": f32p, "s_out": f32p,
-             "z_out": f32p, "s": f32p, "z": f32p, "kb": p, "vb": p, "cnt": "*i32", "sq": "*bf16", "bad": "*i32", "feat": "*i32"}
+             "z_out": f32p, "s": f32p, "z": f32p, "kb": p, "vb": p, "cnt": "*i32", "sq": "*bf16", "bad": "*i32",
+             "feat": "*i32"}
     sig = {}
     for n in fn.arg_names:
         if n in consts:

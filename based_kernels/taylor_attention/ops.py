@@ -421,7 +421,8 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
             _grad_kernel(lambda m: grid, (
                 q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv,
                 cu_seqlens if cu_seqlens is not None else den, meta if meta is not None else den,
-                feature_table(F, q.device), *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
+                feature_table(F, q.device), *_s3(q), *_s3(k), *_s3(v), *_s3(dy),
+                dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
                 *_s3(dv), T, H, NC, F ** -0.25),
                 F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
                 PREC=prec, PART=part, num_warps=nw, num_stages=ns)
