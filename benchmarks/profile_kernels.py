@@ -6,8 +6,10 @@ forward + backward of each, after warm-up (autotuning, compilation) outside the 
 runs itself under ``ncu --profile-from-start off --clock-control none --set full`` (clocks left as they are),
 writes ``DIR/kernels.ncu-rep``, ``DIR/kernels_details.csv`` and ``DIR/kernels_raw.csv`` (ncu's two pages) and
 prints per kernel: duration, compute (SM) and memory throughput as % of peak, achieved / theoretical occupancy,
-registers, the tensor pipe's share of active cycles and the top warp stall reasons. Without ``--ncu`` it is the
-profiled program itself (``ncu ... python benchmarks/profile_kernels.py`` also works). Needs a CUDA GPU and ncu.
+registers, the tensor pipe's share of active cycles and the top warp stall reasons; with ``--source`` also each
+Triton kernel's source page (``DIR/source_<kernel>.csv.gz``) and its lines with the most executed instructions.
+Without ``--ncu`` it is the profiled program itself (``ncu ... python benchmarks/profile_kernels.py`` also works).
+Needs a CUDA GPU and ncu.
 """
 from __future__ import annotations
 
@@ -127,7 +129,8 @@ def main() -> int:
     ap.add_argument("--kernels", default=None, help="profile only kernels whose name matches this regex")
     ap.add_argument("--source", action="store_true",
                     help="also write ncu's source page per kernel (SASS with per-instruction counters, with the "
-                         "Python source lines where ncu resolves them) to DIR/source_<kernel>.csv.gz")
+                         "Python source lines where ncu resolves them) to DIR/source_<kernel>.csv.gz and print "
+                         "each kernel's lines with the most executed instructions")
     a = ap.parse_args()
     which = [w for w in a.which.split(",") if w]
     bad = [w for w in which if w not in SHAPES]
@@ -160,6 +163,37 @@ def main() -> int:
     return 0
 
 
+def summarize_source(path: str, top: int = 8) -> list[tuple[str, float, float, str]]:
+    """The ``top`` source lines of a kernel by executed instructions in ncu's source page (``export_source``):
+    ``(file:line, % of the kernel's warp-stall samples, % of its executed instructions, source text)``. The page
+    holds, per source file, a "File Path" row, a "Function Name" row, a header, then one row per source line (its
+    number first) followed by that line's SASS rows (no number)."""
+    with gzip.open(path, "rt", newline="") as f:
+        table = list(csv.reader(f))
+    lines, file, head = [], None, None
+    for r in table:
+        if not r:
+            continue
+        if r[0] == "File Path":
+            file = os.path.basename(r[1])
+        elif r[0] == "Line No":
+            head = ["Line No", "Source", "Address", "SASS", *r[4:]]  # "Source" twice: the line's, then the SASS
+        elif head and r[0] != "Function Name" and r[0]:
+            lines.append((file, dict(zip(head, r))))
+
+    def num(d, key):
+        try:
+            return float(d.get(key, "").replace(",", ""))
+        except ValueError:
+            return 0.
+
+    samples = sum(num(d, "Warp Stall Sampling (All Samples)") for _, d in lines) or 1.
+    insts = sum(num(d, "Instructions Executed") for _, d in lines) or 1.
+    ranked = sorted(lines, key=lambda fd: -num(fd[1], "Instructions Executed"))[:top]
+    return [(f"{file}:{d['Line No']}", 100 * num(d, "Warp Stall Sampling (All Samples)") / samples,
+             100 * num(d, "Instructions Executed") / insts, d["Source"].strip()) for file, d in ranked]
+
+
 def export_source(ncu: str, report: str, kernel: str, path: str) -> None:
     """ncu's source page of the first launch of ``kernel`` in ``report``, gzipped: Python lines and SASS if ncu
     can print both, else SASS alone."""
@@ -169,7 +203,10 @@ def export_source(ncu: str, report: str, kernel: str, path: str) -> None:
         if done.returncode == 0 and done.stdout:
             with gzip.open(path, "wb") as f:
                 f.write(done.stdout)
-            print(f"source page ({view}) of {kernel}: {path}", flush=True)
+            print(f"source page ({view}) of {kernel}: {path}; the lines with the most executed instructions "
+                  "(% of the kernel's stall samples, % of its instructions):", flush=True)
+            for where, samp, inst, text in summarize_source(path):
+                print(f"  {where:24s} {samp:5.1f}% {inst:5.1f}%  {text[:80]}", flush=True)
             return
     print(f"no source page for {kernel}: {done.stderr.decode()[-300:]}", flush=True)
 
