@@ -33,13 +33,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# TEST_WORKERS test files at a time (pytest-xdist; one file's tests run in one worker, so its module and session
-# fixtures, e.g. the launcher tests' slurm cluster, are built once): on a 2-core machine the suite takes ~2/3 of its
-# one-process time. One process with TEST_WORKERS=0, without pytest-xdist in .venv, and where torch sees a GPU (the
-# GPU tests share it, and the end-to-end jobs the suite starts first, tests/conftest.py, are once per process).
-TEST_WORKERS ?= 2
+# TEST_WORKERS > 0: that many test files at a time (pytest-xdist; one file's tests run in one worker, so its module
+# and session fixtures, e.g. the launcher tests' slurm cluster, are built once): on a 2-core machine ~2/3 of the
+# one-process time. Off by default: single-process tools take a free port from the OS just before binding it, and
+# with two workers' processes beside each other one such bind failed (EADDRINUSE) in one of three runs. It stays one
+# process without pytest-xdist in .venv and where torch sees a GPU (the GPU tests and the end-to-end jobs the suite
+# starts first, tests/conftest.py, are once per process).
+TEST_WORKERS ?= 0
 test: $(STAMP) launch-deps
-	$(VENV)/bin/python -m pytest -q -ra $$($(VENV)/bin/python -c 'import xdist, torch; \
+	$(VENV)/bin/python -m pytest -q -ra $$([ "$(TEST_WORKERS)" != 0 ] && $(VENV)/bin/python -c 'import xdist, torch; \
 	  assert not torch.cuda.is_available()' 2>/dev/null && echo "-n $(TEST_WORKERS) --dist loadfile") tests
 
 # PYTEST_ARGS: extra pytest arguments (e.g. --durations=20)
