@@ -33,13 +33,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# TEST_WORKERS > 0: that many test files at a time (pytest-xdist; one file's tests run in one worker, so its module
-# and session fixtures, e.g. the launcher tests' slurm cluster, are built once): on a 2-core machine ~2/3 of the
-# one-process time. Off by default: single-process tools take a free port from the OS just before binding it, and
-# with two workers' processes beside each other one such bind failed (EADDRINUSE) in one of three runs. It stays one
-# process without pytest-xdist in .venv and where torch sees a GPU (the GPU tests and the end-to-end jobs the suite
-# starts first, tests/conftest.py, are once per process).
-TEST_WORKERS ?= 0
+# TEST_WORKERS: that many test files at a time (pytest-xdist; one file's tests run in one worker, so its module and
+# session fixtures, e.g. the launcher tests' slurm cluster, are built once): on a 2-core machine ~2/3 of the
+# one-process time. 0: one process. It is one process anyway without pytest-xdist in .venv and where torch sees a GPU
+# (the GPU tests and the end-to-end jobs the suite starts first, tests/conftest.py, are once per process).
+TEST_WORKERS ?= 2
 test: $(STAMP) launch-deps
 	$(VENV)/bin/python -m pytest -q -ra $$([ "$(TEST_WORKERS)" != 0 ] && $(VENV)/bin/python -c 'import xdist, torch; \
 	  assert not torch.cuda.is_available()' 2>/dev/null && echo "-n $(TEST_WORKERS) --dist loadfile") tests

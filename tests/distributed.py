@@ -7,14 +7,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import traceback
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from megatron_based.runtime.launch_env import free_port
+
+    return free_port()  # below the OS's ephemeral range: no other test's sockets can take it before rank 0 binds
 
 
 def _worker(rank, world_size, port, fn, args, queue):

@@ -20,6 +20,7 @@ bootstrap under ``srun --mpi=pmix``).
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 from dataclasses import dataclass
@@ -106,8 +107,32 @@ def _slurm_env(environ: Mapping[str, str]) -> DistEnv:
     )
 
 
-def free_port() -> int:
-    """A TCP port that is free now (the OS picks it): the rendezvous port of a job nobody else has to find."""
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the OS hands out for bind(0) and outgoing connections (Linux: 32768-60999 unless changed)."""
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(low: int = 20000) -> int:
+    """A TCP port that is free now, for a rendezvous that another process (rank) must find.
+
+    Chosen at random below the OS's ephemeral range, so that no socket the OS numbers itself (another tool's bind(0),
+    any outgoing connection, e.g. a gloo group's) can take it between this check and the store's bind; a port taken
+    from the OS (bind(0)) could. Falls back to an OS-chosen port when the range below the ephemeral one is all taken
+    (or there is none)."""
+    high = _ephemeral_range()[0]
+    rng = random.Random(int.from_bytes(os.urandom(8), "little"))  # not the seeded global RNG: forked twins differ
+    for _ in range(64 if high > low else 0):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -154,8 +179,9 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
 
 
 def default_port(world_size: int) -> int:
-    """MASTER_PORT when none is set: ranks of a job must agree on one (29500, torchrun's), but a single process
-    takes a free port, so that single-process tools and tests on one host do not collide."""
+    """MASTER_PORT when none is set: ranks of a job must agree on one (29500, torchrun's). A single process needs
+    no rendezvous (``initialize_parallel`` gives it an in-process store) and gets a free port, for third-party code
+    that reads MASTER_PORT, so that single-process tools on one host never all claim 29500."""
     return DEFAULT_PORT if world_size > 1 else free_port()
 
 

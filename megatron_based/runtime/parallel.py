@@ -16,7 +16,8 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_para
                         context_parallel_size: int = 1, seed: int = 1234, backend: str | None = None,
                         cuda_graphs: bool = False) -> None:
     """Initialise torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT; a single process
-    needs none of them and takes a free port) and Megatron's groups with rank order tp-cp-dp-pp (tp innermost).
+    needs none of them: it rendezvouses with an in-process store, binding no port) and Megatron's groups with rank
+    order tp-cp-dp-pp (tp innermost).
     ``cuda_graphs``: the model uses Megatron's CUDA graphs (``cuda_graph_impl: local``), whose layers need the
     CUDA-graph-safe RNG tracker."""
     if not dist.is_initialized():
@@ -25,10 +26,15 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_para
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         world = int(os.environ.get("WORLD_SIZE", 1))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if not os.environ.get("MASTER_PORT"):
-            os.environ["MASTER_PORT"] = str(default_port(world))
-        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)), world_size=world)
+        if world == 1:
+            # Nobody else has to find this process: an in-process store, no TCP port to bind (a free port taken
+            # from the OS can be taken by another process before the store binds it: EADDRINUSE).
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if not os.environ.get("MASTER_PORT"):
+                os.environ["MASTER_PORT"] = str(default_port(world))
+            dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)), world_size=world)
     apply_cpu_shims()
     world = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size

@@ -77,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..inference.loader import load_for_inference
     from ..runtime.parallel import initialize_parallel
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    if os.environ.get("DEMO_PORT"):
-        os.environ["MASTER_PORT"] = os.environ["DEMO_PORT"]
-    else:  # a single process: initialize_parallel picks a free port
-        os.environ.pop("MASTER_PORT", None)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # one process: an in-process rendezvous
     initialize_parallel(1, 1, 1)
     model, _, tokenizer = load_for_inference(out / "checkpoints")
     prompt = tokenizer.tokenize(PROMPT)

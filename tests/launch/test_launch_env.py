@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_based.runtime.launch_env import DEFAULT_PORT, DistEnv, LaunchError, detect_launcher, discover, first_host
+from megatron_based.runtime import launch_env
+from megatron_based.runtime.launch_env import (DEFAULT_PORT, DistEnv, LaunchError, detect_launcher, discover,
+                                                first_host, free_port)
 
 
 @pytest.mark.parametrize("nodelist, host", [("node07", "node07"), ("gpu[007-009,012],cpu1", "gpu007"),
@@ -67,19 +69,40 @@ def test_a_single_process_takes_a_free_port():
     assert discover({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "6001"}).master_port == 6001
 
 
-def test_initialize_parallel_single_process_beside_a_busy_29500():
-    """``initialize_parallel`` in a process with no launcher variables initialises while port 29500 is taken."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    code = ("import os, torch.distributed as dist; from megatron_based.runtime.parallel import initialize_parallel; "
-            "initialize_parallel(backend='gloo'); print(dist.get_world_size(), os.environ['MASTER_PORT'])")
+def test_free_ports_are_below_the_ephemeral_range(monkeypatch):
+    """A rendezvous port is never one the OS could hand to another socket (bind(0), an outgoing connection) before
+    the store binds it; a taken port is not returned."""
+    low = launch_env._ephemeral_range()[0]
+    ports = {free_port() for _ in range(50)}
+    assert all(20000 <= p < low for p in ports) and len(ports) > 40  # random, not one port for everyone
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        taken = busy.getsockname()[1]
+        # the only candidate below the (pretended) ephemeral range is taken: an OS-chosen port instead
+        monkeypatch.setattr(launch_env, "_ephemeral_range", lambda: (taken + 1, taken + 2))
+        port = free_port(low=taken)
+        assert port != taken
+        with socket.socket() as s:
+            s.bind(("", port))
+
+
+def test_initialize_parallel_single_process_binds_no_port():
+    """``initialize_parallel`` in one process rendezvouses in-process: it starts with no launcher variables while
+    29500 is taken, and with WORLD_SIZE=1 and a MASTER_PORT that another process holds (a TCP store would fail
+    there with EADDRINUSE: the race two tools on one host ran into)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    code = ("import torch.distributed as dist; from megatron_based.runtime.parallel import initialize_parallel; "
+            "initialize_parallel(backend='gloo'); dist.all_reduce(__import__('torch').ones(1)); "
+            "print(dist.get_world_size())")
     with socket.socket() as busy:
         try:
             busy.bind(("", DEFAULT_PORT))
-            busy.listen()
         except OSError:  # already taken by another process: the same situation
-            pass
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                             cwd=Path(__file__).resolve().parents[2])
-    assert out.returncode == 0, out.stderr[-2000:]
-    world, port = out.stdout.split()[-2:]
-    assert world == "1" and int(port) != DEFAULT_PORT
+            busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for env in (base, {**base, "RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": str(port)}):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                                 cwd=Path(__file__).resolve().parents[2])
+            assert out.returncode == 0, out.stderr[-2000:]
+            assert out.stdout.split()[-1] == "1"
