@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # TEST_WORKERS: that many test files at a time (pytest-xdist; one file's tests run in one worker, so its module and
-# session fixtures, e.g. the launcher tests' slurm cluster, are built once): on a 2-core machine ~2/3 of the
+# session fixtures, e.g. the launcher tests' slurm cluster, are built once): on a 2-core machine 2/3 to 1x of the
 # one-process time. 0: one process. It is one process anyway without pytest-xdist in .venv and where torch sees a GPU
 # (the GPU tests and the end-to-end jobs the suite starts first, tests/conftest.py, are once per process).
 TEST_WORKERS ?= 2
