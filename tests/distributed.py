@@ -9,11 +9,7 @@ import os
 import pickle
 import traceback
 
-
-def _free_port() -> int:
-    from megatron_based.runtime.launch_env import free_port
-
-    return free_port()  # below the OS's ephemeral range: no other test's sockets can take it before rank 0 binds
+from megatron_based.runtime.launch_env import free_port
 
 
 def _worker(rank, world_size, port, fn, args, queue):
@@ -41,7 +37,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, start_me
     ``start_method="spawn"``: ``fn`` must then be importable); return their results by rank."""
     ctx = mp.get_context(start_method or "fork")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()  # below the OS's ephemeral range: no other socket takes it before rank 0 binds it
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 
 import torch
 import torch.distributed as dist
@@ -104,11 +103,7 @@ def in_process_group(monkeypatch, cuda_graphs: bool = False):
 
     from megatron_based.runtime.parallel import initialize_parallel
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port)).items():
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():  # one process: no port to bind
         monkeypatch.setenv(key, value)
     initialize_parallel(1, cuda_graphs=cuda_graphs)
     try:

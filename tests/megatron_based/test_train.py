@@ -26,7 +26,7 @@ from megatron_based.training import checkpointing
 from megatron_based.model.config import ConfigError
 from megatron_based.training.config import load_config
 
-from ..distributed import _free_port, run_distributed
+from ..distributed import run_distributed
 from .test_data import corpus  # noqa: F401 - the session fixture
 
 TINY = {
@@ -51,8 +51,8 @@ def tiny_config(tmp_path, corpus, overrides=(), world_size=1, **sections):  # no
     return load_config(path, list(overrides), world_size=world_size)
 
 
-def _child(fn, args, q, port):
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _child(fn, args, q):
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # one process: an in-process rendezvous, no port
     torch.set_num_threads(1)
     try:
         q.put(("ok", by_value(fn(*args))))
@@ -82,7 +82,7 @@ def forked(fn, *args, timeout: float = 300):
     payload)``: status "ok" (payload = result), "error" (payload = traceback) or None (died silently, e.g. SIGKILL)."""
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(fn, args, q, _free_port()))
+    p = ctx.Process(target=_child, args=(fn, args, q))
     p.start()
     result, deadline = (None, None), time.time() + timeout
     while time.time() < deadline:
@@ -594,7 +594,7 @@ def test_two_runs_started_together_one_refuses(tmp_path, corpus):  # noqa: F811
     cfg = tiny_config(tmp_path, corpus, [f"train.save={tmp_path}/ckpt"])
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(_train, (cfg,), q, _free_port())) for _ in range(2)]
+    procs = [ctx.Process(target=_child, args=(_train, (cfg,), q)) for _ in range(2)]
     for p in procs:
         p.start()
     results = sorted((q.get(timeout=120) for _ in procs), key=lambda r: r[0])
