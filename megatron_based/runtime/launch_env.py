@@ -110,7 +110,8 @@ def _slurm_env(environ: Mapping[str, str]) -> DistEnv:
 def _ephemeral_range() -> tuple[int, int]:
     """The ports the OS hands out for bind(0) and outgoing connections (Linux: 32768-60999 unless changed)."""
     try:
-        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
         return low, high
     except (OSError, ValueError):
         return 32768, 60999

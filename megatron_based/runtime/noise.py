@@ -21,6 +21,9 @@ KNOWN_WARNINGS = [
     (r"full scope is deprecated", UserWarning, ""),  # TransformerConfig's own default cuda_graph_modules="full"
     (r"MimoModelConfig is experimental", UserWarning, ""),  # defined when megatron.core.models is imported
     (r"The argument order of load has been changed", UserWarning, ""),  # Megatron's positional dcp.load call
+    # NCCL barriers (ours and dist_checkpointing's) without a bound device: initialize_parallel set each rank's
+    # device, which is the one used; it binds none on purpose (runtime/parallel.py says why).
+    (r"barrier\(\): using the device under current context", UserWarning, ""),
     # The distributed optimizer's fp32 shards are slices of the parameters (not leaves); its zero_grad reads .grad.
     (r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning, r"megatron\.core\.optimizer"),
 ]

@@ -68,6 +68,8 @@ def test_known_warnings_hidden_unknown_kept(monkeypatch):
         warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.")
         warnings.warn("torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
                       "in a single process.")
+        warnings.warn("barrier(): using the device under current context. You can specify `device_id` in "
+                      "`init_process_group` to mute this warning.")
         warnings.warn("something we have not seen before")
         nonleaf = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed."
         warnings.warn_explicit(nonleaf, UserWarning, "optimizer.py", 68, module="megatron.core.optimizer.optimizer")
