@@ -24,6 +24,9 @@ KNOWN_WARNINGS = [
     # NCCL barriers (ours and dist_checkpointing's) without a bound device: initialize_parallel set each rank's
     # device, which is the one used; it binds none on purpose (runtime/parallel.py says why).
     (r"barrier\(\): using the device under current context", UserWarning, ""),
+    # CUDA graphs (cuda_graph_impl local): Megatron's DDP keeps the parameters' AccumulateGrad nodes (its gradient
+    # hooks) from before the graphs were captured on their side stream; autograd orders the two streams itself.
+    (r"The AccumulateGrad node's stream does not match the stream of the node that produced", UserWarning, ""),
     # The distributed optimizer's fp32 shards are slices of the parameters (not leaves); its zero_grad reads .grad.
     (r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning, r"megatron\.core\.optimizer"),
 ]

@@ -70,6 +70,8 @@ def test_known_warnings_hidden_unknown_kept(monkeypatch):
                       "in a single process.")
         warnings.warn("barrier(): using the device under current context. You can specify `device_id` in "
                       "`init_process_group` to mute this warning.")
+        warnings.warn("The AccumulateGrad node's stream does not match the stream of the node that produced the "
+                      "incoming gradient. This may incur unnecessary synchronization ...")
         warnings.warn("something we have not seen before")
         nonleaf = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed."
         warnings.warn_explicit(nonleaf, UserWarning, "optimizer.py", 68, module="megatron.core.optimizer.optimizer")
