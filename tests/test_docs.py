@@ -127,8 +127,8 @@ COMMANDS: dict[tuple[str, str], object] = {
     ("mqar.md", "megatron-based-mqar eval --checkpoint mqar.pt --num-kv-pairs 4"):
         "megatron-based-mqar eval --checkpoint mqar.pt --num-kv-pairs 4 --num-examples 64",
     ("mqar.md", "python benchmarks/mqar_sweep.py --time-limit 540"):
-        Skip("the GPU grid (hours of CPU time; it rewrites benchmarks/results and docs/mqar.md); the --smoke below "
-             "and test_mqar.py run its whole pipeline"),
+        Skip("the GPU grid (hours of CPU time; it rewrites benchmarks/results and docs/mqar.md); "
+             "test_mqar.py::test_mqar_sweep_smoke runs its whole pipeline (--smoke)"),
     ("mqar.md", "python benchmarks/mqar_sweep.py --smoke --out-dir mqar-smoke"):
         Skip("test_mqar.py::test_mqar_sweep_smoke runs this command (its --out-dir in a temporary folder) and checks "
              "what it writes"),
