@@ -194,9 +194,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, fla {fla_version}, bf16, median ms")
-    kinds = [("", "eager do_bench median"), ("_device", "device busy time (sum of kernels, torch.profiler)"),
-             ("_host", "host time per call (Python + launches, no sync)")]
-    for kind, title in kinds + ([("_graph", "CUDA-graph replay median")] if bench_utils.USE_GRAPH else []):
+    for kind, title in bench_utils.timing_kinds():
         print(f"\n{title}, ms (fwd / fwd+bwd); TB/s effective")
         print("| B | T | C | k | layout | ours | ours TB/s | eager conv1d+SiLU+gate | fla causal_conv1d + gate | "
               "speedup vs eager | vs fla |")

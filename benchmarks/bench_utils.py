@@ -33,6 +33,14 @@ def bench(fn, name=None):
     return ms
 
 
+def timing_kinds():
+    """(row-key suffix, title) of each timing ``bench`` records with a name: the eager median, device and host time
+    and, with --graph, the CUDA-graph replay median (the benchmarks print a table per kind)."""
+    kinds = [("", "eager do_bench median"), ("_device", "device busy time (sum of kernels, torch.profiler)"),
+             ("_host", "host time per call (Python + launches, no sync)")]
+    return kinds + ([("_graph", "CUDA-graph replay median")] if USE_GRAPH else [])
+
+
 def host_ms(fn, n=50):
     """Host (CPU) ms per call: median over n calls of the time until ``fn`` returns, each started on an idle GPU
     (synchronize before the call, not inside the timed span), so a full launch queue or the GPU's progress
