@@ -1,7 +1,8 @@
 """benchmarks/zoology_mqar.py: Zoology's own code (from a git clone at fixed commits) trains a tiny MQAR setting on
 CPU, the run continues from its state.pt, a state of other settings is refused, and a wrong clone path is one line.
 
-Needs a Zoology git clone or mirror: $ZOOLOGY_REPO, else the mirror at DEFAULT_REPO; skipped when neither exists."""
+Needs a Zoology git clone or mirror: $ZOOLOGY_REPO, else the first of DEFAULT_REPOS that exists (docs/mqar.md's
+clone beside this checkout, then a bare mirror); skipped without one."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "zoology_mqar.py"
-DEFAULT_REPO = Path("/work/.mirror/HazyResearch+zoology/repo")
-REPO = Path(os.environ["ZOOLOGY_REPO"]) if os.environ.get("ZOOLOGY_REPO") else DEFAULT_REPO
+DEFAULT_REPOS = [ROOT.parent / "zoology", Path("/work/.mirror/HazyResearch+zoology/repo")]
+REPO = (Path(os.environ["ZOOLOGY_REPO"]) if os.environ.get("ZOOLOGY_REPO")
+        else next((p for p in DEFAULT_REPOS if p.is_dir()), DEFAULT_REPOS[0]))
 # Zoology's own imports beyond ours; here they come with the deepspeed extra (`make test` installs it)
 ZOOLOGY_DEPS = [name for name in ("pydantic", "einops", "tqdm") if importlib.util.find_spec(name) is None]
 # a few seconds per run on one CPU thread
@@ -27,7 +29,7 @@ TINY = ["--n-train", "256", "--n-test", "64", "--seq-len", "32", "--num-kv-pairs
 
 needs_zoology = pytest.mark.skipif(
     not REPO.is_dir() or bool(ZOOLOGY_DEPS),
-    reason=f"no Zoology clone at {REPO}: set ZOOLOGY_REPO to one (git clone https://github.com/HazyResearch/zoology)"
+    reason=f"no Zoology clone at {REPO}: git clone https://github.com/HazyResearch/zoology {REPO}, or set ZOOLOGY_REPO"
     if not REPO.is_dir() else f"Zoology's code needs {ZOOLOGY_DEPS} (pip install them)")
 
 
