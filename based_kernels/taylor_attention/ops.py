@@ -165,14 +165,15 @@ STEP_BUFFERED = (32, 4)
 # pass BF 64 0.69 ms (forward) vs 0.86 at BF 128 (3 blocks of 64 pad 39 rows, 2 blocks of 128 pad 103); gradient
 # pass 4 or 8 warps equal, BF 64 23% slower than 32. H100, the output pass's tiles in one process (B8 T4096, feature
 # rows from the table): (64, 64) at 8 warps 0.483 ms, at 4 warps 0.518 (it spills 908 B per thread); forward 0.639
-# against 0.678 ms.
+# against 0.678 ms. H100, the gradient pass (32, 64) at 8 warps against 4, fwd+bwd device ms in one process (feature
+# rows from the table): 1.643 vs 1.729 at d_v 64, 3.107 vs 3.233 at d_v 128 (it spills 344 B per thread, not 1992).
 # Chunk 64 with the one-kernel gradient pass at 8 warps crashes on an H100 (illegal memory access; README).
 CHUNK = 128  # tokens per chunk (all passes share it: the states are per chunk)
 CONFIG = {
     # name: (BF feature block, BV value block, num_warps, num_stages)
     "state": (64, 64, 4, 2),
     "output": (64, 64, 8, 2),
-    "grad": (32, 64, 4, 1),
+    "grad": (32, 64, 8, 1),
 }
 # Operand precision (fp32 accumulation always): the intra-chunk A @ v of the forward runs on fp32 operands
 # (tf32 for bf16/fp16 inputs; A = 1 + s + s^2/2 rounded to bf16 adds ~0.3e-3 relative error to the ~1.6e-3 of
