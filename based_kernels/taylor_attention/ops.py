@@ -167,7 +167,8 @@ STEP_BUFFERED = (32, 4)
 # rows from the table): (64, 64) at 8 warps 0.483 ms, at 4 warps 0.518 (it spills 908 B per thread); forward 0.639
 # against 0.678 ms. H100, the gradient pass (32, 64) at 8 warps against 4, fwd+bwd device ms in one process (feature
 # rows from the table): 1.643 vs 1.729 at d_v 64, 3.107 vs 3.233 at d_v 128 (it spills 344 B per thread, not 1992).
-# Chunk 64 with the one-kernel gradient pass at 8 warps crashes on an H100 (illegal memory access; README).
+# Chunk 64 with the one-kernel gradient pass at 8 warps crashes on an H100 (illegal memory access; README): with
+# CHUNK = 64 set CONFIG["grad"] to 4 warps.
 CHUNK = 128  # tokens per chunk (all passes share it: the states are per chunk)
 CONFIG = {
     # name: (BF feature block, BV value block, num_warps, num_stages)
