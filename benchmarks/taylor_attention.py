@@ -189,15 +189,21 @@ def sweep(results, save):
     configuration is timed only after it passed its check in a separate process (``checked``)."""
     B, T, dv = TOKENS // 4096, 4096, 64
     out = {}
+    default_grad = ops.CONFIG["grad"]
+    chunk_grad = {}  # chunk -> the gradient tiles it was timed with
     for chunk in (64, 128):
         ops.CHUNK = chunk
-        if not checked(chunk, ops.CONFIG["grad"], ops.GRAD_SPLIT):
+        # the default gradient tiles, else the same at 4 warps (chunk 64 at 8 warps crashes on an H100)
+        tiles = [default_grad] + ([(*default_grad[:2], 4, default_grad[3])] if default_grad[2] != 4 else [])
+        grad = next((g for g in tiles if checked(chunk, g, ops.GRAD_SPLIT)), None)
+        if grad is None:
             out[f"chunk{chunk}_fwdbwd"] = None
             continue
+        ops.CONFIG["grad"] = chunk_grad[chunk] = grad
         out[f"chunk{chunk}_fwdbwd"] = _try(f"chunk {chunk}", time_case, ours, B, T, dv, "fwdbwd", 150)
-        print(f"sweep chunk {chunk}: fwd+bwd {out[f'chunk{chunk}_fwdbwd']} ms", flush=True)
+        print(f"sweep chunk {chunk} (gradient tiles {grad}): fwd+bwd {out[f'chunk{chunk}_fwdbwd']} ms", flush=True)
     best_chunk = min((c for c in (64, 128) if out[f"chunk{c}_fwdbwd"]), key=lambda c: out[f"chunk{c}_fwdbwd"])
-    ops.CHUNK = best_chunk
+    ops.CHUNK, ops.CONFIG["grad"] = best_chunk, chunk_grad[best_chunk]
     # the gradient pass's 5th entry: ops.GRAD_SPLIT (dq and dk / dv in two kernels)
     cands = {**CANDIDATES, "grad": [(*c, split) for split in (False, True) for c in CANDIDATES["grad"]]}
     for name, cfgs in cands.items():
