@@ -167,8 +167,8 @@ STEP_BUFFERED = (32, 4)
 # rows from the table): (64, 64) at 8 warps 0.483 ms, at 4 warps 0.518 (it spills 908 B per thread); forward 0.639
 # against 0.678 ms. H100, the gradient pass (32, 64) at 8 warps against 4, fwd+bwd device ms in one process (feature
 # rows from the table): 1.643 vs 1.729 at d_v 64, 3.107 vs 3.233 at d_v 128 (it spills 344 B per thread, not 1992).
-# Chunk 64 with the one-kernel gradient pass at 8 warps crashes on an H100 (illegal memory access; README): with
-# CHUNK = 64 set CONFIG["grad"] to 4 warps.
+# Chunk 64 with the one-kernel gradient pass at 8 warps crashes on an H100 (illegal memory access; README): below
+# chunk 128 that pass runs at GRAD_WARPS_SMALL_CHUNK warps at most (grad_warps), the tiles verified there.
 CHUNK = 128  # tokens per chunk (all passes share it: the states are per chunk)
 CONFIG = {
     # name: (BF feature block, BV value block, num_warps, num_stages)
@@ -176,6 +176,7 @@ CONFIG = {
     "output": (64, 64, 8, 2),
     "grad": (32, 64, 8, 1),
 }
+GRAD_WARPS_SMALL_CHUNK = 4
 # Operand precision (fp32 accumulation always): the intra-chunk A @ v of the forward runs on fp32 operands
 # (tf32 for bf16/fp16 inputs; A = 1 + s + s^2/2 rounded to bf16 adds ~0.3e-3 relative error to the ~1.6e-3 of
 # rounding y to bf16), the state products on the input dtype; HI_BWD runs the backward's intra-chunk products on
@@ -203,6 +204,12 @@ INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small 
 IEEE_TILES = (64, 32, 32, 4, 1)
 
 
+def grad_warps(chunk: int, num_warps: int) -> int:
+    """The warps the gradient pass runs at for ``CONFIG["grad"]``'s ``num_warps`` at ``chunk`` tokens per chunk: the
+    one-kernel pass below chunk 128 at ``GRAD_WARPS_SMALL_CHUNK`` at most (the crash above), else as configured."""
+    return min(num_warps, GRAD_WARPS_SMALL_CHUNK) if chunk < 128 and not GRAD_SPLIT else num_warps
+
+
 def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
     BF, BV, nw, ns = CONFIG[name]
     BT = CHUNK
@@ -210,6 +217,8 @@ def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
         BT, BF, BV = INTERPRET_TILES
     elif prec == "ieee":
         BT, BF, BV, nw, ns = IEEE_TILES
+    if name == "grad":
+        nw = grad_warps(BT, nw)
     BK = max(16, triton.next_power_of_2(F))
     BV = min(BV, max(16, triton.next_power_of_2(DV)))
     D = feature_dim(F)

@@ -220,6 +220,25 @@ def test_ieee_tiles(f32_precision, monkeypatch):
     check_all(got, oracle(q, k, v, h0, cu_seqlens=cu), 1e-6)
 
 
+def test_gradient_warps_below_chunk_128(monkeypatch):
+    """The one-kernel gradient pass at 8 warps crashes at chunk 64 on an H100 (README): below chunk 128 the library
+    launches it at ops.GRAD_WARPS_SMALL_CHUNK (4) warps at most, split at the configured warps; the other passes and
+    chunk 128 as configured."""
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setitem(ops.CONFIG, "grad", (32, 64, 8, 1))
+    monkeypatch.setattr(ops, "GRAD_SPLIT", False)
+    warps = {}
+    for chunk in (64, 128):
+        monkeypatch.setattr(ops, "CHUNK", chunk)
+        warps[chunk] = {name: ops._cfg(name, 16, 64)[5] for name in ops.CONFIG}
+    assert warps[128]["grad"] == 8 and warps[64]["grad"] == 4
+    assert warps[64]["output"] == warps[128]["output"] == ops.CONFIG["output"][2]
+    monkeypatch.setitem(ops.CONFIG, "grad", (32, 64, 2, 1))
+    assert ops._cfg("grad", 16, 64)[5] == 2
+    monkeypatch.setattr(ops, "GRAD_SPLIT", True)
+    assert ops.grad_warps(64, 8) == 8
+
+
 def small_tiles(monkeypatch):
     """16-token chunks, 32-feature blocks and 16-column value blocks: many chunks, 9 feature blocks and several
     value blocks (dq, dk summed from per-block partials)."""
@@ -734,6 +753,16 @@ def test_grad_split_at_model_size(monkeypatch):
     split = run_with_grads(triton_fn, q, k, v, None)
     for a, b in zip(one[2], split[2]):
         assert rel(a, b) < 2e-3, rel(a, b)
+
+
+@pytest.mark.gpu
+def test_chunk_64_bf16(monkeypatch):
+    """ops.CHUNK = 64 alone, the gradient tiles left at the default (8 warps, which crash at chunk 64 on an H100):
+    the library launches the 4-warp pass there (ops.grad_warps); output and gradients against fp64 at T 4096."""
+    monkeypatch.setattr(ops, "CHUNK", 64)
+    assert ops.CONFIG["grad"][2] > ops.GRAD_WARPS_SMALL_CHUNK == ops.grad_warps(64, ops.CONFIG["grad"][2])
+    ey, es, *egrads = long_case(4096, H=4)[0]
+    assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (ey, es, egrads)
 
 
 @pytest.mark.gpu
