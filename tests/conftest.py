@@ -14,6 +14,8 @@ else:
     # (test_entry_points.env).
     os.environ.setdefault("BASED_KERNELS_AUTOTUNE", "0")
 
+from megatron_based.runtime import noise  # noqa: E402  (after TRITON_INTERPRET)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -63,6 +65,13 @@ def _start_gpu_jobs_first(request):
         yield
     else:
         yield
+
+
+@pytest.fixture(autouse=True)
+def _known_warnings_filtered():
+    """The third-party warnings the entry points hide (megatron_based.runtime.noise) are hidden in every test too
+    (pytest resets the warnings filters per test, to pyproject's filterwarnings)."""
+    noise.filter_known_warnings()
 
 
 @pytest.fixture(autouse=True)

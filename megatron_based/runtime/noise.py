@@ -48,14 +48,20 @@ class _DropMessage(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
+def filter_known_warnings() -> None:
+    """Ignore :data:`KNOWN_WARNINGS` in this process: the warnings filters alone (the test suite sets them per test,
+    tests/conftest.py)."""
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def quiet_known_warnings(verbose: bool = False) -> None:
     """Hide the known third-party warnings and log lines (:data:`KNOWN_WARNINGS`, :data:`KNOWN_LOG_MESSAGES`) in
     this process and, through ``PYTHONWARNINGS``, in the Python processes it starts (data-loader and checkpoint
     workers). Any other warning still shows. ``verbose``: change nothing."""
     if verbose:
         return
-    for message, category, module in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    filter_known_warnings()
     for name, pattern in KNOWN_LOG_MESSAGES.items():
         logger = logging.getLogger(name)  # the same object the library gets later from getLogger(__name__)
         if not any(isinstance(f, _DropMessage) for f in logger.filters):

@@ -85,6 +85,15 @@ def test_known_warnings_hidden_unknown_kept(monkeypatch):
     assert len(caught) == 1
 
 
+def test_the_suite_hides_the_known_warnings_too():
+    """tests/conftest.py applies the entry points' warning filters in every test (one list: noise.KNOWN_WARNINGS)."""
+    with warnings.catch_warnings(record=True) as caught:  # this test's filters, recording what passes them
+        warnings.warn("The AccumulateGrad node's stream does not match the stream of the node that produced the "
+                      "incoming gradient.")
+        warnings.warn("a warning the suite shows")
+    assert [str(w.message) for w in caught] == ["a warning the suite shows"]
+
+
 def test_known_log_lines_hidden_unknown_kept(caplog):
     noise.quiet_known_warnings()
     with caplog.at_level(logging.WARNING):
