@@ -41,7 +41,10 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+from megatron_based.runtime.noise import quiet_known_warnings
+
+quiet_known_warnings()  # the entry points' filter: Megatron's known notices stay out of the benchmark's output
+import torch  # noqa: E402
 
 
 CUDA = torch.cuda.is_available()

@@ -5,7 +5,7 @@
 # gpu_banner: the GPU (name, driver, memory, clocks) and the torch / Triton / megatron-core versions, for the logs
 gpu_banner() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
-  python3 -c 'import torch, triton, megatron.core as m
+  python3 -W ignore::SyntaxWarning -c 'import torch, triton, megatron.core as m
 print("torch", torch.__version__, "triton", triton.__version__, "megatron-core", m.__version__)'
 }
 mkdir -p /tmp/site

@@ -25,10 +25,13 @@ import time
 from collections import defaultdict
 from datetime import date
 
-import torch
-from torch.autograd.profiler import record_function
-from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron_based.runtime.noise import quiet_known_warnings
+
+quiet_known_warnings()  # the entry points' filter: Megatron's known notices stay out of the benchmark's output
+import torch  # noqa: E402
+from torch.autograd.profiler import record_function  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
 
 from megatron_based.model.config import model_spec_from_dict, read_model_section
 from megatron_based.model.flops import model_flops_per_token
