@@ -3,9 +3,10 @@
 # docs/benchmarks.md) into /tmp/site, also on PYTHONPATH. Returns 1 if the wheels do not install; the checkout is
 # importable either way (scripts that can go on with what the machine has installed do so).
 # gpu_banner: the GPU (name, driver, memory, clocks) and the torch / Triton / megatron-core versions, for the logs
+# (warnings off: importing megatron.core warns about Transformer Engine / Apex, and compiles with SyntaxWarnings)
 gpu_banner() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
-  python3 -W ignore::SyntaxWarning -c 'import torch, triton, megatron.core as m
+  python3 -W ignore -c 'import torch, triton, megatron.core as m
 print("torch", torch.__version__, "triton", triton.__version__, "megatron-core", m.__version__)'
 }
 mkdir -p /tmp/site
