@@ -43,7 +43,8 @@ from pathlib import Path
 
 from megatron_based.runtime.noise import quiet_known_warnings
 
-quiet_known_warnings()  # the entry points' filter: Megatron's known notices stay out of the benchmark's output
+if __name__ == "__main__":  # run as a script (not imported by the tests), before Megatron is imported
+    quiet_known_warnings()  # the entry points' filter: Megatron's known notices stay out of the benchmark's output
 import torch  # noqa: E402
 
 

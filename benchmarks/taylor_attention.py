@@ -213,10 +213,11 @@ def sweep(results, save):
             ops.CONFIG[name] = cfg[:4]
             if name == "grad":
                 ops.GRAD_SPLIT = cfg[4]
-                if run_grad_tiles(cfg[:4]) != cfg[:4]:  # the library runs another candidate's tiles instead
+                runs = run_grad_tiles(cfg[:4])
+                if runs != cfg[:4]:  # the library runs another candidate's tiles instead
                     out[f"{name} {cfg}"] = None
-                    print(f"sweep {name} {cfg}: runs as {run_grad_tiles(cfg[:4])} at chunk {ops.CHUNK} "
-                          f"(ops.grad_warps), not timed", flush=True)
+                    print(f"sweep {name} {cfg}: runs as {runs} at chunk {ops.CHUNK} (ops.grad_warps), not timed",
+                          flush=True)
                     continue
                 if not checked(ops.CHUNK, cfg[:4], cfg[4]):
                     out[f"{name} {cfg}"] = None

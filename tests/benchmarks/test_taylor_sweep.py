@@ -38,8 +38,7 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
         return passes(chunk, grad, split)
 
     def time_case(fn, B, T, dv, kind, budget_ms=300):
-        grad = ops.CONFIG["grad"]
-        timed.append((ops.CHUNK, (*grad[:2], ops.grad_warps(ops.CHUNK, grad[2]), grad[3]), ops.GRAD_SPLIT, kind))
+        timed.append((ops.CHUNK, taylor_bench.run_grad_tiles(ops.CONFIG["grad"]), ops.GRAD_SPLIT, kind))
         if len(timed) <= 2:  # the chunk comparison
             return 1.0 if (ops.CHUNK == 64) == chunk64_faster else 2.0
         return 3.0 + len(timed) / 100  # later candidates slower: the first of each pass stays
