@@ -225,7 +225,12 @@ def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
     return BK, BT, BF, BV, triton.cdiv(D, BF), nw, ns
 
 
-STATE_PROGRAMS_PER_SM = 4  # the state pass shrinks its blocks until it has this many programs per SM
+# The state passes shrink their blocks (BV to 32, then BF to 16) until they have this many programs per SM; 0: never
+# (CONFIG["state"] at every shape). Timed on an H100 in one process (fwd+bwd median ms / the state kernels' device
+# ms, d_v 64 unless named; runs of the same setting): 0: B8 T4096 1.608 / 0.313, B1 T32768 2.228 / 0.931, d_v 128
+# 3.660 / 0.979; 1: 1.614 / 0.318, 2.361 / 1.054, 3.579 / 0.901; 2: 1.618, 2.533, 4.777; 4 (before): 1.672 / 0.374,
+# 2.533 / 1.235, 4.828 / 2.151; 8 and 16 slower still. The sweep of benchmarks/taylor_attention.py times them.
+STATE_PROGRAMS_PER_SM = 0
 
 
 def _num_sms(device: torch.device) -> int:

@@ -26,6 +26,7 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
     monkeypatch.setattr(ops, "CHUNK", ops.CHUNK)
     monkeypatch.setattr(ops, "GRAD_SPLIT", False)
     monkeypatch.setattr(ops, "KEEP_STATES", ops.KEEP_STATES)
+    monkeypatch.setattr(ops, "STATE_PROGRAMS_PER_SM", ops.STATE_PROGRAMS_PER_SM)
     for name in ("state", "output"):
         monkeypatch.setitem(ops.CONFIG, name, ops.CONFIG[name])
     checks, timed = [], []
@@ -38,6 +39,8 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
         return passes(chunk, grad, split)
 
     def time_case(fn, B, T, dv, kind, budget_ms=300):
+        if B == 1:  # the long sequence of the state-programs comparison: the most programs per SM fastest
+            return 5.0 - ops.STATE_PROGRAMS_PER_SM / 10
         timed.append((ops.CHUNK, taylor_bench.run_grad_tiles(ops.CONFIG["grad"]), ops.GRAD_SPLIT, kind))
         if len(timed) <= 2:  # the chunk comparison
             return 1.0 if (ops.CHUNK == 64) == chunk64_faster else 2.0
@@ -61,3 +64,7 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
     assert all((t is None) == (chunk64_faster and cfg[2] == 8 and not cfg[4]) for cfg, t in grad.items())
     assert all(t[1][2] == 4 for t in timed if t[0] == 64 and not t[2])
     assert sweep["chosen"]["CHUNK"] == (64 if chunk64_faster else 128)
+    # the state passes' programs per SM: each candidate at both shapes, the smallest sum kept
+    programs = {p: sweep[f"state_programs {p}"] for p in taylor_bench.STATE_PROGRAMS}
+    assert all(len(t) == 2 and None not in t for t in programs.values())
+    assert sweep["chosen"]["STATE_PROGRAMS_PER_SM"] == max(taylor_bench.STATE_PROGRAMS) == ops.STATE_PROGRAMS_PER_SM
