@@ -76,7 +76,8 @@ def main():
                 base = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, PREC=prec)
                 if name == "state":
                     fn, c = chunk.taylor_chunk_state_kernel, dict(base, REVERSE=False, USE_H0=False,
-                                                                  STORE_HT=False, IS_VARLEN=False, STORE_LOW=True)
+                                                                  STORE_HT=False, IS_VARLEN=False, STORE_LOW=True,
+                                                                  GROUPS=1, TOTALS=False)
                 elif name == "output":
                     # the plain launch (ops launches it, then the confining one: _common.launch_confined)
                     fn, c = chunk.taylor_chunk_output_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,

@@ -200,12 +200,13 @@ def _load_chunk(q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_k
 
 @triton.jit
 def taylor_chunk_state_kernel(
-    x, w, den, col, h0s, h0z, hc, hl, zc, hts, htz, cu_seqlens, chunk_offsets, feat,
+    x, w, den, col, h0s, h0z, hc, hl, zc, hts, htz, tot, totz, cu_seqlens, chunk_offsets, feat,
     s_xb, s_xt, s_xh, s_wb, s_wt, s_wh,
     T, H, NC, scale,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STORE_LOW: tl.constexpr, PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STORE_LOW: tl.constexpr, PREC: tl.constexpr, GROUPS: tl.constexpr,
+    TOTALS: tl.constexpr,
 ):
     """Per-chunk states of one feature block.
 
@@ -213,9 +214,17 @@ def taylor_chunk_state_kernel(
     ``sum phi(k) v^T`` (``z``: ``sum phi(k)``); ``ht`` = the state after the last chunk.
     Backward (REVERSE=True; x, w = q, dy, with ``den`` and ``col`` = dd): walks the chunks from the last,
     ``hc[c]`` = gradient of the state after chunk c, from ``h0`` (= d final state) plus
-    ``sum phi(q) (dy / den)^T`` (``z``: ``sum phi(q) dd``); ``ht`` = d initial state."""
+    ``sum phi(q) (dy / den)^T`` (``z``: ``sum phi(q) dd``); ``ht`` = d initial state.
+
+    Two-level walk (GROUPS > 1; programs (feature block, value block, sequence x head x group)): each sequence's
+    walk is cut into GROUPS runs of ``ceil(chunks / GROUPS)`` chunks (the last ones may be short or empty). With
+    TOTALS, a program only sums its run's products from zero and stores the sum (fp32) in ``tot``/``totz`` at
+    ``[sequence x head, group]``; nothing else is stored. Without, ``tot``/``totz`` hold those sums and a program starts from ``h0`` plus the sums of the runs before its own (in walk order, fp32), then walks its run
+    as above; the last group's program stores ``ht``. The same states as one walk, but chains GROUPS times
+    shorter: for few sequences x heads (a long sequence at batch 1), where one walk per program leaves SMs idle."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
-    i_f, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_f, i_v, i_nhg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh, i_g = i_nhg // GROUPS, i_nhg % GROUPS
     i_n, i_h = i_nh // H, i_nh % H
     i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
     i_st = i_n.to(tl.int64) * H + i_h
@@ -229,7 +238,7 @@ def taylor_chunk_state_kernel(
     m_rv = m_r[:, None] & m_v[None, :]
     m_z = m_r & (i_v == 0)
 
-    if USE_H0:
+    if USE_H0 and not TOTALS:
         b_h = tl.load(h0s + (i_st * D + o_r[:, None]) * DV + o_v[None, :], mask=m_rv, other=0.)
         b_z = tl.load(h0z + i_st * D + o_r, mask=m_r, other=0.)
     else:
@@ -238,17 +247,29 @@ def taylor_chunk_state_kernel(
     p_x0 = x + i_b * s_xb + i_h * s_xh
     p_w0 = w + i_b * s_wb + i_h * s_wh
     n_chunks = tl.cdiv(eos - bos, BT)
-    for i in range(0, n_chunks):
+    i_lo = 0
+    i_hi = n_chunks
+    if GROUPS > 1:
+        per = tl.cdiv(n_chunks, GROUPS)
+        i_lo = tl.minimum(i_g * per, n_chunks)
+        i_hi = tl.minimum(i_lo + per, n_chunks)
+        if not TOTALS:  # the carry: the sums of the runs before this one
+            for g in range(0, i_g):
+                p_g = i_st * GROUPS + g
+                b_h += tl.load(tot + (p_g * D + o_r[:, None]) * DV + o_v[None, :], mask=m_rv, other=0.)
+                b_z += tl.load(totz + p_g * D + o_r, mask=m_r, other=0.)
+    for i in range(i_lo, i_hi):
         if REVERSE:
             i_c = n_chunks - 1 - i
         else:
             i_c = i
         p_st = (c0 + i_c) * H + i_h
-        tl.store(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :], b_h.to(hc.dtype.element_ty), mask=m_rv)
-        if STORE_LOW:  # rows 0..F (constant, linear) also in fp32: the output pass reads them at full precision
-            tl.store(hl + (p_st * (F + 1) + o_r[:, None]) * DV + o_v[None, :], b_h,
-                     mask=m_rv & (o_r <= F)[:, None])
-        tl.store(zc + p_st * D + o_r, b_z, mask=m_z)
+        if not TOTALS:
+            tl.store(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :], b_h.to(hc.dtype.element_ty), mask=m_rv)
+            if STORE_LOW:  # rows 0..F (constant, linear) also in fp32: the output pass reads them at full precision
+                tl.store(hl + (p_st * (F + 1) + o_r[:, None]) * DV + o_v[None, :], b_h,
+                         mask=m_rv & (o_r <= F)[:, None])
+            tl.store(zc + p_st * D + o_r, b_z, mask=m_z)
         o_tt = bos + i_c * BT + o_t
         m_t = o_tt < eos
         b_xt = tl.load(p_x0 + o_tt[None, :] * s_xt + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
@@ -263,9 +284,14 @@ def taylor_chunk_state_kernel(
         else:
             b_z += tl.sum(tl.where(m_t[None, :], b_p, 0.), 1)
         b_h += tl.dot(b_p.to(hc.dtype.element_ty), b_w.to(hc.dtype.element_ty), input_precision=PREC)
-    if STORE_HT:
-        tl.store(hts + (i_st * D + o_r[:, None]) * DV + o_v[None, :], b_h, mask=m_rv)
-        tl.store(htz + i_st * D + o_r, b_z, mask=m_z)
+    if TOTALS:
+        p_g = i_st * GROUPS + i_g
+        tl.store(tot + (p_g * D + o_r[:, None]) * DV + o_v[None, :], b_h, mask=m_rv)
+        tl.store(totz + p_g * D + o_r, b_z, mask=m_z)
+    elif STORE_HT:
+        if i_g == GROUPS - 1:
+            tl.store(hts + (i_st * D + o_r[:, None]) * DV + o_v[None, :], b_h, mask=m_rv)
+            tl.store(htz + i_st * D + o_r, b_z, mask=m_z)
 
 
 @triton.jit

@@ -233,6 +233,29 @@ def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
 STATE_PROGRAMS_PER_SM = 0
 
 
+# The state passes' two-level walk (chunk.py, GROUPS): with fewer than STATE_GROUP_PROGRAMS_PER_SM programs per SM,
+# each sequence's walk is cut into G runs: one kernel sums each run from zero, a second walks every run from the
+# initial state plus the sums of the runs before it, so the chains are G times shorter for one more (shorter) walk.
+# G is the largest that keeps at most that many programs per SM, runs of STATE_GROUP_MIN_CHUNKS chunks or more on
+# average and at most MAX_STATE_GROUPS runs. 0: one walk at every shape. STATE_GROUPS (not None) forces G.
+STATE_GROUP_PROGRAMS_PER_SM = 2
+STATE_GROUP_MIN_CHUNKS = 8
+MAX_STATE_GROUPS = 16
+STATE_GROUPS: Optional[int] = None
+
+
+def state_groups(programs: int, n_chunks: int, n_seqs: int, sms: int) -> int:
+    """Runs per sequence of the state passes for ``programs`` one-walk programs over ``n_seqs`` sequences of
+    ``n_chunks`` chunks in all, on ``sms`` SMs (the rule above)."""
+    if STATE_GROUPS is not None:
+        return max(1, STATE_GROUPS)
+    if not STATE_GROUP_PROGRAMS_PER_SM or not programs:
+        return 1
+    by_sms = STATE_GROUP_PROGRAMS_PER_SM * sms // programs
+    by_length = n_chunks // max(1, n_seqs * STATE_GROUP_MIN_CHUNKS)
+    return max(1, min(by_sms, by_length, MAX_STATE_GROUPS))
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -334,14 +357,21 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
     ht = x.new_empty(N, H, D, DV, dtype=torch.float32) if want_last else zc
     hz = x.new_empty(N, H, D, dtype=torch.float32) if want_last else zc
     use_h0 = h0s is not None
-    grid = (NF, cdiv(DV, BV), N * H)
-    _state_kernel(lambda meta: grid, (
-        x, w, den if den is not None else zc, dd if dd is not None else zc,
-        h0s if use_h0 else zc, h0z if use_h0 else zc, hc, hl, zc, ht, hz,
-        cu_seqlens if cu_seqlens is not None else zc, offsets if offsets is not None else zc,
-        feature_table(F, x.device), *_s3(x), *_s3(w), T, H, NC, F ** -0.25),
-        F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, REVERSE=reverse, USE_H0=use_h0, STORE_HT=want_last,
-        IS_VARLEN=cu_seqlens is not None, STORE_LOW=low, PREC=prec, num_warps=nw, num_stages=ns)
+    NV = cdiv(DV, BV)
+    G = state_groups(NF * NV * N * H, n_chunks, N, _num_sms(x.device))
+    tot = x.new_empty(N * H * G, D, DV, dtype=torch.float32) if G > 1 else zc
+    totz = x.new_empty(N * H * G, D, dtype=torch.float32) if G > 1 else zc
+    grid = (NF, NV, N * H * G)
+    args = (x, w, den if den is not None else zc, dd if dd is not None else zc,
+            h0s if use_h0 else zc, h0z if use_h0 else zc, hc, hl, zc, ht, hz, tot, totz,
+            cu_seqlens if cu_seqlens is not None else zc, offsets if offsets is not None else zc,
+            feature_table(F, x.device), *_s3(x), *_s3(w), T, H, NC, F ** -0.25)
+    consts = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, REVERSE=reverse, USE_H0=use_h0, STORE_HT=want_last,
+                  IS_VARLEN=cu_seqlens is not None, STORE_LOW=low, PREC=prec, GROUPS=G, num_warps=nw,
+                  num_stages=ns)
+    if G > 1:  # the runs' sums first (tot, totz), then the walks from them
+        _state_kernel(lambda meta: grid, args, **consts, TOTALS=True)
+    _state_kernel(lambda meta: grid, args, **consts, TOTALS=False)
     return hc, hl, zc, ht, hz
 
 

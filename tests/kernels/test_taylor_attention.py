@@ -148,13 +148,14 @@ def test_fp16():
 
 
 class _Spy:
-    """Wraps a launcher of ops.py and records the PREC constexprs it is launched with."""
+    """Wraps a launcher of ops.py and records ``record(kernel name, constexprs)`` of each launch (by default the
+    PREC constexprs)."""
 
-    def __init__(self, launcher, seen):
-        self.launcher, self.seen = launcher, seen
+    def __init__(self, launcher, seen, record=lambda name, c: (name, c["PREC"], c.get("LOW_PREC"))):
+        self.launcher, self.seen, self.record = launcher, seen, record
 
     def __call__(self, grid, args, **consts):
-        self.seen.append((self.launcher.kernel.fn.__name__, consts["PREC"], consts.get("LOW_PREC")))
+        self.seen.append(self.record(self.launcher.kernel.fn.__name__, consts))
         return self.launcher(grid, args, **consts)
 
 
@@ -543,6 +544,50 @@ def test_grad_split_equals_one_kernel(monkeypatch, varlen):
     monkeypatch.setattr(ops, "GRAD_SPLIT", True)
     split = run_with_grads(triton_fn, q, k, v, h0, **kw)
     assert all(torch.equal(a, b) for a, b in zip(one[2], split[2]))
+
+
+@pytest.mark.parametrize("groups", [2, 3, 7])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_state_groups_equal_one_walk(monkeypatch, groups, varlen):
+    """ops.STATE_GROUPS: the state passes' two-level walk (runs summed from zero, then walked from the initial state
+    plus the earlier runs' sums) against fp64 and against the one walk, forward and backward: 5 chunks per sequence
+    (7 runs: empty ones), documents of 1 to 60 tokens, initial and final states, several feature and value blocks."""
+    small_tiles(monkeypatch)
+    if varlen:
+        cu = torch.tensor([0, 1, 17, 77, 80], dtype=torch.int32, device=DEV)
+        q, k, v, h0 = make(1, 80, 2, 16, 40, state=True, n_states=4)
+        kw = dict(cu_seqlens=cu)
+    else:
+        q, k, v, h0 = make(2, 75, 2, 16, 40, state=True)
+        kw = {}
+    one = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    monkeypatch.setattr(ops, "STATE_GROUPS", groups)
+    launches = []
+    spy = _Spy(ops._state_kernel, launches, lambda _, c: (c["GROUPS"], c["TOTALS"]))
+    monkeypatch.setattr(ops, "_state_kernel", spy)
+    got = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    # forward: sums + walk; backward (states kept): reverse sums + walk
+    assert launches == [(groups, True), (groups, False)] * 2, launches
+    check_all(got, oracle(q, k, v, h0, **kw), TOL32)
+    check_all(got, one, 1e-5)
+
+
+def test_state_groups_rule(monkeypatch):
+    """How many runs the state passes cut each sequence into (ops.state_groups)."""
+    monkeypatch.setattr(ops, "STATE_GROUP_PROGRAMS_PER_SM", 2)
+    monkeypatch.setattr(ops, "STATE_GROUP_MIN_CHUNKS", 8)
+    monkeypatch.setattr(ops, "MAX_STATE_GROUPS", 16)
+    # B1 T32768 H16, 3 feature blocks, chunk 128: 48 programs, 256 chunks on 132 SMs -> 5 runs of 52 chunks
+    assert ops.state_groups(48, 256, 1, 132) == 5
+    assert ops.state_groups(48 * 8, 256 * 8, 8, 132) == 1  # B8 T4096: SMs already full
+    assert ops.state_groups(6, 256, 1, 132) == 16  # B1 H2: at most MAX_STATE_GROUPS
+    assert ops.state_groups(6, 24, 1, 132) == 3  # short sequence: runs of 8 chunks or more
+    assert ops.state_groups(6, 24, 3, 132) == 1  # varlen: the average document's chunks
+    monkeypatch.setattr(ops, "STATE_GROUP_PROGRAMS_PER_SM", 0)
+    assert ops.state_groups(6, 256, 1, 132) == 1
+    monkeypatch.setattr(ops, "STATE_GROUPS", 4)
+    assert ops.state_groups(48 * 8, 256 * 8, 8, 132) == 4
+
 
 
 def test_deterministic_backward(monkeypatch):
