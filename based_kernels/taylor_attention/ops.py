@@ -238,7 +238,7 @@ STATE_PROGRAMS_PER_SM = 0
 # initial state plus the sums of the runs before it, so the chains are G times shorter for one more (shorter) walk.
 # G is the largest that keeps at most that many programs per SM, runs of STATE_GROUP_MIN_CHUNKS chunks or more on
 # average and at most MAX_STATE_GROUPS runs. 0: one walk at every shape. STATE_GROUPS (not None) forces G.
-STATE_GROUP_PROGRAMS_PER_SM = 2
+STATE_GROUP_PROGRAMS_PER_SM = 4
 STATE_GROUP_MIN_CHUNKS = 8
 MAX_STATE_GROUPS = 16
 STATE_GROUPS: Optional[int] = None

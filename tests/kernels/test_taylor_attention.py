@@ -574,7 +574,7 @@ def test_state_groups_equal_one_walk(monkeypatch, groups, varlen):
 
 def test_state_groups_rule(monkeypatch):
     """How many runs the state passes cut each sequence into (ops.state_groups)."""
-    monkeypatch.setattr(ops, "STATE_GROUP_PROGRAMS_PER_SM", 2)
+    monkeypatch.setattr(ops, "STATE_GROUP_PROGRAMS_PER_SM", 2)  # the rule at 2 programs per SM
     monkeypatch.setattr(ops, "STATE_GROUP_MIN_CHUNKS", 8)
     monkeypatch.setattr(ops, "MAX_STATE_GROUPS", 16)
     # B1 T32768 H16, 3 feature blocks, chunk 128: 48 programs, 256 chunks on 132 SMs -> 5 runs of 52 chunks
