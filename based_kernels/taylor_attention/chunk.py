@@ -15,7 +15,8 @@ Forward (T tokens in chunks of BT):
   1. ``taylor_chunk_state_kernel``, programs (feature block, value block, sequence x head): walks the chunks
      in order, stores the state *before* each chunk (``hc [chunks, H, D, d_v]`` in the input dtype, ``zc`` in
      fp32), then adds ``phi(K_c)^T V_c``. Only a ``[BF, BV]`` fp32 state lives on chip, so there are
-     ``ceil(D/BF) * ceil(d_v/BV) * B * H`` independent programs, each a chain of one product per chunk.
+     ``ceil(D/BF) * ceil(d_v/BV) * B * H`` independent programs, each a chain of one product per chunk (at few
+     sequences x heads, G times as many chains G times shorter: the kernel's two-level walk).
   2. ``taylor_chunk_output_kernel``, programs (value block, chunk, head), all independent: the intra-chunk
      ``(1 + s + s^2/2)``-masked product plus ``phi(Q_c) hc_c`` feature block by feature block, normalised.
 Backward (``do = dy / den``, ``dd = -(dy . y) / den``; an unnormalised attention with values ``[v | 1]``):
@@ -219,8 +220,9 @@ def taylor_chunk_state_kernel(
     Two-level walk (GROUPS > 1; programs (feature block, value block, sequence x head x group)): each sequence's
     walk is cut into GROUPS runs of ``ceil(chunks / GROUPS)`` chunks (the last ones may be short or empty). With
     TOTALS, a program only sums its run's products from zero and stores the sum (fp32) in ``tot``/``totz`` at
-    ``[sequence x head, group]``; nothing else is stored. Without, ``tot``/``totz`` hold those sums and a program starts from ``h0`` plus the sums of the runs before its own (in walk order, fp32), then walks its run
-    as above; the last group's program stores ``ht``. The same states as one walk, but chains GROUPS times
+    ``[sequence x head, group]``; nothing else is stored. Without, ``tot``/``totz`` hold those sums and a program
+    starts from ``h0`` plus the sums of the runs before its own (in walk order, fp32), then walks its run as above;
+    the last group's program stores ``ht``. The same states as one walk, but chains GROUPS times
     shorter: for few sequences x heads (a long sequence at batch 1), where one walk per program leaves SMs idle."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
     i_f, i_v, i_nhg = tl.program_id(0), tl.program_id(1), tl.program_id(2)

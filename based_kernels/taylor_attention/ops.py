@@ -7,9 +7,9 @@ opaque nodes. Inputs may be strided views (only the last dim must be contiguous)
 ``[B, T, H, *]`` views of its ``[s, b, h]`` activations and no copy is made.
 
 Chunk-parallel form (chunk.py): forward = state pass (per-chunk states, sequential over chunks, parallel over
-feature blocks x value blocks x sequences x heads) + output pass (parallel over chunks); backward = dd prep +
-the forward's per-chunk states (kept while ``KEEP_STATES``; else a second state pass recomputes them) + reverse
-state-gradient pass + gradient pass (parallel over chunks).
+feature blocks x value blocks x sequences x heads, and over runs of chunks at few sequences x heads: state_groups) +
+output pass (parallel over chunks); backward = dd prep + the forward's per-chunk states (kept while ``KEEP_STATES``;
+else a second state pass recomputes them) + reverse state-gradient pass + gradient pass (parallel over chunks).
 The per-chunk states are kept in bf16 for bf16 inputs (the precision at which they enter the tensor-core
 products anyway) and in fp32 otherwise; the normaliser states, the initial/final states and every
 accumulation are fp32. fp32 inputs: the products follow ``torch.get_float32_matmul_precision()`` at call time
