@@ -546,21 +546,20 @@ def test_grad_split_equals_one_kernel(monkeypatch, varlen):
     assert all(torch.equal(a, b) for a, b in zip(one[2], split[2]))
 
 
-@pytest.mark.parametrize("groups", [2, 3, 7])
-@pytest.mark.parametrize("varlen", [False, True])
-def test_state_groups_equal_one_walk(monkeypatch, groups, varlen):
+@pytest.mark.parametrize("varlen, groups", [(False, 3), (True, 7)])
+def test_state_groups_equal_one_walk(monkeypatch, varlen, groups):
     """ops.STATE_GROUPS: the state passes' two-level walk (runs summed from zero, then walked from the initial state
-    plus the earlier runs' sums) against fp64 and against the one walk, forward and backward: 5 chunks per sequence
-    (7 runs: empty ones), documents of 1 to 60 tokens, initial and final states, several feature and value blocks."""
+    plus the earlier runs' sums), forward and backward, against fp64 (the one walk passes the same check in every
+    other test): 5 chunks per sequence, documents of 1 to 60 tokens (7 runs: empty ones), initial and final states,
+    two heads, several feature and value blocks."""
     small_tiles(monkeypatch)
     if varlen:
         cu = torch.tensor([0, 1, 17, 77, 80], dtype=torch.int32, device=DEV)
-        q, k, v, h0 = make(1, 80, 2, 16, 40, state=True, n_states=4)
+        q, k, v, h0 = make(1, 80, 2, 16, 24, state=True, n_states=4)
         kw = dict(cu_seqlens=cu)
     else:
-        q, k, v, h0 = make(2, 75, 2, 16, 40, state=True)
+        q, k, v, h0 = make(2, 75, 2, 16, 24, state=True)
         kw = {}
-    one = run_with_grads(triton_fn, q, k, v, h0, **kw)
     monkeypatch.setattr(ops, "STATE_GROUPS", groups)
     launches = []
     spy = _Spy(ops._state_kernel, launches, lambda _, c: (c["GROUPS"], c["TOTALS"]))
@@ -569,7 +568,6 @@ def test_state_groups_equal_one_walk(monkeypatch, groups, varlen):
     # forward: sums + walk; backward (states kept): reverse sums + walk
     assert launches == [(groups, True), (groups, False)] * 2, launches
     check_all(got, oracle(q, k, v, h0, **kw), TOL32)
-    check_all(got, one, 1e-5)
 
 
 def test_state_groups_rule(monkeypatch):
