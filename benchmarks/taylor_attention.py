@@ -38,9 +38,8 @@ CANDIDATES = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64
               "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
               "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 8, 1),
                        (32, 32, 4, 1)]}
-# the state passes' knobs at few sequences x heads, each timed at the sweep's shape and one long sequence (the
-# shipped value first)
-STATE_KNOBS = {"STATE_PROGRAMS_PER_SM": [0, 1, 4], "STATE_GROUP_PROGRAMS_PER_SM": [4, 0, 2, 8]}
+# ops.STATE_GROUP_PROGRAMS_PER_SM candidates (the state passes' two-level walk; the shipped value first)
+STATE_GROUPS = [4, 0, 2, 8]
 
 
 def rel(a, b):
@@ -241,20 +240,18 @@ def sweep(results, save):
         print(f"sweep keep_states {keep} (fwdbwd): {out[f'keep_states {keep}']} ms", flush=True)
     timed = [k for k in (True, False) if out[f"keep_states {k}"] is not None]
     ops.KEEP_STATES = min(timed, key=lambda k: out[f"keep_states {k}"]) if timed else True
-    # the state passes at few sequences x heads (block shrinking, two-level walk), at the sweep's shape and at one
-    # long sequence: the smallest sum of the two kept
-    for knob, values in STATE_KNOBS.items():
-        totals = {}
-        for p in values:
-            setattr(ops, knob, p)
-            times = [_try(f"{knob} {p}", time_case, ours, b, t, dv, "fwdbwd", 120) for b, t in ((B, T), (1, TOKENS))]
-            out[f"{knob} {p}"] = times
-            print(f"sweep {knob} {p} (fwdbwd B{B} T{T}, B1 T{TOKENS}): {times} ms", flush=True)
-            if None not in times:
-                totals[p] = sum(times)
-        setattr(ops, knob, min(totals, key=totals.get) if totals else values[0])
+    # the state passes' two-level walk, at the sweep's shape and at one long sequence: the smallest sum of the two kept
+    totals = {}
+    for p in STATE_GROUPS:
+        ops.STATE_GROUP_PROGRAMS_PER_SM = p
+        times = [_try(f"state groups {p}", time_case, ours, b, t, dv, "fwdbwd", 120) for b, t in ((B, T), (1, TOKENS))]
+        out[f"state_groups {p}"] = times
+        print(f"sweep state groups up to {p} programs per SM (fwdbwd B{B} T{T}, B1 T{TOKENS}): {times} ms", flush=True)
+        if None not in times:
+            totals[p] = sum(times)
+    ops.STATE_GROUP_PROGRAMS_PER_SM = min(totals, key=totals.get) if totals else STATE_GROUPS[0]
     out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG), "GRAD_SPLIT": ops.GRAD_SPLIT,
-                     "KEEP_STATES": ops.KEEP_STATES, **{knob: getattr(ops, knob) for knob in STATE_KNOBS}}
+                     "KEEP_STATES": ops.KEEP_STATES, "STATE_GROUP_PROGRAMS_PER_SM": ops.STATE_GROUP_PROGRAMS_PER_SM}
     print("chosen:", out["chosen"], flush=True)
     results["sweep"] = out
     save()
@@ -364,7 +361,7 @@ def main():
             traceback.print_exc()
     results["config"] = {"CHUNK": ops.CHUNK, "CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
                          "GRAD_SPLIT": ops.GRAD_SPLIT, "KEEP_STATES": ops.KEEP_STATES,
-                         **{knob: getattr(ops, knob) for knob in STATE_KNOBS}, "HI_INTRA": ops.HI_INTRA,
+                         "STATE_GROUP_PROGRAMS_PER_SM": ops.STATE_GROUP_PROGRAMS_PER_SM, "HI_INTRA": ops.HI_INTRA,
                          "HI_BWD": ops.HI_BWD}
     save()
     _try("breakdown", breakdown, results, save)

@@ -225,14 +225,6 @@ def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
     return BK, BT, BF, BV, triton.cdiv(D, BF), nw, ns
 
 
-# The state passes shrink their blocks (BV to 32, then BF to 16) until they have this many programs per SM; 0: never
-# (CONFIG["state"] at every shape). Timed on an H100 in one process (fwd+bwd median ms / the state kernels' device
-# ms, d_v 64 unless named; runs of the same setting): 0: B8 T4096 1.608 / 0.313, B1 T32768 2.228 / 0.931, d_v 128
-# 3.660 / 0.979; 1: 1.614 / 0.318, 2.361 / 1.054, 3.579 / 0.901; 2: 1.618, 2.533, 4.777; 4 (before): 1.672 / 0.374,
-# 2.533 / 1.235, 4.828 / 2.151; 8 and 16 slower still. The sweep of benchmarks/taylor_attention.py times them.
-STATE_PROGRAMS_PER_SM = 0
-
-
 # The state passes' two-level walk (chunk.py, GROUPS): with fewer than STATE_GROUP_PROGRAMS_PER_SM programs per SM,
 # each sequence's walk is cut into G runs: one kernel sums each run from zero, a second walks every run from the
 # initial state plus the sums of the runs before it, so the chains are G times shorter for one more (shorter) walk.
@@ -347,10 +339,6 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
     D = feature_dim(F)
     BK, BT, BF, BV, NF, nw, ns = _cfg("state", F, DV, prec)
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
-    # few sequences x heads (long T, small B): smaller blocks, more (and shorter) chains of chunk products
-    while NF * triton.cdiv(DV, BV) * N * H < STATE_PROGRAMS_PER_SM * _num_sms(x.device) and (BV > 32 or BF > 16):
-        BV, BF = (BV // 2, BF) if BV > 32 else (BV, BF // 2)
-        NF = triton.cdiv(D, BF)
     hc = x.new_empty(n_chunks, H, D, DV, dtype=_state_dtype(x.dtype))
     zc = x.new_empty(n_chunks, H, D, dtype=torch.float32)
     hl = x.new_empty(n_chunks, H, F + 1, DV, dtype=torch.float32) if low else zc

@@ -17,8 +17,7 @@ import taylor_attention as taylor_bench  # noqa: E402
 def test_candidates_include_the_shipped_tiles():
     for name, tiles in taylor_bench.ops.CONFIG.items():
         assert tiles in taylor_bench.CANDIDATES[name], name
-    for knob, values in taylor_bench.STATE_KNOBS.items():  # the shipped value first
-        assert values[0] == getattr(taylor_bench.ops, knob), knob
+    assert taylor_bench.STATE_GROUPS[0] == taylor_bench.ops.STATE_GROUP_PROGRAMS_PER_SM  # the shipped value first
 
 
 @pytest.mark.parametrize("chunk64_faster", [True, False])
@@ -28,8 +27,7 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
     monkeypatch.setattr(ops, "CHUNK", ops.CHUNK)
     monkeypatch.setattr(ops, "GRAD_SPLIT", False)
     monkeypatch.setattr(ops, "KEEP_STATES", ops.KEEP_STATES)
-    for knob in taylor_bench.STATE_KNOBS:
-        monkeypatch.setattr(ops, knob, getattr(ops, knob))
+    monkeypatch.setattr(ops, "STATE_GROUP_PROGRAMS_PER_SM", ops.STATE_GROUP_PROGRAMS_PER_SM)
     for name in ("state", "output"):
         monkeypatch.setitem(ops.CONFIG, name, ops.CONFIG[name])
     checks, timed = [], []
@@ -42,8 +40,8 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
         return passes(chunk, grad, split)
 
     def time_case(fn, B, T, dv, kind, budget_ms=300):
-        if B == 1:  # the long sequence of the state knobs' comparison: the largest values fastest
-            return 5.0 - ops.STATE_PROGRAMS_PER_SM / 10 - ops.STATE_GROUP_PROGRAMS_PER_SM / 10
+        if B == 1:  # the long sequence of the two-level walk's comparison: the largest value fastest
+            return 5.0 - ops.STATE_GROUP_PROGRAMS_PER_SM / 10
         timed.append((ops.CHUNK, taylor_bench.run_grad_tiles(ops.CONFIG["grad"]), ops.GRAD_SPLIT, kind))
         if len(timed) <= 2:  # the chunk comparison
             return 1.0 if (ops.CHUNK == 64) == chunk64_faster else 2.0
@@ -67,7 +65,8 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
     assert all((t is None) == (chunk64_faster and cfg[2] == 8 and not cfg[4]) for cfg, t in grad.items())
     assert all(t[1][2] == 4 for t in timed if t[0] == 64 and not t[2])
     assert sweep["chosen"]["CHUNK"] == (64 if chunk64_faster else 128)
-    # the state passes' knobs: each candidate at both shapes, the smallest sum kept
-    for knob, values in taylor_bench.STATE_KNOBS.items():
-        assert all(len(sweep[f"{knob} {p}"]) == 2 and None not in sweep[f"{knob} {p}"] for p in values)
-        assert sweep["chosen"][knob] == max(values) == getattr(ops, knob)
+    # the two-level walk's candidates: each at both shapes, the smallest sum kept
+    groups = [sweep[f"state_groups {p}"] for p in taylor_bench.STATE_GROUPS]
+    assert all(len(t) == 2 and None not in t for t in groups)
+    assert sweep["chosen"]["STATE_GROUP_PROGRAMS_PER_SM"] == max(taylor_bench.STATE_GROUPS) \
+        == ops.STATE_GROUP_PROGRAMS_PER_SM
