@@ -188,8 +188,8 @@ def checked(chunk, grad, split):
 
 
 def run_grad_tiles(grad):
-    """The gradient tiles the library runs for ``CONFIG["grad"] = grad`` at ops.CHUNK and ops.GRAD_SPLIT."""
-    return (grad[0], grad[1], ops.grad_warps(ops.CHUNK, grad[2]), grad[3])
+    """The gradient tiles the library runs for ``CONFIG["grad"] = grad`` at ops.CHUNK and ops.GRAD_SPLIT (d_v 64)."""
+    return (grad[0], grad[1], ops.grad_warps(ops.CHUNK, grad[2], ops.grad_split(grad[1])), grad[3])
 
 
 def sweep(results, save):
@@ -216,11 +216,11 @@ def sweep(results, save):
             ops.CONFIG[name] = cfg[:4]
             if name == "grad":
                 ops.GRAD_SPLIT = cfg[4]
-                runs = run_grad_tiles(cfg[:4])
-                if runs != cfg[:4]:  # the library runs another candidate's tiles instead
+                runs = (*run_grad_tiles(cfg[:4]), ops.grad_split(cfg[1]))
+                if runs != cfg:  # the library runs another candidate's tiles instead
                     out[f"{name} {cfg}"] = None
-                    print(f"sweep {name} {cfg}: runs as {runs} at chunk {ops.CHUNK} (ops.grad_warps), not timed",
-                          flush=True)
+                    print(f"sweep {name} {cfg}: runs as {runs} at chunk {ops.CHUNK} (ops.grad_warps, "
+                          "ops.grad_split), not timed", flush=True)
                     continue
                 if not checked(ops.CHUNK, cfg[:4], cfg[4]):
                     out[f"{name} {cfg}"] = None

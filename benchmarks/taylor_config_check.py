@@ -34,6 +34,8 @@ def main() -> int:
     ops.HI_INTRA = bool(a.hi_intra)
     # the warps given, also where the library caps them (ops.grad_warps: below chunk 128), to re-check that crash
     ops.GRAD_WARPS_SMALL_CHUNK = max(ops.GRAD_WARPS_SMALL_CHUNK, a.grad[2])
+    # split at the value block given, also where the library runs it unsplit (ops.grad_split), to re-check it
+    ops.GRAD_SPLIT_MIN_BV = min(ops.GRAD_SPLIT_MIN_BV, a.grad[1])
     label = f"chunk {a.chunk} grad {tuple(a.grad)} split {a.split} keep {not a.no_keep} hi_intra {ops.HI_INTRA}"
     try:
         errs = [errors_vs_fp64(2, 2048, 64)[0][key] for key in ("y", "dq", "dk", "dv")]

@@ -204,10 +204,23 @@ INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small 
 IEEE_TILES = (64, 32, 32, 4, 1)
 
 
-def grad_warps(chunk: int, num_warps: int) -> int:
+# The split gradient pass gives wrong dk / dv on an H100 at value blocks of 32 columns (d_v <= 32, or CONFIG["grad"]
+# with BV 32; the interpreter and BV 64 are right: README): below this many columns the one-kernel pass runs instead.
+GRAD_SPLIT_MIN_BV = 64
+
+
+def grad_split(BV: int) -> bool:
+    """Whether the gradient pass runs split (two kernels) at value blocks of ``BV`` columns: ``GRAD_SPLIT``, except
+    below ``GRAD_SPLIT_MIN_BV`` columns on a GPU."""
+    return GRAD_SPLIT and (BV >= GRAD_SPLIT_MIN_BV or INTERPRET)
+
+
+def grad_warps(chunk: int, num_warps: int, split: Optional[bool] = None) -> int:
     """The warps the gradient pass runs at for ``CONFIG["grad"]``'s ``num_warps`` at ``chunk`` tokens per chunk: the
-    one-kernel pass below chunk 128 at ``GRAD_WARPS_SMALL_CHUNK`` at most (the crash above), else as configured."""
-    return min(num_warps, GRAD_WARPS_SMALL_CHUNK) if chunk < 128 and not GRAD_SPLIT else num_warps
+    one-kernel pass below chunk 128 at ``GRAD_WARPS_SMALL_CHUNK`` at most (the crash above), else as configured.
+    ``split``: whether the pass runs split (``grad_split``; default ``GRAD_SPLIT``)."""
+    split = GRAD_SPLIT if split is None else split
+    return min(num_warps, GRAD_WARPS_SMALL_CHUNK) if chunk < 128 and not split else num_warps
 
 
 def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
@@ -217,10 +230,10 @@ def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
         BT, BF, BV = INTERPRET_TILES
     elif prec == "ieee":
         BT, BF, BV, nw, ns = IEEE_TILES
-    if name == "grad":
-        nw = grad_warps(BT, nw)
     BK = max(16, triton.next_power_of_2(F))
     BV = min(BV, max(16, triton.next_power_of_2(DV)))
+    if name == "grad":
+        nw = grad_warps(BT, nw, grad_split(BV))
     D = feature_dim(F)
     return BK, BT, BF, BV, triton.cdiv(D, BF), nw, ns
 
@@ -453,7 +466,7 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     dv = v.new_empty(B, T, H, DV)
     if n_chunks:
         grid = (NV, n_chunks, H)
-        for part in (1, 2) if GRAD_SPLIT else (0,):
+        for part in (1, 2) if grad_split(BV) else (0,):
             _grad_kernel(lambda m: grid, (
                 q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv,
                 cu_seqlens if cu_seqlens is not None else den, meta if meta is not None else den,

@@ -26,6 +26,7 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
     monkeypatch.setitem(ops.CONFIG, "grad", (32, 64, 8, 1))
     monkeypatch.setattr(ops, "CHUNK", ops.CHUNK)
     monkeypatch.setattr(ops, "GRAD_SPLIT", False)
+    monkeypatch.setattr(ops, "INTERPRET", False)  # the GPU's rules (ops.grad_split); no kernel runs here
     monkeypatch.setattr(ops, "KEEP_STATES", ops.KEEP_STATES)
     monkeypatch.setattr(ops, "STATE_GROUP_PROGRAMS_PER_SM", ops.STATE_GROUP_PROGRAMS_PER_SM)
     for name in ("state", "output"):
@@ -58,11 +59,14 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
     assert sweep["chunk64_fwdbwd"] == (1.0 if chunk64_faster else 2.0)
     assert all(t[0] == (64 if chunk64_faster else 128) for t in timed[2:])  # the passes at the chunk kept
     # no check failed: below chunk 128 the one-kernel 8-warp candidates are neither checked nor timed (the library
-    # would run their 4-warp twins); split, and at chunk 128, every candidate is
+    # would run their 4-warp twins), nor split ones at 32 value columns (it runs them unsplit: ops.grad_split);
+    # the other split candidates, and at chunk 128 the one-kernel ones, are
     assert all(passes(*c) for c in checks)
     grad = {ast.literal_eval(k[len("grad "):]): t for k, t in sweep.items() if k.startswith("grad ")}
     assert len(grad) == 2 * len(taylor_bench.CANDIDATES["grad"])
-    assert all((t is None) == (chunk64_faster and cfg[2] == 8 and not cfg[4]) for cfg, t in grad.items())
+    assert any(cfg[4] and cfg[1] < 64 for cfg in grad)
+    assert all((t is None) == ((chunk64_faster and cfg[2] == 8 and not cfg[4]) or (cfg[4] and cfg[1] < 64))
+               for cfg, t in grad.items())
     assert all(t[1][2] == 4 for t in timed if t[0] == 64 and not t[2])
     assert sweep["chosen"]["CHUNK"] == (64 if chunk64_faster else 128)
     # the two-level walk's candidates: each at both shapes, the smallest sum kept

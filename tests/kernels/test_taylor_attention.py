@@ -240,6 +240,25 @@ def test_gradient_warps_below_chunk_128(monkeypatch):
     assert ops.grad_warps(64, 8) == 8
 
 
+def test_split_gradient_pass_only_at_verified_value_blocks(monkeypatch):
+    """ops.GRAD_SPLIT on a GPU: split at value blocks of 64 columns or more; below (d_v <= 32, or BV 32 tiles, where
+    the split dk / dv are wrong on an H100) the one-kernel pass, at its warps (chunk 64: at most 4). The
+    interpreter runs split at every block (its tests check it against the one-kernel pass)."""
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "GRAD_SPLIT", True)
+    monkeypatch.setattr(ops, "CHUNK", 64)
+    monkeypatch.setitem(ops.CONFIG, "grad", (32, 64, 8, 1))
+    assert ops.grad_split(64) and ops.grad_split(128) and not ops.grad_split(32) and not ops.grad_split(16)
+    assert ops._cfg("grad", 16, 64)[5] == 8  # split: the configured warps
+    assert ops._cfg("grad", 16, 32)[3:6:2] == (32, 4)  # d_v 32: one kernel, 4 warps at chunk 64
+    monkeypatch.setitem(ops.CONFIG, "grad", (32, 32, 8, 1))
+    assert ops._cfg("grad", 16, 128)[3:6:2] == (32, 4)
+    monkeypatch.setattr(ops, "INTERPRET", True)
+    assert ops.grad_split(16)
+    monkeypatch.setattr(ops, "GRAD_SPLIT", False)
+    assert not ops.grad_split(128)
+
+
 def small_tiles(monkeypatch):
     """16-token chunks, 32-feature blocks and 16-column value blocks: many chunks, 9 feature blocks and several
     value blocks (dq, dk summed from per-block partials)."""
@@ -796,6 +815,18 @@ def test_grad_split_at_model_size(monkeypatch):
     split = run_with_grads(triton_fn, q, k, v, None)
     for a, b in zip(one[2], split[2]):
         assert rel(a, b) < 2e-3, rel(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("DV, grad", [(32, None), (64, (32, 32, 4, 1))])
+def test_grad_split_at_32_value_columns(monkeypatch, DV, grad):
+    """ops.GRAD_SPLIT at value blocks of 32 columns (d_v 32, or BV 32 tiles at d_v 64): the library runs the
+    one-kernel pass there (ops.grad_split: split dk / dv were wrong on an H100); gradients against fp64."""
+    monkeypatch.setattr(ops, "GRAD_SPLIT", True)
+    if grad:
+        monkeypatch.setitem(ops.CONFIG, "grad", grad)
+    errs, _ = long_case(4096, H=4, DV=DV)
+    assert errs[0] <= 2e-3 and max(errs[2:]) <= 5e-3, errs
 
 
 @pytest.mark.gpu
