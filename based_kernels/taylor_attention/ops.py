@@ -185,7 +185,9 @@ HI_INTRA = True
 HI_BWD = False
 # The gradient pass as one kernel (dq, dk, dv together) or two (dq; dk and dv), which recompute the intra-chunk
 # scores but keep fewer tiles live: sm_90 compile at chunk 128, BF 32, BV 64, 4 warps (benchmarks/aot_check.py):
-# one kernel 255 registers and 2448 bytes spilled; the split ones, see aot_check. Timed by the sweep.
+# one kernel 255 registers and 2448 bytes spilled; the split ones, see aot_check. Timed by the sweep. H100, fwd+bwd
+# in one process at B8 T4096: split at (32, 64, 4, 1) 1.556 ms against this default's 1.603 at d_v 64 (one value
+# block), 3.197 against 3.151 at d_v 128 (two, each recomputing the scores in both kernels): off (README).
 GRAD_SPLIT = False
 # The forward's per-chunk states (S in the state dtype, z in fp32: n_chunks x H x D x (d_v + 1) numbers, e.g. 82 MB
 # per call at B 8, T 4096, 16 heads, f 16, d_v 64 in bf16) are kept for the backward instead of recomputed by a
