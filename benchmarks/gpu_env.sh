@@ -11,6 +11,12 @@ print("torch", torch.__version__, "triton", triton.__version__, "megatron-core",
 }
 mkdir -p /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# Triton's cache in the checkout (.triton-cache/, git-ignored). run_gpu_suite.sh returns its compiled kernels as
+# triton_cache.tgz; saved as .triton-cache.tgz in the checkout (git-ignored) and carried to the next call, it is
+# unpacked here, and that call does not compile again the kernels whose source and options did not change (Triton's
+# cache groups name their files by absolute path: it hits where the checkout has the same path, as on this machine).
+mkdir -p .triton-cache && { [ ! -f .triton-cache.tgz ] || tar xzf .triton-cache.tgz -C .triton-cache; } \
+  && export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "installing the carried wheels failed"; return 1 2>/dev/null || exit 1; }
