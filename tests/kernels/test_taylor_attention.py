@@ -606,7 +606,6 @@ def test_state_groups_rule(monkeypatch):
     assert ops.state_groups(48 * 8, 256 * 8, 8, 132) == 4
 
 
-
 def test_deterministic_backward(monkeypatch):
     small_tiles(monkeypatch)
     q, k, v, h0 = make(1, 40, 1, 16, 32, state=True)
