@@ -24,11 +24,12 @@ if [ -z "$BENCH_ONLY" ]; then
   latest=$(readlink -f /tmp/pytest-of-"$(id -un)"/pytest-current 2>/dev/null)
   [ -n "$latest" ] && (cd "$latest" && find . -name "*.log" -size -2M -not -path "*current*" \
     | tar czf "$OUT/logs.tgz" -T -)
-  echo "Triton cache: $(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -type f 2>/dev/null | wc -l) files," \
-    "$(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "*.autotune.json" 2>/dev/null | wc -l) autotuning results"
+  cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+  echo "Triton cache: $(find "$cache" -type f 2>/dev/null | wc -l) files," \
+    "$(find "$cache" -name "*.autotune.json" 2>/dev/null | wc -l) autotuning results"
   # the compiled kernels for the next call to carry (benchmarks/gpu_env.sh), without the autotuning results, so the
   # runs that tune (the eager entry test, make demo) still tune; not returned past the machine's 16 MB per file
-  (cd "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" && find . -type f ! -name "*.autotune.json" ! -name .unpacked \
+  (cd "$cache" && find . -type f ! -name "*.autotune.json" ! -name .unpacked \
     | tar czf "$OUT/triton_cache.tgz" -T -) && [ "$(stat -c %s "$OUT/triton_cache.tgz")" -gt 16000000 ] \
     && { echo "triton_cache.tgz: $(du -h "$OUT/triton_cache.tgz" | cut -f1), over 16 MB: not returned"; \
          rm -f "$OUT/triton_cache.tgz"; }
