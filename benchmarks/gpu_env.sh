@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # triton_cache.tgz; saved as .triton-cache.tgz in the checkout (git-ignored) and carried to the next call, it is
 # unpacked here (once per machine: the scripts source this file several times per call), and that call does not
 # compile again the kernels whose source and options did not change (Triton's cache groups name their files by
-# absolute path: it hits where the checkout has the same path, as on this machine).
+# absolute path: it hits where the checkout has the path of the one that filled it, as each call's copy does).
 mkdir -p .triton-cache && { [ ! -f .triton-cache.tgz ] || [ -f .triton-cache/.unpacked ] \
   || { tar xzf .triton-cache.tgz -C .triton-cache && touch .triton-cache/.unpacked; }; } \
   && export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
