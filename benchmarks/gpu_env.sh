@@ -12,12 +12,12 @@ print("torch", torch.__version__, "triton", triton.__version__, "megatron-core",
 mkdir -p /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # Triton's cache in the checkout (.triton-cache/, git-ignored). run_gpu_suite.sh returns its compiled kernels as
-# triton_cache.tgz; saved as .triton-cache.tgz in the checkout (git-ignored) and carried to the next call, it is
+# triton_cache.tar.xz; saved as .triton-cache.tar.xz in the checkout (git-ignored) and carried to the next call, it is
 # unpacked here (once per machine: the scripts source this file several times per call), and that call does not
 # compile again the kernels whose source and options did not change (Triton's cache groups name their files by
 # absolute path: it hits where the checkout has the path of the one that filled it, as each call's copy does).
-mkdir -p .triton-cache && { [ ! -f .triton-cache.tgz ] || [ -f .triton-cache/.unpacked ] \
-  || { tar xzf .triton-cache.tgz -C .triton-cache && touch .triton-cache/.unpacked; }; } \
+mkdir -p .triton-cache && { [ ! -f .triton-cache.tar.xz ] || [ -f .triton-cache/.unpacked ] \
+  || { tar xJf .triton-cache.tar.xz -C .triton-cache && touch .triton-cache/.unpacked; }; } \
   && export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
