@@ -17,7 +17,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # compile again the kernels whose source and options did not change (Triton's cache groups name their files by
 # absolute path: it hits where the checkout has the path of the one that filled it, as each call's copy does).
 mkdir -p .triton-cache && { [ ! -f .triton-cache.tar.xz ] || [ -f .triton-cache/.unpacked ] \
-  || { tar xJf .triton-cache.tar.xz -C .triton-cache && touch .triton-cache/.unpacked; }; } \
+  || { python3 -c 'import tarfile; tarfile.open(".triton-cache.tar.xz").extractall(".triton-cache", filter="data")' \
+       && touch .triton-cache/.unpacked; }; } \
   && export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
