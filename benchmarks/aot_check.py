@@ -2,7 +2,7 @@
 ptxas) and report registers, spills and shared memory per configuration: catches compile errors and spills before a
 GPU run.
 
-    python benchmarks/aot_check.py [--dtype bf16] [--dv 64]
+    python benchmarks/aot_check.py [--dtype bf16] [--dv 64] [--passes output] [--query-rows 0 32 64]
 """
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def main():
     ap.add_argument("--f", type=int, default=16)
     ap.add_argument("--passes", nargs="+", default=["state", "output", "grad", "decode"],
                     choices=["state", "output", "grad", "decode"])
+    ap.add_argument("--query-rows", type=int, nargs="+", default=[0],
+                    help="the output pass's query rows per program (ops.OUTPUT_QUERY_ROWS; 0: the whole chunk)")
     args = ap.parse_args()
     F, DV = args.f, args.dv
     BK = max(16, triton.next_power_of_2(F))
@@ -69,7 +71,10 @@ def main():
             if name not in args.passes:
                 continue
             # the gradient pass as one kernel (part 0) or split (ops.GRAD_SPLIT: parts 1 and 2)
-            for BF, BV, nw, ns, part in [(*c, p) for c in cfgs for p in ((0, 1, 2) if name == "grad" else (0,))]:
+            # the output pass per query-row block (0: the whole chunk)
+            rows = [r for r in args.query_rows if r < BT] if name == "output" else [0]
+            for BF, BV, nw, ns, part, BQ in [(*c, p, r) for c in cfgs for r in rows
+                                              for p in ((0, 1, 2) if name == "grad" else (0,))]:
                 BV = min(BV, DV)
                 # the fp32-operand products' precision, as based_kernels._common.dot_precision picks it under torch's default
                 prec = "ieee" if args.dtype == "fp32" else "tf32"
@@ -83,11 +88,11 @@ def main():
                     fn, c = chunk.taylor_chunk_output_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                                                                    HI_INTRA=ops.HI_INTRA, BL=32,
                                                                    LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
-                                                                   CONFINE=False)
+                                                                   CONFINE=False, BQ=BQ)
                 else:
                     fn, c = chunk.taylor_chunk_grad_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                                                                  HI=ops.HI_BWD, PART=part)
-                label = f"{name}{part}" if part else name
+                label = f"{name}{part}" if part else (f"{name} rows {BQ}" if BQ else name)
                 try:
                     regs, spill, smem = compile_kernel(fn, args.dtype, c, nw, ns)
                     print(f"BT {BT:3d} {label:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}: regs {regs}, "

@@ -181,8 +181,10 @@ def _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT: tl.constexpr, IS_VARLEN: tl.c
 @triton.jit
 def _load_chunk(q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
                 T, H, NC, F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-                BV: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Indices, masks and the q, k (raw) and v tiles of chunk i_c, value block i_v (output and gradient passes)."""
+                BV: tl.constexpr, IS_VARLEN: tl.constexpr, i_q=0, BQ: tl.constexpr = 0):
+    """Indices, masks and the q, k (raw) and v tiles of chunk i_c, value block i_v (output and gradient passes).
+    k and v: the chunk's BT token rows (``o_t``, ``o_tt``, ``m_t``); q: the BQ rows from ``i_q * BQ`` (``o_q``,
+    ``o_tq``, ``m_q``; BQ 0: the whole chunk)."""
     i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
     i_h = tl.program_id(2)
     o_t = tl.arange(0, BT)
@@ -192,11 +194,18 @@ def _load_chunk(q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_k
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     m_tk = m_t[:, None] & (o_k < F)[None, :]
-    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_tt[:, None] * s_qt + o_k[None, :], mask=m_tk, other=0.)
+    if BQ == 0 or BQ == BT:
+        o_q, o_tq, m_q = o_t, o_tt, m_t
+    else:
+        o_q = i_q * BQ + tl.arange(0, BQ)
+        o_tq = t0 + o_q
+        m_q = o_tq < eos
+    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_tq[:, None] * s_qt + o_k[None, :],
+                  mask=m_q[:, None] & (o_k < F)[None, :], other=0.)
     b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_tt[:, None] * s_kt + o_k[None, :], mask=m_tk, other=0.)
     b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_tt[:, None] * s_vt + o_v[None, :],
                   mask=m_t[:, None] & m_v[None, :], other=0.)
-    return i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v
+    return i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, o_q, o_tq, m_q
 
 
 @triton.jit
@@ -303,26 +312,31 @@ def taylor_chunk_output_kernel(
     T, H, NC, scale, eps,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr,
-    BL: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr, CONFINE: tl.constexpr,
+    BL: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr, CONFINE: tl.constexpr, BQ: tl.constexpr = 0,
 ):
-    """Output of one chunk: intra-chunk ``(1 + s + s^2/2)`` part plus ``phi(Q_c) . (hc_c, zc_c)``. The constant
-    and linear rows (the largest terms: the constant row is the running sum of v) come from their fp32 copy
-    ``hl`` in a 3-pass tf32 product (~fp32; ``LOW_PREC``, IEEE when PREC is); the quadratic rows from the bf16
-    ``hc`` on bf16 tensor cores. ``PREC``: the input_precision of the other products with fp32 operands
-    (_common.dot_precision: IEEE for fp32 inputs at torch's default float32 matmul precision, else tf32).
-    Launched plain, then with ``CONFINE`` (``_common.launch_confined``)."""
+    """Output of BQ query rows of one chunk (BQ 0: the whole chunk; programs (value block, chunk x query block,
+    head), the query blocks of a chunk adjacent): intra-chunk ``(1 + s + s^2/2)`` part over the chunk's keys plus
+    ``phi(Q) . (hc_c, zc_c)``. The constant and linear rows (the largest terms: the constant row is the running sum
+    of v) come from their fp32 copy ``hl`` in a 3-pass tf32 product (~fp32; ``LOW_PREC``, IEEE when PREC is); the
+    quadratic rows from the bf16 ``hc`` on bf16 tensor cores. ``PREC``: the input_precision of the other products
+    with fp32 operands (_common.dot_precision: IEEE for fp32 inputs at torch's default float32 matmul precision, else
+    tf32). Query blocks (BQ < BT) keep [BQ, BT] scores and [BQ, BF] features live instead of [BT, BT] and [BT, BF]:
+    fewer registers per program, for k, v and the chunk's state read once per block (from L2). Launched plain, then
+    with ``CONFINE`` (``_common.launch_confined``)."""
     if CONFINE:  # the confining re-launch: only after a plain program flagged a non-finite result
         if tl.load(bad) == 0:
             return
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NQ: tl.constexpr = 1 if BQ == 0 else BT // BQ
+    i_v, i_cq, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_q = i_cq // NQ, i_cq % NQ
     p_st = i_c.to(tl.int64) * H + i_h
-    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v = _load_chunk(
+    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, o_q, o_tq, m_q = _load_chunk(
         q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
-        T, H, NC, F, DV, BK, BT, BV, IS_VARLEN)
+        T, H, NC, F, DV, BK, BT, BV, IS_VARLEN, i_q, BQ)
 
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
-    m_c = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
+    m_c = (o_q[:, None] >= o_t[None, :]) & m_t[None, :]
     b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
     b_w = b_A
     if CONFINE:  # a non-finite v row reaches only the queries that see it, through A (not 0 * NaN: _jit_common)
@@ -344,11 +358,11 @@ def taylor_chunk_output_kernel(
         b_num += tl.dot(b_p.to(b_h.dtype), b_h, input_precision=PREC)
         b_den += tl.sum(b_p * b_z[None, :], 1)
     b_o = b_num / (b_den + eps)[:, None]
-    tl.store(o + i_b * s_ob + i_h * s_oh + o_tt[:, None] * s_ot + o_v[None, :], b_o.to(o.dtype.element_ty),
-             mask=m_t[:, None] & m_v[None, :])
-    tl.store(den + (i_b * T + o_tt) * H + i_h, b_den, mask=m_t & (i_v == 0))
+    tl.store(o + i_b * s_ob + i_h * s_oh + o_tq[:, None] * s_ot + o_v[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_q[:, None] & m_v[None, :])
+    tl.store(den + (i_b * T + o_tq) * H + i_h, b_den, mask=m_q & (i_v == 0))
     if not CONFINE:
-        flag_non_finite(bad, b_o, b_den, m_t)
+        flag_non_finite(bad, b_o, b_den, m_q)
 
 
 @triton.jit
@@ -386,7 +400,7 @@ def taylor_chunk_grad_kernel(
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p_st = i_c.to(tl.int64) * H + i_h
-    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v = _load_chunk(
+    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, _, _, _ = _load_chunk(
         q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
         T, H, NC, F, DV, BK, BT, BV, IS_VARLEN)
     w0 = (i_v == 0).to(tl.float32)  # the normaliser column [v | 1] belongs to value block 0
@@ -439,3 +453,86 @@ def taylor_chunk_grad_kernel(
         tl.store(dk + p_g, b_dk.to(dk.dtype.element_ty), mask=m_tk)
         tl.store(dv + i_b * s_db + i_h * s_dh + o_tt[:, None] * s_dt + o_v[None, :], b_dv.to(dv.dtype.element_ty),
                  mask=m_tv)
+
+
+@triton.jit
+def taylor_chunk_grad_rows_kernel(
+    q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv, cu_seqlens, chunk_meta, feat,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_yb, s_yt, s_yh,
+    s_gn, s_gb, s_gt, s_gh, s_db, s_dt, s_dh,
+    T, H, NC, scale,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr, PREC: tl.constexpr,
+    BQ: tl.constexpr,
+):
+    """The gradient pass in row blocks: programs (value block, chunk x row block, head), the row blocks of a chunk
+    adjacent. Program r of a chunk writes dq of its BQ query rows (their scores against the chunk's keys, and the
+    state before the chunk) and dk, dv of its BQ key rows (the chunk's queries' scores against them, and the
+    gradient of the state after the chunk): the same sums as ``taylor_chunk_grad_kernel`` with [BQ, BT] score tiles
+    and [BQ, BF] feature tiles live instead of [BT, BT] and [BT, BF]; the intra-chunk scores are formed twice (once
+    per side), the feature terms once. NaN confinement as there: dS masked as a whole, the keys of ``dS K`` and of
+    the state terms with their non-finite values zeroed."""
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
+    NQ: tl.constexpr = BT // BQ
+    i_v, i_cq, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_q = i_cq // NQ, i_cq % NQ
+    p_st = i_c.to(tl.int64) * H + i_h
+    # the chunk's rows (o_t: q, k, v of every token) and this block's (o_q: its q rows)
+    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_qb, b_kc, b_vc, o_q, o_tq, m_q = _load_chunk(
+        q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+        T, H, NC, F, DV, BK, BT, BV, IS_VARLEN, i_q, BQ)
+    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_tt[:, None] * s_qt + o_k[None, :], mask=m_tk, other=0.)
+    m_qk = m_q[:, None] & (o_k < F)[None, :]
+    b_kb = tl.load(k + i_b * s_kb + i_h * s_kh + o_tq[:, None] * s_kt + o_k[None, :], mask=m_qk, other=0.)
+    b_vb = tl.load(v + i_b * s_vb + i_h * s_vh + o_tq[:, None] * s_vt + o_v[None, :],
+                   mask=m_q[:, None] & m_v[None, :], other=0.)
+    w0 = (i_v == 0).to(tl.float32)  # the normaliser column [v | 1] belongs to value block 0
+    # dO and dd of the chunk's queries (the key side) and of the block's (the query side)
+    b_dy = tl.load(dy + i_b * s_yb + i_h * s_yh + o_tt[:, None] * s_yt + o_v[None, :],
+                   mask=m_t[:, None] & m_v[None, :], other=0.)
+    p_d = (i_b * T + o_tt) * H + i_h
+    b_do = (b_dy.to(tl.float32) / tl.load(den + p_d, mask=m_t, other=1.)[:, None]).to(b_vc.dtype)
+    b_dd = tl.load(dd + p_d, mask=m_t, other=0.) * w0
+    b_dyq = tl.load(dy + i_b * s_yb + i_h * s_yh + o_tq[:, None] * s_yt + o_v[None, :],
+                    mask=m_q[:, None] & m_v[None, :], other=0.)
+    p_dq = (i_b * T + o_tq) * H + i_h
+    b_doq = (b_dyq.to(tl.float32) / tl.load(den + p_dq, mask=m_q, other=1.)[:, None]).to(b_vc.dtype)
+    b_ddq = tl.load(dd + p_dq, mask=m_q, other=0.) * w0
+
+    # query side: dS [BQ queries, BT keys], dq = dS K (K with its non-finite values zeroed)
+    m_cq = (o_q[:, None] >= o_t[None, :]) & m_t[None, :] & m_q[:, None]
+    b_s = tl.dot(b_qb, tl.trans(b_kc), input_precision=PREC) * (scale * scale)
+    b_dp = tl.dot(b_doq, tl.trans(b_vc), input_precision=PREC)
+    b_dS = tl.where(m_cq, (b_dp + b_ddq[:, None]) * (1. + b_s), 0.) * (scale * scale)
+    b_dq = _mm(b_dS, finite_rows(b_kc)[0], b_vc, HI, PREC)
+    # key side: scores of the chunk's queries against the block's keys, transposed ([BQ keys, BT queries])
+    m_ck = (o_t[None, :] >= o_q[:, None]) & m_t[None, :] & m_q[:, None]
+    b_st = tl.dot(b_kb, tl.trans(b_q), input_precision=PREC) * (scale * scale)
+    b_dpt = tl.dot(b_vb, tl.trans(b_do), input_precision=PREC)
+    b_dSt = tl.where(m_ck, (b_dpt + b_dd[None, :]) * (1. + b_st), 0.) * (scale * scale)
+    b_At = tl.where(m_ck, 1. + b_st + 0.5 * b_st * b_st, 0.)
+    b_dv = _mm(b_At, b_do, b_vc, HI, PREC)
+    b_dk = _mm(b_dSt, b_q, b_vc, HI, PREC)
+    b_kb = finite_rows(b_kb)[0]
+    # inter-chunk: dq of the block's queries from the state before the chunk, dk and dv of its keys from the
+    # gradient of the state after it
+    for i_f in range(0, NF):
+        o_r, m_r, a, b, c = _feature_rows(feat, i_f, F, BF)
+        m_rv = m_r[:, None] & m_v[None, :]
+        p_h = (p_st * D + o_r[:, None]) * DV + o_v[None, :]
+        b_h = tl.load(hc + p_h, mask=m_rv, other=0.)
+        b_z = tl.load(zc + p_st * D + o_r, mask=m_r, other=0.)
+        b_wq = tl.dot(b_doq.to(b_h.dtype), tl.trans(b_h), input_precision=PREC) + b_ddq[:, None] * b_z[None, :]
+        b_xa, b_xb = _expand(b_qb, a, b, BK)
+        b_dq += _phi_vjp(b_wq, b_xa, b_xb, a, b, c, BK, PREC)
+        b_dh = tl.load(dhc + p_h, mask=m_rv, other=0.)
+        b_dz = tl.load(dzc + p_st * D + o_r, mask=m_r, other=0.)
+        b_xa, b_xb = _expand(b_kb, a, b, BK)
+        b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(b_dh.dtype), b_dh, input_precision=PREC)
+        b_wk = tl.dot(b_vb.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC) + w0 * b_dz[None, :]
+        b_dk += _phi_vjp(b_wk, b_xa, b_xb, a, b, c, BK, PREC)
+    p_g = i_v.to(tl.int64) * s_gn + i_b * s_gb + i_h * s_gh + o_tq[:, None] * s_gt + o_k[None, :]
+    tl.store(dq + p_g, b_dq.to(dq.dtype.element_ty), mask=m_qk)
+    tl.store(dk + p_g, b_dk.to(dk.dtype.element_ty), mask=m_qk)
+    tl.store(dv + i_b * s_db + i_h * s_dh + o_tq[:, None] * s_dt + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_q[:, None] & m_v[None, :])

@@ -565,6 +565,42 @@ def test_grad_split_equals_one_kernel(monkeypatch, varlen):
     assert all(torch.equal(a, b) for a, b in zip(one[2], split[2]))
 
 
+@pytest.mark.parametrize("setting", ["OUTPUT_QUERY_ROWS", "GRAD_ROWS"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_row_blocks_match_fp64(monkeypatch, varlen, setting):
+    """ops.OUTPUT_QUERY_ROWS (the output pass in blocks of query rows) and ops.GRAD_ROWS (the gradient pass in row
+    blocks), one program per block: output, final state and gradients against fp64 on 32-token chunks in 16-row
+    blocks (two per chunk), odd lengths (a last chunk whose second block is empty or part-filled), an initial
+    state or packed documents, two value blocks; and the whole-chunk passes' results to fp32 rounding."""
+    monkeypatch.setattr(ops, "INTERPRET_TILES", (32, 32, 32))
+    q, k, v, h0 = make(1 if varlen else 2, 75, 2, 16, 40, state=not varlen)
+    kw = dict(cu_seqlens=torch.tensor([0, 17, 50, 75], dtype=torch.int32, device=DEV)) if varlen else {}
+    whole = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    monkeypatch.setattr(ops, setting, 16)
+    assert ops.row_block(32, setting) == 16 and ops.row_block(16, setting) == 0
+    assert ops.row_block(32, setting, n_chunks=32767) == 16 and ops.row_block(32, setting, n_chunks=32768) == 0
+    got = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    check_all(got, oracle(q, k, v, h0, **kw), TOL32)
+    for a, b in zip([got[0], *got[2]], [whole[0], *whole[2]]):
+        assert rel(a, b) < 1e-6, rel(a, b)
+
+
+@pytest.mark.parametrize("setting", ["OUTPUT_QUERY_ROWS", "GRAD_ROWS"])
+def test_row_blocks_confine_nan_and_bad_values(monkeypatch, setting):
+    """Row blocks keep NaN confinement (a NaN k or v of a sequence's last token reaches only its own output and the
+    gradients that see it; NaN v leaves dv alone) and the confining launch's bitwise equality with the plain one; a
+    row count that is no tile size is refused with the setting's name."""
+    monkeypatch.setattr(ops, setting, 16)
+    check_confining_equals_plain(2, 70, 1, 48, torch.float32)
+    for which in "kv":
+        check_nan_confined(which, False, 70, 0, torch.float32)
+        check_nan_confined(which, True, 70, 40, torch.float32)
+    for bad in (8, 24):
+        monkeypatch.setattr(ops, setting, bad)
+        with pytest.raises(ValueError, match=setting):
+            ops.row_block(128, setting)
+
+
 @pytest.mark.parametrize("varlen, groups", [(False, 3), (True, 7)])
 def test_state_groups_equal_one_walk(monkeypatch, varlen, groups):
     """ops.STATE_GROUPS: the state passes' two-level walk (runs summed from zero, then walked from the initial state
@@ -826,6 +862,23 @@ def test_grad_split_at_32_value_columns(monkeypatch, DV, grad):
         monkeypatch.setitem(ops.CONFIG, "grad", grad)
     errs, _ = long_case(4096, H=4, DV=DV)
     assert errs[0] <= 2e-3 and max(errs[2:]) <= 5e-3, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting, rows", [("OUTPUT_QUERY_ROWS", 32), ("OUTPUT_QUERY_ROWS", 64), ("GRAD_ROWS", 32),
+                                           ("GRAD_ROWS", 64)])
+def test_row_blocks_bf16(monkeypatch, setting, rows):
+    """ops.OUTPUT_QUERY_ROWS / ops.GRAD_ROWS compiled at chunk 128, bf16: T 4096, and packed documents of odd
+    lengths with states, against fp64 within the whole-chunk passes' bounds."""
+    monkeypatch.setattr(ops, setting, rows)
+    ey, es, *egrads = long_case(4096, H=4)[0]
+    assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (ey, es, egrads)
+    cu = torch.tensor([0, 1, 300, 2001], dtype=torch.int32, device=DEV)
+    q, k, v, h0 = make(1, 2001, 2, 16, 64, dtype=torch.bfloat16, state=True, n_states=3)
+    got = run_with_grads(triton_fn, q, k, v, h0, cu_seqlens=cu)
+    ref = lambda *a, **kw: taylor_attention_chunked(*a, **kw)  # noqa: E731
+    want = run_with_grads(ref, *(t.double() for t in (q, k, v)), tuple(t.double() for t in h0), cu_seqlens=cu)
+    check_all(got, want, 2e-3, 4e-3)
 
 
 @pytest.mark.gpu
