@@ -25,8 +25,8 @@ import triton
 from .. import _common
 from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, confine_flags, dot_precision,
                        lastdim_contiguous, launch_confined, next_pow2, resolve_backend)
-from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_grad_rows_kernel, taylor_chunk_output_kernel,
-                    taylor_chunk_state_kernel, taylor_prep_kernel)
+from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
+                    taylor_prep_kernel)
 from .recurrent import taylor_step_buffered_kernel, taylor_step_kernel
 from .reference import (feature_dim, taylor_attention_chunked, taylor_attention_step,
                         taylor_attention_step_buffered)
@@ -134,7 +134,6 @@ def _check_buffer(q, v, buffer):
 _state_kernel = Launcher(taylor_chunk_state_kernel)
 _output_kernel = Launcher(taylor_chunk_output_kernel)
 _grad_kernel = Launcher(taylor_chunk_grad_kernel)
-_grad_rows_kernel = Launcher(taylor_chunk_grad_rows_kernel)
 _prep_kernel = Launcher(taylor_prep_kernel)
 _step_kernel = Launcher(taylor_step_kernel)
 _step_buffered_kernel = Launcher(taylor_step_buffered_kernel)
@@ -200,21 +199,17 @@ KEEP_STATES = True
 # [BQ, BF] features per program instead of [chunk, chunk] and [chunk, BF]: fewer registers and more programs per
 # SM. None (or a value >= the chunk): one program per chunk. At most the chunk, a power of two >= 16.
 OUTPUT_QUERY_ROWS: Optional[int] = None
-# Rows per gradient-pass program (chunk.taylor_chunk_grad_rows_kernel): program r of a chunk writes dq of its query
-# rows and dk, dv of its key rows, with [rows, chunk] score tiles (formed once per side) instead of [chunk, chunk].
-# None (or >= the chunk): the one-kernel pass (or GRAD_SPLIT's two) per chunk. A power of two >= 16.
-GRAD_ROWS: Optional[int] = None
 
 
-def row_block(BT: int, name: str = "OUTPUT_QUERY_ROWS", n_chunks: int = 1) -> int:
-    """Rows per program of a pass over ``n_chunks`` chunks of ``BT`` tokens (the setting ``name`` of this module:
-    ``OUTPUT_QUERY_ROWS``, ``GRAD_ROWS``); 0: the whole chunk, also where the blocks would pass CUDA's 65535
-    programs on the grid's second axis."""
-    rows = globals()[name]
+def output_query_rows(BT: int, n_chunks: int = 1) -> int:
+    """The output pass's query rows per program (``OUTPUT_QUERY_ROWS``) over ``n_chunks`` chunks of ``BT`` tokens;
+    0: the whole chunk, also where the blocks would pass CUDA's 65535 programs on the grid's second axis."""
+    rows = OUTPUT_QUERY_ROWS
     if rows is None or rows >= BT:
         return 0
     if rows < 16 or rows & (rows - 1):
-        raise ValueError(f"ops.{name} must be a power of two >= 16 (tl.dot's smallest tile) or None, got {rows}")
+        raise ValueError(f"ops.OUTPUT_QUERY_ROWS must be a power of two >= 16 (tl.dot's smallest tile) or None, "
+                         f"got {rows}")
     return rows if n_chunks * (BT // rows) <= 65535 else 0
 
 
@@ -411,14 +406,14 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
     o = v.new_empty(B, T, H, DV)
     den = q.new_empty(B, T, H, dtype=torch.float32)
     if n_chunks:
-        BQ = row_block(BT, "OUTPUT_QUERY_ROWS", n_chunks)
+        BQ = output_query_rows(BT, n_chunks)
         grid = (cdiv(DV, BV), n_chunks * (BT // BQ if BQ else 1), H)
         launch_confined(_output_kernel, lambda m: grid, (
             q, k, v, o, den, hc, hl, zc, cu_seqlens if cu_seqlens is not None else den,
             meta if meta is not None else den, *confine_flags(q, 1), feature_table(F, q.device),
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
-                 BL=max(16, next_pow2(F + 1)), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
+                 BL=max(32, next_pow2(F + 1)), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
                  BQ=BQ, num_warps=nw, num_stages=ns))
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
@@ -490,21 +485,16 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     dk = k.new_empty(NV, B, T, H, F, dtype=torch.float32 if NV > 1 else k.dtype)
     dv = v.new_empty(B, T, H, DV)
     if n_chunks:
-        args = (q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv,
+        grid = (NV, n_chunks, H)
+        for part in (1, 2) if grad_split(BV) else (0,):
+            _grad_kernel(lambda m: grid, (
+                q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv,
                 cu_seqlens if cu_seqlens is not None else den, meta if meta is not None else den,
                 feature_table(F, q.device), *_s3(q), *_s3(k), *_s3(v), *_s3(dy),
                 dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
-                *_s3(dv), T, H, NC, F ** -0.25)
-        consts = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
-                      PREC=prec, num_warps=nw, num_stages=ns)
-        rows = row_block(BT, "GRAD_ROWS", n_chunks)
-        if rows:
-            grid = (NV, n_chunks * (BT // rows), H)
-            _grad_rows_kernel(lambda m: grid, args, **consts, BQ=rows)
-        else:
-            grid = (NV, n_chunks, H)
-            for part in (1, 2) if grad_split(BV) else (0,):
-                _grad_kernel(lambda m: grid, args, **consts, PART=part)
+                *_s3(dv), T, H, NC, F ** -0.25),
+                F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
+                PREC=prec, PART=part, num_warps=nw, num_stages=ns)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
