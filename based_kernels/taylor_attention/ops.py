@@ -407,6 +407,9 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
     den = q.new_empty(B, T, H, dtype=torch.float32)
     if n_chunks:
         BQ = output_query_rows(BT, n_chunks)
+        # BL: the tile of the constant and linear feature rows (f + 1 of them), at least 32: at 16 (f <= 15) its
+        # feature products are [chunk, 16] x [16, 16] (wgmma m64n16k16), and compute-sanitizer saw that kernel read
+        # shared memory out of bounds on an H100 (f 8, d_v 32, packed documents; README)
         grid = (cdiv(DV, BV), n_chunks * (BT // BQ if BQ else 1), H)
         launch_confined(_output_kernel, lambda m: grid, (
             q, k, v, o, den, hc, hl, zc, cu_seqlens if cu_seqlens is not None else den,

@@ -66,3 +66,41 @@ def test_decode_and_training_kernels_compile_for_sm90():
     assert p.returncode == 0 and set(out) == {"DECODE", "TRAIN"}, p.stdout[-3000:] + p.stderr[-5000:]
     assert out["DECODE"] == DECODE, out["DECODE"] ^ DECODE
     assert out["TRAIN"] == TRAIN, out["TRAIN"] ^ TRAIN
+
+
+# The Taylor output pass at f 8 (the feature rows' constant / linear tile, ops: BL) compiled for sm_90 as the library
+# launches it (bf16, d_v 32, packed documents, the final state): the PTX's tensor-core products by shape.
+TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
+    import re
+
+    ptx = {}
+
+    def init_handles(self):  # record each compiled kernel's PTX instead of loading it
+        if self.module is None:
+            name, text = self.name, self.asm["ptx"]
+            self._run = lambda *a: ptx.setdefault(name, []).append(text)
+            self.module, self.function = 1, 0
+
+    compiler.CompiledKernel._init_handles = init_handles
+    driver.set_active(FakeDriver())
+    from based_kernels.taylor_attention import taylor_linear_attention
+
+    q, k = (torch.randn(1, 24, 4, 8, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, 24, 4, 32, dtype=torch.bfloat16)
+    taylor_linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 15, 24], dtype=torch.int32),
+                            output_final_state=True, backend="triton")
+    shape = r"wgmma\\.mma_async\\.sync\\.aligned\\.(m\\d+n\\d+k\\d+)"
+    for text in ptx["taylor_chunk_output_kernel"]:
+        print("WGMMA", " ".join(sorted(set(re.findall(shape, text)))))
+""")
+
+
+def test_taylor_output_pass_at_f8_has_no_n16_products():
+    """compute-sanitizer saw the output pass at f 8, d_v 32 (packed documents, final state) read shared memory out of
+    bounds on an H100, in a kernel whose only difference from f 16's (clean there) was the tile of the constant and
+    linear feature rows: 16 rows at f 8, which made its feature products [chunk, 16] x [16, 16] (wgmma m64n16k16).
+    With that tile at 32 rows or more (ops) the plain and the confining launch have no n16 product left."""
+    p = run(TAYLOR_SCRIPT)
+    shapes = [set(line.split()[1:]) for line in p.stdout.splitlines() if line.startswith("WGMMA")]
+    assert p.returncode == 0 and shapes, p.stdout[-3000:] + p.stderr[-5000:]
+    assert all(shapes) and not any(s.startswith("m64n16") for group in shapes for s in group), shapes
