@@ -33,6 +33,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# CUDA errors that leave the process's CUDA context unusable: every later CUDA call of the process fails with them
+_STICKY_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "misaligned address",
+                       "illegal instruction", "hardware stack error")
+_cuda_lost: list[str] = []  # the test in which this process's CUDA context was lost, and the error
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Notes the first test whose failure is a sticky CUDA error (above): the GPU tests after it skip, naming it
+    (``pytest_runtest_setup``), instead of failing with the same error, so the report points at the test that lost
+    the context."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None and not _cuda_lost:
+        message = str(call.excinfo.value).lower()
+        if any(error in message for error in _STICKY_CUDA_ERRORS):
+            _cuda_lost.extend([item.nodeid, str(call.excinfo.value).strip().splitlines()[0][:200]])
+
+
+def pytest_runtest_setup(item):
+    """After a lost CUDA context (``pytest_runtest_makereport``) the in-process GPU tests skip; the end-to-end tests
+    (fixture ``gpu_jobs``: their jobs run in processes of their own) still report their jobs."""
+    if _cuda_lost and ("gpu" in item.keywords or "multigpu" in item.keywords) \
+            and "gpu_jobs" not in getattr(item, "fixturenames", ()):
+        pytest.skip(f"this process's CUDA context was lost in {_cuda_lost[0]} ({_cuda_lost[1]})")
+
+
 @pytest.fixture(scope="session")
 def gpu_jobs(request, tmp_path_factory):
     """{test name: future} of the selected GPU end-to-end jobs (tests/megatron_based/test_entry_points.py's
@@ -78,10 +105,10 @@ def _known_warnings_filtered():
 def _return_cached_memory(request):
     """While the end-to-end jobs share the GPU: this process's cached, unused blocks go back after each test, and a
     test whose peak allocation passes half of this process's share says so (the tests that decide the share)."""
-    if _share:
+    if _share and not _cuda_lost:
         torch.cuda.reset_peak_memory_stats()
     yield
-    if _share:
+    if _share and not _cuda_lost:  # (after a lost context every CUDA call raises)
         peak = torch.cuda.max_memory_allocated()
         if peak > _share[0] / 2:
             print(f"\n{request.node.nodeid}: peak {peak / 2 ** 30:.1f} GiB allocated")

@@ -17,8 +17,9 @@ Forward (T tokens in chunks of BT):
      fp32), then adds ``phi(K_c)^T V_c``. Only a ``[BF, BV]`` fp32 state lives on chip, so there are
      ``ceil(D/BF) * ceil(d_v/BV) * B * H`` independent programs, each a chain of one product per chunk (at few
      sequences x heads, G times as many chains G times shorter: the kernel's two-level walk).
-  2. ``taylor_chunk_output_kernel``, programs (value block, chunk, head), all independent: the intra-chunk
-     ``(1 + s + s^2/2)``-masked product plus ``phi(Q_c) hc_c`` feature block by feature block, normalised.
+  2. ``taylor_chunk_output_kernel``, programs (value block, chunk, head), all independent (with
+     ops.OUTPUT_QUERY_ROWS one per block of a chunk's query rows): the intra-chunk ``(1 + s + s^2/2)``-masked
+     product plus ``phi(Q_c) hc_c`` feature block by feature block, normalised.
 Backward (``do = dy / den``, ``dd = -(dy . y) / den``; an unnormalised attention with values ``[v | 1]``):
   3. the state pass 1 again (recomputing ``hc`` costs less than keeping it between forward and backward);
   4. ``taylor_chunk_dstate_kernel``: the same walk in reverse with ``phi(Q_c)^T do_c`` (and ``dd``), storing
@@ -453,4 +454,3 @@ def taylor_chunk_grad_kernel(
         tl.store(dk + p_g, b_dk.to(dk.dtype.element_ty), mask=m_tk)
         tl.store(dv + i_b * s_db + i_h * s_dh + o_tt[:, None] * s_dt + o_v[None, :], b_dv.to(dv.dtype.element_ty),
                  mask=m_tv)
-
