@@ -3,11 +3,6 @@
 CPU: the kernels run under TRITON_INTERPRET=1 (set by conftest) in fp32/fp16 (bf16 tl.dot is wrong in the
 interpreter). GPU (marked ``gpu``): bf16 up to T = 32k against an fp64 reference.
 """
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -25,6 +20,7 @@ from based_kernels._common import dot_precision
 from based_kernels.taylor_attention import ops
 from based_kernels.taylor_attention.reference import taylor_state_with_buffer
 
+from ..memcheck import assert_memcheck_clean
 from .poison import assert_equal_where, bad_cu_seqlens, clean_and_poisoned
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -910,14 +906,7 @@ def test_kernels_under_memcheck():
     an H100 (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in taylor_chunk_output_kernel; without
     memcheck an illegal memory access in some runs, in the fp32-residual decode test's prefill). The Taylor passes at
     that shape and its neighbours, in a subprocess under memcheck: no error. Skips without compute-sanitizer."""
-    tool = shutil.which("compute-sanitizer")
-    if tool is None:
-        pytest.skip("compute-sanitizer is not on PATH")
-    out = subprocess.run([tool, "--tool", "memcheck", "--print-limit", "5", "--error-exitcode", "99", sys.executable,
-                          "-W", "ignore", "-c", _MEMCHECK_SCRIPT], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    report = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("=========")]
-    assert out.returncode == 0 and "memcheck script done" in out.stdout, "\n".join(report[:30] or [out.stderr[-3000:]])
+    assert_memcheck_clean(_MEMCHECK_SCRIPT)
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ import based_kernels
 from megatron_based.model.config import BasedConfig
 from megatron_based.model import build_model
 
+from ..memcheck import assert_memcheck_clean
 from .helpers import in_process_group
 
 pytestmark = pytest.mark.gpu
@@ -136,3 +137,34 @@ def test_megatron_cuda_graphs_equal_eager(monkeypatch):
             for name in g0:
                 err = ((g1[name] - g0[name]).norm() / g0[name].norm()).item()
                 assert err < 1e-2, f"step {step} {name}: {err:.2e}"
+
+
+# The decode tests' small model (f 8, d_v 32, SWA head 32, window 8; bf16 with the fp32 residual stream): a
+# training step on two sequences of 300 tokens, then eager generation from packed prompts (prefill, decode steps)
+_MEMCHECK_SCRIPT = """
+import os
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch
+from megatron_based.inference.generation import Generator
+from megatron_based.model import build_model
+from megatron_based.model.config import BasedConfig
+from megatron_based.runtime.parallel import initialize_parallel
+
+initialize_parallel(1)
+torch.manual_seed(0)
+cfg = BasedConfig(layer_pattern="CLSC", hidden_size=128, num_attention_heads=4, feature_dim=8, swa_window=8,
+                  params_dtype=torch.bfloat16, bf16=True)
+model = build_model(cfg, vocab_size=100, max_sequence_length=512).cuda()
+ids = torch.randint(0, 100, (2, 300), device="cuda")
+model(ids, torch.arange(300, device="cuda").expand(2, 300), None).float().logsumexp(-1).sum().backward()
+print(Generator(model.eval(), vocab_size=100).generate([[1, 2, 3], list(range(1, 13)), list(range(1, 10))], 8))
+torch.cuda.synchronize()
+print("memcheck script done")
+"""
+
+
+def test_small_model_under_memcheck():
+    """Every kernel of a training step and of eager generation (packed-prompt prefill, decode steps) of a small
+    model, in a subprocess under compute-sanitizer's memcheck: no error (the Taylor output pass read shared memory
+    out of bounds at this model's shapes; tests/kernels/test_taylor_attention.py, test_kernels_under_memcheck)."""
+    assert_memcheck_clean(_MEMCHECK_SCRIPT, timeout=400)
