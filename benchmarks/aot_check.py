@@ -86,7 +86,7 @@ def main():
                 elif name == "output":
                     # the plain launch (ops launches it, then the confining one: _common.launch_confined)
                     fn, c = chunk.taylor_chunk_output_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
-                                                                   HI_INTRA=ops.HI_INTRA, BL=32,
+                                                                   HI_INTRA=ops.HI_INTRA, BL=ops.low_rows_tile(F),
                                                                    LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
                                                                    CONFINE=False, BQ=BQ)
                 else:

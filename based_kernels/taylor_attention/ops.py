@@ -213,6 +213,13 @@ def output_query_rows(BT: int, n_chunks: int = 1) -> int:
     return rows if n_chunks * (BT // rows) <= 65535 else 0
 
 
+def low_rows_tile(F: int) -> int:
+    """The output pass's tile of the constant and linear feature rows (``BL``: f + 1 of them), at least 32: at 16
+    (f <= 15) its feature products are [chunk, 16] x [16, 16] (wgmma m64n16k16), and compute-sanitizer saw that
+    kernel read shared memory out of bounds on an H100 (f 8, d_v 32, packed documents; README)."""
+    return max(32, next_pow2(F + 1))
+
+
 
 INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small tiles keep CPU tests fast
 # IEEE fp32 products (fp32 inputs at torch's "highest" / "high" matmul precision) have no tensor-core path: each
@@ -407,16 +414,13 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
     den = q.new_empty(B, T, H, dtype=torch.float32)
     if n_chunks:
         BQ = output_query_rows(BT, n_chunks)
-        # BL: the tile of the constant and linear feature rows (f + 1 of them), at least 32: at 16 (f <= 15) its
-        # feature products are [chunk, 16] x [16, 16] (wgmma m64n16k16), and compute-sanitizer saw that kernel read
-        # shared memory out of bounds on an H100 (f 8, d_v 32, packed documents; README)
         grid = (cdiv(DV, BV), n_chunks * (BT // BQ if BQ else 1), H)
         launch_confined(_output_kernel, lambda m: grid, (
             q, k, v, o, den, hc, hl, zc, cu_seqlens if cu_seqlens is not None else den,
             meta if meta is not None else den, *confine_flags(q, 1), feature_table(F, q.device),
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
-                 BL=max(32, next_pow2(F + 1)), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
+                 BL=low_rows_tile(F), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
                  BQ=BQ, num_warps=nw, num_stages=ns))
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)

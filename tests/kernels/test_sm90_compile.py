@@ -68,8 +68,8 @@ def test_decode_and_training_kernels_compile_for_sm90():
     assert out["TRAIN"] == TRAIN, out["TRAIN"] ^ TRAIN
 
 
-# The Taylor output pass at f 8 (the feature rows' constant / linear tile, ops: BL) compiled for sm_90 as the library
-# launches it (bf16, d_v 32, packed documents, the final state): the PTX's tensor-core products by shape.
+# The Taylor output pass at f 8 (the feature rows' constant / linear tile, ops.low_rows_tile) compiled for sm_90 as
+# the library launches it (bf16, d_v 32, packed documents, the final state): the PTX's tensor-core products by shape.
 TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
     import re
 
@@ -99,7 +99,8 @@ def test_taylor_output_pass_at_f8_has_no_n16_products():
     """compute-sanitizer saw the output pass at f 8, d_v 32 (packed documents, final state) read shared memory out of
     bounds on an H100, in a kernel whose only difference from f 16's (clean there) was the tile of the constant and
     linear feature rows: 16 rows at f 8, which made its feature products [chunk, 16] x [16, 16] (wgmma m64n16k16).
-    With that tile at 32 rows or more (ops) the plain and the confining launch have no n16 product left."""
+    With that tile at 32 rows or more (ops.low_rows_tile) the plain and the confining launch have no n16 product
+    left."""
     p = run(TAYLOR_SCRIPT)
     shapes = [set(line.split()[1:]) for line in p.stdout.splitlines() if line.startswith("WGMMA")]
     assert p.returncode == 0 and shapes, p.stdout[-3000:] + p.stderr[-5000:]
