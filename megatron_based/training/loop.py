@@ -29,7 +29,7 @@ from ..model.builder import build_model  # noqa: E402
 from ..model.config import ConfigError  # noqa: E402
 from ..model.flops import model_flops_per_token  # noqa: E402
 from ..runtime.launch_env import setup_distributed_env  # noqa: E402
-from ..runtime.parallel import initialize_parallel  # noqa: E402
+from ..runtime.parallel import initialize_parallel, shutdown_parallel  # noqa: E402
 from . import checkpointing  # noqa: E402
 from .checkpointing import CheckpointError  # noqa: E402
 from .config import RunConfig, load_config  # noqa: E402
@@ -249,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
         return 2
+    else:
+        shutdown_parallel()  # no rank leaves before the others are done (rank 0 may host the rendezvous store)
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # an error path: no barrier (a rank that failed would leave the others waiting)
             dist.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == cfg.world_size - 1:
         print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, skipped {summary['skipped_steps']}, "
