@@ -2,7 +2,7 @@
 ptxas) and report registers, spills and shared memory per configuration: catches compile errors and spills before a
 GPU run.
 
-    python benchmarks/aot_check.py [--dtype bf16] [--dv 64] [--passes output] [--query-rows 0 32 64]
+    python benchmarks/aot_check.py [--dtype bf16] [--dv 64] [--passes output fused] [--query-rows 0 32 64]
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from based_kernels.taylor_attention import chunk, ops, recurrent
-from taylor_attention import CANDIDATES  # the sweep's configurations (this folder is on the path when run as a script)
+# the sweep's configurations (this folder is on the path when run as a script)
+from taylor_attention import CANDIDATES, FUSED_CANDIDATES
 
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -58,8 +59,8 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--dv", type=int, default=64)
     ap.add_argument("--f", type=int, default=16)
-    ap.add_argument("--passes", nargs="+", default=["state", "output", "grad", "decode"],
-                    choices=["state", "output", "grad", "decode"])
+    ap.add_argument("--passes", nargs="+", default=["state", "output", "grad", "fused", "decode"],
+                    choices=["state", "output", "grad", "fused", "decode"])
     ap.add_argument("--query-rows", type=int, nargs="+", default=[0],
                     help="the output pass's query rows per program (ops.OUTPUT_QUERY_ROWS; 0: the whole chunk)")
     args = ap.parse_args()
@@ -99,6 +100,20 @@ def main():
                           f"spill {spill} B, smem {smem} B", flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"BT {BT:3d} {label:6s} BF {BF} BV {BV} warps {nw} stages {ns}: FAILED {repr(e)[:400]}")
+    # the fused forward (ops.FUSED_FORWARD) as ops launches it, plain, with and without keeping the chunk states
+    prec = "ieee" if args.dtype == "fp32" else "tf32"
+    for (BC, BV, nw, ns), keep in [(c, keep) for c in FUSED_CANDIDATES for keep in (False, True)] \
+            if "fused" in args.passes else ():
+        BL = ops.low_rows_tile(F)
+        c = dict(F=F, DV=DV, BK=BK, BT=ops.CHUNK, BC=BC, BL=BL, BR=max(32, triton.next_power_of_2(D - BL)),
+                 BV=min(BV, DV), IS_VARLEN=False, USE_H0=False, STORE_HT=False, KEEP=keep, HI_INTRA=ops.HI_INTRA,
+                 PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3", CONFINE=False)
+        label = f"fused BC {BC:3d} BV {min(BV, DV):3d} warps {nw} stages {ns}{' keep' if keep else ''}"
+        try:
+            regs, spill, smem = compile_kernel(chunk.taylor_fused_forward_kernel, args.dtype, c, nw, ns)
+            print(f"{label}: regs {regs}, spill {spill} B, smem {smem} B", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{label}: FAILED {repr(e)[:400]}")
     # the decode kernel as ops launches it (8 warps): out of place (one value block per program, with and without
     # a state) and in place (every value block in one program)
     BV, BV_IN = min(64, max(16, triton.next_power_of_2(DV))), min(32, max(16, triton.next_power_of_2(DV)))

@@ -20,6 +20,8 @@ Forward (T tokens in chunks of BT):
   2. ``taylor_chunk_output_kernel``, programs (value block, chunk, head), all independent (with
      ops.OUTPUT_QUERY_ROWS one per block of a chunk's query rows): the intra-chunk ``(1 + s + s^2/2)``-masked
      product plus ``phi(Q_c) hc_c`` feature block by feature block, normalised.
+  Or, with ops.FUSED_FORWARD, ``taylor_fused_forward_kernel``: both in one walk per sequence x head and value
+     block, the state on chip (stored per chunk only for the backward).
 Backward (``do = dy / den``, ``dd = -(dy . y) / den``; an unnormalised attention with values ``[v | 1]``):
   3. the state pass 1 again (recomputing ``hc`` costs less than keeping it between forward and backward);
   4. ``taylor_chunk_dstate_kernel``: the same walk in reverse with ``phi(Q_c)^T do_c`` (and ``dd``), storing
@@ -97,8 +99,14 @@ def _feature_rows(feat, i_f, F: tl.constexpr, BF: tl.constexpr):
     layout every thread holds many rows, and ``_pairs``' arithmetic on them was ~30% of the output pass's and 20% of
     the gradient pass's executed instructions; the table costs three cached loads per row (README, "Feature rows
     from a table": the gradient pass got faster, the output pass about the same)."""
+    return _feature_rows_from(feat, i_f * BF, F, BF)
+
+
+@triton.jit
+def _feature_rows_from(feat, r0, F: tl.constexpr, BF: tl.constexpr):
+    """``_feature_rows`` of the BF rows from row ``r0``."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
-    o_r = i_f * BF + tl.arange(0, BF)
+    o_r = r0 + tl.arange(0, BF)
     m_r = o_r < D
     a = tl.load(feat + o_r, mask=m_r, other=-1)
     b = tl.load(feat + D + o_r, mask=m_r, other=-1)
@@ -364,6 +372,124 @@ def taylor_chunk_output_kernel(
     tl.store(den + (i_b * T + o_tq) * H + i_h, b_den, mask=m_q & (i_v == 0))
     if not CONFINE:
         flag_non_finite(bad, b_o, b_den, m_q)
+
+
+@triton.jit
+def taylor_fused_forward_kernel(
+    q, k, v, o, den, h0s, h0z, hts, htz, hc, zc, cu_seqlens, chunk_offsets, bad, feat,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+    T, H, NC, scale, eps,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    BL: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr, KEEP: tl.constexpr, HI_INTRA: tl.constexpr, PREC: tl.constexpr,
+    LOW_PREC: tl.constexpr, CONFINE: tl.constexpr,
+):
+    """The whole forward of one sequence (or document) x head and value block, one program walking its tokens in
+    steps of BC: per step the output of the step's queries (the intra-step ``(1 + s + s^2/2)``-masked product plus
+    ``phi(Q)`` times the state before the step), then the state update ``+= phi(K)^T V``. The state never leaves the
+    chip: two fp32 tiles of feature rows, ``[BL, BV]`` (rows 0..BL-1: the constant, the linear and the first
+    quadratic rows, whose products run in ``LOW_PREC``, ~fp32) and ``[BR, BV]`` (rows BL..BL+BR-1, products on the
+    state dtype of ``hc``, as the two-pass forward's). ``KEEP``: also stores the state (``hc`` in the state dtype,
+    ``zc`` fp32) before every chunk of BT tokens (a multiple of BC), the per-chunk states the backward reads.
+    ``STORE_HT``: the state after the last token (fp32). Programs (sequence x head, value block): for many sequences x
+    heads, where the two passes' per-chunk states cost a round trip through memory. Launched plain, then with
+    ``CONFINE`` (``_common.launch_confined``)."""
+    if CONFINE:  # the confining re-launch: only after a plain program flagged a non-finite result
+        if tl.load(bad) == 0:
+            return
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
+    i_st = i_n.to(tl.int64) * H + i_h
+    SDT: tl.constexpr = hc.dtype.element_ty
+
+    o_l = tl.arange(0, BL)
+    m_l = o_l < D
+    o_r = BL + tl.arange(0, BR)
+    m_r = o_r < D
+    o_k = tl.arange(0, BK)
+    m_k = o_k < F
+    o_t = tl.arange(0, BC)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    m_lv = m_l[:, None] & m_v[None, :]
+    m_rv = m_r[:, None] & m_v[None, :]
+    m_zl = m_l & (i_v == 0)
+    m_zr = m_r & (i_v == 0)
+    p_sl = (i_st * D + o_l[:, None]) * DV + o_v[None, :]
+    p_sr = (i_st * D + o_r[:, None]) * DV + o_v[None, :]
+    if USE_H0:
+        b_sl = tl.load(h0s + p_sl, mask=m_lv, other=0.)
+        b_sr = tl.load(h0s + p_sr, mask=m_rv, other=0.)
+        b_zl = tl.load(h0z + i_st * D + o_l, mask=m_l, other=0.)
+        b_zr = tl.load(h0z + i_st * D + o_r, mask=m_r, other=0.)
+    else:
+        b_sl = tl.zeros([BL, BV], dtype=tl.float32)
+        b_sr = tl.zeros([BR, BV], dtype=tl.float32)
+        b_zl = tl.zeros([BL], dtype=tl.float32)
+        b_zr = tl.zeros([BR], dtype=tl.float32)
+    p_q0 = q + i_b * s_qb + i_h * s_qh
+    p_k0 = k + i_b * s_kb + i_h * s_kh
+    p_v0 = v + i_b * s_vb + i_h * s_vh
+    p_o0 = o + i_b * s_ob + i_h * s_oh
+    m_c0 = o_t[:, None] >= o_t[None, :]
+    for i in range(0, tl.cdiv(eos - bos, BC)):
+        t0 = i * BC  # from the sequence's first token
+        if KEEP:
+            if t0 % BT == 0:  # the state before chunk t0 / BT
+                p_st = (c0 + t0 // BT) * H + i_h
+                tl.store(hc + (p_st * D + o_l[:, None]) * DV + o_v[None, :], b_sl.to(SDT), mask=m_lv)
+                tl.store(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :], b_sr.to(SDT), mask=m_rv)
+                tl.store(zc + p_st * D + o_l, b_zl, mask=m_zl)
+                tl.store(zc + p_st * D + o_r, b_zr, mask=m_zr)
+        o_tt = bos + t0 + o_t
+        m_t = o_tt < eos
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_q = tl.load(p_q0 + o_tt[:, None] * s_qt + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_k = tl.load(p_k0 + o_tt[:, None] * s_kt + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_kt = tl.load(p_k0 + o_tt[None, :] * s_kt + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        b_v = tl.load(p_v0 + o_tt[:, None] * s_vt + o_v[None, :], mask=m_tv, other=0.)
+
+        # output: the step's own keys, then the state before the step (the feature rows read where they are used,
+        # from the table in L1: fewer values live across the loop)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
+        m_c = m_c0 & m_t[None, :]
+        b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
+        if CONFINE:  # a non-finite v row reaches only the queries that see it, through A (not 0 * NaN: _jit_common)
+            b_vi, b_vnan = finite_rows(b_v)
+            b_num = _mm(tl.where(m_c, b_A + b_vnan[None, :], 0.), b_vi, b_v, HI_INTRA, PREC)
+        else:
+            b_num = _mm(b_A, b_v, b_v, HI_INTRA, PREC)
+        b_den = tl.sum(b_A, 1)
+        _, _, a_l, b_l, c_l = _feature_rows_from(feat, 0, F, BL)
+        b_p = _phi(b_q, a_l, b_l, c_l, BK)
+        b_num += tl.dot(b_p, b_sl, input_precision=LOW_PREC)
+        b_den += tl.sum(b_p * b_zl[None, :], 1)
+        _, _, a_r, b_r, c_r = _feature_rows_from(feat, BL, F, BR)
+        b_p = _phi(b_q, a_r, b_r, c_r, BK)
+        b_num += tl.dot(b_p.to(SDT), b_sr.to(SDT), input_precision=PREC)
+        b_den += tl.sum(b_p * b_zr[None, :], 1)
+        b_o = b_num / (b_den + eps)[:, None]
+        tl.store(p_o0 + o_tt[:, None] * s_ot + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+        tl.store(den + (i_b * T + o_tt) * H + i_h, b_den, mask=m_t & (i_v == 0))
+        if not CONFINE:
+            flag_non_finite(bad, b_o, b_den, m_t)
+
+        # the state after the step
+        _, _, a_l, b_l, c_l = _feature_rows_from(feat, 0, F, BL)
+        b_p = _phi_t(b_kt, a_l, b_l, c_l, BK)
+        b_zl += tl.sum(tl.where(m_t[None, :], b_p, 0.), 1)
+        b_sl += tl.dot(b_p.to(SDT), b_v.to(SDT), input_precision=PREC)
+        _, _, a_r, b_r, c_r = _feature_rows_from(feat, BL, F, BR)
+        b_p = _phi_t(b_kt, a_r, b_r, c_r, BK)
+        b_zr += tl.sum(tl.where(m_t[None, :], b_p, 0.), 1)
+        b_sr += tl.dot(b_p.to(SDT), b_v.to(SDT), input_precision=PREC)
+    if STORE_HT:
+        tl.store(hts + p_sl, b_sl, mask=m_lv)
+        tl.store(hts + p_sr, b_sr, mask=m_rv)
+        tl.store(htz + i_st * D + o_l, b_zl, mask=m_zl)
+        tl.store(htz + i_st * D + o_r, b_zr, mask=m_zr)
 
 
 @triton.jit

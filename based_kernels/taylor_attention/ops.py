@@ -8,8 +8,9 @@ opaque nodes. Inputs may be strided views (only the last dim must be contiguous)
 
 Chunk-parallel form (chunk.py): forward = state pass (per-chunk states, sequential over chunks, parallel over
 feature blocks x value blocks x sequences x heads, and over runs of chunks at few sequences x heads: state_groups) +
-output pass (parallel over chunks); backward = dd prep + the forward's per-chunk states (kept while ``KEEP_STATES``;
-else a second state pass recomputes them) + reverse state-gradient pass + gradient pass (parallel over chunks).
+output pass (parallel over chunks), or both in one kernel (``FUSED_FORWARD``); backward = dd prep + the forward's
+per-chunk states (kept while ``KEEP_STATES``; else a second state pass recomputes them) + reverse state-gradient pass
++ gradient pass (parallel over chunks).
 The per-chunk states are kept in bf16 for bf16 inputs (the precision at which they enter the tensor-core
 products anyway) and in fp32 otherwise; the normaliser states, the initial/final states and every
 accumulation are fp32. fp32 inputs: the products follow ``torch.get_float32_matmul_precision()`` at call time
@@ -26,7 +27,7 @@ from .. import _common
 from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, confine_flags, dot_precision,
                        lastdim_contiguous, launch_confined, next_pow2, resolve_backend)
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
-                    taylor_prep_kernel)
+                    taylor_fused_forward_kernel, taylor_prep_kernel)
 from .recurrent import taylor_step_buffered_kernel, taylor_step_kernel
 from .reference import (feature_dim, taylor_attention_chunked, taylor_attention_step,
                         taylor_attention_step_buffered)
@@ -133,6 +134,7 @@ def _check_buffer(q, v, buffer):
 # Triton's own launch path costs ~0.1 ms of Python per launch of these many-argument kernels (see _common.py)
 _state_kernel = Launcher(taylor_chunk_state_kernel)
 _output_kernel = Launcher(taylor_chunk_output_kernel)
+_fused_kernel = Launcher(taylor_fused_forward_kernel)
 _grad_kernel = Launcher(taylor_chunk_grad_kernel)
 _prep_kernel = Launcher(taylor_prep_kernel)
 _step_kernel = Launcher(taylor_step_kernel)
@@ -219,6 +221,38 @@ def low_rows_tile(F: int) -> int:
     kernel read shared memory out of bounds on an H100 (f 8, d_v 32, packed documents; README)."""
     return max(32, next_pow2(F + 1))
 
+
+# The forward in one kernel (chunk.taylor_fused_forward_kernel) instead of the state pass and the output pass: one
+# program per sequence x head and value block walks its tokens with its state on chip, so the per-chunk states make
+# no round trip through memory (written once, and only when the backward keeps them), at the price of one sequential
+# walk per program. True: wherever f <= MAX_F_FUSED (its state tiles live in registers: [32 + 128, BV] fp32 at f 16);
+# None: there, for non-IEEE products (fp32 inputs at torch's "highest" / "high": IEEE products unroll into FMAs) and
+# at least FUSED_MIN_PROGRAMS_PER_SM programs per SM; False: never. Off: the two passes are the timed default
+# (`benchmarks/taylor_config_check.py --fused` times both). FUSED_CONFIG: (BC tokens per step, BV, num_warps,
+# num_stages); the step divides the chunk (CHUNK) at which the kept states are stored.
+FUSED_FORWARD: Optional[bool] = False
+FUSED_CONFIG = (32, 64, 8, 2)
+MAX_F_FUSED = 16
+FUSED_MIN_PROGRAMS_PER_SM = 1
+
+
+def fused_forward(F: int, programs: int, prec: str, device: torch.device) -> bool:
+    """Whether the forward of ``programs`` (sequences x heads x value blocks) runs as one kernel (rule above)."""
+    if FUSED_FORWARD is False or F > MAX_F_FUSED:
+        return False
+    return FUSED_FORWARD or (prec != "ieee" and programs >= FUSED_MIN_PROGRAMS_PER_SM * _num_sms(device))
+
+
+def fused_tiles(F: int, DV: int, prec: str):
+    """The fused forward's (BK, BT chunk of the kept states, BC step, BL, BR rows of its two state tiles, BV, num_warps,
+    num_stages): the low tile as the output pass's (``low_rows_tile``), the other the rest of the map's rows, at least
+    32 for the same reason."""
+    BK, BT, _, BV, _, _, _ = _cfg("output", F, DV, prec)
+    BC, BV_fused, nw, ns = FUSED_CONFIG
+    if not INTERPRET and prec != "ieee":
+        BV = min(BV_fused, max(16, triton.next_power_of_2(DV)))
+    BL = low_rows_tile(F)
+    return BK, BT, min(BC, BT), BL, max(32, next_pow2(feature_dim(F) - BL)), BV, nw, ns
 
 
 INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small tiles keep CPU tests fast
@@ -406,6 +440,9 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
     B, T, H, F = q.shape
     DV = v.shape[-1]
     prec = dot_precision(q.dtype)
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    if fused_forward(F, N * H * cdiv(DV, fused_tiles(F, DV, prec)[5]), prec, q.device):
+        return _fused_fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states, prec)
     BK, BT, BF, BV, NF, nw, ns = _cfg("output", F, DV, prec)
     n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
     hc, hl, zc, hts, htz = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets,
@@ -426,6 +463,36 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     if not keep_states:
         hc, zc = hc.new_empty(0), zc.new_empty(0)
+    return o, den, hts, htz, hc, zc
+
+
+def _fused_fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states, prec):
+    """``_fwd`` in one kernel (``FUSED_FORWARD``): the same outputs."""
+    B, T, H, F = q.shape
+    DV = v.shape[-1]
+    D = feature_dim(F)
+    BK, BT, BC, BL, BR, BV, nw, ns = fused_tiles(F, DV, prec)
+    n_chunks, NC, offsets, _ = _chunks(B, T, cu_seqlens, BT)
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    f32 = dict(dtype=torch.float32)
+    sdt = _state_dtype(q.dtype)
+    hc = q.new_empty(n_chunks if keep_states else 0, H, D, DV, dtype=sdt)
+    zc = q.new_empty(n_chunks if keep_states else 0, H, D, **f32)
+    hts = q.new_empty(N, H, D, DV, **f32) if output_final_state else q.new_empty(0, **f32)
+    htz = q.new_empty(N, H, D, **f32) if output_final_state else q.new_empty(0, **f32)
+    o = v.new_empty(B, T, H, DV)
+    den = q.new_empty(B, T, H, **f32)
+    if N * H:
+        use_h0 = h0s is not None
+        grid = (N * H, cdiv(DV, BV))
+        launch_confined(_fused_kernel, lambda m: grid, (
+            q, k, v, o, den, h0s if use_h0 else den, h0z if use_h0 else den, hts, htz, hc, zc,
+            cu_seqlens if cu_seqlens is not None else den, offsets if offsets is not None else den,
+            *confine_flags(q, 1), feature_table(F, q.device), *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC,
+            F ** -0.25, eps),
+            dict(F=F, DV=DV, BK=BK, BT=BT, BC=BC, BL=BL, BR=BR, BV=BV, IS_VARLEN=cu_seqlens is not None,
+                 USE_H0=use_h0, STORE_HT=bool(output_final_state), KEEP=bool(keep_states), HI_INTRA=HI_INTRA,
+                 PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3", num_warps=nw, num_stages=ns))
     return o, den, hts, htz, hc, zc
 
 

@@ -68,8 +68,9 @@ def test_decode_and_training_kernels_compile_for_sm90():
     assert out["TRAIN"] == TRAIN, out["TRAIN"] ^ TRAIN
 
 
-# The Taylor output pass at f 8 (the feature rows' constant / linear tile, ops.low_rows_tile) compiled for sm_90 as
-# the library launches it (bf16, d_v 32, packed documents, the final state): the PTX's tensor-core products by shape.
+# Taylor kernels compiled for sm_90 as the library launches them (bf16, packed documents, the final state): the
+# tensor-core products (wgmma shapes) of each compiled variant of KERNEL's PTX, one WGMMA line each. SETUP runs
+# first (an ops setting); SHAPES are the (f, d_v) to launch at.
 TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
     import re
 
@@ -83,16 +84,27 @@ TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
 
     compiler.CompiledKernel._init_handles = init_handles
     driver.set_active(FakeDriver())
-    from based_kernels.taylor_attention import taylor_linear_attention
+    from based_kernels.taylor_attention import ops, taylor_linear_attention
 
-    q, k = (torch.randn(1, 24, 4, 8, dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(1, 24, 4, 32, dtype=torch.bfloat16)
-    taylor_linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 15, 24], dtype=torch.int32),
-                            output_final_state=True, backend="triton")
+    SETUP
+    for F, DV in SHAPES:
+        q, k = (torch.randn(1, 24, 4, F, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        v = torch.randn(1, 24, 4, DV, dtype=torch.bfloat16, requires_grad=True)
+        taylor_linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 15, 24], dtype=torch.int32),
+                                output_final_state=True, backend="triton")
     shape = r"wgmma\\.mma_async\\.sync\\.aligned\\.(m\\d+n\\d+k\\d+)"
-    for text in ptx["taylor_chunk_output_kernel"]:
+    for text in ptx["KERNEL"]:
         print("WGMMA", " ".join(sorted(set(re.findall(shape, text)))))
 """)
+
+
+def wgmma_shapes(kernel: str, shapes, setup: str = "") -> list[set]:
+    """The wgmma shapes of each compiled variant of ``kernel`` (TAYLOR_SCRIPT)."""
+    script = TAYLOR_SCRIPT.replace("SETUP", setup).replace("SHAPES", repr(shapes)).replace("KERNEL", kernel)
+    p = run(script)
+    found = [set(line.split()[1:]) for line in p.stdout.splitlines() if line.startswith("WGMMA")]
+    assert p.returncode == 0 and found, p.stdout[-3000:] + p.stderr[-5000:]
+    return found
 
 
 def test_taylor_output_pass_at_f8_has_no_n16_products():
@@ -101,7 +113,13 @@ def test_taylor_output_pass_at_f8_has_no_n16_products():
     linear feature rows: 16 rows at f 8, which made its feature products [chunk, 16] x [16, 16] (wgmma m64n16k16).
     With that tile at 32 rows or more (ops.low_rows_tile) the plain and the confining launch have no n16 product
     left."""
-    p = run(TAYLOR_SCRIPT)
-    shapes = [set(line.split()[1:]) for line in p.stdout.splitlines() if line.startswith("WGMMA")]
-    assert p.returncode == 0 and shapes, p.stdout[-3000:] + p.stderr[-5000:]
+    shapes = wgmma_shapes("taylor_chunk_output_kernel", [(8, 32)])
     assert all(shapes) and not any(s.startswith("m64n16") for group in shapes for s in group), shapes
+
+
+def test_taylor_fused_forward_compiles():
+    """ops.FUSED_FORWARD: the fused forward kernel compiles for sm_90 as the library launches it at f 8, d_v 32 and
+    f 16, d_v 64 (plain and confining, the per-chunk states kept for a backward); at f 16 with wgmma products (the
+    state update's 128 feature rows; at f 8 every product has fewer than 64 rows: mma.sync)."""
+    shapes = wgmma_shapes("taylor_fused_forward_kernel", [(8, 32), (16, 64)], "ops.FUSED_FORWARD = True")
+    assert len(shapes) == 4 and shapes[2] and shapes[3], shapes

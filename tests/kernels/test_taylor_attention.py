@@ -600,6 +600,61 @@ def test_output_query_blocks_confine_nan_and_bad_values(monkeypatch):
             ops.output_query_rows(128)
 
 
+def fused(monkeypatch, step=16):
+    """ops.FUSED_FORWARD on, in steps of ``step`` tokens (32-token chunks: two steps per chunk at 16)."""
+    monkeypatch.setattr(ops, "FUSED_FORWARD", True)
+    monkeypatch.setattr(ops, "FUSED_CONFIG", (step, *ops.FUSED_CONFIG[1:]))
+    launches = []
+    real = ops._fused_kernel
+    monkeypatch.setattr(ops, "_fused_kernel", lambda *a, **kw: (launches.append(kw), real(*a, **kw)))
+    return launches
+
+
+@pytest.mark.parametrize("F, DV, varlen", [(16, 40, False), (8, 24, True), (16, 32, True)])
+def test_fused_forward_matches_fp64(monkeypatch, F, DV, varlen):
+    """ops.FUSED_FORWARD (the forward in one kernel, its state on chip): output, final state and every gradient (the
+    backward reading the per-chunk states the fused kernel kept) against fp64; 16-token steps in 32-token chunks,
+    odd lengths, an initial state, packed documents (one of a single token, one of none), two value blocks at d_v
+    40; the kept states equal the two passes' to fp32 rounding."""
+    cu = torch.tensor([0, 1, 17, 17, 80], dtype=torch.int32, device=DEV) if varlen else None
+    q, k, v, h0 = make(1 if varlen else 2, 80 if varlen else 75, 2, F, DV, state=True, n_states=4 if varlen else None)
+    kw = dict(cu_seqlens=cu) if varlen else {}
+    args = (q, k, v, h0[0].float(), h0[1].float(), cu, 1e-12, True, True)
+    two = ops.taylor_attention_fwd(*args)
+    launches = fused(monkeypatch)
+    got = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    assert launches and all(c["BC"] == 16 and c["BT"] == 32 for c in launches), launches
+    check_all(got, oracle(q, k, v, h0, **kw), TOL32)
+    one = ops.taylor_attention_fwd(*args)
+    assert all(a.shape == b.shape for a, b in zip(one, two))
+    for name, a, b in zip(("y", "den", "S", "z", "chunk S", "chunk z"), one, two):
+        assert rel(a, b) < 1e-6, (name, rel(a, b))
+
+
+def test_fused_forward_confines_nan(monkeypatch):
+    """The fused forward keeps NaN confinement (a NaN k or v of a sequence's last token reaches only its own output
+    and the gradients that see it) and the confining launch's bitwise equality with the plain one."""
+    fused(monkeypatch)
+    check_confining_equals_plain(2, 70, 1, 48, torch.float32)
+    check_confining_equals_plain(1, 70, 1, 32, torch.float32, cu=torch.tensor([0, 5, 60, 70], device=DEV))
+    for which in "kv":
+        check_nan_confined(which, False, 70, 0, torch.float32, H=1)
+        check_nan_confined(which, True, 70, 40, torch.float32, H=1)
+
+
+def test_fused_forward_rule(monkeypatch):
+    """When the forward runs as one kernel: never while FUSED_FORWARD is False, for f <= MAX_F_FUSED when True, and
+    with None for non-IEEE products and enough programs per SM (an SM per CPU device)."""
+    monkeypatch.setattr(ops, "FUSED_MIN_PROGRAMS_PER_SM", 2)
+    cpu = torch.device("cpu")
+    for setting, F, programs, prec, want in [(False, 16, 10 ** 6, "tf32", False), (True, 16, 1, "ieee", True),
+                                              (True, 32, 10 ** 6, "tf32", False), (None, 16, 2, "tf32", True),
+                                              (None, 16, 1, "tf32", False), (None, 16, 10 ** 6, "ieee", False)]:
+        monkeypatch.setattr(ops, "FUSED_FORWARD", setting)
+        assert ops.fused_forward(F, programs, prec, cpu) is want, (setting, F, programs, prec)
+    assert ops.fused_tiles(16, 64, "tf32")[3:5] == (32, 128) and ops.fused_tiles(8, 32, "tf32")[3:5] == (32, 32)
+
+
 @pytest.mark.parametrize("varlen, groups", [(False, 3), (True, 7)])
 def test_state_groups_equal_one_walk(monkeypatch, varlen, groups):
     """ops.STATE_GROUPS: the state passes' two-level walk (runs summed from zero, then walked from the initial state
@@ -885,16 +940,18 @@ def test_output_query_blocks_bf16(monkeypatch, rows):
 # not always fault without it).
 _MEMCHECK_SCRIPT = """
 import torch
-from based_kernels.taylor_attention import taylor_linear_attention
+from based_kernels.taylor_attention import ops, taylor_linear_attention
 g = torch.Generator(device="cuda").manual_seed(0)
 packed = torch.tensor([0, 3, 15, 24], device="cuda", dtype=torch.int32)
 bf16, fp32 = torch.bfloat16, torch.float32
-for F, DV, dt, cu in ((8, 32, bf16, packed), (8, 64, bf16, packed), (8, 32, fp32, packed), (16, 32, bf16, packed),
-                      (16, 64, bf16, packed), (16, 64, bf16, None)):
-    mk = lambda d: torch.randn(1, 24, 4, d, device="cuda", generator=g, dtype=dt).requires_grad_()
-    q, k, v = mk(F), mk(F), mk(DV)
-    y, (S, z) = taylor_linear_attention(q, k, v, cu_seqlens=cu, output_final_state=True)
-    (y.float().sum() + S.sum()).backward()
+for fused in (False, True):  # the two forward passes, then the fused forward (ops.FUSED_FORWARD)
+    ops.FUSED_FORWARD = fused
+    for F, DV, dt, cu in ((8, 32, bf16, packed), (8, 64, bf16, packed), (8, 32, fp32, packed), (16, 32, bf16, packed),
+                          (16, 64, bf16, packed), (16, 64, bf16, None)):
+        mk = lambda d: torch.randn(1, 24, 4, d, device="cuda", generator=g, dtype=dt).requires_grad_()
+        q, k, v = mk(F), mk(F), mk(DV)
+        y, (S, z) = taylor_linear_attention(q, k, v, cu_seqlens=cu, output_final_state=True)
+        (y.float().sum() + S.sum()).backward()
 torch.cuda.synchronize()
 print("memcheck script done")
 """
@@ -905,7 +962,8 @@ def test_kernels_under_memcheck():
     """The output pass read shared memory out of bounds at f 8, d_v 32 with packed documents and the final state on
     an H100 (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in taylor_chunk_output_kernel; without
     memcheck an illegal memory access in some runs, in the fp32-residual decode test's prefill). The Taylor passes at
-    that shape and its neighbours, in a subprocess under memcheck: no error. Skips without compute-sanitizer."""
+    that shape and its neighbours, and the fused forward (ops.FUSED_FORWARD), in a subprocess under memcheck: no
+    error. Skips without compute-sanitizer."""
     assert_memcheck_clean(_MEMCHECK_SCRIPT)
 
 
@@ -920,6 +978,20 @@ def test_small_heads_packed_documents(dtype, tol):
     ref = lambda *a, **kw: taylor_attention_chunked(*a, **kw)  # noqa: E731
     want = run_with_grads(ref, *(t.double() for t in (q, k, v)), None, cu_seqlens=cu)
     check_all(got, want, tol, 5e-3 if dtype == torch.bfloat16 else tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("step", [None, 64])
+def test_fused_forward_bf16(monkeypatch, step):
+    """ops.FUSED_FORWARD at its step (FUSED_CONFIG) and at 64 tokens: output, final state and gradients (from the
+    states it kept) against fp64 at T 4096 (a last part-filled step at T 4000), and packed documents (f 8, d_v 32)."""
+    monkeypatch.setattr(ops, "FUSED_FORWARD", True)
+    if step:
+        monkeypatch.setattr(ops, "FUSED_CONFIG", (step, *ops.FUSED_CONFIG[1:]))
+    for T in (4096, 4000):
+        ey, es, *egrads = long_case(T, H=4)[0]
+        assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (T, ey, es, egrads)
+    test_small_heads_packed_documents(torch.bfloat16, 4e-3)
 
 
 @pytest.mark.gpu
