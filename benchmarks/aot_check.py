@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 
 from based_kernels.taylor_attention import chunk, ops, recurrent
 # the sweep's configurations (this folder is on the path when run as a script)
-from taylor_attention import CANDIDATES, FUSED_CANDIDATES
+from taylor_attention import CANDIDATES, FUSED_BWD_CANDIDATES, FUSED_CANDIDATES
 
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -52,6 +52,15 @@ def compile_kernel(fn, dtype, consts, nw, ns):
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores", out)
     return int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None, k.metadata.shared
+
+
+def report(label, fn, dtype, consts, nw, ns):
+    """One line: ``label``, then the compiled kernel's registers, spills and shared memory, or why it failed."""
+    try:
+        regs, spill, smem = compile_kernel(fn, dtype, consts, nw, ns)
+        print(f"{label}: regs {regs}, spill {spill} B, smem {smem} B", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"{label}: FAILED {repr(e)[:400]}")
 
 
 def main():
@@ -94,12 +103,8 @@ def main():
                     fn, c = chunk.taylor_chunk_grad_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                                                                  HI=ops.HI_BWD, PART=part)
                 label = f"{name}{part}" if part else (f"{name} rows {BQ}" if BQ else name)
-                try:
-                    regs, spill, smem = compile_kernel(fn, args.dtype, c, nw, ns)
-                    print(f"BT {BT:3d} {label:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}: regs {regs}, "
-                          f"spill {spill} B, smem {smem} B", flush=True)
-                except Exception as e:  # noqa: BLE001
-                    print(f"BT {BT:3d} {label:6s} BF {BF} BV {BV} warps {nw} stages {ns}: FAILED {repr(e)[:400]}")
+                report(f"BT {BT:3d} {label:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}", fn, args.dtype, c, nw,
+                       ns)
     # the fused forward (ops.FUSED_FORWARD) as ops launches it, plain, with and without keeping the chunk states
     prec = "ieee" if args.dtype == "fp32" else "tf32"
     for (BC, BV, nw, ns), keep in [(c, keep) for c in FUSED_CANDIDATES for keep in (False, True)] \
@@ -109,23 +114,24 @@ def main():
                  BV=min(BV, DV), IS_VARLEN=False, USE_H0=False, STORE_HT=False, KEEP=keep, HI_INTRA=ops.HI_INTRA,
                  PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3", CONFINE=False)
         label = f"fused BC {BC:3d} BV {min(BV, DV):3d} warps {nw} stages {ns}{' keep' if keep else ''}"
-        try:
-            regs, spill, smem = compile_kernel(chunk.taylor_fused_forward_kernel, args.dtype, c, nw, ns)
-            print(f"{label}: regs {regs}, spill {spill} B, smem {smem} B", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"{label}: FAILED {repr(e)[:400]}")
+        report(label, chunk.taylor_fused_forward_kernel, args.dtype, c, nw, ns)
+    # the fused backward's two walks (ops.FUSED_BACKWARD)
+    for BC, BV, nw, ns in FUSED_BWD_CANDIDATES if "fused" in args.passes else ():
+        BL = ops.low_rows_tile(F)
+        c = dict(F=F, DV=DV, BK=BK, BC=BC, BL=BL, BR=max(32, triton.next_power_of_2(D - BL)), BV=min(BV, DV),
+                 IS_VARLEN=False, HI=ops.HI_BWD, PREC=prec)
+        for name, fn, extra in (("dq", chunk.taylor_fused_dq_kernel, dict(USE_H0=False)),
+                                ("dk dv", chunk.taylor_fused_dkdv_kernel, dict(USE_HT=False, STORE_H0=False))):
+            label = f"fused {name} BC {BC:3d} BV {min(BV, DV):3d} warps {nw} stages {ns}"
+            report(label, fn, args.dtype, dict(c, **extra), nw, ns)
     # the decode kernel as ops launches it (8 warps): out of place (one value block per program, with and without
     # a state) and in place (every value block in one program)
     BV, BV_IN = min(64, max(16, triton.next_power_of_2(DV))), min(32, max(16, triton.next_power_of_2(DV)))
     decode = ((True, BV, 1, 8), (False, BV, 1, 8), (True, BV_IN, triton.cdiv(DV, BV_IN), 8))
     for has, bv, nvb, nw in decode if "decode" in args.passes else ():
         c = dict(F=F, DV=DV, BK=BK, BP=triton.next_power_of_2(F * (F + 1) // 2), BV=bv, NVB=nvb, HAS_STATE=has)
-        try:
-            regs, spill, smem = compile_kernel(recurrent.taylor_step_kernel, args.dtype, c, nw, 1)
-            print(f"decode BV {bv:3d} NVB {nvb} warps {nw} state {has}: regs {regs}, spill {spill} B, smem {smem} B",
-                  flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"decode BV {bv} NVB {nvb} warps {nw} state {has}: FAILED {repr(e)[:400]}")
+        report(f"decode BV {bv:3d} NVB {nvb} warps {nw} state {has}", recurrent.taylor_step_kernel, args.dtype, c, nw,
+               1)
     # the buffered in-place decode kernel (ops.STEP_BUFFER tokens kept unexpanded) at its tiles (ops.STEP_BUFFERED),
     # its feature rows as two tiles as ops launches it (and with the bf16 copy of the quadratic rows)
     for C, copy in [(C, copy) for C in (ops.STEP_BUFFER, 8, 32) for copy in (False, True)] \
@@ -133,11 +139,7 @@ def main():
         c, nw = ops.step_buffered_consts(F, DV, C)
         c["HAS_COPY"] = copy
         label = f"decode buffered C {C:2d}{' read copy' if copy else ''} BV {c['BV']:3d} warps {nw}"
-        try:
-            regs, spill, smem = compile_kernel(recurrent.taylor_step_buffered_kernel, args.dtype, c, nw, 1)
-            print(f"{label}: regs {regs}, spill {spill} B, smem {smem} B", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"{label}: FAILED {repr(e)[:400]}")
+        report(label, recurrent.taylor_step_buffered_kernel, args.dtype, c, nw, 1)
 
 
 if __name__ == "__main__":

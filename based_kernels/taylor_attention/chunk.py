@@ -375,6 +375,72 @@ def taylor_chunk_output_kernel(
 
 
 @triton.jit
+def _tiles_of_state(s, z, i_st, o_v, m_v, D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr,
+                    BR: tl.constexpr, BV: tl.constexpr, LOAD: tl.constexpr):
+    """The fused kernels' state on chip: rows 0..BL-1 and BL..BL+BR-1 of a state ``s [.., D, DV]`` / ``z [.., D]``
+    at ``i_st`` (value columns ``o_v``) as two fp32 tiles ``([BL, BV], [BR, BV], [BL], [BR])``: loaded (LOAD), else
+    zeros."""
+    o_l = tl.arange(0, BL)
+    o_r = BL + tl.arange(0, BR)
+    if LOAD:
+        b_sl = tl.load(s + (i_st * D + o_l[:, None]) * DV + o_v[None, :], mask=(o_l < D)[:, None] & m_v[None, :],
+                       other=0.)
+        b_sr = tl.load(s + (i_st * D + o_r[:, None]) * DV + o_v[None, :], mask=(o_r < D)[:, None] & m_v[None, :],
+                       other=0.)
+        b_zl = tl.load(z + i_st * D + o_l, mask=o_l < D, other=0.)
+        b_zr = tl.load(z + i_st * D + o_r, mask=o_r < D, other=0.)
+    else:
+        b_sl = tl.zeros([BL, BV], dtype=tl.float32)
+        b_sr = tl.zeros([BR, BV], dtype=tl.float32)
+        b_zl = tl.zeros([BL], dtype=tl.float32)
+        b_zr = tl.zeros([BR], dtype=tl.float32)
+    return b_sl, b_sr, b_zl, b_zr
+
+
+@triton.jit
+def _store_state(s, z, i_st, b_sl, b_sr, b_zl, b_zr, o_v, m_v, i_v, D: tl.constexpr, DV: tl.constexpr,
+                 BL: tl.constexpr, BR: tl.constexpr):
+    """``_tiles_of_state``'s tiles into ``s`` (in its dtype) and ``z`` (value block 0) at ``i_st``."""
+    o_l = tl.arange(0, BL)
+    o_r = BL + tl.arange(0, BR)
+    tl.store(s + (i_st * D + o_l[:, None]) * DV + o_v[None, :], b_sl.to(s.dtype.element_ty),
+             mask=(o_l < D)[:, None] & m_v[None, :])
+    tl.store(s + (i_st * D + o_r[:, None]) * DV + o_v[None, :], b_sr.to(s.dtype.element_ty),
+             mask=(o_r < D)[:, None] & m_v[None, :])
+    tl.store(z + i_st * D + o_l, b_zl, mask=(o_l < D) & (i_v == 0))
+    tl.store(z + i_st * D + o_r, b_zr, mask=(o_r < D) & (i_v == 0))
+
+
+@triton.jit
+def _walk(b_xt, b_w, b_wz, b_sl, b_sr, b_zl, b_zr, feat, F: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
+          BR: tl.constexpr, SDT: tl.constexpr, PREC: tl.constexpr):
+    """One step of the fused kernels' walk: ``S += phi(X)^T W`` and ``z += phi(X)^T wz`` over the step's tokens
+    (columns of ``b_xt [BK, BC]``, rows of ``b_w [BC, BV]``, ``b_wz [BC]``), on both tiles; the products on SDT
+    operands as the two-pass state walk's. The feature rows are read here, where they are used (from the table in
+    L1): fewer values live across the walk's loop."""
+    _, _, a, b, c = _feature_rows_from(feat, 0, F, BL)
+    b_p = _phi_t(b_xt, a, b, c, BK)
+    b_zl += tl.sum(b_p * b_wz[None, :], 1)
+    b_sl += tl.dot(b_p.to(SDT), b_w.to(SDT), input_precision=PREC)
+    _, _, a, b, c = _feature_rows_from(feat, BL, F, BR)
+    b_p = _phi_t(b_xt, a, b, c, BK)
+    b_zr += tl.sum(b_p * b_wz[None, :], 1)
+    b_sr += tl.dot(b_p.to(SDT), b_w.to(SDT), input_precision=PREC)
+    return b_sl, b_sr, b_zl, b_zr
+
+
+@triton.jit
+def _step_tokens(x, i_b, i_h, s_xb, s_xt, s_xh, o_tt, m_t, o_c, m_c, TRANS: tl.constexpr = False):
+    """Rows ``o_tt`` (masked ``m_t``) and columns ``o_c`` (``m_c``) of ``x [B, T, H, *]`` at (batch row, head): a
+    ``[BC, columns]`` tile, or its transpose (TRANS)."""
+    p = x + i_b * s_xb + i_h * s_xh
+    if TRANS:
+        return tl.load(p + o_tt[None, :] * s_xt + o_c[:, None], mask=m_c[:, None] & m_t[None, :], other=0.)
+    else:
+        return tl.load(p + o_tt[:, None] * s_xt + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.)
+
+
+@triton.jit
 def taylor_fused_forward_kernel(
     q, k, v, o, den, h0s, h0z, hts, htz, hc, zc, cu_seqlens, chunk_offsets, bad, feat,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
@@ -388,71 +454,42 @@ def taylor_fused_forward_kernel(
     steps of BC: per step the output of the step's queries (the intra-step ``(1 + s + s^2/2)``-masked product plus
     ``phi(Q)`` times the state before the step), then the state update ``+= phi(K)^T V``. The state never leaves the
     chip: two fp32 tiles of feature rows, ``[BL, BV]`` (rows 0..BL-1: the constant, the linear and the first
-    quadratic rows, whose products run in ``LOW_PREC``, ~fp32) and ``[BR, BV]`` (rows BL..BL+BR-1, products on the
-    state dtype of ``hc``, as the two-pass forward's). ``KEEP``: also stores the state (``hc`` in the state dtype,
-    ``zc`` fp32) before every chunk of BT tokens (a multiple of BC), the per-chunk states the backward reads.
-    ``STORE_HT``: the state after the last token (fp32). Programs (sequence x head, value block): for many sequences x
-    heads, where the two passes' per-chunk states cost a round trip through memory. Launched plain, then with
-    ``CONFINE`` (``_common.launch_confined``)."""
+    quadratic rows, whose products with ``phi(Q)`` run in ``LOW_PREC``, ~fp32) and ``[BR, BV]`` (rows
+    BL..BL+BR-1, on the state dtype's operands, as the two-pass forward's). ``KEEP``: also stores the state (``hc``
+    in the state dtype, ``zc`` fp32) before every chunk of BT tokens (a multiple of BC), the per-chunk states the
+    backward reads. ``STORE_HT``: the state after the last token (fp32). Programs (sequence x head, value block):
+    for many sequences x heads, where the two passes' per-chunk states cost a round trip through memory. Launched
+    plain, then with ``CONFINE`` (``_common.launch_confined``)."""
     if CONFINE:  # the confining re-launch: only after a plain program flagged a non-finite result
         if tl.load(bad) == 0:
             return
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
+    SDT: tl.constexpr = tl.bfloat16 if q.dtype.element_ty == tl.bfloat16 else tl.float32  # ops._state_dtype
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
     i_st = i_n.to(tl.int64) * H + i_h
-    SDT: tl.constexpr = hc.dtype.element_ty
-
-    o_l = tl.arange(0, BL)
-    m_l = o_l < D
-    o_r = BL + tl.arange(0, BR)
-    m_r = o_r < D
     o_k = tl.arange(0, BK)
     m_k = o_k < F
     o_t = tl.arange(0, BC)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    m_lv = m_l[:, None] & m_v[None, :]
-    m_rv = m_r[:, None] & m_v[None, :]
-    m_zl = m_l & (i_v == 0)
-    m_zr = m_r & (i_v == 0)
-    p_sl = (i_st * D + o_l[:, None]) * DV + o_v[None, :]
-    p_sr = (i_st * D + o_r[:, None]) * DV + o_v[None, :]
-    if USE_H0:
-        b_sl = tl.load(h0s + p_sl, mask=m_lv, other=0.)
-        b_sr = tl.load(h0s + p_sr, mask=m_rv, other=0.)
-        b_zl = tl.load(h0z + i_st * D + o_l, mask=m_l, other=0.)
-        b_zr = tl.load(h0z + i_st * D + o_r, mask=m_r, other=0.)
-    else:
-        b_sl = tl.zeros([BL, BV], dtype=tl.float32)
-        b_sr = tl.zeros([BR, BV], dtype=tl.float32)
-        b_zl = tl.zeros([BL], dtype=tl.float32)
-        b_zr = tl.zeros([BR], dtype=tl.float32)
-    p_q0 = q + i_b * s_qb + i_h * s_qh
-    p_k0 = k + i_b * s_kb + i_h * s_kh
-    p_v0 = v + i_b * s_vb + i_h * s_vh
-    p_o0 = o + i_b * s_ob + i_h * s_oh
+    b_sl, b_sr, b_zl, b_zr = _tiles_of_state(h0s, h0z, i_st, o_v, m_v, D, DV, BL, BR, BV, USE_H0)
     m_c0 = o_t[:, None] >= o_t[None, :]
     for i in range(0, tl.cdiv(eos - bos, BC)):
         t0 = i * BC  # from the sequence's first token
         if KEEP:
             if t0 % BT == 0:  # the state before chunk t0 / BT
-                p_st = (c0 + t0 // BT) * H + i_h
-                tl.store(hc + (p_st * D + o_l[:, None]) * DV + o_v[None, :], b_sl.to(SDT), mask=m_lv)
-                tl.store(hc + (p_st * D + o_r[:, None]) * DV + o_v[None, :], b_sr.to(SDT), mask=m_rv)
-                tl.store(zc + p_st * D + o_l, b_zl, mask=m_zl)
-                tl.store(zc + p_st * D + o_r, b_zr, mask=m_zr)
+                _store_state(hc, zc, (c0 + t0 // BT) * H + i_h, b_sl, b_sr, b_zl, b_zr, o_v, m_v, i_v, D, DV, BL,
+                             BR)
         o_tt = bos + t0 + o_t
         m_t = o_tt < eos
         m_tv = m_t[:, None] & m_v[None, :]
-        b_q = tl.load(p_q0 + o_tt[:, None] * s_qt + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_k = tl.load(p_k0 + o_tt[:, None] * s_kt + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_kt = tl.load(p_k0 + o_tt[None, :] * s_kt + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
-        b_v = tl.load(p_v0 + o_tt[:, None] * s_vt + o_v[None, :], mask=m_tv, other=0.)
+        b_q = _step_tokens(q, i_b, i_h, s_qb, s_qt, s_qh, o_tt, m_t, o_k, m_k)
+        b_k = _step_tokens(k, i_b, i_h, s_kb, s_kt, s_kh, o_tt, m_t, o_k, m_k)
+        b_v = _step_tokens(v, i_b, i_h, s_vb, s_vt, s_vh, o_tt, m_t, o_v, m_v)
 
-        # output: the step's own keys, then the state before the step (the feature rows read where they are used,
-        # from the table in L1: fewer values live across the loop)
+        # output: the step's own keys, then the state before the step
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
         m_c = m_c0 & m_t[None, :]
         b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
@@ -462,34 +499,158 @@ def taylor_fused_forward_kernel(
         else:
             b_num = _mm(b_A, b_v, b_v, HI_INTRA, PREC)
         b_den = tl.sum(b_A, 1)
-        _, _, a_l, b_l, c_l = _feature_rows_from(feat, 0, F, BL)
-        b_p = _phi(b_q, a_l, b_l, c_l, BK)
+        _, _, a, b, c = _feature_rows_from(feat, 0, F, BL)
+        b_p = _phi(b_q, a, b, c, BK)
         b_num += tl.dot(b_p, b_sl, input_precision=LOW_PREC)
         b_den += tl.sum(b_p * b_zl[None, :], 1)
-        _, _, a_r, b_r, c_r = _feature_rows_from(feat, BL, F, BR)
-        b_p = _phi(b_q, a_r, b_r, c_r, BK)
+        _, _, a, b, c = _feature_rows_from(feat, BL, F, BR)
+        b_p = _phi(b_q, a, b, c, BK)
         b_num += tl.dot(b_p.to(SDT), b_sr.to(SDT), input_precision=PREC)
         b_den += tl.sum(b_p * b_zr[None, :], 1)
         b_o = b_num / (b_den + eps)[:, None]
-        tl.store(p_o0 + o_tt[:, None] * s_ot + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+        tl.store(o + i_b * s_ob + i_h * s_oh + o_tt[:, None] * s_ot + o_v[None, :], b_o.to(o.dtype.element_ty),
+                 mask=m_tv)
         tl.store(den + (i_b * T + o_tt) * H + i_h, b_den, mask=m_t & (i_v == 0))
         if not CONFINE:
             flag_non_finite(bad, b_o, b_den, m_t)
 
-        # the state after the step
-        _, _, a_l, b_l, c_l = _feature_rows_from(feat, 0, F, BL)
-        b_p = _phi_t(b_kt, a_l, b_l, c_l, BK)
-        b_zl += tl.sum(tl.where(m_t[None, :], b_p, 0.), 1)
-        b_sl += tl.dot(b_p.to(SDT), b_v.to(SDT), input_precision=PREC)
-        _, _, a_r, b_r, c_r = _feature_rows_from(feat, BL, F, BR)
-        b_p = _phi_t(b_kt, a_r, b_r, c_r, BK)
-        b_zr += tl.sum(tl.where(m_t[None, :], b_p, 0.), 1)
-        b_sr += tl.dot(b_p.to(SDT), b_v.to(SDT), input_precision=PREC)
+        b_kt = _step_tokens(k, i_b, i_h, s_kb, s_kt, s_kh, o_tt, m_t, o_k, m_k, TRANS=True)
+        b_sl, b_sr, b_zl, b_zr = _walk(b_kt, b_v, m_t.to(tl.float32), b_sl, b_sr, b_zl, b_zr, feat, F, BK, BL, BR,
+                                       SDT, PREC)
     if STORE_HT:
-        tl.store(hts + p_sl, b_sl, mask=m_lv)
-        tl.store(hts + p_sr, b_sr, mask=m_rv)
-        tl.store(htz + i_st * D + o_l, b_zl, mask=m_zl)
-        tl.store(htz + i_st * D + o_r, b_zr, mask=m_zr)
+        _store_state(hts, htz, i_st, b_sl, b_sr, b_zl, b_zr, o_v, m_v, i_v, D, DV, BL, BR)
+
+
+@triton.jit
+def _do_dd(dy, den, dd, i_b, i_h, s_yb, s_yt, s_yh, o_tt, m_t, o_v, m_v, T, H, v_dtype: tl.constexpr):
+    """``dO = dy / den`` (in v's dtype) and ``dd`` of the step's tokens (``taylor_prep_kernel``)."""
+    b_dy = _step_tokens(dy, i_b, i_h, s_yb, s_yt, s_yh, o_tt, m_t, o_v, m_v)
+    p_d = (i_b * T + o_tt) * H + i_h
+    b_den = tl.load(den + p_d, mask=m_t, other=1.)
+    return (b_dy.to(tl.float32) / b_den[:, None]).to(v_dtype), tl.load(dd + p_d, mask=m_t, other=0.)
+
+
+@triton.jit
+def taylor_fused_dq_kernel(
+    q, k, v, dy, den, dd, h0s, h0z, dq, cu_seqlens, chunk_offsets, feat,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_yb, s_yt, s_yh, s_gn, s_gb, s_gt, s_gh,
+    T, H, NC, scale,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr,
+    BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, HI: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq (partial of value block i_v) of one sequence x head, walking its tokens forward in steps of BC with the
+    state before each step on chip (``taylor_fused_forward_kernel``'s walk): the intra-step ``dS K`` plus the
+    Jacobian of ``phi(q) . (S dO + z dd)``, as the gradient pass's dq. The first of the fused backward's two walks."""
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
+    SDT: tl.constexpr = tl.bfloat16 if q.dtype.element_ty == tl.bfloat16 else tl.float32
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
+    i_st = i_n.to(tl.int64) * H + i_h
+    o_k = tl.arange(0, BK)
+    m_k = o_k < F
+    o_t = tl.arange(0, BC)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    w0 = (i_v == 0).to(tl.float32)  # the normaliser column [v | 1] belongs to value block 0
+    b_sl, b_sr, b_zl, b_zr = _tiles_of_state(h0s, h0z, i_st, o_v, m_v, D, DV, BL, BR, BV, USE_H0)
+    m_c0 = o_t[:, None] >= o_t[None, :]
+    for i in range(0, tl.cdiv(eos - bos, BC)):
+        o_tt = bos + i * BC + o_t
+        m_t = o_tt < eos
+        b_q = _step_tokens(q, i_b, i_h, s_qb, s_qt, s_qh, o_tt, m_t, o_k, m_k)
+        b_k = _step_tokens(k, i_b, i_h, s_kb, s_kt, s_kh, o_tt, m_t, o_k, m_k)
+        b_v = _step_tokens(v, i_b, i_h, s_vb, s_vt, s_vh, o_tt, m_t, o_v, m_v)
+        b_do, b_dd = _do_dd(dy, den, dd, i_b, i_h, s_yb, s_yt, s_yh, o_tt, m_t, o_v, m_v, T, H, b_v.dtype)
+        b_dd = b_dd * w0
+        # intra-step (as the gradient pass: dS masked as a whole, k's non-finite values zeroed in dS K)
+        m_c = m_c0 & m_t[None, :] & m_t[:, None]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_dS = tl.where(m_c, (b_dp + b_dd[:, None]) * (1. + b_s), 0.) * (scale * scale)
+        b_dq = _mm(b_dS, finite_rows(b_k)[0], b_v, HI, PREC)
+        # the state before the step
+        _, _, a, b, c = _feature_rows_from(feat, 0, F, BL)
+        b_w = tl.dot(b_do.to(SDT), tl.trans(b_sl.to(SDT)), input_precision=PREC) + b_dd[:, None] * b_zl[None, :]
+        b_xa, b_xb = _expand(b_q, a, b, BK)
+        b_dq += _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK, PREC)
+        _, _, a, b, c = _feature_rows_from(feat, BL, F, BR)
+        b_w = tl.dot(b_do.to(SDT), tl.trans(b_sr.to(SDT)), input_precision=PREC) + b_dd[:, None] * b_zr[None, :]
+        b_xa, b_xb = _expand(b_q, a, b, BK)
+        b_dq += _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK, PREC)
+        tl.store(dq + i_v.to(tl.int64) * s_gn + i_b * s_gb + i_h * s_gh + o_tt[:, None] * s_gt + o_k[None, :],
+                 b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+        b_kt = _step_tokens(k, i_b, i_h, s_kb, s_kt, s_kh, o_tt, m_t, o_k, m_k, TRANS=True)
+        b_sl, b_sr, b_zl, b_zr = _walk(b_kt, b_v, m_t.to(tl.float32), b_sl, b_sr, b_zl, b_zr, feat, F, BK, BL, BR,
+                                       SDT, PREC)
+
+
+@triton.jit
+def taylor_fused_dkdv_kernel(
+    q, k, v, dy, den, dd, dhts, dhtz, dh0s, dh0z, dk, dv, cu_seqlens, chunk_offsets, feat,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_yb, s_yt, s_yh, s_gn, s_gb, s_gt, s_gh,
+    s_db, s_dt, s_dh,
+    T, H, NC, scale,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr,
+    BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_HT: tl.constexpr, STORE_H0: tl.constexpr, HI: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dk (partial of value block i_v) and dv of one sequence x head, walking its tokens backward in steps of BC
+    with the gradient of the state after each step on chip (from ``dhts`` / ``dhtz``, the final state's gradient,
+    with USE_HT; then ``+= phi(Q)^T dO``, ``z += phi(Q)^T dd`` per step, the d-state pass's walk): the intra-step
+    ``A^T dO`` and ``dS^T Q`` plus the state terms, as the gradient pass's dk and dv. STORE_H0: the gradient of the
+    initial state (fp32) after the walk. The second of the fused backward's two walks."""
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
+    SDT: tl.constexpr = tl.bfloat16 if q.dtype.element_ty == tl.bfloat16 else tl.float32
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
+    i_st = i_n.to(tl.int64) * H + i_h
+    o_k = tl.arange(0, BK)
+    m_k = o_k < F
+    o_t = tl.arange(0, BC)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    w0 = (i_v == 0).to(tl.float32)
+    b_sl, b_sr, b_zl, b_zr = _tiles_of_state(dhts, dhtz, i_st, o_v, m_v, D, DV, BL, BR, BV, USE_HT)
+    m_c0 = o_t[:, None] >= o_t[None, :]
+    n = tl.cdiv(eos - bos, BC)
+    for j in range(0, n):
+        o_tt = bos + (n - 1 - j) * BC + o_t
+        m_t = o_tt < eos
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_q = _step_tokens(q, i_b, i_h, s_qb, s_qt, s_qh, o_tt, m_t, o_k, m_k)
+        b_k = _step_tokens(k, i_b, i_h, s_kb, s_kt, s_kh, o_tt, m_t, o_k, m_k)
+        b_v = _step_tokens(v, i_b, i_h, s_vb, s_vt, s_vh, o_tt, m_t, o_v, m_v)
+        b_do, b_dd = _do_dd(dy, den, dd, i_b, i_h, s_yb, s_yt, s_yh, o_tt, m_t, o_v, m_v, T, H, b_v.dtype)
+        # intra-step (as the gradient pass; k's non-finite values zeroed for the state terms below)
+        m_c = m_c0 & m_t[None, :] & m_t[:, None]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
+        b_k = finite_rows(b_k)[0]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_dS = tl.where(m_c, (b_dp + (b_dd * w0)[:, None]) * (1. + b_s), 0.) * (scale * scale)
+        b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
+        b_dv = _mm(tl.trans(b_A), b_do, b_v, HI, PREC)
+        b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI, PREC)
+        # the gradient of the state after the step
+        _, _, a, b, c = _feature_rows_from(feat, 0, F, BL)
+        b_xa, b_xb = _expand(b_k, a, b, BK)
+        b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(SDT), b_sl.to(SDT), input_precision=PREC)
+        b_w = tl.dot(b_v.to(SDT), tl.trans(b_sl.to(SDT)), input_precision=PREC) + w0 * b_zl[None, :]
+        b_dk += _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK, PREC)
+        _, _, a, b, c = _feature_rows_from(feat, BL, F, BR)
+        b_xa, b_xb = _expand(b_k, a, b, BK)
+        b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(SDT), b_sr.to(SDT), input_precision=PREC)
+        b_w = tl.dot(b_v.to(SDT), tl.trans(b_sr.to(SDT)), input_precision=PREC) + w0 * b_zr[None, :]
+        b_dk += _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK, PREC)
+        tl.store(dk + i_v.to(tl.int64) * s_gn + i_b * s_gb + i_h * s_gh + o_tt[:, None] * s_gt + o_k[None, :],
+                 b_dk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+        tl.store(dv + i_b * s_db + i_h * s_dh + o_tt[:, None] * s_dt + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=m_tv)
+        b_qt = _step_tokens(q, i_b, i_h, s_qb, s_qt, s_qh, o_tt, m_t, o_k, m_k, TRANS=True)
+        b_sl, b_sr, b_zl, b_zr = _walk(b_qt, b_do, b_dd, b_sl, b_sr, b_zl, b_zr, feat, F, BK, BL, BR, SDT, PREC)
+    if STORE_H0:
+        _store_state(dh0s, dh0z, i_st, b_sl, b_sr, b_zl, b_zr, o_v, m_v, i_v, D, DV, BL, BR)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from .. import _common
 from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, confine_flags, dot_precision,
                        lastdim_contiguous, launch_confined, next_pow2, resolve_backend)
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
-                    taylor_fused_forward_kernel, taylor_prep_kernel)
+                    taylor_fused_dkdv_kernel, taylor_fused_dq_kernel, taylor_fused_forward_kernel, taylor_prep_kernel)
 from .recurrent import taylor_step_buffered_kernel, taylor_step_kernel
 from .reference import (feature_dim, taylor_attention_chunked, taylor_attention_step,
                         taylor_attention_step_buffered)
@@ -135,6 +135,8 @@ def _check_buffer(q, v, buffer):
 _state_kernel = Launcher(taylor_chunk_state_kernel)
 _output_kernel = Launcher(taylor_chunk_output_kernel)
 _fused_kernel = Launcher(taylor_fused_forward_kernel)
+_fused_dq_kernel = Launcher(taylor_fused_dq_kernel)
+_fused_dkdv_kernel = Launcher(taylor_fused_dkdv_kernel)
 _grad_kernel = Launcher(taylor_chunk_grad_kernel)
 _prep_kernel = Launcher(taylor_prep_kernel)
 _step_kernel = Launcher(taylor_step_kernel)
@@ -225,34 +227,54 @@ def low_rows_tile(F: int) -> int:
 # The forward in one kernel (chunk.taylor_fused_forward_kernel) instead of the state pass and the output pass: one
 # program per sequence x head and value block walks its tokens with its state on chip, so the per-chunk states make
 # no round trip through memory (written once, and only when the backward keeps them), at the price of one sequential
-# walk per program. True: wherever f <= MAX_F_FUSED (its state tiles live in registers: [32 + 128, BV] fp32 at f 16);
-# None: there, for non-IEEE products (fp32 inputs at torch's "highest" / "high": IEEE products unroll into FMAs) and
-# at least FUSED_MIN_PROGRAMS_PER_SM programs per SM; False: never. Off: the two passes are the timed default
-# (`benchmarks/taylor_config_check.py --fused` times both). FUSED_CONFIG: (BC tokens per step, BV, num_warps,
-# num_stages); the step divides the chunk (CHUNK) at which the kept states are stored.
+# walk per program. The backward likewise (FUSED_BACKWARD) in two walks instead of the chunk states, the d-state pass
+# and the gradient pass: dq forward with the state (chunk.taylor_fused_dq_kernel), dk and dv backward with the
+# state's gradient (chunk.taylor_fused_dkdv_kernel); the forward then keeps no chunk states. True: wherever f <=
+# MAX_F_FUSED (the state tiles live in registers: [32 + 128, BV] fp32 at f 16); None: there, for non-IEEE products
+# (fp32 inputs at torch's "highest" / "high": IEEE products unroll into FMAs) and at least FUSED_MIN_PROGRAMS_PER_SM
+# programs per SM; False: never. Off: the two passes are the timed default (`benchmarks/taylor_config_check.py
+# --fused` times both). FUSED_CONFIG / FUSED_BWD_CONFIG: (BC tokens per step, BV, num_warps, num_stages); the
+# forward's step divides the chunk (CHUNK) at which the kept states are stored.
 FUSED_FORWARD: Optional[bool] = False
+FUSED_BACKWARD: Optional[bool] = False
 FUSED_CONFIG = (32, 64, 8, 2)
+FUSED_BWD_CONFIG = (16, 64, 8, 2)
 MAX_F_FUSED = 16
 FUSED_MIN_PROGRAMS_PER_SM = 1
 
 
+def _fused(setting: Optional[bool], F: int, programs: int, prec: str, device: torch.device) -> bool:
+    if setting is False or F > MAX_F_FUSED:
+        return False
+    return setting or (prec != "ieee" and programs >= FUSED_MIN_PROGRAMS_PER_SM * _num_sms(device))
+
+
 def fused_forward(F: int, programs: int, prec: str, device: torch.device) -> bool:
     """Whether the forward of ``programs`` (sequences x heads x value blocks) runs as one kernel (rule above)."""
-    if FUSED_FORWARD is False or F > MAX_F_FUSED:
-        return False
-    return FUSED_FORWARD or (prec != "ieee" and programs >= FUSED_MIN_PROGRAMS_PER_SM * _num_sms(device))
+    return _fused(FUSED_FORWARD, F, programs, prec, device)
 
 
-def fused_tiles(F: int, DV: int, prec: str):
-    """The fused forward's (BK, BT chunk of the kept states, BC step, BL, BR rows of its two state tiles, BV, num_warps,
-    num_stages): the low tile as the output pass's (``low_rows_tile``), the other the rest of the map's rows, at least
-    32 for the same reason."""
+def fused_backward(F: int, programs: int, prec: str, device: torch.device) -> bool:
+    """Whether the backward of ``programs`` runs as the two fused walks (rule above)."""
+    return _fused(FUSED_BACKWARD, F, programs, prec, device)
+
+
+def fused_tiles(F: int, DV: int, prec: str, config: Optional[tuple] = None):
+    """The fused kernels' (BK, BT chunk of the kept states, BC step, BL, BR rows of the two state tiles, BV, num_warps,
+    num_stages) at ``config`` (default FUSED_CONFIG): the low tile as the output pass's (``low_rows_tile``), the other
+    the rest of the map's rows, at least 32 for the same reason."""
     BK, BT, _, BV, _, _, _ = _cfg("output", F, DV, prec)
-    BC, BV_fused, nw, ns = FUSED_CONFIG
+    BC, BV_fused, nw, ns = config or FUSED_CONFIG
     if not INTERPRET and prec != "ieee":
         BV = min(BV_fused, max(16, triton.next_power_of_2(DV)))
     BL = low_rows_tile(F)
     return BK, BT, min(BC, BT), BL, max(32, next_pow2(feature_dim(F) - BL)), BV, nw, ns
+
+
+def _fused_programs(q, v, cu_seqlens, prec, config=None) -> int:
+    """Programs of a fused kernel: sequences (documents) x heads x value blocks."""
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
+    return N * q.shape[2] * cdiv(v.shape[-1], fused_tiles(q.shape[-1], v.shape[-1], prec, config)[5])
 
 
 INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small tiles keep CPU tests fast
@@ -436,12 +458,20 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
     return hc, hl, zc, ht, hz
 
 
+def _keeps_states(q, v, cu_seqlens, keep_states: bool) -> bool:
+    """Whether the forward asked to keep its per-chunk states (``keep_states``) stores them: not for a fused backward,
+    which reads none (the op and its fake implementation decide alike)."""
+    prec = dot_precision(q.dtype)
+    return keep_states and not fused_backward(q.shape[-1], _fused_programs(q, v, cu_seqlens, prec, FUSED_BWD_CONFIG),
+                                              prec, q.device)
+
+
 def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=False):
     B, T, H, F = q.shape
     DV = v.shape[-1]
     prec = dot_precision(q.dtype)
-    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
-    if fused_forward(F, N * H * cdiv(DV, fused_tiles(F, DV, prec)[5]), prec, q.device):
+    keep_states = _keeps_states(q, v, cu_seqlens, keep_states)
+    if fused_forward(F, _fused_programs(q, v, cu_seqlens, prec), prec, q.device):
         return _fused_fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states, prec)
     BK, BT, BF, BV, NF, nw, ns = _cfg("output", F, DV, prec)
     n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
@@ -476,8 +506,8 @@ def _fused_fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_stat
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
     f32 = dict(dtype=torch.float32)
     sdt = _state_dtype(q.dtype)
-    hc = q.new_empty(n_chunks if keep_states else 0, H, D, DV, dtype=sdt)
-    zc = q.new_empty(n_chunks if keep_states else 0, H, D, **f32)
+    hc = q.new_empty(n_chunks, H, D, DV, dtype=sdt) if keep_states else q.new_empty(0, dtype=sdt)
+    zc = q.new_empty(n_chunks, H, D, **f32) if keep_states else q.new_empty(0, **f32)
     hts = q.new_empty(N, H, D, DV, **f32) if output_final_state else q.new_empty(0, **f32)
     htz = q.new_empty(N, H, D, **f32) if output_final_state else q.new_empty(0, **f32)
     o = v.new_empty(B, T, H, DV)
@@ -513,7 +543,7 @@ def _(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=False)
     D, DV = feature_dim(F), v.shape[-1]
     f32 = dict(dtype=torch.float32)
     n_states = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
-    if not keep_states:
+    if not _keeps_states(q, v, cu_seqlens, keep_states):
         chunks = (q.new_empty(0, dtype=_state_dtype(q.dtype)), q.new_empty(0, **f32))
     else:
         # documents never share a chunk, so with cu_seqlens the count depends on the offsets' values
@@ -546,7 +576,9 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
         dd += dden.to(torch.float32)
 
-    if hc is None:  # not kept by the forward: recompute
+    if fused_backward(F, _fused_programs(q, v, cu_seqlens, prec, FUSED_BWD_CONFIG), prec, q.device):
+        return _fused_bwd(q, k, v, dy, den, dd, dhts, dhtz, h0s, h0z, cu_seqlens, prec)
+    if hc is None or (hc.shape[0] == 0 and n_chunks):  # not kept by the forward (or not for a fused backward)
         hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False,
                                       prec=prec)
     elif hc.shape[0] != n_chunks or zc.shape[0] != n_chunks:
@@ -575,6 +607,42 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     dk = dk[0] if NV == 1 else dk.sum(0).to(k.dtype)
     if h0s is None:
         dh0s, dh0z = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dh0s, dh0z
+
+
+def _fused_bwd(q, k, v, dy, den, dd, dhts, dhtz, h0s, h0z, cu_seqlens, prec):
+    """``_bwd``'s gradients from ``dd`` on, in the two fused walks (``FUSED_BACKWARD``)."""
+    B, T, H, F = q.shape
+    DV = v.shape[-1]
+    D = feature_dim(F)
+    BK, _, BC, BL, BR, BV, nw, ns = fused_tiles(F, DV, prec, FUSED_BWD_CONFIG)
+    NV = cdiv(DV, BV)
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    f32 = dict(dtype=torch.float32)
+    dq = q.new_empty(NV, B, T, H, F, dtype=torch.float32 if NV > 1 else q.dtype)
+    dk = k.new_empty(NV, B, T, H, F, dtype=torch.float32 if NV > 1 else k.dtype)
+    dv = v.new_empty(B, T, H, DV)
+    dh0s = q.new_empty(N, H, D, DV, **f32) if h0s is not None else q.new_empty(0, **f32)
+    dh0z = q.new_empty(N, H, D, **f32) if h0s is not None else q.new_empty(0, **f32)
+    if N * H:
+        grid = (N * H, NV)
+        # cu_seqlens was checked by _bwd (_chunks); the walks use no chunk table (chunk_offsets: a placeholder)
+        cu = cu_seqlens if cu_seqlens is not None else den
+        where = (cu, cu,
+                 feature_table(F, q.device), *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1),
+                 dq.stride(2), dq.stride(3))
+        consts = dict(F=F, DV=DV, BK=BK, BC=BC, BL=BL, BR=BR, BV=BV, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
+                      PREC=prec, num_warps=nw, num_stages=ns)
+        scalars = (T, H, cdiv(T, BC), F ** -0.25)
+        _fused_dq_kernel(lambda m: grid, (q, k, v, dy, den, dd, h0s if h0s is not None else den,
+                                          h0z if h0s is not None else den, dq, *where, *scalars),
+                         **consts, USE_H0=h0s is not None)
+        _fused_dkdv_kernel(lambda m: grid, (q, k, v, dy, den, dd, dhts if dhts is not None else den,
+                                            dhtz if dhts is not None else den, dh0s, dh0z, dk, dv, *where, *_s3(dv),
+                                            *scalars),
+                           **consts, USE_HT=dhts is not None, STORE_H0=h0s is not None)
+    dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
+    dk = dk[0] if NV == 1 else dk.sum(0).to(k.dtype)
     return dq, dk, dv, dh0s, dh0z
 
 

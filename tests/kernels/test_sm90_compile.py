@@ -5,6 +5,8 @@ and the ptxas that ships with triton, down to a cubin; only the launch is replac
 interpreter cannot (lowering errors, e.g. of fp64 math, unsupported layouts) before a GPU run."""
 import textwrap
 
+import pytest
+
 from .stand_in import DRIVER, run
 
 SCRIPT = DRIVER + textwrap.dedent("""
@@ -69,8 +71,8 @@ def test_decode_and_training_kernels_compile_for_sm90():
 
 
 # Taylor kernels compiled for sm_90 as the library launches them (bf16, packed documents, the final state): the
-# tensor-core products (wgmma shapes) of each compiled variant of KERNEL's PTX, one WGMMA line each. SETUP runs
-# first (an ops setting); SHAPES are the (f, d_v) to launch at.
+# tensor-core products (wgmma shapes) of each compiled variant of __KERNEL__'s PTX, one WGMMA line each. __SETUP__
+# runs first (an ops setting); __SHAPES__ are the (f, d_v) to launch at; __BACKWARD__: also the backward.
 TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
     import re
 
@@ -86,21 +88,26 @@ TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
     driver.set_active(FakeDriver())
     from based_kernels.taylor_attention import ops, taylor_linear_attention
 
-    SETUP
-    for F, DV in SHAPES:
+    __SETUP__
+    for F, DV in __SHAPES__:
         q, k = (torch.randn(1, 24, 4, F, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         v = torch.randn(1, 24, 4, DV, dtype=torch.bfloat16, requires_grad=True)
-        taylor_linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 15, 24], dtype=torch.int32),
-                                output_final_state=True, backend="triton")
+        y, _ = taylor_linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 15, 24], dtype=torch.int32),
+                                       output_final_state=True, backend="triton")
+        if __BACKWARD__:
+            y.float().sum().backward()
     shape = r"wgmma\\.mma_async\\.sync\\.aligned\\.(m\\d+n\\d+k\\d+)"
-    for text in ptx["KERNEL"]:
+    for text in ptx["__KERNEL__"]:
         print("WGMMA", " ".join(sorted(set(re.findall(shape, text)))))
 """)
 
 
-def wgmma_shapes(kernel: str, shapes, setup: str = "") -> list[set]:
+def wgmma_shapes(kernel: str, shapes, setup: str = "", backward: bool = False) -> list[set]:
     """The wgmma shapes of each compiled variant of ``kernel`` (TAYLOR_SCRIPT)."""
-    script = TAYLOR_SCRIPT.replace("SETUP", setup).replace("SHAPES", repr(shapes)).replace("KERNEL", kernel)
+    script = TAYLOR_SCRIPT
+    for key, value in (("__SHAPES__", repr(shapes)), ("__KERNEL__", kernel), ("__BACKWARD__", repr(backward)),
+                       ("__SETUP__", setup)):
+        script = script.replace(key, value)
     p = run(script)
     found = [set(line.split()[1:]) for line in p.stdout.splitlines() if line.startswith("WGMMA")]
     assert p.returncode == 0 and found, p.stdout[-3000:] + p.stderr[-5000:]
@@ -117,9 +124,11 @@ def test_taylor_output_pass_at_f8_has_no_n16_products():
     assert all(shapes) and not any(s.startswith("m64n16") for group in shapes for s in group), shapes
 
 
-def test_taylor_fused_forward_compiles():
-    """ops.FUSED_FORWARD: the fused forward kernel compiles for sm_90 as the library launches it at f 8, d_v 32 and
-    f 16, d_v 64 (plain and confining, the per-chunk states kept for a backward); at f 16 with wgmma products (the
-    state update's 128 feature rows; at f 8 every product has fewer than 64 rows: mma.sync)."""
-    shapes = wgmma_shapes("taylor_fused_forward_kernel", [(8, 32), (16, 64)], "ops.FUSED_FORWARD = True")
-    assert len(shapes) == 4 and shapes[2] and shapes[3], shapes
+@pytest.mark.parametrize("kernel, variants", [("taylor_fused_forward_kernel", 4), ("taylor_fused_dq_kernel", 2),
+                                               ("taylor_fused_dkdv_kernel", 2)])
+def test_taylor_fused_kernels_compile(kernel, variants):
+    """ops.FUSED_FORWARD, FUSED_BACKWARD: each fused kernel compiles for sm_90 as the library launches it in a
+    forward and backward at f 8, d_v 32 and f 16, d_v 64 (the forward plain and confining); at f 16 with wgmma
+    products (the state updates' 128 feature rows; at f 8 every product has fewer than 64 rows: mma.sync)."""
+    shapes = wgmma_shapes(kernel, [(8, 32), (16, 64)], "ops.FUSED_FORWARD = ops.FUSED_BACKWARD = True", True)
+    assert len(shapes) == variants and all(shapes[variants // 2:]), shapes

@@ -600,40 +600,54 @@ def test_output_query_blocks_confine_nan_and_bad_values(monkeypatch):
             ops.output_query_rows(128)
 
 
-def fused(monkeypatch, step=16):
-    """ops.FUSED_FORWARD on, in steps of ``step`` tokens (32-token chunks: two steps per chunk at 16)."""
-    monkeypatch.setattr(ops, "FUSED_FORWARD", True)
+def fused(monkeypatch, forward=True, backward=True, step=16):
+    """ops.FUSED_FORWARD / FUSED_BACKWARD on, in steps of ``step`` tokens (32-token chunks: two steps per chunk at
+    16); returns the fused kernels' launches (name, constexprs), recorded as they run."""
+    monkeypatch.setattr(ops, "FUSED_FORWARD", forward)
+    monkeypatch.setattr(ops, "FUSED_BACKWARD", backward)
     monkeypatch.setattr(ops, "FUSED_CONFIG", (step, *ops.FUSED_CONFIG[1:]))
+    monkeypatch.setattr(ops, "FUSED_BWD_CONFIG", (step, *ops.FUSED_BWD_CONFIG[1:]))
     launches = []
-    real = ops._fused_kernel
-    monkeypatch.setattr(ops, "_fused_kernel", lambda *a, **kw: (launches.append(kw), real(*a, **kw)))
+    for name in ("_fused_kernel", "_fused_dq_kernel", "_fused_dkdv_kernel"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, real=real, name=name, **kw: (launches.append((name, kw)),
+                                                                                real(*a, **kw)))
     return launches
 
 
+@pytest.mark.parametrize("forward, backward", [(True, False), (False, True), (True, True)],
+                         ids=["forward", "backward", "both"])
 @pytest.mark.parametrize("F, DV, varlen", [(16, 40, False), (8, 24, True), (16, 32, True)])
-def test_fused_forward_matches_fp64(monkeypatch, F, DV, varlen):
-    """ops.FUSED_FORWARD (the forward in one kernel, its state on chip): output, final state and every gradient (the
-    backward reading the per-chunk states the fused kernel kept) against fp64; 16-token steps in 32-token chunks,
-    odd lengths, an initial state, packed documents (one of a single token, one of none), two value blocks at d_v
-    40; the kept states equal the two passes' to fp32 rounding."""
+def test_fused_kernels_match_fp64(monkeypatch, F, DV, varlen, forward, backward):
+    """ops.FUSED_FORWARD (the forward in one kernel, its state on chip) and FUSED_BACKWARD (dq, then dk and dv, in
+    two walks): output, final state and every gradient against fp64; 16-token steps in 32-token chunks, odd lengths,
+    an initial state, packed documents (one of a single token, one of none), two value blocks at d_v 40. The
+    forward keeps the per-chunk states for the two-pass backward (equal to the two passes' to fp32 rounding); with
+    the fused backward the op keeps none, its fake implementation agreeing."""
     cu = torch.tensor([0, 1, 17, 17, 80], dtype=torch.int32, device=DEV) if varlen else None
     q, k, v, h0 = make(1 if varlen else 2, 80 if varlen else 75, 2, F, DV, state=True, n_states=4 if varlen else None)
     kw = dict(cu_seqlens=cu) if varlen else {}
     args = (q, k, v, h0[0].float(), h0[1].float(), cu, 1e-12, True, True)
     two = ops.taylor_attention_fwd(*args)
-    launches = fused(monkeypatch)
+    launches = fused(monkeypatch, forward, backward)
     got = run_with_grads(triton_fn, q, k, v, h0, **kw)
-    assert launches and all(c["BC"] == 16 and c["BT"] == 32 for c in launches), launches
+    ran = {name for name, _ in launches}
+    want = ({"_fused_kernel"} if forward else set()) | ({"_fused_dq_kernel", "_fused_dkdv_kernel"} if backward
+                                                        else set())
+    assert ran == want and all(c["BC"] == 16 for _, c in launches), launches
+    assert [c["KEEP"] for name, c in launches if name == "_fused_kernel"] in ([], [not backward] * 2), launches
     check_all(got, oracle(q, k, v, h0, **kw), TOL32)
-    one = ops.taylor_attention_fwd(*args)
-    assert all(a.shape == b.shape for a, b in zip(one, two))
-    for name, a, b in zip(("y", "den", "S", "z", "chunk S", "chunk z"), one, two):
+    one = ops.taylor_attention_fwd(*args)  # asked to keep the chunk states
+    kept = 6 if not backward else 4
+    assert all(a.shape == b.shape for a, b in zip(one[:kept], two)) and all(t.numel() == 0 for t in one[kept:])
+    for name, a, b in zip(("y", "den", "S", "z", "chunk S", "chunk z"), one[:kept], two):
         assert rel(a, b) < 1e-6, (name, rel(a, b))
+    torch.library.opcheck(ops.taylor_attention_fwd, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_fused_forward_confines_nan(monkeypatch):
-    """The fused forward keeps NaN confinement (a NaN k or v of a sequence's last token reaches only its own output
-    and the gradients that see it) and the confining launch's bitwise equality with the plain one."""
+def test_fused_kernels_confine_nan(monkeypatch):
+    """The fused forward and backward keep NaN confinement (a NaN k or v of a sequence's last token reaches only its
+    own output and the gradients that see it) and the confining launch's bitwise equality with the plain one."""
     fused(monkeypatch)
     check_confining_equals_plain(2, 70, 1, 48, torch.float32)
     check_confining_equals_plain(1, 70, 1, 32, torch.float32, cu=torch.tensor([0, 5, 60, 70], device=DEV))
@@ -642,16 +656,18 @@ def test_fused_forward_confines_nan(monkeypatch):
         check_nan_confined(which, True, 70, 40, torch.float32, H=1)
 
 
-def test_fused_forward_rule(monkeypatch):
-    """When the forward runs as one kernel: never while FUSED_FORWARD is False, for f <= MAX_F_FUSED when True, and
-    with None for non-IEEE products and enough programs per SM (an SM per CPU device)."""
+def test_fused_rule(monkeypatch):
+    """When the forward (backward) runs fused: never while FUSED_FORWARD (FUSED_BACKWARD) is False, for f <=
+    MAX_F_FUSED when True, and with None for non-IEEE products and enough programs per SM (an SM per CPU device)."""
     monkeypatch.setattr(ops, "FUSED_MIN_PROGRAMS_PER_SM", 2)
     cpu = torch.device("cpu")
-    for setting, F, programs, prec, want in [(False, 16, 10 ** 6, "tf32", False), (True, 16, 1, "ieee", True),
-                                              (True, 32, 10 ** 6, "tf32", False), (None, 16, 2, "tf32", True),
-                                              (None, 16, 1, "tf32", False), (None, 16, 10 ** 6, "ieee", False)]:
-        monkeypatch.setattr(ops, "FUSED_FORWARD", setting)
-        assert ops.fused_forward(F, programs, prec, cpu) is want, (setting, F, programs, prec)
+    for which, rule in (("FUSED_FORWARD", ops.fused_forward), ("FUSED_BACKWARD", ops.fused_backward)):
+        for setting, F, programs, prec, want in [(False, 16, 10 ** 6, "tf32", False), (True, 16, 1, "ieee", True),
+                                                  (True, 32, 10 ** 6, "tf32", False), (None, 16, 2, "tf32", True),
+                                                  (None, 16, 1, "tf32", False), (None, 16, 10 ** 6, "ieee", False)]:
+            monkeypatch.setattr(ops, which, setting)
+            assert rule(F, programs, prec, cpu) is want, (which, setting, F, programs, prec)
+        monkeypatch.setattr(ops, which, False)
     assert ops.fused_tiles(16, 64, "tf32")[3:5] == (32, 128) and ops.fused_tiles(8, 32, "tf32")[3:5] == (32, 32)
 
 
@@ -944,8 +960,8 @@ from based_kernels.taylor_attention import ops, taylor_linear_attention
 g = torch.Generator(device="cuda").manual_seed(0)
 packed = torch.tensor([0, 3, 15, 24], device="cuda", dtype=torch.int32)
 bf16, fp32 = torch.bfloat16, torch.float32
-for fused in (False, True):  # the two forward passes, then the fused forward (ops.FUSED_FORWARD)
-    ops.FUSED_FORWARD = fused
+for fused in (False, True):  # the two-pass kernels, then the fused ones (ops.FUSED_FORWARD, FUSED_BACKWARD)
+    ops.FUSED_FORWARD = ops.FUSED_BACKWARD = fused
     for F, DV, dt, cu in ((8, 32, bf16, packed), (8, 64, bf16, packed), (8, 32, fp32, packed), (16, 32, bf16, packed),
                           (16, 64, bf16, packed), (16, 64, bf16, None)):
         mk = lambda d: torch.randn(1, 24, 4, d, device="cuda", generator=g, dtype=dt).requires_grad_()
@@ -962,8 +978,8 @@ def test_kernels_under_memcheck():
     """The output pass read shared memory out of bounds at f 8, d_v 32 with packed documents and the final state on
     an H100 (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in taylor_chunk_output_kernel; without
     memcheck an illegal memory access in some runs, in the fp32-residual decode test's prefill). The Taylor passes at
-    that shape and its neighbours, and the fused forward (ops.FUSED_FORWARD), in a subprocess under memcheck: no
-    error. Skips without compute-sanitizer."""
+    that shape and its neighbours, and the fused kernels (ops.FUSED_FORWARD, FUSED_BACKWARD), in a subprocess under
+    memcheck: no error. Skips without compute-sanitizer."""
     assert_memcheck_clean(_MEMCHECK_SCRIPT)
 
 
@@ -981,13 +997,17 @@ def test_small_heads_packed_documents(dtype, tol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", [None, 64])
-def test_fused_forward_bf16(monkeypatch, step):
-    """ops.FUSED_FORWARD at its step (FUSED_CONFIG) and at 64 tokens: output, final state and gradients (from the
-    states it kept) against fp64 at T 4096 (a last part-filled step at T 4000), and packed documents (f 8, d_v 32)."""
-    monkeypatch.setattr(ops, "FUSED_FORWARD", True)
+@pytest.mark.parametrize("forward, backward, step", [(True, False, None), (True, True, None), (True, True, 64)],
+                         ids=["forward", "both", "both-step-64"])
+def test_fused_kernels_bf16(monkeypatch, forward, backward, step):
+    """ops.FUSED_FORWARD / FUSED_BACKWARD at their steps (FUSED_CONFIG, FUSED_BWD_CONFIG) and at 64 tokens: output,
+    final state and gradients against fp64 at T 4096 (a last part-filled step at T 4000), and packed documents (f 8,
+    d_v 32)."""
+    monkeypatch.setattr(ops, "FUSED_FORWARD", forward)
+    monkeypatch.setattr(ops, "FUSED_BACKWARD", backward)
     if step:
         monkeypatch.setattr(ops, "FUSED_CONFIG", (step, *ops.FUSED_CONFIG[1:]))
+        monkeypatch.setattr(ops, "FUSED_BWD_CONFIG", (step, *ops.FUSED_BWD_CONFIG[1:]))
     for T in (4096, 4000):
         ey, es, *egrads = long_case(T, H=4)[0]
         assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (T, ey, es, egrads)
