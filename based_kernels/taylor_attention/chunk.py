@@ -441,6 +441,42 @@ def _step_tokens(x, i_b, i_h, s_xb, s_xt, s_xh, o_tt, m_t, o_c, m_c, TRANS: tl.c
 
 
 @triton.jit
+def _program(cu_seqlens, chunk_offsets, T, H, NC, F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+             BC: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """A fused kernel's program (sequence x head, value block): value block, head, batch row, token range [bos,
+    eos), first chunk, state index, and the step's feature-column, token and value-column indices with masks."""
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    return i_v, i_h, i_b, bos, eos, c0, i_n.to(tl.int64) * H + i_h, o_k, o_k < F, tl.arange(0, BC), o_v, o_v < DV
+
+
+@triton.jit
+def _dq_from_state(b_q, b_do, b_dd, b_s, b_z, feat, r0, F: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
+                   SDT: tl.constexpr, PREC: tl.constexpr):
+    """dq's term from one tile of the state before the step (rows r0..r0+BF-1): the Jacobian of
+    ``phi(q) . (S dO + z dd)``, as the gradient pass's."""
+    _, _, a, b, c = _feature_rows_from(feat, r0, F, BF)
+    b_w = tl.dot(b_do.to(SDT), tl.trans(b_s.to(SDT)), input_precision=PREC) + b_dd[:, None] * b_z[None, :]
+    b_xa, b_xb = _expand(b_q, a, b, BK)
+    return _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK, PREC)
+
+
+@triton.jit
+def _dkdv_from_state(b_k, b_v, w0, b_s, b_z, feat, r0, F: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
+                     SDT: tl.constexpr, PREC: tl.constexpr):
+    """dk's and dv's terms from one tile of the gradient of the state after the step (rows r0..r0+BF-1), as the
+    gradient pass's: ``phi(k) dS`` for dv, the Jacobian of ``phi(k) . (dS v + dz w0)`` for dk."""
+    _, _, a, b, c = _feature_rows_from(feat, r0, F, BF)
+    b_xa, b_xb = _expand(b_k, a, b, BK)
+    b_dv = tl.dot((b_xa * b_xb * c[None, :]).to(SDT), b_s.to(SDT), input_precision=PREC)
+    b_w = tl.dot(b_v.to(SDT), tl.trans(b_s.to(SDT)), input_precision=PREC) + w0 * b_z[None, :]
+    return _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK, PREC), b_dv
+
+
+@triton.jit
 def taylor_fused_forward_kernel(
     q, k, v, o, den, h0s, h0z, hts, htz, hc, zc, cu_seqlens, chunk_offsets, bad, feat,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
@@ -465,15 +501,8 @@ def taylor_fused_forward_kernel(
             return
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
     SDT: tl.constexpr = tl.bfloat16 if q.dtype.element_ty == tl.bfloat16 else tl.float32  # ops._state_dtype
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
-    i_st = i_n.to(tl.int64) * H + i_h
-    o_k = tl.arange(0, BK)
-    m_k = o_k < F
-    o_t = tl.arange(0, BC)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
+    i_v, i_h, i_b, bos, eos, c0, i_st, o_k, m_k, o_t, o_v, m_v = _program(cu_seqlens, chunk_offsets, T, H, NC, F, DV,
+                                                                          BK, BC, BV, IS_VARLEN)
     b_sl, b_sr, b_zl, b_zr = _tiles_of_state(h0s, h0z, i_st, o_v, m_v, D, DV, BL, BR, BV, USE_H0)
     m_c0 = o_t[:, None] >= o_t[None, :]
     for i in range(0, tl.cdiv(eos - bos, BC)):
@@ -543,15 +572,8 @@ def taylor_fused_dq_kernel(
     Jacobian of ``phi(q) . (S dO + z dd)``, as the gradient pass's dq. The first of the fused backward's two walks."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
     SDT: tl.constexpr = tl.bfloat16 if q.dtype.element_ty == tl.bfloat16 else tl.float32
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
-    i_st = i_n.to(tl.int64) * H + i_h
-    o_k = tl.arange(0, BK)
-    m_k = o_k < F
-    o_t = tl.arange(0, BC)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
+    i_v, i_h, i_b, bos, eos, c0, i_st, o_k, m_k, o_t, o_v, m_v = _program(cu_seqlens, chunk_offsets, T, H, NC, F, DV,
+                                                                          BK, BC, BV, IS_VARLEN)
     w0 = (i_v == 0).to(tl.float32)  # the normaliser column [v | 1] belongs to value block 0
     b_sl, b_sr, b_zl, b_zr = _tiles_of_state(h0s, h0z, i_st, o_v, m_v, D, DV, BL, BR, BV, USE_H0)
     m_c0 = o_t[:, None] >= o_t[None, :]
@@ -570,14 +592,8 @@ def taylor_fused_dq_kernel(
         b_dS = tl.where(m_c, (b_dp + b_dd[:, None]) * (1. + b_s), 0.) * (scale * scale)
         b_dq = _mm(b_dS, finite_rows(b_k)[0], b_v, HI, PREC)
         # the state before the step
-        _, _, a, b, c = _feature_rows_from(feat, 0, F, BL)
-        b_w = tl.dot(b_do.to(SDT), tl.trans(b_sl.to(SDT)), input_precision=PREC) + b_dd[:, None] * b_zl[None, :]
-        b_xa, b_xb = _expand(b_q, a, b, BK)
-        b_dq += _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK, PREC)
-        _, _, a, b, c = _feature_rows_from(feat, BL, F, BR)
-        b_w = tl.dot(b_do.to(SDT), tl.trans(b_sr.to(SDT)), input_precision=PREC) + b_dd[:, None] * b_zr[None, :]
-        b_xa, b_xb = _expand(b_q, a, b, BK)
-        b_dq += _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK, PREC)
+        b_dq += _dq_from_state(b_q, b_do, b_dd, b_sl, b_zl, feat, 0, F, BK, BL, SDT, PREC)
+        b_dq += _dq_from_state(b_q, b_do, b_dd, b_sr, b_zr, feat, BL, F, BK, BR, SDT, PREC)
         tl.store(dq + i_v.to(tl.int64) * s_gn + i_b * s_gb + i_h * s_gh + o_tt[:, None] * s_gt + o_k[None, :],
                  b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
         b_kt = _step_tokens(k, i_b, i_h, s_kb, s_kt, s_kh, o_tt, m_t, o_k, m_k, TRANS=True)
@@ -602,15 +618,8 @@ def taylor_fused_dkdv_kernel(
     initial state (fp32) after the walk. The second of the fused backward's two walks."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
     SDT: tl.constexpr = tl.bfloat16 if q.dtype.element_ty == tl.bfloat16 else tl.float32
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
-    i_st = i_n.to(tl.int64) * H + i_h
-    o_k = tl.arange(0, BK)
-    m_k = o_k < F
-    o_t = tl.arange(0, BC)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
+    i_v, i_h, i_b, bos, eos, c0, i_st, o_k, m_k, o_t, o_v, m_v = _program(cu_seqlens, chunk_offsets, T, H, NC, F, DV,
+                                                                          BK, BC, BV, IS_VARLEN)
     w0 = (i_v == 0).to(tl.float32)
     b_sl, b_sr, b_zl, b_zr = _tiles_of_state(dhts, dhtz, i_st, o_v, m_v, D, DV, BL, BR, BV, USE_HT)
     m_c0 = o_t[:, None] >= o_t[None, :]
@@ -633,16 +642,12 @@ def taylor_fused_dkdv_kernel(
         b_dv = _mm(tl.trans(b_A), b_do, b_v, HI, PREC)
         b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI, PREC)
         # the gradient of the state after the step
-        _, _, a, b, c = _feature_rows_from(feat, 0, F, BL)
-        b_xa, b_xb = _expand(b_k, a, b, BK)
-        b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(SDT), b_sl.to(SDT), input_precision=PREC)
-        b_w = tl.dot(b_v.to(SDT), tl.trans(b_sl.to(SDT)), input_precision=PREC) + w0 * b_zl[None, :]
-        b_dk += _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK, PREC)
-        _, _, a, b, c = _feature_rows_from(feat, BL, F, BR)
-        b_xa, b_xb = _expand(b_k, a, b, BK)
-        b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(SDT), b_sr.to(SDT), input_precision=PREC)
-        b_w = tl.dot(b_v.to(SDT), tl.trans(b_sr.to(SDT)), input_precision=PREC) + w0 * b_zr[None, :]
-        b_dk += _phi_vjp(b_w, b_xa, b_xb, a, b, c, BK, PREC)
+        g_k, g_v = _dkdv_from_state(b_k, b_v, w0, b_sl, b_zl, feat, 0, F, BK, BL, SDT, PREC)
+        b_dk += g_k
+        b_dv += g_v
+        g_k, g_v = _dkdv_from_state(b_k, b_v, w0, b_sr, b_zr, feat, BL, F, BK, BR, SDT, PREC)
+        b_dk += g_k
+        b_dv += g_v
         tl.store(dk + i_v.to(tl.int64) * s_gn + i_b * s_gb + i_h * s_gh + o_tt[:, None] * s_gt + o_k[None, :],
                  b_dk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
         tl.store(dv + i_b * s_db + i_h * s_dh + o_tt[:, None] * s_dt + o_v[None, :], b_dv.to(dv.dtype.element_ty),
