@@ -461,9 +461,11 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
 def _keeps_states(q, v, cu_seqlens, keep_states: bool) -> bool:
     """Whether the forward asked to keep its per-chunk states (``keep_states``) stores them: not for a fused backward,
     which reads none (the op and its fake implementation decide alike)."""
+    if not keep_states or FUSED_BACKWARD is False:  # no host work in the default case
+        return keep_states
     prec = dot_precision(q.dtype)
-    return keep_states and not fused_backward(q.shape[-1], _fused_programs(q, v, cu_seqlens, prec, FUSED_BWD_CONFIG),
-                                              prec, q.device)
+    return not fused_backward(q.shape[-1], _fused_programs(q, v, cu_seqlens, prec, FUSED_BWD_CONFIG), prec,
+                              q.device)
 
 
 def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=False):
@@ -471,7 +473,7 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
     DV = v.shape[-1]
     prec = dot_precision(q.dtype)
     keep_states = _keeps_states(q, v, cu_seqlens, keep_states)
-    if fused_forward(F, _fused_programs(q, v, cu_seqlens, prec), prec, q.device):
+    if FUSED_FORWARD is not False and fused_forward(F, _fused_programs(q, v, cu_seqlens, prec), prec, q.device):
         return _fused_fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states, prec)
     BK, BT, BF, BV, NF, nw, ns = _cfg("output", F, DV, prec)
     n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
@@ -576,7 +578,8 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
         dd += dden.to(torch.float32)
 
-    if fused_backward(F, _fused_programs(q, v, cu_seqlens, prec, FUSED_BWD_CONFIG), prec, q.device):
+    if FUSED_BACKWARD is not False and fused_backward(F, _fused_programs(q, v, cu_seqlens, prec, FUSED_BWD_CONFIG),
+                                                      prec, q.device):
         return _fused_bwd(q, k, v, dy, den, dd, dhts, dhtz, h0s, h0z, cu_seqlens, prec)
     if hc is None or (hc.shape[0] == 0 and n_chunks):  # not kept by the forward (or not for a fused backward)
         hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False,
