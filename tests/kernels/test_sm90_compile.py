@@ -5,8 +5,6 @@ and the ptxas that ships with triton, down to a cubin; only the launch is replac
 interpreter cannot (lowering errors, e.g. of fp64 math, unsupported layouts) before a GPU run."""
 import textwrap
 
-import pytest
-
 from .stand_in import DRIVER, run
 
 SCRIPT = DRIVER + textwrap.dedent("""
@@ -71,8 +69,9 @@ def test_decode_and_training_kernels_compile_for_sm90():
 
 
 # Taylor kernels compiled for sm_90 as the library launches them (bf16, packed documents, the final state): the
-# tensor-core products (wgmma shapes) of each compiled variant of __KERNEL__'s PTX, one WGMMA line each. __SETUP__
-# runs first (an ops setting); __SHAPES__ are the (f, d_v) to launch at; __BACKWARD__: also the backward.
+# tensor-core products (wgmma shapes) of each compiled variant of each kernel's PTX, one line "WGMMA kernel shapes"
+# each. __SETUP__ runs first (an ops setting); __SHAPES__ are the (f, d_v) to launch at; __BACKWARD__: also the
+# backward.
 TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
     import re
 
@@ -97,19 +96,22 @@ TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
         if __BACKWARD__:
             y.float().sum().backward()
     shape = r"wgmma\\.mma_async\\.sync\\.aligned\\.(m\\d+n\\d+k\\d+)"
-    for text in ptx["__KERNEL__"]:
-        print("WGMMA", " ".join(sorted(set(re.findall(shape, text)))))
+    for name, texts in ptx.items():
+        for text in texts:
+            print("WGMMA", name, " ".join(sorted(set(re.findall(shape, text)))))
 """)
 
 
-def wgmma_shapes(kernel: str, shapes, setup: str = "", backward: bool = False) -> list[set]:
-    """The wgmma shapes of each compiled variant of ``kernel`` (TAYLOR_SCRIPT)."""
+def wgmma_shapes(shapes, setup: str = "", backward: bool = False) -> dict[str, list[set]]:
+    """Per compiled kernel, the wgmma shapes of each of its compiled variants (TAYLOR_SCRIPT)."""
     script = TAYLOR_SCRIPT
-    for key, value in (("__SHAPES__", repr(shapes)), ("__KERNEL__", kernel), ("__BACKWARD__", repr(backward)),
-                       ("__SETUP__", setup)):
+    for key, value in (("__SHAPES__", repr(shapes)), ("__BACKWARD__", repr(backward)), ("__SETUP__", setup)):
         script = script.replace(key, value)
     p = run(script)
-    found = [set(line.split()[1:]) for line in p.stdout.splitlines() if line.startswith("WGMMA")]
+    found = {}
+    for line in p.stdout.splitlines():
+        if line.startswith("WGMMA"):
+            found.setdefault(line.split()[1], []).append(set(line.split()[2:]))
     assert p.returncode == 0 and found, p.stdout[-3000:] + p.stderr[-5000:]
     return found
 
@@ -120,15 +122,18 @@ def test_taylor_output_pass_at_f8_has_no_n16_products():
     linear feature rows: 16 rows at f 8, which made its feature products [chunk, 16] x [16, 16] (wgmma m64n16k16).
     With that tile at 32 rows or more (ops.low_rows_tile) the plain and the confining launch have no n16 product
     left."""
-    shapes = wgmma_shapes("taylor_chunk_output_kernel", [(8, 32)])
+    shapes = wgmma_shapes([(8, 32)])["taylor_chunk_output_kernel"]
     assert all(shapes) and not any(s.startswith("m64n16") for group in shapes for s in group), shapes
 
 
-@pytest.mark.parametrize("kernel, variants", [("taylor_fused_forward_kernel", 4), ("taylor_fused_dq_kernel", 2),
-                                               ("taylor_fused_dkdv_kernel", 2)])
-def test_taylor_fused_kernels_compile(kernel, variants):
-    """ops.FUSED_FORWARD, FUSED_BACKWARD: each fused kernel compiles for sm_90 as the library launches it in a
-    forward and backward at f 8, d_v 32 and f 16, d_v 64 (the forward plain and confining); at f 16 with wgmma
-    products (the state updates' 128 feature rows; at f 8 every product has fewer than 64 rows: mma.sync)."""
-    shapes = wgmma_shapes(kernel, [(8, 32), (16, 64)], "ops.FUSED_FORWARD = ops.FUSED_BACKWARD = True", True)
-    assert len(shapes) == variants and all(shapes[variants // 2:]), shapes
+def test_taylor_fused_kernels_compile():
+    """ops.FUSED_FORWARD, FUSED_BACKWARD: the fused kernels compile for sm_90 as the library launches them in a
+    forward and backward at f 8, d_v 32 and f 16, d_v 64 (the forward plain and confining), and no other Taylor
+    kernel runs; at f 16 with wgmma products (the state updates' 128 feature rows; at f 8 every product has fewer
+    than 64 rows: mma.sync)."""
+    found = wgmma_shapes([(8, 32), (16, 64)], "ops.FUSED_FORWARD = ops.FUSED_BACKWARD = True", True)
+    want = {"taylor_fused_forward_kernel": 4, "taylor_fused_dq_kernel": 2, "taylor_fused_dkdv_kernel": 2,
+            "taylor_prep_kernel": 2}
+    assert {name: len(v) for name, v in found.items()} == want, found
+    for name, variants in want.items():
+        assert name == "taylor_prep_kernel" or all(found[name][variants // 2:]), found
