@@ -787,10 +787,14 @@ def _quadratic_num_den(q, k, v):
     return (a @ vh).transpose(1, 2), a.sum(-1).transpose(1, 2)  # [B, T, H, DV], [B, T, H]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_output_normalizer_value_and_grads(backend):
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-fused"])
+def test_output_normalizer_value_and_grads(backend, monkeypatch):
     """output_normalizer=True: den equals the fp64 denominator (no eps), and gradients through y and den match
-    the fp64 quadratic formula."""
+    the fp64 quadratic formula (``triton-fused``: ops.FUSED_FORWARD and FUSED_BACKWARD, the den gradient joining
+    the fused walks' dd)."""
+    if backend == "triton-fused":
+        fused(monkeypatch)
+        backend = "triton"
     q, k, v, _ = make(2, 45, 2, 16, 24)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     y, fin, den = taylor_linear_attention(*leaves, backend=backend, output_normalizer=True)
