@@ -40,7 +40,7 @@ CANDIDATES = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64
                        (32, 32, 4, 1)]}
 # the fused kernels' tiles (ops.FUSED_CONFIG, ops.FUSED_BWD_CONFIG: step tokens, BV, num_warps, num_stages; the
 # shipped value first)
-FUSED_CANDIDATES = [(32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 8, 1), (64, 64, 8, 2), (32, 64, 4, 2)]
+FUSED_CANDIDATES = [(32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 8, 1), (64, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)]
 FUSED_BWD_CANDIDATES = [(16, 64, 8, 2), (16, 64, 8, 1), (32, 64, 8, 2), (32, 64, 8, 1)]
 # ops.STATE_GROUP_PROGRAMS_PER_SM candidates (the state passes' two-level walk; the shipped value first)
 STATE_GROUPS = [4, 0, 2, 8]
