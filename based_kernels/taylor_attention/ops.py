@@ -265,6 +265,9 @@ def fused_tiles(F: int, DV: int, prec: str, config: Optional[tuple] = None):
     the rest of the map's rows, at least 32 for the same reason."""
     BK, BT, _, BV, _, _, _ = _cfg("output", F, DV, prec)
     BC, BV_fused, nw, ns = config or FUSED_CONFIG
+    if BC < 16 or BC & (BC - 1) or BV_fused < 16 or BV_fused & (BV_fused - 1):
+        raise ValueError(f"ops.FUSED_CONFIG / FUSED_BWD_CONFIG: the step (tokens) and BV must be powers of two >= 16 "
+                         f"(tl.dot's smallest tile); got {config or FUSED_CONFIG}")
     if not INTERPRET and prec != "ieee":
         BV = min(BV_fused, max(16, triton.next_power_of_2(DV)))
     BL = low_rows_tile(F)

@@ -669,6 +669,9 @@ def test_fused_rule(monkeypatch):
             assert rule(F, programs, prec, cpu) is want, (which, setting, F, programs, prec)
         monkeypatch.setattr(ops, which, False)
     assert ops.fused_tiles(16, 64, "tf32")[3:5] == (32, 128) and ops.fused_tiles(8, 32, "tf32")[3:5] == (32, 32)
+    for bad in ((24, 64, 8, 2), (8, 64, 8, 2), (32, 48, 8, 2)):
+        with pytest.raises(ValueError, match="FUSED_CONFIG"):
+            ops.fused_tiles(16, 64, "tf32", bad)
 
 
 @pytest.mark.parametrize("varlen, groups", [(False, 3), (True, 7)])
