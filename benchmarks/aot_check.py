@@ -25,10 +25,10 @@ PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 def compile_kernel(fn, dtype, consts, nw, ns):
     p, f32p, s_dt = PTR[dtype], "*fp32", PTR["bf16" if dtype == "bf16" else "fp32"]
     typed = {"den": f32p, "dd": f32p, "col": f32p, "h0s": f32p, "h0z": f32p, "zc": f32p, "hts": f32p,
-             "htz": f32p, "dzc": f32p, "hl": f32p, "hc": s_dt, "dhc": s_dt, "cu_seqlens": "*i32", "chunk_offsets": "*i32",
-             "chunk_meta": "*i32", "scale": "fp32", "eps": "fp32", "s_in": f32p, "z_in": f32p, "s_out": f32p,
-             "z_out": f32p, "s": f32p, "z": f32p, "kb": p, "vb": p, "cnt": "*i32", "sq": "*bf16", "bad": "*i32",
-             "feat": "*i32"}
+             "htz": f32p, "dhts": f32p, "dhtz": f32p, "dh0s": f32p, "dh0z": f32p, "dzc": f32p, "hl": f32p, "hc": s_dt,
+             "dhc": s_dt, "cu_seqlens": "*i32", "chunk_offsets": "*i32", "chunk_meta": "*i32", "scale": "fp32",
+             "eps": "fp32", "s_in": f32p, "z_in": f32p, "s_out": f32p, "z_out": f32p, "s": f32p, "z": f32p, "kb": p,
+             "vb": p, "cnt": "*i32", "sq": "*bf16", "bad": "*i32", "feat": "*i32"}
     sig = {}
     for n in fn.arg_names:
         if n in consts:
@@ -86,7 +86,8 @@ def main():
             for BF, BV, nw, ns, part, BQ in [(*c, p, r) for c in cfgs for r in rows
                                               for p in ((0, 1, 2) if name == "grad" else (0,))]:
                 BV = min(BV, DV)
-                # the fp32-operand products' precision, as based_kernels._common.dot_precision picks it under torch's default
+                # the fp32-operand products' precision, as based_kernels._common.dot_precision picks it under
+                # torch's default
                 prec = "ieee" if args.dtype == "fp32" else "tf32"
                 base = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, PREC=prec)
                 if name == "state":
