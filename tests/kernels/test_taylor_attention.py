@@ -967,11 +967,13 @@ from based_kernels.taylor_attention import ops, taylor_linear_attention
 g = torch.Generator(device="cuda").manual_seed(0)
 packed = torch.tensor([0, 3, 15, 24], device="cuda", dtype=torch.int32)
 bf16, fp32 = torch.bfloat16, torch.float32
-for fused in (False, True):  # the two-pass kernels, then the fused ones (ops.FUSED_FORWARD, FUSED_BACKWARD)
+# the two-pass kernels (d_v 16: value blocks of 16 columns, the other place where their products have 16 columns),
+# then the fused ones (ops.FUSED_FORWARD, FUSED_BACKWARD) at two of those shapes
+two_pass = ((8, 32, bf16, packed), (8, 64, bf16, packed), (8, 32, fp32, packed), (16, 32, bf16, packed),
+            (16, 64, bf16, packed), (16, 64, bf16, None), (8, 16, bf16, packed), (16, 16, bf16, None))
+for fused, cases in ((False, two_pass), (True, ((8, 32, bf16, packed), (16, 64, bf16, packed)))):
     ops.FUSED_FORWARD = ops.FUSED_BACKWARD = fused
-    # d_v 16: value blocks of 16 columns, the other place where the passes' products have 16 columns (n16)
-    for F, DV, dt, cu in ((8, 32, bf16, packed), (8, 64, bf16, packed), (8, 32, fp32, packed), (16, 32, bf16, packed),
-                          (16, 64, bf16, packed), (16, 64, bf16, None), (8, 16, bf16, packed), (16, 16, bf16, None)):
+    for F, DV, dt, cu in cases:
         mk = lambda d: torch.randn(1, 24, 4, d, device="cuda", generator=g, dtype=dt).requires_grad_()
         q, k, v = mk(F), mk(F), mk(DV)
         y, (S, z) = taylor_linear_attention(q, k, v, cu_seqlens=cu, output_final_state=True)
