@@ -645,6 +645,27 @@ def test_fused_kernels_match_fp64(monkeypatch, F, DV, varlen, forward, backward)
     torch.library.opcheck(ops.taylor_attention_fwd, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_fused_kernels_under_torch_compile(monkeypatch):
+    """With the fused kernels on, torch.compile (fullgraph) traces the op as before (its fake implementation decides
+    the kept states as the op does) and gives the eager loss and gradients."""
+    launches = fused(monkeypatch)
+    q, k, v, _ = make(1, 40, 2, 16, 32)
+
+    def f(q, k, v):
+        return taylor_linear_attention(q, k, v, backend="triton")[0].float().square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got, want = [], []
+    for fn, out in ((compiled, got), (f, want)):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        loss = fn(*leaves)
+        loss.backward()
+        out += [loss.detach()] + [t.grad for t in leaves]
+        assert {name for name, _ in launches} == {"_fused_kernel", "_fused_dq_kernel", "_fused_dkdv_kernel"}
+        launches.clear()
+    assert all(rel(a, b) < 1e-6 for a, b in zip(got, want)), [rel(a, b) for a, b in zip(got, want)]
+
+
 def test_fused_kernels_confine_nan(monkeypatch):
     """The fused forward and backward keep NaN confinement (a NaN k or v of a sequence's last token reaches only its
     own output and the gradients that see it) and the confining launch's bitwise equality with the plain one."""
