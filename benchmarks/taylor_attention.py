@@ -337,7 +337,12 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="T 2k-8k and 32k only")
     ap.add_argument("--dv", type=int, nargs="+", default=DVS)
+    ap.add_argument("--fused", choices=("off", "on", "auto"),
+                    help="ops.FUSED_FORWARD and FUSED_BACKWARD for every run: False, True or None (the rule); "
+                         "default: the library's")
     args = ap.parse_args()
+    if args.fused:
+        ops.FUSED_FORWARD = ops.FUSED_BACKWARD = {"off": False, "on": True, "auto": None}[args.fused]
     try:
         import fla
         fla_version = getattr(fla, "__version__", "?")
@@ -366,7 +371,9 @@ def main():
     results["config"] = {"CHUNK": ops.CHUNK, "CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
                          "GRAD_SPLIT": ops.GRAD_SPLIT, "KEEP_STATES": ops.KEEP_STATES,
                          "STATE_GROUP_PROGRAMS_PER_SM": ops.STATE_GROUP_PROGRAMS_PER_SM, "HI_INTRA": ops.HI_INTRA,
-                         "HI_BWD": ops.HI_BWD, "OUTPUT_QUERY_ROWS": ops.OUTPUT_QUERY_ROWS}
+                         "HI_BWD": ops.HI_BWD, "OUTPUT_QUERY_ROWS": ops.OUTPUT_QUERY_ROWS,
+                         "FUSED_FORWARD": ops.FUSED_FORWARD, "FUSED_BACKWARD": ops.FUSED_BACKWARD,
+                         "FUSED_CONFIG": list(ops.FUSED_CONFIG), "FUSED_BWD_CONFIG": list(ops.FUSED_BWD_CONFIG)}
     save()
     _try("breakdown", breakdown, results, save)
     table(results, save, args.quick, args.dv)
