@@ -1028,6 +1028,7 @@ def test_small_heads_packed_documents(dtype, tol):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_last
 @pytest.mark.parametrize("forward, backward, step", [(True, False, None), (True, True, None), (True, True, 64)],
                          ids=["forward", "both", "both-step-64"])
 def test_fused_kernels_bf16(monkeypatch, forward, backward, step):
