@@ -645,6 +645,19 @@ def test_fused_kernels_match_fp64(monkeypatch, F, DV, varlen, forward, backward)
     torch.library.opcheck(ops.taylor_attention_fwd, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_fused_kernels_fp16(monkeypatch):
+    """fp16 inputs (the state and its products in fp32, as the two passes keep them for fp16): the fused kernels'
+    output, final state and gradients against fp64 at least as close as the two passes'."""
+    q, k, v, h0 = make(1, 70, 2, 16, 32, dtype=torch.float16, state=True)
+    want = oracle(q, k, v, h0)
+    two = run_with_grads(triton_fn, q, k, v, h0)
+    fused(monkeypatch)
+    one = run_with_grads(triton_fn, q, k, v, h0)
+    check_all(one, want, 1e-3)
+    for a, b, ref in zip([one[0], *one[1], *one[2]], [two[0], *two[1], *two[2]], [want[0], *want[1], *want[2]]):
+        assert rel(a, ref) <= 1.1 * rel(b, ref) + 1e-6, (rel(a, ref), rel(b, ref))
+
+
 def test_fused_kernels_under_torch_compile(monkeypatch):
     """With the fused kernels on, torch.compile (fullgraph) traces the op as before (its fake implementation decides
     the kept states as the op does) and gives the eager loss and gradients."""
