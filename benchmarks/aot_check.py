@@ -7,16 +7,14 @@ GPU run.
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from based_kernels.taylor_attention import chunk, ops, recurrent
-# the sweep's configurations (this folder is on the path when run as a script)
+# this folder is on the path when run as a script: ptxas's report, the sweep's configurations
+from aot_check_conv import ptxas_report
 from taylor_attention import CANDIDATES, FUSED_BWD_CANDIDATES, FUSED_CANDIDATES
 
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -43,15 +41,7 @@ def compile_kernel(fn, dtype, consts, nw, ns):
             sig[n] = "i32"
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": nw, "num_stages": ns})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
-        fh.write(k.asm["ptx"])
-        fh.flush()
-        ptxas = triton.backends.nvidia.compiler.get_ptxas(90).path
-        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", "/dev/null"], capture_output=True,
-                             text=True).stderr
-    regs = re.search(r"Used (\d+) registers", out)
-    spill = re.search(r"(\d+) bytes spill stores", out)
-    return int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None, k.metadata.shared
+    return (*ptxas_report(k.asm["ptx"]), k.metadata.shared)
 
 
 def report(label, fn, dtype, consts, nw, ns):
