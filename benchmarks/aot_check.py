@@ -96,24 +96,23 @@ def main():
                 label = f"{name}{part}" if part else (f"{name} rows {BQ}" if BQ else name)
                 report(f"BT {BT:3d} {label:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}", fn, args.dtype, c, nw,
                        ns)
-    # the fused forward (ops.FUSED_FORWARD) as ops launches it, plain, with and without keeping the chunk states
+    # the fused forward (ops.FUSED_FORWARD) as ops launches it (its tiles: ops.fused_tiles), plain, with and without
+    # keeping the chunk states
     prec = "ieee" if args.dtype == "fp32" else "tf32"
-    for (BC, BV, nw, ns), keep in [(c, keep) for c in FUSED_CANDIDATES for keep in (False, True)] \
-            if "fused" in args.passes else ():
-        BL = ops.low_rows_tile(F)
-        c = dict(F=F, DV=DV, BK=BK, BT=ops.CHUNK, BC=BC, BL=BL, BR=max(32, triton.next_power_of_2(D - BL)),
-                 BV=min(BV, DV), IS_VARLEN=False, USE_H0=False, STORE_HT=False, KEEP=keep, HI_INTRA=ops.HI_INTRA,
-                 PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3", CONFINE=False)
-        label = f"fused BC {BC:3d} BV {min(BV, DV):3d} warps {nw} stages {ns}{' keep' if keep else ''}"
+    for cfg, keep in [(c, keep) for c in FUSED_CANDIDATES for keep in (False, True)] if "fused" in args.passes else ():
+        _, BT, BC, BL, BR, BV, nw, ns = ops.fused_tiles(F, DV, prec, cfg)
+        c = dict(F=F, DV=DV, BK=BK, BT=BT, BC=BC, BL=BL, BR=BR, BV=BV, IS_VARLEN=False, USE_H0=False, STORE_HT=False,
+                 KEEP=keep, HI_INTRA=ops.HI_INTRA, PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
+                 CONFINE=False)
+        label = f"fused BC {BC:3d} BV {BV:3d} warps {nw} stages {ns}{' keep' if keep else ''}"
         report(label, chunk.taylor_fused_forward_kernel, args.dtype, c, nw, ns)
     # the fused backward's two walks (ops.FUSED_BACKWARD)
-    for BC, BV, nw, ns in FUSED_BWD_CANDIDATES if "fused" in args.passes else ():
-        BL = ops.low_rows_tile(F)
-        c = dict(F=F, DV=DV, BK=BK, BC=BC, BL=BL, BR=max(32, triton.next_power_of_2(D - BL)), BV=min(BV, DV),
-                 IS_VARLEN=False, HI=ops.HI_BWD, PREC=prec)
+    for cfg in FUSED_BWD_CANDIDATES if "fused" in args.passes else ():
+        _, _, BC, BL, BR, BV, nw, ns = ops.fused_tiles(F, DV, prec, cfg)
+        c = dict(F=F, DV=DV, BK=BK, BC=BC, BL=BL, BR=BR, BV=BV, IS_VARLEN=False, HI=ops.HI_BWD, PREC=prec)
         for name, fn, extra in (("dq", chunk.taylor_fused_dq_kernel, dict(USE_H0=False)),
                                 ("dk dv", chunk.taylor_fused_dkdv_kernel, dict(USE_HT=False, STORE_H0=False))):
-            label = f"fused {name} BC {BC:3d} BV {min(BV, DV):3d} warps {nw} stages {ns}"
+            label = f"fused {name} BC {BC:3d} BV {BV:3d} warps {nw} stages {ns}"
             report(label, fn, args.dtype, dict(c, **extra), nw, ns)
     # the decode kernel as ops launches it (8 warps): out of place (one value block per program, with and without
     # a state) and in place (every value block in one program)
