@@ -569,9 +569,8 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     DV = v.shape[-1]
     dy = lastdim_contiguous(dy)
     prec = dot_precision(q.dtype)
-    BK, BT, BF, BV, NF, nw, ns = _cfg("grad", F, DV, prec)
-    NV = triton.cdiv(DV, BV)
-    n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
+    if cu_seqlens is not None:  # before any work (free for the tensor the forward checked)
+        check_cu_seqlens(cu_seqlens, T, B)
 
     dd = torch.empty_like(den)
     BTP = 64
@@ -584,6 +583,9 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     if FUSED_BACKWARD is not False and fused_backward(F, _fused_programs(q, v, cu_seqlens, prec, FUSED_BWD_CONFIG),
                                                       prec, q.device):
         return _fused_bwd(q, k, v, dy, den, dd, dhts, dhtz, h0s, h0z, cu_seqlens, prec)
+    BK, BT, BF, BV, NF, nw, ns = _cfg("grad", F, DV, prec)
+    NV = triton.cdiv(DV, BV)
+    n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
     if hc is None or (hc.shape[0] == 0 and n_chunks):  # not kept by the forward (or not for a fused backward)
         hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False,
                                       prec=prec)
@@ -632,7 +634,7 @@ def _fused_bwd(q, k, v, dy, den, dd, dhts, dhtz, h0s, h0z, cu_seqlens, prec):
     dh0z = q.new_empty(N, H, D, **f32) if h0s is not None else q.new_empty(0, **f32)
     if N * H:
         grid = (N * H, NV)
-        # cu_seqlens was checked by _bwd (_chunks); the walks use no chunk table (chunk_offsets: a placeholder)
+        # cu_seqlens was checked by _bwd; the walks use no chunk table (chunk_offsets: a placeholder)
         cu = cu_seqlens if cu_seqlens is not None else den
         where = (cu, cu,
                  feature_table(F, q.device), *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1),
