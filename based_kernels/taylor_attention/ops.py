@@ -386,9 +386,10 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _chunks(B: int, T: int, cu_seqlens: Optional[torch.Tensor], BT: int):
+def _chunks(B: int, T: int, cu_seqlens: Optional[torch.Tensor], BT: int, with_meta: bool = True):
     """(number of chunks, chunks per row NC, chunk_offsets, chunk_meta). Varlen: one host sync (checking
-    cu_seqlens) for the table of (document, first token) per chunk; documents never share a chunk."""
+    cu_seqlens) for the table of (document, first token) per chunk (None without ``with_meta``: the fused kernels
+    walk whole documents); documents never share a chunk."""
     if cu_seqlens is None:
         NC = triton.cdiv(T, BT)
         return B * NC, NC, None, None
@@ -398,10 +399,11 @@ def _chunks(B: int, T: int, cu_seqlens: Optional[torch.Tensor], BT: int):
     meta = []
     for n, (b, c) in enumerate(zip(cu[:-1], counts)):
         offsets.append(offsets[-1] + c)
-        meta += [x for i in range(c) for x in (n, b + i * BT)]
+        if with_meta:
+            meta += [x for i in range(c) for x in (n, b + i * BT)]
     dev = cu_seqlens.device
     return (offsets[-1], 0, torch.tensor(offsets, dtype=torch.int32, device=dev),
-            torch.tensor(meta or [0, 0], dtype=torch.int32, device=dev))
+            torch.tensor(meta or [0, 0], dtype=torch.int32, device=dev) if with_meta else None)
 
 
 def _s3(t: torch.Tensor):
@@ -507,7 +509,7 @@ def _fused_fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_stat
     DV = v.shape[-1]
     D = feature_dim(F)
     BK, BT, BC, BL, BR, BV, nw, ns = fused_tiles(F, DV, prec)
-    n_chunks, NC, offsets, _ = _chunks(B, T, cu_seqlens, BT)
+    n_chunks, NC, offsets, _ = _chunks(B, T, cu_seqlens, BT, with_meta=False)
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
     f32 = dict(dtype=torch.float32)
     sdt = _state_dtype(q.dtype)
