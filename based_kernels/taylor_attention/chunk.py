@@ -454,6 +454,16 @@ def _program(cu_seqlens, chunk_offsets, T, H, NC, F: tl.constexpr, DV: tl.conste
 
 
 @triton.jit
+def _o_from_state(b_q, b_s, b_z, feat, r0, F: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, DT: tl.constexpr,
+                  PREC: tl.constexpr):
+    """The output's numerator and normaliser terms from one tile of the state before the step (rows r0..r0+BF-1):
+    ``phi(q) S`` on ``DT`` operands in ``PREC``, and ``phi(q) . z`` (fp32)."""
+    _, _, a, b, c = _feature_rows_from(feat, r0, F, BF)
+    b_p = _phi(b_q, a, b, c, BK)
+    return tl.dot(b_p.to(DT), b_s.to(DT), input_precision=PREC), tl.sum(b_p * b_z[None, :], 1)
+
+
+@triton.jit
 def _dq_from_state(b_q, b_do, b_dd, b_s, b_z, feat, r0, F: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
                    SDT: tl.constexpr, PREC: tl.constexpr):
     """dq's term from one tile of the state before the step (rows r0..r0+BF-1): the Jacobian of
@@ -528,14 +538,12 @@ def taylor_fused_forward_kernel(
         else:
             b_num = _mm(b_A, b_v, b_v, HI_INTRA, PREC)
         b_den = tl.sum(b_A, 1)
-        _, _, a, b, c = _feature_rows_from(feat, 0, F, BL)
-        b_p = _phi(b_q, a, b, c, BK)
-        b_num += tl.dot(b_p, b_sl, input_precision=LOW_PREC)
-        b_den += tl.sum(b_p * b_zl[None, :], 1)
-        _, _, a, b, c = _feature_rows_from(feat, BL, F, BR)
-        b_p = _phi(b_q, a, b, c, BK)
-        b_num += tl.dot(b_p.to(SDT), b_sr.to(SDT), input_precision=PREC)
-        b_den += tl.sum(b_p * b_zr[None, :], 1)
+        b_on, b_od = _o_from_state(b_q, b_sl, b_zl, feat, 0, F, BK, BL, tl.float32, LOW_PREC)
+        b_num += b_on
+        b_den += b_od
+        b_on, b_od = _o_from_state(b_q, b_sr, b_zr, feat, BL, F, BK, BR, SDT, PREC)
+        b_num += b_on
+        b_den += b_od
         b_o = b_num / (b_den + eps)[:, None]
         tl.store(o + i_b * s_ob + i_h * s_oh + o_tt[:, None] * s_ot + o_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=m_tv)
