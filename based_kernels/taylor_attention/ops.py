@@ -218,9 +218,9 @@ def output_query_rows(BT: int, n_chunks: int = 1) -> int:
 
 
 def low_rows_tile(F: int) -> int:
-    """The output pass's tile of the constant and linear feature rows (``BL``: f + 1 of them), at least 32: at 16
-    (f <= 15) its feature products are [chunk, 16] x [16, 16] (wgmma m64n16k16), and compute-sanitizer saw that
-    kernel read shared memory out of bounds on an H100 (f 8, d_v 32, packed documents; README)."""
+    """The output pass's (and the fused kernels') tile of the constant and linear feature rows (``BL``: f + 1 of
+    them), at least 32: no [chunk, 16] x [16, 16] products (wgmma m64n16k16) at f <= 15. Suspected, and found not
+    to be, the cause of the output pass's out-of-bounds read at f 8, d_v 32 (OUTPUT_NARROW_WARPS; README)."""
     return max(32, next_pow2(F + 1))
 
 
@@ -232,9 +232,10 @@ def low_rows_tile(F: int) -> int:
 # state's gradient (chunk.taylor_fused_dkdv_kernel); the forward then keeps no chunk states. True: wherever f <=
 # MAX_F_FUSED (the state tiles live in registers: [32 + 128, BV] fp32 at f 16); None: there, for non-IEEE products
 # (fp32 inputs at torch's "highest" / "high": IEEE products unroll into FMAs) and at least FUSED_MIN_PROGRAMS_PER_SM
-# programs per SM; False: never. Off: the two passes are the timed default (`benchmarks/taylor_config_check.py
-# --fused` times both). FUSED_CONFIG / FUSED_BWD_CONFIG: (BC tokens per step, BV, num_warps, num_stages); the
-# forward's step divides the chunk (CHUNK) at which the kept states are stored.
+# programs per SM; False: never. Off: slower than the two passes at every shape timed on an H100 (each step's
+# dependent chain sets the walk's time: docs/benchmarks.md; `benchmarks/taylor_config_check.py --fused` times both).
+# FUSED_CONFIG / FUSED_BWD_CONFIG: (BC tokens per step, BV, num_warps, num_stages); the forward's step divides the
+# chunk (CHUNK) at which the kept states are stored.
 FUSED_FORWARD: Optional[bool] = False
 FUSED_BACKWARD: Optional[bool] = False
 FUSED_CONFIG = (32, 64, 8, 2)
@@ -308,6 +309,12 @@ def grad_warps(chunk: int, num_warps: int, split: Optional[bool] = None) -> int:
     return min(num_warps, GRAD_WARPS_SMALL_CHUNK) if chunk < 128 and not split else num_warps
 
 
+# The output pass's warps at value blocks of 32 columns or fewer: at 8 warps, f 8, d_v 32 with HI_INTRA (the intra-chunk
+# A @ v on tf32 operands) it read shared memory out of bounds on an H100 (compute-sanitizer; packed documents with the
+# final state); at 4 warps, or HI_INTRA off, or 32-row feature blocks, memcheck is clean.
+OUTPUT_NARROW_WARPS = 4
+
+
 def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
     BF, BV, nw, ns = CONFIG[name]
     BT = CHUNK
@@ -319,6 +326,8 @@ def _cfg(name: str, F: int, DV: int, prec: str = "tf32"):
     BV = min(BV, max(16, triton.next_power_of_2(DV)))
     if name == "grad":
         nw = grad_warps(BT, nw, grad_split(BV))
+    elif name == "output" and BV <= 32:  # see OUTPUT_NARROW_WARPS
+        nw = min(nw, OUTPUT_NARROW_WARPS)
     D = feature_dim(F)
     return BK, BT, BF, BV, triton.cdiv(D, BF), nw, ns
 

@@ -241,6 +241,23 @@ def test_gradient_warps_below_chunk_128(monkeypatch):
     assert ops.grad_warps(64, 8) == 8
 
 
+def test_output_pass_warps_at_narrow_value_blocks(monkeypatch):
+    """The output pass at 8 warps read shared memory out of bounds at f 8, d_v 32 on an H100 (README): at value
+    blocks of 32 columns or fewer the library launches it at ops.OUTPUT_NARROW_WARPS (4) warps at most; wider
+    blocks, and the other passes, at the configured warps."""
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setitem(ops.CONFIG, "output", (64, 64, 8, 2))
+    assert ops.OUTPUT_NARROW_WARPS == 4
+    assert [ops._cfg("output", f, dv)[5] for f, dv in ((8, 32), (8, 16), (16, 32), (8, 64), (16, 128))] == [
+        4, 4, 4, 8, 8]
+    monkeypatch.setitem(ops.CONFIG, "output", (64, 32, 8, 2))  # 32-column blocks at any d_v
+    assert ops._cfg("output", 16, 128)[3:6:2] == (32, 4)
+    monkeypatch.setitem(ops.CONFIG, "output", (64, 64, 2, 2))  # fewer warps than the cap: as configured
+    assert ops._cfg("output", 8, 32)[5] == 2
+    monkeypatch.setitem(ops.CONFIG, "state", (64, 32, 8, 1))
+    assert ops._cfg("state", 8, 32)[5] == 8
+
+
 def test_split_gradient_pass_only_at_verified_value_blocks(monkeypatch):
     """ops.GRAD_SPLIT on a GPU: split at value blocks of 64 columns or more; below (d_v <= 32, or BV 32 tiles, where
     the split dk / dv are wrong on an H100) the one-kernel pass, at its warps (chunk 64: at most 4). The
@@ -1019,11 +1036,12 @@ print("memcheck script done")
 
 @pytest.mark.gpu
 def test_kernels_under_memcheck():
-    """The output pass read shared memory out of bounds at f 8, d_v 32 with packed documents and the final state on
-    an H100 (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in taylor_chunk_output_kernel; without
-    memcheck an illegal memory access in some runs, in the fp32-residual decode test's prefill). The Taylor passes at
-    that shape and its neighbours, and the fused kernels (ops.FUSED_FORWARD, FUSED_BACKWARD), in a subprocess under
-    memcheck: no error. Skips without compute-sanitizer."""
+    """The output pass at 8 warps read shared memory out of bounds at f 8, d_v 32 with packed documents and the final
+    state on an H100 (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in taylor_chunk_output_kernel;
+    without memcheck an illegal memory access in some runs, in the fp32-residual decode test's prefill; the library
+    runs it at 4 warps there, ops.OUTPUT_NARROW_WARPS). The Taylor passes at that shape and its neighbours, and the
+    fused kernels (ops.FUSED_FORWARD, FUSED_BACKWARD), in a subprocess under memcheck: no error. Skips without
+    compute-sanitizer."""
     assert_memcheck_clean(_MEMCHECK_SCRIPT)
 
 
@@ -1041,7 +1059,6 @@ def test_small_heads_packed_documents(dtype, tol):
 
 
 @pytest.mark.gpu
-@pytest.mark.gpu_last
 @pytest.mark.parametrize("forward, backward, step", [(True, False, None), (True, True, None), (True, True, 64)],
                          ids=["forward", "both", "both-step-64"])
 def test_fused_kernels_bf16(monkeypatch, forward, backward, step):

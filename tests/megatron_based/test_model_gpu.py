@@ -40,7 +40,7 @@ def _loss_and_grads(model, ids, backend):
 
 @pytest.mark.parametrize("dtype, tol, T, fused",
                          [(torch.float32, 2e-3, 1000, False), (torch.bfloat16, 3e-2, 4096, False),
-                          pytest.param(torch.bfloat16, 3e-2, 4096, True, marks=pytest.mark.gpu_last)],
+                          (torch.bfloat16, 3e-2, 4096, True)],
                          ids=["fp32", "bf16", "bf16-fused"])
 def test_model_with_kernels_equals_torch_path(dtype, tol, T, fused, monkeypatch):
     """``fused``: the Taylor layers through the fused kernels (ops.FUSED_FORWARD, FUSED_BACKWARD)."""
