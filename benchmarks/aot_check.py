@@ -2,7 +2,7 @@
 ptxas) and report registers, spills and shared memory per configuration: catches compile errors and spills before a
 GPU run.
 
-    python benchmarks/aot_check.py [--dtype bf16] [--dv 64] [--passes output fused] [--query-rows 0 32 64]
+    python benchmarks/aot_check.py [--dtype bf16] [--dv 64] [--passes output] [--query-rows 0 32 64]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from triton.compiler import ASTSource
 from based_kernels.taylor_attention import chunk, ops, recurrent
 # this folder is on the path when run as a script: ptxas's report, the sweep's configurations
 from aot_check_conv import ptxas_report
-from taylor_attention import CANDIDATES, FUSED_BWD_CANDIDATES, FUSED_CANDIDATES
+from taylor_attention import CANDIDATES
 
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -23,10 +23,10 @@ PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 def compile_kernel(fn, dtype, consts, nw, ns):
     p, f32p, s_dt = PTR[dtype], "*fp32", PTR["bf16" if dtype == "bf16" else "fp32"]
     typed = {"den": f32p, "dd": f32p, "col": f32p, "h0s": f32p, "h0z": f32p, "zc": f32p, "hts": f32p,
-             "htz": f32p, "dhts": f32p, "dhtz": f32p, "dh0s": f32p, "dh0z": f32p, "dzc": f32p, "hl": f32p, "hc": s_dt,
-             "dhc": s_dt, "cu_seqlens": "*i32", "chunk_offsets": "*i32", "chunk_meta": "*i32", "scale": "fp32",
-             "eps": "fp32", "s_in": f32p, "z_in": f32p, "s_out": f32p, "z_out": f32p, "s": f32p, "z": f32p, "kb": p,
-             "vb": p, "cnt": "*i32", "sq": "*bf16", "bad": "*i32", "feat": "*i32"}
+             "htz": f32p, "dzc": f32p, "hl": f32p, "hc": s_dt, "dhc": s_dt, "cu_seqlens": "*i32",
+             "chunk_offsets": "*i32", "chunk_meta": "*i32", "scale": "fp32", "eps": "fp32", "s_in": f32p, "z_in": f32p,
+             "s_out": f32p, "z_out": f32p, "s": f32p, "z": f32p, "kb": p, "vb": p, "cnt": "*i32", "sq": "*bf16",
+             "bad": "*i32", "feat": "*i32"}
     sig = {}
     for n in fn.arg_names:
         if n in consts:
@@ -58,8 +58,8 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--dv", type=int, default=64)
     ap.add_argument("--f", type=int, default=16)
-    ap.add_argument("--passes", nargs="+", default=["state", "output", "grad", "fused", "decode"],
-                    choices=["state", "output", "grad", "fused", "decode"])
+    ap.add_argument("--passes", nargs="+", default=["state", "output", "grad", "decode"],
+                    choices=["state", "output", "grad", "decode"])
     ap.add_argument("--query-rows", type=int, nargs="+", default=[0],
                     help="the output pass's query rows per program (ops.OUTPUT_QUERY_ROWS; 0: the whole chunk)")
     args = ap.parse_args()
@@ -96,24 +96,6 @@ def main():
                 label = f"{name}{part}" if part else (f"{name} rows {BQ}" if BQ else name)
                 report(f"BT {BT:3d} {label:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}", fn, args.dtype, c, nw,
                        ns)
-    # the fused forward (ops.FUSED_FORWARD) as ops launches it (its tiles: ops.fused_tiles), plain, with and without
-    # keeping the chunk states
-    prec = "ieee" if args.dtype == "fp32" else "tf32"
-    for cfg, keep in [(c, keep) for c in FUSED_CANDIDATES for keep in (False, True)] if "fused" in args.passes else ():
-        _, BT, BC, BL, BR, BV, nw, ns = ops.fused_tiles(F, DV, prec, cfg)
-        c = dict(F=F, DV=DV, BK=BK, BT=BT, BC=BC, BL=BL, BR=BR, BV=BV, IS_VARLEN=False, USE_H0=False, STORE_HT=False,
-                 KEEP=keep, HI_INTRA=ops.HI_INTRA, PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
-                 CONFINE=False)
-        label = f"fused BC {BC:3d} BV {BV:3d} warps {nw} stages {ns}{' keep' if keep else ''}"
-        report(label, chunk.taylor_fused_forward_kernel, args.dtype, c, nw, ns)
-    # the fused backward's two walks (ops.FUSED_BACKWARD)
-    for cfg in FUSED_BWD_CANDIDATES if "fused" in args.passes else ():
-        _, _, BC, BL, BR, BV, nw, ns = ops.fused_tiles(F, DV, prec, cfg)
-        c = dict(F=F, DV=DV, BK=BK, BC=BC, BL=BL, BR=BR, BV=BV, IS_VARLEN=False, HI=ops.HI_BWD, PREC=prec)
-        for name, fn, extra in (("dq", chunk.taylor_fused_dq_kernel, dict(USE_H0=False)),
-                                ("dk dv", chunk.taylor_fused_dkdv_kernel, dict(USE_HT=False, STORE_H0=False))):
-            label = f"fused {name} BC {BC:3d} BV {BV:3d} warps {nw} stages {ns}"
-            report(label, fn, args.dtype, dict(c, **extra), nw, ns)
     # the decode kernel as ops launches it (8 warps): out of place (one value block per program, with and without
     # a state) and in place (every value block in one program)
     BV, BV_IN = min(64, max(16, triton.next_power_of_2(DV))), min(32, max(16, triton.next_power_of_2(DV)))

@@ -38,10 +38,6 @@ CANDIDATES = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64
               "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
               "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 8, 1),
                        (32, 32, 4, 1)]}
-# the fused kernels' tiles (ops.FUSED_CONFIG, ops.FUSED_BWD_CONFIG: step tokens, BV, num_warps, num_stages; the
-# shipped value first)
-FUSED_CANDIDATES = [(32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 8, 1), (64, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)]
-FUSED_BWD_CANDIDATES = [(16, 64, 8, 2), (16, 64, 8, 1), (32, 64, 8, 2), (32, 64, 8, 1)]
 # ops.STATE_GROUP_PROGRAMS_PER_SM candidates (the state passes' two-level walk; the shipped value first)
 STATE_GROUPS = [4, 0, 2, 8]
 
@@ -337,12 +333,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="T 2k-8k and 32k only")
     ap.add_argument("--dv", type=int, nargs="+", default=DVS)
-    ap.add_argument("--fused", choices=("off", "on", "auto"),
-                    help="ops.FUSED_FORWARD and FUSED_BACKWARD for every run: False, True or None (the rule); "
-                         "default: the library's")
     args = ap.parse_args()
-    if args.fused:
-        ops.FUSED_FORWARD = ops.FUSED_BACKWARD = {"off": False, "on": True, "auto": None}[args.fused]
     try:
         import fla
         fla_version = getattr(fla, "__version__", "?")
@@ -371,9 +362,7 @@ def main():
     results["config"] = {"CHUNK": ops.CHUNK, "CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
                          "GRAD_SPLIT": ops.GRAD_SPLIT, "KEEP_STATES": ops.KEEP_STATES,
                          "STATE_GROUP_PROGRAMS_PER_SM": ops.STATE_GROUP_PROGRAMS_PER_SM, "HI_INTRA": ops.HI_INTRA,
-                         "HI_BWD": ops.HI_BWD, "OUTPUT_QUERY_ROWS": ops.OUTPUT_QUERY_ROWS,
-                         "FUSED_FORWARD": ops.FUSED_FORWARD, "FUSED_BACKWARD": ops.FUSED_BACKWARD,
-                         "FUSED_CONFIG": list(ops.FUSED_CONFIG), "FUSED_BWD_CONFIG": list(ops.FUSED_BWD_CONFIG)}
+                         "HI_BWD": ops.HI_BWD, "OUTPUT_QUERY_ROWS": ops.OUTPUT_QUERY_ROWS}
     save()
     _try("breakdown", breakdown, results, save)
     table(results, save, args.quick, args.dv)

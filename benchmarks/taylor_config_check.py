@@ -3,8 +3,7 @@ context, so each candidate of ``taylor_attention.py --sweep`` is checked here fi
 T 2048 (H 16, f 16, d_v 64, bf16) against the fp64 chunked reference, then at the sweep's shape (B 8, T 4096).
 
     python benchmarks/taylor_config_check.py --chunk 64 --grad 64 64 8 1 [--output 64 64 8 2] [--query-rows 32]
-        [--split] [--no-keep] [--hi-intra 0] [--fused 32 64 8 2] [--fused-bwd 16 64 8 2] [--time [16,2048,64 ...]]
-        [--kernels]
+        [--split] [--no-keep] [--hi-intra 0] [--time [16,2048,64 ...]] [--kernels]
 
 Prints one line: the configuration, then OK with the relative errors, or FAILED with the error."""
 from __future__ import annotations
@@ -31,10 +30,6 @@ def main() -> int:
     ap.add_argument("--no-keep", action="store_true", help="ops.KEEP_STATES off")
     ap.add_argument("--hi-intra", type=int, choices=(0, 1), default=int(ops.HI_INTRA),
                     help="ops.HI_INTRA: the forward's intra-chunk A @ v on fp32 (tf32) operands (1) or bf16 (0)")
-    ap.add_argument("--fused", type=int, nargs=4, metavar=("BC", "BV", "W", "S"),
-                    help="ops.FUSED_FORWARD on, at these tiles (ops.FUSED_CONFIG: step tokens, BV, warps, stages)")
-    ap.add_argument("--fused-bwd", type=int, nargs=4, metavar=("BC", "BV", "W", "S"),
-                    help="ops.FUSED_BACKWARD on, at these tiles (ops.FUSED_BWD_CONFIG)")
     ap.add_argument("--time", nargs="*", metavar="B,T,DV",
                     help="also time forward + backward and forward (median ms) at B 8, T 4096 and these shapes")
     ap.add_argument("--kernels", action="store_true",
@@ -43,18 +38,12 @@ def main() -> int:
     ops.CHUNK, ops.CONFIG["grad"], ops.GRAD_SPLIT, ops.KEEP_STATES = a.chunk, tuple(a.grad), a.split, not a.no_keep
     ops.HI_INTRA = bool(a.hi_intra)
     ops.CONFIG["output"], ops.OUTPUT_QUERY_ROWS = tuple(a.output), a.query_rows or None
-    if a.fused:
-        ops.FUSED_FORWARD, ops.FUSED_CONFIG = True, tuple(a.fused)
-    if a.fused_bwd:
-        ops.FUSED_BACKWARD, ops.FUSED_BWD_CONFIG = True, tuple(a.fused_bwd)
     # the warps given, also where the library caps them (ops.grad_warps: below chunk 128), to re-check that crash
     ops.GRAD_WARPS_SMALL_CHUNK = max(ops.GRAD_WARPS_SMALL_CHUNK, a.grad[2])
     # split at the value block given, also where the library runs it unsplit (ops.grad_split), to re-check it
     ops.GRAD_SPLIT_MIN_BV = min(ops.GRAD_SPLIT_MIN_BV, a.grad[1])
     label = (f"chunk {a.chunk} output {tuple(a.output)} rows {ops.OUTPUT_QUERY_ROWS} grad {tuple(a.grad)} split"
-             f" {a.split} keep {not a.no_keep} hi_intra {ops.HI_INTRA}"
-             + (f" fused {tuple(a.fused)}" if a.fused else "")
-             + (f" fused bwd {tuple(a.fused_bwd)}" if a.fused_bwd else ""))
+             f" {a.split} keep {not a.no_keep} hi_intra {ops.HI_INTRA}")
     try:
         errs = [errors_vs_fp64(2, 2048, 64)[0][key] for key in ("y", "dq", "dk", "dv")]
         q, k, v = inputs(8, 4096, 64, seed=2, grad=True)

@@ -8,9 +8,8 @@ opaque nodes. Inputs may be strided views (only the last dim must be contiguous)
 
 Chunk-parallel form (chunk.py): forward = state pass (per-chunk states, sequential over chunks, parallel over
 feature blocks x value blocks x sequences x heads, and over runs of chunks at few sequences x heads: state_groups) +
-output pass (parallel over chunks), or both in one kernel (``FUSED_FORWARD``); backward = dd prep + the forward's
-per-chunk states (kept while ``KEEP_STATES``; else a second state pass recomputes them) + reverse state-gradient pass
-+ gradient pass (parallel over chunks).
+output pass (parallel over chunks); backward = dd prep + the forward's per-chunk states (kept while ``KEEP_STATES``;
+else a second state pass recomputes them) + reverse state-gradient pass + gradient pass (parallel over chunks).
 The per-chunk states are kept in bf16 for bf16 inputs (the precision at which they enter the tensor-core
 products anyway) and in fp32 otherwise; the normaliser states, the initial/final states and every
 accumulation are fp32. fp32 inputs: the products follow ``torch.get_float32_matmul_precision()`` at call time
@@ -27,7 +26,7 @@ from .. import _common
 from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, confine_flags, dot_precision,
                        lastdim_contiguous, launch_confined, next_pow2, resolve_backend)
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
-                    taylor_fused_dkdv_kernel, taylor_fused_dq_kernel, taylor_fused_forward_kernel, taylor_prep_kernel)
+                    taylor_prep_kernel)
 from .recurrent import taylor_step_buffered_kernel, taylor_step_kernel
 from .reference import (feature_dim, taylor_attention_chunked, taylor_attention_step,
                         taylor_attention_step_buffered)
@@ -134,9 +133,6 @@ def _check_buffer(q, v, buffer):
 # Triton's own launch path costs ~0.1 ms of Python per launch of these many-argument kernels (see _common.py)
 _state_kernel = Launcher(taylor_chunk_state_kernel)
 _output_kernel = Launcher(taylor_chunk_output_kernel)
-_fused_kernel = Launcher(taylor_fused_forward_kernel)
-_fused_dq_kernel = Launcher(taylor_fused_dq_kernel)
-_fused_dkdv_kernel = Launcher(taylor_fused_dkdv_kernel)
 _grad_kernel = Launcher(taylor_chunk_grad_kernel)
 _prep_kernel = Launcher(taylor_prep_kernel)
 _step_kernel = Launcher(taylor_step_kernel)
@@ -218,67 +214,11 @@ def output_query_rows(BT: int, n_chunks: int = 1) -> int:
 
 
 def low_rows_tile(F: int) -> int:
-    """The output pass's (and the fused kernels') tile of the constant and linear feature rows (``BL``: f + 1 of
-    them), at least 32: no [chunk, 16] x [16, 16] products (wgmma m64n16k16) at f <= 15. Suspected, and found not
-    to be, the cause of the output pass's out-of-bounds read at f 8, d_v 32 (OUTPUT_NARROW_WARPS; README)."""
+    """The output pass's tile of the constant and linear feature rows (``BL``: f + 1 of them), at least 32: no
+    [chunk, 16] x [16, 16] products (wgmma m64n16k16) at f <= 15. Suspected, and found not to be, the cause of the
+    output pass's out-of-bounds read at f 8, d_v 32 (OUTPUT_NARROW_WARPS; README)."""
     return max(32, next_pow2(F + 1))
 
-
-# The forward in one kernel (chunk.taylor_fused_forward_kernel) instead of the state pass and the output pass: one
-# program per sequence x head and value block walks its tokens with its state on chip, so the per-chunk states make
-# no round trip through memory (written once, and only when the backward keeps them), at the price of one sequential
-# walk per program. The backward likewise (FUSED_BACKWARD) in two walks instead of the chunk states, the d-state pass
-# and the gradient pass: dq forward with the state (chunk.taylor_fused_dq_kernel), dk and dv backward with the
-# state's gradient (chunk.taylor_fused_dkdv_kernel); the forward then keeps no chunk states. True: wherever f <=
-# MAX_F_FUSED (the state tiles live in registers: [32 + 128, BV] fp32 at f 16); None: there, for non-IEEE products
-# (fp32 inputs at torch's "highest" / "high": IEEE products unroll into FMAs) and at least FUSED_MIN_PROGRAMS_PER_SM
-# programs per SM; False: never. Off: slower than the two passes at every shape timed on an H100 (each step's
-# dependent chain sets the walk's time: docs/benchmarks.md; `benchmarks/taylor_config_check.py --fused` times both).
-# FUSED_CONFIG / FUSED_BWD_CONFIG: (BC tokens per step, BV, num_warps, num_stages); the forward's step divides the
-# chunk (CHUNK) at which the kept states are stored.
-FUSED_FORWARD: Optional[bool] = False
-FUSED_BACKWARD: Optional[bool] = False
-FUSED_CONFIG = (32, 64, 8, 2)
-FUSED_BWD_CONFIG = (16, 64, 8, 2)
-MAX_F_FUSED = 16
-FUSED_MIN_PROGRAMS_PER_SM = 1
-
-
-def _fused(setting: Optional[bool], F: int, programs: int, prec: str, device: torch.device) -> bool:
-    if setting is False or F > MAX_F_FUSED:
-        return False
-    return setting or (prec != "ieee" and programs >= FUSED_MIN_PROGRAMS_PER_SM * _num_sms(device))
-
-
-def fused_forward(F: int, programs: int, prec: str, device: torch.device) -> bool:
-    """Whether the forward of ``programs`` (sequences x heads x value blocks) runs as one kernel (rule above)."""
-    return _fused(FUSED_FORWARD, F, programs, prec, device)
-
-
-def fused_backward(F: int, programs: int, prec: str, device: torch.device) -> bool:
-    """Whether the backward of ``programs`` runs as the two fused walks (rule above)."""
-    return _fused(FUSED_BACKWARD, F, programs, prec, device)
-
-
-def fused_tiles(F: int, DV: int, prec: str, config: Optional[tuple] = None):
-    """The fused kernels' (BK, BT chunk of the kept states, BC step, BL, BR rows of the two state tiles, BV, num_warps,
-    num_stages) at ``config`` (default FUSED_CONFIG): the low tile as the output pass's (``low_rows_tile``), the other
-    the rest of the map's rows, at least 32 for the same reason."""
-    BK, BT, _, BV, _, _, _ = _cfg("output", F, DV, prec)
-    BC, BV_fused, nw, ns = config or FUSED_CONFIG
-    if BC < 16 or BC & (BC - 1) or BV_fused < 16 or BV_fused & (BV_fused - 1):
-        raise ValueError(f"ops.FUSED_CONFIG / FUSED_BWD_CONFIG: the step (tokens) and BV must be powers of two >= 16 "
-                         f"(tl.dot's smallest tile); got {config or FUSED_CONFIG}")
-    if not INTERPRET and prec != "ieee":
-        BV = min(BV_fused, max(16, triton.next_power_of_2(DV)))
-    BL = low_rows_tile(F)
-    return BK, BT, min(BC, BT), BL, max(32, next_pow2(feature_dim(F) - BL)), BV, nw, ns
-
-
-def _fused_programs(q, v, cu_seqlens, prec, config=None) -> int:
-    """Programs of a fused kernel: sequences (documents) x heads x value blocks."""
-    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
-    return N * q.shape[2] * cdiv(v.shape[-1], fused_tiles(q.shape[-1], v.shape[-1], prec, config)[5])
 
 
 INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small tiles keep CPU tests fast
@@ -395,10 +335,9 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _chunks(B: int, T: int, cu_seqlens: Optional[torch.Tensor], BT: int, with_meta: bool = True):
+def _chunks(B: int, T: int, cu_seqlens: Optional[torch.Tensor], BT: int):
     """(number of chunks, chunks per row NC, chunk_offsets, chunk_meta). Varlen: one host sync (checking
-    cu_seqlens) for the table of (document, first token) per chunk (None without ``with_meta``: the fused kernels
-    walk whole documents); documents never share a chunk."""
+    cu_seqlens) for the table of (document, first token) per chunk; documents never share a chunk."""
     if cu_seqlens is None:
         NC = triton.cdiv(T, BT)
         return B * NC, NC, None, None
@@ -408,11 +347,10 @@ def _chunks(B: int, T: int, cu_seqlens: Optional[torch.Tensor], BT: int, with_me
     meta = []
     for n, (b, c) in enumerate(zip(cu[:-1], counts)):
         offsets.append(offsets[-1] + c)
-        if with_meta:
-            meta += [x for i in range(c) for x in (n, b + i * BT)]
+        meta += [x for i in range(c) for x in (n, b + i * BT)]
     dev = cu_seqlens.device
     return (offsets[-1], 0, torch.tensor(offsets, dtype=torch.int32, device=dev),
-            torch.tensor(meta or [0, 0], dtype=torch.int32, device=dev) if with_meta else None)
+            torch.tensor(meta or [0, 0], dtype=torch.int32, device=dev))
 
 
 def _s3(t: torch.Tensor):
@@ -472,23 +410,10 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
     return hc, hl, zc, ht, hz
 
 
-def _keeps_states(q, v, cu_seqlens, keep_states: bool) -> bool:
-    """Whether the forward asked to keep its per-chunk states (``keep_states``) stores them: not for a fused backward,
-    which reads none (the op and its fake implementation decide alike)."""
-    if not keep_states or FUSED_BACKWARD is False:  # no host work in the default case
-        return keep_states
-    prec = dot_precision(q.dtype)
-    return not fused_backward(q.shape[-1], _fused_programs(q, v, cu_seqlens, prec, FUSED_BWD_CONFIG), prec,
-                              q.device)
-
-
 def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=False):
     B, T, H, F = q.shape
     DV = v.shape[-1]
     prec = dot_precision(q.dtype)
-    keep_states = _keeps_states(q, v, cu_seqlens, keep_states)
-    if FUSED_FORWARD is not False and fused_forward(F, _fused_programs(q, v, cu_seqlens, prec), prec, q.device):
-        return _fused_fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states, prec)
     BK, BT, BF, BV, NF, nw, ns = _cfg("output", F, DV, prec)
     n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
     hc, hl, zc, hts, htz = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets,
@@ -512,36 +437,6 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
     return o, den, hts, htz, hc, zc
 
 
-def _fused_fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states, prec):
-    """``_fwd`` in one kernel (``FUSED_FORWARD``): the same outputs."""
-    B, T, H, F = q.shape
-    DV = v.shape[-1]
-    D = feature_dim(F)
-    BK, BT, BC, BL, BR, BV, nw, ns = fused_tiles(F, DV, prec)
-    n_chunks, NC, offsets, _ = _chunks(B, T, cu_seqlens, BT, with_meta=False)
-    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
-    f32 = dict(dtype=torch.float32)
-    sdt = _state_dtype(q.dtype)
-    hc = q.new_empty(n_chunks, H, D, DV, dtype=sdt) if keep_states else q.new_empty(0, dtype=sdt)
-    zc = q.new_empty(n_chunks, H, D, **f32) if keep_states else q.new_empty(0, **f32)
-    hts = q.new_empty(N, H, D, DV, **f32) if output_final_state else q.new_empty(0, **f32)
-    htz = q.new_empty(N, H, D, **f32) if output_final_state else q.new_empty(0, **f32)
-    o = v.new_empty(B, T, H, DV)
-    den = q.new_empty(B, T, H, **f32)
-    if N * H:
-        use_h0 = h0s is not None
-        grid = (N * H, cdiv(DV, BV))
-        launch_confined(_fused_kernel, lambda m: grid, (
-            q, k, v, o, den, h0s if use_h0 else den, h0z if use_h0 else den, hts, htz, hc, zc,
-            cu_seqlens if cu_seqlens is not None else den, offsets if offsets is not None else den,
-            *confine_flags(q, 1), feature_table(F, q.device), *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC,
-            F ** -0.25, eps),
-            dict(F=F, DV=DV, BK=BK, BT=BT, BC=BC, BL=BL, BR=BR, BV=BV, IS_VARLEN=cu_seqlens is not None,
-                 USE_H0=use_h0, STORE_HT=bool(output_final_state), KEEP=bool(keep_states), HI_INTRA=HI_INTRA,
-                 PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3", num_warps=nw, num_stages=ns))
-    return o, den, hts, htz, hc, zc
-
-
 @torch.library.custom_op("based_kernels::taylor_attention_fwd", mutates_args=())
 def taylor_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h0s: Optional[torch.Tensor],
                          h0z: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], eps: float,
@@ -559,7 +454,7 @@ def _(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=False)
     D, DV = feature_dim(F), v.shape[-1]
     f32 = dict(dtype=torch.float32)
     n_states = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
-    if not _keeps_states(q, v, cu_seqlens, keep_states):
+    if not keep_states:
         chunks = (q.new_empty(0, dtype=_state_dtype(q.dtype)), q.new_empty(0, **f32))
     else:
         # documents never share a chunk, so with cu_seqlens the count depends on the offsets' values
@@ -580,8 +475,9 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     DV = v.shape[-1]
     dy = lastdim_contiguous(dy)
     prec = dot_precision(q.dtype)
-    if cu_seqlens is not None:  # before any work (free for the tensor the forward checked)
-        check_cu_seqlens(cu_seqlens, T, B)
+    BK, BT, BF, BV, NF, nw, ns = _cfg("grad", F, DV, prec)
+    NV = triton.cdiv(DV, BV)
+    n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
 
     dd = torch.empty_like(den)
     BTP = 64
@@ -591,13 +487,7 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
         dd += dden.to(torch.float32)
 
-    if FUSED_BACKWARD is not False and fused_backward(F, _fused_programs(q, v, cu_seqlens, prec, FUSED_BWD_CONFIG),
-                                                      prec, q.device):
-        return _fused_bwd(q, k, v, dy, den, dd, dhts, dhtz, h0s, h0z, cu_seqlens, prec)
-    BK, BT, BF, BV, NF, nw, ns = _cfg("grad", F, DV, prec)
-    NV = triton.cdiv(DV, BV)
-    n_chunks, NC, offsets, meta = _chunks(B, T, cu_seqlens, BT)
-    if hc is None or (hc.shape[0] == 0 and n_chunks):  # not kept by the forward (or not for a fused backward)
+    if hc is None:  # not kept by the forward: recompute
         hc, _, zc, _, _ = _state_pass(k, v, None, None, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, False, False,
                                       prec=prec)
     elif hc.shape[0] != n_chunks or zc.shape[0] != n_chunks:
@@ -626,42 +516,6 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     dk = dk[0] if NV == 1 else dk.sum(0).to(k.dtype)
     if h0s is None:
         dh0s, dh0z = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, dh0s, dh0z
-
-
-def _fused_bwd(q, k, v, dy, den, dd, dhts, dhtz, h0s, h0z, cu_seqlens, prec):
-    """``_bwd``'s gradients from ``dd`` on, in the two fused walks (``FUSED_BACKWARD``)."""
-    B, T, H, F = q.shape
-    DV = v.shape[-1]
-    D = feature_dim(F)
-    BK, _, BC, BL, BR, BV, nw, ns = fused_tiles(F, DV, prec, FUSED_BWD_CONFIG)
-    NV = cdiv(DV, BV)
-    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
-    f32 = dict(dtype=torch.float32)
-    dq = q.new_empty(NV, B, T, H, F, dtype=torch.float32 if NV > 1 else q.dtype)
-    dk = k.new_empty(NV, B, T, H, F, dtype=torch.float32 if NV > 1 else k.dtype)
-    dv = v.new_empty(B, T, H, DV)
-    dh0s = q.new_empty(N, H, D, DV, **f32) if h0s is not None else q.new_empty(0, **f32)
-    dh0z = q.new_empty(N, H, D, **f32) if h0s is not None else q.new_empty(0, **f32)
-    if N * H:
-        grid = (N * H, NV)
-        # cu_seqlens was checked by _bwd; the walks use no chunk table (chunk_offsets: a placeholder)
-        cu = cu_seqlens if cu_seqlens is not None else den
-        where = (cu, cu,
-                 feature_table(F, q.device), *_s3(q), *_s3(k), *_s3(v), *_s3(dy), dq.stride(0), dq.stride(1),
-                 dq.stride(2), dq.stride(3))
-        consts = dict(F=F, DV=DV, BK=BK, BC=BC, BL=BL, BR=BR, BV=BV, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
-                      PREC=prec, num_warps=nw, num_stages=ns)
-        scalars = (T, H, cdiv(T, BC), F ** -0.25)
-        _fused_dq_kernel(lambda m: grid, (q, k, v, dy, den, dd, h0s if h0s is not None else den,
-                                          h0z if h0s is not None else den, dq, *where, *scalars),
-                         **consts, USE_H0=h0s is not None)
-        _fused_dkdv_kernel(lambda m: grid, (q, k, v, dy, den, dd, dhts if dhts is not None else den,
-                                            dhtz if dhts is not None else den, dh0s, dh0z, dk, dv, *where, *_s3(dv),
-                                            *scalars),
-                           **consts, USE_HT=dhts is not None, STORE_H0=h0s is not None)
-    dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
-    dk = dk[0] if NV == 1 else dk.sum(0).to(k.dtype)
     return dq, dk, dv, dh0s, dh0z
 
 

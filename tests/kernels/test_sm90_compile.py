@@ -68,10 +68,8 @@ def test_decode_and_training_kernels_compile_for_sm90():
     assert out["TRAIN"] == TRAIN, out["TRAIN"] ^ TRAIN
 
 
-# Taylor kernels compiled for sm_90 as the library launches them (bf16, packed documents, the final state): the
-# tensor-core products (wgmma shapes) of each compiled variant of each kernel's PTX, one line "WGMMA kernel shapes"
-# each. __SETUP__ runs first (an ops setting); __SHAPES__ are the (f, d_v) to launch at; __BACKWARD__: also the
-# backward.
+# The Taylor output pass at f 8 (the feature rows' constant / linear tile, ops.low_rows_tile) compiled for sm_90 as
+# the library launches it (bf16, d_v 32, packed documents, the final state): the PTX's tensor-core products by shape.
 TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
     import re
 
@@ -85,55 +83,23 @@ TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
 
     compiler.CompiledKernel._init_handles = init_handles
     driver.set_active(FakeDriver())
-    from based_kernels.taylor_attention import ops, taylor_linear_attention
+    from based_kernels.taylor_attention import taylor_linear_attention
 
-    __SETUP__
-    for F, DV in __SHAPES__:
-        q, k = (torch.randn(1, 24, 4, F, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-        v = torch.randn(1, 24, 4, DV, dtype=torch.bfloat16, requires_grad=True)
-        y, _ = taylor_linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 15, 24], dtype=torch.int32),
-                                       output_final_state=True, backend="triton")
-        if __BACKWARD__:
-            y.float().sum().backward()
+    q, k = (torch.randn(1, 24, 4, 8, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, 24, 4, 32, dtype=torch.bfloat16)
+    taylor_linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 15, 24], dtype=torch.int32),
+                            output_final_state=True, backend="triton")
     shape = r"wgmma\\.mma_async\\.sync\\.aligned\\.(m\\d+n\\d+k\\d+)"
-    for name, texts in ptx.items():
-        for text in texts:
-            print("WGMMA", name, " ".join(sorted(set(re.findall(shape, text)))))
+    for text in ptx["taylor_chunk_output_kernel"]:
+        print("WGMMA", " ".join(sorted(set(re.findall(shape, text)))))
 """)
 
 
-def wgmma_shapes(shapes, setup: str = "", backward: bool = False) -> dict[str, list[set]]:
-    """Per compiled kernel, the wgmma shapes of each of its compiled variants (TAYLOR_SCRIPT)."""
-    script = TAYLOR_SCRIPT
-    for key, value in (("__SHAPES__", repr(shapes)), ("__BACKWARD__", repr(backward)), ("__SETUP__", setup)):
-        script = script.replace(key, value)
-    p = run(script)
-    found = {}
-    for line in p.stdout.splitlines():
-        if line.startswith("WGMMA"):
-            found.setdefault(line.split()[1], []).append(set(line.split()[2:]))
-    assert p.returncode == 0 and found, p.stdout[-3000:] + p.stderr[-5000:]
-    return found
-
-
 def test_taylor_output_pass_at_f8_has_no_n16_products():
-    """compute-sanitizer saw the output pass at f 8, d_v 32 (packed documents, final state) read shared memory out of
-    bounds on an H100, in a kernel whose only difference from f 16's (clean there) was the tile of the constant and
-    linear feature rows: 16 rows at f 8, which made its feature products [chunk, 16] x [16, 16] (wgmma m64n16k16).
-    With that tile at 32 rows or more (ops.low_rows_tile) the plain and the confining launch have no n16 product
-    left."""
-    shapes = wgmma_shapes([(8, 32)])["taylor_chunk_output_kernel"]
+    """The output pass's tile of the constant and linear feature rows at 32 rows or more (ops.low_rows_tile; at 16
+    rows, f 8's, its feature products were [chunk, 16] x [16, 16], wgmma m64n16k16): the plain and the confining
+    launch at f 8, d_v 32 (packed documents, final state) have no n16 product left."""
+    p = run(TAYLOR_SCRIPT)
+    shapes = [set(line.split()[1:]) for line in p.stdout.splitlines() if line.startswith("WGMMA")]
+    assert p.returncode == 0 and shapes, p.stdout[-3000:] + p.stderr[-5000:]
     assert all(shapes) and not any(s.startswith("m64n16") for group in shapes for s in group), shapes
-
-
-def test_taylor_fused_kernels_compile():
-    """ops.FUSED_FORWARD, FUSED_BACKWARD: the fused kernels compile for sm_90 as the library launches them in a
-    forward and backward at f 8, d_v 32 and f 16, d_v 64 (the forward plain and confining), and no other Taylor
-    kernel runs; at f 16 with wgmma products (the state updates' 128 feature rows; at f 8 every product has fewer
-    than 64 rows: mma.sync)."""
-    found = wgmma_shapes([(8, 32), (16, 64)], "ops.FUSED_FORWARD = ops.FUSED_BACKWARD = True", True)
-    want = {"taylor_fused_forward_kernel": 4, "taylor_fused_dq_kernel": 2, "taylor_fused_dkdv_kernel": 2,
-            "taylor_prep_kernel": 2}
-    assert {name: len(v) for name, v in found.items()} == want, found
-    for name, variants in want.items():
-        assert name == "taylor_prep_kernel" or all(found[name][variants // 2:]), found

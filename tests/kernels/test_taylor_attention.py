@@ -617,114 +617,6 @@ def test_output_query_blocks_confine_nan_and_bad_values(monkeypatch):
             ops.output_query_rows(128)
 
 
-def fused(monkeypatch, forward=True, backward=True, step=16):
-    """ops.FUSED_FORWARD / FUSED_BACKWARD on, in steps of ``step`` tokens (32-token chunks: two steps per chunk at
-    16); returns the fused kernels' launches (name, constexprs), recorded as they run."""
-    monkeypatch.setattr(ops, "FUSED_FORWARD", forward)
-    monkeypatch.setattr(ops, "FUSED_BACKWARD", backward)
-    monkeypatch.setattr(ops, "FUSED_CONFIG", (step, *ops.FUSED_CONFIG[1:]))
-    monkeypatch.setattr(ops, "FUSED_BWD_CONFIG", (step, *ops.FUSED_BWD_CONFIG[1:]))
-    launches = []
-    for name in ("_fused_kernel", "_fused_dq_kernel", "_fused_dkdv_kernel"):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, real=real, name=name, **kw: (launches.append((name, kw)),
-                                                                                real(*a, **kw)))
-    return launches
-
-
-@pytest.mark.parametrize("forward, backward", [(True, False), (False, True), (True, True)],
-                         ids=["forward", "backward", "both"])
-@pytest.mark.parametrize("F, DV, varlen", [(16, 40, False), (8, 24, True), (16, 32, True)])
-def test_fused_kernels_match_fp64(monkeypatch, F, DV, varlen, forward, backward):
-    """ops.FUSED_FORWARD (the forward in one kernel, its state on chip) and FUSED_BACKWARD (dq, then dk and dv, in
-    two walks): output, final state and every gradient against fp64; 16-token steps in 32-token chunks, odd lengths,
-    an initial state, packed documents (one of a single token, one of none), two value blocks at d_v 40. The
-    forward keeps the per-chunk states for the two-pass backward (equal to the two passes' to fp32 rounding); with
-    the fused backward the op keeps none, its fake implementation agreeing."""
-    cu = torch.tensor([0, 1, 17, 17, 80], dtype=torch.int32, device=DEV) if varlen else None
-    q, k, v, h0 = make(1 if varlen else 2, 80 if varlen else 75, 2, F, DV, state=True, n_states=4 if varlen else None)
-    kw = dict(cu_seqlens=cu) if varlen else {}
-    args = (q, k, v, h0[0].float(), h0[1].float(), cu, 1e-12, True, True)
-    two = ops.taylor_attention_fwd(*args)
-    launches = fused(monkeypatch, forward, backward)
-    got = run_with_grads(triton_fn, q, k, v, h0, **kw)
-    ran = {name for name, _ in launches}
-    want = ({"_fused_kernel"} if forward else set()) | ({"_fused_dq_kernel", "_fused_dkdv_kernel"} if backward
-                                                        else set())
-    assert ran == want and all(c["BC"] == 16 for _, c in launches), launches
-    assert [c["KEEP"] for name, c in launches if name == "_fused_kernel"] in ([], [not backward] * 2), launches
-    check_all(got, oracle(q, k, v, h0, **kw), TOL32)
-    one = ops.taylor_attention_fwd(*args)  # asked to keep the chunk states
-    kept = 6 if not backward else 4
-    assert all(a.shape == b.shape for a, b in zip(one[:kept], two)) and all(t.numel() == 0 for t in one[kept:])
-    for name, a, b in zip(("y", "den", "S", "z", "chunk S", "chunk z"), one[:kept], two):
-        assert rel(a, b) < 1e-6, (name, rel(a, b))
-    torch.library.opcheck(ops.taylor_attention_fwd, args, test_utils=("test_schema", "test_faketensor"))
-
-
-def test_fused_kernels_fp16(monkeypatch):
-    """fp16 inputs (the state and its products in fp32, as the two passes keep them for fp16): the fused kernels'
-    output, final state and gradients against fp64 at least as close as the two passes'."""
-    q, k, v, h0 = make(1, 70, 2, 16, 32, dtype=torch.float16, state=True)
-    want = oracle(q, k, v, h0)
-    two = run_with_grads(triton_fn, q, k, v, h0)
-    fused(monkeypatch)
-    one = run_with_grads(triton_fn, q, k, v, h0)
-    check_all(one, want, 1e-3)
-    for a, b, ref in zip([one[0], *one[1], *one[2]], [two[0], *two[1], *two[2]], [want[0], *want[1], *want[2]]):
-        assert rel(a, ref) <= 1.1 * rel(b, ref) + 1e-6, (rel(a, ref), rel(b, ref))
-
-
-def test_fused_kernels_under_torch_compile(monkeypatch):
-    """With the fused kernels on, torch.compile (fullgraph) traces the op as before (its fake implementation decides
-    the kept states as the op does) and gives the eager loss and gradients."""
-    launches = fused(monkeypatch)
-    q, k, v, _ = make(1, 40, 2, 16, 32)
-
-    def f(q, k, v):
-        return taylor_linear_attention(q, k, v, backend="triton")[0].float().square().sum()
-
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    got, want = [], []
-    for fn, out in ((compiled, got), (f, want)):
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        loss = fn(*leaves)
-        loss.backward()
-        out += [loss.detach()] + [t.grad for t in leaves]
-        assert {name for name, _ in launches} == {"_fused_kernel", "_fused_dq_kernel", "_fused_dkdv_kernel"}
-        launches.clear()
-    assert all(rel(a, b) < 1e-6 for a, b in zip(got, want)), [rel(a, b) for a, b in zip(got, want)]
-
-
-def test_fused_kernels_confine_nan(monkeypatch):
-    """The fused forward and backward keep NaN confinement (a NaN k or v of a sequence's last token reaches only its
-    own output and the gradients that see it) and the confining launch's bitwise equality with the plain one."""
-    fused(monkeypatch)
-    check_confining_equals_plain(2, 70, 1, 48, torch.float32)
-    check_confining_equals_plain(1, 70, 1, 32, torch.float32, cu=torch.tensor([0, 5, 60, 70], device=DEV))
-    for which in "kv":
-        check_nan_confined(which, False, 70, 0, torch.float32, H=1)
-        check_nan_confined(which, True, 70, 40, torch.float32, H=1)
-
-
-def test_fused_rule(monkeypatch):
-    """When the forward (backward) runs fused: never while FUSED_FORWARD (FUSED_BACKWARD) is False, for f <=
-    MAX_F_FUSED when True, and with None for non-IEEE products and enough programs per SM (an SM per CPU device)."""
-    monkeypatch.setattr(ops, "FUSED_MIN_PROGRAMS_PER_SM", 2)
-    cpu = torch.device("cpu")
-    for which, rule in (("FUSED_FORWARD", ops.fused_forward), ("FUSED_BACKWARD", ops.fused_backward)):
-        for setting, F, programs, prec, want in [(False, 16, 10 ** 6, "tf32", False), (True, 16, 1, "ieee", True),
-                                                  (True, 32, 10 ** 6, "tf32", False), (None, 16, 2, "tf32", True),
-                                                  (None, 16, 1, "tf32", False), (None, 16, 10 ** 6, "ieee", False)]:
-            monkeypatch.setattr(ops, which, setting)
-            assert rule(F, programs, prec, cpu) is want, (which, setting, F, programs, prec)
-        monkeypatch.setattr(ops, which, False)
-    assert ops.fused_tiles(16, 64, "tf32")[3:5] == (32, 128) and ops.fused_tiles(8, 32, "tf32")[3:5] == (32, 32)
-    for bad in ((24, 64, 8, 2), (8, 64, 8, 2), (32, 48, 8, 2)):
-        with pytest.raises(ValueError, match="FUSED_CONFIG"):
-            ops.fused_tiles(16, 64, "tf32", bad)
-
-
 @pytest.mark.parametrize("varlen, groups", [(False, 3), (True, 7)])
 def test_state_groups_equal_one_walk(monkeypatch, varlen, groups):
     """ops.STATE_GROUPS: the state passes' two-level walk (runs summed from zero, then walked from the initial state
@@ -841,14 +733,10 @@ def _quadratic_num_den(q, k, v):
     return (a @ vh).transpose(1, 2), a.sum(-1).transpose(1, 2)  # [B, T, H, DV], [B, T, H]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "triton-fused"])
-def test_output_normalizer_value_and_grads(backend, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_output_normalizer_value_and_grads(backend):
     """output_normalizer=True: den equals the fp64 denominator (no eps), and gradients through y and den match
-    the fp64 quadratic formula (``triton-fused``: ops.FUSED_FORWARD and FUSED_BACKWARD, the den gradient joining
-    the fused walks' dd)."""
-    if backend == "triton-fused":
-        fused(monkeypatch)
-        backend = "triton"
+    the fp64 quadratic formula."""
     q, k, v, _ = make(2, 45, 2, 16, 24)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     y, fin, den = taylor_linear_attention(*leaves, backend=backend, output_normalizer=True)
@@ -1014,21 +902,17 @@ def test_output_query_blocks_bf16(monkeypatch, rows):
 # not always fault without it).
 _MEMCHECK_SCRIPT = """
 import torch
-from based_kernels.taylor_attention import ops, taylor_linear_attention
+from based_kernels.taylor_attention import taylor_linear_attention
 g = torch.Generator(device="cuda").manual_seed(0)
 packed = torch.tensor([0, 3, 15, 24], device="cuda", dtype=torch.int32)
 bf16, fp32 = torch.bfloat16, torch.float32
-# the two-pass kernels (d_v 16: value blocks of 16 columns, the other place where their products have 16 columns),
-# then the fused ones (ops.FUSED_FORWARD, FUSED_BACKWARD) at two of those shapes
-two_pass = ((8, 32, bf16, packed), (8, 64, bf16, packed), (8, 32, fp32, packed), (16, 32, bf16, packed),
-            (16, 64, bf16, packed), (16, 64, bf16, None), (8, 16, bf16, packed), (16, 16, bf16, None))
-for fused, cases in ((False, two_pass), (True, ((8, 32, bf16, packed), (16, 64, bf16, packed)))):
-    ops.FUSED_FORWARD = ops.FUSED_BACKWARD = fused
-    for F, DV, dt, cu in cases:
-        mk = lambda d: torch.randn(1, 24, 4, d, device="cuda", generator=g, dtype=dt).requires_grad_()
-        q, k, v = mk(F), mk(F), mk(DV)
-        y, (S, z) = taylor_linear_attention(q, k, v, cu_seqlens=cu, output_final_state=True)
-        (y.float().sum() + S.sum()).backward()
+# d_v 16: value blocks of 16 columns, the other place where the passes' products have 16 columns
+for F, DV, dt, cu in ((8, 32, bf16, packed), (8, 64, bf16, packed), (8, 32, fp32, packed), (16, 32, bf16, packed),
+                      (16, 64, bf16, packed), (16, 64, bf16, None), (8, 16, bf16, packed), (16, 16, bf16, None)):
+    mk = lambda d: torch.randn(1, 24, 4, d, device="cuda", generator=g, dtype=dt).requires_grad_()
+    q, k, v = mk(F), mk(F), mk(DV)
+    y, (S, z) = taylor_linear_attention(q, k, v, cu_seqlens=cu, output_final_state=True)
+    (y.float().sum() + S.sum()).backward()
 torch.cuda.synchronize()
 print("memcheck script done")
 """
@@ -1039,9 +923,8 @@ def test_kernels_under_memcheck():
     """The output pass at 8 warps read shared memory out of bounds at f 8, d_v 32 with packed documents and the final
     state on an H100 (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in taylor_chunk_output_kernel;
     without memcheck an illegal memory access in some runs, in the fp32-residual decode test's prefill; the library
-    runs it at 4 warps there, ops.OUTPUT_NARROW_WARPS). The Taylor passes at that shape and its neighbours, and the
-    fused kernels (ops.FUSED_FORWARD, FUSED_BACKWARD), in a subprocess under memcheck: no error. Skips without
-    compute-sanitizer."""
+    runs it at 4 warps there, ops.OUTPUT_NARROW_WARPS). The Taylor passes at that shape and its neighbours, in a
+    subprocess under memcheck: no error. Skips without compute-sanitizer."""
     assert_memcheck_clean(_MEMCHECK_SCRIPT)
 
 
@@ -1056,24 +939,6 @@ def test_small_heads_packed_documents(dtype, tol):
     ref = lambda *a, **kw: taylor_attention_chunked(*a, **kw)  # noqa: E731
     want = run_with_grads(ref, *(t.double() for t in (q, k, v)), None, cu_seqlens=cu)
     check_all(got, want, tol, 5e-3 if dtype == torch.bfloat16 else tol)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("forward, backward, step", [(True, False, None), (True, True, None), (True, True, 64)],
-                         ids=["forward", "both", "both-step-64"])
-def test_fused_kernels_bf16(monkeypatch, forward, backward, step):
-    """ops.FUSED_FORWARD / FUSED_BACKWARD at their steps (FUSED_CONFIG, FUSED_BWD_CONFIG) and at 64 tokens: output,
-    final state and gradients against fp64 at T 4096 (a last part-filled step at T 4000), and packed documents (f 8,
-    d_v 32)."""
-    monkeypatch.setattr(ops, "FUSED_FORWARD", forward)
-    monkeypatch.setattr(ops, "FUSED_BACKWARD", backward)
-    if step:
-        monkeypatch.setattr(ops, "FUSED_CONFIG", (step, *ops.FUSED_CONFIG[1:]))
-        monkeypatch.setattr(ops, "FUSED_BWD_CONFIG", (step, *ops.FUSED_BWD_CONFIG[1:]))
-    for T in (4096, 4000):
-        ey, es, *egrads = long_case(T, H=4)[0]
-        assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (T, ey, es, egrads)
-    test_small_heads_packed_documents(torch.bfloat16, 4e-3)
 
 
 @pytest.mark.gpu
