@@ -24,10 +24,8 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "multigpu" in item.keywords and n < 2:
                 item.add_marker(skip)
-        # the end-to-end jobs' tests last: their jobs start with the session (gpu_jobs) and run beside the others;
-        # after them the tests of kernels not yet verified on a GPU (gpu_last), whose fault would lose the CUDA context
-        # of the process (conftest's sticky errors below) for every test after them
-        items.sort(key=lambda item: ("gpu_last" in item.keywords, "gpu_jobs" in getattr(item, "fixturenames", ())))
+        # the end-to-end jobs' tests last: their jobs start with the session (gpu_jobs) and run beside the others
+        items.sort(key=lambda item: "gpu_jobs" in getattr(item, "fixturenames", ()))
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

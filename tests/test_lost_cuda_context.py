@@ -38,12 +38,12 @@ def test_sticky_cuda_error_skips_later_gpu_tests(monkeypatch):
     conftest.pytest_runtest_setup(_item("t::e2e", fixtures=("gpu_jobs",)))  # the end-to-end tests report their jobs
 
 
-def test_gpu_order_puts_unverified_kernels_last(monkeypatch):
-    """On a GPU machine the collected tests run in-process tests first, then the end-to-end tests, then the tests
-    marked gpu_last (kernels not yet verified on a GPU), each group in its collected order."""
+def test_gpu_order_puts_end_to_end_tests_last(monkeypatch):
+    """On a GPU machine the collected tests run in-process tests first, then the end-to-end tests (their jobs run
+    beside the others), each group in its collected order."""
     monkeypatch.setattr(conftest.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(conftest.torch.cuda, "device_count", lambda: 1)
-    items = [_item("a::fused", ("gpu", "gpu_last")), _item("a::e2e", fixtures=("gpu_jobs",)), _item("a::one"),
-             _item("b::cpu", ()), _item("b::fused_model", ("gpu", "gpu_last")), _item("b::two")]
+    items = [_item("a::e2e", fixtures=("gpu_jobs",)), _item("a::one"), _item("b::cpu", ()),
+             _item("b::e2e", fixtures=("gpu_jobs",)), _item("b::two")]
     conftest.pytest_collection_modifyitems(None, items)
-    assert [i.nodeid for i in items] == ["a::one", "b::cpu", "b::two", "a::e2e", "a::fused", "b::fused_model"]
+    assert [i.nodeid for i in items] == ["a::one", "b::cpu", "b::two", "a::e2e", "b::e2e"]

@@ -220,7 +220,6 @@ def low_rows_tile(F: int) -> int:
     return max(32, next_pow2(F + 1))
 
 
-
 INTERPRET_TILES = (32, 32, 32)  # (chunk, BF, BV) under TRITON_INTERPRET: small tiles keep CPU tests fast
 # IEEE fp32 products (fp32 inputs at torch's "highest" / "high" matmul precision) have no tensor-core path: each
 # tl.dot becomes an unrolled loop of FMAs over its whole tile, so the bf16 tiles above (e.g. a 128 x 128 x 64
