@@ -124,7 +124,9 @@ class BasedConfig(TransformerConfig):
         cuda_graph_impl (Megatron's field): "local" captures each layer's forward and backward in CUDA graphs
             after the first step and replays them (Megatron-Core's CudaGraphManager; training/loop.py seeds the
             CUDA-graph-safe RNG tracker it needs). An eager step launches ~1,700 kernels at based-360m's size; on an
-            H100 the host could not keep up (docs/benchmarks.md). GPU only; fixed shapes, no recompute.
+            H100 the host could not keep up (docs/benchmarks.md). GPU only; fixed shapes, no recompute. Run configs
+            also take "auto" (their default: graphs where they are verified; training.config.RunConfig.cuda_graphs);
+            a model section built alone (``model_spec_from_dict``) reads "auto" as "none".
     """
 
     layer_pattern: str = ""
@@ -362,6 +364,8 @@ def read_model_section(path) -> dict:
 def model_spec_from_dict(section: dict, **config_overrides) -> ModelSpec:
     """Build a :class:`ModelSpec` from a YAML ``model:`` mapping; unknown keys are rejected by name."""
     section = dict(section)
+    if section.get("cuda_graph_impl") == "auto":  # a run config's choice (training.config); a model alone: eager
+        section.pop("cuda_graph_impl")
     extras = {k: section.pop(k) for k in MODEL_SECTION_EXTRAS if k in section}
     if "vocab_size" not in extras:
         raise ConfigError("model.vocab_size is missing: set it to the tokenizer's vocabulary size")

@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     nproc = torch.cuda.device_count() if gpu else 2
     overrides = [f"data.path=[{prefix}]", f"data.tokenizer_model={prefix}.model", f"train.save={out}/checkpoints",
                  f"train.tensorboard_dir={out}/tensorboard", *batch_overrides(nproc), *argv]
-    load_config(REPO / "configs" / "tiny.yaml", overrides, world_size=nproc)  # fail here, not in the workers
-    print(f"[3/4] training configs/tiny.yaml on {nproc} processes ({'NCCL, bf16' if gpu else 'gloo, fp32'}); "
-          f"TensorBoard logs in {out}/tensorboard")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides, world_size=nproc)  # fail here, not in the workers
+    how = ("NCCL, bf16" + (", CUDA graphs" if cfg.cuda_graphs()[0] == "local" else "")) if gpu else "gloo, fp32"
+    print(f"[3/4] training configs/tiny.yaml on {nproc} processes ({how}); TensorBoard logs in {out}/tensorboard")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "megatron_based.training.loop", str(REPO / "configs" / "tiny.yaml"), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")

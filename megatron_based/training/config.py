@@ -74,6 +74,11 @@ class DataConfig:
     cache_dir: str | None = None  # default: <save>/data_cache, else beside the first data prefix
 
 
+# The mixers whose Megatron CUDA-graphed training steps are checked against eager ones on GPUs
+# (tests/megatron_based/test_model_gpu.py, test_megatron_cuda_graphs_equal_eager; the entry-point tests): the ones
+# ``model.cuda_graph_impl: auto`` graphs. Others (H, Z, E, registered mixers) run eagerly unless set to local.
+GRAPH_SAFE_MIXERS = "CLSA"
+
 SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig}
 CHOICES = {
     ("train", "precision"): ("auto", "bf16", "fp32"),
@@ -103,8 +108,37 @@ class RunConfig:
     def num_microbatches(self) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size)
 
+    def cuda_graphs(self) -> tuple[str, str]:
+        """The run's ``cuda_graph_impl`` ("local" or "none") and why (the setting, and what turned auto off).
+        ``model.cuda_graph_impl: auto`` (the default in run configs) is "local" (Megatron-Core's per-layer CUDA
+        graphs) where CUDA-graphed steps are verified to equal eager ones on GPUs: a GPU target, the Megatron engine,
+        no activation recompute, no tensor, pipeline or context parallelism (data parallelism only) and only the
+        mixers in ``GRAPH_SAFE_MIXERS``; "none" elsewhere, with the first reason. "none" and "local" are taken as
+        given (BasedConfig checks "local")."""
+        value = self.model.get("cuda_graph_impl", "auto")
+        if value not in ("auto", "none", "local"):
+            raise ConfigError(f"model.cuda_graph_impl must be auto, none or local (Megatron-Core's per-layer CUDA "
+                              f"graphs; the other implementations need TransformerEngine); got {value!r}")
+        if value != "auto":
+            return value, f"model.cuda_graph_impl: {value}"
+        p, t = self.parallel, self.train
+        pattern = str(self.model.get("layer_pattern", ""))
+        others = sorted(set(pattern) - set(GRAPH_SAFE_MIXERS))
+        for off, why in ((not gpu_target(), "no GPU"),
+                         (t.engine != "megatron", f"train.engine {t.engine}"),
+                         (t.recompute_granularity is not None,
+                          f"train.recompute_granularity {t.recompute_granularity}"),
+                         (p.tensor_model_parallel_size > 1, "tensor parallelism"),
+                         (p.pipeline_model_parallel_size > 1, "pipeline parallelism"),
+                         (p.context_parallel_size > 1, "context parallelism"),
+                         (bool(others), f"layer_pattern has {''.join(others)} layers")):
+            if off:
+                return "none", f"model.cuda_graph_impl: auto, {why}"
+        return "local", "model.cuda_graph_impl: auto"
+
     def model_spec(self) -> ModelSpec:
-        """The model section as a validated :class:`ModelSpec`, with the parallel and precision settings."""
+        """The model section as a validated :class:`ModelSpec`, with the parallel, precision and CUDA-graph
+        settings."""
         p, t = self.parallel, self.train
         bf16 = t.precision == "bf16" or (t.precision == "auto" and gpu_target())
         recompute = {}
@@ -114,7 +148,8 @@ class RunConfig:
         elif t.recompute_granularity == "selective":
             recompute = dict(recompute_granularity="selective", recompute_modules=["mlp"])
         return model_spec_from_dict(
-            self.model, tensor_model_parallel_size=p.tensor_model_parallel_size,
+            {**self.model, "cuda_graph_impl": self.cuda_graphs()[0]},
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             context_parallel_size=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
             # pipeline_dtype: the activations' dtype between stages; BasedConfig raises it to fp32 when the residual

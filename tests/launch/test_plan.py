@@ -129,8 +129,8 @@ def test_module_dry_run_says_one_line(config):
 
 def test_gpu_flag_plans_a_gpu_job_from_a_machine_without_gpus(config, capsys):
     """A login node (no GPU) checking a GPU job (launch/submit.sh passes --gpu): GPU-only settings are refused
-    without the flag, naming it, and accepted with it; precision auto plans bf16; the memory note; afterwards
-    configs resolve for this machine again."""
+    without the flag, naming it, and accepted with it; precision auto plans bf16 and CUDA graphs on; the memory note;
+    afterwards configs resolve for this machine again."""
     import torch
 
     from megatron_based.model.config import gpu_target
@@ -144,6 +144,10 @@ def test_gpu_flag_plans_a_gpu_job_from_a_machine_without_gpus(config, capsys):
         out = capsys.readouterr().out
         assert "bf16" in out and "GPU memory not checked (no GPU here): pass --gpu-memory-gib" in out, out
     assert main([str(config), "--gpu"]) == 0
-    assert "bf16" in capsys.readouterr().out  # precision auto on GPU nodes
+    out = " ".join(capsys.readouterr().out.split())
+    assert "bf16" in out  # precision auto on GPU nodes
+    assert "CUDA graphs │ on (model.cuda_graph_impl: auto)" in out, out  # graphs by default (test_train.py)
     assert main([str(config)]) == 0
-    assert "fp32" in capsys.readouterr().out and gpu_target() is False
+    out = " ".join(capsys.readouterr().out.split())
+    assert "fp32" in out and gpu_target() is False
+    assert "CUDA graphs │ off (model.cuda_graph_impl: auto, no GPU)" in out, out

@@ -5,8 +5,9 @@ run's losses and gradient norms equal to the killed run's for the steps it ran p
 the checkpoint it wrote, and the demo.
 
 - CPU (CI): the tiny model on 2 gloo processes (Megatron's distributed optimizer, as on GPUs).
-- ``gpu``: a based-360m-size model on every local GPU in bf16, eager and with Megatron's CUDA graphs
-  (``model.cuda_graph_impl: local``) plus gradient accumulation and validation in between; ``make demo`` as written.
+- ``gpu``: a based-360m-size model on every local GPU in bf16, eager (``model.cuda_graph_impl: none``) and with
+  Megatron's CUDA graphs (the default ``auto``) plus gradient accumulation and validation in between; ``make demo``
+  as written (CUDA-graphed by default).
 - ``multigpu`` (2 GPUs): TP=2 + SP, CP=2 and PP=2 runs match a data-parallel run in bf16, and their checkpoints
   resume at TP=1.
 """
@@ -96,6 +97,7 @@ class Setup:
     overrides: list[str] = field(default_factory=list)
     timeout: float = 600
     autotune: bool = True  # False: BASED_KERNELS_AUTOTUNE=0 (every process launches each kernel's first config)
+    log_line: str | None = None  # a line the killed run's log holds
 
 
 def cpu_setup() -> Setup:
@@ -109,13 +111,15 @@ def gpu_setup(graphs: bool) -> Setup:
     a second): the run saves at step 4 (the default fully-reshardable optimizer format; dp_reshardable with
     graphs, so both formats resume on GPUs) and is killed after step 7, during step 8 or its save; steps 5-7 are
     compared and generate / eval read the step-4 checkpoint; the kernels autotune, as users' runs do. ``graphs``: CUDA
-    graphs, 4 accumulated micro-batches per step and validation every 3 steps, each kernel's first config (the
-    suite's time budget; the kernel tests run the others)."""
+    graphs (the config's default, model.cuda_graph_impl auto; its log says so), 4 accumulated micro-batches per step
+    and validation every 3 steps, each kernel's first config (the suite's time budget; the kernel tests run the
+    others); else eager (model.cuda_graph_impl none)."""
     micro, accumulate = (4, 4) if graphs else (16, 1)
-    extra = ["model.cuda_graph_impl=local", "train.eval_interval=3", "train.eval_iters=2",
-             "train.optimizer_checkpoint_format=dp_reshardable"] if graphs else ["train.eval_interval=0"]
+    extra = ["train.eval_interval=3", "train.eval_iters=2", "train.optimizer_checkpoint_format=dp_reshardable"] \
+        if graphs else ["model.cuda_graph_impl=none", "train.eval_interval=0"]
+    log_line = f"CUDA graphs: {'on (model.cuda_graph_impl: auto)' if graphs else 'off (model.cuda_graph_impl: none)'}"
     return Setup("configs/based-360m.yaml", GPUS, steps=8, save_interval=4, kill_after=7, timeout=240,
-                 autotune=not graphs, overrides=[
+                 autotune=not graphs, log_line=log_line, overrides=[
         "model.seq_length=2048", f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro * accumulate * GPUS}", "train.lr=3e-4", "train.min_lr=3e-5",
         "train.lr_warmup_steps=2", *extra])
@@ -227,6 +231,8 @@ def kill_and_resume(setup: Setup, corpus: dict, root: Path, alongside=None) -> t
     start = time.time()
     kill_group_after(proc, run / "first.jsonl", setup.kill_after, setup.timeout)
     print(f"{root.name}/killed/first: killed after {time.time() - start:.0f} s", flush=True)
+    if setup.log_line:
+        assert setup.log_line in (run / "first.log").read_text(), setup.log_line
     saved = (run / "ckpt" / "latest").read_text().strip()
     resumed_from = int(saved.split("_")[1])
     first = train_steps(run / "first.jsonl")
@@ -298,7 +304,7 @@ GPU_RUNS = {"eager": False, "cuda-graphs+accumulation+validation": True}
 
 
 def make_demo(root: Path) -> None:
-    """``make demo`` exactly as the README says, on every local GPU (the full 300 steps)."""
+    """``make demo`` exactly as the README says, on every local GPU (the full 300 steps; CUDA-graphed by default)."""
     start = time.time()
     with (root / "demo.out").open("w") as out, (root / "demo.err").open("w") as err:
         proc = popen(["make", "demo"], env={**env(), "DEMO_DIR": str(root)}, stdout=out, stderr=err)
@@ -310,7 +316,9 @@ def make_demo(root: Path) -> None:
     stdout, stderr = (root / "demo.out").read_text(), (root / "demo.err").read_text()
     keep_log(root / "demo.log", "make demo", code, stdout, stderr, start)
     assert code == 0, stdout[-3000:] + stderr[-3000:]
-    assert f"on {GPUS} processes" in stdout and "[4/4] greedy sample" in stdout, stdout[-3000:]
+    assert f"on {GPUS} processes (NCCL, bf16, CUDA graphs)" in stdout and "[4/4] greedy sample" in stdout, \
+        stdout[-3000:]
+    assert "CUDA graphs: on (model.cuda_graph_impl: auto)" in stdout, stdout[-3000:]  # the training log says so too
     valid = [line for line in stdout.splitlines() if line.startswith("validation at step 300")]
     assert valid and float(valid[0].split("loss ")[1].split(",")[0]) < 4.5, stdout[-3000:]
 

@@ -300,6 +300,41 @@ def test_tiny_yaml_is_a_valid_run_config(tmp_path, corpus):  # noqa: F811
     assert cfg.model_spec().config.layer_pattern == "CLSC" and cfg.num_microbatches == 2
 
 
+@pytest.mark.parametrize("overrides, world, impl, why", [
+    ([], 1, "local", "auto"),
+    (["model.cuda_graph_impl=auto"], 2, "local", "auto"),  # data parallelism keeps the graphs
+    (["model.cuda_graph_impl=none"], 1, "none", "none"),
+    (["train.recompute_granularity=selective"], 1, "none", "auto, train.recompute_granularity selective"),
+    (["train.engine=deepspeed"], 1, "none", "auto, train.engine deepspeed"),
+    (["parallel.tensor_model_parallel_size=2"], 2, "none", "auto, tensor parallelism"),
+    (["parallel.pipeline_model_parallel_size=2"], 2, "none", "auto, pipeline parallelism"),
+    (["parallel.context_parallel_size=2"], 2, "none", "auto, context parallelism"),
+    (["model.layer_pattern=CLZS"], 1, "none", "auto, layer_pattern has Z layers"),
+])
+def test_cuda_graphs_auto_on_only_where_verified(tmp_path, corpus, overrides, world, impl, why):  # noqa: F811
+    """model.cuda_graph_impl (default auto) for GPU runs: Megatron's per-layer CUDA graphs where graphed steps are
+    checked against eager ones (GPU tests), eager elsewhere with the reason; CPU runs are always eager; a config
+    saved with auto builds (its checkpoint's architecture check, the inference loader)."""
+    from megatron_based.model.config import model_spec_from_dict, planning_for
+
+    with planning_for(True):
+        cfg = tiny_config(tmp_path, corpus, overrides, world_size=world)
+        assert cfg.cuda_graphs() == (impl, f"model.cuda_graph_impl: {why}")
+        assert cfg.model_spec().config.cuda_graph_impl == impl
+    with planning_for(False):
+        cfg = tiny_config(tmp_path, corpus, [o for o in overrides if "cuda_graph_impl" not in o], world_size=world)
+        assert cfg.model_spec().config.cuda_graph_impl == "none"
+        if not overrides:
+            assert cfg.cuda_graphs() == ("none", "model.cuda_graph_impl: auto, no GPU")
+    saved = {**cfg.to_dict()["model"], "cuda_graph_impl": "auto"}
+    assert model_spec_from_dict(saved).config.cuda_graph_impl == "none"
+
+
+def test_cuda_graph_impl_bad_value_names_the_key(tmp_path, corpus):  # noqa: F811
+    with pytest.raises(ConfigError, match=r"model.cuda_graph_impl must be auto, none or local .*; got 'full'"):
+        tiny_config(tmp_path, corpus, ["model.cuda_graph_impl=full"])
+
+
 # --- end to end -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
