@@ -13,6 +13,12 @@ else:
     # (tests/kernels/conftest.py); the eager entry-point test and `make demo` tune, as users' runs do
     # (test_entry_points.env).
     os.environ.setdefault("BASED_KERNELS_AUTOTUNE", "0")
+    # Megatron's fused bias-dropout-add (torch.compile'd) meets many models in one process here (dtypes, training
+    # and no-grad forwards: a recompile each); at dynamo's default limit of 8 it fell back to eager with a warning
+    # mid-suite. A run builds one model and stays under it.
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 from megatron_based.runtime import noise  # noqa: E402  (after TRITON_INTERPRET)
 
