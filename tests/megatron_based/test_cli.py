@@ -100,6 +100,8 @@ def test_known_log_lines_hidden_unknown_kept(caplog):
         logging.getLogger("megatron.core.models.gpt.gpt_model").warning("GPTModel IS DEPRECATED. GPTModel is ...")
         logging.getLogger("megatron.core.models.gpt.gpt_model").warning("another message")
         logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='x'")
+        logging.getLogger("megatron.core.transformer.cuda_graphs").warning(
+            "Transformer Engine was not detected while capturing training cudagraphs.As a result cudagraph memory ...")
     assert [r.getMessage() for r in caplog.records] == ["another message"]
 
 
