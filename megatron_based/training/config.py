@@ -136,6 +136,11 @@ class RunConfig:
                 return "none", f"model.cuda_graph_impl: auto, {why}"
         return "local", "model.cuda_graph_impl: auto"
 
+    def cuda_graphs_status(self) -> str:
+        """``on (<why>)`` or ``off (<why>)``: what the training log and the dry-run plan say (:meth:`cuda_graphs`)."""
+        impl, why = self.cuda_graphs()
+        return f"{'on' if impl == 'local' else 'off'} ({why})"
+
     def model_spec(self) -> ModelSpec:
         """The model section as a validated :class:`ModelSpec`, with the parallel, precision and CUDA-graph
         settings."""

@@ -120,8 +120,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
     logger.print(f"ready to train after {sum(phases.values()):.1f} s ("
                  + ", ".join(f"{name} {dt:.1f} s" for name, dt in phases.items()) + ")")
     if device.type == "cuda":  # graphs on or off, and why (model.cuda_graph_impl; training/config.py)
-        logger.print(f"CUDA graphs: {'on' if config.cuda_graph_impl == 'local' else 'off'} "
-                     f"({cfg.cuda_graphs()[1]})")
+        logger.print(f"CUDA graphs: {cfg.cuda_graphs_status()}")
 
     def evaluate(dataset=valid_ds, first_sample: int = 0, global_batches: int = eval_batches) -> float:
         model.eval()

@@ -177,7 +177,7 @@ def render(plan: Plan) -> None:
         ("batch", f"global {t.global_batch_size} = micro {t.micro_batch_size} x DP {cfg.data_parallel_size} x "
                   f"{cfg.num_microbatches} micro-batches; {t.global_batch_size * mc.seq_length:,} tokens/step"),
         ("precision", "bf16" if mc.config.bf16 else "fp32"),
-        ("CUDA graphs", f"{'on' if mc.config.cuda_graph_impl == 'local' else 'off'} ({cfg.cuda_graphs()[1]})"),
+        ("CUDA graphs", cfg.cuda_graphs_status()),
         ("parameters per GPU", f"{plan.params_per_gpu:,}"),
     ]
     rows += [(f"memory: {k}", f"{v / GIB:.2f} GiB") for k, v in plan.memory.items()]
