@@ -720,3 +720,67 @@ def test_generate_queues_the_next_step_and_keeps_its_results():
     want, got, (stopped, stopped_want), error = run_distributed(_queued_worker, 1)[0]
     assert got == want and stopped == stopped_want
     assert error is not None and "sequence longer than max_length" in error
+
+
+def test_split_linear_routes_only_decode_projections(monkeypatch):
+    """Generator(split_linear=True): the decode steps' parallel linears (all but the output layer) go through
+    split_linear, the prefill's through Megatron's product, and every layer has its class's method back after each
+    step; decode equals split_linear=False (on CPU split_linear runs F.linear). The kernel's own numerics:
+    tests/kernels/test_split_linear.py; in a bf16 CUDA-graphed decode: test_split_linear_graphed_decode_bf16."""
+    import megatron_based.inference.generation as generation
+    from megatron_based.inference.generation import Generator
+
+    calls = []
+
+    def counting(x, w, b=None):
+        calls.append((x.numel() // x.shape[-1], tuple(w.shape)))
+        return torch.nn.functional.linear(x, w, b)
+
+    monkeypatch.setattr(generation, "split_linear", counting)
+    with in_process_group(monkeypatch):
+        model = _model(1, "CLSA", hidden=64, heads=4, feature_dim=4, window=6)
+        prompts = [[5, 9, 2, 7], [7, 1, 4]]
+        want = Generator(model, vocab_size=VOCAB, max_length=24).generate(prompts, 6)
+        assert not calls
+        got = Generator(model, vocab_size=VOCAB, max_length=24, split_linear=True).generate(prompts, 6)
+        assert got == want
+        per_step = {w for _, w in calls}
+        # C: linear_in / linear_out, L / S / A: qkv and proj, MLP fc1 / fc2 per layer; never the output layer
+        n_linears = sum(1 for m in model.modules() if type(m).__name__ in ("ColumnParallelLinear",
+                                                                              "RowParallelLinear")) - 1
+        assert len(calls) == 5 * n_linears and {rows for rows, _ in calls} == {2}  # 5 steps of 2 rows
+        assert tuple(model.shared_embedding_or_output_weight().shape) not in per_step  # tied output layer
+        assert all("_forward_impl" not in vars(m) for m in model.modules())
+        calls.clear()
+        monkeypatch.setattr(generation, "SPLIT_LINEAR_ROWS", 1)  # 2 rows per step: over the limit
+        Generator(model, vocab_size=VOCAB, max_length=24, split_linear=True).generate(prompts, 3)
+        assert not calls
+
+
+@pytest.mark.gpu
+def test_split_linear_graphed_decode_bf16(monkeypatch):
+    """bf16 on the GPU, CUDA-graphed: decode with split_linear equals its static eager twin bitwise (the kernel's K
+    sums run in a fixed order) and passes the decode guard against an fp64 full forward of the same weights (within
+    2x the bf16 full forward's error), as the cuBLAS decode does."""
+    from megatron_based.inference.generation import (Generator, at_decode_positions, decode_error_report,
+                                                     teacher_forced_logits)
+
+    with in_process_group(monkeypatch):
+        model, reference = bf16_model_and_fp64_reference("CLSA", VOCAB)
+        torch.manual_seed(1)
+        tokens = torch.randint(0, VOCAB, (3, 40))
+        Ps, steps = [3, 12, 9], 28
+        with torch.no_grad():
+            ref = reference(tokens, torch.arange(40).expand_as(tokens), attention_mask=None)[..., :VOCAB]
+        ref = at_decode_positions(ref, Ps, steps)
+        model, tokens = model.cuda(), tokens.cuda()
+        full = at_decode_positions(_full_logits(model, tokens), Ps, steps).cpu()
+        kw = dict(vocab_size=VOCAB, max_length=48)
+        got = teacher_forced_logits(Generator(model, cuda_graph=True, split_linear=True, **kw), tokens, Ps, steps)
+        twin = teacher_forced_logits(Generator(model, static_decode=True, split_linear=True, **kw), tokens, Ps, steps)
+        cublas = teacher_forced_logits(Generator(model, cuda_graph=True, **kw), tokens, Ps, steps)
+        assert torch.equal(got, twin)
+        split, base = (decode_error_report(x.cpu(), full, ref) for x in (got, cublas))
+        print(f"bf16 decode vs fp64: split_linear {split['decode_rel_rms']:.2e}, cuBLAS {base['decode_rel_rms']:.2e}, "
+              f"full forward {split['full_forward_rel_rms']:.2e} (relative RMS)")
+        assert split["passed"] and base["passed"], (split, base)
