@@ -11,9 +11,7 @@ twice that bound; this script says which kernels lose the time. Each row is one 
 * GEMMs: ``F.linear`` at M = batch on every projection shape of the model (C in / out, L qkv / proj, S qkv / proj,
   MLP fc1 / fc2, the output layer), bf16, with cuBLAS (torch's default) and with cuBLASLt
   (``torch.backends.cuda.preferred_blas_library("cublaslt")``), and for the narrow ones (N <= 2 d) the same
-  product with the operands swapped and split over K (2 / 4 / 8 fp32 partial products, summed), and for every
-  shape but the output layer ``based_kernels.split_linear`` (Triton, the K split summed in the kernel) at its
-  default launch and a sweep of launches (``SPLIT_SWEEP``);
+  product with the operands swapped and split over K (2 / 4 / 8 fp32 partial products, summed);
 * the state kernels as the model calls them: ``taylor_linear_attention_step`` (in place; unbuffered, and with the
   decode buffer of 8 / 16 / 32 tokens that the model uses while ``ops.STEP_BUFFER`` > 0), ``sliding_window_step``,
   ``base_conv_packed_step`` (in place) and ``add_rms_norm``, and the Taylor and SWA steps' launch configurations
@@ -43,12 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 L2_BYTES = 60 << 20  # above the H100's 50 MB / H200's 60 MB L2: copies are cycled until their bytes exceed 4x this
-
-
-# split_linear launches swept at each narrow GEMM shape: (BN, S, BK, warps, stages)
-SPLIT_SWEEP = [(32, 2, 128, 4, 4), (32, 4, 128, 4, 4), (32, 4, 256, 4, 3), (64, 2, 128, 4, 4), (64, 4, 128, 4, 4),
-               (64, 8, 128, 4, 4), (64, 4, 64, 4, 6), (64, 2, 256, 4, 3), (64, 4, 256, 4, 3), (64, 4, 128, 8, 4),
-               (128, 4, 128, 8, 4), (128, 8, 128, 8, 3), (128, 8, 64, 4, 4)]
 
 
 def graph_ms(calls, iters: int) -> float:
@@ -158,8 +150,6 @@ def main(argv=None) -> int:
              ("MLP fc1 (gate + up)", layers, d, 2 * ffn, False), ("MLP fc2", layers, ffn, d, False),
              ("output layer", 1, d, vocab, False)]
     backends = ["cublas", "cublaslt"]
-    from based_kernels.split_linear import default_config as default_split, split_linear
-    split_seen = set()
     for name, per_step, K, N, bias in gemms:
         if per_step == 0 or "gemm" not in only:
             continue
@@ -203,27 +193,6 @@ def main(argv=None) -> int:
                     print(f"{name} {label}: {type(e).__name__}: {str(e)[:200]}")
                     continue
                 row(f"{name} [{B}x{K}] x [{K}x{N}], {label}", per_step, nbytes, ms, config=label)
-        # based_kernels.split_linear (Triton, K split over S programs per output tile, summed in the kernel): its
-        # default config and a sweep of (BN, S, BK, warps, stages) the first time a (K, N) shape comes, checked
-        # against F.linear like the variants above
-        if N < vocab:
-            ref = F.linear(x, ws[0], bs[0]).float()
-            sweep = [None] + [cfg for cfg in SPLIT_SWEEP if (K, N) not in split_seen]
-            for cfg in sweep:
-                label = "split_linear " + ("default " + str(default_split(B, N, K, x.device)) if cfg is None
-                                           else str(cfg))
-                try:
-                    err = ((split_linear(x, ws[0], bs[0], config=cfg).float() - ref).norm() / ref.norm()).item()
-                    if err > 1e-2:
-                        print(f"{name} {label}: relative error {err:.1e} vs F.linear: not timed")
-                        continue
-                    ms = graph_ms([lambda w=w, b=b, cfg=cfg: split_linear(x, w, b, config=cfg)
-                                   for w, b in zip(ws, bs)], args.iters)
-                except Exception as e:  # e.g. out of shared memory at a tile
-                    print(f"{name} {label}: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                row(f"{name} [{B}x{K}] x [{K}x{N}], {label}", per_step, nbytes, ms, config=label)
-            split_seen.add((K, N))
         del ws, bs
 
     # ------------------------------------------------------------------------------------------- state kernels

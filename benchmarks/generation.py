@@ -237,9 +237,6 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({where.filename}:{where.lineno})"
 
 
-SPLIT_MODES = {"off": [False], "on": [True], "both": [False, True]}
-
-
 def bench_model(name, section, pattern, graphs, dtype, args) -> list[dict]:
     from megatron_based.inference.generation import Generator
 
@@ -255,15 +252,14 @@ def bench_model(name, section, pattern, graphs, dtype, args) -> list[dict]:
         return [{"model": name, "layer_pattern": pattern, "error": f"build/guard set-up: {error_text(e)}"}]
     n_params = sum(p.numel() for p in model.parameters())
     max_length = max(args.prompt_length + args.new_tokens, max(args.guard_prompts) + args.guard_steps)
-    for graph, split in [(g, s) for g in graphs for s in SPLIT_MODES[args.split_linear]]:
+    for graph in graphs:
         r = {"model": name, "layer_pattern": pattern, "parameters": n_params, "cuda_graph": graph,
              "batch_requested": args.batch, "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
-             "setup_s": setup_s, "split_linear": split}
+             "setup_s": setup_s}
         out.append(r)
         gen = None
         try:
-            gen = Generator(model, vocab_size=spec.vocab_size, max_length=max_length, cuda_graph=graph,
-                            split_linear=split)
+            gen = Generator(model, vocab_size=spec.vocab_size, max_length=max_length, cuda_graph=graph)
             if graph and gen.kv_buckets != [None]:
                 r["kv_buckets"] = gen.kv_buckets
             r["guard"] = guard(gen, data, args, dtype)
@@ -286,8 +282,7 @@ def bench_model(name, section, pattern, graphs, dtype, args) -> list[dict]:
                 gen.release()
             if CUDA:
                 torch.cuda.empty_cache()
-        print(f"  {name} cuda_graph={graph} split_linear={split}: "
-              + (r.get("error") or f"{r['decode_tokens_per_s']:,.0f} tok/s")
+        print(f"  {name} cuda_graph={graph}: " + (r.get("error") or f"{r['decode_tokens_per_s']:,.0f} tok/s")
               + (f" (guard decode {r['guard']['decode_rel_rms']:.2e} vs full {r['guard']['full_forward_rel_rms']:.2e})"
                  if "guard" in r else ""), flush=True)
     del model, data
@@ -316,9 +311,6 @@ def main(argv=None) -> int:
                         "CUDA-graphed step's kernels are unlabelled: its per-layer split comes from its static eager "
                         "twin (static_decode, the same kernels; their times are the eager launches', the device "
                         "busy time is the comparable number), profiled for as many steps (profile_static)")
-    p.add_argument("--split-linear", choices=sorted(SPLIT_MODES), default="off",
-                   help="the decode steps' projections by based_kernels.split_linear (on), cuBLAS (off) or each in "
-                        "turn (both; the Generator's split_linear)")
     p.add_argument("--tiny", action="store_true", help="CPU check: configs/tiny.yaml, batch 4, prompt 8, 32 tokens")
     p.add_argument("--json", default=None, help="where the results go (default benchmarks/results/generation.json; "
                    "with --tiny, none: a CPU check must not replace the GPU results)")

@@ -16,7 +16,6 @@ tensor parallelism works as in training: each rank holds its heads' caches and s
 from __future__ import annotations
 
 import bisect
-import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -29,11 +28,9 @@ if __name__ == "__main__":  # torchrun -m megatron_based.inference.generation: b
 
 import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
 
 from based_kernels.rms_norm.reference import residual_add  # noqa: E402
-from based_kernels.split_linear import split_linear  # noqa: E402
 
 from ..model.config import ConfigError  # noqa: E402
 from ..runtime.cli import bad_option, fail  # noqa: E402
@@ -127,34 +124,6 @@ def _add_norm(residual: torch.Tensor, out_bias, norm) -> tuple[torch.Tensor, tor
     return norm(h), h
 
 
-# Decode-step products of at most this many rows run split_linear when the Generator's split_linear is on.
-SPLIT_LINEAR_ROWS = 256
-
-
-def _split_linear_impl(megatron_impl, input, weight, bias=None, *args, sequence_parallel=False, **kwargs):
-    """A parallel linear's local product (its ``_forward_impl``) by ``split_linear`` for inputs of at most
-    ``SPLIT_LINEAR_ROWS`` rows without autograd or sequence parallelism (the layer's tensor-parallel reduction
-    follows as before); otherwise Megatron's own."""
-    if sequence_parallel or torch.is_grad_enabled() or input.numel() > SPLIT_LINEAR_ROWS * input.shape[-1]:
-        return megatron_impl(input, weight, bias, *args, sequence_parallel=sequence_parallel, **kwargs)
-    return split_linear(input, weight, bias)
-
-
-@contextlib.contextmanager
-def _split_linears(model, on: bool):
-    """Inside, the model's Column/RowParallelLinear layers (not the output layer: wide enough for cuBLAS) compute
-    their local product by :func:`_split_linear_impl`; the instances get their class's method back on exit."""
-    layers = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
-              and m is not getattr(model, "output_layer", None)] if on else []
-    for m in layers:
-        m._forward_impl = lambda *a, _impl=m._forward_impl, **k: _split_linear_impl(_impl, *a, **k)
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m._forward_impl
-
-
 def kv_length_buckets(max_length: int, granularity: int = 256, per_octave: int = 8) -> list[int]:
     """KV lengths of the static decode steps of softmax ("A") layers, ascending, the last ``max_length``: multiples
     of ``granularity`` up to ``granularity * per_octave * 2``, then ``per_octave`` per doubling (multiples of 512
@@ -208,15 +177,10 @@ class Generator:
     sequence. ``static_decode``: run that same fixed-shape step eagerly instead (any device; what the graphs
     replay, for tests and debugging). Without either, decode is dynamic: with every sequence at one position "A"
     layers attend over the rows written so far without a mask, otherwise over the whole cache with one.
-
-    ``split_linear``: the decode steps' projections (every parallel linear but the output layer, at most
-    ``SPLIT_LINEAR_ROWS`` tokens per step) by ``based_kernels.split_linear`` (Triton, the K reduction split over
-    several programs per output tile) instead of cuBLAS; the prefill keeps cuBLAS.
     """
 
     def __init__(self, model, *, vocab_size: int | None = None, max_length: int | None = None,
-                 cuda_graph: bool = False, static_decode: bool = False, kv_buckets: Sequence[int] | None = None,
-                 split_linear: bool = False):
+                 cuda_graph: bool = False, static_decode: bool = False, kv_buckets: Sequence[int] | None = None):
         config = model.config
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise ValueError("generation runs with pipeline_model_parallel_size 1 (use tensor parallelism instead)")
@@ -242,7 +206,6 @@ class Generator:
                              "size and its length buckets)")
         self.cuda_graph = cuda_graph
         self.static_decode = static_decode
-        self.split_linear = split_linear
         self.caches: list[dict] = []
         self.positions: torch.Tensor | None = None  # next position of each sequence, on the device
         self._host_positions: list[int] = []
@@ -320,10 +283,9 @@ class Generator:
                 kv_bucket: int | None = None) -> torch.Tensor:
         """One decode step. "A" layers attend over ``kv_length`` rows unmasked (every sequence at position
         ``kv_length - 1``), else over ``kv_bucket`` rows (None: the whole cache) masked by ``positions``."""
-        with _split_linears(self.model, self.split_linear):
-            hidden = self._run(tokens[:, None], positions[:, None],
-                               lambda mixer, x, cache: mixer.step(x, cache, positions, kv_length=kv_length,
-                                                                  kv_bucket=kv_bucket))
+        hidden = self._run(tokens[:, None], positions[:, None],
+                           lambda mixer, x, cache: mixer.step(x, cache, positions, kv_length=kv_length,
+                                                              kv_bucket=kv_bucket))
         return self._logits(hidden)[0]
 
     @torch.inference_mode()
