@@ -42,6 +42,37 @@ KNOWN_LOG_MESSAGES = {
 }
 
 
+# Megatron's summary of a CUDA-graph capture ("> built 54 cuda graph(s) in 1.31 sec, with total memory usage:
+# allocated 3.2 gb, reserved 7.1 gb."), logged at INFO on rank 0 after its per-graph progress bar.
+CUDA_GRAPH_SUMMARY = ("megatron.core.transformer.cuda_graphs", r"^> (built \d+ cuda graph.*?)\.?$")
+
+
+class _Forward(logging.Handler):
+    """Hands the messages matching ``pattern`` (its first group) to ``print_fn``; ignores the others."""
+
+    def __init__(self, pattern: str, print_fn):
+        super().__init__(logging.INFO)
+        self.pattern, self.print_fn = re.compile(pattern), print_fn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self.pattern.search(record.getMessage())
+        if match:
+            self.print_fn(f"CUDA graphs: {match.group(1)}")
+
+
+def report_cuda_graph_captures(print_fn) -> None:
+    """Print Megatron's CUDA-graph capture summary through ``print_fn`` as "CUDA graphs: built N cuda graph(s) in X
+    sec, with total memory usage: ..." (its logger set to INFO; its other INFO records still reach only the handlers
+    a user configured). Replaces the handler of an earlier call."""
+    name, pattern = CUDA_GRAPH_SUMMARY
+    logger = logging.getLogger(name)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    for h in [h for h in logger.handlers if isinstance(h, _Forward)]:
+        logger.removeHandler(h)
+    logger.addHandler(_Forward(pattern, print_fn))
+
+
 class _DropMessage(logging.Filter):
     def __init__(self, pattern: str):
         super().__init__()

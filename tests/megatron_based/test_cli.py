@@ -105,6 +105,24 @@ def test_known_log_lines_hidden_unknown_kept(caplog):
     assert [r.getMessage() for r in caplog.records] == ["another message"]
 
 
+def test_cuda_graph_capture_summary_reaches_the_run_log(monkeypatch):
+    """Megatron's capture summary (INFO, logged after its graphs are built) goes to the run log as one "CUDA graphs:"
+    line; its other INFO records (progress) do not; a second call replaces the first handler."""
+    name = noise.CUDA_GRAPH_SUMMARY[0]
+    log = logging.getLogger(name)
+    monkeypatch.setattr(log, "level", logging.NOTSET)
+    monkeypatch.setattr(log, "handlers", [])
+    printed, earlier = [], []
+    noise.report_cuda_graph_captures(earlier.append)
+    noise.report_cuda_graph_captures(printed.append)
+    log.info("Creating 54 CUDA graphs")
+    log.info("53/54. create cuda graphs | mem: alloc 4.3 gb, res 4.6 gb")
+    log.info("> built 54 cuda graph(s) in 1.31 sec, with total memory usage: allocated 3.2 gb, reserved 7.1 gb.")
+    assert printed == ["CUDA graphs: built 54 cuda graph(s) in 1.31 sec, with total memory usage: allocated 3.2 gb, "
+                       "reserved 7.1 gb"] and not earlier
+    assert log.getEffectiveLevel() == logging.INFO
+
+
 def test_child_processes_inherit_the_filter(monkeypatch):
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     noise.quiet_known_warnings()
