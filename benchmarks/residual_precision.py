@@ -38,7 +38,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-import torch
+from megatron_based.runtime.noise import quiet_known_warnings
+
+if __name__ == "__main__":  # before torch and Megatron warn: the entry points' filter of their known notices
+    quiet_known_warnings()
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
