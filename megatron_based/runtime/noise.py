@@ -1,12 +1,10 @@
 """The third-party warnings and log lines we know to be harmless, filtered before torch or Megatron is imported.
 
 Every command-line entry point calls :func:`quiet_known_warnings` first (``--verbose`` keeps them). Imports neither
-torch nor Megatron at import (:func:`report_cuda_graph_captures`, called where Megatron runs, imports one of its
-modules).
+torch nor Megatron.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
@@ -65,11 +63,8 @@ class _Forward(logging.Handler):
 def report_cuda_graph_captures(print_fn) -> None:
     """Print Megatron's CUDA-graph capture summary through ``print_fn`` as "CUDA graphs: built N cuda graph(s) in X
     sec, with total memory usage: ..." (its logger set to INFO; its other INFO records still reach only the handlers
-    a user configured), and turn off its per-graph tqdm bar (two lines per graph in a log file; a capture takes
-    seconds). Imports Megatron's ``cuda_graphs`` module: call it where Megatron is in use. Replaces the handler of an
-    earlier call."""
+    a user configured). Replaces the handler of an earlier call."""
     name, pattern = CUDA_GRAPH_SUMMARY
-    importlib.import_module(name).HAVE_TQDM = False
     logger = logging.getLogger(name)
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
