@@ -12,14 +12,15 @@ print("torch", torch.__version__, "triton", triton.__version__, "megatron-core",
 mkdir -p /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # Triton's cache in the checkout (.triton-cache/, git-ignored). run_gpu_suite.sh returns its compiled kernels as
-# triton_cache.tar.xz; saved as .triton-cache.tar.xz in the checkout (git-ignored) and carried to the next call, it is
-# unpacked here (once per machine: the scripts source this file several times per call), and that call does not
-# compile again the kernels whose source and options did not change (Triton's cache groups name their files by
-# absolute path: it hits where the checkout has the path of the one that filled it, as each call's copy does).
-mkdir -p .triton-cache && { [ ! -f .triton-cache.tar.xz ] || [ -f .triton-cache/.unpacked ] \
-  || { python3 -c 'import tarfile; tarfile.open(".triton-cache.tar.xz").extractall(".triton-cache", filter="data")' \
-       && touch .triton-cache/.unpacked; }; } \
-  && export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
+# triton_cache.tar.xz (or, over the machine's 16 MB per file, its parts triton_cache.tar.xz.0, .1, ...); saved as
+# .triton-cache.tar.xz (.0, .1, ...) in the checkout (git-ignored) and carried to the next call, it is unpacked here
+# (benchmarks/triton_cache.py; once per machine: the scripts source this file several times per call), and that call
+# does not compile again the kernels whose source and options did not change (Triton's cache groups name their files
+# by absolute path: it hits where the checkout has the path of the one that filled it, as each call's copy does).
+mkdir -p .triton-cache
+[ -f .triton-cache/.unpacked ] || { python3 benchmarks/triton_cache.py unpack .triton-cache.tar.xz .triton-cache \
+  && touch .triton-cache/.unpacked; } || echo "unpacking the carried Triton cache failed: its kernels compile again"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "installing the carried wheels failed"; return 1 2>/dev/null || exit 1; }

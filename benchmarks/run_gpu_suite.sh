@@ -27,26 +27,9 @@ if [ -z "$BENCH_ONLY" ]; then
   cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
   echo "Triton cache: $(find "$cache" -type f 2>/dev/null | wc -l) files," \
     "$(find "$cache" -name "*.autotune.json" 2>/dev/null | wc -l) autotuning results"
-  # the compiled kernels for the next call to carry (benchmarks/gpu_env.sh): per kernel the metadata and group files
-  # (.json) and the binary (.cubin), all that a cache hit reads (Triton loads the files of a kernel's group that
-  # exist), and the .ptx where the archive stays within the machine's 16 MB per returned file; not the other IRs
-  # (.llir, .ttir, .ttgir, .source: most of the bytes) nor the autotuning results (the runs that tune still tune)
-  pack() {  # python's tarfile: xz without an xz binary on the machine; $1 = 1: with the PTX
-    python3 - "$cache" "$OUT/triton_cache.tar.xz" "$1" <<'PY'
-import os, sys, tarfile
-root, out, ptx = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-keep = (".cubin", ".json", ".ptx") if ptx else (".cubin", ".json")
-with tarfile.open(out, "w:xz", preset=3) as tar:  # ~9x smaller than the files at ~10 MB/s
-    for d, _, files in os.walk(root):
-        for f in sorted(files):
-            if f.endswith(keep) and not f.endswith(".autotune.json"):
-                tar.add(os.path.join(d, f), os.path.relpath(os.path.join(d, f), root))
-PY
-  }
-  big() { [ "$(stat -c %s "$OUT/triton_cache.tar.xz")" -gt 16000000 ]; }
-  pack 1 && { ! big || pack 0; } && big \
-    && { echo "triton_cache.tar.xz: $(du -h "$OUT/triton_cache.tar.xz" | cut -f1), over 16 MB: not returned"; \
-         rm -f "$OUT/triton_cache.tar.xz"; }
+  # the compiled kernels for the next call to carry (benchmarks/gpu_env.sh unpacks them): benchmarks/triton_cache.py
+  # says which files; over the machine's 16 MB per returned file, in parts (triton_cache.tar.xz.0, .1, ...)
+  python3 benchmarks/triton_cache.py pack "$cache" "$OUT/triton_cache.tar.xz" || echo "packing the Triton cache failed"
 fi
 if [ -z "$SUITE_ONLY" ]; then
   # rows merge into the tracked JSON (BENCH_ARGS="--formats dp_reshardable" runs one format)
