@@ -48,7 +48,8 @@ CUDA_GRAPH_SUMMARY = ("megatron.core.transformer.cuda_graphs", r"^> (built \d+ c
 
 
 class _Forward(logging.Handler):
-    """Hands the messages matching ``pattern`` (its first group) to ``print_fn``; ignores the others."""
+    """Hands the messages matching ``pattern`` to ``print_fn`` as "CUDA graphs: <its first group>"; ignores the
+    others."""
 
     def __init__(self, pattern: str, print_fn):
         super().__init__(logging.INFO)
