@@ -3,7 +3,7 @@ context, so each candidate of ``taylor_attention.py --sweep`` is checked here fi
 T 2048 (H 16, f 16, d_v 64, bf16) against the fp64 chunked reference, then at the sweep's shape (B 8, T 4096).
 
     python benchmarks/taylor_config_check.py --chunk 64 --grad 64 64 8 1 [--output 64 64 8 2] [--query-rows 32]
-        [--split] [--no-keep] [--hi-intra 0] [--time [16,2048,64 ...]] [--kernels]
+        [--split] [--output-split [BF W S]] [--no-keep] [--hi-intra 0] [--time [16,2048,64 ...]] [--kernels]
 
 Prints one line: the configuration, then OK with the relative errors, or FAILED with the error."""
 from __future__ import annotations
@@ -27,6 +27,8 @@ def main() -> int:
     ap.add_argument("--query-rows", type=int, default=ops.OUTPUT_QUERY_ROWS,
                     help="ops.OUTPUT_QUERY_ROWS: the output pass's query rows per program (0: the whole chunk)")
     ap.add_argument("--split", action="store_true", help="ops.GRAD_SPLIT")
+    ap.add_argument("--output-split", type=int, nargs="*", metavar="BF W S",
+                    help="ops.OUTPUT_SPLIT, with CONFIG['state_part']'s feature block, warps and stages if given")
     ap.add_argument("--no-keep", action="store_true", help="ops.KEEP_STATES off")
     ap.add_argument("--hi-intra", type=int, choices=(0, 1), default=int(ops.HI_INTRA),
                     help="ops.HI_INTRA: the forward's intra-chunk A @ v on fp32 (tf32) operands (1) or bf16 (0)")
@@ -38,12 +40,19 @@ def main() -> int:
     ops.CHUNK, ops.CONFIG["grad"], ops.GRAD_SPLIT, ops.KEEP_STATES = a.chunk, tuple(a.grad), a.split, not a.no_keep
     ops.HI_INTRA = bool(a.hi_intra)
     ops.CONFIG["output"], ops.OUTPUT_QUERY_ROWS = tuple(a.output), a.query_rows or None
+    ops.OUTPUT_SPLIT = a.output_split is not None
+    if a.output_split:
+        if len(a.output_split) != 3:
+            ap.error("--output-split takes no value or three: BF W S")
+        bf, w, st = a.output_split
+        ops.CONFIG["state_part"] = (bf, ops.CONFIG["state_part"][1], w, st)
     # the warps given, also where the library caps them (ops.grad_warps: below chunk 128), to re-check that crash
     ops.GRAD_WARPS_SMALL_CHUNK = max(ops.GRAD_WARPS_SMALL_CHUNK, a.grad[2])
     # split at the value block given, also where the library runs it unsplit (ops.grad_split), to re-check it
     ops.GRAD_SPLIT_MIN_BV = min(ops.GRAD_SPLIT_MIN_BV, a.grad[1])
     label = (f"chunk {a.chunk} output {tuple(a.output)} rows {ops.OUTPUT_QUERY_ROWS} grad {tuple(a.grad)} split"
-             f" {a.split} keep {not a.no_keep} hi_intra {ops.HI_INTRA}")
+             f" {a.split} keep {not a.no_keep} hi_intra {ops.HI_INTRA}"
+             + (f" output_split {ops.CONFIG['state_part']}" if ops.OUTPUT_SPLIT else ""))
     try:
         errs = [errors_vs_fp64(2, 2048, 64)[0][key] for key in ("y", "dq", "dk", "dv")]
         q, k, v = inputs(8, 4096, 64, seed=2, grad=True)

@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 from datetime import date
 
-from megatron_based.runtime.noise import quiet_known_warnings
+from megatron_based.runtime.noise import quiet_known_warnings, report_cuda_graph_captures
 
 if __name__ == "__main__":  # run as a script (not imported by the tests), before Megatron is imported
     quiet_known_warnings()  # the entry points' filter: Megatron's known notices stay out of the benchmark's output
@@ -436,6 +436,8 @@ def main(argv=None):
         based_kernels.use_backend(args.backend)
     initialize_parallel(args.tp, 1, args.cp, seed=1234, cuda_graphs=args.cuda_graphs)
     rank = torch.distributed.get_rank()
+    if args.cuda_graphs:  # Megatron's capture summary per case, not its per-graph progress bar
+        report_cuda_graph_captures(lambda line: print(f"  {line}", flush=True))
     meta = dict(date=str(date.today()), device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                 torch=torch.__version__, world_size=torch.distributed.get_world_size(), runs=[vars(args)])
     doc = dict(meta=meta, results=[])

@@ -19,7 +19,8 @@ Forward (T tokens in chunks of BT):
      sequences x heads, G times as many chains G times shorter: the kernel's two-level walk).
   2. ``taylor_chunk_output_kernel``, programs (value block, chunk, head), all independent (with
      ops.OUTPUT_QUERY_ROWS one per block of a chunk's query rows): the intra-chunk ``(1 + s + s^2/2)``-masked
-     product plus ``phi(Q_c) hc_c`` feature block by feature block, normalised.
+     product plus ``phi(Q_c) hc_c`` feature block by feature block, normalised (with ops.OUTPUT_SPLIT the second
+     term comes from ``taylor_chunk_state_part_kernel``, launched before it).
 Backward (``do = dy / den``, ``dd = -(dy . y) / den``; an unnormalised attention with values ``[v | 1]``):
   3. the state pass 1 again (recomputing ``hc`` costs less than keeping it between forward and backward);
   4. ``taylor_chunk_dstate_kernel``: the same walk in reverse with ``phi(Q_c)^T do_c`` (and ``dd``), storing
@@ -307,44 +308,13 @@ def taylor_chunk_state_kernel(
 
 
 @triton.jit
-def taylor_chunk_output_kernel(
-    q, k, v, o, den, hc, hl, zc, cu_seqlens, chunk_meta, bad, feat,
-    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-    T, H, NC, scale, eps,
-    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
-    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr,
-    BL: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr, CONFINE: tl.constexpr, BQ: tl.constexpr = 0,
-):
-    """Output of BQ query rows of one chunk (BQ 0: the whole chunk; programs (value block, chunk x query block,
-    head), the query blocks of a chunk adjacent): intra-chunk ``(1 + s + s^2/2)`` part over the chunk's keys plus
-    ``phi(Q) . (hc_c, zc_c)``. The constant and linear rows (the largest terms: the constant row is the running sum
-    of v) come from their fp32 copy ``hl`` in a 3-pass tf32 product (~fp32; ``LOW_PREC``, IEEE when PREC is); the
-    quadratic rows from the bf16 ``hc`` on bf16 tensor cores. ``PREC``: the input_precision of the other products
-    with fp32 operands (_common.dot_precision: IEEE for fp32 inputs at torch's default float32 matmul precision, else
-    tf32). Query blocks (BQ < BT) keep [BQ, BT] scores and [BQ, BF] features live instead of [BT, BT] and [BT, BF]:
-    fewer registers per program, for k, v and the chunk's state read once per block (from L2). Launched plain, then
-    with ``CONFINE`` (``_common.launch_confined``)."""
-    if CONFINE:  # the confining re-launch: only after a plain program flagged a non-finite result
-        if tl.load(bad) == 0:
-            return
+def _state_part(b_num, b_den, b_q, hc, hl, zc, feat, p_st, o_v, m_v, F: tl.constexpr, DV: tl.constexpr,
+                BK: tl.constexpr, BF: tl.constexpr, NF: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
+                LOW_PREC: tl.constexpr):
+    """``b_num += phi(Q) hc_c``, ``b_den += phi(Q) zc_c`` for query rows ``b_q`` of the chunk whose state is at
+    ``p_st`` (value columns ``o_v``): the constant and linear rows from their fp32 copy ``hl`` (``LOW_PREC``), the
+    quadratic rows from ``hc`` feature block by feature block (``PREC``)."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
-    NQ: tl.constexpr = 1 if BQ == 0 else BT // BQ
-    i_v, i_cq, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_c, i_q = i_cq // NQ, i_cq % NQ
-    p_st = i_c.to(tl.int64) * H + i_h
-    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, o_q, o_tq, m_q = _load_chunk(
-        q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
-        T, H, NC, F, DV, BK, BT, BV, IS_VARLEN, i_q, BQ)
-
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
-    m_c = (o_q[:, None] >= o_t[None, :]) & m_t[None, :]
-    b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
-    b_w = b_A
-    if CONFINE:  # a non-finite v row reaches only the queries that see it, through A (not 0 * NaN: _jit_common)
-        b_v, b_vnan = finite_rows(b_v)
-        b_w = tl.where(m_c, b_A + b_vnan[None, :], 0.)
-    b_num = _mm(b_w, b_v, b_v, HI_INTRA, PREC)
-    b_den = tl.sum(b_A, 1)
     o_l, m_l, a_l, b_l, c_l = _feature_rows(feat, 0, F, BL)
     m_l = m_l & (o_l <= F)
     b_hl = tl.load(hl + (p_st * (F + 1) + o_l[:, None]) * DV + o_v[None, :], mask=m_l[:, None] & m_v[None, :],
@@ -358,6 +328,89 @@ def taylor_chunk_output_kernel(
         b_p = _phi(b_q, a, b, c, BK)
         b_num += tl.dot(b_p.to(b_h.dtype), b_h, input_precision=PREC)
         b_den += tl.sum(b_p * b_z[None, :], 1)
+    return b_num, b_den
+
+
+@triton.jit
+def taylor_chunk_state_part_kernel(
+    q, hc, hl, zc, nump, denp, cu_seqlens, chunk_meta, feat, s_qb, s_qt, s_qh, T, H, NC,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
+    LOW_PREC: tl.constexpr,
+):
+    """The output pass's state part alone (ops.OUTPUT_SPLIT), programs (value block, chunk, head): ``phi(Q_c) .
+    (hc_c, zc_c)`` of the chunk's query rows into fp32 ``nump [chunks, H, BT, d_v]`` and ``denp [chunks, H, BT]``
+    (each program's rows contiguous), which ``taylor_chunk_output_kernel`` (PARTIAL) adds to the intra-chunk part.
+    Each kernel then holds either the intra-chunk score tiles or the feature tiles, not both, for the partial sums'
+    round trip through memory."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
+    p_st = i_c.to(tl.int64) * H + i_h
+    o_tt = t0 + tl.arange(0, BT)
+    m_t = o_tt < eos
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_tt[:, None] * s_qt + o_k[None, :],
+                  mask=m_t[:, None] & (o_k < F)[None, :], other=0.)
+    b_num, b_den = _state_part(tl.zeros([BT, BV], dtype=tl.float32), tl.zeros([BT], dtype=tl.float32), b_q, hc, hl,
+                               zc, feat, p_st, o_v, m_v, F, DV, BK, BF, NF, BL, PREC, LOW_PREC)
+    p_p = p_st * BT + tl.arange(0, BT)
+    tl.store(nump + p_p[:, None] * DV + o_v[None, :], b_num, mask=m_t[:, None] & m_v[None, :])
+    tl.store(denp + p_p, b_den, mask=m_t & (i_v == 0))
+
+
+@triton.jit
+def taylor_chunk_output_kernel(
+    q, k, v, o, den, hc, hl, zc, cu_seqlens, chunk_meta, bad, feat, nump, denp,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+    T, H, NC, scale, eps,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr,
+    BL: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr, CONFINE: tl.constexpr, BQ: tl.constexpr = 0,
+    PARTIAL: tl.constexpr = False,
+):
+    """Output of BQ query rows of one chunk (BQ 0: the whole chunk; programs (value block, chunk x query block,
+    head), the query blocks of a chunk adjacent): intra-chunk ``(1 + s + s^2/2)`` part over the chunk's keys plus
+    ``phi(Q) . (hc_c, zc_c)``. The constant and linear rows (the largest terms: the constant row is the running sum
+    of v) come from their fp32 copy ``hl`` in a 3-pass tf32 product (~fp32; ``LOW_PREC``, IEEE when PREC is); the
+    quadratic rows from the bf16 ``hc`` on bf16 tensor cores. ``PREC``: the input_precision of the other products
+    with fp32 operands (_common.dot_precision: IEEE for fp32 inputs at torch's default float32 matmul precision, else
+    tf32). Query blocks (BQ < BT) keep [BQ, BT] scores and [BQ, BF] features live instead of [BT, BT] and [BT, BF]:
+    fewer registers per program, for k, v and the chunk's state read once per block (from L2). ``PARTIAL``: the
+    state part is not computed here but read (fp32 ``nump [chunks, H, BT, d_v]``, ``denp [chunks, H, BT]``) from
+    ``taylor_chunk_state_part_kernel``, which ran before (ops.OUTPUT_SPLIT). Launched plain, then with ``CONFINE``
+    (``_common.launch_confined``)."""
+    if CONFINE:  # the confining re-launch: only after a plain program flagged a non-finite result
+        if tl.load(bad) == 0:
+            return
+    NQ: tl.constexpr = 1 if BQ == 0 else BT // BQ
+    i_v, i_cq, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_q = i_cq // NQ, i_cq % NQ
+    p_st = i_c.to(tl.int64) * H + i_h
+    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, o_q, o_tq, m_q = _load_chunk(
+        q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+        T, H, NC, F, DV, BK, BT, BV, IS_VARLEN, i_q, BQ)
+    if PARTIAL:  # the state part from taylor_chunk_state_part_kernel, loaded before the intra-chunk products
+        p_p = p_st * BT + o_q
+        b_pnum = tl.load(nump + p_p[:, None] * DV + o_v[None, :], mask=m_q[:, None] & m_v[None, :], other=0.)
+        b_pden = tl.load(denp + p_p, mask=m_q, other=0.)
+
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
+    m_c = (o_q[:, None] >= o_t[None, :]) & m_t[None, :]
+    b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
+    b_w = b_A
+    if CONFINE:  # a non-finite v row reaches only the queries that see it, through A (not 0 * NaN: _jit_common)
+        b_v, b_vnan = finite_rows(b_v)
+        b_w = tl.where(m_c, b_A + b_vnan[None, :], 0.)
+    b_num = _mm(b_w, b_v, b_v, HI_INTRA, PREC)
+    b_den = tl.sum(b_A, 1)
+    if PARTIAL:
+        b_num += b_pnum
+        b_den += b_pden
+    else:
+        b_num, b_den = _state_part(b_num, b_den, b_q, hc, hl, zc, feat, p_st, o_v, m_v, F, DV, BK, BF, NF, BL, PREC,
+                                   LOW_PREC)
     b_o = b_num / (b_den + eps)[:, None]
     tl.store(o + i_b * s_ob + i_h * s_oh + o_tq[:, None] * s_ot + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_q[:, None] & m_v[None, :])

@@ -26,7 +26,7 @@ from .. import _common
 from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, confine_flags, dot_precision,
                        lastdim_contiguous, launch_confined, next_pow2, resolve_backend)
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
-                    taylor_prep_kernel)
+                    taylor_chunk_state_part_kernel, taylor_prep_kernel)
 from .recurrent import taylor_step_buffered_kernel, taylor_step_kernel
 from .reference import (feature_dim, taylor_attention_chunked, taylor_attention_step,
                         taylor_attention_step_buffered)
@@ -133,6 +133,7 @@ def _check_buffer(q, v, buffer):
 # Triton's own launch path costs ~0.1 ms of Python per launch of these many-argument kernels (see _common.py)
 _state_kernel = Launcher(taylor_chunk_state_kernel)
 _output_kernel = Launcher(taylor_chunk_output_kernel)
+_state_part_kernel = Launcher(taylor_chunk_state_part_kernel)
 _grad_kernel = Launcher(taylor_chunk_grad_kernel)
 _prep_kernel = Launcher(taylor_prep_kernel)
 _step_kernel = Launcher(taylor_step_kernel)
@@ -175,6 +176,8 @@ CONFIG = {
     "state": (64, 64, 4, 2),
     "output": (64, 64, 8, 2),
     "grad": (32, 64, 8, 1),
+    # the output pass's state part as its own kernel (OUTPUT_SPLIT; BV: the output pass's)
+    "state_part": (64, 64, 4, 2),
 }
 GRAD_WARPS_SMALL_CHUNK = 4
 # Operand precision (fp32 accumulation always): the intra-chunk A @ v of the forward runs on fp32 operands
@@ -199,6 +202,11 @@ KEEP_STATES = True
 # [BQ, BF] features per program instead of [chunk, chunk] and [chunk, BF]: fewer registers and more programs per
 # SM. None (or a value >= the chunk): one program per chunk. At most the chunk, a power of two >= 16.
 OUTPUT_QUERY_ROWS: Optional[int] = None
+# The output pass as two kernels: the state part phi(Q_c) (hc_c, zc_c) of every chunk into fp32 partial sums
+# (chunk.taylor_chunk_state_part_kernel), then the intra-chunk part plus those sums, normalised: each kernel holds
+# either the [chunk, chunk] score tiles or the feature tiles, for a round trip of the partial sums (fp32, d_v + 1
+# numbers per token and head) through memory.
+OUTPUT_SPLIT = False
 
 
 def output_query_rows(BT: int, n_chunks: int = 1) -> int:
@@ -422,13 +430,25 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
     if n_chunks:
         BQ = output_query_rows(BT, n_chunks)
         grid = (cdiv(DV, BV), n_chunks * (BT // BQ if BQ else 1), H)
+        cu, meta = (cu_seqlens if cu_seqlens is not None else den), (meta if meta is not None else den)
+        low_prec = "ieee" if prec == "ieee" else "tf32x3"
+        nump, denp = den, den
+        if OUTPUT_SPLIT:
+            nump = q.new_empty(n_chunks, H, BT, DV, dtype=torch.float32)
+            denp = q.new_empty(n_chunks, H, BT, dtype=torch.float32)
+            pBF, _, pnw, pns = CONFIG["state_part"]
+            pBF = BF if INTERPRET or prec == "ieee" else pBF
+            _state_part_kernel(lambda m: (cdiv(DV, BV), n_chunks, H), (
+                q, hc, hl, zc, nump, denp, cu, meta, feature_table(F, q.device), *_s3(q), T, H, NC),
+                F=F, DV=DV, BK=BK, BT=BT, BF=pBF, BV=BV, NF=cdiv(feature_dim(F), pBF), IS_VARLEN=cu_seqlens is not None,
+                BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, num_warps=nw if prec == "ieee" else pnw,
+                num_stages=ns if prec == "ieee" else pns)
         launch_confined(_output_kernel, lambda m: grid, (
-            q, k, v, o, den, hc, hl, zc, cu_seqlens if cu_seqlens is not None else den,
-            meta if meta is not None else den, *confine_flags(q, 1), feature_table(F, q.device),
+            q, k, v, o, den, hc, hl, zc, cu, meta, *confine_flags(q, 1), feature_table(F, q.device), nump, denp,
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
-                 BL=low_rows_tile(F), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
-                 BQ=BQ, num_warps=nw, num_stages=ns))
+                 BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, BQ=BQ, PARTIAL=OUTPUT_SPLIT, num_warps=nw,
+                 num_stages=ns))
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     if not keep_states:

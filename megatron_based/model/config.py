@@ -18,6 +18,11 @@ import torch.nn.functional as F
 import yaml
 from megatron.core.transformer import TransformerConfig
 
+# The cuda_graph_impl values a model accepts (Megatron's field), and why only these
+CUDA_GRAPH_IMPLS = ("none", "local")
+CUDA_GRAPH_IMPLS_WHY = "Megatron-Core's per-layer CUDA graphs; the other implementations need TransformerEngine"
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says what to change."""
 
@@ -184,9 +189,9 @@ class BasedConfig(TransformerConfig):
             # ignored, so it is refused instead
             raise ConfigError(f"normalization must be RMSNorm (BASED's layers, as released, use RMSNorm; other norms "
                               f"are not implemented); got {self.normalization!r}")
-        if self.cuda_graph_impl not in ("none", "local"):
-            raise ConfigError(f"cuda_graph_impl must be 'none' or 'local' (Megatron-Core's per-layer CUDA graphs; "
-                              f"the others need TransformerEngine); got {self.cuda_graph_impl!r}")
+        if self.cuda_graph_impl not in CUDA_GRAPH_IMPLS:
+            raise ConfigError(f"cuda_graph_impl must be 'none' or 'local' ({CUDA_GRAPH_IMPLS_WHY}); got "
+                              f"{self.cuda_graph_impl!r}")
         if self.cuda_graph_impl == "local" and self.recompute_granularity == "full":
             raise ConfigError("cuda_graph_impl: local and full activation recompute do not mix (Megatron's per-layer "
                               "graphs refuse it): drop one of them")

@@ -1,10 +1,12 @@
 """The third-party warnings and log lines we know to be harmless, filtered before torch or Megatron is imported.
 
 Every command-line entry point calls :func:`quiet_known_warnings` first (``--verbose`` keeps them). Imports neither
-torch nor Megatron.
+torch nor Megatron at import (:func:`report_cuda_graph_captures`, called where Megatron runs, imports one of its
+modules).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -30,6 +32,8 @@ KNOWN_WARNINGS = [
     # The distributed optimizer's fp32 shards are slices of the parameters (not leaves); its zero_grad reads .grad.
     (r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning, r"megatron\.core\.optimizer"),
 ]
+# Megatron's CUDA-graph module and logger
+MCORE_CUDA_GRAPHS = "megatron.core.transformer.cuda_graphs"
 # Messages Megatron and torch print through ``logging``, by logger name.
 KNOWN_LOG_MESSAGES = {
     "megatron.core.models.gpt.gpt_model": r"GPTModel IS DEPRECATED",
@@ -38,18 +42,19 @@ KNOWN_LOG_MESSAGES = {
     "torch.utils.cpp_extension": r"No CUDA runtime is found",
     # at each CUDA-graph capture (model.cuda_graph_impl local / auto): without TransformerEngine the graphs' buffers
     # are not shared across graphs; based-360m's graphed step still peaks below its eager one (docs/benchmarks.md)
-    "megatron.core.transformer.cuda_graphs": r"Transformer Engine was not detected while capturing",
+    MCORE_CUDA_GRAPHS: r"Transformer Engine was not detected while capturing",
 }
 
 
 # Megatron's summary of a CUDA-graph capture ("> built 54 cuda graph(s) in 1.31 sec, with total memory usage:
-# allocated 3.2 gb, reserved 7.1 gb."), logged at INFO on rank 0 after its per-graph progress bar.
-CUDA_GRAPH_SUMMARY = ("megatron.core.transformer.cuda_graphs", r"^> (built \d+ cuda graph.*?)\.?$")
+# allocated 3.2 gb, reserved 7.1 gb."), logged at INFO on rank 0 after its per-graph progress bar. Its "memory
+# usage" is the change of the allocator's counters over the capture (negative where the cache shrank).
+CUDA_GRAPH_SUMMARY = (MCORE_CUDA_GRAPHS, r"^> (built \d+ cuda graph.*?)(?:, with total memory usage: (.*?))?\.?$")
 
 
 class _Forward(logging.Handler):
-    """Hands the messages matching ``pattern`` to ``print_fn`` as "CUDA graphs: <its first group>"; ignores the
-    others."""
+    """Hands the messages matching ``pattern`` to ``print_fn`` as "CUDA graphs: <its first group>" (and "(memory
+    change over the capture: <its second>)" where that matched); ignores the others."""
 
     def __init__(self, pattern: str, print_fn):
         super().__init__(logging.INFO)
@@ -58,14 +63,18 @@ class _Forward(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         match = self.pattern.search(record.getMessage())
         if match:
-            self.print_fn(f"CUDA graphs: {match.group(1)}")
+            memory = f" (memory change over the capture: {match.group(2)})" if match.group(2) else ""
+            self.print_fn(f"CUDA graphs: {match.group(1)}{memory}")
 
 
 def report_cuda_graph_captures(print_fn) -> None:
     """Print Megatron's CUDA-graph capture summary through ``print_fn`` as "CUDA graphs: built N cuda graph(s) in X
-    sec, with total memory usage: ..." (its logger set to INFO; its other INFO records still reach only the handlers
-    a user configured). Replaces the handler of an earlier call."""
+    sec (memory change over the capture: ...)" (its logger set to INFO; its other INFO records still reach only the handlers
+    a user configured), and turn off its per-graph tqdm bar (two lines per graph in a log file; a capture takes
+    seconds). Imports Megatron's ``cuda_graphs`` module: call it where Megatron is in use. Replaces the handler of an
+    earlier call."""
     name, pattern = CUDA_GRAPH_SUMMARY
+    importlib.import_module(name).HAVE_TQDM = False
     logger = logging.getLogger(name)
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)

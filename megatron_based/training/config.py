@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..model.config import ConfigError, ModelSpec, check_scalar, gpu_target, model_spec_from_dict, read_yaml_file
+from ..model.config import (CUDA_GRAPH_IMPLS, CUDA_GRAPH_IMPLS_WHY, ConfigError, ModelSpec, check_scalar, gpu_target,
+                            model_spec_from_dict, read_yaml_file)
 from .checkpointing import CheckpointError, check_architecture, check_sizes, resolve
 from .data import DataError, check_split_sizes, load_tokenizer
 
@@ -116,9 +117,9 @@ class RunConfig:
         mixers in ``GRAPH_SAFE_MIXERS``; "none" elsewhere, with the first reason. "none" and "local" are taken as
         given (BasedConfig checks "local")."""
         value = self.model.get("cuda_graph_impl", "auto")
-        if value not in ("auto", "none", "local"):
-            raise ConfigError(f"model.cuda_graph_impl must be auto, none or local (Megatron-Core's per-layer CUDA "
-                              f"graphs; the other implementations need TransformerEngine); got {value!r}")
+        if value not in ("auto", *CUDA_GRAPH_IMPLS):
+            raise ConfigError(f"model.cuda_graph_impl must be auto, none or local ({CUDA_GRAPH_IMPLS_WHY}); got "
+                              f"{value!r}")
         if value != "auto":
             return value, f"model.cuda_graph_impl: {value}"
         p, t = self.parallel, self.train

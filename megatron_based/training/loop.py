@@ -24,7 +24,6 @@ if __name__ == "__main__":  # python -m megatron_based.training.loop (the launch
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from megatron.core.transformer import cuda_graphs as mcore_cuda_graphs  # noqa: E402
 
 from ..model.builder import build_model  # noqa: E402
 from ..model.config import ConfigError  # noqa: E402
@@ -122,10 +121,7 @@ def train(cfg: RunConfig, step_hook=None) -> dict:
                  + ", ".join(f"{name} {dt:.1f} s" for name, dt in phases.items()) + ")")
     if device.type == "cuda":  # graphs on or off, and why (model.cuda_graph_impl; training/config.py)
         logger.print(f"CUDA graphs: {cfg.cuda_graphs_status()}")
-        if cfg.cuda_graphs()[0] == "local":
-            # Megatron's capture: its summary line in our log instead of its tqdm bar (two lines per graph in a log
-            # file; the capture takes seconds)
-            mcore_cuda_graphs.HAVE_TQDM = False
+        if cfg.cuda_graphs()[0] == "local":  # Megatron's capture summary in our log instead of its progress bar
             report_cuda_graph_captures(logger.print)
 
     def evaluate(dataset=valid_ds, first_sample: int = 0, global_batches: int = eval_batches) -> float:

@@ -617,6 +617,34 @@ def test_output_query_blocks_confine_nan_and_bad_values(monkeypatch):
             ops.output_query_rows(128)
 
 
+@pytest.mark.parametrize("varlen, rows", [(False, None), (True, None), (False, 16)])
+def test_output_split_matches_fp64(monkeypatch, varlen, rows):
+    """ops.OUTPUT_SPLIT (the output pass's state part as its own kernel, its fp32 partial sums added by the intra-
+    chunk kernel): output, final state and gradients against fp64 on 32-token chunks with odd lengths (a part-filled
+    last chunk), an initial state or packed documents, two value blocks and several feature blocks, also with query
+    blocks (OUTPUT_QUERY_ROWS); and the one-kernel pass's results to fp32 rounding."""
+    monkeypatch.setattr(ops, "INTERPRET_TILES", (32, 32, 32))
+    monkeypatch.setattr(ops, "OUTPUT_QUERY_ROWS", rows)
+    q, k, v, h0 = make(1 if varlen else 2, 75, 2, 16, 40, state=not varlen)
+    kw = dict(cu_seqlens=torch.tensor([0, 17, 50, 75], dtype=torch.int32, device=DEV)) if varlen else {}
+    whole = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    monkeypatch.setattr(ops, "OUTPUT_SPLIT", True)
+    got = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    check_all(got, oracle(q, k, v, h0, **kw), TOL32)
+    for a, b in zip([got[0], *got[2]], [whole[0], *whole[2]]):
+        assert rel(a, b) < 1e-6, rel(a, b)
+
+
+def test_output_split_confines_nan(monkeypatch):
+    """ops.OUTPUT_SPLIT keeps NaN confinement (a NaN k or v of a sequence's last token reaches only its own output and
+    the gradients that see it) and the confining launch's bitwise equality with the plain one."""
+    monkeypatch.setattr(ops, "OUTPUT_SPLIT", True)
+    check_confining_equals_plain(2, 70, 1, 48, torch.float32)
+    for which in "kv":
+        check_nan_confined(which, False, 70, 0, torch.float32)
+        check_nan_confined(which, True, 70, 40, torch.float32)
+
+
 @pytest.mark.parametrize("varlen, groups", [(False, 3), (True, 7)])
 def test_state_groups_equal_one_walk(monkeypatch, varlen, groups):
     """ops.STATE_GROUPS: the state passes' two-level walk (runs summed from zero, then walked from the initial state
@@ -888,6 +916,25 @@ def test_output_query_blocks_bf16(monkeypatch, rows):
     monkeypatch.setattr(ops, "OUTPUT_QUERY_ROWS", rows)
     ey, es, *egrads = long_case(4096, H=4)[0]
     assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (ey, es, egrads)
+    cu = torch.tensor([0, 1, 300, 2001], dtype=torch.int32, device=DEV)
+    q, k, v, h0 = make(1, 2001, 2, 16, 64, dtype=torch.bfloat16, state=True, n_states=3)
+    got = run_with_grads(triton_fn, q, k, v, h0, cu_seqlens=cu)
+    ref = lambda *a, **kw: taylor_attention_chunked(*a, **kw)  # noqa: E731
+    want = run_with_grads(ref, *(t.double() for t in (q, k, v)), tuple(t.double() for t in h0), cu_seqlens=cu)
+    check_all(got, want, 2e-3, 4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [None, 64])
+def test_output_split_bf16(monkeypatch, rows):
+    """ops.OUTPUT_SPLIT compiled at chunk 128, bf16 (also with query blocks): T 4096, d_v 128 (two value blocks),
+    and packed documents of odd lengths with states, against fp64 within the one-kernel pass's bounds."""
+    monkeypatch.setattr(ops, "OUTPUT_SPLIT", True)
+    monkeypatch.setattr(ops, "OUTPUT_QUERY_ROWS", rows)
+    ey, es, *egrads = long_case(4096, H=4)[0]
+    assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (ey, es, egrads)
+    errs, _ = long_case(2048, DV=128)
+    assert errs[0] <= 2e-3 and max(errs[2:]) <= 4e-3, errs
     cu = torch.tensor([0, 1, 300, 2001], dtype=torch.int32, device=DEV)
     q, k, v, h0 = make(1, 2001, 2, 16, 64, dtype=torch.bfloat16, state=True, n_states=3)
     got = run_with_grads(triton_fn, q, k, v, h0, cu_seqlens=cu)
