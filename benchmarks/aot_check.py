@@ -26,7 +26,7 @@ def compile_kernel(fn, dtype, consts, nw, ns):
              "htz": f32p, "dzc": f32p, "hl": f32p, "hc": s_dt, "dhc": s_dt, "cu_seqlens": "*i32",
              "chunk_offsets": "*i32", "chunk_meta": "*i32", "scale": "fp32", "eps": "fp32", "s_in": f32p, "z_in": f32p,
              "s_out": f32p, "z_out": f32p, "s": f32p, "z": f32p, "kb": p, "vb": p, "cnt": "*i32", "sq": "*bf16",
-             "bad": "*i32", "feat": "*i32"}
+             "bad": "*i32", "feat": "*i32", "nump": f32p, "denp": f32p}
     sig = {}
     for n in fn.arg_names:
         if n in consts:
@@ -89,13 +89,21 @@ def main():
                     fn, c = chunk.taylor_chunk_output_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                                                                    HI_INTRA=ops.HI_INTRA, BL=ops.low_rows_tile(F),
                                                                    LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
-                                                                   CONFINE=False, BQ=BQ)
+                                                                   CONFINE=False, BQ=BQ, PARTIAL=ops.OUTPUT_SPLIT)
                 else:
                     fn, c = chunk.taylor_chunk_grad_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                                                                  HI=ops.HI_BWD, PART=part)
                 label = f"{name}{part}" if part else (f"{name} rows {BQ}" if BQ else name)
                 report(f"BT {BT:3d} {label:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}", fn, args.dtype, c, nw,
                        ns)
+        if "output" in args.passes and ops.OUTPUT_SPLIT:  # the output pass's state part at its tiles
+            BF, BV, nw, ns = ops.CONFIG["state_part"]
+            BV = min(ops.CONFIG["output"][1], DV)
+            prec = "ieee" if args.dtype == "fp32" else "tf32"
+            c = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=triton.cdiv(D, BF), IS_VARLEN=False,
+                     BL=ops.low_rows_tile(F), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3")
+            report(f"BT {BT:3d} state part BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}",
+                   chunk.taylor_chunk_state_part_kernel, args.dtype, c, nw, ns)
     # the decode kernel as ops launches it (8 warps): out of place (one value block per program, with and without
     # a state) and in place (every value block in one program)
     BV, BV_IN = min(64, max(16, triton.next_power_of_2(DV))), min(32, max(16, triton.next_power_of_2(DV)))

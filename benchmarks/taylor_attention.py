@@ -362,7 +362,8 @@ def main():
     results["config"] = {"CHUNK": ops.CHUNK, "CONFIG": {k: list(v) for k, v in ops.CONFIG.items()},
                          "GRAD_SPLIT": ops.GRAD_SPLIT, "KEEP_STATES": ops.KEEP_STATES,
                          "STATE_GROUP_PROGRAMS_PER_SM": ops.STATE_GROUP_PROGRAMS_PER_SM, "HI_INTRA": ops.HI_INTRA,
-                         "HI_BWD": ops.HI_BWD, "OUTPUT_QUERY_ROWS": ops.OUTPUT_QUERY_ROWS}
+                         "HI_BWD": ops.HI_BWD, "OUTPUT_QUERY_ROWS": ops.OUTPUT_QUERY_ROWS,
+                         "OUTPUT_SPLIT": ops.OUTPUT_SPLIT}
     save()
     _try("breakdown", breakdown, results, save)
     table(results, save, args.quick, args.dv)

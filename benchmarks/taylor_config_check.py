@@ -3,7 +3,7 @@ context, so each candidate of ``taylor_attention.py --sweep`` is checked here fi
 T 2048 (H 16, f 16, d_v 64, bf16) against the fp64 chunked reference, then at the sweep's shape (B 8, T 4096).
 
     python benchmarks/taylor_config_check.py --chunk 64 --grad 64 64 8 1 [--output 64 64 8 2] [--query-rows 32]
-        [--split] [--output-split [BF W S]] [--no-keep] [--hi-intra 0] [--time [16,2048,64 ...]] [--kernels]
+        [--split] [--output-split [BF W S] | --one-output-kernel] [--no-keep] [--hi-intra 0] [--time [16,2048,64 ...]] [--kernels]
 
 Prints one line: the configuration, then OK with the relative errors, or FAILED with the error."""
 from __future__ import annotations
@@ -28,7 +28,9 @@ def main() -> int:
                     help="ops.OUTPUT_QUERY_ROWS: the output pass's query rows per program (0: the whole chunk)")
     ap.add_argument("--split", action="store_true", help="ops.GRAD_SPLIT")
     ap.add_argument("--output-split", type=int, nargs="*", metavar="BF W S",
-                    help="ops.OUTPUT_SPLIT, with CONFIG['state_part']'s feature block, warps and stages if given")
+                    help="ops.OUTPUT_SPLIT on (the default), with CONFIG['state_part']'s feature block, warps and "
+                         "stages if given")
+    ap.add_argument("--one-output-kernel", action="store_true", help="ops.OUTPUT_SPLIT off")
     ap.add_argument("--no-keep", action="store_true", help="ops.KEEP_STATES off")
     ap.add_argument("--hi-intra", type=int, choices=(0, 1), default=int(ops.HI_INTRA),
                     help="ops.HI_INTRA: the forward's intra-chunk A @ v on fp32 (tf32) operands (1) or bf16 (0)")
@@ -40,7 +42,7 @@ def main() -> int:
     ops.CHUNK, ops.CONFIG["grad"], ops.GRAD_SPLIT, ops.KEEP_STATES = a.chunk, tuple(a.grad), a.split, not a.no_keep
     ops.HI_INTRA = bool(a.hi_intra)
     ops.CONFIG["output"], ops.OUTPUT_QUERY_ROWS = tuple(a.output), a.query_rows or None
-    ops.OUTPUT_SPLIT = a.output_split is not None
+    ops.OUTPUT_SPLIT = (ops.OUTPUT_SPLIT or a.output_split is not None) and not a.one_output_kernel
     if a.output_split:
         if len(a.output_split) != 3:
             ap.error("--output-split takes no value or three: BF W S")

@@ -177,7 +177,7 @@ CONFIG = {
     "output": (64, 64, 8, 2),
     "grad": (32, 64, 8, 1),
     # the output pass's state part as its own kernel (OUTPUT_SPLIT; BV: the output pass's)
-    "state_part": (64, 64, 4, 2),
+    "state_part": (32, 64, 4, 1),
 }
 GRAD_WARPS_SMALL_CHUNK = 4
 # Operand precision (fp32 accumulation always): the intra-chunk A @ v of the forward runs on fp32 operands
@@ -205,8 +205,10 @@ OUTPUT_QUERY_ROWS: Optional[int] = None
 # The output pass as two kernels: the state part phi(Q_c) (hc_c, zc_c) of every chunk into fp32 partial sums
 # (chunk.taylor_chunk_state_part_kernel), then the intra-chunk part plus those sums, normalised: each kernel holds
 # either the [chunk, chunk] score tiles or the feature tiles, for a round trip of the partial sums (fp32, d_v + 1
-# numbers per token and head) through memory.
-OUTPUT_SPLIT = False
+# numbers per token and head) through memory. H100, device ms per fwd+bwd at B8 T4096 d_v 64 (taylor_config_check.py
+# --kernels, one process per configuration): one kernel 0.492; split 0.157 (state part at BF 32, 4 warps, 1 stage)
+# + 0.201 (intra-chunk part at the output pass's tiles); the state part at 2 stages 0.231, at BF 64 0.282.
+OUTPUT_SPLIT = True
 
 
 def output_query_rows(BT: int, n_chunks: int = 1) -> int:

@@ -54,7 +54,7 @@ SCRIPT = DRIVER + textwrap.dedent("""
 DECODE = {"rms_fwd_kernel", "add_rms_fwd_kernel", "conv_step_kernel", "taylor_step_buffered_kernel", "rope_fwd_kernel",
           "swa_step_kernel"}
 TRAIN = {"rms_fwd_kernel", "rms_bwd_kernel", "conv_fwd_kernel", "conv_bwd_stream_kernel", "taylor_chunk_state_kernel",
-         "taylor_chunk_output_kernel", "taylor_prep_kernel", "taylor_chunk_grad_kernel", "rope_fwd_kernel",
+         "taylor_chunk_state_part_kernel", "taylor_chunk_output_kernel", "taylor_prep_kernel", "taylor_chunk_grad_kernel", "rope_fwd_kernel",
          "rope_bwd_kernel", "swa_fwd_kernel", "swa_bwd_dq_kernel", "swa_bwd_dkdv_kernel", "ce_fwd_kernel",
          "ce_bwd_kernel"}
 
@@ -90,16 +90,22 @@ TAYLOR_SCRIPT = DRIVER + textwrap.dedent("""
     taylor_linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 15, 24], dtype=torch.int32),
                             output_final_state=True, backend="triton")
     shape = r"wgmma\\.mma_async\\.sync\\.aligned\\.(m\\d+n\\d+k\\d+)"
-    for text in ptx["taylor_chunk_output_kernel"]:
-        print("WGMMA", " ".join(sorted(set(re.findall(shape, text)))))
+    for name in ("taylor_chunk_state_part_kernel", "taylor_chunk_output_kernel"):  # ops.OUTPUT_SPLIT on or off
+        for text in ptx.get(name, []):
+            print("WGMMA", name, " ".join(sorted(set(re.findall(shape, text)))))
 """)
 
 
 def test_taylor_output_pass_at_f8_has_no_n16_products():
     """The output pass's tile of the constant and linear feature rows at 32 rows or more (ops.low_rows_tile; at 16
     rows, f 8's, its feature products were [chunk, 16] x [16, 16], wgmma m64n16k16): the plain and the confining
-    launch at f 8, d_v 32 (packed documents, final state) have no n16 product left."""
+    launch at f 8, d_v 32 (packed documents, final state) have no n16 product left, nor has the state-part kernel
+    that computes those products where the output pass is split (ops.OUTPUT_SPLIT, the default)."""
+    from based_kernels.taylor_attention import ops
+
     p = run(TAYLOR_SCRIPT)
-    shapes = [set(line.split()[1:]) for line in p.stdout.splitlines() if line.startswith("WGMMA")]
+    lines = [line.split() for line in p.stdout.splitlines() if line.startswith("WGMMA")]
+    shapes = [set(words[2:]) for words in lines]
     assert p.returncode == 0 and shapes, p.stdout[-3000:] + p.stderr[-5000:]
+    assert ("taylor_chunk_state_part_kernel" in {words[1] for words in lines}) == ops.OUTPUT_SPLIT, lines
     assert all(shapes) and not any(s.startswith("m64n16") for group in shapes for s in group), shapes

@@ -170,8 +170,9 @@ def test_dot_precision_follows_the_float32_matmul_setting(f32_precision, monkeyp
         assert dot_precision(torch.float32) == prec
         assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"
     seen = []
-    for name in ("_state_kernel", "_output_kernel", "_grad_kernel"):
+    for name in ("_state_kernel", "_state_part_kernel", "_output_kernel", "_grad_kernel"):
         monkeypatch.setattr(ops, name, _Spy(getattr(ops, name), seen))
+    part = ["taylor_chunk_state_part_kernel"] if ops.OUTPUT_SPLIT else []
     q, k, v, _ = make(1, 40, 1, 8, 16)
     for setting, prec in want.items():
         f32_precision(setting)
@@ -181,8 +182,10 @@ def test_dot_precision_follows_the_float32_matmul_setting(f32_precision, monkeyp
             run_with_grads(triton_fn, q, k, v, None)
             # forward: state + output pass; backward: (the state pass when the forward's states were not kept),
             # reverse state pass, gradient pass
-            # (the output pass twice: plain, then confining, _common.launch_confined)
-            assert [n for n, _, _ in seen] == ["taylor_chunk_state_kernel", *["taylor_chunk_output_kernel"] * 2,
+            # (the output pass twice: plain, then confining, _common.launch_confined; its state part before it
+            # where it is split, ops.OUTPUT_SPLIT)
+            assert [n for n, _, _ in seen] == ["taylor_chunk_state_kernel", *part,
+                                               *["taylor_chunk_output_kernel"] * 2,
                                                *["taylor_chunk_state_kernel"] * (1 if keep else 2),
                                                "taylor_chunk_grad_kernel"], seen
             assert all(p == prec for _, p, _ in seen), (setting, seen)
@@ -619,26 +622,32 @@ def test_output_query_blocks_confine_nan_and_bad_values(monkeypatch):
 
 @pytest.mark.parametrize("varlen, rows", [(False, None), (True, None), (False, 16)])
 def test_output_split_matches_fp64(monkeypatch, varlen, rows):
-    """ops.OUTPUT_SPLIT (the output pass's state part as its own kernel, its fp32 partial sums added by the intra-
-    chunk kernel): output, final state and gradients against fp64 on 32-token chunks with odd lengths (a part-filled
-    last chunk), an initial state or packed documents, two value blocks and several feature blocks, also with query
-    blocks (OUTPUT_QUERY_ROWS); and the one-kernel pass's results to fp32 rounding."""
+    """ops.OUTPUT_SPLIT (the default: the output pass's state part as its own kernel, its fp32 partial sums added by
+    the intra-chunk kernel): output, final state and gradients against fp64 on 32-token chunks with odd lengths (a
+    part-filled last chunk), an initial state or packed documents, two value blocks and several feature blocks, also
+    with query blocks (OUTPUT_QUERY_ROWS); and the one-kernel pass's results (OUTPUT_SPLIT off) to fp32 rounding,
+    that pass itself against fp64."""
     monkeypatch.setattr(ops, "INTERPRET_TILES", (32, 32, 32))
     monkeypatch.setattr(ops, "OUTPUT_QUERY_ROWS", rows)
     q, k, v, h0 = make(1 if varlen else 2, 75, 2, 16, 40, state=not varlen)
     kw = dict(cu_seqlens=torch.tensor([0, 17, 50, 75], dtype=torch.int32, device=DEV)) if varlen else {}
+    monkeypatch.setattr(ops, "OUTPUT_SPLIT", False)
     whole = run_with_grads(triton_fn, q, k, v, h0, **kw)
     monkeypatch.setattr(ops, "OUTPUT_SPLIT", True)
     got = run_with_grads(triton_fn, q, k, v, h0, **kw)
-    check_all(got, oracle(q, k, v, h0, **kw), TOL32)
+    want = oracle(q, k, v, h0, **kw)
+    check_all(got, want, TOL32)
+    check_all(whole, want, TOL32)
     for a, b in zip([got[0], *got[2]], [whole[0], *whole[2]]):
         assert rel(a, b) < 1e-6, rel(a, b)
 
 
-def test_output_split_confines_nan(monkeypatch):
-    """ops.OUTPUT_SPLIT keeps NaN confinement (a NaN k or v of a sequence's last token reaches only its own output and
-    the gradients that see it) and the confining launch's bitwise equality with the plain one."""
-    monkeypatch.setattr(ops, "OUTPUT_SPLIT", True)
+@pytest.mark.parametrize("split", [False, True])
+def test_output_split_confines_nan(monkeypatch, split):
+    """The output pass with and without ops.OUTPUT_SPLIT keeps NaN confinement (a NaN k or v of a sequence's last
+    token reaches only its own output and the gradients that see it) and the confining launch's bitwise equality
+    with the plain one."""
+    monkeypatch.setattr(ops, "OUTPUT_SPLIT", split)
     check_confining_equals_plain(2, 70, 1, 48, torch.float32)
     for which in "kv":
         check_nan_confined(which, False, 70, 0, torch.float32)
@@ -925,11 +934,11 @@ def test_output_query_blocks_bf16(monkeypatch, rows):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [None, 64])
-def test_output_split_bf16(monkeypatch, rows):
-    """ops.OUTPUT_SPLIT compiled at chunk 128, bf16 (also with query blocks): T 4096, d_v 128 (two value blocks),
-    and packed documents of odd lengths with states, against fp64 within the one-kernel pass's bounds."""
-    monkeypatch.setattr(ops, "OUTPUT_SPLIT", True)
+@pytest.mark.parametrize("split, rows", [(True, None), (True, 64), (False, None)])
+def test_output_split_bf16(monkeypatch, split, rows):
+    """The output pass with and without ops.OUTPUT_SPLIT compiled at chunk 128, bf16 (also with query blocks): T
+    4096, d_v 128 (two value blocks), and packed documents of odd lengths with states, against fp64."""
+    monkeypatch.setattr(ops, "OUTPUT_SPLIT", split)
     monkeypatch.setattr(ops, "OUTPUT_QUERY_ROWS", rows)
     ey, es, *egrads = long_case(4096, H=4)[0]
     assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (ey, es, egrads)
