@@ -3,7 +3,8 @@ context, so each candidate of ``taylor_attention.py --sweep`` is checked here fi
 T 2048 (H 16, f 16, d_v 64, bf16) against the fp64 chunked reference, then at the sweep's shape (B 8, T 4096).
 
     python benchmarks/taylor_config_check.py --chunk 64 --grad 64 64 8 1 [--output 64 64 8 2] [--query-rows 32]
-        [--split] [--output-split [BF W S] | --one-output-kernel] [--no-keep] [--hi-intra 0] [--time [16,2048,64 ...]] [--kernels]
+        [--split] [--output-split [BF W S] | --one-output-kernel] [--no-keep] [--hi-intra 0]
+        [--time [16,2048,64 ...]] [--kernels]
 
 Prints one line: the configuration, then OK with the relative errors, or FAILED with the error."""
 from __future__ import annotations

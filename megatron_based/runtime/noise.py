@@ -68,8 +68,8 @@ class _Forward(logging.Handler):
 
 
 def report_cuda_graph_captures(print_fn) -> None:
-    """Print Megatron's CUDA-graph capture summary through ``print_fn`` as "CUDA graphs: built N cuda graph(s) in X
-    sec (memory change over the capture: ...)" (its logger set to INFO; its other INFO records still reach only the handlers
+    """Print Megatron's CUDA-graph capture summary through ``print_fn`` as "CUDA graphs: built N cuda graph(s) in X sec
+    (memory change over the capture: ...)" (its logger set to INFO; its other INFO records still reach only the handlers
     a user configured), and turn off its per-graph tqdm bar (two lines per graph in a log file; a capture takes
     seconds). Imports Megatron's ``cuda_graphs`` module: call it where Megatron is in use. Replaces the handler of an
     earlier call."""

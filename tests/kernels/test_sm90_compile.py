@@ -54,9 +54,9 @@ SCRIPT = DRIVER + textwrap.dedent("""
 DECODE = {"rms_fwd_kernel", "add_rms_fwd_kernel", "conv_step_kernel", "taylor_step_buffered_kernel", "rope_fwd_kernel",
           "swa_step_kernel"}
 TRAIN = {"rms_fwd_kernel", "rms_bwd_kernel", "conv_fwd_kernel", "conv_bwd_stream_kernel", "taylor_chunk_state_kernel",
-         "taylor_chunk_state_part_kernel", "taylor_chunk_output_kernel", "taylor_prep_kernel", "taylor_chunk_grad_kernel", "rope_fwd_kernel",
-         "rope_bwd_kernel", "swa_fwd_kernel", "swa_bwd_dq_kernel", "swa_bwd_dkdv_kernel", "ce_fwd_kernel",
-         "ce_bwd_kernel"}
+         "taylor_chunk_state_part_kernel", "taylor_chunk_output_kernel", "taylor_prep_kernel",
+         "taylor_chunk_grad_kernel", "rope_fwd_kernel", "rope_bwd_kernel", "swa_fwd_kernel", "swa_bwd_dq_kernel",
+         "swa_bwd_dkdv_kernel", "ce_fwd_kernel", "ce_bwd_kernel"}
 
 
 def test_decode_and_training_kernels_compile_for_sm90():
