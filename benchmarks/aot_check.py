@@ -98,7 +98,7 @@ def main():
                        ns)
         if "output" in args.passes and ops.OUTPUT_SPLIT:  # the output pass's state part at its tiles
             BF, BV, nw, ns = ops.CONFIG["state_part"]
-            BV = min(ops.CONFIG["output"][1], DV)
+            BV = min(BV, DV)
             prec = "ieee" if args.dtype == "fp32" else "tf32"
             c = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                      BL=ops.low_rows_tile(F), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3")

@@ -176,7 +176,7 @@ CONFIG = {
     "state": (64, 64, 4, 2),
     "output": (64, 64, 8, 2),
     "grad": (32, 64, 8, 1),
-    # the output pass's state part as its own kernel (OUTPUT_SPLIT; BV: the output pass's)
+    # the output pass's state part as its own kernel (OUTPUT_SPLIT)
     "state_part": (32, 64, 4, 1),
 }
 GRAD_WARPS_SMALL_CHUNK = 4
@@ -438,13 +438,11 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
         if OUTPUT_SPLIT:
             nump = q.new_empty(n_chunks, H, BT, DV, dtype=torch.float32)
             denp = q.new_empty(n_chunks, H, BT, dtype=torch.float32)
-            pBF, _, pnw, pns = CONFIG["state_part"]
-            pBF = BF if INTERPRET or prec == "ieee" else pBF
-            _state_part_kernel(lambda m: (cdiv(DV, BV), n_chunks, H), (
+            _, _, pBF, pBV, pNF, pnw, pns = _cfg("state_part", F, DV, prec)  # the same chunk as the output pass
+            _state_part_kernel(lambda m: (cdiv(DV, pBV), n_chunks, H), (
                 q, hc, hl, zc, nump, denp, cu, meta, feature_table(F, q.device), *_s3(q), T, H, NC),
-                F=F, DV=DV, BK=BK, BT=BT, BF=pBF, BV=BV, NF=cdiv(feature_dim(F), pBF), IS_VARLEN=cu_seqlens is not None,
-                BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, num_warps=nw if prec == "ieee" else pnw,
-                num_stages=ns if prec == "ieee" else pns)
+                F=F, DV=DV, BK=BK, BT=BT, BF=pBF, BV=pBV, NF=pNF, IS_VARLEN=cu_seqlens is not None,
+                BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, num_warps=pnw, num_stages=pns)
         launch_confined(_output_kernel, lambda m: grid, (
             q, k, v, o, den, hc, hl, zc, cu, meta, *confine_flags(q, 1), feature_table(F, q.device), nump, denp,
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
