@@ -26,7 +26,7 @@ def compile_kernel(fn, dtype, consts, nw, ns):
              "htz": f32p, "dzc": f32p, "hl": f32p, "hc": s_dt, "dhc": s_dt, "cu_seqlens": "*i32",
              "chunk_offsets": "*i32", "chunk_meta": "*i32", "scale": "fp32", "eps": "fp32", "s_in": f32p, "z_in": f32p,
              "s_out": f32p, "z_out": f32p, "s": f32p, "z": f32p, "kb": p, "vb": p, "cnt": "*i32", "sq": "*bf16",
-             "bad": "*i32", "feat": "*i32", "nump": f32p, "denp": f32p}
+             "bad": "*i32", "feat": "*i32", "nump": f32p, "denp": f32p, "pdq": f32p, "pdk": f32p, "pdv": f32p}
     sig = {}
     for n in fn.arg_names:
         if n in consts:
@@ -92,10 +92,22 @@ def main():
                                                                    CONFINE=False, BQ=BQ, PARTIAL=ops.OUTPUT_SPLIT)
                 else:
                     fn, c = chunk.taylor_chunk_grad_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
-                                                                 HI=ops.HI_BWD, PART=part)
+                                                                 HI=ops.HI_BWD, PART=part, STATE_IN=False)
                 label = f"{name}{part}" if part else (f"{name} rows {BQ}" if BQ else name)
                 report(f"BT {BT:3d} {label:6s} BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}", fn, args.dtype, c, nw,
                        ns)
+        if "grad" in args.passes:  # the gradient pass split by its terms (ops.GRAD_STATE_SPLIT) at its tiles
+            BF, BV, nw, ns = ops.CONFIG["grad"]
+            BV = min(BV, DV)
+            prec = "ieee" if args.dtype == "fp32" else "tf32"
+            c = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=triton.cdiv(D, BF), IS_VARLEN=False, HI=ops.HI_BWD,
+                     PREC=prec, PART=0, STATE_IN=True)
+            report(f"BT {BT:3d} grad, intra-chunk terms BV {BV:3d} warps {nw} stages {ns}", chunk.taylor_chunk_grad_kernel,
+                   args.dtype, c, nw, ns)
+            for BF, _, nw, ns in {ops.CONFIG["grad_state"], (32, 0, 8, 1), (64, 0, 4, 1), (32, 0, 4, 2), (16, 0, 4, 1)}:
+                c = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=triton.cdiv(D, BF), IS_VARLEN=False, PREC=prec)
+                report(f"BT {BT:3d} grad, state terms BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}",
+                       chunk.taylor_chunk_grad_state_kernel, args.dtype, c, nw, ns)
         if "output" in args.passes and ops.OUTPUT_SPLIT:  # the output pass's state part at its tiles
             BF, BV, nw, ns = ops.CONFIG["state_part"]
             BV = min(ops.CONFIG["output"][1], DV)

@@ -439,50 +439,34 @@ def taylor_prep_kernel(o, dy, den, dd, s_ob, s_ot, s_oh, s_yb, s_yt, s_yh, T, H,
 
 
 @triton.jit
-def taylor_chunk_grad_kernel(
-    q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv, cu_seqlens, chunk_meta, feat,
-    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_yb, s_yt, s_yh,
-    s_gn, s_gb, s_gt, s_gh, s_db, s_dt, s_dh,
-    T, H, NC, scale,
-    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
-    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr, PREC: tl.constexpr,
-    PART: tl.constexpr = 0,
-):
-    """dq, dk (partials of value block i_v, raw-input space) and dv of one chunk. PART 0: all three; 1: dq alone
-    (the intra-chunk dS K and the state before the chunk); 2: dk and dv alone (A^T dO, dS^T Q and the gradient of
-    the state after the chunk): the pass split in two kernels that each keep fewer tiles live."""
-    D: tl.constexpr = 1 + F + F * (F + 1) // 2
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    p_st = i_c.to(tl.int64) * H + i_h
+def _grad_inputs(q, k, v, dy, den, dd, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb,
+                 s_vt, s_vh, s_yb, s_yt, s_yh, T, H, NC, F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                 BT: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The gradient passes' tiles of chunk i_c, value block i_v: ``_load_chunk``'s, ``do = dy / den``, ``dd`` (value
+    block 0 only), ``w0`` (1 in value block 0: the normaliser column ``[v | 1]`` belongs to it) and the token x value
+    mask."""
     i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, _, _, _ = _load_chunk(
         q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
         T, H, NC, F, DV, BK, BT, BV, IS_VARLEN)
-    w0 = (i_v == 0).to(tl.float32)  # the normaliser column [v | 1] belongs to value block 0
+    i_h = tl.program_id(2)
+    w0 = (i_v == 0).to(tl.float32)
     m_tv = m_t[:, None] & m_v[None, :]
     b_dy = tl.load(dy + i_b * s_yb + i_h * s_yh + o_tt[:, None] * s_yt + o_v[None, :], mask=m_tv, other=0.)
     p_d = (i_b * T + o_tt) * H + i_h
     b_den = tl.load(den + p_d, mask=m_t, other=1.)
     b_dd = tl.load(dd + p_d, mask=m_t, other=0.) * w0
     b_do = (b_dy.to(tl.float32) / b_den[:, None]).to(b_v.dtype)
+    return i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, b_do, b_dd, w0, m_tv
 
-    # intra-chunk. A NaN in k or v of token t must not reach dq of earlier tokens: dS is masked as a whole (s, dO v^T
-    # may be NaN in masked pairs), and k enters dS K with its non-finite values zeroed, the pairs that see them
-    # carrying the NaN in dS (_jit_common). The zeroed k also serves the state terms below: the rows it changes
-    # have NaN dk, dv from their diagonal pair anyway. (dv, dk of a key get only the queries at or after it: a NaN
-    # there comes from a token after the key.)
-    m_c = (o_t[:, None] >= o_t[None, :]) & m_t[None, :] & m_t[:, None]
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
-    b_k = finite_rows(b_k)[0]
-    # d/d(q_raw . k_raw)
-    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-    b_dS = tl.where(m_c, (b_dp + b_dd[:, None]) * (1. + b_s), 0.) * (scale * scale)
-    if PART != 2:
-        b_dq = _mm(b_dS, b_k, b_v, HI, PREC)
-    if PART != 1:
-        b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
-        b_dv = _mm(tl.trans(b_A), b_do, b_v, HI, PREC)
-        b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI, PREC)
-    # inter-chunk: dq from the state before the chunk, dk and dv from the gradient of the state after it
+
+@triton.jit
+def _grad_state_part(b_dq, b_dk, b_dv, b_q, b_k, b_v, b_do, b_dd, w0, hc, zc, dhc, dzc, feat, p_st, o_v, m_v,
+                     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, NF: tl.constexpr,
+                     PREC: tl.constexpr, PART: tl.constexpr):
+    """The state terms of a chunk's gradients, feature block by feature block: dq from the state before the chunk
+    (``hc``, ``zc``; PART != 2), dk and dv from the gradient of the state after it (``dhc``, ``dzc``; PART != 1),
+    added to ``b_dq``, ``b_dk``, ``b_dv``. ``b_k`` with its non-finite rows zeroed (the caller's)."""
+    D: tl.constexpr = 1 + F + F * (F + 1) // 2
     for i_f in range(0, NF):
         o_r, m_r, a, b, c = _feature_rows(feat, i_f, F, BF)
         m_rv = m_r[:, None] & m_v[None, :]
@@ -500,6 +484,88 @@ def taylor_chunk_grad_kernel(
             b_dv += tl.dot((b_xa * b_xb * c[None, :]).to(b_dh.dtype), b_dh, input_precision=PREC)
             b_wk = tl.dot(b_v.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC) + w0 * b_dz[None, :]
             b_dk += _phi_vjp(b_wk, b_xa, b_xb, a, b, c, BK, PREC)
+    return b_dq, b_dk, b_dv
+
+
+@triton.jit
+def taylor_chunk_grad_state_kernel(
+    q, k, v, dy, den, dd, hc, zc, dhc, dzc, pdq, pdk, pdv, cu_seqlens, chunk_meta, feat,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_yb, s_yt, s_yh, s_pn,
+    T, H, NC,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """The gradient pass's state terms alone (ops.GRAD_STATE_SPLIT), programs (value block, chunk, head): dq, dk (of
+    value block i_v) and dv of the chunk's tokens from the state before it and the gradient of the state after it,
+    into fp32 ``pdq``, ``pdk [NV, chunks, H, BT, BK]`` and ``pdv [chunks, H, BT, d_v]`` (each program's rows
+    contiguous), which ``taylor_chunk_grad_kernel`` (STATE_IN) adds to the intra-chunk terms: each kernel then holds
+    either the intra-chunk [BT, BT] tiles or the feature tiles, for the partial sums' round trip through memory."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p_st = i_c.to(tl.int64) * H + i_h
+    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, b_do, b_dd, w0, m_tv = _grad_inputs(
+        q, k, v, dy, den, dd, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+        s_yb, s_yt, s_yh, T, H, NC, F, DV, BK, BT, BV, IS_VARLEN)
+    b_k = finite_rows(b_k)[0]  # as in taylor_chunk_grad_kernel: a NaN k reaches only the rows that see it
+    b_dq, b_dk, b_dv = _grad_state_part(tl.zeros([BT, BK], dtype=tl.float32), tl.zeros([BT, BK], dtype=tl.float32),
+                                        tl.zeros([BT, BV], dtype=tl.float32), b_q, b_k, b_v, b_do, b_dd, w0, hc, zc,
+                                        dhc, dzc, feat, p_st, o_v, m_v, F, DV, BK, BF, NF, PREC, 0)
+    p_p = p_st * BT + o_t
+    tl.store(pdq + i_v.to(tl.int64) * s_pn + p_p[:, None] * BK + o_k[None, :], b_dq, mask=m_t[:, None])
+    tl.store(pdk + i_v.to(tl.int64) * s_pn + p_p[:, None] * BK + o_k[None, :], b_dk, mask=m_t[:, None])
+    tl.store(pdv + p_p[:, None] * DV + o_v[None, :], b_dv, mask=m_tv)
+
+
+@triton.jit
+def taylor_chunk_grad_kernel(
+    q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv, cu_seqlens, chunk_meta, feat, pdq, pdk, pdv,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_yb, s_yt, s_yh,
+    s_gn, s_gb, s_gt, s_gh, s_db, s_dt, s_dh, s_pn,
+    T, H, NC, scale,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+    BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI: tl.constexpr, PREC: tl.constexpr,
+    PART: tl.constexpr = 0, STATE_IN: tl.constexpr = False,
+):
+    """dq, dk (partials of value block i_v, raw-input space) and dv of one chunk. PART 0: all three; 1: dq alone
+    (the intra-chunk dS K and the state before the chunk); 2: dk and dv alone (A^T dO, dS^T Q and the gradient of
+    the state after the chunk): the pass split in two kernels that each keep fewer tiles live. ``STATE_IN``: the
+    state terms are not computed here but read (fp32 ``pdq``, ``pdk [NV, chunks, H, BT, BK]``, ``pdv [chunks, H,
+    BT, d_v]``) from ``taylor_chunk_grad_state_kernel``, which ran before (ops.GRAD_STATE_SPLIT; with PART 0)."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p_st = i_c.to(tl.int64) * H + i_h
+    i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, b_do, b_dd, w0, m_tv = _grad_inputs(
+        q, k, v, dy, den, dd, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+        s_yb, s_yt, s_yh, T, H, NC, F, DV, BK, BT, BV, IS_VARLEN)
+
+    # intra-chunk. A NaN in k or v of token t must not reach dq of earlier tokens: dS is masked as a whole (s, dO v^T
+    # may be NaN in masked pairs), and k enters dS K with its non-finite values zeroed, the pairs that see them
+    # carrying the NaN in dS (_jit_common). The zeroed k also serves the state terms below: the rows it changes
+    # have NaN dk, dv from their diagonal pair anyway. (dv, dk of a key get only the queries at or after it: a NaN
+    # there comes from a token after the key.)
+    m_c = (o_t[:, None] >= o_t[None, :]) & m_t[None, :] & m_t[:, None]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * (scale * scale)
+    b_k = finite_rows(b_k)[0]
+    # d/d(q_raw . k_raw)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+    b_dS = tl.where(m_c, (b_dp + b_dd[:, None]) * (1. + b_s), 0.) * (scale * scale)
+    if PART != 2:
+        b_dq = _mm(b_dS, b_k, b_v, HI, PREC)
+    else:  # not computed (nor stored) by this part
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    if PART != 1:
+        b_A = tl.where(m_c, 1. + b_s + 0.5 * b_s * b_s, 0.)
+        b_dv = _mm(tl.trans(b_A), b_do, b_v, HI, PREC)
+        b_dk = _mm(tl.trans(b_dS), b_q, b_v, HI, PREC)
+    else:
+        b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    if STATE_IN:  # the state terms from taylor_chunk_grad_state_kernel
+        p_p = i_v.to(tl.int64) * s_pn + (p_st * BT + o_t)[:, None] * BK + o_k[None, :]
+        b_dq += tl.load(pdq + p_p, mask=m_t[:, None], other=0.)
+        b_dk += tl.load(pdk + p_p, mask=m_t[:, None], other=0.)
+        b_dv += tl.load(pdv + (p_st * BT + o_t)[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
+    else:  # inter-chunk: dq from the state before the chunk, dk and dv from the gradient of the state after it
+        b_dq, b_dk, b_dv = _grad_state_part(b_dq, b_dk, b_dv, b_q, b_k, b_v, b_do, b_dd, w0, hc, zc, dhc, dzc, feat,
+                                            p_st, o_v, m_v, F, DV, BK, BF, NF, PREC, PART)
     p_g = i_v.to(tl.int64) * s_gn + i_b * s_gb + i_h * s_gh + o_tt[:, None] * s_gt + o_k[None, :]
     if PART != 2:
         tl.store(dq + p_g, b_dq.to(dq.dtype.element_ty), mask=m_tk)

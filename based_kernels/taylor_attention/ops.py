@@ -25,8 +25,8 @@ import triton
 from .. import _common
 from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, confine_flags, dot_precision,
                        lastdim_contiguous, launch_confined, next_pow2, resolve_backend)
-from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
-                    taylor_chunk_state_part_kernel, taylor_prep_kernel)
+from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_grad_state_kernel, taylor_chunk_output_kernel,
+                    taylor_chunk_state_kernel, taylor_chunk_state_part_kernel, taylor_prep_kernel)
 from .recurrent import taylor_step_buffered_kernel, taylor_step_kernel
 from .reference import (feature_dim, taylor_attention_chunked, taylor_attention_step,
                         taylor_attention_step_buffered)
@@ -135,6 +135,7 @@ _state_kernel = Launcher(taylor_chunk_state_kernel)
 _output_kernel = Launcher(taylor_chunk_output_kernel)
 _state_part_kernel = Launcher(taylor_chunk_state_part_kernel)
 _grad_kernel = Launcher(taylor_chunk_grad_kernel)
+_grad_state_kernel = Launcher(taylor_chunk_grad_state_kernel)
 _prep_kernel = Launcher(taylor_prep_kernel)
 _step_kernel = Launcher(taylor_step_kernel)
 _step_buffered_kernel = Launcher(taylor_step_buffered_kernel)
@@ -178,6 +179,8 @@ CONFIG = {
     "grad": (32, 64, 8, 1),
     # the output pass's state part as its own kernel (OUTPUT_SPLIT; BV: the output pass's)
     "state_part": (32, 64, 4, 1),
+    # the gradient pass's state terms as their own kernel (GRAD_STATE_SPLIT; BV: the gradient pass's)
+    "grad_state": (32, 64, 4, 1),
 }
 GRAD_WARPS_SMALL_CHUNK = 4
 # Operand precision (fp32 accumulation always): the intra-chunk A @ v of the forward runs on fp32 operands
@@ -192,6 +195,11 @@ HI_BWD = False
 # in one process at B8 T4096: split at (32, 64, 4, 1) 1.556 ms against this default's 1.603 at d_v 64 (one value
 # block), 3.197 against 3.151 at d_v 128 (two, each recomputing the scores in both kernels): off (README).
 GRAD_SPLIT = False
+# The gradient pass's state terms (dq from the state before each chunk, dk and dv from the gradient of the state after
+# it) as a kernel of their own (chunk.taylor_chunk_grad_state_kernel, fp32 partial sums), then the intra-chunk terms
+# plus those sums, as OUTPUT_SPLIT does for the output pass: each kernel holds either the [chunk, chunk] tiles or the
+# feature tiles, for a round trip of 2 f + d_v fp32 numbers per token and head through memory. Not with GRAD_SPLIT.
+GRAD_STATE_SPLIT = False
 # The forward's per-chunk states (S in the state dtype, z in fp32: n_chunks x H x D x (d_v + 1) numbers, e.g. 82 MB
 # per call at B 8, T 4096, 16 heads, f 16, d_v 64 in bf16) are kept for the backward instead of recomputed by a
 # second state pass: the same values (the same kernel and tiles), one pass less, that memory more per call until its
@@ -522,15 +530,32 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     dv = v.new_empty(B, T, H, DV)
     if n_chunks:
         grid = (NV, n_chunks, H)
-        for part in (1, 2) if grad_split(BV) else (0,):
+        cu, meta = (cu_seqlens if cu_seqlens is not None else den), (meta if meta is not None else den)
+        split = grad_split(BV)
+        state_in = GRAD_STATE_SPLIT and not split
+        pdq = pdk = pdv = den
+        s_pn = 0
+        if state_in:
+            pdq = q.new_empty(NV, n_chunks, H, BT, BK, dtype=torch.float32)
+            pdk = torch.empty_like(pdq)
+            pdv = q.new_empty(n_chunks, H, BT, DV, dtype=torch.float32)
+            s_pn = pdq.stride(0)
+            sBF, _, snw, sns = CONFIG["grad_state"]
+            if INTERPRET or prec == "ieee":  # the gradient pass's feature block (and, IEEE, its warps and stages)
+                sBF, snw, sns = BF, (nw if prec == "ieee" else snw), (ns if prec == "ieee" else sns)
+            _grad_state_kernel(lambda m: grid, (
+                q, k, v, dy, den, dd, hc, zc, dhc, dzc, pdq, pdk, pdv, cu, meta, feature_table(F, q.device),
+                *_s3(q), *_s3(k), *_s3(v), *_s3(dy), s_pn, T, H, NC),
+                F=F, DV=DV, BK=BK, BT=BT, BF=sBF, BV=BV, NF=cdiv(feature_dim(F), sBF), IS_VARLEN=cu_seqlens is not None,
+                PREC=prec, num_warps=snw, num_stages=sns)
+        for part in (1, 2) if split else (0,):
             _grad_kernel(lambda m: grid, (
-                q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv,
-                cu_seqlens if cu_seqlens is not None else den, meta if meta is not None else den,
-                feature_table(F, q.device), *_s3(q), *_s3(k), *_s3(v), *_s3(dy),
+                q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv, cu, meta, feature_table(F, q.device), pdq, pdk,
+                pdv, *_s3(q), *_s3(k), *_s3(v), *_s3(dy),
                 dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
-                *_s3(dv), T, H, NC, F ** -0.25),
+                *_s3(dv), s_pn, T, H, NC, F ** -0.25),
                 F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI=HI_BWD,
-                PREC=prec, PART=part, num_warps=nw, num_stages=ns)
+                PREC=prec, PART=part, STATE_IN=state_in, num_warps=nw, num_stages=ns)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)

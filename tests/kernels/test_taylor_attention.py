@@ -654,6 +654,35 @@ def test_output_split_confines_nan(monkeypatch, split):
         check_nan_confined(which, True, 70, 40, torch.float32)
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_grad_state_split_matches_fp64(monkeypatch, varlen):
+    """ops.GRAD_STATE_SPLIT (the gradient pass's state terms as their own kernel, fp32 partial sums added by the
+    intra-chunk kernel): gradients against fp64 on 32-token chunks with odd lengths, an initial state or packed
+    documents, two value blocks and several feature blocks; and the one-kernel pass's to fp32 rounding. With
+    GRAD_SPLIT the pass runs split by its outputs instead (the same gradients as without either)."""
+    monkeypatch.setattr(ops, "INTERPRET_TILES", (32, 32, 32))
+    q, k, v, h0 = make(1 if varlen else 2, 75, 2, 16, 40, state=not varlen)
+    kw = dict(cu_seqlens=torch.tensor([0, 17, 50, 75], dtype=torch.int32, device=DEV)) if varlen else {}
+    whole = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    monkeypatch.setattr(ops, "GRAD_STATE_SPLIT", True)
+    got = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    check_all(got, oracle(q, k, v, h0, **kw), TOL32)
+    for a, b in zip(got[2], whole[2]):
+        assert rel(a, b) < 1e-6, rel(a, b)
+    monkeypatch.setattr(ops, "GRAD_SPLIT", True)
+    both = run_with_grads(triton_fn, q, k, v, h0, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(both[2], whole[2]))
+
+
+def test_grad_state_split_confines_nan(monkeypatch):
+    """ops.GRAD_STATE_SPLIT keeps NaN confinement: a NaN k or v of a sequence's last token reaches only its own
+    output and the gradients that see it."""
+    monkeypatch.setattr(ops, "GRAD_STATE_SPLIT", True)
+    for which in "kv":
+        check_nan_confined(which, False, 70, 0, torch.float32)
+        check_nan_confined(which, True, 70, 40, torch.float32)
+
+
 @pytest.mark.parametrize("varlen, groups", [(False, 3), (True, 7)])
 def test_state_groups_equal_one_walk(monkeypatch, varlen, groups):
     """ops.STATE_GROUPS: the state passes' two-level walk (runs summed from zero, then walked from the initial state
@@ -940,6 +969,23 @@ def test_output_split_bf16(monkeypatch, split, rows):
     4096, d_v 128 (two value blocks), and packed documents of odd lengths with states, against fp64."""
     monkeypatch.setattr(ops, "OUTPUT_SPLIT", split)
     monkeypatch.setattr(ops, "OUTPUT_QUERY_ROWS", rows)
+    ey, es, *egrads = long_case(4096, H=4)[0]
+    assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (ey, es, egrads)
+    errs, _ = long_case(2048, DV=128)
+    assert errs[0] <= 2e-3 and max(errs[2:]) <= 4e-3, errs
+    cu = torch.tensor([0, 1, 300, 2001], dtype=torch.int32, device=DEV)
+    q, k, v, h0 = make(1, 2001, 2, 16, 64, dtype=torch.bfloat16, state=True, n_states=3)
+    got = run_with_grads(triton_fn, q, k, v, h0, cu_seqlens=cu)
+    ref = lambda *a, **kw: taylor_attention_chunked(*a, **kw)  # noqa: E731
+    want = run_with_grads(ref, *(t.double() for t in (q, k, v)), tuple(t.double() for t in h0), cu_seqlens=cu)
+    check_all(got, want, 2e-3, 4e-3)
+
+
+@pytest.mark.gpu
+def test_grad_state_split_bf16(monkeypatch):
+    """ops.GRAD_STATE_SPLIT compiled at chunk 128, bf16: T 4096, d_v 128 (two value blocks), and packed documents of
+    odd lengths with states, against fp64."""
+    monkeypatch.setattr(ops, "GRAD_STATE_SPLIT", True)
     ey, es, *egrads = long_case(4096, H=4)[0]
     assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (ey, es, egrads)
     errs, _ = long_case(2048, DV=128)
