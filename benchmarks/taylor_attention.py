@@ -37,7 +37,9 @@ CHUNK = 64
 CANDIDATES = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2), (32, 64, 8, 2)],
               "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
               "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 8, 1),
-                       (32, 32, 4, 1)]}
+                       (32, 32, 4, 1)],
+              # the output pass's state part (ops.OUTPUT_SPLIT; its BV is the output pass's)
+              "state_part": [(32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 2, 1), (16, 64, 4, 1), (64, 64, 4, 1)]}
 # ops.STATE_GROUP_PROGRAMS_PER_SM candidates (the state passes' two-level walk; the shipped value first)
 STATE_GROUPS = [4, 0, 2, 8]
 
@@ -233,6 +235,13 @@ def sweep(results, save):
         ops.CONFIG[name] = best[0][:4]
         if name == "grad":
             ops.GRAD_SPLIT = best[0][4]
+    # the output pass as two kernels (its state part at the tiles kept above) or one
+    for split in (True, False):
+        ops.OUTPUT_SPLIT = split
+        out[f"output_split {split}"] = _try(f"output_split {split}", time_case, ours, B, T, dv, "fwd", 120)
+        print(f"sweep output_split {split} (fwd): {out[f'output_split {split}']} ms", flush=True)
+    timed = [v for v in (True, False) if out[f"output_split {v}"] is not None]
+    ops.OUTPUT_SPLIT = min(timed, key=lambda v: out[f"output_split {v}"]) if timed else True
     # the forward's per-chunk states kept for the backward, or recomputed there by a second state pass
     for keep in (True, False):
         ops.KEEP_STATES = keep
@@ -251,7 +260,8 @@ def sweep(results, save):
             totals[p] = sum(times)
     ops.STATE_GROUP_PROGRAMS_PER_SM = min(totals, key=totals.get) if totals else STATE_GROUPS[0]
     out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG), "GRAD_SPLIT": ops.GRAD_SPLIT,
-                     "KEEP_STATES": ops.KEEP_STATES, "STATE_GROUP_PROGRAMS_PER_SM": ops.STATE_GROUP_PROGRAMS_PER_SM}
+                     "OUTPUT_SPLIT": ops.OUTPUT_SPLIT, "KEEP_STATES": ops.KEEP_STATES,
+                     "STATE_GROUP_PROGRAMS_PER_SM": ops.STATE_GROUP_PROGRAMS_PER_SM}
     print("chosen:", out["chosen"], flush=True)
     results["sweep"] = out
     save()

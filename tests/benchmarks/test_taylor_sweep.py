@@ -29,7 +29,8 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
     monkeypatch.setattr(ops, "INTERPRET", False)  # the GPU's rules (ops.grad_split); no kernel runs here
     monkeypatch.setattr(ops, "KEEP_STATES", ops.KEEP_STATES)
     monkeypatch.setattr(ops, "STATE_GROUP_PROGRAMS_PER_SM", ops.STATE_GROUP_PROGRAMS_PER_SM)
-    for name in ("state", "output"):
+    monkeypatch.setattr(ops, "OUTPUT_SPLIT", ops.OUTPUT_SPLIT)
+    for name in ("state", "output", "state_part"):
         monkeypatch.setitem(ops.CONFIG, name, ops.CONFIG[name])
     checks, timed = [], []
 
@@ -69,6 +70,9 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
                for cfg, t in grad.items())
     assert all(t[1][2] == 4 for t in timed if t[0] == 64 and not t[2])
     assert sweep["chosen"]["CHUNK"] == (64 if chunk64_faster else 128)
+    # the output pass split and not, forward: the first (split) kept as the faster here; its state part's tiles
+    assert sweep["output_split True"] < sweep["output_split False"] and sweep["chosen"]["OUTPUT_SPLIT"] is True
+    assert sum(k.startswith("state_part ") for k in sweep) == len(taylor_bench.CANDIDATES["state_part"])
     # the two-level walk's candidates: each at both shapes, the smallest sum kept
     groups = [sweep[f"state_groups {p}"] for p in taylor_bench.STATE_GROUPS]
     assert all(len(t) == 2 and None not in t for t in groups)
