@@ -39,7 +39,9 @@ CANDIDATES = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64
               "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 8, 1),
                        (32, 32, 4, 1)],
               # the output pass's state part (ops.OUTPUT_SPLIT; its BV is the output pass's)
-              "state_part": [(32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 2, 1), (16, 64, 4, 1), (64, 64, 4, 1)]}
+              "state_part": [(32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 2, 1), (16, 64, 4, 1), (64, 64, 4, 1)],
+              # the gradient pass's state terms (ops.GRAD_STATE_SPLIT, timed with it on; BV: the gradient pass's)
+              "grad_state": [(32, 64, 4, 1), (32, 64, 8, 1), (16, 64, 4, 1), (32, 64, 4, 2)]}
 # ops.STATE_GROUP_PROGRAMS_PER_SM candidates (the state passes' two-level walk; the shipped value first)
 STATE_GROUPS = [4, 0, 2, 8]
 
@@ -212,7 +214,8 @@ def sweep(results, save):
     # the gradient pass's 5th entry: ops.GRAD_SPLIT (dq and dk / dv in two kernels)
     cands = {**CANDIDATES, "grad": [(*c, split) for split in (False, True) for c in CANDIDATES["grad"]]}
     for name, cfgs in cands.items():
-        kind = "fwdbwd" if name == "grad" else "fwd"
+        kind = "fwdbwd" if name in ("grad", "grad_state") else "fwd"
+        ops.GRAD_STATE_SPLIT = name == "grad_state"
         best = None
         for cfg in cfgs:
             ops.CONFIG[name] = cfg[:4]
@@ -235,6 +238,13 @@ def sweep(results, save):
         ops.CONFIG[name] = best[0][:4]
         if name == "grad":
             ops.GRAD_SPLIT = best[0][4]
+    # the gradient pass's state terms as their own kernel (at the tiles kept above) or not
+    for split in (False, True):
+        ops.GRAD_STATE_SPLIT = split
+        out[f"grad_state_split {split}"] = _try(f"grad_state_split {split}", time_case, ours, B, T, dv, "fwdbwd", 120)
+        print(f"sweep grad_state_split {split} (fwdbwd): {out[f'grad_state_split {split}']} ms", flush=True)
+    timed = [v for v in (False, True) if out[f"grad_state_split {v}"] is not None]
+    ops.GRAD_STATE_SPLIT = min(timed, key=lambda v: out[f"grad_state_split {v}"]) if timed else False
     # the output pass as two kernels (its state part at the tiles kept above) or one
     for split in (True, False):
         ops.OUTPUT_SPLIT = split
@@ -260,7 +270,8 @@ def sweep(results, save):
             totals[p] = sum(times)
     ops.STATE_GROUP_PROGRAMS_PER_SM = min(totals, key=totals.get) if totals else STATE_GROUPS[0]
     out["chosen"] = {"CHUNK": ops.CHUNK, "CONFIG": dict(ops.CONFIG), "GRAD_SPLIT": ops.GRAD_SPLIT,
-                     "OUTPUT_SPLIT": ops.OUTPUT_SPLIT, "KEEP_STATES": ops.KEEP_STATES,
+                     "OUTPUT_SPLIT": ops.OUTPUT_SPLIT, "GRAD_STATE_SPLIT": ops.GRAD_STATE_SPLIT,
+                     "KEEP_STATES": ops.KEEP_STATES,
                      "STATE_GROUP_PROGRAMS_PER_SM": ops.STATE_GROUP_PROGRAMS_PER_SM}
     print("chosen:", out["chosen"], flush=True)
     results["sweep"] = out

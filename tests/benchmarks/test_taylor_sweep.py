@@ -30,7 +30,8 @@ def test_sweep_times_only_what_the_library_runs(monkeypatch, chunk64_faster):
     monkeypatch.setattr(ops, "KEEP_STATES", ops.KEEP_STATES)
     monkeypatch.setattr(ops, "STATE_GROUP_PROGRAMS_PER_SM", ops.STATE_GROUP_PROGRAMS_PER_SM)
     monkeypatch.setattr(ops, "OUTPUT_SPLIT", ops.OUTPUT_SPLIT)
-    for name in ("state", "output", "state_part"):
+    monkeypatch.setattr(ops, "GRAD_STATE_SPLIT", ops.GRAD_STATE_SPLIT)
+    for name in ("state", "output", "state_part", "grad_state"):
         monkeypatch.setitem(ops.CONFIG, name, ops.CONFIG[name])
     checks, timed = [], []
 
