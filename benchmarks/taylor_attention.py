@@ -196,6 +196,18 @@ def run_grad_tiles(grad):
     return (grad[0], grad[1], ops.grad_warps(ops.CHUNK, grad[2], ops.grad_split(grad[1])), grad[3])
 
 
+def sweep_switch(out, attr, kind, budget_ms, B, T, dv):
+    """Times ``ops.<attr>`` on and off (``kind``: "fwd" or "fwdbwd"), records both in ``out`` ("<attr lowercase>
+    True" / "False") and keeps the faster (on where neither ran)."""
+    key = attr.lower()
+    for value in (True, False):
+        setattr(ops, attr, value)
+        out[f"{key} {value}"] = _try(f"{key} {value}", time_case, ours, B, T, dv, kind, budget_ms)
+        print(f"sweep {key} {value} ({kind}): {out[f'{key} {value}']} ms", flush=True)
+    timed = [v for v in (True, False) if out[f"{key} {v}"] is not None]
+    setattr(ops, attr, min(timed, key=lambda v: out[f"{key} {v}"]) if timed else True)
+
+
 def sweep(results, save):
     """Time kernel configurations at B8 T4096 H16 d_v 64 (and the state pass at B1 T32768, where it has the
     fewest programs) and keep the fastest for the rest of the run. Each pass is swept on its own; a chunk or gradient
@@ -246,19 +258,9 @@ def sweep(results, save):
     timed = [v for v in (False, True) if out[f"grad_state_split {v}"] is not None]
     ops.GRAD_STATE_SPLIT = min(timed, key=lambda v: out[f"grad_state_split {v}"]) if timed else False
     # the output pass as two kernels (its state part at the tiles kept above) or one
-    for split in (True, False):
-        ops.OUTPUT_SPLIT = split
-        out[f"output_split {split}"] = _try(f"output_split {split}", time_case, ours, B, T, dv, "fwd", 120)
-        print(f"sweep output_split {split} (fwd): {out[f'output_split {split}']} ms", flush=True)
-    timed = [v for v in (True, False) if out[f"output_split {v}"] is not None]
-    ops.OUTPUT_SPLIT = min(timed, key=lambda v: out[f"output_split {v}"]) if timed else True
+    sweep_switch(out, "OUTPUT_SPLIT", "fwd", 120, B, T, dv)
     # the forward's per-chunk states kept for the backward, or recomputed there by a second state pass
-    for keep in (True, False):
-        ops.KEEP_STATES = keep
-        out[f"keep_states {keep}"] = _try(f"keep_states {keep}", time_case, ours, B, T, dv, "fwdbwd", 150)
-        print(f"sweep keep_states {keep} (fwdbwd): {out[f'keep_states {keep}']} ms", flush=True)
-    timed = [k for k in (True, False) if out[f"keep_states {k}"] is not None]
-    ops.KEEP_STATES = min(timed, key=lambda k: out[f"keep_states {k}"]) if timed else True
+    sweep_switch(out, "KEEP_STATES", "fwdbwd", 150, B, T, dv)
     # the state passes' two-level walk, at the sweep's shape and at one long sequence: the smallest sum of the two kept
     totals = {}
     for p in STATE_GROUPS:
