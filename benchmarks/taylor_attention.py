@@ -196,16 +196,17 @@ def run_grad_tiles(grad):
     return (grad[0], grad[1], ops.grad_warps(ops.CHUNK, grad[2], ops.grad_split(grad[1])), grad[3])
 
 
-def sweep_switch(out, attr, kind, budget_ms, B, T, dv):
-    """Times ``ops.<attr>`` on and off (``kind``: "fwd" or "fwdbwd"), records both in ``out`` ("<attr lowercase>
-    True" / "False") and keeps the faster (on where neither ran)."""
+def sweep_switch(out, attr, kind, budget_ms, B, T, dv, first=True):
+    """Times ``ops.<attr>`` at ``first``, then at the other value (``kind``: "fwd" or "fwdbwd"), records both in
+    ``out`` ("<attr lowercase> True" / "False") and keeps the faster (``first`` where neither ran; on a tie too)."""
     key = attr.lower()
-    for value in (True, False):
+    order = (first, not first)
+    for value in order:
         setattr(ops, attr, value)
         out[f"{key} {value}"] = _try(f"{key} {value}", time_case, ours, B, T, dv, kind, budget_ms)
         print(f"sweep {key} {value} ({kind}): {out[f'{key} {value}']} ms", flush=True)
-    timed = [v for v in (True, False) if out[f"{key} {v}"] is not None]
-    setattr(ops, attr, min(timed, key=lambda v: out[f"{key} {v}"]) if timed else True)
+    timed = [v for v in order if out[f"{key} {v}"] is not None]
+    setattr(ops, attr, min(timed, key=lambda v: out[f"{key} {v}"]) if timed else first)
 
 
 def sweep(results, save):
@@ -251,12 +252,7 @@ def sweep(results, save):
         if name == "grad":
             ops.GRAD_SPLIT = best[0][4]
     # the gradient pass's state terms as their own kernel (at the tiles kept above) or not
-    for split in (False, True):
-        ops.GRAD_STATE_SPLIT = split
-        out[f"grad_state_split {split}"] = _try(f"grad_state_split {split}", time_case, ours, B, T, dv, "fwdbwd", 120)
-        print(f"sweep grad_state_split {split} (fwdbwd): {out[f'grad_state_split {split}']} ms", flush=True)
-    timed = [v for v in (False, True) if out[f"grad_state_split {v}"] is not None]
-    ops.GRAD_STATE_SPLIT = min(timed, key=lambda v: out[f"grad_state_split {v}"]) if timed else False
+    sweep_switch(out, "GRAD_STATE_SPLIT", "fwdbwd", 120, B, T, dv, first=False)
     # the output pass as two kernels (its state part at the tiles kept above) or one
     sweep_switch(out, "OUTPUT_SPLIT", "fwd", 120, B, T, dv)
     # the forward's per-chunk states kept for the backward, or recomputed there by a second state pass
