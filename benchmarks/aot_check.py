@@ -89,7 +89,8 @@ def main():
                     fn, c = chunk.taylor_chunk_output_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                                                                    HI_INTRA=ops.HI_INTRA, BL=ops.low_rows_tile(F),
                                                                    LOW_PREC="ieee" if prec == "ieee" else "tf32x3",
-                                                                   CONFINE=False, BQ=BQ, PARTIAL=ops.OUTPUT_SPLIT)
+                                                                   CONFINE=False, BQ=BQ, PARTIAL=ops.OUTPUT_SPLIT,
+                                                                   PARTIAL_LATE=ops.OUTPUT_PARTIAL_LATE)
                 else:
                     fn, c = chunk.taylor_chunk_grad_kernel, dict(base, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                                                                  HI=ops.HI_BWD, PART=part, STATE_IN=False)

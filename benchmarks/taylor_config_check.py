@@ -3,8 +3,8 @@ context, so each candidate of ``taylor_attention.py --sweep`` is checked here fi
 T 2048 (H 16, f 16, d_v 64, bf16) against the fp64 chunked reference, then at the sweep's shape (B 8, T 4096).
 
     python benchmarks/taylor_config_check.py --chunk 64 --grad 64 64 8 1 [--output 64 64 8 2] [--query-rows 32]
-        [--split] [--output-split [BF W S] | --one-output-kernel] [--grad-state-split [BF W S]] [--no-keep]
-        [--hi-intra 0]
+        [--split] [--output-split [BF W S] | --one-output-kernel] [--late-partials] [--grad-state-split [BF W S]]
+        [--no-keep] [--hi-intra 0]
         [--time [16,2048,64 ...]] [--kernels]
 
 Prints one line: the configuration, then OK with the relative errors, or FAILED with the error."""
@@ -33,6 +33,7 @@ def main() -> int:
                     help="ops.OUTPUT_SPLIT on (the default), with CONFIG['state_part']'s feature block, warps and "
                          "stages if given")
     ap.add_argument("--one-output-kernel", action="store_true", help="ops.OUTPUT_SPLIT off")
+    ap.add_argument("--late-partials", action="store_true", help="ops.OUTPUT_PARTIAL_LATE")
     ap.add_argument("--grad-state-split", type=int, nargs="*", metavar="BF W S",
                     help="ops.GRAD_STATE_SPLIT on, with CONFIG['grad_state']'s feature block, warps and stages if given")
     ap.add_argument("--no-keep", action="store_true", help="ops.KEEP_STATES off")
@@ -48,6 +49,7 @@ def main() -> int:
     ops.CONFIG["output"], ops.OUTPUT_QUERY_ROWS = tuple(a.output), a.query_rows or None
     ops.OUTPUT_SPLIT = (ops.OUTPUT_SPLIT or a.output_split is not None) and not a.one_output_kernel
     ops.GRAD_STATE_SPLIT = a.grad_state_split is not None
+    ops.OUTPUT_PARTIAL_LATE = a.late_partials
     if a.grad_state_split:
         if len(a.grad_state_split) != 3:
             ap.error("--grad-state-split takes no value or three: BF W S")
@@ -65,7 +67,8 @@ def main() -> int:
     label = (f"chunk {a.chunk} output {tuple(a.output)} rows {ops.OUTPUT_QUERY_ROWS} grad {tuple(a.grad)} split"
              f" {a.split} keep {not a.no_keep} hi_intra {ops.HI_INTRA}"
              + (f" output_split {ops.CONFIG['state_part']}" if ops.OUTPUT_SPLIT else "")
-             + (f" grad_state_split {ops.CONFIG['grad_state']}" if ops.GRAD_STATE_SPLIT else ""))
+             + (f" grad_state_split {ops.CONFIG['grad_state']}" if ops.GRAD_STATE_SPLIT else "")
+             + (" late_partials" if ops.OUTPUT_PARTIAL_LATE else ""))
     try:
         errs = [errors_vs_fp64(2, 2048, 64)[0][key] for key in ("y", "dq", "dk", "dv")]
         q, k, v = inputs(8, 4096, 64, seed=2, grad=True)

@@ -368,7 +368,7 @@ def taylor_chunk_output_kernel(
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, NF: tl.constexpr, IS_VARLEN: tl.constexpr, HI_INTRA: tl.constexpr,
     BL: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr, CONFINE: tl.constexpr, BQ: tl.constexpr = 0,
-    PARTIAL: tl.constexpr = False,
+    PARTIAL: tl.constexpr = False, PARTIAL_LATE: tl.constexpr = False,
 ):
     """Output of BQ query rows of one chunk (BQ 0: the whole chunk; programs (value block, chunk x query block,
     head), the query blocks of a chunk adjacent): intra-chunk ``(1 + s + s^2/2)`` part over the chunk's keys plus
@@ -391,8 +391,8 @@ def taylor_chunk_output_kernel(
     i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, o_q, o_tq, m_q = _load_chunk(
         q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
         T, H, NC, F, DV, BK, BT, BV, IS_VARLEN, i_q, BQ)
-    if PARTIAL:  # the state part from taylor_chunk_state_part_kernel, loaded before the intra-chunk products
-        p_p = p_st * BT + o_q
+    p_p = p_st * BT + o_q
+    if PARTIAL and not PARTIAL_LATE:  # the state part from taylor_chunk_state_part_kernel, before the products
         b_pnum = tl.load(nump + p_p[:, None] * DV + o_v[None, :], mask=m_q[:, None] & m_v[None, :], other=0.)
         b_pden = tl.load(denp + p_p, mask=m_q, other=0.)
 
@@ -405,7 +405,10 @@ def taylor_chunk_output_kernel(
         b_w = tl.where(m_c, b_A + b_vnan[None, :], 0.)
     b_num = _mm(b_w, b_v, b_v, HI_INTRA, PREC)
     b_den = tl.sum(b_A, 1)
-    if PARTIAL:
+    if PARTIAL and PARTIAL_LATE:  # after them: fewer live registers (sm_90a: 220 and no spill against 255)
+        b_num += tl.load(nump + p_p[:, None] * DV + o_v[None, :], mask=m_q[:, None] & m_v[None, :], other=0.)
+        b_den += tl.load(denp + p_p, mask=m_q, other=0.)
+    elif PARTIAL:
         b_num += b_pnum
         b_den += b_pden
     else:

@@ -217,6 +217,8 @@ OUTPUT_QUERY_ROWS: Optional[int] = None
 # --kernels, one process per configuration): one kernel 0.492; split 0.157 (state part at BF 32, 4 warps, 1 stage)
 # + 0.201 (intra-chunk part at the output pass's tiles); the state part at 2 stages 0.231, at BF 64 0.282.
 OUTPUT_SPLIT = True
+# Experiment: the output kernel loads the partial sums after its intra-chunk products instead of before them
+OUTPUT_PARTIAL_LATE = False
 
 
 def output_query_rows(BT: int, n_chunks: int = 1) -> int:
@@ -457,7 +459,7 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
             q, k, v, o, den, hc, hl, zc, cu, meta, *confine_flags(q, 1), feature_table(F, q.device), nump, denp,
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
-                 BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, BQ=BQ, PARTIAL=OUTPUT_SPLIT, num_warps=nw,
+                 BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, BQ=BQ, PARTIAL=OUTPUT_SPLIT, PARTIAL_LATE=OUTPUT_PARTIAL_LATE, num_warps=nw,
                  num_stages=ns))
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)

@@ -620,8 +620,9 @@ def test_output_query_blocks_confine_nan_and_bad_values(monkeypatch):
             ops.output_query_rows(128)
 
 
-@pytest.mark.parametrize("varlen, rows", [(False, None), (True, None), (False, 16)])
-def test_output_split_matches_fp64(monkeypatch, varlen, rows):
+@pytest.mark.parametrize("varlen, rows, late", [(False, None, False), (True, None, False), (False, 16, False),
+                                               (True, None, True)])
+def test_output_split_matches_fp64(monkeypatch, varlen, rows, late):
     """ops.OUTPUT_SPLIT (the default: the output pass's state part as its own kernel, its fp32 partial sums added by
     the intra-chunk kernel): output, final state and gradients against fp64 on 32-token chunks with odd lengths (a
     part-filled last chunk), an initial state or packed documents, two value blocks and several feature blocks, also
@@ -634,6 +635,7 @@ def test_output_split_matches_fp64(monkeypatch, varlen, rows):
     monkeypatch.setattr(ops, "OUTPUT_SPLIT", False)
     whole = run_with_grads(triton_fn, q, k, v, h0, **kw)
     monkeypatch.setattr(ops, "OUTPUT_SPLIT", True)
+    monkeypatch.setattr(ops, "OUTPUT_PARTIAL_LATE", late)
     got = run_with_grads(triton_fn, q, k, v, h0, **kw)
     want = oracle(q, k, v, h0, **kw)
     check_all(got, want, TOL32)
@@ -963,11 +965,13 @@ def test_output_query_blocks_bf16(monkeypatch, rows):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("split, rows", [(True, None), (True, 64), (False, None)])
-def test_output_split_bf16(monkeypatch, split, rows):
+@pytest.mark.parametrize("split, rows, late", [(True, None, False), (True, 64, False), (False, None, False),
+                                               (True, None, True)])
+def test_output_split_bf16(monkeypatch, split, rows, late):
     """The output pass with and without ops.OUTPUT_SPLIT compiled at chunk 128, bf16 (also with query blocks): T
     4096, d_v 128 (two value blocks), and packed documents of odd lengths with states, against fp64."""
     monkeypatch.setattr(ops, "OUTPUT_SPLIT", split)
+    monkeypatch.setattr(ops, "OUTPUT_PARTIAL_LATE", late)
     monkeypatch.setattr(ops, "OUTPUT_QUERY_ROWS", rows)
     ey, es, *egrads = long_case(4096, H=4)[0]
     assert ey <= 2e-3 and es <= 2e-3 and max(egrads) <= 5e-3, (ey, es, egrads)
