@@ -103,15 +103,15 @@ def main():
             prec = "ieee" if args.dtype == "fp32" else "tf32"
             c = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=triton.cdiv(D, BF), IS_VARLEN=False, HI=ops.HI_BWD,
                      PREC=prec, PART=0, STATE_IN=True)
-            report(f"BT {BT:3d} grad, intra-chunk terms BV {BV:3d} warps {nw} stages {ns}", chunk.taylor_chunk_grad_kernel,
-                   args.dtype, c, nw, ns)
+            report(f"BT {BT:3d} grad, intra-chunk terms BV {BV:3d} warps {nw} stages {ns}",
+                   chunk.taylor_chunk_grad_kernel, args.dtype, c, nw, ns)
             for BF, _, nw, ns in {ops.CONFIG["grad_state"], (32, 0, 8, 1), (64, 0, 4, 1), (32, 0, 4, 2), (16, 0, 4, 1)}:
                 c = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=triton.cdiv(D, BF), IS_VARLEN=False, PREC=prec)
                 report(f"BT {BT:3d} grad, state terms BF {BF:3d} BV {BV:3d} warps {nw} stages {ns}",
                        chunk.taylor_chunk_grad_state_kernel, args.dtype, c, nw, ns)
         if "output" in args.passes and ops.OUTPUT_SPLIT:  # the output pass's state part at its tiles
             BF, BV, nw, ns = ops.CONFIG["state_part"]
-            BV = min(ops.CONFIG["output"][1], DV)
+            BV = min(BV, DV)
             prec = "ieee" if args.dtype == "fp32" else "tf32"
             c = dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=triton.cdiv(D, BF), IS_VARLEN=False,
                      BL=ops.low_rows_tile(F), PREC=prec, LOW_PREC="ieee" if prec == "ieee" else "tf32x3")

@@ -38,9 +38,9 @@ CANDIDATES = {"state": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64
               "output": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
               "grad": [(64, 64, 8, 1), (32, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 8, 1),
                        (32, 32, 4, 1)],
-              # the output pass's state part (ops.OUTPUT_SPLIT; its BV is the output pass's)
+              # the output pass's state part (ops.OUTPUT_SPLIT)
               "state_part": [(32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 2, 1), (16, 64, 4, 1), (64, 64, 4, 1)],
-              # the gradient pass's state terms (ops.GRAD_STATE_SPLIT, timed with it on; BV: the gradient pass's)
+              # the gradient pass's state terms (ops.GRAD_STATE_SPLIT, timed with it on)
               "grad_state": [(32, 64, 4, 1), (32, 64, 8, 1), (16, 64, 4, 1), (32, 64, 4, 2)]}
 # ops.STATE_GROUP_PROGRAMS_PER_SM candidates (the state passes' two-level walk; the shipped value first)
 STATE_GROUPS = [4, 0, 2, 8]

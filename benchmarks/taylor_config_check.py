@@ -35,7 +35,8 @@ def main() -> int:
     ap.add_argument("--one-output-kernel", action="store_true", help="ops.OUTPUT_SPLIT off")
     ap.add_argument("--late-partials", action="store_true", help="ops.OUTPUT_PARTIAL_LATE")
     ap.add_argument("--grad-state-split", type=int, nargs="*", metavar="BF W S",
-                    help="ops.GRAD_STATE_SPLIT on, with CONFIG['grad_state']'s feature block, warps and stages if given")
+                    help="ops.GRAD_STATE_SPLIT on, with CONFIG['grad_state']'s feature block, warps and stages if "
+                         "given")
     ap.add_argument("--no-keep", action="store_true", help="ops.KEEP_STATES off")
     ap.add_argument("--hi-intra", type=int, choices=(0, 1), default=int(ops.HI_INTRA),
                     help="ops.HI_INTRA: the forward's intra-chunk A @ v on fp32 (tf32) operands (1) or bf16 (0)")

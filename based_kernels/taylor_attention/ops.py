@@ -177,7 +177,7 @@ CONFIG = {
     "state": (64, 64, 4, 2),
     "output": (64, 64, 8, 2),
     "grad": (32, 64, 8, 1),
-    # the output pass's state part as its own kernel (OUTPUT_SPLIT; BV: the output pass's)
+    # the output pass's state part as its own kernel (OUTPUT_SPLIT)
     "state_part": (32, 64, 4, 1),
     # the gradient pass's state terms as their own kernel (GRAD_STATE_SPLIT; BV: the gradient pass's)
     "grad_state": (32, 64, 4, 1),
@@ -448,19 +448,17 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
         if OUTPUT_SPLIT:
             nump = q.new_empty(n_chunks, H, BT, DV, dtype=torch.float32)
             denp = q.new_empty(n_chunks, H, BT, dtype=torch.float32)
-            pBF, _, pnw, pns = CONFIG["state_part"]
-            pBF = BF if INTERPRET or prec == "ieee" else pBF
-            _state_part_kernel(lambda m: (cdiv(DV, BV), n_chunks, H), (
+            _, _, pBF, pBV, pNF, pnw, pns = _cfg("state_part", F, DV, prec)  # the same chunk as the output pass
+            _state_part_kernel(lambda m: (cdiv(DV, pBV), n_chunks, H), (
                 q, hc, hl, zc, nump, denp, cu, meta, feature_table(F, q.device), *_s3(q), T, H, NC),
-                F=F, DV=DV, BK=BK, BT=BT, BF=pBF, BV=BV, NF=cdiv(feature_dim(F), pBF), IS_VARLEN=cu_seqlens is not None,
-                BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, num_warps=nw if prec == "ieee" else pnw,
-                num_stages=ns if prec == "ieee" else pns)
+                F=F, DV=DV, BK=BK, BT=BT, BF=pBF, BV=pBV, NF=pNF, IS_VARLEN=cu_seqlens is not None,
+                BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, num_warps=pnw, num_stages=pns)
         launch_confined(_output_kernel, lambda m: grid, (
             q, k, v, o, den, hc, hl, zc, cu, meta, *confine_flags(q, 1), feature_table(F, q.device), nump, denp,
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
-                 BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, BQ=BQ, PARTIAL=OUTPUT_SPLIT, PARTIAL_LATE=OUTPUT_PARTIAL_LATE, num_warps=nw,
-                 num_stages=ns))
+                 BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, BQ=BQ, PARTIAL=OUTPUT_SPLIT,
+                 PARTIAL_LATE=OUTPUT_PARTIAL_LATE, num_warps=nw, num_stages=ns))
     if not output_final_state:
         hts, htz = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     if not keep_states:
@@ -542,13 +540,12 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
             pdk = torch.empty_like(pdq)
             pdv = q.new_empty(n_chunks, H, BT, DV, dtype=torch.float32)
             s_pn = pdq.stride(0)
-            sBF, _, snw, sns = CONFIG["grad_state"]
-            if INTERPRET or prec == "ieee":  # the gradient pass's feature block (and, IEEE, its warps and stages)
-                sBF, snw, sns = BF, (nw if prec == "ieee" else snw), (ns if prec == "ieee" else sns)
+            # its value blocks are the gradient pass's (pdq, pdk: one partial per value block)
+            _, _, sBF, _, sNF, snw, sns = _cfg("grad_state", F, DV, prec)
             _grad_state_kernel(lambda m: grid, (
                 q, k, v, dy, den, dd, hc, zc, dhc, dzc, pdq, pdk, pdv, cu, meta, feature_table(F, q.device),
                 *_s3(q), *_s3(k), *_s3(v), *_s3(dy), s_pn, T, H, NC),
-                F=F, DV=DV, BK=BK, BT=BT, BF=sBF, BV=BV, NF=cdiv(feature_dim(F), sBF), IS_VARLEN=cu_seqlens is not None,
+                F=F, DV=DV, BK=BK, BT=BT, BF=sBF, BV=BV, NF=sNF, IS_VARLEN=cu_seqlens is not None,
                 PREC=prec, num_warps=snw, num_stages=sns)
         for part in (1, 2) if split else (0,):
             _grad_kernel(lambda m: grid, (
