@@ -181,14 +181,23 @@ def _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT: tl.constexpr, IS_VARLEN: tl.c
 
 
 @triton.jit
-def _load_chunk(q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
-                T, H, NC, F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+def _chunk_program(NV: tl.constexpr):
+    """(value block, chunk, head) of a program of the output, state-part and gradient kernels, whose grid is
+    (value blocks x chunks, heads): a chunk's value blocks adjacent on the first axis, as on an axis of their own.
+    The first axis takes 2^31 - 1 programs, the others CUDA's 65535, which on the chunks' axis would cap a call at
+    65535 chunks (8.4M tokens at chunk 128). With query blocks the "chunk" is chunk x query block."""
+    i_vc = tl.program_id(0)
+    return i_vc % NV, i_vc // NV, tl.program_id(1)
+
+
+@triton.jit
+def _load_chunk(q, k, v, i_v, i_c, i_h, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt,
+                s_vh, T, H, NC, F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
                 BV: tl.constexpr, IS_VARLEN: tl.constexpr, i_q=0, BQ: tl.constexpr = 0):
     """Indices, masks and the q, k (raw) and v tiles of chunk i_c, value block i_v (output and gradient passes).
     k and v: the chunk's BT token rows (``o_t``, ``o_tt``, ``m_t``); q: the BQ rows from ``i_q * BQ`` (``o_q``,
     ``o_tq``, ``m_q``; BQ 0: the whole chunk)."""
     i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
-    i_h = tl.program_id(2)
     o_t = tl.arange(0, BT)
     o_tt = t0 + o_t
     m_t = o_tt < eos
@@ -236,7 +245,12 @@ def taylor_chunk_state_kernel(
     the last group's program stores ``ht``. The same states as one walk, but chains GROUPS times
     shorter: for few sequences x heads (a long sequence at batch 1), where one walk per program leaves SMs idle."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
-    i_f, i_v, i_nhg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # programs (feature block, value block, sequence x head x group) on the grid's first axis, feature blocks
+    # adjacent: CUDA's 65535 programs on the other axes would cap sequences x heads x groups (documents with cu_seqlens)
+    NF: tl.constexpr = (D + BF - 1) // BF
+    NV: tl.constexpr = (DV + BV - 1) // BV
+    pid = tl.program_id(0)
+    i_f, i_v, i_nhg = pid % NF, (pid // NF) % NV, pid // (NF * NV)
     i_nh, i_g = i_nhg // GROUPS, i_nhg % GROUPS
     i_n, i_h = i_nh // H, i_nh % H
     i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)
@@ -343,7 +357,7 @@ def taylor_chunk_state_part_kernel(
     (each program's rows contiguous), which ``taylor_chunk_output_kernel`` (PARTIAL) adds to the intra-chunk part.
     Each kernel then holds either the intra-chunk score tiles or the feature tiles, not both, for the partial sums'
     round trip through memory."""
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_c, i_h = _chunk_program((DV + BV - 1) // BV)
     i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
     p_st = i_c.to(tl.int64) * H + i_h
     o_tt = t0 + tl.arange(0, BT)
@@ -385,11 +399,11 @@ def taylor_chunk_output_kernel(
         if tl.load(bad) == 0:
             return
     NQ: tl.constexpr = 1 if BQ == 0 else BT // BQ
-    i_v, i_cq, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_cq, i_h = _chunk_program((DV + BV - 1) // BV)
     i_c, i_q = i_cq // NQ, i_cq % NQ
     p_st = i_c.to(tl.int64) * H + i_h
     i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, o_q, o_tq, m_q = _load_chunk(
-        q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+        q, k, v, i_v, i_c, i_h, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
         T, H, NC, F, DV, BK, BT, BV, IS_VARLEN, i_q, BQ)
     if PARTIAL:  # the state part from taylor_chunk_state_part_kernel, loaded before the intra-chunk products
         p_p = p_st * BT + o_q
@@ -452,10 +466,10 @@ def taylor_chunk_grad_kernel(
     (the intra-chunk dS K and the state before the chunk); 2: dk and dv alone (A^T dO, dS^T Q and the gradient of
     the state after the chunk): the pass split in two kernels that each keep fewer tiles live."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_c, i_h = _chunk_program((DV + BV - 1) // BV)
     p_st = i_c.to(tl.int64) * H + i_h
     i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, _, _, _ = _load_chunk(
-        q, k, v, i_v, i_c, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+        q, k, v, i_v, i_c, i_h, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
         T, H, NC, F, DV, BK, BT, BV, IS_VARLEN)
     w0 = (i_v == 0).to(tl.float32)  # the normaliser column [v | 1] belongs to value block 0
     m_tv = m_t[:, None] & m_v[None, :]

@@ -211,16 +211,16 @@ OUTPUT_QUERY_ROWS: Optional[int] = None
 OUTPUT_SPLIT = True
 
 
-def output_query_rows(BT: int, n_chunks: int = 1) -> int:
-    """The output pass's query rows per program (``OUTPUT_QUERY_ROWS``) over ``n_chunks`` chunks of ``BT`` tokens;
-    0: the whole chunk, also where the blocks would pass CUDA's 65535 programs on the grid's second axis."""
+def output_query_rows(BT: int) -> int:
+    """The output pass's query rows per program (``OUTPUT_QUERY_ROWS``) in chunks of ``BT`` tokens; 0: the whole
+    chunk."""
     rows = OUTPUT_QUERY_ROWS
     if rows is None or rows >= BT:
         return 0
     if rows < 16 or rows & (rows - 1):
         raise ValueError(f"ops.OUTPUT_QUERY_ROWS must be a power of two >= 16 (tl.dot's smallest tile) or None, "
                          f"got {rows}")
-    return rows if n_chunks * (BT // rows) <= 65535 else 0
+    return rows
 
 
 def low_rows_tile(F: int) -> int:
@@ -405,7 +405,7 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
     G = state_groups(NF * NV * N * H, n_chunks, N, _num_sms(x.device))
     tot = x.new_empty(N * H * G, D, DV, dtype=torch.float32) if G > 1 else zc
     totz = x.new_empty(N * H * G, D, dtype=torch.float32) if G > 1 else zc
-    grid = (NF, NV, N * H * G)
+    grid = (NF * NV * N * H * G,)  # chunk.taylor_chunk_state_kernel unfolds it
     args = (x, w, den if den is not None else zc, dd if dd is not None else zc,
             h0s if use_h0 else zc, h0z if use_h0 else zc, hc, hl, zc, ht, hz, tot, totz,
             cu_seqlens if cu_seqlens is not None else zc, offsets if offsets is not None else zc,
@@ -430,8 +430,8 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
     o = v.new_empty(B, T, H, DV)
     den = q.new_empty(B, T, H, dtype=torch.float32)
     if n_chunks:
-        BQ = output_query_rows(BT, n_chunks)
-        grid = (cdiv(DV, BV), n_chunks * (BT // BQ if BQ else 1), H)
+        BQ = output_query_rows(BT)
+        grid = (cdiv(DV, BV) * n_chunks * (BT // BQ if BQ else 1), H)  # chunk._chunk_program unfolds the first axis
         cu, meta = (cu_seqlens if cu_seqlens is not None else den), (meta if meta is not None else den)
         low_prec = "ieee" if prec == "ieee" else "tf32x3"
         nump, denp = den, den
@@ -439,7 +439,7 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
             nump = q.new_empty(n_chunks, H, BT, DV, dtype=torch.float32)
             denp = q.new_empty(n_chunks, H, BT, dtype=torch.float32)
             _, _, pBF, pBV, pNF, pnw, pns = _cfg("state_part", F, DV, prec)  # the same chunk as the output pass
-            _state_part_kernel(lambda m: (cdiv(DV, pBV), n_chunks, H), (
+            _state_part_kernel(lambda m: (cdiv(DV, pBV) * n_chunks, H), (
                 q, hc, hl, zc, nump, denp, cu, meta, feature_table(F, q.device), *_s3(q), T, H, NC),
                 F=F, DV=DV, BK=BK, BT=BT, BF=pBF, BV=pBV, NF=pNF, IS_VARLEN=cu_seqlens is not None,
                 BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, num_warps=pnw, num_stages=pns)
@@ -519,7 +519,7 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
     dk = k.new_empty(NV, B, T, H, F, dtype=torch.float32 if NV > 1 else k.dtype)
     dv = v.new_empty(B, T, H, DV)
     if n_chunks:
-        grid = (NV, n_chunks, H)
+        grid = (NV * n_chunks, H)
         for part in (1, 2) if grad_split(BV) else (0,):
             _grad_kernel(lambda m: grid, (
                 q, k, v, dy, den, dd, hc, zc, dhc, dzc, dq, dk, dv,

@@ -598,7 +598,6 @@ def test_output_query_blocks_match_fp64(monkeypatch, varlen):
     whole = run_with_grads(triton_fn, q, k, v, h0, **kw)
     monkeypatch.setattr(ops, "OUTPUT_QUERY_ROWS", 16)
     assert ops.output_query_rows(32) == 16 and ops.output_query_rows(16) == 0
-    assert ops.output_query_rows(32, n_chunks=32767) == 16 and ops.output_query_rows(32, n_chunks=32768) == 0
     got = run_with_grads(triton_fn, q, k, v, h0, **kw)
     check_all(got, oracle(q, k, v, h0, **kw), TOL32)
     for a, b in zip([got[0], *got[2]], [whole[0], *whole[2]]):
@@ -676,6 +675,35 @@ def test_state_groups_equal_one_walk(monkeypatch, varlen, groups):
     # forward: sums + walk; backward (states kept): reverse sums + walk
     assert launches == [(groups, True), (groups, False)] * 2, launches
     check_all(got, oracle(q, k, v, h0, **kw), TOL32)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_chunks_and_sequences_on_the_first_grid_axis(monkeypatch, varlen):
+    """Every chunk kernel's grid carries the chunks (the state passes: also the sequences or documents) on its
+    first axis, which takes 2^31 - 1 programs, and at most the heads on the second: CUDA's 65535 programs there
+    cap no length or document count. The results at more chunks than 65535 (GPU):
+    test_more_chunks_than_a_grid_axis_holds."""
+    grids = []
+
+    class GridSpy(_Spy):
+        def __call__(self, grid, args, **consts):
+            self.seen.append((self.launcher.kernel.fn.__name__, tuple(grid(consts))))
+            return self.launcher(grid, args, **consts)
+
+    for name in ("_state_kernel", "_state_part_kernel", "_output_kernel", "_grad_kernel"):
+        monkeypatch.setattr(ops, name, GridSpy(getattr(ops, name), grids))
+    H, T = 3, 150
+    cu = torch.tensor([0, 1, 2, 40, 41, 150], dtype=torch.int32, device=DEV) if varlen else None
+    q, k, v, _ = make(1, T, H, 8, 40)
+    run_with_grads(triton_fn, q, k, v, None, cu_seqlens=cu)
+    n_chunks = ops._chunks(1, T, cu, ops._cfg("output", 8, 40, dot_precision(q.dtype))[1])[0]
+    assert {n for n, _ in grids} >= {"taylor_chunk_state_kernel", "taylor_chunk_output_kernel",
+                                     "taylor_chunk_grad_kernel"}, grids
+    for name, grid in grids:
+        if name == "taylor_chunk_state_kernel":
+            assert len(grid) == 1 and grid[0] >= H * (5 if varlen else 1), grids
+        else:
+            assert len(grid) == 2 and grid[1] == H and grid[0] >= n_chunks, (n_chunks, grids)
 
 
 def test_state_groups_rule(monkeypatch):
@@ -875,6 +903,33 @@ def test_long_context_bf16_error_bounded_and_flat():
         assert max(edq, edk, edv) <= 5e-3, (T, edq, edk, edv)
     for i in range(5):
         assert errs[32768][i] <= 1.5 * errs[1024][i] + 2e-4, ("error grows with T", i, errs)
+
+
+@pytest.mark.gpu
+def test_more_chunks_than_a_grid_axis_holds():
+    """65,537 chunks in one call (8.4M tokens at chunk 128; CUDA's second and third grid axes take 65,535 programs;
+    d_v 80: two value blocks folded with the chunks): output, final state and gradients equal the same tokens in two
+    calls of fewer chunks with the state carried between them. A wrong chunk, value block or head would be O(1)
+    off; the two ways differ by their bf16 rounding (each ~2e-3 / 3e-3 from fp64 at shorter lengths)."""
+    T, t = 65536 * 128 + 77, 32768 * 128 + 5
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    q, k = (torch.randn(1, T, 1, 16, device=DEV, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    v, dy = (torch.randn(1, T, 1, 80, device=DEV, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+
+    def run(parts):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        ys, st = [], None
+        for a, b in parts:
+            y, st = triton_fn(*(x[:, a:b] for x in leaves), initial_state=st, output_final_state=True)
+            ys.append(y)
+        torch.cat(ys, 1).backward(dy)
+        return [torch.cat(ys, 1).detach(), st[0].detach()] + [x.grad for x in leaves]
+
+    whole = run([(0, T)])
+    halves = run([(0, t), (t, T)])
+    for name, a, b in zip(("y", "S", "dq", "dk", "dv"), whole, halves):
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert err < 1e-2, (name, err)
 
 
 @pytest.mark.gpu
