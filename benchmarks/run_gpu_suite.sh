@@ -29,7 +29,9 @@ if [ -z "$BENCH_ONLY" ]; then
     "$(find "$cache" -name "*.autotune.json" 2>/dev/null | wc -l) autotuning results"
   # the compiled kernels for the next call to carry (benchmarks/gpu_env.sh unpacks them): benchmarks/triton_cache.py
   # says which files; over the machine's 16 MB per returned file, in parts (triton_cache.tar.xz.0, .1, ...)
-  python3 benchmarks/triton_cache.py pack "$cache" "$OUT/triton_cache.tar.xz" || echo "packing the Triton cache failed"
+  # (bounded: a pack cut off by the call's limit returns nothing, the suite's logs above still come back)
+  timeout "${PACK_TIMEOUT:-90}" python3 benchmarks/triton_cache.py pack "$cache" "$OUT/triton_cache.tar.xz" \
+    || { echo "packing the Triton cache failed or took over ${PACK_TIMEOUT:-90} s"; rm -f "$OUT"/triton_cache.tar.xz*; }
 fi
 if [ -z "$SUITE_ONLY" ]; then
   # rows merge into the tracked JSON (BENCH_ARGS="--formats dp_reshardable" runs one format)
