@@ -190,8 +190,8 @@ class BasedConfig(TransformerConfig):
             raise ConfigError(f"normalization must be RMSNorm (BASED's layers, as released, use RMSNorm; other norms "
                               f"are not implemented); got {self.normalization!r}")
         if self.cuda_graph_impl not in CUDA_GRAPH_IMPLS:
-            raise ConfigError(f"cuda_graph_impl must be 'none' or 'local' ({CUDA_GRAPH_IMPLS_WHY}); got "
-                              f"{self.cuda_graph_impl!r}")
+            raise ConfigError(f"cuda_graph_impl must be {' or '.join(map(repr, CUDA_GRAPH_IMPLS))} "
+                              f"({CUDA_GRAPH_IMPLS_WHY}); got {self.cuda_graph_impl!r}")
         if self.cuda_graph_impl == "local" and self.recompute_granularity == "full":
             raise ConfigError("cuda_graph_impl: local and full activation recompute do not mix (Megatron's per-layer "
                               "graphs refuse it): drop one of them")

@@ -118,8 +118,8 @@ class RunConfig:
         given (BasedConfig checks "local")."""
         value = self.model.get("cuda_graph_impl", "auto")
         if value not in ("auto", *CUDA_GRAPH_IMPLS):
-            raise ConfigError(f"model.cuda_graph_impl must be auto, none or local ({CUDA_GRAPH_IMPLS_WHY}); got "
-                              f"{value!r}")
+            raise ConfigError(f"model.cuda_graph_impl must be {', '.join(('auto', *CUDA_GRAPH_IMPLS)[:-1])} or "
+                              f"{CUDA_GRAPH_IMPLS[-1]} ({CUDA_GRAPH_IMPLS_WHY}); got {value!r}")
         if value != "auto":
             return value, f"model.cuda_graph_impl: {value}"
         p, t = self.parallel, self.train
