@@ -117,9 +117,10 @@ class RunConfig:
         mixers in ``GRAPH_SAFE_MIXERS``; "none" elsewhere, with the first reason. "none" and "local" are taken as
         given (BasedConfig checks "local")."""
         value = self.model.get("cuda_graph_impl", "auto")
-        if value not in ("auto", *CUDA_GRAPH_IMPLS):
-            raise ConfigError(f"model.cuda_graph_impl must be {', '.join(('auto', *CUDA_GRAPH_IMPLS)[:-1])} or "
-                              f"{CUDA_GRAPH_IMPLS[-1]} ({CUDA_GRAPH_IMPLS_WHY}); got {value!r}")
+        allowed = ("auto", *CUDA_GRAPH_IMPLS)
+        if value not in allowed:
+            raise ConfigError(f"model.cuda_graph_impl must be {', '.join(allowed[:-1])} or {allowed[-1]} "
+                              f"({CUDA_GRAPH_IMPLS_WHY}); got {value!r}")
         if value != "auto":
             return value, f"model.cuda_graph_impl: {value}"
         p, t = self.parallel, self.train
