@@ -30,3 +30,21 @@ def flag_non_finite(bad, b_x, b_r, m_rows):
     n_row = tl.sum(tl.where(tl.abs(b_x) < float("inf"), 0, 1), 1) + tl.where(tl.abs(b_r) < float("inf"), 0, 1)
     n_bad = tl.sum(tl.where(m_rows, n_row, 0), 0)
     tl.store(bad, 1, mask=n_bad > 0)
+
+
+@triton.jit
+def grid_program(N0):
+    """``(i0, i1)`` of a program whose grid ``(N0 * N1,)`` folds a 2-D grid ``(N0, N1)`` onto its first axis, i0
+    varying fastest (the 2-D grid's launch order). CUDA's first grid axis takes 2^31 - 1 programs, its second and
+    third 65,535 each: batch x heads, sequences or token blocks there would cap a call's shape (e.g. batch 4,096 x
+    16 heads), so the kernels put them on the first axis."""
+    pid = tl.program_id(0)
+    return pid % N0, pid // N0
+
+
+@triton.jit
+def grid_program3(N0, N1):
+    """``(i0, i1, i2)`` of a program whose grid ``(N0 * N1 * N2,)`` folds a 3-D grid ``(N0, N1, N2)`` onto its first
+    axis (as :func:`grid_program`)."""
+    i0, i12 = grid_program(N0)
+    return i0, i12 % N1, i12 // N1

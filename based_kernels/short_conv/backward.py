@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .._common import INTERPRET, configs, tune_bench
+from .._jit_common import grid_program, grid_program3
 from .forward import conv_at, row_context
 
 # rows per program in the main backward kernel: one dw partial per CHUNK rows (fewer masked sub-blocks in the
@@ -71,7 +72,8 @@ def conv_bwd_kernel(
     CHUNK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     """Tile variant: each ``[BT, BC]`` tile recomputes dc at the K shifted row sets it needs."""
-    i_c, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_c, i_t, i_b = grid_program3(tl.cdiv(C, BC), NT)
+    i_b = i_b.to(tl.int64)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     x, dy = x + i_b * s_xb, dy + i_b * s_dyb
@@ -129,7 +131,8 @@ def conv_bwd_init_kernel(
     K: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, IS_VARLEN: tl.constexpr, BC: tl.constexpr,
 ):
     """Initial-state gradient ``[N, K-1, C]``: the transposed conv at the K - 1 rows before each start."""
-    i_c, i_n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_c, i_n = grid_program(tl.cdiv(C, BC))
+    i_n = i_n.to(tl.int64)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     if IS_VARLEN:
@@ -268,7 +271,8 @@ def conv_bwd_stream_kernel(
     """Stream variant: one program per (channel block, CHUNK rows, batch) walks its rows one at a time with the
     K - 1 previous conv inputs and the K - 1 pending dx rows in registers, so x, g, dy are each read once (plus
     a K - 1 row halo) and dc is computed once per row. Loads run one 4-row block ahead of the arithmetic."""
-    i_c, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_c, i_t, i_b = grid_program3(tl.cdiv(C, BC), NT)
+    i_b = i_b.to(tl.int64)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     x, g, dy = x + i_b * s_xb, g + i_b * s_gb, dy + i_b * s_dyb

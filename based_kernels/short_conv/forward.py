@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .._common import configs, tune_bench
+from .._jit_common import grid_program3
 
 
 @triton.jit
@@ -69,7 +70,8 @@ def conv_fwd_kernel(
     K: tl.constexpr, GATE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr,
 ):
-    i_c, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_c, i_t, i_b = grid_program3(tl.cdiv(C, BC), tl.cdiv(T, BT))
+    i_b = i_b.to(tl.int64)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     rows = i_t * BT + tl.arange(0, BT)

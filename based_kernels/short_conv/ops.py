@@ -211,7 +211,7 @@ def _launch_fwd(x, g, w, bias, init, cu, y):
     B, T, C = x.shape
     doc, cu32 = _varlen(cu, T, x.device)
     _fwd(
-        lambda meta: (cdiv(C, meta["BC"]), cdiv(T, meta["BT"]), B),
+        lambda meta: (cdiv(C, meta["BC"]) * cdiv(T, meta["BT"]) * B,),
         (x, x if g is None else g, w, x if bias is None else bias, x if init is None else init, y,
          doc if cu is not None else x, cu32 if cu is not None else x,
          *_s2(x), *_s2(g), *_s2(y), *_s2(init), *w.stride(), T, C),
@@ -236,7 +236,7 @@ def _launch_bwd(dy, x, g, w, bias, init, cu, dx, dg):
     init_ = x if init is None else init
     flags = dict(K=K, GATE=g is not None, HAS_BIAS=bias is not None, IS_VARLEN=cu is not None)
     _BWD[BWD_VARIANT](
-        lambda meta: (cdiv(C, meta["BC"]), NT, B),
+        lambda meta: (cdiv(C, meta["BC"]) * NT * B,),
         (x, g_, w, bias_, init_, dy, dx, dg if g is not None else dx, dwp, dbp, doc if cu is not None else x,
          cu32 if cu is not None else x,
          *_s2(x), *_s2(g), *_s2(dy), *_s2(dx), *_s2(dg if g is not None else None), *_s2(init), *w.stride(),
@@ -252,7 +252,7 @@ def _launch_bwd(dy, x, g, w, bias, init, cu, dx, dg):
         N = init.shape[0]
         BC = 32 if cdiv(C, 128) * N < 64 else 128
         _bwd_init(
-            lambda meta: (cdiv(C, BC), N),
+            lambda meta: (cdiv(C, BC) * N,),
             (x, g_, w, bias_, init_, dy, dinit, cu32 if cu is not None else x,
              *_s2(x), *_s2(g), *_s2(dy), *_s2(init), *w.stride(), T, C),
             BC=BC, **flags,
@@ -446,7 +446,7 @@ def conv_step_triton(x, g, weight, state, bias=None, *, inplace=False):
         new_state = torch.empty(B, K - 1, C, dtype=st_dtype, device=x.device)
     BC = 256  # >= 32 * num_warps: no channel replicated across threads (the in-place order argument needs it)
     _step(
-        lambda meta: (cdiv(C, BC), B),
+        lambda meta: (cdiv(C, BC) * B,),
         (x, x if g is None else g, weight, x if bias is None else bias, x if state is None else state, y, new_state,
          x.stride(0), 0 if g is None else g.stride(0), y.stride(0), *((0, 0) if state is None else _s2(state)),
          *_s2(new_state), *weight.stride(), C),

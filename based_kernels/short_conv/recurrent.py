@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._jit_common import grid_program
+
 
 @triton.jit
 def conv_step_kernel(
@@ -29,7 +31,8 @@ def conv_step_kernel(
     K: tl.constexpr, GATE: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, INPLACE: tl.constexpr,
     BC: tl.constexpr,
 ):
-    i_c, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_c, i_b = grid_program(tl.cdiv(C, BC))
+    i_b = i_b.to(tl.int64)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     if INPLACE:  # the new state over the old one (HAS_STATE is set): stores through the same pointer

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .._common import configs, tune_bench
-from .._jit_common import finite_rows, flag_non_finite
+from .._jit_common import finite_rows, flag_non_finite, grid_program
 from .forward import load_kv_rows, visible_mask
 
 
@@ -41,7 +41,7 @@ def swa_bwd_dq_kernel(
     if CONFINE:  # the confining re-launch (_common.launch_confined)
         if tl.load(bad) == 0:
             return
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = grid_program(tl.cdiv(T, BM))
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_hk = (i_h // G).to(tl.int64)
     i_h = i_h.to(tl.int64)
@@ -117,7 +117,7 @@ def swa_bwd_dkdv_kernel(
     if CONFINE:  # the confining re-launch (_common.launch_confined)
         if tl.load(bad) == 0:
             return
-    i_n, i_bhk = tl.program_id(0), tl.program_id(1)
+    i_n, i_bhk = grid_program(tl.cdiv(T + P, BN))
     Hkv = H // G
     i_b, i_hk = (i_bhk // Hkv).to(tl.int64), (i_bhk % Hkv).to(tl.int64)
 

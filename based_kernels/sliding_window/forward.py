@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._common import INTERPRET, configs, tune_bench
-from .._jit_common import finite_rows, flag_non_finite
+from .._jit_common import finite_rows, flag_non_finite, grid_program
 
 LOG2E = 1.4426950408889634
 
@@ -76,7 +76,7 @@ def swa_fwd_kernel(
     if CONFINE:  # the confining re-launch (_common.launch_confined): only after a plain program flagged a result
         if tl.load(bad) == 0:
             return
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = grid_program(tl.cdiv(T, BM))
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_hk = (i_h // G).to(tl.int64)
     i_h = i_h.to(tl.int64)

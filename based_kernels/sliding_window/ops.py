@@ -134,7 +134,7 @@ def _swa_fwd(q, k, v, kp, vp, cu_seqlens, window, scale, bad):
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     kp_, vp_ = (q, q) if kp is None else (kp, vp)
     launch_confined(
-        _fwd, lambda meta: (cdiv(T, meta["BM"]), B * H),
+        _fwd, lambda meta: (cdiv(T, meta["BM"]) * B * H,),
         (q, k, v, kp_, vp_, o, lse, doc if doc is not None else lse, bad,
          *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp), *_strides3(o),
          T, P, H, scale),
@@ -180,14 +180,14 @@ def _swa_bwd(do, q, k, v, kp, vp, cu_seqlens, o, lse, window, scale, bad_dq, bad
     consts = dict(D=D, W=window, G=H // Hkv, BLOCK_D=block_d, HAS_PREFIX=kp is not None, IS_VARLEN=doc is not None,
                   DOT_PREC=prec)
     launch_confined(
-        _bwd_dq, lambda meta: (cdiv(T, meta["BM"]), B * H),
+        _bwd_dq, lambda meta: (cdiv(T, meta["BM"]) * B * H,),
         (q, k, v, kp_, vp_, o, do, lse, delta, dq, doc_, bad_dq,
          *s_in, *_strides3(o), *_strides3(do), *_strides3(dq), T, P, H, scale),
         consts,
     )
     dkp_, dvp_ = (dkp, dvp) if kp is not None else (dk, dv)
     launch_confined(
-        _bwd_dkdv, lambda meta: (cdiv(T + P, meta["BN"]), B * Hkv),
+        _bwd_dkdv, lambda meta: (cdiv(T + P, meta["BN"]) * B * Hkv,),
         (q, k, v, kp_, vp_, do, lse, delta, dk, dv, dkp_, dvp_, doc_, bad_dkdv,
          *s_in, *_strides3(do), *_strides3(dk), *_strides3(dv), *_strides3(dkp if kp is not None else None),
          *_strides3(dvp if kp is not None else None), T, P, H, scale),
@@ -268,8 +268,8 @@ class _Plan:
         self.tail = (T, P, H, scale)
         self.fwd_scalars = (*self.s_in, *s_o, *self.tail)
         self.s_o, self.s_dkdv = s_o, (*s_dk, *s_dv, 0, 0, 0, 0, 0, 0)
-        self.grid_q = lambda m: (cdiv(T, m["BM"]), B * H)
-        self.grid_kv = lambda m: (cdiv(T + P, m["BN"]), B * Hkv)
+        self.grid_q = lambda m: (cdiv(T, m["BM"]) * B * H,)
+        self.grid_kv = lambda m: (cdiv(T + P, m["BN"]) * B * Hkv,)
         self.bwd = {}  # do.stride() -> scalar arguments of the two backward kernels
 
     def alloc(self, ref, i):
@@ -386,10 +386,10 @@ def swa_step_triton(q, k, v, k_cache, v_cache, positions, window, scale):
     q, k, v = (lastdim_contiguous(t) for t in (q, k, v))
     o = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     _step(
-        lambda meta: (H, B),
+        lambda meta: (H * B,),
         (q, k, v, k_cache, v_cache, positions, o,
          *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
-         *o.stride()[:2], float(scale)),
+         *o.stride()[:2], float(scale), H),
         D=D, RING=window + 1, BLOCK_D=max(16, next_pow2(D)), BR=STEP[0], V_EARLY=STEP[2], num_warps=STEP[1],
     )
     return o

@@ -30,15 +30,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._jit_common import grid_program
+
 
 @triton.jit
 def swa_step_kernel(
     q, k, v, k_cache, v_cache, positions, o,
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cb, s_cr, s_ch, s_db, s_dr, s_dh, s_ob, s_oh,
-    scale,
+    scale, H,
     D: tl.constexpr, RING: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr, V_EARLY: tl.constexpr,
 ):
-    i_h, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h, i_b = grid_program(H)
+    i_h, i_b = i_h.to(tl.int64), i_b.to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     p = tl.load(positions + i_b).to(tl.int64)

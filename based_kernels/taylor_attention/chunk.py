@@ -40,7 +40,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._jit_common import finite_rows, flag_non_finite
+from .._jit_common import finite_rows, flag_non_finite, grid_program
 
 RSQRT2 = tl.constexpr(0.7071067811865476)
 
@@ -181,13 +181,14 @@ def _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT: tl.constexpr, IS_VARLEN: tl.c
 
 
 @triton.jit
-def _chunk_program(NV: tl.constexpr):
+def _chunk_program(DV: tl.constexpr, BV: tl.constexpr):
     """(value block, chunk, head) of a program of the output, state-part and gradient kernels, whose grid is
-    (value blocks x chunks, heads): a chunk's value blocks adjacent on the first axis, as on an axis of their own.
-    The first axis takes 2^31 - 1 programs, the others CUDA's 65535, which on the chunks' axis would cap a call at
-    65535 chunks (8.4M tokens at chunk 128). With query blocks the "chunk" is chunk x query block."""
-    i_vc = tl.program_id(0)
-    return i_vc % NV, i_vc // NV, tl.program_id(1)
+    (value blocks of BV columns x chunks, heads): a chunk's value blocks adjacent on the first axis, as on an axis
+    of their own. The first axis takes 2^31 - 1 programs, the others CUDA's 65535, which on the chunks' axis would
+    cap a call at 65535 chunks (8.4M tokens at chunk 128). With query blocks the "chunk" is chunk x query block."""
+    NV: tl.constexpr = (DV + BV - 1) // BV
+    i_v, i_c = grid_program(NV)
+    return i_v, i_c, tl.program_id(1)
 
 
 @triton.jit
@@ -357,7 +358,7 @@ def taylor_chunk_state_part_kernel(
     (each program's rows contiguous), which ``taylor_chunk_output_kernel`` (PARTIAL) adds to the intra-chunk part.
     Each kernel then holds either the intra-chunk score tiles or the feature tiles, not both, for the partial sums'
     round trip through memory."""
-    i_v, i_c, i_h = _chunk_program((DV + BV - 1) // BV)
+    i_v, i_c, i_h = _chunk_program(DV, BV)
     i_b, t0, eos = _chunk(i_c, cu_seqlens, chunk_meta, T, NC, BT, IS_VARLEN)
     p_st = i_c.to(tl.int64) * H + i_h
     o_tt = t0 + tl.arange(0, BT)
@@ -399,7 +400,7 @@ def taylor_chunk_output_kernel(
         if tl.load(bad) == 0:
             return
     NQ: tl.constexpr = 1 if BQ == 0 else BT // BQ
-    i_v, i_cq, i_h = _chunk_program((DV + BV - 1) // BV)
+    i_v, i_cq, i_h = _chunk_program(DV, BV)
     i_c, i_q = i_cq // NQ, i_cq % NQ
     p_st = i_c.to(tl.int64) * H + i_h
     i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, o_q, o_tq, m_q = _load_chunk(
@@ -437,7 +438,7 @@ def taylor_chunk_output_kernel(
 def taylor_prep_kernel(o, dy, den, dd, s_ob, s_ot, s_oh, s_yb, s_yt, s_yh, T, H,
                        DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr):
     """``dd_t = -(dy_t . y_t) / den_t`` for a block of tokens of one (batch row, head)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = grid_program(tl.cdiv(T, BT))
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
@@ -466,7 +467,7 @@ def taylor_chunk_grad_kernel(
     (the intra-chunk dS K and the state before the chunk); 2: dk and dv alone (A^T dO, dS^T Q and the gradient of
     the state after the chunk): the pass split in two kernels that each keep fewer tiles live."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
-    i_v, i_c, i_h = _chunk_program((DV + BV - 1) // BV)
+    i_v, i_c, i_h = _chunk_program(DV, BV)
     p_st = i_c.to(tl.int64) * H + i_h
     i_b, o_t, o_tt, m_t, o_k, m_tk, o_v, m_v, b_q, b_k, b_v, _, _, _ = _load_chunk(
         q, k, v, i_v, i_c, i_h, cu_seqlens, chunk_meta, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,

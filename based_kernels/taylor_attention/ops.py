@@ -500,7 +500,7 @@ def _bwd(q, k, v, o, den, dy, dhts, dhtz, h0s, h0z, cu_seqlens, dden=None, hc=No
 
     dd = torch.empty_like(den)
     BTP = 64
-    grid = (cdiv(T, BTP), B * H)
+    grid = (cdiv(T, BTP) * B * H,)
     _prep_kernel(lambda m: grid, (o, dy, den, dd, *_s3(o), *_s3(dy), T, H), DV=DV, BT=BTP, BDV=next_pow2(DV),
                  num_warps=4)
     if dden is not None:  # den is also an output (output_normalizer): its gradient joins the normaliser's
@@ -639,7 +639,7 @@ def taylor_attention_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     s_out = q.new_empty(B, H, D, DV, dtype=torch.float32)
     z_out = q.new_empty(B, H, D, dtype=torch.float32)
     has = s is not None
-    grid = (cdiv(DV, BV), B * H)
+    grid = (cdiv(DV, BV) * B * H,)
     _step_kernel(lambda m: grid, (
         q, k, v, y, s if has else s_out, z if has else z_out, s_out, z_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -674,7 +674,7 @@ def taylor_attention_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.
     BV = min(BV, max(16, next_pow2(DV)))
     BP = next_pow2(F * (F + 1) // 2)
     y = v.new_empty(B, H, DV)
-    _step_kernel(lambda m: (1, B * H), (
+    _step_kernel(lambda m: (B * H,), (
         q, k, v, y, s, z, s, z,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         H, F ** -0.25, eps), F=F, DV=DV, BK=BK, BP=BP, BV=BV, NVB=cdiv(DV, BV),

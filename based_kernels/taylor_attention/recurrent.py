@@ -10,6 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._jit_common import grid_program
 from .chunk import RSQRT2, _features, _pairs
 
 
@@ -36,13 +37,13 @@ def taylor_step_kernel(
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BV: tl.constexpr,
     NVB: tl.constexpr, HAS_STATE: tl.constexpr,
 ):
-    """Grid ``(cdiv(DV, BV * NVB), B * H)``: program (i, bh) takes value blocks ``i * NVB ... i * NVB + NVB - 1``
-    (BV columns each) of one (batch, head); program 0 of each (batch, head) also stores z. With NVB covering every
-    value block (one program per (batch, head)), s_in / s_out and z_in / z_out may be the same buffers (in
-    place): the program reads z and each state block before it stores over them, and no other program touches
-    them. z and the denominator are computed once per program."""
+    """Grid ``(cdiv(DV, BV * NVB) * B * H,)`` (a 2-D grid folded, ``grid_program``): program (i, bh) takes value
+    blocks ``i * NVB ... i * NVB + NVB - 1`` (BV columns each) of one (batch, head); program 0 of each (batch, head)
+    also stores z. With NVB covering every value block (one program per (batch, head)), s_in / s_out and z_in /
+    z_out may be the same buffers (in place): the program reads z and each state block before it stores over them,
+    and no other program touches them. z and the denominator are computed once per program."""
     D: tl.constexpr = 1 + F + F * (F + 1) // 2
-    i_vp, i_bh = tl.program_id(0), tl.program_id(1)
+    i_vp, i_bh = grid_program((DV + BV * NVB - 1) // (BV * NVB))
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_st = i_bh.to(tl.int64)

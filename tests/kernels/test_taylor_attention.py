@@ -677,35 +677,6 @@ def test_state_groups_equal_one_walk(monkeypatch, varlen, groups):
     check_all(got, oracle(q, k, v, h0, **kw), TOL32)
 
 
-@pytest.mark.parametrize("varlen", [False, True])
-def test_chunks_and_sequences_on_the_first_grid_axis(monkeypatch, varlen):
-    """Every chunk kernel's grid carries the chunks (the state passes: also the sequences or documents) on its
-    first axis, which takes 2^31 - 1 programs, and at most the heads on the second: CUDA's 65535 programs there
-    cap no length or document count. The results at more chunks than 65535 (GPU):
-    test_more_chunks_than_a_grid_axis_holds."""
-    grids = []
-
-    class GridSpy(_Spy):
-        def __call__(self, grid, args, **consts):
-            self.seen.append((self.launcher.kernel.fn.__name__, tuple(grid(consts))))
-            return self.launcher(grid, args, **consts)
-
-    for name in ("_state_kernel", "_state_part_kernel", "_output_kernel", "_grad_kernel"):
-        monkeypatch.setattr(ops, name, GridSpy(getattr(ops, name), grids))
-    H, T = 3, 150
-    cu = torch.tensor([0, 1, 2, 40, 41, 150], dtype=torch.int32, device=DEV) if varlen else None
-    q, k, v, _ = make(1, T, H, 8, 40)
-    run_with_grads(triton_fn, q, k, v, None, cu_seqlens=cu)
-    n_chunks = ops._chunks(1, T, cu, ops._cfg("output", 8, 40, dot_precision(q.dtype))[1])[0]
-    assert {n for n, _ in grids} >= {"taylor_chunk_state_kernel", "taylor_chunk_output_kernel",
-                                     "taylor_chunk_grad_kernel"}, grids
-    for name, grid in grids:
-        if name == "taylor_chunk_state_kernel":
-            assert len(grid) == 1 and grid[0] >= H * (5 if varlen else 1), grids
-        else:
-            assert len(grid) == 2 and grid[1] == H and grid[0] >= n_chunks, (n_chunks, grids)
-
-
 def test_state_groups_rule(monkeypatch):
     """How many runs the state passes cut each sequence into (ops.state_groups)."""
     monkeypatch.setattr(ops, "STATE_GROUP_PROGRAMS_PER_SM", 2)  # the rule at 2 programs per SM
