@@ -40,7 +40,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._jit_common import finite_rows, flag_non_finite, grid_program
+from .._jit_common import finite_rows, flag_non_finite, grid_program, grid_program3
 
 RSQRT2 = tl.constexpr(0.7071067811865476)
 
@@ -250,8 +250,7 @@ def taylor_chunk_state_kernel(
     # adjacent: CUDA's 65535 programs on the other axes would cap sequences x heads x groups (documents with cu_seqlens)
     NF: tl.constexpr = (D + BF - 1) // BF
     NV: tl.constexpr = (DV + BV - 1) // BV
-    pid = tl.program_id(0)
-    i_f, i_v, i_nhg = pid % NF, (pid // NF) % NV, pid // (NF * NV)
+    i_f, i_v, i_nhg = grid_program3(NF, NV)
     i_nh, i_g = i_nhg // GROUPS, i_nhg % GROUPS
     i_n, i_h = i_nh // H, i_nh % H
     i_b, bos, eos, c0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NC, IS_VARLEN)

@@ -434,17 +434,18 @@ def _fwd(q, k, v, h0s, h0z, cu_seqlens, eps, output_final_state, keep_states=Fal
         grid = (cdiv(DV, BV) * n_chunks * (BT // BQ if BQ else 1), H)  # chunk._chunk_program unfolds the first axis
         cu, meta = (cu_seqlens if cu_seqlens is not None else den), (meta if meta is not None else den)
         low_prec = "ieee" if prec == "ieee" else "tf32x3"
+        feat = feature_table(F, q.device)
         nump, denp = den, den
         if OUTPUT_SPLIT:
             nump = q.new_empty(n_chunks, H, BT, DV, dtype=torch.float32)
             denp = q.new_empty(n_chunks, H, BT, dtype=torch.float32)
             _, _, pBF, pBV, pNF, pnw, pns = _cfg("state_part", F, DV, prec)  # the same chunk as the output pass
             _state_part_kernel(lambda m: (cdiv(DV, pBV) * n_chunks, H), (
-                q, hc, hl, zc, nump, denp, cu, meta, feature_table(F, q.device), *_s3(q), T, H, NC),
+                q, hc, hl, zc, nump, denp, cu, meta, feat, *_s3(q), T, H, NC),
                 F=F, DV=DV, BK=BK, BT=BT, BF=pBF, BV=pBV, NF=pNF, IS_VARLEN=cu_seqlens is not None,
                 BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, num_warps=pnw, num_stages=pns)
         launch_confined(_output_kernel, lambda m: grid, (
-            q, k, v, o, den, hc, hl, zc, cu, meta, *confine_flags(q, 1), feature_table(F, q.device), nump, denp,
+            q, k, v, o, den, hc, hl, zc, cu, meta, *confine_flags(q, 1), feat, nump, denp,
             *_s3(q), *_s3(k), *_s3(v), *_s3(o), T, H, NC, F ** -0.25, eps),
             dict(F=F, DV=DV, BK=BK, BT=BT, BF=BF, BV=BV, NF=NF, IS_VARLEN=cu_seqlens is not None, HI_INTRA=HI_INTRA,
                  BL=low_rows_tile(F), PREC=prec, LOW_PREC=low_prec, BQ=BQ, PARTIAL=OUTPUT_SPLIT, num_warps=nw,
