@@ -12,7 +12,7 @@ CASES="8,4096,16,64,128;8,4096,16,128,128;2,16384,16,64,128;8,4096,16,64,64"
 for which in base this; do
   path=$PYTHONPATH
   [ $which = base ] && path=/tmp/site:$(readlink -f "$BASE"):$PWD
-  echo "== $which: $(PYTHONPATH=$path python3 -c 'import based_kernels; print(based_kernels.__file__)')"
+  echo "== $which: $(PYTHONPATH=$path python3 -P -c 'import based_kernels; print(based_kernels.__file__)')"
   PYTHONPATH=$path timeout "${SWA_TIMEOUT:-170}" python3 benchmarks/sliding_window.py --peers flex \
     --out "$OUT/$which.json" --cases "$CASES" 2>&1 | grep -v -i warn | tail -14
 done
