@@ -6,6 +6,8 @@ Correctness first: our kernel against the fp32 dense reference on a slice (B=1) 
 against our output at the full shape, before anything is timed. Prints a table, writes JSON.
 
     python benchmarks/sliding_window.py [--quick] [--out benchmarks/results/sliding_window.json] [--budget-s S]
+        [--bwd fused]   # also our fwd+bwd with another backward (ops.BWD), same inputs, same process
+
 
 Cases run in priority order (goal shape first, then d 128 / 112, the W grid, the T sweep at B*T = 32k), so a
 time budget cuts the least important ones.
@@ -22,6 +24,7 @@ import torch
 import triton
 
 from based_kernels import sliding_window_attention
+from based_kernels.sliding_window import ops as swa_ops
 from based_kernels.sliding_window import sliding_window_attention_reference
 
 import bench_utils
@@ -49,7 +52,7 @@ def fla_attn():
         return None, None
 
 
-def run_case(B, T, H, D, W, peers, fla_fn):
+def run_case(B, T, H, D, W, peers, fla_fn, bwd_variants=()):
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
@@ -73,6 +76,17 @@ def run_case(B, T, H, D, W, peers, fla_fn):
     row["ours_kernels_fwdbwd_ms"] = kernel_breakdown(fwd_bwd(ours, inputs, do))[1]
     # bytes of the forward: q, k, v read once, o written once
     row["ours_fwd_TBps"] = 4 * q.numel() * 2 / row["ours_fwd_ms"] * 1e-9
+    default_bwd = swa_ops.BWD
+    for variant in bwd_variants:  # our fwd+bwd with another backward: checked against the reference, then timed
+        swa_ops.BWD = variant
+        try:
+            gv = torch.autograd.grad(ours(*sl), sl, do[:1, : sl[0].shape[1]])
+            row[f"ours_{variant}_err_vs_reference"] = max(rel(a, b) for a, b in zip(gv, g_ref))
+            assert row[f"ours_{variant}_err_vs_reference"] < 2e-2, row
+            row[f"ours_{variant}_fwdbwd_ms"] = bench(fwd_bwd(ours, inputs, do), f"ours_{variant}_fwdbwd")
+            row[f"ours_{variant}_kernels_fwdbwd_ms"] = kernel_breakdown(fwd_bwd(ours, inputs, do))[1]
+        finally:
+            swa_ops.BWD = default_bwd
 
     if "flex" in peers:  # d = 112 is tried too (the error is recorded if Flex rejects it)
         qh, kh, vh = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
@@ -101,11 +115,17 @@ def run_case(B, T, H, D, W, peers, fla_fn):
             for kind in ("", "_device", "_host", "_graph"):
                 if f"{p}_{m}{kind}_ms" in row and f"ours_{m}{kind}_ms" in row:
                     row[f"speedup_{m}{kind}_vs_{p}"] = row[f"{p}_{m}{kind}_ms"] / row[f"ours_{m}{kind}_ms"]
+                for variant in bwd_variants:
+                    if f"{p}_{m}{kind}_ms" in row and f"ours_{variant}_{m}{kind}_ms" in row:
+                        row[f"speedup_{variant}_{m}{kind}_vs_{p}"] = (row[f"{p}_{m}{kind}_ms"] /
+                                                                      row[f"ours_{variant}_{m}{kind}_ms"])
     from based_kernels.sliding_window.backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
+    from based_kernels.sliding_window.backward_fused import swa_bwd_fused_kernel
     from based_kernels.sliding_window.forward import swa_fwd_kernel
 
     row["configs"] = {kern.fn.__name__: str(kern.best_config) for kern in
-                      (swa_fwd_kernel, swa_bwd_dq_kernel, swa_bwd_dkdv_kernel)}
+                      (swa_fwd_kernel, swa_bwd_dq_kernel, swa_bwd_dkdv_kernel, swa_bwd_fused_kernel)
+                      if getattr(kern, "best_config", None) is not None}
     return row
 
 
@@ -117,6 +137,7 @@ def main():
     ap.add_argument("--peers", default="flex,fla")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
+    ap.add_argument("--bwd", default="", help="comma-separated other backwards of ours to time too (ops.BWD values)")
     args = ap.parse_args()
     bench_utils.USE_GRAPH = args.graph
     peers = args.peers.split(",")
@@ -137,7 +158,7 @@ def main():
         if time.time() - t0 > args.budget_s:
             print(f"budget reached: skipping B={B} T={T} D={D} W={W}")
             continue
-        row = run_case(B, T, H, D, W, peers, fla_fn)
+        row = run_case(B, T, H, D, W, peers, fla_fn, [b for b in args.bwd.split(",") if b])
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(args.out, "w") as f:
@@ -154,6 +175,12 @@ def main():
                   f"{fmt(r.get(f'speedup_fwdbwd{kind}_vs_flex'), 2)}x | {fmt(r.get(f'speedup_fwdbwd{kind}_vs_fla'), 2)}x |")
     for r in rows:
         print(r["D"], r["W"], r["T"], "ours kernels (fwd+bwd):", r.get("ours_kernels_fwdbwd_ms"))
+        for variant in [b for b in args.bwd.split(",") if b]:
+            print(f"  backward {variant}: fwd+bwd {fmt(r.get(f'ours_{variant}_fwdbwd_ms'))} ms, device "
+                  f"{fmt(r.get(f'ours_{variant}_fwdbwd_device_ms'))} ms (default backward "
+                  f"{fmt(r.get('ours_fwdbwd_device_ms'))}), vs Flex on device "
+                  f"{fmt(r.get(f'speedup_{variant}_fwdbwd_device_vs_flex'), 2)}x; kernels "
+                  f"{r.get(f'ours_{variant}_kernels_fwdbwd_ms')}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ as q, so the caller's transpose back is free.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from .._common import (Launcher, cdiv, confine_flags, doc_ids, dot_precision, empty_like_layout,
                        lastdim_contiguous, launch_confined, next_pow2, resolve_backend, token_major)
 from .backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
+from .backward_fused import DELTA_BM, swa_bwd_delta_kernel, swa_bwd_fused_kernel
 from .forward import swa_fwd_kernel
 from .recurrent import swa_step_kernel
 from .reference import sliding_window_attention_reference, sliding_window_step_reference
@@ -23,8 +25,18 @@ _fwd = Launcher(swa_fwd_kernel)
 _bwd_dq = Launcher(swa_bwd_dq_kernel)
 _bwd_dkdv = Launcher(swa_bwd_dkdv_kernel)
 _step = Launcher(swa_step_kernel)
+_bwd_delta = Launcher(swa_bwd_delta_kernel)
+_bwd_fused = Launcher(swa_bwd_fused_kernel)
 
-__all__ = ["sliding_window_attention", "sliding_window_step", "swa_triton", "swa_step_triton"]
+# The backward's kernels: "split" (backward.py: a dQ kernel and a dK / dV kernel, 12 tensors moved) or "fused"
+# (backward_fused.py: delta, then dQ, dK and dV in one pass, 9 tensors). Read at import; tests and benchmarks may
+# reassign it. STRIP: the fused kernel's key blocks per program, in tokens (a multiple of its block sizes).
+BWD = os.environ.get("BASED_SWA_BWD", "split")
+if BWD not in ("split", "fused"):
+    raise ValueError(f"BASED_SWA_BWD must be 'split' or 'fused'; got {BWD!r}")
+STRIP = 1024
+
+__all__ = ["sliding_window_attention", "sliding_window_step", "swa_triton", "swa_step_triton", "BWD", "STRIP"]
 
 
 # ------------------------------------------------------------------------------------------- the functional API
@@ -179,13 +191,19 @@ def _swa_bwd(do, q, k, v, kp, vp, cu_seqlens, o, lse, window, scale, bad_dq, bad
     s_in = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(kp), *_strides3(vp))  # both kernels
     consts = dict(D=D, W=window, G=H // Hkv, BLOCK_D=block_d, HAS_PREFIX=kp is not None, IS_VARLEN=doc is not None,
                   DOT_PREC=prec)
+    dkp_, dvp_ = (dkp, dvp) if kp is not None else (dk, dv)
+    if BWD == "fused":
+        s_dkdv = (*_strides3(dk), *_strides3(dv), *_strides3(dkp if kp is not None else None),
+                  *_strides3(dvp if kp is not None else None))
+        _fused_bwd(q, k, v, kp_, vp_, o, do, lse, delta, dq, dk, dv, dkp_, dvp_, doc_, bad_dq,
+                   (*s_in, *_strides3(do), *_strides3(dq), *s_dkdv), _strides3(o), (T, P, H, scale), consts, B, Hkv)
+        return dq, dk, dv, dkp, dvp
     launch_confined(
         _bwd_dq, lambda meta: (cdiv(T, meta["BM"]) * B * H,),
         (q, k, v, kp_, vp_, o, do, lse, delta, dq, doc_, bad_dq,
          *s_in, *_strides3(o), *_strides3(do), *_strides3(dq), T, P, H, scale),
         consts,
     )
-    dkp_, dvp_ = (dkp, dvp) if kp is not None else (dk, dv)
     launch_confined(
         _bwd_dkdv, lambda meta: (cdiv(T + P, meta["BN"]) * B * Hkv,),
         (q, k, v, kp_, vp_, do, lse, delta, dk, dv, dkp_, dvp_, doc_, bad_dkdv,
@@ -194,6 +212,23 @@ def _swa_bwd(do, q, k, v, kp, vp, cu_seqlens, o, lse, window, scale, bad_dq, bad
         consts,
     )
     return dq, dk, dv, dkp, dvp
+
+
+def _fused_bwd(q, k, v, kp, vp, o, do, lse, delta, dq, dk, dv, dkp, dvp, doc, bad, strides, s_o, tail, consts, B,
+               Hkv):
+    """The fused backward (``BWD = "fused"``): delta, then dQ, dK, dV in one kernel, plain and confining.
+    ``strides``: q, k, v, kp, vp, do, dq, dk, dv, dkp, dvp (3 each); ``tail``: (T, P, H, scale)."""
+    T, P, H, scale = tail
+    D, G, W = consts["D"], consts["G"], consts["W"]
+    _bwd_delta(lambda meta: (cdiv(T, DELTA_BM) * B * H,), (o, do, delta, *s_o, *strides[15:18], T, H),
+               D=D, BLOCK_D=consts["BLOCK_D"], BM=DELTA_BM)
+    s_acc = (W + 2 * 64) * G * consts["BLOCK_D"]  # >= (R + 1) * BB * G * BLOCK_D slots at every BB <= 64
+    acc = torch.empty((cdiv(T + P + 128, STRIP) + 1) * B * Hkv * s_acc, dtype=torch.float32, device=q.device)
+    launch_confined(
+        _bwd_fused, lambda meta: (cdiv(cdiv(T, meta["BB"]) + cdiv(P, meta["BB"]), STRIP // meta["BB"]) * B * Hkv,),
+        (q, k, v, kp, vp, do, lse, delta, dq, dk, dv, dkp, dvp, doc, acc, bad, *strides, *tail, STRIP, s_acc),
+        consts,
+    )
 
 
 swa_bwd_op = torch.library.custom_op("based_kernels::swa_bwd", swa_bwd, mutates_args=())
@@ -261,6 +296,7 @@ class _Plan:
             self.layouts.append(((t.shape[1], t.shape[0], *t.shape[2:]) if tm else tuple(t.shape), tm))
             strides.append(empty_like_layout(meta(t), t.shape).stride()[:3])
         self.lse_shape = (B, H, T)
+        self.B, self.Hkv = B, Hkv
         self.consts = dict(D=D, W=window, G=H // Hkv, BLOCK_D=block_d, HAS_PREFIX=False, IS_VARLEN=False,
                            DOT_PREC=prec)
         s_o, s_dk, s_dv = strides
@@ -311,6 +347,11 @@ class _PlainFunction(torch.autograd.Function):
         dq, dk, dv = plan.alloc(q, 0), plan.alloc(k, 1), plan.alloc(v, 2)
         delta = torch.empty_like(lse)
         bad_dq, bad_dkdv = ctx.bad
+        if BWD == "fused":
+            _fused_bwd(q, k, v, q, q, o, do, lse, delta, dq, dk, dv, dk, dv, lse, bad_dq,
+                       (*plan.s_in, *do.stride()[:3], *plan.s_o, *plan.s_dkdv), plan.s_o, plan.tail, plan.consts,
+                       plan.B, plan.Hkv)
+            return dq, dk, dv, None
         launch_confined(_bwd_dq, plan.grid_q, (q, k, v, q, q, o, do, lse, delta, dq, lse, bad_dq, *s_dq),
                         plan.consts)
         launch_confined(_bwd_dkdv, plan.grid_kv,

@@ -39,11 +39,17 @@ def check_short_conv():
 
 
 def check_sliding_window():
-    # both autotuning keys (BLOCK_D 64 and 128), the context-parallel prefix and packed documents
+    # both autotuning keys (BLOCK_D 64 and 128), the context-parallel prefix and packed documents; both backwards
     tol = 1.5e-2 if GPU else 1e-5
     cu = torch.tensor([0, 1, T - 20, T], dtype=torch.int32, device=swa.DEV)
-    swa.check_against_fp64(*swa.make(1, T, 2, 2, 64, DT, 0, seed=3), 64, tol, cu_seqlens=cu)
-    swa.check_against_fp64(*swa.make(1, T, 2, 1, 112, DT, 40, seed=2), 50, tol)
+    default = swa.ops.BWD
+    try:
+        for variant in ("split", "fused"):
+            swa.ops.BWD = variant
+            swa.check_against_fp64(*swa.make(1, T, 2, 2, 64, DT, 0, seed=3), 64, tol, cu_seqlens=cu)
+            swa.check_against_fp64(*swa.make(1, T, 2, 1, 112, DT, 40, seed=2), 50, tol)
+    finally:
+        swa.ops.BWD = default
 
 
 def check_rms_norm():

@@ -16,6 +16,7 @@ from based_kernels.short_conv import ops as conv_ops
 from based_kernels.short_conv.backward import CHUNK
 from based_kernels.short_conv.reference import short_conv_reference
 from based_kernels.sliding_window import sliding_window_attention, sliding_window_step
+from based_kernels.sliding_window import ops as swa_ops
 from based_kernels.taylor_attention import taylor_linear_attention, taylor_linear_attention_step
 from based_kernels.taylor_attention.ops import feature_dim
 
@@ -118,6 +119,10 @@ def test_no_launch_grows_a_capped_grid_axis(monkeypatch):
     _backward(o, q, k, v, kp, vp)
     o = sliding_window_attention(q, k, v, window=8, cu_seqlens=cu, backend="triton")
     _backward(o, q, k, v)
+    with monkeypatch.context() as m:  # the fused backward, with strips of one block: > CAP of them
+        m.setattr(swa_ops, "BWD", "fused")
+        m.setattr(swa_ops, "STRIP", 16)
+        _swa(B, 5 * 16, H, 16, 8)
     _swa_step(2 * CAP + 1, H, 16, 4)
     for variant in ("tile", "stream"):
         monkeypatch.setattr(conv_ops, "BWD_VARIANT", variant)

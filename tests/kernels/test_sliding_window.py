@@ -265,6 +265,10 @@ def test_nan_reaches_only_the_outputs_that_see_it(which, varlen):
 @pytest.mark.parametrize("D, Hkv, P, varlen", [(64, 16, 0, False), (64, 4, 128, False), (112, 16, 0, True),
                                                (128, 4, 128, False)])  # each head dim, GQA + prefix and varlen
 def test_gpu_bf16_real_sizes(D, Hkv, P, varlen):
+    check_bf16_real_sizes(D, Hkv, P, varlen)
+
+
+def check_bf16_real_sizes(D, Hkv, P, varlen):
     B, T, H, W = (1, 4096, 16, 128) if varlen else (2, 2048, 16, 128)
     q, k, v, prefix = make(B, T, H, Hkv, D, torch.bfloat16, P, seed=D)
     cu = torch.tensor([0, 1000, 1001, 3000, 4096], device=DEV, dtype=torch.int32) if varlen else None
@@ -294,6 +298,84 @@ def test_gpu_nan_reaches_only_the_outputs_that_see_it_bf16(which, varlen):
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_confining_launches_equal_plain_ones_bf16(D):
     check_confining_equals_plain(2, 1000, 8, 4, D, 128, 128, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- the fused backward (ops.BWD = "fused")
+FUSED_CASES = [  # the cases of test_forward_and_gradients_match_fp64; strips of one and two 16-row blocks (the
+    # interpreter's block): most query blocks take their first key blocks from the strip before
+    (2, 50, 2, 1, 16, 7, 0, torch.float32, 1e-5, 16),
+    (1, 70, 2, 2, 24, 20, 5, torch.float32, 1e-5, 32),
+    (1, 40, 2, 1, 16, 100, 0, torch.float16, 3e-3, 16),
+    (1, 33, 1, 1, 112, 16, 40, torch.float32, 1e-5, 1024),
+]
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, W, P, dtype, tol, strip", FUSED_CASES)
+@pytest.mark.parametrize("confine", [False, True], ids=["plain", "confining"])
+def test_fused_backward_matches_fp64(B, T, H, Hkv, D, W, P, dtype, tol, strip, confine, monkeypatch):
+    """GQA, padded head dims, kv_prefix (P < W, P > W), T < W; ``confining``: the fused kernel's flag set, the
+    two-kernel backward's confining launches recompute the gradients."""
+    monkeypatch.setattr(ops, "BWD", "fused")
+    monkeypatch.setattr(ops, "STRIP", strip)
+    monkeypatch.setattr(_common, "ALWAYS_CONFINE", confine)
+    check_against_fp64(*make(B, T, H, Hkv, D, dtype, P), W, tol)
+
+
+@pytest.mark.parametrize("which", ["k", "v", "do"])
+def test_fused_backward_varlen_and_nan_confinement(which, monkeypatch):
+    monkeypatch.setattr(ops, "BWD", "fused")
+    monkeypatch.setattr(ops, "STRIP", 32)
+    if which == "k":
+        q, k, v, _ = make(1, 64, 4, 2, 32, torch.float32, seed=1)
+        cu = torch.tensor([0, 13, 14, 40, 64], device=DEV, dtype=torch.int32)
+        check_against_fp64(q, k, v, None, 9, 1e-5, cu_seqlens=cu)
+        check_confining_equals_plain(2, 50, 4, 2, 16, 7, 9, torch.float32)
+    check_nan_confined(which, which == "do", 70, 40, 8, 16, torch.float32, H=2, Hkv=1)
+
+
+def fused_grads(q, k, v, prefix, W, do, cu=None):
+    inputs = [q, k, v] + (list(prefix) if prefix else [])
+    o = sliding_window_attention(q, k, v, window=W, kv_prefix=prefix, cu_seqlens=cu, backend="triton")
+    return torch.autograd.grad(o, inputs, do)
+
+
+@pytest.mark.parametrize("P", [0, 21])
+def test_fused_backward_does_not_depend_on_the_strip(P, monkeypatch):
+    """Each dQ row sums its key blocks in one order whatever the strips: bitwise equal gradients at strips of 1, 3
+    and 64 blocks; and within fp32 rounding of the two-kernel backward's."""
+    q, k, v, prefix = make(2, 90, 2, 1, 16, torch.float32, P, seed=3)
+    do = torch.randn(2, 90, 2, 16, device=DEV)
+    monkeypatch.setattr(ops, "BWD", "fused")
+    runs = []
+    for strip in (16, 48, 1024):
+        monkeypatch.setattr(ops, "STRIP", strip)
+        runs.append(fused_grads(q, k, v, prefix, 20, do))
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+    monkeypatch.setattr(ops, "BWD", "split")
+    split = fused_grads(q, k, v, prefix, 20, do)
+    assert all(rel(a, b) < 1e-6 for a, b in zip(runs[0], split)), [rel(a, b) for a, b in zip(runs[0], split)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D, Hkv, P, varlen", [(64, 16, 0, False), (64, 4, 128, False), (112, 16, 0, True),
+                                               (128, 4, 128, False)])
+def test_gpu_fused_backward_bf16_real_sizes(D, Hkv, P, varlen, monkeypatch):
+    monkeypatch.setattr(ops, "BWD", "fused")
+    check_bf16_real_sizes(D, Hkv, P, varlen)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_backward_strips_and_nan_bf16(monkeypatch):
+    monkeypatch.setattr(ops, "BWD", "fused")
+    q, k, v, prefix = make(2, 3000, 8, 4, 64, torch.bfloat16, 100, seed=4)
+    do = torch.randn(2, 3000, 8, 64, device=DEV, dtype=torch.bfloat16)
+    runs = []
+    for strip in (128, 1024):
+        monkeypatch.setattr(ops, "STRIP", strip)
+        runs.append(fused_grads(q, k, v, prefix, 128, do))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    check_nan_confined("k", False, 600, 350, 128, 64, torch.bfloat16)
+    check_confining_equals_plain(2, 1000, 8, 4, 64, 128, 128, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- decode step over the ring buffer
