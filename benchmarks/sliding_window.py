@@ -6,7 +6,7 @@ Correctness first: our kernel against the fp32 dense reference on a slice (B=1) 
 against our output at the full shape, before anything is timed. Prints a table, writes JSON.
 
     python benchmarks/sliding_window.py [--quick] [--out benchmarks/results/sliding_window.json] [--budget-s S]
-        [--bwd fused]   # also our fwd+bwd with another backward (ops.BWD), same inputs, same process
+        [--bwd fused,fused@512]   # also our fwd+bwd with other backwards (ops.BWD[@ops.STRIP]), same process
 
 
 Cases run in priority order (goal shape first, then d 128 / 112, the W grid, the T sweep at B*T = 32k), so a
@@ -76,9 +76,10 @@ def run_case(B, T, H, D, W, peers, fla_fn, bwd_variants=()):
     row["ours_kernels_fwdbwd_ms"] = kernel_breakdown(fwd_bwd(ours, inputs, do))[1]
     # bytes of the forward: q, k, v read once, o written once
     row["ours_fwd_TBps"] = 4 * q.numel() * 2 / row["ours_fwd_ms"] * 1e-9
-    default_bwd = swa_ops.BWD
+    default_bwd, default_strip = swa_ops.BWD, swa_ops.STRIP
     for variant in bwd_variants:  # our fwd+bwd with another backward: checked against the reference, then timed
-        swa_ops.BWD = variant
+        swa_ops.BWD, _, strip = variant.partition("@")  # "fused@512": the fused backward with ops.STRIP = 512
+        swa_ops.STRIP = int(strip) if strip else default_strip
         try:
             gv = torch.autograd.grad(ours(*sl), sl, do[:1, : sl[0].shape[1]])
             row[f"ours_{variant}_err_vs_reference"] = max(rel(a, b) for a, b in zip(gv, g_ref))
@@ -86,7 +87,7 @@ def run_case(B, T, H, D, W, peers, fla_fn, bwd_variants=()):
             row[f"ours_{variant}_fwdbwd_ms"] = bench(fwd_bwd(ours, inputs, do), f"ours_{variant}_fwdbwd")
             row[f"ours_{variant}_kernels_fwdbwd_ms"] = kernel_breakdown(fwd_bwd(ours, inputs, do))[1]
         finally:
-            swa_ops.BWD = default_bwd
+            swa_ops.BWD, swa_ops.STRIP = default_bwd, default_strip
 
     if "flex" in peers:  # d = 112 is tried too (the error is recorded if Flex rejects it)
         qh, kh, vh = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
@@ -137,7 +138,7 @@ def main():
     ap.add_argument("--peers", default="flex,fla")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
-    ap.add_argument("--bwd", default="", help="comma-separated other backwards of ours to time too (ops.BWD values)")
+    ap.add_argument("--bwd", default="", help="other backwards of ours to time too: ops.BWD values, @STRIP to set ops.STRIP")
     args = ap.parse_args()
     bench_utils.USE_GRAPH = args.graph
     peers = args.peers.split(",")
