@@ -138,7 +138,8 @@ def main():
     ap.add_argument("--peers", default="flex,fla")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
-    ap.add_argument("--bwd", default="", help="other backwards of ours to time too: ops.BWD values, @STRIP to set ops.STRIP")
+    ap.add_argument("--bwd", default="",
+                    help="other backwards of ours to time too: ops.BWD values, @STRIP to set ops.STRIP")
     args = ap.parse_args()
     bench_utils.USE_GRAPH = args.graph
     peers = args.peers.split(",")
