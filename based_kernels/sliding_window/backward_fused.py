@@ -51,7 +51,7 @@ def swa_bwd_delta_kernel(o, do, delta, s_ob, s_ot, s_oh, s_dob, s_dot, s_doh, T,
         # (BB, warps, stages, register cap); the first is the launch without tuning. Uncapped, every tile needs
         # about 250 registers at d 64 (one or two programs per SM); the caps trade spills for programs in flight
         [triton.Config({"BB": bb}, num_warps=w, num_stages=s, maxnreg=r)
-         for bb, w, s, r in [(64, 8, 2, None), (32, 4, 2, None), (64, 4, 2, None), (32, 4, 2, 168), (64, 4, 2, 168),
+         for bb, w, s, r in [(32, 4, 2, 168), (32, 4, 2, None), (64, 8, 2, None), (64, 4, 2, None), (64, 4, 2, 168),
                              (64, 8, 2, 128), (32, 2, 2, None)]],
         triton.Config({"BB": 16}),
     ),
