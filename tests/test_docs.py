@@ -155,6 +155,11 @@ COMMANDS: dict[tuple[str, str], object] = {
                     "--load latest"):
         Skip("resumes a run with a checkpoint: tests/megatron_based/test_train.py resumes with --load latest"),
     ("training.md", "cd Megatron-LM"): Skip("Megatron-LM's own checkout, not installed here"),
+    ("training.md", 'SUITE_ONLY=1 SUITE_TIMEOUT=500 GPU_TESTS="tests/kernels" bash benchmarks/run_gpu_suite.sh'):
+        Skip("the GPU suite's first half, on the GPU machine (make test-gpu: tests marked gpu, skipped here)"),
+    ("training.md", 'SUITE_ONLY=1 SUITE_TIMEOUT=500 GPU_TESTS="--ignore=tests/kernels tests" bash '
+                    'benchmarks/run_gpu_suite.sh'):
+        Skip("the GPU suite's second half, on the GPU machine (make test-gpu: tests marked gpu, skipped here)"),
     ("training.md", "BASED_SPEC_CONFIG=/path/to/megatron-based/configs/based-360m.yaml torchrun --nproc_per_node 8 "
                     "pretrain_gpt.py --spec megatron_based.model.megatron_lm based_layer --num-layers 27 --hidden-size 1024 "
                     "--num-attention-heads 16 --ffn-hidden-size 2048 --seq-length 2048 --max-position-embeddings "
