@@ -1,6 +1,6 @@
-"""Compile the sliding-window kernels (forward, dQ and dK/dV backward; each plain and confining) for sm_90a on a
-machine without a GPU (Triton's bundled ptxas) and report registers, spills and shared memory for every configuration
-of their autotune lists: catches compile errors and spills before a GPU run.
+"""Compile the sliding-window kernels (forward, dQ and dK/dV backward, the fused backward; each plain and
+confining) for sm_90a on a machine without a GPU (Triton's bundled ptxas) and report registers, spills and shared
+memory for every configuration of their autotune lists: catches compile errors and spills before a GPU run.
 
     python benchmarks/aot_check_swa.py [--d 64 128] [--window 128]
 """
@@ -14,9 +14,10 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
 from aot_check_conv import ptxas_report  # this folder is on the path when run as a script
-from based_kernels.sliding_window import backward, forward
+from based_kernels.sliding_window import backward, backward_fused, forward
 
-KERNELS = {"fwd": forward.swa_fwd_kernel, "dq": backward.swa_bwd_dq_kernel, "dkdv": backward.swa_bwd_dkdv_kernel}
+KERNELS = {"fwd": forward.swa_fwd_kernel, "dq": backward.swa_bwd_dq_kernel, "dkdv": backward.swa_bwd_dkdv_kernel,
+           "fused": backward_fused.swa_bwd_fused_kernel}
 
 
 def signature(fn: JITFunction, consts: dict) -> dict:
@@ -24,13 +25,13 @@ def signature(fn: JITFunction, consts: dict) -> dict:
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("lse", "delta"):
+        elif name in ("lse", "delta", "acc"):
             sig[name] = "*fp32"
         elif name in ("doc", "bad"):
             sig[name] = "*i32"
         elif name == "scale":
             sig[name] = "fp32"
-        elif name.startswith("s_") or name in ("T", "P", "H"):
+        elif name.startswith("s_") or name in ("T", "P", "H", "LT"):
             sig[name] = "i32"
         else:
             sig[name] = "*bf16"
@@ -48,8 +49,8 @@ def main():
             while not isinstance(fn, JITFunction):  # the autotuner (and launch wrappers) around the kernel
                 fn = fn.fn
             for cfg, confine in [(cfg, c) for cfg in tuner.configs.all for c in (False, True)]:
-                bm, bn = cfg.kwargs["BM"], cfg.kwargs["BN"]
-                consts = dict(D=D, W=args.window, G=1, BLOCK_D=max(16, triton.next_power_of_2(D)), BM=bm, BN=bn,
+                bm, bn = cfg.kwargs.get("BM", cfg.kwargs.get("BB")), cfg.kwargs.get("BN", cfg.kwargs.get("BB"))
+                consts = dict(D=D, W=args.window, G=1, BLOCK_D=max(16, triton.next_power_of_2(D)), **cfg.kwargs,
                               HAS_PREFIX=False, IS_VARLEN=False, DOT_PREC="tf32", CONFINE=confine)
                 label = (f"d {D:3d} {name:4s} {'confining' if confine else 'plain':9s} BM {bm:3d} BN {bn:3d} "
                          f"warps {cfg.num_warps} stages {cfg.num_stages} regs cap {cfg.maxnreg}")
