@@ -161,6 +161,19 @@ def row_align(*tensors):
     return a
 
 
+_SMS = {}
+
+
+def sm_count(device: torch.device, other: int) -> int:
+    """The device's streaming multiprocessors (cached per device); ``other`` for a device that is not CUDA (the
+    interpreter's stand-in count, which sets how a launch splits work in the CPU tests)."""
+    n = _SMS.get(device)
+    if n is None:
+        n = _SMS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                            if device.type == "cuda" else other)
+    return n
+
+
 def cdiv(a, b):
     return -(-a // b)  # triton.cdiv / next_power_of_2 are constexpr_functions in triton 3.6: ~5 us per host call
 

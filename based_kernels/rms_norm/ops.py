@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import Launcher, cdiv, next_pow2, resolve_backend, row_align
+from .._common import Launcher, cdiv, next_pow2, resolve_backend, row_align, sm_count
 from .kernels import MAX_D, ROW_QUANTUM, add_rms_fwd_kernel, rms_bwd_kernel, rms_fwd_kernel
 from .reference import add_rms_norm_reference, rms_norm_reference
 
@@ -116,16 +116,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 # ------------------------------------------------------------------------------------------------ the Triton path
 _fwd, _bwd, _add_fwd = Launcher(rms_fwd_kernel), Launcher(rms_bwd_kernel), Launcher(add_rms_fwd_kernel)
-_SMS = {}
 PROGRAMS_PER_SM = 4  # backward programs (each a contiguous range of rows); the interpreter's "device": 4 SMs
-
-
-def _sm_count(device) -> int:
-    n = _SMS.get(device)
-    if n is None:
-        n = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
-            else 4
-    return n
 
 
 def fwd_triton(x: torch.Tensor, w: torch.Tensor, eps: float,
@@ -160,7 +151,7 @@ def bwd_triton(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.T
     if dy.stride(1) != 1:
         dy = dy.contiguous()
     # ~PROGRAMS_PER_SM programs per SM, each over a contiguous range of a multiple of ROW_QUANTUM rows
-    rows_per = cdiv(cdiv(N, _sm_count(x.device) * PROGRAMS_PER_SM), ROW_QUANTUM) * ROW_QUANTUM
+    rows_per = cdiv(cdiv(N, sm_count(x.device, 4) * PROGRAMS_PER_SM), ROW_QUANTUM) * ROW_QUANTUM
     progs = cdiv(N, rows_per)
     dx = torch.empty((N, D), dtype=x.dtype, device=x.device)
     dwp = torch.empty((progs, D), dtype=torch.float32, device=x.device)

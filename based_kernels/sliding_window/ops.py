@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .._common import (Launcher, cdiv, confine_flags, doc_ids, dot_precision, empty_like_layout,
-                       lastdim_contiguous, launch_confined, next_pow2, resolve_backend, token_major)
+                       lastdim_contiguous, launch_confined, next_pow2, resolve_backend, sm_count, token_major)
 from .backward import swa_bwd_dkdv_kernel, swa_bwd_dq_kernel
 from .backward_fused import DELTA_BM, swa_bwd_delta_kernel, swa_bwd_fused_kernel
 from .forward import swa_fwd_kernel
@@ -30,11 +30,14 @@ _bwd_fused = Launcher(swa_bwd_fused_kernel)
 
 # The backward's kernels: "split" (backward.py: a dQ kernel and a dK / dV kernel, 12 tensors moved) or "fused"
 # (backward_fused.py: delta, then dQ, dK and dV in one pass, 9 tensors). Read at import; tests and benchmarks may
-# reassign it. STRIP: the fused kernel's key blocks per program, in tokens (a multiple of its block sizes).
+# reassign it. STRIP: the fused kernel's key blocks per program, in tokens (a multiple of its block sizes); None:
+# 1024, halved down to 256 while that gives fewer than STRIP_PROGRAMS_PER_SM programs per SM (the gradients do not
+# depend on it: backward_fused.py).
 BWD = os.environ.get("BASED_SWA_BWD", "split")
 if BWD not in ("split", "fused"):
     raise ValueError(f"BASED_SWA_BWD must be 'split' or 'fused'; got {BWD!r}")
-STRIP = 1024
+STRIP = None
+STRIP_PROGRAMS_PER_SM = 3
 
 __all__ = ["sliding_window_attention", "sliding_window_step", "swa_triton", "swa_step_triton", "BWD", "STRIP"]
 
@@ -222,11 +225,16 @@ def _fused_bwd(q, k, v, kp, vp, o, do, lse, delta, dq, dk, dv, dkp, dvp, doc, ba
     D, G, W = consts["D"], consts["G"], consts["W"]
     _bwd_delta(lambda meta: (cdiv(T, DELTA_BM) * B * H,), (o, do, delta, *s_o, *strides[15:18], T, H),
                D=D, BLOCK_D=consts["BLOCK_D"], BM=DELTA_BM)
+    strip = STRIP
+    if strip is None:
+        strip, want = 1024, STRIP_PROGRAMS_PER_SM * sm_count(q.device, 1)
+        while strip > 256 and cdiv(T + P, strip) * B * Hkv < want:
+            strip //= 2
     s_acc = (W + 2 * 64) * G * consts["BLOCK_D"]  # >= (R + 1) * BB * G * BLOCK_D slots at every BB <= 64
-    acc = torch.empty((cdiv(T + P + 128, STRIP) + 1) * B * Hkv * s_acc, dtype=torch.float32, device=q.device)
+    acc = torch.empty((cdiv(T + P + 128, strip) + 1) * B * Hkv * s_acc, dtype=torch.float32, device=q.device)
     launch_confined(
-        _bwd_fused, lambda meta: (cdiv(cdiv(T, meta["BB"]) + cdiv(P, meta["BB"]), STRIP // meta["BB"]) * B * Hkv,),
-        (q, k, v, kp, vp, do, lse, delta, dq, dk, dv, dkp, dvp, doc, acc, bad, *strides, *tail, STRIP, s_acc),
+        _bwd_fused, lambda meta: (cdiv(cdiv(T, meta["BB"]) + cdiv(P, meta["BB"]), strip // meta["BB"]) * B * Hkv,),
+        (q, k, v, kp, vp, do, lse, delta, dq, dk, dv, dkp, dvp, doc, acc, bad, *strides, *tail, strip, s_acc),
         consts,
     )
 

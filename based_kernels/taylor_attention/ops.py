@@ -24,7 +24,7 @@ import triton
 
 from .. import _common
 from .._common import (INTERPRET, Launcher, cdiv, check_backend, check_cu_seqlens, confine_flags, dot_precision,
-                       lastdim_contiguous, launch_confined, next_pow2, resolve_backend)
+                       lastdim_contiguous, launch_confined, next_pow2, resolve_backend, sm_count)
 from .chunk import (taylor_chunk_grad_kernel, taylor_chunk_output_kernel, taylor_chunk_state_kernel,
                     taylor_chunk_state_part_kernel, taylor_prep_kernel)
 from .recurrent import taylor_step_buffered_kernel, taylor_step_kernel
@@ -304,12 +304,6 @@ def state_groups(programs: int, n_chunks: int, n_seqs: int, sms: int) -> int:
     return max(1, min(by_sms, by_length, MAX_STATE_GROUPS))
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 _FEATURE_TABLES: dict = {}
 
 
@@ -402,7 +396,7 @@ def _state_pass(x, w, den, dd, h0s, h0z, cu_seqlens, n_chunks, NC, offsets, want
     hz = x.new_empty(N, H, D, dtype=torch.float32) if want_last else zc
     use_h0 = h0s is not None
     NV = cdiv(DV, BV)
-    G = state_groups(NF * NV * N * H, n_chunks, N, _num_sms(x.device))
+    G = state_groups(NF * NV * N * H, n_chunks, N, sm_count(x.device, 1))
     tot = x.new_empty(N * H * G, D, DV, dtype=torch.float32) if G > 1 else zc
     totz = x.new_empty(N * H * G, D, dtype=torch.float32) if G > 1 else zc
     grid = (NF * NV * N * H * G,)  # chunk.taylor_chunk_state_kernel unfolds it
