@@ -3,15 +3,15 @@ dQ, dK and dV from one kernel that reads q, k, v and dO once (and a small kernel
 and dO first): 9 tensors moved instead of the two-kernel backward's 12 (backward.py). Deterministic, no atomics.
 
 One program per (strip of key blocks, batch x kv head). Key blocks and query blocks share one block size BB, and
-query block m sees key blocks ``m - R ... m`` (``R = (W + BB - 1) // BB``). The program walks its strip's key
-blocks in order and, for each, the query blocks that see it: dK and dV of the key block accumulate in registers
-(as in ``swa_bwd_dkdv_kernel``), each query block's dQ in an fp32 slot of the program's scratch (``acc``: R + 1
-slots per query head of the group, slot ``m % (R + 1)``; they stay in L2). Query block m's sum is complete after
-key block m, its last: then it is scaled, written to dQ and its slot zeroed for block ``m + R + 1``. A strip owns
-the dQ of the query blocks whose last key block it holds; their first R key blocks may lie in the previous strip,
-so a strip starts R key blocks early, adding only those blocks' dQ terms of its own query blocks (dK, dV there
-belong to the previous strip). Every dQ row is summed in the same order (key block ascending) whatever the strip
-boundaries: the result does not depend on the strip length.
+query block m sees key blocks ``m - R ... m`` (``R = (W + BB - 1) // BB``). The program walks its strip's key blocks
+in order and, for each, the query blocks that see it: dK and dV of the key block accumulate in registers (as in
+``swa_bwd_dkdv_kernel``), each query block's dQ in an fp32 slot of the program's scratch (``acc``: R + 2 slots per
+query head of the group, slot ``m % (R + 2)``; they stay in L2): its first key block writes it, the next ones add to
+it, and after key block m, its last, the sum is scaled and written to dQ. A strip owns the dQ of the query blocks
+whose last key block it holds; their first R key blocks may lie in the previous strip, so a strip starts R key
+blocks early, adding only those blocks' dQ terms of its own query blocks (dK, dV there belong to the previous
+strip). Every dQ row is summed in the same order (key block ascending) whatever the strip boundaries: the result
+does not depend on the strip length.
 
 Runs plain, then ``CONFINE`` (``_common.launch_confined``; README, "Masked pairs"): the confining launch applies
 the two-kernel backward's operand checks (non-finite k rows zeroed in dQ's product, q and dO rows in dK's and
@@ -85,9 +85,6 @@ def swa_bwd_fused_kernel(
     m_d = o_d < D
     o_r = tl.arange(0, BB)
     p_acc = acc + tl.program_id(0).to(tl.int64) * s_acc + o_r[:, None] * BLOCK_D + o_d[None, :]
-    for z in range(NQ * G):
-        tl.store(p_acc + z * (BB * BLOCK_D), tl.zeros([BB, BLOCK_D], dtype=tl.float32))
-    tl.debug_barrier()
 
     p_k, p_v = k + i_b * s_kb + i_hk * s_kh, v + i_b * s_vb + i_hk * s_vh
     p_kp, p_vp = kp + i_b * s_kpb + i_hk * s_kph, vp + i_b * s_vpb + i_hk * s_vph
@@ -129,18 +126,20 @@ def swa_bwd_fused_kernel(
                     if own:
                         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PREC)
                         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PREC)
-                    p_slot = p_acc + ((m % NQ) * G + g) * (BB * BLOCK_D)
-                    b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_kq, acc=tl.load(p_slot), input_precision=DOT_PREC)
+                    # slot m % (R + 2): within one key block the R + 1 query blocks' slots differ, so one barrier
+                    # per key block orders every write before the next key block's reads of it. Key block m - R
+                    # (or the axis' first) brings query block m's first dQ terms: the slot is written, not read
+                    p_slot = p_acc + ((m % (NQ + 1)) * G + g) * (BB * BLOCK_D)
+                    b_prev = tl.load(p_slot, mask=(t < R) & (n > n_lo), other=0.0)
+                    b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_kq, acc=b_prev, input_precision=DOT_PREC)
                     if t == 0:  # key block m, the last one query block m sees: its dQ is complete
                         b_dq *= scale
                         tl.store(dq + i_b * s_dqb + i_h * s_dqh + r_q * s_dqt + o_d[None, :],
                                  b_dq.to(dq.dtype.element_ty), mask=m_qd)
-                        tl.store(p_slot, tl.zeros([BB, BLOCK_D], dtype=tl.float32))
                         if not CONFINE:
                             flag_non_finite(bad, b_dq, b_delta, m_q)
                     else:
                         tl.store(p_slot, b_dq)
-                    tl.debug_barrier()  # the slot's next reader may be another thread of the program
         if own:
             b_dk *= scale
             store_kv_rows(dk + i_b * s_dkb + i_hk * s_dkh, dkp + i_b * s_dkpb + i_hk * s_dkph, j, o_d, m_d, T, P,
@@ -149,3 +148,4 @@ def swa_bwd_fused_kernel(
                           s_dvt, s_dvpt, b_dv.to(dv.dtype.element_ty), HAS_PREFIX)
             if not CONFINE:
                 flag_non_finite(bad, b_dk, tl.sum(b_dv, 1), (j >= -P) & (j < T))
+        tl.debug_barrier()  # this key block's slot writes before the next one's reads (other threads may read them)

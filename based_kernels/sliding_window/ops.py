@@ -217,6 +217,12 @@ def _swa_bwd(do, q, k, v, kp, vp, cu_seqlens, o, lse, window, scale, bad_dq, bad
     return dq, dk, dv, dkp, dvp
 
 
+def _scratch(n: int, device) -> torch.Tensor:
+    """The fused backward's fp32 dQ slots (uninitialized: the kernel writes a slot before it reads it; tests fill
+    it with NaN to check that)."""
+    return torch.empty(n, dtype=torch.float32, device=device)
+
+
 def _fused_bwd(q, k, v, kp, vp, o, do, lse, delta, dq, dk, dv, dkp, dvp, doc, bad, strides, s_o, tail, consts, B,
                Hkv):
     """The fused backward (``BWD = "fused"``): delta, then dQ, dK, dV in one kernel, plain and confining.
@@ -230,8 +236,8 @@ def _fused_bwd(q, k, v, kp, vp, o, do, lse, delta, dq, dk, dv, dkp, dvp, doc, ba
         strip, want = 1024, STRIP_PROGRAMS_PER_SM * sm_count(q.device, 1)
         while strip > 256 and cdiv(T + P, strip) * B * Hkv < want:
             strip //= 2
-    s_acc = (W + 2 * 64) * G * consts["BLOCK_D"]  # >= (R + 1) * BB * G * BLOCK_D slots at every BB <= 64
-    acc = torch.empty((cdiv(T + P + 128, strip) + 1) * B * Hkv * s_acc, dtype=torch.float32, device=q.device)
+    s_acc = (W + 3 * 64) * G * consts["BLOCK_D"]  # >= (R + 2) * BB * G * BLOCK_D slots at every BB <= 64
+    acc = _scratch((cdiv(T + P + 128, strip) + 1) * B * Hkv * s_acc, q.device)
     launch_confined(
         _bwd_fused, lambda meta: (cdiv(cdiv(T, meta["BB"]) + cdiv(P, meta["BB"]), strip // meta["BB"]) * B * Hkv,),
         (q, k, v, kp, vp, do, lse, delta, dq, dk, dv, dkp, dvp, doc, acc, bad, *strides, *tail, strip, s_acc),

@@ -310,11 +310,16 @@ FUSED_CASES = [  # the cases of test_forward_and_gradients_match_fp64; strips of
 ]
 
 
+def nan_scratch(n, device):  # a read of a dQ slot before its first write makes that dQ NaN
+    return torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+
+
 @pytest.mark.parametrize("B, T, H, Hkv, D, W, P, dtype, tol, strip", FUSED_CASES)
 @pytest.mark.parametrize("confine", [False, True], ids=["plain", "confining"])
 def test_fused_backward_matches_fp64(B, T, H, Hkv, D, W, P, dtype, tol, strip, confine, monkeypatch):
-    """GQA, padded head dims, kv_prefix (P < W, P > W), T < W; ``confining``: the fused kernel's flag set, the
-    two-kernel backward's confining launches recompute the gradients."""
+    """GQA, padded head dims, kv_prefix (P < W, P > W), T < W; ``confining``: the fused kernel's confining launch
+    recomputes the gradients. The scratch starts as NaN."""
+    monkeypatch.setattr(ops, "_scratch", nan_scratch)
     monkeypatch.setattr(ops, "BWD", "fused")
     monkeypatch.setattr(ops, "STRIP", strip)
     monkeypatch.setattr(_common, "ALWAYS_CONFINE", confine)
@@ -345,6 +350,7 @@ def test_fused_backward_does_not_depend_on_the_strip(P, monkeypatch):
     and 64 blocks; and within fp32 rounding of the two-kernel backward's."""
     q, k, v, prefix = make(2, 90, 2, 1, 16, torch.float32, P, seed=3)
     do = torch.randn(2, 90, 2, 16, device=DEV)
+    monkeypatch.setattr(ops, "_scratch", nan_scratch)
     monkeypatch.setattr(ops, "BWD", "fused")
     runs = []
     for strip in (16, 48, 1024):
@@ -366,6 +372,7 @@ def test_gpu_fused_backward_bf16_real_sizes(D, Hkv, P, varlen, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_fused_backward_strips_and_nan_bf16(monkeypatch):
+    monkeypatch.setattr(ops, "_scratch", nan_scratch)
     monkeypatch.setattr(ops, "BWD", "fused")
     q, k, v, prefix = make(2, 3000, 8, 4, 64, torch.bfloat16, 100, seed=4)
     do = torch.randn(2, 3000, 8, 64, device=DEV, dtype=torch.bfloat16)
