@@ -362,6 +362,18 @@ def test_fused_backward_does_not_depend_on_the_strip(P, monkeypatch):
     assert all(rel(a, b) < 1e-6 for a, b in zip(runs[0], split)), [rel(a, b) for a, b in zip(runs[0], split)]
 
 
+def test_bad_backward_choice_is_refused_by_name():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BASED_SWA_BWD": "fast"}
+    out = subprocess.run([sys.executable, "-c", "import based_kernels.sliding_window"], env=env, capture_output=True,
+                         text=True, cwd=pathlib.Path(__file__).resolve().parents[2])
+    assert out.returncode != 0 and "BASED_SWA_BWD must be 'split' or 'fused'; got 'fast'" in out.stderr, out.stderr
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D, Hkv, P, varlen", [(64, 16, 0, False), (64, 4, 128, False), (112, 16, 0, True),
                                                (128, 4, 128, False)])
