@@ -109,3 +109,46 @@ def test_taylor_output_pass_at_f8_has_no_n16_products():
     assert p.returncode == 0 and shapes, p.stdout[-3000:] + p.stderr[-5000:]
     assert ("taylor_chunk_state_part_kernel" in {words[1] for words in lines}) == ops.OUTPUT_SPLIT, lines
     assert all(shapes) and not any(s.startswith("m64n16") for group in shapes for s in group), shapes
+
+
+# The fused SWA backward (sliding_window ops.BWD = "fused") compiled for sm_90 as the library launches it: bf16, GQA
+# with a context-parallel prefix, and packed documents at d 112 (padded to 128); plain and confining launches.
+SWA_FUSED_SCRIPT = DRIVER + textwrap.dedent("""
+    calls = []
+
+    def init_handles(self):  # record launches instead of loading the cubin (compiled by then)
+        if self.module is None:
+            name = self.name
+            self._run = lambda *a: calls.append(name)
+            self.module, self.function = 1, 0
+
+    compiler.CompiledKernel._init_handles = init_handles
+    driver.set_active(FakeDriver())
+    from triton.runtime.autotuner import Autotuner
+
+    Autotuner._bench = lambda self, *a, config, **k: [float(self.configs.index(config))]  # every config compiles
+    from based_kernels import _common, sliding_window_attention
+    from based_kernels.sliding_window import ops
+
+    ops.BWD = "fused"
+    _common.ALWAYS_CONFINE = True  # the confining launches run their programs too (compiled either way)
+
+    def fwd_bwd(B, T, H, Hkv, D, P=0, cu=None):
+        q = torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(B, T, Hkv, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        pre = tuple(torch.randn(B, P, Hkv, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)) \\
+            if P else None
+        o = sliding_window_attention(q, k, v, window=128, kv_prefix=pre, cu_seqlens=cu, backend="triton")
+        o.backward(torch.randn_like(o))
+
+    fwd_bwd(2, 300, 8, 4, 64, P=128)
+    fwd_bwd(1, 300, 4, 4, 112, cu=torch.tensor([0, 100, 101, 300], dtype=torch.int32))
+    print("SWA", " ".join(sorted(set(calls))))
+""")
+
+
+def test_fused_swa_backward_compiles_for_sm90():
+    p = run(SWA_FUSED_SCRIPT)
+    lines = [line.split() for line in p.stdout.splitlines() if line.startswith("SWA")]
+    assert p.returncode == 0 and lines, p.stdout[-3000:] + p.stderr[-5000:]
+    assert set(lines[0][1:]) == {"swa_fwd_kernel", "swa_bwd_delta_kernel", "swa_bwd_fused_kernel"}, lines
