@@ -198,8 +198,9 @@ def _swa_bwd(do, q, k, v, kp, vp, cu_seqlens, o, lse, window, scale, bad_dq, bad
     if BWD == "fused":
         s_dkdv = (*_strides3(dk), *_strides3(dv), *_strides3(dkp if kp is not None else None),
                   *_strides3(dvp if kp is not None else None))
-        _fused_bwd(q, k, v, kp_, vp_, o, do, lse, delta, dq, dk, dv, dkp_, dvp_, doc_, bad_dq,
-                   (*s_in, *_strides3(do), *_strides3(dq), *s_dkdv), _strides3(o), (T, P, H, scale), consts, B, Hkv)
+        _FusedLaunch(T, P, H, B, Hkv, consts, q.device)(
+            q, k, v, kp_, vp_, o, do, lse, delta, dq, dk, dv, dkp_, dvp_, doc_, bad_dq,
+            (*s_in, *_strides3(do), *_strides3(dq), *s_dkdv, T, P, H, scale), _strides3(o), _strides3(do), consts)
         return dq, dk, dv, dkp, dvp
     launch_confined(
         _bwd_dq, lambda meta: (cdiv(T, meta["BM"]) * B * H,),
@@ -223,26 +224,32 @@ def _scratch(n: int, device) -> torch.Tensor:
     return torch.empty(n, dtype=torch.float32, device=device)
 
 
-def _fused_bwd(q, k, v, kp, vp, o, do, lse, delta, dq, dk, dv, dkp, dvp, doc, bad, strides, s_o, tail, consts, B,
-               Hkv):
-    """The fused backward (``BWD = "fused"``): delta, then dQ, dK, dV in one kernel, plain and confining.
-    ``strides``: q, k, v, kp, vp, do, dq, dk, dv, dkp, dvp (3 each); ``tail``: (T, P, H, scale)."""
-    T, P, H, scale = tail
-    D, G, W = consts["D"], consts["G"], consts["W"]
-    _bwd_delta(lambda meta: (cdiv(T, DELTA_BM) * B * H,), (o, do, delta, *s_o, *strides[15:18], T, H),
-               D=D, BLOCK_D=consts["BLOCK_D"], BM=DELTA_BM)
-    strip = STRIP
-    if strip is None:
-        strip, want = 1024, STRIP_PROGRAMS_PER_SM * sm_count(q.device, 1)
-        while strip > 256 and cdiv(T + P, strip) * B * Hkv < want:
-            strip //= 2
-    s_acc = (W + 3 * 64) * G * consts["BLOCK_D"]  # >= (R + 2) * BB * G * BLOCK_D slots at every BB <= 64
-    acc = _scratch((cdiv(T + P + 128, strip) + 1) * B * Hkv * s_acc, q.device)
-    launch_confined(
-        _bwd_fused, lambda meta: (cdiv(cdiv(T, meta["BB"]) + cdiv(P, meta["BB"]), strip // meta["BB"]) * B * Hkv,),
-        (q, k, v, kp, vp, do, lse, delta, dq, dk, dv, dkp, dvp, doc, acc, bad, *strides, *tail, strip, s_acc),
-        consts,
-    )
+class _FusedLaunch:
+    """What the fused backward's launches derive from a call's sizes (``BWD = "fused"``): the strip length, the
+    scratch size and the grids; computed per call on the general path, once per plan on the plain one."""
+
+    def __init__(self, T, P, H, B, Hkv, consts, device):
+        strip = self.setting = STRIP
+        if strip is None:
+            strip, want = 1024, STRIP_PROGRAMS_PER_SM * sm_count(device, 1)
+            while strip > 256 and cdiv(T + P, strip) * B * Hkv < want:
+                strip //= 2
+        self.s_acc = (consts["W"] + 3 * 64) * consts["G"] * consts["BLOCK_D"]  # >= (R + 2) * BB * G * BLOCK_D
+        self.n_acc = (cdiv(T + P + 128, strip) + 1) * B * Hkv * self.s_acc  # slots at every BB <= 64
+        self.strip = strip
+        self.grid = lambda meta: (cdiv(cdiv(T, meta["BB"]) + cdiv(P, meta["BB"]), strip // meta["BB"]) * B * Hkv,)
+        self.grid_delta = lambda meta: (cdiv(T, DELTA_BM) * B * H,)
+        self.delta_consts = dict(D=consts["D"], BLOCK_D=consts["BLOCK_D"], BM=DELTA_BM)
+
+    def __call__(self, q, k, v, kp, vp, o, do, lse, delta, dq, dk, dv, dkp, dvp, doc, bad, scalars, s_o, s_do,
+                 consts):
+        """Delta, then dQ, dK, dV in one kernel, plain and confining. ``scalars``: the strides of q, k, v, kp, vp,
+        do, dq, dk, dv, dkp, dvp (3 each), then T, P, H, scale."""
+        T, H = scalars[-4], scalars[-2]
+        _bwd_delta(self.grid_delta, (o, do, delta, *s_o, *s_do, T, H), **self.delta_consts)
+        acc = _scratch(self.n_acc, q.device)
+        launch_confined(_bwd_fused, self.grid, (q, k, v, kp, vp, do, lse, delta, dq, dk, dv, dkp, dvp, doc, acc, bad,
+                                                *scalars, self.strip, self.s_acc), consts)
 
 
 swa_bwd_op = torch.library.custom_op("based_kernels::swa_bwd", swa_bwd, mutates_args=())
@@ -321,6 +328,8 @@ class _Plan:
         self.grid_q = lambda m: (cdiv(T, m["BM"]) * B * H,)
         self.grid_kv = lambda m: (cdiv(T + P, m["BN"]) * B * Hkv,)
         self.bwd = {}  # do.stride() -> scalar arguments of the two backward kernels
+        self.fused = None  # the fused backward's _FusedLaunch, made at its first call
+        self.fused_scalars = {}  # do.stride() -> its scalar arguments
 
     def alloc(self, ref, i):
         shape, tm = self.layouts[i]
@@ -362,9 +371,15 @@ class _PlainFunction(torch.autograd.Function):
         delta = torch.empty_like(lse)
         bad_dq, bad_dkdv = ctx.bad
         if BWD == "fused":
-            _fused_bwd(q, k, v, q, q, o, do, lse, delta, dq, dk, dv, dk, dv, lse, bad_dq,
-                       (*plan.s_in, *do.stride()[:3], *plan.s_o, *plan.s_dkdv), plan.s_o, plan.tail, plan.consts,
-                       plan.B, plan.Hkv)
+            if plan.fused is None or plan.fused.setting != STRIP:
+                T, P, H, _ = plan.tail
+                plan.fused = _FusedLaunch(T, P, H, plan.B, plan.Hkv, plan.consts, q.device)
+            sd = do.stride()
+            scalars = plan.fused_scalars.get(sd)
+            if scalars is None:
+                scalars = plan.fused_scalars[sd] = (*plan.s_in, *sd[:3], *plan.s_o, *plan.s_dkdv, *plan.tail)
+            plan.fused(q, k, v, q, q, o, do, lse, delta, dq, dk, dv, dk, dv, lse, bad_dq, scalars, plan.s_o, sd[:3],
+                       plan.consts)
             return dq, dk, dv, None
         launch_confined(_bwd_dq, plan.grid_q, (q, k, v, q, q, o, do, lse, delta, dq, lse, bad_dq, *s_dq),
                         plan.consts)
