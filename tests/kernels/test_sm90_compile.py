@@ -7,8 +7,8 @@ import textwrap
 
 from .stand_in import DRIVER, run
 
-SCRIPT = DRIVER + textwrap.dedent("""
-    import os
+# the stand-in driver recording the kernels launched (``calls``), every autotuning config compiled
+RECORD = DRIVER + textwrap.dedent("""
     from triton.runtime.autotuner import Autotuner
 
     calls = []
@@ -22,6 +22,10 @@ SCRIPT = DRIVER + textwrap.dedent("""
     compiler.CompiledKernel._init_handles = init_handles
     driver.set_active(FakeDriver())
     Autotuner._bench = lambda self, *a, config, **k: [float(self.configs.index(config))]  # every config compiles
+""")
+
+SCRIPT = RECORD + textwrap.dedent("""
+    import os
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import based_kernels
@@ -113,20 +117,7 @@ def test_taylor_output_pass_at_f8_has_no_n16_products():
 
 # The fused SWA backward (sliding_window ops.BWD = "fused") compiled for sm_90 as the library launches it: bf16, GQA
 # with a context-parallel prefix, and packed documents at d 112 (padded to 128); plain and confining launches.
-SWA_FUSED_SCRIPT = DRIVER + textwrap.dedent("""
-    calls = []
-
-    def init_handles(self):  # record launches instead of loading the cubin (compiled by then)
-        if self.module is None:
-            name = self.name
-            self._run = lambda *a: calls.append(name)
-            self.module, self.function = 1, 0
-
-    compiler.CompiledKernel._init_handles = init_handles
-    driver.set_active(FakeDriver())
-    from triton.runtime.autotuner import Autotuner
-
-    Autotuner._bench = lambda self, *a, config, **k: [float(self.configs.index(config))]  # every config compiles
+SWA_FUSED_SCRIPT = RECORD + textwrap.dedent("""
     from based_kernels import _common, sliding_window_attention
     from based_kernels.sliding_window import ops
 
