@@ -300,8 +300,8 @@ def main(argv=None) -> int:
           f"backend: {default - cublas + sum(best_gemm.values()):.3f} ms; copy bandwidth {peak:.0f} GB/s")
     if args.json:
         out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
-                        "batch": B, "copy_gb_s": round(peak, 1), "copy_gb_s_cold": round(cold, 1), "date": time.strftime("%Y-%m-%d"),
-                        "sum_ms_per_step_default": round(default, 4)},
+                        "batch": B, "copy_gb_s": round(peak, 1), "copy_gb_s_cold": round(cold, 1),
+                        "date": time.strftime("%Y-%m-%d"), "sum_ms_per_step_default": round(default, 4)},
                "rows": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
